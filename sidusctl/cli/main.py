@@ -1,0 +1,82 @@
+"""``sidusctl``: the top-level command group, error mapping and signal handling.
+
+SIGTERM is turned into an :class:`Interrupted` exception (as SIGINT is into KeyboardInterrupt)
+so that every context manager (mounts, chroot sessions, servers) unwinds and cleans up.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+from types import FrameType
+
+import click
+
+from sidusctl import __version__
+from sidusctl.cli.common import Ctx, console
+from sidusctl.core import log as logsetup
+from sidusctl.core.errors import Interrupted, SidusError
+from sidusctl.core.paths import state_dir as resolve_state_dir
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted("SIGTERM")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+              help="State directory (default $SIDUSCTL_STATE or /var/lib/sidusctl).")
+@click.option("--debug", is_flag=True, help="Debug logging and tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@click.version_option(__version__, prog_name="sidusctl")
+@click.pass_context
+def cli(ctx: click.Context, state_dir: str | None, debug: bool, quiet: bool) -> None:
+    """Build Debian roots, netboot diskless machines from them, import OCI images and run
+    Distem-style virtual nodes."""
+    logsetup.setup(debug=debug, quiet=quiet)
+    ctx.obj = Ctx(state=resolve_state_dir(state_dir), debug=debug)
+
+
+# -- command registration: one line per command module -------------------------------------
+from sidusctl.cli import build as _build  # noqa: E402
+from sidusctl.cli import image as _image  # noqa: E402
+
+_build.register(cli)
+_image.register(cli)
+# (other services register here)
+
+
+def main() -> None:
+    """Console-script entry point: run the CLI, map errors to one message and an exit code."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    debug = "--debug" in sys.argv
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        console.print("[red]sidusctl: aborted[/red]")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        console.print("sidusctl: interrupted by SIGINT; cleaned up", style="red", highlight=False)
+        sys.exit(130)
+    except SidusError as e:
+        if debug:
+            traceback.print_exc()
+        console.print(f"sidusctl: error: {e}", style="red", highlight=False, markup=False)
+        sys.exit(e.exit_code)
+    except Exception:
+        traceback.print_exc()
+        console.print("sidusctl: internal error (a bug: please report it with the traceback above)",
+                      style="red", highlight=False)
+        sys.exit(70)
+
+
+if __name__ == "__main__":
+    main()

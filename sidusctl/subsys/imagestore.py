@@ -1,0 +1,279 @@
+"""The image store: built and imported images under ``<state>/images/<name>/``.
+
+Layout (one directory per image)::
+
+    images/<name>/
+        .lock                 flock held by whoever builds, updates or removes the image
+        gen-<stamp>/          one complete generation: rootfs/, manifest.json, exports
+        current -> gen-...    the generation in use (replaced atomically on success)
+        previous -> gen-...   the one before (kept for rollback)
+        .building-<stamp>/    a generation under construction (removed if it fails)
+
+A new generation becomes ``current`` only when it is complete; a failed or interrupted one is
+removed, and one left by a SIGKILLed process is found and removed by :meth:`ImageStore.recover`
+the next time anyone opens the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidusctl.core.errors import ConfigError, NotFoundError, StateError
+from sidusctl.core.log import get_logger
+from sidusctl.core.state import FileLock, read_json, write_json
+from sidusctl.subsys import procs
+from sidusctl.subsys.mounts import mounts_under, umount_tree
+
+log = get_logger("store")
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+def check_name(name: str, where: str = "image name") -> str:
+    """Image names: lower-case letters, digits, ``.``, ``_``, ``-``; at most 63 characters."""
+    if not NAME_RE.match(name):
+        raise ConfigError(where, None, f"invalid name {name!r}",
+                          expected="lower-case letters, digits, '.', '_' or '-', 1-63 characters")
+    return name
+
+
+@dataclass(frozen=True)
+class Image:
+    """One generation of an image: ``dir`` holds ``rootfs/``, ``manifest.json`` and exports."""
+
+    name: str
+    dir: Path
+
+    @property
+    def rootfs(self) -> Path:
+        return self.dir / "rootfs"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / "manifest.json"
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        try:
+            m = read_json(self.manifest_path)
+        except FileNotFoundError:
+            return {}
+        return m if isinstance(m, dict) else {}
+
+    @property
+    def kernel(self) -> Path:
+        return self.dir / f"vmlinuz-{self.name}"
+
+    @property
+    def initrd(self) -> Path:
+        return self.dir / f"initrd.img-{self.name}"
+
+    @property
+    def tarball(self) -> Path | None:
+        for suffix in (".tar.zst", ".tar.gz", ".tar.xz", ".tar"):
+            p = self.dir / f"{self.name}{suffix}"
+            if p.exists():
+                return p
+        return None
+
+
+class Generation:
+    """A generation under construction (see :meth:`ImageStore.new_generation`)."""
+
+    def __init__(self, name: str, dir: Path) -> None:
+        self.name = name
+        self.dir = dir
+        self.image = Image(name, dir)
+
+    @property
+    def rootfs(self) -> Path:
+        return self.dir / "rootfs"
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        write_json(self.dir / "manifest.json", manifest)
+
+
+class ImageStore:
+    """Images under ``<state_dir>/images``. Opening the store recovers orphans (see module doc)."""
+
+    def __init__(self, state_dir: Path, recover: bool = True) -> None:
+        self.state_dir = state_dir
+        self.root = state_dir / "images"
+        if recover and self.root.is_dir():
+            self.recover()
+
+    # -- queries ---------------------------------------------------------------------------
+    def image_dir(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def lock(self, name: str) -> FileLock:
+        return FileLock(self.image_dir(name) / ".lock", f"image '{name}'")
+
+    def get(self, name: str, generation: str = "current") -> Image:
+        """The ``current`` (or ``previous``) generation of ``name``; NotFoundError if none."""
+        link = self.image_dir(name) / generation
+        if not link.is_symlink() or not (link.resolve() / "rootfs").is_dir():
+            known = ", ".join(i.name for i in self.list()) or "none"
+            raise NotFoundError(f"no image named '{name}' in {self.root} (built images: {known})")
+        return Image(name, link.resolve())
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.get(name)
+            return True
+        except NotFoundError:
+            return False
+
+    def list(self) -> list[Image]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for d in sorted(self.root.iterdir()):
+            cur = d / "current"
+            if cur.is_symlink() and (cur.resolve() / "rootfs").is_dir():
+                out.append(Image(d.name, cur.resolve()))
+        return out
+
+    # -- changes ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def new_generation(self, name: str, lock: FileLock | None = None) -> Iterator[Generation]:
+        """Yield an empty generation of ``name``. If the block completes, it becomes
+        ``current`` (the old current becomes ``previous``; the one before is deleted). On any
+        exception it is removed (after its mounts are undone) and the old current stays."""
+        own_lock = lock is None
+        lk = lock or self.lock(name).acquire()
+        try:
+            stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+            building = self.image_dir(name) / f".building-{stamp}"
+            building.mkdir(parents=True)
+            gen = Generation(name, building)
+            try:
+                yield gen
+            except BaseException:
+                self._discard(building)
+                raise
+            final = self.image_dir(name) / f"gen-{stamp}"
+            os.rename(building, final)
+            self._promote(name, final)
+        finally:
+            if own_lock:
+                lk.release()
+
+    def _promote(self, name: str, final: Path) -> None:
+        d = self.image_dir(name)
+        cur = d / "current"
+        prev = d / "previous"
+        old_prev = prev.resolve() if prev.is_symlink() else None
+        if cur.is_symlink():
+            _symlink_atomic(os.path.basename(os.readlink(cur)), prev)
+        _symlink_atomic(final.name, cur)
+        keep = {final.resolve()}
+        if prev.is_symlink():
+            keep.add(prev.resolve())
+        if old_prev is not None and old_prev not in keep:
+            self._discard(old_prev)
+
+    def rollback(self, name: str) -> Image:
+        """Make ``previous`` current again (and current previous)."""
+        with self.lock(name):
+            d = self.image_dir(name)
+            cur, prev = d / "current", d / "previous"
+            if not prev.is_symlink():
+                raise NotFoundError(f"image '{name}' has no previous generation to roll back to")
+            a, b = os.readlink(cur), os.readlink(prev)
+            _symlink_atomic(b, cur)
+            _symlink_atomic(a, prev)
+        return self.get(name)
+
+    def remove(self, name: str) -> None:
+        """Delete every generation of ``name`` (refused while another process holds it)."""
+        d = self.image_dir(name)
+        if not d.is_dir():
+            raise NotFoundError(f"no image named '{name}' in {self.root}")
+        with self.lock(name):
+            self._discard_contents(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+    def _discard(self, path: Path) -> None:
+        if not path.exists():
+            return
+        procs.kill_in_root(path)
+        if mounts_under(path):
+            umount_tree(path)
+        # Never follow a mount we failed to undo: rmtree would delete the host's files.
+        if mounts_under(path):
+            raise StateError(f"{path} still has mounts below it; not deleting it")
+        _rmtree(path)
+
+    def _discard_contents(self, d: Path) -> None:
+        for p in d.iterdir():
+            if p.name == ".lock":
+                continue
+            if p.is_symlink():
+                p.unlink()
+            elif p.is_dir():
+                self._discard(p)
+            else:
+                p.unlink()
+
+    # -- crash recovery --------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """Clean what SIGKILLed commands left: for each image whose lock nobody holds, kill
+        processes inside its generations, undo mounts below it and delete unfinished
+        ``.building-*`` generations. Returns a line per action (also logged as warnings)."""
+        actions: list[str] = []
+        for d in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if not d.is_dir():
+                continue
+            lk = FileLock(d / ".lock", f"image '{d.name}'")
+            try:
+                lk.acquire()
+            except StateError:
+                continue  # a live process owns it
+            try:
+                killed = procs.kill_in_root(d)
+                if killed:
+                    actions.append(f"killed {len(killed)} stray process(es) left in {d}")
+                undone = umount_tree(d) if mounts_under(d) else []
+                if undone:
+                    actions.append(f"unmounted {len(undone)} leftover mount(s) under {d}")
+                for gen in d.iterdir():
+                    if gen.name.startswith(".building-"):
+                        self._discard(gen)
+                        actions.append(f"removed unfinished build {gen}")
+                    elif gen.is_dir() and gen.name.startswith("gen-"):
+                        from sidusctl.subsys.chroot import repair_root
+
+                        actions += repair_root(gen / "rootfs")
+            finally:
+                lk.release()
+        for a in actions:
+            log.warning("recovered: %s", a)
+        return actions
+
+
+def _symlink_atomic(target: str, link: Path) -> None:
+    tmp = link.with_name(f".{link.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def _rmtree(path: Path) -> None:
+    # Files made immutable (chattr +i) by some packages would stop rmtree; a root build may
+    # also contain read-only directories. onerror: make writable and retry once.
+    def _retry(func: Any, p: str, _exc: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(p), 0o755)
+            func(p)
+
+    shutil.rmtree(path, onerror=_retry)
