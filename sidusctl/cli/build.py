@@ -1,9 +1,117 @@
-"""CLI: build commands (being written)."""
+"""CLI: ``sidusctl build``, ``sidusctl update``, ``sidusctl chroot``."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import click
+
+from sidusctl.build import builder, recipe
+from sidusctl.cli.common import console, emit_json, get_ctx, human_size, need_root
+from sidusctl.cli.progress import StageProgress
+from sidusctl.subsys.chroot import ChrootSession
+from sidusctl.subsys.imagestore import Image, ImageStore
+
+
+def _summary(image: Image, out: Path | None) -> dict[str, object]:
+    m = image.manifest
+    where = out or image.dir
+
+    def p(path: Path | None) -> str | None:
+        if path is None or not path.exists():
+            return None
+        return str(where / path.name) if out else str(path)
+
+    return {"image": image.name, "generation": image.dir.name, "rootfs": str(image.rootfs),
+            "kernel": p(image.kernel), "initrd": p(image.initrd), "tarball": p(image.tarball),
+            "manifest": str(image.manifest_path), "packages": m.get("package_count"),
+            "rootfs_bytes": m.get("sizes", {}).get("rootfs_bytes"),
+            "seconds": m.get("timings_s", {}).get("total")}
+
+
+def _print_summary(s: dict[str, object]) -> None:
+    console.print(f"[green]image '{s['image']}' built[/green] ({s['packages']} packages, "
+                  f"{human_size(s['rootfs_bytes'])}, {s['seconds']} s)", highlight=False)
+    for k in ("rootfs", "kernel", "initrd", "tarball", "manifest"):
+        if s.get(k):
+            click.echo(f"{k + ':':10} {s[k]}")
+
+
+@click.command("build")
+@click.argument("image")
+@click.option("--backend", type=click.Choice(builder.BACKENDS), default="debootstrap",
+              show_default=True, help="Bootstrap tool.")
+@click.option("--tar", "tar", is_flag=True, help="Also write a rootfs tarball (LXC/Distem-style).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also copy kernel, initrd and tarball to this directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def build_cmd(image: str, backend: str, tar: bool, out: Path | None, as_json: bool) -> None:
+    """Build IMAGE (a recipe name in images/, a folder or an image.toml) into the state
+    directory. The previous build stays current unless this one succeeds."""
+    rec = recipe.find(image)
+    need_root("sidusctl build")
+    store = ImageStore(get_ctx().state)
+    opts = builder.BuildOptions(backend=backend, tar=tar, out=out)
+    with StageProgress(f"build {rec.name}") as prog:
+        img = builder.build(store, rec, opts, prog)
+    s = _summary(img, out)
+    if as_json:
+        emit_json(s)
+    else:
+        _print_summary(s)
+
+
+@click.command("update")
+@click.argument("image")
+@click.option("--in-place", is_flag=True,
+              help="Update the current root directly instead of a copy promoted on success.")
+@click.option("--tar", "tar", is_flag=True, help="Also refresh the rootfs tarball.")
+@click.option("--json", "as_json", is_flag=True)
+def update_cmd(image: str, in_place: bool, tar: bool, as_json: bool) -> None:
+    """apt-get update + full-upgrade + clean inside IMAGE, services inhibited, then its
+    manifest and exports refreshed (the SIDUS "Update Debian" procedure)."""
+    need_root("sidusctl update")
+    store = ImageStore(get_ctx().state)
+    with StageProgress(f"update {image}") as prog:
+        img = builder.update(store, image, in_place=in_place, tar=tar, reporter=prog)
+    changed = img.manifest.get("last_update", {}).get("changed", {})
+    if as_json:
+        emit_json({**_summary(img, None), "changed": changed})
+    else:
+        console.print(f"[green]image '{image}' updated[/green]: {len(changed)} package(s) changed",
+                      highlight=False)
+        for p, v in sorted(changed.items()):
+            click.echo(f"  {p}: {v['from']} -> {v['to']}")
+
+
+@click.command("chroot", context_settings={"ignore_unknown_options": True})
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def chroot_cmd(image: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND (default: a login shell) inside IMAGE's root, services inhibited, mounts
+    undone and strays killed afterwards (the seed's ``sidus`` alias). Exits with its code."""
+    need_root("sidusctl chroot")
+    store = ImageStore(get_ctx().state)
+    img = store.get(image)
+    with store.lock(image), ChrootSession(img.rootfs) as s:
+        if command:
+            if sys.stdin.isatty():
+                rc = s.interactive(list(command))
+            else:
+                res = s.run(list(command), check=False, capture=True)
+                sys.stdout.write(res.stdout)
+                if res.tail:
+                    sys.stderr.write(res.tail + "\n")
+                rc = res.returncode
+        else:
+            rc = s.interactive(["/bin/bash", "-l"])
+    if rc:
+        sys.exit(rc)
 
 
 def register(cli: click.Group) -> None:
-    """Add this module's commands to the top-level group."""
+    """Add build, update and chroot to the top-level group."""
+    cli.add_command(build_cmd)
+    cli.add_command(update_cmd)
+    cli.add_command(chroot_cmd)

@@ -1,9 +1,106 @@
-"""CLI: image commands (being written)."""
+"""CLI: ``sidusctl image list|show|rm|rollback``."""
 
 from __future__ import annotations
 
 import click
+from rich.table import Table
+
+from sidusctl.cli.common import console, emit_json, get_ctx, human_size, need_root
+from sidusctl.subsys.imagestore import Image, ImageStore
+
+
+def _row(img: Image) -> dict[str, object]:
+    m = img.manifest
+    ex = m.get("exports", {})
+    return {"name": img.name, "kind": m.get("kind", "?"), "suite": m.get("suite"),
+            "arch": m.get("arch"), "generation": img.dir.name, "created": m.get("created"),
+            "updated": m.get("updated"), "packages": m.get("package_count"),
+            "rootfs_bytes": m.get("sizes", {}).get("rootfs_bytes"), "rootfs": str(img.rootfs),
+            "kernel": str(img.kernel) if "kernel" in ex else None,
+            "initrd": str(img.initrd) if "initrd" in ex else None,
+            "tarball": str(img.tarball) if img.tarball else None}
+
+
+@click.group("image")
+def image_group() -> None:
+    """Built and imported images in the state directory."""
+
+
+@image_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def list_cmd(as_json: bool) -> None:
+    """List images (the current generation of each)."""
+    store = ImageStore(get_ctx().state, recover=_can_recover())
+    rows = [_row(i) for i in store.list()]
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        console.print(f"no images in {store.root}")
+        return
+    t = Table("name", "kind", "suite", "arch", "packages", "size", "created")
+    for r in rows:
+        t.add_row(str(r["name"]), str(r["kind"]), str(r["suite"]), str(r["arch"]),
+                  str(r["packages"]), human_size(r["rootfs_bytes"]),  # type: ignore[arg-type]
+                  str(r["created"]))
+    console.print(t)
+
+
+@image_group.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--packages", is_flag=True, help="Include the package list.")
+def show_cmd(name: str, as_json: bool, packages: bool) -> None:
+    """Show an image's manifest."""
+    store = ImageStore(get_ctx().state, recover=_can_recover())
+    img = store.get(name)
+    m = dict(img.manifest)
+    if not packages:
+        m.pop("packages", None)
+    m["paths"] = _row(img)
+    if as_json:
+        emit_json(m)
+        return
+    for k in ("name", "kind", "suite", "arch", "backend", "mirror", "created", "updated",
+              "package_count", "purged"):
+        if k in m:
+            click.echo(f"{k + ':':15} {m[k]}")
+    click.echo(f"{'recipe:':15} {m.get('recipe', {}).get('path')} (sha256 {m.get('recipe', {}).get('sha256', '')[:16]})")
+    click.echo(f"{'rootfs size:':15} {human_size(m.get('sizes', {}).get('rootfs_bytes'))}")
+    for k, v in m.get("exports", {}).items():
+        click.echo(f"{k + ':':15} {img.dir / v['file']} ({human_size(v.get('size'))})")
+    click.echo(f"{'timings (s):':15} {m.get('timings_s')}")
+    if packages:
+        for p, v in sorted(img.manifest.get("packages", {}).items()):
+            click.echo(f"  {p} {v['version']}")
+
+
+@image_group.command("rm")
+@click.argument("names", nargs=-1, required=True)
+def rm_cmd(names: tuple[str, ...]) -> None:
+    """Delete images (every generation)."""
+    need_root("sidusctl image rm")
+    store = ImageStore(get_ctx().state)
+    for n in names:
+        store.remove(n)
+        console.print(f"removed image '{n}'", highlight=False)
+
+
+@image_group.command("rollback")
+@click.argument("name")
+def rollback_cmd(name: str) -> None:
+    """Make the previous generation of NAME current again."""
+    need_root("sidusctl image rollback")
+    img = ImageStore(get_ctx().state).rollback(name)
+    console.print(f"image '{name}' is now generation {img.dir.name}", highlight=False)
+
+
+def _can_recover() -> bool:
+    import os
+
+    return os.geteuid() == 0
 
 
 def register(cli: click.Group) -> None:
-    """Add this module's commands to the top-level group."""
+    """Add the image group to the top-level group."""
+    cli.add_command(image_group)
