@@ -131,7 +131,7 @@ class Builder:
         self.recipe = recipe
         self.opts = opts
         self.rep: Reporter = reporter or _Quiet()
-        self.cache = opts.cache or (store.state_dir / "cache" / "apt")
+        self.cache = opts.cache or default_cache(store)
         hs = host_sources()
         self.mirror = recipe.mirror or hs.archive
         self.security = hs.security if not recipe.mirror else ""
@@ -453,6 +453,12 @@ class Builder:
         }
 
 
+def default_cache(store: ImageStore) -> Path:
+    """The shared .deb cache: ``$SIDUSCTL_CACHE`` or ``<state>/cache/apt``."""
+    env = os.environ.get("SIDUSCTL_CACHE")
+    return Path(env).absolute() if env else store.state_dir / "cache" / "apt"
+
+
 def build(store: ImageStore, recipe: Recipe, opts: BuildOptions,
           reporter: Reporter | None = None) -> Image:
     """Build ``recipe`` into ``store`` and return the new current :class:`Image`.
@@ -573,7 +579,7 @@ def update(store: ImageStore, name: str, *, in_place: bool = False, tar: bool = 
     rep: Reporter = reporter or _Quiet()
     cur = store.get(name)
     manifest = cur.manifest
-    cache = cache or (store.state_dir / "cache" / "apt")
+    cache = cache or default_cache(store)
     cache.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         raise PrerequisiteError(f"updating an image needs root (mounts, chroot); running as uid {os.geteuid()}")

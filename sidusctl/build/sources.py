@@ -22,7 +22,7 @@ class HostSources:
 def _entries(etc: Path) -> list[tuple[str, list[str]]]:
     """(uri, suites) of every enabled ``deb`` entry."""
     out: list[tuple[str, list[str]]] = []
-    files = [etc / "sources.list"] + sorted((etc / "sources.list.d").glob("*.list"))
+    files = [etc / "sources.list", *sorted((etc / "sources.list.d").glob("*.list"))]
     for f in files:
         if not f.is_file():
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -14,7 +15,7 @@ from sidusctl.subsys.chroot import ChrootSession
 from sidusctl.subsys.imagestore import Image, ImageStore
 
 
-def _summary(image: Image, out: Path | None) -> dict[str, object]:
+def _summary(image: Image, out: Path | None) -> dict[str, Any]:
     m = image.manifest
     where = out or image.dir
 
@@ -30,7 +31,7 @@ def _summary(image: Image, out: Path | None) -> dict[str, object]:
             "seconds": m.get("timings_s", {}).get("total")}
 
 
-def _print_summary(s: dict[str, object]) -> None:
+def _print_summary(s: dict[str, Any]) -> None:
     console.print(f"[green]image '{s['image']}' built[/green] ({s['packages']} packages, "
                   f"{human_size(s['rootfs_bytes'])}, {s['seconds']} s)", highlight=False)
     for k in ("rootfs", "kernel", "initrd", "tarball", "manifest"):
@@ -45,14 +46,18 @@ def _print_summary(s: dict[str, object]) -> None:
 @click.option("--tar", "tar", is_flag=True, help="Also write a rootfs tarball (LXC/Distem-style).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also copy kernel, initrd and tarball to this directory.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Shared .deb cache (default $SIDUSCTL_CACHE or <state>/cache/apt).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def build_cmd(image: str, backend: str, tar: bool, out: Path | None, as_json: bool) -> None:
+def build_cmd(image: str, backend: str, tar: bool, out: Path | None, cache_dir: Path | None,
+              as_json: bool) -> None:
     """Build IMAGE (a recipe name in images/, a folder or an image.toml) into the state
     directory. The previous build stays current unless this one succeeds."""
     rec = recipe.find(image)
     need_root("sidusctl build")
     store = ImageStore(get_ctx().state)
-    opts = builder.BuildOptions(backend=backend, tar=tar, out=out)
+    opts = builder.BuildOptions(backend=backend, tar=tar, out=out,
+                                cache=cache_dir.absolute() if cache_dir else None)
     with StageProgress(f"build {rec.name}") as prog:
         img = builder.build(store, rec, opts, prog)
     s = _summary(img, out)

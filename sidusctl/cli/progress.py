@@ -7,7 +7,7 @@ import sys
 import time
 from types import TracebackType
 
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 from sidusctl.cli.common import console
 
@@ -20,7 +20,7 @@ class StageProgress:
         self.tty = console.is_terminal and enabled
         self.enabled = enabled
         self._progress: Progress | None = None
-        self._task: int | None = None
+        self._task: TaskID | None = None
         self._t0 = time.monotonic()
         self._stage = ""
 

@@ -16,8 +16,8 @@ def setup(debug: bool = False, quiet: bool = False) -> None:
     root = logging.getLogger("sidusctl")
     root.setLevel(level)
     if not root.handlers:
-        h = logging.StreamHandler()
-        h.setFormatter(logging.Formatter("sidusctl: %(levelname)s: %(message)s"))
-        root.addHandler(h)
+        sh = logging.StreamHandler()
+        sh.setFormatter(logging.Formatter("sidusctl: %(levelname)s: %(message)s"))
+        root.addHandler(sh)
     for h in root.handlers:
         h.setLevel(level)

@@ -9,6 +9,7 @@ crash-recovery records (see :mod:`sidusctl.core.state`) can name them.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
 import shutil
@@ -71,10 +72,8 @@ def which(cmd: str, package: str | None = None) -> str:
 
 def kill_session(sid: int, sig: int = signal.SIGTERM) -> None:
     """Send ``sig`` to the process group ``sid`` (children are group and session leaders)."""
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(sid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _terminate(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:

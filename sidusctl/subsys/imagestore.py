@@ -16,6 +16,7 @@ the next time anyone opens the store.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import re
@@ -225,11 +226,11 @@ class ImageStore:
                 p.unlink()
 
     # -- crash recovery --------------------------------------------------------------------
-    def recover(self) -> list[str]:
+    def recover(self) -> builtins.list[str]:
         """Clean what SIGKILLed commands left: for each image whose lock nobody holds, kill
         processes inside its generations, undo mounts below it and delete unfinished
         ``.building-*`` generations. Returns a line per action (also logged as warnings)."""
-        actions: list[str] = []
+        actions: builtins.list[str] = []
         for d in sorted(self.root.iterdir()) if self.root.is_dir() else []:
             if not d.is_dir():
                 continue
@@ -239,7 +240,7 @@ class ImageStore:
             except StateError:
                 continue  # a live process owns it
             try:
-                killed = procs.kill_in_root(d)
+                killed = procs.kill_in_root(d, cmdline=True)
                 if killed:
                     actions.append(f"killed {len(killed)} stray process(es) left in {d}")
                 undone = umount_tree(d) if mounts_under(d) else []

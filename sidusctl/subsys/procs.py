@@ -37,8 +37,10 @@ def _ancestors() -> set[int]:
     return pids
 
 
-def pids_in_root(root: Path | str) -> list[int]:
-    """Pids whose root, cwd or exe lies in ``root`` (realpath), excluding us and our parents."""
+def pids_in_root(root: Path | str, cmdline: bool = False) -> list[int]:
+    """Pids whose root, cwd or exe lies in ``root`` (realpath), excluding us and our parents.
+    With ``cmdline``, also those naming a path inside ``root`` in their arguments (the orphaned
+    children of a killed debootstrap: wget, dpkg), used by crash recovery only."""
     prefix = os.path.realpath(root).rstrip("/") + "/"
     skip = _ancestors()
     found = []
@@ -56,13 +58,22 @@ def pids_in_root(root: Path | str) -> list[int]:
             if _inside(target, prefix):
                 found.append(pid)
                 break
+        else:
+            if cmdline:
+                try:
+                    args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                pre = prefix.encode()
+                if any(a.startswith(pre) or (b"=" + pre) in a for a in args[1:]):
+                    found.append(pid)
     return found
 
 
-def kill_in_root(root: Path | str, grace: float = 3.0) -> list[int]:
-    """SIGTERM every process in ``root``; SIGKILL the ones still there after ``grace`` seconds.
-    Returns the pids that were signalled (logged at info level with their command names)."""
-    pids = pids_in_root(root)
+def kill_in_root(root: Path | str, grace: float = 3.0, cmdline: bool = False) -> list[int]:
+    """SIGTERM every process in ``root`` (see :func:`pids_in_root`); SIGKILL the ones still
+    there after ``grace`` seconds. Returns the pids signalled (logged with their names)."""
+    pids = pids_in_root(root, cmdline)
     if not pids:
         return []
     for pid in pids:
@@ -77,11 +88,11 @@ def kill_in_root(root: Path | str, grace: float = 3.0) -> list[int]:
         if not [p for p in pids if _alive(p)]:
             return pids
         time.sleep(0.1)
-    for pid in pids_in_root(root):
+    for pid in pids_in_root(root, cmdline):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and pids_in_root(root):
+    while time.monotonic() < deadline and pids_in_root(root, cmdline):
         time.sleep(0.1)
     return pids
 
