@@ -14,7 +14,7 @@ from types import FrameType
 import click
 
 from sidusctl import __version__
-from sidusctl.cli.common import Ctx, console
+from sidusctl.cli.common import Ctx
 from sidusctl.core import log as logsetup
 from sidusctl.core.errors import Interrupted, SidusError
 from sidusctl.core.paths import state_dir as resolve_state_dir
@@ -47,6 +47,14 @@ _image.register(cli)
 # (other services register here)
 
 
+def _err(text: str) -> None:
+    # Plain, unwrapped text: messages are read by people and grepped by scripts.
+    if sys.stderr.isatty():
+        text = f"\033[31m{text}\033[0m"
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def main() -> None:
     """Console-script entry point: run the CLI, map errors to one message and an exit code."""
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -54,7 +62,7 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
-        console.print("[red]sidusctl: aborted[/red]")
+        _err("sidusctl: aborted")
         sys.exit(130)
     except click.ClickException as e:
         e.show()
@@ -64,17 +72,16 @@ def main() -> None:
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
-        console.print("sidusctl: interrupted by SIGINT; cleaned up", style="red", highlight=False)
+        _err("sidusctl: interrupted by SIGINT; cleaned up")
         sys.exit(130)
     except SidusError as e:
         if debug:
             traceback.print_exc()
-        console.print(f"sidusctl: error: {e}", style="red", highlight=False, markup=False)
+        _err(f"sidusctl: error: {e}")
         sys.exit(e.exit_code)
     except Exception:
         traceback.print_exc()
-        console.print("sidusctl: internal error (a bug: please report it with the traceback above)",
-                      style="red", highlight=False)
+        _err("sidusctl: internal error (a bug: please report it with the traceback above)")
         sys.exit(70)
 
 

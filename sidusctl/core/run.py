@@ -56,11 +56,9 @@ class Result:
 
 
 def which(cmd: str, package: str | None = None) -> str:
-    """Absolute path of ``cmd`` on PATH (plus the sbin directories), or
+    """Absolute path of ``cmd`` on PATH, or
     :class:`PrerequisiteError` naming the Debian package that provides it."""
-    path = os.environ.get("PATH", "")
-    extra = ":/usr/local/sbin:/usr/sbin:/sbin"
-    found = shutil.which(cmd, path=path + extra if "/usr/sbin" not in path else path)
+    found = shutil.which(cmd)
     if not found:
         pkg = f" (Debian package '{package}')" if package else ""
         raise PrerequisiteError(

@@ -1,0 +1,141 @@
+"""Shared fixtures: the real ``minimal`` image, built once per test run with the real CLI, and a
+leak check that fails the run if any test left a mount, netns, container, loop device or qemu
+process named ``sdt-`` behind.
+
+Environment knobs (for developers; CI sets none of them):
+- ``SIDUSCTL_TEST_STATE``: state directory of the shared image (default /var/tmp/sdt-test-state,
+  wiped at the start and the end of the run).
+- ``SIDUSCTL_TEST_REUSE=1``: keep the state directory between runs and reuse the built image if
+  its recipe digest is unchanged (saves the 2-3 minute build while iterating).
+- ``SIDUSCTL_CACHE``: the shared .deb cache (default /var/cache/sidusctl-test/apt, kept: a
+  package cache, so a rebuild downloads nothing again).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SIDUSCTL = [sys.executable, "-m", "sidusctl"]
+TEST_STATE = Path(os.environ.get("SIDUSCTL_TEST_STATE", "/var/tmp/sdt-test-state"))
+CACHE = Path(os.environ.get("SIDUSCTL_CACHE", "/var/cache/sidusctl-test/apt"))
+REUSE = os.environ.get("SIDUSCTL_TEST_REUSE") == "1"
+os.environ["SIDUSCTL_CACHE"] = str(CACHE)
+
+
+def sidusctl(*args: str, state: Path | None = None, check: bool = False, timeout: float = 1800,
+             env: dict[str, str] | None = None, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI (``python -m sidusctl``) with ``--state-dir``; returns the completed
+    process with text stdout/stderr."""
+    argv = [*SIDUSCTL]
+    if state is not None:
+        argv += ["--state-dir", str(state)]
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=timeout,
+                          check=check, env=full_env, cwd=REPO, **kw)  # type: ignore[call-overload]
+
+
+def _mounts_under(path: Path) -> list[str]:
+    p = os.path.realpath(path)
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            t = line.split()[4]
+            if t == p or t.startswith(p + "/"):
+                out.append(t)
+    return out
+
+
+def _wipe(path: Path) -> None:
+    if not path.exists():
+        return
+    if _mounts_under(path):
+        # a previous run died: let sidusctl's own recovery undo its mounts first
+        sidusctl("image", "list", state=path)
+    for t in sorted(_mounts_under(path), key=len, reverse=True):
+        subprocess.run(["umount", "-l", t], check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def test_state() -> Iterator[Path]:
+    """The state directory holding the shared image."""
+    if not REUSE:
+        _wipe(TEST_STATE)
+    TEST_STATE.mkdir(parents=True, exist_ok=True)
+    yield TEST_STATE
+    if not REUSE:
+        _wipe(TEST_STATE)
+
+
+class BuiltImage:
+    """The shared image: ``image`` (an imagestore.Image), ``state`` (its state dir),
+    ``log`` (the build's --debug output, for evidence such as policy-rc.d's refusals)."""
+
+    def __init__(self, image: object, state: Path, log: str) -> None:
+        self.image = image
+        self.state = state
+        self.log = log
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.image, name)
+
+
+@pytest.fixture(scope="session")
+def minimal_image(test_state: Path) -> BuiltImage:
+    """``images/minimal`` built once per run by ``sidusctl build minimal --tar`` (real
+    debootstrap against the Debian archive). Attributes as imagestore.Image: rootfs, tarball,
+    kernel, initrd, manifest, dir, name; plus ``state`` and ``log``."""
+    from sidusctl.build import recipe
+    from sidusctl.subsys.imagestore import ImageStore
+
+    logfile = test_state / "build-minimal.log"
+    store = ImageStore(test_state)
+    digest = recipe.find("minimal").digest()
+    if REUSE and store.exists("minimal") and logfile.exists():
+        img = store.get("minimal")
+        if img.manifest.get("recipe", {}).get("sha256") == digest and img.tarball:
+            return BuiltImage(img, test_state, logfile.read_text())
+    res = sidusctl("--debug", "build", "minimal", "--tar", state=test_state, timeout=1800)
+    logfile.write_text(res.stdout + res.stderr)
+    if res.returncode != 0:
+        pytest.fail(f"building images/minimal failed (rc {res.returncode}):\n{res.stderr[-4000:]}")
+    return BuiltImage(store.get("minimal"), test_state, res.stdout + res.stderr)
+
+
+# -- leak check ----------------------------------------------------------------------------------
+
+def _leaks() -> list[str]:
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        found += [f"mount {ln.split()[4]}" for ln in f if "sdt-" in ln.split()[4]]
+    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    found += [f"netns {ln.split()[0]}" for ln in r.stdout.splitlines() if ln.startswith("sdt-")]
+    r = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=False)
+    found += [f"link {ln.split(':')[1].strip().split('@')[0]}" for ln in r.stdout.splitlines()
+              if ln.split(":")[1].strip().startswith("sdt-")]
+    if shutil.which("lxc-ls"):
+        r = subprocess.run(["lxc-ls", "-1"], capture_output=True, text=True, check=False)
+        found += [f"container {c}" for c in r.stdout.split() if c.startswith("sdt-")]
+    r = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False)
+    found += [f"loop {ln.split(':')[0]}" for ln in r.stdout.splitlines() if "sdt-" in ln]
+    r = subprocess.run(["pgrep", "-a", "-f", "qemu-system.*sdt-"], capture_output=True, text=True,
+                       check=False)
+    found += [f"qemu {ln}" for ln in r.stdout.splitlines()]
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    leaks = _leaks()
+    if leaks:
+        sys.stderr.write("\nLEAKED TEST RESOURCES (a cleanup bug):\n  " + "\n  ".join(leaks) + "\n")
+        session.exitstatus = 1

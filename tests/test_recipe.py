@@ -1,0 +1,138 @@
+"""Recipe validation: every problem is found before any download, and the message names the
+file, the key and what was expected. Through the library and through the real CLI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sidusctl.build import recipe
+from sidusctl.core.errors import ConfigError
+from tests.conftest import sidusctl
+
+GOOD = 'suite = "bookworm"\narch = "amd64"\n'
+
+
+def write(tmp_path: Path, text: str, name: str = "img") -> Path:
+    d = tmp_path / name
+    d.mkdir(exist_ok=True)
+    (d / "image.toml").write_text(text)
+    return d / "image.toml"
+
+
+def test_shipped_recipes_are_valid() -> None:
+    for name in ("minimal", "sidus"):
+        r = recipe.find(name)
+        assert r.name == name
+        assert r.suite == "bookworm"
+        assert r.netboot.enabled
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        (GOOD + "colour = 'blue'\n", "colour", ["unknown key", "expected one of", "suite"]),
+        ('suite = "bookwurm"\n', "suite", ["unknown suite 'bookwurm'", "bookworm"]),
+        ('arch = "amd64"\n', "suite", ["missing"]),
+        ('suite = "bookworm"\narch = "amd46"\n', "arch", ["unknown value 'amd46'", "arm64"]),
+        ('suite = 12\n', "suite", ["wrong type int", "a Debian suite"]),
+        (GOOD + "include = 'vim'\n", "include", ["wrong type str", "a list of Debian package names"]),
+        (GOOD + "include = ['Vim!']\n", "include[0]", ["invalid value 'Vim!'"]),
+        (GOOD + "components = ['main', 'universe']\n", "components[1]", ["unknown value 'universe'"]),
+        (GOOD + "variant = 'tiny'\n", "variant", ["unknown value 'tiny'", "minbase"]),
+        (GOOD + "install_suggests = 'yes'\n", "install_suggests", ["wrong type str", "true or false"]),
+        (GOOD + "mirror = 'deb.debian.org'\n", "mirror", ["invalid value", "http://"]),
+        (GOOD + "timezone = '../../etc/passwd'\n", "timezone", ["invalid value"]),
+        (GOOD + "locales = ['english']\n", "locales[0]", ["invalid value 'english'"]),
+        (GOOD + "include = ['vim']\nexclude = ['vim']\n", "exclude", ["both included and excluded"]),
+        (GOOD + "[tricks]\nremove_hostnames = true\n", "tricks.remove_hostnames", ["unknown key"]),
+        (GOOD + "[keyboard]\nlayout = 1\n", "keyboard.layout", ["wrong type int"]),
+        (GOOD + "[netboot]\nenabled = 'yes'\n", "netboot.enabled", ["wrong type str"]),
+        (GOOD + "[export]\ncompression = 'lz4'\n", "export.compression", ["unknown value 'lz4'", "zstd"]),
+        (GOOD + "[[files]]\nsrc = 'nope.conf'\ndest = '/etc/nope.conf'\n", "files[0].src", ["no such file"]),
+        (GOOD + "[[files]]\nsrc = 'image.toml'\ndest = 'etc/x'\n", "files[0].dest", ["invalid destination", "absolute path"]),
+        (GOOD + "[[files]]\nsrc = 'image.toml'\ndest = '/etc/../../x'\n", "files[0].dest", ["invalid destination"]),
+        (GOOD + "[[files]]\nsrc = 'image.toml'\ndest = '/etc/x'\nmode = 644\n", "files[0].mode", ["invalid mode", "octal"]),
+        (GOOD + "[[files]]\nsrc = 'image.toml'\ndest = '/etc/x'\nmode = '0644'\nowner_name = 'x'\n", "files[0].owner_name", ["unknown key"]),
+    ],
+)
+def test_validation_names_file_key_and_expectation(tmp_path: Path, text: str, key: str,
+                                                   words: list[str]) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as ei:
+        recipe.load(path)
+    e = ei.value
+    assert e.file == str(path)
+    assert e.key == key
+    msg = str(e)
+    assert str(path) in msg and f"key '{key}'" in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_toml_syntax_error_names_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'suite = "bookworm\n')
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        recipe.load(path)
+
+
+def test_digest_changes_with_values_and_site_files(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "f").write_text("one")
+    path = write(tmp_path, GOOD + "[[files]]\nsrc = 'f'\ndest = '/etc/f'\n")
+    d1 = recipe.load(path).digest()
+    (tmp_path / "img" / "f").write_text("two")
+    d2 = recipe.load(path).digest()
+    path.write_text(GOOD + "packages = ['vim']\n[[files]]\nsrc = 'f'\ndest = '/etc/f'\n")
+    d3 = recipe.load(path).digest()
+    assert len({d1, d2, d3}) == 3
+
+
+def test_cli_rejects_bad_recipe_before_any_work(tmp_path: Path) -> None:
+    path = write(tmp_path, 'suite = "bookwurm"\n')
+    state = tmp_path / "state"
+    res = sidusctl("build", str(path.parent), state=state)
+    assert res.returncode == 2
+    assert f"{path}: key 'suite': unknown suite 'bookwurm'" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (state / "images").exists()  # nothing started, nothing written
+
+
+def test_cli_unknown_recipe_name_lists_known_ones(tmp_path: Path) -> None:
+    res = sidusctl("build", "no-such-recipe", state=tmp_path / "s")
+    assert res.returncode == 4
+    assert "no image recipe 'no-such-recipe'" in res.stderr and "minimal" in res.stderr
+
+
+def test_cli_not_root_is_refused_cleanly(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    os.chmod(tmp_path, 0o755)
+    res = sidusctl("build", "minimal", state=state,
+                   preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)))
+    assert res.returncode == 3, res.stderr
+    assert "needs root" in res.stderr and "uid 65534" in res.stderr
+    assert not state.exists()
+
+
+def test_cli_backend_missing_is_refused_cleanly(tmp_path: Path) -> None:
+    # A PATH without debootstrap: the real condition of a host that lacks the package.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("chroot", "mount", "umount", "tar", "zstd"):
+        src = subprocess_which(tool)
+        if src:
+            (bindir / tool).symlink_to(src)
+    state = tmp_path / "state"
+    res = sidusctl("build", "minimal", state=state, env={"PATH": str(bindir)})
+    assert res.returncode == 3, res.stderr
+    assert "'debootstrap' was not found" in res.stderr and "apt-get install debootstrap" in res.stderr
+    assert not (state / "images" / "minimal").exists() or not any(
+        p.name.startswith(".building") for p in (state / "images" / "minimal").iterdir())
+
+
+def subprocess_which(tool: str) -> str | None:
+    import shutil
+
+    return shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin")
