@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,11 +97,45 @@ def preflight(recipe: Recipe, opts: BuildOptions) -> None:
 
 # -- error interpretation -------------------------------------------------------------------------
 
-def _explain(e: CommandError, recipe: Recipe, mirror: str, target: Path, stage: str) -> SidusError:
-    """Turn a tool's failure into one clear sentence where we recognise it."""
+def _free(path: Path) -> int:
+    probe = path if path.exists() else path.parent
+    return shutil.disk_usage(probe).free if probe.exists() else 1 << 62
+
+
+class _FreeSpaceWatch:
+    """Samples the free space of ``path``'s filesystem every 0.05 s in a thread; ``min_free``
+    is the least seen (bytes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.min_free = _free(path)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            with contextlib.suppress(OSError):
+                self.min_free = min(self.min_free, _free(self.path))
+
+    def __enter__(self) -> _FreeSpaceWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _explain(e: CommandError, recipe: Recipe, mirror: str, target: Path, stage: str,
+             min_free: int | None = None) -> SidusError:
+    """Turn a tool's failure into one clear sentence where we recognise it. ``min_free``: the
+    least free space (bytes) seen on the target's filesystem while the tool ran."""
     t = e.output_tail
-    if "No space left on device" in t or "You don't have enough free space" in t:
-        free = shutil.disk_usage(target if target.exists() else target.parent).free
+    free = _free(target)
+    # Tools word a full disk in many ways (debootstrap: "Couldn't download ..." and then it
+    # deletes the partial file); the free space seen while it ran does not lie.
+    if ("No space left on device" in t or "You don't have enough free space" in t
+            or min(free, min_free if min_free is not None else free) < 8 * 2**20):
         return BuildError(f"the disk holding {target} is full ({free // 2**20} MiB free) during "
                           f"{stage} of image '{recipe.name}'", hint="free some space or use --state-dir")
     m = re.search(r"Couldn't find these debs: (.*)", t)
@@ -112,7 +147,7 @@ def _explain(e: CommandError, recipe: Recipe, mirror: str, target: Path, stage: 
         return BuildError(f"{recipe.path}: package {m.group(1)} not found in {recipe.suite} "
                           f"({' '.join(recipe.components)})")
     if re.search(r"Failed getting release file|Failure trying to run|Could not resolve|"
-                 r"Connection refused|Failed to fetch|Temporary failure resolving|"
+                 r"Connection refused|Failed to fetch|Couldn't download|Temporary failure resolving|"
                  r"Release file .* is not valid|unable to connect|Unable to connect", t):
         where = mirror or "the default Debian mirror"
         return BuildError(f"the mirror {where} did not answer for suite {recipe.suite} during {stage}",
@@ -196,9 +231,10 @@ class Builder:
                     argv.append(self.mirror)
             else:
                 argv = self._mmdebstrap_argv(target)
-            run(argv, on_line=self._tool_line, what=self.opts.backend, tail_lines=60)
+            with _FreeSpaceWatch(target) as watch:
+                run(argv, on_line=self._tool_line, what=self.opts.backend, tail_lines=60)
         except CommandError as e:
-            raise _explain(e, r, self.mirror, target, "bootstrap") from e
+            raise _explain(e, r, self.mirror, target, "bootstrap", watch.min_free) from e
 
     def _mmdebstrap_argv(self, target: Path) -> list[str]:
         r = self.recipe

@@ -61,8 +61,14 @@ def main() -> None:
     debug = "--debug" in sys.argv
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        _err("sidusctl: aborted")
+    except click.exceptions.Abort as e:
+        # click turns KeyboardInterrupt (SIGINT) into Abort; the context managers have run.
+        if isinstance(e.__context__, KeyboardInterrupt):
+            if debug:
+                traceback.print_exception(e.__context__)
+            _err("sidusctl: interrupted by SIGINT; cleaned up")
+        else:
+            _err("sidusctl: aborted")
         sys.exit(130)
     except click.ClickException as e:
         e.show()
