@@ -1,0 +1,420 @@
+"""CLI: ``sidusctl vnode ...``: the vnode store, vnetworks, vnodes, limits, platform files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from sidusctl.cli.common import console, emit_json, get_ctx, human_size, need_root
+from sidusctl.core.errors import ConfigError, SidusError
+from sidusctl.vnode import Platform
+from sidusctl.vnode.model import parse_bps, parse_hierarchy, parse_mib
+from sidusctl.vnode.platform import parse_matrix_file, parse_size
+
+
+def _platform() -> Platform:
+    need_root("sidusctl vnode")
+    return Platform(get_ctx().state)
+
+
+def _pairs(values: tuple[str, ...], opt: str, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        k, sep, rest = v.partition(":")
+        if not sep or not k or not rest:
+            raise ConfigError(opt, None, f"invalid value {v!r}", expected=f"IFACE:{what}")
+        out[k] = rest
+    return out
+
+
+def _limits(mem: str | None, swap: str | None, mem_soft: str | None, mem_hard: str | None,
+            mem_hierarchy: str | None, cpus: float | None, cpuset: str | None,
+            io: tuple[str, ...], bandwidth: tuple[str, ...], latency: tuple[str, ...]
+            ) -> dict[str, Any]:
+    memd: dict[str, Any] = {}
+    if mem_hierarchy:
+        memd["hierarchy"] = parse_hierarchy(mem_hierarchy, "--mem-hierarchy")
+    elif mem_soft is not None or mem_hard is not None:
+        memd["hierarchy"] = 2
+    elif mem is not None:
+        memd["hierarchy"] = 1
+    for key, v, opt in (("mem", mem, "--mem"), ("swap", swap, "--swap"),
+                        ("soft", mem_soft, "--mem-soft"), ("hard", mem_hard, "--mem-hard")):
+        if v is not None:
+            memd[key] = parse_mib(v, opt, key)
+    iol = []
+    for spec in io:
+        parts = spec.split(":")
+        if len(parts) != 3 or not parts[0]:
+            raise ConfigError("--io", None, f"invalid value {spec!r}",
+                              expected="DEVICE:READ_BPS:WRITE_BPS (empty = unchanged, max = none)")
+        iol.append({"device": parts[0],
+                    "read_bps": parse_bps(parts[1], "--io", "read") if parts[1] else None,
+                    "write_bps": parse_bps(parts[2], "--io", "write") if parts[2] else None})
+    lat: dict[str, float] = {}
+    for k, v in _pairs(latency, "--latency", "MS").items():
+        try:
+            lat[k] = float(v.removesuffix("ms"))
+        except ValueError as e:
+            raise ConfigError("--latency", None, f"invalid latency {v!r}",
+                              expected="milliseconds") from e
+    return {"mem": memd or None, "cpus": cpus, "cpuset": cpuset, "io": iol,
+            "bandwidth": dict(_pairs(bandwidth, "--bandwidth", "RATE")) or None,
+            "latency": lat or None}
+
+
+def _limit_options(f: Any) -> Any:
+    opts = [
+        click.option("--mem", help="cgroup v1 hard memory limit, MiB ('max' cancels)."),
+        click.option("--swap", help="Swap limit, MiB (v1: memsw = mem + swap; v2: memory.swap.max)."),
+        click.option("--mem-soft", help="cgroup v2 soft limit (memory.high), MiB."),
+        click.option("--mem-hard", help="cgroup v2 hard limit (memory.max), MiB."),
+        click.option("--mem-hierarchy", type=click.Choice(["v1", "v2"]),
+                     help="cgroup hierarchy of the memory limit (default: v2 if soft/hard given)."),
+        click.option("--cpus", type=float, help="CPU time as a number of CPUs (CFS quota; 0 cancels)."),
+        click.option("--cpuset", help="CPUs the vnode may use, e.g. 0-1,3."),
+        click.option("--io", multiple=True, metavar="DEV:READ_BPS:WRITE_BPS",
+                     help="Throttle a block device (bytes/s, k/M/G suffixes, 'max' cancels)."),
+        click.option("--bandwidth", multiple=True, metavar="IFACE:RATE",
+                     help="Bandwidth of a viface, both directions (tc units: 10mbit, 1gbit)."),
+        click.option("--latency", multiple=True, metavar="IFACE:MS",
+                     help="Latency of a viface, both directions (needs the netem qdisc)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _read_key(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read key file: {e.strerror}") from e
+
+
+@click.group("vnode")
+def vnode_group() -> None:
+    """Distem-style virtual nodes: LXC containers on btrfs snapshots, vnetworks, limits."""
+
+
+@vnode_group.command("init")
+@click.option("--btrfs-device", metavar="DEV", help="Format DEV as btrfs for the store (destroys it).")
+@click.option("--btrfs-image", metavar="SIZE", help="Make a loop-backed btrfs file of SIZE (e.g. 20G).")
+def init_cmd(btrfs_device: str | None, btrfs_image: str | None) -> None:
+    """Prepare the vnode store (copy-on-write needs btrfs)."""
+    fs = _platform().init(btrfs_device=btrfs_device,
+                          btrfs_image=parse_size(btrfs_image) if btrfs_image else None)
+    console.print(f"vnode store ready ({fs}); fs 'cow' is "
+                  f"{'available' if fs == 'btrfs' else 'NOT available (no btrfs)'}")
+
+
+@vnode_group.command("deinit")
+def deinit_cmd() -> None:
+    """Unmount and delete the vnode store and vnetworks (destroy every vnode first)."""
+    _platform().deinit()
+
+
+@vnode_group.command("store")
+@click.option("--json", "as_json", is_flag=True)
+def store_cmd(as_json: bool) -> None:
+    """Show the store: backing, filesystem, disk used, subvolumes."""
+    info = _platform().store_info()
+    if as_json:
+        emit_json(info)
+    else:
+        for k, v in info.items():
+            console.print(f"{k}: {human_size(v) if k == 'used_bytes' else v}")
+
+
+# -- vnetworks ----------------------------------------------------------------------------------
+@vnode_group.group("net")
+def net_group() -> None:
+    """Virtual networks (bridges, VXLAN)."""
+
+
+@net_group.command("create")
+@click.argument("name")
+@click.argument("cidr")
+@click.option("--mode", type=click.Choice(["classical", "vxlan"]), default="classical")
+@click.option("--root-interface", help="Host interface carrying the vnetwork (VXLAN underlay).")
+@click.option("--vxlan-id", type=int, help="VXLAN network identifier (VNI).")
+@click.option("--vxlan-port", type=int, default=4789, show_default=True)
+@click.option("--vxlan-group", help="Multicast group of the VXLAN peers.")
+@click.option("--vxlan-remote", help="Unicast VXLAN peer (the other host).")
+@click.option("--gateway", help="The host bridge's address in CIDR (default: the last usable).")
+@click.option("--netns", help="Build the host side in this network namespace (an emulated host).")
+def net_create(name: str, cidr: str, mode: str, root_interface: str | None,
+               vxlan_id: int | None, vxlan_port: int, vxlan_group: str | None,
+               vxlan_remote: str | None, gateway: str | None, netns: str | None) -> None:
+    """Create vnetwork NAME on CIDR."""
+    net = _platform().net_create(name, cidr, mode=mode, root_interface=root_interface,
+                                 vxlan_id=vxlan_id, vxlan_port=vxlan_port,
+                                 vxlan_group=vxlan_group, vxlan_remote=vxlan_remote,
+                                 gateway=gateway, netns=netns)
+    console.print(f"vnetwork {net.name}: {net.cidr} ({net.mode}), bridge {net.bridge}, "
+                  f"gateway {net.gateway}")
+
+
+@net_group.command("delete")
+@click.argument("name")
+def net_delete(name: str) -> None:
+    """Delete vnetwork NAME."""
+    _platform().net_delete(name)
+
+
+@net_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def net_list(as_json: bool) -> None:
+    """List vnetworks."""
+    nets = _platform().net_list()
+    if as_json:
+        emit_json([n.to_dict() for n in nets])
+        return
+    t = Table("name", "cidr", "mode", "gateway", "vxlan")
+    for n in nets:
+        t.add_row(n.name, n.cidr, n.mode, str(n.gateway),
+                  f"{n.vxlan_id}@{n.vxlan_group or n.vxlan_remote}" if n.mode == "vxlan" else "")
+    console.print(t)
+
+
+# -- vnodes -------------------------------------------------------------------------------------
+@vnode_group.command("create")
+@click.argument("name")
+@click.option("--image", required=True, help="Image name (image store) or rootfs tarball path.")
+@click.option("--fs", type=click.Choice(["auto", "cow", "distinct", "shared"]), default="auto",
+              show_default=True, help="auto: cow on btrfs, else distinct; cow: error without btrfs.")
+@click.option("--iface", multiple=True, metavar="IF:VNET[:IP]", help="A viface (repeatable).")
+@click.option("--ssh-pubkey", type=click.Path(dir_okay=False), help="Add to authorized_keys.")
+@click.option("--ssh-privkey", type=click.Path(dir_okay=False), help="Write to /root/.ssh/identity.")
+@click.option("--copy-host-keys/--no-copy-host-keys", default=False, show_default=True,
+              help="Copy the host's /root/.ssh/id* (PRIVATE keys) where absent. A risk: see docs.")
+@click.option("--start-command", help="Run once booted; its exit code shows in status.")
+@_limit_options
+def create_cmd(name: str, image: str, fs: str, iface: tuple[str, ...], ssh_pubkey: str | None,
+               ssh_privkey: str | None, copy_host_keys: bool, start_command: str | None,
+               **lim: Any) -> None:
+    """Create vnode NAME (state READY)."""
+    limits = _limits(**lim)
+    vn = _platform().create(name, image, fs=fs, ifaces=list(iface),
+                            ssh_pubkey=_read_key(ssh_pubkey), ssh_privkey=_read_key(ssh_privkey),
+                            copy_host_keys=copy_host_keys, start_command=start_command, **limits)
+    addrs = ", ".join(f"{i.name}={i.address}@{i.vnetwork}" for i in vn.ifaces)
+    console.print(f"vnode {vn.name}: {vn.state}, fs {vn.fs}, {addrs or 'no viface'}")
+
+
+def _each(names: tuple[str, ...], fn: Any, verb: str) -> None:
+    failed = 0
+    for n in names:
+        try:
+            vn = fn(n)
+            if vn is not None:
+                console.print(f"vnode {n}: {vn.state}")
+            else:
+                console.print(f"vnode {n}: {verb}")
+        except SidusError as e:
+            if len(names) == 1:
+                raise
+            failed += 1
+            console.print(f"sidusctl: error: {e}", style="red", markup=False)
+    if failed:
+        sys.exit(1)
+
+
+@vnode_group.command("start")
+@click.argument("names", nargs=-1, required=True)
+def start_cmd(names: tuple[str, ...]) -> None:
+    """Start vnodes (READY -> RUNNING)."""
+    _each(names, _platform().start, "started")
+
+
+@vnode_group.command("stop")
+@click.argument("names", nargs=-1, required=True)
+def stop_cmd(names: tuple[str, ...]) -> None:
+    """Stop vnodes and delete their data from the host (-> READY)."""
+    _each(names, _platform().stop, "stopped")
+
+
+@vnode_group.command("freeze")
+@click.argument("names", nargs=-1, required=True)
+def freeze_cmd(names: tuple[str, ...]) -> None:
+    """Freeze vnodes (RUNNING -> FROZEN)."""
+    _each(names, _platform().freeze, "frozen")
+
+
+@vnode_group.command("unfreeze")
+@click.argument("names", nargs=-1, required=True)
+def unfreeze_cmd(names: tuple[str, ...]) -> None:
+    """Unfreeze vnodes (FROZEN -> RUNNING)."""
+    _each(names, _platform().unfreeze, "running")
+
+
+@vnode_group.command("destroy")
+@click.argument("names", nargs=-1, required=True)
+def destroy_cmd(names: tuple[str, ...]) -> None:
+    """Forget vnodes (stopping them first)."""
+    _each(names, _platform().destroy, "destroyed")
+
+
+@vnode_group.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_cmd(name: str, argv: tuple[str, ...]) -> None:
+    """Run a command in vnode NAME; exits with its exit code."""
+    r = _platform().exec(name, list(argv))
+    sys.stdout.write(r.stdout)
+    if r.tail:
+        sys.stderr.write(r.tail + "\n")
+    sys.exit(r.returncode)
+
+
+@vnode_group.command("console")
+@click.argument("name")
+@click.option("--log", "show_log", is_flag=True, help="Print the console log instead.")
+def console_cmd(name: str, show_log: bool) -> None:
+    """Attach to vnode NAME's console (Ctrl-a q to leave), or print its log."""
+    p = _platform()
+    if show_log:
+        path = p.console_log(name)
+        sys.stdout.write(path.read_text(errors="replace") if path.exists() else "")
+        return
+    # interactive: a tty program, run directly (the runner is for non-interactive commands)
+    sys.exit(subprocess.call(p.console_argv(name)))
+
+
+@vnode_group.command("status")
+@click.argument("names", nargs=-1)
+@click.option("--json", "as_json", is_flag=True)
+def status_cmd(names: tuple[str, ...], as_json: bool) -> None:
+    """State, boot status and exit code per host and vnode (DETER-like)."""
+    s = _platform().status(list(names))
+    if as_json:
+        emit_json(s)
+        return
+    t = Table("host", "vnode", "state", "boot", "exit code", "addresses")
+    for host, nodes in s["hosts"].items():
+        for n, d in nodes.items():
+            t.add_row(host, n, d["state"], str(d["boot"]), str(d["exit_code"]),
+                      " ".join(a for a in d["addresses"] if a))
+    console.print(t)
+
+
+@vnode_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def list_cmd(as_json: bool) -> None:
+    """List vnodes with their true state."""
+    rows = _platform().list()
+    if as_json:
+        emit_json(rows)
+        return
+    t = Table("vnode", "state", "fs", "image", "vifaces", "note")
+    for r in rows:
+        t.add_row(r["name"], r["state"], r["fs"], r["image"],
+                  " ".join(f"{i['name']}={i['address']}" for i in r["ifaces"]), r["note"] or "")
+    console.print(t)
+
+
+@vnode_group.command("wait")
+@click.argument("names", nargs=-1)
+@click.option("--timeout", type=float, default=120, show_default=True, help="Seconds.")
+@click.option("--json", "as_json", is_flag=True)
+def wait_cmd(names: tuple[str, ...], timeout: float, as_json: bool) -> None:
+    """Wait until the vnodes (default: all running) answer on SSH."""
+    res = _platform().wait(list(names), timeout=timeout)
+    if as_json:
+        emit_json(res)
+    else:
+        for n, secs in sorted(res.items()):
+            console.print(f"{n}: " + (f"ssh up after {secs:.1f} s" if secs is not None
+                                      else f"no ssh within {timeout:.0f} s"))
+    if any(v is None for v in res.values()):
+        sys.exit(1)
+
+
+@vnode_group.command("get-image")
+@click.argument("name")
+@click.argument("dest", type=click.Path(dir_okay=False))
+def get_image_cmd(name: str, dest: str) -> None:
+    """Dump vnode NAME's root to the tarball DEST (.tar.zst, .tar.gz...)."""
+    size = _platform().get_image(name, Path(dest))
+    console.print(f"{dest}: {human_size(size)}")
+
+
+@vnode_group.command("update")
+@click.argument("name")
+@_limit_options
+def update_cmd(name: str, **lim: Any) -> None:
+    """Change limits of vnode NAME (live if it runs)."""
+    vn = _platform().update(name, **_limits(**lim))
+    console.print(f"vnode {vn.name}: limits updated")
+
+
+@vnode_group.command("latency-matrix")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+def latency_matrix_cmd(file: str) -> None:
+    """Apply Distem's latency matrix (first line: vnode names; then rows in ms)."""
+    names, m = parse_matrix_file(Path(file))
+    _platform().latency_matrix(names, m)
+
+
+@vnode_group.command("up")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--parallel", type=int, default=4, show_default=True)
+@click.option("--wait/--no-wait", "wait_ssh", default=True, show_default=True,
+              help="Wait until every vnode answers SSH.")
+@click.option("--timeout", type=float, default=180, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def up_cmd(file: str, parallel: int, wait_ssh: bool, timeout: float, as_json: bool) -> None:
+    """Create the vnetworks and vnodes of a platform file and start them."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sidusctl.vnode.platform_file import load, up
+
+    spec = load(Path(file))
+    p = _platform()
+    t0 = time.monotonic()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=console, disable=not console.is_terminal or as_json) as prog:
+        tasks: dict[str, Any] = {}
+
+        def on(stage: str, name: str, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = prog.add_task(stage, total=total)
+            prog.advance(tasks[stage])
+            if not console.is_terminal:
+                console.print(f"[{time.monotonic() - t0:6.1f}s] {stage}: {name}", highlight=False)
+
+        res = up(p, spec, parallel=parallel, wait_ssh=wait_ssh, timeout=timeout, progress=on)
+    if as_json:
+        emit_json(res)
+    else:
+        console.print(f"platform up in {time.monotonic() - t0:.1f} s: "
+                      f"{len(res['started'])} vnode(s) running, {len(res['failed'])} failed")
+        for n, err in res["failed"].items():
+            console.print(f"  {n}: {err}", style="red", markup=False)
+    if res["failed"] or any(v is None for v in res.get("ssh", {}).values()):
+        sys.exit(1)
+
+
+@vnode_group.command("down")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+def down_cmd(file: str) -> None:
+    """Stop and destroy the vnodes of a platform file and delete its vnetworks."""
+    from sidusctl.vnode.platform_file import down, load
+
+    down(_platform(), load(Path(file)))
+    console.print("platform down")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(vnode_group)
+
+

@@ -1,0 +1,161 @@
+"""LXC containers (the lxc-* tools of LXC >= 4): write a container's config, start, stop,
+freeze, attach, read its state and change its cgroup settings live. Containers live under an
+explicit ``lxcpath`` (``-P``) so that each sidusctl state directory has its own.
+
+Config: ``templates/lxc/vnode.conf.j2`` (veth ifaces on bridges, console log via
+``lxc.console.logfile``, cgroup keys ``lxc.cgroup.*`` for v1 and ``lxc.cgroup2.*`` for v2).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidusctl.core.errors import CommandError, SidusError
+from sidusctl.core.run import Result, output, run, which
+from sidusctl.core.state import atomic_write_text
+from sidusctl.subsys.templates import render
+
+COMMON_CONF = Path("/usr/share/lxc/config/common.conf")
+
+
+def _tool(name: str) -> str:
+    return which(name, "lxc")
+
+
+@dataclass(frozen=True)
+class Container:
+    """Container ``name`` under ``lxcpath``: config at ``lxcpath/name/config``."""
+
+    name: str
+    lxcpath: Path
+
+    @property
+    def dir(self) -> Path:
+        return self.lxcpath / self.name
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config"
+
+    @property
+    def console_log(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "lxc.log"
+
+    def _argv(self, tool: str) -> list[str]:
+        return [_tool(tool), "-P", str(self.lxcpath), "-n", self.name]
+
+    # -- config ----------------------------------------------------------------------------
+    def write_config(self, rootfs: Path, ifaces: Sequence[dict[str, Any]],
+                     cgroups: Sequence[tuple[int, str, str]],
+                     devices: Sequence[dict[str, str]] = ()) -> str:
+        """Render and write the config; returns its text."""
+        text = render("lxc/vnode.conf.j2", vname=self.name, rootfs=str(rootfs),
+                      common_conf=str(COMMON_CONF), console_log=str(self.console_log),
+                      log_file=str(self.log_file), ifaces=list(ifaces), cgroups=list(cgroups),
+                      devices=list(devices))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.config, text)
+        return text
+
+    def remove(self) -> None:
+        """Forget the container (its config and logs); it must be stopped."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def state(self) -> str:
+        """``RUNNING``, ``STOPPED``, ``FROZEN``, ``STARTING``, ``STOPPING``... or ``ABSENT``."""
+        if not self.config.exists():
+            return "ABSENT"
+        try:
+            return output([*self._argv("lxc-info"), "-s", "-H"], timeout=30).strip() or "STOPPED"
+        except CommandError:
+            return "STOPPED"
+
+    def pid(self) -> int | None:
+        """PID (in the host's namespace) of the container's init, or None if not running."""
+        try:
+            out = output([*self._argv("lxc-info"), "-p", "-H"], timeout=30).strip()
+        except CommandError:
+            return None
+        return int(out) if out.isdigit() else None
+
+    def start(self) -> None:
+        """Start daemonized; :class:`SidusError` with the tail of the LXC log if it fails."""
+        self.log_file.unlink(missing_ok=True)
+        self.console_log.unlink(missing_ok=True)
+        try:
+            run([*self._argv("lxc-start"), "-d"], what=f"lxc-start {self.name}", timeout=120)
+        except CommandError as e:
+            tail = ""
+            if self.log_file.exists():
+                lines = [ln for ln in self.log_file.read_text(errors="replace").splitlines()
+                         if " ERROR " in ln]
+                tail = "\n".join("    " + ln for ln in lines[-8:])
+            raise SidusError(f"container {self.name} failed to start:\n{tail or e.output_tail}",
+                             hint=f"see {self.log_file} and {self.console_log}") from e
+        run([*self._argv("lxc-wait"), "-s", "RUNNING", "-t", "30"], what="lxc-wait")
+
+    def stop(self, timeout: int = 10) -> None:
+        """Clean shutdown (SIGPWR to init) for ``timeout`` s, then kill. No error if stopped."""
+        st = self.state()
+        if st in ("STOPPED", "ABSENT"):
+            return
+        if st == "FROZEN":
+            self.unfreeze()
+        r = run([*self._argv("lxc-stop"), "-t", str(timeout)], check=False, timeout=timeout + 30)
+        if r.returncode != 0 and self.state() not in ("STOPPED", "ABSENT"):
+            run([*self._argv("lxc-stop"), "-k"], what=f"lxc-stop -k {self.name}", timeout=60)
+
+    def freeze(self) -> None:
+        run(self._argv("lxc-freeze"), what=f"lxc-freeze {self.name}", timeout=60)
+
+    def unfreeze(self) -> None:
+        run(self._argv("lxc-unfreeze"), what=f"lxc-unfreeze {self.name}", timeout=60)
+
+    def attach(self, argv: Sequence[str], *, check: bool = True, capture: bool = True,
+               timeout: float | None = None, input: bytes | None = None) -> Result:
+        """Run ``argv`` inside the container (its namespaces and cgroups) with a clean env."""
+        return run([*self._argv("lxc-attach"), "--clear-env", "--", *argv], check=check,
+                   capture=capture, timeout=timeout, input=input,
+                   what=f"{argv[0]} in {self.name}")
+
+    def cgroup_set(self, key: str, value: str) -> None:
+        """Change cgroup file ``key`` of the running container (v1 or v2 as LXC finds it)."""
+        run([*self._argv("lxc-cgroup"), key, value], what=f"lxc-cgroup {self.name} {key}={value}",
+            timeout=30)
+
+    def cgroup_get(self, key: str) -> str:
+        return output([*self._argv("lxc-cgroup"), key], timeout=30)
+
+    def exit_status(self) -> int | None:
+        """Exit code of the container's init from the LXC log (signal N -> 128+N), if known."""
+        if not self.log_file.exists():
+            return None
+        text = self.log_file.read_text(errors="replace")
+        code: int | None = None
+        for m in re.finditer(r"Child <\d+> ended on (?:error \((\d+)\)|signal [^(]*\((\d+)\))|"
+                             r"exited with status (\d+)", text):
+            if m.group(1):
+                code = int(m.group(1))
+            elif m.group(2):
+                code = 128 + int(m.group(2))
+            elif m.group(3):
+                code = int(m.group(3))
+        return code
+
+
+def list_running(lxcpath: Path) -> list[str]:
+    """Names of running containers under ``lxcpath``."""
+    if not lxcpath.is_dir():
+        return []
+    out = output([_tool("lxc-ls"), "-P", str(lxcpath), "-1", "--running"], check=False)
+    return out.split()

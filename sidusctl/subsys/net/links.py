@@ -1,0 +1,178 @@
+"""Links (rtnetlink via pyroute2): an idempotent ensure/remove pair per kind of link.
+
+- bridge: ``ensure_bridge(name, address=None)`` — a Linux bridge, up, with an optional
+  ``a.b.c.d/len`` address (the vnetwork's gateway on this host).
+- VXLAN (RFC 7348): ``ensure_vxlan(name, vni, port, bridge, group=|remote=, dev=)`` — a VXLAN
+  link enslaved to ``bridge``; multicast ``group`` or unicast ``remote`` peers.
+- network namespaces: ``ensure_netns``/``remove_netns`` (named, under /run/netns).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from collections.abc import Iterator
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from sidusctl.core.errors import ConfigError, PrerequisiteError, SidusError
+from sidusctl.core.log import get_logger
+
+log = get_logger("net")
+
+IFNAMSIZ = 15  # usable characters in a Linux interface name
+
+
+def check_ifname(name: str, where: str = "interface name") -> str:
+    """Linux interface names: 1-15 characters, no '/', ':' or whitespace."""
+    if not name or len(name) > IFNAMSIZ or any(c in name for c in "/: \t\n"):
+        raise ConfigError(where, None, f"invalid interface name {name!r}",
+                          expected="1-15 characters without '/', ':' or spaces")
+    return name
+
+
+@contextlib.contextmanager
+def ipr(netns: str | None = None) -> Iterator[IPRoute]:
+    """An rtnetlink socket in the host's namespace or in ``netns`` (name or path)."""
+    try:
+        sock = IPRoute(netns=netns) if netns else IPRoute()
+    except OSError as e:
+        raise SidusError(f"cannot open network namespace {netns!r}: {e}") from e
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def link_index(name: str, netns: str | None = None) -> int | None:
+    """The ifindex of link ``name``, or None."""
+    with ipr(netns) as ip:
+        idx = ip.link_lookup(ifname=name)
+    return int(idx[0]) if idx else None
+
+
+def link_kind(name: str, netns: str | None = None) -> str | None:
+    """The rtnetlink kind of ``name`` (``bridge``, ``vxlan``, ``veth``...), or None if absent."""
+    with ipr(netns) as ip:
+        idx = ip.link_lookup(ifname=name)
+        if not idx:
+            return None
+        link = ip.get_links(idx[0])[0]
+    info = link.get_attr("IFLA_LINKINFO")
+    return str(info.get_attr("IFLA_INFO_KIND")) if info is not None else "device"
+
+
+def _nl(what: str, e: NetlinkError) -> SidusError:
+    return SidusError(f"{what}: netlink error {e.code} ({e.args[1] if len(e.args) > 1 else e})")
+
+
+def ensure_bridge(name: str, address: str | None = None, netns: str | None = None) -> None:
+    """Create bridge ``name`` unless it exists, bring it up, and add ``address``
+    (``a.b.c.d/len``) if given and missing. Refuses a non-bridge link of that name."""
+    check_ifname(name, "bridge name")
+    kind = link_kind(name, netns)
+    if kind not in (None, "bridge"):
+        raise SidusError(f"a {kind} link named {name!r} already exists and is not a bridge")
+    with ipr(netns) as ip:
+        try:
+            if kind is None:
+                ip.link("add", ifname=name, kind="bridge")
+            idx = ip.link_lookup(ifname=name)[0]
+            ip.link("set", index=idx, state="up")
+            if address:
+                iface = ipaddress.ip_interface(address)
+                have = {a.get_attr("IFA_ADDRESS") for a in ip.get_addr(index=idx)}
+                if str(iface.ip) not in have:
+                    ip.addr("add", index=idx, address=str(iface.ip),
+                            prefixlen=iface.network.prefixlen)
+        except NetlinkError as e:
+            raise _nl(f"creating bridge {name}", e) from e
+
+
+def ensure_vxlan(name: str, vni: int, bridge: str, *, port: int = 4789, group: str | None = None,
+                 remote: str | None = None, dev: str | None = None, local: str | None = None,
+                 netns: str | None = None) -> None:
+    """Create VXLAN link ``name`` (VNI ``vni``, UDP ``port``) unless it exists, enslave it to
+    ``bridge`` and bring it up. ``group`` (multicast, needs ``dev``) or ``remote`` (unicast)."""
+    check_ifname(name, "vxlan link name")
+    kind = link_kind(name, netns)
+    if kind not in (None, "vxlan"):
+        raise SidusError(f"a {kind} link named {name!r} already exists and is not a vxlan link")
+    with ipr(netns) as ip:
+        try:
+            if kind is None:
+                kw: dict[str, Any] = {"ifname": name, "kind": "vxlan", "vxlan_id": vni,
+                                      "vxlan_port": port, "vxlan_learning": 1}
+                if dev:
+                    didx = ip.link_lookup(ifname=dev)
+                    if not didx:
+                        raise ConfigError("vnetwork", "root_interface",
+                                          f"no interface named {dev!r} on this host")
+                    kw["vxlan_link"] = didx[0]
+                if group:
+                    kw["vxlan_group"] = group
+                elif remote:
+                    kw["vxlan_group"] = remote  # unicast remote: same attribute (IFLA_VXLAN_GROUP)
+                if local:
+                    kw["vxlan_local"] = local
+                ip.link("add", **kw)
+            idx = ip.link_lookup(ifname=name)[0]
+            bidx = ip.link_lookup(ifname=bridge)[0]
+            ip.link("set", index=idx, master=bidx)
+            ip.link("set", index=idx, state="up")
+        except NetlinkError as e:
+            raise _nl(f"creating vxlan link {name}", e) from e
+
+
+def remove_link(name: str, netns: str | None = None) -> bool:
+    """Delete link ``name`` if it exists; returns whether it existed."""
+    with ipr(netns) as ip:
+        idx = ip.link_lookup(ifname=name)
+        if not idx:
+            return False
+        try:
+            ip.link("del", index=idx[0])
+        except NetlinkError as e:
+            if e.code != 19:  # ENODEV: gone meanwhile
+                raise _nl(f"deleting link {name}", e) from e
+    return True
+
+
+def ensure_netns(name: str) -> None:
+    """Create the named network namespace (``/run/netns/NAME``) unless it exists."""
+    if name not in pr_netns.listnetns():
+        pr_netns.create(name)
+
+
+def remove_netns(name: str) -> None:
+    """Remove the named network namespace if it exists."""
+    if name in pr_netns.listnetns():
+        pr_netns.remove(name)
+
+
+def netns_exists(name: str) -> bool:
+    if name.startswith("/"):
+        import os
+
+        return os.path.exists(name)
+    return name in pr_netns.listnetns()
+
+
+def require_kind(kind: str) -> None:
+    """:class:`PrerequisiteError` unless the kernel can create links of ``kind``: checked by
+    creating and deleting a throw-away link."""
+    probe = f"sdt-probe{abs(hash(kind)) % 1000}"
+    with ipr() as ip:
+        try:
+            kw: dict[str, Any] = {"ifname": probe, "kind": kind}
+            if kind == "vxlan":
+                kw.update(vxlan_id=1, vxlan_port=4789)
+            ip.link("add", **kw)
+        except NetlinkError as e:
+            raise PrerequisiteError(f"this kernel cannot create {kind} links ({e})") from e
+        finally:
+            for idx in ip.link_lookup(ifname=probe):
+                ip.link("del", index=idx)

@@ -1,0 +1,51 @@
+"""``from sidusctl import vnode``: Distem-style virtual nodes, as a Python API.
+
+Script a platform the way Distem users script its Ruby client::
+
+    from pathlib import Path
+    from sidusctl import vnode
+
+    p = vnode.open("/var/lib/sidusctl")           # or vnode.Platform(Path(...))
+    p.init(btrfs_image=20 * 2**30)                # once: a loop-backed btrfs store (cow roots)
+    p.net_create("vnet", "10.144.0.0/22")         # a bridge; mode="vxlan", vxlan_id=... too
+    key = Path("/root/.ssh/id_ed25519.pub").read_text()
+    for i in range(10):
+        p.create(f"node{i}", "minimal", ifaces=["if0:vnet"], ssh_pubkey=key,
+                 mem={"hierarchy": 1, "mem": 512}, bandwidth={"if0": "100mbit"})
+    for i in range(10):
+        p.start(f"node{i}")
+    print(p.wait(timeout=120))                    # {name: seconds until SSH answered | None}
+    print(p.status())                             # {"hosts": {host: {name: {state, boot, exit_code}}}}
+    p.update("node0", mem={"mem": 256})           # live
+    p.get_image("node0", Path("/tmp/node0.tar.zst"))
+    for i in range(10):
+        p.destroy(f"node{i}")
+
+Every method raises :class:`sidusctl.core.errors.SidusError` subclasses only: ConfigError (bad
+value: names what and what was expected), NotFoundError (unknown vnode, vnetwork or image),
+StateError (wrong state: start of a running vnode...), PrerequisiteError (the host lacks btrfs,
+a cgroup controller, a qdisc). A failed call leaves the state as it was.
+
+Platform files: :func:`load_platform` + :func:`up` / :func:`down` (see docs/vnode.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sidusctl.core.paths import state_dir
+from sidusctl.vnode.model import FROZEN, READY, RUNNING, VIface, VNetwork, VNode
+from sidusctl.vnode.platform import IfaceSpec, Platform, parse_matrix_file
+from sidusctl.vnode.platform_file import PlatformSpec, down, up
+from sidusctl.vnode.platform_file import load as load_platform
+
+
+def open(state: str | os.PathLike[str] | None = None) -> Platform:
+    """The :class:`Platform` of state directory ``state`` (default: $SIDUSCTL_STATE or
+    /var/lib/sidusctl)."""
+    return Platform(state_dir(state) if state is None else Path(state))
+
+
+__all__ = ["FROZEN", "READY", "RUNNING", "IfaceSpec", "Platform", "PlatformSpec", "VIface",
+           "VNetwork", "VNode", "down", "load_platform", "open", "parse_matrix_file", "up"]

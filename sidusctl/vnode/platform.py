@@ -1,0 +1,738 @@
+"""The vnode service: vnetworks and vnodes of one state directory, their lifecycle (Distem's
+READY -> RUNNING -> READY, with FROZEN), limits and status. :class:`Platform` is what the CLI
+and the public Python API (:mod:`sidusctl.vnode`) call; every change happens in a transaction
+of the store (flock + atomic JSON), so two commands never corrupt the state and a crashed one
+leaves it true (the real container state is read back from LXC: see :meth:`Platform.status`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidusctl.core.errors import (
+    CommandError,
+    ConfigError,
+    NotFoundError,
+    PrerequisiteError,
+    SidusError,
+    StateError,
+)
+from sidusctl.core.log import get_logger
+from sidusctl.core.run import Result, which
+from sidusctl.subsys import btrfs, cgroups, lxc
+from sidusctl.subsys.cgroups import IoLimit, MemLimits
+from sidusctl.subsys.net import links, tc
+from sidusctl.subsys.tarball import write_rootfs_tar
+from sidusctl.vnode import ssh
+from sidusctl.vnode.model import (
+    FROZEN,
+    LOCALHOST,
+    READY,
+    RUNNING,
+    VIface,
+    VNetwork,
+    VNode,
+    check_vnode_name,
+)
+from sidusctl.vnode.store import State, Store
+
+log = get_logger("vnode")
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class IfaceSpec:
+    """``--iface if0:NET[:IP]`` parsed."""
+
+    name: str
+    vnetwork: str
+    address: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> IfaceSpec:
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or not all(parts[:2]):
+            raise ConfigError("--iface", None, f"invalid viface {text!r}",
+                              expected="IFNAME:VNETWORK[:IPV4], e.g. if0:vnet or if0:vnet:10.144.0.5")
+        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None)
+
+
+def _veth_name(vnode: str, ifname: str) -> str:
+    name = f"{vnode}-{ifname}"
+    if len(name) <= links.IFNAMSIZ:
+        return name
+    return "vn" + hashlib.sha1(name.encode()).hexdigest()[:9] + ifname[-4:]
+
+
+def _hwaddr(vnode: str, ifname: str) -> str:
+    h = hashlib.sha1(f"{vnode}/{ifname}".encode()).hexdigest()
+    return "02:" + ":".join(h[i:i + 2] for i in range(0, 10, 2))
+
+
+class Platform:
+    """The vnodes and vnetworks of state directory ``state_dir`` on this host."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.store = Store(state_dir)
+
+    # -- store -----------------------------------------------------------------------------
+    def init(self, btrfs_device: str | None = None, btrfs_image: int | None = None) -> str:
+        """Prepare the store (see :meth:`Store.init`); returns ``btrfs`` or ``plain``."""
+        with self.store.transaction() as st:
+            return self.store.init(st, btrfs_device=btrfs_device, btrfs_image=btrfs_image)
+
+    def deinit(self) -> None:
+        """Unmount and delete the store (after every vnode is destroyed) and its vnetworks."""
+        with self.store.transaction() as st:
+            for net in list(st.vnetworks.values()):
+                self._net_teardown(net)
+            st.vnetworks.clear()
+            self.store.deinit(st)
+
+    def store_info(self) -> dict[str, Any]:
+        st = self.store.read()
+        info = dict(st.store)
+        info["root"] = str(self.store.root)
+        info["used_bytes"] = self.store.disk_used() if st.store else None
+        if st.store and btrfs.is_btrfs(self.store.root):
+            info["subvolumes"] = btrfs.subvolume_list(self.store.root)
+        return info
+
+    # -- vnetworks -------------------------------------------------------------------------
+    def net_create(self, name: str, cidr: str, *, mode: str = "classical",
+                   root_interface: str | None = None, vxlan_id: int | None = None,
+                   vxlan_port: int = 4789, vxlan_group: str | None = None,
+                   vxlan_remote: str | None = None, gateway: str | None = None,
+                   netns: str | None = None) -> VNetwork:
+        """Create vnetwork ``name`` on ``cidr``: its bridge (with the gateway address) and, in
+        vxlan mode, its VXLAN link, now. ConfigError/StateError leave nothing behind."""
+        net = VNetwork(name=name, cidr=cidr, mode=mode, root_interface=root_interface,
+                       vxlan_id=vxlan_id, vxlan_port=vxlan_port, vxlan_group=vxlan_group,
+                       vxlan_remote=vxlan_remote, gateway=gateway, netns=netns).validate()
+        with self.store.transaction() as st:
+            if name in st.vnetworks:
+                raise StateError(f"a vnetwork named {name!r} already exists")
+            for other in st.vnetworks.values():
+                if other.network.overlaps(net.network) and other.netns == net.netns:
+                    raise ConfigError(f"vnetwork {name}", "cidr",
+                                      f"{cidr} overlaps vnetwork {other.name} ({other.cidr})")
+            if links.link_kind(net.bridge, netns) is not None:
+                raise StateError(f"a link named {net.bridge!r} already exists on this host",
+                                 hint="choose another vnetwork name")
+            if netns and not links.netns_exists(netns):
+                raise ConfigError(f"vnetwork {name}", "netns", f"no network namespace {netns!r}")
+            try:
+                self._net_setup(net)
+            except BaseException:
+                self._net_teardown(net)
+                raise
+            st.vnetworks[name] = net
+        return net
+
+    def _net_setup(self, net: VNetwork) -> None:
+        prefix = net.network.prefixlen
+        links.ensure_bridge(net.bridge, f"{net.gateway}/{prefix}", netns=net.netns)
+        if net.mode == "vxlan":
+            assert net.vxlan_id is not None
+            links.ensure_vxlan(net.vxlan_link, net.vxlan_id, net.bridge, port=net.vxlan_port,
+                               group=net.vxlan_group, remote=net.vxlan_remote,
+                               dev=net.root_interface, netns=net.netns)
+
+    def _net_teardown(self, net: VNetwork) -> None:
+        if net.netns and not links.netns_exists(net.netns):
+            return
+        links.remove_link(net.vxlan_link, net.netns)
+        links.remove_link(net.bridge, net.netns)
+
+    def net_delete(self, name: str) -> None:
+        """Delete vnetwork ``name`` (refused while a vnode has a viface on it)."""
+        with self.store.transaction() as st:
+            net = self._net(st, name)
+            users = [v.name for v in st.vnodes.values() if any(i.vnetwork == name for i in v.ifaces)]
+            if users:
+                raise StateError(f"vnetwork {name!r} is used by vnode(s) {', '.join(users)}")
+            self._net_teardown(net)
+            del st.vnetworks[name]
+
+    def net_list(self) -> list[VNetwork]:
+        return list(self.store.read().vnetworks.values())
+
+    def _net(self, st: State, name: str) -> VNetwork:
+        if name not in st.vnetworks:
+            known = ", ".join(st.vnetworks) or "none"
+            raise NotFoundError(f"no vnetwork named {name!r} (vnetworks: {known})")
+        return st.vnetworks[name]
+
+    # -- vnodes: creation ------------------------------------------------------------------
+    def create(self, name: str, image: str, *, fs: str = "auto",
+               ifaces: Sequence[IfaceSpec | str] = (), ssh_pubkey: str | None = None,
+               ssh_privkey: str | None = None, copy_host_keys: bool = False,
+               mem: dict[str, Any] | None = None, cpus: float | None = None,
+               cpuset: str | None = None, io: Sequence[dict[str, Any]] = (),
+               io_hierarchy: int = 1, bandwidth: dict[str, str | int] | None = None,
+               latency: dict[str, float] | None = None,
+               start_command: str | None = None) -> VNode:
+        """Create vnode ``name`` (state READY) from ``image`` (image-store name or tarball
+        path), unpacking the image into the cache if needed. ``fs``: ``auto`` (cow on btrfs,
+        else distinct), ``cow`` (error without btrfs), ``distinct`` or ``shared``. Everything is
+        validated before anything changes: on error the state is as before."""
+        check_vnode_name(name)
+        specs = [IfaceSpec.parse(i) if isinstance(i, str) else i for i in ifaces]
+        with self.store.transaction() as st:
+            if name in st.vnodes:
+                raise StateError(f"a vnode named {name!r} already exists "
+                                 f"(state {st.vnodes[name].state})")
+            self.store.ready(st)
+            is_btrfs = self.store.is_btrfs(st)
+            if fs == "auto":
+                fs = "cow" if is_btrfs else "distinct"
+                if not is_btrfs:
+                    log.info("vnode store %s is not on btrfs: fs 'auto' means distinct copies",
+                             self.store.root)
+            if fs not in ("cow", "distinct", "shared"):
+                raise ConfigError(f"vnode {name}", "fs", f"unknown fs mode {fs!r}",
+                                  expected="auto, cow, distinct or shared")
+            if fs == "cow" and not is_btrfs:
+                raise PrerequisiteError(
+                    f"vnode {name}: fs mode 'cow' needs the vnode store on btrfs, and "
+                    f"{self.store.root} is on {btrfs.fstype_of(self.store.root) or 'unknown'}",
+                    hint="sidusctl vnode init --btrfs-image 20G (or --btrfs-device DEV), "
+                         "or --fs distinct")
+            key, source, kind = self.store.resolve_image(st, image)
+            vn = VNode(name=name, image=image, fs=fs, image_key=key, ssh_pubkey=ssh_pubkey,
+                       ssh_privkey=ssh_privkey, copy_host_keys=copy_host_keys,
+                       io_hierarchy=io_hierarchy, start_command=start_command,
+                       created=time.time(), host=LOCALHOST)
+            vn.ifaces = self._plan_ifaces(st, vn, specs)
+            self._set_limits(vn, mem=mem, cpus=cpus, cpuset=cpuset, io=io,
+                             bandwidth=bandwidth, latency=latency)
+            self.store.unpack(st, key, source, kind)
+            st.vnodes[name] = vn
+            return vn
+
+    def _plan_ifaces(self, st: State, vn: VNode, specs: Sequence[IfaceSpec]) -> list[VIface]:
+        used: set[tuple[str, str]] = {(i.vnetwork, i.address) for v in st.vnodes.values()
+                                      for i in v.ifaces if i.address}
+        out: list[VIface] = []
+        names: set[str] = set()
+        for s in specs:
+            links.check_ifname(s.name, f"vnode {vn.name}: viface")
+            if s.name in names:
+                raise ConfigError(f"vnode {vn.name}", "iface", f"viface {s.name} given twice")
+            names.add(s.name)
+            net = self._net(st, s.vnetwork)
+            netw = net.network
+            if s.address:
+                try:
+                    addr = ipaddress.IPv4Address(s.address)
+                except ValueError as e:
+                    raise ConfigError(f"vnode {vn.name}", f"iface {s.name}",
+                                      f"invalid address {s.address!r}", expected="an IPv4 address") from e
+                if addr not in netw or addr in (netw.network_address, netw.broadcast_address):
+                    raise ConfigError(f"vnode {vn.name}", f"iface {s.name}",
+                                      f"address {addr} is outside vnetwork {net.name} ({net.cidr})",
+                                      expected=f"a host address of {net.cidr}")
+                if str(addr) == net.gateway or (net.name, str(addr)) in used:
+                    raise ConfigError(f"vnode {vn.name}", f"iface {s.name}",
+                                      f"address {addr} is already taken on {net.name}")
+                chosen = str(addr)
+            else:
+                chosen = ""
+                for h in netw.hosts():
+                    if str(h) != net.gateway and (net.name, str(h)) not in used:
+                        chosen = str(h)
+                        break
+                if not chosen:
+                    raise StateError(f"vnetwork {net.name} ({net.cidr}) has no free address left")
+            used.add((net.name, chosen))
+            out.append(VIface(name=s.name, vnetwork=net.name, address=chosen))
+        return out
+
+    def _set_limits(self, vn: VNode, *, mem: dict[str, Any] | None, cpus: float | None,
+                    cpuset: str | None, io: Sequence[dict[str, Any]] | None,
+                    bandwidth: dict[str, str | int] | None,
+                    latency: dict[str, float] | None) -> None:
+        """Validate and store limits on ``vn`` (merging into what it has). Raises before any
+        field changes if something is wrong."""
+        new_mem = dict(vn.mem)
+        if mem:
+            if "hierarchy" in mem and new_mem.get("hierarchy") not in (None, mem["hierarchy"]) \
+                    and any(k in new_mem for k in ("mem", "soft", "hard", "swap")):
+                log.info("vnode %s: memory hierarchy changes from v%s to v%s", vn.name,
+                         new_mem.get("hierarchy"), mem["hierarchy"])
+            new_mem.update({k: v for k, v in mem.items() if v is not None})
+        ml = MemLimits(**new_mem)
+        ml.settings()
+        ml.check_host()
+        if cpus is not None and cpus < 0:
+            raise ConfigError(f"vnode {vn.name}", "cpus", f"{cpus} is negative",
+                              expected="a number of CPUs (0 cancels)")
+        if cpus is not None or cpuset is not None:
+            cgroups.require(1, "cpu" if cpus is not None else "cpuset", "a CPU limit")
+        if cpuset is not None and cpuset != "":
+            want = cgroups.parse_cpuset(cpuset)
+            if not want <= cgroups.host_cpus():
+                raise ConfigError(f"vnode {vn.name}", "cpuset",
+                                  f"CPUs {sorted(want - cgroups.host_cpus())} do not exist here",
+                                  expected=f"a subset of {sorted(cgroups.host_cpus())}")
+        new_io = {d["device"]: dict(d) for d in vn.io}
+        for d in io or ():
+            lim = IoLimit(**d)
+            lim.majmin()
+            cur = new_io.setdefault(lim.device, {"device": lim.device})
+            cur.update({k: v for k, v in d.items() if v is not None})
+        cgroups.io_settings([IoLimit(**d) for d in new_io.values()], vn.io_hierarchy)
+        if new_io:
+            cgroups.require(vn.io_hierarchy, "blkio" if vn.io_hierarchy == 1 else "io",
+                            "IO throttling")
+        rates: dict[str, int | None] = {}
+        for ifn, rate in (bandwidth or {}).items():
+            if not any(i.name == ifn for i in vn.ifaces):
+                raise ConfigError(f"vnode {vn.name}", "bandwidth", f"no viface {ifn!r}")
+            rates[ifn] = None if str(rate) in ("", "max", "none") else tc.parse_rate(
+                rate, f"vnode {vn.name}: bandwidth of {ifn}")
+        lats: dict[str, float | None] = {}
+        for ifn, ms in (latency or {}).items():
+            if not any(i.name == ifn for i in vn.ifaces):
+                raise ConfigError(f"vnode {vn.name}", "latency", f"no viface {ifn!r}")
+            lats[ifn] = None if ms is None or float(ms) <= 0 else float(ms)
+        if any(v is not None for v in lats.values()):
+            tc.require_qdisc("netem")
+        # all valid: apply to the model
+        vn.mem = new_mem
+        if cpus is not None:
+            vn.cpus = cpus or None
+        if cpuset is not None:
+            vn.cpuset = cpuset or None
+        vn.io = list(new_io.values())
+        for i in vn.ifaces:
+            if i.name in rates:
+                i.bandwidth = rates[i.name]
+            if i.name in lats:
+                i.latency_ms = lats[i.name]
+
+    def _cgroup_settings(self, vn: VNode) -> list[tuple[int, str, str]]:
+        out = vn.mem_limits().settings()
+        out += cgroups.cpu_settings(vn.cpus, vn.cpuset)
+        out += cgroups.io_settings(vn.io_limits(), vn.io_hierarchy)
+        return out
+
+    # -- vnodes: lifecycle -----------------------------------------------------------------
+    def _container(self, name: str) -> lxc.Container:
+        return lxc.Container(name, self.store.lxcpath)
+
+    def _vnode(self, st: State, name: str) -> VNode:
+        if name not in st.vnodes:
+            known = ", ".join(sorted(st.vnodes)) or "none"
+            raise NotFoundError(f"no vnode named {name!r} (vnodes: {known})")
+        return st.vnodes[name]
+
+    def _reconcile(self, st: State, vn: VNode) -> str:
+        """The true state from LXC; fixes the record (a crash may have left it stale)."""
+        real = self._container(vn.name).state()
+        if real == "RUNNING" and vn.state != RUNNING:
+            vn.state = RUNNING
+        elif real == "FROZEN":
+            vn.state = FROZEN
+        return real
+
+    def start(self, name: str) -> VNode:
+        """READY -> RUNNING: snapshot or copy the root (per fs mode), put the SSH keys, write
+        the LXC config (vifaces, cgroup limits), start the container, shape its vifaces.
+        A vnode recorded RUNNING whose container is gone (crash, reboot) is started again."""
+        with self.store.transaction() as st:
+            vn = self._vnode(st, name)
+            real = self._reconcile(st, vn)
+            if real in ("RUNNING", "FROZEN", "STARTING"):
+                raise StateError(f"vnode {name!r} is already {real}",
+                                 hint=f"sidusctl vnode stop {name}")
+            if vn.state != READY:
+                log.warning("vnode %s was recorded %s but its container is %s: recovering",
+                            name, vn.state, real)
+            self.store.ready(st)
+            for i in vn.ifaces:
+                net = self._net(st, i.vnetwork)
+                self._net_setup(net)  # idempotent: bridges vanish at reboot
+            c = self._container(name)
+            try:
+                rootfs = self.store.make_root(st, vn)
+                self._prepare_root(st, vn, rootfs)
+                c.write_config(rootfs, self._lxc_ifaces(st, vn), self._cgroup_settings(vn),
+                               self._devices(vn))
+                c.start()
+                self._apply_tc(vn)
+            except BaseException:
+                c.stop(timeout=2)
+                self.store.remove_root(st, vn)
+                vn.state = READY
+                self.store.save(st)
+                raise
+            vn.state = RUNNING
+            vn.started = time.time()
+            vn.exit_code = None
+        if vn.start_command:
+            threading.Thread(target=self._run_start_command, args=(name,), daemon=True).start()
+        return vn
+
+    def _run_start_command(self, name: str) -> None:
+        # DETER-style start command: run once booted; its exit code is the vnode's.
+        c = self._container(name)
+        with self.store.transaction() as st:
+            vn = self._vnode(st, name)
+            cmd = vn.start_command
+        if not cmd:
+            return
+        r = c.attach(["/bin/sh", "-c", cmd], check=False, capture=True, timeout=3600)
+        with self.store.transaction() as st:
+            if name in st.vnodes:
+                st.vnodes[name].exit_code = r.returncode
+
+    def _lxc_ifaces(self, st: State, vn: VNode) -> list[dict[str, Any]]:
+        out = []
+        gw_done = False
+        for i in vn.ifaces:
+            net = self._net(st, i.vnetwork)
+            out.append({"name": i.name, "bridge": net.bridge, "veth": _veth_name(vn.name, i.name),
+                        "hwaddr": _hwaddr(vn.name, i.name),
+                        "address": f"{i.address}/{net.network.prefixlen}",
+                        "gateway": None if gw_done else net.gateway})
+            gw_done = True
+        return out
+
+    def _devices(self, vn: VNode) -> list[dict[str, str]]:
+        return [{"path": lim.device, "majmin": lim.majmin()} for lim in vn.io_limits()]
+
+    def _prepare_root(self, st: State, vn: VNode, rootfs: Path) -> None:
+        ssh.inject(rootfs, pubkey=vn.ssh_pubkey, privkey=vn.ssh_privkey,
+                   copy_host_keys=vn.copy_host_keys)
+        if vn.fs == "shared":
+            return  # one root for many vnodes: LXC sets the host name (lxc.uts.name)
+        etc = rootfs / "etc"
+        if etc.is_dir() and not etc.is_symlink():
+            for f in ("hostname", "hosts"):
+                if (etc / f).is_symlink():
+                    (etc / f).unlink()
+            (etc / "hostname").write_text(vn.name + "\n")
+            hosts = ["127.0.0.1\tlocalhost", f"127.0.1.1\t{vn.name}",
+                     "::1\tlocalhost ip6-localhost ip6-loopback"]
+            for other in sorted(st.vnodes.values(), key=lambda v: v.name):
+                for i in other.ifaces[:1]:
+                    if i.address:
+                        hosts.append(f"{i.address}\t{other.name}")
+            (etc / "hosts").write_text("\n".join(hosts) + "\n")
+
+    def _netns_of(self, name: str) -> str:
+        pid = self._container(name).pid()
+        if pid is None:
+            raise StateError(f"vnode {name!r} is not running")
+        return f"/proc/{pid}/ns/net"
+
+    def _apply_tc(self, vn: VNode) -> None:
+        if not any(i.bandwidth or i.latency_ms for i in vn.ifaces):
+            return
+        inner = self._netns_of(vn.name)
+        for i in vn.ifaces:
+            # host end: traffic to the vnode; vnode end (in its netns): traffic from it.
+            tc.shape(_veth_name(vn.name, i.name), i.bandwidth, i.latency_ms)
+            tc.shape(i.name, i.bandwidth, i.latency_ms, netns=inner)
+
+    def stop(self, name: str) -> VNode:
+        """RUNNING/FROZEN -> READY: stop the container and delete the vnode's data from the
+        host (its snapshot or copy), as Distem does. No-op error if already READY."""
+        with self.store.transaction() as st:
+            vn = self._vnode(st, name)
+            real = self._reconcile(st, vn)
+            if vn.state == READY and real in ("STOPPED", "ABSENT"):
+                raise StateError(f"vnode {name!r} is not running (state READY)")
+            c = self._container(name)
+            c.stop()
+            vn.exit_code = c.exit_status()
+            vn.state = READY
+            vn.started = None
+            self.store.remove_root(st, vn)
+            return vn
+
+    def freeze(self, name: str) -> VNode:
+        """RUNNING -> FROZEN (cgroup freezer: every process of the vnode stops)."""
+        with self.store.transaction() as st:
+            vn = self._vnode(st, name)
+            real = self._reconcile(st, vn)
+            if real != "RUNNING":
+                raise StateError(f"vnode {name!r} is {real}, not RUNNING: cannot freeze it")
+            self._container(name).freeze()
+            vn.state = FROZEN
+            return vn
+
+    def unfreeze(self, name: str) -> VNode:
+        """FROZEN -> RUNNING."""
+        with self.store.transaction() as st:
+            vn = self._vnode(st, name)
+            real = self._reconcile(st, vn)
+            if real != "FROZEN":
+                raise StateError(f"vnode {name!r} is {real}, not FROZEN: cannot unfreeze it")
+            self._container(name).unfreeze()
+            vn.state = RUNNING
+            return vn
+
+    def destroy(self, name: str) -> None:
+        """Forget vnode ``name`` (stopping it first if it runs)."""
+        with self.store.transaction() as st:
+            vn = self._vnode(st, name)
+            c = self._container(name)
+            c.stop(timeout=5)
+            vn.state = READY
+            self.store.remove_root(st, vn)
+            c.remove()
+            del st.vnodes[name]
+
+    # -- running vnodes --------------------------------------------------------------------
+    def exec(self, name: str, argv: Sequence[str], *, check: bool = False,
+             timeout: float | None = None, input: bytes | None = None) -> Result:
+        """Run ``argv`` in vnode ``name`` (lxc-attach); returns the Result (stdout captured)."""
+        st = self.store.read()
+        self._vnode(st, name)
+        c = self._container(name)
+        if c.state() != "RUNNING":
+            raise StateError(f"vnode {name!r} is not RUNNING")
+        return c.attach(argv, check=check, capture=True, timeout=timeout, input=input)
+
+    def console_argv(self, name: str) -> list[str]:
+        """The lxc-console command line attaching to vnode ``name``'s console."""
+        self._vnode(self.store.read(), name)
+        return [which("lxc-console", "lxc"), "-P", str(self.store.lxcpath), "-n", name, "-t", "0"]
+
+    def console_log(self, name: str) -> Path:
+        return self._container(name).console_log
+
+    def rootfs(self, name: str) -> Path:
+        """Where vnode ``name``'s root is on the host (exists only while it runs)."""
+        st = self.store.read()
+        return self.store.rootfs_of(self._vnode(st, name))
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every vnode with its true state (from LXC) and addresses."""
+        st = self.store.read()
+        running = set(lxc.list_running(self.store.lxcpath))
+        out = []
+        for vn in sorted(st.vnodes.values(), key=lambda v: v.name):
+            real = vn.state
+            note = None
+            if vn.name in running:
+                if vn.state == READY:
+                    real = RUNNING
+            elif vn.state in (RUNNING, FROZEN):
+                real, note = READY, "dead: container stopped outside sidusctl (start recovers)"
+            out.append({"name": vn.name, "state": real, "recorded_state": vn.state,
+                        "host": vn.host, "fs": vn.fs, "image": vn.image, "note": note,
+                        "ifaces": [i.to_dict() for i in vn.ifaces]})
+        return out
+
+    def get(self, name: str) -> VNode:
+        return self._vnode(self.store.read(), name)
+
+    def status(self, names: Sequence[str] = ()) -> dict[str, Any]:
+        """Per host, per vnode (DETER-like): ``state`` (READY/RUNNING/FROZEN), ``boot``
+        (``started``: container running, init not yet at its target; ``booted``: init reached
+        its target; ``dead``: recorded running but the container is gone; None when READY) and
+        ``exit_code`` (start command's, or the container init's once dead)."""
+        st = self.store.read()
+        hosts: dict[str, dict[str, Any]] = {}
+        for vn in sorted(st.vnodes.values(), key=lambda v: v.name):
+            if names and vn.name not in names:
+                continue
+            c = self._container(vn.name)
+            real = c.state()
+            boot: str | None = None
+            code = vn.exit_code
+            state = vn.state
+            if real == "RUNNING":
+                state = RUNNING
+                boot = self._boot_status(c)
+            elif real == "FROZEN":
+                state, boot = FROZEN, "frozen"
+            elif vn.state in (RUNNING, FROZEN):
+                state, boot = READY, "dead"
+                code = c.exit_status() if code is None else code
+            hosts.setdefault(vn.host, {})[vn.name] = {
+                "state": state, "boot": boot, "exit_code": code,
+                "addresses": [i.address for i in vn.ifaces]}
+        for n in names:
+            if n not in st.vnodes:
+                raise NotFoundError(f"no vnode named {n!r}")
+        return {"hosts": hosts}
+
+    @staticmethod
+    def _boot_status(c: lxc.Container) -> str:
+        try:
+            r = c.attach(["systemctl", "is-system-running"], check=False, timeout=15)
+        except CommandError:
+            return "started"
+        s = r.stdout.strip()
+        if s in ("running", "degraded"):
+            return "booted"
+        if r.returncode == 127 or not s:
+            r = c.attach(["runlevel"], check=False, timeout=15)
+            if r.returncode == 0 and r.stdout.split()[-1:] not in (["unknown"], []):
+                return "booted"
+        return "started"
+
+    def wait(self, names: Sequence[str] = (), timeout: float = 120.0,
+             progress: Progress | None = None) -> dict[str, float | None]:
+        """Wait until each vnode (all RUNNING ones by default) answers SSH: a TCP connection to
+        port 22 of its first address returns an ``SSH-`` banner (RFC 4253, 4.2). Returns the
+        seconds each took, or None for those that did not answer within ``timeout``."""
+        st = self.store.read()
+        targets: dict[str, str] = {}
+        for vn in st.vnodes.values():
+            if names and vn.name not in names:
+                continue
+            if not vn.ifaces or not vn.ifaces[0].address:
+                raise StateError(f"vnode {vn.name!r} has no address to reach SSH on")
+            if not names and vn.state == READY:
+                continue
+            targets[vn.name] = str(vn.ifaces[0].address)
+        for n in names:
+            if n not in st.vnodes:
+                raise NotFoundError(f"no vnode named {n!r}")
+        t0 = time.monotonic()
+        result: dict[str, float | None] = {n: None for n in targets}
+        lock = threading.Lock()
+
+        def probe(name: str, addr: str) -> None:
+            while time.monotonic() - t0 < timeout:
+                try:
+                    with socket.create_connection((addr, 22), timeout=2) as s:
+                        s.settimeout(5)
+                        if s.recv(64).startswith(b"SSH-"):
+                            with lock:
+                                result[name] = time.monotonic() - t0
+                            if progress:
+                                progress(name)
+                            return
+                except OSError:
+                    pass
+                time.sleep(0.3)
+
+        threads = [threading.Thread(target=probe, args=(n, a), daemon=True)
+                   for n, a in targets.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return result
+
+    def get_image(self, name: str, dest: Path) -> int:
+        """Dump vnode ``name``'s root (it must be RUNNING or FROZEN: its root exists only then)
+        to the tarball ``dest`` (.tar.zst/.tar.gz/...), usable as ``--image`` again. cow roots
+        are dumped from a read-only snapshot (consistent, no pause). Returns its size in bytes."""
+        with self.store.transaction() as st:
+            vn = self._vnode(st, name)
+            real = self._reconcile(st, vn)
+            if real not in ("RUNNING", "FROZEN"):
+                raise StateError(f"vnode {name!r} is not running: its root exists only while "
+                                 "it runs (stop deletes it)", hint=f"sidusctl vnode start {name}")
+            rootfs = self.store.rootfs_of(vn)
+            if vn.fs == "cow":
+                snap = self.store.vnode_dir(name) / ".export"
+                if snap.exists():
+                    btrfs.subvolume_delete(snap)
+                btrfs.snapshot(rootfs, snap, readonly=True)
+        try:
+            return write_rootfs_tar(snap if vn.fs == "cow" else rootfs, dest)
+        finally:
+            if vn.fs == "cow":
+                btrfs.subvolume_delete(snap)
+
+    def update(self, name: str, *, mem: dict[str, Any] | None = None, cpus: float | None = None,
+               cpuset: str | None = None, io: Sequence[dict[str, Any]] | None = None,
+               bandwidth: dict[str, str | int] | None = None,
+               latency: dict[str, float] | None = None) -> VNode:
+        """Change limits; on a RUNNING vnode they take effect at once (lxc-cgroup, tc)."""
+        with self.store.transaction() as st:
+            vn = self._vnode(st, name)
+            real = self._reconcile(st, vn)
+            before = VNode.from_dict(vn.to_dict())
+            self._set_limits(vn, mem=mem, cpus=cpus, cpuset=cpuset, io=io,
+                             bandwidth=bandwidth, latency=latency)
+            if real in ("RUNNING", "FROZEN"):
+                c = self._container(name)
+                try:
+                    for _version, key, value in self._cgroup_settings(vn):
+                        c.cgroup_set(key, value)
+                    if bandwidth or latency:
+                        inner = self._netns_of(name)
+                        for i in vn.ifaces:
+                            tc.shape(_veth_name(name, i.name), i.bandwidth, i.latency_ms)
+                            tc.shape(i.name, i.bandwidth, i.latency_ms, netns=inner)
+                except BaseException:
+                    st.vnodes[name] = before
+                    raise
+            return vn
+
+    def latency_matrix(self, names: Sequence[str], matrix: Sequence[Sequence[float]]) -> None:
+        """Distem's latency matrix: ``matrix[i][j]`` ms on the way from ``names[i]`` to
+        ``names[j]`` (each vnode's first viface, netem per destination). All must run."""
+        n = len(names)
+        if len(matrix) != n or any(len(r) != n for r in matrix):
+            raise ConfigError("latency matrix", None, f"{len(matrix)} rows for {n} vnodes",
+                              expected=f"a {n}x{n} matrix")
+        st = self.store.read()
+        vns = [self._vnode(st, x) for x in names]
+        for vn in vns:
+            if self._container(vn.name).state() != "RUNNING":
+                raise StateError(f"vnode {vn.name!r} is not RUNNING: start all vnodes first")
+            if vn.ifaces and (vn.ifaces[0].bandwidth or vn.ifaces[0].latency_ms):
+                raise StateError(f"vnode {vn.name!r} has a latency or bandwidth on "
+                                 f"{vn.ifaces[0].name}: the matrix replaces them (not compatible)")
+        tc.require_qdisc("netem")
+        for i, vn in enumerate(vns):
+            delays = {str(vns[j].ifaces[0].address): float(matrix[i][j])
+                      for j in range(n) if j != i and float(matrix[i][j]) > 0}
+            tc.shape_by_destination(vn.ifaces[0].name, delays, netns=self._netns_of(vn.name))
+
+
+def parse_matrix_file(path: Path) -> tuple[list[str], list[list[float]]]:
+    """A latency matrix file: first line the vnode names, then one row of milliseconds per
+    vnode (whitespace or comma separated; ``#`` comments)."""
+    rows = [ln.split("#", 1)[0].replace(",", " ").split()
+            for ln in path.read_text().splitlines()]
+    rows = [r for r in rows if r]
+    if not rows:
+        raise ConfigError(str(path), None, "empty latency matrix")
+    names = rows[0]
+    try:
+        m = [[float(x) for x in r] for r in rows[1:]]
+    except ValueError as e:
+        raise ConfigError(str(path), None, f"not a number: {e}", expected="milliseconds") from e
+    return names, m
+
+
+def parse_size(text: str) -> int:
+    """``20G``, ``512M``, ``1T`` or bytes -> bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    try:
+        if t and t[-1] in mult:
+            return int(float(t[:-1]) * mult[t[-1]])
+        return int(t)
+    except ValueError as e:
+        raise ConfigError("--btrfs-image", None, f"invalid size {text!r}",
+                          expected="a size such as 20G or 512M") from e
+
+
+def host_has_root() -> None:
+    if os.geteuid() != 0:
+        raise PrerequisiteError("vnodes need root privileges (LXC, btrfs, netlink)")
+
+
+__all__ = ["IfaceSpec", "Platform", "SidusError", "parse_matrix_file", "parse_size"]

@@ -1,0 +1,324 @@
+"""The vnode store under ``<state>/vnode/``::
+
+    vnode/
+        .lock              flock: every change of state.json happens under it
+        state.json         vnetworks, vnodes, store settings (atomic writes)
+        btrfs.img          loop-backed btrfs file (``vnode init --btrfs-image SIZE``), if any
+        store/             the filesystem root: btrfs (cow possible) or a plain directory
+            images/<key>/  each image unpacked once (a subvolume on btrfs), key = content hash
+            shared/<key>/  the one copy shared by the ``shared``-mode vnodes of this host
+            vnodes/<name>/rootfs   a running vnode's root (snapshot or copy), deleted at stop
+        lxc/<name>/        LXC config, console log and LXC log of each vnode
+
+The store's btrfs (an image file or a device) is mounted again on demand (after a reboot).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidusctl.core.errors import ConfigError, NotFoundError, PrerequisiteError, StateError
+from sidusctl.core.log import get_logger
+from sidusctl.core.run import run
+from sidusctl.core.state import locked, read_json, write_json
+from sidusctl.subsys import btrfs, mounts
+from sidusctl.subsys.imagestore import ImageStore
+from sidusctl.subsys.tarball import COMPRESSIONS, extract_rootfs_tar
+from sidusctl.vnode.model import VNetwork, VNode
+
+log = get_logger("vnode.store")
+
+
+@dataclass
+class State:
+    """The decoded state.json: ``store`` settings, ``vnetworks`` and ``vnodes`` by name."""
+
+    store: dict[str, Any]
+    vnetworks: dict[str, VNetwork]
+    vnodes: dict[str, VNode]
+    hashes: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": 1, "store": self.store, "hashes": self.hashes,
+                "vnetworks": {k: v.to_dict() for k, v in self.vnetworks.items()},
+                "vnodes": {k: v.to_dict() for k, v in self.vnodes.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> State:
+        return cls(store=dict(d.get("store", {})), hashes=dict(d.get("hashes", {})),
+                   vnetworks={k: VNetwork.from_dict(v) for k, v in d.get("vnetworks", {}).items()},
+                   vnodes={k: VNode.from_dict(v) for k, v in d.get("vnodes", {}).items()})
+
+
+class Store:
+    """The vnode store of one state directory (see the module doc for the layout)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.base = state_dir / "vnode"
+        self.root = self.base / "store"
+        self.lxcpath = self.base / "lxc"
+        self.state_file = self.base / "state.json"
+        self.lock_file = self.base / ".lock"
+        self.image_file = self.base / "btrfs.img"
+
+    # -- state -----------------------------------------------------------------------------
+    def load(self) -> State:
+        try:
+            d = read_json(self.state_file)
+        except FileNotFoundError:
+            d = {}
+        return State.from_dict(d)
+
+    def save(self, st: State) -> None:
+        write_json(self.state_file, st.to_dict())
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[State]:
+        """Hold the lock, yield the state, save it if the block succeeds (not if it raises)."""
+        self.base.mkdir(parents=True, exist_ok=True)
+        with locked(self.lock_file, "the vnode store", wait=True):
+            st = self.load()
+            yield st
+            self.save(st)
+
+    def read(self) -> State:
+        """The state, read under the lock (a consistent snapshot)."""
+        self.base.mkdir(parents=True, exist_ok=True)
+        with locked(self.lock_file, "the vnode store", wait=True):
+            return self.load()
+
+    # -- filesystem ------------------------------------------------------------------------
+    def init(self, st: State, *, btrfs_device: str | None = None,
+             btrfs_image: int | None = None) -> str:
+        """Prepare ``store/``: format ``btrfs_device`` or a ``btrfs_image``-byte loop file and
+        mount it there, or use it as is. Returns ``btrfs`` or ``plain``."""
+        if btrfs_device and btrfs_image:
+            raise ConfigError("vnode init", "btrfs", "give --btrfs-device or --btrfs-image, not both")
+        if st.vnodes and (btrfs_device or btrfs_image):
+            raise StateError(f"the vnode store has {len(st.vnodes)} vnode(s); destroy them "
+                             "before formatting a new store")
+        self.root.mkdir(parents=True, exist_ok=True)
+        if btrfs_device or btrfs_image:
+            btrfs.require()
+            self.unmount()
+            if btrfs_device:
+                if not Path(btrfs_device).is_block_device():
+                    raise ConfigError("vnode init", "--btrfs-device",
+                                      f"{btrfs_device} is not a block device")
+                btrfs.mkfs(Path(btrfs_device))
+                st.store = {"backing": "device", "device": btrfs_device}
+            else:
+                assert btrfs_image is not None
+                self.image_file.unlink(missing_ok=True)
+                with open(self.image_file, "wb") as f:
+                    f.truncate(btrfs_image)
+                btrfs.mkfs(self.image_file)
+                st.store = {"backing": "image", "image": str(self.image_file), "size": btrfs_image}
+            self.ensure_mounted(st)
+        else:
+            st.store = {"backing": "dir"}
+        st.store["fs"] = "btrfs" if btrfs.is_btrfs(self.root) else "plain"
+        for sub in ("images", "shared", "vnodes"):
+            (self.root / sub).mkdir(exist_ok=True)
+        return str(st.store["fs"])
+
+    def ensure_mounted(self, st: State) -> None:
+        """Mount the store's btrfs if it is device- or image-backed and not mounted (reboot)."""
+        backing = st.store.get("backing")
+        if backing not in ("image", "device") or mounts.is_mountpoint(self.root):
+            return
+        src = st.store["image"] if backing == "image" else st.store["device"]
+        if not Path(src).exists():
+            raise StateError(f"the vnode store's btrfs {src} is missing",
+                             hint="run 'sidusctl vnode init' again")
+        self.root.mkdir(parents=True, exist_ok=True)
+        opts = ["loop"] if backing == "image" else []
+        mounts.mount(src, self.root, "btrfs", opts)
+
+    def unmount(self) -> None:
+        if self.root.exists() and mounts.is_mountpoint(self.root):
+            mounts.umount_tree(self.root)
+
+    def is_btrfs(self, st: State) -> bool:
+        self.ensure_mounted(st)
+        return self.root.exists() and btrfs.is_btrfs(self.root)
+
+    def ready(self, st: State) -> None:
+        """Make sure the store exists (a plain directory if ``init`` was never run)."""
+        if not st.store:
+            self.init(st)
+        self.ensure_mounted(st)
+        for sub in ("images", "shared", "vnodes"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    # -- images ----------------------------------------------------------------------------
+    def resolve_image(self, st: State, image: str) -> tuple[str, Path, str]:
+        """``image`` (a name in the image store, or a rootfs tarball path) ->
+        ``(key, source, kind)`` where kind is ``tarball`` or ``rootfs``. The key is the sha256
+        of the tarball (cached by path, size and mtime) or, for a rootfs-only image, of its
+        manifest and generation. NotFoundError if neither exists."""
+        p = Path(image)
+        if "/" in image or any(image.endswith(s) for s in COMPRESSIONS):
+            if not p.is_file():
+                raise NotFoundError(f"image tarball {image} does not exist")
+            return self._file_key(st, p.resolve()), p.resolve(), "tarball"
+        store = ImageStore(self.state_dir, recover=False)
+        try:
+            img = store.get(image)
+        except (NotFoundError, ConfigError) as e:
+            raise NotFoundError(f"unknown image {image!r}: not in the image store "
+                                f"{store.root} and not a tarball path") from e
+        if img.tarball is not None:
+            return self._file_key(st, img.tarball), img.tarball, "tarball"
+        h = hashlib.sha256()
+        h.update(str(img.dir).encode())
+        if img.manifest_path.exists():
+            h.update(img.manifest_path.read_bytes())
+        return h.hexdigest()[:32], img.rootfs, "rootfs"
+
+    def _file_key(self, st: State, path: Path) -> str:
+        s = path.stat()
+        stamp = f"{path}:{s.st_size}:{s.st_mtime_ns}"
+        if stamp in st.hashes:
+            return st.hashes[stamp]
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(4 << 20):
+                h.update(chunk)
+        key = h.hexdigest()[:32]
+        st.hashes[stamp] = key
+        return key
+
+    def cached_image(self, key: str) -> Path:
+        return self.root / "images" / key
+
+    def unpack(self, st: State, key: str, source: Path, kind: str) -> Path:
+        """The image ``key`` unpacked in the cache (unpacked now if it is not yet); on btrfs a
+        subvolume, so that cow vnodes are snapshots of it. Returns its directory."""
+        dest = self.cached_image(key)
+        done = dest.parent / f"{key}.complete"
+        if done.exists() and dest.is_dir():
+            return dest
+        self._remove_tree(dest)
+        t0 = time.monotonic()
+        if self.is_btrfs(st):
+            btrfs.subvolume_create(dest)
+        else:
+            dest.mkdir(parents=True)
+        try:
+            if kind == "tarball":
+                extract_rootfs_tar(source, dest)
+            else:
+                run(["cp", "-a", "--reflink=auto", f"{source}/.", str(dest)],
+                    what=f"copy of {source}")
+        except BaseException:
+            self._remove_tree(dest)
+            raise
+        done.write_text(f"{source}\n")
+        log.info("image %s unpacked into the vnode cache in %.1f s", key[:12],
+                 time.monotonic() - t0)
+        return dest
+
+    # -- vnode roots -----------------------------------------------------------------------
+    def vnode_dir(self, name: str) -> Path:
+        return self.root / "vnodes" / name
+
+    def shared_root(self, key: str) -> Path:
+        return self.root / "shared" / key
+
+    def make_root(self, st: State, vn: VNode) -> Path:
+        """Give ``vn`` its root per its fs mode; returns the rootfs path."""
+        src = self.cached_image(vn.image_key)
+        if vn.fs == "shared":
+            shared = self.shared_root(vn.image_key)
+            if not (shared.parent / f"{vn.image_key}.complete").exists():
+                self._remove_tree(shared)
+                self._copy(st, src, shared)
+                (shared.parent / f"{vn.image_key}.complete").write_text("")
+            return shared
+        d = self.vnode_dir(vn.name)
+        self.remove_root(st, vn)
+        d.mkdir(parents=True)
+        root = d / "rootfs"
+        if vn.fs == "cow":
+            if not self.is_btrfs(st):
+                raise PrerequisiteError("fs mode 'cow' needs the vnode store on btrfs",
+                                        hint="sidusctl vnode init --btrfs-image SIZE")
+            btrfs.snapshot(src, root)
+        else:
+            self._copy(st, src, root)
+        return root
+
+    def _copy(self, st: State, src: Path, dest: Path) -> None:
+        # distinct means a real private copy: no reflinks even on btrfs.
+        if self.is_btrfs(st):
+            btrfs.subvolume_create(dest)
+        else:
+            dest.mkdir(parents=True)
+        run(["cp", "-a", "--reflink=never", f"{src}/.", str(dest)], what=f"copy of {src}")
+
+    def rootfs_of(self, vn: VNode) -> Path:
+        if vn.fs == "shared":
+            return self.shared_root(vn.image_key)
+        return self.vnode_dir(vn.name) / "rootfs"
+
+    def remove_root(self, st: State, vn: VNode) -> None:
+        """Delete ``vn``'s own data (its snapshot or copy). Shared roots stay while another
+        vnode of the host uses them."""
+        if vn.fs == "shared":
+            users = [o for o in st.vnodes.values() if o.fs == "shared" and o.name != vn.name
+                     and o.image_key == vn.image_key and o.state != "READY"]
+            if not users:
+                (self.root / "shared" / f"{vn.image_key}.complete").unlink(missing_ok=True)
+                self._remove_tree(self.shared_root(vn.image_key))
+        d = self.vnode_dir(vn.name)
+        if d.exists():
+            self._remove_tree(d / "rootfs")
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _remove_tree(self, path: Path) -> None:
+        if not path.exists():
+            return
+        if mounts.mounts_under(path):
+            mounts.umount_tree(path)
+        if mounts.mounts_under(path):
+            raise StateError(f"{path} still has mounts below it; not deleting it")
+        if btrfs.is_subvolume(path):
+            btrfs.subvolume_delete(path)
+        else:
+            shutil.rmtree(path)
+
+    def disk_used(self) -> int | None:
+        """Bytes used on the store's filesystem (btrfs: allocated blocks)."""
+        if not self.root.exists():
+            return None
+        return btrfs.used_bytes(self.root) if btrfs.is_btrfs(self.root) else None
+
+    def deinit(self, st: State) -> None:
+        """Unmount the store and delete its files (no vnode may remain)."""
+        if st.vnodes:
+            raise StateError(f"{len(st.vnodes)} vnode(s) remain: destroy them first")
+        self.unmount()
+        self.image_file.unlink(missing_ok=True)
+        if self.root.exists() and not mounts.mounts_under(self.root):
+            for sub in ("images", "shared", "vnodes"):
+                p = self.root / sub
+                if p.exists():
+                    for child in p.iterdir():
+                        if child.is_dir():
+                            self._remove_tree(child)
+                        else:
+                            child.unlink()
+            shutil.rmtree(self.root, ignore_errors=True)
+        st.store = {}
+        st.hashes = {}
+        os.sync()
