@@ -1,0 +1,190 @@
+"""The import service: SOURCE -> a new generation of image NAME in the image store (rootfs,
+manifest, runtime files from the image config, optional rootfs tarball), exactly like builds.
+
+The generation becomes ``current`` only if everything succeeded; an unsafe, corrupt or
+truncated image leaves nothing behind (the half-written generation is discarded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from sidusctl import __version__
+from sidusctl.core.log import get_logger
+from sidusctl.oci import ImageError, config, sources
+from sidusctl.oci.layers import LayerApplier, LayerStats
+from sidusctl.subsys.imagestore import Image, ImageStore
+from sidusctl.subsys.tarball import compression_for, write_rootfs_tar
+
+log = get_logger("oci")
+
+
+class Reporter(Protocol):
+    def stage(self, name: str, index: int, total: int) -> None: ...
+
+    def line(self, text: str) -> None: ...
+
+
+class _Quiet:
+    def stage(self, name: str, index: int, total: int) -> None:
+        log.debug("stage %d/%d: %s", index, total, name)
+
+    def line(self, text: str) -> None:
+        pass
+
+
+@dataclass
+class ImportOptions:
+    """``ref``: image in a multi-image archive/layout (``name:tag`` or OCI ref name);
+    ``platform``: ``os/arch[/variant]`` for multi-platform indexes (default: this host);
+    ``tar``: also write a rootfs tarball there (suffix picks zstd/gzip/none);
+    ``insecure``: plain HTTP for registries; ``creds``: ``user:password``; ``authfile``:
+    a containers/docker auth.json; ``cmd``: override the command (exec-form list)."""
+
+    ref: str | None = None
+    platform: str | None = None
+    tar: Path | None = None
+    insecure: bool = False
+    creds: str | None = None
+    authfile: Path | None = None
+    cmd: list[str] | None = None
+    unit_name: str = "oci-cmd"
+
+
+def resolve(source: str, opts: ImportOptions, scratch: Path) -> sources.ResolvedImage:
+    """Find manifest, config and layers of SOURCE (any kind)."""
+    if source.startswith("docker://"):
+        from sidusctl.oci import registry
+
+        return registry.resolve(source, platform=opts.platform, insecure=opts.insecure,
+                                creds=opts.creds, authfile=opts.authfile)
+    return sources.open_source(source, ref=opts.ref, platform=opts.platform, scratch=scratch)
+
+
+def apply_image(img: sources.ResolvedImage, rootfs: Path,
+                reporter: Reporter | None = None) -> list[LayerStats]:
+    """Apply every layer of ``img`` onto ``rootfs`` (which must exist), bottom first."""
+    rep = reporter or _Quiet()
+    out = []
+    n = len(img.layers)
+    with LayerApplier(rootfs) as a:
+        for layer in img.layers:
+            rep.stage(f"layer {layer.index + 1}/{n}", layer.index + 1, n + 1)
+            done = [0]
+
+            def on_bytes(k: int, done: list[int] = done) -> None:
+                done[0] += k
+                if done[0] % (8 << 20) < k:
+                    rep.line(f"{done[0] >> 20} MiB")
+
+            with layer.open() as f:
+                st = a.apply(f, index=layer.index, label=(layer.digest or "")[:19],
+                             digest=layer.digest, size=layer.size, diff_id=layer.diff_id,
+                             whiteouts=img.whiteouts, on_bytes=on_bytes)
+            log.debug("layer %d: %s entries, %d whiteouts, %s", layer.index + 1, st.entries,
+                      st.whiteouts, st.diff_id)
+            out.append(st)
+    return out
+
+
+def _du(root: Path) -> int:
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in filenames + dirnames:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(dirpath, n))
+                if st.st_nlink > 1:
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def import_image(store: ImageStore, source: str, name: str, opts: ImportOptions,
+                 reporter: Reporter | None = None) -> tuple[Image, dict[str, Any]]:
+    """Import SOURCE as image ``name``; returns the new current Image and a summary dict.
+
+    Raises :class:`ImageError` (bad/unsafe/corrupt image, with the layer and entry named),
+    :class:`ConfigError` (bad options), :class:`BusyError` (image locked), CommandError
+    (tar export failed). On any error the previous generation stays current.
+    """
+    rep = reporter or _Quiet()
+    if opts.tar is not None:
+        compression_for(opts.tar)  # reject an unknown suffix before any work
+    t0 = time.monotonic()
+    with store.new_generation(name) as gen:
+        scratch = gen.dir / ".scratch"
+        rep.stage("resolve", 0, 1)
+        img = resolve(source, opts, scratch)
+        gen.rootfs.mkdir(mode=0o755)
+        t1 = time.monotonic()
+        stats = apply_image(img, gen.rootfs, rep)
+        t2 = time.monotonic()
+        shutil.rmtree(scratch, ignore_errors=True)
+        cfg = (img.config.get("config") or {}) if isinstance(img.config, dict) else {}
+        runtime = config.install_runtime(gen.rootfs, gen.dir, cfg, image=name, source=source,
+                                         cmd_override=opts.cmd, unit_name=opts.unit_name)
+        exports: dict[str, Any] = {}
+        if opts.tar is not None:
+            rep.stage("tarball", len(img.layers) + 1, len(img.layers) + 1)
+            suffix = next(s for s in (".tar.zst", ".tar.gz", ".tgz", ".tar.xz", ".tar")
+                          if opts.tar.name.endswith(s))
+            dest = gen.dir / f"{name}{suffix}"
+            size = write_rootfs_tar(gen.rootfs, dest)
+            exports["tarball"] = {"file": dest.name, "size": size,
+                                  "compression": compression_for(dest), "copy": str(opts.tar)}
+        manifest = {
+            "name": name,
+            "kind": "import",
+            "sidusctl": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "generation": gen.dir.name.removeprefix(".building-"),
+            "source": {"ref": source, "kind": img.kind, "selected": img.ref,
+                       "repo_tags": img.repo_tags},
+            "platform": img.platform,
+            "arch": (img.config.get("architecture") if img.config else None),
+            "digests": {"manifest": img.manifest_digest, "config": img.config_digest,
+                        "layers": [{"digest": s.digest, "diff_id": s.diff_id,
+                                    "compression": s.compression, "size": s.compressed_bytes,
+                                    "uncompressed": s.uncompressed_bytes,
+                                    "entries": s.entries, "whiteouts": s.whiteouts}
+                                   for s in stats]},
+            "config": cfg,
+            "exposed_ports": sorted((cfg.get("ExposedPorts") or {}).keys()),
+            "volumes": sorted((cfg.get("Volumes") or {}).keys()),
+            "labels": cfg.get("Labels") or {},
+            "runtime": runtime,
+            "sizes": {"rootfs_bytes": _du(gen.rootfs)},
+            "exports": exports,
+            "timings_s": {"resolve": round(t1 - t0, 3), "layers": round(t2 - t1, 3),
+                          "total": round(time.monotonic() - t0, 3)},
+        }
+        gen.write_manifest(manifest)
+    image = store.get(name)
+    if opts.tar is not None and image.tarball is not None:
+        _copy_out(image.tarball, opts.tar)
+    return image, manifest
+
+
+def _copy_out(src: Path, dest: Path) -> None:
+    dest = dest.absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+__all__ = ["ImageError", "ImportOptions", "apply_image", "import_image", "resolve"]

@@ -1,0 +1,531 @@
+"""Image sources: where the manifest, the config and the layer blobs of an image come from.
+
+Kinds (``kind`` in the import manifest):
+
+- ``docker-archive``: ``docker save`` output. The legacy layout (``manifest.json`` listing
+  ``Config`` and ``Layers`` as ``<id>/layer.tar``, often symlinks inside the tar) and the OCI
+  layout Docker 25+ writes (``manifest.json`` pointing into ``blobs/sha256/``) are both read
+  through ``manifest.json``; ``RepoTags`` picks an image when the archive holds several.
+- ``oci-layout``: an OCI image layout (image-spec ``image-layout.md``: ``oci-layout``,
+  ``index.json``, ``blobs/<alg>/<hex>``), as a directory or a tar. The ref is matched against
+  the ``org.opencontainers.image.ref.name`` (or ``io.containerd.image.name``) annotation;
+  image indexes / Docker manifest lists are resolved by platform.
+- ``docker-export``: a flat filesystem tarball (``docker export``): one layer, no whiteouts,
+  no config.
+- ``registry``: ``docker://host[:port]/repo[:tag|@digest]`` (see :mod:`sidusctl.oci.registry`).
+
+Tar sources are read in place: an uncompressed tar is indexed once and each blob read as a
+slice of it; a compressed outer tar is first decompressed into a scratch file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import platform as _platform
+import re
+import shutil
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import zstandard
+
+from sidusctl.oci import ImageError
+from sidusctl.oci.layers import Readable
+
+MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+INDEX_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST)
+MANIFEST_TYPES = (MT_OCI_MANIFEST, MT_DOCKER_MANIFEST)
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+REF_ANNOTATIONS = ("org.opencontainers.image.ref.name", "io.containerd.image.name")
+MAX_JSON = 16 << 20
+
+Opener = Callable[[], contextlib.AbstractContextManager[Readable]]
+
+
+@dataclass
+class Layer:
+    """One layer to apply: descriptor data (``digest``/``size`` may be None when the source
+    does not carry them, as in legacy ``docker save``) and how to open its bytes."""
+
+    index: int
+    media_type: str
+    digest: str | None
+    size: int | None
+    diff_id: str | None
+    open: Opener = field(repr=False)
+
+
+@dataclass
+class ResolvedImage:
+    """An image ready to apply: what the manifest records and the layers in order."""
+
+    kind: str
+    source: str
+    ref: str | None
+    config: dict[str, Any]
+    layers: list[Layer]
+    manifest_digest: str | None = None
+    config_digest: str | None = None
+    platform: str | None = None
+    repo_tags: list[str] = field(default_factory=list)
+    whiteouts: bool = True
+
+
+# -- platforms ----------------------------------------------------------------------------------
+
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm",
+         "i686": "386", "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x",
+         "riscv64": "riscv64"}
+
+
+def host_platform() -> str:
+    """``linux/<GOARCH>`` of this machine (``linux/amd64`` here)."""
+    m = _platform.machine()
+    arch = _ARCH.get(m, m)
+    if m == "armv7l":
+        return "linux/arm/v7"
+    return f"linux/{arch}"
+
+
+def parse_platform(text: str) -> tuple[str, str, str | None]:
+    """``os/arch[/variant]`` -> (os, arch, variant); ImageError if malformed."""
+    parts = text.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ImageError(f"--platform '{text}' is not os/arch[/variant] (e.g. linux/amd64)")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
+
+
+def _plat_str(p: dict[str, Any]) -> str:
+    s = f"{p.get('os', '?')}/{p.get('architecture', '?')}"
+    return s + (f"/{p['variant']}" if p.get("variant") else "")
+
+
+def select_platform(manifests: list[dict[str, Any]], wanted: str, where: str) -> dict[str, Any]:
+    """The descriptor of an index whose ``platform`` matches ``wanted``."""
+    os_, arch, variant = parse_platform(wanted)
+    cands = []
+    for d in manifests:
+        p = d.get("platform") or {}
+        if p.get("os") == os_ and p.get("architecture") == arch and (
+                variant is None or p.get("variant") == variant):
+            cands.append(d)
+    if not cands:
+        have = ", ".join(sorted({_plat_str(d.get("platform") or {}) for d in manifests}))
+        raise ImageError(f"{where}: no image for platform {wanted} (the index has: {have})",
+                         hint="pick one with --platform")
+    # arm64 without a variant asked: prefer v8 or no variant
+    cands.sort(key=lambda d: (d.get("platform") or {}).get("variant") not in (None, "v8"))
+    return cands[0]
+
+
+# -- blob stores --------------------------------------------------------------------------------
+
+class _Slice:
+    """A read-only window [offset, offset+size) of an open file."""
+
+    def __init__(self, f: BinaryIO, offset: int, size: int) -> None:
+        self._f = f
+        self._left = size
+        f.seek(offset)
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self._left <= 0:
+            return b""
+        if n < 0 or n > self._left:
+            n = self._left
+        data = self._f.read(n)
+        self._left -= len(data)
+        return data
+
+
+class BlobStore:
+    """Files of an image directory or of an (uncompressed) tar, by relative path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._members: dict[str, tarfile.TarInfo] | None = None
+        if path.is_file():
+            try:
+                with tarfile.open(path, "r:") as tf:
+                    self._members = {}
+                    for m in tf:
+                        self._members[_norm(m.name)] = m
+            except tarfile.TarError as e:
+                raise ImageError(f"{path}: not a readable tar archive ({e})") from e
+
+    def names(self) -> list[str]:
+        if self._members is not None:
+            return list(self._members)
+        return [p.relative_to(self.path).as_posix() for p in self.path.rglob("*")]
+
+    def _member(self, name: str, depth: int = 0) -> tarfile.TarInfo | None:
+        assert self._members is not None
+        m = self._members.get(_norm(name))
+        if m is not None and m.issym() and depth < 8:
+            target = os.path.normpath(os.path.join(os.path.dirname(_norm(name)), m.linkname))
+            return self._member(target, depth + 1)
+        if m is not None and m.islnk() and depth < 8:
+            return self._member(m.linkname, depth + 1)
+        return m
+
+    def exists(self, name: str) -> bool:
+        if self._members is not None:
+            m = self._member(name)
+            return m is not None and m.isreg()
+        return self._file(name) is not None
+
+    def _file(self, name: str) -> Path | None:
+        n = _norm(name)
+        if n.startswith("../") or n == ".." or n.startswith("/"):
+            return None
+        p = (self.path / n).resolve()
+        root = self.path.resolve()
+        if not str(p).startswith(str(root) + "/") or not p.is_file():
+            return None
+        return p
+
+    def size(self, name: str) -> int:
+        if self._members is not None:
+            m = self._member(name)
+            if m is None or not m.isreg():
+                raise ImageError(f"{self.path}: '{name}' is missing from the archive")
+            return m.size
+        f = self._file(name)
+        if f is None:
+            raise ImageError(f"{self.path}: '{name}' is missing")
+        return f.stat().st_size
+
+    @contextlib.contextmanager
+    def open(self, name: str) -> Iterator[Readable]:
+        if self._members is not None:
+            m = self._member(name)
+            if m is None or not m.isreg():
+                raise ImageError(f"{self.path}: '{name}' is missing from the archive")
+            with open(self.path, "rb") as f:
+                yield _Slice(f, m.offset_data, m.size)
+            return
+        p = self._file(name)
+        if p is None:
+            raise ImageError(f"{self.path}: '{name}' is missing")
+        with open(p, "rb") as f:
+            yield f
+
+    def read_json(self, name: str) -> Any:
+        if self.size(name) > MAX_JSON:
+            raise ImageError(f"{self.path}: '{name}' is too large for a JSON document")
+        with self.open(name) as f:
+            data = f.read()
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise ImageError(f"{self.path}: '{name}' is not valid JSON ({e})") from e
+
+
+def _norm(name: str) -> str:
+    while name.startswith("./"):
+        name = name[2:]
+    return name.rstrip("/")
+
+
+def blob_path(digest: str, where: str) -> str:
+    if not DIGEST_RE.match(digest):
+        raise ImageError(f"{where}: unsupported or malformed digest '{digest}'",
+                         hint="only sha256 digests are supported")
+    return "blobs/sha256/" + digest.split(":", 1)[1]
+
+
+# -- detection ----------------------------------------------------------------------------------
+
+def compression_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        return "zstd"
+    return "none"
+
+
+def decompress_to(src: Path, comp: str, dest: Path) -> None:
+    with open(src, "rb") as fi, open(dest, "wb") as fo:
+        if comp == "gzip":
+            with gzip.GzipFile(fileobj=fi) as g:
+                shutil.copyfileobj(g, fo, 1 << 20)
+        else:
+            zstandard.ZstdDecompressor().copy_stream(fi, fo)
+
+
+def _top_names_streamed(path: Path) -> set[str]:
+    names = set()
+    try:
+        with tarfile.open(path, "r|*") as tf:
+            for m in tf:
+                n = _norm(m.name)
+                if n in ("manifest.json", "index.json", "oci-layout"):
+                    names.add(n)
+    except (tarfile.TarError, EOFError, zstandard.ZstdError, OSError) as e:
+        raise ImageError(f"{path}: not a readable (compressed) tar archive ({e})") from e
+    return names
+
+
+def open_source(source: str, *, ref: str | None, platform: str | None,
+                scratch: Path) -> ResolvedImage:
+    """Resolve a local SOURCE (path, or ``docker-archive:``/``oci:``/``oci-archive:``/
+    ``docker-export:`` prefixed path, optionally ``:REF`` suffixed as skopeo writes it)."""
+    kind = "auto"
+    path_s = source
+    for prefix, k in (("docker-archive:", "docker-archive"), ("oci-archive:", "oci-layout"),
+                      ("oci:", "oci-layout"), ("docker-export:", "docker-export")):
+        if source.startswith(prefix):
+            kind = k
+            path_s, _, suffix = source[len(prefix):].partition(":")
+            if suffix:
+                if ref and ref != suffix:
+                    raise ImageError(f"{source}: names ref '{suffix}' but --ref is '{ref}'")
+                ref = suffix
+            break
+    path = Path(path_s)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file or directory",
+                         hint="SOURCE is a docker save archive, an OCI layout (dir or tar), a "
+                              "docker export tarball or docker://host/repo:tag")
+    wanted = platform or host_platform()
+    if path.is_dir():
+        store = BlobStore(path)
+        if store.exists("index.json"):
+            return _oci(store, source, ref, wanted, platform is not None)
+        if store.exists("manifest.json"):
+            return _docker_archive(store, source, ref, wanted, platform is not None)
+        raise ImageError(f"{path}: a directory without index.json (OCI layout) or "
+                         "manifest.json (docker save)")
+    comp = compression_of(path)
+    if comp != "none":
+        top = _top_names_streamed(path) if kind == "auto" else set()
+        if kind == "docker-export" or (kind == "auto" and not top & {"manifest.json",
+                                                                      "index.json"}):
+            return _export(path, source)
+        plain = scratch / "source.tar"
+        scratch.mkdir(parents=True, exist_ok=True)
+        decompress_to(path, comp, plain)
+        path = plain
+    if kind == "docker-export":
+        return _export(path, source)
+    store = BlobStore(path)
+    if kind in ("auto", "docker-archive") and store.exists("manifest.json"):
+        return _docker_archive(store, source, ref, wanted, platform is not None)
+    if kind in ("auto", "oci-layout") and store.exists("index.json"):
+        return _oci(store, source, ref, wanted, platform is not None)
+    if kind != "auto":
+        raise ImageError(f"{path}: not a {kind} (no "
+                         f"{'manifest.json' if kind == 'docker-archive' else 'index.json'})")
+    return _export(path, source)
+
+
+def _export(path: Path, source: str) -> ResolvedImage:
+    size = path.stat().st_size
+
+    @contextlib.contextmanager
+    def opener() -> Iterator[Readable]:
+        with open(path, "rb") as f:
+            yield f
+
+    return ResolvedImage(kind="docker-export", source=source, ref=None, config={},
+                         layers=[Layer(0, "application/x-tar", None, size, None, opener)],
+                         whiteouts=False)
+
+
+def _check_config(config: Any, where: str, nlayers: int) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        raise ImageError(f"{where}: the image config is not a JSON object")
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids")
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+        raise ImageError(f"{where}: the image config has no rootfs.diff_ids list")
+    if len(diff_ids) != nlayers:
+        raise ImageError(f"{where}: the manifest lists {nlayers} layers but the config has "
+                         f"{len(diff_ids)} diff_ids")
+    return config
+
+
+def _platform_check(config: dict[str, Any], wanted: str, explicit: bool, where: str) -> str:
+    have = _plat_str({"os": config.get("os"), "architecture": config.get("architecture"),
+                      "variant": config.get("variant")})
+    if explicit:
+        os_, arch, variant = parse_platform(wanted)
+        if (config.get("os"), config.get("architecture")) != (os_, arch) or (
+                variant and config.get("variant") != variant):
+            raise ImageError(f"{where}: the image is for {have}, not {wanted}")
+    return have
+
+
+def _docker_archive(store: BlobStore, source: str, ref: str | None, wanted: str,
+                    explicit: bool) -> ResolvedImage:
+    entries = store.read_json("manifest.json")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict)
+                                                               for e in entries):
+        raise ImageError(f"{source}: manifest.json is not a non-empty list of images")
+    chosen = _pick_docker(entries, ref, source)
+    cfg_path = chosen.get("Config")
+    layers = chosen.get("Layers")
+    if not isinstance(cfg_path, str) or not isinstance(layers, list):
+        raise ImageError(f"{source}: manifest.json entry lacks Config or Layers")
+    config = _check_config(store.read_json(cfg_path), f"{source}: {cfg_path}", len(layers))
+    diff_ids = config["rootfs"]["diff_ids"]
+    cfg_digest = None
+    m = re.match(r"^(?:blobs/sha256/|)([0-9a-f]{64})(?:\.json)?$", _norm(cfg_path))
+    if m:
+        cfg_digest = "sha256:" + m.group(1)
+    out = []
+    for i, lp in enumerate(layers):
+        if not isinstance(lp, str) or not store.exists(lp):
+            raise ImageError(f"{source}: layer {i + 1} '{lp}' is missing from the archive")
+        dm = re.match(r"^blobs/sha256/([0-9a-f]{64})$", _norm(lp))
+        digest = "sha256:" + dm.group(1) if dm else None
+        out.append(Layer(i, "", digest, store.size(lp), diff_ids[i],
+                         _opener(store, lp)))
+    plat = _platform_check(config, wanted, explicit, source)
+    return ResolvedImage(kind="docker-archive", source=source, ref=ref, config=config,
+                         layers=out, config_digest=cfg_digest, platform=plat,
+                         repo_tags=[t for t in chosen.get("RepoTags") or [] if isinstance(t, str)])
+
+
+def _opener(store: BlobStore, name: str) -> Opener:
+    return lambda: store.open(name)
+
+
+def _ref_matches(tag: str, ref: str) -> bool:
+    if tag == ref:
+        return True
+    # "debian:12" matches "docker.io/library/debian:12" and "localhost/debian:12"
+    return tag.endswith("/" + ref)
+
+
+def _pick_docker(entries: list[dict[str, Any]], ref: str | None, source: str) -> dict[str, Any]:
+    tags = [t for e in entries for t in (e.get("RepoTags") or [])]
+    if ref:
+        hits = [e for e in entries if any(_ref_matches(t, ref) for t in e.get("RepoTags") or [])]
+        if not hits:
+            raise ImageError(f"{source}: no image tagged '{ref}' (the archive has: "
+                             f"{', '.join(tags) or 'untagged images only'})")
+        return hits[0]
+    if len(entries) > 1:
+        raise ImageError(f"{source}: the archive holds {len(entries)} images; pick one with "
+                         f"--ref NAME:TAG (tags: {', '.join(tags) or 'none'})")
+    return entries[0]
+
+
+def _oci(store: BlobStore, source: str, ref: str | None, wanted: str,
+         explicit: bool) -> ResolvedImage:
+    index = store.read_json("index.json")
+    if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+        raise ImageError(f"{source}: index.json has no manifests list")
+    mans: list[dict[str, Any]] = [d for d in index["manifests"] if isinstance(d, dict)]
+    if ref:
+        hits = [d for d in mans if any(
+            _ref_matches(str((d.get("annotations") or {}).get(a, "")), ref)
+            for a in REF_ANNOTATIONS)]
+        if not hits:
+            have = sorted({str((d.get("annotations") or {}).get(REF_ANNOTATIONS[0], "-"))
+                           for d in mans})
+            raise ImageError(f"{source}: no manifest with ref '{ref}' (refs: {', '.join(have)})")
+        mans = hits
+    if len(mans) > 1:
+        if all(d.get("platform") for d in mans):
+            desc = select_platform(mans, wanted, source)
+        else:
+            have = sorted({str((d.get("annotations") or {}).get(REF_ANNOTATIONS[0], "-"))
+                           for d in mans})
+            raise ImageError(f"{source}: the layout holds {len(mans)} images; pick one with "
+                             f"--ref (refs: {', '.join(have)})")
+    elif mans:
+        desc = mans[0]
+    else:
+        raise ImageError(f"{source}: index.json lists no manifest")
+    return resolve_manifest(
+        lambda d: _read_blob_json(store, d, source), lambda d: _opener(store, blob_path(d, source)),
+        desc, kind="oci-layout", source=source, ref=ref, wanted=wanted, explicit=explicit)
+
+
+def _read_blob_json(store: BlobStore, digest: str, source: str) -> tuple[bytes, Any]:
+    import hashlib
+
+    name = blob_path(digest, source)
+    if not store.exists(name):
+        raise ImageError(f"{source}: blob {digest} is missing")
+    if store.size(name) > MAX_JSON:
+        raise ImageError(f"{source}: blob {digest} is too large for a JSON document")
+    with store.open(name) as f:
+        data = f.read()
+    got = "sha256:" + hashlib.sha256(data).hexdigest()
+    if got != digest:
+        raise ImageError(f"{source}: blob {digest} has digest {got} (corrupt layout)")
+    try:
+        return data, json.loads(data)
+    except ValueError as e:
+        raise ImageError(f"{source}: blob {digest} is not valid JSON ({e})") from e
+
+
+def resolve_manifest(read_json: Callable[[str], tuple[bytes, Any]],
+                     opener: Callable[[str], Opener], desc: dict[str, Any], *, kind: str,
+                     source: str, ref: str | None, wanted: str,
+                     explicit: bool) -> ResolvedImage:
+    """Follow a descriptor (index -> manifest by platform) to a :class:`ResolvedImage`.
+    ``read_json(digest)`` returns a verified blob's (bytes, parsed JSON); ``opener(digest)``
+    opens a layer blob. Shared by OCI layouts and registries."""
+    digest = desc.get("digest")
+    for _ in range(4):  # index -> (nested index) -> manifest
+        if not isinstance(digest, str):
+            raise ImageError(f"{source}: a descriptor has no digest")
+        _, doc = read_json(digest)
+        if not isinstance(doc, dict):
+            raise ImageError(f"{source}: {digest} is not a JSON object")
+        mt = doc.get("mediaType") or desc.get("mediaType") or ""
+        if mt in INDEX_TYPES or ("manifests" in doc and "layers" not in doc):
+            desc = select_platform([d for d in doc.get("manifests", []) if isinstance(d, dict)],
+                                   wanted, source)
+            digest = desc.get("digest")
+            explicit = True
+            continue
+        return _from_manifest(doc, digest, read_json, opener, kind=kind, source=source, ref=ref,
+                              wanted=wanted, explicit=explicit)
+    raise ImageError(f"{source}: image indexes nested too deep")
+
+
+def _from_manifest(doc: dict[str, Any], digest: str,
+                   read_json: Callable[[str], tuple[bytes, Any]],
+                   opener: Callable[[str], Opener], *, kind: str, source: str,
+                   ref: str | None, wanted: str, explicit: bool) -> ResolvedImage:
+    if doc.get("schemaVersion") == 1:
+        raise ImageError(f"{source}: Docker image manifest schema 1 is not supported")
+    cfg = doc.get("config")
+    layers = doc.get("layers")
+    if not isinstance(cfg, dict) or not isinstance(layers, list):
+        raise ImageError(f"{source}: manifest {digest} lacks config or layers")
+    cfg_digest = cfg.get("digest")
+    if not isinstance(cfg_digest, str):
+        raise ImageError(f"{source}: manifest {digest} has a config without a digest")
+    _, config = read_json(cfg_digest)
+    config = _check_config(config, f"{source}: config {cfg_digest}", len(layers))
+    diff_ids = config["rootfs"]["diff_ids"]
+    out = []
+    for i, ld in enumerate(layers):
+        if not isinstance(ld, dict) or not isinstance(ld.get("digest"), str):
+            raise ImageError(f"{source}: layer {i + 1} descriptor has no digest")
+        mt = str(ld.get("mediaType", ""))
+        if ("nondistributable" in mt or "foreign" in mt) and ld.get("urls"):
+            raise ImageError(f"{source}: layer {i + 1} is a foreign layer ({mt}) fetched "
+                             "from elsewhere; not supported")
+        size = ld.get("size")
+        out.append(Layer(i, mt, ld["digest"], size if isinstance(size, int) else None,
+                         diff_ids[i], opener(ld["digest"])))
+    plat = _platform_check(config, wanted, explicit, source)
+    return ResolvedImage(kind=kind, source=source, ref=ref, config=config, layers=out,
+                         manifest_digest=digest, config_digest=cfg_digest, platform=plat)
