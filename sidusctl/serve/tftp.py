@@ -1,0 +1,498 @@
+"""Read-only TFTP server on asyncio (RFC 1350; options RFC 2347 framework, RFC 2348 blksize,
+RFC 2349 timeout and tsize, RFC 7440 windowsize).
+
+Why not tftpy (the product card's choice): tftpy runs every transfer from one ``select`` loop in
+pure Python, has no windowsize, and cannot share an event loop with the DHCP and DNS servers;
+``bench/tftp.py`` measures both against dnsmasq (figures in docs/performance.md).
+
+Behaviour:
+- Jailed in ``root``: absolute names, ``..`` components and symlinks resolving outside the root
+  are refused with error 2 (access violation) and a log line; WRQ is refused with error 2.
+- Each transfer has its own UDP socket (a new TID, RFC 1350 section 4), bound to the address the
+  request was sent to (IP_PKTINFO) and to the interface (SO_BINDTODEVICE) when one is given.
+- Block numbers roll over from 65535 to 0, so files over 32 MiB at blksize 512 work.
+- Retransmission after ``timeout`` seconds (the client's RFC 2349 value if accepted), at most
+  ``retries`` times, then the transfer is abandoned and counted as failed.
+- Malformed datagrams on port 69 are dropped and counted in :class:`TftpStats`; nothing a peer
+  sends can raise out of the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sidusctl.core.errors import PrerequisiteError
+from sidusctl.core.log import get_logger
+from sidusctl.serve import tftp_codec as tc
+from sidusctl.serve.dhcp_codec import MalformedPacket
+
+log = get_logger("serve.tftp")
+
+_IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+_ACK_PREFIX = b"\x00\x04"
+_NETASCII_MAX = 64 << 20
+
+
+@dataclass(frozen=True)
+class TftpConfig:
+    """``root``: the directory served (read-only). ``interface``: bind to this device only
+    (SO_BINDTODEVICE); None only for loopback tests and benchmarks. ``address``/``port``: where
+    requests are received. ``max_blksize`` (bytes), ``max_window`` (blocks), ``timeout``
+    (seconds, default retransmission interval), ``retries`` (retransmissions before giving
+    up), ``max_transfers`` (concurrent; more get error 0 "busy")."""
+
+    root: Path
+    interface: str | None = None
+    address: str = "0.0.0.0"
+    port: int = 69
+    max_blksize: int = tc.BLKSIZE_MAX
+    max_window: int = 64
+    timeout: float = 1.0
+    retries: int = 5
+    max_transfers: int = 2000
+
+
+@dataclass
+class TftpStats:
+    """Counters since start: requests, ``completed``/``failed``/``aborted`` transfers (aborted:
+    the client sent an ERROR, e.g. after a tsize probe), ``malformed`` datagrams dropped,
+    ``access_denied`` (error 2), ``not_found`` (error 1), ``wrq_refused``, ``options_refused``,
+    ``retransmits``, ``bytes_sent`` (payload), ``active`` transfers."""
+
+    requests: int = 0
+    completed: int = 0
+    failed: int = 0
+    aborted: int = 0
+    malformed: int = 0
+    access_denied: int = 0
+    not_found: int = 0
+    wrq_refused: int = 0
+    options_refused: int = 0
+    retransmits: int = 0
+    bytes_sent: int = 0
+    active: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class TftpDenied(Exception):
+    """Internal: a request refused with a TFTP error ``code`` and ``message``."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def resolve_in_root(root_real: str, name: str) -> str:
+    """The real path of ``name`` inside ``root_real`` (itself a realpath).
+
+    :class:`TftpDenied` with error 2 for an absolute name, a ``..`` component, or a path whose
+    symlinks resolve outside the root."""
+    if name.startswith("/"):
+        raise TftpDenied(tc.E_ACCESS, "absolute paths are not served")
+    if ".." in name.replace("\\", "/").split("/"):
+        raise TftpDenied(tc.E_ACCESS, "'..' is not allowed")
+    real = os.path.realpath(os.path.join(root_real, name))
+    if real != root_real and not real.startswith(root_real + os.sep):
+        raise TftpDenied(tc.E_ACCESS, "path leaves the TFTP root")
+    return real
+
+
+def _open_in_root(root_real: str, name: str) -> tuple[int, int]:
+    """Open ``name`` for reading: ``(fd, size)``; :class:`TftpDenied` (1 or 2) otherwise."""
+    real = resolve_in_root(root_real, name)
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise TftpDenied(tc.E_NOT_FOUND, "file not found") from None
+    except (PermissionError, IsADirectoryError):
+        raise TftpDenied(tc.E_ACCESS, "permission denied") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # swapped for a symlink since realpath()
+            raise TftpDenied(tc.E_ACCESS, "path leaves the TFTP root") from None
+        raise TftpDenied(tc.E_NOT_FOUND, os.strerror(e.errno or 0)) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise TftpDenied(tc.E_ACCESS, "not a regular file")
+    return fd, st.st_size
+
+
+def _to_netascii(data: bytes) -> bytes:
+    # RFC 764: CR -> CR NUL, LF -> CR LF
+    return data.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
+
+
+def _make_socket(interface: str | None, bind: tuple[str, int], pktinfo: bool) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if interface:
+            s.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, interface.encode())
+        if pktinfo:
+            s.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+        s.setblocking(False)
+        s.bind(bind)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+class _Transfer:
+    """One RRQ being served: a connected socket to the client's TID, a window of blocks."""
+
+    __slots__ = ("acked", "addr", "blksize", "data", "fd", "filename", "high", "last_progress",
+                 "nblocks", "next_send", "oack", "server", "size", "sock", "started", "timeout",
+                 "tries", "waiting_writer", "window")
+
+    def __init__(self, server: TftpServer, sock: socket.socket, addr: tuple[str, int],
+                 filename: str, fd: int, data: bytes | None, size: int,
+                 neg: tc.Negotiated) -> None:
+        self.server = server
+        self.sock = sock
+        self.addr = addr
+        self.filename = filename
+        self.fd = fd
+        self.data = data
+        self.size = size
+        self.blksize = neg.blksize
+        self.window = neg.windowsize
+        self.timeout = neg.timeout
+        self.oack = tc.encode_oack(neg.oack) if neg.oack else None
+        self.nblocks = size // self.blksize + 1  # the last block is short, maybe empty
+        self.acked = 0  # absolute number of the last block the client acknowledged
+        self.high = 0  # highest block sent in the current window
+        self.next_send = 1
+        self.tries = 0
+        self.waiting_writer = False
+        self.started = self.last_progress = time.monotonic()
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.oack is not None:
+            self._send_raw(self.oack)
+        else:
+            self._send_window()
+
+    def _block(self, n: int) -> bytes:
+        off = (n - 1) * self.blksize
+        if self.data is not None:
+            payload = self.data[off:off + self.blksize]
+        else:
+            payload = os.pread(self.fd, self.blksize, off)
+        return struct.pack("!HH", tc.DATA, n & 0xFFFF) + payload
+
+    def _send_raw(self, pkt: bytes) -> bool:
+        try:
+            self.sock.send(pkt)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as e:  # ICMP port unreachable from an earlier send, etc.
+            self.server._finish(self, ok=False, why=f"send failed: {e.strerror}")
+            return False
+
+    def _send_window(self) -> None:
+        self.next_send = self.acked + 1
+        self.high = min(self.acked + self.window, self.nblocks)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self.next_send <= self.high:
+            pkt = self._block(self.next_send)
+            try:
+                self.sock.send(pkt)
+            except BlockingIOError:
+                if not self.waiting_writer:
+                    self.waiting_writer = True
+                    self.server.loop.add_writer(self.sock.fileno(), self._writable)
+                return
+            except OSError as e:
+                self.server._finish(self, ok=False, why=f"send failed: {e.strerror}")
+                return
+            self.server.stats.bytes_sent += len(pkt) - 4
+            self.next_send += 1
+
+    def _writable(self) -> None:
+        self.waiting_writer = False
+        self.server.loop.remove_writer(self.sock.fileno())
+        self._pump()
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def readable(self) -> None:
+        for _ in range(64):
+            try:
+                pkt = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # ECONNREFUSED: the client went away
+                self.server._finish(self, ok=False, why=f"client unreachable: {e.strerror}")
+                return
+            if len(pkt) == 4 and pkt[:2] == _ACK_PREFIX:
+                self._on_ack(struct.unpack_from("!H", pkt, 2)[0])
+            else:
+                try:
+                    p = tc.parse(pkt)
+                except MalformedPacket:
+                    self.server.stats.malformed += 1
+                    continue
+                if isinstance(p, tc.Error):
+                    self.server._finish(self, ok=False, aborted=True,
+                                        why=f"client sent error {p.code} ({p.message})")
+                    return
+                self.server.stats.malformed += 1  # anything but ACK/ERROR is out of place
+            if self.sock.fileno() < 0:
+                return
+
+    def _on_ack(self, block: int) -> None:
+        if self.oack is not None and self.acked == 0 and self.high == 0:
+            if block != 0:
+                return
+            self.oack = None
+            self._progress()
+            self._send_window()
+            return
+        d = (block - self.acked) & 0xFFFF
+        if d == 0:
+            # duplicate ACK: lock-step ignores it (Sorcerer's Apprentice, RFC 1123 4.2.3.1);
+            # with a window it means "resend from here" (RFC 7440 section 4)
+            if self.window > 1 and self.next_send > self.acked + 1:
+                self._send_window()
+            return
+        if d > self.high - self.acked:
+            return  # a stray ACK from far away: ignore
+        self.acked += d
+        self._progress()
+        if self.acked >= self.nblocks:
+            self.server._finish(self, ok=True)
+            return
+        # the end of a window, or (RFC 7440) an ACK inside it when the client saw a gap:
+        # either way continue right after what the client has
+        self._send_window()
+
+    def _progress(self) -> None:
+        self.tries = 0
+        self.last_progress = time.monotonic()
+
+    def on_timer(self, now: float) -> None:
+        if now - self.last_progress < self.timeout:
+            return
+        self.tries += 1
+        if self.tries > self.server.cfg.retries:
+            self.server._finish(self, ok=False, why=f"no ACK after {self.server.cfg.retries} retransmissions")
+            return
+        self.server.stats.retransmits += 1
+        self.last_progress = now
+        if self.oack is not None and self.high == 0:
+            self._send_raw(self.oack)
+        else:
+            self._send_window()
+
+    def close(self) -> None:
+        loop = self.server.loop
+        with contextlib.suppress(Exception):
+            loop.remove_reader(self.sock.fileno())
+        if self.waiting_writer:
+            with contextlib.suppress(Exception):
+                loop.remove_writer(self.sock.fileno())
+        self.sock.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class TftpServer:
+    """The server. ``await start()`` binds; ``close()`` ends every transfer. ``on_event``
+    (optional) is called as ``on_event(kind, client_ip, filename)`` with kind ``sent`` when a
+    file was delivered completely, for the per-node status."""
+
+    cfg: TftpConfig
+    on_event: Callable[[str, str, str], None] | None = None
+    stats: TftpStats = field(default_factory=TftpStats)
+
+    def __post_init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._transfers: dict[int, _Transfer] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._root_real = os.path.realpath(self.cfg.root)
+        self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when ``cfg.port`` is 0)."""
+        assert self._sock is not None
+        return int(self._sock.getsockname()[1])
+
+    async def start(self) -> None:
+        """Bind the request socket. :class:`PrerequisiteError` if the root is not a directory
+        or the address/interface cannot be bound."""
+        self.loop = asyncio.get_running_loop()
+        if not os.path.isdir(self._root_real):
+            raise PrerequisiteError(f"TFTP root {self.cfg.root} is not a directory")
+        try:
+            self._sock = _make_socket(self.cfg.interface, (self.cfg.address, self.cfg.port), True)
+        except OSError as e:
+            where = f" on {self.cfg.interface}" if self.cfg.interface else ""
+            raise PrerequisiteError(
+                f"cannot bind TFTP to {self.cfg.address}:{self.cfg.port}{where}: {e.strerror}") from e
+        self.loop.add_reader(self._sock.fileno(), self._on_request)
+        self._timer = self.loop.call_later(0.1, self._tick)
+        log.info("TFTP serving %s on %s:%d%s", self._root_real, self.cfg.address, self.port,
+                 f" (interface {self.cfg.interface})" if self.cfg.interface else "")
+
+    def set_root(self, root: Path) -> None:
+        """Serve another root from the next request on (SIGHUP reload)."""
+        self._root_real = os.path.realpath(root)
+
+    def close(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+        for t in list(self._transfers.values()):
+            t.close()
+        self._transfers.clear()
+        self.stats.active = 0
+        if self._sock is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for t in list(self._transfers.values()):
+            t.on_timer(now)
+        self._timer = self.loop.call_later(0.1, self._tick)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _on_request(self) -> None:
+        assert self._sock is not None
+        for _ in range(64):
+            try:
+                data, anc, _flags, addr = self._sock.recvmsg(65536, socket.CMSG_SPACE(12))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            local = self.cfg.address
+            for level, typ, cdata in anc:
+                if level == socket.IPPROTO_IP and typ == _IP_PKTINFO and len(cdata) >= 12:
+                    local = socket.inet_ntoa(cdata[8:12])  # ipi_addr: the destination
+            try:
+                self._handle(data, addr, local)
+            except Exception:  # a bug must not stop the server: log it and go on
+                self.stats.malformed += 1
+                log.exception("TFTP: internal error on a request from %s", addr[0])
+
+    def _reply_error(self, addr: tuple[str, int], code: int, msg: str) -> None:
+        assert self._sock is not None
+        with contextlib.suppress(OSError):
+            self._sock.sendto(tc.encode_error(code, msg), addr)
+
+    def _handle(self, data: bytes, addr: tuple[str, int], local: str) -> None:
+        try:
+            p = tc.parse(data)
+        except MalformedPacket as e:
+            self.stats.malformed += 1
+            log.debug("TFTP: dropped a malformed datagram from %s: %s", addr[0], e)
+            return
+        if not isinstance(p, tc.Request):
+            self.stats.malformed += 1
+            log.debug("TFTP: dropped a %s on port %d from %s", type(p).__name__, self.port, addr[0])
+            return
+        self.stats.requests += 1
+        who = f"{addr[0]}:{addr[1]}"
+        if p.opcode == tc.WRQ:
+            self.stats.wrq_refused += 1
+            log.warning("TFTP %s: WRQ %r refused (read-only server)", who, p.filename)
+            self._reply_error(addr, tc.E_ACCESS, "read-only server: WRQ refused")
+            return
+        if p.mode not in ("octet", "netascii"):
+            log.warning("TFTP %s: RRQ %r in mode %r refused", who, p.filename, p.mode)
+            self._reply_error(addr, tc.E_ILLEGAL, f"mode {p.mode} not supported")
+            return
+        if len(self._transfers) >= self.cfg.max_transfers:
+            log.warning("TFTP %s: RRQ %r refused: %d transfers running", who, p.filename,
+                        len(self._transfers))
+            self._reply_error(addr, tc.E_UNDEFINED, "server busy")
+            return
+        try:
+            fd, size = _open_in_root(self._root_real, p.filename)
+        except TftpDenied as e:
+            if e.code == tc.E_ACCESS:
+                self.stats.access_denied += 1
+                log.warning("TFTP %s: RRQ %r denied: %s (error 2)", who, p.filename, e.message)
+            else:
+                self.stats.not_found += 1
+                log.info("TFTP %s: RRQ %r: %s (error %d)", who, p.filename, e.message, e.code)
+            self._reply_error(addr, e.code, e.message)
+            return
+        content: bytes | None = None
+        if p.mode == "netascii":
+            if size > _NETASCII_MAX:
+                os.close(fd)
+                self._reply_error(addr, tc.E_ILLEGAL, "file too large for netascii; use octet")
+                return
+            content = _to_netascii(os.pread(fd, size, 0))
+            os.close(fd)
+            fd, size = -1, len(content)
+        neg = tc.negotiate(p.options, size, max_blksize=self.cfg.max_blksize,
+                           max_window=self.cfg.max_window, default_timeout=self.cfg.timeout)
+        if neg.refused:
+            self.stats.options_refused += len(neg.refused)
+        try:
+            sock = _make_socket(self.cfg.interface, (local, 0), False)
+            sock.connect(addr)
+        except OSError as e:
+            if fd >= 0:
+                os.close(fd)
+            log.error("TFTP %s: cannot open a transfer socket: %s", who, e.strerror)
+            self._reply_error(addr, tc.E_UNDEFINED, "server error")
+            return
+        t = _Transfer(self, sock, addr, p.filename, fd, content, size, neg)
+        self._transfers[sock.fileno()] = t
+        self.stats.active = len(self._transfers)
+        self.loop.add_reader(sock.fileno(), t.readable)
+        log.info("TFTP %s: RRQ %r (%d bytes, blksize %d, windowsize %d%s)", who, p.filename, size,
+                 neg.blksize, neg.windowsize, ", options " + ",".join(neg.oack) if neg.oack else "")
+        t.start()
+
+    def _finish(self, t: _Transfer, *, ok: bool, aborted: bool = False, why: str = "") -> None:
+        if self._transfers.pop(t.sock.fileno(), None) is None:
+            return
+        secs = time.monotonic() - t.started
+        who = f"{t.addr[0]}:{t.addr[1]}"
+        if ok:
+            self.stats.completed += 1
+            rate = t.size / secs / 1e6 if secs > 0 else 0.0
+            log.info("TFTP %s: sent %r (%d bytes in %.2f s, %.1f MB/s)", who, t.filename, t.size,
+                     secs, rate)
+            if self.on_event:
+                self.on_event("sent", t.addr[0], t.filename)
+        elif aborted:
+            self.stats.aborted += 1
+            log.info("TFTP %s: %r ended by the client: %s", who, t.filename, why)
+        else:
+            self.stats.failed += 1
+            log.warning("TFTP %s: %r failed: %s", who, t.filename, why)
+        t.close()
+        self.stats.active = len(self._transfers)
