@@ -220,18 +220,19 @@ class LayerApplier:
             os.mkdir(name, 0o755, dir_fd=parent)
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
         except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
             p = "/".join(parts)
-            if e.errno == errno.ELOOP:
+            st = os.lstat(name, dir_fd=parent)
+            if stat.S_ISLNK(st.st_mode):
                 target = os.readlink(name, dir_fd=parent)
                 raise UnsafeImageError(
                     f"{self._layer}: a path goes through '{p}', a symlink (-> {target}); "
                     "writing through symlinks could escape the rootfs") from None
-            if e.errno == errno.ENOTDIR:
-                if not create:
-                    return None
-                raise ImageError(
-                    f"{self._layer}: '{p}' is used as a directory but is not one") from None
-            raise
+            if not create:
+                return None
+            raise ImageError(
+                f"{self._layer}: '{p}' is used as a directory but is not one") from None
         self._cache.fds[parts] = fd
         return fd
 

@@ -1,0 +1,162 @@
+"""Malicious and broken images are refused with one clear message, and nothing is written
+outside the target root (nor left half-done inside the store). Layers are hand-made with
+tarfile: no image tool will write these."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import sidusctl
+from tests.oci_helpers import sdt_tempdir, sha256, tar_of, ti, write_oci_layout
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+D, F, L, H = tarfile.DIRTYPE, tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE
+UP = "../" * 24  # far more than enough to reach / from the rootfs
+
+
+@pytest.fixture
+def canary() -> Iterator[Path]:
+    """A directory outside the store that escapes would aim at, holding ``victim``."""
+    with sdt_tempdir("sdt-canary-") as d:
+        (d / "victim").write_text("intact\n")
+        yield d
+
+
+def _snapshot(d: Path) -> dict[str, tuple[int, int, bytes]]:
+    out = {}
+    for p in sorted(d.rglob("*")):
+        st = p.lstat()
+        out[str(p)] = (st.st_mode, st.st_nlink, p.read_bytes() if p.is_file() else b"")
+    return out
+
+
+def _cases(c: str) -> dict[str, tuple[list[bytes], str]]:
+    """name -> (layers, expected message part). ``c`` is the canary path (absolute)."""
+    rel = UP + c.lstrip("/")
+    return {
+        "dotdot-entry": ([tar_of([ti("a/", D), ti(f"a/{rel}/pwned", data=b"x")])],
+                         "contains a '..' component"),
+        "absolute-entry": ([tar_of([ti(f"{c}/pwned", data=b"x")])], "is an absolute path"),
+        "symlink-parent-earlier-layer": (
+            [tar_of([ti("evil", L, link=c)]), tar_of([ti("evil/pwned", data=b"x")])],
+            "a symlink"),
+        "relative-symlink-parent": (
+            [tar_of([ti("evil", L, link=rel)]), tar_of([ti("evil/pwned", data=b"x")])],
+            "a symlink"),
+        "symlink-parent-same-layer": (
+            [tar_of([ti("evil", L, link=c), ti("evil/pwned", data=b"x")])], "a symlink"),
+        "hardlink-absolute": ([tar_of([ti("hl", H, link="/etc/passwd")])],
+                              "is an absolute path"),
+        "hardlink-dotdot": ([tar_of([ti("hl", H, link=rel + "/victim")])],
+                            "contains a '..' component"),
+        "hardlink-through-symlink": (
+            [tar_of([ti("etc2", L, link="/etc")]), tar_of([ti("hl", H, link="etc2/passwd")])],
+            "a symlink"),
+        "hardlink-missing-target": ([tar_of([ti("hl", H, link="nothere")])], "missing"),
+        "whiteout-dotdot": ([tar_of([ti("a/", D), ti("a/b/", D)]),
+                             tar_of([ti("a/b/.wh...", F)])], "names '..'"),
+        "whiteout-dot": ([tar_of([ti("a/", D)]), tar_of([ti("a/.wh..", F)])], "names '.'"),
+        "whiteout-through-symlink": (
+            [tar_of([ti("lnk", L, link=c)]), tar_of([ti("lnk/.wh.victim", F)])], "a symlink"),
+        "opaque-through-symlink": (
+            [tar_of([ti("lnk", L, link=c)]), tar_of([ti("lnk/.wh..wh..opq", F)])], "a symlink"),
+    }
+
+
+CASES = list(_cases("/x"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_escape_refused(case: str, canary: Path) -> None:
+    layers, expect = _cases(str(canary))[case]
+    passwd = os.stat("/etc/passwd")
+    before = _snapshot(canary)
+    with sdt_tempdir() as work, sdt_tempdir("sdt-state-") as state:
+        write_oci_layout(work / "oci", layers)
+        r = sidusctl("import", str(work / "oci"), "sdt-evil", state=state)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert expect in r.stderr and "layer" in r.stderr
+        assert "Traceback" not in r.stderr
+        assert _snapshot(canary) == before
+        assert os.stat("/etc/passwd").st_nlink == passwd.st_nlink
+        # nothing half-done in the store: no current generation, no .building-* left
+        d = state / "images" / "sdt-evil"
+        assert not d.exists() or sorted(os.listdir(d)) == [".lock"]
+
+
+def test_symlink_replaced_not_followed(canary: Path) -> None:
+    """A later layer writing a regular file where an earlier one put a symlink to outside
+    replaces the symlink; the outside file stays intact. This image is valid."""
+    layers = [tar_of([ti("evil", L, link=str(canary / "victim"))]),
+              tar_of([ti("evil", data=b"inside\n")])]
+    before = _snapshot(canary)
+    with sdt_tempdir() as work, sdt_tempdir("sdt-state-") as state:
+        write_oci_layout(work / "oci", layers)
+        r = sidusctl("import", str(work / "oci"), "sdt-ok", "--json", state=state)
+        assert r.returncode == 0, r.stderr
+        root = state / "images/sdt-ok/current/rootfs"
+        assert (root / "evil").read_text() == "inside\n" and not (root / "evil").is_symlink()
+    assert _snapshot(canary) == before
+
+
+def _layout_with(work: Path, blob: bytes, diff_id: str, compress: bool = False) -> Path:
+    """A layout whose single layer blob is ``blob`` verbatim (digest/size made to match)."""
+    out = write_oci_layout(work / "oci", [b"placeholder"], compress=False, diff_ids=[diff_id])
+    import json
+
+    index = json.loads((out / "index.json").read_text())
+    mpath = out / "blobs/sha256" / index["manifests"][0]["digest"][7:]
+    man = json.loads(mpath.read_text())
+    (out / "blobs/sha256" / sha256(blob)[7:]).write_bytes(blob)
+    man["layers"][0].update(digest=sha256(blob), size=len(blob))
+    if compress:
+        man["layers"][0]["mediaType"] += "+gzip"
+    mb = json.dumps(man).encode()
+    (out / "blobs/sha256" / sha256(mb)[7:]).write_bytes(mb)
+    index["manifests"][0].update(digest=sha256(mb), size=len(mb))
+    (out / "index.json").write_text(json.dumps(index))
+    return out
+
+
+GOOD = tar_of([ti("bin/", D), ti("bin/big", data=os.urandom(200_000)), ti("etc/", D),
+               ti("etc/hostname", data=b"sdt\n")])
+
+
+@pytest.mark.parametrize("case", ["bad-diff-id", "bad-blob-digest", "truncated-tar",
+                                  "truncated-gzip", "garbage"])
+def test_corrupt_layers_refused(case: str) -> None:
+    with sdt_tempdir() as work, sdt_tempdir("sdt-state-") as state:
+        if case == "bad-diff-id":
+            layout = _layout_with(work, GOOD, sha256(b"something else"))
+            expect = "does not match the config's diff_id"
+        elif case == "bad-blob-digest":
+            layout = _layout_with(work, GOOD, sha256(GOOD))
+            blob = layout / "blobs/sha256" / sha256(GOOD)[7:]
+            data = bytearray(blob.read_bytes())
+            data[-20000] ^= 0xFF  # flip a byte inside bin/big's data, size unchanged
+            blob.write_bytes(bytes(data))
+            expect = "does not match the manifest's"
+        elif case == "truncated-tar":
+            cut = GOOD[:150_000]
+            layout = _layout_with(work, cut, sha256(GOOD))
+            expect = "truncated or corrupt"
+        elif case == "truncated-gzip":
+            gz = gzip.compress(GOOD)
+            layout = _layout_with(work, gz[: len(gz) // 2], sha256(GOOD), compress=True)
+            expect = "truncated or corrupt"
+        else:
+            layout = _layout_with(work, b"\x1f\x8b" + os.urandom(5000), sha256(GOOD))
+            expect = "truncated or corrupt"
+        r = sidusctl("import", str(layout), "sdt-bad", state=state)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert expect in r.stderr and "layer 1" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        d = state / "images" / "sdt-bad"
+        assert not d.exists() or sorted(os.listdir(d)) == [".lock"]
