@@ -1,0 +1,349 @@
+"""TFTP: codec against RFC 1350/2347-2349/7440, a hypothesis fuzz of the parser and of the live
+server, and the real clients (curl, tftp-hpa) plus our windowsize client against the server on
+loopback: blksizes, rollover past 32 MiB, traversal refused with error 2, WRQ refused,
+retransmission, many transfers at once."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sidusctl.serve import tftp_client
+from sidusctl.serve import tftp_codec as tc
+from sidusctl.serve.dhcp_codec import MalformedPacket
+from sidusctl.serve.tftp import TftpConfig, TftpServer
+
+# -- codec --------------------------------------------------------------------------------------
+
+
+def test_parse_rrq_with_options_rfc2347_example() -> None:
+    # RFC 2347 section "Example": RRQ foobar octet blksize 1428 tsize 0 (names case-insensitive)
+    raw = b"\x00\x01foobar\x00octet\x00BlkSize\x001428\x00tsize\x000\x00"
+    p = tc.parse(raw)
+    assert p == tc.Request(tc.RRQ, "foobar", "octet", {"blksize": "1428", "tsize": "0"})
+    assert tc.encode_request(tc.RRQ, "foobar", "octet", {"blksize": "1428", "tsize": "0"}) == \
+        raw.replace(b"BlkSize", b"blksize")
+
+
+def test_encode_data_ack_error_oack() -> None:
+    assert tc.encode_data(1, b"abc") == b"\x00\x03\x00\x01abc"
+    assert tc.encode_data(65536, b"") == b"\x00\x03\x00\x00"  # rollover to 0
+    assert tc.encode_ack(7) == b"\x00\x04\x00\x07"
+    assert tc.encode_error(2, "no") == b"\x00\x05\x00\x02no\x00"
+    assert tc.encode_oack({"blksize": "1432"}) == b"\x00\x06blksize\x001432\x00"
+    assert tc.parse(b"\x00\x06blksize\x001432\x00") == tc.Oack({"blksize": "1432"})
+    assert tc.parse(b"\x00\x05\x00\x01nope\x00") == tc.Error(1, "nope")
+
+
+@pytest.mark.parametrize(("opts", "size", "expect"), [
+    ({"blksize": "1468"}, 10, {"blksize": "1468"}),
+    ({"blksize": "100000"}, 10, {"blksize": "65464"}),      # huge: clamped (RFC 2348)
+    ({"blksize": "4"}, 10, {}),                              # below 8: ignored
+    ({"blksize": "12ab"}, 10, {}),
+    ({"tsize": "0"}, 12345, {"tsize": "12345"}),             # RFC 2349
+    ({"timeout": "0"}, 10, {}),
+    ({"timeout": "5"}, 10, {"timeout": "5"}),
+    ({"windowsize": "16"}, 10, {"windowsize": "16"}),         # RFC 7440
+    ({"windowsize": "9999"}, 10, {"windowsize": "64"}),
+    ({"multicast": ""}, 10, {}),
+])
+def test_negotiation(opts: dict[str, str], size: int, expect: dict[str, str]) -> None:
+    assert tc.negotiate(opts, size).oack == expect
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x00", b"\x00\x01", b"\x00\x01file", b"\x00\x01file\x00",
+                                 b"\x00\x09abcd", b"\x00\x04\x00", b"\x00\x01\x00octet\x00",
+                                 b"\x00\x01f\x00octet\x00blksize\x00",
+                                 b"\x00\x01f\x00octet\x00a\x001\x00a\x002\x00"])
+def test_malformed(raw: bytes) -> None:
+    with pytest.raises(MalformedPacket):
+        tc.parse(raw)
+
+
+VALID = [b"\x00\x01pxelinux.0\x00octet\x00blksize\x001468\x00tsize\x000\x00",
+         b"\x00\x04\x00\x01", b"\x00\x05\x00\x08cancel\x00", b"\x00\x03\x00\x01data",
+         b"\x00\x02up\x00octet\x00"]
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    base = bytearray(draw(st.sampled_from(VALID)))
+    for _ in range(draw(st.integers(0, 6))):
+        base[draw(st.integers(0, len(base) - 1))] = draw(st.integers(0, 255))
+    return bytes(base[:draw(st.integers(0, len(base)))]) + draw(st.binary(max_size=20))
+
+
+FUZZ = settings(max_examples=5000, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=300), mutated()))
+def test_fuzz_parse_raises_only_malformed(data: bytes) -> None:
+    try:
+        p = tc.parse(data)
+    except MalformedPacket:
+        return
+    if isinstance(p, tc.Request):
+        tc.negotiate(p.options, 1000)
+
+
+# -- a live server on loopback -------------------------------------------------------------------
+
+class Live:
+    """The server running on its own event loop in a thread."""
+
+    def __init__(self, root: Path, **kw: object) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        cfg = TftpConfig(root=root, address="127.0.0.1", port=0, **kw)  # type: ignore[arg-type]
+
+        async def make() -> TftpServer:
+            s = TftpServer(cfg)
+            await s.start()
+            return s
+
+        self.server = asyncio.run_coroutine_threadsafe(make(), self.loop).result(5)
+        self.port = self.server.port
+
+    def run(self, coro: object, timeout: float = 60) -> object:
+        """Run a client coroutine on a separate loop in this thread."""
+        return asyncio.run(coro)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    r = tmp_path_factory.mktemp("tftproot")
+    (r / "small.bin").write_bytes(os.urandom(70_001))
+    (r / "exact.bin").write_bytes(os.urandom(1468 * 20))  # ends with an empty DATA block
+    (r / "pxelinux.cfg").mkdir()
+    (r / "pxelinux.cfg" / "default").write_text("DEFAULT linux\n")
+    big = r / "big.bin"
+    with big.open("wb") as f:  # 33 MiB + 1 byte: block numbers roll over at blksize 512
+        chunk = os.urandom(1 << 20)
+        for i in range(33):
+            f.write(bytes([i]) + chunk[1:])
+        f.write(b"x")
+    (r / "escape").symlink_to("/etc/passwd")
+    (r / "escapedir").symlink_to("/etc")
+    (r / "inside").symlink_to("small.bin")
+    return r
+
+
+@pytest.fixture(scope="module")
+def live(root: Path) -> Iterator[Live]:
+    lv = Live(root)
+    yield lv
+    lv.close()
+
+
+def sha(p: Path | bytes) -> str:
+    return hashlib.sha256(p if isinstance(p, bytes) else p.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("blksize", [None, 8, 1468, 8192, 65464])
+def test_curl_fetches_with_blksizes(live: Live, root: Path, tmp_path: Path,
+                                    blksize: int | None) -> None:
+    out = tmp_path / "out"
+    argv = ["curl", "-sS", "--max-time", "60", "-o", str(out)]
+    if blksize:
+        argv += ["--tftp-blksize", str(blksize)]
+    name = "exact.bin" if blksize == 1468 else "small.bin"
+    subprocess.run([*argv, f"tftp://127.0.0.1:{live.port}/{name}"], check=True)
+    assert sha(out) == sha(root / name)
+
+
+def test_tftp_hpa_fetches(live: Live, root: Path, tmp_path: Path) -> None:
+    # tftp-hpa 5.2's client has no blksize option: RFC 1350 512-byte blocks
+    out = tmp_path / "out"
+    r = subprocess.run(["tftp", "-m", "binary", "127.0.0.1", str(live.port),
+                        "-c", "get", "small.bin", str(out)],
+                       capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode == 0, r.stderr
+    assert sha(out) == sha(root / "small.bin")
+
+
+@pytest.mark.parametrize(("blksize", "window"), [(512, None), (1468, None), (1468, 16),
+                                                 (8192, 4)])
+def test_atftp_fetches_with_blksize_and_windowsize(live: Live, root: Path, tmp_path: Path,
+                                                   blksize: int, window: int | None) -> None:
+    out = tmp_path / "out"
+    argv = ["atftp", "--option", f"blksize {blksize}", "--option", "tsize 0"]
+    if window:
+        argv += ["--option", f"windowsize {window}"]
+    r = subprocess.run([*argv, "-g", "-r", "pxelinux.cfg/default" if blksize == 512 else "small.bin",
+                        "-l", str(out), "127.0.0.1", str(live.port)],
+                       capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sha(out) == sha(root / ("pxelinux.cfg/default" if blksize == 512 else "small.bin"))
+
+
+def test_file_over_32_mib_rolls_block_numbers_over(live: Live, root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "big"
+    subprocess.run(["curl", "-sS", "--max-time", "120", "-o", str(out),
+                    f"tftp://127.0.0.1:{live.port}/big.bin"], check=True)
+    assert out.stat().st_size == 33 * (1 << 20) + 1 > 65535 * 512
+    assert sha(out) == sha(root / "big.bin")
+
+
+def test_windowsize_with_our_client(live: Live, root: Path) -> None:
+    res = live.run(tftp_client.fetch("127.0.0.1", "small.bin", port=live.port, blksize=1468,
+                                     windowsize=16, tsize=True))
+    assert isinstance(res, tftp_client.FetchResult)
+    assert res.options == {"blksize": "1468", "windowsize": "16", "tsize": "70001"}
+    assert sha(res.data) == sha(root / "small.bin")
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "/etc/passwd", "pxelinux.cfg/../../x",
+                                  "escape", "escapedir/passwd"])
+def test_traversal_gets_error_2_and_a_log_line(live: Live, name: str,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="sidusctl.serve.tftp"):
+        ans = live.run(tftp_client.send_raw("127.0.0.1", live.port,
+                                            tc.encode_request(tc.RRQ, name)))
+        assert tftp_client.error_code(ans) == tc.E_ACCESS  # type: ignore[arg-type]
+    assert any(name in r.getMessage() and "denied" in r.getMessage() for r in caplog.records)
+
+
+def test_traversal_with_tftp_hpa(live: Live, tmp_path: Path) -> None:
+    r = subprocess.run(["tftp", "-m", "binary", "127.0.0.1", str(live.port), "-c", "get",
+                        "../../etc/passwd", str(tmp_path / "p")],
+                       capture_output=True, text=True, timeout=30, check=False)
+    assert "Error code 2" in r.stdout + r.stderr
+
+
+def test_symlink_inside_root_is_served(live: Live, root: Path) -> None:
+    res = live.run(tftp_client.fetch("127.0.0.1", "inside", port=live.port))
+    assert isinstance(res, tftp_client.FetchResult) and sha(res.data) == sha(root / "small.bin")
+
+
+def test_missing_file_is_error_1(live: Live) -> None:
+    with pytest.raises(tftp_client.TftpClientError) as e:
+        live.run(tftp_client.fetch("127.0.0.1", "pxelinux.cfg/01-52-54-00-00-00-01",
+                                   port=live.port))
+    assert e.value.code == tc.E_NOT_FOUND
+
+
+def test_wrq_refused(live: Live, tmp_path: Path, root: Path) -> None:
+    src = tmp_path / "upload"
+    src.write_text("x")
+    r = subprocess.run(["tftp", "-m", "binary", "127.0.0.1", str(live.port), "-c", "put",
+                        str(src), "upload"], capture_output=True, text=True, timeout=30, check=False)
+    assert "Error code 2" in r.stdout + r.stderr
+    assert not (root / "upload").exists()
+    before = live.server.stats.wrq_refused
+    ans = live.run(tftp_client.send_raw("127.0.0.1", live.port, tc.encode_request(tc.WRQ, "x")))
+    assert tftp_client.error_code(ans) == tc.E_ACCESS  # type: ignore[arg-type]
+    assert live.server.stats.wrq_refused == before + 1
+
+
+def test_many_transfers_at_once(live: Live, root: Path) -> None:
+    async def many() -> list[tftp_client.FetchResult]:
+        return await asyncio.gather(*[
+            tftp_client.fetch("127.0.0.1", "small.bin", port=live.port, blksize=1468,
+                              windowsize=(i % 3) * 4 or None) for i in range(60)])
+    results = live.run(many())
+    assert isinstance(results, list) and len(results) == 60
+    want = sha(root / "small.bin")
+    assert all(sha(r.data) == want for r in results)
+
+
+def test_malformed_datagrams_dropped_counted_and_server_keeps_serving(live: Live,
+                                                                      root: Path) -> None:
+    before = live.server.stats.malformed
+    junk = [b"", b"\x00", b"\x00\x09zzzz", b"\x00\x01noterminator", b"\x00\x04\x00\x01",
+            b"\x00\x01f\x00octet\x00blksize\x00"] + [os.urandom(n) for n in (3, 40, 600)]
+
+    async def spray() -> None:
+        for j in junk:
+            assert await tftp_client.send_raw("127.0.0.1", live.port, j, wait=0.05) is None
+    live.run(spray())
+    assert live.server.stats.malformed >= before + 7
+    res = live.run(tftp_client.fetch("127.0.0.1", "small.bin", port=live.port))
+    assert isinstance(res, tftp_client.FetchResult) and sha(res.data) == sha(root / "small.bin")
+
+
+def test_huge_blksize_clamped_and_served(live: Live, root: Path) -> None:
+    res = live.run(tftp_client.fetch("127.0.0.1", "small.bin", port=live.port, blksize=99_999_999))
+    assert isinstance(res, tftp_client.FetchResult)
+    assert res.options["blksize"] == "65464" and sha(res.data) == sha(root / "small.bin")
+
+
+def test_retransmission_is_bounded(root: Path) -> None:
+    lv = Live(root, timeout=0.2, retries=3)
+    try:
+        async def silent_client() -> int:
+            loop = asyncio.get_running_loop()
+            got: list[bytes] = []
+
+            class P(asyncio.DatagramProtocol):
+                def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                    got.append(data)
+            tr, _ = await loop.create_datagram_endpoint(P, local_addr=("127.0.0.1", 0))
+            tr.sendto(tc.encode_request(tc.RRQ, "small.bin"), ("127.0.0.1", lv.port))
+            await asyncio.sleep(1.6)  # never ACK
+            tr.close()
+            return len(got)
+        n = lv.run(silent_client())
+        assert n == 4  # DATA 1 and exactly 3 retransmissions
+        assert lv.server.stats.failed == 1 and lv.server.stats.retransmits == 3
+        assert lv.server.stats.active == 0
+
+        async def lossy_client() -> bytes:
+            # drops the first copy of block 2: the server must resend it after the timeout
+            loop = asyncio.get_running_loop()
+            q: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+
+            class P(asyncio.DatagramProtocol):
+                def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                    q.put_nowait((data, addr))
+            tr, _ = await loop.create_datagram_endpoint(P, local_addr=("127.0.0.1", 0))
+            tr.sendto(tc.encode_request(tc.RRQ, "small.bin"), ("127.0.0.1", lv.port))
+            out, dropped, block = [], False, 1
+            while True:
+                data, addr = await asyncio.wait_for(q.get(), 3)
+                p = tc.parse(data)
+                assert isinstance(p, tc.Data)
+                if p.block == 2 and not dropped:
+                    dropped = True
+                    continue
+                if p.block == block:
+                    out.append(p.payload)
+                    tr.sendto(tc.encode_ack(block), addr)
+                    block += 1
+                    if len(p.payload) < 512:
+                        tr.close()
+                        return b"".join(out)
+        data = lv.run(lossy_client())
+        assert sha(data) == sha(root / "small.bin")  # type: ignore[arg-type]
+        assert lv.server.stats.retransmits == 4 and lv.server.stats.completed == 1
+    finally:
+        lv.close()
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.one_of(st.binary(max_size=120), mutated()))
+def test_fuzz_live_server(live: Live, data: bytes) -> None:
+    # straight into the request handler (as the socket reader would), then the server must
+    # still be intact; replies go to a closed port on loopback
+    live.loop.call_soon_threadsafe(live.server._handle, data, ("127.0.0.1", 9), "127.0.0.1")
+
+
+def test_server_still_serves_after_fuzz(live: Live, root: Path) -> None:
+    res = live.run(tftp_client.fetch("127.0.0.1", "small.bin", port=live.port, windowsize=8))
+    assert isinstance(res, tftp_client.FetchResult) and sha(res.data) == sha(root / "small.bin")
