@@ -154,7 +154,10 @@ def plan(rootfs: Path, cfg: dict[str, Any], cmd_override: list[str] | None = Non
 def systemd_quote(arg: str) -> str:
     """One argument for ExecStart=/Environment= (systemd.syntax(7), systemd.service(5)):
     double-quoted, C escapes for ``\\``, ``"`` and control characters, ``$`` -> ``$$`` (no
-    variable expansion) and ``%`` -> ``%%`` (no specifier expansion)."""
+    variable expansion) and ``%`` -> ``%%`` (no specifier expansion). A lone ``;`` would
+    separate commands, so it is written ``\\;`` as systemd.service(5) says."""
+    if arg == ";":
+        return "\\;"
     out = []
     for ch in arg:
         if ch == "\\":
@@ -241,6 +244,8 @@ def install_runtime(rootfs: Path, image_dir: Path, cfg: dict[str, Any], *, image
     elif rt.argv and rt.init == "sysvinit":
         rt.unit = unit_name
         script = render("oci/init.sh.j2", argv=" ".join(shlex.quote(a) for a in argv_abs),
+                        exe=shlex.quote(argv_abs[0]),
+                        args=" ".join(shlex.quote(a) for a in argv_abs[1:]),
                         env=[(k, shlex.quote(v)) for k, v in rt.env],
                         cwd=shlex.quote(rt.cwd), **ctx)
         rel = f"etc/init.d/{unit_name}"
