@@ -221,3 +221,61 @@ def sdt_tempdir(prefix: str = "sdt-oci-") -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+class Registry:
+    """Debian's ``docker-registry`` (distribution) on 127.0.0.1:<free port>, own config and
+    storage in an ``sdt-registry-*`` dir; ``htpasswd=(user, password)`` turns on Basic auth.
+    Stopped (SIGTERM, then SIGKILL) and removed by ``stop()``."""
+
+    def __init__(self, htpasswd: tuple[str, str] | None = None) -> None:
+        import socket
+        import time
+        import urllib.error
+        import urllib.request
+
+        self.dir = Path(tempfile.mkdtemp(prefix="sdt-registry-", dir="/var/tmp"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.host = f"127.0.0.1:{self.port}"
+        auth = ""
+        if htpasswd:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                import crypt  # bcrypt through libxcrypt; the registry accepts only bcrypt
+            pw = crypt.crypt(htpasswd[1], crypt.mksalt(crypt.METHOD_BLOWFISH))
+            (self.dir / "htpasswd").write_text(f"{htpasswd[0]}:{pw}\n")
+            auth = (f"auth:\n  htpasswd:\n    realm: sdt\n    path: {self.dir / 'htpasswd'}\n")
+        (self.dir / "config.yml").write_text(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
+            f"    rootdirectory: {self.dir / 'data'}\n  delete:\n    enabled: true\n"
+            f"http:\n  addr: {self.host}\n" + auth)
+        self.log = open(self.dir / "log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(["docker-registry", "serve", str(self.dir / "config.yml")],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1)
+                break
+            except urllib.error.HTTPError:
+                break  # 401 with auth on: it is up
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("docker-registry did not start") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

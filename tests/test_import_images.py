@@ -238,3 +238,66 @@ def test_reimport_keeps_previous_generation(images: Images, state: Path) -> None
     assert not [p for p in os.listdir(state / "images/sdt-img") if p.startswith(".building")]
 
 
+
+
+@pytest.fixture(scope="module")
+def registries(images: Images) -> Iterator[dict[str, Any]]:
+    """Two local registries with the test image pushed by skopeo: anonymous and Basic auth."""
+    from tests.oci_helpers import Registry
+
+    anon = Registry()
+    basic = None
+    try:
+        basic = Registry(htpasswd=("sdt", "s3cret pass"))
+        for reg, extra in ((anon, []), (basic, ["--dest-creds", "sdt:s3cret pass"])):
+            _skopeo("copy", "--dest-tls-verify=false", *extra, f"oci:{images.layout}:v2",
+                    f"docker://{reg.host}/sdt/test:v2")
+        yield {"anon": anon, "basic": basic}
+    finally:
+        anon.stop()
+        if basic is not None:
+            basic.stop()
+
+
+def test_registry_pull_anonymous(images: Images, registries: dict[str, Any],
+                                 state: Path) -> None:
+    host = registries["anon"].host
+    out = _import(state, f"docker://{host}/sdt/test:v2", "sdt-reg", "--insecure")
+    assert out["source"]["kind"] == "registry"
+    assert diff_trees(tree(Path(out["rootfs"])), images.umoci_tree) == []
+    assert out["command"] == CMD
+    # by digest, as printed by the first pull
+    dig = out["digests"]["manifest"]
+    out2 = _import(state, f"docker://{host}/sdt/test@{dig}", "sdt-reg2", "--insecure")
+    assert out2["digests"] == out["digests"]
+
+
+def test_registry_pull_basic_auth(images: Images, registries: dict[str, Any], state: Path,
+                                  tmp_path: Path) -> None:
+    host = registries["basic"].host
+    ref = f"docker://{host}/sdt/test:v2"
+    r = sidusctl("import", ref, "sdt-reg", "--insecure", state=state)
+    assert r.returncode == 2 and "wants credentials" in r.stderr
+    r = sidusctl("import", ref, "sdt-reg", "--insecure", "--creds", "sdt:wrong", state=state)
+    assert r.returncode == 2 and "refused the credentials" in r.stderr
+    out = _import(state, ref, "sdt-reg", "--insecure", "--creds", "sdt:s3cret pass")
+    assert diff_trees(tree(Path(out["rootfs"])), images.umoci_tree) == []
+    # credentials from a containers auth.json, as skopeo/podman write it
+    import base64
+
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"auths": {host: {
+        "auth": base64.b64encode(b"sdt:s3cret pass").decode()}}}))
+    out = _import(state, ref, "sdt-reg3", "--insecure", "--authfile", str(auth))
+    assert out["digests"]["manifest"].startswith("sha256:")
+
+
+def test_registry_errors(registries: dict[str, Any], state: Path) -> None:
+    host = registries["anon"].host
+    r = sidusctl("import", f"docker://{host}/sdt/nothere:v1", "sdt-reg", "--insecure",
+                 state=state)
+    assert r.returncode == 2 and "not found" in r.stderr
+    r = sidusctl("import", f"docker://{host}/sdt/test:v2", "sdt-reg", state=state)  # https
+    assert r.returncode == 2 and "cannot reach the registry" in r.stderr
+    r = sidusctl("import", "docker://127.0.0.1:1/Bad Repo", "sdt-reg", state=state)
+    assert r.returncode == 2 and "not a valid repository name" in r.stderr

@@ -494,12 +494,12 @@ def resolve_manifest(read_json: Callable[[str], tuple[bytes, Any]],
             digest = desc.get("digest")
             explicit = True
             continue
-        return _from_manifest(doc, digest, read_json, opener, kind=kind, source=source, ref=ref,
+        return from_manifest(doc, digest, read_json, opener, kind=kind, source=source, ref=ref,
                               wanted=wanted, explicit=explicit)
     raise ImageError(f"{source}: image indexes nested too deep")
 
 
-def _from_manifest(doc: dict[str, Any], digest: str,
+def from_manifest(doc: dict[str, Any], digest: str,
                    read_json: Callable[[str], tuple[bytes, Any]],
                    opener: Callable[[str], Opener], *, kind: str, source: str,
                    ref: str | None, wanted: str, explicit: bool) -> ResolvedImage:
