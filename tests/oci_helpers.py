@@ -194,6 +194,21 @@ def tree(root: Path) -> dict[str, tuple[Any, ...]]:
     return out
 
 
+def without(t: dict[str, tuple[Any, ...]], files: list[str],
+            ref: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+    """``t`` less the runtime files sidusctl added (and the parent directories it had to make
+    for them, i.e. those absent from ``ref``)."""
+    drop = set()
+    for f in files:
+        rel = f.lstrip("/")
+        drop.add(rel)
+        parent = os.path.dirname(rel)
+        while parent and parent not in ref:
+            drop.add(parent)
+            parent = os.path.dirname(parent)
+    return {k: v for k, v in t.items() if k not in drop}
+
+
 def diff_trees(a: dict[str, tuple[Any, ...]], b: dict[str, tuple[Any, ...]]) -> list[str]:
     """Human-readable differences (empty when identical)."""
     out = []

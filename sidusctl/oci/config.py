@@ -218,18 +218,27 @@ def install_runtime(rootfs: Path, image_dir: Path, cfg: dict[str, Any], *, image
                            "who": who}
     if rt.argv and exe is None:
         ctx["missing"] = rt.argv[0]
-    lxc_cmd = lxc_command(rt.argv) if rt.argv else None
-    if rt.argv and lxc_cmd is None:
-        if not lexists_in_root(rootfs, "bin/sh") and not lexists_in_root(rootfs, "usr/bin/sh"):
-            raise ImageError("the image's command has an argument LXC cannot quote (both quote "
-                             "kinds or a newline) and the image has no /bin/sh for a wrapper")
-        wrapper = f"usr/local/libexec/sidusctl/{unit_name}.sh"
-        script = "#!/bin/sh\n# sidusctl import: the image's command, quoted for sh\nexec " + \
-            " ".join(shlex.quote(a) for a in rt.argv) + "\n"
-        write_file_in_root(rootfs, wrapper, script.encode(), 0o755)
-        rt.files.append("/" + wrapper)
-        lxc_cmd = "/" + wrapper
-    ctx["lxc_cmd"] = lxc_cmd
+    # lxc.execute.cmd is split honouring quotes; lxc.init.cmd only on blanks (LXC 5,
+    # split_init_cmd): arguments with blanks there go through a small sh wrapper.
+    lxc_exec = lxc_command(rt.argv) if rt.argv else None
+    lxc_init = " ".join(rt.argv) if rt.argv and all(
+        a and not any(c.isspace() for c in a) for a in rt.argv) else None
+    if rt.argv and (lxc_init is None or lxc_exec is None):
+        if lexists_in_root(rootfs, "bin/sh") or lexists_in_root(rootfs, "usr/bin/sh"):
+            wrapper = f"usr/local/libexec/sidusctl/{unit_name}.sh"
+            script = ("#!/bin/sh\n# sidusctl import: the image's command, quoted for sh "
+                      "(lxc.init.cmd splits on blanks)\nexec "
+                      + " ".join(shlex.quote(a) for a in rt.argv) + "\n")
+            write_file_in_root(rootfs, wrapper, script.encode(), 0o755)
+            rt.files.append("/" + wrapper)
+            lxc_init = lxc_init or "/" + wrapper
+            lxc_exec = lxc_exec or "/" + wrapper
+        elif lxc_exec is None:
+            raise ImageError("the image's command has an argument LXC cannot quote (both "
+                             "quote kinds or a newline) and the image has no /bin/sh for a "
+                             "wrapper")
+    ctx["lxc_cmd"] = lxc_init
+    ctx["lxc_exec"] = lxc_exec
     if rt.argv and rt.init == "systemd":
         rt.unit = f"{unit_name}.service"
         unit = render("oci/service.j2", exec_start=" ".join(systemd_quote(a) for a in argv_abs),
