@@ -242,7 +242,7 @@ class Builder:
                    "standard": "standard"}[r.variant]
         argv = [which("mmdebstrap", "mmdebstrap"), f"--variant={variant}", f"--architectures={r.arch}",
                 f"--components={','.join(r.components)}", "--format=directory",
-                "--skip=cleanup/apt/cache",
+                "--skip=cleanup/apt/cache", "--skip=essential/unlink",
                 # the shared cache: copied in before download, new .debs copied out afterwards
                 f"--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/ && "
                 f"find {self.cache} -maxdepth 1 -name '*.deb' -exec cp -l -t \"$1\"/var/cache/apt/archives/ {{}} + 2>/dev/null || "
@@ -285,8 +285,13 @@ class Builder:
         if r.keyboard is not None and "keyboard-configuration" not in packages:
             packages.append("keyboard-configuration")
         try:
-            self.rep.line("apt-get update")
-            s.run([*apt, "update"], on_line=None, what="apt-get update")
+            if packages or r.upgrade or r.purge:
+                self.rep.line("apt-get update")
+                s.run([*apt, "update"], on_line=None, what="apt-get update")
+            if r.upgrade:
+                self.rep.line("apt-get full-upgrade")
+                s.run([*apt, "full-upgrade"], what="apt-get full-upgrade", on_line=self._apt_line,
+                      tail_lines=60)
             if packages:
                 self._check_packages(s, packages)
                 self.rep.line(f"installing {len(packages)} package(s)")

@@ -14,6 +14,7 @@ downloaded. The keys (all optional except ``suite``)::
     packages = []                      # installed with apt after the bootstrap
     install_recommends = false
     install_suggests = false           # the seed's --install-suggests for science-*
+    upgrade = true                     # apply <suite>-updates and -security at build time
     purge = []                         # fnmatch patterns purged at the end (the seed: matlab-*)
     locales = ["en_US.UTF-8"]          # generated; the first is the default LANG
     timezone = "Etc/UTC"
@@ -111,6 +112,7 @@ class Recipe:
     packages: tuple[str, ...] = ()
     install_recommends: bool = False
     install_suggests: bool = False
+    upgrade: bool = True
     purge: tuple[str, ...] = ()
     locales: tuple[str, ...] = ()
     timezone: str = ""
@@ -260,6 +262,7 @@ def load(path: Path, name: str | None = None) -> Recipe:
                             "a list of Debian package names"),
         "install_recommends": v.bool_("install_recommends"),
         "install_suggests": v.bool_("install_suggests"),
+        "upgrade": v.bool_("upgrade", True),
         "purge": v.list_("purge", lambda s: bool(PKG_PATTERN_RE.match(s)),
                          "a list of package names or fnmatch patterns such as 'matlab-*'"),
         "locales": v.list_("locales", lambda s: bool(LOCALE_RE.match(s)),

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,9 +130,8 @@ def run(
         raise PrerequisiteError(f"'{args[0]}' was not found on this host") from e
     with _ACTIVE_LOCK:
         ACTIVE.add(proc.pid)
-    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        err_thread: threading.Thread | None = None
+        readers: list[threading.Thread] = []
         if capture:
             assert proc.stderr is not None
             stderr = proc.stderr
@@ -144,41 +142,40 @@ def run(
                     tail.append(line)
                     log.debug("  %s", line)
 
-            err_thread = threading.Thread(target=_drain_err, daemon=True)
-            err_thread.start()
+            readers.append(threading.Thread(target=_drain_err, daemon=True))
+        assert proc.stdout is not None
+        stdout = proc.stdout
+
+        def _drain_out() -> None:
+            for raw in stdout:
+                line = raw.decode("utf-8", "replace")
+                if capture:
+                    out_chunks.append(line)
+                else:
+                    line = line.rstrip("\n")
+                    tail.append(line)
+                    log.debug("  %s", line)
+                    if on_line is not None:
+                        on_line(line)
+
+        readers.append(threading.Thread(target=_drain_out, daemon=True))
+        for t in readers:
+            t.start()
         if input is not None:
             assert proc.stdin is not None
             proc.stdin.write(input)
             proc.stdin.close()
-        assert proc.stdout is not None
-        timer: threading.Timer | None = None
-        timed_out = threading.Event()
-        if deadline is not None:
-
-            def _expire() -> None:
-                timed_out.set()
-                kill_session(proc.pid, signal.SIGKILL)
-
-            timer = threading.Timer(max(0.0, deadline - time.monotonic()), _expire)
-            timer.daemon = True
-            timer.start()
-        for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace")
-            if capture:
-                out_chunks.append(line)
-            else:
-                line = line.rstrip("\n")
-                tail.append(line)
-                log.debug("  %s", line)
-                if on_line is not None:
-                    on_line(line)
-        rc = proc.wait()
-        if timer is not None:
-            timer.cancel()
-        if err_thread is not None:
-            err_thread.join(timeout=5)
-        if timed_out.is_set():
-            raise CommandError(args, -9, "\n".join(tail) + f"\n(timed out after {timeout} s)", what)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _terminate(proc)
+            raise CommandError(args, -9, "\n".join(tail) + f"\n(timed out after {timeout} s)",
+                               what) from None
+        # The process is gone; something it started in the background may still hold the
+        # pipes open (a daemon left in a chroot, say). Drain what is there, briefly, and go on:
+        # the caller's cleanup (a chroot session's) deals with such strays.
+        for t in readers:
+            t.join(timeout=2.0)
     except BaseException:
         _terminate(proc)
         raise
