@@ -41,11 +41,13 @@ def cli(ctx: click.Context, state_dir: str | None, debug: bool, quiet: bool) -> 
 # -- command registration: one line per command module -------------------------------------
 from sidusctl.cli import build as _build  # noqa: E402
 from sidusctl.cli import image as _image  # noqa: E402
+from sidusctl.cli import serve as _serve  # noqa: E402
 from sidusctl.cli import imports as _imports  # noqa: E402
 from sidusctl.cli import vnode as _vnode  # noqa: E402
 
 _build.register(cli)
 _image.register(cli)
+_serve.register(cli)
 _imports.register(cli)
 _vnode.register(cli)
 # (other services register here)

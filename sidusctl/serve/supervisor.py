@@ -1,0 +1,131 @@
+"""Run the DHCP, TFTP and DNS servers in one process and one asyncio event loop.
+
+``run(load)`` calls ``load()`` for a :class:`ServeConfig`, starts the servers it enables, and
+serves until SIGTERM or SIGINT (clean shutdown: sockets closed, lease store closed and
+unlocked, final status written). SIGHUP calls ``load()`` again and applies the result to the
+running servers (reservations, pool, boot policy, TFTP root, DNS records); a bad new
+configuration is logged and the old one stays in force. Counters are written atomically to
+``status_file`` every few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidusctl.core.errors import SidusError
+from sidusctl.core.log import get_logger
+from sidusctl.core.state import write_json
+from sidusctl.serve.dhcp import DhcpConfig, DhcpServer
+from sidusctl.serve.dns import DnsConfig, DnsServer
+from sidusctl.serve.tftp import TftpConfig, TftpServer
+
+log = get_logger("serve")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Which servers to run and how; None disables one. ``status_file``: JSON counters."""
+
+    dhcp: DhcpConfig | None = None
+    tftp: TftpConfig | None = None
+    dns: DnsConfig | None = None
+    status_file: Path | None = None
+
+
+class Supervisor:
+    """The running servers; :meth:`serve` is the main coroutine."""
+
+    def __init__(self, load: Callable[[], ServeConfig]) -> None:
+        self.load = load
+        self.cfg = load()
+        self.dhcp: DhcpServer | None = None
+        self.tftp: TftpServer | None = None
+        self.dns: DnsServer | None = None
+        self.events: dict[str, dict[str, Any]] = {}
+        self._stop: asyncio.Event | None = None
+        self.started = time.time()
+
+    def _event(self, kind: str, who: str, what: str) -> None:
+        e = self.events.setdefault(who, {})
+        e[kind] = what
+        e["at"] = time.time()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "started": self.started,
+            "updated": time.time(),
+            "dhcp": self.dhcp.stats.as_dict() if self.dhcp else None,
+            "tftp": self.tftp.stats.as_dict() if self.tftp else None,
+            "dns": self.dns.stats.as_dict() if self.dns else None,
+            "clients": self.events,
+        }
+
+    def _write_status(self) -> None:
+        if self.cfg.status_file is not None:
+            try:
+                write_json(self.cfg.status_file, self.status())
+            except OSError as e:
+                log.warning("cannot write %s: %s", self.cfg.status_file, e)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration and apply it; keep the old one if it is bad."""
+        try:
+            new = self.load()
+            if self.dhcp and new.dhcp:
+                self.dhcp.reload(new.dhcp)
+            if self.tftp and new.tftp:
+                self.tftp.set_root(new.tftp.root)
+            if self.dns and new.dns:
+                self.dns.set_zone(new.dns.zone)
+            self.cfg = new
+            log.info("reloaded the configuration (SIGHUP)")
+        except SidusError as e:
+            log.error("reload refused, the previous configuration stays in force: %s", e)
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            if self.cfg.dhcp:
+                self.dhcp = DhcpServer(self.cfg.dhcp, on_event=self._event)
+                await self.dhcp.start()
+            if self.cfg.tftp:
+                self.tftp = TftpServer(self.cfg.tftp, on_event=self._event)
+                await self.tftp.start()
+            if self.cfg.dns:
+                self.dns = DnsServer(self.cfg.dns)
+                await self.dns.start()
+            log.info("ready: %s (pid %d)", ", ".join(
+                n for n, s in (("DHCP", self.dhcp), ("TFTP", self.tftp), ("DNS", self.dns)) if s),
+                os.getpid())
+            while not self._stop.is_set():
+                self._write_status()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 2.0)
+            log.info("stopping on signal")
+        finally:
+            for s in (self.dns, self.tftp, self.dhcp):
+                if s is not None:
+                    s.close()
+            self._write_status()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+
+def run(load: Callable[[], ServeConfig]) -> None:
+    """Serve until SIGTERM/SIGINT. Errors at start-up (bad configuration, port in use,
+    missing interface) raise :class:`SidusError` before anything is left running."""
+    sup = Supervisor(load)
+    asyncio.run(sup.serve())
