@@ -153,6 +153,22 @@ def test_sigint_during_chroot_session_keeps_previous_image(minimal_image: BuiltI
     assert not (minimal_image.rootfs / "usr/sbin/policy-rc.d").exists()
 
 
+def test_sigint_during_build_configure_keeps_previous_image(minimal_image: BuiltImage) -> None:
+    # A rebuild of the shared image, interrupted once it is working inside the chroot session.
+    st = minimal_image.state
+    before = _gen(st)
+    p = _start(["--debug", "build", "minimal", "--tar"], st)
+    _wait_for(p, "stage 2/4: configure", 900)
+    _wait_for(p, "run: chroot", 120)
+    time.sleep(2)
+    p.send_signal(signal.SIGINT)
+    out = _finish(p)
+    assert p.returncode == 130, out[-2000:]
+    assert "interrupted by SIGINT" in out
+    assert_clean(st, "minimal")
+    assert _gen(st) == before
+
+
 @pytest.mark.parametrize("stage", ["bootstrap", "chroot"])
 def test_sigkill_leftovers_are_found_and_cleaned(minimal_image: BuiltImage, tmp_path: Path,
                                                  stage: str) -> None:
