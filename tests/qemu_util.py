@@ -22,6 +22,7 @@ import pexpect
 
 HOST = "10.0.2.2"  # the host (here: the namespace) as slirp shows it to the guest
 ROOT_PASSWORD = "sidus"
+ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 LOGIN_RE = re.compile(rb"login: ?$", re.M)
 BOOT_TIMEOUT = 240
 
@@ -96,7 +97,12 @@ class Guest:
         self.child.expect(rb"Password:", timeout=60)
         self.child.sendline(ROOT_PASSWORD)
         self.child.expect(rb"[#$] ?$", timeout=90)
-        self.child.sendline("stty -echo cols 200; export PS1='SDT# ' TERM=dumb")
+        self.child.sendline("stty -echo cols 200; bind 'set enable-bracketed-paste off'; "
+                            "export PS1='SDT# ' TERM=dumb")
+        self.child.expect(rb"SDT# ", timeout=30)
+        # consume whatever the terminal echoed before -echo took effect
+        self.child.sendline("echo __SDT_SYNC_$((6*7))__")
+        self.child.expect(rb"__SDT_SYNC_42__", timeout=30)
         self.child.expect(rb"SDT# ", timeout=30)
         self.logged_in = True
 
@@ -105,10 +111,13 @@ class Guest:
         non-zero exit when ``check``."""
         self.child.sendline(f"{command} 2>&1; echo \"__SDT_R\"\"C=$?__\"")
         self.child.expect(rb"__SDT_RC=(\d+)__", timeout=timeout)
-        out = self.child.before.decode("utf-8", "replace")
+        raw = self.child.before.decode("utf-8", "replace")
         rc = int(self.child.match.group(1))
         self.child.expect(rb"SDT# ", timeout=30)
-        out = out.replace("\r", "").strip("\n")
+        raw = ANSI_RE.sub("", raw.replace("\r", ""))
+        lines = [ln[5:] if ln.startswith("SDT# ") else ln for ln in raw.split("\n")
+                 if "__SDT_R" not in ln]
+        out = "\n".join(lines).strip("\n")
         if check and rc != 0:
             raise AssertionError(f"guest command {command!r} failed (rc {rc}):\n{out}")
         return out

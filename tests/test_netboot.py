@@ -1,0 +1,221 @@
+"""Netboot, proven by booting: the image's kernel and initrd in qemu (TCG), root over NFS from
+nfs-ganesha, the sidus initramfs script stacking a writable layer over it.
+
+Everything the guest reaches (rpcbind, nfs-ganesha, tgtd) runs in a private network namespace
+with loopback only, and qemu runs there too (slirp shows the namespace as 10.0.2.2).
+
+The image is the shared ``minimal`` image (tests/conftest.py). For development,
+``SIDUSCTL_NETBOOT_ROOT=/path/to/rootfs`` boots a root prepared by hand instead (its newest
+/boot/vmlinuz-* and initrd.img-*).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sidusctl.subsys.ganesha import Export, serve
+from tests.qemu_util import Guest, guest, mkdisk, netns, nfs_append
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, qemu, NFS)")
+
+MARK = "sdt-netboot-marker"
+
+
+@dataclass(frozen=True)
+class NetbootImage:
+    rootfs: Path
+    kernel: Path
+    initrd: Path
+
+
+@dataclass(frozen=True)
+class Lab:
+    image: NetbootImage
+    netns: str
+    logdir: Path
+
+
+@pytest.fixture(scope="module")
+def netboot_image(request: pytest.FixtureRequest) -> NetbootImage:
+    dev = os.environ.get("SIDUSCTL_NETBOOT_ROOT")
+    if dev:
+        root = Path(dev)
+        kernels = sorted((root / "boot").glob("vmlinuz-*"))
+        initrds = sorted((root / "boot").glob("initrd.img-*"))
+        assert kernels and initrds, f"{root}/boot has no kernel or initrd"
+        return NetbootImage(root, kernels[-1], initrds[-1])
+    img = request.getfixturevalue("minimal_image")
+    return NetbootImage(Path(img.rootfs), Path(img.kernel), Path(img.initrd))
+
+
+@pytest.fixture(scope="module")
+def lab(netboot_image: NetbootImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """The image's root exported read-only by nfs-ganesha inside a fresh namespace."""
+    logdir = tmp_path_factory.mktemp("sdt-netboot")
+    with netns("nb") as ns, serve([Export(netboot_image.rootfs)], netns=ns, bind_addr=None,
+                                   workdir=logdir / "ganesha"):
+        yield Lab(netboot_image, ns, logdir)
+
+
+@contextlib.contextmanager
+def boot(lab: Lab, name: str, *params: str, disks: tuple[Path, ...] = ()) -> Iterator[Guest]:
+    log = lab.logdir / f"{name}.console.log"
+    with guest(name, kernel=lab.image.kernel, initrd=lab.image.initrd,
+               append=nfs_append(lab.image.rootfs, *params), disks=disks, netns=lab.netns,
+               log=log) as g:
+        try:
+            yield g
+        except BaseException:
+            # the console transcript is the evidence when a boot test fails
+            print(f"--- console of {name} ({log}) ---\n{g.transcript()[-6000:]}")
+            raise
+
+
+def check_overlay_root(g: Guest, rootfs: Path, upper_fstype: str) -> None:
+    """/ is an overlay whose lower layer is the NFS root and whose upper is on ``upper_fstype``."""
+    fstype, options = g.sh("findmnt -n -o FSTYPE,OPTIONS /").split(None, 1)
+    assert fstype == "overlay", f"/ is {fstype}, not overlay"
+    assert "lowerdir=/run/sidus/ro" in options and "upperdir=/run/sidus/rw/upper" in options
+    lower = g.sh("findmnt -n -o FSTYPE,SOURCE /run/sidus/ro").split()
+    assert lower[0] in ("nfs", "nfs4"), lower
+    assert lower[1] == f"10.0.2.2:{rootfs}", lower
+    assert g.sh("findmnt -n -o FSTYPE /run/sidus/rw") == upper_fstype
+    # the NFS lower layer is read-only: writing there is refused
+    assert g.rc("touch /run/sidus/ro/sdt-probe") != 0
+    # nothing in the new root's fstab mounts or remounts /
+    assert g.sh("awk '$1 !~ /^#/ && $2 == \"/\"' /etc/fstab") == ""
+
+
+def write_marker(g: Guest, text: str) -> None:
+    g.sh(f"echo {text} > /etc/{MARK}")
+    assert g.sh(f"cat /etc/{MARK}") == text
+    assert g.sh(f"cat /run/sidus/rw/upper/etc/{MARK}") == text
+    assert g.rc(f"test -e /run/sidus/ro/etc/{MARK}") == 1
+
+
+def test_initrd_contains_the_hook(netboot_image: NetbootImage, tmp_path: Path) -> None:
+    listing = subprocess.run(["lsinitramfs", str(netboot_image.initrd)], capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+    names = set(listing)
+    assert "scripts/init-bottom/sidus" in names
+    assert "conf/conf.d/sidus" in names
+    assert any(n.endswith("/overlay.ko") or n.endswith("/overlay.ko.xz") for n in names)
+    for tool in ("findfs", "blkid", "mke2fs", "losetup"):
+        assert f"usr/lib/sidus/bin/{tool}" in names, f"{tool} missing from the initrd"
+    # the script must run before udev's, which moves /dev into the root we are about to move
+    subprocess.run(["unmkinitramfs", str(netboot_image.initrd), str(tmp_path / "x")], check=True)
+    order_files = list((tmp_path / "x").rglob("scripts/init-bottom/ORDER"))
+    assert order_files, "no init-bottom ORDER file in the initrd"
+    order = [ln.split()[0] for ln in order_files[0].read_text().splitlines() if ln.strip()]
+    scripts = [o.rsplit("/", 1)[-1] for o in order]
+    assert "sidus" in scripts and scripts.index("sidus") < scripts.index("udev"), scripts
+
+
+def test_tmpfs_layer_is_private_and_gone_after_reboot(lab: Lab) -> None:
+    root = lab.image.rootfs
+    with boot(lab, "sdt-nb-tmpfs", "aufs=tmpfs", "sidus.size=256m") as g:
+        g.login()
+        check_overlay_root(g, root, "tmpfs")
+        assert "size=262144k" in g.sh("findmnt -n -o OPTIONS /run/sidus/rw")
+        write_marker(g, "tmpfs-1")
+        assert not (root / "etc" / MARK).exists(), "the write reached the shared NFS root"
+        assert "sidus: root: overlay of /run/sidus/ro" in g.transcript()
+        assert g.sh(". /run/sidus/state; echo $SIDUS_MODE $SIDUS_UNION") == "tmpfs overlay"
+        g.reboot()
+        g.login()
+        check_overlay_root(g, root, "tmpfs")
+        assert g.rc(f"test -e /etc/{MARK}") == 1, "a tmpfs layer survived a reboot"
+
+
+def test_disk_layer_survives_reboot(lab: Lab) -> None:
+    disk = mkdisk(lab.logdir / "sdt-rw-disk.img", 256, label="sdt-rw")
+    with boot(lab, "sdt-nb-disk", "sidus.overlay=disk", "sidus.disk=LABEL=sdt-rw",
+              disks=(disk,)) as g:
+        g.login()
+        check_overlay_root(g, lab.image.rootfs, "ext4")
+        assert g.sh("findmnt -n -o SOURCE /run/sidus/rw") == "/dev/vda"
+        write_marker(g, "disk-1")
+        g.sh("sync")
+        g.reboot()
+        g.login()
+        check_overlay_root(g, lab.image.rootfs, "ext4")
+        assert g.sh(f"cat /etc/{MARK}") == "disk-1", "the disk layer lost the file on reboot"
+        g.sh("sync")
+    # the file is in the upper directory of the disk's filesystem, seen from the host
+    out = subprocess.run(["debugfs", "-R", f"cat /upper/etc/{MARK}", str(disk)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "disk-1"
+
+
+def test_failing_mode_falls_back_to_tmpfs(lab: Lab) -> None:
+    with boot(lab, "sdt-nb-fallback", "sidus.overlay=disk", "sidus.disk=LABEL=sdt-missing",
+              "sidus.wait=3") as g:
+        g.login()
+        console = g.transcript()
+        assert "disk LABEL=sdt-missing not found" in console
+        assert "disk mode failed: falling back to tmpfs" in console
+        check_overlay_root(g, lab.image.rootfs, "tmpfs")
+        assert g.sh(". /run/sidus/state; echo $SIDUS_MODE") == "tmpfs"
+        write_marker(g, "fallback")
+
+
+@contextlib.contextmanager
+def tgt_target(ns: str, iqn: str, lun: Path, workdir: Path) -> Iterator[None]:
+    """tgtd (userspace iSCSI target) inside ``ns`` with one LUN backed by the file ``lun``."""
+    cport = str(100 + os.getpid() % 800)
+    adm = ["tgtadm", "-C", cport, "--lld", "iscsi"]
+    with open(workdir / "tgtd.log", "wb") as tlog:
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, "tgtd", "-f", "-C", cport,
+                                 "--iscsi", "portal=127.0.0.1:3260"],
+                                stdout=tlog, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while subprocess.run([*adm, "--op", "show", "--mode", "target"], capture_output=True,
+                             check=False).returncode != 0:
+            assert proc.poll() is None, (workdir / "tgtd.log").read_text()
+            assert time.monotonic() < deadline, "tgtd did not start"
+            time.sleep(0.2)
+        subprocess.run([*adm, "--op", "new", "--mode", "target", "--tid", "1", "-T", iqn],
+                       check=True)
+        subprocess.run([*adm, "--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
+                        "-b", str(lun)], check=True)
+        subprocess.run([*adm, "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"],
+                       check=True)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_iscsi_layer_formatted_on_first_boot(lab: Lab) -> None:
+    listing = subprocess.run(["lsinitramfs", str(lab.image.initrd)], capture_output=True,
+                             text=True, check=True).stdout
+    if "usr/lib/sidus/bin/iscsistart" not in listing:
+        pytest.fail("the image's initrd has no iscsistart: open-iscsi must be in the image")
+    iqn = "iqn.2013-04.zone.sidus.target:sdt-node1"
+    lun = mkdisk(lab.logdir / "sdt-iscsi-lun.img", 128)
+    with tgt_target(lab.netns, iqn, lun, lab.logdir), \
+            boot(lab, "sdt-nb-iscsi", "aufs=iscsi", "ISCSI_TARGET_IP=10.0.2.2",
+                 f"ISCSI_INITIATOR={iqn}", "root=LABEL=ISCSI", "sidus.format=1") as g:
+        g.login()
+        check_overlay_root(g, lab.image.rootfs, "ext4")
+        assert g.sh("findmnt -n -o SOURCE /run/sidus/rw").startswith("/dev/sd")
+        assert g.sh("blkid -o value -s LABEL $(findmnt -n -o SOURCE /run/sidus/rw)") == "ISCSI"
+        assert "iSCSI login to " + iqn in g.transcript()
+        write_marker(g, "iscsi-1")
+        g.sh("sync")
+    out = subprocess.run(["debugfs", "-R", f"cat /upper/etc/{MARK}", str(lun)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "iscsi-1"
