@@ -366,12 +366,11 @@ def latency_matrix_cmd(file: str) -> None:
 
 @vnode_group.command("up")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--parallel", type=int, default=4, show_default=True)
 @click.option("--wait/--no-wait", "wait_ssh", default=True, show_default=True,
               help="Wait until every vnode answers SSH.")
 @click.option("--timeout", type=float, default=180, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def up_cmd(file: str, parallel: int, wait_ssh: bool, timeout: float, as_json: bool) -> None:
+def up_cmd(file: str, wait_ssh: bool, timeout: float, as_json: bool) -> None:
     """Create the vnetworks and vnodes of a platform file and start them."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -392,7 +391,7 @@ def up_cmd(file: str, parallel: int, wait_ssh: bool, timeout: float, as_json: bo
             if not console.is_terminal:
                 console.print(f"[{time.monotonic() - t0:6.1f}s] {stage}: {name}", highlight=False)
 
-        res = up(p, spec, parallel=parallel, wait_ssh=wait_ssh, timeout=timeout, progress=on)
+        res = up(p, spec, wait_ssh=wait_ssh, timeout=timeout, progress=on)
     if as_json:
         emit_json(res)
     else:

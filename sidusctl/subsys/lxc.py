@@ -130,7 +130,7 @@ class Container:
 
     def cgroup_set(self, key: str, value: str) -> None:
         """Change cgroup file ``key`` of the running container (v1 or v2 as LXC finds it)."""
-        run([*self._argv("lxc-cgroup"), key, value], what=f"lxc-cgroup {self.name} {key}={value}",
+        run([*self._argv("lxc-cgroup"), "--", key, value], what=f"lxc-cgroup {self.name} {key}={value}",
             timeout=30)
 
     def cgroup_get(self, key: str) -> str:

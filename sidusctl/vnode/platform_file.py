@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,10 +169,10 @@ def _create_args(f: str, where: str, d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def up(p: Platform, spec: PlatformSpec, *, parallel: int = 4, wait_ssh: bool = True,
+def up(p: Platform, spec: PlatformSpec, *, wait_ssh: bool = True,
        timeout: float = 180.0, progress: Reporter | None = None) -> dict[str, Any]:
     """Create the vnetworks (those that exist with the same CIDR are kept), create the vnodes
-    (existing ones kept), start every READY one with ``parallel`` workers, then wait for SSH.
+    (existing ones kept), start every READY one, then wait for SSH on all in parallel.
     Returns ``{"started": [...], "failed": {name: message}, "ssh": {name: seconds|None}}``."""
     def tick(stage: str, name: str, total: int) -> None:
         if progress:
@@ -198,16 +197,17 @@ def up(p: Platform, spec: PlatformSpec, *, parallel: int = 4, wait_ssh: bool = T
     todo = [v.name for v in spec.vnodes if have[v.name]["state"] == "READY"]
     started: list[str] = [v.name for v in spec.vnodes if v.name not in todo]
     failed: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as ex:
-        futs = {ex.submit(p.start, n): n for n in todo}
-        for fut in as_completed(futs):
-            vname = futs[fut]
-            try:
-                fut.result()
-                started.append(vname)
-            except SidusError as e:
-                failed[vname] = str(e)
-            tick("start", vname, len(todo))
+    # Starts run one after the other in this thread: each holds the store lock while it
+    # snapshots and calls lxc-start -d (a fraction of a second), and pyroute2's namespace
+    # switching is not thread-safe. The containers then boot concurrently, and the SSH wait
+    # below probes them all in parallel.
+    for vname in todo:
+        try:
+            p.start(vname)
+            started.append(vname)
+        except SidusError as e:
+            failed[vname] = str(e)
+        tick("start", vname, len(todo))
     res: dict[str, Any] = {"started": sorted(started), "failed": failed}
     if wait_ssh and started:
         res["ssh"] = p.wait(started, timeout=timeout,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,11 +37,30 @@ def check_ifname(name: str, where: str = "interface name") -> str:
 
 @contextlib.contextmanager
 def ipr(netns: str | None = None) -> Iterator[IPRoute]:
-    """An rtnetlink socket in the host's namespace or in ``netns`` (name or path)."""
-    try:
-        sock = IPRoute(netns=netns) if netns else IPRoute()
-    except OSError as e:
-        raise SidusError(f"cannot open network namespace {netns!r}: {e}") from e
+    """An rtnetlink socket in the host's namespace or in ``netns`` (a name under /run/netns or
+    a path such as /proc/PID/ns/net).
+
+    The socket is opened after ``setns(2)`` of this thread only, then the thread goes back:
+    a netlink socket stays bound to the namespace it was created in. (pyroute2's own
+    ``netns=`` forks a helper process, which misbehaves in threaded or forking callers.)"""
+    if not netns:
+        sock = IPRoute()
+    else:
+        path = netns if netns.startswith("/") else f"/run/netns/{netns}"
+        try:
+            target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise SidusError(f"cannot open network namespace {netns!r}: {e.strerror}") from e
+        saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pr_netns.setns(target)
+            try:
+                sock = IPRoute()
+            finally:
+                pr_netns.setns(saved)
+        finally:
+            os.close(target)
+            os.close(saved)
     try:
         yield sock
     finally:
@@ -155,8 +175,6 @@ def remove_netns(name: str) -> None:
 
 def netns_exists(name: str) -> bool:
     if name.startswith("/"):
-        import os
-
         return os.path.exists(name)
     return name in pr_netns.listnetns()
 
