@@ -41,7 +41,7 @@ def assert_clean(state: Path, name: str) -> None:
 def test_unknown_include_package(tmp_path: Path) -> None:
     d = recipe_dir(tmp_path, TINY + 'include = ["sdt-no-such-package"]\n')
     state = tmp_path / "state"
-    res = sidusctl("build", str(d), state=state, timeout=600)
+    res = sidusctl("build", str(d), "--no-bootstrap-cache", state=state, timeout=600)
     assert res.returncode == 1, res.stderr
     assert "key 'include': package(s) not found in bookworm (main): sdt-no-such-package" in res.stderr
     assert "Traceback" not in res.stderr
@@ -68,7 +68,7 @@ def test_mirror_that_does_not_answer(tmp_path: Path) -> None:
     # port 9 (discard) on loopback: nothing listens, the connection is refused at once
     d = recipe_dir(tmp_path, TINY + 'mirror = "http://127.0.0.1:9/debian"\n')
     state = tmp_path / "state"
-    res = sidusctl("build", str(d), state=state, timeout=600)
+    res = sidusctl("build", str(d), "--no-bootstrap-cache", state=state, timeout=600)
     assert res.returncode == 1
     assert "the mirror http://127.0.0.1:9/debian did not answer for suite bookworm" in res.stderr
     assert_clean(state, "sdt-tiny")
@@ -124,7 +124,7 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 120) -> str:
 def test_interrupt_during_bootstrap(tmp_path: Path, sig: signal.Signals) -> None:
     d = recipe_dir(tmp_path, TINY)
     state = tmp_path / "state"
-    p = _start(["--debug", "build", str(d)], state)
+    p = _start(["--debug", "build", str(d), "--no-bootstrap-cache"], state)
     _wait_for(p, "I: Extracting", 300)   # debootstrap is unpacking into the new root
     p.send_signal(sig)
     out = _finish(p)
@@ -176,7 +176,7 @@ def test_sigkill_leftovers_are_found_and_cleaned(minimal_image: BuiltImage, tmp_
     before = _gen(st)
     if stage == "bootstrap":
         d = recipe_dir(tmp_path, TINY)
-        p = _start(["--debug", "build", str(d)], st)
+        p = _start(["--debug", "build", str(d), "--no-bootstrap-cache"], st)
         _wait_for(p, "I: Configuring", 300)  # debootstrap's second stage: its own mounts inside
         name = "sdt-tiny"
     else:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import os
 import platform
 import re
 import shutil
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +32,7 @@ from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
 from sidusctl.subsys.chroot import ChrootSession
 from sidusctl.subsys.imagestore import Generation, Image, ImageStore
-from sidusctl.subsys.tarball import write_rootfs_tar
+from sidusctl.subsys.tarball import extract_rootfs_tar, write_rootfs_tar
 from sidusctl.subsys.templates import render_file
 
 log = get_logger("build")
@@ -59,12 +61,15 @@ class _Quiet:
 @dataclass
 class BuildOptions:
     """``backend``: debootstrap | mmdebstrap; ``tar``: also write a rootfs tarball; ``out``: a
-    directory to copy kernel, initrd and tarball to; ``cache``: the shared .deb cache."""
+    directory to copy kernel, initrd and tarball to; ``cache``: the shared .deb cache;
+    ``bootstrap_cache``: reuse a cached bootstrap when nothing that decides it has changed
+    (same recipe bootstrap keys, same archive InRelease)."""
 
     backend: str = "debootstrap"
     tar: bool = False
     out: Path | None = None
     cache: Path | None = None
+    bootstrap_cache: bool = True
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -172,6 +177,8 @@ class Builder:
         self.security = hs.security if not recipe.mirror else ""
         self.timings: dict[str, float] = {}
         self.purged: list[str] = []
+        self.bootstrap_cache = self.cache.parent / "bootstrap"
+        self.bootstrap_from_cache = False
 
     def _timed(self, name: str) -> contextlib.AbstractContextManager[None]:
         builder = self
@@ -212,7 +219,48 @@ class Builder:
         return image
 
     # -- stage 1 ------------------------------------------------------------------------------
+    def _bootstrap_key(self) -> str | None:
+        """A key for the bootstrap cache: everything that decides what the bootstrap makes,
+        plus the sha256 of the suite's InRelease (so a changed archive means a new bootstrap).
+        None when the mirror is unknown or its InRelease cannot be fetched (no cache then)."""
+        r = self.recipe
+        if not self.mirror or not self.opts.bootstrap_cache:
+            return None
+        url = f"{self.mirror}/dists/{r.suite}/InRelease"
+        try:
+            with urllib.request.urlopen(url, timeout=15) as resp:
+                release = hashlib.sha256(resp.read()).hexdigest()
+        except (OSError, ValueError) as e:
+            log.debug("bootstrap cache off: %s: %s", url, e)
+            return None
+        parts = [self.opts.backend, r.suite, r.arch, r.variant, ",".join(r.components),
+                 ",".join(r.include), ",".join(r.exclude), self.mirror, release]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
     def _bootstrap(self, gen: Generation) -> None:
+        r = self.recipe
+        target = gen.rootfs
+        key = self._bootstrap_key()
+        cached = self.bootstrap_cache / f"{r.suite}-{r.arch}-{key}.tar.zst" if key else None
+        if cached is not None and cached.is_file():
+            self.rep.line(f"bootstrap from cache {cached.name}")
+            try:
+                extract_rootfs_tar(cached, target)
+                self.bootstrap_from_cache = True
+                return
+            except CommandError as e:
+                log.warning("bootstrap cache entry %s unusable (%s); bootstrapping", cached, e)
+                cached.unlink(missing_ok=True)
+                shutil.rmtree(target, ignore_errors=True)
+        self._bootstrap_tool(gen)
+        if cached is not None:
+            _clean_root_debs(target, self.cache)
+            self.rep.line(f"saving bootstrap cache {cached.name}")
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            write_rootfs_tar(target, cached, level=1)
+            _prune(self.bootstrap_cache, keep=4)
+
+    def _bootstrap_tool(self, gen: Generation) -> None:
         r = self.recipe
         target = gen.rootfs
         target.mkdir()
@@ -491,6 +539,7 @@ class Builder:
             "sizes": {"rootfs_bytes": _du(gen.rootfs)},
             "exports": exports,
             "timings_s": {**self.timings, "total": round(total, 3)},
+            "bootstrap_from_cache": self.bootstrap_from_cache,
         }
 
 
@@ -525,6 +574,13 @@ def _package_list(root: Path) -> dict[str, dict[str, str]]:
         if len(parts) == 5 and parts[4].startswith("i"):
             out[parts[0]] = {"version": parts[1], "arch": parts[2], "installed_kib": parts[3]}
     return out
+
+
+def _prune(d: Path, keep: int) -> None:
+    """Keep the ``keep`` most recently used entries of the bootstrap cache."""
+    entries = sorted(d.glob("*.tar.zst"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in entries[keep:]:
+        p.unlink(missing_ok=True)
 
 
 def _clean_root_debs(root: Path, cache: Path) -> None:

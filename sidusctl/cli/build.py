@@ -48,16 +48,19 @@ def _print_summary(s: dict[str, Any]) -> None:
               help="Also copy kernel, initrd and tarball to this directory.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Shared .deb cache (default $SIDUSCTL_CACHE or <state>/cache/apt).")
+@click.option("--no-bootstrap-cache", is_flag=True,
+              help="Always run the bootstrap tool, even if a cached bootstrap matches.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def build_cmd(image: str, backend: str, tar: bool, out: Path | None, cache_dir: Path | None,
-              as_json: bool) -> None:
+              no_bootstrap_cache: bool, as_json: bool) -> None:
     """Build IMAGE (a recipe name in images/, a folder or an image.toml) into the state
     directory. The previous build stays current unless this one succeeds."""
     rec = recipe.find(image)
     need_root("sidusctl build")
     store = ImageStore(get_ctx().state)
     opts = builder.BuildOptions(backend=backend, tar=tar, out=out,
-                                cache=cache_dir.absolute() if cache_dir else None)
+                                cache=cache_dir.absolute() if cache_dir else None,
+                                bootstrap_cache=not no_bootstrap_cache)
     with StageProgress(f"build {rec.name}") as prog:
         img = builder.build(store, rec, opts, prog)
     s = _summary(img, out)

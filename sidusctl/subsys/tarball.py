@@ -29,9 +29,9 @@ def compression_for(dest: Path) -> str:
                       expected="one of " + ", ".join(COMPRESSIONS))
 
 
-def _compressor(comp: str) -> list[str]:
+def _compressor(comp: str, level: int | None = None) -> list[str]:
     if comp == "zstd":
-        return [which("zstd", "zstd"), "-T0", "-3", "-q"]
+        return [which("zstd", "zstd"), "-T0", f"-{level or 3}", "-q"]
     if comp == "gzip":
         return [shutil.which("pigz") or which("gzip", "gzip"), "-6"]
     if comp == "xz":
@@ -43,13 +43,14 @@ TAR_FLAGS = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--s
              "--one-file-system"]
 
 
-def write_rootfs_tar(rootfs: Path, dest: Path) -> int:
+def write_rootfs_tar(rootfs: Path, dest: Path, level: int | None = None) -> int:
     """Archive the tree ``rootfs`` (entries named ``./...``) into ``dest``; returns its size in
-    bytes. Raises :class:`CommandError` if tar fails (full disk included)."""
+    bytes. ``level``: zstd compression level (default 3). Raises :class:`CommandError` if tar
+    fails (full disk included)."""
     comp = compression_for(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
     argv = [which("tar", "tar"), *TAR_FLAGS, "-C", str(rootfs), "-cf", str(tmp)]
-    c = _compressor(comp)
+    c = _compressor(comp, level)
     if c:
         argv[1:1] = ["--use-compress-program", " ".join(c)]
     try:
