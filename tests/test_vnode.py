@@ -50,13 +50,18 @@ def force_cleanup(state: Path) -> None:
         for d in lxcpath.iterdir():
             subprocess.run(["lxc-stop", "-P", str(lxcpath), "-n", d.name, "-k"],
                            capture_output=True, check=False)
-    store = state / "vnode" / "store"
+    # containers whose config is already gone: kill what is left in their cgroups
+    for cg in Path("/sys/fs/cgroup/pids").glob("lxc.payload.sdt-vt*"):
+        for pid in (cg / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), 9)
+    if any(Path("/sys/fs/cgroup/pids").glob("lxc.payload.sdt-vt*")):
+        time.sleep(1)
     for _ in range(3):
         r = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True)
         targets = [t for t in r.stdout.split() if t.startswith(str(state))]
         for t in sorted(targets, key=len, reverse=True):
             subprocess.run(["umount", "-l", t], check=False)
-    del store
     r = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True)
     for ln in r.stdout.splitlines():
         name = ln.split(":")[1].strip().split("@")[0]

@@ -1,0 +1,247 @@
+"""vnode pieces that need no container: the LXC config template (golden), rates and sizes,
+cgroup settings, the SSH rules of Distem's FAQ, platform-file checking, the netem probe."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sidusctl.core.errors import ConfigError, PrerequisiteError, StateError
+from sidusctl.subsys.cgroups import IoLimit, MemLimits, cpu_settings, io_settings
+from sidusctl.subsys.net import tc
+from sidusctl.subsys.templates import render
+from sidusctl.vnode import ssh
+from sidusctl.vnode.platform import parse_matrix_file, parse_size
+from sidusctl.vnode.platform_file import load
+
+GOLDEN_CONF = """\
+# LXC configuration of vnode n1 (written by sidusctl vnode; regenerated at each start)
+lxc.uts.name = n1
+lxc.rootfs.path = dir:/s/vnode/store/vnodes/n1/rootfs
+lxc.include = /usr/share/lxc/config/common.conf
+lxc.arch = amd64
+# No AppArmor on this host class; a generated profile would need the host's parser.
+lxc.apparmor.profile = unconfined
+# Hybrid cgroup hosts (v1 + a v2 mount): "mixed" gives systemd a read-only view it accepts.
+lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed
+lxc.tty.max = 2
+lxc.pty.max = 64
+lxc.console.logfile = /s/vnode/lxc/n1/console.log
+lxc.console.size = 1048576
+lxc.log.file = /s/vnode/lxc/n1/lxc.log
+lxc.log.level = INFO
+lxc.net.0.type = veth
+lxc.net.0.link = vnet
+lxc.net.0.name = if0
+lxc.net.0.veth.pair = n1-if0
+lxc.net.0.hwaddr = 02:aa:bb:cc:dd:ee
+lxc.net.0.flags = up
+lxc.net.0.ipv4.address = 10.144.0.1/22
+lxc.net.0.ipv4.gateway = 10.147.255.254
+# IO-throttled device, visible inside the vnode
+lxc.cgroup.devices.allow = b 7:3 rwm
+lxc.mount.entry = /dev/loop3 dev/loop3 none bind,create=file 0 0
+lxc.cgroup.memory.limit_in_bytes = 536870912
+lxc.cgroup2.memory.high = 268435456
+"""
+
+
+def test_lxc_config_golden() -> None:
+    text = render("lxc/vnode.conf.j2", vname="n1", rootfs="/s/vnode/store/vnodes/n1/rootfs",
+                  common_conf="/usr/share/lxc/config/common.conf",
+                  console_log="/s/vnode/lxc/n1/console.log", log_file="/s/vnode/lxc/n1/lxc.log",
+                  ifaces=[{"name": "if0", "bridge": "vnet", "veth": "n1-if0",
+                           "hwaddr": "02:aa:bb:cc:dd:ee", "address": "10.144.0.1/22",
+                           "gateway": "10.147.255.254"}],
+                  cgroups=[(1, "memory.limit_in_bytes", "536870912"),
+                           (2, "memory.high", "268435456")],
+                  devices=[{"path": "/dev/loop3", "majmin": "7:3"}])
+    assert text == GOLDEN_CONF
+
+
+@pytest.mark.parametrize("text,bits", [("100mbit", 100_000_000), ("1gbit", 10**9),
+                                       ("12.5mbps", 100_000_000), ("64kbit", 64_000),
+                                       ("3000mbit", 3 * 10**9), ("8000", 8000)])
+def test_parse_rate(text: str, bits: int) -> None:
+    assert tc.parse_rate(text) == bits
+
+
+@pytest.mark.parametrize("bad", ["fast", "10 mbits", "-3mbit", "0", "100tbit"])
+def test_parse_rate_rejects(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        tc.parse_rate(bad)
+
+
+def test_sizes() -> None:
+    assert parse_size("6G") == 6 * 2**30
+    assert parse_size("512M") == 512 * 2**20
+    with pytest.raises(ConfigError):
+        parse_size("lots")
+
+
+def test_memory_settings_v1_v2() -> None:
+    assert MemLimits(1, mem=4096, swap=1024).settings() == [
+        (1, "memory.limit_in_bytes", str(4096 * 2**20)),
+        (1, "memory.memsw.limit_in_bytes", str(5120 * 2**20))]
+    assert MemLimits(1, mem="max").settings() == [(1, "memory.limit_in_bytes", "-1")]
+    assert MemLimits(2, soft=4096, hard=4150, swap=1024).settings() == [
+        (2, "memory.high", str(4096 * 2**20)), (2, "memory.max", str(4150 * 2**20)),
+        (2, "memory.swap.max", str(1024 * 2**20))]
+    assert MemLimits(2, soft="max").settings() == [(2, "memory.high", "max")]
+    with pytest.raises(ConfigError):
+        MemLimits(1, soft=100).settings()
+    with pytest.raises(ConfigError):
+        MemLimits(2, mem=100).settings()
+
+
+def test_v2_memory_on_this_host_is_an_honest_error() -> None:
+    from sidusctl.subsys import cgroups
+
+    if cgroups.v2_has("memory"):
+        pytest.skip("this host has the v2 memory controller")
+    with pytest.raises(PrerequisiteError, match="cgroup v2 'memory' controller"):
+        MemLimits(2, hard=100).check_host()
+
+
+def test_io_and_cpu_settings() -> None:
+    dev = "/dev/null"  # a char device: refused
+    with pytest.raises(ConfigError, match="not a block device"):
+        IoLimit(dev, 1).majmin()
+    loops = sorted(Path("/dev").glob("loop[0-9]*"))
+    if loops:
+        st = os.stat(loops[0])
+        mm = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        assert io_settings([IoLimit(str(loops[0]), 1024, "max")], 1) == [
+            (1, "blkio.throttle.read_bps_device", f"{mm} 1024"),
+            (1, "blkio.throttle.write_bps_device", f"{mm} 0")]
+        assert io_settings([IoLimit(str(loops[0]), 1024, "max")], 2) == [
+            (2, "io.max", f"{mm} rbps=1024 wbps=max")]
+    assert cpu_settings(1.5, "0-1") == [(1, "cpu.cfs_period_us", "100000"),
+                                        (1, "cpu.cfs_quota_us", "150000"),
+                                        (1, "cpuset.cpus", "0-1")]
+
+
+def test_ssh_rules_of_the_faq(tmp_path: Path) -> None:
+    host = tmp_path / "host-ssh"
+    host.mkdir()
+    (host / "authorized_keys").write_text("ssh-ed25519 AAAAhostauth admin@x\n# comment\n")
+    (host / "id_ed25519").write_text("HOST PRIVATE\n")
+    (host / "id_ed25519.pub").write_text("ssh-ed25519 AAAAhostpub root@host\n")
+    root = tmp_path / "rootfs"
+    (root / "root" / ".ssh").mkdir(parents=True)
+    (root / "root" / ".ssh" / "authorized_keys").write_text("ssh-rsa AAAAimage img@x\n")
+    (root / "root" / ".ssh" / "id_ed25519").write_text("VNODE OWN KEY\n")
+    ssh.inject(root, pubkey="ssh-ed25519 AAAAparam p@x", privkey="PARAM PRIVATE",
+               copy_host_keys=True, host_ssh=host)
+    ak = (root / "root/.ssh/authorized_keys").read_text().splitlines()
+    assert ak == ["ssh-rsa AAAAimage img@x", "ssh-ed25519 AAAAhostauth admin@x",
+                  "ssh-ed25519 AAAAhostpub root@host", "ssh-ed25519 AAAAparam p@x"]
+    # id* copied only where absent
+    assert (root / "root/.ssh/id_ed25519").read_text() == "VNODE OWN KEY\n"
+    assert (root / "root/.ssh/id_ed25519.pub").read_text().startswith("ssh-ed25519 AAAAhostpub")
+    assert (root / "root/.ssh/identity").read_text() == "PARAM PRIVATE\n"
+    assert oct((root / "root/.ssh/identity").stat().st_mode & 0o777) == "0o600"
+    # idempotent: a second start adds nothing
+    ssh.inject(root, pubkey="ssh-ed25519 AAAAparam p@x", privkey=None, copy_host_keys=True,
+               host_ssh=host)
+    assert (root / "root/.ssh/authorized_keys").read_text().splitlines() == ak
+
+
+def test_ssh_no_host_private_keys_by_default(tmp_path: Path) -> None:
+    host = tmp_path / "host-ssh"
+    host.mkdir()
+    (host / "id_rsa").write_text("HOST PRIVATE\n")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    ssh.inject(root, pubkey=None, privkey=None, copy_host_keys=False, host_ssh=host)
+    assert not (root / "root/.ssh/id_rsa").exists()
+
+
+def test_ssh_refuses_symlinks_planted_in_the_image(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "rootfs"
+    (root / "root").mkdir(parents=True)
+    (root / "root" / ".ssh").symlink_to(outside)
+    with pytest.raises(StateError, match="symlink"):
+        ssh.inject(root, pubkey="k", privkey=None, copy_host_keys=False, host_ssh=tmp_path / "no")
+    assert list(outside.iterdir()) == []
+
+
+def test_platform_file_alevin_and_full(tmp_path: Path) -> None:
+    pf = tmp_path / "p.toml"
+    pf.write_text("""
+[defaults]
+image = "minimal"
+vnetwork = "vnet"
+
+[[vnetworks]]
+name = "vnet"
+cidr = "10.144.0.0/22"
+
+[[vnodes]]
+name = "node0"
+bandwidth = "3000mbit"
+cpu = 1
+
+[[vnodes]]
+name = "node1"
+bandwidth = "1000mbit"
+cpu = 2
+
+[[vnodes]]
+name = "db"
+fs = "distinct"
+ifaces = [{ name = "if0", vnetwork = "vnet", address = "10.144.0.9", latency = 5 }]
+mem = { hierarchy = "v2", soft_limit = 4096, hard_limit = 4150, swap = 1024 }
+io = [{ device = "/dev/sda", read_bps = "10M", write_bps = "max" }]
+
+[[vnodes]]
+name = "w"
+count = 3
+""")
+    spec = load(pf)
+    names = [v.name for v in spec.vnodes]
+    assert names == ["node0", "node1", "db", "w0", "w1", "w2"]
+    n1 = spec.vnodes[1].create
+    assert n1["cpus"] == 2.0 and n1["bandwidth"] == {"if0": "1000mbit"}
+    assert n1["ifaces"][0].vnetwork == "vnet"
+    db = spec.vnodes[2].create
+    assert db["mem"] == {"hierarchy": 2, "soft": 4096, "hard": 4150, "swap": 1024}
+    assert db["io"] == [{"device": "/dev/sda", "read_bps": 10 * 2**20, "write_bps": "max"}]
+    assert db["latency"] == {"if0": 5.0} and db["ifaces"][0].address == "10.144.0.9"
+
+
+@pytest.mark.parametrize("body,key", [
+    ('[[vnodes]]\nname = "a"\nimage = "x"\nbandwith = "1mbit"\n', "vnodes[0].bandwith"),
+    ('[[vnodes]]\nname = "a"\n', "vnodes[0].image"),
+    ('[[vnetworks]]\nname = "n"\n', "vnetworks[0].cidr"),
+    ('[[vnodes]]\nname = "A_B"\nimage = "x"\n', "name"),
+    ('[[vnodes]]\nname = "a"\nimage = "x"\nmem = { mem = "lots" }\n', "vnodes[0].mem.mem"),
+])
+def test_platform_file_errors_name_the_key(tmp_path: Path, body: str, key: str) -> None:
+    pf = tmp_path / "p.toml"
+    pf.write_text(body)
+    with pytest.raises(ConfigError) as ei:
+        load(pf)
+    assert str(pf) in str(ei.value) and key in str(ei.value)
+
+
+def test_latency_matrix_file(tmp_path: Path) -> None:
+    f = tmp_path / "m.txt"
+    f.write_text("# Distem latency matrix\nn0 n1 n2\n0 10 20\n10 0 15\n20,15,0\n")
+    names, m = parse_matrix_file(f)
+    assert names == ["n0", "n1", "n2"] and m[2] == [20.0, 15.0, 0.0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netlink)")
+def test_missing_netem_is_named() -> None:
+    try:
+        tc.require_qdisc("netem")
+    except PrerequisiteError as e:
+        assert "'netem' qdisc" in str(e)
+    else:
+        pytest.skip("this kernel has netem")
+    tc.require_qdisc("tbf")  # and tbf, which bandwidth uses, is there
