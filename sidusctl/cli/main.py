@@ -44,12 +44,14 @@ from sidusctl.cli import image as _image  # noqa: E402
 from sidusctl.cli import serve as _serve  # noqa: E402
 from sidusctl.cli import imports as _imports  # noqa: E402
 from sidusctl.cli import vnode as _vnode  # noqa: E402
+from sidusctl.cli import pxe as _pxe  # noqa: E402
 
 _build.register(cli)
 _image.register(cli)
 _serve.register(cli)
 _imports.register(cli)
 _vnode.register(cli)
+_pxe.register(cli)
 # (other services register here)
 
 

@@ -1,0 +1,247 @@
+"""Boot-loader trees: a TFTP root for pxelinux (BIOS), iPXE and GRUB (UEFI) from an inventory.
+
+Layout written under the TFTP root::
+
+    pxelinux.0 ldlinux.c32 menu.c32 libutil.c32   copied from the host's pxelinux/syslinux-common
+    pxelinux.cfg/default                          menu with the SIDUS seed's tmpfs and iscsi labels
+    pxelinux.cfg/01-<mac>  pxelinux.cfg/<HEXIP>   one per node (pxelinux tries these first)
+    boot.ipxe  ipxe/<mac-with-dashes>.ipxe       iPXE: chain to the node's own script
+    grub/grub.cfg-<mac-with-dashes>               GRUB netboot (UEFI), per node
+    vmlinuz-<image>  initrd.img-<image>           from the image store
+
+Re-rendering writes only files whose content changed (each by temp file + rename), and removes
+files a previous render wrote that are no longer wanted (listed in ``.sidusctl-pxe.json``).
+Sources: syslinux wiki (PXELINUX config lookup), iPXE scripting docs, GRUB manual "Network".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sidusctl.boot.inventory import Inventory, Node
+from sidusctl.core.errors import PrerequisiteError, SidusError
+from sidusctl.core.state import atomic_write_bytes, read_json, write_json
+from sidusctl.subsys.templates import render
+
+MANIFEST = ".sidusctl-pxe.json"
+PXELINUX_DIRS = ("/usr/lib/PXELINUX",)
+SYSLINUX_BIOS_DIRS = ("/usr/lib/syslinux/modules/bios",)
+BIOS_FILES = {"pxelinux.0": PXELINUX_DIRS, "ldlinux.c32": SYSLINUX_BIOS_DIRS,
+              "menu.c32": SYSLINUX_BIOS_DIRS, "libutil.c32": SYSLINUX_BIOS_DIRS}
+NFS_OPTS = "rsize=8192,wsize=8192,tcp"  # the SIDUS seed's
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """Where an image's root is exported on the server and its kernel/initrd on this host."""
+
+    name: str
+    kernel: Path
+    initrd: Path
+    export_path: str
+
+
+@dataclass
+class RenderReport:
+    """Files under the TFTP root, relative: ``created``, ``updated``, ``unchanged``, ``removed``."""
+
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {"created": self.created, "updated": self.updated,
+                "unchanged": self.unchanged, "removed": self.removed}
+
+
+def nfsroot_arg(server: str, export_path: str) -> str:
+    return f"nfsroot={server}:{export_path},{NFS_OPTS}"
+
+
+def overlay_args(node: Node, default_iscsi_ip: str) -> list[str]:
+    """The sidus initramfs parameters for ``node``'s writable layer (see docs/netboot.md)."""
+    args = [f"sidus.overlay={node.overlay}"]
+    if node.size:
+        args.append(f"sidus.size={node.size}")
+    if node.overlay in ("disk", "iscsi") and node.disk:
+        args.append(f"sidus.disk={node.disk}")
+    if node.overlay == "iscsi":
+        args.append(f"ISCSI_TARGET_IP={node.iscsi_target_ip or default_iscsi_ip}")
+        args.append(f"sidus.iscsi.target={node.iscsi_target}")
+        if node.iscsi_initiator:
+            args.append(f"sidus.iscsi.initiator={node.iscsi_initiator}")
+    if node.overlay == "nfs" and node.nfs_share:
+        args.append(f"sidus.nfs={node.nfs_share}")
+    if node.format and node.overlay in ("disk", "iscsi", "nfs"):
+        args.append("sidus.format=1")
+    return args
+
+
+def node_cmdline(inv: Inventory, node: Node, img: ImageFiles, *, initrd_arg: bool = True) -> str:
+    """The kernel command line of ``node`` (without ``BOOTIF``, which pxelinux appends)."""
+    server = str(inv.network.server)
+    parts = []
+    if initrd_arg:
+        parts.append(f"initrd=initrd.img-{img.name}")
+    parts += ["root=/dev/nfs", nfsroot_arg(server, img.export_path), "ip=dhcp"]
+    parts += overlay_args(node, inv.network.iscsi_target_ip or server)
+    parts += list(node.kernel_args)
+    return " ".join(parts)
+
+
+def export_path_for(inv: Inventory, image: str, rootfs: Path) -> str:
+    if inv.network.nfs_root:
+        return inv.network.nfs_root.replace("{image}", image)
+    return str(rootfs)
+
+
+# -- rendering (pure: returns {relative path: bytes}) -------------------------------------------
+
+def render_tree(inv: Inventory, images: Mapping[str, ImageFiles]) -> dict[str, str]:
+    """Every config file of the tree, by path relative to the TFTP root."""
+    server = str(inv.network.server)
+    out: dict[str, str] = {}
+    default = inv.default_image or (inv.nodes[0].image if inv.nodes else None)
+    if default is not None:
+        img = images[default]
+        out["pxelinux.cfg/default"] = render(
+            "pxelinux/default.j2", image=default, server=server,
+            nfsroot=nfsroot_arg(server, img.export_path),
+            iscsi_target_ip=inv.network.iscsi_target_ip or server,
+            iscsi_target=inv.network.iscsi_target,
+            extra=" ".join(inv.default_args))
+    nodes_ctx = []
+    for n in inv.nodes:
+        img = images[n.image]
+        ctx = {"node": n, "image": n.image, "cmdline": node_cmdline(inv, n, img),
+               "cmdline_noinitrd": node_cmdline(inv, n, img, initrd_arg=False)}
+        nodes_ctx.append(ctx)
+        cfg = render("pxelinux/node.j2", **ctx)
+        out[f"pxelinux.cfg/{n.pxelinux_name}"] = cfg
+        out[f"pxelinux.cfg/{n.hex_ip}"] = cfg
+        out[f"ipxe/{n.mac_dashes}.ipxe"] = render("ipxe/node.ipxe.j2", **ctx)
+        out[f"grub/grub.cfg-{n.mac_dashes}"] = render("grub/node.cfg.j2", **ctx)
+    out["boot.ipxe"] = render("ipxe/boot.ipxe.j2", nodes=nodes_ctx)
+    return out
+
+
+def _find(name: str, dirs: Iterable[str]) -> Path:
+    for d in dirs:
+        p = Path(d) / name
+        if p.is_file():
+            return p
+    pkg = "pxelinux" if name == "pxelinux.0" else "syslinux-common"
+    raise PrerequisiteError(f"{name} was not found in {', '.join(dirs)}",
+                            hint=f"apt-get install {pkg}")
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _same_file(src: Path, dest: Path) -> bool:
+    try:
+        if src.stat().st_size != dest.stat().st_size:
+            return False
+    except FileNotFoundError:
+        return False
+    return _digest(src) == _digest(dest)
+
+
+def _copy_atomic(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.sidusctl-tmp")
+    try:
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            while chunk := fi.read(1 << 20):
+                fo.write(chunk)
+            fo.flush()
+            os.fsync(fo.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_tree(
+    tftp_root: Path,
+    inv: Inventory,
+    images: Mapping[str, ImageFiles],
+    *,
+    bios_dirs: Mapping[str, Iterable[str]] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> RenderReport:
+    """Render ``inv`` into ``tftp_root`` (created if missing). Only changed files are rewritten,
+    each atomically; files of an earlier render that are no longer wanted are removed.
+    Raises :class:`PrerequisiteError` if pxelinux/syslinux files are missing, :class:`SidusError`
+    if an image lacks its kernel or initrd."""
+    missing = [n for n in inv.images() if n not in images]
+    if missing:
+        raise SidusError(f"no kernel/initrd known for image(s): {', '.join(missing)}")
+    for img in (images[n] for n in inv.images()):
+        for p in (img.kernel, img.initrd):
+            if not p.is_file():
+                raise SidusError(f"image '{img.name}' has no {p.name} ({p})",
+                                 hint=f"rebuild it with netboot enabled: sidusctl build {img.name}")
+    tftp_root.mkdir(parents=True, exist_ok=True)
+    report = RenderReport()
+    wanted: set[str] = set()
+
+    def note(rel: str, changed: bool, existed: bool) -> None:
+        wanted.add(rel)
+        if not changed:
+            report.unchanged.append(rel)
+        elif existed:
+            report.updated.append(rel)
+        else:
+            report.created.append(rel)
+        if changed and progress:
+            progress(rel)
+
+    sources = bios_dirs or BIOS_FILES
+    copies: dict[str, Path] = {name: _find(name, dirs) for name, dirs in sources.items()}
+    for name in inv.images():
+        copies[f"vmlinuz-{name}"] = images[name].kernel
+        copies[f"initrd.img-{name}"] = images[name].initrd
+    for rel, src in sorted(copies.items()):
+        dest = tftp_root / rel
+        existed = dest.exists()
+        same = existed and _same_file(src, dest)
+        if not same:
+            _copy_atomic(src, dest)
+        note(rel, not same, existed)
+    for rel, text in sorted(render_tree(inv, images).items()):
+        dest = tftp_root / rel
+        data = text.encode()
+        existed = dest.exists()
+        same = existed and dest.read_bytes() == data
+        if not same:
+            atomic_write_bytes(dest, data, mode=0o644)
+        note(rel, not same, existed)
+    manifest = tftp_root / MANIFEST
+    previous: list[str] = []
+    if manifest.exists():
+        with contextlib.suppress(Exception):
+            prev = read_json(manifest)
+            previous = [str(p) for p in prev.get("files", [])] if isinstance(prev, dict) else []
+    for rel in sorted(set(previous) - wanted):
+        p = tftp_root / rel
+        if ".." in Path(rel).parts:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            report.removed.append(rel)
+    write_json(manifest, {"files": sorted(wanted)})
+    return report
