@@ -243,5 +243,6 @@ def write_tree(
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
             report.removed.append(rel)
-    write_json(manifest, {"files": sorted(wanted)})
+    if sorted(previous) != sorted(wanted):
+        write_json(manifest, {"files": sorted(wanted)})
     return report
