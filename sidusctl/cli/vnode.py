@@ -197,15 +197,18 @@ def net_list(as_json: bool) -> None:
 @click.option("--copy-host-keys/--no-copy-host-keys", default=False, show_default=True,
               help="Copy the host's /root/.ssh/id* (PRIVATE keys) where absent. A risk: see docs.")
 @click.option("--start-command", help="Run once booted; its exit code shows in status.")
+@click.option("--persistent-journal", is_flag=True,
+              help="Keep systemd-journald's logs on the vnode's disk (default: in RAM).")
 @_limit_options
 def create_cmd(name: str, image: str, fs: str, iface: tuple[str, ...], ssh_pubkey: str | None,
                ssh_privkey: str | None, copy_host_keys: bool, start_command: str | None,
-               **lim: Any) -> None:
+               persistent_journal: bool, **lim: Any) -> None:
     """Create vnode NAME (state READY)."""
     limits = _limits(**lim)
     vn = _platform().create(name, image, fs=fs, ifaces=list(iface),
                             ssh_pubkey=_read_key(ssh_pubkey), ssh_privkey=_read_key(ssh_privkey),
-                            copy_host_keys=copy_host_keys, start_command=start_command, **limits)
+                            copy_host_keys=copy_host_keys, start_command=start_command,
+                            persistent_journal=persistent_journal, **limits)
     addrs = ", ".join(f"{i.name}={i.address}@{i.vnetwork}" for i in vn.ifaces)
     console.print(f"vnode {vn.name}: {vn.state}, fs {vn.fs}, {addrs or 'no viface'}")
 

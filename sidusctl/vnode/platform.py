@@ -181,7 +181,7 @@ class Platform:
                cpuset: str | None = None, io: Sequence[dict[str, Any]] = (),
                io_hierarchy: int = 1, bandwidth: dict[str, str | int] | None = None,
                latency: dict[str, float] | None = None,
-               start_command: str | None = None) -> VNode:
+               start_command: str | None = None, persistent_journal: bool = False) -> VNode:
         """Create vnode ``name`` (state READY) from ``image`` (image-store name or tarball
         path), unpacking the image into the cache if needed. ``fs``: ``auto`` (cow on btrfs,
         else distinct), ``cow`` (error without btrfs), ``distinct`` or ``shared``. Everything is
@@ -212,7 +212,8 @@ class Platform:
             vn = VNode(name=name, image=image, fs=fs, image_key=key, ssh_pubkey=ssh_pubkey,
                        ssh_privkey=ssh_privkey, copy_host_keys=copy_host_keys,
                        io_hierarchy=io_hierarchy, start_command=start_command,
-                       created=time.time(), host=LOCALHOST)
+                       persistent_journal=persistent_journal, created=time.time(),
+                       host=LOCALHOST)
             vn.ifaces = self._plan_ifaces(st, vn, specs)
             self._set_limits(vn, mem=mem, cpus=cpus, cpuset=cpuset, io=io,
                              bandwidth=bandwidth, latency=latency)
@@ -430,6 +431,15 @@ class Platform:
                     if i.address:
                         hosts.append(f"{i.address}\t{other.name}")
             (etc / "hosts").write_text("\n".join(hosts) + "\n")
+            if not vn.persistent_journal and (etc / "systemd").is_dir():
+                # The root is deleted at stop: an on-disk journal (8 MiB preallocated) would
+                # be the biggest cost of a cow vnode for nothing.
+                d = etc / "systemd" / "journald.conf.d"
+                if not d.is_symlink():
+                    d.mkdir(exist_ok=True)
+                    (d / "90-sidusctl-vnode.conf").write_text(
+                        "# written by sidusctl vnode (--persistent-journal to keep logs on disk)\n"
+                        "[Journal]\nStorage=volatile\nRuntimeMaxUse=16M\n")
 
     def _netns_of(self, name: str) -> str:
         pid = self._container(name).pid()

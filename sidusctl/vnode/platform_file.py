@@ -29,7 +29,7 @@ NET_KEYS = {"name", "cidr", "mode", "root_interface", "vxlan_id", "vxlan_port", 
             "vxlan_remote", "gateway"}
 VNODE_KEYS = {"name", "count", "image", "fs", "vnetwork", "ifaces", "bandwidth", "latency", "cpu",
               "cpus", "cpuset", "mem", "io", "io_hierarchy", "ssh_pubkey", "ssh_privkey",
-              "copy_host_keys", "start_command"}
+              "copy_host_keys", "start_command", "persistent_journal"}
 IFACE_KEYS = {"name", "vnetwork", "address", "bandwidth", "latency"}
 MEM_KEYS = {"hierarchy", "mem", "swap", "soft", "hard", "soft_limit", "hard_limit"}
 
@@ -164,6 +164,8 @@ def _create_args(f: str, where: str, d: dict[str, Any]) -> dict[str, Any]:
         out["ssh_privkey"] = _read_text(f, f"{where}.ssh_privkey", d["ssh_privkey"])
     if "copy_host_keys" in d:
         out["copy_host_keys"] = bool(d["copy_host_keys"])
+    if "persistent_journal" in d:
+        out["persistent_journal"] = bool(d["persistent_journal"])
     if "start_command" in d:
         out["start_command"] = str(d["start_command"])
     return out
