@@ -13,6 +13,7 @@ Environment knobs (for developers; CI sets none of them):
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -66,15 +67,49 @@ def _wipe(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _flock(path: Path, mode: int, block: bool = True) -> int | None:
+    """Open ``path`` and flock it; None if ``block`` is false and it is held elsewhere."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, mode | (0 if block else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+_SESSION_LOCK = TEST_STATE.parent / f".{TEST_STATE.name}.sessions"
+_alone_at_start = False
+
+
 @pytest.fixture(scope="session")
 def test_state() -> Iterator[Path]:
-    """The state directory holding the shared image."""
-    if not REUSE:
-        _wipe(TEST_STATE)
+    """The state directory holding the shared image. Several pytest sessions may run at once
+    (developers running parts of the suite in parallel): each holds a shared lock for its whole
+    run; the directory is wiped only by a session that finds itself alone."""
+    global _alone_at_start
+    fd = _flock(_SESSION_LOCK, fcntl.LOCK_EX, block=False)
+    _alone_at_start = fd is not None
+    if fd is None:
+        fd = _flock(_SESSION_LOCK, fcntl.LOCK_SH)
+    else:
+        if not REUSE:
+            _wipe(TEST_STATE)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    assert fd is not None
     TEST_STATE.mkdir(parents=True, exist_ok=True)
-    yield TEST_STATE
-    if not REUSE:
-        _wipe(TEST_STATE)
+    try:
+        yield TEST_STATE
+    finally:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            last = True
+        except BlockingIOError:
+            last = False
+        if last and not REUSE:
+            _wipe(TEST_STATE)
+        os.close(fd)
 
 
 class BuiltImage:
@@ -94,22 +129,28 @@ class BuiltImage:
 def minimal_image(test_state: Path) -> BuiltImage:
     """``images/minimal`` built once per run by ``sidusctl build minimal --tar`` (real
     debootstrap against the Debian archive). Attributes as imagestore.Image: rootfs, tarball,
-    kernel, initrd, manifest, dir, name; plus ``state`` and ``log``."""
+    kernel, initrd, manifest, dir, name; plus ``state`` and ``log``. A session that is not alone
+    waits for a concurrent session's build and reuses it."""
     from sidusctl.build import recipe
     from sidusctl.subsys.imagestore import ImageStore
 
     logfile = test_state / "build-minimal.log"
-    store = ImageStore(test_state)
     digest = recipe.find("minimal").digest()
-    if REUSE and store.exists("minimal") and logfile.exists():
-        img = store.get("minimal")
-        if img.manifest.get("recipe", {}).get("sha256") == digest and img.tarball:
-            return BuiltImage(img, test_state, logfile.read_text())
-    res = sidusctl("--debug", "build", "minimal", "--tar", state=test_state, timeout=1800)
-    logfile.write_text(res.stdout + res.stderr)
-    if res.returncode != 0:
-        pytest.fail(f"building images/minimal failed (rc {res.returncode}):\n{res.stderr[-4000:]}")
-    return BuiltImage(store.get("minimal"), test_state, res.stdout + res.stderr)
+    fd = _flock(test_state / ".build-lock", fcntl.LOCK_EX)
+    try:
+        store = ImageStore(test_state)
+        if (REUSE or not _alone_at_start) and store.exists("minimal") and logfile.exists():
+            img = store.get("minimal")
+            if img.manifest.get("recipe", {}).get("sha256") == digest and img.tarball:
+                return BuiltImage(img, test_state, logfile.read_text())
+        res = sidusctl("--debug", "build", "minimal", "--tar", state=test_state, timeout=1800)
+        logfile.write_text(res.stdout + res.stderr)
+        if res.returncode != 0:
+            pytest.fail(f"building images/minimal failed (rc {res.returncode}):\n{res.stderr[-4000:]}")
+        return BuiltImage(store.get("minimal"), test_state, res.stdout + res.stderr)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 # -- leak check ----------------------------------------------------------------------------------
