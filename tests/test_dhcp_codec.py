@@ -309,3 +309,41 @@ def test_fuzz_server_handler_never_raises(fuzz_servers: list[DhcpServer], data: 
     for srv in fuzz_servers:
         for reply, _dest in srv.handle(data, ("0.0.0.0", 68), port):
             assert dc.decode(reply).op == dc.BOOTREPLY
+
+
+def test_release_decline_inform_relay_and_expired_reuse(tmp_path: Path) -> None:
+    import time as _time
+    srv = make_server(tmp_path, pool=(IPv4Address("10.0.0.100"), IPv4Address("10.0.0.101")),
+                      unknown="pool")
+    a, b = bytes.fromhex("0200000000aa"), bytes.fromhex("0200000000bb")
+    src = ("0.0.0.0", 68)
+    try:
+        assert srv.store is not None
+        off, _ = one(srv.handle(raw_request(b"\x35\x01\x01\xff", mac=a), src, 67))
+        one(srv.handle(raw_request(_request_opts(str(off.yiaddr)), mac=a), src, 67))
+        # RELEASE frees the address
+        rel = b"\x35\x01\x07\x36\x04" + SERVER.packed + b"\xff"
+        assert srv.handle(raw_request(rel, mac=a, ciaddr=off.yiaddr.packed), src, 67) == []
+        assert "02:00:00:00:00:aa" not in srv.store.by_mac
+        # DECLINE sets the address aside: the next client gets the other one
+        one(srv.handle(raw_request(b"\x35\x01\x01\xff", mac=a), src, 67))
+        ack, _ = one(srv.handle(raw_request(_request_opts(str(off.yiaddr)), mac=a), src, 67))
+        dec = b"\x35\x01\x04\x32\x04" + ack.yiaddr.packed + b"\x36\x04" + SERVER.packed + b"\xff"
+        assert srv.handle(raw_request(dec, mac=a), src, 67) == []
+        off_b, _ = one(srv.handle(raw_request(b"\x35\x01\x01\xff", mac=b), src, 67))
+        assert off_b.yiaddr != ack.yiaddr
+        # INFORM: options, no address, no lease time, unicast to ciaddr
+        inf, dest = one(srv.handle(raw_request(b"\x35\x01\x08\xff", mac=b,
+                                               ciaddr=bytes([10, 0, 0, 7])), ("10.0.0.7", 68), 67))
+        assert inf.msg_type == dc.ACK and inf.yiaddr == IPv4Address(0)
+        assert dc.OPT_LEASE_TIME not in inf.options and dest == ("10.0.0.7", 68)
+        # relayed: the reply goes to the relay's port 67, option 82 echoed
+        relayed = bytearray(raw_request(b"\x35\x01\x01\x52\x04\x01\x02ab\xff", mac=b))
+        relayed[24:28] = bytes([10, 0, 0, 254])
+        out, dest = one(srv.handle(bytes(relayed), ("10.0.0.254", 67), 67))
+        assert dest == ("10.0.0.254", 67) and out.options[dc.OPT_RELAY_AGENT] == b"\x01\x02ab"
+        # an expired lease's address goes back to the pool
+        srv.store.bind("02:00:00:00:00:cc", IPv4Address("10.0.0.101"), None, _time.time() - 1)
+        assert srv.store.holder(IPv4Address("10.0.0.101"), _time.time()) is None
+    finally:
+        srv.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -299,3 +300,19 @@ def test_refuses_an_interface_that_does_not_exist(tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=30, cwd=REPO, check=False)
     assert r.returncode == 3 and "interface sdt-nosuch: no IPv4 address" in r.stderr
 
+
+
+def test_sighup_reloads_reservations(lab: Lab) -> None:
+    d = lab.serve()
+    try:
+        lab.set_client_mac("52:54:00:00:00:03")
+        lab.reservations.write_text(lab.reservations.read_text()
+                                    + "52:54:00:00:00:03 10.77.0.132 node3\n")
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 10
+        while "reloaded the configuration" not in d.text() and time.time() < deadline:
+            time.sleep(0.1)
+        env = lab.udhcpc("u3")
+        assert (env["ip"], env["hostname"]) == ("10.77.0.132", "node3")
+    finally:
+        assert d.stop() == 0

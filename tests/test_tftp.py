@@ -347,3 +347,51 @@ def test_fuzz_live_server(live: Live, data: bytes) -> None:
 def test_server_still_serves_after_fuzz(live: Live, root: Path) -> None:
     res = live.run(tftp_client.fetch("127.0.0.1", "small.bin", port=live.port, windowsize=8))
     assert isinstance(res, tftp_client.FetchResult) and sha(res.data) == sha(root / "small.bin")
+
+
+def test_window_with_a_lost_block_resends_from_the_gap(live: Live, root: Path) -> None:
+    """RFC 7440 section 4: the client ACKs the last block it has in order; the server goes on
+    from there (here block 3 of a window of 4 is dropped once)."""
+    async def client() -> tuple[bytes, int]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+
+        class P(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                q.put_nowait((data, addr))
+        tr, _ = await loop.create_datagram_endpoint(P, local_addr=("127.0.0.1", 0))
+        tr.sendto(tc.encode_request(tc.RRQ, "small.bin", "octet",
+                                    {"blksize": "1024", "windowsize": "4"}), ("127.0.0.1", live.port))
+        data, addr = await asyncio.wait_for(q.get(), 3)
+        assert tc.parse(data) == tc.Oack({"blksize": "1024", "windowsize": "4"})
+        tr.sendto(tc.encode_ack(0), addr)
+        out, expect, dropped, gaps, in_window = [], 1, False, 0, 0
+        while True:
+            data, _ = await asyncio.wait_for(q.get(), 3)
+            p = tc.parse(data)
+            assert isinstance(p, tc.Data)
+            if p.block == 3 and not dropped:
+                dropped = True
+                continue
+            if p.block != expect:
+                if p.block > expect:  # a gap: say what we have, once per window
+                    gaps += 1
+                    tr.sendto(tc.encode_ack(expect - 1), addr)
+                    # drain the rest of this window
+                    while not q.empty():
+                        q.get_nowait()
+                    in_window = 0
+                continue
+            out.append(p.payload)
+            expect += 1
+            in_window += 1
+            if len(p.payload) < 1024:
+                tr.sendto(tc.encode_ack(p.block), addr)
+                tr.close()
+                return b"".join(out), gaps
+            if in_window == 4:
+                tr.sendto(tc.encode_ack(p.block), addr)
+                in_window = 0
+    data, gaps = live.run(client())  # type: ignore[misc]
+    assert gaps >= 1
+    assert sha(data) == sha(root / "small.bin")
