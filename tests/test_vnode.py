@@ -472,3 +472,21 @@ def test_shared_and_distinct_roots(plat: Path, image: str) -> None:
         assert not shared[0].exists()
     finally:
         sidusctl("vnode", "destroy", "sdt-vts1", "sdt-vts2", "sdt-vtd", state=plat)
+
+
+def test_concurrent_commands_keep_the_state_whole(plat: Path, image: str) -> None:
+    names = [f"sdt-vtk{i}" for i in range(4)]
+    cmd = [sys.executable, "-m", "sidusctl", "--state-dir", str(plat), "vnode", "create"]
+    procs = [subprocess.Popen([*cmd, n, "--image", image, "--iface", f"if0:{NET}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in names]
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err
+        rows = {v["name"]: v for v in json.loads(ok("vnode", "list", "--json", state=plat).stdout)}
+        assert set(names) <= set(rows)
+        addrs = [rows[n]["ifaces"][0]["address"] for n in names]
+        assert len(set(addrs)) == len(addrs)  # no address handed out twice
+    finally:
+        sidusctl("vnode", "destroy", *names, state=plat)

@@ -102,7 +102,11 @@ class Container:
                 tail = "\n".join("    " + ln for ln in lines[-8:])
             raise SidusError(f"container {self.name} failed to start:\n{tail or e.output_tail}",
                              hint=f"see {self.log_file} and {self.console_log}") from e
-        run([*self._argv("lxc-wait"), "-s", "RUNNING", "-t", "30"], what="lxc-wait")
+        try:
+            run([*self._argv("lxc-wait"), "-s", "RUNNING", "-t", "30"], what="lxc-wait")
+        except CommandError as e:
+            raise SidusError(f"container {self.name} died while starting",
+                             hint=f"see {self.log_file} and {self.console_log}") from e
 
     def stop(self, timeout: int = 10) -> None:
         """Clean shutdown (SIGPWR to init) for ``timeout`` s, then kill. No error if stopped."""
@@ -151,6 +155,27 @@ class Container:
             elif m.group(3):
                 code = int(m.group(3))
         return code
+
+
+#: Host limits that many systemd containers exhaust (each systemd, journald, udev... holds
+#: inotify instances: 128 per user, the default, is about 30 containers).
+HOST_SYSCTLS = {"fs/inotify/max_user_instances": 8192, "fs/inotify/max_user_watches": 1048576}
+
+
+def tune_host() -> list[str]:
+    """Raise (never lower) the inotify limits of :data:`HOST_SYSCTLS`, as LXC's and LXD's
+    production notes advise; returns one line per change (the caller logs them)."""
+    done = []
+    for key, want in HOST_SYSCTLS.items():
+        path = Path("/proc/sys") / key
+        try:
+            have = int(path.read_text().split()[0])
+            if have < want:
+                path.write_text(f"{want}\n")
+                done.append(f"sysctl {key.replace('/', '.')}: {have} -> {want}")
+        except (OSError, ValueError):
+            continue
+    return done
 
 
 def list_running(lxcpath: Path) -> list[str]:

@@ -232,6 +232,11 @@ class Platform:
                 raise ConfigError(f"vnode {vn.name}", "iface", f"viface {s.name} given twice")
             names.add(s.name)
             net = self._net(st, s.vnetwork)
+            if net.netns:
+                raise ConfigError(f"vnode {vn.name}", f"iface {s.name}",
+                                  f"vnetwork {net.name} is built in network namespace "
+                                  f"{net.netns} (an emulated host): this host's vnodes cannot "
+                                  "join it", expected="a vnetwork made without --netns")
             netw = net.network
             if s.address:
                 try:
@@ -361,6 +366,8 @@ class Platform:
                 log.warning("vnode %s was recorded %s but its container is %s: recovering",
                             name, vn.state, real)
             self.store.ready(st)
+            for change in lxc.tune_host():
+                log.warning("raised a host limit for many containers: %s", change)
             for i in vn.ifaces:
                 net = self._net(st, i.vnetwork)
                 self._net_setup(net)  # idempotent: bridges vanish at reboot
