@@ -27,13 +27,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
-import gzip
 import hashlib
+import io
 import os
 import shutil
 import stat
 import tarfile
 import urllib.parse
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Protocol
@@ -76,15 +77,31 @@ class HashingReader:
         return self._head[:n]
 
     def read(self, n: int = -1, /) -> bytes:
+        """Up to ``n`` bytes; fewer only at the end of the stream (tarfile needs full reads)."""
         if self._head:
             if n < 0 or n >= len(self._head):
-                data = self._head + (self._f.read(n - len(self._head)) if n != len(self._head)
-                                     else b"")
+                data = self._head
                 self._head = b""
             else:
                 data, self._head = self._head[:n], self._head[n:]
         else:
-            data = self._f.read(n)
+            data = b""
+        if n < 0:
+            data += self._f.read()
+        elif len(data) < n:
+            more = self._f.read(n - len(data))
+            if more and len(data) + len(more) < n:
+                parts: list[bytes] = [data, more]
+                got = len(data) + len(more)
+                while got < n:
+                    more = self._f.read(n - got)
+                    if not more:
+                        break
+                    parts.append(more)
+                    got += len(more)
+                data = b"".join(parts)
+            else:
+                data += more
         if data:
             self._h.update(data)
             self.bytes += len(data)
@@ -101,12 +118,74 @@ class HashingReader:
     def digest(self) -> str:
         return f"{self.algo}:{self._h.hexdigest()}"
 
+    # Forward-only positioning, enough for tarfile's "r:" mode reading members in order (it
+    # then reads headers and data straight from this object, without its stream-mode
+    # buffer copies).
+    def tell(self) -> int:
+        return self.bytes
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 1:
+            pos += self.bytes
+        elif whence != 0:
+            raise io.UnsupportedOperation("seek from the end of a stream")
+        if pos < self.bytes:
+            raise io.UnsupportedOperation("backward seek in a layer stream")
+        while self.bytes < pos:
+            if not self.read(min(CHUNK, pos - self.bytes)):
+                break
+        return self.bytes
+
+
+class GzipReader:
+    """gzip (RFC 1952) decompression with large reads; multi-member streams and trailing
+    zero padding handled; CRC-32 and length of each member checked by zlib. EOFError if the
+    stream ends inside a member, zlib.error on corrupt data."""
+
+    def __init__(self, raw: Readable) -> None:
+        self._raw = raw
+        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._buf = bytearray()
+        self._eof = False
+
+    def _fill(self) -> None:
+        while not self._buf and not self._eof:
+            if self._d.eof:
+                rest = self._d.unused_data or self._raw.read(CHUNK)
+                while rest and not rest.strip(b"\0"):
+                    rest = self._raw.read(CHUNK)  # zero padding after the last member
+                if not rest:
+                    self._eof = True
+                    return
+                self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                self._buf += self._d.decompress(rest)
+                continue
+            chunk = self._d.unconsumed_tail or self._raw.read(CHUNK)
+            if not chunk:
+                raise EOFError("compressed stream ended before the end of a gzip member")
+            self._buf += self._d.decompress(chunk, 4 * CHUNK)
+
+    def read(self, n: int = -1, /) -> bytes:
+        if n < 0:
+            parts: list[bytes] = []
+            while True:
+                self._fill()
+                if not self._buf:
+                    return b"".join(parts)
+                parts.append(bytes(self._buf))
+                self._buf.clear()
+        self._fill()
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+
 
 def decompressor(raw: HashingReader) -> tuple[str, Readable]:
     """(compression name, uncompressed stream) for a layer blob, by its magic bytes."""
     head = raw.peek(4)
     if head.startswith(_GZIP_MAGIC):
-        return "gzip", gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[call-overload]
+        return "gzip", GzipReader(raw)
     if head.startswith(_ZSTD_MAGIC):
         return "zstd", zstandard.ZstdDecompressor().stream_reader(
             raw, read_size=CHUNK)  # type: ignore[arg-type]
@@ -431,7 +510,7 @@ class LayerApplier:
         try:
             stats.compression, stream = decompressor(raw)
             tarred = HashingReader(stream)
-            with tarfile.open(fileobj=tarred, mode="r|", bufsize=CHUNK,  # type: ignore[call-overload]
+            with tarfile.open(fileobj=tarred, mode="r:",  # type: ignore[call-overload]
                               errors="surrogateescape") as tf:
                 for m in _members(tf):
                     if len(self._cache.fds) > 256:
@@ -450,7 +529,8 @@ class LayerApplier:
                     stats.entries += 1
             tarred.drain()
             raw.drain()
-        except (tarfile.TarError, EOFError, zstandard.ZstdError, gzip.BadGzipFile) as e:
+        except (tarfile.TarError, EOFError, zstandard.ZstdError, zlib.error,
+                io.UnsupportedOperation) as e:
             raise ImageError(f"{self._layer} is truncated or corrupt: {e}") from e
         except OSError as e:
             if isinstance(e, ImageError):
