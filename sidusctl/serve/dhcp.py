@@ -387,7 +387,8 @@ class DhcpServer:
     def _free(self, ip: IPv4Address, mac: str, now: float) -> bool:
         """Whether ``ip`` may go to ``mac`` now: not reserved for, leased to or offered to
         anyone else, not declined, not the server's own."""
-        if ip == self.server_ip or ip == self.cfg.router:
+        if ip in (self.server_ip, self.cfg.router, self.subnet.network_address,
+                  self.subnet.broadcast_address):
             return False
         owner = self.reserved_ips.get(ip)
         if owner is not None and owner != mac:
