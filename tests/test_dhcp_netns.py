@@ -316,3 +316,47 @@ def test_sighup_reloads_reservations(lab: Lab) -> None:
         assert (env["ip"], env["hostname"]) == ("10.77.0.132", "node3")
     finally:
         assert d.stop() == 0
+
+
+def test_pxe_flow_dhcp_then_tftp_from_next_server(lab: Lab) -> None:
+    root = lab.tmp / "tftp"
+    root.mkdir()
+    (root / "pxelinux.0").write_bytes(os.urandom(42_430))
+    d = lab.serve("--tftp-root", str(root))
+    try:
+        env = lab.udhcpc("u4")
+        subprocess.run(["ip", "-n", lab.client_ns, "addr", "add", f"{env['ip']}/24", "dev",
+                        lab.client_if], check=True)
+        out = lab.tmp / "got"
+        subprocess.run(nsexec(lab.client_ns, "curl", "-sS", "--max-time", "20", "--tftp-blksize",
+                              "1468", "-o", str(out),
+                              f"tftp://{env['siaddr']}/{env['boot_file']}"), check=True)
+        assert out.read_bytes() == (root / "pxelinux.0").read_bytes()
+    finally:
+        d.stop()
+    assert "TFTP 10.77.0.130:" in d.text() and "sent 'pxelinux.0'" in d.text()
+
+
+def test_nothing_answers_on_another_interface(lab: Lab) -> None:
+    """The servers are bound to --interface only: a client on a second link of the same
+    namespace hears nothing, neither DHCP nor TFTP."""
+    other_ns = uniq("do")
+    with netns(other_ns):
+        veth(lab.server_ns, uniq("vo"), other_ns, uniq("vp"), a_addr="10.66.0.1/24",
+             b_addr="10.66.0.2/24", b_mac=RESERVED_MAC)
+        root = lab.tmp / "tftp"
+        root.mkdir()
+        (root / "f").write_text("x")
+        d = lab.serve("--tftp-root", str(root), "--pool", "10.77.0.100-10.77.0.110")
+        try:
+            r = subprocess.run(nsexec(other_ns, "busybox", "udhcpc", "-i", uniq("vp"), "-f", "-q",
+                                      "-n", "-t", "2", "-T", "1", "-s", "/bin/true"),
+                               capture_output=True, text=True, timeout=30, check=False)
+            assert r.returncode != 0
+            r = subprocess.run(nsexec(other_ns, "curl", "-sS", "--max-time", "4", "-o", "/dev/null",
+                                      "tftp://10.66.0.1/f"), capture_output=True, text=True,
+                               timeout=30, check=False)
+            assert r.returncode != 0
+        finally:
+            d.stop()
+        assert RESERVED_MAC not in d.text() and "RRQ" not in d.text()
