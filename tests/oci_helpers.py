@@ -243,7 +243,8 @@ class Registry:
     storage in an ``sdt-registry-*`` dir; ``htpasswd=(user, password)`` turns on Basic auth.
     Stopped (SIGTERM, then SIGKILL) and removed by ``stop()``."""
 
-    def __init__(self, htpasswd: tuple[str, str] | None = None) -> None:
+    def __init__(self, htpasswd: tuple[str, str] | None = None,
+                 auth_yaml: str = "") -> None:
         import socket
         import time
         import urllib.error
@@ -254,7 +255,7 @@ class Registry:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.host = f"127.0.0.1:{self.port}"
-        auth = ""
+        auth = auth_yaml
         if htpasswd:
             import warnings
 
@@ -294,3 +295,76 @@ class Registry:
                 self.proc.wait()
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class TokenServer:
+    """A Docker-token-spec auth server on 127.0.0.1 for ``docker-registry``'s ``auth: token``:
+    checks Basic credentials, answers ``{"token": JWT}`` (RS256, the signing certificate in
+    the ``x5c`` header) granting the requested scope. Key and certificate made with openssl."""
+
+    def __init__(self, work: Path, user: str, password: str) -> None:
+        import base64
+        import http.server
+        import threading
+        import time
+        import urllib.parse
+
+        self.key, self.cert = work / "token.key", work / "token.crt"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+                        "1", "-subj", "/CN=sdt-token", "-keyout", str(self.key), "-out",
+                        str(self.cert)], check=True, capture_output=True)
+        der = subprocess.run(["openssl", "x509", "-in", str(self.cert), "-outform", "DER"],
+                             check=True, capture_output=True).stdout
+        x5c = base64.b64encode(der).decode()
+        key = self.key
+        self.issued = 0
+        outer = self
+
+        def b64(b: bytes) -> str:
+            return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                want = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+                if self.headers.get("Authorization") != want:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                q = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+                access = []
+                for scope in q.get("scope", []):
+                    typ, name, actions = scope.split(":")
+                    access.append({"type": typ, "name": name, "actions": actions.split(",")})
+                now = int(time.time())
+                header = {"alg": "RS256", "typ": "JWT", "x5c": [x5c]}
+                claims = {"iss": "sdt-issuer", "sub": user, "aud": q.get("service", [""])[0],
+                          "exp": now + 600, "nbf": now - 10, "iat": now,
+                          "jti": f"sdt-{now}-{outer.issued}", "access": access}
+                signing = (b64(json.dumps(header).encode()) + "." +
+                           b64(json.dumps(claims).encode()))
+                sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(key)],
+                                     input=signing.encode(), capture_output=True,
+                                     check=True).stdout
+                body = json.dumps({"token": signing + "." + b64(sig)}).encode()
+                outer.issued += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def registry_auth(self) -> str:
+        return (f"auth:\n  token:\n    realm: {self.url}\n    service: sdt-registry\n"
+                f"    issuer: sdt-issuer\n    rootcertbundle: {self.cert}\n")
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -48,6 +48,7 @@ class Images:
         self.oci_archive = work / "oci-archive.tar"
         self.zstd = work / "oci-zstd"
         self.docker25 = work / "docker25.tar"
+        self.multi = work / "multi"          # OCI layout holding an index of 2 platforms
         self.umoci_root = work / "umoci" / "rootfs"
         self.umoci_tree: dict[str, Any] = {}
 
@@ -117,6 +118,17 @@ def images() -> Iterator[Images]:
             _skopeo("copy", "--dest-oci-accept-uncompressed-layers", f"oci:{im.layout}:v2",
                     f"oci:{work / 'plain'}:v2")
             _docker25_archive(work / "plain", im.docker25, "sdt/test:v2")
+            # a multi-platform index: linux/amd64 (sdt-l2) and linux/arm64/v8 (sdt-l1 plus a
+            # marker file, its config saying arm64)
+            (work / "marker").write_text("arm64\n")
+            ca = b("from", "sdt-l1")
+            b("copy", ca, str(work / "marker"), "/platform-marker")
+            b("config", "--arch", "arm64", "--variant", "v8", ca)
+            b("commit", "-q", ca, "sdt-arm")
+            b("manifest", "create", "sdt-list")
+            b("manifest", "add", "sdt-list", "sdt-l2")
+            b("manifest", "add", "sdt-list", "sdt-arm")
+            b("manifest", "push", "--all", "sdt-list", f"oci:{im.multi}:v1")
             umoci_unpack(im.layout, "v2", work / "umoci")
             im.umoci_tree = tree(im.umoci_root)
             yield im
@@ -217,6 +229,19 @@ def test_layout_with_two_images_needs_ref(images: Images, state: Path) -> None:
     assert (Path(out["rootfs"]) / "var/log/owned").exists()  # layer 3 not applied
 
 
+def test_multi_platform_index(images: Images, state: Path) -> None:
+    out = _import(state, f"oci:{images.multi}:v1", "sdt-amd")  # default: this host's
+    assert out["platform"] == "linux/amd64" and len(out["digests"]["layers"]) == 2
+    assert not (Path(out["rootfs"]) / "platform-marker").exists()
+    out = _import(state, f"oci:{images.multi}:v1", "sdt-arm", "--platform", "linux/arm64")
+    assert out["platform"] == "linux/arm64/v8"
+    assert (Path(out["rootfs"]) / "platform-marker").read_text() == "arm64\n"
+    r = sidusctl("import", f"oci:{images.multi}:v1", "sdt-s390", "--platform", "linux/s390x",
+                 state=state)
+    assert r.returncode == 2
+    assert "no image for platform linux/s390x" in r.stderr and "linux/arm64/v8" in r.stderr
+
+
 def test_flat_docker_export(images: Images, state: Path, tmp_path: Path) -> None:
     """A flat filesystem tarball (what ``docker export`` writes), gzip'd as the Distem FAQ
     does: one layer, no config; --cmd supplies the command (shell form -> /bin/sh -c)."""
@@ -249,20 +274,26 @@ def test_reimport_keeps_previous_generation(images: Images, state: Path) -> None
 @pytest.fixture(scope="module")
 def registries(images: Images) -> Iterator[dict[str, Any]]:
     """Two local registries with the test image pushed by skopeo: anonymous and Basic auth."""
-    from tests.oci_helpers import Registry
+    from tests.oci_helpers import Registry, TokenServer
 
-    anon = Registry()
-    basic = None
+    started: list[Any] = []
     try:
+        anon = Registry()
+        started.append(anon)
         basic = Registry(htpasswd=("sdt", "s3cret pass"))
-        for reg, extra in ((anon, []), (basic, ["--dest-creds", "sdt:s3cret pass"])):
+        started.append(basic)
+        tokens = TokenServer(images.work, "tok", "t0ken pass")
+        started.append(tokens)
+        bearer = Registry(auth_yaml=tokens.registry_auth())
+        started.append(bearer)
+        for reg, extra in ((anon, []), (basic, ["--dest-creds", "sdt:s3cret pass"]),
+                           (bearer, ["--dest-creds", "tok:t0ken pass"])):
             _skopeo("copy", "--dest-tls-verify=false", *extra, f"oci:{images.layout}:v2",
                     f"docker://{reg.host}/sdt/test:v2")
-        yield {"anon": anon, "basic": basic}
+        yield {"anon": anon, "basic": basic, "bearer": bearer, "tokens": tokens}
     finally:
-        anon.stop()
-        if basic is not None:
-            basic.stop()
+        for s in reversed(started):
+            s.stop()
 
 
 def test_registry_pull_anonymous(images: Images, registries: dict[str, Any],
@@ -298,6 +329,21 @@ def test_registry_pull_basic_auth(images: Images, registries: dict[str, Any], st
         "auth": base64.b64encode(b"sdt:s3cret pass").decode()}}}))
     out = _import(state, ref, "sdt-reg3", "--insecure", "--authfile", str(auth))
     assert out["digests"]["manifest"].startswith("sha256:")
+
+
+def test_registry_pull_bearer_token(images: Images, registries: dict[str, Any],
+                                    state: Path) -> None:
+    """The registry answers 401 with a Bearer challenge; the token comes from the realm (Basic
+    credentials, scope repository:sdt/test:pull) and the registry checks its signature."""
+    host = registries["bearer"].host
+    ref = f"docker://{host}/sdt/test:v2"
+    r = sidusctl("import", ref, "sdt-reg", "--insecure", "--creds", "tok:bad", state=state)
+    assert r.returncode == 2 and "token server refused" in r.stderr
+    before = registries["tokens"].issued
+    out = _import(state, ref, "sdt-reg", "--insecure", "--creds", "tok:t0ken pass")
+    assert registries["tokens"].issued == before + 1
+    assert diff_trees(without(tree(Path(out["rootfs"])), out["files"], images.umoci_tree),
+                      images.umoci_tree) == []
 
 
 def test_registry_errors(registries: dict[str, Any], state: Path) -> None:
