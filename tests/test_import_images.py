@@ -3,6 +3,7 @@ format, compared file by file with ``umoci unpack`` of the same image."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -48,6 +49,7 @@ class Images:
         self.oci_archive = work / "oci-archive.tar"
         self.zstd = work / "oci-zstd"
         self.docker25 = work / "docker25.tar"
+        self.docker_multi = work / "docker-multi.tar"  # docker save of v2 and v1
         self.multi = work / "multi"          # OCI layout holding an index of 2 platforms
         self.umoci_root = work / "umoci" / "rootfs"
         self.umoci_tree: dict[str, Any] = {}
@@ -71,6 +73,28 @@ def _docker25_archive(plain_layout: Path, dest: Path, tag: str) -> None:
     with tarfile.open(dest, "w") as tf:
         for name in ("blobs", "oci-layout", "index.json", "manifest.json"):
             tf.add(plain_layout / name, arcname=name)
+
+
+def _merge_docker_archives(archives: list[Path], dest: Path) -> None:
+    """One docker-archive holding the images of several (what ``docker save a b`` writes):
+    the members of each, manifest.json entries concatenated."""
+    entries: list[Any] = []
+    with tarfile.open(dest, "w") as out:
+        seen = set()
+        for a in archives:
+            with tarfile.open(a) as tf:
+                for m in tf:
+                    if m.name == "manifest.json":
+                        f = tf.extractfile(m)
+                        assert f is not None
+                        entries += json.loads(f.read())
+                    elif m.name not in seen and m.name != "repositories":
+                        seen.add(m.name)
+                        out.addfile(m, tf.extractfile(m) if m.isreg() else None)
+        data = json.dumps(entries).encode()
+        ti = tarfile.TarInfo("manifest.json")
+        ti.size = len(data)
+        out.addfile(ti, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +142,10 @@ def images() -> Iterator[Images]:
             _skopeo("copy", "--dest-oci-accept-uncompressed-layers", f"oci:{im.layout}:v2",
                     f"oci:{work / 'plain'}:v2")
             _docker25_archive(work / "plain", im.docker25, "sdt/test:v2")
+            subprocess.run(["gzip", "-k", "-1", str(im.docker_archive)], check=True)
+            _skopeo("copy", f"oci:{im.layout}:v1", f"docker-archive:{work / 'v1.tar'}:"
+                    "sdt/test:v1")
+            _merge_docker_archives([im.docker_archive, work / "v1.tar"], im.docker_multi)
             # a multi-platform index: linux/amd64 (sdt-l2) and linux/arm64/v8 (sdt-l1 plus a
             # marker file, its config saying arm64)
             (work / "marker").write_text("arm64\n")
@@ -156,6 +184,8 @@ SOURCES = {
     "oci-zstd-layers": lambda im: (str(im.zstd),),
     "docker-archive-legacy": lambda im: (str(im.docker_archive),),
     "docker-archive-docker25": lambda im: (str(im.docker25), "--ref", "sdt/test:v2"),
+    "docker-archive-gzipped": lambda im: (str(im.docker_archive) + ".gz",),
+    "docker-archive-two-images": lambda im: (str(im.docker_multi), "--ref", "test:v2"),
 }
 
 
@@ -227,6 +257,14 @@ def test_layout_with_two_images_needs_ref(images: Images, state: Path) -> None:
     out = _import(state, str(images.layout), "sdt-img", "--ref", "v1")
     assert len(out["digests"]["layers"]) == 2
     assert (Path(out["rootfs"]) / "var/log/owned").exists()  # layer 3 not applied
+
+
+def test_docker_archive_with_two_images_needs_ref(images: Images, state: Path) -> None:
+    r = sidusctl("import", str(images.docker_multi), "sdt-img", state=state)
+    assert r.returncode == 2 and "holds 2 images" in r.stderr
+    assert "sdt/test:v1" in r.stderr and "sdt/test:v2" in r.stderr
+    out = _import(state, f"docker-archive:{images.docker_multi}:sdt/test:v1", "sdt-img")
+    assert len(out["digests"]["layers"]) == 2 and out["source"]["kind"] == "docker-archive"
 
 
 def test_multi_platform_index(images: Images, state: Path) -> None:
