@@ -350,6 +350,7 @@ class Builder:
                       on_line=self._apt_line, tail_lines=60)
             if r.purge:
                 self._purge(s, apt)
+            self._prune_old_kernels(s, apt)
         except CommandError as e:
             raise _explain(e, r, mirror, root, "package installation") from e
         excluded_present = sorted(set(r.exclude) & set(_package_list(root)))
@@ -401,6 +402,23 @@ class Builder:
             s.run([*apt, "purge", *targets], what="apt-get purge")
             s.run([*apt, "autoremove", "--purge"], what="apt-get autoremove")
         self.purged = targets
+
+    def _prune_old_kernels(self, s: ChrootSession, apt: list[str]) -> None:
+        """An upgrade from -security can bring a new kernel ABI (a new linux-image-X package)
+        next to the one debootstrap installed; keep only those a linux-image-* metapackage
+        depends on (a netboot image serves one kernel)."""
+        installed = _package_list(s.root)
+        metas = [p for p in installed if re.fullmatch(r"linux-image-[a-z][a-z0-9-]*", p)
+                 and not re.match(r"linux-image-\d", p)]
+        if not metas:
+            return
+        res = run(["dpkg-query", f"--admindir={s.root}/var/lib/dpkg", "-W", "-f", "${Depends}\n",
+                   *metas], capture=True, what="dpkg-query")
+        wanted = set(re.findall(r"(linux-image-\d[^\s,(]*)", res.stdout))
+        old = sorted(p for p in installed if re.match(r"linux-image-\d", p) and p not in wanted)
+        if wanted and old:
+            self.rep.line(f"removing superseded kernel(s) {', '.join(old)}")
+            s.run([*apt, "purge", *old], what="apt-get purge (old kernels)")
 
     def _locales(self, s: ChrootSession) -> None:
         locs = self.recipe.locales
