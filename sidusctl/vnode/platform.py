@@ -84,6 +84,9 @@ class Platform:
 
     def __init__(self, state_dir: Path) -> None:
         self.store = Store(state_dir)
+        #: seconds spent by the last start of each vnode: ``root`` (snapshot or copy) and
+        #: ``container`` (config, lxc-start, tc), for benchmarks and ``--debug``.
+        self.timings: dict[str, dict[str, float]] = {}
 
     # -- store -----------------------------------------------------------------------------
     def init(self, btrfs_device: str | None = None, btrfs_image: int | None = None) -> str:
@@ -373,12 +376,17 @@ class Platform:
                 self._net_setup(net)  # idempotent: bridges vanish at reboot
             c = self._container(name)
             try:
+                t0 = time.monotonic()
                 rootfs = self.store.make_root(st, vn)
+                t1 = time.monotonic()
                 self._prepare_root(st, vn, rootfs)
                 c.write_config(rootfs, self._lxc_ifaces(st, vn), self._cgroup_settings(vn),
                                self._devices(vn))
                 c.start()
                 self._apply_tc(vn)
+                self.timings[name] = {"root": t1 - t0, "container": time.monotonic() - t1}
+                log.debug("vnode %s: root in %.3f s, container in %.3f s", name, t1 - t0,
+                          time.monotonic() - t1)
             except BaseException:
                 c.stop(timeout=2)
                 self.store.remove_root(st, vn)
