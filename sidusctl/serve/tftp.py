@@ -404,7 +404,9 @@ class TftpServer:
             local = self.cfg.address
             for level, typ, cdata in anc:
                 if level == socket.IPPROTO_IP and typ == _IP_PKTINFO and len(cdata) >= 12:
-                    local = socket.inet_ntoa(cdata[8:12])  # ipi_addr: the destination
+                    # ipi_spec_dst: our local address for the reply (ipi_addr may be a
+                    # broadcast address, which a transfer socket cannot bind to)
+                    local = socket.inet_ntoa(cdata[4:8])
             try:
                 self._handle(data, addr, local)
             except Exception:  # a bug must not stop the server: log it and go on
