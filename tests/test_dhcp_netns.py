@@ -207,8 +207,12 @@ def test_malformed_datagrams_are_dropped_and_counted(lab: Lab) -> None:
         subprocess.run(nsexec(lab.client_ns, sys.executable, "-c", code), check=True, timeout=20)
         assert lab.udhcpc("after")["ip"] == "10.77.0.130"
         time.sleep(2.5)  # one status write
-        status = json.loads((lab.state / "serve" / "status.json").read_text())
+        r = subprocess.run([sys.executable, "-m", "sidusctl", "--state-dir", str(lab.state),
+                            "serve", "status", "--json"], capture_output=True, text=True,
+                           check=True, cwd=REPO)
+        status = json.loads(r.stdout)
         assert status["dhcp"]["malformed"] >= 5
+        assert status["clients"][RESERVED_MAC]["ack"] == "10.77.0.130"
     finally:
         d.stop()
 

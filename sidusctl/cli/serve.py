@@ -189,3 +189,31 @@ def register(cli: click.Group) -> None:
             t.add_row(str(r.ip), r.mac or "-", r.hostname or "-", r.state,
                       f"in {int(left)} s" if left > 0 else "expired")
         console.print(t)
+
+    @serve.command("status")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    def status_cmd(as_json: bool) -> None:
+        """Counters of the running (or last) server and what each client did last."""
+        from sidusctl.core.errors import StateError
+        from sidusctl.core.state import read_json
+
+        path = get_ctx().state / "serve" / "status.json"
+        try:
+            st = read_json(path)
+        except FileNotFoundError:
+            raise StateError(f"{path}: no status (has 'sidusctl serve run' been started "
+                             "with this state directory?)") from None
+        if as_json:
+            emit_json(st)
+            return
+        age = time.time() - float(st.get("updated", 0))
+        console.print(f"pid {st.get('pid')}, status written {age:.0f} s ago", highlight=False)
+        for name in ("dhcp", "tftp", "dns"):
+            counters = st.get(name)
+            if counters:
+                console.print(f"{name.upper()}: " + ", ".join(
+                    f"{k} {v}" for k, v in counters.items() if v), highlight=False)
+        t = Table("client", "last events")
+        for who, ev in sorted(st.get("clients", {}).items()):
+            t.add_row(who, ", ".join(f"{k} {v}" for k, v in ev.items() if k != "at"))
+        console.print(t)
