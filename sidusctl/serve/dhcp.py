@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import logging
 import socket
 import struct
 import time
@@ -345,7 +346,7 @@ class DhcpServer:
             log.exception("DHCP %s: internal error handling a message", pkt.mac)
             return []
 
-    def _ignore(self, mac: str, why: str, level: int = 20) -> list[tuple[bytes, tuple[str, int]]]:
+    def _ignore(self, mac: str, why: str, level: int = logging.INFO) -> list[tuple[bytes, tuple[str, int]]]:
         self.stats.ignored += 1
         log.log(level, "DHCP %s: ignored: %s", mac, why)
         return []
@@ -354,7 +355,7 @@ class DhcpServer:
                   port: int) -> list[tuple[bytes, tuple[str, int]]]:
         mac = pkt.mac
         if pkt.op != dc.BOOTREQUEST:
-            return self._ignore(mac, "not a BOOTREQUEST", 10)
+            return self._ignore(mac, "not a BOOTREQUEST", logging.DEBUG)
         if pkt.htype != 1 or pkt.hlen != 6:
             return self._ignore(mac, f"hardware type {pkt.htype}/{pkt.hlen} is not Ethernet")
         mt = pkt.msg_type
@@ -586,7 +587,7 @@ class DhcpServer:
     def _release(self, pkt: dc.DhcpPacket, mac: str) -> list[tuple[bytes, tuple[str, int]]]:
         assert self.store is not None
         if pkt.opt_ip(dc.OPT_SERVER_ID) not in (None, self.server_ip):
-            return self._ignore(mac, "RELEASE for another server", 10)
+            return self._ignore(mac, "RELEASE for another server", logging.DEBUG)
         if self.store.release(mac, pkt.ciaddr):
             self.stats.releases += 1
             log.info("DHCP %s: RELEASE %s: lease ended", mac, pkt.ciaddr)
@@ -598,7 +599,7 @@ class DhcpServer:
         assert self.store is not None
         ip = pkt.opt_ip(dc.OPT_REQUESTED_IP)
         if pkt.opt_ip(dc.OPT_SERVER_ID) != self.server_ip or ip is None:
-            return self._ignore(mac, "DECLINE for another server or without an address", 10)
+            return self._ignore(mac, "DECLINE for another server or without an address", logging.DEBUG)
         lease = self.store.by_ip.get(ip)
         if lease is None or lease.mac != mac:
             return self._ignore(mac, f"DECLINE of {ip}, which it does not hold")
@@ -620,7 +621,7 @@ class DhcpServer:
     def _proxy(self, pkt: dc.DhcpPacket, mac: str, mt: int, src: tuple[str, int],
                port: int) -> list[tuple[bytes, tuple[str, int]]]:
         if not pkt.is_pxe:
-            return self._ignore(mac, f"{dc.MSG_NAMES.get(mt, mt)}: not a PXE client (proxy mode)", 10)
+            return self._ignore(mac, f"{dc.MSG_NAMES.get(mt, mt)}: not a PXE client (proxy mode)", logging.DEBUG)
         if port == self.cfg.port:
             if mt == dc.DISCOVER:
                 kind = dc.OFFER
@@ -628,7 +629,7 @@ class DhcpServer:
                 kind = dc.ACK
             else:
                 return self._ignore(mac, f"{dc.MSG_NAMES.get(mt, mt)} on port {port}: for the "
-                                    "site DHCP server", 10)
+                                    "site DHCP server", logging.DEBUG)
         elif mt in (dc.REQUEST, dc.INFORM):
             kind = dc.ACK
         else:
