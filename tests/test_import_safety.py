@@ -160,3 +160,22 @@ def test_corrupt_layers_refused(case: str) -> None:
         assert "Traceback" not in r.stderr
         d = state / "images" / "sdt-bad"
         assert not d.exists() or sorted(os.listdir(d)) == [".lock"]
+
+
+def test_replaced_directories_and_mtimes() -> None:
+    """Valid: a directory replaced by a symlink and another by a file in later layers (the
+    directory mtimes restored at the end must not touch them, nor fail); directory mtimes
+    come from the headers even after children were added."""
+    layers = [tar_of([ti("a/", D, mtime=1_000_000_000), ti("a/b/", D, mtime=1_000_000_001),
+                      ti("c/", D, mtime=1_000_000_002), ti("c/d", data=b"d"),
+                      ti("keep/", D, mtime=1_111_111_111)]),
+              tar_of([ti("a", L, link="keep"), ti("c", data=b"now a file", mtime=1_200_000_000),
+                      ti("keep/new", data=b"n")])]
+    with sdt_tempdir() as work, sdt_tempdir("sdt-state-") as state:
+        write_oci_layout(work / "oci", layers)
+        r = sidusctl("import", str(work / "oci"), "sdt-ok", state=state)
+        assert r.returncode == 0, r.stderr
+        root = state / "images/sdt-ok/current/rootfs"
+        assert os.readlink(root / "a") == "keep" and (root / "c").read_bytes() == b"now a file"
+        assert int((root / "c").stat().st_mtime) == 1_200_000_000
+        assert int((root / "keep").stat().st_mtime) == 1_111_111_111

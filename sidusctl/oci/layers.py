@@ -481,13 +481,21 @@ class LayerApplier:
 
     def _restore_dir_times(self) -> None:
         self._cache.clear()
+        # A recorded directory may since have been deleted or replaced (by a file, or by a
+        # symlink on its path): only directories still reachable without symlinks get theirs.
         for parts, ns in sorted(self._dir_times.items(), key=lambda kv: -len(kv[0])):
-            dfd = self._dir_fd(parts[:-1], create=False) if parts else None
-            with contextlib.suppress(OSError):
-                if not parts:
-                    os.utime(self.root_fd, ns=(ns, ns))
-                elif dfd is not None:
-                    os.utime(parts[-1], ns=(ns, ns), dir_fd=dfd, follow_symlinks=False)
+            if not parts:
+                os.utime(self.root_fd, ns=(ns, ns))
+                continue
+            try:
+                dfd = self._dir_fd(parts[:-1], create=False)
+            except ImageError:
+                continue
+            if dfd is None:
+                continue
+            st = self._lstat(dfd, parts[-1])
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                os.utime(parts[-1], ns=(ns, ns), dir_fd=dfd, follow_symlinks=False)
         self._cache.clear()
 
     # -- one layer --------------------------------------------------------------------------
