@@ -187,3 +187,15 @@ def test_init_script_runs_command_as_user(tmp_path: Path) -> None:
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("cfg,expect", [
+    ({"Env": ["A=1\nlxc.mount.entry = / host none bind 0 0"]}, "line break"),
+    ({"Env": ["BAD NAME=1"]}, "shell variable name"),
+    ({"WorkingDir": "/srv\nlxc.apparmor.profile = unconfined"}, "control characters"),
+])
+def test_config_injection_refused(tmp_path: Path, cfg: dict[str, Any], expect: str) -> None:
+    """lxc.conf is read by lxc-start on the host: values that would add config lines (or
+    unit directives) are refused."""
+    with pytest.raises(ImageError, match=expect):
+        _install(_root(tmp_path, None), {"Cmd": ["/bin/true"], **cfg})

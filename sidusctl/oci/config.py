@@ -17,6 +17,7 @@ image's own ``/etc/passwd`` and ``/etc/group`` (a numeric uid absent from passwd
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from sidusctl.oci.layers import (
 )
 from sidusctl.subsys.templates import render
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SYSTEMD_PATHS = ("lib/systemd/systemd", "usr/lib/systemd/systemd")
 INIT_PATHS = ("sbin/init", "usr/sbin/init")
@@ -132,8 +134,12 @@ def plan(rootfs: Path, cfg: dict[str, Any], cmd_override: list[str] | None = Non
     env: list[tuple[str, str]] = []
     for e in cfg.get("Env") or []:
         k, sep, v = str(e).partition("=")
-        if not sep or not k:
-            raise ImageError(f"image config Env entry {e!r} is not NAME=VALUE")
+        if not sep or not _ENV_NAME.match(k):
+            raise ImageError(f"image config Env entry {e!r} is not NAME=VALUE with a shell "
+                             "variable name")
+        if any(c in v for c in "\n\r\0"):
+            # lxc.conf is read by lxc-start on the host: a newline would add config lines
+            raise ImageError(f"image config Env {k}: the value holds a line break or NUL")
         env = [(a, b) for a, b in env if a != k] + [(k, v)]
     user = str(cfg.get("User") or "")
     uid, gid, username, home = resolve_user(rootfs, user)
@@ -142,6 +148,8 @@ def plan(rootfs: Path, cfg: dict[str, Any], cmd_override: list[str] | None = Non
     if not any(k == "HOME" for k, _ in env):
         env.append(("HOME", home or "/"))
     cwd = str(cfg.get("WorkingDir") or "/")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in cwd):
+        raise ImageError(f"image config WorkingDir {cwd!r} holds control characters")
     if not cwd.startswith("/"):
         cwd = "/" + cwd
     init, init_path = detect_init(rootfs)
@@ -214,6 +222,7 @@ def install_runtime(rootfs: Path, image_dir: Path, cfg: dict[str, Any], *, image
     exe = which_in_root(rootfs, rt.argv[0], path_env) if rt.argv else None
     argv_abs = [exe or rt.argv[0], *rt.argv[1:]] if rt.argv else []
     who = f"uid {rt.uid}" + (f" ({rt.username})" if rt.username else "") + f", gid {rt.gid}"
+    source = "".join(c if c.isprintable() else "?" for c in source)  # it lands in comments
     ctx: dict[str, Any] = {"image": image, "source": source, "rt": rt, "unit": unit_name,
                            "who": who}
     if rt.argv and exe is None:

@@ -521,6 +521,7 @@ class LayerApplier:
             with tarfile.open(fileobj=tarred, mode="r:",  # type: ignore[call-overload]
                               errors="surrogateescape") as tf:
                 for m in _members(tf):
+                    tf.members.clear()  # tarfile keeps every header otherwise
                     if len(self._cache.fds) > 256:
                         self._cache.clear()
                     parts = split_name(m.name, f"{self._layer}: entry")
