@@ -490,3 +490,25 @@ def test_concurrent_commands_keep_the_state_whole(plat: Path, image: str) -> Non
         assert len(set(addrs)) == len(addrs)  # no address handed out twice
     finally:
         sidusctl("vnode", "destroy", *names, state=plat)
+
+
+def test_start_command_exit_code_in_status(plat: Path, image: str) -> None:
+    try:
+        ok("vnode", "create", "sdt-vtsc", "--image", image, "--iface", f"if0:{NET}",
+           "--start-command", "echo hello; exit 3", state=plat)
+        ok("vnode", "start", "sdt-vtsc", state=plat)
+        deadline = time.monotonic() + 60
+        node: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            st = json.loads(ok("vnode", "status", "sdt-vtsc", "--json", state=plat).stdout)
+            node = st["hosts"]["localhost"]["sdt-vtsc"]
+            if node["exit_code"] is not None:
+                break
+            time.sleep(1)
+        assert node["exit_code"] == 3, node
+        assert node["boot"] == "booted"
+        r = ok("vnode", "exec", "sdt-vtsc", "cat", "/var/log/sidusctl/start_command.out",
+               state=plat)
+        assert r.stdout.strip() == "hello"
+    finally:
+        sidusctl("vnode", "destroy", "sdt-vtsc", state=plat)

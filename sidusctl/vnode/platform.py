@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import shlex
 import socket
 import threading
 import time
@@ -396,22 +397,34 @@ class Platform:
             vn.state = RUNNING
             vn.started = time.time()
             vn.exit_code = None
-        if vn.start_command:
-            threading.Thread(target=self._run_start_command, args=(name,), daemon=True).start()
+            if vn.start_command:
+                try:
+                    self._launch_start_command(c, vn.start_command)
+                except SidusError as e:
+                    log.warning("vnode %s: its start command could not be launched: %s", name, e)
         return vn
 
-    def _run_start_command(self, name: str) -> None:
-        # DETER-style start command: run once booted; its exit code is the vnode's.
-        c = self._container(name)
-        with self.store.transaction() as st:
-            vn = self._vnode(st, name)
-            cmd = vn.start_command
-        if not cmd:
-            return
-        r = c.attach(["/bin/sh", "-c", cmd], check=False, capture=True, timeout=3600)
-        with self.store.transaction() as st:
-            if name in st.vnodes:
-                st.vnodes[name].exit_code = r.returncode
+    START_LOG = "var/log/sidusctl"
+
+    def _launch_start_command(self, c: lxc.Container, cmd: str) -> None:
+        # DETER-style: run once the vnode's init is up, detached inside the vnode; output and
+        # exit code go to /var/log/sidusctl/start_command.{out,err,exit} in the vnode.
+        d = "/" + self.START_LOG
+        script = (
+            f"mkdir -p {d}; rm -f {d}/start_command.exit; ("
+            "if command -v systemctl >/dev/null; then for i in $(seq 120); do "
+            "case $(systemctl is-system-running 2>/dev/null) in "
+            "running|degraded|maintenance|stopping) break;; esac; sleep 1; done; fi; "
+            f"/bin/sh -c {shlex.quote(cmd)} >{d}/start_command.out 2>{d}/start_command.err "
+            f"</dev/null; echo $? >{d}/start_command.exit) >/dev/null 2>&1 </dev/null &")
+        c.attach(["/bin/sh", "-c", script], timeout=30)
+
+    def _start_command_exit(self, vn: VNode) -> int | None:
+        f = self.store.rootfs_of(vn) / self.START_LOG / "start_command.exit"
+        try:
+            return int(f.read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     def _lxc_ifaces(self, st: State, vn: VNode) -> list[dict[str, Any]]:
         out = []
@@ -583,6 +596,8 @@ class Platform:
             if real == "RUNNING":
                 state = RUNNING
                 boot = self._boot_status(c)
+                if vn.start_command:
+                    code = self._start_command_exit(vn)
             elif real == "FROZEN":
                 state, boot = FROZEN, "frozen"
             elif vn.state in (RUNNING, FROZEN):
