@@ -3,6 +3,7 @@ format, compared file by file with ``umoci unpack`` of the same image."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -49,6 +50,7 @@ class Images:
         self.oci_archive = work / "oci-archive.tar"
         self.zstd = work / "oci-zstd"
         self.docker25 = work / "docker25.tar"
+        self.docker_legacy = work / "docker-legacy.tar"  # <id>/layer.tar, as Docker <25
         self.docker_multi = work / "docker-multi.tar"  # docker save of v2 and v1
         self.multi = work / "multi"          # OCI layout holding an index of 2 platforms
         self.umoci_root = work / "umoci" / "rootfs"
@@ -97,6 +99,41 @@ def _merge_docker_archives(archives: list[Path], dest: Path) -> None:
         out.addfile(ti, io.BytesIO(data))
 
 
+def _docker_legacy_dirs(archive: Path, dest: Path) -> None:
+    """The layout ``docker save`` wrote before Docker 25: ``<id>/layer.tar`` (+ ``json``,
+    ``VERSION``) per layer, manifest.json pointing at them; the first layer's ``layer.tar`` is
+    a symlink into another directory, as docker writes for layers it already stored."""
+    with tarfile.open(archive) as tf:
+        man = json.loads(tf.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        with tarfile.open(dest, "w") as out:
+            layers = []
+            for i, name in enumerate(man[0]["Layers"]):
+                lid = hashlib.sha256(f"sdt-layer-{i}".encode()).hexdigest()
+                m = tf.getmember(name)
+                real = f"{lid}/layer.tar"
+                if i == 0:
+                    real = f"{hashlib.sha256(b'shared').hexdigest()}/layer.tar"
+                    link = tarfile.TarInfo(f"{lid}/layer.tar")
+                    link.type = tarfile.SYMTYPE
+                    link.linkname = f"../{real}"
+                    out.addfile(link)
+                m2 = tarfile.TarInfo(real)
+                m2.size = m.size
+                out.addfile(m2, tf.extractfile(m))
+                for extra, data in (("VERSION", b"1.0"), ("json", b"{}")):
+                    e = tarfile.TarInfo(f"{lid}/{extra}")
+                    e.size = len(data)
+                    out.addfile(e, io.BytesIO(data))
+                layers.append(f"{lid}/layer.tar")
+            cfg = tf.getmember(man[0]["Config"])
+            out.addfile(cfg, tf.extractfile(cfg))
+            man[0]["Layers"] = layers
+            data = json.dumps(man).encode()
+            ti = tarfile.TarInfo("manifest.json")
+            ti.size = len(data)
+            out.addfile(ti, io.BytesIO(data))
+
+
 @pytest.fixture(scope="module")
 def images() -> Iterator[Images]:
     b = Buildah()
@@ -143,6 +180,7 @@ def images() -> Iterator[Images]:
                     f"oci:{work / 'plain'}:v2")
             _docker25_archive(work / "plain", im.docker25, "sdt/test:v2")
             subprocess.run(["gzip", "-k", "-1", str(im.docker_archive)], check=True)
+            _docker_legacy_dirs(im.docker_archive, im.docker_legacy)
             _skopeo("copy", f"oci:{im.layout}:v1", f"docker-archive:{work / 'v1.tar'}:"
                     "sdt/test:v1")
             _merge_docker_archives([im.docker_archive, work / "v1.tar"], im.docker_multi)
@@ -184,6 +222,7 @@ SOURCES = {
     "oci-zstd-layers": lambda im: (str(im.zstd),),
     "docker-archive-legacy": lambda im: (str(im.docker_archive),),
     "docker-archive-docker25": lambda im: (str(im.docker25), "--ref", "sdt/test:v2"),
+    "docker-archive-id-dirs": lambda im: (str(im.docker_legacy),),
     "docker-archive-gzipped": lambda im: (str(im.docker_archive) + ".gz",),
     "docker-archive-two-images": lambda im: (str(im.docker_multi), "--ref", "test:v2"),
 }
