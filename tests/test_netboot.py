@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from sidusctl.boot import inventory
+from sidusctl.boot.pxe import ImageFiles, write_tree
 from sidusctl.subsys.ganesha import Export, serve
-from tests.qemu_util import Guest, guest, mkdisk, netns, nfs_append
+from tests.qemu_util import BOOT_TIMEOUT, Guest, guest, mkdisk, netns, nfs_append
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, qemu, NFS)")
 
@@ -155,16 +157,50 @@ def test_disk_layer_survives_reboot(lab: Lab) -> None:
     assert out.strip() == "disk-1"
 
 
-def test_failing_mode_falls_back_to_tmpfs(lab: Lab) -> None:
-    with boot(lab, "sdt-nb-fallback", "sidus.overlay=disk", "sidus.disk=LABEL=sdt-missing",
-              "sidus.wait=3") as g:
-        g.login()
-        console = g.transcript()
-        assert "disk LABEL=sdt-missing not found" in console
-        assert "disk mode failed: falling back to tmpfs" in console
-        check_overlay_root(g, lab.image.rootfs, "tmpfs")
-        assert g.sh(". /run/sidus/state; echo $SIDUS_MODE") == "tmpfs"
-        write_marker(g, "fallback")
+def test_pxe_tree_boots_a_node_whose_disk_is_missing(lab: Lab) -> None:
+    """The rendered tree, end to end: qemu's iPXE ROM gets pxelinux.0 from slirp's TFTP (the
+    directory ``sidusctl pxe render`` wrote), pxelinux picks ``pxelinux.cfg/01-<mac>``, the
+    node asks for a disk layer whose disk is missing: it falls back to tmpfs and says so."""
+    nodes = lab.logdir / "nodes.toml"
+    nodes.write_text(f"""[network]
+subnet = "10.0.2.0/24"
+server = "10.0.2.2"
+nfs_root = "{lab.image.rootfs}"
+
+[defaults]
+image = "netboot"
+kernel_args = ["console=ttyS0", "panic=-1", "quiet"]
+
+[[nodes]]
+name = "sdt-node1"
+mac = "52:54:00:12:34:56"
+ip = "10.0.2.15"
+overlay = "disk"
+disk = "LABEL=sdt-missing"
+kernel_args = ["console=ttyS0", "sidus.wait=3", "quiet", "systemd.show_status=false"]
+""")
+    inv = inventory.load(nodes, known_images=["netboot"])
+    tftp = lab.logdir / "tftp"
+    images = {"netboot": ImageFiles("netboot", lab.image.kernel, lab.image.initrd,
+                                    str(lab.image.rootfs))}
+    write_tree(tftp, inv, images)
+    log = lab.logdir / "sdt-nb-pxe.console.log"
+    with guest("sdt-nb-pxe", tftp=tftp, netns=lab.netns, log=log) as g:
+        try:
+            g.login(timeout=BOOT_TIMEOUT + 180)
+            cmdline = g.sh("cat /proc/cmdline")
+            # IPAPPEND 2 and the node's own file (not the default menu) were used
+            assert "BOOTIF=01-52-54-00-12-34-56" in cmdline
+            assert "sidus.overlay=disk sidus.disk=LABEL=sdt-missing" in cmdline
+            console = g.transcript()
+            assert "disk LABEL=sdt-missing not found" in console
+            assert "disk mode failed: falling back to tmpfs" in console
+            check_overlay_root(g, lab.image.rootfs, "tmpfs")
+            assert g.sh(". /run/sidus/state; echo $SIDUS_MODE") == "tmpfs"
+            write_marker(g, "fallback")
+        except BaseException:
+            print(f"--- console ({log}) ---\n{g.transcript()[-6000:]}")
+            raise
 
 
 @contextlib.contextmanager
