@@ -514,18 +514,7 @@ class Builder:
     def _export(self, gen: Generation) -> dict[str, Any]:
         r = self.recipe
         root = gen.rootfs
-        out: dict[str, Any] = {}
-        kernels = sorted(root.glob("boot/vmlinuz-*"), key=_version_key)
-        if kernels:
-            k = kernels[-1]
-            ver = k.name.removeprefix("vmlinuz-")
-            initrd = root / "boot" / f"initrd.img-{ver}"
-            shutil.copy2(k, gen.dir / f"vmlinuz-{r.name}")
-            out["kernel"] = {"file": f"vmlinuz-{r.name}", "version": ver,
-                             "size": k.stat().st_size}
-            if initrd.exists():
-                shutil.copy2(initrd, gen.dir / f"initrd.img-{r.name}")
-                out["initrd"] = {"file": f"initrd.img-{r.name}", "size": initrd.stat().st_size}
+        out: dict[str, Any] = export_kernel(root, gen.dir, r.name)
         if self.opts.tar:
             suffix = ".tar.zst" if r.compression == "zstd" else ".tar.gz"
             dest = gen.dir / f"{r.name}{suffix}"
@@ -653,6 +642,25 @@ def _lookup_id(root: Path, db: str, name: str, recipe: Recipe) -> int:
                      f"{name!r} does not exist in the image's /etc/{db}")
 
 
+def export_kernel(root: Path, dest: Path, name: str) -> dict[str, Any]:
+    """Copy the root's newest ``boot/vmlinuz-*`` and its initrd to ``dest`` as
+    ``vmlinuz-<name>`` and ``initrd.img-<name>`` (the SIDUS seed's naming); returns the
+    manifest's ``kernel``/``initrd`` entries (file, version, size in bytes), {} if no kernel."""
+    out: dict[str, Any] = {}
+    kernels = sorted(root.glob("boot/vmlinuz-*"), key=_version_key)
+    if not kernels:
+        return out
+    k = kernels[-1]
+    ver = k.name.removeprefix("vmlinuz-")
+    shutil.copy2(k, dest / f"vmlinuz-{name}")
+    out["kernel"] = {"file": f"vmlinuz-{name}", "version": ver, "size": k.stat().st_size}
+    initrd = root / "boot" / f"initrd.img-{ver}"
+    if initrd.exists():
+        shutil.copy2(initrd, dest / f"initrd.img-{name}")
+        out["initrd"] = {"file": f"initrd.img-{name}", "size": initrd.stat().st_size}
+    return out
+
+
 def _version_key(p: Path) -> list[Any]:
     return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p.name)]
 
@@ -717,17 +725,7 @@ def update(store: ImageStore, name: str, *, in_place: bool = False, tar: bool = 
         rep.stage("manifest", 2, 3)
         packages = _package_list(root)
         rep.stage("export", 3, 3)
-        exports = dict(manifest.get("exports", {}))
-        kernels = sorted(root.glob("boot/vmlinuz-*"), key=_version_key)
-        if kernels:
-            k = kernels[-1]
-            ver = k.name.removeprefix("vmlinuz-")
-            shutil.copy2(k, gen_dir / f"vmlinuz-{name}")
-            exports["kernel"] = {"file": f"vmlinuz-{name}", "version": ver, "size": k.stat().st_size}
-            initrd = root / "boot" / f"initrd.img-{ver}"
-            if initrd.exists():
-                shutil.copy2(initrd, gen_dir / f"initrd.img-{name}")
-                exports["initrd"] = {"file": f"initrd.img-{name}", "size": initrd.stat().st_size}
+        exports = {**manifest.get("exports", {}), **export_kernel(root, gen_dir, name)}
         if tar or "tarball" in exports:
             comp = exports.get("tarball", {}).get("compression", "zstd")
             dest = gen_dir / f"{name}{'.tar.zst' if comp == 'zstd' else '.tar.gz'}"
