@@ -105,6 +105,15 @@ def test_lxc_snippet_golden_no_init(tmp_path: Path) -> None:
     assert "like docker run" in rt["note"]
 
 
+def test_busybox_init_without_rc_dirs_counts_as_none(tmp_path: Path) -> None:
+    """Alpine-like: /sbin/init (busybox) but no sysv-rc: the command runs as PID 1."""
+    root = _root(tmp_path, None)
+    (root / "sbin").mkdir()
+    os.symlink("/bin/busybox", root / "sbin/init")
+    rt = _install(root, NGINX)
+    assert rt["init"] == "none" and "lxc.init.uid = 1000" in (tmp_path / "lxc.conf").read_text()
+
+
 def test_no_init_no_command_note(tmp_path: Path) -> None:
     rt = _install(_root(tmp_path, None), {})
     assert rt["command"] == [] and "neither an init system nor a command" in rt["note"]
@@ -158,6 +167,8 @@ def test_init_script_runs_command_as_user(tmp_path: Path) -> None:
     root = busybox_tree(tmp_path / "rootfs")
     (root / "sbin").mkdir()
     os.symlink("/bin/busybox", root / "sbin/init")
+    for lvl in "0123456":
+        (root / f"etc/rc{lvl}.d").mkdir()
     (root / "data").mkdir()
     os.chown(root / "data", 1000, 1000)
     (root / "dev").mkdir()

@@ -2,7 +2,8 @@
 hand after ``docker export``): Entrypoint + Cmd, Env, WorkingDir and User become
 
 - a systemd unit, enabled at boot, when the image has systemd (``/lib/systemd/systemd``);
-- otherwise, when it has another init (``/sbin/init``), an LSB init script;
+- otherwise, when it has a SysV init (``/sbin/init`` and ``/etc/rc2.d``), an LSB init
+  script enabled in ``/etc/rc[0-6].d``;
 - always an LXC config snippet (``lxc.init.cmd``/``lxc.execute.cmd``, ``lxc.environment``,
   ``lxc.init.cwd``, ``lxc.init.uid``/``gid``): with no init in the image, the command itself
   runs as the container's init (PID 1), as ``docker run`` would.
@@ -102,12 +103,16 @@ def resolve_user(rootfs: Path, user: str) -> tuple[int, int, str | None, str | N
 
 
 def detect_init(rootfs: Path) -> tuple[str, str | None]:
-    """("systemd"|"sysvinit"|"none", path of the init inside the image or None)."""
+    """("systemd"|"sysvinit"|"none", path of the init inside the image or None).
+
+    ``sysvinit`` needs an ``/sbin/init`` AND sysv-rc's ``/etc/rc2.d`` (where the script is
+    enabled): Alpine's or busybox's ``/sbin/init`` alone would never start it, so such
+    application images count as ``none`` and run their command as PID 1, as Docker does."""
     for p in SYSTEMD_PATHS:
         if lexists_in_root(rootfs, p):
             return "systemd", "/" + p
     for p in INIT_PATHS:
-        if lexists_in_root(rootfs, p):
+        if lexists_in_root(rootfs, p) and lexists_in_root(rootfs, "etc/rc2.d"):
             return "sysvinit", "/" + p
     return "none", None
 
@@ -278,8 +283,7 @@ def install_runtime(rootfs: Path, image_dir: Path, cfg: dict[str, Any], *, image
                 enabled.append(f"/{d}/{kind}01{unit_name}")
         rt.files += enabled
         rt.note = (f"{rt.init_path} is the container's init; /etc/init.d/{unit_name} runs "
-                   f"{_show(rt.argv)} as {who} in {rt.cwd}"
-                   + ("" if enabled else " (no /etc/rc?.d: enable it in your init's config)"))
+                   f"{_show(rt.argv)} as {who} in {rt.cwd}")
     elif rt.argv:
         rt.note = (f"the image has no init system: the container runs {_show(rt.argv)} itself "
                    f"as PID 1 (lxc.init.cmd), as {who} in {rt.cwd}, like docker run")
