@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,3 +180,23 @@ def test_replaced_directories_and_mtimes() -> None:
         assert os.readlink(root / "a") == "keep" and (root / "c").read_bytes() == b"now a file"
         assert int((root / "c").stat().st_mtime) == 1_200_000_000
         assert int((root / "keep").stat().st_mtime) == 1_111_111_111
+
+
+def test_xattrs_and_capabilities_kept() -> None:
+    """PAX xattr records: a file capability (binary value) and a user xattr are set; an
+    SELinux label (the build host's) is not."""
+    cap = b"\x01\x00\x00\x02\x00\x04\x00\x00" + b"\x00" * 12  # cap_net_bind_service+ep, v2
+    ping = ti("bin/ping", data=b"\x7fELF", mode=0o755,
+              xattrs={"security.capability": cap.decode("utf-8", "surrogateescape"),
+                      "user.note": "hello", "security.selinux": "system_u:object_r:bin_t:s0"})
+    with sdt_tempdir() as work, sdt_tempdir("sdt-state-") as state:
+        write_oci_layout(work / "oci", [tar_of([ti("bin/", D), ping])])
+        r = sidusctl("import", str(work / "oci"), "sdt-caps", state=state)
+        assert r.returncode == 0, r.stderr
+        f = state / "images/sdt-caps/current/rootfs/bin/ping"
+        assert os.getxattr(f, "security.capability") == cap
+        assert os.getxattr(f, "user.note") == b"hello"
+        assert "security.selinux" not in os.listxattr(f)
+        gc = subprocess.run(["getcap", str(f)], capture_output=True, text=True)
+        if gc.returncode == 0:
+            assert "cap_net_bind_service" in gc.stdout

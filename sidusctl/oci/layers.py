@@ -13,7 +13,8 @@ What the OCI image spec (image-spec v1.1, ``layer.md``) asks and what this modul
   keep their content); a directory over a directory merges (metadata from the new header).
 - Hard links may name files of lower layers. Numeric uid/gid, mode (setuid/setgid/sticky
   included), mtimes, xattrs (``SCHILY.xattr.*`` and ``LIBARCHIVE.xattr.*`` PAX records),
-  character/block devices and fifos are kept.
+  character/block devices and fifos are kept (``security.selinux`` labels are not: they belong
+  to the build host's policy).
 
 Safety: every path is walked component by component from an ``O_DIRECTORY`` fd of the root
 with ``O_NOFOLLOW``; nothing is ever opened through a symlink. Entry names or hard-link
@@ -47,6 +48,9 @@ CHUNK = 1 << 20
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
 WH_META = ".wh..wh."  # aufs bookkeeping (.wh..wh.plnk, .wh..wh.aufs): ignored
+
+# SELinux labels describe the build host's policy, not the image (umoci skips them too)
+IGNORED_XATTRS = frozenset({"security.selinux"})
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -383,6 +387,8 @@ class LayerApplier:
         if xattrs:
             target: int | str = fd if fd is not None else f"/proc/self/fd/{dfd}/{name}"
             for k, v in xattrs.items():
+                if k in IGNORED_XATTRS:
+                    continue
                 try:
                     if isinstance(target, int):
                         os.setxattr(target, k, v)
