@@ -492,6 +492,7 @@ class Platform:
             real = self._reconcile(st, vn)
             if vn.state == READY and real in ("STOPPED", "ABSENT"):
                 raise StateError(f"vnode {name!r} is not running (state READY)")
+            self.store.ensure_mounted(st)  # after a reboot: to delete the root for real
             c = self._container(name)
             c.stop()
             vn.exit_code = c.exit_status()
@@ -526,6 +527,7 @@ class Platform:
         """Forget vnode ``name`` (stopping it first if it runs)."""
         with self.store.transaction() as st:
             vn = self._vnode(st, name)
+            self.store.ensure_mounted(st)
             c = self._container(name)
             c.stop(timeout=5)
             vn.state = READY
