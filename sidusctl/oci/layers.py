@@ -192,7 +192,7 @@ def decompressor(raw: HashingReader) -> tuple[str, Readable]:
         return "gzip", GzipReader(raw)
     if head.startswith(_ZSTD_MAGIC):
         return "zstd", zstandard.ZstdDecompressor().stream_reader(
-            raw, read_size=CHUNK)  # type: ignore[arg-type]
+            raw, read_size=CHUNK, read_across_frames=True)  # type: ignore[arg-type]
     return "none", raw
 
 
