@@ -200,3 +200,53 @@ def test_xattrs_and_capabilities_kept() -> None:
         gc = subprocess.run(["getcap", str(f)], capture_output=True, text=True)
         if gc.returncode == 0:
             assert "cap_net_bind_service" in gc.stdout
+
+
+class _Zeros:
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def read(self, k: int = -1) -> bytes:
+        k = self.left if k < 0 else min(k, self.left)
+        self.left -= k
+        return bytes(k)
+
+
+def test_sigterm_mid_layer_leaves_nothing() -> None:
+    """SIGTERM while a big layer is being written: exit 130, the half-written generation is
+    removed, no current generation appears."""
+    import signal
+    import time
+
+    from tests.conftest import SIDUSCTL
+
+    size = 768 << 20
+    with sdt_tempdir() as work, sdt_tempdir("sdt-state-") as state:
+        layer = work / "layer.tar.gz"
+        with gzip.open(layer, "wb", compresslevel=1) as gz, \
+                tarfile.open(fileobj=gz, mode="w|") as tf:
+            big = tarfile.TarInfo("big")
+            big.size = size
+            tf.addfile(big, _Zeros(size))  # type: ignore[arg-type]
+        layout = _layout_with(work, layer.read_bytes(), sha256(b"unchecked"), compress=True)
+        p = subprocess.Popen([*SIDUSCTL, "--state-dir", str(state), "import", str(layout),
+                              "sdt-int"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            d = state / "images" / "sdt-int"
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                big_files = list(d.glob(".building-*/rootfs/big")) if d.exists() else []
+                if big_files and big_files[0].stat().st_size > (64 << 20):
+                    break
+                time.sleep(0.02)
+            else:
+                pytest.fail("the import never started writing the layer")
+            p.send_signal(signal.SIGTERM)
+            _, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 130, err
+        assert b"interrupted by SIGTERM" in err
+        assert sorted(os.listdir(d)) == [".lock"]
