@@ -34,6 +34,51 @@ def base_tarball(request: pytest.FixtureRequest) -> Path:
     return Path(img.tarball)
 
 
+def _attach(name: str, lxcpath: Path, *cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["lxc-attach", "-n", name, "-P", str(lxcpath), "--", *cmd],
+                          capture_output=True, text=True, timeout=60)
+
+
+def _boot_systemd_and_check_unit(gen: Path, work: Path) -> None:
+    """Start the image in LXC with systemd as init (the generated snippet says so): the
+    enabled unit must be active, its process /bin/sleep running as uid 1500 in /srv/svc."""
+    import time
+
+    name = f"sdt-impsd-{os.getpid()}"
+    lxcpath = work / "sdt-lxcpath"
+    lxcpath.mkdir()
+    conf = lxcpath / "config"
+    conf.write_text(f"lxc.uts.name = {name}\nlxc.rootfs.path = dir:{gen / 'rootfs'}\n"
+                    "lxc.include = /usr/share/lxc/config/common.conf\n"
+                    "lxc.apparmor.profile = unconfined\n"
+                    "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed\n"
+                    "lxc.net.0.type = empty\n"
+                    f"lxc.include = {gen / 'lxc.conf'}\n")
+    try:
+        r = subprocess.run(["lxc-start", "-n", name, "-P", str(lxcpath), "-f", str(conf), "-d",
+                            "-o", str(lxcpath / "log"), "-l", "INFO"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr + (lxcpath / "log").read_text()
+        state = ""
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            state = _attach(name, lxcpath, "systemctl", "is-active", "oci-cmd").stdout.strip()
+            if state in ("active", "failed"):
+                break
+            time.sleep(1)
+        assert state == "active", _attach(name, lxcpath, "systemctl", "status",
+                                          "oci-cmd").stdout
+        pid = _attach(name, lxcpath, "systemctl", "show", "-p", "MainPID", "--value",
+                      "oci-cmd").stdout.strip()
+        ps = _attach(name, lxcpath, "ps", "-o", "uid=,gid=,args=", "-p", pid).stdout.split()
+        assert ps == ["1500", "1500", "/bin/sleep", "infinity"]
+        cwd = _attach(name, lxcpath, "readlink", f"/proc/{pid}/cwd").stdout.strip()
+        assert cwd == "/srv/svc"
+    finally:
+        subprocess.run(["lxc-stop", "-n", name, "-P", str(lxcpath), "-k"], capture_output=True,
+                       timeout=60)
+
+
 def test_minimal_based_image(base_tarball: Path) -> None:
     b = Buildah()
     with sdt_tempdir() as work, sdt_tempdir("sdt-state-") as state:
@@ -81,5 +126,6 @@ def test_minimal_based_image(base_tarball: Path) -> None:
             assert diff_trees(got, want) == []
             assert not (root / "usr/share/doc").exists() and (root / "etc/skel").is_file()
             assert os.listdir(root / "var/lib/dpkg/info") == ["new"]
+            _boot_systemd_and_check_unit(root.parent, work)
         finally:
             b.cleanup()
