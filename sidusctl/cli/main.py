@@ -45,6 +45,7 @@ from sidusctl.cli import serve as _serve  # noqa: E402
 from sidusctl.cli import imports as _imports  # noqa: E402
 from sidusctl.cli import vnode as _vnode  # noqa: E402
 from sidusctl.cli import pxe as _pxe  # noqa: E402
+from sidusctl.cli import servepxe as _servepxe  # noqa: E402
 
 _build.register(cli)
 _image.register(cli)
@@ -52,6 +53,7 @@ _serve.register(cli)
 _imports.register(cli)
 _vnode.register(cli)
 _pxe.register(cli)
+_servepxe.register(cli)
 # (other services register here)
 
 
