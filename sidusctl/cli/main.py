@@ -6,6 +6,7 @@ so that every context manager (mounts, chroot sessions, servers) unwinds and cle
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 import traceback
@@ -38,23 +39,12 @@ def cli(ctx: click.Context, state_dir: str | None, debug: bool, quiet: bool) -> 
     ctx.obj = Ctx(state=resolve_state_dir(state_dir), debug=debug)
 
 
-# -- command registration: one line per command module -------------------------------------
-from sidusctl.cli import build as _build  # noqa: E402
-from sidusctl.cli import image as _image  # noqa: E402
-from sidusctl.cli import serve as _serve  # noqa: E402
-from sidusctl.cli import imports as _imports  # noqa: E402
-from sidusctl.cli import vnode as _vnode  # noqa: E402
-from sidusctl.cli import pxe as _pxe  # noqa: E402
-from sidusctl.cli import servepxe as _servepxe  # noqa: E402
-
-_build.register(cli)
-_image.register(cli)
-_serve.register(cli)
-_imports.register(cli)
-_vnode.register(cli)
-_pxe.register(cli)
-_servepxe.register(cli)
-# (other services register here)
+# -- command registration ----------------------------------------------------------------------
+# Each module's register(cli) adds its commands; "servepxe" adds `pxe export` to the pxe group,
+# so it comes after "pxe".
+COMMAND_MODULES = ("build", "image", "imports", "pxe", "serve", "servepxe", "vnode")
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"sidusctl.cli.{_name}").register(cli)
 
 
 def _err(text: str) -> None:
