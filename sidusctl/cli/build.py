@@ -77,7 +77,7 @@ def build_cmd(image: str, backend: str, tar: bool, out: Path | None, cache_dir: 
 @click.option("--tar", "tar", is_flag=True, help="Also refresh the rootfs tarball.")
 @click.option("--json", "as_json", is_flag=True)
 def update_cmd(image: str, in_place: bool, tar: bool, as_json: bool) -> None:
-    """apt-get update + full-upgrade + clean inside IMAGE, services inhibited, then its
+    """apt-get update + full-upgrade + autoremove inside IMAGE, services inhibited, then its
     manifest and exports refreshed (the SIDUS "Update Debian" procedure)."""
     need_root("sidusctl update")
     store = ImageStore(get_ctx().state)
