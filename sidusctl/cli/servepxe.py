@@ -5,15 +5,18 @@ for dnsmasq, ISC dhcpd, Kea, tftpd-hpa and /etc/exports) and ``sidusctl pxe stat
 from __future__ import annotations
 
 import contextlib
+import os
+import time
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import click
 
 from sidusctl.boot import inventory as inv_mod
 from sidusctl.boot.pxe import export_path_for
-from sidusctl.cli.common import get_ctx
-from sidusctl.core.errors import NotFoundError, SidusError
-from sidusctl.core.state import atomic_write_bytes
+from sidusctl.cli.common import emit_json, get_ctx
+from sidusctl.core.errors import NotFoundError, SidusError, StateError
+from sidusctl.core.state import atomic_write_bytes, read_json
 from sidusctl.serve.export import FORMATS, ExportOptions, render_export
 from sidusctl.subsys.imagestore import ImageStore
 
@@ -69,8 +72,95 @@ def export_cmd(nodes: str, fmt: str, out: Path | None, tftp_root: str, interface
         raise SidusError(f"cannot write {out}: {e.strerror}") from e
 
 
+@click.command("serve-pxe")
+@click.option("--nodes", "nodes", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="The node inventory (nodes.toml).")
+@click.option("--interface", "-i", required=True,
+              help="The one interface to serve; it must carry the inventory's server address.")
+@click.option("--proxy", is_flag=True, help="proxyDHCP next to the site's DHCP server: answer "
+              "PXE clients only, give no addresses.")
+@click.option("--http", is_flag=True, help="Also serve the TFTP root over HTTP (iPXE clients "
+              "get http://SERVER/boot.ipxe).")
+@click.option("--http-port", type=int, default=80, show_default=True)
+@click.option("--tftp-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the boot tree is rendered and served (default: <state>/serve-pxe/tftp).")
+@click.option("--nfs", type=click.Choice(["auto", "kernel", "ganesha", "off"]), default="auto",
+              show_default=True, help="NFS export of the images: the kernel server if it runs "
+              "(auto), nfs-ganesha, or none (the roots are exported elsewhere).")
+@click.option("--lease-time", type=int, default=3600, show_default=True, help="Seconds.")
+@click.option("--dns-upstream", default=None,
+              help="IP[:PORT] names outside the cluster domain are forwarded to (default: refused).")
+def serve_pxe_cmd(nodes: Path, interface: str, proxy: bool, http: bool, http_port: int,
+                  tftp_root: Path | None, nfs: str, lease_time: int,
+                  dns_upstream: str | None) -> None:
+    """Boot the inventory's nodes: DHCP (full or proxy), TFTP, DNS, NFS (and HTTP) on one
+    interface, until SIGTERM. SIGHUP, or a change of the inventory file, reloads it."""
+    from sidusctl.serve import pxe
+
+    upstream = None
+    if dns_upstream:
+        host, _, port = dns_upstream.partition(":")
+        try:
+            upstream = (str(IPv4Address(host)), int(port or 53))
+        except ValueError:
+            raise click.BadParameter(dns_upstream, param_hint="--dns-upstream (IP[:PORT])") from None
+    state = get_ctx().state
+    opts = pxe.PxeOptions(nodes=nodes.absolute(), interface=interface, state=state,
+                          tftp_root=(tftp_root or state / "serve-pxe" / "tftp").absolute(),
+                          proxy=proxy, http=http, http_port=http_port,
+                          nfs=nfs,  # type: ignore[arg-type]
+                          lease_time=lease_time, dns_upstream=upstream)
+    pxe.serve(opts)
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status_cmd(as_json: bool) -> None:
+    """What each node of the running (or last) serve-pxe did: DHCP, files fetched, booted."""
+    path = get_ctx().state / "serve" / "status.json"
+    try:
+        st = read_json(path)
+    except FileNotFoundError:
+        raise StateError(f"{path}: no status (has 'sidusctl serve-pxe' been started with this "
+                         "state directory?)") from None
+    pxe = st.get("pxe") if isinstance(st, dict) else None
+    if not isinstance(pxe, dict):
+        raise StateError(f"{path} was written by 'sidusctl serve run', not serve-pxe "
+                         "(see 'sidusctl serve status')")
+    running = _alive(st.get("pid"))
+    if as_json:
+        emit_json({"pid": st.get("pid"), "running": running, "updated": st.get("updated"),
+                   "inventory": pxe.get("inventory"), "interface": pxe.get("interface"),
+                   "nodes": pxe.get("nodes", [])})
+        return
+    age = time.time() - float(st.get("updated", 0))
+    click.echo(f"serve-pxe pid {st.get('pid')} ({'running' if running else 'not running'}) on "
+               f"{pxe.get('interface')}, {pxe.get('inventory')}; status {age:.0f} s old")
+    for n in pxe.get("nodes", []):
+        files = n.get("files") or []
+        shown = ", ".join(files[-4:]) + (f" (+{len(files) - 4})" if len(files) > 4 else "")
+        dhcp = f"DHCP ACK {n['dhcp']}" if n.get("dhcp") else "no DHCP yet"
+        click.echo(f"{n['name']:<12} {n['mac']}  {n['ip']:<15} {dhcp:<22} "
+                   f"files: {shown or '-'}  booted: {'yes' if n.get('booted') else 'no'}")
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def register(cli: click.Group) -> None:
     pxe = cli.commands.get("pxe")
     if not isinstance(pxe, click.Group):
         raise RuntimeError("sidusctl.cli.servepxe must be registered after sidusctl.cli.pxe")
     pxe.add_command(export_cmd)
+    pxe.add_command(status_cmd)
+    cli.add_command(serve_pxe_cmd)
