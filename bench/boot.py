@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sidusctl.subsys.ganesha import Export, serve  # noqa: E402
-from tests.qemu_util import guest, netns, nfs_append  # noqa: E402
+from sidusctl.subsys.ganesha import Export, serve
+from tests.qemu_util import QUIET, guest, netns, nfs_append
 
 
 def _image(args: argparse.Namespace) -> tuple[Path, Path, Path]:
@@ -71,7 +71,8 @@ def main() -> int:
                            log=Path(tmp) / f"nfs-{i}.log") as g:
                     nfs_times.append(g.wait_login_prompt())
                 with guest(f"sdt-bench-disk-{i}", kernel=kernel, initrd=initrd, netns=ns,
-                           append="console=ttyS0 root=/dev/vda rw panic=-1", disks=(disk,),
+                           append=" ".join(["console=ttyS0", "root=/dev/vda", "rw", "panic=-1",
+                                                    *QUIET]), disks=(disk,),
                            log=Path(tmp) / f"disk-{i}.log") as g:
                     disk_times.append(g.wait_login_prompt())
     nfs_s = statistics.median(nfs_times)

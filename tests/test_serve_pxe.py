@@ -4,7 +4,9 @@ that bridge. Real peers only: busybox udhcpc gets the node's reserved address an
 curl fetches its per-MAC pxelinux config over TFTP and the kernel over HTTP, getent resolves
 the node names through our DNS, showmount lists the NFS export (nfs-ganesha); the inventory
 is reloaded when it changes and on SIGHUP (a bad one refused, the old one kept); SIGTERM
-stops everything; a bad inventory is refused before anything starts.
+stops everything; a bad inventory is refused before anything starts. ``--proxy`` next to a
+dnsmasq acting as the site's DHCP server; and the ``pxe export --format dnsmasq`` output run
+for real by dnsmasq, handing udhcpc the node's reservation and boot file.
 """
 
 from __future__ import annotations
@@ -129,8 +131,8 @@ class Lab:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    srv, cli = uniq("ps"), uniq("pc")
-    br, sif, cif = uniq("pb"), uniq("pv"), uniq("pw")
+    srv, cli = uniq("xs"), uniq("xc")
+    br, sif, cif = uniq("xb"), uniq("xv"), uniq("xw")
     state = tmp_path / "state"
     _store_image(state, "minimal")
     nodes = tmp_path / "nodes.toml"
@@ -243,3 +245,54 @@ def test_bad_inventory_is_refused_before_anything_starts(lab: Lab) -> None:
     assert not tftp.exists()
     r = _cli(lab.state, "pxe", "status")
     assert r.returncode != 0 and "no status" in r.stderr
+
+
+def test_proxy_next_to_a_site_dhcp_server(lab: Lab) -> None:
+    """serve-pxe --proxy gives PXE clients the boot file and no address; dnsmasq (in its own
+    namespace on the same bridge) is the site's DHCP server."""
+    site_ns, site_if, site_peer = uniq("xd"), uniq("xe"), uniq("xf")
+    with netns(site_ns):
+        veth(lab.srv, site_peer, site_ns, site_if, b_addr="10.77.0.2/24")
+        enslave(lab.srv, site_peer, lab.br)
+        site = Daemon(nsexec(site_ns, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
+                             "--port=0", f"--interface={site_if}", "--bind-interfaces",
+                             "--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,10m",
+                             f"--dhcp-leasefile={lab.tmp / 'site.leases'}",
+                             f"--pid-file={lab.tmp / 'site.pid'}"),
+                      lab.tmp / "site.log", ready="DHCP, IP range")
+        d = lab.start("--proxy", "--nfs", "off", log="proxy.log")
+        try:
+            r = subprocess.run(nsexec(lab.cli, sys.executable, "-m", "tests.netns_util",
+                                      "probe", lab.cif), capture_output=True, text=True,
+                               timeout=30, cwd=REPO, check=True)
+            res = json.loads(r.stdout)
+            proxy = [o for o in res["offers"] if o["server"] == "10.77.0.1"]
+            assert len(proxy) == 1, res
+            assert proxy[0]["yiaddr"] == "0.0.0.0" and proxy[0]["file"] == "pxelinux.0"
+            assert res["site_ack"][0]["yiaddr"].startswith("10.77.0.5")
+            assert res["proxy_ack"][0]["file"] == "pxelinux.0"
+        finally:
+            d.stop()
+            site.stop()
+    assert " -> ACK 10.77" not in d.text()  # the addresses are the site server's business
+
+
+def test_exported_dnsmasq_config_runs(lab: Lab) -> None:
+    """The dnsmasq export is not only syntactically right: dnsmasq running it (in the server
+    namespace, on the bridge) gives udhcpc the reservation, next-server and boot file."""
+    tftp = lab.tmp / "tftp"
+    tftp.mkdir()
+    conf = lab.tmp / "dnsmasq.conf"
+    r = _cli(lab.state, "pxe", "export", "--nodes", str(lab.nodes), "--format", "dnsmasq",
+             "--interface", lab.br, "--tftp-root", str(tftp), "--out", str(conf))
+    assert r.returncode == 0, r.stderr
+    site = Daemon(nsexec(lab.srv, "dnsmasq", "--no-daemon", f"--conf-file={conf}", "--port=0",
+                         f"--dhcp-leasefile={lab.tmp / 'd.leases'}",
+                         f"--pid-file={lab.tmp / 'd.pid'}"),
+                  lab.tmp / "dnsmasq.log", ready="TFTP root")
+    try:
+        env = lab.udhcpc()
+    finally:
+        site.stop()
+    assert (env["ip"], env["hostname"], env["siaddr"], env["boot_file"], env["domain"]) == \
+        ("10.77.0.130", "node1", "10.77.0.1", "pxelinux.0", "cluster.test"), site.text()
