@@ -175,8 +175,20 @@ def _leaks() -> list[str]:
     return found
 
 
+_before: set[str] = set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # what was there before this run (another developer's session, a killed earlier run) is not
+    # this run's leak; it is reported once as a warning so it gets cleaned
+    _before.update(_leaks())
+    if _before:
+        sys.stderr.write("\nnote: sdt- resources present before this run (not counted):\n  "
+                         + "\n  ".join(sorted(_before)) + "\n")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    leaks = _leaks()
+    leaks = [x for x in _leaks() if x not in _before]
     if leaks:
         sys.stderr.write("\nLEAKED TEST RESOURCES (a cleanup bug):\n  " + "\n  ".join(leaks) + "\n")
         session.exitstatus = 1
