@@ -244,6 +244,7 @@ class Builder:
         cached = self.bootstrap_cache / f"{r.suite}-{r.arch}-{key}.tar.zst" if key else None
         if cached is not None and cached.is_file():
             self.rep.line(f"bootstrap from cache {cached.name}")
+            log.info("bootstrap from cache %s (debootstrap ran when it was saved)", cached)
             try:
                 extract_rootfs_tar(cached, target)
                 self.bootstrap_from_cache = True
@@ -256,6 +257,7 @@ class Builder:
         if cached is not None:
             _clean_root_debs(target, self.cache)
             self.rep.line(f"saving bootstrap cache {cached.name}")
+            log.info("saving bootstrap cache %s", cached)
             cached.parent.mkdir(parents=True, exist_ok=True)
             write_rootfs_tar(target, cached, level=1)
             _prune(self.bootstrap_cache, keep=4)
