@@ -643,6 +643,15 @@ def read_file_in_root(root: str | os.PathLike[str], rel: str, limit: int = 4 << 
             os.close(fd)
 
 
+def _unlink_non_dir(dfd: int, name: str, rel: str, verb: str) -> None:
+    """Remove entry ``name`` of directory ``dfd`` (``rel`` in the rootfs) unless it is missing;
+    a directory there is an UnsafeImageError (it would be replaced with all its contents)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISDIR(os.lstat(name, dir_fd=dfd).st_mode):
+            raise UnsafeImageError(f"cannot {verb} '/{rel}' in the rootfs: it is a directory")
+        os.unlink(name, dir_fd=dfd)
+
+
 def write_file_in_root(root: str | os.PathLike[str], rel: str, data: bytes,
                        mode: int = 0o644) -> None:
     """Create or replace ``rel`` inside ``root`` (owner root), never through a symlink;
@@ -650,11 +659,7 @@ def write_file_in_root(root: str | os.PathLike[str], rel: str, data: bytes,
     name = os.path.basename(rel.rstrip("/"))
     with _parent_fd(root, rel, create=True) as dfd:
         assert dfd is not None
-        with contextlib.suppress(FileNotFoundError):
-            st = os.lstat(name, dir_fd=dfd)
-            if stat.S_ISDIR(st.st_mode):
-                raise UnsafeImageError(f"cannot write '/{rel}' in the rootfs: it is a directory")
-            os.unlink(name, dir_fd=dfd)
+        _unlink_non_dir(dfd, name, rel, "write")
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode,
                      dir_fd=dfd)
         try:
@@ -670,11 +675,7 @@ def symlink_in_root(root: str | os.PathLike[str], rel: str, target: str) -> None
     name = os.path.basename(rel.rstrip("/"))
     with _parent_fd(root, rel, create=True) as dfd:
         assert dfd is not None
-        with contextlib.suppress(FileNotFoundError):
-            st = os.lstat(name, dir_fd=dfd)
-            if stat.S_ISDIR(st.st_mode):
-                raise UnsafeImageError(f"cannot link '/{rel}' in the rootfs: it is a directory")
-            os.unlink(name, dir_fd=dfd)
+        _unlink_non_dir(dfd, name, rel, "link")
         os.symlink(target, name, dir_fd=dfd)
 
 

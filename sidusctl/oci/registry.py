@@ -45,6 +45,7 @@ from sidusctl.oci.sources import (
     from_manifest,
     host_platform,
     select_platform,
+    verified_json,
 )
 
 ACCEPT = ", ".join((MT_OCI_INDEX, MT_OCI_MANIFEST, MT_DOCKER_LIST, MT_DOCKER_MANIFEST))
@@ -278,13 +279,7 @@ class RegistryClient:
 
     def blob_json(self, digest: str) -> tuple[bytes, Any]:
         data, _ = self._small(f"/blobs/{digest}")
-        got = "sha256:" + hashlib.sha256(data).hexdigest()
-        if got != digest:
-            raise ImageError(f"{self.ref}: blob {digest} has digest {got}")
-        try:
-            return data, json.loads(data)
-        except ValueError as e:
-            raise ImageError(f"{self.ref}: blob {digest} is not JSON ({e})") from e
+        return data, verified_json(data, digest, str(self.ref))
 
     def opener(self, digest: str) -> Opener:
         @contextlib.contextmanager

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import os
 import platform as _platform
@@ -455,7 +456,6 @@ def _oci(store: BlobStore, source: str, ref: str | None, wanted: str,
 
 
 def _read_blob_json(store: BlobStore, digest: str, source: str) -> tuple[bytes, Any]:
-    import hashlib
 
     name = blob_path(digest, source)
     if not store.exists(name):
@@ -464,11 +464,17 @@ def _read_blob_json(store: BlobStore, digest: str, source: str) -> tuple[bytes, 
         raise ImageError(f"{source}: blob {digest} is too large for a JSON document")
     with store.open(name) as f:
         data = f.read()
+    return data, verified_json(data, digest, source, "corrupt layout")
+
+
+def verified_json(data: bytes, digest: str, source: str, why: str = "") -> Any:
+    """``data`` decoded as JSON after checking it hashes to ``digest`` ("sha256:<hex>", OCI
+    image spec, descriptors); ImageError naming ``source`` and the blob otherwise."""
     got = "sha256:" + hashlib.sha256(data).hexdigest()
     if got != digest:
-        raise ImageError(f"{source}: blob {digest} has digest {got} (corrupt layout)")
+        raise ImageError(f"{source}: blob {digest} has digest {got}" + (f" ({why})" if why else ""))
     try:
-        return data, json.loads(data)
+        return json.loads(data)
     except ValueError as e:
         raise ImageError(f"{source}: blob {digest} is not valid JSON ({e})") from e
 
