@@ -80,8 +80,10 @@ def export_cmd(nodes: str, fmt: str, out: Path | None, tftp_root: str, interface
               help="The one interface to serve; it must carry the inventory's server address.")
 @click.option("--proxy", is_flag=True, help="proxyDHCP next to the site's DHCP server: answer "
               "PXE clients only, give no addresses.")
-@click.option("--http", is_flag=True, help="Also serve the TFTP root over HTTP (iPXE clients "
-              "get http://SERVER/boot.ipxe).")
+@click.option("--http", is_flag=True, help="Also serve the TFTP root over HTTP: iPXE clients "
+              "(DHCP option 77 'iPXE', e.g. qemu's NIC ROM) get http://SERVER/boot.ipxe and "
+              "fetch kernel and initrd over HTTP. Without --http, iPXE clients get pxelinux.0 "
+              "over TFTP like any BIOS PXE client.")
 @click.option("--http-port", type=int, default=80, show_default=True)
 @click.option("--tftp-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the boot tree is rendered and served (default: <state>/serve-pxe/tftp).")
@@ -95,7 +97,12 @@ def serve_pxe_cmd(nodes: Path, interface: str, proxy: bool, http: bool, http_por
                   tftp_root: Path | None, nfs: str, lease_time: int,
                   dns_upstream: str | None) -> None:
     """Boot the inventory's nodes: DHCP (full or proxy), TFTP, DNS, NFS (and HTTP) on one
-    interface, until SIGTERM. SIGHUP, or a change of the inventory file, reloads it."""
+    interface, until SIGTERM. SIGHUP, or a change of the inventory file, reloads it.
+
+    Boot files: BIOS PXE clients (option 93 = 0) get pxelinux.0, which reads
+    pxelinux.cfg/01-<mac>; iPXE clients get the same unless --http is given, then the iPXE
+    script http://SERVER/boot.ipxe (chaining to ipxe/<mac>.ipxe). Proven with qemu guests
+    (docs/serve-pxe.md)."""
     from sidusctl.serve import pxe
 
     upstream = None

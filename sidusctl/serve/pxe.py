@@ -3,7 +3,8 @@
 Owns the glue from ``nodes.toml`` (:mod:`sidusctl.boot.inventory`) to a
 :class:`~sidusctl.serve.supervisor.ServeConfig`: one DHCP reservation per node (RFC 2131
 static allocation: chaddr → yiaddr, option 12 host name), the boot file by client type
-(RFC 4578 option 93; iPXE, option 77 ``iPXE``, gets ``boot.ipxe``), the TFTP root rendered
+(RFC 4578 option 93; iPXE, option 77 ``iPXE``, gets ``http://SERVER/boot.ipxe`` with
+``--http`` and ``pxelinux.0`` like any BIOS PXE client without it), the TFTP root rendered
 by :func:`sidusctl.boot.pxe.write_tree`, a DNS zone with the nodes' A/PTR records, the NFS export
 of every image the inventory uses (the kernel NFS server through ``exportfs`` where it runs,
 nfs-ganesha otherwise) and, for iPXE clients, a small read-only HTTP server over the TFTP root
@@ -100,11 +101,16 @@ class PxeLoader:
         self.roots: dict[str, Path] = {}
         self.files: dict[str, ImageFiles] = {}
 
-    def ipxe_script(self, server: IPv4Address) -> str:
+    def ipxe_script(self, server: IPv4Address) -> str | None:
+        """What an iPXE client (option 77 ``iPXE``) is told to boot. With ``--http``: the
+        script ``http://SERVER[:PORT]/boot.ipxe`` (kernel and initrd then come over HTTP).
+        Without: None, i.e. the boot file of its architecture (``pxelinux.0`` for BIOS), like
+        any PXE ROM: iPXE runs pxelinux.0 through its PXE API, and pxelinux fetches its
+        config, kernel and initrd over TFTP. (No loop: the boot file is not iPXE itself.)"""
         if self.opts.http:
             port = "" if self.opts.http_port == 80 else f":{self.opts.http_port}"
             return f"http://{server}{port}/boot.ipxe"
-        return "boot.ipxe"
+        return None
 
     def __call__(self) -> supervisor.ServeConfig:
         o = self.opts
@@ -273,16 +279,43 @@ def which_or_none(cmd: str) -> str | None:
         return None
 
 
+def reap_stale_ganesha(workdir: Path, grace: float = 5.0) -> int | None:
+    """End the nfs-ganesha a previous serve-pxe started with ``workdir`` and left behind
+    (serve-pxe killed with SIGKILL: its ganesha, in its own session, keeps running and holds
+    the NFS port). Only a live ``ganesha.nfsd`` whose command line names
+    ``workdir/ganesha.conf`` is ended (SIGTERM, then SIGKILL); returns its pid, or None."""
+    try:
+        pid = int((workdir / "ganesha.pid").read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, IndexError):
+        return None
+    if not cmdline or not cmdline[0].endswith(b"ganesha.nfsd") or \
+            str(workdir / "ganesha.conf").encode() not in cmdline:
+        return None
+    log.warning("NFS: ending nfs-ganesha pid %d left by an earlier serve-pxe (%s)", pid, workdir)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not Path(f"/proc/{pid}").exists():
+            break
+    return pid
+
+
 @contextlib.contextmanager
 def nfs_exports(mode: NfsMode, paths: Sequence[tuple[Path, str]], clients: str,
-                bind_addr: str) -> Iterator[str]:
+                bind_addr: str, workdir: Path | None = None) -> Iterator[str]:
     """Export each ``(rootfs, export path)`` read-only to ``clients`` (a CIDR network) until
     the block ends; yields the backend used (``kernel``, ``ganesha`` or ``off``).
 
     ``kernel``: ``exportfs -i -o ro,... CLIENTS:PATH`` on the running nfs-kernel-server, undone
     with ``exportfs -u`` (the path exported is the rootfs itself). ``ganesha``: a private
     nfs-ganesha (:func:`sidusctl.subsys.ganesha.serve`) on ``bind_addr`` with the export path
-    as NFSv4 pseudo path. ``auto``: kernel if it runs, else ganesha."""
+    as NFSv4 pseudo path, its configuration, log and pid file in ``workdir`` (a ganesha left
+    there by a killed serve-pxe is ended first: :func:`reap_stale_ganesha`). ``auto``:
+    kernel if it runs, else ganesha."""
     if mode == "off" or not paths:
         yield "off"
         return
@@ -307,7 +340,9 @@ def nfs_exports(mode: NfsMode, paths: Sequence[tuple[Path, str]], clients: str,
     exports = [ganesha.Export(rootfs, export_id=i + 1, pseudo=export, access="RO",
                               clients=(clients,))
                for i, (rootfs, export) in enumerate(paths)]
-    with ganesha.serve(exports, bind_addr=bind_addr):
+    if workdir is not None:
+        reap_stale_ganesha(workdir)
+    with ganesha.serve(exports, bind_addr=bind_addr, workdir=workdir):
         yield "ganesha"
 
 
@@ -351,7 +386,8 @@ def serve(opts: PxeOptions) -> None:
     server = str(inv.network.server)
     paths = [(loader.roots[i], loader.files[i].export_path) for i in inv.images()]
     stop = threading.Event()
-    with nfs_exports(opts.nfs, paths, str(inv.network.subnet), server) as backend:
+    with nfs_exports(opts.nfs, paths, str(inv.network.subnet), server,
+                     opts.serve_dir / "ganesha") as backend:
         log.info("NFS: %s", backend if backend == "off" else
                  f"{backend} exports {', '.join(p for _, p in paths)}")
 

@@ -1,0 +1,359 @@
+"""A throw-away PXE lab: ``sidusctl serve-pxe`` and diskless qemu guests on a private network.
+
+Owns, for the time of a ``with`` block (:class:`PxeLab`) or of :func:`pxe_boot_demo`:
+
+- a network namespace ``<prefix>`` with a bridge ``<prefix>-br`` carrying the server address
+  (nothing is bound to this machine's own interfaces: the servers and the guests only ever
+  see that bridge);
+- a private state directory under the work directory, whose ``images/<name>`` entries are
+  symlinks to the real image store (so the lab's leases and status never touch those of a
+  production serve-pxe using the same state directory);
+- the real CLI ``sidusctl serve-pxe`` run in the namespace as a subprocess (its DHCP, TFTP,
+  DNS, NFS through nfs-ganesha, HTTP), its log in ``<workdir>/serve-pxe.log``;
+- tap devices ``<prefix>-tN`` on the bridge and qemu guests (:mod:`sidusctl.subsys.qemu`,
+  ``-boot n``, no disk) on them, their serial consoles in ``<workdir>/<guest>.console.log``.
+
+Everything is removed on exit, on error, Ctrl-C and SIGTERM included (SIGTERM reaches us as
+:class:`~sidusctl.core.errors.Interrupted`): guests ended, serve-pxe stopped (SIGTERM, then
+SIGKILL), every process left in the namespace killed, the namespace deleted (its bridge and taps
+go with it). :func:`pxe_boot_demo` is the README's demo: one node, boot, log in, check, report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from sidusctl.core.errors import SidusError
+from sidusctl.core.log import get_logger
+from sidusctl.core.run import run
+from sidusctl.subsys import qemu
+from sidusctl.subsys.imagestore import ImageStore
+from sidusctl.subsys.net import links
+
+log = get_logger("lab")
+
+SUBNET = IPv4Network("10.77.0.0/24")  # private: only ever inside the lab's namespace
+SERVER = IPv4Address("10.77.0.1")
+DOMAIN = "lab.test"
+
+
+@dataclass(frozen=True)
+class LabNode:
+    """One diskless node: ``name`` (host name and DNS name), ``mac``, reserved ``ip``."""
+
+    name: str
+    mac: str
+    ip: IPv4Address
+
+
+def inventory_text(nodes: Sequence[LabNode], image: str, *, subnet: IPv4Network = SUBNET,
+                   server: IPv4Address = SERVER, domain: str = DOMAIN,
+                   kernel_args: Sequence[str] = ("console=ttyS0", "panic=-1",
+                                                 *qemu.QUIET)) -> str:
+    """A ``nodes.toml`` (see :mod:`sidusctl.boot.inventory`) booting ``nodes`` from
+    ``image`` with a tmpfs overlay, serial console on ttyS0."""
+    args = ", ".join(json.dumps(a) for a in kernel_args)
+    out = [f'[network]\nsubnet = "{subnet}"\nserver = "{server}"\ndomain = "{domain}"\n',
+           f'[defaults]\nimage = "{image}"\noverlay = "tmpfs"\nkernel_args = [{args}]\n']
+    for n in nodes:
+        out.append(f'[[nodes]]\nname = "{n.name}"\nmac = "{n.mac}"\nip = "{n.ip}"\n')
+    return "\n".join(out)
+
+
+def private_state(state_dir: Path, images: Sequence[str], dest: Path) -> Path:
+    """``dest`` made a state directory whose ``images/<name>`` link to ``state_dir``'s images
+    (which must exist: :class:`~sidusctl.core.errors.NotFoundError` otherwise)."""
+    store = ImageStore(state_dir, recover=False)
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    for name in images:
+        store.get(name)  # NotFoundError naming the built images
+        link = dest / "images" / name
+        if not link.is_symlink():
+            link.symlink_to(store.image_dir(name).resolve(), target_is_directory=True)
+    return dest
+
+
+class PxeLab:
+    """The namespace, bridge, serve-pxe and guests of one lab (see the module docstring).
+
+    ``prefix``: names of the namespace (``prefix``), bridge (``prefix-br``) and taps
+    (``prefix-tN``); at most 10 characters so that they fit in IFNAMSIZ. ``state_dir``: where
+    the images are built. ``nodes``: the inventory's nodes (booting ``image``); ``workdir``:
+    logs, the inventory, the private state and the TFTP root."""
+
+    def __init__(self, prefix: str, state_dir: Path, image: str, nodes: Sequence[LabNode],
+                 workdir: Path, *, subnet: IPv4Network = SUBNET, server: IPv4Address = SERVER,
+                 domain: str = DOMAIN) -> None:
+        if len(prefix) > links.IFNAMSIZ - 3:
+            raise SidusError(f"lab prefix {prefix!r} is too long (at most "
+                             f"{links.IFNAMSIZ - 3} characters: interface names)")
+        self.prefix = prefix
+        self.netns = prefix
+        self.bridge = f"{prefix}-br"
+        self.image = image
+        self.nodes = list(nodes)
+        self.subnet, self.server, self.domain = subnet, server, domain
+        self.workdir = workdir
+        self.source_state = state_dir
+        self.state = workdir / "state"
+        self.tftp_root = workdir / "tftp"
+        self.nodes_file = workdir / "nodes.toml"
+        self.serve_log = workdir / "serve-pxe.log"
+        self.serve_proc: subprocess.Popen[bytes] | None = None
+        self._serve_out: IO[bytes] | None = None
+        self.guests: list[qemu.Guest] = []
+        self._taps = 0
+        self._up = False
+
+    # -- set up and tear down ---------------------------------------------------------------
+    def __enter__(self) -> PxeLab:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            private_state(self.source_state, [self.image], self.state)
+            self.nodes_file.write_text(inventory_text(self.nodes, self.image,
+                                                      subnet=self.subnet, server=self.server,
+                                                      domain=self.domain))
+            if links.netns_exists(self.netns):
+                raise SidusError(f"network namespace {self.netns} already exists (another lab "
+                                 "running, or a crashed one: ip netns del " + self.netns + ")")
+            links.ensure_netns(self.netns)
+            self._up = True
+            run(["ip", "-n", self.netns, "link", "set", "lo", "up"], what="ip link")
+            links.ensure_bridge(self.bridge, f"{self.server}/{self.subnet.prefixlen}",
+                                netns=self.netns)
+            # no STP or forwarding delay: a guest's first DHCP DISCOVER must get through
+            run(["ip", "-n", self.netns, "link", "set", self.bridge, "type", "bridge",
+                 "stp_state", "0", "forward_delay", "0"], what="ip link")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Undo everything (idempotent): guests, serve-pxe, processes in the namespace, the
+        namespace with its bridge and taps."""
+        for g in self.guests:
+            g.close()
+        self.guests.clear()
+        self.stop_serve()
+        if self._up:
+            kill_netns_processes(self.netns)
+            with contextlib.suppress(SidusError, OSError):
+                links.remove_netns(self.netns)
+            self._up = False
+
+    # -- serve-pxe -------------------------------------------------------------------------
+    def start_serve(self, *args: str, ready_timeout: float = 90) -> subprocess.Popen[bytes]:
+        """Start ``sidusctl serve-pxe --nodes ... --interface <bridge> ARGS`` in the namespace
+        and wait for its ``ready:`` line; :class:`SidusError` with the log tail otherwise."""
+        if self.serve_proc is not None and self.serve_proc.poll() is None:
+            raise SidusError("serve-pxe is already running in this lab")
+        argv = ["ip", "netns", "exec", self.netns,
+                # a private /run: rpcbind (started for nfs-ganesha) refuses to start while
+                # another rpcbind, in any namespace, holds /run/rpcbind.lock. `ip netns exec`
+                # already runs in its own mount namespace; this one ends with the process.
+                "unshare", "-m", "sh", "-c", 'mount -t tmpfs sdt-run /run && exec "$@"', "sh",
+                sys.executable, "-m", "sidusctl", "--state-dir", str(self.state), "serve-pxe",
+                "--nodes", str(self.nodes_file), "--interface", self.bridge,
+                "--tftp-root", str(self.tftp_root), *args]
+        start = self.serve_log.stat().st_size if self.serve_log.exists() else 0
+        self._serve_out = open(self.serve_log, "ab")  # noqa: SIM115 (closed in stop_serve)
+        log.debug("run: %s", " ".join(argv))
+        self.serve_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                           stdout=self._serve_out, stderr=self._serve_out,
+                                           start_new_session=True)
+        deadline = time.monotonic() + ready_timeout
+        while "sidusctl: INFO: ready:" not in self.serve_text()[start:]:
+            if self.serve_proc.poll() is not None or time.monotonic() > deadline:
+                self.stop_serve()
+                raise SidusError("serve-pxe did not become ready:\n"
+                                 + self.serve_text()[start:][-3000:])
+            time.sleep(0.1)
+        return self.serve_proc
+
+    def stop_serve(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        """Stop serve-pxe with ``sig`` (SIGKILL: as a crash would); its exit code."""
+        p = self.serve_proc
+        rc = None
+        if p is not None:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, sig)
+                try:
+                    p.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(10)
+            rc = p.returncode
+            self.serve_proc = None
+        if self._serve_out is not None:
+            self._serve_out.close()
+            self._serve_out = None
+        return rc
+
+    def serve_text(self) -> str:
+        """serve-pxe's log so far."""
+        try:
+            return self.serve_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """``sidusctl pxe status --json`` of the lab's state, nodes by name."""
+        res = run([sys.executable, "-m", "sidusctl", "--state-dir", str(self.state), "pxe",
+                   "status", "--json"], capture=True, what="sidusctl pxe status")
+        return {n["name"]: n for n in json.loads(res.stdout)["nodes"]}
+
+    # -- guests ----------------------------------------------------------------------------
+    def add_tap(self) -> str:
+        """A new tap device on the bridge (up); its name."""
+        name = f"{self.prefix}-t{self._taps}"
+        self._taps += 1
+        run(["ip", "-n", self.netns, "tuntap", "add", "dev", name, "mode", "tap"],
+            what="ip tuntap")
+        run(["ip", "-n", self.netns, "link", "set", name, "master", self.bridge, "up"],
+            what="ip link")
+        return name
+
+    def boot(self, node: LabNode, *, name: str | None = None, memory: int = 1024,
+             timeout: float = qemu.BOOT_TIMEOUT) -> qemu.Guest:
+        """Start a diskless guest with ``node``'s MAC on a new tap: it boots from the network
+        (the NIC's iPXE ROM). Its console goes to ``<workdir>/<name>.console.log``."""
+        gname = name or f"{self.prefix}-{node.name}"
+        tap = self.add_tap()
+        g = qemu.Guest(gname, netns=self.netns, tap=tap, mac=node.mac, memory=memory,
+                       log=self.workdir / f"{gname}.console.log", timeout=timeout)
+        self.guests.append(g)
+        return g
+
+    def ack_seen(self, mac: str) -> bool:
+        """Whether serve-pxe has logged a DHCP ACK (full mode) or proxy reply for ``mac``."""
+        return re.search(rf"DHCP {re.escape(mac)}: (REQUEST \(.*\) -> ACK|proxy )",
+                         self.serve_text()) is not None
+
+
+def kill_netns_processes(netns: str, grace: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL, every process in network namespace ``netns``."""
+    try:
+        pids = [int(p) for p in run(["ip", "netns", "pids", netns], capture=True, check=False,
+                                    what="ip netns pids").stdout.split()]
+    except SidusError:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, sig)
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if os.path.exists(f"/proc/{p}")]
+            time.sleep(0.05)
+
+
+def wait_logins(lab: PxeLab, guests: Sequence[tuple[qemu.Guest, LabNode]], timeout: float,
+                on_step: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
+    """Watch several booting guests at once until each shows its login prompt; per guest
+    name: ``ack`` (seconds from start to serve-pxe's DHCP ACK/proxy reply for its MAC) and
+    ``login`` (seconds to the prompt). Every console is read in turn (a console nobody reads
+    stalls its guest). :class:`~sidusctl.subsys.qemu.GuestError` on timeout."""
+    t0 = {g.name: g.started for g, _ in guests}
+    facts: dict[str, dict[str, float]] = {g.name: {} for g, _ in guests}
+    deadline = time.monotonic() + timeout
+    while any("login" not in facts[g.name] for g, _ in guests):
+        for g, node in guests:
+            f = facts[g.name]
+            if "login" in f:
+                continue
+            if "ack" not in f and lab.ack_seen(node.mac):
+                f["ack"] = time.monotonic() - t0[g.name]
+                if on_step:
+                    on_step(f"{node.name}: DHCP ACK for {node.ip} after {f['ack']:.1f} s")
+            if time.monotonic() > deadline:
+                raise qemu.GuestError(f"guest {g.name}: no login prompt within {timeout:.0f} s;"
+                                      f" console tail:\n{g.tail()}")
+            if not g.poll_login_prompt(0.5):
+                continue
+            f["login"] = time.monotonic() - t0[g.name]
+            if "ack" not in f and lab.ack_seen(node.mac):
+                f["ack"] = f["login"]
+            if on_step:
+                on_step(f"{node.name}: login prompt after {f['login']:.1f} s")
+    return facts
+
+
+def pxe_boot_demo(state_dir: Path, image: str, workdir: Path, *, prefix: str = "sidus-demo",
+                  on_step: Callable[[str], None] | None = None,
+                  timeout: float = 600) -> dict[str, Any]:
+    """PXE-boot one throw-away diskless qemu guest from ``image`` through ``sidusctl
+    serve-pxe`` and report what happened.
+
+    Creates the namespace ``prefix`` and bridge ``prefix-br`` (10.77.0.1/24), a one-node
+    inventory (``demo1``, 10.77.0.10) in ``workdir``, starts serve-pxe there (full DHCP, TFTP,
+    DNS, NFS through nfs-ganesha), boots a qemu guest (TCG, no disk, ``-boot n``: iPXE ROM →
+    pxelinux.0 → kernel + initrd → NFS root + tmpfs overlay) to its login prompt, logs in as
+    root (the minimal image's password, ``sidus``), checks the host name and the root
+    filesystem, then removes everything — also on error and Ctrl-C.
+
+    ``on_step(text)`` is called with each step's description. ``timeout``: seconds for the
+    boot to reach the login prompt. Returns ``{"image", "node", "mac", "address" (the
+    guest's IPv4 address as the guest sees it), "hostname", "root_fstype" ("overlay"),
+    "root_lower" (the NFS source of the lower layer), "dhcp_ack_s", "login_prompt_s"
+    (seconds from qemu's start), "total_s", "workdir"}``. Raises
+    :class:`~sidusctl.core.errors.NotFoundError` if ``image`` is not built in ``state_dir``,
+    :class:`~sidusctl.subsys.qemu.GuestError` (console tail included) if the guest does not
+    boot, :class:`SidusError` if serve-pxe does not start (its log tail included).
+    """
+    def step(text: str) -> None:
+        log.info("%s", text)
+        if on_step:
+            on_step(text)
+
+    t_start = time.monotonic()
+    workdir = workdir.absolute()
+    node = LabNode("demo1", "52:54:00:5d:00:01", IPv4Address("10.77.0.10"))
+    with PxeLab(prefix, state_dir, image, [node], workdir) as lab:
+        step(f"network namespace {lab.netns}, bridge {lab.bridge} {SERVER}/{SUBNET.prefixlen}")
+        lab.start_serve()
+        step(f"serve-pxe running on {lab.bridge} (log {lab.serve_log})")
+        g = lab.boot(node, timeout=timeout)
+        step(f"qemu guest {g.name} ({node.mac}) booting from the network (TCG, no disk)")
+        facts = wait_logins(lab, [(g, node)], timeout, on_step=step)[g.name]
+        g.login(timeout=120)
+        hostname = g.sh("hostname")
+        fstype, source = g.sh("findmnt -n -o FSTYPE,SOURCE /").split(None, 1)
+        lower = g.sh("findmnt -n -o SOURCE /run/sidus/ro", check=False)
+        addr = g.sh("ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 | head -n1")
+        step(f"logged in: hostname {hostname}, address {addr}, / is {fstype} ({source}) "
+             f"over {lower}")
+        if hostname != node.name:
+            raise SidusError(f"the guest's host name is {hostname!r}, not {node.name!r}")
+        if fstype != "overlay":
+            raise SidusError(f"the guest's root is {fstype}, not an overlay")
+        return {"image": image, "node": node.name, "mac": node.mac, "address": addr,
+                "hostname": hostname, "root_fstype": fstype, "root_lower": lower,
+                "dhcp_ack_s": round(facts.get("ack", float("nan")), 1),
+                "login_prompt_s": round(facts["login"], 1),
+                "total_s": round(time.monotonic() - t_start, 1), "workdir": str(workdir)}
+
+
+def remove_workdir(workdir: Path) -> None:
+    """Remove a lab's work directory (logs included); nothing is mounted there."""
+    shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,242 @@
+"""qemu guests driven over their serial console: the one place that starts qemu-system-x86_64.
+
+Owns one ``qemu-system-x86_64`` process per :class:`Guest`, run with ``-accel tcg`` (software
+emulation: works everywhere, nested KVM does not), ``-nographic`` and the guest's first serial
+port (ttyS0) as a pexpect child, so that a caller can wait for the boot messages and the
+``login:`` prompt, log in and run shell commands as an operator would on a serial console.
+
+Networking, one NIC (virtio-net-pci, its iPXE option ROM as the PXE client):
+
+- ``tap=IFNAME``: a tap device (created beforehand, e.g. ``ip tuntap add``, and enslaved to a
+  bridge) — the guest is on that L2 segment and talks to real DHCP/TFTP/NFS servers there;
+- otherwise qemu's user-mode network (slirp): private, 10.0.2.0/24, the host seen as 10.0.2.2;
+  ``tftp=DIR`` makes slirp's built-in DHCP hand out ``bootfile`` and serve ``DIR`` by TFTP.
+
+Without ``kernel`` and with ``tap`` or ``tftp``, the machine boots from the network
+(``-boot n``); with ``kernel``/``initrd``/``append`` it boots that kernel directly.
+``netns=NAME`` runs qemu inside a network namespace (``ip netns exec``; exec'd, so the child
+pid is qemu's). The name given to qemu (``-name``) is the guest's name, visible in ``ps``.
+
+Every wait has a timeout and raises :class:`GuestError` with the console tail; :meth:`close`
+(and the :func:`guest` context manager) always ends qemu. Sources: qemu-system-x86_64(1),
+pexpect documentation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import pexpect
+
+from sidusctl.core.errors import PrerequisiteError, SidusError
+
+ROOT_PASSWORD = "sidus"  # the minimal image's lab password (images/minimal/image.toml)
+ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+LOGIN_RE = re.compile(rb"login: ?$", re.M)
+PROMPT = "SDT# "
+BOOT_TIMEOUT = 300.0  # seconds; a TCG boot to login takes 1-2 minutes on a loaded 2-core host
+# Every console byte is an emulated UART write under TCG: keep the boot chatter down.
+QUIET = ("quiet", "systemd.show_status=false")
+
+Pattern = str | bytes | re.Pattern[bytes] | list[Any]
+
+
+class GuestError(SidusError):
+    """A guest did not show what was awaited in time, died, or a command in it failed.
+    The message carries the tail of the serial console."""
+
+
+def qemu_binary() -> str:
+    """Path of qemu-system-x86_64; :class:`PrerequisiteError` if it is not installed."""
+    path = shutil.which("qemu-system-x86_64")
+    if path is None:
+        raise PrerequisiteError("qemu-system-x86_64 is not installed",
+                                hint="apt-get install qemu-system-x86")
+    return path
+
+
+class Guest:
+    """A qemu-system-x86_64 guest (TCG) whose ttyS0 is a pexpect child.
+
+    ``name``: qemu's ``-name`` (the caller's prefix, e.g. ``sdt-``, is kept as given).
+    ``kernel``/``initrd``/``append``: direct kernel boot. ``tap``: an existing tap device for
+    the NIC; else slirp, with ``tftp``/``bootfile`` for a slirp PXE boot. ``mac``: the NIC's
+    address. ``disks``: raw images attached as virtio disks (vda, vdb, ...). ``memory`` MiB.
+    ``log``: file collecting the whole console transcript (appended). ``netns``: run qemu
+    there. The process starts in the constructor; :meth:`close` ends it."""
+
+    def __init__(self, name: str, *, kernel: Path | None = None, initrd: Path | None = None,
+                 append: str = "", disks: Sequence[Path] = (), netns: str | None = None,
+                 mac: str = "52:54:00:12:34:56", memory: int = 1024,
+                 tftp: Path | None = None, bootfile: str = "pxelinux.0",
+                 tap: str | None = None, log: Path | None = None,
+                 timeout: float = BOOT_TIMEOUT) -> None:
+        self.name = name
+        self.timeout = timeout
+        if tap is not None:
+            netdev = f"tap,id=n0,ifname={tap},script=no,downscript=no"
+        else:
+            netdev = "user,id=n0" + (f",tftp={tftp},bootfile={bootfile}" if tftp else "")
+        argv = [qemu_binary(), "-name", name, "-accel", "tcg", "-m", str(memory),
+                "-smp", "1", "-nographic", "-no-user-config", "-nodefaults", "-serial", "stdio",
+                "-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
+        if kernel is None and (tftp is not None or tap is not None):
+            # network boot through the NIC's iPXE option ROM
+            argv += ["-boot", "n"]
+        if kernel is not None:
+            argv += ["-kernel", str(kernel)]
+        if initrd is not None:
+            argv += ["-initrd", str(initrd)]
+        if append:
+            argv += ["-append", append]
+        for d in disks:
+            argv += ["-drive", f"file={d},if=virtio,format=raw,cache=unsafe"]
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        self.argv = argv
+        self.log_path = log
+        self._logf: IO[bytes] | None = open(log, "ab") if log else None  # noqa: SIM115
+        self.started = time.monotonic()
+        self.child: Any = pexpect.spawn(argv[0], argv[1:], timeout=timeout, maxread=65536,
+                                        logfile=self._logf, dimensions=(50, 200))
+        self.logged_in = False
+        self.at_login_prompt = False  # the last thing awaited was a login prompt
+        self.login_prompt_s = 0.0  # seconds from start (or reboot) to the last login prompt
+
+    # -- console -----------------------------------------------------------------------------
+    @property
+    def pid(self) -> int:
+        """qemu's process id (``ip netns exec`` execs it)."""
+        return int(self.child.pid)
+
+    def alive(self) -> bool:
+        return bool(self.child.isalive())
+
+    def tail(self, chars: int = 3000) -> str:
+        """The last ``chars`` characters of the console transcript (ANSI codes removed)."""
+        text = self.transcript()
+        if not text:
+            before = self.child.before
+            text = before.decode("utf-8", "replace") if isinstance(before, bytes) else ""
+        return ANSI_RE.sub("", text.replace("\r", ""))[-chars:]
+
+    def expect(self, pattern: Pattern, timeout: float | None = None) -> int:
+        """Wait for ``pattern`` (pexpect semantics) on the console; the index matched.
+        :class:`GuestError` with the console tail on timeout or if qemu exits."""
+        t = self.timeout if timeout is None else timeout
+        try:
+            return int(self.child.expect(pattern, timeout=t))
+        except pexpect.TIMEOUT:
+            raise GuestError(f"guest {self.name}: {pattern!r} not seen within {t:.0f} s; "
+                             f"console tail:\n{self.tail()}") from None
+        except pexpect.EOF:
+            raise GuestError(f"guest {self.name}: qemu exited while waiting for {pattern!r}; "
+                             f"console tail:\n{self.tail()}") from None
+
+    def poll_login_prompt(self, timeout: float = 0.5) -> bool:
+        """Whether the login prompt shows up within ``timeout`` seconds (for watching several
+        guests in turn); :class:`GuestError` if qemu has exited."""
+        try:
+            self.child.expect(LOGIN_RE, timeout=timeout)
+        except pexpect.TIMEOUT:
+            return False
+        except pexpect.EOF:
+            raise GuestError(f"guest {self.name}: qemu exited before its login prompt; "
+                             f"console tail:\n{self.tail()}") from None
+        self.at_login_prompt = True
+        self.login_prompt_s = time.monotonic() - self.started
+        return True
+
+    def wait_login_prompt(self, timeout: float | None = None) -> float:
+        """Wait for ``login:``; seconds since qemu started (or the last reboot)."""
+        self.expect(LOGIN_RE, timeout)
+        self.at_login_prompt = True
+        self.login_prompt_s = time.monotonic() - self.started
+        return self.login_prompt_s
+
+    def login(self, timeout: float | None = None, user: str = "root",
+              password: str = ROOT_PASSWORD) -> float:
+        """Wait for the login prompt (unless :meth:`wait_login_prompt` has just seen it), log
+        in and set a plain prompt for :meth:`sh`; returns the seconds from start (or reboot)
+        to the login prompt."""
+        seconds = self.login_prompt_s if self.at_login_prompt else self.wait_login_prompt(timeout)
+        self.at_login_prompt = False
+        self.child.sendline(user)
+        self.expect(rb"Password:", 60)
+        self.child.sendline(password)
+        self.expect(rb"[#$] ?$", 90)
+        self.child.sendline("stty -echo cols 200; bind 'set enable-bracketed-paste off'; "
+                            f"export PS1='{PROMPT}' TERM=dumb")
+        self.expect(PROMPT.encode(), 30)
+        # consume whatever the terminal echoed before -echo took effect
+        self.child.sendline("echo __SDT_SYNC_$((6*7))__")
+        self.expect(rb"__SDT_SYNC_42__", 30)
+        self.expect(PROMPT.encode(), 30)
+        self.logged_in = True
+        return seconds
+
+    def _run(self, command: str, timeout: float) -> tuple[int, str]:
+        self.child.sendline(f"{command}; echo \"__SDT_R\"\"C=$?__\"")
+        self.expect(rb"__SDT_RC=(\d+)__", timeout)
+        raw = self.child.before.decode("utf-8", "replace")
+        rc = int(self.child.match.group(1))
+        self.expect(PROMPT.encode(), 30)
+        raw = ANSI_RE.sub("", raw.replace("\r", ""))
+        lines = [ln[len(PROMPT):] if ln.startswith(PROMPT) else ln for ln in raw.split("\n")
+                 if "__SDT_R" not in ln]
+        return rc, "\n".join(lines).strip("\n")
+
+    def sh(self, command: str, timeout: float = 60, check: bool = True) -> str:
+        """Run ``command`` in the logged-in shell; its output (stdout and stderr). With
+        ``check``, :class:`GuestError` on a non-zero exit status."""
+        rc, out = self._run(f"{command} 2>&1", timeout)
+        if check and rc != 0:
+            raise GuestError(f"guest {self.name}: {command!r} failed (exit {rc}):\n{out}")
+        return out
+
+    def rc(self, command: str, timeout: float = 60) -> int:
+        """Run ``command`` in the logged-in shell, output discarded; its exit status."""
+        return self._run(f"{command} >/dev/null 2>&1", timeout)[0]
+
+    def reboot(self) -> None:
+        """A forced reboot (after sync); qemu restarts the machine the same way."""
+        # the clean shutdown costs a minute under TCG and proves nothing here
+        self.child.sendline("sync; reboot -f")
+        self.logged_in = self.at_login_prompt = False
+        self.started = time.monotonic()
+
+    def transcript(self) -> str:
+        """The whole console transcript so far ("" without ``log``)."""
+        if self._logf is not None:
+            with contextlib.suppress(ValueError):
+                self._logf.flush()
+        if self.log_path and self.log_path.exists():
+            return self.log_path.read_text(errors="replace")
+        return ""
+
+    def close(self) -> None:
+        """End qemu (SIGKILL if it does not go at once) and close the transcript."""
+        with contextlib.suppress(Exception):
+            if self.child.isalive():
+                self.child.terminate(force=True)
+        with contextlib.suppress(Exception):
+            self.child.close(force=True)
+        if self._logf is not None:
+            self._logf.close()
+            self._logf = None
+
+
+@contextlib.contextmanager
+def guest(name: str, **kw: Any) -> Iterator[Guest]:
+    """A :class:`Guest` (same arguments) that is ended when the block exits, however."""
+    g = Guest(name, **kw)
+    try:
+        yield g
+    finally:
+        g.close()
