@@ -1,0 +1,236 @@
+"""``sidusctl serve-pxe`` proven by PXE-booting real qemu guests (TCG, no disk, ``-boot n``).
+
+Each test builds a lab (:class:`sidusctl.lab.PxeLab`): a namespace ``sdt-pb<pid>`` with a bridge
+carrying 10.77.0.1/24, the real CLI ``sidusctl serve-pxe`` bound to that bridge inside the
+namespace (its DHCP, TFTP, DNS, HTTP, and nfs-ganesha for the ``minimal`` image's root), and
+diskless qemu guests on tap devices of that bridge. The guests' NIC ROM is iPXE (option 77
+``iPXE``): without ``--http`` it gets pxelinux.0 like any BIOS PXE client, with ``--http`` the
+iPXE script. Every guest must reach its login prompt, and what it sees from the inside is
+checked over its serial console. Everything is removed in the lab's ``finally`` (namespace,
+bridge, taps, qemu, serve-pxe, ganesha, rpcbind); a failure prints the consoles and the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from sidusctl.lab import SERVER, LabNode, PxeLab, pxe_boot_demo, wait_logins
+from sidusctl.serve.leases import read_leases
+from sidusctl.subsys.qemu import Guest
+from tests.conftest import BuiltImage
+from tests.netns_util import Daemon, enslave, netns, nsexec, uniq, veth
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, qemu, NFS)")]
+
+NODE1 = LabNode("node1", "52:54:00:77:00:01", IPv4Address("10.77.0.130"))
+NODE2 = LabNode("node2", "52:54:00:77:00:02", IPv4Address("10.77.0.131"))
+BOOT_TIMEOUT = 420.0  # two TCG boots at once on a shared 2-core machine
+
+
+def prefix() -> str:
+    return uniq("pb")  # sdt-pb<pid>: namespace, <prefix>-br, <prefix>-tN
+
+
+@contextlib.contextmanager
+def evidence(lab: PxeLab) -> Iterator[None]:
+    """On failure, print each guest's console tail and serve-pxe's log."""
+    try:
+        yield
+    except BaseException:
+        for g in lab.guests:
+            print(f"--- console of {g.name} ({g.log_path}) ---\n{g.tail(5000)}")
+        print(f"--- serve-pxe log ({lab.serve_log}) ---\n{lab.serve_text()[-8000:]}")
+        raise
+
+
+def rootfs(image: BuiltImage) -> str:
+    return str(Path(str(image.rootfs)).resolve())
+
+
+def check_node(g: Guest, node: LabNode, root: str) -> None:
+    """What the booted node sees: its inventory name, its reserved address, / an overlay whose
+    lower layer is the image's root over NFS from the lab server."""
+    assert g.sh("hostname") == node.name
+    addrs = g.sh("ip -4 -o addr show scope global")
+    assert f"inet {node.ip}/24 " in addrs, addrs
+    check_overlay_root(g, root)
+
+
+def check_overlay_root(g: Guest, root: str) -> None:
+    fstype, opts = g.sh("findmnt -n -o FSTYPE,OPTIONS /").split(None, 1)
+    assert fstype == "overlay", f"/ is {fstype}"
+    assert "lowerdir=/run/sidus/ro" in opts and "upperdir=/run/sidus/rw/upper" in opts, opts
+    lower = g.sh("findmnt -n -o FSTYPE,SOURCE /run/sidus/ro").split()
+    assert lower[0] in ("nfs", "nfs4") and lower[1] == f"{SERVER}:{root}", lower
+    assert g.sh("findmnt -n -o FSTYPE /run/sidus/rw") == "tmpfs"
+
+
+def use_dhcp_dns(g: Guest) -> None:
+    """Point the guest's resolver at the DNS server its DHCP lease named (option 6, kept by
+    initramfs-tools in /run/net-<if>.conf), if the image's /etc/resolv.conf does not already
+    (the minimal image ships the build host's resolv.conf; see docs/serve-pxe.md)."""
+    if f"nameserver {SERVER}" in g.sh("cat /etc/resolv.conf", check=False):
+        return
+    dns = g.sh(". /run/net-*.conf; echo $IPV4DNS0 $DNSDOMAIN").split()
+    assert dns and dns[0] == str(SERVER), f"the DHCP lease named no DNS server: {dns}"
+    g.sh(f"printf 'nameserver %s\\nsearch %s\\n' {dns[0]} {dns[1]} > /etc/resolv.conf")
+
+
+def test_two_diskless_guests_boot_at_once_through_pxelinux(minimal_image: BuiltImage,
+                                                            tmp_path: Path) -> None:
+    root = rootfs(minimal_image)
+    with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1, NODE2], tmp_path) as lab, \
+            evidence(lab):
+        lab.start_serve("--nfs", "ganesha")
+        guests = [(lab.boot(NODE1, timeout=BOOT_TIMEOUT), NODE1),
+                  (lab.boot(NODE2, timeout=BOOT_TIMEOUT), NODE2)]
+        facts = wait_logins(lab, guests, BOOT_TIMEOUT)
+        print("boot facts (seconds from qemu start):", facts)
+        text = lab.serve_text()
+        for g, node in guests:
+            # iPXE ROM (user class iPXE) -> our DHCP: the reservation and pxelinux.0 ...
+            assert re.search(rf"DHCP {node.mac}: REQUEST \(selecting\) -> ACK {node.ip} .*"
+                             r"boot file pxelinux\.0", text), text[-3000:]
+            # ... pxelinux's files from our TFTP, the per-MAC config included
+            for f in ("pxelinux.0", "ldlinux.c32", f"pxelinux.cfg/01-{node.mac.replace(':', '-')}",
+                      "vmlinuz-minimal", "initrd.img-minimal"):
+                assert f"TFTP {node.ip}:" in text and re.search(
+                    rf"TFTP {re.escape(str(node.ip))}:\d+: sent '{re.escape(f)}'", text), f
+            transcript = g.transcript()
+            assert "PXELINUX" in transcript and "Filename: pxelinux.0" in transcript
+        for g, node in guests:
+            g.login()
+            check_node(g, node, root)
+            use_dhcp_dns(g)
+            other = NODE2 if node is NODE1 else NODE1
+            # the other node by name, through our DNS (the search domain from option 15)
+            assert g.sh(f"getent hosts {other.name}").split()[:1] == [str(other.ip)]
+            assert g.sh(f"getent hosts {other.name}.lab.test").split()[:1] == [str(other.ip)]
+        assert "DNS" in lab.serve_text()
+        status = lab.status()
+        for _, node in guests:
+            st = status[node.name]
+            assert st["dhcp"] == str(node.ip), st
+            assert {"pxelinux.0", f"pxelinux.cfg/01-{node.mac.replace(':', '-')}",
+                    "vmlinuz-minimal", "initrd.img-minimal"} <= set(st["files"]), st
+            assert st["booted"] is True, st  # the kernel's own DHCP after kernel + initrd
+        assert lab.stop_serve() == 0
+
+
+def test_ipxe_over_http_survives_a_serve_pxe_crash(minimal_image: BuiltImage,
+                                                   tmp_path: Path) -> None:
+    """``--http``: iPXE gets its script and kernel + initrd over HTTP. serve-pxe is killed
+    with SIGKILL once the booting kernel has its DHCP ACK (before the NFS root is up),
+    restarted with the same state: the lease is still in the store, the guest still reaches
+    login (the orphaned nfs-ganesha is ended and a new one serves the root), and a DHCP
+    request from that MAC after the restart gets the same address."""
+    node = LabNode("node1", "52:54:00:77:00:11", IPv4Address("10.77.0.140"))
+    root = rootfs(minimal_image)
+    with PxeLab(prefix(), minimal_image.state, "minimal", [node], tmp_path) as lab, \
+            evidence(lab):
+        serve_args = ("--http", "--http-port", "8080", "--nfs", "ganesha")
+        lab.start_serve(*serve_args)
+        g = lab.boot(node)
+        acks = re.compile(rf"DHCP {node.mac}: REQUEST \(selecting\) -> ACK {node.ip} ")
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        # the second ACK is the booted kernel's (ip=dhcp): kernel and initrd were delivered
+        while len(acks.findall(lab.serve_text())) < 2:
+            assert time.monotonic() < deadline, "the kernel's DHCP ACK never came"
+            assert not g.poll_login_prompt(0.5), "login before the kernel's DHCP?"
+        text = lab.serve_text()
+        assert f"boot file http://{SERVER}:8080/boot.ipxe (iPXE user class: script)" in text
+        for f in ("boot.ipxe", f"ipxe/{node.mac.replace(':', '-')}.ipxe", "vmlinuz-minimal",
+                  "initrd.img-minimal"):
+            assert re.search(rf"HTTP {re.escape(str(node.ip))}: \"GET /{re.escape(f)} "
+                             r"HTTP/1\.[01]\" 200", text), f
+        assert f"TFTP {node.ip}:" not in text  # nothing over TFTP on this path
+        files = lab.status()[node.name]["files"]
+        assert {"boot.ipxe", "vmlinuz-minimal", "initrd.img-minimal"} <= set(files)
+
+        # crash: SIGKILL, no cleanup; the lease was committed before the ACK left
+        assert lab.stop_serve(signal.SIGKILL) == -signal.SIGKILL
+        leases = {str(x.mac): x for x in read_leases(lab.state / "serve" / "leases.sqlite")}
+        assert leases[node.mac].ip == node.ip and leases[node.mac].active()
+        first_expiry = leases[node.mac].expires
+        lab.start_serve(*serve_args)
+        assert "ending nfs-ganesha pid" in lab.serve_text()  # the orphan, then a new one
+        g.login(timeout=BOOT_TIMEOUT)
+        check_node(g, node, root)
+        # a real DHCP client from the booted node (same MAC) after the restart: same address
+        out = g.sh(f"busybox udhcpc -i $(ip -o -4 addr show scope global | awk '{{print $2}}')"
+                   f" -n -q -f -t 5 -T 2 -s /bin/true -r {node.ip}", timeout=60)
+        assert f"lease of {node.ip} obtained" in out, out
+        after = lab.serve_text().split("ending nfs-ganesha pid", 1)[1]
+        assert acks.search(after), after[-2000:]
+        lease = {str(x.mac): x for x in read_leases(lab.state / "serve" / "leases.sqlite")}
+        assert lease[node.mac].ip == node.ip and lease[node.mac].expires > first_expiry
+        assert lab.stop_serve() == 0
+
+
+def test_proxy_dhcp_next_to_a_site_dnsmasq(minimal_image: BuiltImage, tmp_path: Path) -> None:
+    """``--proxy``: dnsmasq (its own namespace, on the lab bridge) is the site's DHCP server,
+    addresses only; serve-pxe gives the boot file; the guest boots to login with dnsmasq's
+    address."""
+    root = rootfs(minimal_image)
+    site_ns, site_if, site_peer = uniq("pd"), uniq("pe"), uniq("pf")
+    with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1], tmp_path) as lab, \
+            netns(site_ns), evidence(lab):
+        veth(lab.netns, site_peer, site_ns, site_if, b_addr="10.77.0.2/24")
+        enslave(lab.netns, site_peer, lab.bridge)
+        site = Daemon(nsexec(site_ns, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
+                             "--port=0", f"--interface={site_if}", "--bind-interfaces",
+                             "--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,10m",
+                             f"--dhcp-leasefile={tmp_path / 'site.leases'}",
+                             f"--pid-file={tmp_path / 'site.pid'}"),
+                      tmp_path / "dnsmasq.log", ready="DHCP, IP range")
+        try:
+            lab.start_serve("--proxy", "--nfs", "ganesha")
+            g = lab.boot(NODE1)
+            facts = wait_logins(lab, [(g, NODE1)], BOOT_TIMEOUT)
+            print("boot facts (seconds from qemu start):", facts)
+            g.login()
+            addr = g.sh("ip -4 -o addr show scope global")
+            got = re.search(r"inet (10\.77\.0\.(\d+))/24", addr)
+            assert got and 50 <= int(got.group(2)) <= 60, addr  # dnsmasq's range
+            check_overlay_root(g, root)
+            assert "DHCPACK" in site.text() and NODE1.mac in site.text()
+        finally:
+            site.stop()
+        text = lab.serve_text()
+        assert re.search(rf"DHCP {NODE1.mac}: proxy DISCOVER on port 67 -> OFFER .*boot file "
+                         r"pxelinux\.0", text), text[-3000:]
+        assert " -> ACK 10.77" not in text  # addresses are the site server's business
+        assert "Filename: pxelinux.0" in g.transcript()
+        assert re.search(rf"TFTP {re.escape(got.group(1))}:\d+: sent 'pxelinux.cfg/01-"
+                         rf"{NODE1.mac.replace(':', '-')}'", text)
+
+
+def test_readme_demo(minimal_image: BuiltImage, tmp_path: Path) -> None:
+    """:func:`sidusctl.lab.pxe_boot_demo`, as ``sidusctl demo`` runs it: one node boots and the
+    lab leaves nothing behind."""
+    steps: list[str] = []
+    pre = uniq("pz")
+    facts = pxe_boot_demo(minimal_image.state, "minimal", tmp_path / "demo", prefix=pre,
+                          on_step=steps.append, timeout=BOOT_TIMEOUT)
+    print(facts)
+    assert facts["hostname"] == "demo1" and facts["address"] == "10.77.0.10"
+    assert facts["root_fstype"] == "overlay"
+    assert facts["root_lower"] == f"{SERVER}:{rootfs(minimal_image)}"
+    assert 0 < facts["dhcp_ack_s"] < facts["login_prompt_s"] < facts["total_s"]
+    assert any("login prompt after" in s for s in steps), steps
+    # nothing of the lab is left: namespace (bridge and taps with it), qemu, serve-pxe
+    left = [subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+            for argv in (["ip", "netns", "list"], ["ip", "-o", "link"],
+                         ["pgrep", "-af", f"qemu-system.*{pre}|serve-pxe.*{pre}"])]
+    assert not any(pre in out for out in left), left
