@@ -38,9 +38,10 @@ def test_demo_pxe_boots_then_a_vnode_answers_ssh(minimal_image: BuiltImage) -> N
     res = json.loads(r.stdout)
     pxe, vn = res["pxe"], res["vnode"]
     # the PXE guest: its name from the demo inventory, root = overlay over the NFS root
-    assert pxe["hostname"].startswith(PREFIX), pxe
+    assert pxe["hostname"] == pxe["node"], pxe
     assert pxe["root_fstype"] == "overlay", pxe
-    assert pxe["address"] and pxe["login_seconds"] > pxe["dhcp_seconds"] > 0, pxe
+    assert ":" in pxe["root_lower"], pxe  # the lower layer is the NFS root, server:/path
+    assert pxe["address"] and pxe["login_prompt_s"] > pxe["dhcp_ack_s"] > 0, pxe
     # the vnode: ssh with the injected key ran hostname inside; its root is a btrfs snapshot
     assert vn["hostname"] == vn["vnode"] == f"{PREFIX}-v1", vn
     assert vn["fs"] == "cow" and vn["root"].startswith("btrfs "), vn

@@ -42,7 +42,7 @@ def cli(ctx: click.Context, state_dir: str | None, debug: bool, quiet: bool) -> 
 # -- command registration ----------------------------------------------------------------------
 # Each module's register(cli) adds its commands; "servepxe" adds `pxe export` to the pxe group,
 # so it comes after "pxe".
-COMMAND_MODULES = ("build", "image", "imports", "pxe", "serve", "servepxe", "vnode")
+COMMAND_MODULES = ("build", "image", "imports", "pxe", "serve", "servepxe", "vnode", "demo")
 for _name in COMMAND_MODULES:
     importlib.import_module(f"sidusctl.cli.{_name}").register(cli)
 
