@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -353,7 +352,3 @@ def pxe_boot_demo(state_dir: Path, image: str, workdir: Path, *, prefix: str = "
                 "login_prompt_s": round(facts["login"], 1),
                 "total_s": round(time.monotonic() - t_start, 1), "workdir": str(workdir)}
 
-
-def remove_workdir(workdir: Path) -> None:
-    """Remove a lab's work directory (logs included); nothing is mounted there."""
-    shutil.rmtree(workdir, ignore_errors=True)

@@ -214,6 +214,11 @@ def test_proxy_dhcp_next_to_a_site_dnsmasq(minimal_image: BuiltImage, tmp_path: 
         assert "Filename: pxelinux.0" in g.transcript()
         assert re.search(rf"TFTP {re.escape(got.group(1))}:\d+: sent 'pxelinux.cfg/01-"
                          rf"{NODE1.mac.replace(':', '-')}'", text)
+        # pxe status ties the files fetched from dnsmasq's address to the node (by its
+        # per-MAC pxelinux file)
+        st = lab.status()["node1"]
+        assert st["dhcp"] is None and st["proxy_dhcp"] and st["addresses"] == [got.group(1)], st
+        assert {"pxelinux.0", "vmlinuz-minimal", "initrd.img-minimal"} <= set(st["files"]), st
 
 
 def test_readme_demo(minimal_image: BuiltImage, tmp_path: Path) -> None:

@@ -147,7 +147,13 @@ def status_cmd(as_json: bool) -> None:
     for n in pxe.get("nodes", []):
         files = n.get("files") or []
         shown = ", ".join(files[-4:]) + (f" (+{len(files) - 4})" if len(files) > 4 else "")
-        dhcp = f"DHCP ACK {n['dhcp']}" if n.get("dhcp") else "no DHCP yet"
+        if n.get("dhcp"):
+            dhcp = f"DHCP ACK {n['dhcp']}"
+        elif n.get("proxy_dhcp"):
+            addrs = n.get("addresses") or []
+            dhcp = "proxyDHCP" + (f" (at {', '.join(addrs)})" if addrs else "")
+        else:
+            dhcp = "no DHCP yet"
         click.echo(f"{n['name']:<12} {n['mac']}  {n['ip']:<15} {dhcp:<22} "
                    f"files: {shown or '-'}  booted: {'yes' if n.get('booted') else 'no'}")
 

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import http.server
 import os
+import re
 import signal
 import socket
 import threading
@@ -152,14 +153,24 @@ class PxeLoader:
 
 # -- per-node status ------------------------------------------------------------------------------
 
+# a per-MAC file names its client: pxelinux.cfg/01-<mac>, ipxe/<mac>.ipxe, grub/grub.cfg-<mac>
+_MAC_FILE_RE = re.compile(r"^(?:pxelinux\.cfg/01-|ipxe/|grub/grub\.cfg-)"
+                          r"((?:[0-9a-f]{2}-){5}[0-9a-f]{2})(?:\.ipxe)?$")
+
+
 class PxeSupervisor(supervisor.Supervisor):
-    """The supervisor plus what each node did: ``acks`` (times of DHCP ACKs by MAC) and
-    ``fetched`` (files delivered by TFTP or HTTP, by client IP, with the time)."""
+    """The supervisor plus what each node did: ``acks`` (times of DHCP ACKs by MAC),
+    ``proxied`` (times of proxyDHCP replies by MAC), ``fetched`` (files delivered by TFTP or
+    HTTP, by client IP, with the time) and ``ip_mac`` (client IP → MAC, learnt from the
+    per-MAC files a client asks for: in proxy mode the site's DHCP server gives the
+    addresses, so a node's files come from an address the inventory does not know)."""
 
     def __init__(self, loader: PxeLoader) -> None:
         self.loader = loader
         self.acks: dict[str, list[float]] = {}
+        self.proxied: dict[str, float] = {}
         self.fetched: dict[str, dict[str, float]] = {}
+        self.ip_mac: dict[str, str] = {}
         super().__init__(loader)
 
     def _event(self, kind: str, who: str, what: str) -> None:
@@ -168,26 +179,40 @@ class PxeSupervisor(supervisor.Supervisor):
         if kind == "ack":
             self.acks.setdefault(who, []).append(now)
             del self.acks[who][:-20]
+        elif kind == "proxy":
+            self.proxied[who] = now
         elif kind in ("sent", "http"):
-            self.fetched.setdefault(who, {})[what.lstrip("/")] = now
+            name = what.lstrip("/")
+            self.fetched.setdefault(who, {})[name] = now
+            m = _MAC_FILE_RE.match(name)
+            if m:
+                self.ip_mac[who] = m.group(1).replace("-", ":")
 
     def node_status(self) -> list[dict[str, Any]]:
-        """One entry per node: ``dhcp`` (address acknowledged, or None), ``files`` fetched,
-        ``booted``: kernel and initrd fetched and then a DHCP ACK again (the booted kernel's
-        own ``ip=dhcp``), which is as far as the servers can see."""
+        """One entry per node: ``dhcp`` (address acknowledged, or None), ``proxy_dhcp`` (time
+        of the last proxyDHCP reply, or None), ``files`` fetched (from its reserved address,
+        or from any address that asked for its per-MAC files), ``booted``: kernel and initrd
+        fetched and then a DHCP ACK again (the booted kernel's own ``ip=dhcp``), which is as
+        far as the servers can see (never in proxy mode: that ACK is the site server's)."""
         inv = self.loader.inventory
         if inv is None:
             return []
         out = []
         for n in inv.nodes:
             acks = self.acks.get(n.mac, [])
-            got = self.fetched.get(str(n.ip), {})
+            got: dict[str, float] = {}
+            ips = {str(n.ip)} | {ip for ip, mac in self.ip_mac.items() if mac == n.mac}
+            for ip in sorted(ips):
+                for f, t in self.fetched.get(ip, {}).items():
+                    got[f] = max(t, got.get(f, 0.0))
             kernel, initrd = f"vmlinuz-{n.image}", f"initrd.img-{n.image}"
             loaded = max(got[kernel], got[initrd]) if kernel in got and initrd in got else None
             booted = loaded is not None and any(t > loaded for t in acks)
             out.append({"name": n.name, "mac": n.mac, "ip": str(n.ip), "image": n.image,
                         "dhcp": str(n.ip) if acks else None,
                         "dhcp_last": acks[-1] if acks else None,
+                        "proxy_dhcp": self.proxied.get(n.mac),
+                        "addresses": sorted(ips - {str(n.ip)}),
                         "files": sorted(got, key=lambda f: got[f]), "booted": booted})
         return out
 
