@@ -314,7 +314,9 @@ def pxe_boot_demo(state_dir: Path, image: str, workdir: Path, *, prefix: str = "
     ``on_step(text)`` is called with each step's description. ``timeout``: seconds for the
     boot to reach the login prompt. Returns ``{"image", "node", "mac", "address" (the
     guest's IPv4 address as the guest sees it), "hostname", "root_fstype" ("overlay"),
-    "root_lower" (the NFS source of the lower layer), "dhcp_ack_s", "login_prompt_s"
+    "root_lower" (the NFS source of the lower layer), "dns_answer" (the address the guest's
+    resolver got for its own name from serve-pxe's DNS, "" if none), "dhcp_ack_s",
+    "login_prompt_s"
     (seconds from qemu's start), "total_s", "workdir"}``. Raises
     :class:`~sidusctl.core.errors.NotFoundError` if ``image`` is not built in ``state_dir``,
     :class:`~sidusctl.subsys.qemu.GuestError` (console tail included) if the guest does not
@@ -340,14 +342,18 @@ def pxe_boot_demo(state_dir: Path, image: str, workdir: Path, *, prefix: str = "
         fstype, source = g.sh("findmnt -n -o FSTYPE,SOURCE /").split(None, 1)
         lower = g.sh("findmnt -n -o SOURCE /run/sidus/ro", check=False)
         addr = g.sh("ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 | head -n1")
+        # our DNS, as the node's resolver (resolv.conf written from the DHCP lease at boot)
+        answer = g.sh(f"getent hosts {node.name}.{DOMAIN}", check=False).split()
+        dns = answer[0] if answer and answer[0] == str(node.ip) else ""
         step(f"logged in: hostname {hostname}, address {addr}, / is {fstype} ({source}) "
-             f"over {lower}")
+             f"over {lower}; DNS {node.name}.{DOMAIN} -> {dns or 'no answer'}")
         if hostname != node.name:
             raise SidusError(f"the guest's host name is {hostname!r}, not {node.name!r}")
         if fstype != "overlay":
             raise SidusError(f"the guest's root is {fstype}, not an overlay")
         return {"image": image, "node": node.name, "mac": node.mac, "address": addr,
                 "hostname": hostname, "root_fstype": fstype, "root_lower": lower,
+                "dns_answer": dns,
                 "dhcp_ack_s": round(facts.get("ack", float("nan")), 1),
                 "login_prompt_s": round(facts["login"], 1),
                 "total_s": round(time.monotonic() - t_start, 1), "workdir": str(workdir)}
