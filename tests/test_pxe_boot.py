@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from sidusctl.core.errors import NotFoundError, SidusError
 from sidusctl.lab import SERVER, LabNode, PxeLab, pxe_boot_demo, wait_logins
 from sidusctl.serve.leases import read_leases
 from sidusctl.subsys.qemu import Guest
@@ -239,3 +241,55 @@ def test_readme_demo(minimal_image: BuiltImage, tmp_path: Path) -> None:
             for argv in (["ip", "netns", "list"], ["ip", "-o", "link"],
                          ["pgrep", "-af", f"qemu-system.*{pre}|serve-pxe.*{pre}"])]
     assert not any(pre in out for out in left), left
+
+
+def test_lab_refuses_bad_input_and_leaves_nothing(minimal_image: BuiltImage,
+                                                  tmp_path: Path) -> None:
+    with pytest.raises(SidusError, match="too long"):
+        PxeLab("sdt-much-too-long", minimal_image.state, "minimal", [NODE1], tmp_path)
+    pre = prefix()
+    with pytest.raises(NotFoundError, match="no image named 'nope'"), \
+            PxeLab(pre, minimal_image.state, "nope", [NODE1], tmp_path / "a"):
+        pass
+    assert pre not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                     text=True, check=True).stdout
+    # a namespace of that name that is not the lab's: refused, and left alone
+    with netns(pre):
+        with pytest.raises(SidusError, match="already exists"), \
+                PxeLab(pre, minimal_image.state, "minimal", [NODE1], tmp_path / "b"):
+            pass
+        assert pre in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                     text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_demo_interrupted_mid_boot_leaves_nothing(minimal_image: BuiltImage,
+                                                  sig: signal.Signals) -> None:
+    """``sidusctl demo`` (the lead's CLI over :func:`pxe_boot_demo`) interrupted once the guest
+    has its DHCP ACK: it exits non-zero and nothing of the lab is left."""
+    pre = uniq("py")
+    proc = subprocess.Popen([sys.executable, "-m", "sidusctl", "--state-dir",
+                             str(minimal_image.state), "demo", "minimal", "--skip-vnode",
+                             "--prefix", pre], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if "DHCP ACK" in line:
+                break
+        else:
+            raise AssertionError("no DHCP ACK step:\n" + "".join(seen))
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0, rest
+    left = [subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+            for argv in (["ip", "netns", "list"], ["ip", "-o", "link"],
+                         ["pgrep", "-af", f"qemu-system.*{pre}|ganesha|serve-pxe.*{pre}"])]
+    assert not any(pre in out for out in left), left
+    assert not [d for d in Path("/var/tmp").glob(f"{pre}-*")], "the demo's workdir is left"
