@@ -131,6 +131,9 @@ def test_tmpfs_layer_is_private_and_gone_after_reboot(lab: Lab) -> None:
         assert not (root / "etc" / MARK).exists(), "the write reached the shared NFS root"
         assert "sidus: root: overlay of /run/sidus/ro" in g.transcript()
         assert g.sh(". /run/sidus/state; echo $SIDUS_MODE $SIDUS_UNION") == "tmpfs overlay"
+        # name service from the lease (slirp's DHCP names 10.0.2.3), written in the rw layer
+        assert g.sh("grep -c '^nameserver 10.0.2.3$' /run/sidus/rw/upper/etc/resolv.conf") == "1"
+        assert "sidus: resolv.conf: nameserver 10.0.2.3" in g.transcript()
         g.reboot()
         g.login()
         check_overlay_root(g, root, "tmpfs")
@@ -140,9 +143,11 @@ def test_tmpfs_layer_is_private_and_gone_after_reboot(lab: Lab) -> None:
 def test_disk_layer_survives_reboot(lab: Lab) -> None:
     disk = mkdisk(lab.logdir / "sdt-rw-disk.img", 256, label="sdt-rw")
     with boot(lab, "sdt-nb-disk", "sidus.overlay=disk", "sidus.disk=LABEL=sdt-rw",
-              disks=(disk,)) as g:
+              "sidus.resolv=keep", disks=(disk,)) as g:
         g.login()
         check_overlay_root(g, lab.image.rootfs, "ext4")
+        # sidus.resolv=keep: the image's resolv.conf, untouched (not in the rw layer)
+        assert g.rc("test -e /run/sidus/rw/upper/etc/resolv.conf") == 1
         assert g.sh("findmnt -n -o SOURCE /run/sidus/rw") == "/dev/vda"
         write_marker(g, "disk-1")
         g.sh("sync")

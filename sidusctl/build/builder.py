@@ -493,6 +493,10 @@ class Builder:
             with contextlib.suppress(FileNotFoundError):
                 rc.unlink()
             rc.write_text("\n".join(t.resolv_conf) + "\n")
+            # tells the netboot initramfs to keep it rather than write one from the DHCP lease
+            (root / "etc/sidus").mkdir(parents=True, exist_ok=True)
+            (root / "etc/sidus/resolv.static").write_text(
+                "# the recipe's [tricks] resolv_conf is static: the sidus initramfs keeps it\n")
         if t.loopback_interfaces:
             (root / "etc/network").mkdir(parents=True, exist_ok=True)
             (root / "etc/network/interfaces").write_text(
