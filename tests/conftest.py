@@ -14,6 +14,7 @@ Environment knobs (for developers; CI sets none of them):
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -135,16 +136,25 @@ def minimal_image(test_state: Path) -> BuiltImage:
     from sidusctl.subsys.imagestore import ImageStore
 
     logfile = test_state / "build-minimal.log"
-    digest = recipe.find("minimal").digest()
+    # what decides the image: the recipe and the netboot scripts that go into its initrd
+    h = hashlib.sha256(recipe.find("minimal").digest().encode())
+    for f in sorted((REPO / "initramfs").rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(REPO)).encode() + f.read_bytes())
+    digest = h.hexdigest()
+    keyfile = test_state / "build-minimal.key"
     fd = _flock(test_state / ".build-lock", fcntl.LOCK_EX)
     try:
         store = ImageStore(test_state)
         if (REUSE or not _alone_at_start) and store.exists("minimal") and logfile.exists():
             img = store.get("minimal")
-            if img.manifest.get("recipe", {}).get("sha256") == digest and img.tarball:
+            if keyfile.exists() and keyfile.read_text() == digest and img.tarball:
                 return BuiltImage(img, test_state, logfile.read_text())
+        keyfile.unlink(missing_ok=True)
         res = sidusctl("--debug", "build", "minimal", "--tar", state=test_state, timeout=1800)
         logfile.write_text(res.stdout + res.stderr)
+        if res.returncode == 0:
+            keyfile.write_text(digest)
         if res.returncode != 0:
             pytest.fail(f"building images/minimal failed (rc {res.returncode}):\n{res.stderr[-4000:]}")
         return BuiltImage(store.get("minimal"), test_state, res.stdout + res.stderr)
