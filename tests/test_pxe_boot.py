@@ -119,6 +119,8 @@ def test_two_diskless_guests_boot_at_once_through_pxelinux(minimal_image: BuiltI
             # the other node by name, through our DNS (the search domain from option 15)
             assert g.sh(f"getent hosts {other.name}").split()[:1] == [str(other.ip)]
             assert g.sh(f"getent hosts {other.name}.lab.test").split()[:1] == [str(other.ip)]
+            # and back (PTR)
+            assert f"{other.name}.lab.test" in g.sh(f"getent hosts {other.ip}").split()
         assert "DNS" in lab.serve_text()
         status = lab.status()
         for _, node in guests:
