@@ -323,9 +323,11 @@ def pxe_boot_demo(state_dir: Path, image: str, workdir: Path, *, prefix: str = "
     boot, :class:`SidusError` if serve-pxe does not start (its log tail included).
     """
     def step(text: str) -> None:
-        log.info("%s", text)
         if on_step:
+            log.debug("%s", text)
             on_step(text)
+        else:
+            log.info("%s", text)
 
     t_start = time.monotonic()
     workdir = workdir.absolute()
