@@ -8,6 +8,11 @@ diskless qemu guests on tap devices of that bridge. The guests' NIC ROM is iPXE 
 iPXE script. Every guest must reach its login prompt, and what it sees from the inside is
 checked over its serial console. Everything is removed in the lab's ``finally`` (namespace,
 bridge, taps, qemu, serve-pxe, ganesha, rpcbind); a failure prints the consoles and the log.
+
+Paths: two guests at once through pxelinux.0; iPXE over HTTP with serve-pxe killed (SIGKILL)
+mid-boot and restarted; ``--proxy`` next to a dnsmasq; the README demo
+(:func:`sidusctl.lab.pxe_boot_demo`) and ``sidusctl demo`` interrupted mid-boot. About six
+minutes on a 2-core machine (each TCG boot takes 75-120 s).
 """
 
 from __future__ import annotations
