@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +26,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# A suite started in the background by a non-interactive shell (`cmd &`, nohup, some CI
+# runners) inherits SIGINT ignored, and so would every sidusctl it starts: the Ctrl-C tests
+# would then send a signal nobody hears. Python's own handler here means children start with
+# the default disposition again (a handler, unlike "ignore", is not inherited across exec).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 SIDUSCTL = [sys.executable, "-m", "sidusctl"]
 TEST_STATE = Path(os.environ.get("SIDUSCTL_TEST_STATE", "/var/tmp/sdt-test-state"))
 CACHE = Path(os.environ.get("SIDUSCTL_CACHE", "/var/cache/sidusctl-test/apt"))
