@@ -228,6 +228,16 @@ def test_traversal_with_tftp_hpa(live: Live, tmp_path: Path) -> None:
     assert "Error code 2" in r.stdout + r.stderr
 
 
+def test_leading_slash_names_a_file_of_the_tree(live: Live, root: Path) -> None:
+    # GRUB asks for /grub/grub.cfg-01-<mac> under its prefix: a file of the tree is served
+    res = live.run(tftp_client.fetch("127.0.0.1", "/small.bin", port=live.port))
+    assert isinstance(res, tftp_client.FetchResult) and sha(res.data) == sha(root / "small.bin")
+    # a missing one is refused as any absolute name outside the tree (error 2, not 1)
+    ans = live.run(tftp_client.send_raw("127.0.0.1", live.port,
+                                        tc.encode_request(tc.RRQ, "/no-such-file")))
+    assert tftp_client.error_code(ans) == tc.E_ACCESS  # type: ignore[arg-type]
+
+
 def test_symlink_inside_root_is_served(live: Live, root: Path) -> None:
     res = live.run(tftp_client.fetch("127.0.0.1", "inside", port=live.port))
     assert isinstance(res, tftp_client.FetchResult) and sha(res.data) == sha(root / "small.bin")

@@ -6,8 +6,9 @@ pure Python, has no windowsize, and cannot share an event loop with the DHCP and
 ``bench/tftp.py`` measures both against dnsmasq (figures in docs/performance.md).
 
 Behaviour:
-- Jailed in ``root``: absolute names, ``..`` components and symlinks resolving outside the root
-  are refused with error 2 (access violation) and a log line; WRQ is refused with error 2.
+- Jailed in ``root``: ``..`` components, symlinks resolving outside the root and absolute
+  names that are not files of the tree (``/grub/grub.cfg`` is the tree's, ``/etc/passwd`` is
+  refused) get error 2 (access violation) and a log line; WRQ is refused with error 2.
 - Each transfer has its own UDP socket (a new TID, RFC 1350 section 4), bound to the address the
   request was sent to (IP_PKTINFO) and to the interface (SO_BINDTODEVICE) when one is given.
 - Block numbers roll over from 65535 to 0, so files over 32 MiB at blksize 512 work.
@@ -102,15 +103,19 @@ class TftpDenied(Exception):
 def resolve_in_root(root_real: str, name: str) -> str:
     """The real path of ``name`` inside ``root_real`` (itself a realpath).
 
-    :class:`TftpDenied` with error 2 for an absolute name, a ``..`` component, or a path whose
-    symlinks resolve outside the root."""
-    if name.startswith("/"):
-        raise TftpDenied(tc.E_ACCESS, "absolute paths are not served")
+    A name with a leading ``/`` is read from the root (GRUB asks for ``/grub/grub.cfg-...``
+    under its prefix, as tftpd-hpa ``-s`` and dnsmasq allow) only if that file exists in the
+    tree; any other absolute name (``/etc/passwd``) is refused. :class:`TftpDenied` with
+    error 2 for such an absolute name, a ``..`` component, or a path whose symlinks resolve
+    outside the root."""
+    absolute = name.startswith("/")
     if ".." in name.replace("\\", "/").split("/"):
         raise TftpDenied(tc.E_ACCESS, "'..' is not allowed")
-    real = os.path.realpath(os.path.join(root_real, name))
+    real = os.path.realpath(os.path.join(root_real, name.lstrip("/")))
     if real != root_real and not real.startswith(root_real + os.sep):
         raise TftpDenied(tc.E_ACCESS, "path leaves the TFTP root")
+    if absolute and not os.path.isfile(real):
+        raise TftpDenied(tc.E_ACCESS, "absolute path not in the TFTP tree")
     return real
 
 
