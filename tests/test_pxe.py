@@ -101,8 +101,8 @@ def test_tree_matches_golden_files() -> None:
         "pxelinux.cfg/01-52-54-00-00-00-08", "pxelinux.cfg/0A0D148D",
         "ipxe/52-54-00-12-34-56.ipxe", "ipxe/52-54-00-ab-cd-ef.ipxe",
         "ipxe/52-54-00-00-00-07.ipxe", "ipxe/52-54-00-00-00-08.ipxe",
-        "grub/grub.cfg-52-54-00-12-34-56", "grub/grub.cfg-52-54-00-ab-cd-ef",
-        "grub/grub.cfg-52-54-00-00-00-07", "grub/grub.cfg-52-54-00-00-00-08",
+        "grub/grub.cfg-01-52-54-00-12-34-56", "grub/grub.cfg-01-52-54-00-ab-cd-ef",
+        "grub/grub.cfg-01-52-54-00-00-00-07", "grub/grub.cfg-01-52-54-00-00-00-08",
     ])
     for rel, text in tree.items():
         _check_golden(rel, text)
@@ -138,6 +138,8 @@ def test_write_tree_is_incremental_and_removes_stale_files(tmp_path: Path) -> No
         assert (tftp / mod).read_bytes() == \
             Path("/usr/lib/syslinux/modules/bios", mod).read_bytes()
     assert (tftp / "initrd.img-sidus").read_bytes() == images["sidus"].initrd.read_bytes()
+    # GRUB for UEFI machines, built here by grub-mkimage: a PE image (the same bytes each time)
+    assert (tftp / "grubnetx64.efi").read_bytes()[:2] == b"MZ"
     inodes = {p: p.stat().st_ino for p in tftp.rglob("*") if p.is_file()}
 
     # nothing changed: nothing is rewritten
@@ -149,10 +151,10 @@ def test_write_tree_is_incremental_and_removes_stale_files(tmp_path: Path) -> No
     changed = INVENTORY.replace('size = "2g"', 'size = "4g"').split("[[nodes]]\nname = \"lab1\"")[0]
     third = write_tree(tftp, parse(changed, "nodes.toml"), images)
     assert sorted(third.updated) == sorted([
-        "boot.ipxe", "grub/grub.cfg-52-54-00-12-34-56", "ipxe/52-54-00-12-34-56.ipxe",
+        "boot.ipxe", "grub/grub.cfg-01-52-54-00-12-34-56", "ipxe/52-54-00-12-34-56.ipxe",
         "pxelinux.cfg/01-52-54-00-12-34-56", "pxelinux.cfg/0A0D1482"])
     assert sorted(third.removed) == sorted([
-        "grub/grub.cfg-52-54-00-00-00-08", "ipxe/52-54-00-00-00-08.ipxe",
+        "grub/grub.cfg-01-52-54-00-00-00-08", "ipxe/52-54-00-00-00-08.ipxe",
         "pxelinux.cfg/01-52-54-00-00-00-08", "pxelinux.cfg/0A0D148D"])
     assert not (tftp / "pxelinux.cfg/0A0D148D").exists()
     assert "sidus.size=4g" in (tftp / "pxelinux.cfg/0A0D1482").read_text()

@@ -88,7 +88,7 @@ class Node:
 
     @property
     def mac_dashes(self) -> str:
-        """``52-54-00-12-34-56`` (GRUB's grub.cfg-<mac>, iPXE's ``${net0/mac:hexhyp}``)."""
+        """``52-54-00-12-34-56`` (iPXE's ``${net0/mac:hexhyp}``)."""
         return self.mac.replace(":", "-")
 
     @property

@@ -6,7 +6,8 @@ Layout written under the TFTP root::
     pxelinux.cfg/default                          menu with the SIDUS seed's tmpfs and iscsi labels
     pxelinux.cfg/01-<mac>  pxelinux.cfg/<HEXIP>   one per node (pxelinux tries these first)
     boot.ipxe  ipxe/<mac-with-dashes>.ipxe       iPXE: chain to the node's own script
-    grub/grub.cfg-<mac-with-dashes>               GRUB netboot (UEFI), per node
+    grubnetx64.efi                                GRUB for x86-64 UEFI, built by grub-mkimage
+    grub/grub.cfg-01-<mac-with-dashes>            GRUB netboot (UEFI), per node
     vmlinuz-<image>  initrd.img-<image>           from the image store
 
 Re-rendering writes only files whose content changed (each by temp file + rename), and removes
@@ -25,8 +26,12 @@ from pathlib import Path
 
 from sidusctl.boot.inventory import Inventory, Node
 from sidusctl.core.errors import PrerequisiteError, SidusError
+from sidusctl.core.log import get_logger
+from sidusctl.core.run import run, which
 from sidusctl.core.state import atomic_write_bytes, read_json, write_json
 from sidusctl.subsys.templates import render
+
+log = get_logger("boot.pxe")
 
 MANIFEST = ".sidusctl-pxe.json"
 PXELINUX_DIRS = ("/usr/lib/PXELINUX",)
@@ -34,6 +39,15 @@ SYSLINUX_BIOS_DIRS = ("/usr/lib/syslinux/modules/bios",)
 BIOS_FILES = {"pxelinux.0": PXELINUX_DIRS, "ldlinux.c32": SYSLINUX_BIOS_DIRS,
               "menu.c32": SYSLINUX_BIOS_DIRS, "libutil.c32": SYSLINUX_BIOS_DIRS}
 NFS_OPTS = "rsize=8192,wsize=8192,tcp"  # the SIDUS seed's
+#: GRUB's x86-64 UEFI modules (Debian package grub-efi-amd64-bin) and what goes into
+#: grubnetx64.efi: network (efinet, tftp, http), Linux loading and a plain config language.
+#: Its prefix is /grub on the server it was loaded from, where it looks for
+#: grub.cfg-01-<mac>, then grub.cfg-<HEXIP>..., then grub.cfg (GRUB manual, "Network").
+GRUB_EFI_DIR = Path("/usr/lib/grub/x86_64-efi")
+GRUB_EFI_NAME = "grubnetx64.efi"
+GRUB_EFI_MODULES = ("efinet", "tftp", "http", "net", "linux", "normal", "configfile", "echo",
+                    "test", "ls", "regexp", "all_video", "gzio", "efi_gop", "terminal",
+                    "serial", "chain", "boot", "sleep")
 
 
 @dataclass(frozen=True)
@@ -126,7 +140,7 @@ def render_tree(inv: Inventory, images: Mapping[str, ImageFiles]) -> dict[str, s
         out[f"pxelinux.cfg/{n.pxelinux_name}"] = cfg
         out[f"pxelinux.cfg/{n.hex_ip}"] = cfg
         out[f"ipxe/{n.mac_dashes}.ipxe"] = render("ipxe/node.ipxe.j2", **ctx)
-        out[f"grub/grub.cfg-{n.mac_dashes}"] = render("grub/node.cfg.j2", **ctx)
+        out[f"grub/grub.cfg-{n.pxelinux_name}"] = render("grub/node.cfg.j2", **ctx)
     out["boot.ipxe"] = render("ipxe/boot.ipxe.j2", nodes=nodes_ctx)
     return out
 
@@ -139,6 +153,26 @@ def _find(name: str, dirs: Iterable[str]) -> Path:
     pkg = "pxelinux" if name == "pxelinux.0" else "syslinux-common"
     raise PrerequisiteError(f"{name} was not found in {', '.join(dirs)}",
                             hint=f"apt-get install {pkg}")
+
+
+def _build_grub_efi(tftp_root: Path) -> Path | None:
+    """``grubnetx64.efi`` built by ``grub-mkimage -O x86_64-efi -p /grub`` into a temporary
+    file under ``tftp_root`` (the same modules give the same bytes, so a re-render leaves the
+    tree's copy alone); None, with a warning, if GRUB's x86-64 EFI modules are not installed
+    (UEFI machines then cannot boot from this tree). CommandError if grub-mkimage fails."""
+    if not (GRUB_EFI_DIR / "moddep.lst").is_file():
+        log.warning("%s missing (Debian package grub-efi-amd64-bin): no %s in the TFTP tree, "
+                    "UEFI machines cannot boot from it", GRUB_EFI_DIR, GRUB_EFI_NAME)
+        return None
+    tmp = tftp_root / f".{GRUB_EFI_NAME}.build-tmp"
+    try:
+        run([which("grub-mkimage", "grub-common"), "-O", "x86_64-efi", "-d", str(GRUB_EFI_DIR),
+             "-o", str(tmp), "-p", "/grub", *GRUB_EFI_MODULES], capture=True,
+            what="grub-mkimage")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def _digest(path: Path) -> str:
@@ -222,6 +256,17 @@ def write_tree(
         if not same:
             _copy_atomic(src, dest)
         note(rel, not same, existed)
+    efi = _build_grub_efi(tftp_root)
+    if efi is not None:
+        try:
+            dest = tftp_root / GRUB_EFI_NAME
+            existed = dest.exists()
+            same = existed and _same_file(efi, dest)
+            if not same:
+                _copy_atomic(efi, dest)
+            note(GRUB_EFI_NAME, not same, existed)
+        finally:
+            efi.unlink(missing_ok=True)
     for rel, text in sorted(render_tree(inv, images).items()):
         dest = tftp_root / rel
         data = text.encode()

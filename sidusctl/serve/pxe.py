@@ -153,8 +153,8 @@ class PxeLoader:
 
 # -- per-node status ------------------------------------------------------------------------------
 
-# a per-MAC file names its client: pxelinux.cfg/01-<mac>, ipxe/<mac>.ipxe, grub/grub.cfg-<mac>
-_MAC_FILE_RE = re.compile(r"^(?:pxelinux\.cfg/01-|ipxe/|grub/grub\.cfg-)"
+# a per-MAC file names its client: pxelinux.cfg/01-<mac>, ipxe/<mac>.ipxe, grub/grub.cfg-01-<mac>
+_MAC_FILE_RE = re.compile(r"^(?:pxelinux\.cfg/01-|ipxe/|grub/grub\.cfg-01-)"
                           r"((?:[0-9a-f]{2}-){5}[0-9a-f]{2})(?:\.ipxe)?$")
 
 
