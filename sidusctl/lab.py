@@ -234,13 +234,15 @@ class PxeLab:
         return name
 
     def boot(self, node: LabNode, *, name: str | None = None, memory: int = 1024,
-             timeout: float = qemu.BOOT_TIMEOUT) -> qemu.Guest:
+             uefi: bool = False, timeout: float = qemu.BOOT_TIMEOUT) -> qemu.Guest:
         """Start a diskless guest with ``node``'s MAC on a new tap: it boots from the network
-        (the NIC's iPXE ROM). Its console goes to ``<workdir>/<name>.console.log``."""
+        (BIOS and the NIC's iPXE ROM, or with ``uefi`` OVMF's own network boot). Its console
+        goes to ``<workdir>/<name>.console.log``."""
         gname = name or f"{self.prefix}-{node.name}"
         tap = self.add_tap()
         g = qemu.Guest(gname, netns=self.netns, tap=tap, mac=node.mac, memory=memory,
-                       log=self.workdir / f"{gname}.console.log", timeout=timeout)
+                       log=self.workdir / f"{gname}.console.log", timeout=timeout,
+                       uefi_vars=self.workdir / f"{gname}.vars.fd" if uefi else None)
         self.guests.append(g)
         return g
 

@@ -133,6 +133,31 @@ def test_two_diskless_guests_boot_at_once_through_pxelinux(minimal_image: BuiltI
         assert lab.stop_serve() == 0
 
 
+def test_uefi_guest_gets_grub_and_boots(minimal_image: BuiltImage, tmp_path: Path) -> None:
+    """A UEFI machine (OVMF, client architecture 7): our DHCP gives it ``grubnetx64.efi``, our
+    TFTP serves it and the node's ``grub/grub.cfg-01-<mac>``, GRUB loads kernel and initrd;
+    NFS root and tmpfs overlay as for BIOS machines."""
+    root = rootfs(minimal_image)
+    with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1], tmp_path) as lab, \
+            evidence(lab):
+        lab.start_serve("--nfs", "ganesha")
+        g = lab.boot(NODE1, uefi=True, timeout=BOOT_TIMEOUT)
+        g.login(timeout=BOOT_TIMEOUT)
+        text = lab.serve_text()
+        assert re.search(rf"DHCP {NODE1.mac}: REQUEST \(selecting\) -> ACK {NODE1.ip} .*"
+                         r"boot file grubnetx64\.efi", text), text[-3000:]
+        mac = NODE1.mac.replace(":", "-")
+        for f in ("grubnetx64.efi", f"grub/grub.cfg-01-{mac}", "vmlinuz-minimal",
+                  "initrd.img-minimal"):
+            # GRUB asks with a leading / (its prefix is /grub): served from the tree
+            assert re.search(rf"TFTP {re.escape(str(NODE1.ip))}:\d+: sent '/?{re.escape(f)}'",
+                             text), f
+        assert g.sh("test -d /sys/firmware/efi && echo uefi") == "uefi"
+        assert f"BOOTIF=01-{mac}" in g.sh("cat /proc/cmdline")
+        check_node(g, NODE1, root)
+        assert lab.stop_serve() == 0
+
+
 def test_ipxe_over_http_survives_a_serve_pxe_crash(minimal_image: BuiltImage,
                                                    tmp_path: Path) -> None:
     """``--http``: iPXE gets its script and kernel + initrd over HTTP. serve-pxe is killed

@@ -40,6 +40,9 @@ ROOT_PASSWORD = "sidus"  # the minimal image's lab password (images/minimal/imag
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 LOGIN_RE = re.compile(rb"login: ?$", re.M)
 PROMPT = "SDT# "
+#: OVMF (UEFI for qemu, Debian package ovmf): read-only code and the template of the variables
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 BOOT_TIMEOUT = 300.0  # seconds; a TCG boot to login takes 1-2 minutes on a loaded 2-core host
 # Every console byte is an emulated UART write under TCG: keep the boot chatter down.
 QUIET = ("quiet", "systemd.show_status=false")
@@ -69,14 +72,16 @@ class Guest:
     the NIC; else slirp, with ``tftp``/``bootfile`` for a slirp PXE boot. ``mac``: the NIC's
     address. ``disks``: raw images attached as virtio disks (vda, vdb, ...). ``memory`` MiB.
     ``log``: file collecting the whole console transcript (appended). ``netns``: run qemu
-    there. The process starts in the constructor; :meth:`close` ends it."""
+    there. ``uefi_vars``: boot UEFI firmware (OVMF, Debian package ovmf) instead of the BIOS,
+    with this file as the machine's writable variable store (created from OVMF's template
+    when missing). The process starts in the constructor; :meth:`close` ends it."""
 
     def __init__(self, name: str, *, kernel: Path | None = None, initrd: Path | None = None,
                  append: str = "", disks: Sequence[Path] = (), netns: str | None = None,
                  mac: str = "52:54:00:12:34:56", memory: int = 1024,
                  tftp: Path | None = None, bootfile: str = "pxelinux.0",
                  tap: str | None = None, log: Path | None = None,
-                 timeout: float = BOOT_TIMEOUT) -> None:
+                 uefi_vars: Path | None = None, timeout: float = BOOT_TIMEOUT) -> None:
         self.name = name
         self.timeout = timeout
         if tap is not None:
@@ -86,6 +91,14 @@ class Guest:
         argv = [qemu_binary(), "-name", name, "-accel", "tcg", "-m", str(memory),
                 "-smp", "1", "-nographic", "-no-user-config", "-nodefaults", "-serial", "stdio",
                 "-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
+        if uefi_vars is not None:
+            if not OVMF_CODE.is_file():
+                raise PrerequisiteError(f"UEFI firmware {OVMF_CODE} is missing",
+                                        hint="apt-get install ovmf")
+            if not uefi_vars.exists():
+                shutil.copyfile(OVMF_VARS, uefi_vars)
+            argv += ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+                     "-drive", f"if=pflash,format=raw,file={uefi_vars}"]
         if kernel is None and (tftp is not None or tap is not None):
             # network boot through the NIC's iPXE option ROM
             argv += ["-boot", "n"]
