@@ -249,23 +249,19 @@ def write_tree(
     for name in inv.images():
         copies[f"vmlinuz-{name}"] = images[name].kernel
         copies[f"initrd.img-{name}"] = images[name].initrd
-    for rel, src in sorted(copies.items()):
-        dest = tftp_root / rel
-        existed = dest.exists()
-        same = existed and _same_file(src, dest)
-        if not same:
-            _copy_atomic(src, dest)
-        note(rel, not same, existed)
     efi = _build_grub_efi(tftp_root)
     if efi is not None:
-        try:
-            dest = tftp_root / GRUB_EFI_NAME
+        copies[GRUB_EFI_NAME] = efi
+    try:
+        for rel, src in sorted(copies.items()):
+            dest = tftp_root / rel
             existed = dest.exists()
-            same = existed and _same_file(efi, dest)
+            same = existed and _same_file(src, dest)
             if not same:
-                _copy_atomic(efi, dest)
-            note(GRUB_EFI_NAME, not same, existed)
-        finally:
+                _copy_atomic(src, dest)
+            note(rel, not same, existed)
+    finally:
+        if efi is not None:
             efi.unlink(missing_ok=True)
     for rel, text in sorted(render_tree(inv, images).items()):
         dest = tftp_root / rel
