@@ -194,15 +194,7 @@ def register(cli: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     def status_cmd(as_json: bool) -> None:
         """Counters of the running (or last) server and what each client did last."""
-        from sidusctl.core.errors import StateError
-        from sidusctl.core.state import read_json
-
-        path = get_ctx().state / "serve" / "status.json"
-        try:
-            st = read_json(path)
-        except FileNotFoundError:
-            raise StateError(f"{path}: no status (has 'sidusctl serve run' been started "
-                             "with this state directory?)") from None
+        _, st = supervisor.read_status(get_ctx().state, "serve run")
         if as_json:
             emit_json(st)
             return

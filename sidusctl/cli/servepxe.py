@@ -16,7 +16,8 @@ from sidusctl.boot import inventory as inv_mod
 from sidusctl.boot.pxe import export_path_for
 from sidusctl.cli.common import emit_json, get_ctx
 from sidusctl.core.errors import NotFoundError, SidusError, StateError
-from sidusctl.core.state import atomic_write_bytes, read_json
+from sidusctl.core.state import atomic_write_bytes
+from sidusctl.serve import supervisor
 from sidusctl.serve.export import FORMATS, ExportOptions, render_export
 from sidusctl.subsys.imagestore import ImageStore
 
@@ -125,13 +126,8 @@ def serve_pxe_cmd(nodes: Path, interface: str, proxy: bool, http: bool, http_por
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status_cmd(as_json: bool) -> None:
     """What each node of the running (or last) serve-pxe did: DHCP, files fetched, booted."""
-    path = get_ctx().state / "serve" / "status.json"
-    try:
-        st = read_json(path)
-    except FileNotFoundError:
-        raise StateError(f"{path}: no status (has 'sidusctl serve-pxe' been started with this "
-                         "state directory?)") from None
-    pxe = st.get("pxe") if isinstance(st, dict) else None
+    path, st = supervisor.read_status(get_ctx().state, "serve-pxe")
+    pxe = st.get("pxe")
     if not isinstance(pxe, dict):
         raise StateError(f"{path} was written by 'sidusctl serve run', not serve-pxe "
                          "(see 'sidusctl serve status')")

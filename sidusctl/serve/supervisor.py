@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidusctl.core.errors import SidusError
+from sidusctl.core.errors import SidusError, StateError
 from sidusctl.core.log import get_logger
-from sidusctl.core.state import write_json
+from sidusctl.core.state import read_json, write_json
 from sidusctl.serve.dhcp import DhcpConfig, DhcpServer
 from sidusctl.serve.dns import DnsConfig, DnsServer
 from sidusctl.serve.tftp import TftpConfig, TftpServer
@@ -129,3 +129,18 @@ def run(load: Callable[[], ServeConfig]) -> None:
     missing interface) raise :class:`SidusError` before anything is left running."""
     sup = Supervisor(load)
     asyncio.run(sup.serve())
+
+
+def read_status(state_dir: Path, command: str) -> tuple[Path, dict[str, Any]]:
+    """The status a running (or the last) server wrote: ``(path, decoded JSON object)`` from
+    ``<state_dir>/serve/status.json``. StateError naming ``command`` (the CLI that writes it)
+    if there is none or it is not a JSON object."""
+    path = state_dir / "serve" / "status.json"
+    try:
+        st = read_json(path)
+    except FileNotFoundError:
+        raise StateError(f"{path}: no status (has 'sidusctl {command}' been started with this "
+                         "state directory?)") from None
+    if not isinstance(st, dict):
+        raise StateError(f"{path}: not a status object")
+    return path, st
