@@ -8,7 +8,6 @@ is undone: the vnode, the vnetwork bridge, the loop-backed btrfs store, the dire
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -48,15 +47,14 @@ def vnode_demo(tarball: Path, *, prefix: str = "sidus-demo", workdir: Path | Non
     base = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=workdir or "/var/tmp"))
     name, net = f"{prefix}-v1"[:32], prefix[:12]
     plat = Platform(base / "state")
-    created = netted = inited = False
+    created = inited = False
     try:
         key = base / "id_ed25519"
         run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", f"{prefix}@demo", "-f", str(key)])
         step("vnode store: loop-backed btrfs (copy-on-write roots)")
         plat.init(btrfs_image=STORE_BYTES)
         inited = True
-        plat.net_create(net, DEMO_CIDR)
-        netted = True
+        plat.net_create(net, DEMO_CIDR)  # undone by deinit() with the store
         step(f"vnode {name}: create from {tarball.name} (cow, vnetwork {net} {DEMO_CIDR})")
         vn = plat.create(name, str(tarball), fs="cow", ifaces=[f"if0:{net}"],
                          ssh_pubkey=Path(f"{key}.pub").read_text())
@@ -85,21 +83,19 @@ def vnode_demo(tarball: Path, *, prefix: str = "sidus-demo", workdir: Path | Non
                 "disk_used_bytes": info.get("used_bytes")}
     finally:
         step("vnode: clean up (vnode, vnetwork, store)")
-        _undo(plat, name, created, netted, inited)
+        _undo(plat, name, created, inited)
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _undo(plat: Platform, name: str, created: bool, netted: bool, inited: bool) -> None:
-    # each step on its own: one failing must not leave the others undone
+def _undo(plat: Platform, name: str, created: bool, inited: bool) -> None:
+    # each step on its own: one failing must not leave the other undone
     if created:
         try:
             plat.destroy(name)
         except Exception as e:  # reported; cleanup continues
             log.warning("demo cleanup: destroy %s: %s", name, e)
-    if inited or netted:
+    if inited:
         try:
-            plat.deinit()
+            plat.deinit()  # the vnetwork's bridge, the store's mount and loop device
         except Exception as e:
             log.warning("demo cleanup: store: %s", e)
-    if os.path.exists(plat.store.root):
-        log.debug("demo store left at %s", plat.store.root)
