@@ -102,6 +102,20 @@ def test_option_overload_reads_file_and_sname_rfc2132_9_3() -> None:
     assert p.file == b"" and p.sname == b""
 
 
+def test_overload_option_inside_the_file_area_is_dropped() -> None:
+    # found by the fuzz test in CI: option 52 (empty) in the file area, option 52 = 1 in the
+    # options field. RFC 2132 9.3 gives 52 a meaning only in the options field; the copy in the
+    # file area must neither reach the packet's options nor make its re-encoding unreadable.
+    p = dc.decode(raw_request(b"\x34\x01\x01", file=b"\x34\x00\x0c\x02n1\xff"))
+    assert dc.OPT_OVERLOAD not in p.options and p.options[dc.OPT_HOSTNAME] == b"n1"
+    assert dc.decode(p.encode()) == p
+    # and a caller that puts 52 into options does not make the encoder claim an overload
+    q = dc.DhcpPacket(options={dc.OPT_MSG_TYPE: b"\x01", dc.OPT_OVERLOAD: b"\x03"},
+                      file=b"pxelinux.0")
+    r = dc.decode(q.encode())
+    assert r.file == b"pxelinux.0" and dc.OPT_OVERLOAD not in r.options
+
+
 def test_user_class_ipxe_both_spellings() -> None:
     raw = dc.decode(raw_request(b"\x35\x01\x01\x4d\x04iPXE\xff"))
     rfc3004 = dc.decode(raw_request(b"\x35\x01\x01\x4d\x05\x04iPXE\xff"))
@@ -289,7 +303,8 @@ def test_fuzz_decode_raises_only_malformed(data: bytes) -> None:
     except dc.MalformedPacket:
         return
     p.mac, p.msg_type, p.client_arch, p.user_classes, p.hostname, p.is_pxe  # noqa: B018
-    dc.decode(p.encode())  # what we decoded re-encodes to something we can read
+    again = dc.decode(p.encode())  # what we decoded re-encodes to the same packet
+    assert again == p
 
 
 @pytest.fixture(scope="module")

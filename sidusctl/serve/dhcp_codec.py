@@ -196,7 +196,8 @@ class DhcpPacket:
 
     def encode(self, min_size: int = BOOTP_MIN_SIZE) -> bytes:
         """The wire form: header, cookie, options (long values split per RFC 3396), End, then
-        zero padding up to ``min_size`` bytes. :class:`MalformedPacket` if a field does not fit."""
+        zero padding up to ``min_size`` bytes. Options 0, 52 and 255 in :attr:`options` are
+        ignored: they frame the options area (RFC 2132 3.1, 3.2, 9.3) and are not values. :class:`MalformedPacket` if a field does not fit."""
         if len(self.sname) > 63 or len(self.file) > 127:
             raise MalformedPacket("sname (max 63 bytes) or file (max 127 bytes) too long")
         if len(self.chaddr) > 16:
@@ -210,8 +211,8 @@ class DhcpPacket:
         # message type first: some PXE ROMs look for it there
         order = sorted(self.options, key=lambda c: c != OPT_MSG_TYPE)
         for code in order:
-            if code in (OPT_PAD, OPT_END):
-                continue
+            if code in (OPT_PAD, OPT_END, OPT_OVERLOAD):
+                continue  # framing, not data: this encoder never overloads sname/file
             value = self.options[code]
             if not value:
                 parts.append(bytes((code, 0)))
@@ -253,6 +254,9 @@ def decode(data: bytes) -> DhcpPacket:
         if overload[0] & 2:
             parse_options(sname, 44, options)
             sname = b""
+        # RFC 2132 9.3: option 52 means something only in the options field; a copy found in
+        # the overloaded areas is not a second overload and is dropped
+        options.pop(OPT_OVERLOAD, None)
     return DhcpPacket(
         op=op, htype=htype, hlen=hlen, hops=hops, xid=xid, secs=secs, flags=flags,
         ciaddr=_ip(ciaddr), yiaddr=_ip(yiaddr), siaddr=_ip(siaddr), giaddr=_ip(giaddr),
