@@ -20,12 +20,53 @@ from sidusctl.core import log as logsetup
 from sidusctl.core.errors import Interrupted, SidusError
 from sidusctl.core.paths import state_dir as resolve_state_dir
 
+# -- command registration ----------------------------------------------------------------------
+# Each module's register(cli) adds its commands. They are imported only when their command is
+# run (or listed by --help): `sidusctl build` then starts without importing pyroute2, the vnode
+# runtime or the servers (0.43 s -> about 0.2 s for every command). "servepxe" adds
+# `pxe export` and `pxe status` to the pxe group, so it is loaded with "pxe".
+LAZY_COMMANDS: dict[str, tuple[str, ...]] = {
+    "build": ("build",), "update": ("build",), "chroot": ("build",),
+    "image": ("image",),
+    "import": ("imports",),
+    "pxe": ("pxe", "servepxe"), "serve-pxe": ("pxe", "servepxe"),
+    "serve": ("serve",),
+    "vnode": ("vnode",),
+    "demo": ("demo",),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use, from :data:`LAZY_COMMANDS`."""
+
+    _loaded: set[str]
+
+    def _load(self, modules: tuple[str, ...]) -> None:
+        loaded = self.__dict__.setdefault("_loaded", set())
+        for name in modules:
+            if name not in loaded:
+                importlib.import_module(f"sidusctl.cli.{name}").register(self)
+                loaded.add(name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS:
+            self._load(LAZY_COMMANDS[cmd_name])
+        return super().get_command(ctx, cmd_name)
+
+    def load_all(self) -> None:
+        """Import every command module (tests and documentation tools use this)."""
+        for modules in LAZY_COMMANDS.values():
+            self._load(modules)
+
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Interrupted("SIGTERM")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="State directory (default $SIDUSCTL_STATE or /var/lib/sidusctl).")
 @click.option("--debug", is_flag=True, help="Debug logging and tracebacks on errors.")
@@ -37,14 +78,6 @@ def cli(ctx: click.Context, state_dir: str | None, debug: bool, quiet: bool) -> 
     Distem-style virtual nodes."""
     logsetup.setup(debug=debug, quiet=quiet)
     ctx.obj = Ctx(state=resolve_state_dir(state_dir), debug=debug)
-
-
-# -- command registration ----------------------------------------------------------------------
-# Each module's register(cli) adds its commands; "servepxe" adds `pxe export` to the pxe group,
-# so it comes after "pxe".
-COMMAND_MODULES = ("build", "image", "imports", "pxe", "serve", "servepxe", "vnode", "demo")
-for _name in COMMAND_MODULES:
-    importlib.import_module(f"sidusctl.cli.{_name}").register(cli)
 
 
 def _err(text: str) -> None:
