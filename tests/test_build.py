@@ -200,3 +200,62 @@ def test_update_runs_in_a_new_generation_and_can_roll_back(minimal_image: BuiltI
     # roll back so the other tests keep the image they were given
     assert sidusctl("image", "rollback", "minimal", state=st).returncode == 0
     assert store.get("minimal").dir == before
+
+
+def test_mmdebstrap_backend_and_the_bootstrap_cache(tmp_path: Path) -> None:
+    """The second backend, on the benchmark's like-for-like minbase recipe: the first build saves
+    the bootstrap as a plain tar and compresses it beside the build (only the .tar.zst is left),
+    the second build restores it instead of running mmdebstrap and ends with the same packages."""
+    state, apt = tmp_path / "sdt-state", tmp_path / "apt"
+    boot = tmp_path / "bootstrap"  # the bootstrap cache lives next to the apt cache
+    argv = ["--debug", "build", "bench/recipes/minbase", "--backend", "mmdebstrap",
+            "--cache-dir", str(apt), "--json"]
+    first = sidusctl(*argv, state=state, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "run: /usr/bin/mmdebstrap --variant=minbase" in first.stderr
+    assert "saving bootstrap cache" in first.stderr
+    left = sorted(p.name for p in boot.iterdir())
+    assert len(left) == 1 and left[0].endswith(".tar.zst"), left
+    m1 = json.loads(first.stdout)
+    assert m1["image"] == "minbase" and m1["packages"] > 80
+    man1 = json.loads((state / "images/minbase/current/manifest.json").read_text())
+    assert man1["backend"] == "mmdebstrap" and man1["bootstrap_from_cache"] is False
+
+    second = sidusctl(*argv, state=state, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"bootstrap from cache {boot / left[0]}" in second.stderr
+    assert "run: /usr/bin/mmdebstrap" not in second.stderr
+    man2 = json.loads((state / "images/minbase/current/manifest.json").read_text())
+    assert man2["bootstrap_from_cache"] is True
+    assert man2["packages"] == man1["packages"]
+    assert sorted(p.name for p in boot.iterdir()) == left
+    assert _mounts_under(state) == []
+
+
+def test_background_zstd_finishes_or_is_abandoned_cleanly(tmp_path: Path) -> None:
+    from sidusctl.build.builder import _BackgroundZstd, _prune
+    data = os.urandom(1 << 20) * 48  # 48 MiB, compressible, long enough to kill mid-way
+    for ending in ("finish", "abandon"):
+        d = tmp_path / ending
+        d.mkdir()
+        tar = d / "bookworm-amd64-k.tar"
+        tar.write_bytes(data)
+        z = _BackgroundZstd(tar)
+        getattr(z, ending)()
+        names = sorted(p.name for p in d.iterdir())
+        if ending == "finish":
+            assert names == ["bookworm-amd64-k.tar.zst"]
+            out = subprocess.run(["zstd", "-dc", str(d / names[0])], capture_output=True,
+                                 check=True).stdout
+            assert hashlib.sha256(out).digest() == hashlib.sha256(data).digest()
+        else:  # killed: no temp file, the plain tar stays a valid entry
+            assert names == ["bookworm-amd64-k.tar"]
+            assert tar.read_bytes() == data
+    # _prune keeps the newest entries, whichever form they are in, and old temp files go
+    d = tmp_path / "prune"
+    d.mkdir()
+    for i, name in enumerate(["a.tar.zst", "b.tar", "c.tar.zst", ".d.tar.zst.part"]):
+        (d / name).write_bytes(b"x")
+        os.utime(d / name, (1e9 + i, 1e9 + i))
+    _prune(d, keep=2)
+    assert sorted(p.name for p in d.iterdir()) == ["b.tar", "c.tar.zst"]

@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import threading
 import time
 import urllib.request
@@ -179,6 +180,7 @@ class Builder:
         self.purged: list[str] = []
         self.bootstrap_cache = self.cache.parent / "bootstrap"
         self.bootstrap_from_cache = False
+        self._zstd: _BackgroundZstd | None = None
 
     def _timed(self, name: str) -> contextlib.AbstractContextManager[None]:
         builder = self
@@ -199,6 +201,20 @@ class Builder:
         preflight(r, self.opts)
         self.cache.mkdir(parents=True, exist_ok=True)
         t_start = time.monotonic()
+        try:
+            self._stages(r, t_start)
+        except BaseException:
+            if self._zstd is not None:
+                self._zstd.abandon()
+            raise
+        if self._zstd is not None:
+            self._zstd.finish()
+        image = self.store.get(r.name)
+        if self.opts.out:
+            _copy_out(image, self.opts.out)
+        return image
+
+    def _stages(self, r: Recipe, t_start: float) -> None:
         with self.store.new_generation(r.name) as gen:
             with self._timed("bootstrap"):
                 self._bootstrap(gen)
@@ -213,10 +229,6 @@ class Builder:
             with self._timed("export"):
                 exports = self._export(gen)
             gen.write_manifest(self._manifest(gen, packages, exports, time.monotonic() - t_start))
-        image = self.store.get(r.name)
-        if self.opts.out:
-            _copy_out(image, self.opts.out)
-        return image
 
     # -- stage 1 ------------------------------------------------------------------------------
     def _bootstrap_key(self) -> str | None:
@@ -241,26 +253,37 @@ class Builder:
         r = self.recipe
         target = gen.rootfs
         key = self._bootstrap_key()
-        cached = self.bootstrap_cache / f"{r.suite}-{r.arch}-{key}.tar.zst" if key else None
-        if cached is not None and cached.is_file():
+        stem = f"{r.suite}-{r.arch}-{key}" if key else None
+        cached = None
+        if stem is not None:
+            # .tar.zst once compressed; a plain .tar when the build that saved it ended before
+            # its background compression did
+            cached = next((p for p in (self.bootstrap_cache / f"{stem}.tar.zst",
+                                       self.bootstrap_cache / f"{stem}.tar") if p.is_file()), None)
+        if cached is not None:
             self.rep.line(f"bootstrap from cache {cached.name}")
             log.info("bootstrap from cache %s (debootstrap ran when it was saved)", cached)
             try:
                 extract_rootfs_tar(cached, target)
                 self.bootstrap_from_cache = True
+                os.utime(cached)  # most recently used, for _prune
                 return
             except CommandError as e:
                 log.warning("bootstrap cache entry %s unusable (%s); bootstrapping", cached, e)
                 cached.unlink(missing_ok=True)
                 shutil.rmtree(target, ignore_errors=True)
         self._bootstrap_tool(gen)
-        if cached is not None:
+        if stem is not None:
             _clean_root_debs(target, self.cache)
-            self.rep.line(f"saving bootstrap cache {cached.name}")
-            log.info("saving bootstrap cache %s", cached)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            write_rootfs_tar(target, cached, level=1)
+            plain = self.bootstrap_cache / f"{stem}.tar"
+            self.rep.line(f"saving bootstrap cache {plain.name}")
+            log.info("saving bootstrap cache %s (compressed to .zst while the build goes on)", plain)
+            plain.parent.mkdir(parents=True, exist_ok=True)
+            # A plain tar first (0.3 s for a 180 MiB minbase, against 0.9 s with zstd in the
+            # pipe); zstd then runs beside the configure stage and is waited for at the end.
+            write_rootfs_tar(target, plain)
             _prune(self.bootstrap_cache, keep=4)
+            self._zstd = _BackgroundZstd(plain)
 
     def _bootstrap_tool(self, gen: Generation) -> None:
         r = self.recipe
@@ -590,10 +613,56 @@ def _package_list(root: Path) -> dict[str, dict[str, str]]:
 
 
 def _prune(d: Path, keep: int) -> None:
-    """Keep the ``keep`` most recently used entries of the bootstrap cache."""
-    entries = sorted(d.glob("*.tar.zst"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in entries[keep:]:
-        p.unlink(missing_ok=True)
+    """Keep the ``keep`` most recently used entries of the bootstrap cache (an entry is
+    ``<stem>.tar.zst`` or ``<stem>.tar``) and drop temp files that are more than a day old
+    (a build killed with SIGKILL while it wrote them)."""
+    entries: dict[str, float] = {}
+    for p in d.iterdir():
+        if p.name.startswith("."):
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - p.stat().st_mtime > 86400:
+                    p.unlink()
+            continue
+        stem = p.name.removesuffix(".zst").removesuffix(".tar")
+        with contextlib.suppress(FileNotFoundError):
+            entries[stem] = max(entries.get(stem, 0.0), p.stat().st_mtime)
+    for stem in sorted(entries, key=entries.__getitem__, reverse=True)[keep:]:
+        for suffix in (".tar.zst", ".tar"):
+            (d / f"{stem}{suffix}").unlink(missing_ok=True)
+
+
+class _BackgroundZstd:
+    """``zstd -T0 -1`` of a finished bootstrap-cache tar, run beside the rest of the build.
+    :meth:`finish` waits for it and replaces ``X.tar`` by ``X.tar.zst`` (atomically, through a
+    hidden temp file); :meth:`abandon` (error, Ctrl-C, SIGTERM) kills it and keeps the plain
+    tar, which is a valid cache entry on its own."""
+
+    def __init__(self, tar: Path) -> None:
+        self.tar = tar
+        self.dest = tar.with_name(tar.name + ".zst")
+        self.part = tar.with_name(f".{self.dest.name}.part")
+        self.proc = subprocess.Popen(
+            [which("zstd", "zstd"), "-T0", "-1", "-q", "-f", str(tar), "-o", str(self.part)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def finish(self) -> None:
+        _, err = self.proc.communicate()
+        if self.proc.returncode == 0:
+            os.replace(self.part, self.dest)
+            self.tar.unlink(missing_ok=True)
+            log.debug("bootstrap cache compressed: %s", self.dest)
+        else:
+            self.part.unlink(missing_ok=True)
+            log.warning("bootstrap cache left uncompressed (%s): zstd exited %s: %s", self.tar,
+                        self.proc.returncode, err.decode(errors="replace").strip())
+
+    def abandon(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        self.part.unlink(missing_ok=True)
 
 
 def _clean_root_debs(root: Path, cache: Path) -> None:
