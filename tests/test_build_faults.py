@@ -205,3 +205,28 @@ def test_sigkill_leftovers_are_found_and_cleaned(minimal_image: BuiltImage, tmp_
         sidusctl("image", "rm", "sdt-tiny", state=st)
 
 
+
+
+def test_recovery_leaves_alone_processes_that_only_use_a_finished_image(
+        minimal_image: BuiltImage) -> None:
+    """Recovery runs at the start of most commands. A process that merely uses a finished
+    generation (a qemu guest booted from its kernel, a shell cd'ed into its root) belongs to
+    someone else and must survive it; only a dead session's or build's leftovers are killed.
+    (Before this was fixed, `sidusctl image list` SIGTERMed the qemu guests of a test session
+    that was booting the same image.)"""
+    kernel = minimal_image.kernel
+    assert kernel is not None
+    bystander = subprocess.Popen(
+        ["python3", "-c", "import time; time.sleep(600)", str(kernel)],
+        cwd=minimal_image.rootfs / "etc")
+    try:
+        time.sleep(0.3)
+        assert bystander.pid in procs.pids_in_root(minimal_image.dir, cmdline=True)
+        res = sidusctl("image", "list", "--json", state=minimal_image.state)
+        assert res.returncode == 0, res.stderr
+        time.sleep(0.5)
+        assert bystander.poll() is None, f"recovery killed a bystander: {res.stderr}"
+        assert "recovered:" not in res.stderr
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -203,10 +203,12 @@ class ImageStore:
             self._discard_contents(d)
         shutil.rmtree(d, ignore_errors=True)
 
-    def _discard(self, path: Path) -> None:
+    def _discard(self, path: Path, orphans: bool = False) -> None:
         if not path.exists():
             return
-        procs.kill_in_root(path)
+        # orphans: an unfinished build's directory, which nobody but the dead build uses, so a
+        # process naming a path inside it (debootstrap's orphaned wget, dpkg) is its leftover
+        procs.kill_in_root(path, cmdline=orphans)
         if mounts_under(path):
             umount_tree(path)
         # Never follow a mount we failed to undo: rmtree would delete the host's files.
@@ -227,9 +229,11 @@ class ImageStore:
 
     # -- crash recovery --------------------------------------------------------------------
     def recover(self) -> builtins.list[str]:
-        """Clean what SIGKILLed commands left: for each image whose lock nobody holds, kill
-        processes inside its generations, undo mounts below it and delete unfinished
-        ``.building-*`` generations. Returns a line per action (also logged as warnings)."""
+        """Clean what SIGKILLed commands left: for each image whose lock nobody holds, delete
+        unfinished ``.building-*`` generations (their processes killed, mounts undone first),
+        repair generations left with a dead chroot session's record (:func:`repair_root`), and
+        undo any other mount below the image. Processes of others that merely use a finished
+        generation are left alone. Returns a line per action (also logged as warnings)."""
         actions: builtins.list[str] = []
         for d in sorted(self.root.iterdir()) if self.root.is_dir() else []:
             if not d.is_dir():
@@ -240,20 +244,21 @@ class ImageStore:
             except StateError:
                 continue  # a live process owns it
             try:
-                killed = procs.kill_in_root(d, cmdline=True)
-                if killed:
-                    actions.append(f"killed {len(killed)} stray process(es) left in {d}")
-                undone = umount_tree(d) if mounts_under(d) else []
-                if undone:
-                    actions.append(f"unmounted {len(undone)} leftover mount(s) under {d}")
-                for gen in d.iterdir():
+                # Only what a dead sidusctl left is touched: unfinished builds, and generations
+                # holding a dead chroot session's record. A finished generation is in use by
+                # others (qemu guests booted from its kernel, NFS servers exporting its root, a
+                # shell cd'ed into it), and their processes are not ours to kill.
+                for gen in sorted(d.iterdir()):
                     if gen.name.startswith(".building-"):
-                        self._discard(gen)
+                        self._discard(gen, orphans=True)
                         actions.append(f"removed unfinished build {gen}")
                     elif gen.is_dir() and gen.name.startswith("gen-"):
                         from sidusctl.subsys.chroot import repair_root
 
                         actions += repair_root(gen / "rootfs")
+                undone = umount_tree(d) if mounts_under(d) else []
+                if undone:
+                    actions.append(f"unmounted {len(undone)} leftover mount(s) under {d}")
             finally:
                 lk.release()
         for a in actions:
