@@ -234,15 +234,19 @@ class PxeLab:
         return name
 
     def boot(self, node: LabNode, *, name: str | None = None, memory: int = 1024,
-             uefi: bool = False, timeout: float = qemu.BOOT_TIMEOUT) -> qemu.Guest:
+             uefi: bool = False, nic_rom: bool = True,
+             timeout: float = qemu.BOOT_TIMEOUT) -> qemu.Guest:
         """Start a diskless guest with ``node``'s MAC on a new tap: it boots from the network
-        (BIOS and the NIC's iPXE ROM, or with ``uefi`` OVMF's own network boot). Its console
-        goes to ``<workdir>/<name>.console.log``."""
+        through the NIC's iPXE option ROM (BIOS, or with ``uefi`` its EFI driver under OVMF);
+        with ``nic_rom=False`` through the firmware's own PXE client instead (OVMF's, for
+        ``uefi``), as real machines without iPXE do. Its console goes to
+        ``<workdir>/<name>.console.log``."""
         gname = name or f"{self.prefix}-{node.name}"
         tap = self.add_tap()
         g = qemu.Guest(gname, netns=self.netns, tap=tap, mac=node.mac, memory=memory,
                        log=self.workdir / f"{gname}.console.log", timeout=timeout,
-                       uefi_vars=self.workdir / f"{gname}.vars.fd" if uefi else None)
+                       uefi_vars=self.workdir / f"{gname}.vars.fd" if uefi else None,
+                       nic_rom=nic_rom)
         self.guests.append(g)
         return g
 

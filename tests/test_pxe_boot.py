@@ -134,24 +134,55 @@ def test_two_diskless_guests_boot_at_once_through_pxelinux(minimal_image: BuiltI
 
 
 def test_uefi_guest_gets_grub_and_boots(minimal_image: BuiltImage, tmp_path: Path) -> None:
-    """A UEFI machine (OVMF, client architecture 7): our DHCP gives it ``grubnetx64.efi``, our
-    TFTP serves it and the node's ``grub/grub.cfg-01-<mac>``, GRUB loads kernel and initrd;
-    NFS root and tmpfs overlay as for BIOS machines."""
+    """A UEFI machine (OVMF's own PXE client, no iPXE ROM on the NIC, client architecture 7):
+    our DHCP gives it ``grubnetx64.efi``, our TFTP serves it and the node's
+    ``grub/grub.cfg-01-<mac>``, GRUB loads kernel and initrd; NFS root and tmpfs overlay as
+    for BIOS machines."""
     root = rootfs(minimal_image)
     with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1], tmp_path) as lab, \
             evidence(lab):
         lab.start_serve("--nfs", "ganesha")
-        g = lab.boot(NODE1, uefi=True, timeout=BOOT_TIMEOUT)
+        g = lab.boot(NODE1, uefi=True, nic_rom=False, timeout=BOOT_TIMEOUT)
         g.login(timeout=BOOT_TIMEOUT)
         text = lab.serve_text()
         assert re.search(rf"DHCP {NODE1.mac}: REQUEST \(selecting\) -> ACK {NODE1.ip} .*"
-                         r"boot file grubnetx64\.efi", text), text[-3000:]
+                         r"boot file grubnetx64\.efi \(arch 7 x86-64 UEFI\)", text), text[-3000:]
+        assert "iPXE user class" not in text  # the firmware's PXE, not an iPXE ROM
         mac = NODE1.mac.replace(":", "-")
         for f in ("grubnetx64.efi", f"grub/grub.cfg-01-{mac}", "vmlinuz-minimal",
                   "initrd.img-minimal"):
             # GRUB asks with a leading / (its prefix is /grub): served from the tree
             assert re.search(rf"TFTP {re.escape(str(NODE1.ip))}:\d+: sent '/?{re.escape(f)}'",
                              text), f
+        assert g.sh("test -d /sys/firmware/efi && echo uefi") == "uefi"
+        assert f"BOOTIF=01-{mac}" in g.sh("cat /proc/cmdline")
+        check_node(g, NODE1, root)
+        assert lab.stop_serve() == 0
+
+
+def test_uefi_guest_through_ipxe_efi(minimal_image: BuiltImage, tmp_path: Path) -> None:
+    """``--efi-loader ipxe``: the UEFI machine, whose NIC has no iPXE ROM (OVMF's own PXE
+    client, as on real hardware), gets ``ipxe.efi`` (Debian's package ipxe) from
+    our DHCP and TFTP; that iPXE asks again with user class ``iPXE`` and gets ``boot.ipxe``
+    over TFTP (not ipxe.efi again: no chain-load loop), then its own ``ipxe/<mac>.ipxe``,
+    kernel and initrd, all over TFTP; NFS root and overlay as for the other machines."""
+    root = rootfs(minimal_image)
+    mac = NODE1.mac.replace(":", "-")
+    with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1], tmp_path) as lab, \
+            evidence(lab):
+        lab.start_serve("--nfs", "ganesha", "--efi-loader", "ipxe")
+        g = lab.boot(NODE1, uefi=True, nic_rom=False, timeout=BOOT_TIMEOUT)
+        g.login(timeout=BOOT_TIMEOUT)
+        text = lab.serve_text()
+        assert re.search(rf"DHCP {NODE1.mac}: REQUEST \(selecting\) -> ACK {NODE1.ip} .*"
+                         r"boot file ipxe\.efi \(arch 7 x86-64 UEFI\)", text), text[-3000:]
+        assert re.search(rf"DHCP {NODE1.mac}: REQUEST \(selecting\) -> ACK {NODE1.ip} .*"
+                         r"boot file boot\.ipxe \(iPXE user class: script\)", text), text[-3000:]
+        for f in ("ipxe.efi", "boot.ipxe", f"ipxe/{mac}.ipxe", "vmlinuz-minimal",
+                  "initrd.img-minimal"):
+            assert re.search(rf"TFTP {re.escape(str(NODE1.ip))}:\d+: sent '/?{re.escape(f)}'",
+                             text), f
+        assert "grubnetx64.efi'" not in text
         assert g.sh("test -d /sys/firmware/efi && echo uefi") == "uefi"
         assert f"BOOTIF=01-{mac}" in g.sh("cat /proc/cmdline")
         check_node(g, NODE1, root)

@@ -7,6 +7,7 @@ Layout written under the TFTP root::
     pxelinux.cfg/01-<mac>  pxelinux.cfg/<HEXIP>   one per node (pxelinux tries these first)
     boot.ipxe  ipxe/<mac-with-dashes>.ipxe       iPXE: chain to the node's own script
     grubnetx64.efi                                GRUB for x86-64 UEFI, built by grub-mkimage
+    ipxe.efi                                      iPXE for x86-64 UEFI (Debian package ipxe)
     grub/grub.cfg-01-<mac-with-dashes>            GRUB netboot (UEFI), per node
     vmlinuz-<image>  initrd.img-<image>           from the image store
 
@@ -44,6 +45,10 @@ NFS_OPTS = "rsize=8192,wsize=8192,tcp"  # the SIDUS seed's
 #: Its prefix is /grub on the server it was loaded from, where it looks for
 #: grub.cfg-01-<mac>, then grub.cfg-<HEXIP>..., then grub.cfg (GRUB manual, "Network").
 GRUB_EFI_DIR = Path("/usr/lib/grub/x86_64-efi")
+#: iPXE's x86-64 UEFI build, the other boot file serve-pxe can give UEFI clients
+#: (``--efi-loader ipxe``); it then runs boot.ipxe like any iPXE client.
+IPXE_EFI_NAME = "ipxe.efi"
+IPXE_EFI_DIRS = ("/usr/lib/ipxe",)
 GRUB_EFI_NAME = "grubnetx64.efi"
 GRUB_EFI_MODULES = ("efinet", "tftp", "http", "net", "linux", "normal", "configfile", "echo",
                     "test", "ls", "regexp", "all_video", "gzio", "efi_gop", "terminal",
@@ -252,6 +257,13 @@ def write_tree(
     efi = _build_grub_efi(tftp_root)
     if efi is not None:
         copies[GRUB_EFI_NAME] = efi
+    ipxe_efi = next((Path(d) / IPXE_EFI_NAME for d in IPXE_EFI_DIRS
+                     if (Path(d) / IPXE_EFI_NAME).is_file()), None)
+    if ipxe_efi is not None:
+        copies[IPXE_EFI_NAME] = ipxe_efi
+    else:
+        log.debug("no %s in %s (Debian package ipxe): UEFI clients can get GRUB only",
+                  IPXE_EFI_NAME, ", ".join(IPXE_EFI_DIRS))
     try:
         for rel, src in sorted(copies.items()):
             dest = tftp_root / rel

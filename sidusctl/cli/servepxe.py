@@ -94,16 +94,21 @@ def export_cmd(nodes: str, fmt: str, out: Path | None, tftp_root: str, interface
 @click.option("--lease-time", type=int, default=3600, show_default=True, help="Seconds.")
 @click.option("--dns-upstream", default=None,
               help="IP[:PORT] names outside the cluster domain are forwarded to (default: refused).")
+@click.option("--efi-loader", type=click.Choice(["grub", "ipxe"]), default="grub",
+              show_default=True, help="What x86-64 UEFI clients (option 93 = 7 or 9) get: "
+              "grubnetx64.efi, or ipxe.efi (Debian package ipxe), which then runs boot.ipxe.")
 def serve_pxe_cmd(nodes: Path, interface: str, proxy: bool, http: bool, http_port: int,
                   tftp_root: Path | None, nfs: str, lease_time: int,
-                  dns_upstream: str | None) -> None:
+                  dns_upstream: str | None, efi_loader: str) -> None:
     """Boot the inventory's nodes: DHCP (full or proxy), TFTP, DNS, NFS (and HTTP) on one
     interface, until SIGTERM. SIGHUP, or a change of the inventory file, reloads it.
 
     Boot files: BIOS PXE clients (option 93 = 0) get pxelinux.0, which reads
-    pxelinux.cfg/01-<mac>; iPXE clients get the same unless --http is given, then the iPXE
-    script http://SERVER/boot.ipxe (chaining to ipxe/<mac>.ipxe). Proven with qemu guests
-    (docs/serve-pxe.md)."""
+    pxelinux.cfg/01-<mac>; x86-64 UEFI clients get grubnetx64.efi (grub/grub.cfg-01-<mac>) or,
+    with --efi-loader ipxe, ipxe.efi. iPXE clients (option 77) get the iPXE script
+    http://SERVER/boot.ipxe with --http (chaining to ipxe/<mac>.ipxe), boot.ipxe over TFTP
+    with --efi-loader ipxe, and otherwise the boot file of their architecture. Proven with
+    qemu guests (docs/serve-pxe.md)."""
     from sidusctl.serve import pxe
 
     upstream = None
@@ -118,7 +123,8 @@ def serve_pxe_cmd(nodes: Path, interface: str, proxy: bool, http: bool, http_por
                           tftp_root=(tftp_root or state / "serve-pxe" / "tftp").absolute(),
                           proxy=proxy, http=http, http_port=http_port,
                           nfs=nfs,  # type: ignore[arg-type]
-                          lease_time=lease_time, dns_upstream=upstream)
+                          lease_time=lease_time, dns_upstream=upstream,
+                          efi_loader=efi_loader)  # type: ignore[arg-type]
     pxe.serve(opts)
 
 

@@ -35,7 +35,14 @@ from typing import Any, Literal
 
 from sidusctl.boot import inventory as inv_mod
 from sidusctl.boot.inventory import Inventory
-from sidusctl.boot.pxe import ImageFiles, export_path_for, write_tree
+from sidusctl.boot.pxe import (
+    GRUB_EFI_NAME,
+    IPXE_EFI_DIRS,
+    IPXE_EFI_NAME,
+    ImageFiles,
+    export_path_for,
+    write_tree,
+)
 from sidusctl.core.errors import ConfigError, PrerequisiteError, SidusError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
@@ -49,6 +56,7 @@ from sidusctl.subsys.imagestore import ImageStore
 log = get_logger("serve-pxe")
 
 NfsMode = Literal["auto", "kernel", "ganesha", "off"]
+EfiLoader = Literal["grub", "ipxe"]
 SEED_NFS_OPTIONS = "ro,no_subtree_check,async,no_root_squash"
 _SO_BINDTODEVICE = 25
 
@@ -58,7 +66,9 @@ class PxeOptions:
     """What serve-pxe was asked: ``nodes`` (inventory path), the one ``interface``, the
     ``state`` directory (leases and status under ``<state>/serve``), the ``tftp_root`` to render
     into, ``proxy`` (proxyDHCP), ``http`` with ``http_port``, ``nfs`` backend, ``lease_time``
-    (seconds) and ``dns_upstream`` ``(host, port)`` for names outside the cluster domain."""
+    (seconds), ``dns_upstream`` ``(host, port)`` for names outside the cluster domain and
+    ``efi_loader``, what x86-64 UEFI clients get: ``grub`` (grubnetx64.efi) or ``ipxe``
+    (ipxe.efi, which then asks again as an iPXE client and runs boot.ipxe)."""
 
     nodes: Path
     interface: str
@@ -70,6 +80,7 @@ class PxeOptions:
     nfs: NfsMode = "auto"
     lease_time: int = 3600
     dns_upstream: tuple[str, int] | None = None
+    efi_loader: EfiLoader = "grub"
 
     @property
     def serve_dir(self) -> Path:
@@ -105,12 +116,17 @@ class PxeLoader:
     def ipxe_script(self, server: IPv4Address) -> str | None:
         """What an iPXE client (option 77 ``iPXE``) is told to boot. With ``--http``: the
         script ``http://SERVER[:PORT]/boot.ipxe`` (kernel and initrd then come over HTTP).
-        Without: None, i.e. the boot file of its architecture (``pxelinux.0`` for BIOS), like
-        any PXE ROM: iPXE runs pxelinux.0 through its PXE API, and pxelinux fetches its
-        config, kernel and initrd over TFTP. (No loop: the boot file is not iPXE itself.)"""
+        Without, and with ``efi_loader`` ``ipxe``: ``boot.ipxe`` over TFTP. Otherwise None, i.e.
+        the boot file of its architecture (``pxelinux.0`` for BIOS), like any PXE ROM: iPXE
+        runs pxelinux.0 through its PXE API, and pxelinux fetches its config, kernel and
+        initrd over TFTP. (No loop: the boot file is not iPXE itself.)"""
         if self.opts.http:
             port = "" if self.opts.http_port == 80 else f":{self.opts.http_port}"
             return f"http://{server}{port}/boot.ipxe"
+        if self.opts.efi_loader == "ipxe":
+            # UEFI clients get ipxe.efi itself: giving its iPXE the same file again would loop,
+            # so every iPXE client gets the script, over TFTP (its files then come over TFTP)
+            return "boot.ipxe"
         return None
 
     def __call__(self) -> supervisor.ServeConfig:
@@ -126,6 +142,13 @@ class PxeLoader:
                                        "naming the interface that carries it")
         # the tree first: DHCP must never point a node at a file that is not there yet
         report = write_tree(o.tftp_root, inv, files)
+        # (without GRUB's EFI modules the tree has no grubnetx64.efi: write_tree warned, BIOS
+        # machines still boot; iPXE asked for by name is refused when it is not there)
+        efi_file = IPXE_EFI_NAME if o.efi_loader == "ipxe" else GRUB_EFI_NAME
+        if o.efi_loader == "ipxe" and not (o.tftp_root / efi_file).is_file():
+            raise PrerequisiteError(f"--efi-loader ipxe: {efi_file} is not in the TFTP root "
+                                    f"{o.tftp_root} ({', '.join(IPXE_EFI_DIRS)} has none)",
+                                    hint="apt-get install ipxe")
         changed = len(report.created) + len(report.updated) + len(report.removed)
         log.info("TFTP root %s: %d file(s) written or removed, %d unchanged", o.tftp_root,
                  changed, len(report.unchanged))
@@ -134,7 +157,8 @@ class PxeLoader:
         dhcp = DhcpConfig(
             interface=o.interface, lease_file=o.serve_dir / "leases.sqlite",
             reservations=reservations,
-            boot=BootPolicy(bios="pxelinux.0", ipxe_script=self.ipxe_script(net.server)),
+            boot=BootPolicy(bios="pxelinux.0", efi_x64=efi_file,
+                            ipxe_script=self.ipxe_script(net.server)),
             server_ip=net.server, subnet=net.subnet,
             dns_servers=(net.server,) if net.domain else (), domain=net.domain,
             lease_time=o.lease_time, unknown="ignore", proxy=o.proxy)

@@ -74,14 +74,17 @@ class Guest:
     ``log``: file collecting the whole console transcript (appended). ``netns``: run qemu
     there. ``uefi_vars``: boot UEFI firmware (OVMF, Debian package ovmf) instead of the BIOS,
     with this file as the machine's writable variable store (created from OVMF's template
-    when missing). The process starts in the constructor; :meth:`close` ends it."""
+    when missing). ``nic_rom=False`` gives the NIC no option ROM: no iPXE, so the firmware's
+    own PXE client boots (OVMF's, with ``uefi_vars``), as on most real hardware. The process
+    starts in the constructor; :meth:`close` ends it."""
 
     def __init__(self, name: str, *, kernel: Path | None = None, initrd: Path | None = None,
                  append: str = "", disks: Sequence[Path] = (), netns: str | None = None,
                  mac: str = "52:54:00:12:34:56", memory: int = 1024,
                  tftp: Path | None = None, bootfile: str = "pxelinux.0",
                  tap: str | None = None, log: Path | None = None,
-                 uefi_vars: Path | None = None, timeout: float = BOOT_TIMEOUT) -> None:
+                 uefi_vars: Path | None = None, nic_rom: bool = True,
+                 timeout: float = BOOT_TIMEOUT) -> None:
         self.name = name
         self.timeout = timeout
         if tap is not None:
@@ -90,7 +93,8 @@ class Guest:
             netdev = "user,id=n0" + (f",tftp={tftp},bootfile={bootfile}" if tftp else "")
         argv = [qemu_binary(), "-name", name, "-accel", "tcg", "-m", str(memory),
                 "-smp", "1", "-nographic", "-no-user-config", "-nodefaults", "-serial", "stdio",
-                "-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
+                "-netdev", netdev,
+                "-device", f"virtio-net-pci,netdev=n0,mac={mac}" + ("" if nic_rom else ",romfile=")]
         if uefi_vars is not None:
             if not OVMF_CODE.is_file():
                 raise PrerequisiteError(f"UEFI firmware {OVMF_CODE} is missing",
