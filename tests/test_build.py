@@ -232,15 +232,16 @@ def test_mmdebstrap_backend_and_the_bootstrap_cache(tmp_path: Path) -> None:
     assert _mounts_under(state) == []
 
 
-def test_background_zstd_finishes_or_is_abandoned_cleanly(tmp_path: Path) -> None:
-    from sidusctl.build.builder import _BackgroundZstd, _prune
+def test_background_compress_finishes_or_is_abandoned_cleanly(tmp_path: Path) -> None:
+    from sidusctl.build.builder import _prune
+    from sidusctl.subsys.tarball import BackgroundCompress
     data = os.urandom(1 << 20) * 48  # 48 MiB, compressible, long enough to kill mid-way
     for ending in ("finish", "abandon"):
         d = tmp_path / ending
         d.mkdir()
         tar = d / "bookworm-amd64-k.tar"
         tar.write_bytes(data)
-        z = _BackgroundZstd(tar)
+        z = BackgroundCompress(tar, d / "bookworm-amd64-k.tar.zst", level=1)
         getattr(z, ending)()
         names = sorted(p.name for p in d.iterdir())
         if ending == "finish":
@@ -254,7 +255,7 @@ def test_background_zstd_finishes_or_is_abandoned_cleanly(tmp_path: Path) -> Non
     # _prune keeps the newest entries, whichever form they are in, and old temp files go
     d = tmp_path / "prune"
     d.mkdir()
-    for i, name in enumerate(["a.tar.zst", "b.tar", "c.tar.zst", ".d.tar.zst.part"]):
+    for i, name in enumerate(["a.tar.zst", "b.tar", "c.tar.zst", ".d.tar.zst.tmp"]):
         (d / name).write_bytes(b"x")
         os.utime(d / name, (1e9 + i, 1e9 + i))
     _prune(d, keep=2)

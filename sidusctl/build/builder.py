@@ -17,7 +17,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import threading
 import time
 import urllib.request
@@ -33,7 +32,7 @@ from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
 from sidusctl.subsys.chroot import ChrootSession
 from sidusctl.subsys.imagestore import Generation, Image, ImageStore
-from sidusctl.subsys.tarball import extract_rootfs_tar, write_rootfs_tar
+from sidusctl.subsys.tarball import BackgroundCompress, extract_rootfs_tar, write_rootfs_tar
 from sidusctl.subsys.templates import render_file
 
 log = get_logger("build")
@@ -180,7 +179,7 @@ class Builder:
         self.purged: list[str] = []
         self.bootstrap_cache = self.cache.parent / "bootstrap"
         self.bootstrap_from_cache = False
-        self._zstd: _BackgroundZstd | None = None
+        self._compress: BackgroundCompress | None = None
 
     def _timed(self, name: str) -> contextlib.AbstractContextManager[None]:
         builder = self
@@ -204,11 +203,11 @@ class Builder:
         try:
             self._stages(r, t_start)
         except BaseException:
-            if self._zstd is not None:
-                self._zstd.abandon()
+            if self._compress is not None:
+                self._compress.abandon()
             raise
-        if self._zstd is not None:
-            self._zstd.finish()
+        if self._compress is not None:
+            self._compress.finish()
         image = self.store.get(r.name)
         if self.opts.out:
             _copy_out(image, self.opts.out)
@@ -283,7 +282,7 @@ class Builder:
             # pipe); zstd then runs beside the configure stage and is waited for at the end.
             write_rootfs_tar(target, plain)
             _prune(self.bootstrap_cache, keep=4)
-            self._zstd = _BackgroundZstd(plain)
+            self._compress = BackgroundCompress(plain, plain.with_name(plain.name + ".zst"), level=1)
 
     def _bootstrap_tool(self, gen: Generation) -> None:
         r = self.recipe
@@ -629,40 +628,6 @@ def _prune(d: Path, keep: int) -> None:
     for stem in sorted(entries, key=entries.__getitem__, reverse=True)[keep:]:
         for suffix in (".tar.zst", ".tar"):
             (d / f"{stem}{suffix}").unlink(missing_ok=True)
-
-
-class _BackgroundZstd:
-    """``zstd -T0 -1`` of a finished bootstrap-cache tar, run beside the rest of the build.
-    :meth:`finish` waits for it and replaces ``X.tar`` by ``X.tar.zst`` (atomically, through a
-    hidden temp file); :meth:`abandon` (error, Ctrl-C, SIGTERM) kills it and keeps the plain
-    tar, which is a valid cache entry on its own."""
-
-    def __init__(self, tar: Path) -> None:
-        self.tar = tar
-        self.dest = tar.with_name(tar.name + ".zst")
-        self.part = tar.with_name(f".{self.dest.name}.part")
-        self.proc = subprocess.Popen(
-            [which("zstd", "zstd"), "-T0", "-1", "-q", "-f", str(tar), "-o", str(self.part)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    def finish(self) -> None:
-        _, err = self.proc.communicate()
-        if self.proc.returncode == 0:
-            os.replace(self.part, self.dest)
-            self.tar.unlink(missing_ok=True)
-            log.debug("bootstrap cache compressed: %s", self.dest)
-        else:
-            self.part.unlink(missing_ok=True)
-            log.warning("bootstrap cache left uncompressed (%s): zstd exited %s: %s", self.tar,
-                        self.proc.returncode, err.decode(errors="replace").strip())
-
-    def abandon(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-        self.part.unlink(missing_ok=True)
 
 
 def _clean_root_debs(root: Path, cache: Path) -> None:

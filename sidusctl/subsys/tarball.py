@@ -12,10 +12,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from sidusctl.core.errors import ConfigError
+from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
+
+log = get_logger("tarball")
 
 COMPRESSIONS = {".tar.zst": "zstd", ".tar.gz": "gzip", ".tgz": "gzip", ".tar.xz": "xz", ".tar": "none"}
 
@@ -74,3 +78,39 @@ def extract_rootfs_tar(src: Path, dest: Path) -> None:
     if c:
         argv[1:1] = ["--use-compress-program", c[0]]
     run(argv, what="tar (rootfs extract)")
+
+
+class BackgroundCompress:
+    """Compress a finished plain tarball ``X.tar`` into ``X.tar.<zst|gz|xz>`` (``dest``, its
+    suffix choosing the compressor as for :func:`write_rootfs_tar`) in a child process, while
+    the caller goes on. :meth:`finish` waits, renames the hidden temp file ``.<dest>.tmp`` to
+    ``dest`` and removes the plain tar (if the compressor fails: a warning, the plain tar is
+    kept); :meth:`abandon` (error, Ctrl-C, SIGTERM) kills the child, removes the temp file and
+    keeps the plain tar. ConfigError if ``dest`` has no known compressed suffix."""
+
+    def __init__(self, src: Path, dest: Path, level: int | None = None) -> None:
+        argv = _compressor(compression_for(dest), level)
+        if not argv:
+            raise ConfigError(str(dest), None, "not a compressed tarball name",
+                              expected="a .tar.zst, .tar.gz, .tgz or .tar.xz name")
+        self.src, self.dest, self.tool = src, dest, Path(argv[0]).name
+        self.tmp = dest.with_name(f".{dest.name}.tmp")
+        with open(src, "rb") as fi, open(self.tmp, "wb") as fo:
+            self.proc = subprocess.Popen([*argv, "-c"], stdin=fi, stdout=fo,
+                                         stderr=subprocess.PIPE)
+
+    def finish(self) -> None:
+        _, err = self.proc.communicate()
+        if self.proc.returncode == 0:
+            os.replace(self.tmp, self.dest)
+            self.src.unlink(missing_ok=True)
+            return
+        self.tmp.unlink(missing_ok=True)
+        log.warning("%s left uncompressed: %s exited %s: %s", self.src, self.tool,
+                    self.proc.returncode, err.decode(errors="replace").strip())
+
+    def abandon(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+        self.tmp.unlink(missing_ok=True)
