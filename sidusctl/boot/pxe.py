@@ -150,11 +150,14 @@ def render_tree(inv: Inventory, images: Mapping[str, ImageFiles]) -> dict[str, s
     return out
 
 
+def _first_file(name: str, dirs: Iterable[str]) -> Path | None:
+    return next((Path(d) / name for d in dirs if (Path(d) / name).is_file()), None)
+
+
 def _find(name: str, dirs: Iterable[str]) -> Path:
-    for d in dirs:
-        p = Path(d) / name
-        if p.is_file():
-            return p
+    p = _first_file(name, dirs)
+    if p is not None:
+        return p
     pkg = "pxelinux" if name == "pxelinux.0" else "syslinux-common"
     raise PrerequisiteError(f"{name} was not found in {', '.join(dirs)}",
                             hint=f"apt-get install {pkg}")
@@ -257,8 +260,7 @@ def write_tree(
     efi = _build_grub_efi(tftp_root)
     if efi is not None:
         copies[GRUB_EFI_NAME] = efi
-    ipxe_efi = next((Path(d) / IPXE_EFI_NAME for d in IPXE_EFI_DIRS
-                     if (Path(d) / IPXE_EFI_NAME).is_file()), None)
+    ipxe_efi = _first_file(IPXE_EFI_NAME, IPXE_EFI_DIRS)
     if ipxe_efi is not None:
         copies[IPXE_EFI_NAME] = ipxe_efi
     else:
