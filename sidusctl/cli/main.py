@@ -11,6 +11,7 @@ import signal
 import sys
 import traceback
 from types import FrameType
+from typing import Any
 
 import click
 
@@ -39,14 +40,15 @@ LAZY_COMMANDS: dict[str, tuple[str, ...]] = {
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported on first use, from :data:`LAZY_COMMANDS`."""
 
-    _loaded: set[str]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loaded: set[str] = set()
 
     def _load(self, modules: tuple[str, ...]) -> None:
-        loaded = self.__dict__.setdefault("_loaded", set())
         for name in modules:
-            if name not in loaded:
+            if name not in self._loaded:
                 importlib.import_module(f"sidusctl.cli.{name}").register(self)
-                loaded.add(name)
+                self._loaded.add(name)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
