@@ -197,7 +197,8 @@ class DhcpPacket:
     def encode(self, min_size: int = BOOTP_MIN_SIZE) -> bytes:
         """The wire form: header, cookie, options (long values split per RFC 3396), End, then
         zero padding up to ``min_size`` bytes. Options 0, 52 and 255 in :attr:`options` are
-        ignored: they frame the options area (RFC 2132 3.1, 3.2, 9.3) and are not values. :class:`MalformedPacket` if a field does not fit."""
+        ignored: they frame the options area (RFC 2132 3.1, 3.2, 9.3) and are not values.
+        :class:`MalformedPacket` if a field does not fit."""
         if len(self.sname) > 63 or len(self.file) > 127:
             raise MalformedPacket("sname (max 63 bytes) or file (max 127 bytes) too long")
         if len(self.chaddr) > 16:
