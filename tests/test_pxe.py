@@ -140,6 +140,8 @@ def test_write_tree_is_incremental_and_removes_stale_files(tmp_path: Path) -> No
     assert (tftp / "initrd.img-sidus").read_bytes() == images["sidus"].initrd.read_bytes()
     # GRUB for UEFI machines, built here by grub-mkimage: a PE image (the same bytes each time)
     assert (tftp / "grubnetx64.efi").read_bytes()[:2] == b"MZ"
+    # and iPXE's, for serve-pxe --efi-loader ipxe, from the host's ipxe package
+    assert (tftp / "ipxe.efi").read_bytes() == Path("/usr/lib/ipxe/ipxe.efi").read_bytes()
     inodes = {p: p.stat().st_ino for p in tftp.rglob("*") if p.is_file()}
 
     # nothing changed: nothing is rewritten
