@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sidusctl.boot import inventory
-from sidusctl.boot.pxe import ImageFiles, export_path_for, write_tree
-from sidusctl.lab import SERVER, LabNode, PxeLab, wait_logins
+from sidusctl.netboot import inventory
+from sidusctl.netboot.lab import SERVER, LabNode, PxeLab, wait_logins
+from sidusctl.netboot.tree import ImageFiles, export_path_for, write_tree
 from sidusctl.subsys.ganesha import Export, serve
 from sidusctl.subsys.imagestore import ImageStore
 

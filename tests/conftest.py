@@ -138,7 +138,7 @@ def minimal_image(test_state: Path) -> BuiltImage:
     debootstrap against the Debian archive). Attributes as imagestore.Image: rootfs, tarball,
     kernel, initrd, manifest, dir, name; plus ``state`` and ``log``. A session that is not alone
     waits for a concurrent session's build and reuses it."""
-    from sidusctl.build import recipe
+    from sidusctl.image import recipe
     from sidusctl.subsys.imagestore import ImageStore
 
     logfile = test_state / "build-minimal.log"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sidusctl.build import recipe
+from sidusctl.image import recipe
 from tests.conftest import BuiltImage, _mounts_under, sidusctl
 
 pytestmark = pytest.mark.slow
@@ -233,7 +233,7 @@ def test_mmdebstrap_backend_and_the_bootstrap_cache(tmp_path: Path) -> None:
 
 
 def test_background_compress_finishes_or_is_abandoned_cleanly(tmp_path: Path) -> None:
-    from sidusctl.build.builder import _prune
+    from sidusctl.image.builder import _prune
     from sidusctl.subsys.tarball import BackgroundCompress
     data = os.urandom(1 << 20) * 48  # 48 MiB, compressible, long enough to kill mid-way
     for ending in ("finish", "abandon"):

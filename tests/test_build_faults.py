@@ -50,9 +50,9 @@ def test_unknown_include_package(tmp_path: Path) -> None:
 
 def test_unknown_packages_entry_found_before_installing(minimal_image: BuiltImage) -> None:
     # The apt-side check runs in the bootstrapped root; exercise it on the real image's root.
-    from sidusctl.build.builder import Builder, BuildOptions
-    from sidusctl.build.recipe import find
     from sidusctl.core.errors import BuildError
+    from sidusctl.image.builder import Builder, BuildOptions
+    from sidusctl.image.recipe import find
     from sidusctl.subsys.chroot import ChrootSession
 
     store = ImageStore(minimal_image.state)

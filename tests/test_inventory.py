@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sidusctl.boot.inventory import Node, load, normalize_mac, parse
 from sidusctl.core.errors import ConfigErrors
+from sidusctl.netboot.inventory import Node, load, normalize_mac, parse
 from tests.conftest import sidusctl
 
 GOOD = """\

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from sidusctl.boot import inventory
-from sidusctl.boot.pxe import ImageFiles, write_tree
+from sidusctl.netboot import inventory
+from sidusctl.netboot.tree import ImageFiles, write_tree
 from sidusctl.subsys.ganesha import Export, serve
 from tests.qemu_util import BOOT_TIMEOUT, Guest, guest, mkdisk, netns, nfs_append
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from sidusctl.boot import exports
-from sidusctl.boot.inventory import parse
-from sidusctl.boot.pxe import ImageFiles, render_tree, write_tree
+from sidusctl.netboot import nfs as exports
+from sidusctl.netboot.inventory import parse
+from sidusctl.netboot.tree import ImageFiles, render_tree, write_tree
 from sidusctl.subsys.imagestore import ImageStore
 from tests.conftest import sidusctl
 

@@ -1,6 +1,6 @@
 """``sidusctl serve-pxe`` proven by PXE-booting real qemu guests (TCG, no disk, ``-boot n``).
 
-Each test builds a lab (:class:`sidusctl.lab.PxeLab`): a namespace ``sdt-pb<pid>`` with a bridge
+Each test builds a lab (:class:`sidusctl.netboot.lab.PxeLab`): a namespace ``sdt-pb<pid>`` with a bridge
 carrying 10.77.0.1/24, the real CLI ``sidusctl serve-pxe`` bound to that bridge inside the
 namespace (its DHCP, TFTP, DNS, HTTP, and nfs-ganesha for the ``minimal`` image's root), and
 diskless qemu guests on tap devices of that bridge. The guests' NIC ROM is iPXE (option 77
@@ -11,7 +11,7 @@ bridge, taps, qemu, serve-pxe, ganesha, rpcbind); a failure prints the consoles 
 
 Paths: two guests at once through pxelinux.0; iPXE over HTTP with serve-pxe killed (SIGKILL)
 mid-boot and restarted; ``--proxy`` next to a dnsmasq; the README demo
-(:func:`sidusctl.lab.pxe_boot_demo`) and ``sidusctl demo`` interrupted mid-boot. About six
+(:func:`sidusctl.netboot.lab.pxe_boot_demo`) and ``sidusctl demo`` interrupted mid-boot. About six
 minutes on a 2-core machine (each TCG boot takes 75-120 s).
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from sidusctl.core.errors import NotFoundError, SidusError
-from sidusctl.lab import SERVER, LabNode, PxeLab, pxe_boot_demo, wait_logins
+from sidusctl.netboot.lab import SERVER, LabNode, PxeLab, pxe_boot_demo, wait_logins
 from sidusctl.serve.leases import read_leases
 from sidusctl.subsys.qemu import Guest
 from tests.conftest import BuiltImage
@@ -283,7 +283,7 @@ def test_proxy_dhcp_next_to_a_site_dnsmasq(minimal_image: BuiltImage, tmp_path: 
 
 
 def test_readme_demo(minimal_image: BuiltImage, tmp_path: Path) -> None:
-    """:func:`sidusctl.lab.pxe_boot_demo`, as ``sidusctl demo`` runs it: one node boots and the
+    """:func:`sidusctl.netboot.lab.pxe_boot_demo`, as ``sidusctl demo`` runs it: one node boots and the
     lab leaves nothing behind."""
     steps: list[str] = []
     pre = uniq("pz")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sidusctl.build import recipe
 from sidusctl.core.errors import ConfigError
+from sidusctl.image import recipe
 from tests.conftest import sidusctl
 
 GOOD = 'suite = "bookworm"\narch = "amd64"\n'

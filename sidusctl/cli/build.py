@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from sidusctl.build import builder, recipe
 from sidusctl.cli.common import console, emit_json, get_ctx, human_size, need_root
 from sidusctl.cli.progress import StageProgress
+from sidusctl.image import builder, recipe
 from sidusctl.subsys.chroot import ChrootSession
 from sidusctl.subsys.imagestore import Image, ImageStore
 

@@ -5,7 +5,7 @@ README's first command ends with it. Two steps, each self-contained and cleaned 
 1. PXE: a network namespace with a bridge (``sidus-demo-*``), ``serve-pxe`` bound to that
    bridge inside it (our DHCP, TFTP, DNS and NFS through nfs-ganesha), one diskless qemu
    machine (TCG) that PXE-boots from it to a login prompt; logged in over the serial console,
-   its hostname and its overlay root are checked (see :func:`sidusctl.lab.pxe_boot_demo`).
+   its hostname and its overlay root are checked (see :func:`sidusctl.netboot.lab.pxe_boot_demo`).
 2. vnode: one copy-on-write vnode from the image's tarball, in a store of its own; SSH into
    it with an injected key (see :func:`sidusctl.vnode.demo.vnode_demo`).
 
@@ -63,7 +63,7 @@ def demo_cmd(image: str, skip_pxe: bool, skip_vnode: bool, timeout: float, prefi
         if img.kernel is None or img.initrd is None:
             raise StateError(f"image {image!r} has no exported kernel and initrd",
                              hint="its recipe needs [netboot] enabled = true")
-        from sidusctl.lab import pxe_boot_demo
+        from sidusctl.netboot.lab import pxe_boot_demo
 
         with tempfile.TemporaryDirectory(prefix=f"{prefix}-", dir="/var/tmp") as work:
             result["pxe"] = pxe_boot_demo(ctx.state, image, Path(work), prefix=prefix,

@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from sidusctl.boot import exports as nfs_exports
-from sidusctl.boot import inventory as inv_mod
-from sidusctl.boot.pxe import ImageFiles, export_path_for, write_tree
 from sidusctl.cli.common import console, emit_json, get_ctx
 from sidusctl.core.errors import ConfigError, Interrupted
+from sidusctl.netboot import inventory as inv_mod
+from sidusctl.netboot import nfs as nfs_exports
+from sidusctl.netboot.tree import ImageFiles, export_path_for, write_tree
 from sidusctl.subsys import ganesha
 from sidusctl.subsys.imagestore import ImageStore
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import click
 
-from sidusctl.boot import inventory as inv_mod
-from sidusctl.boot.pxe import export_path_for
 from sidusctl.cli.common import emit_json, get_ctx
 from sidusctl.core.errors import NotFoundError, SidusError, StateError
 from sidusctl.core.state import atomic_write_bytes
+from sidusctl.netboot import inventory as inv_mod
+from sidusctl.netboot.daemons import FORMATS, ExportOptions, render_export
+from sidusctl.netboot.tree import export_path_for
 from sidusctl.serve import supervisor
-from sidusctl.serve.export import FORMATS, ExportOptions, render_export
 from sidusctl.subsys.imagestore import ImageStore
 
 
@@ -109,7 +109,7 @@ def serve_pxe_cmd(nodes: Path, interface: str, proxy: bool, http: bool, http_por
     http://SERVER/boot.ipxe with --http (chaining to ipxe/<mac>.ipxe), boot.ipxe over TFTP
     with --efi-loader ipxe, and otherwise the boot file of their architecture. Proven with
     qemu guests (docs/serve-pxe.md)."""
-    from sidusctl.serve import pxe
+    from sidusctl.netboot import servepxe as pxe
 
     upstream = None
     if dns_upstream:

@@ -1,11 +1,11 @@
 """serve-pxe: the node inventory turned into the running netboot servers of one interface.
 
-Owns the glue from ``nodes.toml`` (:mod:`sidusctl.boot.inventory`) to a
+Owns the glue from ``nodes.toml`` (:mod:`sidusctl.netboot.inventory`) to a
 :class:`~sidusctl.serve.supervisor.ServeConfig`: one DHCP reservation per node (RFC 2131
 static allocation: chaddr → yiaddr, option 12 host name), the boot file by client type
 (RFC 4578 option 93; iPXE, option 77 ``iPXE``, gets ``http://SERVER/boot.ipxe`` with
 ``--http`` and ``pxelinux.0`` like any BIOS PXE client without it), the TFTP root rendered
-by :func:`sidusctl.boot.pxe.write_tree`, a DNS zone with the nodes' A/PTR records, the NFS export
+by :func:`sidusctl.netboot.tree.write_tree`, a DNS zone with the nodes' A/PTR records, the NFS export
 of every image the inventory uses (the kernel NFS server through ``exportfs`` where it runs,
 nfs-ganesha otherwise) and, for iPXE clients, a small read-only HTTP server over the TFTP root
 bound to the interface's address.
@@ -33,9 +33,12 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, Literal
 
-from sidusctl.boot import inventory as inv_mod
-from sidusctl.boot.inventory import Inventory
-from sidusctl.boot.pxe import (
+from sidusctl.core.errors import ConfigError, PrerequisiteError, SidusError
+from sidusctl.core.log import get_logger
+from sidusctl.core.run import run, which
+from sidusctl.netboot import inventory as inv_mod
+from sidusctl.netboot.inventory import Inventory
+from sidusctl.netboot.tree import (
     GRUB_EFI_NAME,
     IPXE_EFI_DIRS,
     IPXE_EFI_NAME,
@@ -43,9 +46,6 @@ from sidusctl.boot.pxe import (
     export_path_for,
     write_tree,
 )
-from sidusctl.core.errors import ConfigError, PrerequisiteError, SidusError
-from sidusctl.core.log import get_logger
-from sidusctl.core.run import run, which
 from sidusctl.serve import supervisor
 from sidusctl.serve.dhcp import BootPolicy, DhcpConfig, Reservation, interface_ipv4
 from sidusctl.serve.dns import DnsConfig, Zone

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sidusctl import __version__
-from sidusctl.build.recipe import Recipe
-from sidusctl.build.sources import host_sources, sources_list
 from sidusctl.core.errors import BuildError, CommandError, PrerequisiteError, SidusError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
+from sidusctl.image.recipe import Recipe
+from sidusctl.image.sources import host_sources, sources_list
 from sidusctl.subsys.chroot import ChrootSession
 from sidusctl.subsys.imagestore import Generation, Image, ImageStore
 from sidusctl.subsys.tarball import BackgroundCompress, extract_rootfs_tar, write_rootfs_tar

@@ -1,9 +1,9 @@
 """The node inventory as configuration files for the production daemons: dnsmasq, ISC
 dhcpd, Kea (kea-dhcp4), tftpd-hpa and the kernel NFS server's ``/etc/exports``.
 
-Pure text generation from a validated :class:`~sidusctl.boot.inventory.Inventory`, one jinja2
+Pure text generation from a validated :class:`~sidusctl.netboot.inventory.Inventory`, one jinja2
 template per format under ``templates/{dnsmasq,isc-dhcp,kea,tftpd-hpa}/`` (the exports line
-comes from :mod:`sidusctl.boot.exports`). Every DHCP format carries the same policy as the
+comes from :mod:`sidusctl.netboot.nfs`). Every DHCP format carries the same policy as the
 built-in server: one static reservation per node (MAC, address, host name), next-server the
 inventory's server, and the boot file by client (RFC 4578 option 93: BIOS ``pxelinux.0``,
 x86-64 UEFI 7/9 the GRUB binary; iPXE, option 77 user class ``iPXE``, its script).
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidusctl.boot import exports as nfs_exports
-from sidusctl.boot.inventory import Inventory
 from sidusctl.core.errors import ConfigError
+from sidusctl.netboot import nfs as nfs_exports
+from sidusctl.netboot.inventory import Inventory
 from sidusctl.subsys.templates import render
 
 FORMATS = ("dnsmasq", "isc-dhcp", "kea", "tftpd-hpa", "exports")

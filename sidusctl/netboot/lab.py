@@ -63,7 +63,7 @@ def inventory_text(nodes: Sequence[LabNode], image: str, *, subnet: IPv4Network 
                    server: IPv4Address = SERVER, domain: str = DOMAIN,
                    kernel_args: Sequence[str] = ("console=ttyS0", "panic=-1",
                                                  *qemu.QUIET)) -> str:
-    """A ``nodes.toml`` (see :mod:`sidusctl.boot.inventory`) booting ``nodes`` from
+    """A ``nodes.toml`` (see :mod:`sidusctl.netboot.inventory`) booting ``nodes`` from
     ``image`` with a tmpfs overlay, serial console on ttyS0."""
     args = ", ".join(json.dumps(a) for a in kernel_args)
     out = [f'[network]\nsubnet = "{subnet}"\nserver = "{server}"\ndomain = "{domain}"\n',

@@ -25,11 +25,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidusctl.boot.inventory import Inventory, Node
 from sidusctl.core.errors import PrerequisiteError, SidusError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
 from sidusctl.core.state import atomic_write_bytes, read_json, write_json
+from sidusctl.netboot.inventory import Inventory, Node
 from sidusctl.subsys.templates import render
 
 log = get_logger("boot.pxe")

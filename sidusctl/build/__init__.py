@@ -1,2 +1,0 @@
-"""The build service: image recipe → Debian rootfs (debootstrap or mmdebstrap, then a chroot
-session), manifest, kernel + initrd and rootfs tarball exports, updates."""

@@ -1,0 +1,2 @@
+"""The image service: recipe → Debian rootfs (debootstrap or mmdebstrap, then a chroot
+session), manifest, kernel + initrd and rootfs tarball exports, updates."""
