@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from sidusctl.core.errors import ConfigErrors
-from sidusctl.netboot.inventory import Node, load, normalize_mac, parse
+from sidusctl.core.mac import normalize_mac
+from sidusctl.netboot.inventory import Node, load, parse
 from tests.conftest import sidusctl
 
 GOOD = """\
@@ -97,7 +98,7 @@ def test_parse_merges_defaults_groups_and_node_values() -> None:
 
 def test_boot_file_names_match_the_reference_vectors() -> None:
     # netboot-facts.md: pxelinux and GRUB names
-    n = Node("a", normalize_mac("88:99:AA:BB:CC:DD") or "", ipaddress.IPv4Address("192.0.2.91"),
+    n = Node("a", normalize_mac("88:99:AA:BB:CC:DD"), ipaddress.IPv4Address("192.0.2.91"),
              "minimal")
     assert n.pxelinux_name == "01-88-99-aa-bb-cc-dd"
     assert n.hex_ip == "C000025B"

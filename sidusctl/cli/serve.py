@@ -14,8 +14,9 @@ from rich.table import Table
 
 from sidusctl.cli.common import console, emit_json, get_ctx
 from sidusctl.core.errors import ConfigError
+from sidusctl.core.mac import normalize_mac
 from sidusctl.serve import supervisor
-from sidusctl.serve.dhcp import BootPolicy, DhcpConfig, Reservation, normalize_mac
+from sidusctl.serve.dhcp import BootPolicy, DhcpConfig, Reservation
 from sidusctl.serve.dns import DnsConfig, Zone
 from sidusctl.serve.leases import read_leases
 from sidusctl.serve.tftp import TftpConfig

@@ -10,6 +10,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +19,55 @@ from typing import Any
 from sidusctl.core.errors import BusyError, StateError
 
 
+def fsync_dir(path: Path) -> None:
+    """``fsync(2)`` the directory ``path``, so that a rename or unlink in it survives a crash."""
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def publish(tmp: Path, dest: Path, *, sync_data: bool = True) -> None:
+    """Move the finished file (or symlink) ``tmp`` onto ``dest`` in the same directory,
+    atomically: readers see the old ``dest`` or the new one, never a partial file; after a
+    crash one of the two is on disk (data fsync unless ``sync_data`` is false or ``tmp`` is a
+    symlink, rename(2), directory fsync). :class:`OSError` as the calls raise it; ``tmp`` is
+    left for the caller to remove then."""
+    if sync_data and not tmp.is_symlink():
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)
+
+
+def atomic_copy(src: Path, dest: Path, *, mode: int | None = 0o644, link: bool = False) -> None:
+    """Copy the file ``src`` to ``dest`` atomically (see :func:`publish`); with ``link``, a
+    hard link when both are on one filesystem (the content is shared, never copied).
+    ``mode`` None keeps the source's permission bits. OSError as the calls raise it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        linked = False
+        if link:
+            with contextlib.suppress(OSError):
+                os.link(src, tmp)
+                linked = True
+        if not linked:
+            shutil.copyfile(src, tmp)
+            os.chmod(tmp, mode if mode is not None else src.stat().st_mode & 0o7777)
+        publish(tmp, dest, sync_data=not linked)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically: readers see the old or the new file, never a
-    partial one, and after a crash one of the two is on disk (fsync of file and directory)."""
+    """Replace ``path`` with ``data`` atomically (see :func:`publish`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -29,16 +76,11 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        publish(Path(tmp), path, sync_data=False)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:

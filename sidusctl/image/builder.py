@@ -32,7 +32,12 @@ from sidusctl.image.recipe import Recipe
 from sidusctl.image.sources import host_sources, sources_list
 from sidusctl.subsys.chroot import ChrootSession
 from sidusctl.subsys.imagestore import Generation, Image, ImageStore
-from sidusctl.subsys.tarball import BackgroundCompress, extract_rootfs_tar, write_rootfs_tar
+from sidusctl.subsys.tarball import (
+    BackgroundCompress,
+    extract_rootfs_tar,
+    suffix_for,
+    write_rootfs_tar,
+)
 from sidusctl.subsys.templates import render_file
 
 log = get_logger("build")
@@ -544,8 +549,7 @@ class Builder:
         root = gen.rootfs
         out: dict[str, Any] = export_kernel(root, gen.dir, r.name)
         if self.opts.tar:
-            suffix = ".tar.zst" if r.compression == "zstd" else ".tar.gz"
-            dest = gen.dir / f"{r.name}{suffix}"
+            dest = gen.dir / f"{r.name}{suffix_for(r.compression)}"
             self.rep.line(f"writing {dest.name}")
             try:
                 size = write_rootfs_tar(root, dest)
@@ -768,7 +772,7 @@ def update(store: ImageStore, name: str, *, in_place: bool = False, tar: bool = 
         exports = {**manifest.get("exports", {}), **export_kernel(root, gen_dir, name)}
         if tar or "tarball" in exports:
             comp = exports.get("tarball", {}).get("compression", "zstd")
-            dest = gen_dir / f"{name}{'.tar.zst' if comp == 'zstd' else '.tar.gz'}"
+            dest = gen_dir / f"{name}{suffix_for(comp)}"
             exports["tarball"] = {"file": dest.name, "size": write_rootfs_tar(root, dest),
                                   "compression": comp}
         before = manifest.get("packages", {})

@@ -46,9 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from sidusctl.core.errors import ConfigError, ConfigErrors
+from sidusctl.core.mac import normalize_mac
+from sidusctl.serve.dhcp import Reservation
 
 MODES = ("tmpfs", "disk", "iscsi", "nfs", "off")
-MAC_RE = re.compile(r"^([0-9a-fA-F]{2})([:-][0-9a-fA-F]{2}){5}$")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:\S+)?$")
@@ -113,16 +114,6 @@ class Network:
 
 
 @dataclass(frozen=True)
-class Reservation:
-    """What a DHCP server needs per node (RFC 2131/2132): chaddr, yiaddr, option 12."""
-
-    mac: str
-    ip: ipaddress.IPv4Address
-    hostname: str
-    image: str
-
-
-@dataclass(frozen=True)
 class Inventory:
     """A validated inventory: ``network``, ``nodes`` (file order), ``default_image``."""
 
@@ -141,18 +132,19 @@ class Inventory:
         return seen
 
     def by_mac(self, mac: str) -> Node | None:
-        m = normalize_mac(mac)
+        m = _mac_or_none(mac)
         return next((n for n in self.nodes if n.mac == m), None)
 
     def reservations(self) -> list[Reservation]:
-        return [Reservation(n.mac, n.ip, n.hostname or n.name, n.image) for n in self.nodes]
+        """The DHCP servers' view of the nodes (RFC 2131 chaddr → yiaddr, option 12)."""
+        return [Reservation(n.mac, n.ip, n.hostname or n.name) for n in self.nodes]
 
 
-def normalize_mac(mac: str) -> str | None:
-    """``52-54-00-AB-CD-EF`` or ``52:54:00:ab:cd:ef`` → ``52:54:00:ab:cd:ef``; None if bad."""
-    if not isinstance(mac, str) or not MAC_RE.match(mac.strip()):
+def _mac_or_none(mac: object) -> str | None:
+    try:
+        return normalize_mac(mac)
+    except ValueError:
         return None
-    return mac.strip().lower().replace("-", ":")
 
 
 # -- line numbers -----------------------------------------------------------------------------
@@ -405,7 +397,7 @@ def parse(text: str, file: str = "nodes.toml", *, known_images: Iterable[str] | 
                       "unique names", ln("name"))
             seen_name.setdefault(name, ln("name"))
         _unknown(c, label, raw, NODE_KEYS, ln)
-        mac = normalize_mac(raw["mac"]) if "mac" in raw else None
+        mac = _mac_or_none(raw["mac"]) if "mac" in raw else None
         if "mac" not in raw:
             c.err(f"{label}.mac", "missing", "a MAC address such as 52:54:00:12:34:56", ln(None))
         elif mac is None:

@@ -47,7 +47,7 @@ from sidusctl.netboot.tree import (
     write_tree,
 )
 from sidusctl.serve import supervisor
-from sidusctl.serve.dhcp import BootPolicy, DhcpConfig, Reservation, interface_ipv4
+from sidusctl.serve.dhcp import BootPolicy, DhcpConfig, interface_ipv4
 from sidusctl.serve.dns import DnsConfig, Zone
 from sidusctl.serve.tftp import TftpConfig
 from sidusctl.subsys import ganesha
@@ -152,8 +152,7 @@ class PxeLoader:
         changed = len(report.created) + len(report.updated) + len(report.removed)
         log.info("TFTP root %s: %d file(s) written or removed, %d unchanged", o.tftp_root,
                  changed, len(report.unchanged))
-        reservations = tuple(Reservation(n.mac, n.ip, n.hostname or n.name)
-                             for n in inv.nodes)
+        reservations = tuple(inv.reservations())
         dhcp = DhcpConfig(
             interface=o.interface, lease_file=o.serve_dir / "leases.sqlite",
             reservations=reservations,

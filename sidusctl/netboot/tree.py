@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 from sidusctl.core.errors import PrerequisiteError, SidusError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
-from sidusctl.core.state import atomic_write_bytes, read_json, write_json
+from sidusctl.core.state import atomic_copy, atomic_write_bytes, read_json, write_json
 from sidusctl.netboot.inventory import Inventory, Node
 from sidusctl.subsys.templates import render
 
@@ -201,20 +200,7 @@ def _same_file(src: Path, dest: Path) -> bool:
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.sidusctl-tmp")
-    try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            while chunk := fi.read(1 << 20):
-                fo.write(chunk)
-            fo.flush()
-            os.fsync(fo.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    atomic_copy(src, dest, mode=0o644)
 
 
 def write_tree(

@@ -17,10 +17,11 @@ from typing import Any, Protocol
 
 from sidusctl import __version__
 from sidusctl.core.log import get_logger
+from sidusctl.core.state import atomic_copy
 from sidusctl.oci import ImageError, config, sources
 from sidusctl.oci.layers import LayerApplier, LayerStats
 from sidusctl.subsys.imagestore import Image, ImageStore
-from sidusctl.subsys.tarball import compression_for, write_rootfs_tar
+from sidusctl.subsys.tarball import compression_for, tar_suffix, write_rootfs_tar
 
 log = get_logger("oci")
 
@@ -135,9 +136,7 @@ def import_image(store: ImageStore, source: str, name: str, opts: ImportOptions,
         exports: dict[str, Any] = {}
         if opts.tar is not None:
             rep.stage("tarball", len(img.layers) + 1, len(img.layers) + 1)
-            suffix = next(s for s in (".tar.zst", ".tar.gz", ".tgz", ".tar.xz", ".tar")
-                          if opts.tar.name.endswith(s))
-            dest = gen.dir / f"{name}{suffix}"
+            dest = gen.dir / f"{name}{tar_suffix(opts.tar)}"
             size = write_rootfs_tar(gen.rootfs, dest)
             exports["tarball"] = {"file": dest.name, "size": size,
                                   "compression": compression_for(dest), "copy": str(opts.tar)}
@@ -175,16 +174,7 @@ def import_image(store: ImageStore, source: str, name: str, opts: ImportOptions,
 
 
 def _copy_out(src: Path, dest: Path) -> None:
-    dest = dest.absolute()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    atomic_copy(src, dest.absolute(), mode=None, link=True)
 
 
 __all__ = ["ImageError", "ImportOptions", "apply_image", "import_image", "resolve"]

@@ -53,14 +53,9 @@ ARCH_EFI_ARM64 = 11
 ARCH_EFI_X64_HTTP = 16
 
 
-def normalize_mac(mac: str) -> str:
-    """``AA-BB-CC-DD-EE-FF`` or ``aa:bb:...`` → ``aa:bb:cc:dd:ee:ff``; ValueError otherwise."""
-    return ":".join(f"{b:02x}" for b in dc.mac_bytes(mac.strip()))
-
-
 @dataclass(frozen=True)
 class Reservation:
-    """A static assignment: ``mac`` (normalized by :func:`normalize_mac`), ``ip``,
+    """A static assignment: ``mac`` (normalized by :func:`sidusctl.core.mac.normalize_mac`), ``ip``,
     ``hostname`` (option 12, without the domain), ``boot_file`` (overrides the policy)."""
 
     mac: str

@@ -283,11 +283,3 @@ def o_u8(v: int) -> bytes:
 def o_text(s: str) -> bytes:
     """An NVT ASCII string (options 12, 15, 56, 60, 66, 67); not NUL-terminated (RFC 2132 2)."""
     return s.encode("ascii")
-
-
-def mac_bytes(mac: str) -> bytes:
-    """``aa:bb:cc:dd:ee:ff`` (or with dashes) → 6 bytes; :class:`ValueError` if malformed."""
-    parts = mac.replace("-", ":").split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ValueError(f"not a MAC address: {mac!r}")
-    return bytes(int(p, 16) for p in parts)

@@ -29,8 +29,8 @@ from typing import Any
 
 from sidusctl.core.errors import ConfigError, NotFoundError, StateError
 from sidusctl.core.log import get_logger
-from sidusctl.core.state import FileLock, read_json, write_json
-from sidusctl.subsys import procs
+from sidusctl.core.state import FileLock, publish, read_json, write_json
+from sidusctl.subsys import procs, tarball
 from sidusctl.subsys.mounts import mounts_under, umount_tree
 
 log = get_logger("store")
@@ -79,7 +79,7 @@ class Image:
 
     @property
     def tarball(self) -> Path | None:
-        for suffix in (".tar.zst", ".tar.gz", ".tar.xz", ".tar"):
+        for suffix in tarball.canonical_suffixes():
             p = self.dir / f"{self.name}{suffix}"
             if p.exists():
                 return p
@@ -271,7 +271,7 @@ def _symlink_atomic(target: str, link: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     os.symlink(target, tmp)
-    os.replace(tmp, link)
+    publish(tmp, link)
 
 
 def _rmtree(path: Path) -> None:

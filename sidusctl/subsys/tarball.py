@@ -10,7 +10,6 @@ so a reader never sees half a tarball.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,19 +17,39 @@ from pathlib import Path
 from sidusctl.core.errors import ConfigError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
+from sidusctl.core.state import publish
 
 log = get_logger("tarball")
 
+# The one table of tarball names: suffix -> compressor. The first suffix of each compressor is
+# its canonical one (what sidusctl writes).
 COMPRESSIONS = {".tar.zst": "zstd", ".tar.gz": "gzip", ".tgz": "gzip", ".tar.xz": "xz", ".tar": "none"}
+
+
+def tar_suffix(dest: Path) -> str:
+    """The tarball suffix ``dest`` ends with (a key of :data:`COMPRESSIONS`); ConfigError
+    naming the known ones otherwise."""
+    for suffix in COMPRESSIONS:
+        if dest.name.endswith(suffix):
+            return suffix
+    raise ConfigError(str(dest), None, "unknown tarball suffix",
+                      expected="one of " + ", ".join(COMPRESSIONS))
 
 
 def compression_for(dest: Path) -> str:
     """``zstd``, ``gzip``, ``xz`` or ``none`` from the file name; ConfigError otherwise."""
-    for suffix, comp in COMPRESSIONS.items():
-        if dest.name.endswith(suffix):
-            return comp
-    raise ConfigError(str(dest), None, "unknown tarball suffix",
-                      expected="one of " + ", ".join(COMPRESSIONS))
+    return COMPRESSIONS[tar_suffix(dest)]
+
+
+def suffix_for(compression: str) -> str:
+    """The canonical suffix of ``compression`` (``zstd`` -> ``.tar.zst``); KeyError if unknown."""
+    return next(s for s, c in COMPRESSIONS.items() if c == compression)
+
+
+def canonical_suffixes() -> list[str]:
+    """One suffix per compressor, in table order (``.tar.zst``, ``.tar.gz``, ``.tar.xz``,
+    ``.tar``): the names sidusctl looks for beside an image."""
+    return [suffix_for(c) for c in dict.fromkeys(COMPRESSIONS.values())]
 
 
 def _compressor(comp: str, level: int | None = None) -> list[str]:
@@ -59,7 +78,7 @@ def write_rootfs_tar(rootfs: Path, dest: Path, level: int | None = None) -> int:
         argv[1:1] = ["--use-compress-program", " ".join(c)]
     try:
         run([*argv, "."], what="tar (rootfs export)")
-        os.replace(tmp, dest)
+        publish(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -102,7 +121,7 @@ class BackgroundCompress:
     def finish(self) -> None:
         _, err = self.proc.communicate()
         if self.proc.returncode == 0:
-            os.replace(self.tmp, self.dest)
+            publish(self.tmp, self.dest)
             self.src.unlink(missing_ok=True)
             return
         self.tmp.unlink(missing_ok=True)
