@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sidusctl.oci import ImageError
-from sidusctl.oci.layers import (
+from sidusctl.subsys.rootio import (
     lexists_in_root,
     read_file_in_root,
     symlink_in_root,

@@ -8,38 +8,23 @@
 3. add the public key given as a parameter to ``authorized_keys``;
 4. write the private key given as a parameter to ``/root/.ssh/identity`` (overwriting it).
 
-Paths are checked so that a symlink planted in an image can never make us write on the host.
+Every read and write in the vnode's root goes through :mod:`sidusctl.subsys.rootio`
+(``openat``/``O_NOFOLLOW``), so a symlink planted in an image can never make us read or write
+on the host.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from sidusctl.core.errors import StateError
+from sidusctl.subsys.rootio import (
+    lexists_in_root,
+    mkdir_in_root,
+    read_file_in_root,
+    write_file_in_root,
+)
 
 HOST_SSH = Path("/root/.ssh")
-
-
-def _safe_dir(rootfs: Path, rel: str, mode: int) -> Path:
-    cur = rootfs
-    for part in Path(rel).parts:
-        cur = cur / part
-        if cur.is_symlink():
-            raise StateError(f"{cur} is a symlink in the vnode's root; refusing to write keys")
-        if not cur.exists():
-            cur.mkdir(mode=mode)
-    return cur
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    if path.is_symlink():
-        raise StateError(f"{path} is a symlink in the vnode's root; refusing to write keys")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, mode)
-    os.chown(path, 0, 0)
 
 
 def host_public_keys(host_ssh: Path = HOST_SSH) -> list[str]:
@@ -59,12 +44,10 @@ def inject(rootfs: Path, *, pubkey: str | None, privkey: str | None, copy_host_k
            host_ssh: Path = HOST_SSH) -> list[str]:
     """Apply the four rules above to ``rootfs``; returns what was done (one line each)."""
     done: list[str] = []
-    root_home = _safe_dir(rootfs, "root", 0o700)
-    ssh = _safe_dir(rootfs, "root/.ssh", 0o700)
-    os.chmod(ssh, 0o700)
-    del root_home
-    ak = ssh / "authorized_keys"
-    existing = ak.read_text(errors="replace").splitlines() if ak.is_file() else []
+    mkdir_in_root(rootfs, "root/.ssh", 0o700)
+    ak = "root/.ssh/authorized_keys"
+    raw = read_file_in_root(rootfs, ak)
+    existing = raw.decode(errors="replace").splitlines() if raw is not None else []
     want = list(existing)
     extra = host_public_keys(host_ssh)
     if pubkey:
@@ -72,17 +55,19 @@ def inject(rootfs: Path, *, pubkey: str | None, privkey: str | None, copy_host_k
     for ln in extra:
         if ln not in want:
             want.append(ln)
-    if want != existing or not ak.exists():
-        _write(ak, ("\n".join(want) + "\n").encode() if want else b"", 0o600)
+    if want != existing or raw is None:
+        write_file_in_root(rootfs, ak, ("\n".join(want) + "\n").encode() if want else b"",
+                           0o600)
         done.append(f"authorized_keys: {len(want) - len(existing)} key(s) added")
     if copy_host_keys and host_ssh.is_dir():
         for src in sorted(host_ssh.glob("id*")):
-            dst = ssh / src.name
-            if src.is_file() and not dst.exists() and not dst.is_symlink():
-                _write(dst, src.read_bytes(), 0o644 if src.name.endswith(".pub") else 0o600)
+            dst = f"root/.ssh/{src.name}"
+            if src.is_file() and not lexists_in_root(rootfs, dst):
+                write_file_in_root(rootfs, dst, src.read_bytes(),
+                                   0o644 if src.name.endswith(".pub") else 0o600)
                 done.append(f"copied host key {src.name}")
     if privkey:
         data = privkey if privkey.endswith("\n") else privkey + "\n"
-        _write(ssh / "identity", data.encode(), 0o600)
+        write_file_in_root(rootfs, "root/.ssh/identity", data.encode(), 0o600)
         done.append("wrote /root/.ssh/identity")
     return done
