@@ -3,7 +3,8 @@
 - State (built images, caches, leases, vnode state): ``--state-dir``, else ``$SIDUSCTL_STATE``,
   else ``/var/lib/sidusctl``.
 - Data (``templates/``, ``initramfs/``, ``images/``): the top level of a source checkout, or
-  ``sidusctl/_data/`` inside an installed wheel. This module is the one place that knows.
+  ``sidusctl/_data/`` inside an installed wheel (copied there at build time by setup.py; see
+  docs/install.md). This module is the one place that knows.
 """
 
 from __future__ import annotations
@@ -24,13 +25,24 @@ def state_dir(override: str | os.PathLike[str] | None = None) -> Path:
     return Path(env).absolute() if env else DEFAULT_STATE_DIR
 
 
+def _in_checkout() -> bool:
+    """True when the package runs from a source checkout (or an editable install of one): the
+    folder above it holds the project's pyproject.toml. An installed package's parent is
+    ``site-packages``, whose ``templates/`` (if another distribution put one there) is not ours.
+    """
+    return (_PKG.parent / "pyproject.toml").is_file()
+
+
 def data_dir(name: str) -> Path:
-    """The shipped data folder ``name`` (``templates``, ``initramfs`` or ``images``)."""
-    for base in (_PKG.parent, _PKG / "_data"):
+    """The shipped data folder ``name`` (``templates``, ``initramfs`` or ``images``): the
+    checkout's top-level folder, else ``sidusctl/_data/<name>`` of the installed package.
+    Returns the path even if it does not exist (callers report a missing file by its path)."""
+    bases = (_PKG.parent, _PKG / "_data") if _in_checkout() else (_PKG / "_data",)
+    for base in bases:
         p = base / name
         if p.is_dir():
             return p
-    return _PKG.parent / name
+    return bases[0] / name
 
 
 def templates_dir() -> Path:
