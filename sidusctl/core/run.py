@@ -1,7 +1,13 @@
-"""The one process runner: argv lists only (never a shell), logged at debug level, typed errors.
+"""The one way to start a child process: argv lists only (never a shell), logged at debug
+level, typed errors.
+
+- :func:`run` runs a command to completion (output captured or streamed to the log);
+- :func:`spawn` starts a long-running child (a daemon, qemu, a background compressor) and
+  returns a :class:`Child`; :func:`stop` (also :meth:`Child.stop`) is the one way to end
+  either: SIGTERM to the child's whole process group, a grace time, SIGKILL, reap.
 
 Every child starts in its own session (process group) so that an interrupt can end the whole
-tree it spawned, and with ``PR_SET_PDEATHSIG`` so that it is told to stop if sidusctl itself is
+tree it spawned, and with ``PR_SET_PDEATHSIG`` so that it is signalled if sidusctl itself is
 killed with SIGKILL. The session ids of running children are kept in :data:`ACTIVE` so that
 crash-recovery records (see :mod:`sidusctl.core.state`) can name them.
 """
@@ -11,14 +17,18 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import functools
 import os
 import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
 
 from sidusctl.core.errors import CommandError, PrerequisiteError
 from sidusctl.core.log import get_logger
@@ -37,10 +47,21 @@ ACTIVE: set[int] = set()
 _ACTIVE_LOCK = threading.Lock()
 
 
-def _child_setup() -> None:
-    # Runs in the child between fork and exec: ask for SIGTERM if the parent dies.
+def _child_setup(sig: int, parent: int) -> None:
+    # Runs in the child between fork and exec (after setsid): ask for ``sig`` when the parent
+    # dies. The kernel keeps this setting across execve (not for set-uid/-gid or
+    # file-capability binaries), so it holds in whatever program the child ends up as, also
+    # through `ip netns exec` / `unshare` / `sh -c 'exec ...'` chains, which exec in place.
+    # "The parent" is the *thread* that forked: the setting fires when that thread exits, so
+    # children are started from the main thread or from a thread that lives as long as they.
     if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl: nobody will signal us
+        os.kill(os.getpid(), sig)
+
+
+def _preexec(sig: int) -> Callable[[], None]:
+    return functools.partial(_child_setup, sig, os.getpid())
 
 
 @dataclass(frozen=True)
@@ -73,15 +94,38 @@ def kill_session(sid: int, sig: int = signal.SIGTERM) -> None:
         os.killpg(sid, sig)
 
 
-def _terminate(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    kill_session(proc.pid, signal.SIGTERM)
+def _group_alive(pgid: int) -> bool:
     try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        kill_session(proc.pid, signal.SIGKILL)
-        proc.wait()
-    # Whatever is left of the group (grandchildren that ignored SIGTERM) gets SIGKILL.
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - a member we may not signal still runs
+        return True
+    return True
+
+
+def stop(proc: subprocess.Popen[Any], grace: float = 5.0, sig: int = signal.SIGTERM) -> int:
+    """End the child ``proc`` (started by :func:`run` or :func:`spawn`, so the leader of its
+    own process group) and everything in its group: ``sig`` (SIGTERM) to the group, wait up to
+    ``grace`` seconds for the leader and then for the rest of the group, SIGKILL to the group
+    (whatever ignored ``sig``), reap the leader. Returns its exit code (negative: the signal
+    that ended it, as :attr:`subprocess.Popen.returncode`). Idempotent; never raises for a
+    child that is already gone."""
+    deadline = time.monotonic() + grace
+    if proc.poll() is None:
+        kill_session(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+        # the leader is gone (or out of time): give its group what is left of the grace time
+        while proc.returncode is not None and _group_alive(proc.pid) \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+    # Whatever is left of the group (grandchildren that ignored ``sig``) gets SIGKILL.
     kill_session(proc.pid, signal.SIGKILL)
+    rc = proc.wait()
+    with _ACTIVE_LOCK:
+        ACTIVE.discard(proc.pid)
+    return rc
 
 
 def run(
@@ -124,7 +168,9 @@ def run(
             env=full_env,
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_child_setup,
+            # SIGTERM: a short command told its parent is gone may clean up (unmount, remove
+            # its temporary files); stop() escalates to SIGKILL when sidusctl is still there.
+            preexec_fn=_preexec(signal.SIGTERM),
         )
     except FileNotFoundError as e:
         raise PrerequisiteError(f"'{args[0]}' was not found on this host") from e
@@ -168,7 +214,7 @@ def run(
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _terminate(proc)
+            stop(proc)
             raise CommandError(args, -9, "\n".join(tail) + f"\n(timed out after {timeout} s)",
                                what) from None
         # The process is gone; something it started in the background may still hold the
@@ -177,7 +223,7 @@ def run(
         for t in readers:
             t.join(timeout=2.0)
     except BaseException:
-        _terminate(proc)
+        stop(proc)
         raise
     finally:
         with _ACTIVE_LOCK:
@@ -191,3 +237,161 @@ def run(
 def output(argv: Sequence[str | os.PathLike[str]], **kw: object) -> str:
     """Run ``argv`` and return its stdout (stripped of the final newline). Same errors as run."""
     return run(argv, capture=True, **kw).stdout.rstrip("\n")  # type: ignore[arg-type]
+
+
+#: Redirections for :func:`spawn`: these constants, an open file object, a file descriptor
+#: (>= 0), a :class:`~pathlib.Path` (stdin: opened for reading; stdout/stderr: for appending)
+#: or None (inherited from sidusctl).
+DEVNULL = subprocess.DEVNULL
+PIPE = subprocess.PIPE
+STDOUT = subprocess.STDOUT  # stderr only: to wherever stdout goes
+Redirect = int | IO[Any] | Path | None
+
+
+class Child:
+    """A long-running child started by :func:`spawn`.
+
+    ``argv``; ``pid`` (also its process group and session id); ``what`` (its name in
+    messages); ``popen`` (the :class:`subprocess.Popen`, for ``communicate`` on pipes);
+    ``stdin``/``stdout``/``stderr`` (binary file objects for PIPE redirections, else None).
+    A context manager: the block's end :meth:`stop` s it."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], argv: list[str], what: str) -> None:
+        self.popen = popen
+        self.argv = argv
+        self.what = what or Path(argv[0]).name
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def stdin(self) -> IO[bytes] | None:
+        return self.popen.stdin
+
+    @property
+    def stdout(self) -> IO[bytes] | None:
+        return self.popen.stdout
+
+    @property
+    def stderr(self) -> IO[bytes] | None:
+        return self.popen.stderr
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once reaped (negative: killed by that signal), else None."""
+        return self.popen.returncode
+
+    def poll(self) -> int | None:
+        """The exit code if the child has exited (and reap it), else None."""
+        return self.popen.poll()
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait up to ``timeout`` seconds (None: as long as it takes) for the child to exit;
+        its exit code, or None if it still runs."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the child's whole process group (nothing if it is gone)."""
+        if self.popen.returncode is None:
+            kill_session(self.pid, sig)
+
+    def stop(self, grace: float = 5.0, sig: int = signal.SIGTERM) -> int:
+        """:func:`stop` this child (``sig`` to its group, ``grace`` seconds, SIGKILL, reap) and
+        close the pipes sidusctl holds to it; its exit code."""
+        rc = stop(self.popen, grace, sig)
+        for f in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+        return rc
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _open_redirect(r: Redirect, mode: str, opened: list[IO[Any]]) -> int | IO[Any] | None:
+    if isinstance(r, Path):
+        f = open(r, mode)  # noqa: SIM115 - closed by spawn once the child holds its copy
+        opened.append(f)
+        return f
+    return r
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def spawn(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    stdin: Redirect = DEVNULL,
+    stdout: Redirect = DEVNULL,
+    stderr: Redirect = DEVNULL,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    what: str = "",
+    settle: float = 0.0,
+    pdeathsig: int = signal.SIGKILL,
+) -> Child:
+    """Start ``argv`` as a long-running child and return at once (see :class:`Child`).
+
+    The child runs in a new session (its own process group, so :func:`stop` ends whatever it
+    starts too) and gets ``pdeathsig`` when the thread that spawned it exits: call this from
+    the main thread or from a thread that outlives the child. ``stdin``/``stdout``/``stderr``:
+    see :data:`Redirect` (default DEVNULL). ``env`` is added to the current environment.
+    ``settle``: if > 0, watch the child for that many seconds and raise :class:`CommandError`
+    (exit code, tail of ``stderr`` when it is a file path) if it exits meanwhile, whatever the
+    code: for daemons that fail at once on a bad argument or a busy port.
+
+    Raises :class:`PrerequisiteError` if the program does not exist or is not executable.
+    """
+    # SIGKILL by default: a daemon must not outlive sidusctl, and once sidusctl is gone
+    # nobody is left to escalate if it ignores, or is slow at, a SIGTERM.
+    args = [os.fspath(a) for a in argv]
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    log.debug("spawn: %s", " ".join(args))
+    opened: list[IO[Any]] = []
+    try:
+        proc = subprocess.Popen(
+            args,
+            stdin=_open_redirect(stdin, "rb", opened),
+            stdout=_open_redirect(stdout, "ab", opened),
+            stderr=_open_redirect(stderr, "ab", opened),
+            env=full_env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_preexec(pdeathsig),
+        )
+    except (FileNotFoundError, PermissionError) as e:
+        raise PrerequisiteError(f"'{args[0]}' was not found on this host or is not "
+                                f"executable ({e.strerror})") from e
+    finally:
+        for f in opened:
+            f.close()
+    with _ACTIVE_LOCK:
+        ACTIVE.add(proc.pid)
+    child = Child(proc, args, what)
+    log.debug("spawn: %s is pid %d", child.what, proc.pid)
+    if settle > 0:
+        rc = child.wait(settle)
+        if rc is not None:
+            child.stop(0)
+            tail = _tail(stderr) if isinstance(stderr, Path) else ""
+            raise CommandError(args, rc, tail + "\n(exited at start-up)", what)
+    return child
