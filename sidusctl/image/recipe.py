@@ -1,7 +1,7 @@
 """Image recipes: ``images/<name>/image.toml``, parsed and validated once into a frozen model.
 
-Every problem names the file, the key and what was expected, and is found before anything is
-downloaded. The keys (all optional except ``suite``)::
+Validated by the typed layer of :mod:`sidusctl.core.config`: every problem (file, line, key, what
+was found, what was expected) is reported at once, before anything is downloaded. The keys (all optional except ``suite``)::
 
     description = "..."
     suite = "bookworm"                 # a Debian suite or codename
@@ -33,13 +33,15 @@ import hashlib
 import json
 import os
 import re
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from sidusctl.core.errors import ConfigError, NotFoundError
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
+
+from sidusctl.core.config import Checker, Frozen, Tup, as_tuple, parse_toml, read_text
+from sidusctl.core.errors import NotFoundError
 from sidusctl.core.paths import image_search_path
 
 DEBIAN_SUITES = (
@@ -143,73 +145,7 @@ class Recipe:
         return d
 
 
-# -- the validator ----------------------------------------------------------------------------
-
-class _V:
-    """Reads one table of a recipe, naming ``file`` and the dotted key in every error."""
-
-    def __init__(self, file: str, table: Mapping[str, Any], prefix: str = "") -> None:
-        self.file = file
-        self.table = table
-        self.prefix = prefix
-        self.used: set[str] = set()
-
-    def _key(self, k: str) -> str:
-        return f"{self.prefix}{k}"
-
-    def err(self, k: str, problem: str, expected: str | None = None) -> ConfigError:
-        return ConfigError(self.file, self._key(k), problem, expected=expected)
-
-    def get(self, k: str, typ: type, default: Any, expected: str) -> Any:
-        self.used.add(k)
-        if k not in self.table:
-            return default
-        v = self.table[k]
-        if typ is bool and not isinstance(v, bool):
-            raise self.err(k, f"wrong type {type(v).__name__} ({v!r})", expected)
-        if typ is not bool and (not isinstance(v, typ) or isinstance(v, bool)):
-            raise self.err(k, f"wrong type {type(v).__name__} ({v!r})", expected)
-        return v
-
-    def str_(self, k: str, default: str = "", choices: tuple[str, ...] | None = None,
-             check: Callable[[str], bool] | None = None, expected: str = "a string") -> str:
-        v: str = self.get(k, str, default, expected)
-        if choices is not None and k in self.table and v not in choices:
-            raise self.err(k, f"unknown value {v!r}", "one of " + ", ".join(choices))
-        if check is not None and k in self.table and not check(v):
-            raise self.err(k, f"invalid value {v!r}", expected)
-        return v
-
-    def list_(self, k: str, check: Callable[[str], bool] | None = None,
-              expected: str = "a list of strings", choices: tuple[str, ...] | None = None
-              ) -> tuple[str, ...]:
-        v = self.get(k, list, [], expected)
-        for i, item in enumerate(v):
-            if not isinstance(item, str):
-                raise self.err(f"{k}[{i}]", f"wrong type {type(item).__name__} ({item!r})",
-                               "a string")
-            if choices is not None and item not in choices:
-                raise self.err(f"{k}[{i}]", f"unknown value {item!r}",
-                               "one of " + ", ".join(choices))
-            if check is not None and not check(item):
-                raise self.err(f"{k}[{i}]", f"invalid value {item!r}", expected)
-        return tuple(v)
-
-    def bool_(self, k: str, default: bool = False) -> bool:
-        v: bool = self.get(k, bool, default, "true or false")
-        return v
-
-    def table_(self, k: str) -> Mapping[str, Any] | None:
-        v: Mapping[str, Any] | None = self.get(k, dict, None, "a table")
-        return v
-
-    def finish(self, allowed_hint: tuple[str, ...] | None = None) -> None:
-        unknown = [k for k in self.table if k not in self.used]
-        if unknown:
-            allowed = sorted(allowed_hint or self.used)
-            raise ConfigError(self.file, self._key(unknown[0]), "unknown key",
-                              expected="one of " + ", ".join(allowed))
-
+# -- the file's shape -------------------------------------------------------------------------
 
 def _known_suites() -> tuple[str, ...]:
     scripts = Path("/usr/share/debootstrap/scripts")
@@ -217,115 +153,152 @@ def _known_suites() -> tuple[str, ...]:
     return DEBIAN_SUITES + tuple(s for s in extra if s not in DEBIAN_SUITES)
 
 
+def _check(pattern: re.Pattern[str] | Callable[[str], bool], expected: str) -> AfterValidator:
+    def f(v: str) -> str:
+        ok = pattern.match(v) if isinstance(pattern, re.Pattern) else pattern(v)
+        if not ok:
+            raise ValueError(expected)
+        return v
+    return AfterValidator(f)
+
+
+def _suite(v: str) -> str:
+    if v not in _known_suites():
+        raise ValueError("a Debian suite: " + ", ".join(DEBIAN_SUITES)
+                         + " (or a codename debootstrap knows, in /usr/share/debootstrap/scripts)")
+    return v
+
+
 def _valid_tz(tz: str) -> bool:
     return bool(re.match(r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$", tz)) and ".." not in tz
 
 
-def _mode(v: Any, vv: _V, k: str) -> int:
+def _mode(v: object) -> int:
     if isinstance(v, str) and re.fullmatch(r"0?[0-7]{3,4}", v):
         return int(v, 8)
-    raise vv.err(k, f"invalid mode {v!r}", "an octal string such as \"0644\"")
+    raise ValueError("an octal string such as \"0644\" (invalid mode)")
+
+
+def _dest(v: str) -> str:
+    if not v.startswith("/") or ".." in v.split("/"):
+        raise ValueError("an absolute path inside the root, without '..' (invalid destination)")
+    return v
+
+
+_PKGS = "a Debian package name (lower-case letters, digits, '+', '.', '-')"
+Pkg = Annotated[str, _check(PKG_RE, _PKGS)]
+PkgPattern = Annotated[str, _check(PKG_PATTERN_RE, "a package name or fnmatch pattern such as "
+                                                    "'matlab-*'")]
+Locale = Annotated[str, _check(LOCALE_RE, "a locale name such as en_US.UTF-8 or fr_FR.UTF-8")]
+Module = Annotated[str, _check(re.compile(r"^[a-z0-9_-]+$"), "a kernel module name")]
+
+
+def _tup(item: Any) -> Any:
+    return Annotated[tuple[item, ...], BeforeValidator(as_tuple)]
+
+
+class _Keyboard(Frozen):
+    layout: str = "us"
+    model: str = "pc105"
+    variant: str = ""
+    options: str = ""
+
+
+class _Tricks(Frozen):
+    remove_hostname: bool = False
+    resolv_conf: Tup = ()
+    loopback_interfaces: bool = False
+    limits: Tup = ()
+
+
+class _Netboot(Frozen):
+    enabled: bool = False
+    modules: _tup(Module) = ()  # type: ignore[valid-type]
+    nic: str = ""
+
+
+class _Export(Frozen):
+    compression: Literal["zstd", "gzip"] = "zstd"
+
+
+class _File(Frozen):
+    src: str
+    dest: Annotated[str, AfterValidator(_dest)]
+    mode: Annotated[Any, AfterValidator(_mode)] = 0o644
+    owner: str = "root"
+    group: str = "root"
+    template: bool = False
+
+    @field_validator("src")
+    @classmethod
+    def _src_exists(cls, v: str, info: ValidationInfo) -> str:
+        base = (info.context or {}).get("dir")
+        if base is not None and not (Path(base) / v).resolve().is_file():
+            raise ValueError(f"a file next to the recipe (no such file {Path(base) / v})")
+        return v
+
+
+class RecipeFile(Frozen):
+    """The keys of an image.toml, as written (see the module doc)."""
+
+    suite: Annotated[str, AfterValidator(_suite)]
+    description: str = ""
+    arch: Literal[DEBIAN_ARCHES] = "amd64"  # type: ignore[valid-type]
+    components: _tup(Literal[COMPONENTS]) = ()  # type: ignore[valid-type]
+    variant: Literal[VARIANTS] = "minbase"  # type: ignore[valid-type]
+    mirror: Annotated[str, _check(re.compile(r"^((https?|file)://\S+)?$"),
+                                  "an http://, https:// or file:// URL")] = ""
+    include: _tup(Pkg) = ()  # type: ignore[valid-type]
+    exclude: _tup(Pkg) = ()  # type: ignore[valid-type]
+    packages: _tup(Pkg) = ()  # type: ignore[valid-type]
+    install_recommends: bool = False
+    install_suggests: bool = False
+    upgrade: bool = True
+    purge: _tup(PkgPattern) = ()  # type: ignore[valid-type]
+    locales: _tup(Locale) = ()  # type: ignore[valid-type]
+    timezone: Annotated[str, _check(lambda s: not s or _valid_tz(s),
+                                    "a tz database name such as Europe/Paris")] = ""
+    root_password: str = ""
+    keyboard: _Keyboard | None = None
+    files: Annotated[tuple[_File, ...], BeforeValidator(as_tuple)] = ()
+    vars: dict[str, Any] = Field(default_factory=dict)
+    tricks: _Tricks = _Tricks()
+    netboot: _Netboot = _Netboot()
+    export: _Export = _Export()
 
 
 def load(path: Path, name: str | None = None) -> Recipe:
-    """Parse and validate ``path`` (an image.toml). Raises :class:`ConfigError` for the first
-    problem found (file, key, expectation) — before any download."""
+    """Parse and validate ``path`` (an image.toml) -- before any download. Raises
+    :class:`ConfigErrors` listing every problem (file, line, key, found, expected)."""
     file = str(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise ConfigError(file, None, "no such recipe file") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(file, None, f"not valid TOML: {e}") from e
-    v = _V(file, raw)
-    name = name or path.parent.name
-    suites = _known_suites()
-    suite = v.str_("suite", "", expected="a Debian suite such as bookworm, trixie or sid")
-    if "suite" not in raw:
-        raise v.err("suite", "missing", "a Debian suite such as bookworm, trixie or sid")
-    if suite not in suites:
-        raise v.err("suite", f"unknown suite {suite!r}",
-                    "a Debian suite: " + ", ".join(DEBIAN_SUITES)
-                    + " (or a codename debootstrap knows, in /usr/share/debootstrap/scripts)")
-    pkg_ok = PKG_RE.match
-    r: dict[str, Any] = {
-        "description": v.str_("description"),
-        "suite": suite,
-        "arch": v.str_("arch", "amd64", choices=DEBIAN_ARCHES),
-        "components": v.list_("components", choices=COMPONENTS) or ("main",),
-        "variant": v.str_("variant", "minbase", choices=VARIANTS),
-        "mirror": v.str_("mirror", "", check=lambda s: bool(re.match(r"^(https?|file)://\S+$", s)),
-                         expected="an http://, https:// or file:// URL"),
-        "include": v.list_("include", lambda s: bool(pkg_ok(s)), "a list of Debian package names"),
-        "exclude": v.list_("exclude", lambda s: bool(pkg_ok(s)), "a list of Debian package names"),
-        "packages": v.list_("packages", lambda s: bool(pkg_ok(s)),
-                            "a list of Debian package names"),
-        "install_recommends": v.bool_("install_recommends"),
-        "install_suggests": v.bool_("install_suggests"),
-        "upgrade": v.bool_("upgrade", True),
-        "purge": v.list_("purge", lambda s: bool(PKG_PATTERN_RE.match(s)),
-                         "a list of package names or fnmatch patterns such as 'matlab-*'"),
-        "locales": v.list_("locales", lambda s: bool(LOCALE_RE.match(s)),
-                           "locale names such as en_US.UTF-8 or fr_FR.UTF-8"),
-        "timezone": v.str_("timezone", "", check=_valid_tz,
-                           expected="a tz database name such as Europe/Paris"),
-        "root_password": v.str_("root_password"),
-        "compression": "zstd",
-    }
-    kb = v.table_("keyboard")
-    if kb is not None:
-        kv = _V(file, kb, "keyboard.")
-        r["keyboard"] = Keyboard(kv.str_("layout", "us"), kv.str_("model", "pc105"),
-                                 kv.str_("variant"), kv.str_("options"))
-        kv.finish(("layout", "model", "variant", "options"))
-    files = v.get("files", list, [], "an array of tables [[files]]")
-    sitefiles = []
-    for i, f in enumerate(files):
-        if not isinstance(f, dict):
-            raise v.err(f"files[{i}]", "not a table", "[[files]] tables with src and dest")
-        fv = _V(file, f, f"files[{i}].")
-        src = fv.str_("src")
-        dest = fv.str_("dest")
-        if not src:
-            raise fv.err("src", "missing", "a path relative to the recipe's folder")
-        if not dest or not dest.startswith("/") or ".." in dest.split("/"):
-            raise fv.err("dest", f"invalid destination {dest!r}",
-                         "an absolute path inside the root, without '..'")
-        srcp = (path.parent / src).resolve()
-        if not srcp.is_file():
-            raise fv.err("src", f"no such file {srcp}", "a file next to the recipe")
-        fv.used.add("mode")
-        mode = _mode(f["mode"], fv, "mode") if "mode" in f else 0o644
-        sitefiles.append(SiteFile(srcp, dest, mode, fv.str_("owner", "root"),
-                                  fv.str_("group", "root"), fv.bool_("template")))
-        fv.finish(("src", "dest", "mode", "owner", "group", "template"))
-    r["files"] = tuple(sitefiles)
-    r["vars"] = dict(v.table_("vars") or {})
-    tr = v.table_("tricks")
-    if tr is not None:
-        tv = _V(file, tr, "tricks.")
-        r["tricks"] = Tricks(tv.bool_("remove_hostname"), tv.list_("resolv_conf"),
-                             tv.bool_("loopback_interfaces"), tv.list_("limits"))
-        tv.finish()
-    nb = v.table_("netboot")
-    if nb is not None:
-        nv = _V(file, nb, "netboot.")
-        r["netboot"] = Netboot(nv.bool_("enabled"),
-                               nv.list_("modules", lambda s: bool(re.match(r"^[a-z0-9_-]+$", s)),
-                                        "kernel module names") or ("overlay",),
-                               nv.str_("nic"))
-        nv.finish()
-    ex = v.table_("export")
-    if ex is not None:
-        ev = _V(file, ex, "export.")
-        r["compression"] = ev.str_("compression", "zstd", choices=("zstd", "gzip"))
-        ev.finish()
-    v.finish()
-    if set(r["include"]) & set(r["exclude"]):
-        both = sorted(set(r["include"]) & set(r["exclude"]))
-        raise ConfigError(file, "exclude", f"{', '.join(both)} is both included and excluded",
-                          expected="disjoint include and exclude lists")
-    return Recipe(name=name, path=path.resolve(), **r)
+    text = read_text(path, "recipe file")
+    raw = parse_toml(text, file)
+    c = Checker(file, text)
+    rf = c.validate(RecipeFile, raw, context={"dir": path.parent})
+    inc, exc = raw.get("include"), raw.get("exclude")
+    if isinstance(inc, list) and isinstance(exc, list):
+        both = sorted({x for x in inc if isinstance(x, str)} & {x for x in exc if isinstance(x, str)})
+        if both:
+            c.error(("exclude",), f"{', '.join(both)} is both included and excluded",
+                    "disjoint include and exclude lists")
+    c.done()
+    assert rf is not None
+    kb = rf.keyboard
+    return Recipe(
+        name=name or path.parent.name, path=path.resolve(), suite=rf.suite,
+        description=rf.description, arch=rf.arch, components=rf.components or ("main",),
+        variant=rf.variant, mirror=rf.mirror, include=rf.include, exclude=rf.exclude,
+        packages=rf.packages, install_recommends=rf.install_recommends,
+        install_suggests=rf.install_suggests, upgrade=rf.upgrade, purge=rf.purge,
+        locales=rf.locales, timezone=rf.timezone, root_password=rf.root_password,
+        keyboard=Keyboard(kb.layout, kb.model, kb.variant, kb.options) if kb else None,
+        files=tuple(SiteFile((path.parent / f.src).resolve(), f.dest, f.mode, f.owner, f.group,
+                             f.template) for f in rf.files),
+        vars=dict(rf.vars),
+        tricks=Tricks(rf.tricks.remove_hostname, rf.tricks.resolv_conf,
+                      rf.tricks.loopback_interfaces, rf.tricks.limits),
+        netboot=Netboot(rf.netboot.enabled, rf.netboot.modules or ("overlay",), rf.netboot.nic),
+        compression=rf.export.compression)
 
 
 def find(name_or_path: str) -> Recipe:
