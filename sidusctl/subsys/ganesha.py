@@ -4,17 +4,16 @@ Owns one ``ganesha.nfsd`` process (and, when asked, the ``rpcbind`` it registers
 kernel's NFSv3 client and klibc's ``nfsmount`` find MOUNT through the portmapper, RFC 1833).
 Both can run inside a network namespace (``netns=``) so that nothing listens on the host's own
 interfaces. On any exit, Ctrl-C and SIGTERM included, the processes are stopped (SIGTERM, then
-SIGKILL) and the scratch directory removed. Sources: ganesha-config(8),
+SIGKILL: :func:`sidusctl.core.run.stop`) and the scratch directory removed; started with
+:func:`sidusctl.core.run.spawn`, they also die with the process that started them (SIGKILL
+included), so a killed serve-pxe leaves neither behind. Sources: ganesha-config(8),
 ganesha-export-config(8), ganesha-core-config(8).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from sidusctl.core.errors import CommandError, PrerequisiteError, SidusError
 from sidusctl.core.log import get_logger
-from sidusctl.core.run import run, which
+from sidusctl.core.run import Child, run, spawn, which
 from sidusctl.subsys.templates import render
 
 log = get_logger("ganesha")
@@ -84,10 +83,10 @@ def render_config(cfg: GaneshaConfig) -> str:
 
 
 class GaneshaServer:
-    """A running nfs-ganesha: ``config`` (path of its ganesha.conf), ``log_file``, ``pid``."""
+    """A running nfs-ganesha: ``config`` (path of its ganesha.conf), ``log_file``, ``pid``;
+    ``proc`` and ``rpcbind`` (None when an existing one is used) are its processes."""
 
-    def __init__(self, workdir: Path, proc: subprocess.Popen[bytes],
-                 rpcbind: subprocess.Popen[bytes] | None) -> None:
+    def __init__(self, workdir: Path, proc: Child, rpcbind: Child | None) -> None:
         self.workdir = workdir
         self.config = workdir / "ganesha.conf"
         self.log_file = workdir / "ganesha.log"
@@ -106,24 +105,13 @@ class GaneshaServer:
 
     def wait(self) -> int:
         """Block until ganesha exits (``--serve`` in the foreground); its exit code."""
-        return self.proc.wait()
+        rc = self.proc.wait()
+        assert rc is not None
+        return rc
 
 
 def _netns_prefix(netns: str | None) -> list[str]:
     return ["ip", "netns", "exec", netns] if netns else []
-
-
-def _stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def _registered(netns: str | None, host: str) -> set[int]:
@@ -181,16 +169,14 @@ def serve(
     (wd / "ganesha.conf").write_text(render_config(cfg))
     pre = _netns_prefix(netns)
     probe = bind_addr or "127.0.0.1"
-    rpcb: subprocess.Popen[bytes] | None = None
-    proc: subprocess.Popen[bytes] | None = None
+    rpcb: Child | None = None
+    proc: Child | None = None
     try:
         if start_rpcbind and not _registered(netns, probe):
             rpcbind = which("rpcbind", "rpcbind")
             log.debug("starting rpcbind%s", f" in netns {netns}" if netns else "")
-            with open(wd / "rpcbind.log", "wb") as rlog:
-                rpcb = subprocess.Popen([*pre, rpcbind, "-f"],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=rlog, start_new_session=True)
+            (wd / "rpcbind.log").write_bytes(b"")
+            rpcb = spawn([*pre, rpcbind, "-f"], stderr=wd / "rpcbind.log", what="rpcbind")
             deadline = time.monotonic() + 10
             while not _registered(netns, probe):
                 if rpcb.poll() is not None or time.monotonic() > deadline:
@@ -199,9 +185,7 @@ def serve(
                 time.sleep(0.2)
         argv = [*pre, gan, "-F", "-f", str(wd / "ganesha.conf"), "-L", str(wd / "ganesha.log"),
                 "-p", str(wd / "ganesha.pid"), "-N", cfg.log_level]
-        log.debug("run: %s", " ".join(argv))
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = spawn(argv, what="ganesha.nfsd")
         server = GaneshaServer(wd, proc, rpcb)
         deadline = time.monotonic() + ready_timeout
         while True:
@@ -222,8 +206,8 @@ def serve(
         yield server
     finally:
         if proc is not None:
-            _stop(proc)
+            proc.stop()
         if rpcb is not None:
-            _stop(rpcb)
+            rpcb.stop()
         if own_workdir:
             shutil.rmtree(wd, ignore_errors=True)

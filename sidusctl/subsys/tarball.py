@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
 from pathlib import Path
 
 from sidusctl.core.errors import ConfigError
 from sidusctl.core.log import get_logger
-from sidusctl.core.run import run, which
+from sidusctl.core.run import PIPE, run, spawn, which
 from sidusctl.core.state import publish
 
 log = get_logger("tarball")
@@ -114,12 +113,12 @@ class BackgroundCompress:
                               expected="a .tar.zst, .tar.gz, .tgz or .tar.xz name")
         self.src, self.dest, self.tool = src, dest, Path(argv[0]).name
         self.tmp = dest.with_name(f".{dest.name}.tmp")
-        with open(src, "rb") as fi, open(self.tmp, "wb") as fo:
-            self.proc = subprocess.Popen([*argv, "-c"], stdin=fi, stdout=fo,
-                                         stderr=subprocess.PIPE)
+        with open(self.tmp, "wb") as fo:
+            self.proc = spawn([*argv, "-c"], stdin=src, stdout=fo, stderr=PIPE,
+                              what=self.tool)
 
     def finish(self) -> None:
-        _, err = self.proc.communicate()
+        _, err = self.proc.popen.communicate()
         if self.proc.returncode == 0:
             publish(self.tmp, self.dest)
             self.src.unlink(missing_ok=True)
@@ -129,7 +128,5 @@ class BackgroundCompress:
                     self.proc.returncode, err.decode(errors="replace").strip())
 
     def abandon(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate()
+        self.proc.stop(grace=0)
         self.tmp.unlink(missing_ok=True)
