@@ -1,9 +1,12 @@
 """DHCP codec and server state machine, in-process: packets built byte by byte from the RFC 2131
 layout (netboot-facts.md offsets), RFC 2132/3396/4578 options, malformed input, and a
-hypothesis fuzz of the parser and of the whole request handler."""
+hypothesis fuzz of the parser and of the whole request handler. The handler counts a bug
+(``internal_errors``) apart from undecodable input (``malformed``): the fuzz asserts no bug was
+hit, and an injected bug proves the counter is honest."""
 
 from __future__ import annotations
 
+import logging
 import struct
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -322,8 +325,38 @@ def fuzz_servers(tmp_path_factory: pytest.TempPathFactory) -> list[DhcpServer]:
 def test_fuzz_server_handler_never_raises(fuzz_servers: list[DhcpServer], data: bytes,
                                          port: int) -> None:
     for srv in fuzz_servers:
+        received, malformed = srv.stats.received, srv.stats.malformed
         for reply, _dest in srv.handle(data, ("0.0.0.0", 68), port):
             assert dc.decode(reply).op == dc.BOOTREPLY
+        assert srv.stats.internal_errors == 0, "the handler hit a bug (see the logged traceback)"
+        assert srv.stats.received == received + 1
+        try:
+            dc.decode(data)
+        except dc.MalformedPacket:
+            assert srv.stats.malformed == malformed + 1
+        else:
+            assert srv.stats.malformed == malformed
+
+
+def test_an_injected_bug_is_counted_as_internal_not_malformed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    srv = make_server(tmp_path)
+    try:
+        def boom(*_a: object) -> list[tuple[bytes, tuple[str, int]]]:
+            raise RuntimeError("injected bug")
+        monkeypatch.setattr(srv, "_dispatch", boom)
+        with caplog.at_level(logging.ERROR, logger="sidusctl"):
+            assert srv.handle(raw_request(PXE_DISCOVER_OPTS), ("0.0.0.0", 68), 67) == []
+            assert srv.handle(b"\x01junk", ("0.0.0.0", 68), 67) == []
+        assert srv.stats.internal_errors == 1 and srv.stats.malformed == 1
+        bug = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(bug) == 1 and bug[0].exc_info is not None
+        assert "injected bug" in str(bug[0].exc_info[1])
+        monkeypatch.undo()  # the real handler again: served, and no bug counted
+        _pkt, _dest = one(srv.handle(raw_request(PXE_DISCOVER_OPTS), ("0.0.0.0", 68), 67))
+        assert srv.stats.internal_errors == 1 and srv.stats.offers == 1
+    finally:
+        srv.close()
 
 
 def test_release_decline_inform_relay_and_expired_reuse(tmp_path: Path) -> None:

@@ -1,10 +1,12 @@
 """DNS: the zone's A and PTR answers, NXDOMAIN, REFUSED without an upstream (dnslib client,
 in-process); then the real resolver (``getent`` through glibc, with /etc/netns/<ns>/resolv.conf)
 inside an sdt- namespace against ``sidusctl serve run``, forwarding to a dnsmasq upstream, and a
-SIGHUP reload that adds a name."""
+SIGHUP reload that adds a name. The fuzz asserts no internal error (a bug, counted apart from
+undecodable input); an injected bug proves that counter is honest."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -52,10 +54,46 @@ def test_with_upstream_other_names_go_upstream() -> None:
     assert srv.answer(DNSRecord.question("1.2.0.192.in-addr.arpa", "PTR").pack()) == (None, True)
 
 
+VALID = [DNSRecord.question(n, t).pack() for n, t in (
+    ("node1.cluster.test", "A"), ("node2", "ANY"), ("130.0.77.10.in-addr.arpa", "PTR"),
+    ("nope.cluster.test", "A"), ("cluster.test", "AAAA"), ("www.example.org", "A"))]
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    base = bytearray(draw(st.sampled_from(VALID)))
+    for _ in range(draw(st.integers(0, 6))):
+        base[draw(st.integers(0, len(base) - 1))] = draw(st.integers(0, 255))
+    return bytes(base[:draw(st.integers(0, len(base)))]) + draw(st.binary(max_size=20))
+
+
 @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.binary(max_size=200))
-def test_fuzz_never_raises(data: bytes) -> None:
-    DnsServer(DnsConfig(zone=ZONE)).answer(data)
+@given(st.one_of(st.binary(max_size=200), mutated()),
+       st.sampled_from([None, ("127.0.0.1", 53)]))
+def test_fuzz_never_raises(data: bytes, upstream: tuple[str, int] | None) -> None:
+    srv = DnsServer(DnsConfig(zone=ZONE, upstream=upstream))
+    out, _forward = srv.answer(data)
+    assert srv.stats.internal_errors == 0, "answer() hit a bug (see the logged traceback)"
+    if out is not None:
+        DNSRecord.parse(out)  # what we send decodes
+
+
+def test_an_injected_bug_is_counted_as_internal_not_malformed(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    srv = DnsServer(DnsConfig(zone=ZONE))
+
+    def boom(*_a: object) -> tuple[bytes | None, bool]:
+        raise RuntimeError("injected bug")
+    monkeypatch.setattr(srv, "_answer", boom)
+    with caplog.at_level(logging.ERROR, logger="sidusctl"):
+        assert srv.answer(VALID[0]) == (None, False)
+        assert srv.answer(b"\x00") == (None, False)
+    assert srv.stats.internal_errors == 1 and srv.stats.malformed == 1
+    bug = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(bug) == 1 and bug[0].exc_info is not None
+    monkeypatch.undo()
+    assert [str(a.rdata) for a in ask(srv, "node1.cluster.test").rr] == ["10.77.0.130"]
+    assert srv.stats.internal_errors == 1
 
 
 def test_bad_zone_is_refused() -> None:

@@ -1,7 +1,9 @@
 """TFTP: codec against RFC 1350/2347-2349/7440, a hypothesis fuzz of the parser and of the live
 server, and the real clients (curl, tftp-hpa) plus our windowsize client against the server on
 loopback: blksizes, rollover past 32 MiB, traversal refused with error 2, WRQ refused,
-retransmission, many transfers at once."""
+retransmission, many transfers at once. The live fuzz checks the server's counters and health
+after each batch (every datagram accounted for, no internal error, a real transfer still
+works); an injected bug proves the internal error counter is honest."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -19,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sidusctl.serve import tftp as tftp_server
 from sidusctl.serve import tftp_client
 from sidusctl.serve import tftp_codec as tc
 from sidusctl.serve.dhcp_codec import MalformedPacket
@@ -151,6 +155,7 @@ def live(root: Path) -> Iterator[Live]:
     lv = Live(root)
     yield lv
     lv.close()
+    assert lv.server.stats.internal_errors == 0, "the server hit a bug (see the logged traceback)"
 
 
 def sha(p: Path | bytes) -> str:
@@ -355,17 +360,83 @@ def test_retransmission_is_bounded(root: Path) -> None:
         lv.close()
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
-@given(data=st.one_of(st.binary(max_size=120), mutated()))
-def test_fuzz_live_server(live: Live, data: bytes) -> None:
-    # straight into the request handler (as the socket reader would), then the server must
-    # still be intact; replies go to a closed port on loopback
-    live.loop.call_soon_threadsafe(live.server._handle, data, ("127.0.0.1", 9), "127.0.0.1")
+def _spray(port: int, batch: list[bytes]) -> None:
+    """Send ``batch`` to the request port from a socket closed right after (transfers it starts
+    meet ICMP port unreachable and fail, as they would for a vanished client)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for d in batch:
+            s.sendto(d, ("127.0.0.1", port))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(batch=st.lists(st.one_of(st.binary(max_size=120), mutated()), min_size=1, max_size=20))
+def test_fuzz_live_server(live: Live, root: Path, batch: list[bytes]) -> None:
+    # through the real request socket, then a real transfer: loopback keeps the order, so
+    # when the transfer is done every datagram of the batch has been handled
+    st0 = live.server.stats
+    requests, malformed = st0.requests, st0.malformed
+    _spray(live.port, batch)
+    res = live.run(tftp_client.fetch("127.0.0.1", "pxelinux.cfg/default", port=live.port))
+    assert isinstance(res, tftp_client.FetchResult)
+    assert res.data == (root / "pxelinux.cfg" / "default").read_bytes()
+    assert live.server.stats.internal_errors == 0, "the server hit a bug (see the traceback)"
+    # each datagram is either a request or counted malformed (+1: our own RRQ)
+    assert (live.server.stats.requests - requests) + (live.server.stats.malformed - malformed) \
+        == len(batch) + 1
 
 
 def test_server_still_serves_after_fuzz(live: Live, root: Path) -> None:
     res = live.run(tftp_client.fetch("127.0.0.1", "small.bin", port=live.port, windowsize=8))
     assert isinstance(res, tftp_client.FetchResult) and sha(res.data) == sha(root / "small.bin")
+    assert live.server.stats.internal_errors == 0
+
+
+def _wait_for(cond: object, secs: float = 10) -> None:
+    deadline = time.monotonic() + secs
+    while not cond() and time.monotonic() < deadline:  # type: ignore[operator]
+        time.sleep(0.02)
+
+
+def test_an_injected_bug_is_counted_as_internal_not_malformed(
+        root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    lv = Live(root)
+    try:
+        real = lv.server._handle
+        calls = []
+
+        def buggy_handle(*a: object) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("injected bug in the request handler")
+            real(*a)  # type: ignore[arg-type]
+        monkeypatch.setattr(lv.server, "_handle", buggy_handle)
+        with caplog.at_level(logging.ERROR, logger="sidusctl"):
+            _spray(lv.port, [tc.encode_request(tc.RRQ, "small.bin")])
+            res = lv.run(tftp_client.fetch("127.0.0.1", "small.bin", port=lv.port))
+            assert isinstance(res, tftp_client.FetchResult)  # the server went on
+            assert lv.server.stats.internal_errors == 1 and lv.server.stats.malformed == 0
+
+            # a bug inside a running transfer (its ACK handler): that transfer is abandoned
+            # and counted, the loop and the other transfers are unharmed
+            def buggy_ack(self: object, block: int) -> None:
+                raise RuntimeError("injected bug in a transfer")
+            monkeypatch.setattr(tftp_server._Transfer, "_on_ack", buggy_ack)
+            with pytest.raises(tftp_client.TftpClientError):
+                lv.run(tftp_client.fetch("127.0.0.1", "small.bin", port=lv.port, timeout=0.3,
+                                         retries=1))
+            _wait_for(lambda: lv.server.stats.internal_errors == 2)
+            assert lv.server.stats.internal_errors == 2
+            _wait_for(lambda: lv.server.stats.active == 0)
+            assert lv.server.stats.active == 0 and lv.server.stats.failed >= 1
+        bugs = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
+        assert [str(r.exc_info[1]) for r in bugs if r.exc_info] == [
+            "injected bug in the request handler", "injected bug in a transfer"]
+        monkeypatch.undo()
+        res = lv.run(tftp_client.fetch("127.0.0.1", "small.bin", port=lv.port, windowsize=4))
+        assert isinstance(res, tftp_client.FetchResult) and sha(res.data) == sha(root / "small.bin")
+        assert lv.server.stats.internal_errors == 2
+    finally:
+        lv.close()
 
 
 def test_window_with_a_lost_block_resends_from_the_gap(live: Live, root: Path) -> None:

@@ -165,10 +165,14 @@ class DhcpConfig:
 
 @dataclass
 class DhcpStats:
-    """Counters since start (one per decision kind)."""
+    """Counters since start (one per decision kind). ``malformed``: datagrams the codec could
+    not decode (:class:`~sidusctl.serve.dhcp_codec.MalformedPacket`), dropped. ``internal_errors``:
+    bugs, i.e. any other exception while handling a decoded message, logged at error level with
+    the traceback; 0 in a healthy server (the tests assert it)."""
 
     received: int = 0
     malformed: int = 0
+    internal_errors: int = 0
     ignored: int = 0
     offers: int = 0
     acks: int = 0
@@ -326,7 +330,9 @@ class DhcpServer:
 
     def handle(self, data: bytes, src: tuple[str, int], port: int) -> list[tuple[bytes, tuple[str, int]]]:
         """Process one datagram received on ``port`` from ``src``; return the replies and
-        their destinations. Never raises: malformed input is counted and dropped."""
+        their destinations. Never raises: input the codec cannot decode is counted in
+        ``stats.malformed`` and dropped; any other exception is a bug, counted in
+        ``stats.internal_errors`` and logged with its traceback (no reply is sent)."""
         self.stats.received += 1
         try:
             pkt = dc.decode(data)
@@ -336,9 +342,9 @@ class DhcpServer:
             return []
         try:
             return self._dispatch(pkt, src, port)
-        except Exception:  # a bug must never stop the server
-            self.stats.malformed += 1
-            log.exception("DHCP %s: internal error handling a message", pkt.mac)
+        except Exception:  # a bug, not bad input: counted apart; it must never stop the server
+            self.stats.internal_errors += 1
+            log.exception("DHCP %s: internal error handling a message from %s", pkt.mac, src[0])
             return []
 
     def _ignore(self, mac: str, why: str, level: int = logging.INFO) -> list[tuple[bytes, tuple[str, int]]]:

@@ -5,7 +5,9 @@ It answers A queries for ``<name>.<domain>`` (and the bare ``<name>``) and PTR q
 (``in-addr.arpa``, RFC 1035 3.5) for the zone's addresses, authoritatively (AA set; NXDOMAIN for
 unknown names in the domain). Every other query is forwarded over UDP to ``upstream`` and the
 answer relayed, or answered REFUSED when no upstream is configured. Undecodable datagrams are
-dropped and counted. UDP only (no TCP, no DNSSEC, no zone transfer).
+dropped and counted (``malformed``); any other exception while answering is a bug, logged at
+error level with its traceback and counted apart (``internal_errors``, 0 in a healthy server),
+and the query is dropped. UDP only (no TCP, no DNSSEC, no zone transfer).
 """
 
 from __future__ import annotations
@@ -66,6 +68,10 @@ class DnsConfig:
 
 @dataclass
 class DnsStats:
+    """Counters since start. ``malformed``: datagrams dnslib cannot decode, or that are not one
+    standard query; ``internal_errors``: bugs (any other exception while answering or
+    forwarding), logged with a traceback."""
+
     queries: int = 0
     answered: int = 0
     nxdomain: int = 0
@@ -73,6 +79,7 @@ class DnsStats:
     refused: int = 0
     upstream_failures: int = 0
     malformed: int = 0
+    internal_errors: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -157,13 +164,22 @@ class DnsServer:
 
     def answer(self, data: bytes) -> tuple[bytes | None, bool]:
         """Answer one query from the zone: ``(reply, False)``, or ``(None, True)`` when it must
-        go upstream, or ``(None, False)`` to drop it. Never raises."""
+        go upstream, or ``(None, False)`` to drop it. Never raises: an undecodable query counts
+        in ``stats.malformed``, a bug in ``stats.internal_errors`` (logged with its traceback)."""
         try:
             q = DNSRecord.parse(data)
         except (DNSError, ValueError, IndexError, KeyError, UnicodeDecodeError) as e:
             self.stats.malformed += 1
             log.debug("DNS: dropped an undecodable datagram: %s", e)
             return None, False
+        try:
+            return self._answer(q)
+        except Exception:  # a bug, not bad input
+            self.stats.internal_errors += 1
+            log.exception("DNS: internal error answering %r", str(q.q.qname) if q.questions else "")
+            return None, False
+
+    def _answer(self, q: DNSRecord) -> tuple[bytes | None, bool]:
         if q.header.qr or q.header.opcode != 0 or len(q.questions) != 1:
             self.stats.malformed += 1
             return None, False
@@ -228,7 +244,13 @@ class DnsServer:
             self.stats.forwarded += 1
             if self._transport is not None:
                 self._transport.sendto(ans, addr)
-        except (TimeoutError, OSError) as e:
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if not isinstance(e, (TimeoutError, OSError)):
+                self.stats.internal_errors += 1
+                log.exception("DNS: internal error forwarding a query from %s", addr[0])
+                return
             self.stats.upstream_failures += 1
             log.warning("DNS: upstream %s:%d did not answer (%s); SERVFAIL to %s",
                         self.cfg.upstream[0], self.cfg.upstream[1], e or "timeout", addr[0])

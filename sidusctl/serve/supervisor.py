@@ -59,7 +59,12 @@ class Supervisor:
         e["at"] = time.time()
 
     def status(self) -> dict[str, Any]:
+        """The JSON status: pid, times, each server's counters, per-client events, and
+        ``internal_errors``: the sum of the servers' internal error counters (bugs; 0 when
+        healthy)."""
+        servers = [x for x in (self.dhcp, self.tftp, self.dns) if x is not None]
         return {
+            "internal_errors": sum(x.stats.internal_errors for x in servers),
             "pid": os.getpid(),
             "started": self.started,
             "updated": time.time(),

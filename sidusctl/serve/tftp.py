@@ -16,6 +16,9 @@ Behaviour:
   ``retries`` times, then the transfer is abandoned and counted as failed.
 - Malformed datagrams on port 69 are dropped and counted in :class:`TftpStats`; nothing a peer
   sends can raise out of the server.
+- A bug (any exception other than a decode error of the codec) is not malformed input: it is
+  logged at error level with its traceback and counted in ``internal_errors``, the transfer it
+  happened in is abandoned, and the server goes on. Tests assert that counter stays at 0.
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ class TftpStats:
     """Counters since start: requests, ``completed``/``failed``/``aborted`` transfers (aborted:
     the client sent an ERROR, e.g. after a tsize probe), ``malformed`` datagrams dropped,
     ``access_denied`` (error 2), ``not_found`` (error 1), ``wrq_refused``, ``options_refused``,
-    ``retransmits``, ``bytes_sent`` (payload), ``active`` transfers."""
+    ``retransmits``, ``bytes_sent`` (payload), ``active`` transfers, ``internal_errors`` (bugs:
+exceptions other than a codec decode error, logged with a traceback; 0 in a healthy server)."""
 
     requests: int = 0
     completed: int = 0
@@ -86,6 +90,7 @@ class TftpStats:
     retransmits: int = 0
     bytes_sent: int = 0
     active: int = 0
+    internal_errors: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -234,7 +239,7 @@ class _Transfer:
             except BlockingIOError:
                 if not self.waiting_writer:
                     self.waiting_writer = True
-                    self.server.loop.add_writer(self.sock.fileno(), self._writable)
+                    self.server.loop.add_writer(self.sock.fileno(), self.guarded(self._writable))
                 return
             except OSError as e:
                 self.server._finish(self, ok=False, why=f"send failed: {e.strerror}")
@@ -246,6 +251,16 @@ class _Transfer:
         self.waiting_writer = False
         self.server.loop.remove_writer(self.sock.fileno())
         self._pump()
+
+    def guarded(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """``fn`` (a loop callback of this transfer) wrapped so that a bug in it is counted as an
+        internal error and ends this transfer instead of escaping into the event loop."""
+        def call() -> None:
+            try:
+                fn()
+            except Exception:
+                self.server._internal_error(self, f"{fn.__name__} of {self.filename!r}")
+        return call
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -391,9 +406,29 @@ class TftpServer:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        self._timer = self.loop.call_later(0.1, self._tick)  # first: a bug must not stop the timer
         for t in list(self._transfers.values()):
-            t.on_timer(now)
-        self._timer = self.loop.call_later(0.1, self._tick)
+            try:
+                t.on_timer(now)
+            except Exception:
+                self._internal_error(t, f"timer of {t.filename!r}")
+
+    def _internal_error(self, t: _Transfer | None, what: str) -> None:
+        """Count and log (error level, with the current exception's traceback) a bug met while
+        handling ``what``; end transfer ``t`` (if any) as failed. Called from an ``except``."""
+        self.stats.internal_errors += 1
+        who = f"{t.addr[0]}:{t.addr[1]}" if t is not None else "?"
+        log.exception("TFTP %s: internal error in %s", who, what)
+        if t is None:
+            return
+        try:
+            self._finish(t, ok=False, why="internal error")
+        except Exception:
+            log.exception("TFTP %s: internal error while ending the transfer", who)
+            self._transfers.pop(t.sock.fileno(), None)
+            with contextlib.suppress(Exception):
+                t.close()
+            self.stats.active = len(self._transfers)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -414,9 +449,9 @@ class TftpServer:
                     local = socket.inet_ntoa(cdata[4:8])
             try:
                 self._handle(data, addr, local)
-            except Exception:  # a bug must not stop the server: log it and go on
-                self.stats.malformed += 1
-                log.exception("TFTP: internal error on a request from %s", addr[0])
+            except Exception:  # a bug, not bad input: count it apart, log it and go on
+                self.stats.internal_errors += 1
+                log.exception("TFTP %s:%d: internal error handling a request", addr[0], addr[1])
 
     def _reply_error(self, addr: tuple[str, int], code: int, msg: str) -> None:
         assert self._sock is not None
@@ -486,10 +521,10 @@ class TftpServer:
         t = _Transfer(self, sock, addr, p.filename, fd, content, size, neg)
         self._transfers[sock.fileno()] = t
         self.stats.active = len(self._transfers)
-        self.loop.add_reader(sock.fileno(), t.readable)
+        self.loop.add_reader(sock.fileno(), t.guarded(t.readable))
         log.info("TFTP %s: RRQ %r (%d bytes, blksize %d, windowsize %d%s)", who, p.filename, size,
                  neg.blksize, neg.windowsize, ", options " + ",".join(neg.oack) if neg.oack else "")
-        t.start()
+        t.guarded(t.start)()
 
     def _finish(self, t: _Transfer, *, ok: bool, aborted: bool = False, why: str = "") -> None:
         if self._transfers.pop(t.sock.fileno(), None) is None:
