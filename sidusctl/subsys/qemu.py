@@ -2,8 +2,11 @@
 
 Owns one ``qemu-system-x86_64`` process per :class:`Guest`, run with ``-accel tcg`` (software
 emulation: works everywhere, nested KVM does not), ``-nographic`` and the guest's first serial
-port (ttyS0) as a pexpect child, so that a caller can wait for the boot messages and the
-``login:`` prompt, log in and run shell commands as an operator would on a serial console.
+port (ttyS0) on qemu's stdio, which is a pseudo-terminal this module creates: qemu is started
+with :func:`sidusctl.core.run.spawn` (own process group, dies with sidusctl) and the pty's
+master side is driven with pexpect (``fdpexpect.fdspawn``), so that a caller can wait for the
+boot messages and the ``login:`` prompt, log in and run shell commands as an operator would
+on a serial console.
 
 Networking, one NIC (virtio-net-pci, its iPXE option ROM as the PXE client):
 
@@ -25,16 +28,20 @@ pexpect documentation.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import time
+import tty
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import pexpect
+import pexpect.fdpexpect
 
 from sidusctl.core.errors import PrerequisiteError, SidusError
+from sidusctl.core.run import spawn
 
 ROOT_PASSWORD = "sidus"  # the minimal image's lab password (images/minimal/image.toml)
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -65,7 +72,7 @@ def qemu_binary() -> str:
 
 
 class Guest:
-    """A qemu-system-x86_64 guest (TCG) whose ttyS0 is a pexpect child.
+    """A qemu-system-x86_64 guest (TCG) whose ttyS0 is driven with pexpect (``child``).
 
     ``name``: qemu's ``-name`` (the caller's prefix, e.g. ``sdt-``, is kept as given).
     ``kernel``/``initrd``/``append``: direct kernel boot. ``tap``: an existing tap device for
@@ -120,8 +127,21 @@ class Guest:
         self.log_path = log
         self._logf: IO[bytes] | None = open(log, "ab") if log else None  # noqa: SIM115
         self.started = time.monotonic()
-        self.child: Any = pexpect.spawn(argv[0], argv[1:], timeout=timeout, maxread=65536,
-                                        logfile=self._logf, dimensions=(50, 200))
+        # ttyS0 <-> qemu's stdio <-> a pty slave; we hold the master. Raw from the start, as
+        # qemu sets it anyway: no echo of what we send, no newline translation.
+        master, slave = os.openpty()
+        try:
+            tty.setraw(slave)
+            self.proc = spawn(argv, stdin=slave, stdout=slave, stderr=slave, what="qemu")
+        except BaseException:
+            os.close(master)
+            if self._logf is not None:
+                self._logf.close()
+            raise
+        finally:
+            os.close(slave)
+        self.child: Any = pexpect.fdpexpect.fdspawn(master, timeout=timeout, maxread=65536,
+                                                    logfile=self._logf)
         self.logged_in = False
         self.at_login_prompt = False  # the last thing awaited was a login prompt
         self.login_prompt_s = 0.0  # seconds from start (or reboot) to the last login prompt
@@ -130,10 +150,15 @@ class Guest:
     @property
     def pid(self) -> int:
         """qemu's process id (``ip netns exec`` execs it)."""
-        return int(self.child.pid)
+        return self.proc.pid
 
     def alive(self) -> bool:
-        return bool(self.child.isalive())
+        """Whether qemu still runs."""
+        return self.proc.alive()
+
+    def sendline(self, text: str = "") -> None:
+        """Type ``text`` and Enter on the serial console."""
+        self.child.sendline(text)
 
     def tail(self, chars: int = 3000) -> str:
         """The last ``chars`` characters of the console transcript (ANSI codes removed)."""
@@ -238,12 +263,11 @@ class Guest:
         return ""
 
     def close(self) -> None:
-        """End qemu (SIGKILL if it does not go at once) and close the transcript."""
-        with contextlib.suppress(Exception):
-            if self.child.isalive():
-                self.child.terminate(force=True)
-        with contextlib.suppress(Exception):
-            self.child.close(force=True)
+        """End qemu (SIGTERM, SIGKILL if it is not gone within 3 s) and close the console
+        and the transcript. Idempotent."""
+        self.proc.stop(grace=3)
+        with contextlib.suppress(OSError):
+            self.child.close()
         if self._logf is not None:
             self._logf.close()
             self._logf = None
