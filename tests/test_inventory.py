@@ -116,21 +116,21 @@ def test_every_problem_reported_at_once_with_lines() -> None:
         "'node1' at line 10) (expected one MAC per node)",
         "nodes.toml:16: key 'nodes.node2.ip': duplicate IP 10.13.20.130 (also node 'node1' at "
         "line 11) (expected one address per node)",
-        "nodes.toml:20: key 'nodes.node3.mac': invalid MAC address '52:54:00:zz:34:56' "
-        "(expected six hex pairs separated by ':' or '-', e.g. 52:54:00:12:34:56)",
+        "nodes.toml:20: key 'nodes.node3.mac': found '52:54:00:zz:34:56' (expected a MAC "
+        "address such as 52:54:00:12:34:56 (six hex pairs separated by ':' or '-'))",
         "nodes.toml:21: key 'nodes.node3.ip': 10.13.21.5 is outside the subnet 10.13.20.0/24 "
         "(expected an address in 10.13.20.0/24)",
         "nodes.toml:22: key 'nodes.node3.image': unknown image 'nosuch' (expected a built "
         "image: minimal)",
-        "nodes.toml:23: key 'nodes.node3.overlay': unknown writable-layer mode 'ramdisk' "
-        "(expected tmpfs | disk | iscsi | nfs | off)",
-        "nodes.toml:24: key 'nodes.node3.colour': unknown key (expected one of name, mac, ip, "
-        "group, image, overlay, size, disk, format, iscsi_target_ip, iscsi_target, "
-        "iscsi_initiator, nfs_share, kernel_args, hostname)",
+        "nodes.toml:23: key 'nodes.node3.overlay': found 'ramdisk' (expected one of 'tmpfs', "
+        "'disk', 'iscsi', 'nfs', 'off')",
+        "nodes.toml:24: key 'nodes.node3.colour': unknown key (expected one of image, overlay, "
+        "size, disk, format, iscsi_target_ip, iscsi_target, iscsi_initiator, nfs_share, "
+        "kernel_args, name, mac, ip, group, hostname)",
         "nodes.toml:26: key 'nodes.node4.disk': disk mode needs a disk (expected disk = "
         "\"/dev/sdb1\", \"LABEL=...\" or \"UUID=...\")",
-        "nodes.toml:28: key 'nodes.node4.mac': '01:00:5e:00:00:01' is a multicast address "
-        "(expected a unicast MAC (first octet even))",
+        "nodes.toml:28: key 'nodes.node4.mac': found '01:00:5e:00:00:01' (expected a unicast "
+        "MAC (first octet even); this is a multicast address)",
         "nodes.toml:29: key 'nodes.node4.ip': 10.13.20.255 is the broadcast address of "
         "10.13.20.0/24 (expected a host address)",
         "nodes.toml:30: key 'nodes.node4.group': unknown group 'gpu' (expected one of: no "
