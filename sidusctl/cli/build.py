@@ -39,6 +39,16 @@ def _print_summary(s: dict[str, Any]) -> None:
             click.echo(f"{k + ':':10} {s[k]}")
 
 
+def _print_recipe(rec: recipe.Recipe, as_json: bool) -> None:
+    """``build --check``: the validated recipe (JSON: every field, the digest) or a summary."""
+    if as_json:
+        emit_json({**rec.to_json(), "digest": rec.digest()})
+        return
+    click.echo(f"recipe '{rec.name}' is valid: {rec.path}")
+    click.echo(f"suite {rec.suite}/{rec.arch} ({rec.variant}), {len(rec.packages)} package(s), "
+               f"{len(rec.files)} site file(s), digest {rec.digest()[:16]}")
+
+
 @click.command("build")
 @click.argument("image")
 @click.option("--backend", type=click.Choice(builder.BACKENDS), default="debootstrap",
@@ -50,12 +60,18 @@ def _print_summary(s: dict[str, Any]) -> None:
               help="Shared .deb cache (default $SIDUSCTL_CACHE or <state>/cache/apt).")
 @click.option("--no-bootstrap-cache", is_flag=True,
               help="Always run the bootstrap tool, even if a cached bootstrap matches.")
+@click.option("--check", is_flag=True,
+              help="Only find and validate the recipe and print it (with its digest); build "
+                   "nothing. Needs no root.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def build_cmd(image: str, backend: str, tar: bool, out: Path | None, cache_dir: Path | None,
-              no_bootstrap_cache: bool, as_json: bool) -> None:
+              no_bootstrap_cache: bool, check: bool, as_json: bool) -> None:
     """Build IMAGE (a recipe name in images/, a folder or an image.toml) into the state
     directory. The previous build stays current unless this one succeeds."""
     rec = recipe.find(image)
+    if check:
+        _print_recipe(rec, as_json)
+        return
     need_root("sidusctl build")
     store = ImageStore(get_ctx().state)
     opts = builder.BuildOptions(backend=backend, tar=tar, out=out,

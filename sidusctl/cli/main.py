@@ -34,6 +34,7 @@ LAZY_COMMANDS: dict[str, tuple[str, ...]] = {
     "serve": ("serve",),
     "vnode": ("vnode",),
     "demo": ("demo",),
+    "completion": ("docs",), "man": ("docs",),
 }
 
 
