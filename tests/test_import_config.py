@@ -18,10 +18,8 @@ import pytest
 
 from sidusctl.oci import ImageError
 from sidusctl.oci.config import install_runtime, lxc_command, resolve_user, systemd_quote
+from tests.golden import assert_golden
 from tests.oci_helpers import busybox_tree
-
-GOLDEN = Path(__file__).parent / "golden" / "oci"
-UPDATE = os.environ.get("SIDUSCTL_UPDATE_GOLDEN") == "1"
 
 NGINX = {"Entrypoint": ["/usr/sbin/nginx"], "Cmd": ["-g", "daemon off;"],
          "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "MSG=it's \"quoted\" $HOME 100%"],
@@ -50,11 +48,7 @@ def _root(tmp: Path, init: str | None) -> Path:
 
 
 def _golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if UPDATE or not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert text == path.read_text(), f"{name} differs from its golden file"
+    assert_golden(text, f"oci/{name}")
 
 
 def _install(root: Path, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -210,3 +204,23 @@ def test_config_injection_refused(tmp_path: Path, cfg: dict[str, Any], expect: s
     unit directives) are refused."""
     with pytest.raises(ImageError, match=expect):
         _install(_root(tmp_path, None), {"Cmd": ["/bin/true"], **cfg})
+
+
+def test_golden_helper_fails_on_missing_and_diffs_on_mismatch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/golden.py itself: a missing golden file is a failure (it used to be written and
+    the test passed), a mismatch shows a unified diff, SIDUSCTL_UPDATE_GOLDEN=1 writes."""
+    from tests import golden
+    monkeypatch.setattr(golden, "GOLDEN_DIR", tmp_path)
+    monkeypatch.delenv(golden.UPDATE_ENV, raising=False)
+    with pytest.raises(AssertionError, match="no golden file"):
+        golden.assert_golden("a\nb\n", "oci/new.conf")
+    assert not (tmp_path / "oci/new.conf").exists()
+    monkeypatch.setenv(golden.UPDATE_ENV, "1")
+    golden.assert_golden("a\nb\n", "oci/new.conf")
+    assert (tmp_path / "oci/new.conf").read_text() == "a\nb\n"
+    monkeypatch.delenv(golden.UPDATE_ENV)
+    golden.assert_golden("a\nb\n", "oci/new.conf")
+    with pytest.raises(AssertionError) as e:
+        golden.assert_golden("a\nc\n", "oci/new.conf")
+    assert "--- golden/oci/new.conf" in str(e.value) and "-b\n+c" in str(e.value)

@@ -1,7 +1,8 @@
 """Boot-loader trees: golden files for every template (pxelinux, iPXE, GRUB, exports, ganesha),
 the incremental atomic TFTP tree, and the ``sidusctl pxe render|nfs-export`` commands.
 
-``SIDUSCTL_UPDATE_GOLDEN=1`` rewrites the golden files (review the diff before committing).
+``SIDUSCTL_UPDATE_GOLDEN=1`` rewrites the golden files (review the diff before committing);
+without it a missing golden file fails (tests/golden.py).
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from sidusctl.netboot.inventory import parse
 from sidusctl.netboot.tree import ImageFiles, render_tree, write_tree
 from sidusctl.subsys.imagestore import ImageStore
 from tests.conftest import sidusctl
-
-GOLDEN = Path(__file__).parent / "golden" / "pxe"
-UPDATE = os.environ.get("SIDUSCTL_UPDATE_GOLDEN") == "1"
+from tests.golden import assert_golden
 
 INVENTORY = """\
 [network]
@@ -82,12 +81,7 @@ def _images(tmp: Path | None = None) -> dict[str, ImageFiles]:
 
 
 def _check_golden(rel: str, text: str) -> None:
-    path = GOLDEN / rel
-    if UPDATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"no golden file {path} (run with SIDUSCTL_UPDATE_GOLDEN=1)"
-    assert text == path.read_text(), f"{rel} differs from its golden file {path}"
+    assert_golden(text, f"pxe/{rel}")
 
 
 def test_tree_matches_golden_files() -> None:

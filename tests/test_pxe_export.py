@@ -4,12 +4,12 @@ exports), each output accepted by the daemon's own syntax check (``dnsmasq --tes
 that nothing could ever bind on this host), a broken copy rejected by the same check, and
 bad options refused with one message.
 
-``SIDUSCTL_UPDATE_GOLDEN=1`` rewrites the golden files (review the diff before committing).
+``SIDUSCTL_UPDATE_GOLDEN=1`` rewrites the golden files (review the diff before committing);
+without it a missing golden file fails (tests/golden.py).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,9 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import sidusctl
-
-GOLDEN = Path(__file__).parent / "golden" / "export"
-UPDATE = os.environ.get("SIDUSCTL_UPDATE_GOLDEN") == "1"
+from tests.golden import assert_golden
 
 INVENTORY = """\
 [network]
@@ -99,11 +97,7 @@ def test_golden(nodes: Path, golden: str) -> None:
     r = _export(nodes, fmt, *extra, out=out)
     assert r.returncode == 0, r.stderr
     text = out.read_text()
-    gf = GOLDEN / golden
-    if UPDATE:
-        gf.parent.mkdir(parents=True, exist_ok=True)
-        gf.write_text(text)
-    assert text == gf.read_text(), f"{golden} differs from {gf}"
+    assert_golden(text, f"export/{golden}")
     # stdout (no --out) is the same text
     r2 = _export(nodes, fmt, *extra)
     assert r2.returncode == 0 and r2.stdout == text
