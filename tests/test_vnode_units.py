@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sidusctl.core.errors import ConfigError, PrerequisiteError, StateError
+from sidusctl.core.errors import ConfigError, ConfigErrors, PrerequisiteError, StateError
 from sidusctl.subsys.cgroups import IoLimit, MemLimits, cpu_settings, io_settings
 from sidusctl.subsys.net import tc
 from sidusctl.subsys.templates import render
@@ -224,7 +224,7 @@ count = 3
 def test_platform_file_errors_name_the_key(tmp_path: Path, body: str, key: str) -> None:
     pf = tmp_path / "p.toml"
     pf.write_text(body)
-    with pytest.raises(ConfigError) as ei:
+    with pytest.raises(ConfigErrors) as ei:
         load(pf)
     assert str(pf) in str(ei.value) and key in str(ei.value)
 

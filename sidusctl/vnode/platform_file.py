@@ -3,128 +3,244 @@ one command. Two vnode forms are accepted in ``[[vnodes]]``: the Alevin-style li
 advanced guide (``name``, ``bandwidth``, ``cpu``) and full specs (every ``vnode create``
 option). ``[defaults]`` fills what a vnode leaves out. See docs/vnode.md for an example.
 
-Every key is checked once, here: a bad file gets one message naming the file, the key and
-what was expected, before anything is created.
+Every key is checked once, here, by the typed models below (:mod:`sidusctl.core.config`): a
+bad file gets every problem listed with file, line, key, what was found and what was expected,
+before anything is created.
 """
 
 from __future__ import annotations
 
-import tomllib
+import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import AfterValidator, BeforeValidator, Field
+
+from sidusctl.core.config import Checker, Frozen, as_tuple, parse_toml, read_text
 from sidusctl.core.errors import ConfigError, SidusError
 from sidusctl.vnode.model import (
-    check_vnet_name,
-    check_vnode_name,
+    VNET_NAME_RE,
+    VNODE_NAME_RE,
     parse_bps,
     parse_hierarchy,
     parse_mib,
 )
 from sidusctl.vnode.platform import IfaceSpec, Platform
 
-NET_KEYS = {"name", "cidr", "mode", "root_interface", "vxlan_id", "vxlan_port", "vxlan_group",
-            "vxlan_remote", "gateway"}
-VNODE_KEYS = {"name", "count", "image", "fs", "vnetwork", "ifaces", "bandwidth", "latency", "cpu",
-              "cpus", "cpuset", "mem", "io", "io_hierarchy", "ssh_pubkey", "ssh_privkey",
-              "copy_host_keys", "start_command", "persistent_journal"}
-IFACE_KEYS = {"name", "vnetwork", "address", "bandwidth", "latency"}
-MEM_KEYS = {"hierarchy", "mem", "swap", "soft", "hard", "soft_limit", "hard_limit"}
-
 Reporter = Callable[[str, str, int], None]
 
 
-@dataclass
-class VNodeSpec:
-    """One vnode of a platform file, ready for :meth:`Platform.create`."""
+# -- the file's shape -------------------------------------------------------------------------
+
+def _check(fn: Callable[..., object], expected: str) -> AfterValidator:
+    def f(v: Any) -> Any:
+        try:
+            return fn(v)
+        except (ConfigError, ValueError):
+            raise ValueError(expected) from None
+    return AfterValidator(f)
+
+
+def _vnet_name(v: str) -> str:
+    if not VNET_NAME_RE.match(v):
+        raise ValueError("a vnetwork name: lower-case letters, digits and '-', 1-12 characters")
+    return v
+
+
+def _cidr(v: str) -> str:
+    try:
+        ipaddress.IPv4Network(v, strict=True)
+    except ValueError as e:
+        raise ValueError(f"an IPv4 network such as 10.144.0.0/22 ({e})") from None
+    return v
+
+
+def _address(v: str) -> str:
+    try:
+        ipaddress.IPv4Address(v)
+    except ValueError:
+        raise ValueError("an IPv4 address such as 10.144.0.9") from None
+    return v
+
+
+_MIB = "MiB (a positive integer) or 'max'"
+_BPS = "bytes per second, e.g. 1048576, 10M or 'max'"
+Mib = Annotated[int | str, _check(lambda v: parse_mib(v, "", ""), _MIB)]
+Bps = Annotated[int | str, _check(lambda v: parse_bps(v, "", ""), _BPS)]
+Hierarchy = Annotated[int | str, _check(lambda v: parse_hierarchy(v), "v1 or v2")]
+Number = Annotated[float, Field(ge=0)]
+Rate = int | str
+Path_ = Annotated[str, _check(lambda v: Path(v).expanduser().read_text(),
+                              "a readable file (the key)")]
+
+
+class VNetworkSpec(Frozen):
+    """One ``[[vnetworks]]`` table (the ``vnode net create`` options)."""
+
+    name: Annotated[str, AfterValidator(_vnet_name)]
+    cidr: Annotated[str, AfterValidator(_cidr)]
+    mode: Literal["classical", "vxlan"] = "classical"
+    root_interface: str | None = None
+    vxlan_id: Annotated[int, Field(gt=0, lt=2**24)] | None = None
+    vxlan_port: Annotated[int, Field(gt=0, lt=65536)] = 4789
+    vxlan_group: Annotated[str, AfterValidator(_address)] | None = None
+    vxlan_remote: Annotated[str, AfterValidator(_address)] | None = None
+    gateway: Annotated[str, AfterValidator(_address)] | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of :meth:`Platform.net_create` besides name and cidr."""
+        return self.model_dump(exclude={"name", "cidr"})
+
+
+class IfaceFile(Frozen):
+    name: str | None = None
+    vnetwork: str
+    address: Annotated[str, AfterValidator(_address)] | None = None
+    bandwidth: Rate | None = None
+    latency: Number | None = None
+
+
+class MemFile(Frozen):
+    hierarchy: Hierarchy = "v1"
+    mem: Mib | None = None
+    swap: Mib | None = None
+    soft: Mib | None = None
+    hard: Mib | None = None
+    soft_limit: Mib | None = None
+    hard_limit: Mib | None = None
+
+
+class IoFile(Frozen):
+    device: str
+    read_bps: Bps | None = None
+    write_bps: Bps | None = None
+
+
+class VNodeFile(Frozen):
+    """One ``[[vnodes]]`` table or ``[defaults]``: every key optional here; ``name`` and
+    ``image`` are required once the defaults are merged."""
+
+    name: str | None = None
+    count: Annotated[int, Field(ge=1, le=4096)] | None = None
+    image: str | None = None
+    fs: Literal["auto", "cow", "distinct", "shared"] | None = None
+    vnetwork: str | None = None
+    ifaces: Annotated[tuple[IfaceFile, ...], BeforeValidator(as_tuple)] | None = None
+    bandwidth: Rate | None = None
+    latency: Number | None = None
+    cpu: Number | None = None
+    cpus: Number | None = None
+    cpuset: str | None = None
+    mem: MemFile | None = None
+    io: Annotated[tuple[IoFile, ...], BeforeValidator(as_tuple)] | None = None
+    io_hierarchy: Hierarchy | None = None
+    ssh_pubkey: Path_ | None = None
+    ssh_privkey: Path_ | None = None
+    copy_host_keys: bool | None = None
+    start_command: str | None = None
+    persistent_journal: bool | None = None
+
+
+class VNodeSpec(Frozen):
+    """One vnode of a platform file, ready for :meth:`Platform.create` (``create`` holds its
+    keyword arguments, built from a validated :class:`VNodeFile`)."""
 
     name: str
     image: str
-    create: dict[str, Any] = field(default_factory=dict)
+    create: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass
-class PlatformSpec:
+class PlatformSpec(Frozen):
     file: str
-    vnetworks: list[dict[str, Any]]
-    vnodes: list[VNodeSpec]
+    vnetworks: tuple[VNetworkSpec, ...]
+    vnodes: tuple[VNodeSpec, ...]
 
 
-def _unknown(where: str, d: dict[str, Any], allowed: set[str], file: str) -> None:
-    for k in d:
-        if k not in allowed:
-            raise ConfigError(file, f"{where}.{k}", "unknown key",
-                              expected="one of " + ", ".join(sorted(allowed)))
-
-
-def _read_text(file: str, key: str, path: object) -> str:
-    try:
-        return Path(str(path)).expanduser().read_text()
-    except OSError as e:
-        raise ConfigError(file, key, f"cannot read {path}: {e.strerror}") from e
+_TOP = ("defaults", "vnetworks", "vnodes")
 
 
 def load(path: Path) -> PlatformSpec:
-    """Parse and check ``path``; ConfigError naming the key on any problem."""
+    """Parse and check ``path``: :class:`ConfigErrors` listing every problem (file, line, key,
+    found, expected) before anything is created."""
     f = str(path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f, None, f"not valid TOML: {e}") from e
-    _unknown("", doc, {"defaults", "vnetworks", "vnodes"}, f)
-    defaults = doc.get("defaults", {})
-    _unknown("defaults", defaults, VNODE_KEYS - {"name", "count"}, f)
-    nets = doc.get("vnetworks", [])
-    if not isinstance(nets, list):
-        raise ConfigError(f, "vnetworks", "must be an array of tables ([[vnetworks]])")
-    for i, n in enumerate(nets):
-        _unknown(f"vnetworks[{i}]", n, NET_KEYS, f)
-        for req in ("name", "cidr"):
-            if req not in n:
-                raise ConfigError(f, f"vnetworks[{i}].{req}", "missing")
-        check_vnet_name(str(n["name"]), f"{f}: vnetworks[{i}]")
+    text = read_text(path, "platform file")
+    doc = parse_toml(text, f)
+    c = Checker(f, text)
+    for k in doc:
+        if k not in _TOP:
+            c.error((k,), "unknown key", "one of " + ", ".join(_TOP))
+    defaults_raw = doc.get("defaults", {})
+    defaults: dict[str, Any] = {}
+    if isinstance(defaults_raw, dict):
+        for k in ("name", "count"):
+            if k in defaults_raw:
+                c.error(("defaults", k), "unknown key", "a vnode key other than name and count")
+        dv = c.validate(VNodeFile, {k: v for k, v in defaults_raw.items()
+                                    if k not in ("name", "count")}, ("defaults",))
+        defaults = dv.model_dump(exclude_none=True) if dv else {}
+    else:
+        c.error(("defaults",), "must be a table", "[defaults]")
+    nets: list[VNetworkSpec] = []
+    nets_raw = doc.get("vnetworks", [])
+    if not isinstance(nets_raw, list):
+        c.error(("vnetworks",), "must be an array of tables", "[[vnetworks]]")
+        nets_raw = []
+    for i, n in enumerate(nets_raw):
+        nv = c.validate(VNetworkSpec, n, ("vnetworks", i))
+        if nv is not None:
+            nets.append(nv)
     vnodes: list[VNodeSpec] = []
     seen: set[str] = set()
-    for i, raw in enumerate(doc.get("vnodes", [])):
-        where = f"vnodes[{i}]"
-        _unknown(where, raw, VNODE_KEYS, f)
-        d = {**defaults, **raw}
+    vnodes_raw = doc.get("vnodes", [])
+    if not isinstance(vnodes_raw, list):
+        c.error(("vnodes",), "must be an array of tables", "[[vnodes]]")
+        vnodes_raw = []
+    for i, raw in enumerate(vnodes_raw):
+        loc: tuple[str | int, ...] = ("vnodes", i)
+        v = c.validate(VNodeFile, raw, loc)
+        if v is None:
+            continue
+        d = {**defaults, **v.model_dump(exclude_none=True)}
         if "name" not in d:
-            raise ConfigError(f, f"{where}.name", "missing")
+            c.error((*loc, "name"), "missing", "a vnode name", line=c.line(loc))
         if "image" not in d:
-            raise ConfigError(f, f"{where}.image", "missing (and no [defaults] image)")
-        count = int(d.get("count", 1))
-        names = [str(d["name"])] if count == 1 and "count" not in d else \
-            [f"{d['name']}{k}" for k in range(count)]
+            c.error((*loc, "image"), "missing (and no [defaults] image)",
+                    "an image name or tarball path", line=c.line(loc))
+        if "name" not in d or "image" not in d:
+            continue
+        count = d.get("count", 1)
+        names = [d["name"]] if "count" not in d else [f"{d['name']}{k}" for k in range(count)]
         for name in names:
-            check_vnode_name(name, f"{f}: {where}")
+            if not VNODE_NAME_RE.match(name):
+                c.error((*loc, "name"), f"invalid vnode name {name!r}",
+                        "a host name: lower-case letters, digits and '-', 1-32 chars")
+                break
             if name in seen:
-                raise ConfigError(f, f"{where}.name", f"vnode {name!r} defined twice")
+                c.error((*loc, "name"), f"vnode {name!r} defined twice", "unique names")
+                break
             seen.add(name)
-            vnodes.append(VNodeSpec(name, str(d["image"]), _create_args(f, where, d)))
-    return PlatformSpec(f, nets, vnodes)
+            vnodes.append(VNodeSpec(name=name, image=d["image"], create=_create_args(d)))
+    c.done()
+    return PlatformSpec(file=f, vnetworks=tuple(nets), vnodes=tuple(vnodes))
 
 
-def _create_args(f: str, where: str, d: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"fs": str(d.get("fs", "auto"))}
+def _create_args(d: dict[str, Any]) -> dict[str, Any]:
+    """:meth:`Platform.create` keyword arguments from a validated, defaults-merged vnode."""
+    out: dict[str, Any] = {"fs": d.get("fs", "auto")}
     ifaces: list[IfaceSpec] = []
     bandwidth: dict[str, str] = {}
     latency: dict[str, float] = {}
     if "ifaces" in d:
         for j, i in enumerate(d["ifaces"]):
-            _unknown(f"{where}.ifaces[{j}]", i, IFACE_KEYS, f)
-            if "vnetwork" not in i:
-                raise ConfigError(f, f"{where}.ifaces[{j}].vnetwork", "missing")
-            name = str(i.get("name", f"if{j}"))
-            ifaces.append(IfaceSpec(name, str(i["vnetwork"]), i.get("address")))
-            if "bandwidth" in i:
+            name = str(i.get("name") or f"if{j}")
+            ifaces.append(IfaceSpec(name, i["vnetwork"], i.get("address")))
+            if i.get("bandwidth") is not None:
                 bandwidth[name] = str(i["bandwidth"])
-            if "latency" in i:
+            if i.get("latency") is not None:
                 latency[name] = float(i["latency"])
     elif "vnetwork" in d:
-        ifaces.append(IfaceSpec("if0", str(d["vnetwork"])))
+        ifaces.append(IfaceSpec("if0", d["vnetwork"]))
     if "bandwidth" in d:  # Alevin-style: the output bandwidth of if0
         bandwidth.setdefault(ifaces[0].name if ifaces else "if0", str(d["bandwidth"]))
     if "latency" in d:
@@ -134,40 +250,30 @@ def _create_args(f: str, where: str, d: dict[str, Any]) -> dict[str, Any]:
     out["latency"] = latency or None
     cpus = d.get("cpus", d.get("cpu"))
     if cpus is not None:
-        if not isinstance(cpus, (int, float)) or cpus < 0:
-            raise ConfigError(f, f"{where}.cpus", f"invalid {cpus!r}", expected="a number of CPUs")
         out["cpus"] = float(cpus) if cpus else None
     if "cpuset" in d:
-        out["cpuset"] = str(d["cpuset"])
+        out["cpuset"] = d["cpuset"]
     if "mem" in d:
         m = d["mem"]
-        if not isinstance(m, dict):
-            raise ConfigError(f, f"{where}.mem", "must be a table",
-                              expected="{ hierarchy = 'v1', mem = 512, swap = 128 }")
-        _unknown(f"{where}.mem", m, MEM_KEYS, f)
-        mem: dict[str, Any] = {"hierarchy": parse_hierarchy(m.get("hierarchy", "v1"), f)}
+        mem: dict[str, Any] = {"hierarchy": parse_hierarchy(m.get("hierarchy", "v1"))}
         for src, dst in (("mem", "mem"), ("swap", "swap"), ("soft", "soft"), ("hard", "hard"),
                          ("soft_limit", "soft"), ("hard_limit", "hard")):
-            if src in m:
-                mem[dst] = parse_mib(m[src], f, f"{where}.mem.{src}")
+            if m.get(src) is not None:
+                mem[dst] = parse_mib(m[src], "", src)
         out["mem"] = mem
     if "io" in d:
-        out["io"] = [{"device": str(x["device"]),
-                      "read_bps": parse_bps(x["read_bps"], f, f"{where}.io") if "read_bps" in x else None,
-                      "write_bps": parse_bps(x["write_bps"], f, f"{where}.io") if "write_bps" in x else None}
+        out["io"] = [{"device": x["device"],
+                      "read_bps": parse_bps(x["read_bps"], "", "io") if x.get("read_bps") is not None else None,
+                      "write_bps": parse_bps(x["write_bps"], "", "io") if x.get("write_bps") is not None else None}
                      for x in d["io"]]
     if "io_hierarchy" in d:
-        out["io_hierarchy"] = parse_hierarchy(d["io_hierarchy"], f)
-    if "ssh_pubkey" in d:
-        out["ssh_pubkey"] = _read_text(f, f"{where}.ssh_pubkey", d["ssh_pubkey"])
-    if "ssh_privkey" in d:
-        out["ssh_privkey"] = _read_text(f, f"{where}.ssh_privkey", d["ssh_privkey"])
-    if "copy_host_keys" in d:
-        out["copy_host_keys"] = bool(d["copy_host_keys"])
-    if "persistent_journal" in d:
-        out["persistent_journal"] = bool(d["persistent_journal"])
-    if "start_command" in d:
-        out["start_command"] = str(d["start_command"])
+        out["io_hierarchy"] = parse_hierarchy(d["io_hierarchy"])
+    for k in ("ssh_pubkey", "ssh_privkey"):
+        if k in d:
+            out[k] = Path(d[k]).expanduser().read_text()
+    for k in ("copy_host_keys", "persistent_journal", "start_command"):
+        if k in d:
+            out[k] = d[k]
     return out
 
 
@@ -182,13 +288,13 @@ def up(p: Platform, spec: PlatformSpec, *, wait_ssh: bool = True,
 
     existing = {n.name: n for n in p.net_list()}
     for n in spec.vnetworks:
-        name = str(n["name"])
+        name = n.name
         if name in existing:
-            if existing[name].cidr != n["cidr"]:
+            if existing[name].cidr != n.cidr:
                 raise ConfigError(spec.file, f"vnetworks.{name}.cidr",
                                   f"vnetwork {name} exists with CIDR {existing[name].cidr}")
             continue
-        p.net_create(name, str(n["cidr"]), **{k: v for k, v in n.items() if k not in ("name", "cidr")})
+        p.net_create(name, n.cidr, **n.options())
         tick("vnetworks", name, len(spec.vnetworks))
     have = {r["name"]: r for r in p.list()}
     for v in spec.vnodes:
@@ -226,5 +332,5 @@ def down(p: Platform, spec: PlatformSpec) -> None:
             p.destroy(v.name)
     nets = {n.name for n in p.net_list()}
     for n in spec.vnetworks:
-        if n["name"] in nets:
-            p.net_delete(str(n["name"]))
+        if n.name in nets:
+            p.net_delete(n.name)
