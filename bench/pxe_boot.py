@@ -34,18 +34,21 @@ from sidusctl.netboot.tree import ImageFiles, export_path_for, write_tree
 from sidusctl.subsys.ganesha import Export, serve
 from sidusctl.subsys.imagestore import ImageStore
 
+SERVE = [sys.executable, "-m", "sidusctl", "serve-pxe"]  # PxeLab's serve_command
 NODE = LabNode("node1", "52:54:00:be:00:01", IPv4Address("10.77.0.130"))
 
 
 def boot_serve_pxe(state: Path, image: str, work: Path) -> dict[str, float]:
-    with PxeLab(f"sdt-bp{os.getpid() % 1000}", state, image, [NODE], work) as lab:
+    with PxeLab(f"sdt-bp{os.getpid() % 1000}", state, image, [NODE], work,
+                serve_command=SERVE) as lab:
         lab.start_serve("--nfs", "ganesha")
         g = lab.boot(NODE)
         return wait_logins(lab, [(g, NODE)], 600)[g.name]
 
 
 def boot_dnsmasq(state: Path, image: str, work: Path) -> dict[str, float]:
-    with PxeLab(f"sdt-bq{os.getpid() % 1000}", state, image, [NODE], work) as lab:
+    with PxeLab(f"sdt-bq{os.getpid() % 1000}", state, image, [NODE], work,
+                serve_command=SERVE) as lab:
         inv = inventory.load(lab.nodes_file, known_images=[image])
         img = ImageStore(lab.state, recover=False).get(image)
         write_tree(lab.tftp_root, inv, {image: ImageFiles(

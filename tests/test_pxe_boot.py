@@ -34,7 +34,7 @@ from sidusctl.core.errors import NotFoundError, SidusError
 from sidusctl.netboot.lab import SERVER, LabNode, PxeLab, pxe_boot_demo, wait_logins
 from sidusctl.serve.leases import read_leases
 from sidusctl.subsys.qemu import Guest
-from tests.conftest import BuiltImage
+from tests.conftest import SIDUSCTL, BuiltImage
 from tests.netns_util import Daemon, enslave, netns, nsexec, uniq, veth
 
 pytestmark = [pytest.mark.slow,
@@ -42,6 +42,7 @@ pytestmark = [pytest.mark.slow,
 
 NODE1 = LabNode("node1", "52:54:00:77:00:01", IPv4Address("10.77.0.130"))
 NODE2 = LabNode("node2", "52:54:00:77:00:02", IPv4Address("10.77.0.131"))
+SERVE = [*SIDUSCTL, "serve-pxe"]  # how the lab starts serve-pxe (PxeLab's serve_command)
 BOOT_TIMEOUT = 420.0  # two TCG boots at once on a shared 2-core machine
 
 
@@ -93,7 +94,8 @@ def check_resolver(g: Guest) -> None:
 def test_two_diskless_guests_boot_at_once_through_pxelinux(minimal_image: BuiltImage,
                                                             tmp_path: Path) -> None:
     root = rootfs(minimal_image)
-    with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1, NODE2], tmp_path) as lab, \
+    with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1, NODE2], tmp_path,
+                serve_command=SERVE) as lab, \
             evidence(lab):
         lab.start_serve("--nfs", "ganesha")
         guests = [(lab.boot(NODE1, timeout=BOOT_TIMEOUT), NODE1),
@@ -139,7 +141,8 @@ def test_uefi_guest_gets_grub_and_boots(minimal_image: BuiltImage, tmp_path: Pat
     ``grub/grub.cfg-01-<mac>``, GRUB loads kernel and initrd; NFS root and tmpfs overlay as
     for BIOS machines."""
     root = rootfs(minimal_image)
-    with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1], tmp_path) as lab, \
+    with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1], tmp_path,
+                serve_command=SERVE) as lab, \
             evidence(lab):
         lab.start_serve("--nfs", "ganesha")
         g = lab.boot(NODE1, uefi=True, nic_rom=False, timeout=BOOT_TIMEOUT)
@@ -168,7 +171,8 @@ def test_uefi_guest_through_ipxe_efi(minimal_image: BuiltImage, tmp_path: Path) 
     kernel and initrd, all over TFTP; NFS root and overlay as for the other machines."""
     root = rootfs(minimal_image)
     mac = NODE1.mac.replace(":", "-")
-    with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1], tmp_path) as lab, \
+    with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1], tmp_path,
+                serve_command=SERVE) as lab, \
             evidence(lab):
         lab.start_serve("--nfs", "ganesha", "--efi-loader", "ipxe")
         g = lab.boot(NODE1, uefi=True, nic_rom=False, timeout=BOOT_TIMEOUT)
@@ -198,7 +202,8 @@ def test_ipxe_over_http_survives_a_serve_pxe_crash(minimal_image: BuiltImage,
     request from that MAC after the restart gets the same address."""
     node = LabNode("node1", "52:54:00:77:00:11", IPv4Address("10.77.0.140"))
     root = rootfs(minimal_image)
-    with PxeLab(prefix(), minimal_image.state, "minimal", [node], tmp_path) as lab, \
+    with PxeLab(prefix(), minimal_image.state, "minimal", [node], tmp_path,
+                serve_command=SERVE) as lab, \
             evidence(lab):
         serve_args = ("--http", "--http-port", "8080", "--nfs", "ganesha")
         lab.start_serve(*serve_args)
@@ -245,7 +250,8 @@ def test_proxy_dhcp_next_to_a_site_dnsmasq(minimal_image: BuiltImage, tmp_path: 
     address."""
     root = rootfs(minimal_image)
     site_ns, site_if, site_peer = uniq("pd"), uniq("pe"), uniq("pf")
-    with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1], tmp_path) as lab, \
+    with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1], tmp_path,
+                serve_command=SERVE) as lab, \
             netns(site_ns), evidence(lab):
         veth(lab.netns, site_peer, site_ns, site_if, b_addr="10.77.0.2/24")
         enslave(lab.netns, site_peer, lab.bridge)
@@ -287,7 +293,8 @@ def test_readme_demo(minimal_image: BuiltImage, tmp_path: Path) -> None:
     lab leaves nothing behind."""
     steps: list[str] = []
     pre = uniq("pz")
-    facts = pxe_boot_demo(minimal_image.state, "minimal", tmp_path / "demo", prefix=pre,
+    facts = pxe_boot_demo(minimal_image.state, "minimal", tmp_path / "demo", serve_command=SERVE,
+                          prefix=pre,
                           on_step=steps.append, timeout=BOOT_TIMEOUT)
     print(facts)
     assert facts["hostname"] == "demo1" and facts["address"] == "10.77.0.10"
@@ -305,17 +312,20 @@ def test_readme_demo(minimal_image: BuiltImage, tmp_path: Path) -> None:
 def test_lab_refuses_bad_input_and_leaves_nothing(minimal_image: BuiltImage,
                                                   tmp_path: Path) -> None:
     with pytest.raises(SidusError, match="too long"):
-        PxeLab("sdt-much-too-long", minimal_image.state, "minimal", [NODE1], tmp_path)
+        PxeLab("sdt-much-too-long", minimal_image.state, "minimal", [NODE1], tmp_path,
+               serve_command=SERVE)
     pre = prefix()
     with pytest.raises(NotFoundError, match="no image named 'nope'"), \
-            PxeLab(pre, minimal_image.state, "nope", [NODE1], tmp_path / "a"):
+            PxeLab(pre, minimal_image.state, "nope", [NODE1], tmp_path / "a",
+                   serve_command=SERVE):
         pass
     assert pre not in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                      text=True, check=True).stdout
     # a namespace of that name that is not the lab's: refused, and left alone
     with netns(pre):
         with pytest.raises(SidusError, match="already exists"), \
-                PxeLab(pre, minimal_image.state, "minimal", [NODE1], tmp_path / "b"):
+                PxeLab(pre, minimal_image.state, "minimal", [NODE1], tmp_path / "b",
+                       serve_command=SERVE):
             pass
         assert pre in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                      text=True, check=True).stdout

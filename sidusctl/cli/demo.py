@@ -15,6 +15,7 @@ Nothing binds outside the namespace and links the demo creates.
 from __future__ import annotations
 
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -66,8 +67,11 @@ def demo_cmd(image: str, skip_pxe: bool, skip_vnode: bool, timeout: float, prefi
         from sidusctl.netboot.lab import pxe_boot_demo
 
         with tempfile.TemporaryDirectory(prefix=f"{prefix}-", dir="/var/tmp") as work:
-            result["pxe"] = pxe_boot_demo(ctx.state, image, Path(work), prefix=prefix,
-                                          on_step=step, timeout=timeout)
+            # serve-pxe runs in the lab's namespace as a process of its own: this CLI's
+            serve = [sys.executable, "-m", "sidusctl", *(["--debug"] if ctx.debug else []),
+                     "serve-pxe"]
+            result["pxe"] = pxe_boot_demo(ctx.state, image, Path(work), serve_command=serve,
+                                          prefix=prefix, on_step=step, timeout=timeout)
         step(_pxe_line(result["pxe"]))
     if not skip_vnode:
         if img.tarball is None:

@@ -8,15 +8,19 @@ Owns, for the time of a ``with`` block (:class:`PxeLab`) or of :func:`pxe_boot_d
 - a private state directory under the work directory, whose ``images/<name>`` entries are
   symlinks to the real image store (so the lab's leases and status never touch those of a
   production serve-pxe using the same state directory);
-- the real CLI ``sidusctl serve-pxe`` run in the namespace as a subprocess (its DHCP, TFTP,
-  DNS, NFS through nfs-ganesha, HTTP), its log in ``<workdir>/serve-pxe.log``;
+- serve-pxe run in the namespace as a child process (its DHCP, TFTP, DNS, NFS through
+  nfs-ganesha, HTTP), started with the command the caller gives (``serve_command``: this
+  module does not know the CLI; ``sidusctl demo`` passes ``python -m sidusctl serve-pxe``),
+  its log in ``<workdir>/serve-pxe.log``, its status read in-process from the lab's state
+  (:func:`sidusctl.serve.supervisor.read_status`, the reader ``pxe status`` uses);
 - tap devices ``<prefix>-tN`` on the bridge and qemu guests (:mod:`sidusctl.subsys.qemu`,
   ``-boot n``, no disk) on them, their serial consoles in ``<workdir>/<guest>.console.log``.
 
 Everything is removed on exit, on error, Ctrl-C and SIGTERM included (SIGTERM reaches us as
 :class:`~sidusctl.core.errors.Interrupted`): guests ended, serve-pxe stopped (SIGTERM, then
 SIGKILL), every process left in the namespace killed, the namespace deleted (its bridge and taps
-go with it). :func:`pxe_boot_demo` is the README's demo: one node, boot, log in, check, report.
+go with it). serve-pxe is started with :func:`sidusctl.core.run.spawn`, so its NFS servers die
+with it even when it is SIGKILLed. :func:`pxe_boot_demo` is the README's demo: one node, boot, log in, check, report.
 """
 
 from __future__ import annotations
@@ -26,19 +30,18 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
-from sidusctl.core.errors import SidusError
+from sidusctl.core.errors import SidusError, StateError
 from sidusctl.core.log import get_logger
-from sidusctl.core.run import run
+from sidusctl.core.run import STDOUT, Child, run, spawn
+from sidusctl.serve.supervisor import read_status
 from sidusctl.subsys import qemu
 from sidusctl.subsys.imagestore import ImageStore
 from sidusctl.subsys.net import links
@@ -92,15 +95,23 @@ class PxeLab:
     ``prefix``: names of the namespace (``prefix``), bridge (``prefix-br``) and taps
     (``prefix-tN``); at most 10 characters so that they fit in IFNAMSIZ. ``state_dir``: where
     the images are built. ``nodes``: the inventory's nodes (booting ``image``); ``workdir``:
-    logs, the inventory, the private state and the TFTP root."""
+    logs, the inventory, the private state and the TFTP root. ``serve_command``: the argv
+    that runs serve-pxe (e.g. ``[sys.executable, "-m", "sidusctl", "serve-pxe"]``); the lab
+    appends ``--nodes FILE --interface BRIDGE --tftp-root DIR`` and :meth:`start_serve`'s
+    arguments, and names its private state directory in ``$SIDUSCTL_STATE``
+    (:func:`sidusctl.core.paths.state_dir`), so the command must not give ``--state-dir``."""
 
     def __init__(self, prefix: str, state_dir: Path, image: str, nodes: Sequence[LabNode],
-                 workdir: Path, *, subnet: IPv4Network = SUBNET, server: IPv4Address = SERVER,
+                 workdir: Path, *, serve_command: Sequence[str],
+                 subnet: IPv4Network = SUBNET, server: IPv4Address = SERVER,
                  domain: str = DOMAIN) -> None:
         if len(prefix) > links.IFNAMSIZ - 3:
             raise SidusError(f"lab prefix {prefix!r} is too long (at most "
                              f"{links.IFNAMSIZ - 3} characters: interface names)")
+        if not serve_command:
+            raise SidusError("PxeLab needs the command that starts serve-pxe")
         self.prefix = prefix
+        self.serve_command = list(serve_command)
         self.netns = prefix
         self.bridge = f"{prefix}-br"
         self.image = image
@@ -112,8 +123,7 @@ class PxeLab:
         self.tftp_root = workdir / "tftp"
         self.nodes_file = workdir / "nodes.toml"
         self.serve_log = workdir / "serve-pxe.log"
-        self.serve_proc: subprocess.Popen[bytes] | None = None
-        self._serve_out: IO[bytes] | None = None
+        self.serve_proc: Child | None = None
         self.guests: list[qemu.Guest] = []
         self._taps = 0
         self._up = False
@@ -160,28 +170,30 @@ class PxeLab:
             self._up = False
 
     # -- serve-pxe -------------------------------------------------------------------------
-    def start_serve(self, *args: str, ready_timeout: float = 90) -> subprocess.Popen[bytes]:
-        """Start ``sidusctl serve-pxe --nodes ... --interface <bridge> ARGS`` in the namespace
-        and wait for its ``ready:`` line; :class:`SidusError` with the log tail otherwise."""
-        if self.serve_proc is not None and self.serve_proc.poll() is None:
+    def start_serve(self, *args: str, ready_timeout: float = 90) -> Child:
+        """Start ``SERVE_COMMAND --nodes ... --interface <bridge> ARGS`` in the namespace (from
+        the calling thread: it must outlive serve-pxe, see :func:`~sidusctl.core.run.spawn`)
+        and wait up to ``ready_timeout`` seconds for its ``ready:`` log line; the running
+        child. :class:`SidusError` with the log tail otherwise."""
+        if self.serve_proc is not None and self.serve_proc.alive():
             raise SidusError("serve-pxe is already running in this lab")
         argv = ["ip", "netns", "exec", self.netns,
                 # a private /run: rpcbind (started for nfs-ganesha) refuses to start while
                 # another rpcbind, in any namespace, holds /run/rpcbind.lock. `ip netns exec`
                 # already runs in its own mount namespace; this one ends with the process.
+                # Every step of this chain execs in place: the spawned pid ends up as
+                # serve-pxe itself, with the spawner's PR_SET_PDEATHSIG.
                 "unshare", "-m", "sh", "-c", 'mount -t tmpfs sdt-run /run && exec "$@"', "sh",
-                sys.executable, "-m", "sidusctl", "--state-dir", str(self.state), "serve-pxe",
+                *self.serve_command,
                 "--nodes", str(self.nodes_file), "--interface", self.bridge,
                 "--tftp-root", str(self.tftp_root), *args]
         start = self.serve_log.stat().st_size if self.serve_log.exists() else 0
-        self._serve_out = open(self.serve_log, "ab")  # noqa: SIM115 (closed in stop_serve)
-        log.debug("run: %s", " ".join(argv))
-        self.serve_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                           stdout=self._serve_out, stderr=self._serve_out,
-                                           start_new_session=True)
+        self.serve_log.touch()
+        self.serve_proc = spawn(argv, stdout=self.serve_log, stderr=STDOUT,
+                                env={"SIDUSCTL_STATE": str(self.state)}, what="serve-pxe")
         deadline = time.monotonic() + ready_timeout
         while "sidusctl: INFO: ready:" not in self.serve_text()[start:]:
-            if self.serve_proc.poll() is not None or time.monotonic() > deadline:
+            if not self.serve_proc.alive() or time.monotonic() > deadline:
                 self.stop_serve()
                 raise SidusError("serve-pxe did not become ready:\n"
                                  + self.serve_text()[start:][-3000:])
@@ -189,25 +201,13 @@ class PxeLab:
         return self.serve_proc
 
     def stop_serve(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
-        """Stop serve-pxe with ``sig`` (SIGKILL: as a crash would); its exit code."""
+        """Stop serve-pxe with ``sig`` to its process group (SIGKILL: as a crash would), SIGKILL
+        after ``timeout`` seconds; its exit code (negative: the signal), None if none ran."""
         p = self.serve_proc
-        rc = None
-        if p is not None:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, sig)
-                try:
-                    p.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(10)
-            rc = p.returncode
-            self.serve_proc = None
-        if self._serve_out is not None:
-            self._serve_out.close()
-            self._serve_out = None
-        return rc
+        if p is None:
+            return None
+        self.serve_proc = None
+        return p.stop(grace=timeout, sig=sig)
 
     def serve_text(self) -> str:
         """serve-pxe's log so far."""
@@ -217,10 +217,13 @@ class PxeLab:
             return ""
 
     def status(self) -> dict[str, dict[str, Any]]:
-        """``sidusctl pxe status --json`` of the lab's state, nodes by name."""
-        res = run([sys.executable, "-m", "sidusctl", "--state-dir", str(self.state), "pxe",
-                   "status", "--json"], capture=True, what="sidusctl pxe status")
-        return {n["name"]: n for n in json.loads(res.stdout)["nodes"]}
+        """The nodes of the status serve-pxe last wrote in the lab's state (what ``pxe status
+        --json`` lists under ``nodes``), by name. :class:`StateError` if there is none."""
+        path, st = read_status(self.state, "serve-pxe")
+        pxe = st.get("pxe")
+        if not isinstance(pxe, dict):
+            raise StateError(f"{path} was not written by serve-pxe")
+        return {n["name"]: n for n in pxe.get("nodes", [])}
 
     # -- guests ----------------------------------------------------------------------------
     def add_tap(self) -> str:
@@ -304,11 +307,11 @@ def wait_logins(lab: PxeLab, guests: Sequence[tuple[qemu.Guest, LabNode]], timeo
     return facts
 
 
-def pxe_boot_demo(state_dir: Path, image: str, workdir: Path, *, prefix: str = "sidus-demo",
-                  on_step: Callable[[str], None] | None = None,
+def pxe_boot_demo(state_dir: Path, image: str, workdir: Path, *, serve_command: Sequence[str],
+                  prefix: str = "sidus-demo", on_step: Callable[[str], None] | None = None,
                   timeout: float = 600) -> dict[str, Any]:
-    """PXE-boot one throw-away diskless qemu guest from ``image`` through ``sidusctl
-    serve-pxe`` and report what happened.
+    """PXE-boot one throw-away diskless qemu guest from ``image`` through serve-pxe (started
+    with ``serve_command``, see :class:`PxeLab`) and report what happened.
 
     Creates the namespace ``prefix`` and bridge ``prefix-br`` (10.77.0.1/24), a one-node
     inventory (``demo1``, 10.77.0.10) in ``workdir``, starts serve-pxe there (full DHCP, TFTP,
@@ -338,7 +341,7 @@ def pxe_boot_demo(state_dir: Path, image: str, workdir: Path, *, prefix: str = "
     t_start = time.monotonic()
     workdir = workdir.absolute()
     node = LabNode("demo1", "52:54:00:5d:00:01", IPv4Address("10.77.0.10"))
-    with PxeLab(prefix, state_dir, image, [node], workdir) as lab:
+    with PxeLab(prefix, state_dir, image, [node], workdir, serve_command=serve_command) as lab:
         step(f"network namespace {lab.netns}, bridge {lab.bridge} {SERVER}/{SUBNET.prefixlen}")
         lab.start_serve()
         step(f"serve-pxe running on {lab.bridge} (log {lab.serve_log})")
