@@ -13,7 +13,7 @@ import click
 from rich.table import Table
 
 from sidusctl.cli.common import console, emit_json, get_ctx
-from sidusctl.core.errors import ConfigError
+from sidusctl.core.config import Checker, read_text
 from sidusctl.core.mac import normalize_mac
 from sidusctl.serve import supervisor
 from sidusctl.serve.dhcp import BootPolicy, DhcpConfig, Reservation
@@ -24,34 +24,47 @@ from sidusctl.serve.tftp import TftpConfig
 
 def parse_reservations(path: Path) -> tuple[Reservation, ...]:
     """Read a reservations file: one ``MAC IP [HOSTNAME [BOOTFILE]]`` per line, ``#`` comments.
-    :class:`ConfigError` naming the file and line for the first bad line."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(str(path), None, f"cannot read: {e.strerror}") from e
+    :class:`ConfigErrors` listing every bad line (file, line, what was found and expected),
+    duplicate MACs and addresses included."""
+    text = read_text(path, "reservations file")
+    c = Checker(str(path))
     out: list[Reservation] = []
+    seen_mac: dict[str, int] = {}
+    seen_ip: dict[IPv4Address, int] = {}
     for n, line in enumerate(text.splitlines(), 1):
         fields = line.split("#", 1)[0].split()
         if not fields:
             continue
+
+        def bad(problem: str, expected: str | None = None, n: int = n) -> None:
+            c.error(None, problem, expected, line=n)
+
         if not 2 <= len(fields) <= 4:
-            raise ConfigError(str(path), None, f"{len(fields)} fields", line=n,
-                              expected="MAC IP [HOSTNAME [BOOTFILE]]")
+            bad(f"found {len(fields)} fields", "MAC IP [HOSTNAME [BOOTFILE]]")
+            continue
+        mac = ip = None
         try:
             mac = normalize_mac(fields[0])
         except ValueError:
-            raise ConfigError(str(path), None, f"{fields[0]!r} is not a MAC address", line=n,
-                              expected="aa:bb:cc:dd:ee:ff") from None
+            bad(f"found {fields[0]!r}", "a MAC address such as 52:54:00:12:34:56")
         try:
             ip = IPv4Address(fields[1])
         except ValueError:
-            raise ConfigError(str(path), None, f"{fields[1]!r} is not an IPv4 address",
-                              line=n) from None
+            bad(f"found {fields[1]!r}", "an IPv4 address such as 10.13.20.130")
         host = fields[2] if len(fields) > 2 else None
-        if host is not None and not all(c.isalnum() or c == "-" for c in host):
-            raise ConfigError(str(path), None, f"host name {host!r}", line=n,
-                              expected="letters, digits and '-' (no domain)")
+        if host is not None and not all(ch.isalnum() or ch == "-" for ch in host):
+            bad(f"found host name {host!r}", "letters, digits and '-' (no domain)")
+            host = None
+        if mac is not None and mac in seen_mac:
+            bad(f"duplicate MAC {mac} (also line {seen_mac[mac]})", "one line per MAC")
+        if ip is not None and ip in seen_ip:
+            bad(f"duplicate address {ip} (also line {seen_ip[ip]})", "one line per address")
+        if mac is None or ip is None:
+            continue
+        seen_mac.setdefault(mac, n)
+        seen_ip.setdefault(ip, n)
         out.append(Reservation(mac, ip, host, fields[3] if len(fields) > 3 else None))
+    c.done()
     return tuple(out)
 
 
