@@ -1,0 +1,143 @@
+"""Several "physical nodes" on this one machine, for the multi-host tests.
+
+Each pnode is a network namespace ``sdt-pn<k>`` with its own real OpenSSH server, its own
+state directory and (once ``sidusctl vnode init`` ran there) its own btrfs store; they are
+joined by a bridge ``sdt-pnlan`` in the root namespace that plays the testbed LAN
+(192.168.250.0/24: the bridge has .254, pnode k has .k). The frontend (the test itself)
+reaches them over that bridge with a key made for the run.
+
+LXC in a namespace made by ``ip netns exec`` cannot see the cgroup tree (that command
+remounts /sys), so each sshd starts in a private mount namespace where a copy of
+``/sys/fs/cgroup`` taken before entering is bound back over it; every session it forks (and
+so every sidusctl the frontend runs there) inherits that view.
+
+Everything goes away on exit, on error too: sshd (and whatever runs in the namespaces), the
+namespaces, the bridge, the cgroup copy, the keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+LAN = "sdt-pnlan"
+LAN_NET = "192.168.250"
+CG_COPY = Path("/run/sdt-pn-cgroup")
+
+
+@dataclass(frozen=True)
+class Pnode:
+    name: str      # host name in node sets: pn1, pn2...
+    netns: str     # sdt-pn1...
+    address: str   # 192.168.250.1...
+    state: Path    # its sidusctl state directory
+    pidfile: Path  # its sshd's
+
+
+@dataclass(frozen=True)
+class Lab:
+    pnodes: list[Pnode]
+    key: Path          # the frontend's private key
+    known_hosts: Path
+    work: Path
+
+    def ssh_options(self) -> list[str]:
+        return ["-i", str(self.key), "-o", f"UserKnownHostsFile={self.known_hosts}",
+                "-o", "StrictHostKeyChecking=no"]
+
+    def sshd_pid(self, p: Pnode) -> int:
+        return int(p.pidfile.read_text().split()[0])
+
+
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), check=check, capture_output=True, text=True)
+
+
+def _kill_netns(ns: str) -> None:
+    r = _run("ip", "netns", "pids", ns, check=False)
+    for pid in r.stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+def start_sshd(lab: Lab, p: Pnode) -> None:
+    """(Re)start pnode ``p``'s sshd; returns once it accepts connections."""
+    cfg = lab.work / p.name / "sshd_config"
+    argv = ["ip", "netns", "exec", p.netns, "unshare", "-m", "--propagation", "private",
+            "sh", "-c", f'mount --rbind {CG_COPY} /sys/fs/cgroup && exec "$@"', "sh",
+            "/usr/sbin/sshd", "-f", str(cfg)]
+    _run(*argv)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        r = _run("ip", "netns", "exec", p.netns, "ss", "-Hltn", "sport = :22", check=False)
+        if p.address in r.stdout:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"sshd of {p.name} did not listen")
+
+
+def stop_sshd(lab: Lab, p: Pnode) -> None:
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
+        os.kill(lab.sshd_pid(p), signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while p.pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def pnodes(work: Path, count: int = 3) -> Iterator[Lab]:
+    """``count`` pnodes ready for SSH as root (see the module docstring)."""
+    work.mkdir(parents=True, exist_ok=True)
+    names = [f"pn{k}" for k in range(1, count + 1)]
+    try:
+        CG_COPY.mkdir(parents=True, exist_ok=True)
+        _run("mount", "--rbind", "/sys/fs/cgroup", str(CG_COPY))
+        _run("mount", "--make-rprivate", str(CG_COPY))
+        _run("ip", "link", "add", LAN, "type", "bridge")
+        _run("ip", "addr", "add", f"{LAN_NET}.254/24", "dev", LAN)
+        _run("ip", "link", "set", LAN, "up")
+        key = work / "id_ed25519"
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        lab = Lab([], key, work / "known_hosts", work)
+        for k, name in enumerate(names, 1):
+            ns = f"sdt-{name}"
+            d = work / name
+            d.mkdir()
+            p = Pnode(name, ns, f"{LAN_NET}.{k}", d / "state", d / "sshd.pid")
+            _run("ip", "netns", "add", ns)
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            _run("ip", "link", "add", f"sdt-{name}h", "type", "veth", "peer", "name", "eth0",
+                 "netns", ns)
+            _run("ip", "link", "set", f"sdt-{name}h", "master", LAN, "up")
+            _run("ip", "-n", ns, "addr", "add", f"{p.address}/24", "dev", "eth0")
+            _run("ip", "-n", ns, "link", "set", "eth0", "up")
+            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key"))
+            shutil.copy(f"{key}.pub", d / "authorized_keys")
+            (d / "sshd_config").write_text(
+                f"ListenAddress {p.address}\nPort 22\nHostKey {d / 'host_key'}\n"
+                f"PidFile {p.pidfile}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+                "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\n"
+                "StrictModes no\nMaxStartups 100:30:200\nMaxSessions 100\n"
+                "AcceptEnv LANG\nLogLevel ERROR\n")
+            lab.pnodes.append(p)
+            start_sshd(lab, p)
+        yield lab
+    finally:
+        for name in names:
+            _kill_netns(f"sdt-{name}")
+        time.sleep(0.2)
+        for name in names:
+            _run("ip", "netns", "del", f"sdt-{name}", check=False)
+            _run("ip", "link", "del", f"sdt-{name}h", check=False)
+        _run("ip", "link", "del", LAN, check=False)
+        _run("umount", "-R", "-l", str(CG_COPY), check=False)
+        with contextlib.suppress(OSError):
+            CG_COPY.rmdir()
