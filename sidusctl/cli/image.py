@@ -21,6 +21,11 @@ def _row(img: Image) -> dict[str, object]:
             "tarball": str(img.tarball) if img.tarball else None}
 
 
+def _cell(v: object) -> str:
+    """A table cell: ``-`` for what the image does not have (an import has no suite)."""
+    return "-" if v is None else str(v)
+
+
 @click.group("image")
 def image_group() -> None:
     """Built and imported images in the state directory."""
@@ -29,7 +34,8 @@ def image_group() -> None:
 @image_group.command("list")
 @click.option("--json", "as_json", is_flag=True)
 def list_cmd(as_json: bool) -> None:
-    """List images (the current generation of each)."""
+    """List images (the current generation of each). With --json, what an image does not have
+    (an imported image's suite and package count) is null."""
     store = ImageStore(get_ctx().state, recover=_can_recover())
     rows = [_row(i) for i in store.list()]
     if as_json:
@@ -40,9 +46,9 @@ def list_cmd(as_json: bool) -> None:
         return
     t = Table("name", "kind", "suite", "arch", "packages", "size", "created")
     for r in rows:
-        t.add_row(str(r["name"]), str(r["kind"]), str(r["suite"]), str(r["arch"]),
-                  str(r["packages"]), human_size(r["rootfs_bytes"]),  # type: ignore[arg-type]
-                  str(r["created"]))
+        t.add_row(*(_cell(r[k]) for k in ("name", "kind", "suite", "arch", "packages")),
+                  human_size(r["rootfs_bytes"]),  # type: ignore[arg-type]
+                  _cell(r["created"]))
     console.print(t)
 
 

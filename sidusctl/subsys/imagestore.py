@@ -160,6 +160,7 @@ class ImageStore:
                 yield gen
             except BaseException:
                 self._discard(building)
+                self._remove_if_empty(name)
                 raise
             final = self.image_dir(name) / f"gen-{stamp}"
             os.rename(building, final)
@@ -167,6 +168,15 @@ class ImageStore:
         finally:
             if own_lock:
                 lk.release()
+
+    def _remove_if_empty(self, name: str) -> None:
+        """After a refused first build/import: delete ``images/<name>/`` if nothing but its
+        ``.lock`` is left (a failed attempt must not leave an empty image behind)."""
+        d = self.image_dir(name)
+        with contextlib.suppress(OSError):
+            if {p.name for p in d.iterdir()} <= {".lock"}:
+                (d / ".lock").unlink(missing_ok=True)
+                d.rmdir()
 
     def _promote(self, name: str, final: Path) -> None:
         d = self.image_dir(name)
