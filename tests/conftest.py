@@ -2,6 +2,12 @@
 leak check that fails the run if any test left a mount, netns, container, loop device or qemu
 process named ``sdt-`` behind.
 
+Tiers (docs/testing.md): ``-m "not slow"`` is the fast tier and must never run debootstrap, qemu,
+LXC or nfs-ganesha, nor build an image. The fixtures that do (``minimal_image``, and any a test
+module lists in ``HEAVY_FIXTURES``) refuse, with a clear failure, to serve a test that is not
+marked ``slow``, whether it names them as arguments or reaches them through
+``request.getfixturevalue``; so an unmarked test cannot quietly make the fast tier slow.
+
 Environment knobs (for developers; CI sets none of them):
 - ``SIDUSCTL_TEST_STATE``: state directory of the shared image (default /var/tmp/sdt-test-state,
   wiped at the start and the end of the run).
@@ -36,6 +42,30 @@ TEST_STATE = Path(os.environ.get("SIDUSCTL_TEST_STATE", "/var/tmp/sdt-test-state
 CACHE = Path(os.environ.get("SIDUSCTL_CACHE", "/var/cache/sidusctl-test/apt"))
 REUSE = os.environ.get("SIDUSCTL_TEST_REUSE") == "1"
 os.environ["SIDUSCTL_CACHE"] = str(CACHE)
+
+
+# fixtures that build an image or start debootstrap, qemu, LXC or nfs-ganesha
+HEAVY_FIXTURES = {"minimal_image"}
+
+
+def require_slow(request: pytest.FixtureRequest, what: str) -> None:
+    """Fail the requesting test unless it is marked ``slow`` (``@pytest.mark.slow`` or a
+    module-level ``pytestmark``): ``what`` names the heavy thing it asked for."""
+    item = getattr(request, "_pyfuncitem", None) or request.node
+    if item.get_closest_marker("slow") is None:
+        pytest.fail(f"{item.nodeid} needs {what} but is not marked slow: add @pytest.mark.slow "
+                    "(or a module-level pytestmark) so that -m 'not slow' stays fast "
+                    "(docs/testing.md)", pytrace=False)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # before any fixture of the test is set up: a session fixture already built for an earlier
+    # (slow) test would otherwise be handed out without its own check running again
+    heavy = HEAVY_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    if heavy and item.get_closest_marker("slow") is None:
+        pytest.fail(f"{item.nodeid} uses {', '.join(sorted(heavy))} but is not marked slow: add "
+                    "@pytest.mark.slow (or a module-level pytestmark) so that -m 'not slow' stays "
+                    "fast (docs/testing.md)", pytrace=False)
 
 
 def sidusctl(*args: str, state: Path | None = None, check: bool = False, timeout: float = 1800,
@@ -133,11 +163,17 @@ class BuiltImage:
 
 
 @pytest.fixture(scope="session")
-def minimal_image(test_state: Path) -> BuiltImage:
+def minimal_image(request: pytest.FixtureRequest, test_state: Path) -> BuiltImage:
     """``images/minimal`` built once per run by ``sidusctl build minimal --tar`` (real
     debootstrap against the Debian archive). Attributes as imagestore.Image: rootfs, tarball,
     kernel, initrd, manifest, dir, name; plus ``state`` and ``log``. A session that is not alone
-    waits for a concurrent session's build and reuses it."""
+    waits for a concurrent session's build and reuses it.
+
+    Fails unless the test that first asks for it (as an argument, or through a module fixture's
+    ``request.getfixturevalue``) is marked ``slow``; the failure is cached for the session, so
+    in the fast tier every later request fails too. Tests naming it as an argument are also
+    checked one by one in :func:`pytest_runtest_setup`."""
+    require_slow(request, "the built minimal image (debootstrap)")
     from sidusctl.image import recipe
     from sidusctl.subsys.imagestore import ImageStore
 

@@ -14,7 +14,8 @@ import pytest
 
 from tests.conftest import BuiltImage, sidusctl
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the demo needs root")
+pytestmark = [pytest.mark.slow,  # the built image, qemu and LXC
+              pytest.mark.skipif(os.geteuid() != 0, reason="the demo needs root")]
 
 PREFIX = "sdt-demo"
 

@@ -289,7 +289,8 @@ def test_bad_reservations_file_gets_one_clear_message(lab: Lab) -> None:
                               "--reservations", str(lab.reservations)),
                        capture_output=True, text=True, timeout=30, cwd=REPO, check=False)
     assert r.returncode == 2
-    assert f"{lab.reservations}:2: 'not-a-mac' is not a MAC address" in r.stderr
+    # core/config's message shape: file:line: found VALUE (expected WHAT)
+    assert f"{lab.reservations}:2: found 'not-a-mac' (expected a MAC address" in r.stderr
     assert "Traceback" not in r.stderr
     lab.reservations.write_text("52:54:00:ec:33:81 10.9.9.9 node1\n")
     r = subprocess.run(nsexec(lab.server_ns, sys.executable, "-m", "sidusctl", "--state-dir",

@@ -442,6 +442,7 @@ def _proc_status(pid: int) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow  # LXC
 def test_lxc_start_runs_cmd_as_user(images: Images, state: Path) -> None:
     """The imported image started as an LXC container (no network) with the generated
     snippet: its CMD runs as PID 1 of the container, as user app (1000:1000), in WorkingDir,

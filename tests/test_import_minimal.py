@@ -15,7 +15,8 @@ import pytest
 from tests.conftest import sidusctl
 from tests.oci_helpers import Buildah, diff_trees, sdt_tempdir, tree, umoci_unpack, without
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+pytestmark = [pytest.mark.slow,  # the built minimal image and an LXC boot
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
 
 @pytest.fixture

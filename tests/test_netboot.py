@@ -26,7 +26,8 @@ from sidusctl.netboot.tree import ImageFiles, write_tree
 from sidusctl.subsys.ganesha import Export, serve
 from tests.qemu_util import BOOT_TIMEOUT, Guest, guest, mkdisk, netns, nfs_append
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, qemu, NFS)")
+pytestmark = [pytest.mark.slow,  # the built image, qemu, nfs-ganesha
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, qemu, NFS)")]
 
 MARK = "sdt-netboot-marker"
 

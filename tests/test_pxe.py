@@ -200,6 +200,7 @@ def test_cli_render_and_nfs_export(tmp_path: Path) -> None:
     assert res.returncode == 4 and "no image named 'nosuch'" in res.stderr
 
 
+@pytest.mark.slow  # nfs-ganesha
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns)")
 def test_nfs_export_serve_answers_mount_requests(tmp_path: Path) -> None:
     """``--serve`` runs nfs-ganesha for the root: MOUNT and NFS get registered and showmount

@@ -153,6 +153,7 @@ def _wait(cond: object, what: str, timeout: float = 15) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow  # nfs-ganesha
 def test_serve_pxe_end_to_end_with_real_clients(lab: Lab) -> None:
     d = lab.start("--http")
     try:

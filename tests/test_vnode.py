@@ -23,7 +23,8 @@ import pytest
 
 from tests.conftest import sidusctl
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="vnodes need root")
+pytestmark = [pytest.mark.slow,  # the built image and LXC
+              pytest.mark.skipif(os.geteuid() != 0, reason="vnodes need root")]
 
 BASE = Path(f"/var/tmp/sdt-vnt-{os.getpid()}")
 NET = "sdt-vt0"
