@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from sidusctl.core.errors import CommandError, SidusError
+from sidusctl.core.log import get_logger
 from sidusctl.core.run import Result, output, run, which
 from sidusctl.core.state import atomic_write_text
 from sidusctl.subsys.templates import render
+
+log = get_logger("subsys.lxc")
 
 COMMON_CONF = Path("/usr/share/lxc/config/common.conf")
 
@@ -158,24 +161,78 @@ class Container:
 
 
 #: Host limits that many systemd containers exhaust (each systemd, journald, udev... holds
-#: inotify instances: 128 per user, the default, is about 30 containers).
+#: inotify instances: 128 per user, the default, is about 30 containers). Keys are paths under
+#: :data:`PROC_SYS`; values the minimum wanted.
 HOST_SYSCTLS = {"fs/inotify/max_user_instances": 8192, "fs/inotify/max_user_watches": 1048576}
+PROC_SYS = Path("/proc/sys")
+
+
+def _sysctl_name(key: str) -> str:
+    return key.replace("/", ".")
+
+
+def _read_sysctl(key: str) -> int | None:
+    try:
+        return int((PROC_SYS / key).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def raise_host_sysctls() -> dict[str, dict[str, int]]:
+    """Raise (never lower) the host limits of :data:`HOST_SYSCTLS`, as LXC's and LXD's
+    production notes advise, logging each change at info level before making it. Returns
+    ``{key: {"before": old, "set": new}}`` for the ones actually changed (integers, the
+    sysctl's own unit), for :func:`restore_host_sysctls`. A sysctl that cannot be read or
+    written (not root, no such key) is skipped with a debug line; never raises."""
+    done: dict[str, dict[str, int]] = {}
+    for key, want in HOST_SYSCTLS.items():
+        have = _read_sysctl(key)
+        if have is None or have >= want:
+            continue
+        log.info("raising host sysctl %s from %d to %d (many containers; restored by "
+                 "'sidusctl vnode deinit')", _sysctl_name(key), have, want)
+        try:
+            (PROC_SYS / key).write_text(f"{want}\n")
+        except OSError as e:
+            log.debug("cannot raise %s: %s", _sysctl_name(key), e)
+            continue
+        done[key] = {"before": have, "set": want}
+    return done
+
+
+def restore_host_sysctls(recorded: dict[str, Any]) -> list[str]:
+    """Put back the values :func:`raise_host_sysctls` recorded (``{key: {"before", "set"}}``),
+    each only if the sysctl still holds the value we set (someone else may have changed it
+    since: theirs is kept). Logs each restore at info level; returns one line per sysctl
+    restored. Never raises (a malformed record or an unwritable key is skipped)."""
+    done = []
+    for key, rec in recorded.items():
+        if key not in HOST_SYSCTLS or not isinstance(rec, dict):
+            continue
+        before, mine = rec.get("before"), rec.get("set")
+        if not isinstance(before, int) or not isinstance(mine, int):
+            continue
+        have = _read_sysctl(key)
+        if have != mine:
+            log.info("host sysctl %s is %s, not the %d we set: left as it is",
+                     _sysctl_name(key), have, mine)
+            continue
+        log.info("restoring host sysctl %s from %d to %d", _sysctl_name(key), mine, before)
+        try:
+            (PROC_SYS / key).write_text(f"{before}\n")
+        except OSError as e:
+            log.warning("cannot restore %s to %d: %s", _sysctl_name(key), before, e)
+            continue
+        done.append(f"sysctl {_sysctl_name(key)}: {mine} -> {before}")
+    return done
 
 
 def tune_host() -> list[str]:
-    """Raise (never lower) the inotify limits of :data:`HOST_SYSCTLS`, as LXC's and LXD's
-    production notes advise; returns one line per change (the caller logs them)."""
-    done = []
-    for key, want in HOST_SYSCTLS.items():
-        path = Path("/proc/sys") / key
-        try:
-            have = int(path.read_text().split()[0])
-            if have < want:
-                path.write_text(f"{want}\n")
-                done.append(f"sysctl {key.replace('/', '.')}: {have} -> {want}")
-        except (OSError, ValueError):
-            continue
-    return done
+    """:func:`raise_host_sysctls` without recording: one line per change (the caller logs
+    them). The vnode store raises them first and records them (Store.ready), so that a
+    ``vnode deinit`` can restore them; this finds nothing left to do then."""
+    return [f"sysctl {_sysctl_name(k)}: {v['before']} -> {v['set']}"
+            for k, v in raise_host_sysctls().items()]
 
 
 def list_running(lxcpath: Path) -> list[str]:

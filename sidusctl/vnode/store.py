@@ -11,6 +11,12 @@
         lxc/<name>/        LXC config, console log and LXC log of each vnode
 
 The store's btrfs (an image file or a device) is mounted again on demand (after a reboot).
+
+Host sysctls: many containers need higher inotify limits (:data:`sidusctl.subsys.lxc.HOST_SYSCTLS`).
+``init`` and ``ready`` (every vnode start) raise them, logging each change at info level first,
+and record the previous values in ``state.json`` (``store.host_sysctls``:
+``{key: {"before": old, "set": new}}``); ``deinit`` puts the previous values back, each only if
+the host still holds the value we set.
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ from sidusctl.core.errors import ConfigError, NotFoundError, PrerequisiteError, 
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run
 from sidusctl.core.state import locked, read_json, write_json
-from sidusctl.subsys import btrfs, mounts
+from sidusctl.subsys import btrfs, lxc, mounts
 from sidusctl.subsys.imagestore import ImageStore
 from sidusctl.subsys.tarball import COMPRESSIONS, extract_rootfs_tar
 from sidusctl.vnode.model import VNetwork, VNode
 
 log = get_logger("vnode.store")
+_SYSCTLS = "host_sysctls"  # key in State.store
 
 
 @dataclass
@@ -103,6 +110,7 @@ class Store:
         mount it there, or use it as is. Returns ``btrfs`` or ``plain``."""
         if btrfs_device and btrfs_image:
             raise ConfigError("vnode init", "btrfs", "give --btrfs-device or --btrfs-image, not both")
+        sysctls = st.store.get(_SYSCTLS)
         if st.vnodes and (btrfs_device or btrfs_image):
             raise StateError(f"the vnode store has {len(st.vnodes)} vnode(s); destroy them "
                              "before formatting a new store")
@@ -127,9 +135,34 @@ class Store:
         else:
             st.store = {"backing": "dir"}
         st.store["fs"] = "btrfs" if btrfs.is_btrfs(self.root) else "plain"
+        if sysctls:  # a second init keeps what the first one must restore
+            st.store[_SYSCTLS] = sysctls
+        self.raise_host_sysctls(st)
         for sub in ("images", "shared", "vnodes"):
             (self.root / sub).mkdir(exist_ok=True)
         return str(st.store["fs"])
+
+    def raise_host_sysctls(self, st: State) -> None:
+        """Raise the host limits vnodes need (:func:`sidusctl.subsys.lxc.raise_host_sysctls`,
+        logged at info before each change) and record in ``st.store["host_sysctls"]`` the value
+        each had, for :meth:`deinit`. A value recorded earlier is kept: after a reboot the
+        kernel's default comes back, and that is still what ``deinit`` must restore."""
+        changed = lxc.raise_host_sysctls()
+        if changed:
+            rec = dict(st.store.get(_SYSCTLS) or {})
+            for key, v in changed.items():
+                old = rec.get(key)
+                before = old["before"] if isinstance(old, dict) and "before" in old else v["before"]
+                rec[key] = {"before": before, "set": v["set"]}
+            st.store[_SYSCTLS] = rec
+
+    def restore_host_sysctls(self, st: State) -> None:
+        """Put back the host sysctls recorded by :meth:`raise_host_sysctls` (each only if it
+        still holds the value we set; see :func:`sidusctl.subsys.lxc.restore_host_sysctls`)
+        and forget them."""
+        rec = st.store.pop(_SYSCTLS, None)
+        if isinstance(rec, dict) and rec:
+            lxc.restore_host_sysctls(rec)
 
     def ensure_mounted(self, st: State) -> None:
         """Mount the store's btrfs if it is device- or image-backed and not mounted (reboot)."""
@@ -154,8 +187,10 @@ class Store:
 
     def ready(self, st: State) -> None:
         """Make sure the store exists (a plain directory if ``init`` was never run)."""
-        if not st.store:
+        if not st.store or set(st.store) == {_SYSCTLS}:
             self.init(st)
+        else:
+            self.raise_host_sysctls(st)
         self.ensure_mounted(st)
         for sub in ("images", "shared", "vnodes"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -304,9 +339,11 @@ class Store:
         return btrfs.used_bytes(self.root) if btrfs.is_btrfs(self.root) else None
 
     def deinit(self, st: State) -> None:
-        """Unmount the store and delete its files (no vnode may remain)."""
+        """Unmount the store and delete its files (no vnode may remain); restore the host
+        sysctls the store raised (:meth:`restore_host_sysctls`)."""
         if st.vnodes:
             raise StateError(f"{len(st.vnodes)} vnode(s) remain: destroy them first")
+        self.restore_host_sysctls(st)
         self.unmount()
         self.image_file.unlink(missing_ok=True)
         if self.root.exists() and not mounts.mounts_under(self.root):
