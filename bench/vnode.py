@@ -6,8 +6,14 @@ loop-backed btrfs store under /var/tmp.
 Prints seconds per vnode (create+start) for each mode, the ratio distinct/cow, the disk used
 per cow vnode once booted, and the wall time until all cow vnodes answer SSH.
 
-    sudo .venv/bin/python bench/vnode.py --image /path/to/rootfs.tar.zst [--count 50]
+    sudo .venv/bin/python bench/vnode.py --image minimal [--state-dir DIR] [--count 50]
                                           [--distinct 50] [--json]
+
+``--image`` is an image name of the state directory's image store, as ``sidusctl vnode create
+--image`` takes it (``--state-dir`` as sidusctl's: the option, else $SIDUSCTL_STATE, else the
+default state directory; the image must have been built with ``--tar``), or the path of a
+rootfs tarball. The benchmark's own vnodes, networks and store live in a private state directory
+(/var/tmp/sdt-bench-vnode-<pid>): it never touches the vnodes of the given state directory.
 
 Everything it makes is named sdt-bench-vnode-* and removed at the end.
 """
@@ -26,11 +32,35 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sidusctl import vnode
+from sidusctl.core.errors import NotFoundError
+from sidusctl.core.paths import state_dir
+from sidusctl.subsys.imagestore import ImageStore
+from sidusctl.subsys.tarball import COMPRESSIONS
+
+
+def resolve_tarball(image: str, state: Path) -> Path:
+    """``image``: a rootfs tarball path (has a ``/`` or a tarball suffix, as the vnode store
+    tells them apart) or an image name in ``state``'s image store -> the tarball's path.
+    NotFoundError if there is no such file or image, or the image has no tarball."""
+    if "/" in image or any(image.endswith(s) for s in COMPRESSIONS):
+        p = Path(image)
+        if not p.is_file():
+            raise NotFoundError(f"image tarball {image} does not exist")
+        return p.resolve()
+    img = ImageStore(state, recover=False).get(image)  # NotFoundError names the known ones
+    if img.tarball is None:
+        raise NotFoundError(f"image {image!r} in {state} has no rootfs tarball",
+                            hint=f"sidusctl --state-dir {state} build {image} --tar")
+    return img.tarball
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--image", required=True, help="image name or rootfs tarball path")
+    ap.add_argument("--image", required=True,
+                    help="image name (in --state-dir's image store) or rootfs tarball path")
+    ap.add_argument("--state-dir", default=None,
+                    help="sidusctl state directory holding the image (default as sidusctl's: "
+                         "$SIDUSCTL_STATE, else its default)")
     ap.add_argument("--count", type=int, default=50, help="cow vnodes (default 50)")
     ap.add_argument("--distinct", type=int, default=50, help="distinct vnodes (default 50)")
     ap.add_argument("--store-size", default=None, help="btrfs image size (default: sized to fit)")
@@ -39,6 +69,11 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench/vnode.py needs root", file=sys.stderr)
         return 2
+    try:
+        image = resolve_tarball(a.image, state_dir(a.state_dir))
+    except NotFoundError as e:
+        print(f"bench/vnode.py: {e}", file=sys.stderr)
+        return 4
 
     state = Path(f"/var/tmp/sdt-bench-vnode-{os.getpid()}")
     p = vnode.open(state)
@@ -46,14 +81,14 @@ def main() -> int:
     try:
         # Size the store: the image (unpacked, about 2.5x a compressed tarball) once per
         # distinct vnode, plus the cache and headroom.
-        img_size = Path(a.image).stat().st_size if Path(a.image).exists() else 400 << 20
+        img_size = image.stat().st_size
         size = int(a.store_size[:-1]) << 30 if a.store_size else \
             (img_size * 3 * (a.distinct + 2)) + (4 << 30)
         p.init(btrfs_image=size)
         p.net_create("sdt-bvn", "10.240.0.0/20")
 
         t0 = time.monotonic()
-        p.create("sdt-bv-warm", a.image, fs="cow", ifaces=["if0:sdt-bvn"])
+        p.create("sdt-bv-warm", str(image), fs="cow", ifaces=["if0:sdt-bvn"])
         res["unpack_s"] = round(time.monotonic() - t0, 2)
         p.destroy("sdt-bv-warm")
 
@@ -65,7 +100,7 @@ def main() -> int:
         t0 = time.monotonic()
         for n in cow_names:
             t = time.monotonic()
-            p.create(n, a.image, fs="cow", ifaces=["if0:sdt-bvn"])
+            p.create(n, str(image), fs="cow", ifaces=["if0:sdt-bvn"])
             t_create += time.monotonic() - t
             t = time.monotonic()
             p.start(n)
@@ -95,7 +130,7 @@ def main() -> int:
         t_create = t_start = dist_root = 0.0
         for n in dist_names:
             t = time.monotonic()
-            p.create(n, a.image, fs="distinct", ifaces=["if0:sdt-bvn"])
+            p.create(n, str(image), fs="distinct", ifaces=["if0:sdt-bvn"])
             t_create += time.monotonic() - t
             t = time.monotonic()
             p.start(n)  # the copy happens here (Distem: start copies the filesystem)
@@ -131,7 +166,7 @@ def main() -> int:
     if a.json:
         print(json.dumps(res, indent=2))
     else:
-        print(f"vnode benchmark ({a.count} cow, {a.distinct} distinct; image {a.image})")
+        print(f"vnode benchmark ({a.count} cow, {a.distinct} distinct; image {a.image}: {image})")
         print(f"  image unpack (once)            {res['unpack_s']} s")
         print(f"  cow: create+start per vnode    {res['cow_create_start_s_per_vnode']} s "
               f"(create {res['cow_create_s_per_vnode']} s, start {res['cow_start_s_per_vnode']} s)")
