@@ -163,7 +163,7 @@ class BuiltImage:
 
 
 @pytest.fixture(scope="session")
-def minimal_image(request: pytest.FixtureRequest, test_state: Path) -> BuiltImage:
+def minimal_image(request: pytest.FixtureRequest) -> BuiltImage:
     """``images/minimal`` built once per run by ``sidusctl build minimal --tar`` (real
     debootstrap against the Debian archive). Attributes as imagestore.Image: rootfs, tarball,
     kernel, initrd, manifest, dir, name; plus ``state`` and ``log``. A session that is not alone
@@ -174,6 +174,8 @@ def minimal_image(request: pytest.FixtureRequest, test_state: Path) -> BuiltImag
     in the fast tier every later request fails too. Tests naming it as an argument are also
     checked one by one in :func:`pytest_runtest_setup`."""
     require_slow(request, "the built minimal image (debootstrap)")
+    # only now: setting test_state up may wipe the shared state directory
+    test_state: Path = request.getfixturevalue("test_state")
     from sidusctl.image import recipe
     from sidusctl.subsys.imagestore import ImageStore
 
