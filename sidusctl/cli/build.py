@@ -26,9 +26,8 @@ def _summary(image: Image, out: Path | None) -> dict[str, Any]:
 
     return {"image": image.name, "generation": image.dir.name, "rootfs": str(image.rootfs),
             "kernel": p(image.kernel), "initrd": p(image.initrd), "tarball": p(image.tarball),
-            "manifest": str(image.manifest_path), "packages": m.get("package_count"),
-            "rootfs_bytes": m.get("sizes", {}).get("rootfs_bytes"),
-            "seconds": m.get("timings_s", {}).get("total")}
+            "manifest": str(image.manifest_path), "packages": m.package_count,
+            "rootfs_bytes": m.sizes.rootfs_bytes, "seconds": m.timings_s.get("total")}
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -99,14 +98,15 @@ def update_cmd(image: str, in_place: bool, tar: bool, as_json: bool) -> None:
     store = ImageStore(get_ctx().state)
     with StageProgress(f"update {image}") as prog:
         img = builder.update(store, image, in_place=in_place, tar=tar, reporter=prog)
-    changed = img.manifest.get("last_update", {}).get("changed", {})
+    last = img.manifest.last_update
+    changed = last.changed if last is not None else {}
     if as_json:
-        emit_json({**_summary(img, None), "changed": changed})
+        emit_json({**_summary(img, None), "changed": {p: c.to_json() for p, c in changed.items()}})
     else:
         console.print(f"[green]image '{image}' updated[/green]: {len(changed)} package(s) changed",
                       highlight=False)
-        for p, v in sorted(changed.items()):
-            click.echo(f"  {p}: {v['from']} -> {v['to']}")
+        for p, c in sorted(changed.items()):
+            click.echo(f"  {p}: {c.from_} -> {c.to}")
 
 
 @click.command("chroot", context_settings={"ignore_unknown_options": True})

@@ -11,13 +11,13 @@ from sidusctl.subsys.imagestore import Image, ImageStore
 
 def _row(img: Image) -> dict[str, object]:
     m = img.manifest
-    ex = m.get("exports", {})
-    return {"name": img.name, "kind": m.get("kind", "?"), "suite": m.get("suite"),
-            "arch": m.get("arch"), "generation": img.dir.name, "created": m.get("created"),
-            "updated": m.get("updated"), "packages": m.get("package_count"),
-            "rootfs_bytes": m.get("sizes", {}).get("rootfs_bytes"), "rootfs": str(img.rootfs),
-            "kernel": str(img.kernel) if "kernel" in ex else None,
-            "initrd": str(img.initrd) if "initrd" in ex else None,
+    ex = m.exports
+    return {"name": img.name, "kind": m.kind, "suite": m.suite,
+            "arch": m.arch, "generation": img.dir.name, "created": m.created,
+            "updated": m.updated, "packages": m.package_count,
+            "rootfs_bytes": m.sizes.rootfs_bytes, "rootfs": str(img.rootfs),
+            "kernel": str(img.kernel) if ex.kernel is not None else None,
+            "initrd": str(img.initrd) if ex.initrd is not None else None,
             "tarball": str(img.tarball) if img.tarball else None}
 
 
@@ -60,7 +60,8 @@ def show_cmd(name: str, as_json: bool, packages: bool) -> None:
     """Show an image's manifest."""
     store = ImageStore(get_ctx().state, recover=_can_recover())
     img = store.get(name)
-    m = dict(img.manifest)
+    man = img.manifest
+    m: dict[str, object] = dict(man.to_json())  # the JSON on disk, as it was always shown
     if not packages:
         m.pop("packages", None)
     m["paths"] = _row(img)
@@ -71,14 +72,15 @@ def show_cmd(name: str, as_json: bool, packages: bool) -> None:
               "package_count", "purged"):
         if k in m:
             click.echo(f"{k + ':':15} {m[k]}")
-    click.echo(f"{'recipe:':15} {m.get('recipe', {}).get('path')} (sha256 {m.get('recipe', {}).get('sha256', '')[:16]})")
-    click.echo(f"{'rootfs size:':15} {human_size(m.get('sizes', {}).get('rootfs_bytes'))}")
-    for k, v in m.get("exports", {}).items():
-        click.echo(f"{k + ':':15} {img.dir / v['file']} ({human_size(v.get('size'))})")
+    rec = man.recipe
+    click.echo(f"{'recipe:':15} {rec.path if rec else None} (sha256 {rec.sha256[:16] if rec else ''})")
+    click.echo(f"{'rootfs size:':15} {human_size(man.sizes.rootfs_bytes)}")
+    for k, v in man.exports.files().items():
+        click.echo(f"{k + ':':15} {img.dir / v.file} ({human_size(v.size)})")
     click.echo(f"{'timings (s):':15} {m.get('timings_s')}")
     if packages:
-        for p, v in sorted(img.manifest.get("packages", {}).items()):
-            click.echo(f"  {p} {v['version']}")
+        for p, pkg in sorted(man.packages.items()):
+            click.echo(f"  {p} {pkg.version}")
 
 
 @image_group.command("rm")

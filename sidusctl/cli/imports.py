@@ -68,23 +68,24 @@ def import_cmd(source: str, name: str, ref: str | None, platform: str | None, ta
                          authfile=authfile, cmd=_parse_cmd(cmd), unit_name=unit_name)
     with StageProgress(f"import {name}", enabled=not as_json) as prog:
         img, m = import_image(store, source, name, opts, prog)
-    rt = m["runtime"]
+    rt, src, dig = m.runtime, m.source, m.digests
+    assert rt is not None and src is not None and dig is not None  # import_image sets them
     summary: dict[str, Any] = {
         "image": name, "generation": img.dir.name, "rootfs": str(img.rootfs),
-        "manifest": str(img.manifest_path), "source": m["source"], "platform": m["platform"],
-        "digests": m["digests"], "command": rt["command"], "user": rt["user"],
-        "uid": rt["uid"], "gid": rt["gid"], "cwd": rt["cwd"], "env": rt["env"],
-        "init": rt["init"], "unit": rt["unit"], "files": rt["files"],
-        "lxc_snippet": str(img.dir / rt["lxc_snippet"]), "note": rt["note"],
-        "exposed_ports": m["exposed_ports"], "volumes": m["volumes"],
-        "tarball": str(tar) if tar else None, "rootfs_bytes": m["sizes"]["rootfs_bytes"],
-        "seconds": m["timings_s"]["total"],
+        "manifest": str(img.manifest_path), "source": src.to_json(), "platform": m.platform,
+        "digests": dig.to_json(), "command": list(rt.command), "user": rt.user,
+        "uid": rt.uid, "gid": rt.gid, "cwd": rt.cwd, "env": list(rt.env),
+        "init": rt.init, "unit": rt.unit, "files": list(rt.files),
+        "lxc_snippet": str(img.dir / (rt.lxc_snippet or "lxc.conf")), "note": rt.note,
+        "exposed_ports": list(m.exposed_ports), "volumes": list(m.volumes),
+        "tarball": str(tar) if tar else None, "rootfs_bytes": m.sizes.rootfs_bytes,
+        "seconds": m.timings_s["total"],
     }
     if as_json:
         emit_json(summary)
         return
-    console.print(f"[green]image '{name}' imported[/green] from {m['source']['kind']} "
-                  f"({len(m['digests']['layers'])} layers, "
+    console.print(f"[green]image '{name}' imported[/green] from {src.kind} "
+                  f"({len(dig.layers)} layers, "
                   f"{human_size(summary['rootfs_bytes'])}, {summary['seconds']} s)",
                   highlight=False)
     for k in ("rootfs", "manifest", "lxc_snippet", "tarball"):
@@ -94,7 +95,7 @@ def import_cmd(source: str, name: str, ref: str | None, platform: str | None, ta
         click.echo(f"{'ports:':12} {', '.join(summary['exposed_ports'])}")
     if summary["volumes"]:
         click.echo(f"{'volumes:':12} {', '.join(summary['volumes'])}")
-    click.echo(f"{'runs:':12} {rt['note']}")
+    click.echo(f"{'runs:':12} {rt.note}")
 
 
 def register(cli: click.Group) -> None:

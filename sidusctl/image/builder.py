@@ -32,6 +32,18 @@ from sidusctl.image.recipe import Recipe
 from sidusctl.image.sources import host_sources, sources_list
 from sidusctl.subsys.chroot import ChrootSession
 from sidusctl.subsys.imagestore import Generation, Image, ImageStore
+from sidusctl.subsys.manifest import (
+    Change,
+    ExportFile,
+    Exports,
+    KernelExport,
+    LastUpdate,
+    Manifest,
+    Package,
+    RecipeInfo,
+    Sizes,
+    TarballExport,
+)
 from sidusctl.subsys.tarball import (
     BackgroundCompress,
     extract_rootfs_tar,
@@ -544,10 +556,10 @@ class Builder:
         s.run(["update-initramfs", "-u", "-k", "all"], what="update-initramfs")
 
     # -- stage 4 ------------------------------------------------------------------------------
-    def _export(self, gen: Generation) -> dict[str, Any]:
+    def _export(self, gen: Generation) -> Exports:
         r = self.recipe
         root = gen.rootfs
-        out: dict[str, Any] = export_kernel(root, gen.dir, r.name)
+        out = export_kernel(root, gen.dir, r.name)
         if self.opts.tar:
             dest = gen.dir / f"{r.name}{suffix_for(r.compression)}"
             self.rep.line(f"writing {dest.name}")
@@ -555,31 +567,33 @@ class Builder:
                 size = write_rootfs_tar(root, dest)
             except CommandError as e:
                 raise _explain(e, r, self.mirror, dest, "tarball export") from e
-            out["tarball"] = {"file": dest.name, "size": size, "compression": r.compression}
+            out = out.model_copy(update={"tarball": TarballExport(
+                file=dest.name, size=size, compression=r.compression)})
         return out
 
-    def _manifest(self, gen: Generation, packages: dict[str, dict[str, str]],
-                  exports: dict[str, Any], total: float) -> dict[str, Any]:
+    def _manifest(self, gen: Generation, packages: dict[str, Package],
+                  exports: Exports, total: float) -> Manifest:
         r = self.recipe
-        return {
-            "name": r.name,
-            "kind": "build",
-            "sidusctl": __version__,
-            "recipe": {"path": str(r.path), "sha256": r.digest(), "values": r.to_json()},
-            "suite": r.suite,
-            "arch": r.arch,
-            "backend": self.opts.backend,
-            "mirror": self.mirror or "(backend default)",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "generation": gen.dir.name.removeprefix(".building-"),
-            "packages": packages,
-            "package_count": len(packages),
-            "purged": self.purged,
-            "sizes": {"rootfs_bytes": _du(gen.rootfs)},
-            "exports": exports,
-            "timings_s": {**self.timings, "total": round(total, 3)},
-            "bootstrap_from_cache": self.bootstrap_from_cache,
-        }
+        return Manifest(
+            name=r.name,
+            kind="build",
+            sidusctl=__version__,
+            recipe=RecipeInfo.from_data({"path": str(r.path), "sha256": r.digest(),
+                                         "values": r.to_json()}, f"{r.path}: recipe values"),
+            suite=r.suite,
+            arch=r.arch,
+            backend=self.opts.backend,
+            mirror=self.mirror or "(backend default)",
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            generation=gen.dir.name.removeprefix(".building-"),
+            packages=packages,
+            package_count=len(packages),
+            purged=tuple(self.purged),
+            sizes=Sizes(rootfs_bytes=_du(gen.rootfs)),
+            exports=exports,
+            timings_s={**self.timings, "total": round(total, 3)},
+            bootstrap_from_cache=self.bootstrap_from_cache,
+        )
 
 
 def default_cache(store: ImageStore) -> Path:
@@ -602,16 +616,16 @@ def build(store: ImageStore, recipe: Recipe, opts: BuildOptions,
 
 # -- helpers -------------------------------------------------------------------------------------
 
-def _package_list(root: Path) -> dict[str, dict[str, str]]:
+def _package_list(root: Path) -> dict[str, Package]:
     """Installed packages from the root's dpkg database: name → version, arch, installed size."""
     res = run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f",
                "${Package}\t${Version}\t${Architecture}\t${Installed-Size}\t${db:Status-Abbrev}\n"],
               capture=True, what="dpkg-query")
-    out: dict[str, dict[str, str]] = {}
+    out: dict[str, Package] = {}
     for line in res.stdout.splitlines():
         parts = line.split("\t")
         if len(parts) == 5 and parts[4].startswith("i"):
-            out[parts[0]] = {"version": parts[1], "arch": parts[2], "installed_kib": parts[3]}
+            out[parts[0]] = Package(version=parts[1], arch=parts[2], installed_kib=parts[3])
     return out
 
 
@@ -686,23 +700,24 @@ def _lookup_id(root: Path, db: str, name: str, recipe: Recipe) -> int:
                      f"{name!r} does not exist in the image's /etc/{db}")
 
 
-def export_kernel(root: Path, dest: Path, name: str) -> dict[str, Any]:
+def export_kernel(root: Path, dest: Path, name: str) -> Exports:
     """Copy the root's newest ``boot/vmlinuz-*`` and its initrd to ``dest`` as
     ``vmlinuz-<name>`` and ``initrd.img-<name>`` (the SIDUS seed's naming); returns the
-    manifest's ``kernel``/``initrd`` entries (file, version, size in bytes), {} if no kernel."""
-    out: dict[str, Any] = {}
+    manifest's ``kernel``/``initrd`` entries (file, version, size in bytes), none set if the
+    root has no kernel."""
     kernels = sorted(root.glob("boot/vmlinuz-*"), key=_version_key)
     if not kernels:
-        return out
+        return Exports()
     k = kernels[-1]
     ver = k.name.removeprefix("vmlinuz-")
     shutil.copy2(k, dest / f"vmlinuz-{name}")
-    out["kernel"] = {"file": f"vmlinuz-{name}", "version": ver, "size": k.stat().st_size}
+    kernel = KernelExport(file=f"vmlinuz-{name}", version=ver, size=k.stat().st_size)
     initrd = root / "boot" / f"initrd.img-{ver}"
-    if initrd.exists():
-        shutil.copy2(initrd, dest / f"initrd.img-{name}")
-        out["initrd"] = {"file": f"initrd.img-{name}", "size": initrd.stat().st_size}
-    return out
+    if not initrd.exists():
+        return Exports(kernel=kernel)
+    shutil.copy2(initrd, dest / f"initrd.img-{name}")
+    return Exports(kernel=kernel,
+                   initrd=ExportFile(file=f"initrd.img-{name}", size=initrd.stat().st_size))
 
 
 def _version_key(p: Path) -> list[Any]:
@@ -769,23 +784,22 @@ def update(store: ImageStore, name: str, *, in_place: bool = False, tar: bool = 
         rep.stage("manifest", 2, 3)
         packages = _package_list(root)
         rep.stage("export", 3, 3)
-        exports = {**manifest.get("exports", {}), **export_kernel(root, gen_dir, name)}
-        if tar or "tarball" in exports:
-            comp = exports.get("tarball", {}).get("compression", "zstd")
+        exports = manifest.exports.merged(export_kernel(root, gen_dir, name))
+        if tar or exports.tarball is not None:
+            comp = exports.tarball.compression if exports.tarball is not None else "zstd"
             dest = gen_dir / f"{name}{suffix_for(comp)}"
-            exports["tarball"] = {"file": dest.name, "size": write_rootfs_tar(root, dest),
-                                  "compression": comp}
-        before = manifest.get("packages", {})
-        changed = {p: {"from": before.get(p, {}).get("version"), "to": v["version"]}
-                   for p, v in packages.items() if before.get(p, {}).get("version") != v["version"]}
-        new = dict(manifest)
-        new.update({"packages": packages, "package_count": len(packages), "exports": exports,
-                    "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "last_update": {"changed": changed,
-                                    "timings_s": {**timings, "total": round(time.monotonic() - t0, 3)}},
-                    "sizes": {**manifest.get("sizes", {}), "rootfs_bytes": _du(root)}})
-        from sidusctl.core.state import write_json
-        write_json(gen_dir / "manifest.json", new)
+            exports = exports.model_copy(update={"tarball": TarballExport(
+                file=dest.name, size=write_rootfs_tar(root, dest), compression=comp)})
+        before = {p: v.version for p, v in manifest.packages.items()}
+        changed = {p: Change(from_=before.get(p), to=v.version)
+                   for p, v in packages.items() if before.get(p) != v.version}
+        new = manifest.model_copy(update={
+            "packages": packages, "package_count": len(packages), "exports": exports,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "last_update": LastUpdate(changed=changed, timings_s={
+                **timings, "total": round(time.monotonic() - t0, 3)}),
+            "sizes": manifest.sizes.model_copy(update={"rootfs_bytes": _du(root)})})
+        new.save(gen_dir / "manifest.json")
 
     if in_place:
         with store.lock(name):

@@ -13,14 +13,25 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from sidusctl import __version__
+from sidusctl.core.errors import StateError
 from sidusctl.core.log import get_logger
 from sidusctl.core.state import atomic_copy
 from sidusctl.oci import ImageError, config, sources
 from sidusctl.oci.layers import LayerApplier, LayerStats
 from sidusctl.subsys.imagestore import Image, ImageStore
+from sidusctl.subsys.manifest import (
+    Digests,
+    Exports,
+    LayerRecord,
+    Manifest,
+    Runtime,
+    Sizes,
+    Source,
+    TarballExport,
+)
 from sidusctl.subsys.tarball import compression_for, tar_suffix, write_rootfs_tar
 
 log = get_logger("oci")
@@ -110,8 +121,9 @@ def _du(root: Path) -> int:
 
 
 def import_image(store: ImageStore, source: str, name: str, opts: ImportOptions,
-                 reporter: Reporter | None = None) -> tuple[Image, dict[str, Any]]:
-    """Import SOURCE as image ``name``; returns the new current Image and a summary dict.
+                 reporter: Reporter | None = None) -> tuple[Image, Manifest]:
+    """Import SOURCE as image ``name``; returns the new current Image and its manifest (with
+    ``source``, ``digests``, ``runtime`` set).
 
     Raises :class:`ImageError` (bad/unsafe/corrupt image, with the layer and entry named),
     :class:`ConfigError` (bad options), :class:`BusyError` (image locked), CommandError
@@ -133,39 +145,44 @@ def import_image(store: ImageStore, source: str, name: str, opts: ImportOptions,
         cfg = (img.config.get("config") or {}) if isinstance(img.config, dict) else {}
         runtime = config.install_runtime(gen.rootfs, gen.dir, cfg, image=name, source=source,
                                          cmd_override=opts.cmd, unit_name=opts.unit_name)
-        exports: dict[str, Any] = {}
+        exports = Exports()
         if opts.tar is not None:
             rep.stage("tarball", len(img.layers) + 1, len(img.layers) + 1)
             dest = gen.dir / f"{name}{tar_suffix(opts.tar)}"
             size = write_rootfs_tar(gen.rootfs, dest)
-            exports["tarball"] = {"file": dest.name, "size": size,
-                                  "compression": compression_for(dest), "copy": str(opts.tar)}
-        manifest = {
-            "name": name,
-            "kind": "import",
-            "sidusctl": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "generation": gen.dir.name.removeprefix(".building-"),
-            "source": {"ref": source, "kind": img.kind, "selected": img.ref,
-                       "repo_tags": img.repo_tags},
-            "platform": img.platform,
-            "arch": (img.config.get("architecture") if img.config else None),
-            "digests": {"manifest": img.manifest_digest, "config": img.config_digest,
-                        "layers": [{"digest": s.digest, "diff_id": s.diff_id,
-                                    "compression": s.compression, "size": s.compressed_bytes,
-                                    "uncompressed": s.uncompressed_bytes,
-                                    "entries": s.entries, "whiteouts": s.whiteouts}
-                                   for s in stats]},
-            "config": cfg,
-            "exposed_ports": sorted((cfg.get("ExposedPorts") or {}).keys()),
-            "volumes": sorted((cfg.get("Volumes") or {}).keys()),
-            "labels": cfg.get("Labels") or {},
-            "runtime": runtime,
-            "sizes": {"rootfs_bytes": _du(gen.rootfs)},
-            "exports": exports,
-            "timings_s": {"resolve": round(t1 - t0, 3), "layers": round(t2 - t1, 3),
-                          "total": round(time.monotonic() - t0, 3)},
-        }
+            exports = Exports(tarball=TarballExport(file=dest.name, size=size,
+                                                    compression=compression_for(dest),
+                                                    copy_=str(opts.tar)))
+        where = f"{source}: image config"
+        # config, labels and the architecture are the image's own (any JSON): validated as
+        # JSON, an ImageError if they are not (a StateError would blame our store)
+        try:
+            extra = Manifest.from_data({
+                "name": name, "kind": "import",
+                "arch": img.config.get("architecture") if img.config else None,
+                "config": cfg, "labels": cfg.get("Labels") or {},
+                "exposed_ports": sorted((cfg.get("ExposedPorts") or {}).keys()),
+                "volumes": sorted((cfg.get("Volumes") or {}).keys())}, where)
+        except StateError as e:
+            raise ImageError(str(e)) from e
+        manifest = extra.model_copy(update=dict(
+            sidusctl=__version__,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            generation=gen.dir.name.removeprefix(".building-"),
+            source=Source(ref=source, kind=img.kind, selected=img.ref,
+                          repo_tags=tuple(img.repo_tags)),
+            platform=img.platform,
+            digests=Digests(manifest=img.manifest_digest, config=img.config_digest,
+                            layers=tuple(LayerRecord(
+                                digest=s.digest, diff_id=s.diff_id, compression=s.compression,
+                                size=s.compressed_bytes, uncompressed=s.uncompressed_bytes,
+                                entries=s.entries, whiteouts=s.whiteouts) for s in stats)),
+            runtime=Runtime.from_data(runtime, f"{source}: runtime record"),
+            sizes=Sizes(rootfs_bytes=_du(gen.rootfs)),
+            exports=exports,
+            timings_s={"resolve": round(t1 - t0, 3), "layers": round(t2 - t1, 3),
+                       "total": round(time.monotonic() - t0, 3)},
+        ))
         gen.write_manifest(manifest)
     image = store.get(name)
     if opts.tar is not None and image.tarball is not None:

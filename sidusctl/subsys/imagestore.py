@@ -22,15 +22,16 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sidusctl.core.errors import ConfigError, NotFoundError, StateError
 from sidusctl.core.log import get_logger
-from sidusctl.core.state import FileLock, publish, read_json, write_json
+from sidusctl.core.state import FileLock, publish
 from sidusctl.subsys import procs, tarball
+from sidusctl.subsys.manifest import Manifest, as_manifest
 from sidusctl.subsys.mounts import mounts_under, umount_tree
 
 log = get_logger("store")
@@ -62,12 +63,13 @@ class Image:
         return self.dir / "manifest.json"
 
     @property
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
+        """The generation's :class:`Manifest` (read on each access); kind ``?`` if it has no
+        ``manifest.json``. StateError naming the file if it is corrupt."""
         try:
-            m = read_json(self.manifest_path)
+            return Manifest.load(self.manifest_path)
         except FileNotFoundError:
-            return {}
-        return m if isinstance(m, dict) else {}
+            return Manifest.missing(self.name)
 
     @property
     def kernel(self) -> Path:
@@ -98,8 +100,10 @@ class Generation:
     def rootfs(self) -> Path:
         return self.dir / "rootfs"
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        write_json(self.dir / "manifest.json", manifest)
+    def write_manifest(self, manifest: Manifest | Mapping[str, object]) -> None:
+        """Write ``manifest.json`` (a mapping is validated into a :class:`Manifest` first;
+        StateError if it does not fit)."""
+        as_manifest(manifest, str(self.dir / "manifest.json")).save(self.dir / "manifest.json")
 
 
 class ImageStore:
