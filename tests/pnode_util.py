@@ -7,9 +7,12 @@ joined by a bridge ``sdt-pnlan`` in the root namespace that plays the testbed LA
 reaches them over that bridge with a key made for the run.
 
 LXC in a namespace made by ``ip netns exec`` cannot see the cgroup tree (that command
-remounts /sys), so each sshd starts in a private mount namespace where a copy of
-``/sys/fs/cgroup`` taken before entering is bound back over it; every session it forks (and
-so every sidusctl the frontend runs there) inherits that view.
+remounts /sys), so each pnode has a holder process (``sleep``) in a private mount namespace
+made inside its network namespace, where a copy of ``/sys/fs/cgroup`` taken before entering is
+bound back over it. sshd is started (and restarted) inside the holder's network AND mount
+namespaces with nsenter, so every session it forks (every sidusctl the frontend runs there)
+sees the pnode's own /sys/class/net, the cgroups, and the mounts made by earlier sessions
+(the btrfs vnode store), even across an sshd restart.
 
 Everything goes away on exit, on error too: sshd (and whatever runs in the namespaces), the
 namespaces, the bridge, the cgroup copy, the keys.
@@ -18,10 +21,12 @@ namespaces, the bridge, the cgroup copy, the keys.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +44,7 @@ class Pnode:
     address: str   # 192.168.250.1...
     state: Path    # its sidusctl state directory
     pidfile: Path  # its sshd's
+    holder: Path   # pid file of the process holding its mount namespace
 
 
 @dataclass(frozen=True)
@@ -67,13 +73,14 @@ def _kill_netns(ns: str) -> None:
             os.kill(int(pid), signal.SIGKILL)
 
 
+def _holder_pid(p: Pnode) -> int:
+    return int(p.holder.read_text())
+
+
 def start_sshd(lab: Lab, p: Pnode) -> None:
-    """(Re)start pnode ``p``'s sshd; returns once it accepts connections."""
+    """(Re)start pnode ``p``'s sshd in its namespaces; returns once it listens."""
     cfg = lab.work / p.name / "sshd_config"
-    argv = ["ip", "netns", "exec", p.netns, "unshare", "-m", "--propagation", "private",
-            "sh", "-c", f'mount --rbind {CG_COPY} /sys/fs/cgroup && exec "$@"', "sh",
-            "/usr/sbin/sshd", "-f", str(cfg)]
-    _run(*argv)
+    _run("nsenter", "-t", str(_holder_pid(p)), "-n", "-m", "/usr/sbin/sshd", "-f", str(cfg))
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         r = _run("ip", "netns", "exec", p.netns, "ss", "-Hltn", "sport = :22", check=False)
@@ -81,6 +88,18 @@ def start_sshd(lab: Lab, p: Pnode) -> None:
             return
         time.sleep(0.1)
     raise RuntimeError(f"sshd of {p.name} did not listen")
+
+
+def _start_holder(p: Pnode) -> None:
+    subprocess.Popen(
+        ["ip", "netns", "exec", p.netns, "unshare", "-m", "--propagation", "private", "sh",
+         "-c", f'mount --rbind {CG_COPY} /sys/fs/cgroup && echo $$ > "$1" && exec sleep 86400',
+         "sh", str(p.holder)], stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not (p.holder.exists() and p.holder.read_text().strip()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the namespace holder of {p.name} did not start")
+        time.sleep(0.05)
 
 
 def stop_sshd(lab: Lab, p: Pnode) -> None:
@@ -91,11 +110,34 @@ def stop_sshd(lab: Lab, p: Pnode) -> None:
         time.sleep(0.05)
 
 
+def on_pnode(p: Pnode, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` inside pnode ``p`` (its network and mount namespaces), not over SSH."""
+    return subprocess.run(["nsenter", "-t", str(_holder_pid(p)), "-n", "-m", *argv],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def clean_pnode(p: Pnode) -> None:
+    """Destroy whatever vnodes pnode ``p`` still has and deinit its store (best effort: this
+    runs when a test failed half-way)."""
+    if not p.holder.exists() or not p.state.exists():
+        return
+    cli = [sys.executable, "-m", "sidusctl", "--state-dir", str(p.state), "vnode"]
+    r = on_pnode(p, *cli, "list", "--json")
+    try:
+        names = [v["name"] for v in json.loads(r.stdout)]
+    except ValueError:
+        names = []
+    if names:
+        on_pnode(p, *cli, "destroy", *names)
+    on_pnode(p, *cli, "deinit")
+
+
 @contextlib.contextmanager
 def pnodes(work: Path, count: int = 3) -> Iterator[Lab]:
     """``count`` pnodes ready for SSH as root (see the module docstring)."""
     work.mkdir(parents=True, exist_ok=True)
     names = [f"pn{k}" for k in range(1, count + 1)]
+    made: list[Pnode] = []
     try:
         CG_COPY.mkdir(parents=True, exist_ok=True)
         _run("mount", "--rbind", "/sys/fs/cgroup", str(CG_COPY))
@@ -111,7 +153,7 @@ def pnodes(work: Path, count: int = 3) -> Iterator[Lab]:
             ns = f"sdt-{name}"
             d = work / name
             d.mkdir()
-            p = Pnode(name, ns, f"{LAN_NET}.{k}", d / "state", d / "sshd.pid")
+            p = Pnode(name, ns, f"{LAN_NET}.{k}", d / "state", d / "sshd.pid", d / "holder.pid")
             _run("ip", "netns", "add", ns)
             _run("ip", "-n", ns, "link", "set", "lo", "up")
             _run("ip", "link", "add", f"sdt-{name}h", "type", "veth", "peer", "name", "eth0",
@@ -128,9 +170,13 @@ def pnodes(work: Path, count: int = 3) -> Iterator[Lab]:
                 "StrictModes no\nMaxStartups 100:30:200\nMaxSessions 100\n"
                 "AcceptEnv LANG\nLogLevel ERROR\n")
             lab.pnodes.append(p)
+            made.append(p)
+            _start_holder(p)
             start_sshd(lab, p)
         yield lab
     finally:
+        for p in made:
+            clean_pnode(p)
         for name in names:
             _kill_netns(f"sdt-{name}")
         time.sleep(0.2)

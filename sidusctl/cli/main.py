@@ -32,7 +32,7 @@ LAZY_COMMANDS: dict[str, tuple[str, ...]] = {
     "import": ("imports",),
     "pxe": ("pxe", "servepxe"), "serve-pxe": ("pxe", "servepxe"),
     "serve": ("serve",),
-    "vnode": ("vnode",),
+    "vnode": ("vnode",), "pnode": ("pnode",),
     "demo": ("demo",),
     "completion": ("docs",), "man": ("docs",),
 }

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -266,18 +265,6 @@ def destroy_cmd(names: tuple[str, ...]) -> None:
     _each(names, _platform().destroy, "destroyed")
 
 
-@vnode_group.command("exec", context_settings={"ignore_unknown_options": True})
-@click.argument("name")
-@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_cmd(name: str, argv: tuple[str, ...]) -> None:
-    """Run a command in vnode NAME; exits with its exit code."""
-    r = _platform().exec(name, list(argv))
-    sys.stdout.write(r.stdout)
-    if r.tail:
-        sys.stderr.write(r.tail + "\n")
-    sys.exit(r.returncode)
-
-
 @vnode_group.command("console")
 @click.argument("name")
 @click.option("--log", "show_log", is_flag=True, help="Print the console log instead.")
@@ -290,23 +277,6 @@ def console_cmd(name: str, show_log: bool) -> None:
         return
     # interactive: a tty program, run directly (the runner is for non-interactive commands)
     sys.exit(subprocess.call(p.console_argv(name)))
-
-
-@vnode_group.command("status")
-@click.argument("names", nargs=-1)
-@click.option("--json", "as_json", is_flag=True)
-def status_cmd(names: tuple[str, ...], as_json: bool) -> None:
-    """State, boot status and exit code per host and vnode (DETER-like)."""
-    s = _platform().status(list(names))
-    if as_json:
-        emit_json(s)
-        return
-    t = Table("host", "vnode", "state", "boot", "exit code", "addresses")
-    for host, nodes in s["hosts"].items():
-        for n, d in nodes.items():
-            t.add_row(host, n, d["state"], str(d["boot"]), str(d["exit_code"]),
-                      " ".join(a for a in d["addresses"] if a))
-    console.print(t)
 
 
 @vnode_group.command("list")
@@ -322,23 +292,6 @@ def list_cmd(as_json: bool) -> None:
         t.add_row(r["name"], r["state"], r["fs"], r["image"],
                   " ".join(f"{i['name']}={i['address']}" for i in r["ifaces"]), r["note"] or "")
     console.print(t)
-
-
-@vnode_group.command("wait")
-@click.argument("names", nargs=-1)
-@click.option("--timeout", type=float, default=120, show_default=True, help="Seconds.")
-@click.option("--json", "as_json", is_flag=True)
-def wait_cmd(names: tuple[str, ...], timeout: float, as_json: bool) -> None:
-    """Wait until the vnodes (default: all running) answer on SSH."""
-    res = _platform().wait(list(names), timeout=timeout)
-    if as_json:
-        emit_json(res)
-    else:
-        for n, secs in sorted(res.items()):
-            console.print(f"{n}: " + (f"ssh up after {secs:.1f} s" if secs is not None
-                                      else f"no ssh within {timeout:.0f} s"))
-    if any(v is None for v in res.values()):
-        sys.exit(1)
 
 
 @vnode_group.command("get-image")
@@ -367,56 +320,10 @@ def latency_matrix_cmd(file: str) -> None:
     _platform().latency_matrix(names, m)
 
 
-@vnode_group.command("up")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--wait/--no-wait", "wait_ssh", default=True, show_default=True,
-              help="Wait until every vnode answers SSH.")
-@click.option("--timeout", type=float, default=180, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-def up_cmd(file: str, wait_ssh: bool, timeout: float, as_json: bool) -> None:
-    """Create the vnetworks and vnodes of a platform file and start them."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from sidusctl.vnode.platform_file import load, up
-
-    spec = load(Path(file))
-    p = _platform()
-    t0 = time.monotonic()
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                  console=console, disable=not console.is_terminal or as_json) as prog:
-        tasks: dict[str, Any] = {}
-
-        def on(stage: str, name: str, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = prog.add_task(stage, total=total)
-            prog.advance(tasks[stage])
-            if not console.is_terminal:
-                console.print(f"[{time.monotonic() - t0:6.1f}s] {stage}: {name}", highlight=False)
-
-        res = up(p, spec, wait_ssh=wait_ssh, timeout=timeout, progress=on)
-    if as_json:
-        emit_json(res)
-    else:
-        console.print(f"platform up in {time.monotonic() - t0:.1f} s: "
-                      f"{len(res['started'])} vnode(s) running, {len(res['failed'])} failed")
-        for n, err in res["failed"].items():
-            console.print(f"  {n}: {err}", style="red", markup=False)
-    if res["failed"] or any(v is None for v in res.get("ssh", {}).values()):
-        sys.exit(1)
-
-
-@vnode_group.command("down")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
-def down_cmd(file: str) -> None:
-    """Stop and destroy the vnodes of a platform file and delete its vnetworks."""
-    from sidusctl.vnode.platform_file import down, load
-
-    down(_platform(), load(Path(file)))
-    console.print("platform down")
-
-
 def register(cli: click.Group) -> None:
+    from sidusctl.cli import vnode_many
+
+    vnode_many.attach(vnode_group)
     cli.add_command(vnode_group)
 
 

@@ -184,10 +184,12 @@ class Fanout:
         return names
 
     def run_each(self, commands: Mapping[str, Sequence[str]], *,
-                 timeout: float | None = None, stdin: bytes | None = None) -> dict[str, HostResult]:
+                 timeout: float | None = None,
+                 stdin: bytes | Mapping[str, bytes] | None = None) -> dict[str, HostResult]:
         """Run ``commands[host]`` (an argv, quoted here for the remote shell) on every host
-        of ``commands`` at once; wait at most ``timeout`` seconds for each. One
-        :class:`HostResult` per host, in the order given; never raises for a host's failure."""
+        of ``commands`` at once; wait at most ``timeout`` seconds for each. ``stdin``: bytes
+        given to every command, or per host. One :class:`HostResult` per host, in the order
+        given; never raises for a host's failure."""
         self._check(commands)
         handler = _Collect()
         with self._lock:
@@ -195,8 +197,9 @@ class Fanout:
             for host, argv in commands.items():
                 w = task.shell(shlex.join(argv), nodes=host, handler=handler, stderr=True,
                                timeout=timeout)
-                if stdin is not None:
-                    w.write(stdin)
+                data = stdin.get(host) if isinstance(stdin, Mapping) else stdin
+                if data is not None:
+                    w.write(data)
                     w.set_write_eof()
             log.debug("fan-out to %s: %s", fold_names(commands),
                       "; ".join(f"{h}: {shlex.join(a)}" for h, a in commands.items()))

@@ -61,6 +61,18 @@ class VNetwork:
     gateway: str | None = None
     netns: str | None = None
     host: str = LOCALHOST
+    #: more unicast peers besides ``vxlan_remote``: one all-zeros FDB entry each (RFC 7348
+    #: head-end replication), so no multicast is needed between many hosts
+    vxlan_remotes: list[str] = field(default_factory=list)
+    #: source address of the VXLAN packets (default: chosen by the kernel's routing)
+    vxlan_local: str | None = None
+    #: MTU of the bridge, the VXLAN link and the vnodes' vifaces (None: the kernel's default)
+    mtu: int | None = None
+
+    def peers(self) -> list[str]:
+        """Every unicast VXLAN peer: ``vxlan_remote`` then ``vxlan_remotes``, no repeats."""
+        return list(dict.fromkeys([*([self.vxlan_remote] if self.vxlan_remote else []),
+                                   *self.vxlan_remotes]))
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -99,13 +111,16 @@ class VNetwork:
             if not 0 < self.vxlan_id < 2**24:
                 raise ConfigError(f"vnetwork {self.name}", "vxlan_id",
                                   f"{self.vxlan_id} out of range", expected="1-16777215")
-            if bool(self.vxlan_group) == bool(self.vxlan_remote):
+            if bool(self.vxlan_group) == bool(self.peers()):
                 raise ConfigError(f"vnetwork {self.name}", "vxlan_group",
                                   "give exactly one of vxlan_group (multicast) or vxlan_remote "
                                   "(unicast peer)")
             if self.vxlan_group and not self.root_interface:
                 raise ConfigError(f"vnetwork {self.name}", "root_interface",
                                   "a multicast VXLAN group needs a root interface")
+        if self.mtu is not None and not 576 <= self.mtu <= 65535:
+            raise ConfigError(f"vnetwork {self.name}", "mtu", f"{self.mtu} out of range",
+                              expected="576-65535")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -117,12 +117,15 @@ class Platform:
                    root_interface: str | None = None, vxlan_id: int | None = None,
                    vxlan_port: int = 4789, vxlan_group: str | None = None,
                    vxlan_remote: str | None = None, gateway: str | None = None,
-                   netns: str | None = None) -> VNetwork:
+                   netns: str | None = None, vxlan_remotes: Sequence[str] = (),
+                   vxlan_local: str | None = None, mtu: int | None = None) -> VNetwork:
         """Create vnetwork ``name`` on ``cidr``: its bridge (with the gateway address) and, in
         vxlan mode, its VXLAN link, now. ConfigError/StateError leave nothing behind."""
         net = VNetwork(name=name, cidr=cidr, mode=mode, root_interface=root_interface,
                        vxlan_id=vxlan_id, vxlan_port=vxlan_port, vxlan_group=vxlan_group,
-                       vxlan_remote=vxlan_remote, gateway=gateway, netns=netns).validate()
+                       vxlan_remote=vxlan_remote, gateway=gateway, netns=netns,
+                       vxlan_remotes=list(vxlan_remotes), vxlan_local=vxlan_local,
+                       mtu=mtu).validate()
         with self.store.transaction() as st:
             if name in st.vnetworks:
                 raise StateError(f"a vnetwork named {name!r} already exists")
@@ -149,7 +152,8 @@ class Platform:
         if net.mode == "vxlan":
             assert net.vxlan_id is not None
             links.ensure_vxlan(net.vxlan_link, net.vxlan_id, net.bridge, port=net.vxlan_port,
-                               group=net.vxlan_group, remote=net.vxlan_remote,
+                               group=net.vxlan_group, peers=net.peers(),
+                               local=net.vxlan_local, mtu=net.mtu,
                                dev=net.root_interface, netns=net.netns)
 
     def _net_teardown(self, net: VNetwork) -> None:
@@ -434,7 +438,7 @@ class Platform:
             out.append({"name": i.name, "bridge": net.bridge, "veth": _veth_name(vn.name, i.name),
                         "hwaddr": _hwaddr(vn.name, i.name),
                         "address": f"{i.address}/{net.network.prefixlen}",
-                        "gateway": None if gw_done else net.gateway})
+                        "gateway": None if gw_done else net.gateway, "mtu": net.mtu})
             gw_done = True
         return out
 

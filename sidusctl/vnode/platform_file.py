@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BeforeValidator, Field
 
 from sidusctl.core.config import Checker, Frozen, as_tuple, parse_toml, read_text
 from sidusctl.core.errors import ConfigError, SidusError
+from sidusctl.subsys import fanout
 from sidusctl.vnode.model import (
     VNET_NAME_RE,
     VNODE_NAME_RE,
@@ -86,6 +87,10 @@ class VNetworkSpec(Frozen):
     vxlan_port: Annotated[int, Field(gt=0, lt=65536)] = 4789
     vxlan_group: Annotated[str, AfterValidator(_address)] | None = None
     vxlan_remote: Annotated[str, AfterValidator(_address)] | None = None
+    vxlan_remotes: Annotated[tuple[Annotated[str, AfterValidator(_address)], ...],
+                             BeforeValidator(as_tuple)] = ()
+    vxlan_local: Annotated[str, AfterValidator(_address)] | None = None
+    mtu: Annotated[int, Field(ge=576, le=65535)] | None = None
     gateway: Annotated[str, AfterValidator(_address)] | None = None
 
     def options(self) -> dict[str, Any]:
@@ -140,24 +145,77 @@ class VNodeFile(Frozen):
     copy_host_keys: bool | None = None
     start_command: str | None = None
     persistent_journal: bool | None = None
+    host: str | None = None
 
 
 class VNodeSpec(Frozen):
     """One vnode of a platform file, ready for :meth:`Platform.create` (``create`` holds its
-    keyword arguments, built from a validated :class:`VNodeFile`)."""
+    keyword arguments, built from a validated :class:`VNodeFile`). ``host``: the pnode it
+    must run on, if the file says; ``table``: its defaults-merged table as validated (what a
+    multi-host frontend writes into a pnode's own platform file)."""
 
     name: str
     image: str
     create: dict[str, Any] = Field(default_factory=dict)
+    host: str | None = None
+    table: dict[str, Any] = Field(default_factory=dict)
+
+    def cpus(self) -> float:
+        """Declared cores (0 when none): what placement counts."""
+        return float(self.create.get("cpus") or 0)
+
+    def mem_mib(self) -> int:
+        """Declared memory limit in MiB (0 when none or ``max``): what placement counts."""
+        m = (self.create.get("mem") or {}).get("mem")
+        return m if isinstance(m, int) else 0
+
+
+class PnodeHost(Frozen):
+    """Per-host overrides of ``[pnodes.host.NAME]``."""
+
+    address: str | None = None
+    ssh_port: Annotated[int, Field(gt=0, lt=65536)] | None = None
+    state_dir: str | None = None
+    root_interface: str | None = None
+
+
+class PnodesFile(Frozen):
+    """``[pnodes]``: the physical nodes a platform spans (see :mod:`sidusctl.vnode.cluster`).
+    ``hosts``: a ClusterShell node set (``pn[1-3]``) or a list of them; ``sidusctl``: the
+    command that runs sidusctl on a pnode (split like a shell would); ``ssh_options``: extra
+    ssh/scp options (argv words); ``connect_timeout``: seconds."""
+
+    hosts: str | Annotated[tuple[str, ...], BeforeValidator(as_tuple)]
+    user: str = "root"
+    ssh_port: Annotated[int, Field(gt=0, lt=65536)] = 22
+    state_dir: str = "/var/lib/sidusctl"
+    root_interface: str | None = None
+    sidusctl: str = "sidusctl"
+    ssh_options: Annotated[tuple[str, ...], BeforeValidator(as_tuple)] = ()
+    connect_timeout: Annotated[float, Field(gt=0, le=120)] = 5.0
+    fanout: Annotated[int, Field(ge=1, le=4096)] = 64
+    host: dict[str, PnodeHost] = Field(default_factory=dict)
+
+
+class PlacementFile(Frozen):
+    """``[placement]``: ``pack`` fills a pnode before the next, ``spread`` balances them;
+    ``max_per_pnode`` caps the vnodes of one pnode (DETER's packing factor)."""
+
+    policy: Literal["pack", "spread"] = "pack"
+    max_per_pnode: Annotated[int, Field(ge=1)] | None = None
 
 
 class PlatformSpec(Frozen):
     file: str
     vnetworks: tuple[VNetworkSpec, ...]
     vnodes: tuple[VNodeSpec, ...]
+    pnodes: PnodesFile | None = None
+    placement: PlacementFile = PlacementFile()
+    #: pnode names of ``pnodes.hosts``, expanded (empty for a one-host file)
+    pnode_names: tuple[str, ...] = ()
 
 
-_TOP = ("defaults", "vnetworks", "vnodes")
+_TOP = ("defaults", "vnetworks", "vnodes", "pnodes", "placement")
 
 
 def load(path: Path) -> PlatformSpec:
@@ -190,6 +248,22 @@ def load(path: Path) -> PlatformSpec:
         nv = c.validate(VNetworkSpec, n, ("vnetworks", i))
         if nv is not None:
             nets.append(nv)
+    pnodes: PnodesFile | None = None
+    pnode_names: list[str] = []
+    if "pnodes" in doc:
+        pnodes = c.validate(PnodesFile, doc["pnodes"], ("pnodes",))
+        if pnodes is not None:
+            try:
+                pnode_names = fanout.expand(pnodes.hosts)
+            except ConfigError as e:
+                c.error(("pnodes", "hosts"), e.problem, e.expected)
+            for h in pnodes.host:
+                if pnode_names and h not in pnode_names:
+                    c.error(("pnodes", "host", h), f"{h!r} is not one of the hosts",
+                            fanout.fold_names(pnode_names))
+            if not pnode_names and pnodes.hosts == ():
+                c.error(("pnodes", "hosts"), "empty", "at least one pnode")
+    placement = c.validate(PlacementFile, doc.get("placement", {}), ("placement",))
     vnodes: list[VNodeSpec] = []
     seen: set[str] = set()
     vnodes_raw = doc.get("vnodes", [])
@@ -209,8 +283,27 @@ def load(path: Path) -> PlatformSpec:
                     "an image name or tarball path", line=c.line(loc))
         if "name" not in d or "image" not in d:
             continue
-        count = d.get("count", 1)
-        names = [d["name"]] if "count" not in d else [f"{d['name']}{k}" for k in range(count)]
+        host = d.get("host")
+        if host is not None and pnodes is None:
+            c.error((*loc, "host"), f"host {host!r} without a [pnodes] section",
+                    "a [pnodes] section listing the hosts")
+        elif host is not None and pnode_names and host not in pnode_names:
+            c.error((*loc, "host"), f"{host!r} is not one of the pnodes",
+                    fanout.fold_names(pnode_names))
+        if "[" in d["name"]:
+            if "count" in d:
+                c.error((*loc, "count"), "count with a node set name",
+                        "either name = 'node[1-40]' or name + count")
+                continue
+            try:
+                names = fanout.expand(d["name"])
+            except ConfigError as e:
+                c.error((*loc, "name"), e.problem, e.expected)
+                continue
+        else:
+            count = d.get("count", 1)
+            names = [d["name"]] if "count" not in d else [f"{d['name']}{k}" for k in range(count)]
+        table = {k: val for k, val in d.items() if k not in ("name", "count", "host")}
         for name in names:
             if not VNODE_NAME_RE.match(name):
                 c.error((*loc, "name"), f"invalid vnode name {name!r}",
@@ -220,9 +313,11 @@ def load(path: Path) -> PlatformSpec:
                 c.error((*loc, "name"), f"vnode {name!r} defined twice", "unique names")
                 break
             seen.add(name)
-            vnodes.append(VNodeSpec(name=name, image=d["image"], create=_create_args(d)))
+            vnodes.append(VNodeSpec(name=name, image=d["image"], create=_create_args(d),
+                                    host=host, table=table))
     c.done()
-    return PlatformSpec(file=f, vnetworks=tuple(nets), vnodes=tuple(vnodes))
+    return PlatformSpec(file=f, vnetworks=tuple(nets), vnodes=tuple(vnodes), pnodes=pnodes,
+                        placement=placement or PlacementFile(), pnode_names=tuple(pnode_names))
 
 
 def _create_args(d: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ lists, which containers and monolithic kernels do not have.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 from sidusctl import __version__
 from sidusctl.core.errors import SidusError
+from sidusctl.core.run import output
 from sidusctl.subsys import cgroups
 from sidusctl.subsys.net import links, tc
 from sidusctl.vnode.store import Store
@@ -39,11 +41,22 @@ def _probe(fn: Any, *args: str) -> bool:
         return False
 
 
+def interfaces() -> dict[str, dict[str, Any]]:
+    """This network namespace's interfaces: name -> ``mtu`` (bytes) and IPv4 ``addresses``."""
+    out: dict[str, dict[str, Any]] = {}
+    for link in json.loads(output(["ip", "-j", "addr", "show"]) or "[]"):
+        out[link["ifname"]] = {"mtu": link.get("mtu"),
+                               "addresses": [a["local"] for a in link.get("addr_info", [])
+                                             if a.get("family") == "inet"]}
+    return out
+
+
 def facts(state_dir: Path) -> dict[str, Any]:
     """This host as a pnode: ``version`` (sidusctl's), ``cores`` (usable CPUs), ``mem_mib``,
     ``store`` (``ready``: ``vnode init`` ran; ``fs``: btrfs or plain; ``free_mib``),
     ``kernel`` (``vxlan`` and each qdisc of :data:`QDISCS`: bool), ``cgroup`` (``v1`` and
-    ``v2``: lists of the controllers available), ``tools`` (lxc-start, btrfs: bool)."""
+    ``v2``: lists of the controllers available), ``tools`` (lxc-start, btrfs: bool),
+    ``interfaces`` (see :func:`interfaces`)."""
     store = Store(state_dir)
     st = store.read()
     root = store.root if store.root.exists() else state_dir
@@ -62,6 +75,7 @@ def facts(state_dir: Path) -> dict[str, Any]:
                    "v2": [c for c in (*CONTROLLERS, "io") if cgroups.v2_has(c)]},
         "tools": {"lxc": shutil.which("lxc-start") is not None,
                   "btrfs": shutil.which("btrfs") is not None},
+        "interfaces": interfaces(),
     }
 
 

@@ -10,9 +10,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -114,9 +115,14 @@ def ensure_bridge(name: str, address: str | None = None, netns: str | None = Non
 
 def ensure_vxlan(name: str, vni: int, bridge: str, *, port: int = 4789, group: str | None = None,
                  remote: str | None = None, dev: str | None = None, local: str | None = None,
+                 peers: Sequence[str] = (), mtu: int | None = None,
                  netns: str | None = None) -> None:
-    """Create VXLAN link ``name`` (VNI ``vni``, UDP ``port``) unless it exists, enslave it to
-    ``bridge`` and bring it up. ``group`` (multicast, needs ``dev``) or ``remote`` (unicast)."""
+    """Create VXLAN link ``name`` (VNI ``vni``, UDP ``port``; RFC 7348) unless it exists,
+    enslave it to ``bridge`` and bring it up. Flooded traffic goes to ``group`` (multicast,
+    needs ``dev``), to ``remote`` (one unicast peer), or to every address of ``peers`` (one
+    all-zeros forwarding entry each: head-end replication, no multicast needed). ``mtu``
+    (bytes) is set on the link and the bridge: leave 50 bytes of the underlay's MTU for the
+    outer Ethernet, IPv4, UDP and VXLAN headers."""
     check_ifname(name, "vxlan link name")
     kind = link_kind(name, netns)
     if kind not in (None, "vxlan"):
@@ -138,13 +144,37 @@ def ensure_vxlan(name: str, vni: int, bridge: str, *, port: int = 4789, group: s
                     kw["vxlan_group"] = remote  # unicast remote: same attribute (IFLA_VXLAN_GROUP)
                 if local:
                     kw["vxlan_local"] = local
+                if mtu:
+                    kw["mtu"] = mtu
                 ip.link("add", **kw)
             idx = ip.link_lookup(ifname=name)[0]
             bidx = ip.link_lookup(ifname=bridge)[0]
+            if mtu:
+                ip.link("set", index=bidx, mtu=mtu)
             ip.link("set", index=idx, master=bidx)
             ip.link("set", index=idx, state="up")
+            for peer in peers:
+                try:
+                    ip.fdb("append", ifindex=idx, lladdr="00:00:00:00:00:00", dst=peer)
+                except NetlinkError as e:
+                    if e.code != errno.EEXIST:
+                        raise
         except NetlinkError as e:
             raise _nl(f"creating vxlan link {name}", e) from e
+
+
+def vxlan_peers(name: str, netns: str | None = None) -> list[str]:
+    """The unicast peers of VXLAN link ``name``: destinations of its all-zeros forwarding
+    entries (empty if the link is missing)."""
+    with ipr(netns) as ip:
+        idx = ip.link_lookup(ifname=name)
+        if not idx:
+            return []
+        out = []
+        for e in ip.fdb("dump", ifindex=idx[0]):
+            if e.get_attr("NDA_LLADDR") == "00:00:00:00:00:00" and e.get_attr("NDA_DST"):
+                out.append(str(e.get_attr("NDA_DST")))
+        return out
 
 
 def remove_link(name: str, netns: str | None = None) -> bool:
