@@ -176,7 +176,13 @@ def serve(
             rpcbind = which("rpcbind", "rpcbind")
             log.debug("starting rpcbind%s", f" in netns {netns}" if netns else "")
             (wd / "rpcbind.log").write_bytes(b"")
-            rpcb = spawn([*pre, rpcbind, "-f"], stderr=wd / "rpcbind.log", what="rpcbind")
+            # rpcbind drops root for its own user, and the kernel then forgets the spawner's
+            # parent-death signal. So it runs in a PID namespace of its own whose init (a
+            # root shell, which keeps it) dies with `unshare`, which dies with us: the kernel
+            # then kills everything in the namespace, rpcbind included.
+            rpcb = spawn([*pre, which("unshare", "util-linux"), "--pid", "--fork",
+                          "--kill-child=SIGKILL", "sh", "-c", '"$@"; exit $?', "sh",
+                          rpcbind, "-f"], stderr=wd / "rpcbind.log", what="rpcbind")
             deadline = time.monotonic() + 10
             while not _registered(netns, probe):
                 if rpcb.poll() is not None or time.monotonic() > deadline:
