@@ -168,7 +168,8 @@ def pnodes(work: Path, count: int = 3) -> Iterator[Lab]:
                 f"PidFile {p.pidfile}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
                 "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\n"
                 "StrictModes no\nMaxStartups 100:30:200\nMaxSessions 100\n"
-                "AcceptEnv LANG\nLogLevel ERROR\n")
+                "AcceptEnv LANG\nLogLevel ERROR\n"
+                "Subsystem sftp /usr/lib/openssh/sftp-server\n")
             lab.pnodes.append(p)
             made.append(p)
             _start_holder(p)

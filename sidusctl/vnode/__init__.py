@@ -27,6 +27,20 @@ StateError (wrong state: start of a running vnode...), PrerequisiteError (the ho
 a cgroup controller, a qdisc). A failed call leaves the state as it was.
 
 Platform files: :func:`load_platform` + :func:`up` / :func:`down` (see docs/vnode.md).
+
+A platform file with ``[pnodes]`` spans many hosts; :class:`Cluster` drives it from the
+frontend the same way the CLI does (each pnode runs the same sidusctl, reached over SSH through
+ClusterShell)::
+
+    spec = vnode.load_platform(Path("platform.toml"))
+    with vnode.Cluster(spec, Path("/var/lib/sidusctl")) as c:
+        print(c.check())                          # {pnode: [what it lacks]}
+        c.init(btrfs_image=20 * 2**30)            # stores and images, on every pnode at once
+        print(c.up(dry_run=True)["plan"])         # placement, addresses, VNIs, MTU
+        c.up()
+        print(c.exec("node[1-40]", ["hostname"])) # {vnode: {rc, stdout, stderr}}
+        print(c.status())                         # {"hosts": {pnode: {...}}, "unreachable": {...}}
+        c.down()
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ import os
 from pathlib import Path
 
 from sidusctl.core.paths import state_dir
+from sidusctl.vnode.cluster import Cluster, PnodeError
 from sidusctl.vnode.model import FROZEN, READY, RUNNING, VIface, VNetwork, VNode
 from sidusctl.vnode.platform import IfaceSpec, Platform, parse_matrix_file
 from sidusctl.vnode.platform_file import PlatformSpec, down, up
@@ -47,5 +62,6 @@ def open(state: str | os.PathLike[str] | None = None) -> Platform:
     return Platform(state_dir(state) if state is None else Path(state))
 
 
-__all__ = ["FROZEN", "READY", "RUNNING", "IfaceSpec", "Platform", "PlatformSpec", "VIface",
+__all__ = ["FROZEN", "READY", "RUNNING", "Cluster", "IfaceSpec", "Platform", "PlatformSpec",
+           "PnodeError", "VIface",
            "VNetwork", "VNode", "down", "load_platform", "open", "parse_matrix_file", "up"]
