@@ -13,7 +13,7 @@ from sidusctl.subsys.cgroups import IoLimit, MemLimits, cpu_settings, io_setting
 from sidusctl.subsys.net import tc
 from sidusctl.subsys.templates import render
 from sidusctl.vnode import ssh
-from sidusctl.vnode.platform import parse_matrix_file, parse_size
+from sidusctl.vnode.limits import parse_matrix_file, parse_size
 from sidusctl.vnode.platform_file import load
 
 GOLDEN_CONF = """\

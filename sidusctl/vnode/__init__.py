@@ -50,8 +50,9 @@ from pathlib import Path
 
 from sidusctl.core.paths import state_dir
 from sidusctl.vnode.cluster import Cluster, PnodeError
+from sidusctl.vnode.limits import parse_matrix_file
 from sidusctl.vnode.model import FROZEN, READY, RUNNING, VIface, VNetwork, VNode
-from sidusctl.vnode.platform import IfaceSpec, Platform, parse_matrix_file
+from sidusctl.vnode.platform import IfaceSpec, Platform
 from sidusctl.vnode.platform_file import PlatformSpec, down, up
 from sidusctl.vnode.platform_file import load as load_platform
 

@@ -11,8 +11,6 @@ import hashlib
 import ipaddress
 import os
 import shlex
-import socket
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from sidusctl.core.errors import (
-    CommandError,
     ConfigError,
     NotFoundError,
     PrerequisiteError,
@@ -29,11 +26,11 @@ from sidusctl.core.errors import (
 )
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import Result, which
-from sidusctl.subsys import btrfs, cgroups, lxc
-from sidusctl.subsys.cgroups import IoLimit, MemLimits
+from sidusctl.subsys import btrfs, lxc
 from sidusctl.subsys.net import links, tc
 from sidusctl.subsys.tarball import write_rootfs_tar
 from sidusctl.vnode import ssh
+from sidusctl.vnode.limits import cgroup_settings, set_limits
 from sidusctl.vnode.model import (
     FROZEN,
     LOCALHOST,
@@ -44,6 +41,7 @@ from sidusctl.vnode.model import (
     VNode,
     check_vnode_name,
 )
+from sidusctl.vnode.observe import Observe
 from sidusctl.vnode.store import State, Store
 
 log = get_logger("vnode")
@@ -80,7 +78,7 @@ def _hwaddr(vnode: str, ifname: str) -> str:
     return "02:" + ":".join(h[i:i + 2] for i in range(0, 10, 2))
 
 
-class Platform:
+class Platform(Observe):
     """The vnodes and vnetworks of state directory ``state_dir`` on this host."""
 
     def __init__(self, state_dir: Path) -> None:
@@ -223,7 +221,7 @@ class Platform:
                        persistent_journal=persistent_journal, created=time.time(),
                        host=LOCALHOST)
             vn.ifaces = self._plan_ifaces(st, vn, specs)
-            self._set_limits(vn, mem=mem, cpus=cpus, cpuset=cpuset, io=io,
+            set_limits(vn, mem=mem, cpus=cpus, cpuset=cpuset, io=io,
                              bandwidth=bandwidth, latency=latency)
             self.store.unpack(st, key, source, kind)
             st.vnodes[name] = vn
@@ -272,75 +270,6 @@ class Platform:
             out.append(VIface(name=s.name, vnetwork=net.name, address=chosen))
         return out
 
-    def _set_limits(self, vn: VNode, *, mem: dict[str, Any] | None, cpus: float | None,
-                    cpuset: str | None, io: Sequence[dict[str, Any]] | None,
-                    bandwidth: dict[str, str | int] | None,
-                    latency: dict[str, float] | None) -> None:
-        """Validate and store limits on ``vn`` (merging into what it has). Raises before any
-        field changes if something is wrong."""
-        new_mem = dict(vn.mem)
-        if mem:
-            if "hierarchy" in mem and new_mem.get("hierarchy") not in (None, mem["hierarchy"]) \
-                    and any(k in new_mem for k in ("mem", "soft", "hard", "swap")):
-                log.info("vnode %s: memory hierarchy changes from v%s to v%s", vn.name,
-                         new_mem.get("hierarchy"), mem["hierarchy"])
-            new_mem.update({k: v for k, v in mem.items() if v is not None})
-        ml = MemLimits(**new_mem)
-        ml.settings()
-        ml.check_host()
-        if cpus is not None and cpus < 0:
-            raise ConfigError(f"vnode {vn.name}", "cpus", f"{cpus} is negative",
-                              expected="a number of CPUs (0 cancels)")
-        if cpus is not None or cpuset is not None:
-            cgroups.require(1, "cpu" if cpus is not None else "cpuset", "a CPU limit")
-        if cpuset is not None and cpuset != "":
-            want = cgroups.parse_cpuset(cpuset)
-            if not want <= cgroups.host_cpus():
-                raise ConfigError(f"vnode {vn.name}", "cpuset",
-                                  f"CPUs {sorted(want - cgroups.host_cpus())} do not exist here",
-                                  expected=f"a subset of {sorted(cgroups.host_cpus())}")
-        new_io = {d["device"]: dict(d) for d in vn.io}
-        for d in io or ():
-            lim = IoLimit(**d)
-            lim.majmin()
-            cur = new_io.setdefault(lim.device, {"device": lim.device})
-            cur.update({k: v for k, v in d.items() if v is not None})
-        cgroups.io_settings([IoLimit(**d) for d in new_io.values()], vn.io_hierarchy)
-        if new_io:
-            cgroups.require(vn.io_hierarchy, "blkio" if vn.io_hierarchy == 1 else "io",
-                            "IO throttling")
-        rates: dict[str, int | None] = {}
-        for ifn, rate in (bandwidth or {}).items():
-            if not any(i.name == ifn for i in vn.ifaces):
-                raise ConfigError(f"vnode {vn.name}", "bandwidth", f"no viface {ifn!r}")
-            rates[ifn] = None if str(rate) in ("", "max", "none") else tc.parse_rate(
-                rate, f"vnode {vn.name}: bandwidth of {ifn}")
-        lats: dict[str, float | None] = {}
-        for ifn, ms in (latency or {}).items():
-            if not any(i.name == ifn for i in vn.ifaces):
-                raise ConfigError(f"vnode {vn.name}", "latency", f"no viface {ifn!r}")
-            lats[ifn] = None if ms is None or float(ms) <= 0 else float(ms)
-        if any(v is not None for v in lats.values()):
-            tc.require_qdisc("netem")
-        # all valid: apply to the model
-        vn.mem = new_mem
-        if cpus is not None:
-            vn.cpus = cpus or None
-        if cpuset is not None:
-            vn.cpuset = cpuset or None
-        vn.io = list(new_io.values())
-        for i in vn.ifaces:
-            if i.name in rates:
-                i.bandwidth = rates[i.name]
-            if i.name in lats:
-                i.latency_ms = lats[i.name]
-
-    def _cgroup_settings(self, vn: VNode) -> list[tuple[int, str, str]]:
-        out = vn.mem_limits().settings()
-        out += cgroups.cpu_settings(vn.cpus, vn.cpuset)
-        out += cgroups.io_settings(vn.io_limits(), vn.io_hierarchy)
-        return out
-
     # -- vnodes: lifecycle -----------------------------------------------------------------
     def _container(self, name: str) -> lxc.Container:
         return lxc.Container(name, self.store.lxcpath)
@@ -385,7 +314,7 @@ class Platform:
                 rootfs = self.store.make_root(st, vn)
                 t1 = time.monotonic()
                 self._prepare_root(st, vn, rootfs)
-                c.write_config(rootfs, self._lxc_ifaces(st, vn), self._cgroup_settings(vn),
+                c.write_config(rootfs, self._lxc_ifaces(st, vn), cgroup_settings(vn),
                                self._devices(vn))
                 c.start()
                 self._apply_tc(vn)
@@ -584,99 +513,6 @@ class Platform:
     def get(self, name: str) -> VNode:
         return self._vnode(self.store.read(), name)
 
-    def status(self, names: Sequence[str] = ()) -> dict[str, Any]:
-        """Per host, per vnode (DETER-like): ``state`` (READY/RUNNING/FROZEN), ``boot``
-        (``started``: container running, init not yet at its target; ``booted``: init reached
-        its target; ``dead``: recorded running but the container is gone; None when READY) and
-        ``exit_code`` (start command's, or the container init's once dead)."""
-        st = self.store.read()
-        hosts: dict[str, dict[str, Any]] = {}
-        for vn in sorted(st.vnodes.values(), key=lambda v: v.name):
-            if names and vn.name not in names:
-                continue
-            c = self._container(vn.name)
-            real = c.state()
-            boot: str | None = None
-            code = vn.exit_code
-            state = vn.state
-            if real == "RUNNING":
-                state = RUNNING
-                boot = self._boot_status(c)
-                if vn.start_command:
-                    code = self._start_command_exit(vn)
-            elif real == "FROZEN":
-                state, boot = FROZEN, "frozen"
-            elif vn.state in (RUNNING, FROZEN):
-                state, boot = READY, "dead"
-                code = c.exit_status() if code is None else code
-            hosts.setdefault(vn.host, {})[vn.name] = {
-                "state": state, "boot": boot, "exit_code": code,
-                "addresses": [i.address for i in vn.ifaces]}
-        for n in names:
-            if n not in st.vnodes:
-                raise NotFoundError(f"no vnode named {n!r}")
-        return {"hosts": hosts}
-
-    @staticmethod
-    def _boot_status(c: lxc.Container) -> str:
-        try:
-            r = c.attach(["systemctl", "is-system-running"], check=False, timeout=15)
-        except CommandError:
-            return "started"
-        s = r.stdout.strip()
-        if s in ("running", "degraded"):
-            return "booted"
-        if r.returncode == 127 or not s:
-            r = c.attach(["runlevel"], check=False, timeout=15)
-            if r.returncode == 0 and r.stdout.split()[-1:] not in (["unknown"], []):
-                return "booted"
-        return "started"
-
-    def wait(self, names: Sequence[str] = (), timeout: float = 120.0,
-             progress: Progress | None = None) -> dict[str, float | None]:
-        """Wait until each vnode (all RUNNING ones by default) answers SSH: a TCP connection to
-        port 22 of its first address returns an ``SSH-`` banner (RFC 4253, 4.2). Returns the
-        seconds each took, or None for those that did not answer within ``timeout``."""
-        st = self.store.read()
-        targets: dict[str, str] = {}
-        for vn in st.vnodes.values():
-            if names and vn.name not in names:
-                continue
-            if not vn.ifaces or not vn.ifaces[0].address:
-                raise StateError(f"vnode {vn.name!r} has no address to reach SSH on")
-            if not names and vn.state == READY:
-                continue
-            targets[vn.name] = str(vn.ifaces[0].address)
-        for n in names:
-            if n not in st.vnodes:
-                raise NotFoundError(f"no vnode named {n!r}")
-        t0 = time.monotonic()
-        result: dict[str, float | None] = {n: None for n in targets}
-        lock = threading.Lock()
-
-        def probe(name: str, addr: str) -> None:
-            while time.monotonic() - t0 < timeout:
-                try:
-                    with socket.create_connection((addr, 22), timeout=2) as s:
-                        s.settimeout(5)
-                        if s.recv(64).startswith(b"SSH-"):
-                            with lock:
-                                result[name] = time.monotonic() - t0
-                            if progress:
-                                progress(name)
-                            return
-                except OSError:
-                    pass
-                time.sleep(0.3)
-
-        threads = [threading.Thread(target=probe, args=(n, a), daemon=True)
-                   for n, a in targets.items()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return result
-
     def get_image(self, name: str, dest: Path) -> int:
         """Dump vnode ``name``'s root (it must be RUNNING or FROZEN: its root exists only then)
         to the tarball ``dest`` (.tar.zst/.tar.gz/...), usable as ``--image`` again. cow roots
@@ -708,12 +544,12 @@ class Platform:
             vn = self._vnode(st, name)
             real = self._reconcile(st, vn)
             before = VNode.from_dict(vn.to_dict())
-            self._set_limits(vn, mem=mem, cpus=cpus, cpuset=cpuset, io=io,
+            set_limits(vn, mem=mem, cpus=cpus, cpuset=cpuset, io=io,
                              bandwidth=bandwidth, latency=latency)
             if real in ("RUNNING", "FROZEN"):
                 c = self._container(name)
                 try:
-                    for _version, key, value in self._cgroup_settings(vn):
+                    for _version, key, value in cgroup_settings(vn):
                         c.cgroup_set(key, value)
                     if bandwidth or latency:
                         inner = self._netns_of(name)
@@ -747,38 +583,9 @@ class Platform:
             tc.shape_by_destination(vn.ifaces[0].name, delays, netns=self._netns_of(vn.name))
 
 
-def parse_matrix_file(path: Path) -> tuple[list[str], list[list[float]]]:
-    """A latency matrix file: first line the vnode names, then one row of milliseconds per
-    vnode (whitespace or comma separated; ``#`` comments)."""
-    rows = [ln.split("#", 1)[0].replace(",", " ").split()
-            for ln in path.read_text().splitlines()]
-    rows = [r for r in rows if r]
-    if not rows:
-        raise ConfigError(str(path), None, "empty latency matrix")
-    names = rows[0]
-    try:
-        m = [[float(x) for x in r] for r in rows[1:]]
-    except ValueError as e:
-        raise ConfigError(str(path), None, f"not a number: {e}", expected="milliseconds") from e
-    return names, m
-
-
-def parse_size(text: str) -> int:
-    """``20G``, ``512M``, ``1T`` or bytes -> bytes."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    try:
-        if t and t[-1] in mult:
-            return int(float(t[:-1]) * mult[t[-1]])
-        return int(t)
-    except ValueError as e:
-        raise ConfigError("--btrfs-image", None, f"invalid size {text!r}",
-                          expected="a size such as 20G or 512M") from e
-
-
 def host_has_root() -> None:
     if os.geteuid() != 0:
         raise PrerequisiteError("vnodes need root privileges (LXC, btrfs, netlink)")
 
 
-__all__ = ["IfaceSpec", "Platform", "SidusError", "parse_matrix_file", "parse_size"]
+__all__ = ["IfaceSpec", "Platform", "SidusError"]
