@@ -15,37 +15,7 @@ from sidusctl.subsys.templates import render
 from sidusctl.vnode import ssh
 from sidusctl.vnode.limits import parse_matrix_file, parse_size
 from sidusctl.vnode.platform_file import load
-
-GOLDEN_CONF = """\
-# LXC configuration of vnode n1 (written by sidusctl vnode; regenerated at each start)
-lxc.uts.name = n1
-lxc.rootfs.path = dir:/s/vnode/store/vnodes/n1/rootfs
-lxc.include = /usr/share/lxc/config/common.conf
-lxc.arch = amd64
-# No AppArmor on this host class; a generated profile would need the host's parser.
-lxc.apparmor.profile = unconfined
-# Hybrid cgroup hosts (v1 + a v2 mount): "mixed" gives systemd a read-only view it accepts.
-lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed
-lxc.tty.max = 2
-lxc.pty.max = 64
-lxc.console.logfile = /s/vnode/lxc/n1/console.log
-lxc.console.size = 1048576
-lxc.log.file = /s/vnode/lxc/n1/lxc.log
-lxc.log.level = INFO
-lxc.net.0.type = veth
-lxc.net.0.link = vnet
-lxc.net.0.name = if0
-lxc.net.0.veth.pair = n1-if0
-lxc.net.0.hwaddr = 02:aa:bb:cc:dd:ee
-lxc.net.0.flags = up
-lxc.net.0.ipv4.address = 10.144.0.1/22
-lxc.net.0.ipv4.gateway = 10.147.255.254
-# IO-throttled device, visible inside the vnode
-lxc.cgroup.devices.allow = b 7:3 rwm
-lxc.mount.entry = /dev/loop3 dev/loop3 none bind,create=file 0 0
-lxc.cgroup.memory.limit_in_bytes = 536870912
-lxc.cgroup2.memory.high = 268435456
-"""
+from tests.golden import assert_golden
 
 
 def test_lxc_config_golden() -> None:
@@ -58,7 +28,7 @@ def test_lxc_config_golden() -> None:
                   cgroups=[(1, "memory.limit_in_bytes", "536870912"),
                            (2, "memory.high", "268435456")],
                   devices=[{"path": "/dev/loop3", "majmin": "7:3"}])
-    assert text == GOLDEN_CONF
+    assert_golden(text, "lxc/vnode.conf")
 
 
 @pytest.mark.parametrize("text,bits", [("100mbit", 100_000_000), ("1gbit", 10**9),

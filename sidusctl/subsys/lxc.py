@@ -227,14 +227,6 @@ def restore_host_sysctls(recorded: dict[str, Any]) -> list[str]:
     return done
 
 
-def tune_host() -> list[str]:
-    """:func:`raise_host_sysctls` without recording: one line per change (the caller logs
-    them). The vnode store raises them first and records them (Store.ready), so that a
-    ``vnode deinit`` can restore them; this finds nothing left to do then."""
-    return [f"sysctl {_sysctl_name(k)}: {v['before']} -> {v['set']}"
-            for k, v in raise_host_sysctls().items()]
-
-
 def list_running(lxcpath: Path) -> list[str]:
     """Names of running containers under ``lxcpath``."""
     if not lxcpath.is_dir():

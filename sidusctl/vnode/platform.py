@@ -303,8 +303,6 @@ class Platform(Observe):
                 log.warning("vnode %s was recorded %s but its container is %s: recovering",
                             name, vn.state, real)
             self.store.ready(st)
-            for change in lxc.tune_host():
-                log.warning("raised a host limit for many containers: %s", change)
             for i in vn.ifaces:
                 net = self._net(st, i.vnetwork)
                 self._net_setup(net)  # idempotent: bridges vanish at reboot
