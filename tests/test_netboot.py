@@ -109,7 +109,9 @@ def test_initrd_contains_the_hook(netboot_image: NetbootImage, tmp_path: Path) -
                              text=True, check=True).stdout.splitlines()
     names = set(listing)
     assert "scripts/init-bottom/sidus" in names
+    assert "scripts/sidus" in names  # boot=sidus: the squashfs roots
     assert "conf/conf.d/sidus" in names
+    assert any(n.endswith("/squashfs.ko") or n.endswith("/squashfs.ko.xz") for n in names)
     assert any(n.endswith("/overlay.ko") or n.endswith("/overlay.ko.xz") for n in names)
     for tool in ("findfs", "blkid", "mke2fs", "losetup"):
         assert f"usr/lib/sidus/bin/{tool}" in names, f"{tool} missing from the initrd"

@@ -143,5 +143,36 @@ def nfs_export_cmd(image: str, networks: tuple[str, ...], nodes: str | None, ser
         console.print("nfs-ganesha stopped", highlight=False)
 
 
+@pxe_group.command("squashfs")
+@click.argument("image")
+@click.option("--generation", default="current", show_default=True,
+              help="current, previous or a gen-<stamp> name.")
+@click.option("--level", type=click.IntRange(1, 22), default=6, show_default=True,
+              help="zstd compression level.")
+@click.option("--force", is_flag=True, help="Pack again even if the tree did not change.")
+@click.option("--list", "list_only", is_flag=True, help="List IMAGE's exports only.")
+@click.option("--json", "as_json", is_flag=True)
+def squashfs_cmd(image: str, generation: str, level: int, force: bool, list_only: bool,
+                 as_json: bool) -> None:
+    """Export a generation of IMAGE as one reproducible squashfs file (zstd), for nodes whose
+    root is squashfs-nfs or squashfs-http. Skipped when the tree did not change; named by
+    the generation, so a running node's file is never overwritten. serve-pxe exports the
+    generation it needs by itself; running this after a build makes its reload instant."""
+    from sidusctl.netboot import squash
+    state = get_ctx().state
+    if not list_only:
+        ex, how = squash.export(state, image, generation=generation, level=level, force=force)
+        if not as_json:
+            console.print(f"{ex.path}: {how} ({ex.size} bytes, sha256 {ex.sha256})",
+                          highlight=False)
+    exports = squash.list_exports(state, image)
+    if as_json:
+        emit_json({"image": image, "exports": [e.as_dict() for e in exports]})
+        return
+    if list_only:
+        for e in exports:
+            console.print(f"{e.file}  {e.size} bytes  sha256 {e.sha256}", highlight=False)
+
+
 def register(cli: click.Group) -> None:
     cli.add_command(pxe_group)

@@ -9,11 +9,13 @@ import os
 import time
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import click
+from rich.table import Table
 
-from sidusctl.cli.common import emit_json, get_ctx
-from sidusctl.core.errors import NotFoundError, SidusError, StateError
+from sidusctl.cli.common import console, emit_json, get_ctx
+from sidusctl.core.errors import Interrupted, NotFoundError, SidusError, StateError
 from sidusctl.core.state import atomic_write_bytes
 from sidusctl.netboot import inventory as inv_mod
 from sidusctl.netboot.daemons import FORMATS, ExportOptions, render_export
@@ -97,9 +99,23 @@ def export_cmd(nodes: str, fmt: str, out: Path | None, tftp_root: str, interface
 @click.option("--efi-loader", type=click.Choice(["grub", "ipxe"]), default="grub",
               show_default=True, help="What x86-64 UEFI clients (option 93 = 7 or 9) get: "
               "grubnetx64.efi, or ipxe.efi (Debian package ipxe), which then runs boot.ipxe.")
+@click.option("--http-max-clients", type=click.IntRange(1, 100000), default=512,
+              show_default=True, help="HTTP connections at once; more get 503 (logged).")
+@click.option("--http-per-client", type=click.IntRange(1, 1000), default=4, show_default=True,
+              help="HTTP connections at once from one address; more get 503 (logged).")
+@click.option("--tftp-max-transfers", type=click.IntRange(1, 100000), default=2000,
+              show_default=True, help="TFTP transfers at once; more get 'server busy'.")
+@click.option("--tftp-per-client", type=click.IntRange(1, 1000), default=8, show_default=True,
+              help="TFTP transfers at once from one address.")
+@click.option("--retain", type=click.IntRange(0, 1000), default=2, show_default=True,
+              help="Squashfs generations kept per image even when no running node holds them.")
+@click.option("--hold-time", type=click.FloatRange(0), default=900.0, show_default=True,
+              help="Seconds a node not seen any more keeps the generation it booted served.")
 def serve_pxe_cmd(nodes: Path, interface: str, proxy: bool, http: bool, http_port: int,
                   tftp_root: Path | None, nfs: str, lease_time: int,
-                  dns_upstream: str | None, efi_loader: str) -> None:
+                  dns_upstream: str | None, efi_loader: str, http_max_clients: int,
+                  http_per_client: int, tftp_max_transfers: int, tftp_per_client: int,
+                  retain: int, hold_time: float) -> None:
     """Boot the inventory's nodes: DHCP (full or proxy), TFTP, DNS, NFS (and HTTP) on one
     interface, until SIGTERM. SIGHUP, or a change of the inventory file, reloads it.
 
@@ -124,23 +140,85 @@ def serve_pxe_cmd(nodes: Path, interface: str, proxy: bool, http: bool, http_por
                           proxy=proxy, http=http, http_port=http_port,
                           nfs=nfs,  # type: ignore[arg-type]
                           lease_time=lease_time, dns_upstream=upstream,
-                          efi_loader=efi_loader)  # type: ignore[arg-type]
+                          efi_loader=efi_loader,  # type: ignore[arg-type]
+                          http_max_clients=http_max_clients, http_per_client=http_per_client,
+                          tftp_max_transfers=tftp_max_transfers,
+                          tftp_per_client=tftp_per_client, retain=retain, hold_time=hold_time)
     pxe.serve(opts)
 
 
-@click.command("status")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status_cmd(as_json: bool) -> None:
-    """What each node of the running (or last) serve-pxe did: DHCP, files fetched, booted."""
+def _read_pxe_status() -> tuple[dict[str, Any], dict[str, Any]]:
     path, st = supervisor.read_status(get_ctx().state, "serve-pxe")
     pxe = st.get("pxe")
     if not isinstance(pxe, dict):
         raise StateError(f"{path} was written by 'sidusctl serve run', not serve-pxe "
                          "(see 'sidusctl serve status')")
+    return st, pxe
+
+
+STAGE_LABELS = {"dhcp": "DHCP", "boot-files": "boot files", "kernel": "kernel+initrd",
+                "root": "root", "booted": "booted"}
+
+
+def _watch_table(st: dict[str, Any], pxe: dict[str, Any], slowest: int) -> Table:
+    """The live view: counts by stage, then the slowest nodes not booted yet."""
+    nodes = pxe.get("nodes", [])
+    now = time.time()
+    counts = {k: 0 for k in ("none", *STAGE_LABELS)}
+    for n in nodes:
+        counts[n.get("stage") or "none"] += 1
+    t = Table(title=f"serve-pxe pid {st.get('pid')} on {pxe.get('interface')}: "
+                    f"{len(nodes)} node(s)", show_edge=False)
+    t.add_column("stage")
+    t.add_column("nodes", justify="right")
+    t.add_row("not seen", str(counts["none"]))
+    for k, label in STAGE_LABELS.items():
+        t.add_row(label, str(counts[k]))
+    failed = [n for n in nodes if n.get("failed")]
+    if failed:
+        t.add_row("[red]failed[/red]", str(len(failed)))
+    waiting = [n for n in nodes if n.get("stage") not in (None, "booted")]
+
+    def started(n: dict[str, Any]) -> float:
+        stages = n.get("stages") or {}
+        return float(stages.get("dhcp") or now)
+
+    waiting.sort(key=started)
+    for n in waiting[:slowest]:
+        t.add_row(f"  slow: {n['name']}", f"{STAGE_LABELS.get(n['stage'], n['stage'])}, "
+                                          f"{now - started(n):.0f} s")
+    return t
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=True, help="A live table of the nodes by boot stage (Ctrl-C "
+              "ends it).")
+@click.option("--interval", type=click.FloatRange(0.2), default=1.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
+@click.option("--slowest", type=click.IntRange(0), default=5, show_default=True,
+              help="How many of the slowest nodes --watch lists.")
+def status_cmd(as_json: bool, watch: bool, interval: float, slowest: int) -> None:
+    """What each node of the running (or last) serve-pxe did: DHCP, files fetched, the
+    generation it booted and the one its next boot gets, its boot stage; "booted" as the
+    node reported it itself."""
+    st, pxe = _read_pxe_status()
+    if watch:
+        from rich.live import Live
+        try:
+            with Live(_watch_table(st, pxe, slowest), console=console, refresh_per_second=4,
+                      transient=False) as live:
+                while True:
+                    time.sleep(interval)
+                    st, pxe = _read_pxe_status()
+                    live.update(_watch_table(st, pxe, slowest))
+        except (KeyboardInterrupt, Interrupted):
+            return
     running = _alive(st.get("pid"))
     if as_json:
         emit_json({"pid": st.get("pid"), "running": running, "updated": st.get("updated"),
                    "inventory": pxe.get("inventory"), "interface": pxe.get("interface"),
+                   "held": pxe.get("held", {}), "http": st.get("http"),
                    "nodes": pxe.get("nodes", [])})
         return
     age = time.time() - float(st.get("updated", 0))
@@ -156,8 +234,11 @@ def status_cmd(as_json: bool) -> None:
             dhcp = "proxyDHCP" + (f" (at {', '.join(addrs)})" if addrs else "")
         else:
             dhcp = "no DHCP yet"
+        gen = ""
+        if n.get("root", "nfs") != "nfs":
+            gen = f"  {n['root']}: runs {n.get('generation') or '-'}, next {n.get('next') or '-'}"
         click.echo(f"{n['name']:<12} {n['mac']}  {n['ip']:<15} {dhcp:<22} "
-                   f"files: {shown or '-'}  booted: {'yes' if n.get('booted') else 'no'}")
+                   f"files: {shown or '-'}  booted: {'yes' if n.get('booted') else 'no'}{gen}")
 
 
 def _alive(pid: object) -> bool:

@@ -17,6 +17,7 @@ File shape::
     [defaults]                        # any node key except name/mac/ip
     image = "minimal"
     overlay = "tmpfs"                 # tmpfs | disk | iscsi | nfs | off
+    root = "nfs"                      # the lower layer: nfs | squashfs-nfs | squashfs-http
     kernel_args = ["console=tty0"]
 
     [groups.compute]                  # group defaults, override [defaults]
@@ -28,7 +29,7 @@ File shape::
     mac = "52:54:00:12:34:56"
     ip = "10.13.20.130"
     group = "compute"                 # optional
-    # image, overlay, size, disk, format, iscsi_target_ip, iscsi_target, iscsi_initiator,
+    # image, root, overlay, size, disk, format, iscsi_target_ip, iscsi_target, iscsi_initiator,
     # nfs_share, kernel_args, hostname: as in [defaults], the node's own value wins
 
 MACs are written lower-case with colons; ``01-<mac-with-dashes>`` is pxelinux's file name
@@ -52,6 +53,9 @@ from sidusctl.core.mac import normalize_mac
 from sidusctl.serve.dhcp import Reservation
 
 MODES = ("tmpfs", "disk", "iscsi", "nfs", "off")
+#: where the lower (read-only) layer comes from: the image's directory over NFS, its squashfs
+#: export loop-mounted from the NFS-mounted export directory, or downloaded over HTTP into RAM
+ROOTS = ("nfs", "squashfs-nfs", "squashfs-http")
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:\S+)?$")
@@ -59,7 +63,7 @@ DISK_RE = re.compile(r"^(/dev/\S+|LABEL=\S+|UUID=[0-9A-Fa-f-]+)$")
 SIZE_RE = re.compile(r"^\d+[kmgKMG%]?$")
 ARG_RE = re.compile(r"^\S+$")
 
-NODE_KEYS = ("name", "mac", "ip", "group", "image", "overlay", "size", "disk", "format",
+NODE_KEYS = ("name", "mac", "ip", "group", "image", "root", "overlay", "size", "disk", "format",
              "iscsi_target_ip", "iscsi_target", "iscsi_initiator", "nfs_share", "kernel_args",
              "hostname")
 DEFAULT_KEYS = tuple(k for k in NODE_KEYS if k not in ("name", "mac", "ip", "group", "hostname"))
@@ -77,6 +81,7 @@ class Node:
     ip: ipaddress.IPv4Address
     image: str
     overlay: str = "tmpfs"
+    root: str = "nfs"
     group: str | None = None
     size: str | None = None
     disk: str | None = None
@@ -208,6 +213,7 @@ class Values(Frozen):
     image: Annotated[str, _matches(IMAGE_RE, "an image name: lower-case letters, digits, '.', "
                                              "'_', '-'")] | None = None
     overlay: Literal[MODES] | None = None  # type: ignore[valid-type]
+    root: Literal[ROOTS] | None = None  # type: ignore[valid-type]
     size: Annotated[str, _matches(SIZE_RE, "a number with k, m, g or % (e.g. \"2g\", "
                                            "\"50%\")")] | None = None
     disk: Annotated[str, _matches(DISK_RE, "/dev/NAME, LABEL=L or UUID=U")] | None = None
@@ -381,7 +387,8 @@ def parse(text: str, file: str = "nodes.toml", *, known_images: Iterable[str] | 
         if nf is None or ip is None or image is None:
             continue
         nodes.append(Node(
-            name=nf.name, mac=nf.mac, ip=nf.ip, image=image, overlay=mode, group=nf.group,
+            name=nf.name, mac=nf.mac, ip=nf.ip, image=image, overlay=mode,
+            root=merged.get("root", "nfs"), group=nf.group,
             size=merged.get("size"), disk=merged.get("disk"),
             format=bool(merged.get("format", False)),
             iscsi_target_ip=str(merged["iscsi_target_ip"]) if merged.get("iscsi_target_ip") else None,

@@ -60,6 +60,7 @@ class LabNode:
     name: str
     mac: str
     ip: IPv4Address
+    root: str = "nfs"
 
 
 def inventory_text(nodes: Sequence[LabNode], image: str, *, subnet: IPv4Network = SUBNET,
@@ -67,24 +68,27 @@ def inventory_text(nodes: Sequence[LabNode], image: str, *, subnet: IPv4Network 
                    kernel_args: Sequence[str] = ("console=ttyS0", "panic=-1",
                                                  *qemu.QUIET)) -> str:
     """A ``nodes.toml`` (see :mod:`sidusctl.netboot.inventory`) booting ``nodes`` from
-    ``image`` with a tmpfs overlay, serial console on ttyS0."""
+    ``image`` with a tmpfs overlay (each node's lower layer from its ``root``), serial
+    console on ttyS0."""
     args = ", ".join(json.dumps(a) for a in kernel_args)
     out = [f'[network]\nsubnet = "{subnet}"\nserver = "{server}"\ndomain = "{domain}"\n',
            f'[defaults]\nimage = "{image}"\noverlay = "tmpfs"\nkernel_args = [{args}]\n']
     for n in nodes:
-        out.append(f'[[nodes]]\nname = "{n.name}"\nmac = "{n.mac}"\nip = "{n.ip}"\n')
+        root = f'root = "{n.root}"\n' if n.root != "nfs" else ""
+        out.append(f'[[nodes]]\nname = "{n.name}"\nmac = "{n.mac}"\nip = "{n.ip}"\n{root}')
     return "\n".join(out)
 
 
 def private_state(state_dir: Path, images: Sequence[str], dest: Path) -> Path:
     """``dest`` made a state directory whose ``images/<name>`` link to ``state_dir``'s images
-    (which must exist: :class:`~sidusctl.core.errors.NotFoundError` otherwise)."""
+    (which must exist: :class:`~sidusctl.core.errors.NotFoundError` otherwise). An
+    ``images/<name>`` already in ``dest`` (a caller's private generations) is left alone."""
     store = ImageStore(state_dir, recover=False)
     (dest / "images").mkdir(parents=True, exist_ok=True)
     for name in images:
         store.get(name)  # NotFoundError naming the built images
         link = dest / "images" / name
-        if not link.is_symlink():
+        if not link.is_symlink() and not link.exists():
             link.symlink_to(store.image_dir(name).resolve(), target_is_directory=True)
     return dest
 

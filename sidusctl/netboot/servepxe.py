@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.server
 import os
 import re
 import signal
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -36,16 +34,20 @@ from typing import Any, Literal
 from sidusctl.core.errors import ConfigError, PrerequisiteError, SidusError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
+from sidusctl.core.state import read_json, write_json
 from sidusctl.netboot import inventory as inv_mod
+from sidusctl.netboot import squash
 from sidusctl.netboot.inventory import Inventory
 from sidusctl.netboot.tree import (
     GRUB_EFI_NAME,
     IPXE_EFI_DIRS,
     IPXE_EFI_NAME,
     ImageFiles,
+    SquashRef,
     export_path_for,
     write_tree,
 )
+from sidusctl.serve import http as http_mod
 from sidusctl.serve import supervisor
 from sidusctl.serve.dhcp import BootPolicy, DhcpConfig, interface_ipv4
 from sidusctl.serve.dns import DnsConfig, Zone
@@ -59,6 +61,9 @@ NfsMode = Literal["auto", "kernel", "ganesha", "off"]
 EfiLoader = Literal["grub", "ipxe"]
 SEED_NFS_OPTIONS = "ro,no_subtree_check,async,no_root_squash"
 _SO_BINDTODEVICE = 25
+REPORT_PATH = "/sidus/report"
+#: the boot stages a node goes through, in order (``pxe status``)
+STAGES = ("dhcp", "boot-files", "kernel", "root", "booted")
 
 
 @dataclass(frozen=True)
@@ -81,25 +86,58 @@ class PxeOptions:
     lease_time: int = 3600
     dns_upstream: tuple[str, int] | None = None
     efi_loader: EfiLoader = "grub"
+    http_max_clients: int = 512
+    http_per_client: int = 4
+    tftp_max_transfers: int = 2000
+    tftp_per_client: int = 8
+    retain: int = squash.DEFAULT_RETAIN
+    hold_time: float = 900.0
 
     @property
     def serve_dir(self) -> Path:
         return self.state / "serve"
 
+    def http_base(self, server: IPv4Address) -> str:
+        port = "" if self.http_port == 80 else f":{self.http_port}"
+        return f"http://{server}{port}"
+
+
+def wants_http(inv: Inventory) -> bool:
+    """Whether a node of ``inv`` downloads its root over HTTP (``squashfs-http``)."""
+    return any(n.root == "squashfs-http" for n in inv.nodes)
+
+
+def squash_images(inv: Inventory, root: str | None = None) -> list[str]:
+    """The images some node boots from a squashfs (``root`` given: from that root source)."""
+    return [i for i in inv.images()
+            if any(n.image == i and n.root != "nfs" and (root is None or n.root == root)
+                   for n in inv.nodes)]
+
 
 def load_inventory(opts: PxeOptions) -> tuple[Inventory, dict[str, ImageFiles], dict[str, Path]]:
     """Parse ``opts.nodes`` against the built images: the inventory, each image's kernel/
-    initrd/export path, and each image's rootfs on this host. :class:`ConfigErrors` (exit 2)
-    lists every problem with file and line."""
+    initrd/export path (and squashfs export, exported now if a node needs it and the
+    generation has none: :func:`sidusctl.netboot.squash.export`), and each image's rootfs on
+    this host. :class:`ConfigErrors` (exit 2) lists every problem with file and line."""
     store = ImageStore(opts.state, recover=False)
     inv = inv_mod.load(opts.nodes, known_images=[i.name for i in store.list()])
     files: dict[str, ImageFiles] = {}
     roots: dict[str, Path] = {}
+    http_on = opts.http or wants_http(inv)
+    sq_images = squash_images(inv)
     for name in inv.images():
         img = store.get(name)
         roots[name] = img.rootfs
+        ref = None
+        if name in sq_images:
+            ex, how = squash.export(opts.state, name)
+            log.info("squashfs: %s %s %s (%d bytes)", name, ex.generation, how, ex.size)
+            url = (f"{opts.http_base(inv.network.server)}/squashfs/{name}/{ex.file}"
+                   if http_on else None)
+            ref = SquashRef(ex.file, ex.sha256, ex.size, url,
+                            f"{inv.network.server}:{squash.squash_dir(opts.state, name)}/{ex.file}")
         files[name] = ImageFiles(name, img.kernel, img.initrd,
-                                 export_path_for(inv, name, img.rootfs))
+                                 export_path_for(inv, name, img.rootfs), ref)
     return inv, files, roots
 
 
@@ -141,7 +179,9 @@ class PxeLoader:
                               expected=f"the server address on {o.interface}, or --interface "
                                        "naming the interface that carries it")
         # the tree first: DHCP must never point a node at a file that is not there yet
-        report = write_tree(o.tftp_root, inv, files)
+        http_on = o.http or wants_http(inv)
+        report_url = f"{o.http_base(net.server)}{REPORT_PATH}" if http_on else None
+        report = write_tree(o.tftp_root, inv, files, report_url=report_url)
         # (without GRUB's EFI modules the tree has no grubnetx64.efi: write_tree warned, BIOS
         # machines still boot; iPXE asked for by name is refused when it is not there)
         efi_file = IPXE_EFI_NAME if o.efi_loader == "ipxe" else GRUB_EFI_NAME
@@ -169,9 +209,25 @@ class PxeLoader:
             dns = DnsConfig(zone=zone, interface=o.interface, address=str(net.server),
                             upstream=o.dns_upstream)
         self.inventory, self.files, self.roots = inv, files, roots
+        for name in squash_images(inv):
+            squash.squash_dir(o.state, name).mkdir(parents=True, exist_ok=True)
         return supervisor.ServeConfig(
-            dhcp=dhcp, tftp=TftpConfig(root=o.tftp_root, interface=o.interface),
+            dhcp=dhcp, tftp=TftpConfig(root=o.tftp_root, interface=o.interface,
+                                       max_transfers=o.tftp_max_transfers,
+                                       max_per_client=o.tftp_per_client),
             dns=dns, status_file=o.serve_dir / "status.json")
+
+    def http_config(self, server: IPv4Address) -> http_mod.HttpConfig:
+        """The HTTP server: the TFTP root, each image's squashfs exports under
+        ``/squashfs/<image>/``, the node reports at ``/sidus/report``, the limits."""
+        o = self.opts
+        inv = self.inventory
+        images = inv.images() if inv else []
+        return http_mod.HttpConfig(
+            root=o.tftp_root, address=str(server), port=o.http_port, interface=o.interface,
+            mounts=tuple((f"/squashfs/{i}/", squash.squash_dir(o.state, i)) for i in images),
+            max_clients=o.http_max_clients, per_client=o.http_per_client,
+            post_paths=(REPORT_PATH,))
 
 
 # -- per-node status ------------------------------------------------------------------------------
@@ -184,9 +240,13 @@ _MAC_FILE_RE = re.compile(r"^(?:pxelinux\.cfg/01-|ipxe/|grub/grub\.cfg-01-)"
 class PxeSupervisor(supervisor.Supervisor):
     """The supervisor plus what each node did: ``acks`` (times of DHCP ACKs by MAC),
     ``proxied`` (times of proxyDHCP replies by MAC), ``fetched`` (files delivered by TFTP or
-    HTTP, by client IP, with the time) and ``ip_mac`` (client IP → MAC, learnt from the
+    HTTP, by client IP, with the time), ``ip_mac`` (client IP → MAC, learnt from the
     per-MAC files a client asks for: in proxy mode the site's DHCP server gives the
-    addresses, so a node's files come from an address the inventory does not know)."""
+    addresses, so a node's files come from an address the inventory does not know),
+    ``reports`` (the stages a node POSTed to ``/sidus/report``: ``root``, ``root-mounted``,
+    ``booted``, ``failed``, by MAC, with time and detail) and ``holds``: the generation each
+    node booted, kept in ``<state>/serve/holds.json`` so that a restart does not forget
+    which squashfs files running nodes still read."""
 
     def __init__(self, loader: PxeLoader) -> None:
         self.loader = loader
@@ -194,6 +254,15 @@ class PxeSupervisor(supervisor.Supervisor):
         self.proxied: dict[str, float] = {}
         self.fetched: dict[str, dict[str, float]] = {}
         self.ip_mac: dict[str, str] = {}
+        self.reports: dict[str, dict[str, Any]] = {}
+        self.http: http_mod.HttpServer | None = None
+        self._holds_file = loader.opts.serve_dir / "holds.json"
+        self.holds: dict[str, dict[str, Any]] = {}
+        with contextlib.suppress(OSError, ValueError, SidusError):
+            raw = read_json(self._holds_file)
+            if isinstance(raw, dict):
+                self.holds = {str(k): v for k, v in raw.items() if isinstance(v, dict)}
+        self._last_prune = 0.0
         super().__init__(loader)
 
     def _event(self, kind: str, who: str, what: str) -> None:
@@ -210,13 +279,102 @@ class PxeSupervisor(supervisor.Supervisor):
             m = _MAC_FILE_RE.match(name)
             if m:
                 self.ip_mac[who] = m.group(1).replace("-", ":")
+        elif kind == "report":
+            self._report(who, what, now)
+
+    def _report(self, mac: str, what: str, now: float) -> None:
+        stage, _, detail = what.partition(" ")
+        r = self.reports.setdefault(mac, {})
+        if stage == "root":  # a new boot: what an earlier one reported is over
+            r.clear()
+        r[stage] = now
+        r[f"{stage}_detail"] = detail
+        inv = self.loader.inventory
+        node = inv.by_mac(mac) if inv else None
+        gen = next((w for w in detail.split() if w.startswith("gen-")), None)
+        if node is not None and stage in ("root-mounted", "booted") and gen:
+            old = self.holds.get(mac, {})
+            self.holds[mac] = {"node": node.name, "image": node.image, "generation": gen,
+                               "since": old.get("since", now) if old.get("generation") == gen
+                               else now, "seen": now}
+            self._save_holds()
+        log.info("report %s (%s): %s %s", mac, node.name if node else "unknown node", stage,
+                 detail)
+
+    def on_post(self, ip: str, path: str, form: dict[str, str]) -> int:
+        """``POST /sidus/report`` (from the HTTP server's threads): ``mac``, ``stage``,
+        ``detail``; 204, or 400 for a form without a MAC or stage."""
+        from sidusctl.core.mac import normalize_mac
+        try:
+            mac = normalize_mac(form.get("mac", ""))
+        except ValueError:
+            return 400
+        stage = form.get("stage", "")
+        if not re.match(r"^[a-z-]{1,20}$", stage):
+            return 400
+        detail = " ".join(form.get("detail", "").split())[:200]
+        self.ip_mac.setdefault(ip, mac)
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._event, "report", mac, f"{stage} {detail}")
+        return 204
+
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def _save_holds(self) -> None:
+        try:
+            write_json(self._holds_file, self.holds)
+        except OSError as e:
+            log.warning("cannot write %s: %s", self._holds_file, e)
+
+    def _write_status(self) -> None:
+        super()._write_status()
+        now = time.time()
+        if now - self._last_prune >= 30:
+            self._last_prune = now
+            self.prune()
+
+    def held(self, now: float | None = None) -> dict[str, set[str]]:
+        """The generations held, by image: booted by a node seen in the last ``hold_time``
+        seconds (a DHCP ACK, a file, a report)."""
+        now = time.time() if now is None else now
+        out: dict[str, set[str]] = {}
+        for mac, h in self.holds.items():
+            if now - self._seen(mac, float(h.get("seen", 0))) <= self.loader.opts.hold_time:
+                out.setdefault(str(h.get("image")), set()).add(str(h.get("generation")))
+        return out
+
+    def _seen(self, mac: str, base: float) -> float:
+        t = max([base, *self.acks.get(mac, [])[-1:]])
+        r = self.reports.get(mac, {})
+        return max([t, *(v for k, v in r.items() if isinstance(v, float))])
+
+    def prune(self) -> list[str]:
+        """Remove squashfs exports no node holds, beyond the retention count; the files
+        removed (``image/generation``)."""
+        inv = self.loader.inventory
+        if inv is None:
+            return []
+        held = self.held()
+        out = []
+        for name in squash_images(inv):
+            keep = set(held.get(name, set()))
+            ref = self.loader.files.get(name)
+            if ref is not None and ref.squashfs is not None:
+                keep.add(ref.squashfs.generation)
+            out += [f"{name}/{g}" for g in squash.prune(self.loader.opts.state, name, keep,
+                                                        self.loader.opts.retain)]
+        return out
 
     def node_status(self) -> list[dict[str, Any]]:
         """One entry per node: ``dhcp`` (address acknowledged, or None), ``proxy_dhcp`` (time
         of the last proxyDHCP reply, or None), ``files`` fetched (from its reserved address,
-        or from any address that asked for its per-MAC files), ``booted``: kernel and initrd
-        fetched and then a DHCP ACK again (the booted kernel's own ``ip=dhcp``), which is as
-        far as the servers can see (never in proxy mode: that ACK is the site server's)."""
+        or from any address that asked for its per-MAC files), ``root`` (its root source),
+        ``generation`` (the one it booted, as it reported it; None before), ``next``
+        (the generation its next boot gets), ``stage`` (the last of :data:`STAGES` reached)
+        with ``stages`` (time of each), ``booted`` (reported by the node itself; without
+        reports, as before: kernel and initrd fetched and then a DHCP ACK again) and
+        ``failed`` (what it reported, if its root could not be fetched)."""
         inv = self.loader.inventory
         if inv is None:
             return []
@@ -230,87 +388,46 @@ class PxeSupervisor(supervisor.Supervisor):
                     got[f] = max(t, got.get(f, 0.0))
             kernel, initrd = f"vmlinuz-{n.image}", f"initrd.img-{n.image}"
             loaded = max(got[kernel], got[initrd]) if kernel in got and initrd in got else None
-            booted = loaded is not None and any(t > loaded for t in acks)
+            rep = self.reports.get(n.mac, {})
+            guessed = loaded is not None and any(t > loaded for t in acks)
+            booted = "booted" in rep or (not rep and guessed)
+            boot_files = [t for f, t in got.items() if f.startswith(
+                ("pxelinux", "ipxe/", "boot.ipxe", "grub", "ldlinux", "menu.c32", "libutil"))]
+            stages: dict[str, float | None] = {
+                "dhcp": acks[0] if acks else self.proxied.get(n.mac),
+                "boot-files": min(boot_files) if boot_files else None,
+                "kernel": loaded,
+                "root": rep.get("root") or next(
+                    (t for f, t in got.items() if f.startswith(f"squashfs/{n.image}/")), None),
+                "booted": rep.get("booted") or (acks[-1] if booted and not rep else None)}
+            stage = next((s for s in reversed(STAGES) if stages[s] is not None), None)
+            hold = self.holds.get(n.mac, {})
+            ref = self.loader.files.get(n.image)
+            nxt = ref.squashfs.generation if ref and ref.squashfs and n.root != "nfs" else None
             out.append({"name": n.name, "mac": n.mac, "ip": str(n.ip), "image": n.image,
+                        "root": n.root,
+                        "generation": hold.get("generation") if hold.get("image") == n.image
+                        else None,
+                        "next": nxt, "stage": stage, "stages": stages,
+                        "failed": rep.get("failed_detail") if "failed" in rep else None,
                         "dhcp": str(n.ip) if acks else None,
                         "dhcp_last": acks[-1] if acks else None,
                         "proxy_dhcp": self.proxied.get(n.mac),
                         "addresses": sorted(ips - {str(n.ip)}),
-                        "files": sorted(got, key=lambda f: got[f]), "booted": booted})
+                        "files": sorted(got, key=lambda f: got[f]), "booted": booted,
+                        "booted_reported": "booted" in rep})
         return out
 
     def status(self) -> dict[str, Any]:
         st = super().status()
         inv = self.loader.inventory
+        st["http"] = self.http.stats.as_dict() if self.http is not None else None
+        if self.http is not None:
+            st["internal_errors"] += self.http.stats.internal_errors
         st["pxe"] = {"inventory": inv.file if inv else None,
-                     "interface": self.loader.opts.interface, "nodes": self.node_status()}
+                     "interface": self.loader.opts.interface, "nodes": self.node_status(),
+                     "held": {k: sorted(v) for k, v in self.held().items()}}
         return st
-
-
-# -- HTTP for iPXE ----------------------------------------------------------------------------------
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    """GET/HEAD of files under the TFTP root; no directory listings, no writes."""
-
-    report: Callable[[str, str], None] | None = None
-    server_version = "sidusctl"
-
-    def list_directory(self, path: str | os.PathLike[str]) -> None:
-        self.send_error(404, "no directory listings")
-        return None
-
-    def do_GET(self) -> None:
-        super().do_GET()
-        if self.report is not None and getattr(self, "_sent_ok", False):
-            self.report(self.client_address[0], self.path.split("?", 1)[0])
-
-    def send_response(self, code: int, message: str | None = None) -> None:
-        self._sent_ok = code == 200
-        super().send_response(code, message)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.info("HTTP %s: %s", self.client_address[0], format % args)
-
-
-class _HttpServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, addr: tuple[str, int], handler: Any, interface: str) -> None:
-        self.interface = interface
-        super().__init__(addr, handler)
-
-    def server_bind(self) -> None:
-        # bound to the device as well as the address, like the DHCP/TFTP/DNS sockets
-        self.socket.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, self.interface.encode())
-        super().server_bind()
-
-
-@contextlib.contextmanager
-def http_server(root: Path, address: str, port: int, interface: str,
-                report: Callable[[str, str], None] | None = None) -> Iterator[_HttpServer]:
-    """A read-only HTTP/1.0 server over ``root`` on ``address:port`` (bound to ``interface``)
-    in a thread, for iPXE clients (kernels and initrds much faster than over TFTP).
-    ``report(client_ip, path)`` is called for each file delivered. Stopped at block exit."""
-    root_s = str(root)
-
-    class Handler(_Handler):
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, directory=root_s, **kw)
-
-    Handler.report = staticmethod(report) if report else None
-    try:
-        srv = _HttpServer((address, port), Handler, interface)
-    except OSError as e:
-        raise SidusError(f"HTTP server: cannot listen on {address}:{port} ({e.strerror})") from e
-    t = threading.Thread(target=srv.serve_forever, name="sidusctl-http", daemon=True)
-    t.start()
-    log.info("HTTP serving %s on %s:%d", root, address, port)
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join(5)
 
 
 # -- NFS ------------------------------------------------------------------------------------------
@@ -423,8 +540,10 @@ def watch_file(path: Path, stop: threading.Event, interval: float = 1.0) -> thre
 def serve(opts: PxeOptions) -> None:
     """Run serve-pxe until SIGTERM/SIGINT. The inventory, the interface and the TFTP tree
     are checked and written before any server starts (:class:`ConfigErrors`, exit 2);
-    SIGHUP or an inventory change re-reads it (a bad one is logged and the running
-    configuration stays); the NFS exports and the HTTP server are set up once, at start."""
+    SIGHUP, an inventory change or a new generation of one of its images re-reads it (a bad
+    one is logged and the running configuration stays); the NFS exports and the HTTP server
+    are set up once, at start (HTTP also without ``--http`` when a node's root is
+    ``squashfs-http``)."""
     # a SIGHUP before the supervisor installs its handler must not kill us (default action)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     loader = PxeLoader(opts)
@@ -432,8 +551,14 @@ def serve(opts: PxeOptions) -> None:
     inv = loader.inventory
     assert inv is not None
     server = str(inv.network.server)
-    paths = [(loader.roots[i], loader.files[i].export_path) for i in inv.images()]
+    paths = [(loader.roots[i], loader.files[i].export_path) for i in inv.images()
+             if any(n.image == i and n.root == "nfs" for n in inv.nodes)]
+    for i in squash_images(inv, "squashfs-nfs"):
+        d = squash.squash_dir(opts.state, i)
+        paths.append((d, str(d)))
     stop = threading.Event()
+    http_on = opts.http or wants_http(inv)
+    store = ImageStore(opts.state, recover=False)
     with nfs_exports(opts.nfs, paths, str(inv.network.subnet), server,
                      opts.serve_dir / "ganesha") as backend:
         log.info("NFS: %s", backend if backend == "off" else
@@ -441,15 +566,20 @@ def serve(opts: PxeOptions) -> None:
 
         async def main() -> None:
             loop = asyncio.get_running_loop()
+            sup._loop = loop
 
-            def report(ip: str, path: str) -> None:
+            def on_file(ip: str, path: str, size: int) -> None:
                 loop.call_soon_threadsafe(sup._event, "http", ip, path)
 
             with contextlib.ExitStack() as stack:
-                if opts.http:
-                    stack.enter_context(http_server(opts.tftp_root, server, opts.http_port,
-                                                    opts.interface, report))
+                if http_on:
+                    sup.http = stack.enter_context(http_mod.serve(
+                        loader.http_config(inv.network.server), on_file=on_file,
+                        on_post=sup.on_post))
                 watch_file(opts.nodes, stop)
+                for i in inv.images():
+                    # a new generation (build, update, import) flips images/<name>/current
+                    watch_file(store.image_dir(i) / "current", stop)
                 try:
                     await sup.serve()
                 finally:

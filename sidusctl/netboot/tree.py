@@ -55,13 +55,33 @@ GRUB_EFI_MODULES = ("efinet", "tftp", "http", "net", "linux", "normal", "configf
 
 
 @dataclass(frozen=True)
+class SquashRef:
+    """An image's squashfs export as nodes reach it: ``file`` (``gen-<stamp>.squashfs``, the
+    generation), ``sha256`` (hex) and ``size`` (bytes) of the file, ``url`` (HTTP, for
+    ``squashfs-http``) and ``nfs`` (``SERVER:/PATH/FILE``, for ``squashfs-nfs``; the
+    directory is the NFS export)."""
+
+    file: str
+    sha256: str
+    size: int
+    url: str | None
+    nfs: str | None
+
+    @property
+    def generation(self) -> str:
+        return self.file.removesuffix(".squashfs")
+
+
+@dataclass(frozen=True)
 class ImageFiles:
-    """Where an image's root is exported on the server and its kernel/initrd on this host."""
+    """Where an image's root is exported on the server and its kernel/initrd on this host;
+    ``squashfs``: its squashfs export, when a node boots from one."""
 
     name: str
     kernel: Path
     initrd: Path
     export_path: str
+    squashfs: SquashRef | None = None
 
 
 @dataclass
@@ -101,13 +121,35 @@ def overlay_args(node: Node, default_iscsi_ip: str) -> list[str]:
     return args
 
 
-def node_cmdline(inv: Inventory, node: Node, img: ImageFiles, *, initrd_arg: bool = True) -> str:
-    """The kernel command line of ``node`` (without ``BOOTIF``, which pxelinux appends)."""
+def root_args(node: Node, img: ImageFiles, server: str) -> list[str]:
+    """The parameters naming ``node``'s lower layer (docs/netboot.md "Root sources"):
+    ``root=/dev/nfs nfsroot=...`` for ``nfs`` (initramfs-tools' own NFS boot), and for the
+    squashfs roots ``boot=sidus`` (the sidus boot script mounts the root) with
+    ``sidus.root=``, ``sidus.src=`` (URL or ``SERVER:/PATH``), ``sidus.sha256=`` and
+    ``sidus.bytes=``. :class:`SidusError` if a squashfs root has no export (or no URL)."""
+    if node.root == "nfs":
+        return ["root=/dev/nfs", nfsroot_arg(server, img.export_path), "ip=dhcp"]
+    sq = img.squashfs
+    src = None if sq is None else (sq.url if node.root == "squashfs-http" else sq.nfs)
+    if sq is None or src is None:
+        raise SidusError(f"node {node.name}: root {node.root} needs a squashfs export of image "
+                         f"'{img.name}'" + (" served over HTTP" if sq is not None else ""),
+                         hint=f"sidusctl pxe squashfs {img.name}")
+    return ["boot=sidus", "ip=dhcp", f"sidus.root={node.root}", f"sidus.src={src}",
+            f"sidus.sha256={sq.sha256}", f"sidus.bytes={sq.size}"]
+
+
+def node_cmdline(inv: Inventory, node: Node, img: ImageFiles, *, initrd_arg: bool = True,
+                 report_url: str | None = None) -> str:
+    """The kernel command line of ``node`` (without ``BOOTIF``, which pxelinux appends);
+    ``report_url``: where the node reports its boot stages (``sidus.report=``)."""
     server = str(inv.network.server)
     parts = []
     if initrd_arg:
         parts.append(f"initrd=initrd.img-{img.name}")
-    parts += ["root=/dev/nfs", nfsroot_arg(server, img.export_path), "ip=dhcp"]
+    parts += root_args(node, img, server)
+    if report_url:
+        parts.append(f"sidus.report={report_url}")
     parts += overlay_args(node, inv.network.iscsi_target_ip or server)
     parts += list(node.kernel_args)
     return " ".join(parts)
@@ -121,8 +163,10 @@ def export_path_for(inv: Inventory, image: str, rootfs: Path) -> str:
 
 # -- rendering (pure: returns {relative path: bytes}) -------------------------------------------
 
-def render_tree(inv: Inventory, images: Mapping[str, ImageFiles]) -> dict[str, str]:
-    """Every config file of the tree, by path relative to the TFTP root."""
+def render_tree(inv: Inventory, images: Mapping[str, ImageFiles], *,
+                report_url: str | None = None) -> dict[str, str]:
+    """Every config file of the tree, by path relative to the TFTP root (``report_url``: see
+    :func:`node_cmdline`)."""
     server = str(inv.network.server)
     out: dict[str, str] = {}
     default = inv.default_image or (inv.nodes[0].image if inv.nodes else None)
@@ -137,8 +181,10 @@ def render_tree(inv: Inventory, images: Mapping[str, ImageFiles]) -> dict[str, s
     nodes_ctx = []
     for n in inv.nodes:
         img = images[n.image]
-        ctx = {"node": n, "image": n.image, "cmdline": node_cmdline(inv, n, img),
-               "cmdline_noinitrd": node_cmdline(inv, n, img, initrd_arg=False)}
+        ctx = {"node": n, "image": n.image,
+               "cmdline": node_cmdline(inv, n, img, report_url=report_url),
+               "cmdline_noinitrd": node_cmdline(inv, n, img, initrd_arg=False,
+                                                report_url=report_url)}
         nodes_ctx.append(ctx)
         cfg = render("pxelinux/node.j2", **ctx)
         out[f"pxelinux.cfg/{n.pxelinux_name}"] = cfg
@@ -210,6 +256,7 @@ def write_tree(
     *,
     bios_dirs: Mapping[str, Iterable[str]] | None = None,
     progress: Callable[[str], None] | None = None,
+    report_url: str | None = None,
 ) -> RenderReport:
     """Render ``inv`` into ``tftp_root`` (created if missing). Only changed files are rewritten,
     each atomically; files of an earlier render that are no longer wanted are removed.
@@ -263,7 +310,7 @@ def write_tree(
     finally:
         if efi is not None:
             efi.unlink(missing_ok=True)
-    for rel, text in sorted(render_tree(inv, images).items()):
+    for rel, text in sorted(render_tree(inv, images, report_url=report_url).items()):
         dest = tftp_root / rel
         data = text.encode()
         existed = dest.exists()

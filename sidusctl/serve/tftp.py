@@ -57,7 +57,9 @@ class TftpConfig:
     (SO_BINDTODEVICE); None only for loopback tests and benchmarks. ``address``/``port``: where
     requests are received. ``max_blksize`` (bytes), ``max_window`` (blocks), ``timeout``
     (seconds, default retransmission interval), ``retries`` (retransmissions before giving
-    up), ``max_transfers`` (concurrent; more get error 0 "busy")."""
+    up), ``max_transfers`` (concurrent; more get error 0 "busy") and ``max_per_client``
+    (concurrent from one client address; more get error 0 "busy" too): both refusals are
+    counted in ``refused`` and logged."""
 
     root: Path
     interface: str | None = None
@@ -68,6 +70,7 @@ class TftpConfig:
     timeout: float = 1.0
     retries: int = 5
     max_transfers: int = 2000
+    max_per_client: int = 8
 
 
 @dataclass
@@ -86,6 +89,7 @@ exceptions other than a codec decode error, logged with a traceback; 0 in a heal
     access_denied: int = 0
     not_found: int = 0
     wrq_refused: int = 0
+    refused: int = 0
     options_refused: int = 0
     retransmits: int = 0
     bytes_sent: int = 0
@@ -481,8 +485,16 @@ class TftpServer:
             self._reply_error(addr, tc.E_ILLEGAL, f"mode {p.mode} not supported")
             return
         if len(self._transfers) >= self.cfg.max_transfers:
-            log.warning("TFTP %s: RRQ %r refused: %d transfers running", who, p.filename,
-                        len(self._transfers))
+            self.stats.refused += 1
+            log.warning("TFTP %s: RRQ %r refused: %d transfers running (max_transfers)", who,
+                        p.filename, len(self._transfers))
+            self._reply_error(addr, tc.E_UNDEFINED, "server busy")
+            return
+        mine = sum(1 for t in self._transfers.values() if t.addr[0] == addr[0])
+        if mine >= self.cfg.max_per_client:
+            self.stats.refused += 1
+            log.warning("TFTP %s: RRQ %r refused: %d transfers from this client "
+                        "(max_per_client)", who, p.filename, mine)
             self._reply_error(addr, tc.E_UNDEFINED, "server busy")
             return
         try:

@@ -1,0 +1,186 @@
+"""Squashfs exports of image generations, for the ``squashfs-nfs`` and ``squashfs-http`` roots.
+
+Owns ``<state>/netboot/squashfs/<image>/``::
+
+    gen-<stamp>.squashfs     one generation's root, packed by :mod:`sidusctl.subsys.squashfs`
+    gen-<stamp>.json         its record: size, sha256, tree fingerprint, creation time
+    .lock                    held while an export or a prune runs
+
+Each file is named by the generation it packs, so a new build never overwrites a file a node
+is reading: nodes booted from an older generation keep reading theirs (over HTTP or NFS) until
+:func:`prune` removes it, which serve-pxe does only for generations no running node holds and
+beyond a retention count. An export is skipped when its record says the generation's tree
+has not changed since (:func:`sidusctl.subsys.squashfs.tree_fingerprint`); a new generation
+whose tree is identical to an exported one gets a hard link to that file (same tree, same
+bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidusctl.core.errors import BusyError, NotFoundError, StateError
+from sidusctl.core.log import get_logger
+from sidusctl.core.state import FileLock, locked, read_json, write_json
+from sidusctl.subsys import squashfs
+from sidusctl.subsys.imagestore import Image, ImageStore
+
+log = get_logger("squashfs")
+
+SUFFIX = ".squashfs"
+#: generations kept by :func:`prune` even when no node holds them (the newest first)
+DEFAULT_RETAIN = 2
+
+
+@dataclass(frozen=True)
+class Export:
+    """One exported generation: ``image``, ``generation`` (``gen-<stamp>``), ``path`` of the
+    squashfs file, ``size`` (bytes), ``sha256`` (hex), ``fingerprint`` of the tree it packs,
+    ``created`` (Unix time)."""
+
+    image: str
+    generation: str
+    path: Path
+    size: int
+    sha256: str
+    fingerprint: str
+    created: float
+
+    @property
+    def file(self) -> str:
+        """The file's name, ``<generation>.squashfs``."""
+        return self.path.name
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "generation": self.generation, "file": self.file,
+                "path": str(self.path), "size": self.size, "sha256": self.sha256,
+                "fingerprint": self.fingerprint, "created": self.created}
+
+
+def squash_dir(state: Path, image: str) -> Path:
+    """``<state>/netboot/squashfs/<image>``: where ``image``'s exports live."""
+    return state / "netboot" / "squashfs" / image
+
+
+def _record(d: Path, generation: str) -> Path:
+    return d / f"{generation}.json"
+
+
+def _load(image: str, d: Path, generation: str) -> Export | None:
+    """The export of ``generation`` if its record and file are both there and agree."""
+    try:
+        raw = read_json(_record(d, generation))
+        path = d / f"{generation}{SUFFIX}"
+        ex = Export(image, generation, path, int(raw["size"]), str(raw["sha256"]),
+                    str(raw["fingerprint"]), float(raw["created"]))
+        if path.stat().st_size != ex.size:
+            return None
+        return ex
+    except (OSError, KeyError, TypeError, ValueError, StateError):
+        return None
+
+
+def list_exports(state: Path, image: str) -> list[Export]:
+    """The complete exports of ``image``, oldest first (by generation name: ``gen-<stamp>``
+    sorts by time)."""
+    d = squash_dir(state, image)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in sorted(d.glob(f"gen-*{SUFFIX}")):
+        ex = _load(image, d, p.name[:-len(SUFFIX)])
+        if ex is not None:
+            out.append(ex)
+    return out
+
+
+def find(state: Path, image: str, generation: str) -> Export | None:
+    """The export of ``image``'s ``generation`` (``gen-<stamp>``), or None."""
+    return _load(image, squash_dir(state, image), generation)
+
+
+def export(state: Path, image: str, *, generation: str = "current",
+           level: int = squashfs.DEFAULT_LEVEL, force: bool = False) -> tuple[Export, str]:
+    """Export ``image``'s ``generation`` (``current``, ``previous`` or a ``gen-<stamp>``
+    name) as a squashfs file; returns ``(export, how)``, ``how`` being ``built``,
+    ``unchanged`` (the record matches the tree: nothing done) or ``linked`` (an identical
+    tree was exported already: hard link). ``force`` rebuilds. Raises
+    :class:`~sidusctl.core.errors.NotFoundError` for an unknown image or generation,
+    and what :func:`sidusctl.subsys.squashfs.build` raises."""
+    img = _generation(state, image, generation)
+    gen = img.dir.name
+    d = squash_dir(state, image)
+    d.mkdir(parents=True, exist_ok=True)
+    with locked(d / ".lock", f"squashfs exports of '{image}'", wait=True):
+        fp = squashfs.tree_fingerprint(img.rootfs)
+        have = _load(image, d, gen)
+        if have is not None and have.fingerprint == fp and not force:
+            log.info("squashfs: %s %s unchanged (%s)", image, gen, have.path)
+            return have, "unchanged"
+        dest = d / f"{gen}{SUFFIX}"
+        twin = next((e for e in list_exports(state, image)
+                     if e.fingerprint == fp and e.generation != gen), None)
+        how = "built"
+        if twin is not None and not force:
+            tmp = d / f".{dest.name}.link-{os.getpid()}"
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            os.link(twin.path, tmp)
+            os.replace(tmp, dest)
+            info = squashfs.SquashInfo(dest, twin.size, twin.sha256)
+            how = "linked"
+            log.info("squashfs: %s %s has the same tree as %s: linked", image, gen,
+                     twin.generation)
+        else:
+            info = squashfs.build(img.rootfs, dest, level=level)
+        ex = Export(image, gen, dest, info.size, info.sha256, fp, time.time())
+        rec = ex.as_dict()
+        del rec["path"]
+        write_json(_record(d, gen), rec)
+        return ex, how
+
+
+def _generation(state: Path, image: str, generation: str) -> Image:
+    store = ImageStore(state, recover=False)
+    if generation in ("current", "previous"):
+        return store.get(image, generation)
+    d = store.image_dir(image) / generation
+    if not generation.startswith("gen-") or not (d / "rootfs").is_dir():
+        raise NotFoundError(f"image '{image}' has no generation {generation!r} "
+                            f"(in {store.image_dir(image)})")
+    return Image(image, d.resolve())
+
+
+def prune(state: Path, image: str, keep: set[str], retain: int = DEFAULT_RETAIN) -> list[str]:
+    """Remove ``image``'s exports that are neither in ``keep`` (generation names: the current
+    one, and those running nodes booted) nor among the ``retain`` newest; the generations
+    removed. Skipped (returns []) while an export of the image runs."""
+    d = squash_dir(state, image)
+    if not d.is_dir():
+        return []
+    lock = FileLock(d / ".lock", f"squashfs exports of '{image}'")
+    try:
+        lock.acquire()
+    except BusyError:
+        return []
+    removed: list[str] = []
+    try:
+        exports = list_exports(state, image)
+        newest = {e.generation for e in exports[-retain:]} if retain > 0 else set()
+        for e in exports:
+            if e.generation in keep or e.generation in newest:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                e.path.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                _record(d, e.generation).unlink()
+            removed.append(e.generation)
+            log.info("squashfs: removed %s of %s (no running node holds it)", e.file, image)
+    finally:
+        lock.release()
+    return removed

@@ -1,0 +1,158 @@
+"""Squashfs exports (sidusctl.subsys.squashfs, sidusctl.netboot.squash) on small real trees:
+the same tree gives the same bytes (built twice, and from a copy), an unchanged generation is
+not packed again, an identical new generation is hard-linked, prune keeps what is held, the
+boot command lines of the squashfs roots."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from sidusctl.core.config import ConfigErrors
+from sidusctl.netboot import squash
+from sidusctl.netboot.inventory import parse
+from sidusctl.netboot.tree import ImageFiles, SquashRef, node_cmdline
+from sidusctl.subsys import squashfs
+
+pytestmark = pytest.mark.skipif(shutil.which("mksquashfs") is None,
+                                reason="squashfs-tools missing (scripts/setup-host)")
+
+
+def make_tree(root: Path) -> Path:
+    (root / "etc").mkdir(parents=True)
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "etc/hostname").write_text("node\n")
+    (root / "usr/bin/tool").write_bytes(os.urandom(1) * 200000)
+    (root / "usr/bin/tool").chmod(0o755)
+    os.link(root / "usr/bin/tool", root / "usr/bin/tool2")
+    (root / "etc/link").symlink_to("hostname")
+    for p in sorted(root.rglob("*"), reverse=True):
+        os.utime(p, (1700000000, 1700000000), follow_symlinks=False)
+    os.utime(root, (1700000000, 1700000000))
+    return root
+
+
+def test_same_tree_same_bytes(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    a = squashfs.build(tree, tmp_path / "a.squashfs")
+    b = squashfs.build(tree, tmp_path / "b.squashfs")
+    assert a.sha256 == b.sha256 and a.size == b.size
+    assert (tmp_path / "a.squashfs").read_bytes()[:4] == b"hsqs"
+    # a copy elsewhere (other inode numbers, other path) packs to the same bytes too
+    subprocess.run(["cp", "-a", str(tree), str(tmp_path / "copy")], check=True)
+    c = squashfs.build(tmp_path / "copy", tmp_path / "c.squashfs")
+    assert c.sha256 == a.sha256
+    # and a change changes them
+    (tree / "etc/hostname").write_text("other\n")
+    os.utime(tree / "etc/hostname", (1700000000, 1700000000))
+    d = squashfs.build(tree, tmp_path / "d.squashfs")
+    assert d.sha256 != a.sha256
+    assert squashfs.tree_fingerprint(tree) != squashfs.tree_fingerprint(tmp_path / "copy")
+    # unsquashfs reads it back: same files
+    subprocess.run(["unsquashfs", "-d", str(tmp_path / "out"), str(tmp_path / "a.squashfs")],
+                   check=True, capture_output=True)
+    assert (tmp_path / "out/usr/bin/tool").read_bytes() == (tmp_path / "copy/usr/bin/tool").read_bytes()
+    assert os.readlink(tmp_path / "out/etc/link") == "hostname"
+
+
+def make_store(state: Path, gens: list[str]) -> Path:
+    d = state / "images" / "img"
+    for g in gens:
+        make_tree(d / g / "rootfs")
+    (d / "current").symlink_to(gens[-1])
+    return d
+
+
+def test_export_skips_unchanged_links_identical_and_prune_keeps_held(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    d = make_store(state, ["gen-20260101T000000-1"])
+    ex, how = squash.export(state, "img")
+    assert how == "built" and ex.file == "gen-20260101T000000-1.squashfs"
+    mtime = ex.path.stat().st_mtime_ns
+    ex2, how2 = squash.export(state, "img")
+    assert how2 == "unchanged" and ex2.sha256 == ex.sha256
+    assert ex.path.stat().st_mtime_ns == mtime
+    # a new generation with the same tree: a hard link, not a new pack
+    make_tree(d / "gen-20260102T000000-1" / "rootfs")
+    os.replace(_link(d, "gen-20260102T000000-1"), d / "current")
+    ex3, how3 = squash.export(state, "img")
+    assert how3 == "linked" and ex3.sha256 == ex.sha256
+    assert ex3.path.stat().st_ino == ex.path.stat().st_ino
+    # a changed generation: packed, other bytes
+    make_tree(d / "gen-20260103T000000-1" / "rootfs")
+    (d / "gen-20260103T000000-1/rootfs/etc/new").write_text("x\n")
+    os.replace(_link(d, "gen-20260103T000000-1"), d / "current")
+    ex4, how4 = squash.export(state, "img")
+    assert how4 == "built" and ex4.sha256 != ex.sha256
+    assert [e.generation for e in squash.list_exports(state, "img")] == [
+        "gen-20260101T000000-1", "gen-20260102T000000-1", "gen-20260103T000000-1"]
+    # prune: the held first one and the newest (retain 1) stay, the middle one goes
+    removed = squash.prune(state, "img", keep={"gen-20260101T000000-1"}, retain=1)
+    assert removed == ["gen-20260102T000000-1"]
+    assert [e.generation for e in squash.list_exports(state, "img")] == [
+        "gen-20260101T000000-1", "gen-20260103T000000-1"]
+
+
+def _link(d: Path, target: str) -> Path:
+    tmp = d / ".tmp-current"
+    tmp.symlink_to(target)
+    return tmp
+
+
+INV = """
+[network]
+subnet = "10.13.20.0/24"
+server = "10.13.20.13"
+
+[defaults]
+image = "img"
+root = "squashfs-http"
+
+[[nodes]]
+name = "n1"
+mac = "52:54:00:00:00:01"
+ip = "10.13.20.101"
+
+[[nodes]]
+name = "n2"
+mac = "52:54:00:00:00:02"
+ip = "10.13.20.102"
+root = "squashfs-nfs"
+
+[[nodes]]
+name = "n3"
+mac = "52:54:00:00:00:03"
+ip = "10.13.20.103"
+root = "nfs"
+"""
+
+
+def test_inventory_root_and_command_lines() -> None:
+    inv = parse(INV, "nodes.toml")
+    assert [n.root for n in inv.nodes] == ["squashfs-http", "squashfs-nfs", "nfs"]
+    ref = SquashRef("gen-X.squashfs", "ab" * 32, 1234, "http://10.13.20.13/squashfs/img/gen-X.squashfs",
+                    "10.13.20.13:/var/lib/sq/img/gen-X.squashfs")
+    img = ImageFiles("img", Path("/k"), Path("/i"), "/srv/img", ref)
+    c1 = node_cmdline(inv, inv.nodes[0], img, report_url="http://10.13.20.13/sidus/report")
+    assert ("boot=sidus ip=dhcp sidus.root=squashfs-http "
+            "sidus.src=http://10.13.20.13/squashfs/img/gen-X.squashfs "
+            f"sidus.sha256={'ab' * 32} sidus.bytes=1234 "
+            "sidus.report=http://10.13.20.13/sidus/report") in c1
+    assert "root=/dev/nfs" not in c1
+    c2 = node_cmdline(inv, inv.nodes[1], img)
+    assert "sidus.src=10.13.20.13:/var/lib/sq/img/gen-X.squashfs" in c2
+    c3 = node_cmdline(inv, inv.nodes[2], img)
+    assert "root=/dev/nfs nfsroot=10.13.20.13:/srv/img," in c3 and "boot=sidus" not in c3
+    assert inv.nodes[0].ip == IPv4Address("10.13.20.101")
+
+
+def test_inventory_rejects_an_unknown_root() -> None:
+    with pytest.raises(ConfigErrors) as e:
+        parse(INV.replace('root = "squashfs-nfs"', 'root = "floppy"'), "nodes.toml")
+    msg = str(e.value)
+    assert "nodes.toml:19: key 'nodes.n2.root'" in msg and "floppy" in msg

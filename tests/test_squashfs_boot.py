@@ -1,0 +1,177 @@
+"""Squashfs roots booted for real: qemu guests (TCG) PXE-boot ``minimal`` through serve-pxe
+with ``root = "squashfs-http"`` (downloaded into RAM, checked by sha256) and
+``root = "squashfs-nfs"`` (loop-mounted from the NFS-exported directory), tmpfs overlay.
+
+One lab, two guests booted at once, one reboot (three TCG boots for the whole issue):
+- both: ``/`` is an overlay whose lower layer is the squashfs; a write lands in the upper
+  layer only; the console says which source the root came from; the node reported
+  ``booted`` itself (``pxe status``) with the generation it runs;
+- a new generation published while they run (a hard-linked copy of the root plus a marker
+  file, ``current`` flipped): serve-pxe exports it, ``pxe status`` shows each node still on
+  its old generation with the new one next; the old file stays served (held by the nodes);
+  the nodes keep reading files they had not opened yet;
+- the squashfs-http guest reboots and gets the new generation (the marker is there).
+
+The lab's state has a private ``images/minimal`` (its first generation a link to the shared
+build), so the shared image store is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from sidusctl.netboot import squash
+from sidusctl.netboot.lab import LabNode, PxeLab, wait_logins
+from sidusctl.subsys.qemu import Guest
+from tests.conftest import SIDUSCTL, BuiltImage
+from tests.netns_util import uniq
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, qemu, NFS)"),
+              pytest.mark.skipif(shutil.which("mksquashfs") is None,
+                                 reason="squashfs-tools missing (scripts/setup-host)")]
+
+HTTP_NODE = LabNode("sq1", "52:54:00:77:05:01", IPv4Address("10.77.0.150"), "squashfs-http")
+NFS_NODE = LabNode("sq2", "52:54:00:77:05:02", IPv4Address("10.77.0.151"), "squashfs-nfs")
+SERVE = [*SIDUSCTL, "serve-pxe"]
+BOOT_TIMEOUT = 480.0
+MARK = "sdt-sq-marker"
+
+
+@contextlib.contextmanager
+def evidence(lab: PxeLab) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        for g in lab.guests:
+            print(f"--- console of {g.name} ({g.log_path}) ---\n{g.tail(6000)}")
+        print(f"--- serve-pxe log ({lab.serve_log}) ---\n{lab.serve_text()[-8000:]}")
+        raise
+
+
+def wait_for(what: str, cond: object, timeout: float = 180) -> None:
+    """Poll ``cond()`` until true; fail naming ``what`` after ``timeout`` seconds (a bound,
+    not a timed assertion)."""
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:.0f} s")
+        time.sleep(1)
+
+
+def private_image(state: Path, image: BuiltImage) -> Path:
+    """``state/images/minimal`` with ``gen-A`` linked to the shared build and current -> it."""
+    d = state / "images" / "minimal"
+    d.mkdir(parents=True)
+    shared = Path(str(image.dir)).resolve()
+    (d / shared.name).symlink_to(shared, target_is_directory=True)
+    (d / "current").symlink_to(shared.name)
+    return d
+
+
+def publish_generation(d: Path, name: str, marker: str) -> Path:
+    """A new generation ``name`` of the image in ``d`` (hard-linked copy of current's root,
+    plus ``/etc/<MARK>``), then ``current`` flipped to it atomically."""
+    cur = (d / "current").resolve()
+    new = d / name
+    new.mkdir()
+    subprocess.run(["cp", "-al", str(cur / "rootfs"), str(new / "rootfs")], check=True)
+    (new / "rootfs" / "etc" / MARK).write_text(marker + "\n")
+    for f in cur.iterdir():
+        if f.is_file():
+            os.link(f, new / f.name)
+    tmp = d / ".current-tmp"
+    tmp.symlink_to(name)
+    os.replace(tmp, d / "current")
+    return new
+
+
+def pxe_status(lab: PxeLab) -> dict[str, dict[str, object]]:
+    r = subprocess.run([*SIDUSCTL, "pxe", "status", "--json"], capture_output=True, text=True,
+                       env={**os.environ, "SIDUSCTL_STATE": str(lab.state)}, check=True)
+    return {n["name"]: n for n in json.loads(r.stdout)["nodes"]}
+
+
+def check_squashfs_root(g: Guest, root: str, generation: str) -> None:
+    fstype = g.sh("findmnt -n -o FSTYPE /")
+    assert fstype == "overlay", f"/ is {fstype}"
+    assert g.sh("findmnt -n -o FSTYPE /run/sidus/ro") == "squashfs"
+    state = g.sh("cat /run/sidus/state")
+    assert f"SIDUS_ROOT={root}" in state, state
+    assert f"SIDUS_GENERATION={generation}" in state, state
+    log = g.sh("cat /run/sidus/sidus.log")
+    src = "squashfs over HTTP" if root == "squashfs-http" else "squashfs over NFS"
+    assert f"root: {src}" in log, log
+    if root == "squashfs-http":
+        assert "sha256" in log and "matches" in log, log
+    # a write lands in the upper layer only
+    g.sh("echo written > /etc/sdt-sq-write")
+    assert g.sh("cat /run/sidus/rw/upper/etc/sdt-sq-write") == "written"
+    assert g.rc("test -e /run/sidus/ro/etc/sdt-sq-write") == 1
+
+
+def test_squashfs_roots_boot_keep_their_generation_and_reboot_into_the_new_one(
+        minimal_image: BuiltImage, tmp_path: Path) -> None:
+    lab = PxeLab(uniq("sq"), minimal_image.state, "minimal", [HTTP_NODE, NFS_NODE], tmp_path,
+                 serve_command=SERVE)
+    d = private_image(lab.state, minimal_image)
+    gen_a = (d / "current").resolve().name
+    new: Path | None = None
+    try:
+        with lab, evidence(lab):
+            lab.start_serve("--nfs", "ganesha", "--http", ready_timeout=240)
+            exp = squash.find(lab.state, "minimal", gen_a)
+            assert exp is not None, "serve-pxe did not export the generation nodes need"
+            g1 = lab.boot(HTTP_NODE, memory=2048, timeout=BOOT_TIMEOUT)
+            g2 = lab.boot(NFS_NODE, memory=1024, timeout=BOOT_TIMEOUT)
+            wait_logins(lab, [(g1, HTTP_NODE), (g2, NFS_NODE)], BOOT_TIMEOUT)
+            assert "sidus: root: squashfs over HTTP" in g1.tail(200000)
+            for g, node in ((g1, HTTP_NODE), (g2, NFS_NODE)):
+                g.login(timeout=120)
+                check_squashfs_root(g, node.root, gen_a)
+            wait_for("both nodes report booted", lambda: all(
+                pxe_status(lab)[n.name].get("booted_reported") for n in (HTTP_NODE, NFS_NODE)))
+            st = pxe_status(lab)
+            assert st["sq1"]["generation"] == gen_a and st["sq1"]["stage"] == "booted"
+            assert st["sq2"]["generation"] == gen_a
+
+            # a new generation while they run
+            gen_b = "gen-29991231T000000-1"
+            new = publish_generation(d, gen_b, "generation B")
+            wait_for("serve-pxe exported the new generation",
+                     lambda: squash.find(lab.state, "minimal", gen_b) is not None, 300)
+            wait_for("pxe status names the next generation",
+                     lambda: pxe_status(lab)["sq1"]["next"] == gen_b, 120)
+            st = pxe_status(lab)
+            assert st["sq1"]["generation"] == gen_a and st["sq2"]["generation"] == gen_a
+            assert squash.find(lab.state, "minimal", gen_a) is not None, "old file removed"
+            # files never opened before are still readable on both nodes
+            for g in (g1, g2):
+                out = g.sh("cat /usr/share/common-licenses/GPL-3 | wc -c")
+                assert int(out) > 30000, out
+                assert g.rc(f"test -e /etc/{MARK}") == 1
+            # the node over NFS still reads its (old) file from the server
+            assert g2.sh("md5sum /usr/bin/dpkg | cut -c1-8")
+
+            # the squashfs-http node reboots into the new generation
+            g1.reboot()
+            wait_logins(lab, [(g1, HTTP_NODE)], BOOT_TIMEOUT)
+            g1.login(timeout=120)
+            assert g1.sh(f"cat /etc/{MARK}") == "generation B"
+            assert f"SIDUS_GENERATION={gen_b}" in g1.sh("cat /run/sidus/state")
+            wait_for("the rebooted node reports its new generation",
+                     lambda: pxe_status(lab)["sq1"]["generation"] == gen_b, 120)
+            assert pxe_status(lab)["sq2"]["generation"] == gen_a
+    finally:
+        if new is not None:
+            shutil.rmtree(new, ignore_errors=True)
