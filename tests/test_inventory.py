@@ -124,7 +124,7 @@ def test_every_problem_reported_at_once_with_lines() -> None:
         "image: minimal)",
         "nodes.toml:23: key 'nodes.node3.overlay': found 'ramdisk' (expected one of 'tmpfs', "
         "'disk', 'iscsi', 'nfs', 'off')",
-        "nodes.toml:24: key 'nodes.node3.colour': unknown key (expected one of image, overlay, "
+        "nodes.toml:24: key 'nodes.node3.colour': unknown key (expected one of image, overlay, root, "
         "size, disk, format, iscsi_target_ip, iscsi_target, iscsi_initiator, nfs_share, "
         "kernel_args, name, mac, ip, group, hostname)",
         "nodes.toml:26: key 'nodes.node4.disk': disk mode needs a disk (expected disk = "
