@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -152,6 +153,27 @@ def test_platform_over_three_pnodes(lab: tuple[Lab, str]) -> None:
         assert sorted(st["hosts"]["pn2"]) == ["sdt-mh4", "sdt-mh5", "sdt-mh6"]
         assert all(d["state"] == "RUNNING" for h in st["hosts"].values() for d in h.values())
         assert {d["exit_code"] for h in st["hosts"].values() for d in h.values()} == {None}
+
+        # get-image of a vnode on pn3, dumped there and brought here
+        dump = WORK / "sdt-mh9.tar.zst"
+        rc, out, err = cli(front, "vnode", "get-image", "--platform", str(pf), "sdt-mh9",
+                           str(dump))
+        assert rc == 0 and dump.stat().st_size > 1 << 20, err
+        names = subprocess.run(["tar", "-tf", str(dump)], capture_output=True, text=True,
+                               check=True).stdout.split()
+        assert "./etc/hostname" in names and not list(WORK.glob("sdt-mh9.tar.zst.*"))
+
+        # the latency matrix fans out; each pnode shapes its own vnodes, or says it lacks netem
+        # (this machine's kernel has no netem: the pnodes' answers say so, per pnode)
+        matrix = WORK / "matrix"
+        matrix.write_text("sdt-mh1 sdt-mh4 sdt-mh7\n0 10 20\n10 0 30\n20 30 0\n")
+        rc, out, err = cli(front, "vnode", "latency-matrix", "--platform", str(pf), str(matrix))
+        if rc != 0:
+            assert "netem" in err and all(f"pn{k}: " in err for k in (1, 2, 3)), err
+        else:
+            rc, out, err = cli(front, "vnode", "exec", "--platform", str(pf), "--json",
+                               "sdt-mh1", "--", "tc", "qdisc", "show")
+            assert "netem" in json.loads(out)["sdt-mh1"]["stdout"], out + err
 
         # one pnode's sshd stopped: reported unreachable, within seconds, others still shown
         stop_sshd(the_lab, the_lab.pnodes[1])

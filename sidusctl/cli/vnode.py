@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -297,9 +298,18 @@ def list_cmd(as_json: bool) -> None:
 @vnode_group.command("get-image")
 @click.argument("name")
 @click.argument("dest", type=click.Path(dir_okay=False))
-def get_image_cmd(name: str, dest: str) -> None:
+@click.option("--platform", type=click.Path(exists=True, dir_okay=False),
+              help="A platform file with [pnodes]: dump it on its pnode, bring it here.")
+def get_image_cmd(name: str, dest: str, platform: str | None) -> None:
     """Dump vnode NAME's root to the tarball DEST (.tar.zst, .tar.gz...)."""
-    size = _platform().get_image(name, Path(dest))
+    if platform:
+        from sidusctl.vnode.cluster import Cluster
+        from sidusctl.vnode.platform_file import load
+
+        with Cluster(load(Path(platform)), get_ctx().state) as cl:
+            size = cl.get_image(name, Path(dest))
+    else:
+        size = _platform().get_image(name, Path(dest))
     console.print(f"{dest}: {human_size(size)}")
 
 
@@ -314,10 +324,24 @@ def update_cmd(name: str, **lim: Any) -> None:
 
 @vnode_group.command("latency-matrix")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-def latency_matrix_cmd(file: str) -> None:
+@click.option("--platform", type=click.Path(exists=True, dir_okay=False),
+              help="A platform file with [pnodes]: each pnode shapes its own vnodes.")
+@click.option("--remote-addresses", type=click.Path(exists=True, dir_okay=False),
+              help="JSON {vnode: address} of the matrix's vnodes that run on other hosts "
+                   "(destinations only; what the frontend of a multi-host platform sends).")
+def latency_matrix_cmd(file: str, platform: str | None, remote_addresses: str | None) -> None:
     """Apply Distem's latency matrix (first line: vnode names; then rows in ms)."""
     names, m = parse_matrix_file(Path(file))
-    _platform().latency_matrix(names, m)
+    if platform:
+        from sidusctl.vnode.cluster import Cluster
+        from sidusctl.vnode.platform_file import load
+
+        with Cluster(load(Path(platform)), get_ctx().state) as cl:
+            done = cl.latency_matrix(names, m)
+        console.print(f"latency matrix applied on {', '.join(done)}")
+        return
+    remote = json.loads(Path(remote_addresses).read_text()) if remote_addresses else None
+    _platform().latency_matrix(names, m, remote=remote)
 
 
 def register(cli: click.Group) -> None:

@@ -224,6 +224,19 @@ class Fanout:
             task.run()
         return self._results({n: () for n in names}, handler)
 
+    def rcopy(self, src: str, dest_dir: Path, host: str, *,
+              timeout: float | None = None) -> tuple[HostResult, Path]:
+        """scp the file ``src`` of ``host`` into the local directory ``dest_dir``; the result
+        and the local path (ClusterShell names it ``<basename>.<host>``)."""
+        self._check([host])
+        handler = _Collect()
+        with self._lock:
+            task = self._task()
+            task.rcopy(src, str(dest_dir), nodes=host, handler=handler, timeout=timeout,
+                       stderr=True)
+            task.run()
+        return self._results([host], handler)[host], dest_dir / f"{Path(src).name}.{host}"
+
     @staticmethod
     def _results(order: Iterable[str], h: _Collect) -> dict[str, HostResult]:
         out: dict[str, HostResult] = {}

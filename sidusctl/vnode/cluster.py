@@ -202,13 +202,24 @@ class Cluster:
                                 hint=f"sidusctl build {image} --tar")
         return img.tarball
 
-    @staticmethod
-    def _sha256(path: Path) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(4 << 20):
-                h.update(chunk)
-        return h.hexdigest()
+    def _sha256(self, path: Path) -> str:
+        """sha256 of ``path``, remembered in ``STATE/platforms/digests.json`` by path, size
+        and mtime (an image tarball is hashed once, not at every ``up``)."""
+        cache_file = self.state_dir / "platforms" / "digests.json"
+        try:
+            cache: dict[str, str] = read_json(cache_file)
+        except (FileNotFoundError, SidusError):
+            cache = {}
+        st = path.stat()
+        stamp = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+        if stamp not in cache:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(4 << 20):
+                    h.update(chunk)
+            cache[stamp] = h.hexdigest()
+            write_json(cache_file, cache)
+        return cache[stamp]
 
     def image_paths(self) -> dict[str, tuple[Path, str, str]]:
         """image as written -> (local tarball, sha256, name on every pnode)."""
@@ -216,21 +227,22 @@ class Cluster:
         for image in dict.fromkeys(v.image for v in self.spec.vnodes):
             local = self.local_image(image)
             digest = self._sha256(local)
-            out[image] = (local, digest, f"images/{digest[:24]}{tar_suffix(local)}")
+            out[image] = (local, digest, f"images/{digest}{tar_suffix(local)}")
         return out
 
     def ship_images(self, hosts: Iterable[str]) -> dict[str, str]:
-        """Send each image tarball to the pnodes that lack it (checked by sha256 there, copied
-        through ClusterShell to a temporary name, checked again, then renamed): each pnode
-        receives an image once. Returns per pnode what was sent; PnodeError on failure."""
+        """Send each image tarball to the pnodes that lack it: copied through ClusterShell to a
+        temporary name, its sha256 checked there, then renamed to a name made of that digest.
+        A pnode that has the name has the content (nothing else ever writes it), so each
+        pnode receives an image once. Returns per pnode what was sent; PnodeError on failure."""
         hosts = list(hosts)
         sent: dict[str, list[str]] = {h: [] for h in hosts}
         problems: dict[str, str] = {}
         for _image, (local, digest, rel) in self.image_paths().items():
-            probe = {h: ["sh", "-c", 'sha256sum "$1" 2>/dev/null || true', "sh",
+            probe = {h: ["sh", "-c", 'test -f "$1" && echo present || true', "sh",
                          f"{self.remote_dir(h)}/{rel}"] for h in hosts}
-            res = self.fo.run_each(probe, timeout=600)
-            need = [h for h, r in res.items() if r.ok and not r.stdout.startswith(digest)]
+            res = self.fo.run_each(probe, timeout=60)
+            need = [h for h, r in res.items() if r.ok and r.stdout.strip() != "present"]
             problems.update({h: r.problem() or "" for h, r in res.items() if not r.ok})
             by_dir: dict[str, list[str]] = {}
             for h in need:
@@ -301,9 +313,19 @@ class Cluster:
                                 hint=f"sidusctl vnode up {self.spec.file}") from None
         return d
 
+    @staticmethod
+    def _tar(files: Mapping[str, bytes]) -> bytes:
+        """An uncompressed tar of ``files`` (relative name -> content, mode 0600)."""
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for rel, data in files.items():
+                ti = tarfile.TarInfo(rel)
+                ti.size, ti.mode, ti.mtime = len(data), 0o600, int(time.time())
+                tf.addfile(ti, io.BytesIO(data))
+        return buf.getvalue()
+
     def _bundle(self, host: str, doc: dict[str, Any]) -> bytes:
         """A tar of the pnode's platform file and the key files it names."""
-        buf = io.BytesIO()
         files: dict[str, bytes] = {}
         for v in doc["vnodes"]:
             for k in ("ssh_pubkey", "ssh_privkey"):
@@ -313,12 +335,7 @@ class Cluster:
                     files[rel] = data
                     v[k] = f"{self.remote_dir(host)}/{rel}"
         files[f"{self.name}.toml"] = tomli_w.dumps(doc).encode()
-        with tarfile.open(fileobj=buf, mode="w") as tf:
-            for rel, data in files.items():
-                ti = tarfile.TarInfo(rel)
-                ti.size, ti.mode, ti.mtime = len(data), 0o600, int(time.time())
-                tf.addfile(ti, io.BytesIO(data))
-        return buf.getvalue()
+        return self._tar(files)
 
     # -- lifecycle -------------------------------------------------------------------------
     def up(self, *, dry_run: bool = False, wait_ssh: bool = True, timeout: float = 180,
@@ -429,3 +446,50 @@ class Cluster:
             for n in ns:
                 out[n] = answers.get(h, {}).get(n)
         return out
+
+    def latency_matrix(self, names: Sequence[str], matrix: Sequence[Sequence[float]]
+                       ) -> list[str]:
+        """Distem's latency matrix over the platform: each pnode shapes its own vnodes' first
+        viface towards every other vnode's address (netem per destination), all pnodes at
+        once. The pnodes that applied it; PnodeError for the others (one lacking netem says
+        so)."""
+        groups = self._by_pnode(list(names))
+        addrs: dict[str, dict[str, str]] = self.record()["addresses"]
+        first = {n: next(iter(addrs[n].values())) for n in names}
+        text = " ".join(names) + "\n" + "".join(
+            " ".join(f"{x:g}" for x in row) + "\n" for row in matrix)
+        cmds, stdin = {}, {}
+        for h, mine in groups.items():
+            remote = {n: a for n, a in first.items() if n not in mine}
+            stdin[h] = self._tar({"latency.matrix": text.encode(),
+                                  "latency.remote.json": json.dumps(remote).encode()})
+            d = self.remote_dir(h)
+            lm = self.cli(h, "vnode", "latency-matrix", f"{d}/latency.matrix",
+                          "--remote-addresses", f"{d}/latency.remote.json")
+            cmds[h] = ["sh", "-c", 'mkdir -p "$1" && tar -x -C "$1" && shift && exec "$@"',
+                       "sh", d, *lm]
+        res = self.fo.run_each(cmds, stdin=stdin, timeout=300)
+        problems = {h: p for h, r in res.items() if (p := r.problem())}
+        if problems:
+            raise PnodeError("latency matrix", problems)
+        return list(res)
+
+    def get_image(self, name: str, dest: Path) -> int:
+        """Dump vnode ``name``'s root on its pnode (see :meth:`Platform.get_image`) and bring
+        the tarball to ``dest`` here; its size in bytes."""
+        (host, _), = self._by_pnode([name]).items()
+        remote = f"{self.remote_dir(host)}/get-image/{name}{tar_suffix(dest)}"
+        res = self.fo.run_each({host: ["sh", "-c", 'mkdir -p "${1%/*}" && shift && exec "$@"',
+                                       "sh", remote, *self.cli(host, "vnode", "get-image", name,
+                                                               remote)]}, timeout=3600)
+        if (why := res[host].problem()):
+            raise PnodeError("get-image", {host: why})
+        dest = dest.absolute()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        r, got = self.fo.rcopy(remote, dest.parent, host, timeout=3600)
+        self.fo.run(["rm", "-f", remote], [host], timeout=60)
+        if (why := r.problem()) or not got.is_file():
+            got.unlink(missing_ok=True)
+            raise PnodeError("get-image", {host: why or "the tarball did not arrive"})
+        got.replace(dest)
+        return dest.stat().st_size

@@ -12,7 +12,7 @@ import ipaddress
 import os
 import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -559,26 +559,33 @@ class Platform(Observe):
                     raise
             return vn
 
-    def latency_matrix(self, names: Sequence[str], matrix: Sequence[Sequence[float]]) -> None:
+    def latency_matrix(self, names: Sequence[str], matrix: Sequence[Sequence[float]], *,
+                       remote: Mapping[str, str] | None = None) -> None:
         """Distem's latency matrix: ``matrix[i][j]`` ms on the way from ``names[i]`` to
-        ``names[j]`` (each vnode's first viface, netem per destination). All must run."""
+        ``names[j]`` (each vnode's first viface, netem per destination). All must run.
+        ``remote``: vnodes of ``names`` that run on other hosts (name -> address): they are
+        destinations only, their rows are applied by their own host."""
         n = len(names)
+        remote = dict(remote or {})
         if len(matrix) != n or any(len(r) != n for r in matrix):
             raise ConfigError("latency matrix", None, f"{len(matrix)} rows for {n} vnodes",
                               expected=f"a {n}x{n} matrix")
         st = self.store.read()
-        vns = [self._vnode(st, x) for x in names]
-        for vn in vns:
+        local = {x: self._vnode(st, x) for x in names if x not in remote}
+        for vn in local.values():
             if self._container(vn.name).state() != "RUNNING":
                 raise StateError(f"vnode {vn.name!r} is not RUNNING: start all vnodes first")
             if vn.ifaces and (vn.ifaces[0].bandwidth or vn.ifaces[0].latency_ms):
                 raise StateError(f"vnode {vn.name!r} has a latency or bandwidth on "
                                  f"{vn.ifaces[0].name}: the matrix replaces them (not compatible)")
+        addr = {x: remote[x] if x in remote else str(local[x].ifaces[0].address) for x in names}
         tc.require_qdisc("netem")
-        for i, vn in enumerate(vns):
-            delays = {str(vns[j].ifaces[0].address): float(matrix[i][j])
+        for i, x in enumerate(names):
+            if x not in local:
+                continue
+            delays = {addr[names[j]]: float(matrix[i][j])
                       for j in range(n) if j != i and float(matrix[i][j]) > 0}
-            tc.shape_by_destination(vn.ifaces[0].name, delays, netns=self._netns_of(vn.name))
+            tc.shape_by_destination(local[x].ifaces[0].name, delays, netns=self._netns_of(x))
 
 
 def host_has_root() -> None:
