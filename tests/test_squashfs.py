@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sidusctl.core.config import ConfigErrors
+from sidusctl.core.errors import ConfigErrors
 from sidusctl.netboot import squash
 from sidusctl.netboot.inventory import parse
 from sidusctl.netboot.tree import ImageFiles, SquashRef, node_cmdline
