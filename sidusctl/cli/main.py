@@ -96,7 +96,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     debug = "--debug" in sys.argv
     try:
-        cli.main(standalone_mode=False)
+        # one program name and completion variable whether started as the console script or
+        # as `python -m sidusctl`
+        cli.main(standalone_mode=False, prog_name="sidusctl", complete_var="_SIDUSCTL_COMPLETE")
     except click.exceptions.Abort as e:
         # click turns KeyboardInterrupt (SIGINT) into Abort; the context managers have run.
         if isinstance(e.__context__, KeyboardInterrupt):
