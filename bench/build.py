@@ -8,8 +8,14 @@ In one process, for each backend (debootstrap, mmdebstrap), --runs rounds (defau
   3. the same build again with the caches now warm,
 and prints the medians and the ratios first/plain (aim <= 1.10) and warm/first (aim <= 0.60).
 Rounds are interleaved so that a slow spell of the mirror falls on both sides alike.
+With --incremental, instead: the stage cache on a copy of images/minimal, --runs times (in a
+fresh state directory each time): the first build (empty stage cache; the package and
+bootstrap caches as --cache-dir has them), then a rebuild with no change, with one site file
+changed (/etc/motd's template), and with one package added (`tree`), next to apt's own time for
+that package (`apt-get install tree` in a chroot of the image, .deb already cached).
 Everything lives under a temp dir named sdt-bench-* and is removed at the end.
-Run as root: `.venv/bin/python bench/build.py [--backend debootstrap|mmdebstrap|both]`.
+Run as root: `.venv/bin/python bench/build.py [--backend debootstrap|mmdebstrap|both]
+[--incremental [--cache-dir DIR]]`.
 """
 
 from __future__ import annotations
@@ -65,14 +71,64 @@ def bench(backend: str, work: Path, runs: int) -> dict[str, object]:
             "warm_over_first": round(med["warm_s"] / med["first_s"], 3)}
 
 
+def incremental(work: Path, runs: int, cache: Path | None) -> dict[str, object]:
+    """First build, then no change / one site file / one package added, ``runs`` rounds."""
+    rounds = []
+    for i in range(runs):
+        rec = work / f"minimal-{i}"
+        shutil.copytree(REPO / "images" / "minimal", rec)
+        state = work / f"state-inc-{i}"
+        apt = cache or work / f"cache-inc-{i}" / "apt"
+        base = [sys.executable, "-m", "sidusctl", "-q", "--state-dir", str(state)]
+        cmd = [*base, "build", str(rec / "image.toml"), "--cache-dir", str(apt)]
+        r: dict[str, float] = {"first_s": timed(cmd), "no_change_s": timed(cmd)}
+        motd = rec / "files" / "motd.j2"
+        motd.write_text(motd.read_text() + "changed by bench/build.py\n")
+        r["site_file_s"] = timed(cmd)
+        r["apt_install_tree_s"] = timed([*base, "chroot", "minimal", "apt-get", "install", "-y",
+                                         "-q", "tree"], {"SIDUSCTL_CACHE": str(apt)})
+        toml = rec / "image.toml"
+        toml.write_text(toml.read_text().replace('"open-iscsi"]', '"open-iscsi", "tree"]'))
+        r["package_added_s"] = timed(cmd)
+        shutil.rmtree(state)
+        if cache is None:
+            shutil.rmtree(apt.parent)
+        rounds.append({k: round(v, 2) for k, v in r.items()})
+    keys = list(rounds[0])
+    med = {k: round(statistics.median(float(rd[k]) for rd in rounds), 2) for k in keys}
+    return {"rounds": rounds, **med,
+            "no_change_over_first": round(med["no_change_s"] / med["first_s"], 3),
+            "site_file_over_first": round(med["site_file_s"] / med["first_s"], 3),
+            "package_added_minus_apt_s": round(med["package_added_s"] - med["apt_install_tree_s"], 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=["debootstrap", "mmdebstrap", "both"], default="both")
     ap.add_argument("--runs", type=int, default=3, help="interleaved rounds (median reported)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--incremental", action="store_true",
+                    help="the stage cache cases on images/minimal instead")
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="with --incremental: a .deb cache to use (default: empty, per round)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/build.py must run as root (debootstrap, chroot, mounts)")
+    if a.incremental:
+        with tempfile.TemporaryDirectory(prefix="sdt-bench-", dir="/var/tmp") as tmp:
+            res = incremental(Path(tmp), a.runs, a.cache_dir)
+        if a.json:
+            print(json.dumps(res, indent=2))
+            return
+        rds: list[dict[str, float]] = res["rounds"]  # type: ignore[assignment]
+        for i, rd in enumerate(rds, 1):
+            print(f"round {i}: " + ", ".join(f"{k} {v}" for k, v in rd.items()), flush=True)
+        print(f"median: first {res['first_s']} s | no change {res['no_change_s']} s "
+              f"({res['no_change_over_first']}x, aim <= 15 s) | site file {res['site_file_s']} s "
+              f"({res['site_file_over_first']}x, aim <= 15 s) | package added "
+              f"{res['package_added_s']} s (apt alone {res['apt_install_tree_s']} s; aim: apt + "
+              f"15 s)", flush=True)
+        return
     backends = ["debootstrap", "mmdebstrap"] if a.backend == "both" else [a.backend]
     results = {}
     with tempfile.TemporaryDirectory(prefix="sdt-bench-", dir="/var/tmp") as tmp:
@@ -80,7 +136,7 @@ def main() -> None:
             results[b] = bench(b, Path(tmp), a.runs)
             r = results[b]
             if not a.json:
-                for i, rd in enumerate(r["rounds"], 1):  # type: ignore[attr-defined]
+                for i, rd in enumerate(r["rounds"], 1):  # type: ignore[arg-type]
                     print(f"{b:12} round {i}: plain {rd['plain_s']:.1f} s, first "
                           f"{rd['first_s']:.1f} s, warm {rd['warm_s']:.1f} s", flush=True)
                 print(f"{b:12} median: plain {r['plain_s']:6.1f} s | sidusctl first {r['first_s']:6.1f} s "

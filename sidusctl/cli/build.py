@@ -27,12 +27,16 @@ def _summary(image: Image, out: Path | None) -> dict[str, Any]:
     return {"image": image.name, "generation": image.dir.name, "rootfs": str(image.rootfs),
             "kernel": p(image.kernel), "initrd": p(image.initrd), "tarball": p(image.tarball),
             "manifest": str(image.manifest_path), "packages": m.package_count,
-            "rootfs_bytes": m.sizes.rootfs_bytes, "seconds": m.timings_s.get("total")}
+            "rootfs_bytes": m.sizes.rootfs_bytes, "seconds": m.timings_s.get("total"),
+            "stages": [{"name": r.name, "action": r.action, "reason": r.reason}
+                       for r in m.build_stages]}
 
 
 def _print_summary(s: dict[str, Any]) -> None:
     console.print(f"[green]image '{s['image']}' built[/green] ({s['packages']} packages, "
                   f"{human_size(s['rootfs_bytes'])}, {s['seconds']} s)", highlight=False)
+    for st in s.get("stages", ()):
+        click.echo(f"{st['name'] + ':':14} {st['action']:8} {st['reason']}")
     for k in ("rootfs", "kernel", "initrd", "tarball", "manifest"):
         if s.get(k):
             click.echo(f"{k + ':':10} {s[k]}")
@@ -59,14 +63,20 @@ def _print_recipe(rec: recipe.Recipe, as_json: bool) -> None:
               help="Shared .deb cache (default $SIDUSCTL_CACHE or <state>/cache/apt).")
 @click.option("--no-bootstrap-cache", is_flag=True,
               help="Always run the bootstrap tool, even if a cached bootstrap matches.")
+@click.option("--no-cache", is_flag=True,
+              help="A clean build: restore nothing from the stage cache nor the bootstrap cache "
+                   "(the stage cache entry is written afresh).")
 @click.option("--check", is_flag=True,
               help="Only find and validate the recipe and print it (with its digest); build "
                    "nothing. Needs no root.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def build_cmd(image: str, backend: str, tar: bool, out: Path | None, cache_dir: Path | None,
-              no_bootstrap_cache: bool, check: bool, as_json: bool) -> None:
+              no_bootstrap_cache: bool, no_cache: bool, check: bool, as_json: bool) -> None:
     """Build IMAGE (a recipe name in images/, a folder or an image.toml) into the state
-    directory. The previous build stays current unless this one succeeds."""
+    directory. The previous build stays current unless this one succeeds. The root as it stands
+    after the package stage is cached: a rebuild whose suite, archive, packages and options are
+    unchanged restores it and runs only the later stages; every stage says whether it ran or
+    was reused, and why."""
     rec = recipe.find(image)
     if check:
         _print_recipe(rec, as_json)
@@ -75,7 +85,8 @@ def build_cmd(image: str, backend: str, tar: bool, out: Path | None, cache_dir: 
     store = ImageStore(get_ctx().state)
     opts = builder.BuildOptions(backend=backend, tar=tar, out=out,
                                 cache=cache_dir.absolute() if cache_dir else None,
-                                bootstrap_cache=not no_bootstrap_cache)
+                                bootstrap_cache=not (no_bootstrap_cache or no_cache),
+                                stage_cache=not no_cache)
     with StageProgress(f"build {rec.name}") as prog:
         img = builder.build(store, rec, opts, prog)
     s = _summary(img, out)

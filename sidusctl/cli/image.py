@@ -1,6 +1,8 @@
-"""CLI: ``sidusctl image list|show|rm|rollback``."""
+"""CLI: ``sidusctl image list|show|rm|rollback|cache``."""
 
 from __future__ import annotations
+
+import time
 
 import click
 from rich.table import Table
@@ -101,6 +103,81 @@ def rollback_cmd(name: str) -> None:
     need_root("sidusctl image rollback")
     img = ImageStore(get_ctx().state).rollback(name)
     console.print(f"image '{name}' is now generation {img.dir.name}", highlight=False)
+
+
+def parse_size(text: str) -> int:
+    """``4G``, ``500M``, ``1.5GiB``, ``0``: bytes (powers of 1024). click.BadParameter if not."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.I)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size (expected e.g. 500M, 4G, 0)")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def _cache_rows(cache: object) -> dict[str, object]:
+    from sidusctl.image.stagecache import StageCache
+
+    assert isinstance(cache, StageCache)
+    entries = cache.entries()
+    return {"dir": str(cache.dir), "max_bytes": cache.max_bytes,
+            "total_bytes": sum(e.info.bytes for e in entries),
+            "entries": [{"key": e.key, "bytes": e.info.bytes, "files": e.info.entries,
+                         "created": e.info.created, "sidusctl": e.info.sidusctl,
+                         "last_used": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e.last_used)),
+                         "suite": e.info.inputs.get("suite"),
+                         "packages": e.info.inputs.get("packages"),
+                         "tree_sha256": e.info.tree_sha256} for e in entries]}
+
+
+@image_group.group("cache", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def cache_group(ctx: click.Context, as_json: bool) -> None:
+    """Show the stage cache (roots as they stand after the package stage, most recently used
+    first), or prune it."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from sidusctl.image.stagecache import StageCache
+
+    rows = _cache_rows(StageCache(get_ctx().state))
+    if as_json:
+        emit_json(rows)
+        return
+    entries = rows["entries"]
+    assert isinstance(entries, list)
+    console.print(f"stage cache {rows['dir']}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+                  f"{human_size(rows['total_bytes'])} of {human_size(rows['max_bytes'])}",  # type: ignore[arg-type]
+                  highlight=False)
+    if entries:
+        t = Table("key", "suite", "packages", "size", "last used", "created")
+        for e in entries:
+            t.add_row(e["key"], _cell(e["suite"]), " ".join(e["packages"] or []),
+                      human_size(e["bytes"]), e["last_used"], e["created"])
+        console.print(t)
+
+
+@cache_group.command("prune")
+@click.option("--max-size", "max_size", default=None, metavar="SIZE",
+              help="Evict least recently used entries until the cache holds at most SIZE "
+                   "(e.g. 4G; 0 empties it). Default: the cache's limit.")
+@click.option("--json", "as_json", is_flag=True)
+def cache_prune_cmd(max_size: str | None, as_json: bool) -> None:
+    """Evict least recently used stage cache entries beyond the size limit."""
+    from sidusctl.image.stagecache import StageCache
+
+    need_root("sidusctl image cache prune")
+    limit = parse_size(max_size) if max_size is not None else None
+    cache = StageCache(get_ctx().state)
+    evicted = cache.prune(limit)
+    if as_json:
+        emit_json({"evicted": [{"key": e.key, "bytes": e.info.bytes} for e in evicted],
+                   **_cache_rows(cache)})
+        return
+    for e in evicted:
+        click.echo(f"evicted {e.key} ({human_size(e.info.bytes)})")
+    console.print(f"stage cache: {len(evicted)} entr{'y' if len(evicted) == 1 else 'ies'} evicted, "
+                  f"{human_size(cache.total_bytes())} left", highlight=False)
 
 
 def _can_recover() -> bool:

@@ -153,6 +153,18 @@ class LastUpdate(Record):
     timings_s: dict[str, float]
 
 
+class StageRecord(Record):
+    """One stage of a build: ``name``, ``action`` (``ran``, ``reused`` or ``skipped``) and
+    ``reason`` (why it ran or what was reused); ``key``: the digest of its inputs where its
+    result can be reused, ``sha256``: of what it made (checked before reuse)."""
+
+    name: str
+    action: str
+    reason: str
+    key: str | None = None
+    sha256: str | None = None
+
+
 class Source(Record):
     """Where an import came from: the SOURCE as given (``ref``), its ``kind`` (oci-layout,
     docker-archive, docker-export, registry), the image ``selected`` in it, its repo tags."""
@@ -223,6 +235,9 @@ class Manifest(Record):
     package_count: int | None = None
     purged: tuple[str, ...] = ()
     bootstrap_from_cache: bool | None = None
+    build_stages: tuple[StageRecord, ...] = ()
+    package_inputs: JsonObject = {}
+    tree_sha256: str | None = None
     updated: str | None = None
     last_update: LastUpdate | None = None
     # imports
@@ -281,4 +296,4 @@ def as_manifest(m: Manifest | Mapping[str, object], where: str = "manifest") -> 
 
 __all__ = ["Change", "Digests", "ExportFile", "Exports", "KernelExport", "LastUpdate",
            "LayerRecord", "Manifest", "Package", "RecipeInfo", "Record", "Runtime", "Sizes",
-           "Source", "TarballExport", "as_manifest"]
+           "Source", "StageRecord", "TarballExport", "as_manifest"]

@@ -1,0 +1,227 @@
+"""What the build's modules share: the progress protocol, the options, host checks, how a
+tool's failure is explained, and small helpers on a root (its package list, its size, its
+mirror, the .debs a bootstrap left in it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import re
+import shutil
+import threading
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from sidusctl.core.errors import BuildError, CommandError, PrerequisiteError, SidusError
+from sidusctl.core.log import get_logger
+from sidusctl.core.run import run, which
+from sidusctl.image.recipe import Recipe
+from sidusctl.subsys.imagestore import ImageStore
+from sidusctl.subsys.manifest import Package
+
+log = get_logger("build")
+
+BACKENDS = ("debootstrap", "mmdebstrap")
+APT = ["apt-get", "-y", "-q", "-o", "Dpkg::Options::=--force-confdef",
+       "-o", "Dpkg::Options::=--force-confold"]
+
+
+class Reporter(Protocol):
+    """Progress callbacks: ``stage(name, index, total)`` when a stage starts, ``line(text)`` for
+    a line of tool output worth showing (debootstrap's ``I: Retrieving ...``)."""
+
+    def stage(self, name: str, index: int, total: int) -> None: ...
+
+    def line(self, text: str) -> None: ...
+
+
+class Quiet:
+    def stage(self, name: str, index: int, total: int) -> None:
+        log.info("stage %d/%d: %s", index, total, name)
+
+    def line(self, text: str) -> None:
+        pass
+
+
+@dataclass
+class BuildOptions:
+    """``backend``: debootstrap | mmdebstrap; ``tar``: also write a rootfs tarball; ``out``: a
+    directory to copy kernel, initrd and tarball to; ``cache``: the shared .deb cache;
+    ``bootstrap_cache``: reuse a cached bootstrap when nothing that decides it has changed
+    (same recipe bootstrap keys, same archive InRelease); ``stage_cache``: restore the root as it
+    stands after the package stage from the stage cache when its key matches (False:
+    ``--no-cache``, a clean build, which still refreshes the cache); ``cache_max_bytes``: the
+    stage cache's size limit (least recently used entries are evicted beyond it)."""
+
+    backend: str = "debootstrap"
+    tar: bool = False
+    out: Path | None = None
+    cache: Path | None = None
+    bootstrap_cache: bool = True
+    stage_cache: bool = True
+    cache_max_bytes: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def dpkg_arch() -> str:
+    m = platform.machine()
+    return {"x86_64": "amd64", "aarch64": "arm64", "i686": "i386", "armv7l": "armhf",
+            "ppc64le": "ppc64el", "riscv64": "riscv64", "s390x": "s390x"}.get(m, m)
+
+
+def preflight(recipe: Recipe, opts: BuildOptions) -> None:
+    """Host checks before anything is written: root, the backend's command, a runnable arch.
+    Raises :class:`PrerequisiteError`."""
+    if os.geteuid() != 0:
+        raise PrerequisiteError(
+            f"building an image needs root (debootstrap, mounts, chroot); running as uid {os.geteuid()}",
+            hint="run it with sudo")
+    if opts.backend not in BACKENDS:
+        raise PrerequisiteError(f"unknown backend {opts.backend!r} (expected one of {', '.join(BACKENDS)})")
+    which(opts.backend, opts.backend)
+    which("chroot", "coreutils")
+    if recipe.arch != dpkg_arch():
+        try:
+            run(["arch-test", recipe.arch], capture=True)
+        except (CommandError, PrerequisiteError) as e:
+            raise PrerequisiteError(
+                f"{recipe.path}: arch {recipe.arch} cannot run on this {dpkg_arch()} host",
+                hint="install qemu-user-static and binfmt-support, or build on a matching host",
+            ) from e
+
+
+# -- error interpretation -------------------------------------------------------------------------
+
+def _free(path: Path) -> int:
+    probe = path if path.exists() else path.parent
+    return shutil.disk_usage(probe).free if probe.exists() else 1 << 62
+
+
+class FreeSpaceWatch:
+    """Samples the free space of ``path``'s filesystem every 0.05 s in a thread; ``min_free``
+    is the least seen (bytes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.min_free = _free(path)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            with contextlib.suppress(OSError):
+                self.min_free = min(self.min_free, _free(self.path))
+
+    def __enter__(self) -> FreeSpaceWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def explain(e: CommandError, recipe: Recipe, mirror: str, target: Path, stage: str,
+             min_free: int | None = None) -> SidusError:
+    """Turn a tool's failure into one clear sentence where we recognise it. ``min_free``: the
+    least free space (bytes) seen on the target's filesystem while the tool ran."""
+    t = e.output_tail
+    free = _free(target)
+    # Tools word a full disk in many ways (debootstrap: "Couldn't download ..." and then it
+    # deletes the partial file); the free space seen while it ran does not lie.
+    if ("No space left on device" in t or "You don't have enough free space" in t
+            or min(free, min_free if min_free is not None else free) < 8 * 2**20):
+        return BuildError(f"the disk holding {target} is full ({free // 2**20} MiB free) during "
+                          f"{stage} of image '{recipe.name}'", hint="free some space or use --state-dir")
+    m = re.search(r"Couldn't find these debs: (.*)", t)
+    if m:
+        return BuildError(f"{recipe.path}: key 'include': package(s) not found in {recipe.suite} "
+                          f"({' '.join(recipe.components)}): {m.group(1).strip()}")
+    m = re.search(r"Unable to locate package (\S+)", t)
+    if m:
+        return BuildError(f"{recipe.path}: package {m.group(1)} not found in {recipe.suite} "
+                          f"({' '.join(recipe.components)})")
+    if re.search(r"Failed getting release file|Failure trying to run|Could not resolve|"
+                 r"Connection refused|Failed to fetch|Couldn't download|Temporary failure resolving|"
+                 r"Release file .* is not valid|unable to connect|Unable to connect", t):
+        where = mirror or "the default Debian mirror"
+        return BuildError(f"the mirror {where} did not answer for suite {recipe.suite} during {stage}",
+                          hint="check the recipe's 'mirror' key and the network")
+    return BuildError(f"{stage} of image '{recipe.name}' failed: {e}")
+
+
+def release_digest(mirror: str, suite: str) -> str | None:
+    """sha256 (hex) of ``<mirror>/dists/<suite>/InRelease``, fetched now; None if it cannot be
+    fetched (no network, no such suite): the caches keyed by it are then not used."""
+    url = f"{mirror}/dists/{suite}/InRelease"
+    try:
+        with urllib.request.urlopen(url, timeout=15) as resp:
+            return hashlib.sha256(resp.read()).hexdigest()
+    except (OSError, ValueError) as e:
+        log.debug("no InRelease for the cache keys: %s: %s", url, e)
+        return None
+
+
+def default_cache(store: ImageStore) -> Path:
+    """The shared .deb cache: ``$SIDUSCTL_CACHE`` or ``<state>/cache/apt``."""
+    env = os.environ.get("SIDUSCTL_CACHE")
+    return Path(env).absolute() if env else store.state_dir / "cache" / "apt"
+
+
+def package_list(root: Path) -> dict[str, Package]:
+    """Installed packages from the root's dpkg database: name → version, arch, installed size."""
+    res = run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f",
+               "${Package}\t${Version}\t${Architecture}\t${Installed-Size}\t${db:Status-Abbrev}\n"],
+              capture=True, what="dpkg-query")
+    out: dict[str, Package] = {}
+    for line in res.stdout.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 5 and parts[4].startswith("i"):
+            out[parts[0]] = Package(version=parts[1], arch=parts[2], installed_kib=parts[3])
+    return out
+
+
+def clean_root_debs(root: Path, cache: Path) -> None:
+    """Move the .debs debootstrap left in the root into the shared cache (or drop them)."""
+    archives = root / "var/cache/apt/archives"
+    for deb in archives.glob("*.deb"):
+        dest = cache / deb.name
+        if dest.exists():
+            deb.unlink()
+        else:
+            shutil.move(str(deb), dest)
+
+
+
+def mirror_from(root: Path) -> str | None:
+    sl = root / "etc/apt/sources.list"
+    if sl.exists():
+        for line in sl.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == "deb":
+                return parts[1]
+    return None
+
+
+
+def du(path: Path) -> int:
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(path):
+        for n in filenames + dirnames:
+            try:
+                st = os.lstat(os.path.join(dirpath, n))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+

@@ -1,0 +1,261 @@
+"""The stage cache: the root as it stands after the package stage, kept under
+``<state>/cache/stages/<key>/`` and restored by the next build whose package-stage inputs have
+the same digest (the key), so that only the later stages run.
+
+An entry is ``rootfs/`` (a btrfs subvolume when the state directory is on btrfs) and
+``entry.json`` (:class:`EntryInfo`: the inputs, the tree digest of ``rootfs`` taken when it was
+written, its size), written last; the whole entry is made under a temp name
+(``.tmp-<key>-<pid>``) and renamed into place, so a half-written entry is never seen under its
+key. At use the restored copy is digested again and compared: an entry that does not match
+(damaged on disk, truncated by hand) is reported, deleted and rebuilt, never used. The cache
+has a size limit (:data:`DEFAULT_MAX_BYTES` unless given): beyond it the least recently used
+entries are evicted. A flock (``.lock``) serialises restores, writes and evictions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidusctl import __version__
+from sidusctl.core.errors import CommandError, StateError
+from sidusctl.core.log import get_logger
+from sidusctl.core.state import FileLock, write_json
+from sidusctl.image.common import du
+from sidusctl.subsys.manifest import JsonObject, Record
+from sidusctl.subsys.treecopy import (
+    copy_method,
+    copy_tree,
+    create_dir_for_tree,
+    remove_tree,
+    tree_digest,
+)
+
+log = get_logger("stagecache")
+
+DEFAULT_MAX_BYTES = 8 * 2**30
+
+
+class EntryInfo(Record):
+    """``entry.json`` of a cache entry: ``key``, the ``inputs`` it is the digest of, the
+    ``tree_sha256`` of its rootfs (:func:`~sidusctl.subsys.treecopy.tree_digest`), ``entries``
+    and ``bytes`` (on disk), the packages the stage ``purged``, when and by which sidusctl it
+    was ``created``."""
+
+    key: str
+    inputs: JsonObject
+    tree_sha256: str
+    entries: int
+    bytes: int
+    purged: tuple[str, ...] = ()
+    created: str
+    sidusctl: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One complete entry: its directory, :class:`EntryInfo` and last use (epoch seconds)."""
+
+    dir: Path
+    info: EntryInfo
+    last_used: float
+
+    @property
+    def key(self) -> str:
+        return self.info.key
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What :meth:`StageCache.restore` did: ``info`` set when the root was restored (by
+    ``method``); otherwise ``reason`` says why not, ``damaged`` when an entry existed but
+    failed its check (and was deleted)."""
+
+    reason: str
+    info: EntryInfo | None = None
+    method: str = ""
+    damaged: bool = False
+
+
+def stage_key(inputs: Mapping[str, object]) -> str:
+    """The cache key of a stage's inputs: sha256 of their canonical JSON, 32 hex digits."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def explain_miss(inputs: Mapping[str, object], earlier: Mapping[str, object] | None,
+                 where: str) -> str:
+    """Why the package stage has to run, by comparing its ``inputs`` with those ``earlier``
+    recorded by the generation ``where``: ``key 'packages' changed (added: less)``..."""
+    if not earlier:
+        return "no cache entry for these inputs, and no earlier build of this image to compare with"
+    changed = []
+    for k in sorted(set(inputs) | set(earlier)):
+        a, b = earlier.get(k), inputs.get(k)
+        if a == b:
+            continue
+        if isinstance(a, list) and isinstance(b, list):
+            added = [x for x in b if x not in a]
+            removed = [x for x in a if x not in b]
+            detail = ", ".join(filter(None, (f"added: {' '.join(map(str, added))}" if added else "",
+                                             f"removed: {' '.join(map(str, removed))}" if removed else "")))
+            changed.append(f"key '{k}' changed ({detail or 'order'})")
+        elif k == "releases" and isinstance(a, dict) and isinstance(b, dict):
+            new = sorted(s for s in b if a.get(s) != b[s])
+            changed.append(f"the archive published a new InRelease for {', '.join(new)}")
+        elif k == "stage_version":
+            changed.append("the package stage's code changed (new sidusctl)")
+        else:
+            changed.append(f"key '{k}' changed ({a!r} -> {b!r})")
+    if not changed:
+        return f"same inputs as {where}, but no cache entry for them (pruned or evicted)"
+    return "; ".join(changed) + f" since {where}"
+
+
+class StageCache:
+    """The entries under ``<state_dir>/cache/stages``; ``max_bytes``: the size limit."""
+
+    def __init__(self, state_dir: Path, max_bytes: int | None = None) -> None:
+        self.dir = state_dir / "cache" / "stages"
+        self.max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lk = FileLock(self.dir / ".lock", "the stage cache").acquire(wait=True)
+        try:
+            yield
+        finally:
+            lk.release()
+
+    # -- queries ----------------------------------------------------------------------------
+    def entries(self) -> list[Entry]:
+        """Complete entries, most recently used first (temp directories and entries without a
+        readable ``entry.json`` are not listed)."""
+        out = []
+        for d in sorted(self.dir.iterdir()) if self.dir.is_dir() else []:
+            if d.name.startswith(".") or not d.is_dir():
+                continue
+            try:
+                info = EntryInfo.parse((d / "entry.json").read_bytes(), str(d / "entry.json"))
+            except (OSError, StateError):
+                continue
+            used = d / "used"
+            last = used.stat().st_mtime if used.exists() else (d / "entry.json").stat().st_mtime
+            out.append(Entry(d, info, last))
+        return sorted(out, key=lambda e: e.last_used, reverse=True)
+
+    def total_bytes(self) -> int:
+        return sum(e.info.bytes for e in self.entries())
+
+    # -- use ----------------------------------------------------------------------------------
+    def restore(self, key: str, dest: Path) -> Restored:
+        """Copy the entry ``key``'s root to ``dest`` (which must not exist) and check it against
+        the digest recorded at write. A damaged entry is deleted (and ``dest`` removed)."""
+        d = self.dir / key
+        with self._locked():
+            if not d.is_dir():
+                return Restored(reason="no cache entry for these inputs")
+            try:
+                info = EntryInfo.parse((d / "entry.json").read_bytes(), str(d / "entry.json"))
+            except (OSError, StateError) as e:
+                self._remove(d)
+                return Restored(reason=f"cache entry {key} was damaged ({e}): deleted",
+                                damaged=True)
+            try:
+                method = copy_tree(d / "rootfs", dest)
+            except CommandError as e:
+                remove_tree(dest)
+                self._remove(d)
+                return Restored(reason=f"cache entry {key} was damaged (copy failed: {e}): deleted",
+                                damaged=True)
+            (d / "used").touch()
+        digest, entries, _ = tree_digest(dest)
+        if digest != info.tree_sha256 or entries != info.entries:
+            remove_tree(dest)
+            with self._locked():
+                self._remove(d)
+            return Restored(reason=f"cache entry {key} was damaged (its tree digest {digest[:12]} "
+                                   f"differs from {info.tree_sha256[:12]} recorded when it was "
+                                   "written): deleted", damaged=True)
+        return Restored(reason=f"restored from cache entry {key} ({method})", info=info,
+                        method=method)
+
+    def save(self, key: str, inputs: JsonObject, root: Path, purged: tuple[str, ...]) -> Entry:
+        """Store a copy of ``root`` as entry ``key`` (written under a temp name, renamed), then
+        evict least recently used entries beyond the size limit. Raises CommandError if the
+        copy fails (full disk); the temp entry is then removed."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".tmp-{key}-{os.getpid()}"
+        final = self.dir / key
+        try:
+            tmp.mkdir()
+            rootfs = tmp / "rootfs"
+            method = copy_method(root, tmp)
+            if method == "snapshot":
+                copy_tree(root, rootfs, method)
+            else:
+                # a subvolume on btrfs (so later restores can snapshot it), filled by reflink
+                create_dir_for_tree(rootfs)
+                copy_tree(root, rootfs, method)
+            digest, entries, _ = tree_digest(rootfs)
+            info = EntryInfo(key=key, inputs=inputs, tree_sha256=digest, entries=entries,
+                             bytes=du(rootfs), purged=purged, sidusctl=__version__,
+                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            write_json(tmp / "entry.json", info.to_json())
+            (tmp / "used").touch()
+            with self._locked():
+                if final.exists():
+                    self._remove(final)
+                os.rename(tmp, final)
+                self._evict(keep={key})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._remove(tmp)
+            raise
+        return Entry(final, info, time.time())
+
+    # -- eviction ---------------------------------------------------------------------------
+    def prune(self, max_bytes: int | None = None) -> list[Entry]:
+        """Evict least recently used entries until the total is at most ``max_bytes`` (default:
+        the cache's limit) and delete temp directories of dead writers. Returns the evicted."""
+        with self._locked():
+            return self._evict(keep=set(), max_bytes=max_bytes)
+
+    def _evict(self, keep: set[str], max_bytes: int | None = None) -> list[Entry]:
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        for d in self.dir.iterdir():
+            if d.name.startswith(".tmp-"):
+                pid = d.name.rsplit("-", 1)[-1]
+                if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                    self._remove(d)
+        entries = self.entries()
+        total = sum(e.info.bytes for e in entries)
+        evicted = []
+        for e in reversed(entries):  # least recently used first
+            if total <= limit:
+                break
+            if e.key in keep:
+                continue
+            log.info("stage cache: evicting %s (%d bytes, last used %s)", e.key, e.info.bytes,
+                     time.ctime(e.last_used))
+            self._remove(e.dir)
+            total -= e.info.bytes
+            evicted.append(e)
+        return evicted
+
+    def remove(self, key: str) -> None:
+        """Delete entry ``key`` (nothing if absent)."""
+        with self._locked():
+            self._remove(self.dir / key)
+
+    def _remove(self, d: Path) -> None:
+        if (d / "rootfs").exists():
+            remove_tree(d / "rootfs")
+        if d.exists():
+            remove_tree(d)
