@@ -119,3 +119,30 @@ def test_platform_file_pnode_errors_all_at_once(tmp_path: Path) -> None:
     assert "'pn9' is not one of the pnodes" in text
     assert "placement.policy" in text and "random" in text
     assert "invalid node set" in text
+
+
+def test_key_files_travel_with_the_pnode_file(tmp_path: Path) -> None:
+    """A vnode's ssh_pubkey is a path on the frontend: the create arguments hold the key, and
+    the pnode's bundle carries the file and points at its copy there."""
+    import io
+    import tarfile
+    import tomllib
+
+    from sidusctl.vnode.cluster import Cluster
+
+    key = tmp_path / "id.pub"
+    key.write_text("ssh-ed25519 AAAAtest k@x\n")
+    text = FILE.replace('cpu = 1\n', f'cpu = 1\nssh_pubkey = "{key}"\n')
+    spec = _spec(tmp_path, text)
+    assert spec.vnodes[0].create["ssh_pubkey"] == "ssh-ed25519 AAAAtest k@x\n"
+    assert spec.vnodes[0].table["ssh_pubkey"] == str(key)
+    plan = make_plan(spec, PN, CAP, {})
+    with Cluster(spec, tmp_path / "front") as cl:
+        data = cl._bundle("pn1", plan.files["pn1"])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        names = tf.getnames()
+        doc = tomllib.loads(tf.extractfile("p.toml").read().decode())  # type: ignore[union-attr]
+        sent = tf.extractfile("keys/node1.ssh_pubkey").read()  # type: ignore[union-attr]
+    assert sorted(names) == ["keys/node1.ssh_pubkey", "keys/node3.ssh_pubkey", "p.toml"]
+    assert sent == key.read_bytes()
+    assert doc["vnodes"][0]["ssh_pubkey"] == "/var/lib/sidusctl/platforms/keys/node1.ssh_pubkey"

@@ -35,11 +35,14 @@ Reporter = Callable[[str, str, int], None]
 # -- the file's shape -------------------------------------------------------------------------
 
 def _check(fn: Callable[..., object], expected: str) -> AfterValidator:
+    """A validator that calls ``fn`` on the value and keeps the value as written (the
+    conversion happens once, in :func:`_create_args`); any failure means ``expected``."""
     def f(v: Any) -> Any:
         try:
-            return fn(v)
-        except (ConfigError, ValueError):
+            fn(v)
+        except (ConfigError, ValueError, OSError):
             raise ValueError(expected) from None
+        return v
     return AfterValidator(f)
 
 
