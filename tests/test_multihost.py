@@ -116,10 +116,25 @@ def test_platform_over_three_pnodes(lab: tuple[Lab, str]) -> None:
     assert not (front / "platforms" / "sdt-mh.json").exists()  # a dry run records nothing
 
     try:
+        # a pnode that cannot be reached: up stops before creating anything anywhere
+        stop_sshd(the_lab, the_lab.pnodes[2])
+        rc, out, err = cli(front, "vnode", "up", str(pf), "--timeout", "240")
+        assert rc == 1 and "pn3: unreachable" in err, err
+        r = on_pnode(the_lab.pnodes[0], sys.executable, "-m", "sidusctl", "--state-dir",
+                     str(the_lab.pnodes[0].state), "vnode", "list", "--json")
+        assert json.loads(r.stdout) == [], r.stdout
+        start_sshd(the_lab, the_lab.pnodes[2])
+
         rc, out, err = cli(front, "vnode", "up", str(pf), "--json", "--timeout", "240")
         assert rc == 0, out + err
         report = json.loads(out)
         assert all(len(report["pnodes"][p]["started"]) == 3 for p in ("pn1", "pn2", "pn3"))
+        # up again converges: the same plan, nothing new to start
+        rc, out, err = cli(front, "vnode", "up", str(pf), "--json", "--timeout", "240")
+        assert rc == 0, out + err
+        again = json.loads(out)
+        assert again["plan"] == report["plan"]
+        assert all(not a["failed"] for a in again["pnodes"].values())
 
         # each pnode runs its own three, in its own store
         for p in the_lab.pnodes:
