@@ -102,6 +102,11 @@ def test_platform_over_three_pnodes(lab: tuple[Lab, str]) -> None:
     assert rc == 0 and all("already there" in v for v in json.loads(out).values()), out
     rc, out, err = cli(front, "pnode", "check", str(pf), "--json")
     assert rc == 0 and json.loads(out) == {"pn1": [], "pn2": [], "pn3": []}, out + err
+    # the Python API drives the same pnodes the same way
+    from sidusctl import vnode
+    with vnode.Cluster(vnode.load_platform(pf), front) as c:
+        assert c.check() == {"pn1": [], "pn2": [], "pn3": []}
+        assert c.up(dry_run=True)["plan"]["placement"]["sdt-mh9"] == "pn3"
 
     # the plan: pack with max_per_pnode = 3
     rc, out, err = cli(front, "vnode", "up", str(pf), "--dry-run", "--json")
