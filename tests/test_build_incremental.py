@@ -1,4 +1,4 @@
-"""Incremental builds, for real, on a copy of images/minimal in its own state directory (the
+"""Incremental builds. The stage cache alone on a small tree (fast tier); then, for real, on a copy of images/minimal in its own state directory (the
 shared .deb and bootstrap caches of the suite are used, so nothing is downloaded twice).
 
 One clean build (``--no-cache``) saves the package stage; a site file changed rebuilds from it
@@ -25,7 +25,7 @@ import pytest
 
 from tests.conftest import REPO, _mounts_under, sidusctl
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 # What legitimately differs between two builds of the same recipe, and why.
 DIFFERS = {
@@ -107,12 +107,13 @@ def clean(work: Work) -> dict[str, Any]:
     return out
 
 
+@slow
 def test_clean_build_runs_every_stage_and_saves_the_package_stage(work: Work,
                                                                    clean: dict[str, Any]) -> None:
     st = clean["by_stage"]
     assert st["packages"]["action"] == "ran" and "--no-cache" in st["packages"]["reason"]
     assert st["initramfs"]["action"] == "ran"
-    assert "saving stage cache entry" in clean["log"]
+    assert "stage cache entry " in clean["log"] and " saved (" in clean["log"]
     res = sidusctl("image", "cache", "--json", state=work.state)
     cache = json.loads(res.stdout)
     assert len(cache["entries"]) == 1 and cache["entries"][0]["bytes"] > 200 * 2**20
@@ -120,6 +121,7 @@ def test_clean_build_runs_every_stage_and_saves_the_package_stage(work: Work,
     assert _mounts_under(work.state) == []
 
 
+@slow
 def test_site_file_change_reuses_the_package_stage_and_equals_a_clean_build(
         work: Work, clean: dict[str, Any]) -> None:
     motd = work.recipe / "files" / "motd.j2"
@@ -151,6 +153,7 @@ def test_site_file_change_reuses_the_package_stage_and_equals_a_clean_build(
     assert _mounts_under(work.state) == []
 
 
+@slow
 def test_package_list_change_runs_the_package_stage(work: Work, clean: dict[str, Any]) -> None:
     toml = work.recipe / "image.toml"
     text = toml.read_text()
@@ -168,6 +171,7 @@ def test_package_list_change_runs_the_package_stage(work: Work, clean: dict[str,
     assert len(json.loads(res.stdout)["entries"]) == 2
 
 
+@slow
 def test_truncated_cache_entry_is_detected_reported_and_rebuilt(work: Work,
                                                                  clean: dict[str, Any]) -> None:
     cache = json.loads(sidusctl("image", "cache", "--json", state=work.state).stdout)
@@ -189,6 +193,7 @@ def test_truncated_cache_entry_is_detected_reported_and_rebuilt(work: Work,
     assert (Path(after["dir"]) / entry["key"] / "rootfs/usr/sbin/sshd").stat().st_size == size
 
 
+@slow
 def test_cache_prune_evicts_least_recently_used(work: Work, clean: dict[str, Any]) -> None:
     before = json.loads(sidusctl("image", "cache", "--json", state=work.state).stdout)
     assert len(before["entries"]) == 2
@@ -202,3 +207,63 @@ def test_cache_prune_evicts_least_recently_used(work: Work, clean: dict[str, Any
     res = sidusctl("image", "cache", "prune", "--max-size", "0", state=work.state)
     assert res.returncode == 0 and "1 entry evicted" in res.stdout + res.stderr
     assert json.loads(sidusctl("image", "cache", "--json", state=work.state).stdout)["entries"] == []
+
+
+# -- the stage cache on a small tree (fast tier: cp and sha256 only) ------------------------------
+
+def _small_tree(root: Path) -> None:
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/motd").write_text("hello\n")
+    os.chmod(root / "etc/motd", 0o640)
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/tool").write_bytes(os.urandom(300_000))
+    os.symlink("../usr/bin/tool", root / "etc/link")
+    os.link(root / "usr/bin/tool", root / "usr/bin/tool-hardlink")
+
+
+def test_stage_cache_saves_restores_detects_damage_and_evicts(tmp_path: Path) -> None:
+    from sidusctl.image.stagecache import StageCache, explain_miss, stage_key
+    from sidusctl.subsys.treecopy import tree_digest
+
+    src = tmp_path / "src"
+    _small_tree(src)
+    cache = StageCache(tmp_path / "state", max_bytes=10 * 2**20)
+    inputs: dict[str, Any] = {"suite": "bookworm", "packages": ["a", "b"]}
+    key = stage_key(inputs)
+    e = cache.save(key, inputs, src, ("p",))
+    assert e.info.tree_sha256 == tree_digest(src)[0] and e.info.purged == ("p",)
+    assert [x.name for x in cache.dir.iterdir() if x.name.startswith(".tmp-")] == []
+    # restored: the same tree (modes, links, contents), by the cheapest method here
+    res = cache.restore(key, tmp_path / "r1")
+    assert res.info is not None and res.method in ("snapshot", "reflink", "copy"), res
+    assert tree_diff(walk(src), walk(tmp_path / "r1")) == []
+    assert (tmp_path / "r1/usr/bin/tool").stat().st_nlink == 2
+    # a file truncated in the entry: found at use, reported, entry deleted, nothing left at dest
+    with open(e.dir / "rootfs/usr/bin/tool", "r+b") as f:
+        f.truncate(1000)
+    res = cache.restore(key, tmp_path / "r2")
+    assert res.info is None and res.damaged and f"cache entry {key} was damaged" in res.reason
+    assert not (tmp_path / "r2").exists() and not e.dir.exists()
+    assert cache.restore(key, tmp_path / "r3").reason == "no cache entry for these inputs"
+    # a half-written entry (no entry.json) is not an entry
+    (cache.dir / "deadbeef" / "rootfs").mkdir(parents=True)
+    assert [x.key for x in cache.entries()] == []
+    # LRU: the least recently used goes first once the total passes the limit
+    keys = []
+    for i in range(3):
+        k = stage_key({**inputs, "n": i})
+        cache.save(k, {**inputs, "n": i}, src, ())
+        os.utime(cache.dir / k / "used", (1e9 + i, 1e9 + i))
+        keys.append(k)
+    cache.restore(keys[0], tmp_path / "r4")  # now the most recently used
+    one = cache.entries()[0].info.bytes
+    evicted = cache.prune(max_bytes=2 * one)
+    assert [x.key for x in evicted] == [keys[1]]
+    assert {x.key for x in cache.entries()} == {keys[0], keys[2]}
+    # why a package stage ran, from the inputs
+    assert explain_miss({**inputs, "packages": ["a", "b", "c"]}, inputs, "gen-1") == \
+        "key 'packages' changed (added: c) since gen-1"
+    assert "new InRelease for bookworm-updates" in explain_miss(
+        {"releases": {"bookworm": "1", "bookworm-updates": "3"}},
+        {"releases": {"bookworm": "1", "bookworm-updates": "2"}}, "gen-1")
+    assert "pruned or evicted" in explain_miss(inputs, inputs, "gen-1")

@@ -93,7 +93,8 @@ def explain_miss(inputs: Mapping[str, object], earlier: Mapping[str, object] | N
     """Why the package stage has to run, by comparing its ``inputs`` with those ``earlier``
     recorded by the generation ``where``: ``key 'packages' changed (added: less)``..."""
     if not earlier:
-        return "no cache entry for these inputs, and no earlier build of this image to compare with"
+        return ("no cache entry for these inputs (" + (f"{where} records none to compare with"
+                if where else "no earlier build of this image") + ")")
     changed = []
     for k in sorted(set(inputs) | set(earlier)):
         a, b = earlier.get(k), inputs.get(k)

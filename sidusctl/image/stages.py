@@ -239,9 +239,8 @@ class Configurer:
                    "the recipe sets none")
         self._step("files", bool(r.files), lambda: self._files(root), "the recipe has none")
         self._step("tricks", True, lambda: self._tricks(root), "")
-        self._step("root-password", bool(r.root_password),
-                   lambda: s.run(["chpasswd"], input=f"root:{r.root_password}\n".encode(),
-                                 what="chpasswd"), "the recipe sets none")
+        self._step("root-password", bool(r.root_password), lambda: self._root_password(s, prev),
+                   "the recipe sets none")
         self._step("netboot-hook", r.netboot.enabled, lambda: self._netboot_hook(root),
                    "netboot is off in the recipe")
         if not ((root / "usr/sbin/update-initramfs").exists()
@@ -250,6 +249,17 @@ class Configurer:
                                             reason="no kernel or no initramfs-tools in the image"))
             return
         self._initramfs(s, package_key, prev)
+
+    def _root_password(self, s: ChrootSession, prev: Image | None) -> None:
+        """chpasswd; but when the current generation's root hash is of the same password, that
+        hash is kept (``chpasswd -e``): chpasswd salts at random, and an unchanged recipe should
+        give an unchanged tree (and so a reusable tarball)."""
+        pw = self.recipe.root_password
+        old = _root_hash(prev.rootfs) if prev is not None else None
+        if old and _same_password(pw, old):
+            s.run(["chpasswd", "-e"], input=f"root:{old}\n".encode(), what="chpasswd -e")
+            return
+        s.run(["chpasswd"], input=f"root:{pw}\n".encode(), what="chpasswd")
 
     def _step(self, name: str, wanted: bool, fn: object, why_not: str) -> None:
         if not wanted:
@@ -395,6 +405,33 @@ class Configurer:
             (d / "90-sidusctl.conf").write_text(
                 "# written by sidusctl build (limits.conf(5))\n" + "\n".join(t.limits) + "\n")
 
+
+
+def _root_hash(root: Path) -> str | None:
+    """root's password hash in ``root/etc/shadow`` (None if unreadable or locked)."""
+    with contextlib.suppress(OSError):
+        for line in (root / "etc/shadow").read_text().splitlines():
+            parts = line.split(":")
+            if parts[0] == "root" and len(parts) > 1 and parts[1].startswith("$"):
+                return parts[1]
+    return None
+
+
+def _same_password(password: str, hashed: str) -> bool:
+    """True when ``hashed`` (crypt(3) form: yescrypt, sha512crypt...) is of ``password``, as
+    the host's libcrypt computes it; False when it cannot tell (no crypt module)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import crypt  # libxcrypt: knows yescrypt; deprecated in 3.11, gone in 3.13
+    except ImportError:
+        return False
+    try:
+        return bool(crypt.crypt(password, hashed) == hashed)
+    except (OSError, ValueError):
+        return False
 
 
 def _initrds_digest(root: Path) -> str:
