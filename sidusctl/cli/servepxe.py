@@ -18,6 +18,7 @@ from sidusctl.cli.common import console, emit_json, get_ctx
 from sidusctl.core.errors import Interrupted, NotFoundError, SidusError, StateError
 from sidusctl.core.state import atomic_write_bytes
 from sidusctl.netboot import inventory as inv_mod
+from sidusctl.netboot import secureboot
 from sidusctl.netboot.daemons import FORMATS, ExportOptions, render_export
 from sidusctl.netboot.tree import export_path_for
 from sidusctl.serve import supervisor
@@ -44,9 +45,15 @@ from sidusctl.subsys.imagestore import ImageStore
               help="What iPXE clients (user class 'iPXE') get: a TFTP path or an http:// URL.")
 @click.option("--proxy", is_flag=True,
               help="dnsmasq as proxyDHCP next to the site's DHCP server (dnsmasq only).")
+@click.option("--efi-loader", type=click.Choice(["grub", "ipxe", "shim"]), default=None,
+              help="Set --boot-efi64 to that loader's file: grubnetx64.efi, ipxe.efi or "
+              "shimx64.efi (Secure Boot: shim, then Debian's signed GRUB).")
+@click.option("--http-base", default=None, metavar="http://SERVER[:PORT]",
+              help="The HTTP server serving the TFTP root: UEFI HTTP Boot clients (option 60 "
+              "'HTTPClient') get option 60 HTTPClient and <base>/<UEFI boot file>.")
 def export_cmd(nodes: str, fmt: str, out: Path | None, tftp_root: str, interface: str | None,
                lease_time: int, boot_bios: str, boot_efi64: str, ipxe_script: str,
-               proxy: bool) -> None:
+               proxy: bool, efi_loader: str | None, http_base: str | None) -> None:
     """Write the inventory as a configuration file for a production daemon.
 
     Formats: dnsmasq (dhcp-host, dhcp-boot, TFTP), isc-dhcp (dhcpd.conf host blocks, boot
@@ -62,9 +69,13 @@ def export_cmd(nodes: str, fmt: str, out: Path | None, tftp_root: str, interface
                 continue
             with contextlib.suppress(NotFoundError):  # render_export names what is missing
                 paths[image] = export_path_for(inv, image, store.get(image).rootfs)
+    if efi_loader is not None:
+        boot_efi64 = secureboot.efi_boot_file(efi_loader)
     opts = ExportOptions(tftp_root=tftp_root, interface=interface, lease_time=lease_time,
                          boot_bios=boot_bios, boot_efi64=boot_efi64, ipxe_script=ipxe_script,
-                         proxy=proxy)
+                         proxy=proxy,
+                         http_boot_url=f"{http_base.rstrip('/')}/{boot_efi64}" if http_base
+                         else None)
     text = render_export(inv, fmt, opts, paths)
     if out is None:
         click.echo(text, nl=False)
@@ -96,9 +107,12 @@ def export_cmd(nodes: str, fmt: str, out: Path | None, tftp_root: str, interface
 @click.option("--lease-time", type=int, default=3600, show_default=True, help="Seconds.")
 @click.option("--dns-upstream", default=None,
               help="IP[:PORT] names outside the cluster domain are forwarded to (default: refused).")
-@click.option("--efi-loader", type=click.Choice(["grub", "ipxe"]), default="grub",
+@click.option("--efi-loader", type=click.Choice(["grub", "ipxe", "shim"]), default="grub",
               show_default=True, help="What x86-64 UEFI clients (option 93 = 7 or 9) get: "
-              "grubnetx64.efi, or ipxe.efi (Debian package ipxe), which then runs boot.ipxe.")
+              "grubnetx64.efi, ipxe.efi (Debian package ipxe), which then runs boot.ipxe, or "
+              "shim: Debian's signed shimx64.efi -> grubx64.efi chain for Secure Boot "
+              "(packages shim-signed, shim-helpers-amd64-signed, grub-efi-amd64-signed). With "
+              "the HTTP server on, UEFI HTTP Boot clients get the same loader by http://.")
 @click.option("--http-max-clients", type=click.IntRange(1, 100000), default=512,
               show_default=True, help="HTTP connections at once; more get 503 (logged).")
 @click.option("--http-per-client", type=click.IntRange(1, 1000), default=4, show_default=True,

@@ -6,7 +6,9 @@ template per format under ``templates/{dnsmasq,isc-dhcp,kea,tftpd-hpa}/`` (the e
 comes from :mod:`sidusctl.netboot.nfs`). Every DHCP format carries the same policy as the
 built-in server: one static reservation per node (MAC, address, host name), next-server the
 inventory's server, and the boot file by client (RFC 4578 option 93: BIOS ``pxelinux.0``,
-x86-64 UEFI 7/9 the GRUB binary; iPXE, option 77 user class ``iPXE``, its script).
+x86-64 UEFI 7/9 the GRUB binary, or shim for Secure Boot; iPXE, option 77 user class
+``iPXE``, its script) and, with ``http_boot_url``, the UEFI HTTP Boot answer (option 60
+``HTTPClient`` and the URL: :mod:`sidusctl.netboot.secureboot`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ class ExportOptions:
     """What the inventory does not say. ``tftp_root``: directory the TFTP daemon serves;
     ``interface``: the one to serve (dnsmasq ``interface=``, Kea ``interfaces``; None: dnsmasq
     line left out, Kea ``*``); ``lease_time`` in seconds; boot files by client type;
-    ``proxy``: dnsmasq as proxyDHCP next to the site's server (dnsmasq format only)."""
+    ``proxy``: dnsmasq as proxyDHCP next to the site's server (dnsmasq format only);
+    ``http_boot_url``: the ``http://`` URL UEFI HTTP Boot clients (option 60 ``HTTPClient``)
+    get with option 60 ``HTTPClient`` (None: they get no answer of their own)."""
 
     tftp_root: str = "/srv/tftp"
     interface: str | None = None
@@ -43,18 +47,23 @@ class ExportOptions:
     boot_efi64: str = "grubnetx64.efi"
     ipxe_script: str = "boot.ipxe"
     proxy: bool = False
+    http_boot_url: str | None = None
 
 
 def _check(opts: ExportOptions) -> None:
     for key, value in (("--tftp-root", opts.tftp_root), ("--boot-bios", opts.boot_bios),
                        ("--boot-efi64", opts.boot_efi64), ("--ipxe-script", opts.ipxe_script),
-                       ("--interface", opts.interface or "x")):
+                       ("--interface", opts.interface or "x"),
+                       ("--http-base", opts.http_boot_url or "x")):
         if not value or _UNSAFE & set(value):
             raise ConfigError(key, None, f"{value!r} cannot be written into a daemon's config",
                               expected="no spaces, quotes, commas, semicolons, braces or '#'")
     if not opts.tftp_root.startswith("/"):
         raise ConfigError("--tftp-root", None, f"{opts.tftp_root!r} is not absolute",
                           expected="an absolute path such as /srv/tftp")
+    if opts.http_boot_url is not None and not opts.http_boot_url.startswith("http://"):
+        raise ConfigError("--http-base", None, f"{opts.http_boot_url!r} is not an http:// URL",
+                          expected="http://SERVER[:PORT]")
     if not 60 <= opts.lease_time <= 2**31 - 1:
         raise ConfigError("--lease-time", None, f"{opts.lease_time} s",
                           expected="60 s or more")
@@ -80,6 +89,7 @@ def _context(inv: Inventory, opts: ExportOptions) -> dict[str, Any]:
         "boot_efi64_base": opts.boot_efi64,
         "ipxe_script": opts.ipxe_script,
         "proxy": opts.proxy,
+        "http_boot_url": opts.http_boot_url,
     }
 
 

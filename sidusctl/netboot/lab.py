@@ -241,18 +241,23 @@ class PxeLab:
         return name
 
     def boot(self, node: LabNode, *, name: str | None = None, memory: int = 1024,
-             uefi: bool = False, nic_rom: bool = True,
+             uefi: bool = False, nic_rom: bool = True, secure_boot: bool = False,
+             uefi_vars: Path | None = None,
              timeout: float = qemu.BOOT_TIMEOUT) -> qemu.Guest:
         """Start a diskless guest with ``node``'s MAC on a new tap: it boots from the network
         through the NIC's iPXE option ROM (BIOS, or with ``uefi`` its EFI driver under OVMF);
         with ``nic_rom=False`` through the firmware's own PXE client instead (OVMF's, for
-        ``uefi``), as real machines without iPXE do. Its console goes to
-        ``<workdir>/<name>.console.log``."""
+        ``uefi``), as real machines without iPXE do. ``secure_boot`` (implies ``uefi``): OVMF's
+        Secure Boot build with Microsoft's keys; ``uefi_vars``: a variable store prepared by
+        the caller (default ``<workdir>/<name>.vars.fd``, made from OVMF's template). Its
+        console goes to ``<workdir>/<name>.console.log``."""
         gname = name or f"{self.prefix}-{node.name}"
         tap = self.add_tap()
         g = qemu.Guest(gname, netns=self.netns, tap=tap, mac=node.mac, memory=memory,
                        log=self.workdir / f"{gname}.console.log", timeout=timeout,
-                       uefi_vars=self.workdir / f"{gname}.vars.fd" if uefi else None,
+                       uefi_vars=uefi_vars or (self.workdir / f"{gname}.vars.fd"
+                                               if uefi or secure_boot else None),
+                       secure_boot=secure_boot,
                        nic_rom=nic_rom)
         self.guests.append(g)
         return g

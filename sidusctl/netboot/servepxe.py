@@ -36,12 +36,10 @@ from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
 from sidusctl.core.state import read_json, write_json
 from sidusctl.netboot import inventory as inv_mod
-from sidusctl.netboot import squash
+from sidusctl.netboot import secureboot, squash
 from sidusctl.netboot.inventory import Inventory
 from sidusctl.netboot.tree import (
-    GRUB_EFI_NAME,
     IPXE_EFI_DIRS,
-    IPXE_EFI_NAME,
     ImageFiles,
     SquashRef,
     export_path_for,
@@ -58,7 +56,7 @@ from sidusctl.subsys.imagestore import ImageStore
 log = get_logger("serve-pxe")
 
 NfsMode = Literal["auto", "kernel", "ganesha", "off"]
-EfiLoader = Literal["grub", "ipxe"]
+EfiLoader = Literal["grub", "ipxe", "shim"]
 SEED_NFS_OPTIONS = "ro,no_subtree_check,async,no_root_squash"
 _SO_BINDTODEVICE = 25
 REPORT_PATH = "/sidus/report"
@@ -73,7 +71,9 @@ class PxeOptions:
     into, ``proxy`` (proxyDHCP), ``http`` with ``http_port``, ``nfs`` backend, ``lease_time``
     (seconds), ``dns_upstream`` ``(host, port)`` for names outside the cluster domain and
     ``efi_loader``, what x86-64 UEFI clients get: ``grub`` (grubnetx64.efi) or ``ipxe``
-    (ipxe.efi, which then asks again as an iPXE client and runs boot.ipxe)."""
+    (ipxe.efi, which then asks again as an iPXE client and runs boot.ipxe) or ``shim``
+    (Debian's signed chain for Secure Boot: :mod:`sidusctl.netboot.secureboot`). With the HTTP
+    server on, UEFI HTTP Boot clients get the same loader as an ``http://`` URL."""
 
     nodes: Path
     interface: str
@@ -181,10 +181,11 @@ class PxeLoader:
         # the tree first: DHCP must never point a node at a file that is not there yet
         http_on = o.http or wants_http(inv)
         report_url = f"{o.http_base(net.server)}{REPORT_PATH}" if http_on else None
-        report = write_tree(o.tftp_root, inv, files, report_url=report_url)
+        report = write_tree(o.tftp_root, inv, files, report_url=report_url,
+                            shim=o.efi_loader == "shim")
         # (without GRUB's EFI modules the tree has no grubnetx64.efi: write_tree warned, BIOS
         # machines still boot; iPXE asked for by name is refused when it is not there)
-        efi_file = IPXE_EFI_NAME if o.efi_loader == "ipxe" else GRUB_EFI_NAME
+        efi_file = secureboot.efi_boot_file(o.efi_loader)
         if o.efi_loader == "ipxe" and not (o.tftp_root / efi_file).is_file():
             raise PrerequisiteError(f"--efi-loader ipxe: {efi_file} is not in the TFTP root "
                                     f"{o.tftp_root} ({', '.join(IPXE_EFI_DIRS)} has none)",
@@ -197,7 +198,10 @@ class PxeLoader:
             interface=o.interface, lease_file=o.serve_dir / "leases.sqlite",
             reservations=reservations,
             boot=BootPolicy(bios="pxelinux.0", efi_x64=efi_file,
-                            ipxe_script=self.ipxe_script(net.server)),
+                            ipxe_script=self.ipxe_script(net.server),
+                            http_x64=secureboot.http_boot_file(o.http_base(net.server),
+                                                               o.efi_loader)
+                            if http_on else None),
             server_ip=net.server, subnet=net.subnet,
             dns_servers=(net.server,) if net.domain else (), domain=net.domain,
             lease_time=o.lease_time, unknown="ignore", proxy=o.proxy)

@@ -28,6 +28,7 @@ from sidusctl.core.errors import PrerequisiteError, SidusError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
 from sidusctl.core.state import atomic_copy, atomic_write_bytes, read_json, write_json
+from sidusctl.netboot import secureboot
 from sidusctl.netboot.inventory import Inventory, Node
 from sidusctl.subsys.templates import render
 
@@ -257,11 +258,14 @@ def write_tree(
     bios_dirs: Mapping[str, Iterable[str]] | None = None,
     progress: Callable[[str], None] | None = None,
     report_url: str | None = None,
+    shim: bool = False,
 ) -> RenderReport:
     """Render ``inv`` into ``tftp_root`` (created if missing). Only changed files are rewritten,
     each atomically; files of an earlier render that are no longer wanted are removed.
     Raises :class:`PrerequisiteError` if pxelinux/syslinux files are missing, :class:`SidusError`
-    if an image lacks its kernel or initrd."""
+    if an image lacks its kernel or initrd. Debian's signed chain (shim, MokManager, signed
+    GRUB and its grub.cfg: :mod:`sidusctl.netboot.secureboot`) is placed when the host has it;
+    ``shim``: it must be there (:class:`PrerequisiteError` naming the missing packages)."""
     missing = [n for n in inv.images() if n not in images]
     if missing:
         raise SidusError(f"no kernel/initrd known for image(s): {', '.join(missing)}")
@@ -299,6 +303,8 @@ def write_tree(
     else:
         log.debug("no %s in %s (Debian package ipxe): UEFI clients can get GRUB only",
                   IPXE_EFI_NAME, ", ".join(IPXE_EFI_DIRS))
+    signed = secureboot.chain_files(required=shim)
+    copies.update(signed)
     try:
         for rel, src in sorted(copies.items()):
             dest = tftp_root / rel
@@ -310,7 +316,10 @@ def write_tree(
     finally:
         if efi is not None:
             efi.unlink(missing_ok=True)
-    for rel, text in sorted(render_tree(inv, images, report_url=report_url).items()):
+    texts = render_tree(inv, images, report_url=report_url)
+    if signed:
+        texts.update(secureboot.tree_files(inv))
+    for rel, text in sorted(texts.items()):
         dest = tftp_root / rel
         data = text.encode()
         existed = dest.exists()

@@ -8,6 +8,9 @@ architecture, 97 UUID echoed to PXE clients), RFC 3046 (option 82 echoed to rela
 Boot file choice (:class:`BootPolicy`): iPXE (option 77 user class ``iPXE``) gets its script,
 which breaks the chain-load loop; otherwise option 93 picks it (0 BIOS → ``pxelinux.0``, 7/9
 x86-64 UEFI → an EFI binary...). A :class:`Reservation` may name its own boot file.
+UEFI HTTP Boot clients (option 60 starting with ``HTTPClient``; RFC 4578 arch 16 for x64)
+get option 60 ``HTTPClient`` back and an ``http://`` URL as boot file (UEFI specification
+2.10, section 24.7 "HTTP Boot"), in full and proxy mode.
 
 Safety: the sockets are bound to one interface with SO_BINDTODEVICE; there is no way to run
 the server without naming the interface. Every decision is logged with the client's MAC.
@@ -51,6 +54,9 @@ ARCH_EFI_BC = 9
 ARCH_EFI_ARM32 = 10
 ARCH_EFI_ARM64 = 11
 ARCH_EFI_X64_HTTP = 16
+#: option 60 of UEFI HTTP Boot clients starts with this (``HTTPClient:Arch:00016:UNDI:003001``);
+#: the server's answer carries it alone (UEFI spec 2.10, 24.7.2 "DHCP options for HTTP Boot")
+HTTP_CLIENT = b"HTTPClient"
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,9 @@ class BootPolicy:
     """Boot file names by client architecture (RFC 4578 option 93). ``ipxe_script``: what a
     client announcing user class ``iPXE`` (option 77) gets, usually an ``http://`` URL or a
     TFTP path of a ``#!ipxe`` script; None gives iPXE the same file as its architecture (only
-    sensible when that file is not iPXE itself). ``extra`` maps other architecture codes."""
+    sensible when that file is not iPXE itself). ``extra`` maps other architecture codes.
+    ``http_x64``: the ``http://`` URL given to x64 UEFI HTTP Boot clients (vendor class
+    ``HTTPClient``, arch 16); None: they get no boot file (no HTTP server)."""
 
     bios: str | None = "pxelinux.0"
     efi_x64: str | None = "grubnetx64.efi"
@@ -77,12 +85,21 @@ class BootPolicy:
     efi_arm64: str | None = None
     ipxe_script: str | None = None
     extra: tuple[tuple[int, str], ...] = ()
+    http_x64: str | None = None
 
-    def boot_file(self, arch: int | None, ipxe: bool) -> tuple[str | None, str]:
+    def boot_file(self, arch: int | None, ipxe: bool,
+                  http: bool = False) -> tuple[str | None, str]:
         """``(file or None, reason)`` for a client of architecture ``arch`` (None: option 93
-        absent, treated as BIOS when the client is a PXE client)."""
+        absent, treated as BIOS when the client is a PXE client); ``http``: the client is a
+        UEFI HTTP Boot client (option 60 ``HTTPClient``)."""
         if ipxe and self.ipxe_script:
             return self.ipxe_script, "iPXE user class: script"
+        if http:
+            if arch not in (None, ARCH_EFI_X64_HTTP):
+                return None, f"HTTPClient arch {arch}: no HTTP boot file for it"
+            if self.http_x64 is None:
+                return None, "HTTPClient: no HTTP boot URL (HTTP server off)"
+            return self.http_x64, "HTTPClient arch 16 x64 UEFI HTTP"
         a = ARCH_BIOS if arch is None else arch
         for code, name in self.extra:
             if code == a:
@@ -477,21 +494,26 @@ class DhcpServer:
         """Fill siaddr, file, options 66/67 (and echo 97) for a booting client; the reason."""
         out.siaddr = self.next_server
         ipxe = any(c == b"iPXE" for c in pkt.user_classes)
-        booting = pkt.is_pxe or pkt.client_arch is not None or ipxe
+        http = pkt.vendor_class.startswith(HTTP_CLIENT)
+        booting = pkt.is_pxe or pkt.client_arch is not None or ipxe or http
         if not booting:
             return "not a network-boot client"
         name: str | None
-        if r is not None and r.boot_file and not ipxe:
+        if r is not None and r.boot_file and not ipxe and not http:
             name, why = r.boot_file, "reservation's boot file"
         else:
-            name, why = self.cfg.boot.boot_file(pkt.client_arch, ipxe)
+            name, why = self.cfg.boot.boot_file(pkt.client_arch, ipxe, http)
         if name:
             raw = dc.o_text(name)
             if len(raw) <= 127:
                 out.file = raw
             out.options[dc.OPT_BOOTFILE] = raw
-            out.options[dc.OPT_TFTP_SERVER] = dc.o_text(
-                self.cfg.tftp_server_name or str(self.next_server))
+            if http and not ipxe:
+                # an HTTP Boot client takes an offer only with option 60 "HTTPClient"
+                out.options[dc.OPT_VENDOR_CLASS] = HTTP_CLIENT
+            else:
+                out.options[dc.OPT_TFTP_SERVER] = dc.o_text(
+                    self.cfg.tftp_server_name or str(self.next_server))
         if dc.OPT_CLIENT_UUID in pkt.options:
             out.options[dc.OPT_CLIENT_UUID] = pkt.options[dc.OPT_CLIENT_UUID]
         return f"boot file {name} ({why})" if name else why
@@ -621,7 +643,8 @@ class DhcpServer:
 
     def _proxy(self, pkt: dc.DhcpPacket, mac: str, mt: int, src: tuple[str, int],
                port: int) -> list[tuple[bytes, tuple[str, int]]]:
-        if not pkt.is_pxe:
+        http = pkt.vendor_class.startswith(HTTP_CLIENT)
+        if not pkt.is_pxe and not http:
             return self._ignore(mac, f"{dc.MSG_NAMES.get(mt, mt)}: not a PXE client (proxy mode)", logging.DEBUG)
         if port == self.cfg.port:
             if mt == dc.DISCOVER:
@@ -643,6 +666,8 @@ class DhcpServer:
                                      # PXE vendor options: sub-option 6 discovery control = 8:
                                      # boot file given, no boot-server discovery
                                      dc.OPT_VENDOR: b"\x06\x01\x08\xff"})
+        if http:  # UEFI HTTP Boot: option 60 HTTPClient and the URL; PXE's option 43 is not for it
+            del out.options[dc.OPT_VENDOR]
         bwhy = self._boot(pkt, out, self.by_mac.get(mac))
         if port == self.cfg.port:
             self.stats.proxy_offers += kind == dc.OFFER

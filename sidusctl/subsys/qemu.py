@@ -50,6 +50,11 @@ PROMPT = "SDT# "
 #: OVMF (UEFI for qemu, Debian package ovmf): read-only code and the template of the variables
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+#: OVMF built with Secure Boot (needs SMM: q35 with ``smm=on`` and a secure pflash) and the
+#: variable store template with Microsoft's KEK and db enrolled and Secure Boot on, so that
+#: shim (signed by Microsoft's UEFI CA) runs and unsigned loaders are refused
+OVMF_CODE_SECBOOT = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+OVMF_VARS_MS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
 BOOT_TIMEOUT = 300.0  # seconds; a TCG boot to login takes 1-2 minutes on a loaded 2-core host
 # Every console byte is an emulated UART write under TCG: keep the boot chatter down.
 QUIET = ("quiet", "systemd.show_status=false")
@@ -82,8 +87,12 @@ class Guest:
     there. ``uefi_vars``: boot UEFI firmware (OVMF, Debian package ovmf) instead of the BIOS,
     with this file as the machine's writable variable store (created from OVMF's template
     when missing). ``nic_rom=False`` gives the NIC no option ROM: no iPXE, so the firmware's
-    own PXE client boots (OVMF's, with ``uefi_vars``), as on most real hardware. The process
-    starts in the constructor; :meth:`close` ends it."""
+    own PXE client boots (OVMF's, with ``uefi_vars``), as on most real hardware.
+    ``secure_boot`` (with ``uefi_vars``): OVMF's Secure Boot build on a q35 machine with SMM
+    and a secure flash, a missing ``uefi_vars`` made from the template with Microsoft's keys
+    enrolled (:data:`OVMF_VARS_MS`); a ``uefi_vars`` file that exists is used as it is (a store
+    prepared by the caller, e.g. with another boot order edited by ``virt-fw-vars``). The
+    process starts in the constructor; :meth:`close` ends it."""
 
     def __init__(self, name: str, *, kernel: Path | None = None, initrd: Path | None = None,
                  append: str = "", disks: Sequence[Path] = (), netns: str | None = None,
@@ -91,7 +100,7 @@ class Guest:
                  tftp: Path | None = None, bootfile: str = "pxelinux.0",
                  tap: str | None = None, log: Path | None = None,
                  uefi_vars: Path | None = None, nic_rom: bool = True,
-                 timeout: float = BOOT_TIMEOUT) -> None:
+                 secure_boot: bool = False, timeout: float = BOOT_TIMEOUT) -> None:
         self.name = name
         self.timeout = timeout
         if tap is not None:
@@ -102,13 +111,22 @@ class Guest:
                 "-smp", "1", "-nographic", "-no-user-config", "-nodefaults", "-serial", "stdio",
                 "-netdev", netdev,
                 "-device", f"virtio-net-pci,netdev=n0,mac={mac}" + ("" if nic_rom else ",romfile=")]
+        if secure_boot and uefi_vars is None:
+            raise SidusError("secure_boot needs uefi_vars (the machine's variable store)")
         if uefi_vars is not None:
-            if not OVMF_CODE.is_file():
-                raise PrerequisiteError(f"UEFI firmware {OVMF_CODE} is missing",
-                                        hint="apt-get install ovmf")
+            code, template = ((OVMF_CODE_SECBOOT, OVMF_VARS_MS) if secure_boot
+                              else (OVMF_CODE, OVMF_VARS))
+            for f in (code, template):
+                if not f.is_file():
+                    raise PrerequisiteError(f"UEFI firmware {f} is missing",
+                                            hint="apt-get install ovmf")
             if not uefi_vars.exists():
-                shutil.copyfile(OVMF_VARS, uefi_vars)
-            argv += ["-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+                shutil.copyfile(template, uefi_vars)
+            if secure_boot:
+                # the Secure Boot build keeps its variables behind SMM (qemu docs, "OVMF")
+                argv += ["-machine", "q35,smm=on",
+                         "-global", "driver=cfi.pflash01,property=secure,value=on"]
+            argv += ["-drive", f"if=pflash,format=raw,readonly=on,file={code}",
                      "-drive", f"if=pflash,format=raw,file={uefi_vars}"]
         if kernel is None and (tftp is not None or tap is not None):
             # network boot through the NIC's iPXE option ROM

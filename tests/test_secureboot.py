@@ -1,0 +1,88 @@
+"""Secure Boot proven with a real firmware: OVMF's Secure Boot build with Microsoft's keys
+enrolled (``OVMF_CODE_4M.secboot.fd``, ``OVMF_VARS_4M.ms.fd``, q35 with SMM), the NIC without
+an iPXE ROM (OVMF's own PXE client), serve-pxe with ``--efi-loader shim``.
+
+One guest, two boots (the CI budget allows one full boot to login and a short refused one):
+
+1. shim (signed by Microsoft's UEFI CA) → Debian's signed ``grubx64.efi`` →
+   ``grub/grub.cfg`` → the node's ``grub.cfg-01-<mac>`` → the image's signed kernel
+   and initrd, NFS root, tmpfs overlay, login; inside, the firmware's ``SecureBoot`` variable
+   reads 1 and the kernel is in lockdown;
+2. the same machine rebooted (same firmware, same keys) with the ``grub-mkimage`` GRUB put
+   where shim looks for ``grubx64.efi``: it is unsigned and shim refuses it ("Verification
+   failed: (0x1A) Security Violation" on the console).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from sidusctl.netboot import secureboot
+from sidusctl.netboot.lab import LabNode, PxeLab
+from sidusctl.subsys import qemu
+from tests.conftest import SIDUSCTL, BuiltImage
+from tests.netns_util import uniq
+from tests.test_pxe_boot import BOOT_TIMEOUT, check_node, evidence, rootfs
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, qemu, NFS)"),
+    pytest.mark.skipif(not qemu.OVMF_CODE_SECBOOT.is_file() or not qemu.OVMF_VARS_MS.is_file(),
+                       reason="needs the ovmf package's Secure Boot firmware"),
+    pytest.mark.skipif(bool(secureboot.missing_packages()),
+                       reason="needs shim-signed, shim-helpers-amd64-signed, "
+                              "grub-efi-amd64-signed"),
+]
+
+NODE = LabNode("sb1", "52:54:00:5b:00:01", IPv4Address("10.77.0.150"))
+SERVE = [*SIDUSCTL, "serve-pxe"]
+SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
+
+
+def test_secure_boot_through_shim_and_refused_unsigned_grub(minimal_image: BuiltImage,
+                                                            tmp_path: Path) -> None:
+    root = rootfs(minimal_image)
+    mac = NODE.mac.replace(":", "-")
+    with PxeLab(uniq("sb"), minimal_image.state, "minimal", [NODE], tmp_path,
+                serve_command=SERVE) as lab, evidence(lab):
+        lab.start_serve("--nfs", "ganesha", "--efi-loader", "shim")
+        for f in ("shimx64.efi", "mmx64.efi", "grubx64.efi", "grub/grub.cfg",
+                  "grub/x86_64-efi/grub.cfg"):
+            assert (lab.tftp_root / f).is_file(), f
+        g = lab.boot(NODE, secure_boot=True, nic_rom=False, timeout=BOOT_TIMEOUT)
+        login_s = g.login(timeout=BOOT_TIMEOUT)
+        print(f"secure boot: login prompt {login_s:.1f} s after qemu started")
+        text = lab.serve_text()
+        assert re.search(rf"DHCP {NODE.mac}: REQUEST \(selecting\) -> ACK {NODE.ip} .*"
+                         r"boot file shimx64\.efi \(arch 7 x86-64 UEFI\)", text), text[-3000:]
+        for f in ("shimx64.efi", "grubx64.efi", "grub/grub.cfg", f"grub/grub.cfg-01-{mac}", "vmlinuz-minimal", "initrd.img-minimal"):
+            assert re.search(rf"TFTP {re.escape(str(NODE.ip))}:\d+: sent '/?{re.escape(f)}'",
+                             text), f
+        assert "grubnetx64.efi'" not in text  # the unsigned GRUB was never fetched
+        # the firmware says Secure Boot is on (UEFI global variable SecureBoot = 1) ...
+        sb = g.sh(f"od -An -tu1 {SECURE_BOOT_VAR}").split()
+        assert sb[-1] == "1", sb
+        # ... and the kernel saw it and locked itself down
+        lockdown = g.sh("cat /sys/kernel/security/lockdown")
+        assert re.search(r"\[(integrity|confidentiality)\]", lockdown), lockdown
+        assert "Secure boot enabled" in g.sh("dmesg | grep -i 'secure boot' || true")
+        check_node(g, NODE, root)
+        # the overlay hook under lockdown: its modules loaded (Debian-signed), it said so
+        assert "overlay" in g.sh("cat /run/sidus/state")
+        # 2. the same machine, same firmware and keys, with shim handed the unsigned
+        # grub-mkimage GRUB as grubx64.efi (as a site that rebuilt GRUB would): shim refuses it
+        unsigned = lab.tftp_root / "grubx64.efi.sdt-tmp"
+        shutil.copyfile(lab.tftp_root / "grubnetx64.efi", unsigned)
+        unsigned.rename(lab.tftp_root / "grubx64.efi")
+        g.reboot()
+        g.expect(rb"Security Violation", 240)
+        refused_s = time.monotonic() - g.started
+        print(f"unsigned GRUB refused {refused_s:.1f} s after the reboot")
+        assert lab.stop_serve() == 0
