@@ -373,7 +373,7 @@ def parse(text: str, file: str = "nodes.toml", *, known_images: Iterable[str] | 
         if image is None:
             err("image", "no image for this node",
                 "image = \"NAME\" on the node, its group or [defaults]", at="")
-        elif known is not None and image not in known and image != defaults.get("image"):
+        elif known is not None and isinstance(image, str) and image not in known and image != defaults.get("image"):
             err("image", f"unknown image {image!r}",
                 "a built image: " + (", ".join(sorted(known)) or "none built yet"),
                 at=None if "image" in raw else "")

@@ -58,8 +58,8 @@ class TftpConfig:
     requests are received. ``max_blksize`` (bytes), ``max_window`` (blocks), ``timeout``
     (seconds, default retransmission interval), ``retries`` (retransmissions before giving
     up), ``max_transfers`` (concurrent; more get error 0 "busy") and ``max_per_client``
-    (concurrent from one client address; more get error 0 "busy" too): both refusals are
-    counted in ``refused`` and logged."""
+    (concurrent from one client address, 0: no limit; more get error 0 "busy" too): both
+    refusals are counted in ``refused`` and logged."""
 
     root: Path
     interface: str | None = None
@@ -70,7 +70,7 @@ class TftpConfig:
     timeout: float = 1.0
     retries: int = 5
     max_transfers: int = 2000
-    max_per_client: int = 8
+    max_per_client: int = 0
 
 
 @dataclass
@@ -491,7 +491,7 @@ class TftpServer:
             self._reply_error(addr, tc.E_UNDEFINED, "server busy")
             return
         mine = sum(1 for t in self._transfers.values() if t.addr[0] == addr[0])
-        if mine >= self.cfg.max_per_client:
+        if self.cfg.max_per_client and mine >= self.cfg.max_per_client:
             self.stats.refused += 1
             log.warning("TFTP %s: RRQ %r refused: %d transfers from this client "
                         "(max_per_client)", who, p.filename, mine)
