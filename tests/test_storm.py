@@ -1,0 +1,572 @@
+"""A reboot storm, simulated: a real ``sidusctl serve-pxe`` in an sdt- network namespace with a
+bridge, and hundreds of simulated nodes (not qemu) in a client namespace doing concurrently,
+each from its own MAC and its own address, what a PXE node does when a whole room reboots:
+
+1. DHCP DISCOVER/REQUEST as the PXE ROM (option 60 ``PXEClient``, 93, 94, 97), then the boot
+   loader over TFTP (``pxelinux.0``, ~41 KiB);
+2. DHCP again as iPXE (option 77 ``iPXE``), then its per-MAC config, the kernel and the initrd
+   over TFTP (blksize 1468, lock-step, as pxelinux does);
+3. DHCP again as the kernel (no PXE option), then the squashfs root over HTTP (a real export of
+   an image holding a generated file of a few tens of MiB), a third of the nodes dropping the
+   connection half-way and resuming with ``Range``, the digest checked; reports ``root`` and
+   ``root-mounted`` to ``/sidus/report``;
+4. DHCP again as the booted system (option 12 host name), then reports ``booted``.
+
+The same simulated node is used by ``bench/bootstorm.py`` against the reference stack
+(dnsmasq, nginx). The client part runs inside the client namespace as
+``python -m tests.test_storm client CONFIG.json`` and prints one JSON result.
+
+Asserted: every node got one address, the same in its four DHCP phases, and no address went to
+two MACs; every download is complete with the right SHA-256; with low limits (a second, smaller
+round) every refusal is answered (HTTP 503 with Retry-After, TFTP error "server busy") and as
+many are counted in the status as the clients saw; no internal error; ``pxe status --json``
+shows every node booted with its generation. Wall time and throughput are printed, never
+asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.netns_util import REPO, Daemon, bridge, enslave, ip, netns, nsexec, uniq, veth
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+SERVER = "10.78.0.1"
+PREFIX = 16
+
+# -- the simulated node (runs inside the client namespace) ---------------------------------------
+
+PXE_OPTS = {60: b"PXEClient:Arch:00000:UNDI:002001", 93: b"\0\0", 94: b"\x01\x02\x01"}
+DHCP_TRIES = 8
+TFTP_TRIES = 8
+
+
+@dataclass
+class Tally:
+    """What the clients saw: refusals (answered, counted) and errors (no answer, bad data)."""
+
+    http_refused: int = 0
+    tftp_refused: int = 0
+    dhcp_retries: int = 0
+    tftp_retries: int = 0
+    bytes: int = 0
+
+
+class _Dhcp(asyncio.DatagramProtocol):
+    """One UDP socket on port 68 for all the simulated nodes; replies routed by xid."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, asyncio.Queue[Any]] = {}
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        from sidusctl.serve import dhcp_codec as dc
+        try:
+            p = dc.decode(data)
+        except dc.MalformedPacket:
+            return
+        q = self.waiting.get(p.xid)
+        if q is not None and p.op == 2:
+            q.put_nowait(p)
+
+
+async def dhcp_phase(proto: _Dhcp, tr: asyncio.DatagramTransport, mac: bytes, phase: str,
+                     server_ip: str | None, tally: Tally) -> dict[str, Any]:
+    """DISCOVER/OFFER/REQUEST/ACK (RFC 2131 3.1) with the options of ``phase`` (``pxe``,
+    ``ipxe``, ``kernel``, ``system``), broadcast flag set; retransmitted on silence."""
+    from sidusctl.serve import dhcp_codec as dc
+    opts: dict[int, bytes] = {}
+    if phase in ("pxe", "ipxe"):
+        opts.update(PXE_OPTS)
+        opts[97] = b"\0" + mac + bytes(10)
+    if phase == "ipxe":
+        opts[77] = b"iPXE"
+    if phase == "kernel":
+        opts[60] = b"Linux ipconfig"
+    if phase == "system":
+        opts[12] = b"n" + mac.hex().encode()
+    opts[55] = bytes((1, 3, 6, 12, 15, 28, 66, 67))
+    xid = random.getrandbits(32)
+    q: asyncio.Queue[Any] = asyncio.Queue()
+    proto.waiting[xid] = q
+    try:
+        async def exchange(mt: int, extra: dict[int, bytes], want: int) -> Any:
+            pkt = dc.DhcpPacket(op=1, xid=xid, flags=dc.FLAG_BROADCAST, chaddr=mac,
+                                options={dc.OPT_MSG_TYPE: bytes([mt]), **opts, **extra}).encode()
+            for attempt in range(DHCP_TRIES):
+                if attempt:
+                    tally.dhcp_retries += 1
+                tr.sendto(pkt, ("255.255.255.255", 67))
+                end = time.monotonic() + 1.0 + attempt * 0.5
+                while (left := end - time.monotonic()) > 0:
+                    try:
+                        p = await asyncio.wait_for(q.get(), left)
+                    except TimeoutError:
+                        break
+                    if p.msg_type == want and (server_ip is None or
+                                               str(p.opt_ip(dc.OPT_SERVER_ID)) == server_ip):
+                        return p
+                    if p.msg_type == dc.NAK:
+                        raise RuntimeError(f"{phase}: NAK")
+            raise RuntimeError(f"{phase}: no {want} after {DHCP_TRIES} tries")
+
+        offer = await exchange(dc.DISCOVER, {}, dc.OFFER)
+        ack = await exchange(dc.REQUEST, {dc.OPT_REQUESTED_IP: offer.yiaddr.packed,
+                                          dc.OPT_SERVER_ID: offer.options[dc.OPT_SERVER_ID]},
+                             dc.ACK)
+        return {"offer": str(offer.yiaddr), "ack": str(ack.yiaddr),
+                "file": ack.file.decode(errors="replace"),
+                "lease": int.from_bytes(ack.options.get(dc.OPT_LEASE_TIME, b"\0\0\0\0"), "big")}
+    finally:
+        del proto.waiting[xid]
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.q: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.q.put_nowait((data, addr))
+
+
+async def tftp_get(src: str, server: str, name: str, tally: Tally,
+                   blksize: int = 1468) -> bytes:
+    """RRQ ``name`` from ``src`` (the node's address), lock-step (RFC 1350, blksize RFC 2348).
+    A "busy" ERROR (code 0) is a refusal: counted, retried after a pause; any other ERROR
+    raises."""
+    from sidusctl.serve import tftp_codec as tc
+    loop = asyncio.get_running_loop()
+    for _refusal in range(200):
+        tr, proto = await loop.create_datagram_endpoint(_Udp, local_addr=(src, 0))
+        try:
+            rrq = tc.encode_request(tc.RRQ, name, "octet", {"blksize": str(blksize)})
+            last, dest = rrq, (server, 69)
+            tr.sendto(last, dest)
+            peer: tuple[str, int] | None = None
+            bs, expect, chunks, tries, busy = 512, 1, [], 0, False
+            while True:
+                try:
+                    data, addr = await asyncio.wait_for(proto.q.get(), 1.0)
+                except TimeoutError:
+                    tries += 1
+                    tally.tftp_retries += 1
+                    if tries > TFTP_TRIES:
+                        raise RuntimeError(f"TFTP {name}: no answer") from None
+                    tr.sendto(last, dest)
+                    continue
+                if peer is None:
+                    peer = dest = addr
+                elif addr != peer:
+                    continue
+                p = tc.parse(data)
+                tries = 0
+                if isinstance(p, tc.Error):
+                    if p.code == tc.E_UNDEFINED and "busy" in p.message:
+                        busy = True
+                        break
+                    raise RuntimeError(f"TFTP {name}: error {p.code} {p.message}")
+                if isinstance(p, tc.Oack):
+                    bs = int(p.options.get("blksize", "512"))
+                    last = tc.encode_ack(0)
+                    tr.sendto(last, dest)
+                    continue
+                if isinstance(p, tc.Data):
+                    if p.block == expect & 0xFFFF:
+                        chunks.append(p.payload)
+                        last = tc.encode_ack(p.block)
+                        tr.sendto(last, dest)
+                        expect += 1
+                        if len(p.payload) < bs:
+                            out = b"".join(chunks)
+                            tally.bytes += len(out)
+                            return out
+                    else:
+                        tr.sendto(last, dest)  # a duplicate: ack what we have again
+        finally:
+            tr.close()
+        if busy:
+            tally.tftp_refused += 1
+            await asyncio.sleep(0.2 + random.random() * 0.3)
+    raise RuntimeError(f"TFTP {name}: refused 200 times")
+
+
+async def http_req(src: str, server: str, port: int, method: str, path: str, tally: Tally, *,
+                   headers: dict[str, str] | None = None, body: bytes = b"",
+                   stop_at: int | None = None, sink: Any = None) -> tuple[int, dict[str, str]]:
+    """One HTTP/1.1 request from ``src``; the body goes to ``sink.update`` (at most
+    ``stop_at`` bytes of it: then the connection is dropped, as a node that lost its link
+    would). A 503 is a refusal: counted, retried after its Retry-After (RFC 9110 10.2.3)."""
+    for _refusal in range(200):
+        reader, writer = await asyncio.open_connection(server, port, local_addr=(src, 0),
+                                                       limit=1 << 20)
+        try:
+            head = [f"{method} {path} HTTP/1.1", f"Host: {server}", "Connection: close"]
+            head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+            if body:
+                head += ["Content-Type: application/x-www-form-urlencoded",
+                         f"Content-Length: {len(body)}"]
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+            await writer.drain()
+            status_line = await reader.readline()
+            code = int(status_line.split()[1])
+            hdrs: dict[str, str] = {}
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                k, _, v = line.decode().partition(":")
+                hdrs[k.strip().lower()] = v.strip()
+            if code == 503:
+                if "retry-after" not in hdrs:
+                    raise RuntimeError(f"HTTP {path}: 503 without Retry-After")
+                tally.http_refused += 1
+                wait = float(hdrs["retry-after"])
+            else:
+                left = int(hdrs.get("content-length", "0"))
+                if stop_at is not None:
+                    left = min(left, stop_at)
+                while left > 0:
+                    chunk = await reader.read(min(left, 1 << 20))
+                    if not chunk:
+                        raise RuntimeError(f"HTTP {path}: connection closed, {left} bytes short")
+                    left -= len(chunk)
+                    tally.bytes += len(chunk)
+                    if sink is not None:
+                        sink.update(chunk)
+                return code, hdrs
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await asyncio.sleep(wait * (0.5 + random.random()))
+    raise RuntimeError(f"HTTP {path}: refused 200 times")
+
+
+async def node(cfg: dict[str, Any], n: dict[str, str], proto: _Dhcp,
+               tr: asyncio.DatagramTransport, tally: Tally, resume: bool,
+               barrier: asyncio.Barrier | None) -> dict[str, Any]:
+    """One simulated node's boot; its record: the addresses of each DHCP phase, times. With
+    a ``barrier``, all nodes start their root download at once (to meet the HTTP limits)."""
+    await asyncio.sleep(random.random() * cfg["spread"])
+    t0 = time.monotonic()
+    mac = bytes.fromhex(n["mac"].replace(":", ""))
+    srv, me = cfg["server"], n["ip"]
+    sid = cfg.get("server_id")
+    rec: dict[str, Any] = {"mac": n["mac"], "dhcp": {}}
+    d = await dhcp_phase(proto, tr, mac, "pxe", sid, tally)
+    rec["dhcp"]["pxe"] = d
+    if d["ack"] != me:
+        raise RuntimeError(f"{n['mac']}: got {d['ack']}, its reservation is {me}")
+    loader = await tftp_get(me, srv, d["file"] or "pxelinux.0", tally)
+    digests = {"loader": hashlib.sha256(loader).hexdigest()}
+    rec["dhcp"]["ipxe"] = await dhcp_phase(proto, tr, mac, "ipxe", sid, tally)
+    for name in cfg["tftp_files"]:
+        name = name.replace("{mac}", n["mac"].replace(":", "-"))
+        digests[name] = hashlib.sha256(await tftp_get(me, srv, name, tally)).hexdigest()
+    rec["dhcp"]["kernel"] = await dhcp_phase(proto, tr, mac, "kernel", sid, tally)
+    h = hashlib.sha256()
+    url_path, size = cfg["http_path"], cfg["http_size"]
+    report = cfg.get("report_path")
+
+    async def post(stage: str, detail: str) -> None:
+        if report:
+            form = f"mac={n['mac']}&stage={stage}&detail={detail.replace(' ', '+')}".encode()
+            code, _ = await http_req(me, srv, cfg["http_port"], "POST", report, tally, body=form)
+            if code != 204:
+                raise RuntimeError(f"report {stage}: HTTP {code}")
+
+    await post("root", "squashfs-http")
+    if barrier is not None:
+        await barrier.wait()
+    if resume:  # the link drops half-way; the initramfs resumes with Range
+        half = size // 2
+        code, _ = await http_req(me, srv, cfg["http_port"], "GET", url_path, tally,
+                                 stop_at=half, sink=h)
+        code, hdrs = await http_req(me, srv, cfg["http_port"], "GET", url_path, tally,
+                                    headers={"Range": f"bytes={half}-"}, sink=h)
+        if code != 206 or hdrs.get("content-range") != f"bytes {half}-{size - 1}/{size}":
+            raise RuntimeError(f"resume: {code} {hdrs.get('content-range')}")
+    else:
+        code, _ = await http_req(me, srv, cfg["http_port"], "GET", url_path, tally, sink=h)
+        if code != 200:
+            raise RuntimeError(f"GET {url_path}: {code}")
+    digests["root"] = h.hexdigest()
+    gen = cfg.get("generation", "")
+    await post("root-mounted", f"squashfs-http {gen}")
+    rec["dhcp"]["system"] = await dhcp_phase(proto, tr, mac, "system", sid, tally)
+    await post("booted", gen)
+    rec["digests"] = digests
+    rec["seconds"] = time.monotonic() - t0
+    return rec
+
+
+async def storm(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Every node of ``cfg["nodes"]`` at once (started within ``cfg["spread"]`` seconds), at
+    most ``cfg["timeout"]`` seconds in all; per node its record or its error."""
+    loop = asyncio.get_running_loop()
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.setsockopt(socket.SOL_SOCKET, 25, cfg["interface"].encode())
+    s.bind(("0.0.0.0", 68))
+    tr, proto = await loop.create_datagram_endpoint(_Dhcp, sock=s)
+    tally = Tally()
+    t0 = time.monotonic()
+    barrier = asyncio.Barrier(len(cfg["nodes"])) if cfg.get("sync_root") else None
+
+    async def one(i: int, n: dict[str, str]) -> dict[str, Any]:
+        try:
+            return await node(cfg, n, proto, tr, tally, i % 3 == 0, barrier)
+        except (RuntimeError, OSError, ValueError, IndexError,
+                asyncio.BrokenBarrierError) as e:
+            return {"mac": n["mac"], "error": f"{type(e).__name__}: {e}"}
+
+    try:
+        tasks = [asyncio.ensure_future(one(i, n)) for i, n in enumerate(cfg["nodes"])]
+        done, pending = await asyncio.wait(tasks, timeout=cfg["timeout"])
+        for t in pending:
+            t.cancel()
+        results = [t.result() if t in done else {"mac": n["mac"], "error": "timed out"}
+                   for t, n in zip(tasks, cfg["nodes"], strict=True)]
+    finally:
+        tr.close()
+    wall = time.monotonic() - t0
+    return {"wall": wall, "nodes": results, "tally": vars(tally)}
+
+
+def client_main(path: str) -> None:
+    cfg = json.loads(Path(path).read_text())
+    print(json.dumps(asyncio.run(storm(cfg))))
+
+
+# -- the test side ------------------------------------------------------------------------------
+
+def make_nodes(n: int, base: int = 0x10) -> list[dict[str, str]]:
+    """``n`` nodes: MAC 52:54:00:5e:XX:YY, address 10.78.1.0 + i (reservations)."""
+    first = int(IPv4Address("10.78.1.0"))
+    return [{"name": f"st{i:03d}", "mac": f"52:54:00:{base:02x}:{i >> 8:02x}:{i & 0xff:02x}",
+             "ip": str(IPv4Address(first + i))} for i in range(n)]
+
+
+def inventory(nodes: list[dict[str, str]]) -> str:
+    out = [f'[network]\nsubnet = "10.78.0.0/{PREFIX}"\nserver = "{SERVER}"\n',
+           '[defaults]\nimage = "storm"\nroot = "squashfs-http"\n']
+    for n in nodes:
+        out.append(f'[[nodes]]\nname = "{n["name"]}"\nmac = "{n["mac"]}"\nip = "{n["ip"]}"\n')
+    return "\n".join(out)
+
+
+def store_image(state: Path, name: str, root_mib: int, kernel: bytes, initrd: bytes) -> None:
+    """A built image made with the store's API: a rootfs holding ``root_mib`` MiB of
+    pseudo-random bytes (its squashfs export is then about that size), stand-in kernel and
+    initrd."""
+    from sidusctl.subsys.imagestore import ImageStore
+    rnd = random.Random(9)
+    with ImageStore(state).new_generation(name) as gen:
+        (gen.rootfs / "etc").mkdir(parents=True)
+        (gen.rootfs / "etc" / "hostname").write_text("storm\n")
+        with (gen.rootfs / "blob").open("wb") as f:
+            for _ in range(root_mib):
+                f.write(rnd.randbytes(1 << 20))
+        (gen.dir / f"vmlinuz-{name}").write_bytes(kernel)
+        (gen.dir / f"initrd.img-{name}").write_bytes(initrd)
+        gen.write_manifest({"name": name, "kind": "test"})
+
+
+def add_addresses(ns: str, ifname: str, nodes: list[dict[str, str]]) -> None:
+    """Every node's address on the client link (one ``ip -batch``), each a /32 so that the
+    subnet route stays on the first."""
+    ip("-n", ns, "addr", "add", f"10.78.0.2/{PREFIX}", "dev", ifname)
+    batch = "".join(f"addr add {n['ip']}/32 dev {ifname}\n" for n in nodes)
+    subprocess.run(["ip", "-n", ns, "-batch", "-"], input=batch, text=True, check=True)
+
+
+def run_clients(ns: str, cfg: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
+    """The storm from inside ``ns``: ``python -m tests.test_storm client``; its JSON."""
+    p = work / f"storm-{len(cfg['nodes'])}-{time.monotonic_ns()}.json"
+    p.write_text(json.dumps(cfg))
+    r = subprocess.run(nsexec(ns, sys.executable, "-m", "tests.test_storm", "client", str(p)),
+                       capture_output=True, text=True, timeout=timeout + 60, cwd=REPO,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out: dict[str, Any] = json.loads(r.stdout)
+    return out
+
+
+def check_storm(res: dict[str, Any], nodes: list[dict[str, str]], want: dict[str, str]) -> None:
+    """One address per MAC across its four phases, no address twice, every digest right."""
+    errors = [r for r in res["nodes"] if "error" in r]
+    assert not errors, errors[:5]
+    by_ip: dict[str, str] = {}
+    for n, r in zip(nodes, res["nodes"], strict=True):
+        assert r["mac"] == n["mac"]
+        got = {(p["offer"], p["ack"]) for p in r["dhcp"].values()}
+        assert got == {(n["ip"], n["ip"])}, (n, r["dhcp"])
+        assert len(r["dhcp"]) == 4
+        assert by_ip.setdefault(n["ip"], n["mac"]) == n["mac"]
+        for k, v in want.items():
+            key = k.replace("{mac}", n["mac"].replace(":", "-"))
+            assert r["digests"][key] == v, (n["name"], key)
+    assert len(by_ip) == len(nodes)
+
+
+def report(label: str, res: dict[str, Any], n: int) -> None:
+    secs = sorted(r["seconds"] for r in res["nodes"] if "seconds" in r)
+    t = res["tally"]
+    print(f"\n{label}: {n} nodes in {res['wall']:.1f} s wall, "
+          f"{t['bytes'] / res['wall'] / 1e6:.0f} MB/s received, per node p50 "
+          f"{secs[len(secs) // 2]:.1f} s, max {secs[-1]:.1f} s; refused HTTP {t['http_refused']}, "
+          f"TFTP {t['tftp_refused']}; retransmits DHCP {t['dhcp_retries']}, "
+          f"TFTP {t['tftp_retries']}")
+
+
+@dataclass
+class StormLab:
+    srv: str
+    cli: str
+    br: str
+    cif: str
+    tmp: Path
+    state: Path
+    nodes_file: Path
+    nodes: list[dict[str, str]]
+
+    def start(self, *extra: str, log: str) -> Daemon:
+        return Daemon(nsexec(self.srv, sys.executable, "-m", "sidusctl", "--state-dir",
+                             str(self.state), "serve-pxe", "--nodes", str(self.nodes_file),
+                             "--interface", self.br, "--nfs", "off", *extra),
+                      self.tmp / log, ready="ready:", timeout=120)
+
+    def status(self) -> dict[str, Any]:
+        r = subprocess.run([sys.executable, "-m", "sidusctl", "--state-dir", str(self.state),
+                            "pxe", "status", "--json"], capture_output=True, text=True,
+                           timeout=60, cwd=REPO, check=False)
+        assert r.returncode == 0, r.stderr
+        out: dict[str, Any] = json.loads(r.stdout)
+        return out
+
+    def raw_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads((self.state / "serve" / "status.json").read_text())
+        return out
+
+
+N_NODES = int(os.environ.get("SIDUSCTL_STORM_NODES", "300"))
+ROOT_MIB = 20
+KERNEL = random.Random(1).randbytes(1 << 20)   # a small kernel: TFTP is lock-step
+INITRD = random.Random(2).randbytes(512 << 10)
+
+
+@pytest.fixture
+def storm_lab(tmp_path: Path) -> Iterator[StormLab]:
+    srv, cli = uniq("st"), uniq("su")
+    br, sif, cif = uniq("sb"), uniq("sv"), uniq("sw")
+    state = tmp_path / "state"
+    store_image(state, "storm", ROOT_MIB, KERNEL, INITRD)
+    nodes = make_nodes(N_NODES)
+    nodes_file = tmp_path / "nodes.toml"
+    nodes_file.write_text(inventory(nodes))
+    with netns(srv), netns(cli):
+        bridge(srv, br, f"{SERVER}/{PREFIX}")
+        veth(srv, sif, cli, cif)
+        enslave(srv, sif, br)
+        add_addresses(cli, cif, nodes)
+        yield StormLab(srv, cli, br, cif, tmp_path, state, nodes_file, nodes)
+
+
+def _wait_status(lab: StormLab, cond: Any, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = lab.status()
+        if cond(st) or time.monotonic() > deadline:
+            return st
+        time.sleep(0.5)
+
+
+def storm_config(lab: StormLab, nodes: list[dict[str, str]], timeout: float) -> dict[str, Any]:
+    from sidusctl.netboot import squash
+    ex = squash.list_exports(lab.state, "storm")[-1]
+    return {"interface": lab.cif, "server": SERVER, "server_id": SERVER, "nodes": nodes,
+            "spread": 2.0, "timeout": timeout,
+            "tftp_files": ["pxelinux.cfg/01-{mac}", "vmlinuz-storm", "initrd.img-storm"],
+            "http_port": 80, "http_path": f"/squashfs/storm/{ex.file}", "http_size": ex.size,
+            "report_path": "/sidus/report", "generation": ex.generation,
+            "sha256": ex.sha256}
+
+
+@pytest.mark.slow  # ~35 s: 300 nodes, then 40 against low limits
+def test_storm_hundreds_of_nodes(storm_lab: StormLab) -> None:
+    lab = storm_lab
+    d = lab.start(log="serve-pxe.log")
+    try:
+        cfg = storm_config(lab, lab.nodes, timeout=240)
+        tree = lab.state / "serve-pxe" / "tftp"
+        want = {"loader": hashlib.sha256((tree / "pxelinux.0").read_bytes()).hexdigest(),
+                "vmlinuz-storm": hashlib.sha256(KERNEL).hexdigest(),
+                "initrd.img-storm": hashlib.sha256(INITRD).hexdigest(), "root": cfg["sha256"]}
+        res = run_clients(lab.cli, cfg, lab.tmp, timeout=240)
+        report("storm", res, len(lab.nodes))
+        check_storm(res, lab.nodes, want)
+        assert res["tally"]["http_refused"] == 0 and res["tally"]["tftp_refused"] == 0
+        gen = cfg["generation"]
+        st = _wait_status(lab, lambda s: all(n["stage"] == "booted" for n in s["nodes"]))
+        bad = [n["name"] for n in st["nodes"] if n["stage"] != "booted" or
+               n["generation"] != gen or not n["booted_reported"]]
+        assert not bad, bad[:10]
+        raw = lab.raw_status()
+        assert raw["internal_errors"] == 0
+        assert raw["http"]["internal_errors"] == 0 and raw["tftp"]["internal_errors"] == 0
+        assert raw["http"]["refused"] == 0 and raw["tftp"]["refused"] == 0
+        assert raw["tftp"]["failed"] == 0
+        assert raw["http"]["ranges"] == len(lab.nodes[::3])
+        assert st["held"] == {"storm": [gen]}
+    finally:
+        d.stop()
+    # a second, smaller round with low limits: refusals answered, counted, not dropped
+    few = lab.nodes[:40]
+    d = lab.start("--http-max-clients", "4", "--tftp-max-transfers", "4",
+                  "--tftp-per-client", "1", log="serve-pxe-limits.log")
+    try:
+        # all at once, and all at once again for the root: both limits are met
+        res = run_clients(lab.cli, {**cfg, "nodes": few, "timeout": 240, "spread": 0.0,
+                                    "sync_root": True}, lab.tmp, timeout=240)
+        report("storm with low limits", res, len(few))
+        check_storm(res, few, want)
+        t = res["tally"]
+        assert t["http_refused"] > 0 and t["tftp_refused"] > 0
+        raw = {}
+
+        def counted(s: dict[str, Any]) -> bool:
+            nonlocal raw
+            raw = lab.raw_status()
+            return bool(raw["http"]["refused"] == t["http_refused"] and
+                        raw["tftp"]["refused"] == t["tftp_refused"])
+
+        _wait_status(lab, counted)
+        assert raw["http"]["refused"] == t["http_refused"]
+        assert raw["tftp"]["refused"] == t["tftp_refused"]
+        assert raw["internal_errors"] == 0
+    finally:
+        d.stop()
+    log = (lab.tmp / "serve-pxe-limits.log").read_text()
+    assert "refused (503)" in log and "(max_transfers)" in log
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "client":
+        client_main(sys.argv[2])
+    else:
+        sys.exit("usage: python -m tests.test_storm client CONFIG.json")
