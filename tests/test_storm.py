@@ -565,6 +565,102 @@ def test_storm_hundreds_of_nodes(storm_lab: StormLab) -> None:
     assert "refused (503)" in log and "(max_transfers)" in log
 
 
+# -- pxe status --watch ----------------------------------------------------------------------
+
+def _watch_status(now: float) -> dict[str, Any]:
+    """A serve-pxe status with 7 nodes in every stage (one failed), some refusals."""
+    def n(name: str, stage: str | None, dhcp: float | None, booted: float | None = None,
+          failed: str | None = None) -> dict[str, Any]:
+        return {"name": name, "mac": "52:54:00:00:00:01", "ip": "10.78.1.1", "stage": stage,
+                "stages": {"dhcp": dhcp, "boot-files": None, "kernel": None, "root": None,
+                           "booted": booted}, "failed": failed, "generation": None}
+    nodes = [n("w-unseen", None, None), n("w-dhcp", "dhcp", now - 50),
+             n("w-files", "boot-files", now - 90), n("w-kernel", "kernel", now - 20),
+             n("w-root", "root", now - 30, failed="sha256 mismatch"),
+             n("w-fast", "booted", now - 100, now - 95), n("w-slow", "booted", now - 100, now - 60)]
+    return {"pid": os.getpid(), "updated": now, "internal_errors": 0,
+            "http": {"refused": 7}, "tftp": {"refused": 3},
+            "pxe": {"interface": "sdt-x", "inventory": "nodes.toml", "nodes": nodes, "held": {}}}
+
+
+def test_watch_table_counts_stages_and_slowest_nodes() -> None:
+    from rich.console import Console
+
+    from sidusctl.cli.servepxe import _watch_table
+    now = 1000.0
+    st = _watch_status(now)
+    con = Console(record=True, width=100, force_terminal=True)
+    con.print(_watch_table(st, st["pxe"], slowest=5, now=now))
+    text = con.export_text()
+    cells = [[c.strip() for c in line.split("│")] for line in text.splitlines() if "│" in line]
+    table = {c[0]: c[1] for c in cells if len(c) == 2}
+    assert "7 node(s)" in text
+    assert table["not seen"] == "1" and table["DHCP"] == "1" and table["boot files"] == "1"
+    assert table["kernel+initrd"] == "1" and table["root"] == "1" and table["booted"] == "2"
+    assert table["failed"] == "1"
+    assert table["refused"] == "HTTP 7, TFTP 3"
+    # not booted, longest waiting first; then the booted node that took longest
+    slow = [k for k in table if k.startswith(("slow:", "slowest:"))]
+    assert slow == ["slow: w-files", "slow: w-dhcp", "slow: w-root", "slow: w-kernel",
+                    "slowest: w-slow"]
+    assert table["slow: w-files"] == "boot files, 90 s"
+    assert table["slowest: w-slow"] == "booted in 40.0 s"
+
+
+def _pty_run(argv: list[str], sigint_after: str | None = None,
+             timeout: float = 30) -> tuple[int, str]:
+    """``argv`` with a pseudo-terminal as stdin/stdout/stderr (rich then draws a live view);
+    SIGINT once ``sigint_after`` has been printed. (exit code, output)."""
+    import pty
+    import select
+    master, slave = pty.openpty()
+    p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=REPO,
+                         env={**os.environ, "COLUMNS": "100", "LINES": "40", "TERM": "xterm"})
+    os.close(slave)
+    out = b""
+    sent = False
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([master], [], [], 0.1)
+            if r:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            if sigint_after and not sent and sigint_after.encode() in out:
+                p.send_signal(2)
+                sent = True
+            if p.poll() is not None and not r:
+                break
+        rc = p.wait(10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+    return rc, out.decode(errors="replace")
+
+
+def test_watch_cli_refreshes_count_times_and_stops_on_sigint(tmp_path: Path) -> None:
+    from sidusctl.core.state import write_json
+    state = tmp_path / "state"
+    (state / "serve").mkdir(parents=True)
+    write_json(state / "serve" / "status.json", _watch_status(time.time()))
+    base = [sys.executable, "-m", "sidusctl", "--state-dir", str(state), "pxe", "status",
+            "--watch", "--interval", "0.2"]
+    rc, out = _pty_run([*base, "--count", "3"])
+    assert rc == 0, out
+    assert "kernel+initrd" in out and "HTTP 7, TFTP 3" in out and "slowest: w-slow" in out
+    assert "Traceback" not in out
+    rc, out = _pty_run(base, sigint_after="slowest: w-slow")
+    assert rc == 0, out
+    assert "Traceback" not in out and "slowest: w-slow" in out
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "client":
         client_main(sys.argv[2])

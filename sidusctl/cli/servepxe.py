@@ -174,10 +174,13 @@ STAGE_LABELS = {"dhcp": "DHCP", "boot-files": "boot files", "kernel": "kernel+in
                 "root": "root", "booted": "booted"}
 
 
-def _watch_table(st: dict[str, Any], pxe: dict[str, Any], slowest: int) -> Table:
-    """The live view: counts by stage, then the slowest nodes not booted yet."""
+def _watch_table(st: dict[str, Any], pxe: dict[str, Any], slowest: int,
+                 now: float | None = None) -> Table:
+    """The live view: counts by stage, what the servers refused (HTTP 503, TFTP "busy"),
+    internal errors if any, then the slowest nodes: those not booted yet, longest since
+    their first DHCP ACK first, then (room left) the booted ones that took longest."""
     nodes = pxe.get("nodes", [])
-    now = time.time()
+    now = time.time() if now is None else now
     counts = {k: 0 for k in ("none", *STAGE_LABELS)}
     for n in nodes:
         counts[n.get("stage") or "none"] += 1
@@ -191,16 +194,24 @@ def _watch_table(st: dict[str, Any], pxe: dict[str, Any], slowest: int) -> Table
     failed = [n for n in nodes if n.get("failed")]
     if failed:
         t.add_row("[red]failed[/red]", str(len(failed)))
-    waiting = [n for n in nodes if n.get("stage") not in (None, "booted")]
+    http, tftp = st.get("http") or {}, st.get("tftp") or {}
+    t.add_row("refused", f"HTTP {http.get('refused', 0)}, TFTP {tftp.get('refused', 0)}")
+    if st.get("internal_errors"):
+        t.add_row("[red]internal errors[/red]", str(st["internal_errors"]))
 
-    def started(n: dict[str, Any]) -> float:
-        stages = n.get("stages") or {}
-        return float(stages.get("dhcp") or now)
+    def stage_time(n: dict[str, Any], stage: str, default: float) -> float:
+        v = (n.get("stages") or {}).get(stage)
+        return float(v) if isinstance(v, int | float) else default
 
-    waiting.sort(key=started)
+    waiting = sorted((n for n in nodes if n.get("stage") not in (None, "booted")),
+                     key=lambda n: stage_time(n, "dhcp", now))
     for n in waiting[:slowest]:
         t.add_row(f"  slow: {n['name']}", f"{STAGE_LABELS.get(n['stage'], n['stage'])}, "
-                                          f"{now - started(n):.0f} s")
+                                          f"{now - stage_time(n, 'dhcp', now):.0f} s")
+    booted = sorted(((stage_time(n, "booted", now) - stage_time(n, "dhcp", now), n)
+                     for n in nodes if n.get("stage") == "booted"), key=lambda x: -x[0])
+    for took, n in booted[:max(0, slowest - len(waiting))]:
+        t.add_row(f"  slowest: {n['name']}", f"booted in {took:.1f} s")
     return t
 
 
@@ -212,7 +223,10 @@ def _watch_table(st: dict[str, Any], pxe: dict[str, Any], slowest: int) -> Table
               help="Seconds between refreshes with --watch.")
 @click.option("--slowest", type=click.IntRange(0), default=5, show_default=True,
               help="How many of the slowest nodes --watch lists.")
-def status_cmd(as_json: bool, watch: bool, interval: float, slowest: int) -> None:
+@click.option("--count", type=click.IntRange(1), default=None,
+              help="With --watch: stop after this many refreshes (scripts, tests).")
+def status_cmd(as_json: bool, watch: bool, interval: float, slowest: int,
+               count: int | None) -> None:
     """What each node of the running (or last) serve-pxe did: DHCP, files fetched, the
     generation it booted and the one its next boot gets, its boot stage; "booted" as the
     node reported it itself."""
@@ -222,17 +236,22 @@ def status_cmd(as_json: bool, watch: bool, interval: float, slowest: int) -> Non
         try:
             with Live(_watch_table(st, pxe, slowest), console=console, refresh_per_second=4,
                       transient=False) as live:
-                while True:
+                done = 0
+                while count is None or done < count:
                     time.sleep(interval)
                     st, pxe = _read_pxe_status()
                     live.update(_watch_table(st, pxe, slowest))
+                    done += 1
         except (KeyboardInterrupt, Interrupted):
-            return
+            pass
+        return
     running = _alive(st.get("pid"))
     if as_json:
         emit_json({"pid": st.get("pid"), "running": running, "updated": st.get("updated"),
                    "inventory": pxe.get("inventory"), "interface": pxe.get("interface"),
                    "held": pxe.get("held", {}), "http": st.get("http"),
+                   "tftp": st.get("tftp"), "dhcp": st.get("dhcp"),
+                   "internal_errors": st.get("internal_errors"),
                    "nodes": pxe.get("nodes", [])})
         return
     age = time.time() - float(st.get("updated", 0))
