@@ -20,11 +20,13 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 from sidusctl.core.errors import BuildError, CommandError, StateError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run
+from sidusctl.core.state import atomic_write_bytes
 from sidusctl.image.common import APT, Reporter, explain, mirror_from, package_list
 from sidusctl.image.recipe import Recipe
 from sidusctl.image.sources import sources_list
@@ -257,7 +259,16 @@ class Configurer:
         pw = self.recipe.root_password
         old = _root_hash(prev.rootfs) if prev is not None else None
         if old and _same_password(pw, old):
+            # chpasswd -e writes etc/shadow- (a backup), which chpasswd through PAM does not:
+            # put it back as it was, so that the tree is the clean build's
+            backup = s.root / "etc/shadow-"
+            kept = (backup.read_bytes(), backup.stat()) if backup.is_file() else None
             s.run(["chpasswd", "-e"], input=f"root:{old}\n".encode(), what="chpasswd -e")
+            if kept is None:
+                backup.unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(backup, kept[0], mode=stat.S_IMODE(kept[1].st_mode))
+                os.chown(backup, kept[1].st_uid, kept[1].st_gid)
             return
         s.run(["chpasswd"], input=f"root:{pw}\n".encode(), what="chpasswd")
 

@@ -50,8 +50,8 @@ def reflink_works(src_dir: Path, dest_dir: Path) -> bool:
 def copy_method(src: Path, dest_parent: Path) -> str:
     """How :func:`copy_tree` would copy ``src`` into ``dest_parent``: ``snapshot``, ``reflink``
     or ``copy``."""
-    if btrfs.is_subvolume(src) and btrfs.is_btrfs(dest_parent) \
-            and os.stat(src).st_dev == os.stat(dest_parent).st_dev:
+    # (each subvolume has its own st_dev: whether both are on the same btrfs is found by trying)
+    if btrfs.is_subvolume(src) and btrfs.is_btrfs(dest_parent):
         return "snapshot"
     if reflink_works(src, dest_parent):
         return "reflink"
@@ -65,8 +65,12 @@ def copy_tree(src: Path, dest: Path, method: str | None = None) -> str:
     full disk included); a partial ``dest`` is then left for the caller to remove."""
     method = method or copy_method(src, dest.parent)
     if method == "snapshot":
-        btrfs.snapshot(src, dest)
-        return method
+        try:
+            btrfs.snapshot(src, dest)
+            return method
+        except CommandError as e:  # another btrfs filesystem
+            log.debug("no snapshot of %s to %s (%s); copying", src, dest, e)
+            method = "reflink" if reflink_works(src, dest.parent) else "copy"
     cp = which("cp", "coreutils")
     source = f"{src}/." if dest.is_dir() else str(src)
     flag = "--reflink=always" if method == "reflink" else "--reflink=never"
