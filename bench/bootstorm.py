@@ -41,6 +41,7 @@ from tests.test_storm import (  # noqa: E402
     PREFIX,
     SERVER,
     StormLab,
+    _wait_status,
     add_addresses,
     check_storm,
     inventory,
@@ -155,7 +156,9 @@ def main() -> int:
                 c0, _ = ns_usage(srv)
                 res = run_clients(cli, cfg, work, args.timeout)
                 c1, rss = ns_usage(srv)
-                st = lab.status()
+                # the status file is written every 2 s: wait for the last reports to land
+                st = _wait_status(lab, lambda s: all(n["stage"] == "booted"
+                                                     for n in s["nodes"]), timeout=20)
             finally:
                 d.stop()
             out["serve-pxe"] = summarize(res, c1 - c0, rss)
