@@ -92,3 +92,31 @@ def test_uefi_http_boot_with_secure_boot_reaches_signed_grub(minimal_image: Buil
         assert {"shimx64.efi", "grubx64.efi"} <= set(files), files
         assert "Security Violation" not in g.transcript()
         assert lab.stop_serve() == 0
+
+
+NODE2 = LabNode("hb2", "52:54:00:4b:00:02", IPv4Address("10.77.0.161"))
+
+
+def test_uefi_http_boot_through_ipxe_reaches_login(minimal_image: BuiltImage,
+                                                   tmp_path: Path) -> None:
+    """UEFI HTTP Boot to a login prompt, with nothing over TFTP: OVMF (no Secure Boot: Debian's
+    ipxe.efi is not signed) boots the URI entry, asks DHCP as ``HTTPClient``, gets
+    ``http://SERVER/ipxe.efi``; that iPXE asks again with user class ``iPXE`` and fetches its
+    script, the kernel and the initrd over HTTP; NFS root and overlay as for every node."""
+    from tests.test_pxe_boot import check_node, rootfs
+
+    root = rootfs(minimal_image)
+    with PxeLab(uniq("hi"), minimal_image.state, "minimal", [NODE2], tmp_path,
+                serve_command=SERVE) as lab, evidence(lab):
+        lab.start_serve("--nfs", "ganesha", "--efi-loader", "ipxe", "--http")
+        vars_fd = http_boot_vars(qemu.OVMF_VARS, tmp_path / "hb2.vars.fd")
+        g = lab.boot(NODE2, uefi=True, nic_rom=False, uefi_vars=vars_fd, timeout=BOOT_TIMEOUT)
+        g.login(timeout=BOOT_TIMEOUT)
+        text = lab.serve_text()
+        assert re.search(rf"DHCP {NODE2.mac}: REQUEST \(selecting\) -> ACK {NODE2.ip} .*"
+                         r"http://10\.77\.0\.1/ipxe\.efi \(HTTPClient arch 16", text), \
+            text[-3000:]
+        assert f"TFTP {NODE2.ip}:" not in text, "the HTTP Boot node used TFTP"
+        assert g.sh("test -d /sys/firmware/efi && echo uefi") == "uefi"
+        check_node(g, NODE2, root)
+        assert lab.stop_serve() == 0
