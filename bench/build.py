@@ -75,8 +75,8 @@ def incremental(work: Path, runs: int, cache: Path | None) -> dict[str, object]:
     """First build, then no change / one site file / one package added, ``runs`` rounds."""
     rounds = []
     for i in range(runs):
-        rec = work / f"minimal-{i}"
-        shutil.copytree(REPO / "images" / "minimal", rec)
+        rec = work / f"round-{i}" / "minimal"  # the folder names the image
+        shutil.copytree(REPO / "images" / "minimal", rec)  # (makes round-i/ too)
         state = work / f"state-inc-{i}"
         apt = cache or work / f"cache-inc-{i}" / "apt"
         base = [sys.executable, "-m", "sidusctl", "-q", "--state-dir", str(state)]

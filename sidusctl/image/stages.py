@@ -26,7 +26,7 @@ from pathlib import Path
 from sidusctl.core.errors import BuildError, CommandError, StateError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run
-from sidusctl.core.state import atomic_write_bytes
+from sidusctl.core.state import FileLock, atomic_write_bytes
 from sidusctl.image.common import APT, Reporter, explain, mirror_from, package_list
 from sidusctl.image.recipe import Recipe
 from sidusctl.image.sources import sources_list
@@ -143,7 +143,6 @@ class Configurer:
         does not exist, an excluded package pulled in, the mirror down, a full disk)."""
         r = self.recipe
         root = s.root
-        apt = APT
         # sources: what debootstrap chose, extended with updates/security and the components
         mirror = self.mirror or mirror_from(root) or ""
         if mirror:
@@ -152,6 +151,28 @@ class Configurer:
         if r.exclude:
             _write_pins(root, r.exclude)
         packages = effective_packages(r)
+        # apt locks var/cache/apt/archives, which is the host's shared .deb cache: builds that
+        # share it take turns here instead of failing on apt's lock
+        shared = s.apt_cache
+        lock = FileLock(shared / ".sidusctl-apt.lock", f"the package cache {shared}") \
+            if shared is not None else None
+        if lock is not None:
+            self.rep.line("waiting for the shared package cache")
+            lock.acquire(wait=True)
+        try:
+            self._install(s, packages, mirror)
+        finally:
+            if lock is not None:
+                lock.release()
+        excluded_present = sorted(set(r.exclude) & set(package_list(root)))
+        if excluded_present:
+            raise BuildError(f"{r.path}: key 'exclude': {', '.join(excluded_present)} got installed "
+                             "all the same (a required package or a hard dependency of an included one)")
+
+    def _install(self, s: ChrootSession, packages: list[str], mirror: str) -> None:
+        r = self.recipe
+        root = s.root
+        apt = APT
         try:
             if packages or r.upgrade or r.purge:
                 self.rep.line("apt-get update")
@@ -173,10 +194,6 @@ class Configurer:
             self._prune_old_kernels(s, apt)
         except CommandError as e:
             raise explain(e, r, mirror, root, "package installation") from e
-        excluded_present = sorted(set(r.exclude) & set(package_list(root)))
-        if excluded_present:
-            raise BuildError(f"{r.path}: key 'exclude': {', '.join(excluded_present)} got installed "
-                             "all the same (a required package or a hard dependency of an included one)")
 
     def _apt_line(self, line: str) -> None:
         if line.startswith(("Unpacking ", "Setting up ", "Get:", "Removing ", "Purging ")):
