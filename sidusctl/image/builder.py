@@ -36,7 +36,7 @@ from sidusctl.image.common import (
 from sidusctl.image.exports import copy_out, export_kernel, export_tarball
 from sidusctl.image.recipe import Recipe
 from sidusctl.image.sources import host_sources
-from sidusctl.image.stagecache import StageCache, explain_miss, stage_key
+from sidusctl.image.stagecache import Restored, StageCache, explain_miss, stage_key
 from sidusctl.image.stages import Configurer, package_inputs, release_suites
 from sidusctl.image.update import update
 from sidusctl.subsys.chroot import ChrootSession
@@ -170,11 +170,13 @@ class Builder:
             gen.write_manifest(self._manifest(gen, packages, exports, inputs,
                                               time.monotonic() - t_start))
 
-    def _restore(self, gen: Generation, key: str) -> Any:
+    def _restore(self, gen: Generation, key: str) -> Restored:
         with self._timed("bootstrap"):
             self.rep.line(f"looking up stage cache entry {key}")
             res = self.stage_cache.restore(key, gen.rootfs)
-        self.timings["restore"] = self.timings.pop("bootstrap")
+        # a hit: the copy and its check; a miss: the look-up
+        self.timings["restore" if res.info is not None else "cache_lookup"] = \
+            self.timings.pop("bootstrap")
         if res.info is not None:
             self.purged = res.info.purged
             self.records += [
