@@ -158,7 +158,7 @@ def test_sigint_during_build_configure_keeps_previous_image(minimal_image: Built
     st = minimal_image.state
     before = _gen(st)
     p = _start(["--debug", "build", "minimal", "--tar"], st)
-    _wait_for(p, "stage 2/4: configure", 900)
+    _wait_for(p, ": configure", 900)  # "stage 3/5: configure" (after packages, run or restored)
     _wait_for(p, "run: chroot", 120)
     time.sleep(2)
     p.send_signal(signal.SIGINT)
