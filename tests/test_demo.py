@@ -41,7 +41,8 @@ def test_demo_pxe_boots_then_a_vnode_answers_ssh(minimal_image: BuiltImage) -> N
     # the PXE guest: its name from the demo inventory, root = overlay over the NFS root
     assert pxe["hostname"] == pxe["node"], pxe
     assert pxe["root_fstype"] == "overlay", pxe
-    assert ":" in pxe["root_lower"], pxe  # the lower layer is the NFS root, server:/path
+    # the lower layer is the image's own root over NFS from the lab's server
+    assert pxe["root_lower"] == f"10.77.0.1:{Path(str(minimal_image.rootfs)).resolve()}", pxe
     assert pxe["address"] and pxe["login_prompt_s"] > pxe["dhcp_ack_s"] > 0, pxe
     # the vnode: ssh with the injected key ran hostname inside; its root is a btrfs snapshot
     assert vn["hostname"] == vn["vnode"] == f"{PREFIX}-v1", vn

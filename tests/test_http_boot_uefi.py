@@ -116,7 +116,12 @@ def test_uefi_http_boot_through_ipxe_reaches_login(minimal_image: BuiltImage,
         assert re.search(rf"DHCP {NODE2.mac}: REQUEST \(selecting\) -> ACK {NODE2.ip} .*"
                          r"http://10\.77\.0\.1/ipxe\.efi \(HTTPClient arch 16", text), \
             text[-3000:]
+        # that iPXE asks again (user class iPXE) and gets its script, not ipxe.efi: no loop
+        assert re.search(rf"DHCP {NODE2.mac}: REQUEST \(selecting\) -> ACK {NODE2.ip} .*"
+                         r"\(iPXE user class: script\)", text), text[-3000:]
         assert f"TFTP {NODE2.ip}:" not in text, "the HTTP Boot node used TFTP"
         assert g.sh("test -d /sys/firmware/efi && echo uefi") == "uefi"
+        mac = NODE2.mac.replace(":", "-")
+        assert f"BOOTIF=01-{mac}" in g.sh("cat /proc/cmdline")
         check_node(g, NODE2, root)
         assert lab.stop_serve() == 0

@@ -9,10 +9,11 @@ iPXE script. Every guest must reach its login prompt, and what it sees from the 
 checked over its serial console. Everything is removed in the lab's ``finally`` (namespace,
 bridge, taps, qemu, serve-pxe, ganesha, rpcbind); a failure prints the consoles and the log.
 
-Paths: two guests at once through pxelinux.0; iPXE over HTTP with serve-pxe killed (SIGKILL)
-mid-boot and restarted; ``--proxy`` next to a dnsmasq; the README demo
-(:func:`sidusctl.netboot.lab.pxe_boot_demo`) and ``sidusctl demo`` interrupted mid-boot. About six
-minutes on a 2-core machine (each TCG boot takes 75-120 s).
+Paths: two guests at once through pxelinux.0; UEFI through OVMF's own PXE and GRUB; iPXE over
+HTTP with serve-pxe killed (SIGKILL) mid-boot and restarted; ``--proxy`` next to a dnsmasq;
+``sidusctl demo`` interrupted mid-boot. The README demo to its end is tests/test_demo.py, UEFI
+through ``ipxe.efi`` is tests/test_http_boot_uefi.py (over HTTP Boot). About six minutes on a
+2-core machine (each TCG boot takes 75-120 s).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from sidusctl.core.errors import NotFoundError, SidusError
-from sidusctl.netboot.lab import SERVER, LabNode, PxeLab, pxe_boot_demo, wait_logins
+from sidusctl.netboot.lab import SERVER, LabNode, PxeLab, wait_logins
 from sidusctl.serve.leases import read_leases
 from sidusctl.subsys.qemu import Guest
 from tests.conftest import SIDUSCTL, BuiltImage
@@ -163,36 +164,6 @@ def test_uefi_guest_gets_grub_and_boots(minimal_image: BuiltImage, tmp_path: Pat
         assert lab.stop_serve() == 0
 
 
-def test_uefi_guest_through_ipxe_efi(minimal_image: BuiltImage, tmp_path: Path) -> None:
-    """``--efi-loader ipxe``: the UEFI machine, whose NIC has no iPXE ROM (OVMF's own PXE
-    client, as on real hardware), gets ``ipxe.efi`` (Debian's package ipxe) from
-    our DHCP and TFTP; that iPXE asks again with user class ``iPXE`` and gets ``boot.ipxe``
-    over TFTP (not ipxe.efi again: no chain-load loop), then its own ``ipxe/<mac>.ipxe``,
-    kernel and initrd, all over TFTP; NFS root and overlay as for the other machines."""
-    root = rootfs(minimal_image)
-    mac = NODE1.mac.replace(":", "-")
-    with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1], tmp_path,
-                serve_command=SERVE) as lab, \
-            evidence(lab):
-        lab.start_serve("--nfs", "ganesha", "--efi-loader", "ipxe")
-        g = lab.boot(NODE1, uefi=True, nic_rom=False, timeout=BOOT_TIMEOUT)
-        g.login(timeout=BOOT_TIMEOUT)
-        text = lab.serve_text()
-        assert re.search(rf"DHCP {NODE1.mac}: REQUEST \(selecting\) -> ACK {NODE1.ip} .*"
-                         r"boot file ipxe\.efi \(arch 7 x86-64 UEFI\)", text), text[-3000:]
-        assert re.search(rf"DHCP {NODE1.mac}: REQUEST \(selecting\) -> ACK {NODE1.ip} .*"
-                         r"boot file boot\.ipxe \(iPXE user class: script\)", text), text[-3000:]
-        for f in ("ipxe.efi", "boot.ipxe", f"ipxe/{mac}.ipxe", "vmlinuz-minimal",
-                  "initrd.img-minimal"):
-            assert re.search(rf"TFTP {re.escape(str(NODE1.ip))}:\d+: sent '/?{re.escape(f)}'",
-                             text), f
-        assert "grubnetx64.efi'" not in text
-        assert g.sh("test -d /sys/firmware/efi && echo uefi") == "uefi"
-        assert f"BOOTIF=01-{mac}" in g.sh("cat /proc/cmdline")
-        check_node(g, NODE1, root)
-        assert lab.stop_serve() == 0
-
-
 def test_ipxe_over_http_survives_a_serve_pxe_crash(minimal_image: BuiltImage,
                                                    tmp_path: Path) -> None:
     """``--http``: iPXE gets its script and kernel + initrd over HTTP. serve-pxe is killed
@@ -286,27 +257,6 @@ def test_proxy_dhcp_next_to_a_site_dnsmasq(minimal_image: BuiltImage, tmp_path: 
         st = lab.status()["node1"]
         assert st["dhcp"] is None and st["proxy_dhcp"] and st["addresses"] == [got.group(1)], st
         assert {"pxelinux.0", "vmlinuz-minimal", "initrd.img-minimal"} <= set(st["files"]), st
-
-
-def test_readme_demo(minimal_image: BuiltImage, tmp_path: Path) -> None:
-    """:func:`sidusctl.netboot.lab.pxe_boot_demo`, as ``sidusctl demo`` runs it: one node boots and the
-    lab leaves nothing behind."""
-    steps: list[str] = []
-    pre = uniq("pz")
-    facts = pxe_boot_demo(minimal_image.state, "minimal", tmp_path / "demo", serve_command=SERVE,
-                          prefix=pre,
-                          on_step=steps.append, timeout=BOOT_TIMEOUT)
-    print(facts)
-    assert facts["hostname"] == "demo1" and facts["address"] == "10.77.0.10"
-    assert facts["root_fstype"] == "overlay"
-    assert facts["root_lower"] == f"{SERVER}:{rootfs(minimal_image)}"
-    assert 0 < facts["dhcp_ack_s"] < facts["login_prompt_s"] < facts["total_s"]
-    assert any("login prompt after" in s for s in steps), steps
-    # nothing of the lab is left: namespace (bridge and taps with it), qemu, serve-pxe
-    left = [subprocess.run(argv, capture_output=True, text=True, check=False).stdout
-            for argv in (["ip", "netns", "list"], ["ip", "-o", "link"],
-                         ["pgrep", "-af", f"qemu-system.*{pre}|serve-pxe.*{pre}"])]
-    assert not any(pre in out for out in left), left
 
 
 def test_lab_refuses_bad_input_and_leaves_nothing(minimal_image: BuiltImage,
