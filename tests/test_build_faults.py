@@ -5,6 +5,7 @@ previous good image untouched, and (after SIGKILL) the next command cleans the l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -142,31 +143,61 @@ def _gen(state: Path) -> tuple[Path, str]:
 def test_sigint_during_chroot_session_keeps_previous_image(minimal_image: BuiltImage) -> None:
     st = minimal_image.state
     before = _gen(st)
-    p = _start(["--debug", "update", "minimal"], st)
-    _wait_for(p, "run: chroot", 300)     # inside the session: apt-get update in the root
-    time.sleep(1)
-    p.send_signal(signal.SIGINT)
-    out = _finish(p)
-    assert p.returncode == 130, out[-2000:]
-    assert_clean(st, "minimal")
-    assert _gen(st) == before
-    assert not (minimal_image.rootfs / "usr/sbin/policy-rc.d").exists()
+    p = None
+    try:
+        p = _start(["--debug", "update", "minimal"], st)
+        _wait_for(p, "run: chroot", 300)     # inside the session: apt-get update in the root
+        time.sleep(1)
+        p.send_signal(signal.SIGINT)
+        out = _finish(p)
+        assert p.returncode == 130, out[-2000:]
+        assert_clean(st, "minimal")
+        assert _gen(st) == before
+        assert not (minimal_image.rootfs / "usr/sbin/policy-rc.d").exists()
+    finally:
+        _stop(p)
+        _keep_shared_image(st, before)
+
+
+def _keep_shared_image(st: Path, before: tuple[Path, str]) -> None:
+    """If a failed test left a new generation of the shared image as current, roll back: the
+    tests after it were handed the generation they hold (a cascade of unrelated failures
+    otherwise)."""
+    if _gen(st)[0] != before[0]:
+        sidusctl("image", "rollback", "minimal", state=st)
+
+
+def _stop(p: subprocess.Popen[str] | None) -> None:
+    """A build a failed assertion left running is interrupted (and waited for) before the
+    shared image is checked: it would otherwise finish later and become current."""
+    if p is not None and p.poll() is None:
+        p.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(120)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def test_sigint_during_build_configure_keeps_previous_image(minimal_image: BuiltImage) -> None:
     # A rebuild of the shared image, interrupted once it is working inside the chroot session.
     st = minimal_image.state
     before = _gen(st)
-    p = _start(["--debug", "build", "minimal", "--tar"], st)
-    _wait_for(p, ": configure", 900)  # "stage 3/5: configure" (after packages, run or restored)
-    _wait_for(p, "run: chroot", 120)
-    time.sleep(2)
-    p.send_signal(signal.SIGINT)
-    out = _finish(p)
-    assert p.returncode == 130, out[-2000:]
-    assert "interrupted by SIGINT" in out
-    assert_clean(st, "minimal")
-    assert _gen(st) == before
+    p = None
+    try:
+        p = _start(["--debug", "build", "minimal", "--tar"], st)
+        _wait_for(p, ": configure", 900)  # "stage 3/5: configure" (after packages, run or restored)
+        _wait_for(p, "run: chroot", 120)
+        time.sleep(2)
+        p.send_signal(signal.SIGINT)
+        out = _finish(p)
+        assert p.returncode == 130, out[-2000:]
+        assert "interrupted by SIGINT" in out
+        assert_clean(st, "minimal")
+        assert _gen(st) == before
+    finally:
+        _stop(p)
+        _keep_shared_image(st, before)
 
 
 @pytest.mark.parametrize("stage", ["bootstrap", "chroot"])
