@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidusctl.serve import dhcp_codec as dc
-from sidusctl.serve.dhcp import BootPolicy, DhcpConfig, DhcpServer, Reservation
+from sidusctl.serve.dhcp import DhcpServer
+from sidusctl.serve.dhcp_config import BootPolicy, DhcpConfig, Reservation
 
 MAC = bytes.fromhex("525400ec3381")
 

@@ -22,7 +22,8 @@ from sidusctl.core.errors import PrerequisiteError
 from sidusctl.netboot import secureboot
 from sidusctl.netboot.inventory import parse
 from sidusctl.serve import dhcp_codec as dc
-from sidusctl.serve.dhcp import BootPolicy, DhcpConfig, DhcpServer, Reservation
+from sidusctl.serve.dhcp import DhcpServer
+from sidusctl.serve.dhcp_config import BootPolicy, DhcpConfig, Reservation
 from tests.conftest import sidusctl
 from tests.golden import assert_golden
 from tests.test_dhcp_codec import NET, SERVER, one, raw_request

@@ -16,7 +16,7 @@ from sidusctl.cli.common import console, emit_json, get_ctx
 from sidusctl.core.config import Checker, read_text
 from sidusctl.core.mac import normalize_mac
 from sidusctl.serve import supervisor
-from sidusctl.serve.dhcp import BootPolicy, DhcpConfig, Reservation
+from sidusctl.serve.dhcp_config import BootPolicy, DhcpConfig, Reservation
 from sidusctl.serve.dns import DnsConfig, Zone
 from sidusctl.serve.leases import read_leases
 from sidusctl.serve.tftp import TftpConfig
@@ -161,7 +161,7 @@ def register(cli: click.Group) -> None:
             res = parse_reservations(reservations) if reservations else ()
             dhcp = None
             if not no_dhcp:
-                from sidusctl.serve.dhcp import interface_ipv4
+                from sidusctl.serve.dhcp_config import interface_ipv4
                 ip, inet = (sip, net) if sip and net else interface_ipv4(interface)
                 dns_ips = tuple(IPv4Address(str(_ip(d, "--dns-server"))) for d in dns_server)
                 if not dns_ips and domain and not no_dns:

@@ -50,7 +50,7 @@ from pydantic import AfterValidator, BeforeValidator
 
 from sidusctl.core.config import Checker, Frozen, as_tuple, key_name, parse_toml, read_text
 from sidusctl.core.mac import normalize_mac
-from sidusctl.serve.dhcp import Reservation
+from sidusctl.serve.dhcp_config import Reservation
 
 MODES = ("tmpfs", "disk", "iscsi", "nfs", "off")
 #: where the lower (read-only) layer comes from: the image's directory over NFS, its squashfs

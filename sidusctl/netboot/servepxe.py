@@ -47,7 +47,7 @@ from sidusctl.netboot.tree import (
 )
 from sidusctl.serve import http as http_mod
 from sidusctl.serve import supervisor
-from sidusctl.serve.dhcp import BootPolicy, DhcpConfig, interface_ipv4
+from sidusctl.serve.dhcp_config import BootPolicy, DhcpConfig, interface_ipv4
 from sidusctl.serve.dns import DnsConfig, Zone
 from sidusctl.serve.tftp import TftpConfig
 from sidusctl.subsys import ganesha

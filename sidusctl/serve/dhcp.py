@@ -22,205 +22,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
 import logging
 import socket
-import struct
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
-from pathlib import Path
-from typing import Literal
 
 from sidusctl.core.errors import ConfigError, PrerequisiteError, StateError
 from sidusctl.core.log import get_logger
 from sidusctl.serve import dhcp_codec as dc
+from sidusctl.serve.dhcp_config import (
+    HTTP_CLIENT,
+    DhcpConfig,
+    DhcpStats,
+    Reservation,
+    interface_ipv4,
+)
 from sidusctl.serve.leases import LeaseStore
 
 log = get_logger("serve.dhcp")
 
 _SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
-_SIOCGIFADDR = 0x8915
-_SIOCGIFNETMASK = 0x891B
 OFFER_HOLD = 60.0  # seconds an offered address stays set aside for its client
 DECLINE_HOLD = 600.0  # seconds a declined address is not handed out (RFC 2131 3.1.5)
-
-# RFC 4578 2.1 / IANA processor architecture types
-ARCH_BIOS = 0
-ARCH_EFI_IA32 = 6
-ARCH_EFI_X64 = 7
-ARCH_EFI_BC = 9
-ARCH_EFI_ARM32 = 10
-ARCH_EFI_ARM64 = 11
-ARCH_EFI_X64_HTTP = 16
-#: option 60 of UEFI HTTP Boot clients starts with this (``HTTPClient:Arch:00016:UNDI:003001``);
-#: the server's answer carries it alone (UEFI spec 2.10, 24.7.2 "DHCP options for HTTP Boot")
-HTTP_CLIENT = b"HTTPClient"
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """A static assignment: ``mac`` (normalized by :func:`sidusctl.core.mac.normalize_mac`), ``ip``,
-    ``hostname`` (option 12, without the domain), ``boot_file`` (overrides the policy)."""
-
-    mac: str
-    ip: IPv4Address
-    hostname: str | None = None
-    boot_file: str | None = None
-
-
-@dataclass(frozen=True)
-class BootPolicy:
-    """Boot file names by client architecture (RFC 4578 option 93). ``ipxe_script``: what a
-    client announcing user class ``iPXE`` (option 77) gets, usually an ``http://`` URL or a
-    TFTP path of a ``#!ipxe`` script; None gives iPXE the same file as its architecture (only
-    sensible when that file is not iPXE itself). ``extra`` maps other architecture codes.
-    ``http_x64``: the ``http://`` URL given to x64 UEFI HTTP Boot clients (vendor class
-    ``HTTPClient``, arch 16); None: they get no boot file (no HTTP server)."""
-
-    bios: str | None = "pxelinux.0"
-    efi_x64: str | None = "grubnetx64.efi"
-    efi_ia32: str | None = None
-    efi_arm64: str | None = None
-    ipxe_script: str | None = None
-    extra: tuple[tuple[int, str], ...] = ()
-    http_x64: str | None = None
-
-    def boot_file(self, arch: int | None, ipxe: bool,
-                  http: bool = False) -> tuple[str | None, str]:
-        """``(file or None, reason)`` for a client of architecture ``arch`` (None: option 93
-        absent, treated as BIOS when the client is a PXE client); ``http``: the client is a
-        UEFI HTTP Boot client (option 60 ``HTTPClient``)."""
-        if ipxe and self.ipxe_script:
-            return self.ipxe_script, "iPXE user class: script"
-        if http:
-            if arch not in (None, ARCH_EFI_X64_HTTP):
-                return None, f"HTTPClient arch {arch}: no HTTP boot file for it"
-            if self.http_x64 is None:
-                return None, "HTTPClient: no HTTP boot URL (HTTP server off)"
-            return self.http_x64, "HTTPClient arch 16 x64 UEFI HTTP"
-        a = ARCH_BIOS if arch is None else arch
-        for code, name in self.extra:
-            if code == a:
-                return name, f"arch {a}"
-        if a == ARCH_BIOS:
-            return self.bios, "arch 0 BIOS"
-        if a in (ARCH_EFI_X64, ARCH_EFI_BC):
-            return self.efi_x64, f"arch {a} x86-64 UEFI"
-        if a == ARCH_EFI_IA32:
-            return self.efi_ia32, "arch 6 IA32 UEFI"
-        if a == ARCH_EFI_ARM64:
-            return self.efi_arm64, "arch 11 ARM64 UEFI"
-        return None, f"arch {a}: no boot file configured"
-
-
-@dataclass(frozen=True)
-class DhcpConfig:
-    """Everything the server needs, validated by :meth:`validate`.
-
-    ``interface``: the one device served (mandatory). ``server_ip``/``subnet``: default to the
-    interface's first IPv4 address and its prefix. ``router``, ``dns_servers``, ``domain``:
-    options 3, 6, 15. ``lease_time`` seconds (option 51). ``pool``: first and last address
-    handed to MACs without a reservation when ``unknown == "pool"``; ``unknown == "ignore"``
-    answers reserved MACs only. ``next_server``: siaddr (default ``server_ip``);
-    ``tftp_server_name``: option 66 (default the next-server address as text). ``proxy``:
-    proxyDHCP mode. ``lease_file``: the SQLite store (full mode).
-    """
-
-    interface: str
-    lease_file: Path
-    reservations: tuple[Reservation, ...] = ()
-    boot: BootPolicy = BootPolicy()
-    server_ip: IPv4Address | None = None
-    subnet: IPv4Network | None = None
-    router: IPv4Address | None = None
-    dns_servers: tuple[IPv4Address, ...] = ()
-    domain: str | None = None
-    lease_time: int = 3600
-    pool: tuple[IPv4Address, IPv4Address] | None = None
-    unknown: Literal["pool", "ignore"] = "ignore"
-    next_server: IPv4Address | None = None
-    tftp_server_name: str | None = None
-    proxy: bool = False
-    port: int = 67
-    proxy_port: int = 4011
-    durable: bool = False
-
-    def validate(self, source: str = "DHCP configuration") -> None:
-        """:class:`ConfigError` naming the first inconsistency (duplicate MAC or address,
-        address outside the subnet, pool reversed or outside the subnet...)."""
-        if not self.interface:
-            raise ConfigError(source, "interface", "no interface given",
-                              expected="the name of the one interface to serve")
-        macs: set[str] = set()
-        ips: set[IPv4Address] = set()
-        for r in self.reservations:
-            if r.mac in macs:
-                raise ConfigError(source, "reservations", f"MAC {r.mac} reserved twice")
-            if r.ip in ips:
-                raise ConfigError(source, "reservations", f"address {r.ip} reserved twice")
-            macs.add(r.mac)
-            ips.add(r.ip)
-            if self.subnet is not None and r.ip not in self.subnet:
-                raise ConfigError(source, "reservations",
-                                  f"{r.mac}: address {r.ip} is outside {self.subnet}")
-        if self.pool is not None:
-            lo, hi = self.pool
-            if int(hi) < int(lo):
-                raise ConfigError(source, "pool", f"{lo}-{hi} is reversed",
-                                  expected="FIRST-LAST with FIRST <= LAST")
-            if self.subnet is not None and (lo not in self.subnet or hi not in self.subnet):
-                raise ConfigError(source, "pool", f"{lo}-{hi} is not inside {self.subnet}")
-        if self.unknown == "pool" and self.pool is None and not self.proxy:
-            raise ConfigError(source, "unknown", "'pool' chosen but no pool given",
-                              expected="a pool, or unknown = 'ignore'")
-        if not 60 <= self.lease_time <= 2**31:
-            raise ConfigError(source, "lease_time", f"{self.lease_time}",
-                              expected="seconds between 60 and 2^31")
-
-
-@dataclass
-class DhcpStats:
-    """Counters since start (one per decision kind). ``malformed``: datagrams the codec could
-    not decode (:class:`~sidusctl.serve.dhcp_codec.MalformedPacket`), dropped. ``internal_errors``:
-    bugs, i.e. any other exception while handling a decoded message, logged at error level with
-    the traceback; 0 in a healthy server (the tests assert it)."""
-
-    received: int = 0
-    malformed: int = 0
-    internal_errors: int = 0
-    ignored: int = 0
-    offers: int = 0
-    acks: int = 0
-    naks: int = 0
-    releases: int = 0
-    declines: int = 0
-    informs: int = 0
-    proxy_offers: int = 0
-    proxy_acks: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-def interface_ipv4(ifname: str) -> tuple[IPv4Address, IPv4Network]:
-    """The first IPv4 address of ``ifname`` and its network (SIOCGIFADDR/SIOCGIFNETMASK).
-    :class:`PrerequisiteError` if the interface does not exist or has no IPv4 address."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        req = struct.pack("256s", ifname.encode()[:15])
-        addr = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, req)[20:24]
-        mask = fcntl.ioctl(s.fileno(), _SIOCGIFNETMASK, req)[20:24]
-    except OSError as e:
-        raise PrerequisiteError(
-            f"interface {ifname}: no IPv4 address ({e.strerror})",
-            hint=f"give {ifname} an address (ip addr add ... dev {ifname}) or check its name") from e
-    finally:
-        s.close()
-    ip = IPv4Address(addr)
-    net = IPv4Network(f"{ip}/{IPv4Address(mask)}", strict=False)
-    return ip, net
 
 
 class DhcpServer:

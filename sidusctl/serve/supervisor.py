@@ -23,7 +23,8 @@ from typing import Any
 from sidusctl.core.errors import SidusError, StateError
 from sidusctl.core.log import get_logger
 from sidusctl.core.state import read_json, write_json
-from sidusctl.serve.dhcp import DhcpConfig, DhcpServer
+from sidusctl.serve.dhcp import DhcpServer
+from sidusctl.serve.dhcp_config import DhcpConfig
 from sidusctl.serve.dns import DnsConfig, DnsServer
 from sidusctl.serve.tftp import TftpConfig, TftpServer
 
