@@ -138,7 +138,7 @@ def test_installed_package_reads_its_own_data(installed: Installed) -> None:
     assert got["pkg"] == str(installed.site / "sidusctl")
     for name in DATA_DIRS:
         assert got[name] == str(data / name)
-    assert set(got["initramfs_files"]) == {"hooks/sidus", "scripts/init-bottom/sidus"}
+    assert set(got["initramfs_files"]) == {"hooks/sidus", "scripts/sidus", "scripts/init-bottom/sidus"}
     for rel in got["initramfs_files"]:  # pip restored the executable bit recorded in the wheel
         assert os.access(data / "initramfs" / rel, os.X_OK), rel
 

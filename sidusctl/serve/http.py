@@ -204,7 +204,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.server.leave(self._client)
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("HTTP %s: %s", self.client_address[0], format % args)
+        # one access line per request at info, as a web server's access log
+        log.info("HTTP %s: %s", self.client_address[0], format % args)
 
     def _refuse(self) -> bool:
         if self._refused is None:
