@@ -5,6 +5,7 @@ boot command lines of the squashfs roots."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -96,6 +97,13 @@ def test_export_skips_unchanged_links_identical_and_prune_keeps_held(tmp_path: P
     assert removed == ["gen-20260102T000000-1"]
     assert [e.generation for e in squash.list_exports(state, "img")] == [
         "gen-20260101T000000-1", "gen-20260103T000000-1"]
+    # image show lists them
+    from tests.conftest import sidusctl
+    r = sidusctl("image", "show", "img", "--json", state=state)
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)["squashfs"]
+    assert [(e["generation"], e["sha256"]) for e in shown] == [
+        ("gen-20260101T000000-1", ex.sha256), ("gen-20260103T000000-1", ex4.sha256)]
 
 
 def _link(d: Path, target: str) -> Path:

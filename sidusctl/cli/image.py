@@ -67,6 +67,11 @@ def show_cmd(name: str, as_json: bool, packages: bool) -> None:
     if not packages:
         m.pop("packages", None)
     m["paths"] = _row(img)
+    from sidusctl.netboot import squash
+
+    # the squashfs exports of its generations (sidusctl pxe squashfs; serve-pxe makes them too)
+    exports = [e.as_dict() for e in squash.list_exports(get_ctx().state, name)]
+    m["squashfs"] = exports
     if as_json:
         emit_json(m)
         return
@@ -79,6 +84,9 @@ def show_cmd(name: str, as_json: bool, packages: bool) -> None:
     click.echo(f"{'rootfs size:':15} {human_size(man.sizes.rootfs_bytes)}")
     for k, v in man.exports.files().items():
         click.echo(f"{k + ':':15} {img.dir / v.file} ({human_size(v.size)})")
+    for e in exports:
+        click.echo(f"{'squashfs:':15} {e['path']} ({human_size(e['size'])}, {e['generation']}, "
+                   f"sha256 {str(e['sha256'])[:16]})")
     click.echo(f"{'timings (s):':15} {m.get('timings_s')}")
     if packages:
         for p, pkg in sorted(man.packages.items()):
