@@ -195,3 +195,20 @@ def test_random_json_objects_load_or_raise_state_error(extra: dict[str, Any],
         assert "/x/manifest.json" in str(e)
         return
     assert Manifest.parse(json.dumps(m.to_json())) == m
+
+
+def test_stage_record_of_a_generation(tmp_path: Path) -> None:
+    """Image.stage_record: the named record, None when absent or the manifest is corrupt."""
+    from sidusctl.subsys.imagestore import Image
+
+    gen = tmp_path / "gen-1"
+    gen.mkdir()
+    (gen / "manifest.json").write_text(json.dumps({
+        "name": "x", "kind": "build",
+        "build_stages": [{"name": "tarball", "action": "ran", "reason": "r", "key": "k1"}]}))
+    img = Image("x", gen)
+    rec = img.stage_record("tarball")
+    assert rec is not None and rec.key == "k1"
+    assert img.stage_record("initramfs") is None
+    (gen / "manifest.json").write_text("{not json")
+    assert img.stage_record("tarball") is None

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sidusctl.core.errors import CommandError, StateError
+from sidusctl.core.errors import CommandError
 from sidusctl.image.common import Reporter, explain
 from sidusctl.image.recipe import Recipe
 from sidusctl.subsys.imagestore import Image
@@ -85,10 +85,7 @@ def export_tarball(root: Path, gen_dir: Path, r: Recipe, tree_sha256: str, prev:
 def _tarball_reuse(prev: Image | None, name: str, key: str) -> str | None:
     if prev is None:
         return "no earlier generation of this image to reuse it from"
-    try:
-        rec = next((x for x in prev.manifest.build_stages if x.name == "tarball"), None)
-    except StateError:
-        rec = None
+    rec = prev.stage_record("tarball")
     if rec is None or rec.key is None:
         return f"{prev.dir.name} records no tarball key"
     if rec.key != key:

@@ -23,7 +23,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from sidusctl.core.errors import BuildError, CommandError, StateError
+from sidusctl.core.errors import BuildError, CommandError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run
 from sidusctl.core.state import FileLock, atomic_write_bytes
@@ -320,10 +320,7 @@ class Configurer:
             return "no package-stage key to compare with (the archive's InRelease was unreachable)"
         if prev is None:
             return "no earlier generation of this image to reuse it from"
-        try:
-            rec = next((x for x in prev.manifest.build_stages if x.name == "initramfs"), None)
-        except StateError:
-            rec = None
+        rec = prev.stage_record("initramfs")
         if rec is None or rec.key is None:
             return f"{prev.dir.name} records no initramfs key"
         if rec.key != key:

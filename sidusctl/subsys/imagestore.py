@@ -31,7 +31,7 @@ from sidusctl.core.errors import ConfigError, NotFoundError, StateError
 from sidusctl.core.log import get_logger
 from sidusctl.core.state import FileLock, publish
 from sidusctl.subsys import procs, tarball
-from sidusctl.subsys.manifest import Manifest, as_manifest
+from sidusctl.subsys.manifest import Manifest, StageRecord, as_manifest
 from sidusctl.subsys.mounts import mounts_under, umount_tree
 
 log = get_logger("store")
@@ -70,6 +70,14 @@ class Image:
             return Manifest.load(self.manifest_path)
         except FileNotFoundError:
             return Manifest.missing(self.name)
+
+    def stage_record(self, name: str) -> StageRecord | None:
+        """The build record of stage ``name`` in this generation's manifest; None when the
+        manifest has none (or is unreadable: a build then runs the stage instead of reusing)."""
+        try:
+            return next((r for r in self.manifest.build_stages if r.name == name), None)
+        except StateError:
+            return None
 
     @property
     def kernel(self) -> Path:
