@@ -19,7 +19,6 @@ Sources: syslinux wiki (PXELINUX config lookup), iPXE scripting docs, GRUB manua
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from sidusctl.core.state import atomic_copy, atomic_write_bytes, read_json, writ
 from sidusctl.netboot import secureboot
 from sidusctl.netboot.inventory import Inventory, Node
 from sidusctl.subsys.templates import render
+from sidusctl.subsys.treecopy import file_sha256
 
 log = get_logger("boot.pxe")
 
@@ -229,21 +229,13 @@ def _build_grub_efi(tftp_root: Path) -> Path | None:
     return tmp
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _same_file(src: Path, dest: Path) -> bool:
     try:
         if src.stat().st_size != dest.stat().st_size:
             return False
     except FileNotFoundError:
         return False
-    return _digest(src) == _digest(dest)
+    return file_sha256(src) == file_sha256(dest)
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from sidusctl.core.errors import SidusError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
+from sidusctl.subsys.treecopy import file_sha256
 
 log = get_logger("squashfs")
 
@@ -40,15 +41,6 @@ class SquashInfo:
     path: Path
     size: int
     sha256: str
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 (hex) of ``path``'s bytes, read in 1 MiB chunks. OSError if unreadable."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tree_fingerprint(tree: Path) -> str:
