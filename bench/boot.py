@@ -1,42 +1,82 @@
 #!/usr/bin/env python3
-"""Benchmark: seconds from qemu start to the serial login prompt, for one image booted
-(a) diskless: root over NFS (nfs-ganesha) with the sidus tmpfs overlay, and
-(b) the reference: the same kernel, initrd and root copied onto a local virtio disk
-    (ext4 made with ``mkfs.ext4 -d``, no mount needed),
-in the same run, one after the other (never two qemu at once). Prints both and the ratio.
+"""Benchmark: seconds from qemu start to the serial login prompt for one image booted four ways
+in the same run, one guest after the other (never two qemu at once), 2 GiB of RAM each:
 
-qemu runs under TCG (no KVM here), so absolute figures are slow; the ratio is what to compare.
-Everything runs inside a private network namespace (loopback only).
+- ``nfs``: the directory root over NFS (serve-pxe's nfs-ganesha), sidus tmpfs overlay;
+- ``squashfs-nfs``: the generation's squashfs file loop-mounted from serve-pxe's NFS export;
+- ``squashfs-http``: the squashfs downloaded from serve-pxe's HTTP server into RAM, its
+  SHA-256 checked, loop-mounted;
+- ``disk`` (the reference): the same root copied onto a local virtio disk (ext4 made with
+  ``mkfs.ext4 -d``), ``root=/dev/vda``.
 
-    sudo .venv/bin/python bench/boot.py --image minimal [--state-dir DIR] [--runs 1]
-    sudo .venv/bin/python bench/boot.py --rootfs /var/tmp/sdt-netboot/rootfs
+The network roots are served by one real ``sidusctl serve-pxe --nfs ganesha --http``
+(:class:`sidusctl.netboot.lab.PxeLab`: its own namespace and bridge, a private state whose
+image links to the built one; serve-pxe exports the squashfs itself). Every guest loads the
+same kernel and initrd directly (``qemu -kernel``), so the firmware's PXE/TFTP phase, which a
+local-disk boot does not have, is left out of all four; the network guests get the kernel
+command line serve-pxe wrote into their ``pxelinux.cfg/01-<mac>`` and sit on a tap of the
+lab's bridge (DHCP, NFS and HTTP from serve-pxe).
+
+For ``squashfs-http`` the console is timed too (when the download starts, when the digest
+matched, when the squashfs is mounted), and after the login prompt the bench logs in to split
+the download from the digest (``sha256sum`` of the file again, in the guest) and to read the
+RAM the image holds: where the time goes when the aim (at most 1.1x the local disk) is missed.
+
+qemu runs under TCG (no KVM here), so absolute figures are slow; the ratios are what to compare.
+
+    .venv/bin/python bench/boot.py --image minimal [--state-dir DIR] [--runs 1] [--json]
+
+``--record-reads FILE`` instead records the files a real NFS-root boot reads, for
+bench/bootstorm.py's ``nfs`` variant: the root is copied (``cp -a``) into a scratch
+directory, every atime there set to 0, the copy served by nfs-ganesha (the host filesystem is
+mounted ``relatime``: a read after atime 0 always moves it) to one guest booting to its login
+prompt (NFS root, tmpfs overlay); then every entry whose atime moved is listed: ``f SIZE PATH``
+(a file read), ``d - PATH`` (a directory listed), ``l - PATH`` (a symlink read).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+# not bench/ itself first on the path: bench/platform.py would shadow the standard library's
+sys.path[:] = [str(REPO), *(d for d in sys.path if Path(d or ".").resolve() != REPO / "bench")]
 
+from sidusctl.netboot.lab import LabNode, PxeLab
 from sidusctl.subsys.ganesha import Export, serve
-from tests.qemu_util import QUIET, guest, netns, nfs_append
+from sidusctl.subsys.qemu import LOGIN_RE
+from tests.qemu_util import QUIET, Guest, guest, netns, nfs_append
+
+MODES = ("nfs", "squashfs-nfs", "squashfs-http", "disk")
+NODES = {m: LabNode(f"bb{i}", f"52:54:00:77:0b:0{i}", IPv4Address(f"10.77.0.{160 + i}"), m)
+         for i, m in enumerate(MODES[:3], start=1)}
+MEMORY = 2048
+BOOT_TIMEOUT = 900.0
+#: console lines timed on the way to the login prompt (the sidus boot script's messages)
+MARKS = {"download-start": rb"sidus: root: squashfs over HTTP",
+         "digest-ok": rb"sidus: sha256 [0-9a-f]+: matches",
+         "squashfs-mounted": rb"sidus: root: \S+ mounted \(squashfs"}
 
 
-def _image(args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    if args.rootfs:
-        root = Path(args.rootfs)
-        return (root, sorted((root / "boot").glob("vmlinuz-*"))[-1],
-                sorted((root / "boot").glob("initrd.img-*"))[-1])
+def _image(args: argparse.Namespace) -> tuple[Path, Path, Path, Path]:
+    """(state dir, rootfs, kernel, initrd) of the built image."""
     from sidusctl.core.paths import state_dir
     from sidusctl.subsys.imagestore import ImageStore
-    img = ImageStore(state_dir(args.state_dir)).get(args.image)
-    return img.rootfs, img.kernel, img.initrd
+    state = state_dir(args.state_dir)
+    img = ImageStore(state).get(args.image)
+    return state, img.rootfs, img.kernel, img.initrd
 
 
 def _disk_from_root(root: Path, dest: Path) -> None:
@@ -49,44 +89,191 @@ def _disk_from_root(root: Path, dest: Path) -> None:
                    check=True)
 
 
+def node_cmdline(lab: PxeLab, node: LabNode) -> str:
+    """The kernel command line serve-pxe gave ``node`` (its ``pxelinux.cfg/01-<mac>``), less
+    ``initrd=`` (qemu loads the initrd itself)."""
+    name = "01-" + node.mac.replace(":", "-")
+    cfgs = list(lab.workdir.rglob(f"pxelinux.cfg/{name}"))
+    if not cfgs:
+        raise SystemExit(f"bench/boot.py: serve-pxe wrote no pxelinux.cfg/{name}")
+    for line in cfgs[0].read_text().splitlines():
+        words = line.split()
+        if words and words[0].upper() == "APPEND":
+            return " ".join(w for w in words[1:] if not w.startswith("initrd="))
+    raise SystemExit(f"bench/boot.py: no APPEND line in {cfgs[0]}")
+
+
+def timed_boot(g: Guest) -> dict[str, float]:
+    """Seconds from qemu's start to each console mark seen and to the login prompt."""
+    pats = [re.compile(p) for p in MARKS.values()] + [LOGIN_RE]
+    names = [*MARKS, "login"]
+    out: dict[str, float] = {}
+    while "login" not in out:
+        i = g.expect(pats, BOOT_TIMEOUT)
+        out.setdefault(names[i], round(time.monotonic() - g.started, 1))
+    g.at_login_prompt = True
+    g.login_prompt_s = out["login"]
+    return out
+
+
+def http_details(g: Guest) -> dict[str, Any]:
+    """In the logged-in squashfs-http guest: the image file's size, a second ``sha256sum``
+    of it (seconds: the digest's share of the boot), RAM it holds (MiB, tmpfs ``used``)."""
+    g.login(timeout=300)
+    path = g.sh("ls /run/sidus/img/*.squashfs 2>/dev/null | head -n1", check=False).strip()
+    out: dict[str, Any] = {"image_file": path}
+    if path:
+        out["image_mib"] = round(int(g.sh(f"stat -c %s {path}")) / 2**20, 1)
+        t = g.sh(f"s=$(cut -d' ' -f1 /proc/uptime); sha256sum {path} >/dev/null; "
+                 "e=$(cut -d' ' -f1 /proc/uptime); echo \"$s $e\"", timeout=600).split()
+        out["sha256sum_again_s"] = round(float(t[1]) - float(t[0]), 1)
+        out["tmpfs_used_mib"] = round(int(g.sh(
+            f"df -k --output=used $(dirname {path}) | tail -n1")) / 1024, 1)
+    out["mem_available_mib"] = round(int(g.sh(
+        "awk '/MemAvailable/ {print $2}' /proc/meminfo")) / 1024, 1)
+    out["sidus_log"] = g.sh("cat /run/sidus/sidus.log", check=False)[-1500:]
+    return out
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    state, root, kernel, initrd = _image(args)
+    times: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+    details: dict[str, Any] = {}
+    tag = os.getpid() % 10000
+    with tempfile.TemporaryDirectory(prefix="sdt-bench-boot-", dir="/var/tmp") as tmp:
+        disk = Path(tmp) / "root.img"
+        _disk_from_root(root, disk)
+        serve_cmd = [sys.executable, "-m", "sidusctl", "serve-pxe"]
+        with PxeLab(f"sdt-bb{tag}", state, args.image, list(NODES.values()), Path(tmp) / "lab",
+                    serve_command=serve_cmd) as lab:
+            t0 = time.monotonic()
+            lab.start_serve("--nfs", "ganesha", "--http", ready_timeout=900)
+            details["serve_pxe_ready_s"] = round(time.monotonic() - t0, 1)
+            cmdlines = {m: node_cmdline(lab, n) for m, n in NODES.items()}
+            details["cmdlines"] = cmdlines
+            for i in range(args.runs):
+                for m in MODES:
+                    name = f"sdt-bb{tag}-{m}-{i}"
+                    log = Path(tmp) / f"{m}-{i}.console.log"
+                    if m == "disk":
+                        kw: dict[str, Any] = {"append": " ".join(
+                            ["console=ttyS0", "root=/dev/vda", "rw", "panic=-1", *QUIET]),
+                            "disks": (disk,)}
+                    else:
+                        kw = {"append": cmdlines[m], "tap": lab.add_tap(),
+                              "mac": NODES[m].mac}
+                    with guest(name, kernel=kernel, initrd=initrd, netns=lab.netns,
+                               memory=MEMORY, log=log, timeout=BOOT_TIMEOUT, **kw) as g:
+                        try:
+                            times[m].append(timed_boot(g))
+                            if m == "squashfs-http" and i == 0 and not args.no_details:
+                                details["squashfs_http"] = http_details(g)
+                        except BaseException:
+                            print(f"--- console of {name} ---\n{g.tail(4000)}\n--- serve-pxe "
+                                  f"---\n{lab.serve_text()[-4000:]}", file=sys.stderr)
+                            raise
+                    print(f"  {m:14} run {i + 1}: {times[m][-1]}", file=sys.stderr)
+    med = {m: statistics.median(t["login"] for t in times[m]) for m in MODES}
+    disk_s = med["disk"]
+    return {"runs": args.runs, "accel": "tcg", "memory_mib": MEMORY,
+            "login_s": {m: round(v, 1) for m, v in med.items()},
+            "ratio_over_disk": {m: round(med[m] / disk_s, 2) for m in MODES if m != "disk"},
+            "marks": {m: times[m] for m in MODES}, "details": details,
+            "load_average": os.getloadavg(),
+            "reference": "same image on a local virtio disk (direct kernel boot)"}
+
+
+# -- recording the reads of a real NFS-root boot --------------------------------------------------
+
+def record_reads(args: argparse.Namespace) -> int:
+    _state, root, kernel, initrd = _image(args)
+    with tempfile.TemporaryDirectory(prefix="sdt-bench-reads-", dir="/var/tmp") as tmp:
+        copy = Path(tmp) / "rootfs"
+        subprocess.run(["cp", "-a", str(root), str(copy)], check=True)
+        subprocess.run(["find", str(copy), "-exec", "touch", "-h", "-a", "-d", "@0", "{}", "+"],
+                       check=True)
+        with netns("bbrec") as ns, serve([Export(copy)], netns=ns, bind_addr=None,
+                                         workdir=Path(tmp) / "ganesha"), \
+                guest("sdt-bench-reads", kernel=kernel, initrd=initrd, netns=ns,
+                      memory=MEMORY, append=nfs_append(copy, "sidus.overlay=tmpfs"),
+                      log=Path(tmp) / "reads.console.log", timeout=BOOT_TIMEOUT) as g:
+            login_s = g.wait_login_prompt()
+        lines: list[tuple[int, str]] = []
+        total = 0
+        for dirpath, dirnames, filenames in os.walk(copy):
+            for name in [*dirnames, *filenames, ""]:
+                p = Path(dirpath, name) if name else Path(dirpath)
+                if name in dirnames:
+                    continue  # a directory is listed once, as its own dirpath
+                st = p.lstat()
+                if st.st_atime <= 0:
+                    continue
+                rel = "/" + str(p.relative_to(copy)) if p != copy else "/"
+                if p.is_symlink():
+                    lines.append((st.st_atime_ns, f"l - {rel}"))
+                elif p.is_dir():
+                    lines.append((st.st_atime_ns, f"d - {rel}"))
+                elif p.is_file():
+                    lines.append((st.st_atime_ns, f"f {st.st_size} {rel}"))
+                    total += st.st_size
+        head = [
+            "# The files, directories and symlinks a real NFS-root boot of the minimal image",
+            "# reads, from qemu start to the login prompt (bench/boot.py --record-reads).",
+            f"# Made {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: the root copied"
+            " (cp -a), every atime set to 0,",
+            "# served by nfs-ganesha (VFS FSAL over ext4 mounted relatime) to a qemu guest (TCG,"
+            " NFSv3 over TCP,",
+            f"# rsize 8192, sidus tmpfs overlay) that reached its login prompt in {login_s:.0f} s;"
+            " then every",
+            "# entry whose atime moved, in the order of those atimes (first access first):",
+            "# 'f SIZE PATH' read, 'd - PATH' listed, 'l - PATH' readlink.",
+            f"# {sum(ln[0] == 'f' for _, ln in lines)} files ({total / 2**20:.1f} MiB), "
+            f"{sum(ln[0] == 'd' for _, ln in lines)} directories, "
+            f"{sum(ln[0] == 'l' for _, ln in lines)} symlinks. Lookups and stat()s of"
+            " entries",
+            "# never read are not seen by atime (the replay makes them anyway on each path).",
+        ]
+        out = Path(args.record_reads)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join([*head, *(ln for _, ln in sorted(lines))]) + "\n")
+        print(f"{out}: {len(lines)} entries, {total / 2**20:.1f} MiB of files; login prompt "
+              f"after {login_s:.1f} s")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image", default="minimal")
     ap.add_argument("--state-dir", default=None)
-    ap.add_argument("--rootfs", default=None, help="a root directory with /boot/vmlinuz-*")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--no-details", action="store_true",
+                    help="skip the login into the squashfs-http guest after its boot")
+    ap.add_argument("--record-reads", metavar="FILE", default=None,
+                    help="record what an NFS-root boot reads into FILE (see above) instead")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    root, kernel, initrd = _image(args)
-    nfs_times: list[float] = []
-    disk_times: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="sdt-bench-boot-") as tmp:
-        disk = Path(tmp) / "root.img"
-        _disk_from_root(root, disk)
-        with netns("bboot") as ns, serve([Export(root)], netns=ns, bind_addr=None,
-                                         workdir=Path(tmp) / "ganesha"):
-            for i in range(args.runs):
-                with guest(f"sdt-bench-nfs-{i}", kernel=kernel, initrd=initrd, netns=ns,
-                           append=nfs_append(root, "sidus.overlay=tmpfs"),
-                           log=Path(tmp) / f"nfs-{i}.log") as g:
-                    nfs_times.append(g.wait_login_prompt())
-                with guest(f"sdt-bench-disk-{i}", kernel=kernel, initrd=initrd, netns=ns,
-                           append=" ".join(["console=ttyS0", "root=/dev/vda", "rw", "panic=-1",
-                                                    *QUIET]), disks=(disk,),
-                           log=Path(tmp) / f"disk-{i}.log") as g:
-                    disk_times.append(g.wait_login_prompt())
-    nfs_s = statistics.median(nfs_times)
-    disk_s = statistics.median(disk_times)
-    result = {"nfs_tmpfs_overlay_s": round(nfs_s, 1), "local_disk_s": round(disk_s, 1),
-              "ratio_nfs_over_disk": round(nfs_s / disk_s, 2), "runs": args.runs,
-              "accel": "tcg", "reference": "same image on a local virtio disk"}
+    if os.geteuid() != 0:
+        sys.exit("bench/boot.py: needs root (namespaces, qemu, NFS)")
+    if shutil.which("mksquashfs") is None:
+        sys.exit("bench/boot.py: mksquashfs not found (apt-get install squashfs-tools)")
+    if args.record_reads:
+        return record_reads(args)
+    result = bench(args)
     if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"boot to login prompt (qemu TCG, median of {args.runs}):")
-        print(f"  NFS root + sidus tmpfs overlay : {nfs_s:6.1f} s")
-        print(f"  local virtio disk (reference)  : {disk_s:6.1f} s")
-        print(f"  ratio NFS/local                : {nfs_s / disk_s:6.2f}")
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"boot to login prompt (qemu TCG, {MEMORY} MiB, median of {args.runs}):")
+    for m in MODES:
+        ratio = "" if m == "disk" else f"  {result['ratio_over_disk'][m]:5.2f}x the disk"
+        print(f"  {m:14} {result['login_s'][m]:6.1f} s{ratio}")
+    sq = result["marks"]["squashfs-http"][0]
+    print(f"  squashfs-http console: {sq}")
+    d = result["details"].get("squashfs_http")
+    if d:
+        print(f"  squashfs-http image {d.get('image_mib')} MiB in RAM (tmpfs "
+              f"{d.get('tmpfs_used_mib')} MiB), sha256sum again {d.get('sha256sum_again_s')} s, "
+              f"MemAvailable {d['mem_available_mib']} MiB")
+    print(f"  load average at the end: {result['load_average']}")
     return 0
 
 

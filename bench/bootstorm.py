@@ -1,33 +1,54 @@
 #!/usr/bin/env python3
 """Boot storm benchmark: N simulated nodes (not qemu) rebooting at once against serve-pxe and
-against the reference stack (dnsmasq for DHCP and TFTP, nginx for HTTP), side by side in one
-run.
+against the reference stack (dnsmasq for DHCP and TFTP, nginx for HTTP, nfs-ganesha for NFS),
+side by side in one run, for each node count asked (``--nodes 50,200,500``) and each root
+source (``--roots squashfs-http,nfs``).
 
-Each node (the client of tests/test_storm.py, from its own MAC and its own address, all nodes
-started within 2 s) does what a PXE node does: DHCP DISCOVER/REQUEST as the PXE ROM, the boot
-loader over TFTP, DHCP as iPXE, its pxelinux config, kernel and initrd over TFTP (blksize 1468,
-lock-step), DHCP as the kernel, the squashfs root over HTTP (a third resume half-way with
-Range), every file checked by SHA-256, DHCP as the booted system. Against serve-pxe it also
-POSTs its stages to /sidus/report (nginx cannot take them; the reference does less work).
-Both stacks serve the same files: the tree and squashfs export serve-pxe rendered.
+Each node, from its own MAC and its own address, all nodes started within 2 s, does what a PXE
+node does: DHCP DISCOVER/REQUEST as the PXE ROM, the boot loader over TFTP, DHCP as iPXE, its
+pxelinux config, kernel and initrd over TFTP (blksize 1468, lock-step), DHCP as the kernel,
+then its root, then DHCP as the booted system. Every file is checked by SHA-256.
+
+- ``squashfs-http`` (the client of tests/test_storm.py): the squashfs root over HTTP, a third
+  of the nodes resuming half-way with Range. Against serve-pxe it also POSTs its stages to
+  /sidus/report (nginx cannot take them: the reference does less work).
+- ``nfs``: the root is the real ``minimal`` image's directory (a hard-linked copy), and each
+  node replays the reads its kernel makes for a real boot: bench/nfs-boot-reads.txt, recorded
+  once from a qemu boot by ``bench/boot.py --record-reads`` (how: that file's header). Each
+  node is a cold NFSv3 client of its own (this bench's :func:`nfs_boot_reads`: the host kernel
+  here has no NFS client, and one would share its caches and connection between nodes):
+  portmapper, MNT, then for each recorded entry in order a LOOKUP of every component not seen
+  yet, ACCESS and READs of the config's ``rsize`` (8192) to the end of each file, READDIRPLUS
+  of each directory listed, READLINK of each symlink; its own TCP connection, one call at a
+  time. Whole files are read (an mmap'ed library is only partly read by a real boot: an upper
+  bound). The server and export path come from the node's pxelinux config. No reports (an NFS
+  root boots through initramfs-tools' own script, which does not report).
 
 Reported per stack: time until the last node has everything, p50/p99 per node, failed nodes,
 refusals and retransmits the clients saw, server CPU seconds (all processes of the server
 namespace) and peak RSS (VmHWM, summed over them), and the ratios serve-pxe / reference.
-Everything runs in sdt- namespaces created here and removed at the end, even on failure.
+Everything runs in sdt- namespaces created here (a bridge and a veth between the server and
+the clients, nothing else) and removed at the end, even on failure; each storm is bounded by
+``--timeout``.
 
-Run as root from the repository:
-    .venv/bin/python bench/bootstorm.py [--nodes 300] [--root-mib 20] [--kernel-kib 4096]
+Run as root from the repository (the nfs root needs ``minimal`` built in the state dir):
+    .venv/bin/python bench/bootstorm.py [--nodes 50,200,500] [--roots squashfs-http,nfs]
+        [--state-dir DIR] [--root-mib 20] [--kernel-kib 4096] [--initrd-kib 2048] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import socket
+import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,21 +56,285 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# not bench/ itself first on the path: bench/platform.py would shadow the standard library's
+sys.path[:] = [str(REPO), *(d for d in sys.path if Path(d or ".").resolve() != REPO / "bench")]
+import tests.test_storm as storm  # noqa: E402
 from tests.netns_util import Daemon, bridge, enslave, ip, netns, nsexec, veth  # noqa: E402
-from tests.test_storm import (  # noqa: E402
-    PREFIX,
-    SERVER,
-    StormLab,
-    _wait_status,
-    add_addresses,
-    check_storm,
-    inventory,
-    make_nodes,
-    run_clients,
-    store_image,
-    storm_config,
-)
+
+READS = REPO / "bench" / "nfs-boot-reads.txt"
+SERVER = storm.SERVER
+# -- the nfs root: a cold NFSv3 client per simulated node (RFC 1813, ONC RPC RFC 5531) ------------
+
+RPC_NFS, RPC_MOUNT, RPC_PMAP = 100003, 100005, 100000
+NFS3_GETATTR, NFS3_LOOKUP, NFS3_ACCESS, NFS3_READLINK, NFS3_READ = 1, 3, 4, 5, 6
+NFS3_READDIRPLUS = 17
+FATTR3 = 84  # bytes of a fattr3 (RFC 1813 2.6)
+
+
+class Xdr:
+    """Just enough XDR (RFC 4506) to read NFSv3 replies."""
+
+    def __init__(self, data: bytes, pos: int = 0) -> None:
+        self.d, self.p = data, pos
+
+    def u32(self) -> int:
+        v = struct.unpack_from(">I", self.d, self.p)[0]
+        self.p += 4
+        return int(v)
+
+    def u64(self) -> int:
+        v = struct.unpack_from(">Q", self.d, self.p)[0]
+        self.p += 8
+        return int(v)
+
+    def opaque(self) -> bytes:
+        n = self.u32()
+        v = self.d[self.p:self.p + n]
+        self.p += (n + 3) & ~3
+        return v
+
+    def skip(self, n: int) -> None:
+        self.p += n
+
+    def post_op_attr(self) -> tuple[int, int] | None:
+        """(type, size) of a post_op_attr, or None."""
+        if not self.u32():
+            return None
+        ftype = struct.unpack_from(">I", self.d, self.p)[0]
+        size = struct.unpack_from(">Q", self.d, self.p + 20)[0]
+        self.p += FATTR3
+        return int(ftype), int(size)
+
+
+def xdr_opaque(b: bytes) -> bytes:
+    return struct.pack(">I", len(b)) + b + bytes(-len(b) % 4)
+
+
+AUTH_SYS = struct.pack(">I", 1) + xdr_opaque(struct.pack(">I", 0) + xdr_opaque(b"sdt-storm")
+                                             + struct.pack(">III", 0, 0, 0))
+
+
+class Rpc:
+    """One ONC RPC connection over TCP (record marking, RFC 5531 11), calls one at a time, as
+    a node's single mount does for one process reading its boot files in turn."""
+
+    def __init__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, tally: Any) -> None:
+        self.r, self.w, self.tally, self.xid = r, w, tally, random.getrandbits(31)
+
+    @classmethod
+    async def connect(cls, src: str, server: str, port: int, tally: Any) -> Rpc:
+        for attempt in range(8):
+            try:
+                r, w = await asyncio.open_connection(server, port, local_addr=(src, 0))
+                return cls(r, w, tally)
+            except OSError:
+                tally.nfs_retries += 1
+                await asyncio.sleep(0.5 * (attempt + 1))
+        raise RuntimeError(f"no TCP connection to {server}:{port}")
+
+    async def call(self, prog: int, vers: int, proc: int, args: bytes) -> Xdr:
+        self.xid = (self.xid + 1) & 0xFFFFFFFF
+        body = (struct.pack(">IIIIII", self.xid, 0, 2, prog, vers, proc) + AUTH_SYS
+                + struct.pack(">II", 0, 0) + args)
+        self.w.write(struct.pack(">I", 0x80000000 | len(body)) + body)
+        reply = b""
+        while True:
+            mark = struct.unpack(">I", await self.r.readexactly(4))[0]
+            reply += await self.r.readexactly(mark & 0x7FFFFFFF)
+            if mark & 0x80000000:
+                break
+        x = Xdr(reply)
+        xid, mtype, stat = x.u32(), x.u32(), x.u32()
+        if xid != self.xid or mtype != 1 or stat != 0:
+            raise RuntimeError(f"RPC {prog}/{proc}: bad reply (xid {xid}, stat {stat})")
+        x.u32()
+        x.opaque()  # verifier
+        if (acc := x.u32()) != 0:
+            raise RuntimeError(f"RPC {prog}/{proc}: not accepted ({acc})")
+        self.tally.nfs_calls += 1
+        return x
+
+    def close(self) -> None:
+        self.w.close()
+
+
+async def getport(src: str, server: str, prog: int, vers: int, tally: Any) -> int:
+    rpc = await Rpc.connect(src, server, 111, tally)
+    try:
+        x = await rpc.call(RPC_PMAP, 2, 3, struct.pack(">IIII", prog, vers, 6, 0))
+        return x.u32()
+    finally:
+        rpc.close()
+
+
+async def nfs_boot_reads(src: str, server: str, export: str, entries: list[tuple[str, int, str]],
+                         rsize: int, tally: Any, check: dict[str, str]) -> dict[str, str]:
+    """What a node's kernel does for its NFS root from cold caches: the portmapper for MOUNT
+    and NFS, MNT, then for each entry of the recorded boot (in order) a LOOKUP of every path
+    component not looked up yet, and for a file ACCESS and READs of ``rsize`` to the end, a
+    directory READDIRPLUS to the end, a symlink READLINK. Returns the SHA-256 of the files
+    named in ``check``; raises RuntimeError on any NFS error or short file."""
+    mport = await getport(src, server, RPC_MOUNT, 3, tally)
+    nport = await getport(src, server, RPC_NFS, 3, tally)
+    m = await Rpc.connect(src, server, mport, tally)
+    try:
+        x = await m.call(RPC_MOUNT, 3, 1, xdr_opaque(export.encode()))
+        if (st := x.u32()) != 0:
+            raise RuntimeError(f"MNT {export}: status {st}")
+        root = x.opaque()
+    finally:
+        m.close()
+    nfs = await Rpc.connect(src, server, nport, tally)
+    fhs: dict[str, bytes] = {"": root}
+    digests: dict[str, str] = {}
+    try:
+        await nfs.call(RPC_NFS, 3, NFS3_GETATTR, xdr_opaque(root))
+
+        async def lookup(path: str) -> bytes:
+            if path in fhs:
+                return fhs[path]
+            parent, _, name = path.rpartition("/")
+            dfh = await lookup(parent)
+            x = await nfs.call(RPC_NFS, 3, NFS3_LOOKUP, xdr_opaque(dfh) + xdr_opaque(name.encode()))
+            if (st := x.u32()) != 0:
+                raise RuntimeError(f"LOOKUP {path}: NFS3 status {st}")
+            fhs[path] = x.opaque()
+            return fhs[path]
+
+        for kind, size, path in entries:
+            fh = await lookup(path.strip("/"))
+            if kind == "f":
+                await nfs.call(RPC_NFS, 3, NFS3_ACCESS, xdr_opaque(fh) + struct.pack(">I", 0x3F))
+                h = hashlib.sha256() if path in check else None
+                off = 0
+                while True:
+                    x = await nfs.call(RPC_NFS, 3, NFS3_READ,
+                                       xdr_opaque(fh) + struct.pack(">QI", off, rsize))
+                    if (st := x.u32()) != 0:
+                        raise RuntimeError(f"READ {path} at {off}: NFS3 status {st}")
+                    x.post_op_attr()
+                    x.u32()
+                    eof = x.u32()
+                    data = x.opaque()
+                    if h is not None:
+                        h.update(data)
+                    off += len(data)
+                    if eof or not data:
+                        break
+                tally.bytes += off
+                if off != size:
+                    raise RuntimeError(f"{path}: read {off} bytes, the file has {size}")
+                if h is not None:
+                    digests[path] = h.hexdigest()
+            elif kind == "d":
+                cookie, verf = 0, bytes(8)
+                while True:
+                    x = await nfs.call(RPC_NFS, 3, NFS3_READDIRPLUS, xdr_opaque(fh) + struct.pack(
+                        ">Q", cookie) + verf + struct.pack(">II", 4096, 32768))
+                    if (st := x.u32()) != 0:
+                        raise RuntimeError(f"READDIRPLUS {path}: NFS3 status {st}")
+                    x.post_op_attr()
+                    verf = x.d[x.p:x.p + 8]
+                    x.skip(8)
+                    while x.u32():
+                        x.u64()
+                        x.opaque()
+                        cookie = x.u64()
+                        x.post_op_attr()
+                        if x.u32():
+                            x.opaque()
+                    if x.u32():
+                        break
+            else:
+                x = await nfs.call(RPC_NFS, 3, NFS3_READLINK, xdr_opaque(fh))
+                if (st := x.u32()) != 0:
+                    raise RuntimeError(f"READLINK {path}: NFS3 status {st}")
+    finally:
+        nfs.close()
+    return digests
+
+
+def load_reads(path: Path) -> list[tuple[str, int, str]]:
+    """The recorded boot (bench/boot.py --record-reads): (kind, size, path) in order."""
+    out = []
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            kind, size, p = line.split(" ", 2)
+            out.append((kind, int(size) if size != "-" else 0, p))
+    return out
+
+
+async def nfs_node(cfg: dict[str, Any], n: dict[str, str], proto: Any, tr: Any,
+                   tally: Any) -> dict[str, Any]:
+    """One simulated node booting its ``nfs`` root: as the storm's node (tests/test_storm.py)
+    up to the kernel's DHCP, then the root's reads (:func:`nfs_boot_reads`), then DHCP as the
+    booted system. The NFS server and export come from the node's pxelinux config."""
+    await asyncio.sleep(random.random() * cfg["spread"])
+    t0 = time.monotonic()
+    mac = bytes.fromhex(n["mac"].replace(":", ""))
+    srv, me, sid = cfg["server"], n["ip"], cfg.get("server_id")
+    rec: dict[str, Any] = {"mac": n["mac"], "dhcp": {}}
+    d = await storm.dhcp_phase(proto, tr, mac, "pxe", sid, tally)
+    rec["dhcp"]["pxe"] = d
+    if d["ack"] != me:
+        raise RuntimeError(f"{n['mac']}: got {d['ack']}, its reservation is {me}")
+    loader = await storm.tftp_get(me, srv, d["file"] or "pxelinux.0", tally)
+    digests = {"loader": hashlib.sha256(loader).hexdigest()}
+    rec["dhcp"]["ipxe"] = await storm.dhcp_phase(proto, tr, mac, "ipxe", sid, tally)
+    conf = b""
+    for name in cfg["tftp_files"]:
+        name = name.replace("{mac}", n["mac"].replace(":", "-"))
+        data = await storm.tftp_get(me, srv, name, tally)
+        conf = data if name.startswith("pxelinux.cfg/") else conf
+        digests[name] = hashlib.sha256(data).hexdigest()
+    m = re.search(rb"nfsroot=([0-9.]+):([^, ]+),\S*rsize=(\d+)", conf)
+    if m is None:
+        raise RuntimeError(f"{n['mac']}: no nfsroot= in its pxelinux config")
+    rec["dhcp"]["kernel"] = await storm.dhcp_phase(proto, tr, mac, "kernel", sid, tally)
+    t_root = time.monotonic()
+    digests.update(await nfs_boot_reads(me, m[1].decode(), m[2].decode(), cfg["entries"],
+                                        int(m[3]), tally, set(cfg["check"])))
+    rec["root_s"] = time.monotonic() - t_root
+    rec["dhcp"]["system"] = await storm.dhcp_phase(proto, tr, mac, "system", sid, tally)
+    rec["digests"] = digests
+    rec["seconds"] = time.monotonic() - t0
+    return rec
+
+
+async def nfs_storm(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Every node of ``cfg["nodes"]`` booting its nfs root at once (within ``spread`` s), at
+    most ``timeout`` s; per node its record or its error (as tests/test_storm.storm)."""
+    loop = asyncio.get_running_loop()
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.setsockopt(socket.SOL_SOCKET, 25, cfg["interface"].encode())
+    s.bind(("0.0.0.0", 68))
+    tr, proto = await loop.create_datagram_endpoint(storm._Dhcp, sock=s)
+    tally = storm.Tally()
+    tally.nfs_calls = tally.nfs_retries = 0  # type: ignore[attr-defined]
+    cfg["entries"] = load_reads(Path(cfg["reads"]))
+    t0 = time.monotonic()
+
+    async def one(n: dict[str, str]) -> dict[str, Any]:
+        try:
+            return await nfs_node(cfg, n, proto, tr, tally)
+        except (RuntimeError, OSError, ValueError, IndexError, asyncio.IncompleteReadError,
+                struct.error) as e:
+            return {"mac": n["mac"], "error": f"{type(e).__name__}: {e}"}
+
+    try:
+        tasks = [asyncio.ensure_future(one(n)) for n in cfg["nodes"]]
+        done, pending = await asyncio.wait(tasks, timeout=cfg["timeout"])
+        for t in pending:
+            t.cancel()
+        results = [t.result() if t in done else {"mac": n["mac"], "error": "timed out"}
+                   for t, n in zip(tasks, cfg["nodes"], strict=True)]
+    finally:
+        tr.close()
+    return {"wall": time.monotonic() - t0, "nodes": results, "tally": vars(tally)}
+# -- the two stacks ---------------------------------------------------------------------------
 
 NGINX_CONF = """daemon off;
 master_process on;
@@ -77,6 +362,26 @@ http {{
     }}
 }}
 """
+
+# nfs-ganesha alone (sidusctl.subsys.ganesha: the same VFS export serve-pxe configures), with
+# its own rpcbind; ends (and stops both) on SIGTERM
+GANESHA_ALONE = """
+import signal, sys, time
+from pathlib import Path
+from sidusctl.subsys.ganesha import Export, serve
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+with serve([Export(Path(sys.argv[1]))], bind_addr=None, workdir=Path(sys.argv[2])):
+    print("ganesha ready", flush=True)
+    while True:
+        time.sleep(3600)
+"""
+
+
+def private_run(ns: str, *argv: str) -> list[str]:
+    """``argv`` in ``ns`` with a private /run: rpcbind (for nfs-ganesha) will not start while
+    another rpcbind, in any namespace, holds /run/rpcbind.lock (as sidusctl.netboot.lab)."""
+    return nsexec(ns, "unshare", "-m", "sh", "-c", 'mount -t tmpfs sdt-run /run && exec "$@"',
+                  "sh", *argv)
 
 
 def ns_usage(ns: str) -> tuple[float, float]:
@@ -110,71 +415,122 @@ def summarize(res: dict[str, Any], cpu: float, rss: float) -> dict[str, Any]:
             **{k: v for k, v in res["tally"].items() if k != "bytes"}}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--nodes", type=int, default=300)
-    ap.add_argument("--root-mib", type=int, default=20, help="size of the squashfs (MiB)")
-    ap.add_argument("--kernel-kib", type=int, default=4096)
-    ap.add_argument("--initrd-kib", type=int, default=2048)
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per storm, at most")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench/bootstorm.py: needs root (network namespaces)")
-    for tool, pkg in (("dnsmasq", "dnsmasq-base"), ("nginx", "nginx-light"),
-                      ("mksquashfs", "squashfs-tools")):
-        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
-            sys.exit(f"bench/bootstorm.py: {tool} not found (apt-get install {pkg})")
+def run_nfs_clients(ns: str, cfg: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
+    """The nfs storm from inside ``ns`` (``bench/bootstorm.py --nfs-client CFG``); its JSON."""
+    p = work / f"nfs-storm-{len(cfg['nodes'])}-{time.monotonic_ns()}.json"
+    p.write_text(json.dumps(cfg))
+    r = subprocess.run(nsexec(ns, sys.executable, str(Path(__file__).resolve()),
+                              "--nfs-client", str(p)),
+                       capture_output=True, text=True, timeout=timeout + 60, cwd=REPO,
+                       check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"nfs clients failed: {r.stderr[-3000:]}")
+    out: dict[str, Any] = json.loads(r.stdout)
+    return out
+
+
+def inventory(nodes: list[dict[str, str]], root: str) -> str:
+    out = [f'[network]\nsubnet = "10.78.0.0/{storm.PREFIX}"\nserver = "{SERVER}"\n',
+           f'[defaults]\nimage = "storm"\nroot = "{root}"\n']
+    for n in nodes:
+        out.append(f'[[nodes]]\nname = "{n["name"]}"\nmac = "{n["mac"]}"\nip = "{n["ip"]}"\n')
+    return "\n".join(out)
+
+
+def nfs_image(state: Path, rootfs: Path, kernel: bytes, initrd: bytes) -> None:
+    """Image ``storm`` whose root is a hard-linked copy of ``rootfs`` (a built image's)."""
+    from sidusctl.subsys.imagestore import ImageStore
+    with ImageStore(state).new_generation("storm") as gen:
+        gen.rootfs.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cp", "-al", f"{rootfs}/.", str(gen.rootfs)], check=True)
+        (gen.dir / "vmlinuz-storm").write_bytes(kernel)
+        (gen.dir / "initrd.img-storm").write_bytes(initrd)
+        gen.write_manifest({"name": "storm", "kind": "test"})
+
+
+def storm_once(args: argparse.Namespace, count: int, root: str,
+               src_root: Path | None) -> dict[str, Any]:
+    """One storm of ``count`` nodes with ``root`` against serve-pxe, then the reference."""
     tag = os.getpid() % 10000
-    work = Path(tempfile.mkdtemp(prefix="sdt-bench-storm-"))
+    work = Path(tempfile.mkdtemp(prefix="sdt-bench-storm-", dir="/var/tmp"))
     kernel = random.Random(1).randbytes(args.kernel_kib << 10)
     initrd = random.Random(2).randbytes(args.initrd_kib << 10)
     state = work / "state"
-    store_image(state, "storm", args.root_mib, kernel, initrd)
-    nodes = make_nodes(args.nodes)
-    (work / "nodes.toml").write_text(inventory(nodes))
+    if root == "nfs":
+        assert src_root is not None
+        nfs_image(state, src_root, kernel, initrd)
+    else:
+        storm.store_image(state, "storm", args.root_mib, kernel, initrd)
+    nodes = storm.make_nodes(count)
+    (work / "nodes.toml").write_text(inventory(nodes, root))
     srv, cli = f"sdt-bss{tag}", f"sdt-bsc{tag}"
     br, sif, cif = f"sdt-bsb{tag}", f"sdt-bsv{tag}", f"sdt-bsw{tag}"
-    out: dict[str, Any] = {"nodes": args.nodes, "root_mib": args.root_mib,
-                           "kernel_kib": args.kernel_kib, "initrd_kib": args.initrd_kib}
+    out: dict[str, Any] = {"nodes": count, "root": root, "kernel_kib": args.kernel_kib,
+                           "initrd_kib": args.initrd_kib,
+                           "load_average_before": [round(x, 2) for x in os.getloadavg()]}
+    if root == "squashfs-http":
+        out["root_mib"] = args.root_mib
     try:
         with netns(srv), netns(cli):
-            bridge(srv, br, f"{SERVER}/{PREFIX}")
+            bridge(srv, br, f"{SERVER}/{storm.PREFIX}")
             veth(srv, sif, cli, cif)
             enslave(srv, sif, br)
-            add_addresses(cli, cif, nodes)
-            lab = StormLab(srv, cli, br, cif, work, state, work / "nodes.toml", nodes)
-            # serve-pxe first: it renders the tree and exports the squashfs both stacks serve
-            d = lab.start(log="serve-pxe.log")
+            storm.add_addresses(cli, cif, nodes)
+            tree = state / "serve-pxe" / "tftp"
+            # serve-pxe first: it renders the tree (and the squashfs export) both stacks serve
+            d = Daemon(private_run(srv, sys.executable, "-m", "sidusctl", "--state-dir",
+                                   str(state), "serve-pxe", "--nodes", str(work / "nodes.toml"),
+                                   "--interface", br, "--nfs",
+                                   "ganesha" if root == "nfs" else "off"),
+                       work / "serve-pxe.log", ready="ready:", timeout=300)
             try:
-                cfg = storm_config(lab, nodes, args.timeout)
-                tree = state / "serve-pxe" / "tftp"
+                cfg: dict[str, Any]
+                if root == "nfs":
+                    cfg = {"interface": cif, "server": SERVER, "server_id": SERVER,
+                           "nodes": nodes, "spread": 2.0, "timeout": args.timeout,
+                           "tftp_files": ["pxelinux.cfg/01-{mac}", "vmlinuz-storm",
+                                          "initrd.img-storm"],
+                           "reads": str(args.reads)}
+                    files = [p for k, _, p in load_reads(args.reads) if k == "f"]
+                    cfg["check"] = files[::max(1, len(files) // 25)]
+                    conf = (tree / "pxelinux.cfg" / ("01-" + nodes[0]["mac"].replace(":", "-")))
+                    m = re.search(r"nfsroot=[0-9.]+:([^, ]+)", conf.read_text())
+                    assert m is not None, conf.read_text()
+                    export = Path(m[1])
+                else:
+                    cfg = storm.storm_config(
+                        storm.StormLab(srv, cli, br, cif, work, state, work / "nodes.toml",
+                                       nodes), nodes, args.timeout)
                 want = {"loader": hashlib.sha256((tree / "pxelinux.0").read_bytes()).hexdigest(),
                         "vmlinuz-storm": hashlib.sha256(kernel).hexdigest(),
-                        "initrd.img-storm": hashlib.sha256(initrd).hexdigest(),
-                        "root": cfg["sha256"]}
+                        "initrd.img-storm": hashlib.sha256(initrd).hexdigest()}
+                if root == "nfs":
+                    for p in cfg["check"]:
+                        want[p] = hashlib.sha256((export / p.lstrip("/")).read_bytes()).hexdigest()
+                else:
+                    want["root"] = cfg["sha256"]
+                clients = run_nfs_clients if root == "nfs" else storm.run_clients
                 c0, _ = ns_usage(srv)
-                res = run_clients(cli, cfg, work, args.timeout)
+                res = clients(cli, cfg, work, args.timeout)
                 c1, rss = ns_usage(srv)
-                # the status file is written every 2 s: wait for the last reports to land
-                st = _wait_status(lab, lambda s: all(n["stage"] == "booted"
-                                                     for n in s["nodes"]), timeout=20)
+                st = None
+                if root != "nfs":  # the status file is written every 2 s: wait for it
+                    st = storm._wait_status(
+                        storm.StormLab(srv, cli, br, cif, work, state, work / "nodes.toml",
+                                       nodes),
+                        lambda s: all(n["stage"] == "booted" for n in s["nodes"]), timeout=20)
             finally:
                 d.stop()
             out["serve-pxe"] = summarize(res, c1 - c0, rss)
-            out["serve-pxe"]["booted_in_status"] = sum(n["stage"] == "booted"
-                                                       for n in st["nodes"])
-            with_errors = out["serve-pxe"]["failures"]
-            if not with_errors:
-                check_storm(res, nodes, want)
-            # the reference: dnsmasq (DHCP + TFTP) and nginx (HTTP) on the same bridge
+            if st is not None:
+                out["serve-pxe"]["booted_in_status"] = sum(n["stage"] == "booted"
+                                                           for n in st["nodes"])
+            if not out["serve-pxe"]["failures"]:
+                storm.check_storm(res, nodes, want)
+            # the reference: dnsmasq (DHCP + TFTP) and nginx (HTTP) or nfs-ganesha (NFS)
             run = work / "ref"
             run.mkdir()
             (run / "hosts").write_text("".join(f"{n['mac']},{n['ip']}\n" for n in nodes))
-            from sidusctl.netboot import squash
-            (run / "nginx.conf").write_text(NGINX_CONF.format(
-                workers=os.cpu_count() or 1, run=run, server=SERVER, tree=tree,
-                squash=squash.squash_dir(state, "storm")))
             dnsmasq = Daemon(nsexec(srv, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
                                     "--port=0", f"--interface={br}", "--bind-interfaces",
                                     "--no-ping", "--dhcp-range=10.78.0.0,static,255.255.0.0,1h",
@@ -185,46 +541,104 @@ def main() -> int:
                                     f"--pid-file={run / 'dnsmasq.pid'}"),
                              run / "dnsmasq.log", ready="TFTP root")
             try:
-                nginx = Daemon(nsexec(srv, "nginx", "-p", str(run), "-c",
-                                      str(run / "nginx.conf")), run / "nginx.log")
-                try:
+                if root == "nfs":
+                    third = Daemon(private_run(srv, sys.executable, "-c", GANESHA_ALONE,
+                                               str(export), str(run / "ganesha")),
+                                   run / "ganesha-alone.log", ready="ganesha ready", timeout=120)
+                else:
+                    from sidusctl.netboot import squash
+                    (run / "nginx.conf").write_text(NGINX_CONF.format(
+                        workers=os.cpu_count() or 1, run=run, server=SERVER, tree=tree,
+                        squash=squash.squash_dir(state, "storm")))
+                    third = Daemon(nsexec(srv, "nginx", "-p", str(run), "-c",
+                                          str(run / "nginx.conf")), run / "nginx.log")
                     for _ in range(100):  # nginx says nothing when ready: wait for its pid
                         if (run / "nginx.pid").exists():
                             break
                         time.sleep(0.05)
+                try:
                     rcfg = {**cfg, "report_path": None}
                     c0, _ = ns_usage(srv)
-                    rres = run_clients(cli, rcfg, work, args.timeout)
+                    rres = clients(cli, rcfg, work, args.timeout)
                     c1, rss = ns_usage(srv)
                 finally:
-                    nginx.stop()
+                    third.stop()
             finally:
                 dnsmasq.stop()
             out["reference"] = summarize(rres, c1 - c0, rss)
             if not out["reference"]["failures"]:
-                check_storm(rres, nodes, want)
+                storm.check_storm(rres, nodes, want)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     a, b = out["serve-pxe"], out["reference"]
     out["ratio_wall"] = round(a["wall_s"] / b["wall_s"], 2)
     out["ratio_p99"] = round(a["p99_s"] / b["p99_s"], 2)
-    out["failures"] = {"serve-pxe": a["failures"], "reference": b["failures"]}
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    print(f"boot storm: {args.nodes} nodes, squashfs {args.root_mib} MiB over HTTP, kernel "
-          f"{args.kernel_kib} KiB + initrd {args.initrd_kib} KiB over TFTP")
-    for name, s in (("serve-pxe", a), ("dnsmasq+nginx", b)):
-        print(f"  {name:14} all booted in {s['wall_s']:6.1f} s  p50 {s['p50_s']:5.1f} s  p99 "
-              f"{s['p99_s']:5.1f} s  failures {s['failures']}  refused HTTP "
-              f"{s['http_refused']} TFTP {s['tftp_refused']}  retransmits DHCP "
+    out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+def print_one(o: dict[str, Any]) -> None:
+    what = (f"squashfs {o['root_mib']} MiB over HTTP" if o["root"] == "squashfs-http"
+            else "nfs root (recorded boot reads over NFSv3)")
+    print(f"boot storm: {o['nodes']} nodes, {what}, kernel {o['kernel_kib']} KiB + initrd "
+          f"{o['initrd_kib']} KiB over TFTP; load average before {o['load_average_before']}")
+    ref = "dnsmasq+ganesha" if o["root"] == "nfs" else "dnsmasq+nginx"
+    for name, s in (("serve-pxe", o["serve-pxe"]), (ref, o["reference"])):
+        extra = (f"NFS calls {s.get('nfs_calls')}" if o["root"] == "nfs" else
+                 f"refused HTTP {s['http_refused']} TFTP {s['tftp_refused']}")
+        print(f"  {name:15} all booted in {s['wall_s']:6.1f} s  p50 {s['p50_s']:5.1f} s  p99 "
+              f"{s['p99_s']:5.1f} s  failures {s['failures']}  {extra}  retransmits DHCP "
               f"{s['dhcp_retries']} TFTP {s['tftp_retries']}  server CPU {s['server_cpu_s']} s, "
-              f"peak RSS {s['server_peak_rss_mib']} MiB")
+              f"peak RSS {s['server_peak_rss_mib']} MiB, {s['mb_per_s']} MB/s")
         for e in s["failure_examples"]:
             print(f"      e.g. {e}")
-    print(f"  ratio serve-pxe / reference: time {out['ratio_wall']}x, p99 {out['ratio_p99']}x; "
-          f"failures {a['failures']} vs {b['failures']}")
-    return 0
+    print(f"  ratio serve-pxe / reference: time {o['ratio_wall']}x, p99 {o['ratio_p99']}x")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nodes", default="300", help="node counts, comma-separated (50,200,500)")
+    ap.add_argument("--roots", default="squashfs-http",
+                    help="root sources, comma-separated: squashfs-http, nfs")
+    ap.add_argument("--state-dir", default=None, help="where minimal is built (nfs root)")
+    ap.add_argument("--image", default="minimal", help="the built image the nfs root copies")
+    ap.add_argument("--reads", type=Path, default=READS, help="the recorded boot (nfs root)")
+    ap.add_argument("--root-mib", type=int, default=20, help="size of the squashfs (MiB)")
+    ap.add_argument("--kernel-kib", type=int, default=4096)
+    ap.add_argument("--initrd-kib", type=int, default=2048)
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per storm, at most")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--nfs-client", metavar="CFG", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.nfs_client:
+        print(json.dumps(asyncio.run(nfs_storm(json.loads(Path(args.nfs_client).read_text())))))
+        return 0
+    if os.geteuid() != 0:
+        sys.exit("bench/bootstorm.py: needs root (network namespaces)")
+    roots = args.roots.split(",")
+    for tool, pkg in (("dnsmasq", "dnsmasq-base"), ("nginx", "nginx-light"),
+                      ("mksquashfs", "squashfs-tools"), ("ganesha.nfsd", "nfs-ganesha")):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            sys.exit(f"bench/bootstorm.py: {tool} not found (apt-get install {pkg})")
+    src_root = None
+    if "nfs" in roots:
+        from sidusctl.core.paths import state_dir
+        from sidusctl.subsys.imagestore import ImageStore
+        src_root = ImageStore(state_dir(args.state_dir)).get(args.image).rootfs
+        if not args.reads.is_file():
+            sys.exit(f"bench/bootstorm.py: {args.reads} missing (bench/boot.py --record-reads)")
+    results = []
+    for count in (int(c) for c in args.nodes.split(",")):
+        for root in roots:
+            o = storm_once(args, count, root, src_root)
+            results.append(o)
+            if not args.json:
+                print_one(o)
+                sys.stdout.flush()
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0 if all(o["serve-pxe"]["failures"] == o["reference"]["failures"] == 0
+                    for o in results) else 1
 
 
 if __name__ == "__main__":
