@@ -36,12 +36,17 @@ def test_recipe_errors_all_listed(tmp_path: Path) -> None:
     d = tmp_path / "img"
     d.mkdir()
     f = d / "image.toml"
+    (d / "setup.sh").write_text("#!/bin/sh\n")  # not executable
     f.write_text('suite = "bookwurm"\narch = "amd64"\ninclude = ["vim", "Vim!"]\n'
-                 'upgrade = "yes"\n')
+                 'upgrade = "yes"\npostinst = ["setup.sh", "gone.sh"]\n')
     _run_bad(tmp_path, "build", str(d), expect=[
         f"{f}:1: key 'suite': found 'bookwurm'",
         f"{f}:3: key 'include[1]': found 'Vim!'",
         f"{f}:4: key 'upgrade': found 'yes' (expected true or false)",
+        f"{f}:5: key 'postinst[0]': found 'setup.sh' (expected an executable file next to "
+        "the recipe",
+        f"{f}:5: key 'postinst[1]': found 'gone.sh' (expected an executable file next to "
+        "the recipe (no such file",
     ])
 
 

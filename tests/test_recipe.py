@@ -23,11 +23,16 @@ def write(tmp_path: Path, text: str, name: str = "img") -> Path:
 
 
 def test_shipped_recipes_are_valid() -> None:
-    for name in ("minimal", "sidus"):
+    for name in ("minimal", "sidus", "pnode"):
         r = recipe.find(name)
         assert r.name == name
         assert r.suite == "bookworm"
         assert r.netboot.enabled
+    # the pnode image shares minimal's bootstrap (and so its bootstrap cache)
+    mini, pnode = recipe.find("minimal"), recipe.find("pnode")
+    assert (pnode.include, pnode.exclude, pnode.variant) == (mini.include, mini.exclude,
+                                                              mini.variant)
+    assert [p.name for p in pnode.postinst] == ["install-sidusctl"]
 
 
 @pytest.mark.parametrize(
@@ -56,6 +61,11 @@ def test_shipped_recipes_are_valid() -> None:
         (GOOD + "[[files]]\nsrc = 'image.toml'\ndest = '/etc/../../x'\n", "files[0].dest", ["invalid destination"]),
         (GOOD + "[[files]]\nsrc = 'image.toml'\ndest = '/etc/x'\nmode = 644\n", "files[0].mode", ["invalid mode", "octal"]),
         (GOOD + "[[files]]\nsrc = 'image.toml'\ndest = '/etc/x'\nmode = '0644'\nowner_name = 'x'\n", "files[0].owner_name", ["unknown key"]),
+        (GOOD + "postinst = 'setup.sh'\n", "postinst", ["found 'setup.sh'", "a list"]),
+        (GOOD + "postinst = ['nope.sh']\n", "postinst[0]", ["no such file", "an executable file"]),
+        (GOOD + "postinst = ['image.toml']\n", "postinst[0]", ["is not executable", "chmod +x"]),
+        (GOOD + "postinst = ['/bin/true']\n", "postinst[0]", ["relative to the recipe's folder"]),
+        (GOOD + "postinst = ['../img/image.toml']\n", "postinst[0]", ["without '..'"]),
     ],
 )
 def test_validation_names_file_key_and_expectation(tmp_path: Path, text: str, key: str,
@@ -88,6 +98,28 @@ def test_digest_changes_with_values_and_site_files(tmp_path: Path) -> None:
     path.write_text(GOOD + "packages = ['vim']\n[[files]]\nsrc = 'f'\ndest = '/etc/f'\n")
     d3 = recipe.load(path).digest()
     assert len({d1, d2, d3}) == 3
+
+
+def test_postinst_scripts_and_digest_over_the_folder(tmp_path: Path) -> None:
+    d = tmp_path / "img"
+    d.mkdir()
+    script = d / "setup.sh"
+    script.write_text("#!/bin/sh\ntrue\n")
+    script.chmod(0o755)
+    plain = write(tmp_path, GOOD)
+    d0 = recipe.load(plain).digest()
+    (d / "data").write_text("one")
+    assert recipe.load(plain).digest() == d0  # no scripts: other files of the folder unread
+    path = write(tmp_path, GOOD + "postinst = ['setup.sh']\n")
+    r = recipe.load(path)
+    assert r.postinst == (d.resolve() / "setup.sh",)
+    assert r.to_json()["postinst"] == [str(d.resolve() / "setup.sh")]
+    d1 = r.digest()
+    (d / "data").write_text("two")  # what a script may read (a wheelhouse, a key)
+    d2 = recipe.load(path).digest()
+    script.chmod(0o700)
+    d3 = recipe.load(path).digest()
+    assert len({d0, d1, d2, d3}) == 4
 
 
 def test_cli_rejects_bad_recipe_before_any_work(tmp_path: Path) -> None:

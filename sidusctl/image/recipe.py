@@ -21,10 +21,18 @@ was found, what was expected) is reported at once, before anything is downloaded
     root_password = ""                 # set with chpasswd; empty: root login by password locked
     [keyboard]  layout/model/variant/options   (/etc/default/keyboard)
     [[files]]   src, dest, mode = "0644", owner = "root", group = "root", template = false
+    postinst = []                      # executable scripts next to the recipe, run in the image
     [vars]      variables for template site files
     [tricks]    remove_hostname, resolv_conf = [lines], loopback_interfaces, limits = [lines]
     [netboot]   enabled, modules = ["overlay"], nic
     [export]    compression = "zstd" | "gzip"
+
+``postinst`` (mkosi's post-installation scripts): run in order inside the image (chroot), after
+the site files and tricks, before the root password, the netboot hook and the initramfs, with
+the recipe's folder copied at ``/run/sidusctl/recipe`` (``$SIDUSCTL_RECIPE_DIR``; gone after
+the build) and ``$SIDUSCTL_IMAGE`` set to the image name. They install what apt cannot (a
+wheelhouse, a key kept next to the recipe). A recipe with scripts has a digest over every file
+of its folder, since its scripts may read any.
 """
 
 from __future__ import annotations
@@ -125,22 +133,36 @@ class Recipe:
     tricks: Tricks = field(default_factory=Tricks)
     netboot: Netboot = field(default_factory=Netboot)
     compression: str = "zstd"
+    #: post-installation scripts (absolute paths below the recipe's folder), in order
+    postinst: tuple[Path, ...] = ()
 
     def digest(self) -> str:
-        """sha256 over the recipe's values and the content of its site files: two builds with
-        the same digest were asked for the same thing."""
+        """sha256 over the recipe's values and the content of its site files (with
+        ``postinst`` scripts: of every file of the recipe's folder, which they may read): two
+        builds with the same digest were asked for the same thing."""
         d = asdict(self)
         d.pop("path")
+        if not self.postinst:
+            d.pop("postinst")  # digests of recipes without scripts stay what they were
+        else:
+            d["postinst"] = [str(p.relative_to(self.path.parent)) for p in self.postinst]
         h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode())
         for f in self.files:
             h.update(f.dest.encode())
             h.update(f.src.read_bytes())
+        if self.postinst:
+            base = self.path.parent
+            for p in sorted(base.rglob("*")):
+                if p.is_file() and not p.is_symlink():
+                    h.update(f"{p.relative_to(base)} {p.stat().st_mode & 0o777:o}\n".encode())
+                    h.update(p.read_bytes())
         return h.hexdigest()
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["path"] = str(self.path)
         d["files"] = [{**asdict(f), "src": str(f.src), "mode": f"{f.mode:04o}"} for f in self.files]
+        d["postinst"] = [str(p) for p in self.postinst]
         d["root_password"] = "***" if self.root_password else ""
         return d
 
@@ -238,6 +260,24 @@ class _File(Frozen):
         return v
 
 
+def _script(v: str, info: ValidationInfo) -> str:
+    base = (info.context or {}).get("dir")
+    if base is None:
+        return v
+    p = (Path(base) / v).resolve()
+    if Path(v).is_absolute() or ".." in Path(v).parts:
+        raise ValueError("a path relative to the recipe's folder, without '..'")
+    if not p.is_file():
+        raise ValueError(f"an executable file next to the recipe (no such file {p})")
+    if not os.access(p, os.X_OK):
+        raise ValueError(f"an executable file next to the recipe ({p} is not executable: "
+                         "chmod +x)")
+    return v
+
+
+Script = Annotated[str, AfterValidator(_script)]
+
+
 class RecipeFile(Frozen):
     """The keys of an image.toml, as written (see the module doc)."""
 
@@ -261,6 +301,7 @@ class RecipeFile(Frozen):
     root_password: str = ""
     keyboard: _Keyboard | None = None
     files: Annotated[tuple[_File, ...], BeforeValidator(as_tuple)] = ()
+    postinst: _tup(Script) = ()  # type: ignore[valid-type]
     vars: dict[str, Any] = Field(default_factory=dict)
     tricks: _Tricks = _Tricks()
     netboot: _Netboot = _Netboot()
@@ -298,7 +339,8 @@ def load(path: Path, name: str | None = None) -> Recipe:
         tricks=Tricks(rf.tricks.remove_hostname, rf.tricks.resolv_conf,
                       rf.tricks.loopback_interfaces, rf.tricks.limits),
         netboot=Netboot(rf.netboot.enabled, rf.netboot.modules or ("overlay",), rf.netboot.nic),
-        compression=rf.export.compression)
+        compression=rf.export.compression,
+        postinst=tuple(path.resolve().parent / p for p in rf.postinst))
 
 
 def find(name_or_path: str) -> Recipe:

@@ -41,6 +41,8 @@ log = get_logger("build")
 # Bump when the code of a stage group changes what it makes: cached results of an older
 # version are then not used.
 PACKAGE_STAGE_VERSION = "1"
+#: where the postinst scripts find the recipe's folder inside the root (a copy, removed after)
+RECIPE_IN_ROOT = "/run/sidusctl/recipe"
 INITRD_STAGE_VERSION = "1"
 
 # What update-initramfs reads from the root besides the kernel and its modules (initramfs-tools'
@@ -258,6 +260,8 @@ class Configurer:
                    "the recipe sets none")
         self._step("files", bool(r.files), lambda: self._files(root), "the recipe has none")
         self._step("tricks", True, lambda: self._tricks(root), "")
+        self._step("postinst", bool(r.postinst), lambda: self._postinst(s),
+                   "the recipe has no postinst scripts")
         self._step("root-password", bool(r.root_password), lambda: self._root_password(s, prev),
                    "the recipe sets none")
         self._step("netboot-hook", r.netboot.enabled, lambda: self._netboot_hook(root),
@@ -403,6 +407,32 @@ class Configurer:
                      _lookup_id(root, "group", f.group, r))
             os.chmod(tmp, f.mode)
             os.replace(tmp, dest)
+
+    def _postinst(self, s: ChrootSession) -> None:
+        """The recipe's ``postinst`` scripts, in order, inside the root, with the recipe's
+        folder copied at :data:`RECIPE_IN_ROOT` (removed after, also on failure). Raises
+        BuildError naming the script and the tail of its output when one fails."""
+        r = self.recipe
+        base = r.path.parent
+        copy = s.root / RECIPE_IN_ROOT.lstrip("/")
+        if copy.exists():
+            shutil.rmtree(copy)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(base, copy, symlinks=True)
+        env = {"SIDUSCTL_RECIPE_DIR": RECIPE_IN_ROOT, "SIDUSCTL_IMAGE": r.name}
+        try:
+            for script in r.postinst:
+                rel = script.relative_to(base).as_posix()
+                self.rep.line(f"postinst {rel}")
+                try:
+                    s.run([f"{RECIPE_IN_ROOT}/{rel}"], env=env, what=f"postinst {rel}",
+                          on_line=self.rep.line, tail_lines=40)
+                except CommandError as e:
+                    raise BuildError(f"{r.path}: key 'postinst': {rel} failed in the image "
+                                     f"(exit {e.returncode}):\n{e.output_tail.strip()}",
+                                     hint=f"run it by hand in `sidusctl chroot {r.name}` to see why") from e
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
 
     def _tricks(self, root: Path) -> None:
         t = self.recipe.tricks
