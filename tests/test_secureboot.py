@@ -7,7 +7,9 @@ One guest, two boots (the CI budget allows one full boot to login and a short re
 1. shim (signed by Microsoft's UEFI CA) → Debian's signed ``grubx64.efi`` →
    ``grub/grub.cfg`` → the node's ``grub.cfg-01-<mac>`` → the image's signed kernel
    and initrd, NFS root, tmpfs overlay, login; inside, the firmware's ``SecureBoot`` variable
-   reads 1 and the kernel is in lockdown;
+   reads 1 and the kernel is in lockdown; the node reported both itself, and ``pxe status
+   --json`` shows Secure Boot on, the lockdown mode, no module refused and the generation
+   it runs (the initramfs hook's report and the booted unit's, over serve-pxe's HTTP);
 2. the same machine rebooted (same firmware, same keys) with the ``grub-mkimage`` GRUB put
    where shim looks for ``grubx64.efi``: it is unsigned and shim refuses it ("Verification
    failed: (0x1A) Security Violation" on the console).
@@ -15,9 +17,11 @@ One guest, two boots (the CI budget allows one full boot to login and a short re
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import subprocess
 import time
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -52,7 +56,8 @@ def test_secure_boot_through_shim_and_refused_unsigned_grub(minimal_image: Built
     mac = NODE.mac.replace(":", "-")
     with PxeLab(uniq("sb"), minimal_image.state, "minimal", [NODE], tmp_path,
                 serve_command=SERVE) as lab, evidence(lab):
-        lab.start_serve("--nfs", "ganesha", "--efi-loader", "shim")
+        # --http: the node's boot reports (initramfs, booted unit) go to serve-pxe's HTTP
+        lab.start_serve("--nfs", "ganesha", "--efi-loader", "shim", "--http")
         for f in ("shimx64.efi", "mmx64.efi", "grubx64.efi", "grub/grub.cfg",
                   "grub/x86_64-efi/grub.cfg"):
             assert (lab.tftp_root / f).is_file(), f
@@ -75,7 +80,30 @@ def test_secure_boot_through_shim_and_refused_unsigned_grub(minimal_image: Built
         assert "Secure boot enabled" in g.sh("dmesg | grep -i 'secure boot' || true")
         check_node(g, NODE, root)
         # the overlay hook under lockdown: its modules loaded (Debian-signed), it said so
-        assert "overlay" in g.sh("cat /run/sidus/state")
+        state = g.sh("cat /run/sidus/state")
+        assert "SIDUS_UNION=overlay" in state, state
+        mode = re.search(r"\[(integrity|confidentiality)\]", lockdown)
+        assert mode is not None
+        assert f"SIDUS_LOCKDOWN={mode.group(1)}" in state and "SIDUS_SECUREBOOT=on" in state, state
+        assert "SIDUS_MODFAIL=\n" in state + "\n", state
+        assert "kernel lockdown: " in g.sh("cat /run/sidus/sidus.log")
+        # ... and told serve-pxe, which shows it (pxe status --json, the CLI's own reading)
+        deadline = time.monotonic() + 120
+        while True:
+            r = subprocess.run([*SIDUSCTL, "pxe", "status", "--json"], capture_output=True,
+                               text=True, env={**os.environ, "SIDUSCTL_STATE": str(lab.state)},
+                               check=True)
+            st = {n["name"]: n for n in json.loads(r.stdout)["nodes"]}[NODE.name]
+            if st.get("booted_reported") or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert st["secure_boot"] == "on" and st["lockdown"] == mode.group(1), st
+        assert st["modules_failed"] is None and st["booted_reported"], st
+        assert st["root"] == "nfs" and str(st["generation"]).startswith("gen-"), st
+        table = subprocess.run([*SIDUSCTL, "pxe", "status"], capture_output=True, text=True,
+                               env={**os.environ, "SIDUSCTL_STATE": str(lab.state)},
+                               check=True).stdout
+        assert f"secure boot on, lockdown {mode.group(1)}" in table, table
         # 2. the same machine, same firmware and keys, with shim handed the unsigned
         # grub-mkimage GRUB as grubx64.efi (as a site that rebuilt GRUB would): shim refuses it
         unsigned = lab.tftp_root / "grubx64.efi.sdt-tmp"

@@ -7,12 +7,21 @@ is reloaded when it changes and on SIGHUP (a bad one refused, the old one kept);
 stops everything; a bad inventory is refused before anything starts. ``--proxy`` next to a
 dnsmasq acting as the site's DHCP server; and the ``pxe export --format dnsmasq`` output run
 for real by dnsmasq, handing udhcpc the node's reservation and boot file.
+
+A node keeps the image it booted, for an ``nfs`` root too: three generations published
+through the real image store while a node reported running the first; the first's
+directory survives the third publish (held in the store) and stays NFS-exported next to
+the new one, and ``pxe status`` shows the generation it runs, the next one, and what its
+kernel reported (lockdown, Secure Boot). A reload packs a new generation's squashfs in a
+worker: a real DHCP exchange (udhcpc), TFTP and HTTP are answered while mksquashfs is held
+at a gate (event order, no timing).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,17 +70,25 @@ exit 0
 """
 
 
-def _store_image(state: Path, name: str) -> None:
+def _store_image(state: Path, name: str, marker: str = "") -> str:
     """A built image in a real store, made with the store's API (a tiny rootfs, stand-in
-    kernel and initrd)."""
+    kernel and initrd; ``marker`` in /etc/marker); the new generation's name. A second call
+    within the same second waits for the next one (generations are named by the second)."""
     from sidusctl.subsys.imagestore import ImageStore
 
-    with ImageStore(state).new_generation(name) as gen:
+    store = ImageStore(state)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    if store.exists(name):
+        while time.strftime("%Y%m%dT%H%M%S") == stamp:
+            time.sleep(0.05)
+    with store.new_generation(name) as gen:
         (gen.rootfs / "etc").mkdir(parents=True)
         (gen.rootfs / "etc" / "hostname").write_text("sidus\n")
+        (gen.rootfs / "etc" / "marker").write_text(marker + "\n")
         (gen.dir / f"vmlinuz-{name}").write_bytes(KERNEL)
         (gen.dir / f"initrd.img-{name}").write_bytes(INITRD)
         gen.write_manifest({"name": name, "kind": "test"})
+    return store.get(name).dir.name
 
 
 def _write(path: Path, text: str) -> None:
@@ -97,10 +114,11 @@ class Lab:
     state: Path
     nodes: Path
 
-    def start(self, *extra: str, log: str = "serve-pxe.log") -> Daemon:
+    def start(self, *extra: str, log: str = "serve-pxe.log",
+              env: tuple[str, ...] = ()) -> Daemon:
         # A private /run (in a private mount namespace that ends with the process): rpcbind
         # refuses to start while another one, in any namespace, holds /run/rpcbind.lock
-        return Daemon(nsexec(self.srv, "unshare", "-m", "sh", "-c",
+        return Daemon(nsexec(self.srv, "env", *env, "unshare", "-m", "sh", "-c",
                              'mount -t tmpfs sdt-run /run && exec "$@"', "sh",
                              sys.executable, "-m", "sidusctl", "--state-dir",
                              str(self.state), "serve-pxe", "--nodes", str(self.nodes),
@@ -297,3 +315,132 @@ def test_exported_dnsmasq_config_runs(lab: Lab) -> None:
         site.stop()
     assert (env["ip"], env["hostname"], env["siaddr"], env["boot_file"], env["domain"]) == \
         ("10.77.0.130", "node1", "10.77.0.1", "pxelinux.0", "cluster.test"), site.text()
+
+
+def _cfg(lab: Lab) -> str:
+    r = lab.c("curl", "-sS", "tftp://10.77.0.1/pxelinux.cfg/01-52-54-00-ec-33-81")
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def _exports(lab: Lab) -> str:
+    r = lab.c("showmount", "-e", "10.77.0.1")
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def _post(lab: Lab, form: str) -> None:
+    """What a node's report says (the booted unit POSTs the same form with bash)."""
+    r = lab.c("curl", "-sS", "-f", "--data", form, "http://10.77.0.1/sidus/report")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow  # nfs-ganesha
+def test_nfs_root_keeps_the_generation_it_booted(lab: Lab) -> None:
+    """An ``nfs``-root node that booted generation 1 keeps it through two more publishes:
+    the store would delete it at the third (it keeps current and previous), the hold in the
+    store keeps it, and it stays exported; new boots get the newest."""
+    images = lab.state / "images" / "minimal"
+    gen1 = (images / "current").resolve().name
+    subprocess.run(["ip", "-n", lab.cli, "addr", "add", "10.77.0.130/24", "dev", lab.cif],
+                   check=True)
+    d = lab.start("--http", "--nfs", "ganesha")
+    try:
+        root1 = images / gen1 / "rootfs"
+        assert f"nfsroot=10.77.0.1:{root1}," in _cfg(lab) and f"sidus.gen={gen1}" in _cfg(lab)
+        assert str(root1) in _exports(lab)
+        # the node booted gen1 and says so, with what its kernel says
+        _post(lab, f"mac={MAC1}&stage=booted&detail=nfs+{gen1}&lockdown=integrity"
+                   "&secureboot=on&modfail=")
+        _wait(lambda: lab.status()["node1"]["generation"] == gen1, "node1 on gen1 in status")
+
+        gen2 = _store_image(lab.state, "minimal", "2")
+        _wait(lambda: f"sidus.gen={gen2}" in _cfg(lab), "the tree naming gen2", 60)
+        assert str(images / gen2 / "rootfs") in _exports(lab)  # exported before named
+        gen3 = _store_image(lab.state, "minimal", "3")
+        # the third publish: the store keeps current (gen3) and previous (gen2) ... and gen1,
+        # which a running node holds
+        assert (root1 / "etc" / "marker").exists(), "gen1 deleted under a running node"
+        held = json.loads((images / "holds" / f"serve-pxe@{lab.br}.json").read_text())
+        assert gen1 in held, held
+        _wait(lambda: f"sidus.gen={gen3}" in _cfg(lab), "the tree naming gen3", 60)
+        exports = _exports(lab)
+        assert str(root1) in exports and str(images / gen3 / "rootfs") in exports, exports
+        st = lab.status()["node1"]
+        assert (st["root"], st["generation"], st["next"]) == ("nfs", gen1, gen3), st
+        assert (st["lockdown"], st["secure_boot"], st["modules_failed"]) == \
+            ("integrity", "on", None), st
+        text = _cli(lab.state, "pxe", "status").stdout
+        assert f"nfs: runs {gen1}, next {gen3}" in text and \
+            "secure boot on, lockdown integrity" in text, text
+        # a module the kernel refused is shown (the initramfs hook's overlay report)
+        _post(lab, f"mac={MAC1}&stage=overlay&detail=nfs+{gen1}+tmpfs+none"
+                   "&lockdown=integrity&secureboot=on&modfail=overlay")
+        _wait(lambda: lab.status()["node1"]["modules_failed"] == "overlay", "modfail shown")
+        assert "MODULES NOT LOADED: overlay" in _cli(lab.state, "pxe", "status").stdout
+        # a malformed field is refused
+        r = lab.c("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--data",
+                  f"mac={MAC1}&stage=booted&lockdown=x%20y", "http://10.77.0.1/sidus/report")
+        assert r.stdout == "400", r.stdout
+    finally:
+        rc = d.stop()
+    assert rc == 0, d.text()[-3000:]
+
+
+SQUASH_NODES = NODES.replace('ip = "10.77.0.130"', 'ip = "10.77.0.130"\nroot = "squashfs-http"')
+GATE = """#!/bin/sh
+# mksquashfs held at a gate: "$SDT_GATE.started" says a pack began, "$SDT_GATE.go" lets it run
+: >"$SDT_GATE.started"
+while [ ! -e "$SDT_GATE.go" ]; do sleep 0.05; done
+exec {real} "$@"
+"""
+
+
+@pytest.mark.skipif(shutil.which("mksquashfs") is None, reason="squashfs-tools missing")
+def test_reload_packs_in_a_worker_while_dhcp_answers(lab: Lab) -> None:
+    """A new generation of a ``squashfs-http`` node's image: serve-pxe packs it during the
+    reload. With mksquashfs held at a gate (started, not finished), a real DHCP exchange
+    gets its OFFER and ACK, TFTP and HTTP answer, and the old tree is still served; once
+    the gate opens, the reload completes and the tree names the new generation."""
+    from sidusctl.netboot import squash
+
+    lab.nodes.write_text(SQUASH_NODES)
+    bindir = lab.tmp / "bin"
+    bindir.mkdir()
+    (bindir / "mksquashfs").write_text(GATE.format(real=shutil.which("mksquashfs")))
+    (bindir / "mksquashfs").chmod(0o755)
+    gate = lab.tmp / "gate"
+    Path(f"{gate}.go").touch()  # the start-up pack passes
+    d = lab.start("--nfs", "off", env=(f"PATH={bindir}:{os.environ['PATH']}",
+                                      f"SDT_GATE={gate}"))
+    try:
+        gen1 = (lab.state / "images" / "minimal" / "current").resolve().name
+        assert Path(f"{gate}.started").exists()  # the gate is on serve-pxe's path
+        Path(f"{gate}.go").unlink()
+        Path(f"{gate}.started").unlink()
+        gen2 = _store_image(lab.state, "minimal", "2")
+        _wait(lambda: Path(f"{gate}.started").exists(), "the reload's pack to start", 60)
+        # the pack is held: DHCP, TFTP and HTTP answer all the same, with the old tree
+        env = lab.udhcpc()
+        assert env["ip"] == "10.77.0.130" and env["boot_file"] == "pxelinux.0", env
+        subprocess.run(["ip", "-n", lab.cli, "addr", "add", "10.77.0.130/24", "dev", lab.cif],
+                       check=True)
+        assert f"{gen1}.squashfs" in _cfg(lab)
+        r = lab.c("curl", "-sS", "-f", "-o", "/dev/null", "-w", "%{http_code}",
+                  f"http://10.77.0.1/squashfs/minimal/{gen1}.squashfs")
+        assert r.stdout == "200", r.stdout + r.stderr
+        # ... and all of it before the pack ended (it cannot end while the gate is shut)
+        assert not Path(f"{gate}.go").exists()
+        assert squash.find(lab.state, "minimal", gen2) is None
+        text = d.text()
+        packing = text.rindex(f"squashfs: packing {lab.state}/images/minimal/{gen2}")
+        assert text.index(f"DHCP {MAC1}: DISCOVER -> OFFER", packing) > packing, text[-3000:]
+        assert "reloaded the configuration" not in text[packing:]
+        Path(f"{gate}.go").touch()
+        _wait(lambda: "reloaded the configuration" in d.text()[packing:], "the reload", 60)
+        assert f"{gen2}.squashfs" in _cfg(lab)
+        assert lab.status()["node1"]["next"] == gen2
+    finally:
+        Path(f"{gate}.go").touch()
+        rc = d.stop()
+    assert rc == 0, d.text()[-3000:]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sidusctl.core.errors import ConfigErrors
+from sidusctl.core.errors import ConfigError, ConfigErrors
 from sidusctl.netboot import squash
 from sidusctl.netboot.inventory import parse
 from sidusctl.netboot.tree import ImageFiles, SquashRef, node_cmdline
@@ -164,3 +164,52 @@ def test_inventory_rejects_an_unknown_root() -> None:
         parse(INV.replace('root = "squashfs-nfs"', 'root = "floppy"'), "nodes.toml")
     msg = str(e.value)
     assert "nodes.toml:19: key 'nodes.n2.root'" in msg and "floppy" in msg
+
+
+def test_store_keeps_held_generations_until_the_hold_expires(tmp_path: Path) -> None:
+    """The image store's side of "a node keeps the image it booted" (every root source: the
+    directory an ``nfs`` root reads): a promotion deletes generations other than current and
+    previous unless held; an expired hold no longer keeps one; a symlinked generation or
+    image directory (a lab's) is never deleted."""
+    import time
+
+    from sidusctl.subsys.imagestore import ImageStore
+
+    store = ImageStore(tmp_path)
+
+    def publish() -> str:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        if store.exists("img"):
+            while time.strftime("%Y%m%dT%H%M%S") == stamp:
+                time.sleep(0.05)
+        with store.new_generation("img") as g:
+            (g.rootfs / "etc").mkdir(parents=True)
+        return store.get("img").dir.name
+
+    g1 = publish()
+    store.set_holds("img", "serve-pxe@sdt-br", {g1: time.time() + 600, "bogus": 1e12})
+    assert store.held("img") == {g1: pytest.approx(time.time() + 600, abs=5)}
+    g2, g3 = publish(), publish()
+    assert store.generations("img") == [g1, g2, g3]  # g1 held: kept by the third publish
+    # another holder, expired, changes nothing; our hold expired: prune deletes g1
+    store.set_holds("img", "other", {g1: time.time() - 1})
+    assert store.prune("img") == []
+    store.set_holds("img", "serve-pxe@sdt-br", {g1: time.time() - 1})
+    assert store.held("img") == {}
+    assert store.prune("img") == [g1]
+    assert store.generations("img") == [g2, g3]
+    store.set_holds("img", "serve-pxe@sdt-br", {})
+    assert not (store.image_dir("img") / "holds" / "serve-pxe@sdt-br.json").exists()
+    with pytest.raises(ConfigError, match="invalid holder name"):
+        store.set_holds("img", "../x", {})
+    # a generation that is a symlink is not the store's to delete; a linked image dir neither
+    outside = tmp_path / "elsewhere" / "gen-19990101T000000-1"
+    (outside / "rootfs").mkdir(parents=True)
+    (store.image_dir("img") / outside.name).symlink_to(outside)
+    g4 = publish()
+    assert outside.is_dir() and store.generations("img")[-2:] == [g3, g4]
+    other = ImageStore(tmp_path / "lab")
+    (other.root).mkdir(parents=True)
+    (other.root / "img").symlink_to(store.image_dir("img"))
+    store.set_holds("img", "serve-pxe@sdt-br", {})
+    assert other.prune("img") == []

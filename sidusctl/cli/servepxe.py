@@ -229,7 +229,8 @@ def status_cmd(as_json: bool, watch: bool, interval: float, slowest: int,
                count: int | None) -> None:
     """What each node of the running (or last) serve-pxe did: DHCP, files fetched, the
     generation it booted and the one its next boot gets, its boot stage; "booted" as the
-    node reported it itself."""
+    node reported it itself, with what its kernel said: Secure Boot (on, off, bios), the
+    lockdown mode (none, integrity, confidentiality) and any module it could not load."""
     st, pxe = _read_pxe_status()
     if watch:
         from rich.live import Live
@@ -268,10 +269,18 @@ def status_cmd(as_json: bool, watch: bool, interval: float, slowest: int,
         else:
             dhcp = "no DHCP yet"
         gen = ""
-        if n.get("root", "nfs") != "nfs":
-            gen = f"  {n['root']}: runs {n.get('generation') or '-'}, next {n.get('next') or '-'}"
+        if n.get("generation") or n.get("next"):
+            gen = (f"  {n.get('root', 'nfs')}: runs {n.get('generation') or '-'}, "
+                   f"next {n.get('next') or '-'}")
+        kernel = ""
+        if n.get("secure_boot") or n.get("lockdown"):
+            kernel = (f"  secure boot {n.get('secure_boot') or '?'}, "
+                      f"lockdown {n.get('lockdown') or '?'}")
+        if n.get("modules_failed"):
+            kernel += f"  MODULES NOT LOADED: {n['modules_failed']}"
         click.echo(f"{n['name']:<12} {n['mac']}  {n['ip']:<15} {dhcp:<22} "
-                   f"files: {shown or '-'}  booted: {'yes' if n.get('booted') else 'no'}{gen}")
+                   f"files: {shown or '-'}  booted: {'yes' if n.get('booted') else 'no'}"
+                   f"{gen}{kernel}")
 
 
 def _alive(pid: object) -> bool:

@@ -25,7 +25,6 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -33,11 +32,11 @@ from typing import Any, Literal
 
 from sidusctl.core.errors import ConfigError, PrerequisiteError, SidusError
 from sidusctl.core.log import get_logger
-from sidusctl.core.run import run, which
 from sidusctl.core.state import read_json, write_json
 from sidusctl.netboot import inventory as inv_mod
 from sidusctl.netboot import secureboot, squash
 from sidusctl.netboot.inventory import Inventory
+from sidusctl.netboot.nfs import NfsExports, NfsMode, serve_exports
 from sidusctl.netboot.tree import (
     IPXE_EFI_DIRS,
     ImageFiles,
@@ -50,18 +49,18 @@ from sidusctl.serve import supervisor
 from sidusctl.serve.dhcp_config import BootPolicy, DhcpConfig, interface_ipv4
 from sidusctl.serve.dns import DnsConfig, Zone
 from sidusctl.serve.tftp import TftpConfig
-from sidusctl.subsys import ganesha
 from sidusctl.subsys.imagestore import ImageStore
 
 log = get_logger("serve-pxe")
 
-NfsMode = Literal["auto", "kernel", "ganesha", "off"]
 EfiLoader = Literal["grub", "ipxe", "shim"]
-SEED_NFS_OPTIONS = "ro,no_subtree_check,async,no_root_squash"
-_SO_BINDTODEVICE = 25
 REPORT_PATH = "/sidus/report"
 #: the boot stages a node goes through, in order (``pxe status``)
 STAGES = ("dhcp", "boot-files", "kernel", "root", "booted")
+#: what a node's report may say of its kernel (form field → ``pxe status`` key): the lockdown
+#: mode (/sys/kernel/security/lockdown), Secure Boot (``on``/``off``, ``bios`` without UEFI)
+#: and the modules it failed to load (unsigned ones are refused under lockdown)
+NODE_FACTS = {"lockdown": "lockdown", "secureboot": "secure_boot", "modfail": "modules_failed"}
 
 
 @dataclass(frozen=True)
@@ -137,8 +136,24 @@ def load_inventory(opts: PxeOptions) -> tuple[Inventory, dict[str, ImageFiles], 
             ref = SquashRef(ex.file, ex.sha256, ex.size, url,
                             f"{inv.network.server}:{squash.squash_dir(opts.state, name)}/{ex.file}")
         files[name] = ImageFiles(name, img.kernel, img.initrd,
-                                 export_path_for(inv, name, img.rootfs), ref)
+                                 export_path_for(inv, name, img.rootfs), ref,
+                                 generation=img.dir.name)
     return inv, files, roots
+
+
+def nfs_paths(opts: PxeOptions, inv: Inventory, files: dict[str, ImageFiles],
+              roots: dict[str, Path]) -> dict[str, tuple[Path, str]]:
+    """What serve-pxe exports over NFS for ``inv``: each generation an ``nfs`` node boots
+    (key ``image/gen-...``: its rootfs and export path) and the squashfs directory of each
+    image a ``squashfs-nfs`` node boots (key ``image/squashfs``)."""
+    out: dict[str, tuple[Path, str]] = {}
+    for i in inv.images():
+        if any(n.image == i and n.root == "nfs" for n in inv.nodes):
+            out[f"{i}/{files[i].generation}"] = (roots[i], files[i].export_path)
+    for i in squash_images(inv, "squashfs-nfs"):
+        d = squash.squash_dir(opts.state, i)
+        out[f"{i}/squashfs"] = (d, str(d))
+    return out
 
 
 class PxeLoader:
@@ -150,6 +165,9 @@ class PxeLoader:
         self.inventory: Inventory | None = None
         self.roots: dict[str, Path] = {}
         self.files: dict[str, ImageFiles] = {}
+        #: serve-pxe's NFS exports, once they run: a new generation is exported before the
+        #: tree names it
+        self.nfs: NfsExports | None = None
 
     def ipxe_script(self, server: IPv4Address) -> str | None:
         """What an iPXE client (option 77 ``iPXE``) is told to boot. With ``--http``: the
@@ -178,6 +196,10 @@ class PxeLoader:
                               f"(it has {have})",
                               expected=f"the server address on {o.interface}, or --interface "
                                        "naming the interface that carries it")
+        for name in squash_images(inv):
+            squash.squash_dir(o.state, name).mkdir(parents=True, exist_ok=True)
+        if self.nfs is not None:
+            self.nfs.add(nfs_paths(o, inv, files, roots))
         # the tree first: DHCP must never point a node at a file that is not there yet
         http_on = o.http or wants_http(inv)
         report_url = f"{o.http_base(net.server)}{REPORT_PATH}" if http_on else None
@@ -213,8 +235,6 @@ class PxeLoader:
             dns = DnsConfig(zone=zone, interface=o.interface, address=str(net.server),
                             upstream=o.dns_upstream)
         self.inventory, self.files, self.roots = inv, files, roots
-        for name in squash_images(inv):
-            squash.squash_dir(o.state, name).mkdir(parents=True, exist_ok=True)
         return supervisor.ServeConfig(
             dhcp=dhcp, tftp=TftpConfig(root=o.tftp_root, interface=o.interface,
                                        max_transfers=o.tftp_max_transfers,
@@ -239,6 +259,16 @@ class PxeLoader:
 # a per-MAC file names its client: pxelinux.cfg/01-<mac>, ipxe/<mac>.ipxe, grub/grub.cfg-01-<mac>
 _MAC_FILE_RE = re.compile(r"^(?:pxelinux\.cfg/01-|ipxe/|grub/grub\.cfg-01-)"
                           r"((?:[0-9a-f]{2}-){5}[0-9a-f]{2})(?:\.ipxe)?$")
+
+
+def _reports_since(rep: dict[str, Any], t: float) -> dict[str, Any]:
+    """A node's reports made at ``t`` or later (stages with their details; the facts of its
+    kernel if any stage is left)."""
+    stages = {k for k, v in rep.items() if isinstance(v, float) and v >= t}
+    if not stages:
+        return {}
+    return {k: v for k, v in rep.items() if k in stages or k.removesuffix("_detail") in stages
+            or (not isinstance(v, float) and not k.endswith("_detail"))}
 
 
 class PxeSupervisor(supervisor.Supervisor):
@@ -267,6 +297,8 @@ class PxeSupervisor(supervisor.Supervisor):
             if isinstance(raw, dict):
                 self.holds = {str(k): v for k, v in raw.items() if isinstance(v, dict)}
         self._last_prune = 0.0
+        #: generations the boot tree named, by image: {generation: last time named}
+        self.served: dict[str, dict[str, float]] = {}
         super().__init__(loader)
 
     def _event(self, kind: str, who: str, what: str) -> None:
@@ -293,6 +325,10 @@ class PxeSupervisor(supervisor.Supervisor):
             r.clear()
         r[stage] = now
         r[f"{stage}_detail"] = detail
+        for word in detail.split():  # what the node says of its kernel (any stage)
+            k, _, v = word.partition("=")
+            if k in NODE_FACTS and v:
+                r[NODE_FACTS[k]] = v
         inv = self.loader.inventory
         node = inv.by_mac(mac) if inv else None
         gen = next((w for w in detail.split() if w.startswith("gen-")), None)
@@ -302,12 +338,17 @@ class PxeSupervisor(supervisor.Supervisor):
                                "since": old.get("since", now) if old.get("generation") == gen
                                else now, "seen": now}
             self._save_holds()
+            if old.get("generation") != gen:
+                self.sync_holds()
         log.info("report %s (%s): %s %s", mac, node.name if node else "unknown node", stage,
                  detail)
 
     def on_post(self, ip: str, path: str, form: dict[str, str]) -> int:
         """``POST /sidus/report`` (from the HTTP server's threads): ``mac``, ``stage``,
-        ``detail``; 204, or 400 for a form without a MAC or stage."""
+        ``detail``, and optionally what the node's kernel says (``lockdown``: none,
+        integrity, confidentiality; ``secureboot``: on, off, bios; ``modfail``: modules it
+        could not load, comma-separated); 204, or 400 for a form without a MAC or stage or
+        with a malformed optional field."""
         from sidusctl.core.mac import normalize_mac
         try:
             mac = normalize_mac(form.get("mac", ""))
@@ -317,6 +358,12 @@ class PxeSupervisor(supervisor.Supervisor):
         if not re.match(r"^[a-z-]{1,20}$", stage):
             return 400
         detail = " ".join(form.get("detail", "").split())[:200]
+        for k in NODE_FACTS:
+            v = form.get(k, "")
+            if v and not re.match(r"^[a-z0-9_,.-]{1,200}$", v):
+                return 400
+            if v:
+                detail += f" {k}={v}"
         self.ip_mac.setdefault(ip, mac)
         loop = self._loop
         if loop is not None:
@@ -338,6 +385,10 @@ class PxeSupervisor(supervisor.Supervisor):
             self._last_prune = now
             self.prune()
 
+    def apply(self, new: supervisor.ServeConfig) -> None:
+        super().apply(new)
+        self.sync_holds()
+
     def held(self, now: float | None = None) -> dict[str, set[str]]:
         """The generations held, by image: booted by a node seen in the last ``hold_time``
         seconds (a DHCP ACK, a file, a report)."""
@@ -353,21 +404,69 @@ class PxeSupervisor(supervisor.Supervisor):
         r = self.reports.get(mac, {})
         return max([t, *(v for k, v in r.items() if isinstance(v, float))])
 
+    def keep(self, now: float | None = None) -> dict[str, dict[str, float]]:
+        """What must stay served, by image: ``{generation: until}``: each generation a node
+        booted, until ``hold_time`` after that node was last seen, and each generation the
+        boot tree names (now or lately), until ``hold_time`` after it stopped naming it (a
+        node may have read its kernel command line just before)."""
+        now = time.time() if now is None else now
+        hold = self.loader.opts.hold_time
+        for name, f in self.loader.files.items():
+            for g in {f.generation, f.squashfs.generation if f.squashfs else None} - {None}:
+                self.served.setdefault(name, {})[str(g)] = now
+        out: dict[str, dict[str, float]] = {}
+        for name, gens in self.served.items():
+            for g, t in gens.items():
+                if t + hold > now:
+                    out.setdefault(name, {})[g] = t + hold
+        for mac, h in self.holds.items():
+            until = self._seen(mac, float(h.get("seen", 0))) + hold
+            name, g = str(h.get("image")), str(h.get("generation"))
+            if until > now:
+                out.setdefault(name, {})[g] = max(until, out.get(name, {}).get(g, 0.0))
+        return out
+
+    def sync_holds(self) -> dict[str, dict[str, float]]:
+        """Tell the image store what :meth:`keep` says (``images/<name>/holds/``), so that
+        neither a build nor a prune deletes a generation a running node reads; the holds."""
+        keep = self.keep()
+        inv = self.loader.inventory
+        store = ImageStore(self.loader.opts.state, recover=False)
+        for name in set(inv.images() if inv else []) | set(keep):
+            try:
+                store.set_holds(name, self.holder, keep.get(name, {}))
+            except (OSError, SidusError) as e:
+                log.warning("cannot hold generations of %s: %s", name, e)
+        return keep
+
+    @property
+    def holder(self) -> str:
+        """This serve-pxe's name in the image store's holds."""
+        return f"serve-pxe@{self.loader.opts.interface}"
+
     def prune(self) -> list[str]:
-        """Remove squashfs exports no node holds, beyond the retention count; the files
-        removed (``image/generation``)."""
+        """Stop serving what no node holds any more: squashfs exports (beyond the retention
+        count), NFS exports of generations, and the generation directories themselves
+        (:meth:`ImageStore.prune`: never ``current`` or ``previous``); what was removed
+        (``image/generation`` for files and directories)."""
         inv = self.loader.inventory
         if inv is None:
             return []
-        held = self.held()
+        keep = self.sync_holds()
         out = []
         for name in squash_images(inv):
-            keep = set(held.get(name, set()))
-            ref = self.loader.files.get(name)
-            if ref is not None and ref.squashfs is not None:
-                keep.add(ref.squashfs.generation)
-            out += [f"{name}/{g}" for g in squash.prune(self.loader.opts.state, name, keep,
+            gens = set(keep.get(name, {}))
+            out += [f"{name}/{g}" for g in squash.prune(self.loader.opts.state, name, gens,
                                                         self.loader.opts.retain)]
+        nfs = self.loader.nfs
+        if nfs is not None and nfs.backend != "off":
+            want = nfs_paths(self.loader.opts, inv, self.loader.files, self.loader.roots)
+            want.update({k: v for k, v in nfs.exports.items()
+                         if k.partition("/")[2] in keep.get(k.partition("/")[0], {})})
+            nfs.update(want)
+        store = ImageStore(self.loader.opts.state, recover=False)
+        for name in inv.images():
+            out += [f"{name}/{g} (directory)" for g in store.prune(name)]
         return out
 
     def node_status(self) -> list[dict[str, Any]]:
@@ -393,6 +492,9 @@ class PxeSupervisor(supervisor.Supervisor):
             kernel, initrd = f"vmlinuz-{n.image}", f"initrd.img-{n.image}"
             loaded = max(got[kernel], got[initrd]) if kernel in got and initrd in got else None
             rep = self.reports.get(n.mac, {})
+            if loaded is not None:
+                # its kernel fetched again since: what an earlier boot reported is over
+                rep = _reports_since(rep, loaded)
             guessed = loaded is not None and any(t > loaded for t in acks)
             booted = "booted" in rep or (not rep and guessed)
             boot_files = [t for f, t in got.items() if f.startswith(
@@ -407,7 +509,8 @@ class PxeSupervisor(supervisor.Supervisor):
             stage = next((s for s in reversed(STAGES) if stages[s] is not None), None)
             hold = self.holds.get(n.mac, {})
             ref = self.loader.files.get(n.image)
-            nxt = ref.squashfs.generation if ref and ref.squashfs and n.root != "nfs" else None
+            nxt = (ref.squashfs.generation if ref.squashfs and n.root != "nfs"
+                   else ref.generation) if ref else None
             out.append({"name": n.name, "mac": n.mac, "ip": str(n.ip), "image": n.image,
                         "root": n.root,
                         "generation": hold.get("generation") if hold.get("image") == n.image
@@ -419,7 +522,8 @@ class PxeSupervisor(supervisor.Supervisor):
                         "proxy_dhcp": self.proxied.get(n.mac),
                         "addresses": sorted(ips - {str(n.ip)}),
                         "files": sorted(got, key=lambda f: got[f]), "booted": booted,
-                        "booted_reported": "booted" in rep})
+                        "booted_reported": "booted" in rep,
+                        **{k: rep.get(k) for k in NODE_FACTS.values()}})
         return out
 
     def status(self) -> dict[str, Any]:
@@ -430,89 +534,8 @@ class PxeSupervisor(supervisor.Supervisor):
             st["internal_errors"] += self.http.stats.internal_errors
         st["pxe"] = {"inventory": inv.file if inv else None,
                      "interface": self.loader.opts.interface, "nodes": self.node_status(),
-                     "held": {k: sorted(v) for k, v in self.held().items()}}
+                     "held": {k: sorted(v) for k, v in self.keep().items()}}
         return st
-
-
-# -- NFS ------------------------------------------------------------------------------------------
-
-def kernel_nfs_running() -> bool:
-    """True when the kernel NFS server is loaded and exportfs(8) is installed."""
-    return Path("/proc/fs/nfsd/exports").exists() and which_or_none("exportfs") is not None
-
-
-def which_or_none(cmd: str) -> str | None:
-    try:
-        return which(cmd, "nfs-kernel-server")
-    except PrerequisiteError:
-        return None
-
-
-def reap_stale_ganesha(workdir: Path, grace: float = 5.0) -> int | None:
-    """End the nfs-ganesha a previous serve-pxe started with ``workdir`` and left behind
-    (serve-pxe killed with SIGKILL: its ganesha, in its own session, keeps running and holds
-    the NFS port). Only a live ``ganesha.nfsd`` whose command line names
-    ``workdir/ganesha.conf`` is ended (SIGTERM, then SIGKILL); returns its pid, or None."""
-    try:
-        pid = int((workdir / "ganesha.pid").read_text().split()[0])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError, IndexError):
-        return None
-    if not cmdline or not cmdline[0].endswith(b"ganesha.nfsd") or \
-            str(workdir / "ganesha.conf").encode() not in cmdline:
-        return None
-    log.warning("NFS: ending nfs-ganesha pid %d left by an earlier serve-pxe (%s)", pid, workdir)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not Path(f"/proc/{pid}").exists():
-            break
-    return pid
-
-
-@contextlib.contextmanager
-def nfs_exports(mode: NfsMode, paths: Sequence[tuple[Path, str]], clients: str,
-                bind_addr: str, workdir: Path | None = None) -> Iterator[str]:
-    """Export each ``(rootfs, export path)`` read-only to ``clients`` (a CIDR network) until
-    the block ends; yields the backend used (``kernel``, ``ganesha`` or ``off``).
-
-    ``kernel``: ``exportfs -i -o ro,... CLIENTS:PATH`` on the running nfs-kernel-server, undone
-    with ``exportfs -u`` (the path exported is the rootfs itself). ``ganesha``: a private
-    nfs-ganesha (:func:`sidusctl.subsys.ganesha.serve`) on ``bind_addr`` with the export path
-    as NFSv4 pseudo path, its configuration, log and pid file in ``workdir`` (a ganesha left
-    there by a killed serve-pxe is ended first: :func:`reap_stale_ganesha`). ``auto``:
-    kernel if it runs, else ganesha."""
-    if mode == "off" or not paths:
-        yield "off"
-        return
-    if mode == "auto":
-        mode = "kernel" if kernel_nfs_running() else "ganesha"
-    if mode == "kernel":
-        if not kernel_nfs_running():
-            raise PrerequisiteError("the kernel NFS server is not running (no /proc/fs/nfsd)",
-                                    hint="start nfs-kernel-server, or use --nfs ganesha")
-        done: list[str] = []
-        try:
-            for rootfs, _ in paths:
-                spec = f"{clients}:{rootfs}"
-                run(["exportfs", "-i", "-o", SEED_NFS_OPTIONS, spec], what="exportfs")
-                done.append(spec)
-            yield "kernel"
-        finally:
-            for spec in done:
-                with contextlib.suppress(SidusError):
-                    run(["exportfs", "-u", spec], what="exportfs")
-        return
-    exports = [ganesha.Export(rootfs, export_id=i + 1, pseudo=export, access="RO",
-                              clients=(clients,))
-               for i, (rootfs, export) in enumerate(paths)]
-    if workdir is not None:
-        reap_stale_ganesha(workdir)
-    with ganesha.serve(exports, bind_addr=bind_addr, workdir=workdir):
-        yield "ganesha"
 
 
 # -- the whole thing -------------------------------------------------------------------------------
@@ -545,9 +568,11 @@ def serve(opts: PxeOptions) -> None:
     """Run serve-pxe until SIGTERM/SIGINT. The inventory, the interface and the TFTP tree
     are checked and written before any server starts (:class:`ConfigErrors`, exit 2);
     SIGHUP, an inventory change or a new generation of one of its images re-reads it (a bad
-    one is logged and the running configuration stays); the NFS exports and the HTTP server
-    are set up once, at start (HTTP also without ``--http`` when a node's root is
-    ``squashfs-http``)."""
+    one is logged and the running configuration stays) in a worker thread while the old one
+    keeps answering. The NFS server and the HTTP server are set up once, at start (HTTP also
+    without ``--http`` when a node's root is ``squashfs-http``); the NFS exports follow the
+    generations: a new one is exported before the tree names it, an old one until no node
+    holds it (:meth:`PxeSupervisor.prune`), also across a restart (``holds.json``)."""
     # a SIGHUP before the supervisor installs its handler must not kill us (default action)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     loader = PxeLoader(opts)
@@ -555,18 +580,23 @@ def serve(opts: PxeOptions) -> None:
     inv = loader.inventory
     assert inv is not None
     server = str(inv.network.server)
-    paths = [(loader.roots[i], loader.files[i].export_path) for i in inv.images()
-             if any(n.image == i and n.root == "nfs" for n in inv.nodes)]
-    for i in squash_images(inv, "squashfs-nfs"):
-        d = squash.squash_dir(opts.state, i)
-        paths.append((d, str(d)))
+    store = ImageStore(opts.state, recover=False)
+    paths = nfs_paths(opts, inv, loader.files, loader.roots)
+    for i, gens in sup.keep().items():
+        # generations nodes booted before a restart stay exported
+        if any(n.image == i and n.root == "nfs" for n in inv.nodes):
+            for g in gens:
+                root = store.image_dir(i) / g / "rootfs"
+                if f"{i}/{g}" not in paths and root.is_dir():
+                    paths[f"{i}/{g}"] = (root.resolve(),
+                                         export_path_for(inv, i, root.resolve()))
     stop = threading.Event()
     http_on = opts.http or wants_http(inv)
-    store = ImageStore(opts.state, recover=False)
-    with nfs_exports(opts.nfs, paths, str(inv.network.subnet), server,
-                     opts.serve_dir / "ganesha") as backend:
-        log.info("NFS: %s", backend if backend == "off" else
-                 f"{backend} exports {', '.join(p for _, p in paths)}")
+    with serve_exports(opts.nfs, paths, str(inv.network.subnet), server,
+                       opts.serve_dir / "ganesha") as nfs:
+        loader.nfs = nfs
+        log.info("NFS: %s", nfs.backend if nfs.backend == "off" else
+                 f"{nfs.backend} exports {', '.join(nfs.paths())}")
 
         async def main() -> None:
             loop = asyncio.get_running_loop()

@@ -76,13 +76,15 @@ class SquashRef:
 @dataclass(frozen=True)
 class ImageFiles:
     """Where an image's root is exported on the server and its kernel/initrd on this host;
-    ``squashfs``: its squashfs export, when a node boots from one."""
+    ``squashfs``: its squashfs export, when a node boots from one; ``generation``: the
+    generation (``gen-<stamp>``) whose files these are, when known."""
 
     name: str
     kernel: Path
     initrd: Path
     export_path: str
     squashfs: SquashRef | None = None
+    generation: str | None = None
 
 
 @dataclass
@@ -124,12 +126,16 @@ def overlay_args(node: Node, default_iscsi_ip: str) -> list[str]:
 
 def root_args(node: Node, img: ImageFiles, server: str) -> list[str]:
     """The parameters naming ``node``'s lower layer (docs/netboot.md "Root sources"):
-    ``root=/dev/nfs nfsroot=...`` for ``nfs`` (initramfs-tools' own NFS boot), and for the
+    ``root=/dev/nfs nfsroot=...`` for ``nfs`` (initramfs-tools' own NFS boot; with
+    ``sidus.gen=`` naming the generation when the export path is that generation's, so that
+    the node reports which one it runs and serve-pxe keeps it exported), and for the
     squashfs roots ``boot=sidus`` (the sidus boot script mounts the root) with
     ``sidus.root=``, ``sidus.src=`` (URL or ``SERVER:/PATH``), ``sidus.sha256=`` and
     ``sidus.bytes=``. :class:`SidusError` if a squashfs root has no export (or no URL)."""
     if node.root == "nfs":
-        return ["root=/dev/nfs", nfsroot_arg(server, img.export_path), "ip=dhcp"]
+        gen = img.generation
+        return ["root=/dev/nfs", nfsroot_arg(server, img.export_path), "ip=dhcp",
+                *([f"sidus.gen={gen}"] if gen and f"/{gen}/" in img.export_path else [])]
     sq = img.squashfs
     src = None if sq is None else (sq.url if node.root == "squashfs-http" else sq.nfs)
     if sq is None or src is None:

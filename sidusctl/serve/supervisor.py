@@ -4,8 +4,10 @@
 serves until SIGTERM or SIGINT (clean shutdown: sockets closed, lease store closed and
 unlocked, final status written). SIGHUP calls ``load()`` again and applies the result to the
 running servers (reservations, pool, boot policy, TFTP root, DNS records); a bad new
-configuration is logged and the old one stays in force. Counters are written atomically to
-``status_file`` every few seconds.
+configuration is logged and the old one stays in force. ``load()`` runs in a worker thread
+while the servers keep answering with the old configuration (serve-pxe packs squashfs images
+there, which takes seconds); only the swap happens on the event loop. Counters are written
+atomically to ``status_file`` every few seconds.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class Supervisor:
         self.events: dict[str, dict[str, Any]] = {}
         self._stop: asyncio.Event | None = None
         self.started = time.time()
+        self.reloading = False
+        self._reload_again = False
+        self._reload_task: asyncio.Task[None] | None = None
 
     def _event(self, kind: str, who: str, what: str) -> None:
         e = self.events.setdefault(who, {})
@@ -83,19 +88,44 @@ class Supervisor:
                 log.warning("cannot write %s: %s", self.cfg.status_file, e)
 
     def reload(self) -> None:
-        """SIGHUP: re-read the configuration and apply it; keep the old one if it is bad."""
+        """SIGHUP (on the event loop): start a reload unless one runs; one that arrives
+        during a reload runs once more after it (the file may have changed again)."""
+        if self.reloading:
+            self._reload_again = True
+            return
+        self.reloading = True
+        self._reload_task = asyncio.get_running_loop().create_task(self._reload())
+
+    async def _reload(self) -> None:
         try:
-            new = self.load()
-            if self.dhcp and new.dhcp:
-                self.dhcp.reload(new.dhcp)
-            if self.tftp and new.tftp:
-                self.tftp.set_root(new.tftp.root)
-            if self.dns and new.dns:
-                self.dns.set_zone(new.dns.zone)
-            self.cfg = new
-            log.info("reloaded the configuration (SIGHUP)")
-        except SidusError as e:
-            log.error("reload refused, the previous configuration stays in force: %s", e)
+            while True:
+                self._reload_again = False
+                try:
+                    # the slow part (reading, rendering, packing) off the loop: the old
+                    # configuration keeps answering meanwhile
+                    new = await asyncio.to_thread(self.load)
+                    self.apply(new)
+                    log.info("reloaded the configuration (SIGHUP)")
+                except SidusError as e:
+                    log.error("reload refused, the previous configuration stays in force: %s",
+                              e)
+                except Exception:  # a bug: logged with its traceback, the old config stays
+                    log.exception("reload failed, the previous configuration stays in force")
+                if not self._reload_again:
+                    break
+        finally:
+            self.reloading = False
+
+    def apply(self, new: ServeConfig) -> None:
+        """Swap ``new`` in (on the event loop): reservations, pool, boot policy, TFTP root,
+        DNS zone."""
+        if self.dhcp and new.dhcp:
+            self.dhcp.reload(new.dhcp)
+        if self.tftp and new.tftp:
+            self.tftp.set_root(new.tftp.root)
+        if self.dns and new.dns:
+            self.dns.set_zone(new.dns.zone)
+        self.cfg = new
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -122,6 +152,9 @@ class Supervisor:
                     await asyncio.wait_for(self._stop.wait(), 2.0)
             log.info("stopping on signal")
         finally:
+            if self._reload_task is not None and not self._reload_task.done():
+                # the worker thread finishes its load; its result is not applied
+                self._reload_task.cancel()
             for s in (self.dns, self.tftp, self.dhcp):
                 if s is not None:
                     s.close()

@@ -8,6 +8,12 @@ Layout (one directory per image)::
         current -> gen-...    the generation in use (replaced atomically on success)
         previous -> gen-...   the one before (kept for rollback)
         .building-<stamp>/    a generation under construction (removed if it fails)
+        holds/<holder>.json   generations someone still needs, each until a Unix time
+                              ({"gen-...": until}): serve-pxe holds those running nodes booted
+
+Generations other than ``current`` and ``previous`` are deleted when a new one is promoted
+(and by :meth:`ImageStore.prune`), except those held: a hold expires by itself, so one left
+by a dead holder delays the deletion by at most its own duration.
 
 A new generation becomes ``current`` only when it is complete; a failed or interrupted one is
 removed, and one left by a SIGKILLed process is found and removed by :meth:`ImageStore.recover`
@@ -29,7 +35,7 @@ from typing import Any
 
 from sidusctl.core.errors import ConfigError, NotFoundError, StateError
 from sidusctl.core.log import get_logger
-from sidusctl.core.state import FileLock, publish
+from sidusctl.core.state import FileLock, publish, read_json, write_json
 from sidusctl.subsys import procs, tarball
 from sidusctl.subsys.manifest import Manifest, StageRecord, as_manifest
 from sidusctl.subsys.mounts import mounts_under, umount_tree
@@ -37,6 +43,7 @@ from sidusctl.subsys.mounts import mounts_under, umount_tree
 log = get_logger("store")
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+HOLDER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$")
 
 
 def check_name(name: str, where: str = "image name") -> str:
@@ -155,6 +162,85 @@ class ImageStore:
                 out.append(Image(d.name, cur.resolve()))
         return out
 
+    # -- holds -----------------------------------------------------------------------------
+    def set_holds(self, name: str, holder: str, holds: Mapping[str, float]) -> None:
+        """Replace what ``holder`` (letters, digits, ``._@-``) holds of image ``name``:
+        ``{generation: until}`` (``gen-<stamp>`` names, Unix times). An empty mapping drops
+        the holder's file. Written atomically; needs no lock (each holder owns its file)."""
+        if not HOLDER_RE.match(holder):
+            raise ConfigError("holder", None, f"invalid holder name {holder!r}",
+                              expected="letters, digits, '.', '_', '@' or '-'")
+        f = self.image_dir(name) / "holds" / f"{holder}.json"
+        clean = {g: float(t) for g, t in holds.items() if g.startswith("gen-") and "/" not in g}
+        if not clean:
+            f.unlink(missing_ok=True)
+            return
+        f.parent.mkdir(parents=True, exist_ok=True)
+        write_json(f, clean)
+
+    def held(self, name: str, now: float | None = None) -> dict[str, float]:
+        """The generations of ``name`` some holder still holds: ``{generation: until}`` (the
+        latest time over all holders), expired holds left out. Unreadable files are ignored."""
+        now = time.time() if now is None else now
+        out: dict[str, float] = {}
+        d = self.image_dir(name) / "holds"
+        for f in sorted(d.glob("*.json")) if d.is_dir() else []:
+            try:
+                raw = read_json(f)
+            except (OSError, ValueError, StateError):
+                continue
+            if not isinstance(raw, dict):
+                continue
+            for g, t in raw.items():
+                if isinstance(t, int | float) and t > now and str(g).startswith("gen-"):
+                    out[str(g)] = max(float(t), out.get(str(g), 0.0))
+        return out
+
+    def generations(self, name: str) -> builtins.list[str]:
+        """The complete generations of ``name`` on disk (``gen-*`` directories), oldest
+        first."""
+        d = self.image_dir(name)
+        return sorted(p.name for p in d.glob("gen-*") if p.is_dir()) if d.is_dir() else []
+
+    def prune(self, name: str) -> builtins.list[str]:
+        """Delete the generations of ``name`` that are neither ``current``, ``previous`` nor
+        held (:meth:`held`); the names deleted. Skipped (returns []) while another process
+        holds the image's lock (a build or an update: it prunes when it promotes), and for an
+        image directory that is a symlink (a lab's link to another store: that store's own
+        builds prune it)."""
+        d = self.image_dir(name)
+        if not d.is_dir() or d.is_symlink():
+            return []
+        lk = self.lock(name)
+        try:
+            lk.acquire()
+        except StateError:
+            return []
+        try:
+            return self._prune_unlocked(name)
+        finally:
+            lk.release()
+
+    def _prune_unlocked(self, name: str) -> builtins.list[str]:
+        d = self.image_dir(name)
+        keep = {os.readlink(d / ln).rstrip("/").rsplit("/", 1)[-1]
+                for ln in ("current", "previous") if (d / ln).is_symlink()}
+        held = self.held(name)
+        removed = []
+        for p in sorted(d.glob("gen-*")):
+            # a generation that is a symlink (a test's, a site's) is not ours to delete
+            if p.name in keep or p.is_symlink() or not p.is_dir():
+                continue
+            if p.name in held:
+                log.info("keeping %s of '%s': held until %s", p.name, name,
+                         time.strftime("%H:%M:%S", time.localtime(held[p.name])))
+                continue
+            self._discard(p)
+            removed.append(p.name)
+            log.info("removed generation %s of '%s' (not current, previous or held)", p.name,
+                     name)
+        return removed
+
     # -- changes ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def new_generation(self, name: str, lock: FileLock | None = None) -> Iterator[Generation]:
@@ -194,15 +280,12 @@ class ImageStore:
         d = self.image_dir(name)
         cur = d / "current"
         prev = d / "previous"
-        old_prev = prev.resolve() if prev.is_symlink() else None
         if cur.is_symlink():
             _symlink_atomic(os.path.basename(os.readlink(cur)), prev)
         _symlink_atomic(final.name, cur)
-        keep = {final.resolve()}
-        if prev.is_symlink():
-            keep.add(prev.resolve())
-        if old_prev is not None and old_prev not in keep:
-            self._discard(old_prev)
+        # the old previous goes, unless held (a running node booted it): then a later
+        # promotion or prune() deletes it once the hold has expired
+        self._prune_unlocked(name)
 
     def rollback(self, name: str) -> Image:
         """Make ``previous`` current again (and current previous)."""
