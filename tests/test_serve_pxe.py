@@ -364,6 +364,7 @@ def test_nfs_root_keeps_the_generation_it_booted(lab: Lab) -> None:
         held = json.loads((images / "holds" / f"serve-pxe@{lab.br}.json").read_text())
         assert gen1 in held, held
         _wait(lambda: f"sidus.gen={gen3}" in _cfg(lab), "the tree naming gen3", 60)
+        _wait(lambda: lab.status()["node1"]["next"] == gen3, "pxe status naming gen3 next")
         exports = _exports(lab)
         assert str(root1) in exports and str(images / gen3 / "rootfs") in exports, exports
         st = lab.status()["node1"]
@@ -439,7 +440,7 @@ def test_reload_packs_in_a_worker_while_dhcp_answers(lab: Lab) -> None:
         Path(f"{gate}.go").touch()
         _wait(lambda: "reloaded the configuration" in d.text()[packing:], "the reload", 60)
         assert f"{gen2}.squashfs" in _cfg(lab)
-        assert lab.status()["node1"]["next"] == gen2
+        _wait(lambda: lab.status()["node1"]["next"] == gen2, "pxe status naming gen2 next")
     finally:
         Path(f"{gate}.go").touch()
         rc = d.stop()

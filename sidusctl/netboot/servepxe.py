@@ -34,9 +34,10 @@ from sidusctl.core.errors import ConfigError, PrerequisiteError, SidusError
 from sidusctl.core.log import get_logger
 from sidusctl.core.state import read_json, write_json
 from sidusctl.netboot import inventory as inv_mod
-from sidusctl.netboot import secureboot, squash
+from sidusctl.netboot import pxestatus, secureboot, squash
 from sidusctl.netboot.inventory import Inventory
 from sidusctl.netboot.nfs import NfsExports, NfsMode, serve_exports
+from sidusctl.netboot.pxestatus import MAC_FILE_RE, NODE_FACTS
 from sidusctl.netboot.tree import (
     IPXE_EFI_DIRS,
     ImageFiles,
@@ -55,12 +56,6 @@ log = get_logger("serve-pxe")
 
 EfiLoader = Literal["grub", "ipxe", "shim"]
 REPORT_PATH = "/sidus/report"
-#: the boot stages a node goes through, in order (``pxe status``)
-STAGES = ("dhcp", "boot-files", "kernel", "root", "booted")
-#: what a node's report may say of its kernel (form field → ``pxe status`` key): the lockdown
-#: mode (/sys/kernel/security/lockdown), Secure Boot (``on``/``off``, ``bios`` without UEFI)
-#: and the modules it failed to load (unsigned ones are refused under lockdown)
-NODE_FACTS = {"lockdown": "lockdown", "secureboot": "secure_boot", "modfail": "modules_failed"}
 
 
 @dataclass(frozen=True)
@@ -256,19 +251,6 @@ class PxeLoader:
 
 # -- per-node status ------------------------------------------------------------------------------
 
-# a per-MAC file names its client: pxelinux.cfg/01-<mac>, ipxe/<mac>.ipxe, grub/grub.cfg-01-<mac>
-_MAC_FILE_RE = re.compile(r"^(?:pxelinux\.cfg/01-|ipxe/|grub/grub\.cfg-01-)"
-                          r"((?:[0-9a-f]{2}-){5}[0-9a-f]{2})(?:\.ipxe)?$")
-
-
-def _reports_since(rep: dict[str, Any], t: float) -> dict[str, Any]:
-    """A node's reports made at ``t`` or later (stages with their details; the facts of its
-    kernel if any stage is left)."""
-    stages = {k for k, v in rep.items() if isinstance(v, float) and v >= t}
-    if not stages:
-        return {}
-    return {k: v for k, v in rep.items() if k in stages or k.removesuffix("_detail") in stages
-            or (not isinstance(v, float) and not k.endswith("_detail"))}
 
 
 class PxeSupervisor(supervisor.Supervisor):
@@ -312,7 +294,7 @@ class PxeSupervisor(supervisor.Supervisor):
         elif kind in ("sent", "http"):
             name = what.lstrip("/")
             self.fetched.setdefault(who, {})[name] = now
-            m = _MAC_FILE_RE.match(name)
+            m = MAC_FILE_RE.match(name)
             if m:
                 self.ip_mac[who] = m.group(1).replace("-", ":")
         elif kind == "report":
@@ -470,61 +452,13 @@ class PxeSupervisor(supervisor.Supervisor):
         return out
 
     def node_status(self) -> list[dict[str, Any]]:
-        """One entry per node: ``dhcp`` (address acknowledged, or None), ``proxy_dhcp`` (time
-        of the last proxyDHCP reply, or None), ``files`` fetched (from its reserved address,
-        or from any address that asked for its per-MAC files), ``root`` (its root source),
-        ``generation`` (the one it booted, as it reported it; None before), ``next``
-        (the generation its next boot gets), ``stage`` (the last of :data:`STAGES` reached)
-        with ``stages`` (time of each), ``booted`` (reported by the node itself; without
-        reports, as before: kernel and initrd fetched and then a DHCP ACK again) and
-        ``failed`` (what it reported, if its root could not be fetched)."""
+        """One entry per node of the inventory: :func:`sidusctl.netboot.pxestatus.nodes`."""
         inv = self.loader.inventory
         if inv is None:
             return []
-        out = []
-        for n in inv.nodes:
-            acks = self.acks.get(n.mac, [])
-            got: dict[str, float] = {}
-            ips = {str(n.ip)} | {ip for ip, mac in self.ip_mac.items() if mac == n.mac}
-            for ip in sorted(ips):
-                for f, t in self.fetched.get(ip, {}).items():
-                    got[f] = max(t, got.get(f, 0.0))
-            kernel, initrd = f"vmlinuz-{n.image}", f"initrd.img-{n.image}"
-            loaded = max(got[kernel], got[initrd]) if kernel in got and initrd in got else None
-            rep = self.reports.get(n.mac, {})
-            if loaded is not None:
-                # its kernel fetched again since: what an earlier boot reported is over
-                rep = _reports_since(rep, loaded)
-            guessed = loaded is not None and any(t > loaded for t in acks)
-            booted = "booted" in rep or (not rep and guessed)
-            boot_files = [t for f, t in got.items() if f.startswith(
-                ("pxelinux", "ipxe/", "boot.ipxe", "grub", "ldlinux", "menu.c32", "libutil"))]
-            stages: dict[str, float | None] = {
-                "dhcp": acks[0] if acks else self.proxied.get(n.mac),
-                "boot-files": min(boot_files) if boot_files else None,
-                "kernel": loaded,
-                "root": rep.get("root") or next(
-                    (t for f, t in got.items() if f.startswith(f"squashfs/{n.image}/")), None),
-                "booted": rep.get("booted") or (acks[-1] if booted and not rep else None)}
-            stage = next((s for s in reversed(STAGES) if stages[s] is not None), None)
-            hold = self.holds.get(n.mac, {})
-            ref = self.loader.files.get(n.image)
-            nxt = (ref.squashfs.generation if ref.squashfs and n.root != "nfs"
-                   else ref.generation) if ref else None
-            out.append({"name": n.name, "mac": n.mac, "ip": str(n.ip), "image": n.image,
-                        "root": n.root,
-                        "generation": hold.get("generation") if hold.get("image") == n.image
-                        else None,
-                        "next": nxt, "stage": stage, "stages": stages,
-                        "failed": rep.get("failed_detail") if "failed" in rep else None,
-                        "dhcp": str(n.ip) if acks else None,
-                        "dhcp_last": acks[-1] if acks else None,
-                        "proxy_dhcp": self.proxied.get(n.mac),
-                        "addresses": sorted(ips - {str(n.ip)}),
-                        "files": sorted(got, key=lambda f: got[f]), "booted": booted,
-                        "booted_reported": "booted" in rep,
-                        **{k: rep.get(k) for k in NODE_FACTS.values()}})
-        return out
+        return pxestatus.nodes(inv, self.loader.files, acks=self.acks, proxied=self.proxied,
+                               fetched=self.fetched, ip_mac=self.ip_mac,
+                               reports=self.reports, holds=self.holds)
 
     def status(self) -> dict[str, Any]:
         st = super().status()
