@@ -41,6 +41,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -54,10 +55,10 @@ REPO = Path(__file__).resolve().parent.parent
 # not bench/ itself first on the path: bench/platform.py would shadow the standard library's
 sys.path[:] = [str(REPO), *(d for d in sys.path if Path(d or ".").resolve() != REPO / "bench")]
 
-from sidusctl.netboot.lab import LabNode, PxeLab
-from sidusctl.subsys.ganesha import Export, serve
-from sidusctl.subsys.qemu import LOGIN_RE
-from tests.qemu_util import QUIET, Guest, guest, netns, nfs_append
+from sidusctl.netboot.lab import LabNode, PxeLab  # noqa: E402
+from sidusctl.subsys.ganesha import Export, serve  # noqa: E402
+from sidusctl.subsys.qemu import LOGIN_RE  # noqa: E402
+from tests.qemu_util import QUIET, Guest, guest, netns, nfs_append  # noqa: E402
 
 MODES = ("nfs", "squashfs-nfs", "squashfs-http", "disk")
 NODES = {m: LabNode(f"bb{i}", f"52:54:00:77:0b:0{i}", IPv4Address(f"10.77.0.{160 + i}"), m)
@@ -190,8 +191,16 @@ def record_reads(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="sdt-bench-reads-", dir="/var/tmp") as tmp:
         copy = Path(tmp) / "rootfs"
         subprocess.run(["cp", "-a", str(root), str(copy)], check=True)
-        subprocess.run(["find", str(copy), "-exec", "touch", "-h", "-a", "-d", "@0", "{}", "+"],
-                       check=True)
+        # every directory read first, then every atime set (a directory read after its atime
+        # was set would look listed by the boot); atime 0 makes relatime move it on a read
+        entries = [Path(d, n) for d, ds, fs in os.walk(copy) for n in [*ds, *fs]]
+        for p in [copy, *entries]:
+            st = p.lstat()
+            os.utime(p, ns=(0, st.st_mtime_ns), follow_symlinks=False)
+        moved = [p for p in [copy, *entries] if p.lstat().st_atime_ns != 0]
+        if moved:
+            raise SystemExit(f"bench/boot.py: atime 0 did not stick on {len(moved)} entries, "
+                             f"e.g. {moved[:3]}")
         with netns("bbrec") as ns, serve([Export(copy)], netns=ns, bind_addr=None,
                                          workdir=Path(tmp) / "ganesha"), \
                 guest("sdt-bench-reads", kernel=kernel, initrd=initrd, netns=ns,
@@ -200,22 +209,20 @@ def record_reads(args: argparse.Namespace) -> int:
             login_s = g.wait_login_prompt()
         lines: list[tuple[int, str]] = []
         total = 0
-        for dirpath, dirnames, filenames in os.walk(copy):
-            for name in [*dirnames, *filenames, ""]:
-                p = Path(dirpath, name) if name else Path(dirpath)
-                if name in dirnames:
-                    continue  # a directory is listed once, as its own dirpath
-                st = p.lstat()
-                if st.st_atime <= 0:
-                    continue
-                rel = "/" + str(p.relative_to(copy)) if p != copy else "/"
-                if p.is_symlink():
-                    lines.append((st.st_atime_ns, f"l - {rel}"))
-                elif p.is_dir():
-                    lines.append((st.st_atime_ns, f"d - {rel}"))
-                elif p.is_file():
-                    lines.append((st.st_atime_ns, f"f {st.st_size} {rel}"))
-                    total += st.st_size
+        # lstat only, from the list made before the boot: listing a directory or following a
+        # symlink would move its atime now
+        for p in [copy, *entries]:
+            st = p.lstat()
+            if st.st_atime_ns == 0:
+                continue
+            rel = "/" + str(p.relative_to(copy)) if p != copy else "/"
+            if stat.S_ISLNK(st.st_mode):
+                lines.append((st.st_atime_ns, f"l - {rel}"))
+            elif stat.S_ISDIR(st.st_mode):
+                lines.append((st.st_atime_ns, f"d - {rel}"))
+            elif stat.S_ISREG(st.st_mode):
+                lines.append((st.st_atime_ns, f"f {st.st_size} {rel}"))
+                total += st.st_size
         head = [
             "# The files, directories and symlinks a real NFS-root boot of the minimal image",
             "# reads, from qemu start to the login prompt (bench/boot.py --record-reads).",
