@@ -379,6 +379,10 @@ def test_nfs_root_keeps_the_generation_it_booted(lab: Lab) -> None:
                    "&lockdown=integrity&secureboot=on&modfail=overlay")
         _wait(lambda: lab.status()["node1"]["modules_failed"] == "overlay", "modfail shown")
         assert "MODULES NOT LOADED: overlay" in _cli(lab.state, "pxe", "status").stdout
+        # the next report of the same facts with none refused clears it
+        _post(lab, f"mac={MAC1}&stage=booted&detail=nfs+{gen1}&lockdown=integrity"
+                   "&secureboot=on&modfail=")
+        _wait(lambda: lab.status()["node1"]["modules_failed"] is None, "modfail cleared")
         # a malformed field is refused
         r = lab.c("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--data",
                   f"mac={MAC1}&stage=booted&lockdown=x%20y", "http://10.77.0.1/sidus/report")

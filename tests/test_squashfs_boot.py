@@ -10,7 +10,10 @@ One lab, two guests booted at once, one reboot (three TCG boots for the whole is
   file, ``current`` flipped): serve-pxe exports it, ``pxe status`` shows each node still on
   its old generation with the new one next; the old file stays served (held by the nodes);
   the nodes keep reading files they had not opened yet;
-- the squashfs-http guest reboots and gets the new generation (the marker is there).
+- the squashfs-http guest reboots and gets the new generation (the marker is there), while
+  the old file stays served for the squashfs-nfs guest: serve-pxe runs with ``--retain 0``,
+  so only the node's hold keeps it through the prunes (every 30 s) during that reboot;
+- both nodes reported what their kernel says: no lockdown, no Secure Boot (BIOS guests).
 
 The lab's state has a private ``images/minimal`` (its first generation a link to the shared
 build), so the shared image store is never touched.
@@ -129,7 +132,7 @@ def test_squashfs_roots_boot_keep_their_generation_and_reboot_into_the_new_one(
     new: Path | None = None
     try:
         with lab, evidence(lab):
-            lab.start_serve("--nfs", "ganesha", "--http", ready_timeout=240)
+            lab.start_serve("--nfs", "ganesha", "--http", "--retain", "0", ready_timeout=240)
             exp = squash.find(lab.state, "minimal", gen_a)
             assert exp is not None, "serve-pxe did not export the generation nodes need"
             g1 = lab.boot(HTTP_NODE, memory=2048, timeout=BOOT_TIMEOUT)
@@ -144,6 +147,9 @@ def test_squashfs_roots_boot_keep_their_generation_and_reboot_into_the_new_one(
             st = pxe_status(lab)
             assert st["sq1"]["generation"] == gen_a and st["sq1"]["stage"] == "booted"
             assert st["sq2"]["generation"] == gen_a
+            for n in ("sq1", "sq2"):
+                assert (st[n]["lockdown"], st[n]["secure_boot"], st[n]["modules_failed"]) == \
+                    ("none", "bios", None), st[n]
 
             # a new generation while they run
             gen_b = "gen-29991231T000000-1"
@@ -172,6 +178,13 @@ def test_squashfs_roots_boot_keep_their_generation_and_reboot_into_the_new_one(
             wait_for("the rebooted node reports its new generation",
                      lambda: pxe_status(lab)["sq1"]["generation"] == gen_b, 120)
             assert pxe_status(lab)["sq2"]["generation"] == gen_a
+            # the file the squashfs-nfs node reads survived every prune since (no retention)
+            assert squash.find(lab.state, "minimal", gen_a) is not None, "held file removed"
+            assert gen_a in json.loads(subprocess.run(
+                [*SIDUSCTL, "pxe", "status", "--json"], capture_output=True, text=True,
+                env={**os.environ, "SIDUSCTL_STATE": str(lab.state)},
+                check=True).stdout)["held"]["minimal"]
+            assert g2.sh("md5sum /usr/bin/dpkg | cut -c1-8")
     finally:
         if new is not None:
             shutil.rmtree(new, ignore_errors=True)

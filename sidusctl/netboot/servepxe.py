@@ -308,13 +308,13 @@ class PxeSupervisor(supervisor.Supervisor):
         r[stage] = now
         r[f"{stage}_detail"] = detail
         for word in detail.split():  # what the node says of its kernel (any stage)
-            k, _, v = word.partition("=")
-            if k in NODE_FACTS and v:
-                r[NODE_FACTS[k]] = v
+            k, eq, v = word.partition("=")
+            if k in NODE_FACTS and eq:
+                r[NODE_FACTS[k]] = v or None  # given empty: none (no module refused)
         inv = self.loader.inventory
         node = inv.by_mac(mac) if inv else None
         gen = next((w for w in detail.split() if w.startswith("gen-")), None)
-        if node is not None and stage in ("root-mounted", "booted") and gen:
+        if node is not None and stage in ("root-mounted", "overlay", "booted") and gen:
             old = self.holds.get(mac, {})
             self.holds[mac] = {"node": node.name, "image": node.image, "generation": gen,
                                "since": old.get("since", now) if old.get("generation") == gen
@@ -341,10 +341,10 @@ class PxeSupervisor(supervisor.Supervisor):
             return 400
         detail = " ".join(form.get("detail", "").split())[:200]
         for k in NODE_FACTS:
-            v = form.get(k, "")
+            v = form.get(k)
             if v and not re.match(r"^[a-z0-9_,.-]{1,200}$", v):
                 return 400
-            if v:
+            if v is not None:
                 detail += f" {k}={v}"
         self.ip_mac.setdefault(ip, mac)
         loop = self._loop
