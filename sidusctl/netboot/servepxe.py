@@ -5,13 +5,16 @@ Owns the glue from ``nodes.toml`` (:mod:`sidusctl.netboot.inventory`) to a
 static allocation: chaddr → yiaddr, option 12 host name), the boot file by client type
 (RFC 4578 option 93; iPXE, option 77 ``iPXE``, gets ``http://SERVER/boot.ipxe`` with
 ``--http`` and ``pxelinux.0`` like any BIOS PXE client without it), the TFTP root rendered
-by :func:`sidusctl.netboot.tree.write_tree`, a DNS zone with the nodes' A/PTR records, the NFS export
-of every image the inventory uses (the kernel NFS server through ``exportfs`` where it runs,
-nfs-ganesha otherwise) and, for iPXE clients, a small read-only HTTP server over the TFTP root
-bound to the interface's address.
+by :func:`sidusctl.netboot.tree.write_tree`, a DNS zone with the nodes' A/PTR records, the NFS
+exports of the generations the inventory's nodes boot and run (the kernel NFS server through
+``exportfs`` where it runs, nfs-ganesha otherwise: :class:`sidusctl.netboot.nfs.NfsExports`)
+and, for iPXE clients and squashfs roots, a small read-only HTTP server over the TFTP root
+bound to the interface's address, which also takes the nodes' boot reports.
 
 :class:`PxeLoader` is called once at start (a bad inventory raises before any socket is
-opened) and again on SIGHUP; :func:`watch_file` sends that SIGHUP when the inventory changes.
+opened) and again on SIGHUP, in a worker thread (:meth:`Supervisor.reload`: packing a new
+squashfs does not pause DHCP); :func:`watch_file` sends that SIGHUP when the inventory or an
+image's ``current`` changes.
 :class:`PxeSupervisor` adds the per-node status (DHCP seen, files fetched, booted) to the
 supervisor's ``status.json``, which ``sidusctl pxe status`` reads.
 """
@@ -260,9 +263,12 @@ class PxeSupervisor(supervisor.Supervisor):
     per-MAC files a client asks for: in proxy mode the site's DHCP server gives the
     addresses, so a node's files come from an address the inventory does not know),
     ``reports`` (the stages a node POSTed to ``/sidus/report``: ``root``, ``root-mounted``,
-    ``booted``, ``failed``, by MAC, with time and detail) and ``holds``: the generation each
+    ``overlay``, ``booted``, ``failed``, by MAC, with time and detail, and the kernel facts
+    of :data:`~sidusctl.netboot.pxestatus.NODE_FACTS`), ``holds``: the generation each
     node booted, kept in ``<state>/serve/holds.json`` so that a restart does not forget
-    which squashfs files running nodes still read."""
+    which files running nodes still read, and ``served``: the generations the boot tree
+    named, with the last time. :meth:`keep` turns both into what stays served; the image
+    store learns it (:meth:`sync_holds`), :meth:`prune` removes the rest."""
 
     def __init__(self, loader: PxeLoader) -> None:
         self.loader = loader
