@@ -608,6 +608,8 @@ def main() -> int:
     ap.add_argument("--initrd-kib", type=int, default=2048)
     ap.add_argument("--timeout", type=float, default=600, help="seconds per storm, at most")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="also append each storm's result to this file (one JSON line each)")
     ap.add_argument("--nfs-client", metavar="CFG", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.nfs_client:
@@ -632,6 +634,9 @@ def main() -> int:
         for root in roots:
             o = storm_once(args, count, root, src_root)
             results.append(o)
+            if args.out:
+                with args.out.open("a") as f:
+                    f.write(json.dumps(o) + "\n")
             if not args.json:
                 print_one(o)
                 sys.stdout.flush()
