@@ -4,7 +4,9 @@ Each pnode is a network namespace ``sdt-pn<k>`` with its own real OpenSSH server
 state directory and (once ``sidusctl vnode init`` ran there) its own btrfs store; they are
 joined by a bridge ``sdt-pnlan`` in the root namespace that plays the testbed LAN
 (192.168.250.0/24: the bridge has .254, pnode k has .k). The frontend (the test itself)
-reaches them over that bridge with a key made for the run.
+reaches them over that bridge with a key made for the run. ``prefix`` and ``lan_net`` of
+:func:`pnodes` change those names and that network (bench/platform.py uses ``sdt-bppn`` and
+192.168.251, so it never collides with a test run).
 
 LXC in a namespace made by ``ip netns exec`` cannot see the cgroup tree (that command
 remounts /sys), so each pnode has a holder process (``sleep``) in a private mount namespace
@@ -32,9 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-LAN = "sdt-pnlan"
+PREFIX = "sdt-pn"
 LAN_NET = "192.168.250"
-CG_COPY = Path("/run/sdt-pn-cgroup")
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,10 @@ def start_sshd(lab: Lab, p: Pnode) -> None:
     raise RuntimeError(f"sshd of {p.name} did not listen")
 
 
-def _start_holder(p: Pnode) -> None:
+def _start_holder(p: Pnode, cg_copy: Path) -> None:
     subprocess.Popen(
         ["ip", "netns", "exec", p.netns, "unshare", "-m", "--propagation", "private", "sh",
-         "-c", f'mount --rbind {CG_COPY} /sys/fs/cgroup && echo $$ > "$1" && exec sleep 86400',
+         "-c", f'mount --rbind {cg_copy} /sys/fs/cgroup && echo $$ > "$1" && exec sleep 86400',
          "sh", str(p.holder)], stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 10
     while not (p.holder.exists() and p.holder.read_text().strip()):
@@ -132,33 +133,62 @@ def clean_pnode(p: Pnode) -> None:
     on_pnode(p, *cli, "deinit")
 
 
+def _claim(prefix: str, count: int, cg_copy: Path) -> None:
+    """Take ``prefix``'s names for this run: RuntimeError (nothing touched) when another run
+    holds them. The cgroup copy's directory is the claim (mkdir is atomic); one left empty
+    by a killed run, with no namespace or bridge of that prefix, is taken over."""
+    try:
+        cg_copy.mkdir(parents=True)
+        return
+    except FileExistsError:
+        pass
+    ns = _run("ip", "netns", "list").stdout.split()
+    busy = [n for n in (f"{prefix}{k}" for k in range(1, count + 1)) if n in ns]
+    if os.path.ismount(cg_copy) or busy or \
+            _run("ip", "link", "show", f"{prefix}lan", check=False).returncode == 0:
+        raise RuntimeError(f"pnodes {prefix}*: in use by another run ({cg_copy} mounted, "
+                           f"namespaces {busy or 'none'}); wait for it or remove them")
+
+
 @contextlib.contextmanager
-def pnodes(work: Path, count: int = 3) -> Iterator[Lab]:
-    """``count`` pnodes ready for SSH as root (see the module docstring)."""
+def pnodes(work: Path, count: int = 3, *, prefix: str = PREFIX,
+           lan_net: str = LAN_NET) -> Iterator[Lab]:
+    """``count`` pnodes ready for SSH as root (see the module docstring): host names
+    ``pn1``.., namespaces ``<prefix>1``.., LAN bridge ``<prefix>lan`` with ``<lan_net>.254``,
+    pnode k at ``<lan_net>.k``; the copy of the cgroup tree at ``/run/<prefix>-cgroup``.
+    RuntimeError if another run uses ``prefix``; on exit only what this run made is
+    removed."""
     work.mkdir(parents=True, exist_ok=True)
     names = [f"pn{k}" for k in range(1, count + 1)]
+    lan = f"{prefix}lan"
+    cg_copy = Path(f"/run/{prefix}-cgroup")
+    _claim(prefix, count, cg_copy)
     made: list[Pnode] = []
+    namespaces: list[str] = []
+    mounted = lan_made = False
     try:
-        CG_COPY.mkdir(parents=True, exist_ok=True)
-        _run("mount", "--rbind", "/sys/fs/cgroup", str(CG_COPY))
-        _run("mount", "--make-rprivate", str(CG_COPY))
-        _run("ip", "link", "add", LAN, "type", "bridge")
-        _run("ip", "addr", "add", f"{LAN_NET}.254/24", "dev", LAN)
-        _run("ip", "link", "set", LAN, "up")
+        _run("mount", "--rbind", "/sys/fs/cgroup", str(cg_copy))
+        mounted = True
+        _run("mount", "--make-rprivate", str(cg_copy))
+        _run("ip", "link", "add", lan, "type", "bridge")
+        lan_made = True
+        _run("ip", "addr", "add", f"{lan_net}.254/24", "dev", lan)
+        _run("ip", "link", "set", lan, "up")
         key = work / "id_ed25519"
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         lab = Lab([], key, work / "known_hosts", work)
         for k, name in enumerate(names, 1):
-            ns = f"sdt-{name}"
+            ns = f"{prefix}{k}"
             d = work / name
             d.mkdir()
-            p = Pnode(name, ns, f"{LAN_NET}.{k}", d / "state", d / "sshd.pid", d / "holder.pid")
+            p = Pnode(name, ns, f"{lan_net}.{k}", d / "state", d / "sshd.pid", d / "holder.pid")
             _run("ip", "netns", "add", ns)
+            namespaces.append(ns)
             _run("ip", "-n", ns, "link", "set", "lo", "up")
-            _run("ip", "link", "add", f"sdt-{name}h", "type", "veth", "peer", "name", "eth0",
+            _run("ip", "link", "add", f"{ns}h", "type", "veth", "peer", "name", "eth0",
                  "netns", ns)
-            _run("ip", "link", "set", f"sdt-{name}h", "master", LAN, "up")
+            _run("ip", "link", "set", f"{ns}h", "master", lan, "up")
             _run("ip", "-n", ns, "addr", "add", f"{p.address}/24", "dev", "eth0")
             _run("ip", "-n", ns, "link", "set", "eth0", "up")
             _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key"))
@@ -172,19 +202,21 @@ def pnodes(work: Path, count: int = 3) -> Iterator[Lab]:
                 "Subsystem sftp /usr/lib/openssh/sftp-server\n")
             lab.pnodes.append(p)
             made.append(p)
-            _start_holder(p)
+            _start_holder(p, cg_copy)
             start_sshd(lab, p)
         yield lab
     finally:
         for p in made:
             clean_pnode(p)
-        for name in names:
-            _kill_netns(f"sdt-{name}")
+        for ns in namespaces:
+            _kill_netns(ns)
         time.sleep(0.2)
-        for name in names:
-            _run("ip", "netns", "del", f"sdt-{name}", check=False)
-            _run("ip", "link", "del", f"sdt-{name}h", check=False)
-        _run("ip", "link", "del", LAN, check=False)
-        _run("umount", "-R", "-l", str(CG_COPY), check=False)
+        for ns in namespaces:
+            _run("ip", "netns", "del", ns, check=False)
+            _run("ip", "link", "del", f"{ns}h", check=False)
+        if lan_made:
+            _run("ip", "link", "del", lan, check=False)
+        if mounted:
+            _run("umount", "-R", "-l", str(cg_copy), check=False)
         with contextlib.suppress(OSError):
-            CG_COPY.rmdir()
+            cg_copy.rmdir()
