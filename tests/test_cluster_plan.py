@@ -146,3 +146,17 @@ def test_key_files_travel_with_the_pnode_file(tmp_path: Path) -> None:
     assert sorted(names) == ["keys/node1.ssh_pubkey", "keys/node3.ssh_pubkey", "p.toml"]
     assert sent == key.read_bytes()
     assert doc["vnodes"][0]["ssh_pubkey"] == "/var/lib/sidusctl/platforms/keys/node1.ssh_pubkey"
+
+
+def test_facts_and_image_presence_in_one_answer() -> None:
+    from sidusctl.vnode.cluster import PRESENT, parse_facts_answer
+
+    doc = '{\n  "cores": 2,\n  "store": {"ready": true}\n}\n'
+    facts, have = parse_facts_answer(f"\n{doc}{PRESENT}images/ab.tar.zst\nnoise\n"
+                                     f"{PRESENT}images/cd.tar.zst\n")
+    assert facts == {"cores": 2, "store": {"ready": True}}
+    assert have == {"images/ab.tar.zst", "images/cd.tar.zst"}
+    assert parse_facts_answer(doc) == (facts, set())
+    for bad in ("", "oops", "[1, 2]"):
+        with pytest.raises(ValueError):
+            parse_facts_answer(bad)

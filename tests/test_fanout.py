@@ -42,4 +42,5 @@ def test_unreachable_host_is_reported_fast(tmp_path) -> None:  # type: ignore[no
     assert not fo.ssh_config.exists()
     assert list(res) == ["dead1", "dead2"]
     assert all(not r.reachable and r.rc == 255 for r in res.values()), res
+    assert all(r.elapsed is not None and r.elapsed >= 0 for r in res.values()), res
     assert "Connection refused" in (res["dead1"].problem() or "")

@@ -24,6 +24,7 @@ import os
 import shlex
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,9 @@ class Host:
 class HostResult:
     """What one host answered: ``rc`` (None if it never exited: timeout or unreachable),
     ``stdout`` and ``stderr`` (text, newline-joined lines), ``reachable`` (False when ssh
-    itself failed: exit 255 with nothing from the command), ``timed_out``."""
+    itself failed: exit 255 with nothing from the command), ``timed_out``, ``elapsed``
+    (seconds from the start of the fan-out until this host's command ended; None if it
+    never did)."""
 
     host: str
     rc: int | None = None
@@ -84,6 +87,7 @@ class HostResult:
     stderr: str = ""
     reachable: bool = True
     timed_out: bool = False
+    elapsed: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -107,6 +111,7 @@ class _Collect(EventHandler):  # type: ignore[misc]  # ClusterShell has no type 
     results: dict[str, HostResult] = field(default_factory=dict)
     out: dict[str, list[bytes]] = field(default_factory=dict)
     err: dict[str, list[bytes]] = field(default_factory=dict)
+    t0: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         EventHandler.__init__(self)
@@ -115,7 +120,7 @@ class _Collect(EventHandler):  # type: ignore[misc]  # ClusterShell has no type 
         (self.err if sname == "stderr" else self.out).setdefault(node, []).append(msg)
 
     def ev_hup(self, worker: Any, node: str, rc: int) -> None:
-        self.results[node] = HostResult(node, rc)
+        self.results[node] = HostResult(node, rc, elapsed=time.monotonic() - self.t0)
 
     def ev_close(self, worker: Any, timedout: bool) -> None:
         if timedout:

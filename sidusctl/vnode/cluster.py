@@ -41,6 +41,22 @@ from sidusctl.vnode.platform_file import PlatformSpec
 log = get_logger("cluster")
 
 Progress = Callable[[str], None]
+#: marks an image tarball a pnode already has, in the answer of :meth:`Cluster.facts_and_images`
+PRESENT = "sidusctl-image-present "
+#: the vnode :meth:`Cluster.cache_images` creates and destroys on each pnode
+CACHE_VNODE = "sidusctl-image-cache"
+
+
+def parse_facts_answer(text: str) -> tuple[dict[str, Any], set[str]]:
+    """What a pnode printed for :meth:`Cluster.facts_and_images`: its facts (a JSON object)
+    then one :data:`PRESENT` line per image it has -> ``(facts, image names)``; ValueError if
+    it does not start with a JSON object."""
+    text = text.lstrip()
+    doc, end = json.JSONDecoder().raw_decode(text)
+    if not isinstance(doc, dict):
+        raise ValueError("pnode facts are not a JSON object")
+    return doc, {line[len(PRESENT):] for line in text[end:].splitlines()
+                 if line.startswith(PRESENT)}
 
 
 class PnodeError(SidusError):
@@ -121,9 +137,34 @@ class Cluster:
     def facts(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """Every reachable pnode's :func:`sidusctl.vnode.pnode.facts`, and the problems of the
         others (one line each)."""
-        answers, problems, _ = self._json_each(
-            {h: self.cli(h, "pnode", "facts", "--json") for h in self.hosts}, timeout=60)
-        return answers, {h: p for h, p in problems.items() if h not in answers}
+        facts, _have, problems = self.facts_and_images({})
+        return facts, problems
+
+    def facts_and_images(self, images: Mapping[str, str]
+                         ) -> tuple[dict[str, dict[str, Any]], dict[str, set[str]],
+                                    dict[str, str]]:
+        """:meth:`facts`, and in the same SSH round trip which of ``images`` (name relative
+        to the pnode's platforms directory, as :meth:`image_paths` gives them) each pnode
+        already has: ``(facts, {pnode: names present}, {pnode: problem})``."""
+        cmds = {}
+        for h in self.hosts:
+            probes = "".join(f"test -f {shlex.quote(f'{self.remote_dir(h)}/{rel}')} && "
+                             f"echo {shlex.quote(PRESENT + rel)}; " for rel in images.values())
+            cmds[h] = ["sh", "-c", f'"$@" || exit $?; {probes}exit 0', "sh",
+                       *self.cli(h, "pnode", "facts", "--json")]
+        res = self.fo.run_each(cmds, timeout=60)
+        facts: dict[str, dict[str, Any]] = {}
+        have: dict[str, set[str]] = {}
+        problems: dict[str, str] = {}
+        for h, r in res.items():
+            if (why := r.problem()):
+                problems[h] = why
+                continue
+            try:
+                facts[h], have[h] = parse_facts_answer(r.stdout)
+            except ValueError:
+                problems[h] = f"not JSON on stdout: {r.stdout.strip()[:200]!r}"
+        return facts, have, problems
 
     def needs(self) -> dict[str, Any]:
         """What the file asks of every pnode (the arguments of :func:`pnode.shortfalls`)."""
@@ -184,8 +225,9 @@ class Cluster:
         if problems:
             raise PnodeError("pnode init", problems, done)
         shipped = self.ship_images(list(facts))
+        self.cache_images(list(facts))
         for h in done:
-            done[h] += f"; {shipped[h]}"
+            done[h] += f"; {shipped[h]}; image cache ready"
         return done
 
     # -- images ----------------------------------------------------------------------------
@@ -230,20 +272,26 @@ class Cluster:
             out[image] = (local, digest, f"images/{digest}{tar_suffix(local)}")
         return out
 
-    def ship_images(self, hosts: Iterable[str]) -> dict[str, str]:
+    def ship_images(self, hosts: Iterable[str], have: Mapping[str, set[str]] | None = None
+                    ) -> dict[str, str]:
         """Send each image tarball to the pnodes that lack it: copied through ClusterShell to a
         temporary name, its sha256 checked there, then renamed to a name made of that digest.
         A pnode that has the name has the content (nothing else ever writes it), so each
-        pnode receives an image once. Returns per pnode what was sent; PnodeError on failure."""
+        pnode receives an image once. ``have``: what each pnode is known to have (from
+        :meth:`facts_and_images`; None: ask them). Returns per pnode what was sent;
+        PnodeError on failure."""
         hosts = list(hosts)
         sent: dict[str, list[str]] = {h: [] for h in hosts}
         problems: dict[str, str] = {}
         for _image, (local, digest, rel) in self.image_paths().items():
-            probe = {h: ["sh", "-c", 'test -f "$1" && echo present || true', "sh",
-                         f"{self.remote_dir(h)}/{rel}"] for h in hosts}
-            res = self.fo.run_each(probe, timeout=60)
-            need = [h for h, r in res.items() if r.ok and r.stdout.strip() != "present"]
-            problems.update({h: r.problem() or "" for h, r in res.items() if not r.ok})
+            if have is not None:
+                need = [h for h in hosts if rel not in have.get(h, set())]
+            else:
+                probe = {h: ["sh", "-c", 'test -f "$1" && echo present || true', "sh",
+                             f"{self.remote_dir(h)}/{rel}"] for h in hosts}
+                res = self.fo.run_each(probe, timeout=60)
+                need = [h for h, r in res.items() if r.ok and r.stdout.strip() != "present"]
+                problems.update({h: r.problem() or "" for h, r in res.items() if not r.ok})
             by_dir: dict[str, list[str]] = {}
             for h in need:
                 by_dir.setdefault(self.remote_dir(h), []).append(h)
@@ -266,6 +314,25 @@ class Cluster:
             raise PnodeError("sending images", problems)
         return {h: (f"sent {', '.join(s)}" if s else "images already there")
                 for h, s in sent.items()}
+
+    def cache_images(self, hosts: Iterable[str]) -> None:
+        """Have each pnode unpack the platform's images into its vnode image cache now (as the
+        first ``vnode create`` of an image would), so that ``up`` does not pay for it: a
+        vnode named :data:`CACHE_VNODE` is created from each image and destroyed (creating
+        a vnode unpacks its image; starting it would make its root). PnodeError on failure."""
+        images = self.image_paths()
+        cmds = {}
+        for h in hosts:
+            cli = shlex.join(self.cli(h, "-q", "vnode"))
+            steps = "".join(
+                f"{cli} create {CACHE_VNODE} --image "
+                f"{shlex.quote(f'{self.remote_dir(h)}/{rel}')} >/dev/null && "
+                f"{cli} destroy {CACHE_VNODE} >/dev/null && " for _, _, rel in images.values())
+            cmds[h] = ["sh", "-c", f"{cli} destroy {CACHE_VNODE} >/dev/null 2>&1; {steps}true"]
+        res = self.fo.run_each(cmds, timeout=3600)
+        problems = {h: p for h, r in res.items() if (p := r.problem())}
+        if problems:
+            raise PnodeError("unpacking images into the vnode cache", problems)
 
     # -- plan ------------------------------------------------------------------------------
     def pnode_infos(self, facts: Mapping[str, dict[str, Any]]) -> list[PnodeInfo]:
@@ -341,23 +408,38 @@ class Cluster:
     def up(self, *, dry_run: bool = False, wait_ssh: bool = True, timeout: float = 180,
            progress: Progress | None = None) -> dict[str, Any]:
         """Bring the platform up on every pnode at once (see the module docstring). With
-        ``dry_run``, only the plan. Returns ``{"plan": ..., "pnodes": {host: answer}}``;
-        PnodeError (with that report) if a pnode failed or could not be reached."""
+        ``dry_run``, only the plan. Returns ``{"plan": ..., "pnodes": {host: answer},
+        "timings": {phase: seconds}}`` (phases ``facts``, ``plan``, ``images``, ``pnodes_up``
+        and ``pnode_up``: per pnode, its own ``vnode up``); PnodeError (with that report) if a
+        pnode failed or could not be reached."""
+        timings: dict[str, Any] = {}
+        t0 = time.monotonic()
+
         def say(msg: str) -> None:
             log.info("%s", msg)
             if progress:
                 progress(msg)
 
-        facts, problems = self.facts()
+        def phase(name: str) -> None:
+            nonlocal t0
+            now = time.monotonic()
+            timings[name] = round(now - t0, 3)
+            t0 = now
+
+        facts, have, problems = self.facts_and_images(
+            {i: rel for i, (_, _, rel) in self.image_paths().items()})
         if problems:
             raise PnodeError("reaching the pnodes", problems)
+        phase("facts")
         plan = self.plan(facts)
-        report: dict[str, Any] = {"plan": plan.to_json(), "pnodes": {}}
+        phase("plan")
+        report: dict[str, Any] = {"plan": plan.to_json(), "pnodes": {}, "timings": timings}
         if dry_run:
             report["files"] = plan.files
             return report
         say(f"plan: {len(plan.placement)} vnodes on {len(self.hosts)} pnodes")
-        self.ship_images(self.hosts)
+        self.ship_images(self.hosts, have)
+        phase("images")
         say("images on every pnode")
         write_json(self.record_path(), {"file": str(Path(self.spec.file).resolve()),
                                         **plan.to_json()})
@@ -368,7 +450,10 @@ class Cluster:
                           str(timeout), "--wait" if wait_ssh else "--no-wait")
             cmds[h] = ["sh", "-c", 'mkdir -p "$1" && tar -x -C "$1" && shift && exec "$@"',
                        "sh", self.remote_dir(h), *up]
-        answers, problems, _ = self._json_each(cmds, stdin=stdin, timeout=timeout + 600)
+        answers, problems, res = self._json_each(cmds, stdin=stdin, timeout=timeout + 600)
+        phase("pnodes_up")
+        timings["pnode_up"] = {h: None if r.elapsed is None else round(r.elapsed, 3)
+                               for h, r in res.items()}
         report["pnodes"] = answers
         if problems:
             raise PnodeError("vnode up", problems, report)
