@@ -69,3 +69,59 @@ def test_shipped_files_are_posix_sh_and_shellcheck_clean() -> None:
     # and dash, the initramfs' /bin/sh on the build side, parses them
     for f in files:
         subprocess.run(["dash", "-n", str(f)], check=True)
+
+
+def _function(script: Path, name: str) -> str:
+    """The text of shell function ``name`` in ``script`` (from ``name()`` to its ``}``)."""
+    lines = script.read_text().splitlines()
+    start = lines.index(f"{name}()")
+    end = lines.index("}", start)
+    return "\n".join(lines[start:end + 1]) + "\n"
+
+
+# modprobe as the kernel answers under lockdown for a module whose signature it rejects
+# (EKEYREJECTED); a module this kernel does not have at all fails the dry run too
+FAKE_MODPROBE = """#!/bin/sh
+[ "$1" = "-n" ] && { shift; [ "$1" = "aufs" ] && exit 1; exit 0; }
+case "$1" in
+overlay) echo "modprobe: ERROR: could not insert 'overlay': Key was rejected by service" >&2; exit 1 ;;
+aufs) echo "modprobe: FATAL: Module aufs not found" >&2; exit 1 ;;
+esac
+exit 0
+"""
+
+
+def test_a_refused_module_is_named_on_the_console_and_recorded(tmp_path: Path) -> None:
+    """The hook's module loaders, run by dash with a modprobe that fails as a kernel in
+    lockdown does for an unsigned module (a boot cannot make one here: Debian's modules are
+    all signed, tests/test_secureboot.py boots them): the module is named on the console with
+    the lockdown mode and listed for the report; a module the kernel lacks (aufs) is quiet."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "modprobe").write_text(FAKE_MODPROBE)
+    (bindir / "modprobe").chmod(0o755)
+    bottom = initramfs_dir() / "scripts/init-bottom/sidus"
+    script = ('warn() { echo "sidus: WARNING: $*"; }\nlockdown=integrity\nmodfail=""\n'
+              + _function(bottom, "load_module")
+              + 'load_module ext4 && echo "ext4 ok"\nload_module overlay || echo "overlay failed"\n'
+              'load_module aufs || echo "aufs failed"\necho "modfail=$modfail"\n')
+    r = subprocess.run(["dash", "-c", script], capture_output=True, text=True, check=True,
+                       env={"PATH": f"{bindir}:/usr/bin:/bin"})
+    assert r.stdout.splitlines() == [
+        "ext4 ok",
+        "sidus: WARNING: module overlay could not be loaded (kernel lockdown: integrity; a "
+        "module without a valid signature is refused): modprobe: ERROR: could not insert "
+        "'overlay': Key was rejected by service",
+        "overlay failed", "aufs failed", "modfail=overlay"], r.stdout
+    # scripts/sidus (boot=sidus) records its own in /run/sidus/modfail for init-bottom
+    run_dir = tmp_path / "run"
+    sidus = initramfs_dir() / "scripts/sidus"
+    script = ('sidus_log() { echo "sidus: $*"; }\n'
+              + _function(sidus, "sidus_module").replace("/run/sidus", str(run_dir))
+              + "sidus_module squashfs\nsidus_module overlay\nsidus_module aufs\n"
+              + f"echo \"modfail=$(cat {run_dir}/modfail)\"\n")
+    r = subprocess.run(["dash", "-c", script], capture_output=True, text=True, check=True,
+                       env={"PATH": f"{bindir}:/usr/bin:/bin"})
+    assert "sidus: WARNING: module overlay could not be loaded" in r.stdout, r.stdout
+    assert "Key was rejected by service" in r.stdout and "aufs" not in r.stdout, r.stdout
+    assert r.stdout.splitlines()[-1] == "modfail=overlay", r.stdout
