@@ -21,7 +21,8 @@ one-time unpack. Everything it makes is named sdt-bp* (vnodes, vnetwork, the pno
 ``sdt-bppn1..3`` on a LAN bridge ``sdt-bppnlan`` with 192.168.251.0/24, the work directory
 /var/tmp/sdt-bp) and removed at the end, on failure and on SIGINT/SIGTERM too. The three
 pnodes share this machine's cores and memory: the ratio shows what the fan-out costs, not what
-three real hosts would gain.
+three real hosts would gain. With ``PYTHONPATH`` set (to measure another copy of the tree),
+the pnodes' sidusctl runs with it too.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ from tests.pnode_util import pnodes  # noqa: E402
 
 WORK = Path("/var/tmp/sdt-bp")
 CLI = [sys.executable, "-m", "sidusctl"]
+# the pnodes run the same sidusctl, a PYTHONPATH included (ssh does not pass the environment)
+REMOTE_CLI = (["env", f"PYTHONPATH={os.environ['PYTHONPATH']}"]
+              if os.environ.get("PYTHONPATH") else []) + CLI
 PREFIX, LAN_NET = "sdt-bppn", "192.168.251"
 
 
@@ -152,7 +156,7 @@ def three_pnodes(tarball: Path, count: int, status_runs: int,
                         f'state_dir = "{p.state}"\n' for p in lab.pnodes)
         f3 = WORK / "sdt-bp.toml"
         f3.write_text(f'[pnodes]\nhosts = "pn[1-3]"\n'
-                      f'sidusctl = {json.dumps(shlex.join(CLI))}\n'
+                      f'sidusctl = {json.dumps(shlex.join(REMOTE_CLI))}\n'
                       f'ssh_options = {json.dumps(lab.ssh_options())}\n{hosts}\n'
                       f'[placement]\npolicy = "spread"\n\n' + vnodes_part(tarball, count))
         front = WORK / "front"
