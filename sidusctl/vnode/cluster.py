@@ -8,7 +8,9 @@ pnode runs is in its own state directory, under ``platforms/<name>.toml``, and t
 runs where, with which addresses) is kept by the frontend in ``<state>/platforms/<name>.json``.
 
 Every operation runs on all pnodes at once and reports per pnode; a pnode that cannot be
-reached is reported as such (after the ssh connect timeout), never waited for forever.
+reached is reported as such (after the ssh connect timeout), never waited for forever. Each
+step is one ssh session per pnode: ``up`` is two (facts with the images each pnode has, then
+the pnode's own ``vnode up``), plus the copies of the images a pnode lacks.
 """
 
 from __future__ import annotations
@@ -203,8 +205,9 @@ class Cluster:
 
     def init(self, *, btrfs_image: int | None = None) -> dict[str, str]:
         """Prepare every pnode's vnode store (a ``btrfs_image``-byte btrfs loop file when given
-        and the store is not btrfs yet, else the plain directory) and ship the platform's
-        images. Returns per pnode what was done; PnodeError for those that failed."""
+        and the store is not btrfs yet, else the plain directory), ship the platform's images
+        and unpack them into each pnode's vnode image cache (:meth:`cache_images`). Returns per
+        pnode what was done; PnodeError for those that failed."""
         facts, problems = self.facts()
         cmds = {}
         for h, f in facts.items():
