@@ -65,6 +65,17 @@ class State:
                    vnodes={k: VNode.from_dict(v) for k, v in d.get("vnodes", {}).items()})
 
 
+def load_btrfs_module() -> None:
+    """Load the btrfs module when the kernel has it as one (Debian's kernels do): until
+    something mounts a btrfs, /proc/filesystems does not list it, and a pnode freshly booted
+    from the network has mounted none. Quiet and harmless where btrfs is built in, loaded
+    already, or absent (:func:`sidusctl.subsys.btrfs.require` then says so)."""
+    modprobe = shutil.which("modprobe") or ("/usr/sbin/modprobe"
+                                            if Path("/usr/sbin/modprobe").exists() else None)
+    if modprobe is not None:
+        run([modprobe, "-q", "btrfs"], check=False, what="modprobe btrfs")
+
+
 class Store:
     """The vnode store of one state directory (see the module doc for the layout)."""
 
@@ -116,6 +127,7 @@ class Store:
                              "before formatting a new store")
         self.root.mkdir(parents=True, exist_ok=True)
         if btrfs_device or btrfs_image:
+            load_btrfs_module()
             btrfs.require()
             self.unmount()
             if btrfs_device:
