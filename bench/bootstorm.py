@@ -478,11 +478,14 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
             storm.add_addresses(cli, cif, nodes)
             tree = state / "serve-pxe" / "tftp"
             # serve-pxe first: it renders the tree (and the squashfs export) both stacks serve
-            d = Daemon(private_run(srv, sys.executable, "-m", "sidusctl", "--state-dir",
-                                   str(state), "serve-pxe", "--nodes", str(work / "nodes.toml"),
-                                   "--interface", br, "--nfs",
-                                   "ganesha" if root == "nfs" else "off"),
-                       work / "serve-pxe.log", ready="ready:", timeout=300)
+            def start_serve_pxe(log: str) -> Daemon:
+                return Daemon(private_run(srv, sys.executable, "-m", "sidusctl", "--state-dir",
+                                          str(state), "serve-pxe", "--nodes",
+                                          str(work / "nodes.toml"), "--interface", br, "--nfs",
+                                          "ganesha" if root == "nfs" else "off"),
+                              work / log, ready="ready:", timeout=300)
+
+            d = start_serve_pxe("serve-pxe.log")
             try:
                 cfg: dict[str, Any]
                 if root == "nfs":
@@ -568,6 +571,17 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
             out["reference"] = summarize(rres, c1 - c0, rss)
             if not out["reference"]["failures"]:
                 storm.check_storm(rres, nodes, want)
+            if args.again:  # serve-pxe once more after the reference: A B A
+                d = start_serve_pxe("serve-pxe-again.log")
+                try:
+                    c0, _ = ns_usage(srv)
+                    ares = clients(cli, cfg, work, args.timeout)
+                    c1, rss = ns_usage(srv)
+                finally:
+                    d.stop()
+                out["serve-pxe-again"] = summarize(ares, c1 - c0, rss)
+                if not out["serve-pxe-again"]["failures"]:
+                    storm.check_storm(ares, nodes, want)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     a, b = out["serve-pxe"], out["reference"]
@@ -592,6 +606,11 @@ def print_one(o: dict[str, Any]) -> None:
               f"peak RSS {s['server_peak_rss_mib']} MiB, {s['mb_per_s']} MB/s")
         for e in s["failure_examples"]:
             print(f"      e.g. {e}")
+    if "serve-pxe-again" in o:
+        s = o["serve-pxe-again"]
+        print(f"  serve-pxe again all booted in {s['wall_s']:6.1f} s  p50 {s['p50_s']:5.1f} s  "
+              f"p99 {s['p99_s']:5.1f} s  failures {s['failures']}  server CPU "
+              f"{s['server_cpu_s']} s, peak RSS {s['server_peak_rss_mib']} MiB")
     print(f"  ratio serve-pxe / reference: time {o['ratio_wall']}x, p99 {o['ratio_p99']}x")
 
 
@@ -607,6 +626,9 @@ def main() -> int:
     ap.add_argument("--kernel-kib", type=int, default=4096)
     ap.add_argument("--initrd-kib", type=int, default=2048)
     ap.add_argument("--timeout", type=float, default=600, help="seconds per storm, at most")
+    ap.add_argument("--again", action="store_true",
+                    help="run serve-pxe's storm once more after the reference's (A B A: a load "
+                    "that changes during the run shows as a difference between the two As)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", type=Path, default=None,
                     help="also append each storm's result to this file (one JSON line each)")
@@ -643,6 +665,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     return 0 if all(o["serve-pxe"]["failures"] == o["reference"]["failures"] == 0
+                    and o.get("serve-pxe-again", {}).get("failures", 0) == 0
                     for o in results) else 1
 
 
