@@ -7,11 +7,13 @@ single-host ``vnode up`` of the same file without ``[pnodes]``), in the same run
 Prints the seconds until every vnode answers SSH for each (from the ``vnode up`` command's
 start to its exit), their ratio (multi/single; aim at most 1.3), the phases of the multi-host
 ``up`` (facts, plan, images, the pnodes' own ``vnode up``, each pnode's), the seconds a
-``vnode status --platform`` over all of them takes (median of ``--status-runs``; aim under 2)
-and the machine's load average while each part ran.
+``vnode status --platform`` over all of them takes (median of ``--status-runs``, ``--settle``
+seconds after ``up``; aim under 2), the same for one host's ``vnode status``, and the machine's
+load average while each part ran.
 
     sudo .venv/bin/python bench/platform.py --image minimal [--state-dir DIR] [--count 100]
-                                            [--status-runs 5] [--skip-single] [--json]
+                                            [--status-runs 5] [--settle 20] [--skip-single]
+                                            [--json]
 
 ``--image``: an image name of the state directory's image store (built with ``--tar``) or a
 rootfs tarball path. Both sides start with the image already in their vnode cache (a
@@ -104,9 +106,12 @@ def load_of(samples: list[float]) -> dict[str, float]:
     return {"mean": round(statistics.fmean(samples), 2), "max": round(max(samples), 2)}
 
 
-def timed_status(argv: list[str], state: Path, runs: int, count: int) -> dict[str, Any]:
-    """``runs`` runs of ``sidusctl vnode status ARGV --json``: seconds (median, min, max, each)
+def timed_status(argv: list[str], state: Path, runs: int, count: int,
+                 settle: float) -> dict[str, Any]:
+    """After ``settle`` seconds (the vnodes' systemd still starts units once sshd answers),
+    ``runs`` runs of ``sidusctl vnode status ARGV --json``: seconds (median, min, max, each)
     and the load average meanwhile; Failed unless every run shows ``count`` RUNNING vnodes."""
+    time.sleep(settle)
     took = []
     with load_sampler() as load:
         for _ in range(runs):
@@ -121,7 +126,8 @@ def timed_status(argv: list[str], state: Path, runs: int, count: int) -> dict[st
             "runs": took, "load": load_of(load)}
 
 
-def single_host(tarball: Path, count: int, status_runs: int) -> dict[str, Any]:
+def single_host(tarball: Path, count: int, status_runs: int, settle: float
+                ) -> dict[str, Any]:
     """The reference: the file without [pnodes], on this host, cache warm."""
     single = WORK / "single"
     f1 = WORK / "sdt-bp-single.toml"
@@ -140,7 +146,7 @@ def single_host(tarball: Path, count: int, status_runs: int) -> dict[str, Any]:
         if len(res["started"]) != count or None in res["ssh"].values():
             raise Failed(f"single host: not every vnode answered SSH: {r.stdout[-2000:]}")
         return {"up_s": took, "load": load_of(load),
-                "status_s": timed_status([], single, status_runs, count)}
+                "status_s": timed_status([], single, status_runs, count, settle)}
     finally:
         if single.exists():
             sidusctl(single, "vnode", "down", str(f1), check=False)
@@ -148,7 +154,7 @@ def single_host(tarball: Path, count: int, status_runs: int) -> dict[str, Any]:
             sidusctl(single, "vnode", "deinit", check=False)
 
 
-def three_pnodes(tarball: Path, count: int, status_runs: int,
+def three_pnodes(tarball: Path, count: int, status_runs: int, settle: float,
                  out: dict[str, Any]) -> dict[str, Any]:
     """The platform over three namespace pnodes; figures go into ``out`` as they come."""
     with pnodes(WORK / "pn", prefix=PREFIX, lan_net=LAN_NET) as lab:
@@ -174,7 +180,8 @@ def three_pnodes(tarball: Path, count: int, status_runs: int,
             started = sum(len(a["started"]) for a in rep["pnodes"].values())
             if started != count:
                 raise Failed(f"three pnodes: {started} of {count} vnodes started")
-            out["status_s"] = timed_status(["--platform", str(f3)], front, status_runs, count)
+            out["status_s"] = timed_status(["--platform", str(f3)], front, status_runs, count,
+                                           settle)
         finally:
             sidusctl(front, "vnode", "down", str(f3), check=False)
     return out
@@ -190,6 +197,8 @@ def main() -> int:
     ap.add_argument("--state-dir", default=None)
     ap.add_argument("--count", type=int, default=100)
     ap.add_argument("--status-runs", type=int, default=5)
+    ap.add_argument("--settle", type=float, default=20,
+                    help="seconds between up and the status runs (default 20)")
     ap.add_argument("--skip-single", action="store_true",
                     help="only the three pnodes (while profiling)")
     ap.add_argument("--json", action="store_true")
@@ -202,11 +211,12 @@ def main() -> int:
     signal.signal(signal.SIGHUP, _interrupted)
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
-    out: dict[str, Any] = {"count": a.count, "cores": os.cpu_count()}
+    out: dict[str, Any] = {"count": a.count, "cores": os.cpu_count(), "settle_s": a.settle}
     try:
         if not a.skip_single:
-            out["single_host"] = single_host(tarball, a.count, a.status_runs)
-        three_pnodes(tarball, a.count, a.status_runs, out.setdefault("three_pnodes", {}))
+            out["single_host"] = single_host(tarball, a.count, a.status_runs, a.settle)
+        three_pnodes(tarball, a.count, a.status_runs, a.settle,
+                     out.setdefault("three_pnodes", {}))
     except (Exception, KeyboardInterrupt) as e:
         print(f"bench/platform.py: {e}\nfigures so far: {json.dumps(out)}", file=sys.stderr)
         return 1

@@ -100,6 +100,9 @@ def test_platform_over_three_pnodes(lab: tuple[Lab, str]) -> None:
     assert all("sent" in v for v in json.loads(out).values()), out
     rc, out, err = cli(front, "pnode", "init", str(pf), "--json")
     assert rc == 0 and all("already there" in v for v in json.loads(out).values()), out
+    for p in the_lab.pnodes:  # init unpacked the image into each pnode's vnode cache
+        r = on_pnode(p, "sh", "-c", f"ls {p.state}/vnode/store/images/*.complete")
+        assert r.returncode == 0 and r.stdout.strip(), (p.name, r.stdout, r.stderr)
     rc, out, err = cli(front, "pnode", "check", str(pf), "--json")
     assert rc == 0 and json.loads(out) == {"pn1": [], "pn2": [], "pn3": []}, out + err
     # the Python API drives the same pnodes the same way
@@ -134,6 +137,9 @@ def test_platform_over_three_pnodes(lab: tuple[Lab, str]) -> None:
         assert rc == 0, out + err
         report = json.loads(out)
         assert all(len(report["pnodes"][p]["started"]) == 3 for p in ("pn1", "pn2", "pn3"))
+        assert set(report["timings"]) == {"facts", "plan", "images", "pnodes_up", "pnode_up"}
+        assert all("already there" in v for v in report["images"].values())  # init sent it
+        assert sorted(report["timings"]["pnode_up"]) == ["pn1", "pn2", "pn3"]
         # up again converges: the same plan, nothing new to start
         rc, out, err = cli(front, "vnode", "up", str(pf), "--json", "--timeout", "240")
         assert rc == 0, out + err

@@ -412,9 +412,9 @@ class Cluster:
            progress: Progress | None = None) -> dict[str, Any]:
         """Bring the platform up on every pnode at once (see the module docstring). With
         ``dry_run``, only the plan. Returns ``{"plan": ..., "pnodes": {host: answer},
-        "timings": {phase: seconds}}`` (phases ``facts``, ``plan``, ``images``, ``pnodes_up``
-        and ``pnode_up``: per pnode, its own ``vnode up``); PnodeError (with that report) if a
-        pnode failed or could not be reached."""
+        "images": {host: what was sent}, "timings": {phase: seconds}}`` (phases ``facts``,
+        ``plan``, ``images``, ``pnodes_up`` and ``pnode_up``: per pnode, its own ``vnode
+        up``); PnodeError (with that report) if a pnode failed or could not be reached."""
         timings: dict[str, Any] = {}
         t0 = time.monotonic()
 
@@ -441,7 +441,7 @@ class Cluster:
             report["files"] = plan.files
             return report
         say(f"plan: {len(plan.placement)} vnodes on {len(self.hosts)} pnodes")
-        self.ship_images(self.hosts, have)
+        report["images"] = self.ship_images(self.hosts, have)
         phase("images")
         say("images on every pnode")
         write_json(self.record_path(), {"file": str(Path(self.spec.file).resolve()),
