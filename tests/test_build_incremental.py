@@ -1,11 +1,16 @@
-"""Incremental builds. The stage cache alone on a small tree (fast tier); then, for real, on a copy of images/minimal in its own state directory (the
-shared .deb and bootstrap caches of the suite are used, so nothing is downloaded twice).
+"""Incremental builds. The stage cache alone on a small tree (fast tier); then, for real, on a
+copy of images/minimal in its own state directory, whose stage cache starts with a copy of the
+entry the session's shared build of ``minimal`` saved (that build was the clean build: the same
+recipe, the same archive; the .deb and bootstrap caches are shared too, so nothing is
+downloaded twice).
 
-One clean build (``--no-cache``) saves the package stage; a site file changed rebuilds from it
-(the package stage reused, the initrd reused) and, changed back, gives the same tree as the
-clean build (compared by :func:`tree_diff`); a package added runs the package stage again; a
-cache entry truncated by hand is found, reported, deleted and rebuilt. In all: one clean build,
-two incremental ones and two that rerun the package stage.
+A site file changed rebuilds from the entry (the package stage reused) and, changed back, gives
+the same tree as the session's clean build (compared by :func:`tree_diff`), reusing the initrd;
+a package added runs the package stage as a delta on the entry (only that package installed)
+and gives the same tree as a clean ``--no-cache`` build of the same recipe, but for what two
+clean builds never share (:data:`CLEAN_BUILDS_DIFFER`); a cache entry truncated by hand is found,
+reported, deleted and rebuilt (by a delta again). In all: one clean build and four incremental
+ones.
 """
 
 from __future__ import annotations
@@ -23,21 +28,41 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, _mounts_under, sidusctl
+from tests.conftest import REPO, BuiltImage, _mounts_under, sidusctl
 
 slow = pytest.mark.slow
 
-# What legitimately differs between two builds of the same recipe, and why. (etc/shadow does
-# not: chpasswd salts at random, but a rebuild keeps the hash when the password is the same.)
+# What legitimately differs between two builds of the same recipe, and why. (etc/shadow is
+# compared by :func:`shadow_unsalted`: chpasswd salts at random; a rebuild keeps the hash of
+# its previous generation when the password is the same, a build in another state directory
+# cannot.)
 DIFFERS = {
+    "etc/shadow": "compared by shadow_unsalted",
     "boot/initrd.img-*": "a regenerated initramfs is a cpio archive of build-time mtimes, not "
                          "byte-reproducible (compared by presence and mode only)",
     "var/lib/initramfs-tools/*": "update-initramfs records the sha1 of the initrd it made",
 }
 
+# What two clean builds of one recipe never share, so a delta build cannot share it with a
+# clean one either: keys and seeds made at random when a package is set up, and the logs of
+# the apt and dpkg transactions (with their times; a delta adds a second transaction).
+CLEAN_BUILDS_DIFFER = {
+    "etc/ssh/ssh_host_*": "openssh-server makes new host keys at each install",
+    "etc/iscsi/initiatorname.iscsi": "open-iscsi makes a random initiator name at each install",
+    "etc/machine-id": "systemd makes a random machine id at each install",
+    "var/lib/dbus/machine-id": "dbus's copy of that id",
+    "var/cache/ldconfig/aux-cache": "ldconfig's record of the inodes and times of the libraries",
+    "var/log/*": "apt, dpkg and alternatives logs: transactions and their times",
+    "var/cache/debconf/*-old": "debconf's backup of its previous database",
+    "var/lib/dpkg/*-old": "dpkg's backup of its previous status",
+    "var/cache/apt/*.bin": "apt's binary caches, rebuilt at each apt run",
+}
 
-def walk(root: Path) -> dict[str, tuple[Any, ...]]:
-    """path → (mode, uid, gid, size, link target, sha256, device, xattrs): mtimes left out."""
+
+def walk(root: Path, differs: dict[str, str] | None = None) -> dict[str, tuple[Any, ...]]:
+    """path → (mode, uid, gid, size, link target, sha256, device, xattrs): mtimes left out;
+    contents left out for paths matching :data:`DIFFERS` and ``differs``."""
+    pats = [*DIFFERS, *(differs or {})]
     out: dict[str, tuple[Any, ...]] = {}
     for dirpath, dirs, files in os.walk(root):
         for n in dirs + files:
@@ -49,12 +74,23 @@ def walk(root: Path) -> dict[str, tuple[Any, ...]]:
             if stat.S_ISREG(st.st_mode):
                 size = st.st_size
                 digest = hashlib.sha256(p.read_bytes()).hexdigest()
-                if any(fnmatch.fnmatch(rel, pat) for pat in DIFFERS):
+                if any(fnmatch.fnmatch(rel, pat) for pat in pats):
                     digest = size = None
             dev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else None
             xattrs = tuple(sorted((x, os.getxattr(p, x, follow_symlinks=False))
                                   for x in os.listxattr(p, follow_symlinks=False)))
             out[rel] = (st.st_mode, st.st_uid, st.st_gid, size, link, digest, dev, xattrs)
+    return out
+
+
+def shadow_unsalted(root: Path) -> list[str]:
+    """etc/shadow with each hash reduced to its method (``$y$``): what a random salt leaves."""
+    out = []
+    for line in (root / "etc/shadow").read_text().splitlines():
+        f = line.split(":")
+        if f[1].startswith("$"):
+            f[1] = "$" + f[1].split("$")[1] + "$"
+        out.append(":".join(f))
     return out
 
 
@@ -80,6 +116,20 @@ class Work:
         out["by_stage"] = {s["name"]: s for s in out["stages"]}
         return out
 
+    def cache(self) -> dict[str, Any]:
+        res = sidusctl("image", "cache", "--json", state=self.state)
+        assert res.returncode == 0, res.stderr
+        out: dict[str, Any] = json.loads(res.stdout)
+        return out
+
+    def with_tree(self) -> str:
+        """Add the package ``tree`` to the recipe copy; returns the text to put back."""
+        toml = self.recipe / "image.toml"
+        text = toml.read_text()
+        toml.write_text(text.replace('packages = ["openssh-server", "open-iscsi"]',
+                                     'packages = ["openssh-server", "open-iscsi", "tree"]'))
+        return text
+
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Any:
@@ -94,26 +144,21 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.fixture(scope="module")
-def clean(work: Work) -> dict[str, Any]:
-    """The one clean build of the module (writes the stage cache entry), and its tree's walk."""
-    out = work.build("--no-cache")
-    out["walk"] = walk(Path(out["rootfs"]))
-    out["manifest_json"] = json.loads(Path(out["manifest"]).read_text())
-    return out
+def clean(work: Work, minimal_image: BuiltImage) -> dict[str, Any]:
+    """The clean build: the session's shared ``minimal`` (its walk and manifest), with a copy of
+    the stage cache entry it saved put into the module's state directory."""
+    from sidusctl.image.stagecache import stage_key
 
-
-@slow
-def test_clean_build_runs_every_stage_and_saves_the_package_stage(work: Work,
-                                                                   clean: dict[str, Any]) -> None:
-    st = clean["by_stage"]
-    assert st["packages"]["action"] == "ran" and "--no-cache" in st["packages"]["reason"]
-    assert st["initramfs"]["action"] == "ran"
-    assert "stage cache entry " in clean["log"] and " saved (" in clean["log"]
-    res = sidusctl("image", "cache", "--json", state=work.state)
-    cache = json.loads(res.stdout)
-    assert len(cache["entries"]) == 1 and cache["entries"][0]["bytes"] > 200 * 2**20
-    assert "openssh-server" in cache["entries"][0]["packages"]
-    assert _mounts_under(work.state) == []
+    manifest = json.loads(Path(str(minimal_image.manifest_path)).read_text())
+    key = stage_key(manifest["package_inputs"])
+    entry = minimal_image.state / "cache" / "stages" / key
+    assert (entry / "entry.json").is_file(), f"the session build saved no stage cache entry {key}"
+    dest = work.state / "cache" / "stages"
+    dest.mkdir(parents=True)
+    subprocess.run(["cp", "-a", str(entry), str(dest / key)], check=True)
+    root = Path(str(minimal_image.rootfs))
+    return {"walk": walk(root), "shadow": shadow_unsalted(root), "manifest_json": manifest,
+            "key": key}
 
 
 @slow
@@ -125,72 +170,95 @@ def test_site_file_change_reuses_the_package_stage_and_equals_a_clean_build(
     changed = work.build()
     st = changed["by_stage"]
     assert st["bootstrap"]["action"] == "reused" and st["packages"]["action"] == "reused", st
-    assert "restored from cache entry" in st["packages"]["reason"]
-    # /etc/motd is no initramfs input: the initrd of the clean build is reused
-    assert st["initramfs"]["action"] == "reused", st["initramfs"]
+    assert f"restored from cache entry {clean['key']}" in st["packages"]["reason"]
     assert "run: debootstrap" not in changed["log"] and "apt-get install" not in changed["log"]
     root = Path(changed["rootfs"])
     assert "sdt-incremental: a site file changed" in (root / "etc/motd").read_text()
-    assert changed["generation"] != clean["generation"]
     # the same recipe as the clean build again, built incrementally: the same tree
     motd.write_text(original)
     again = work.build()
-    assert again["by_stage"]["packages"]["action"] == "reused"
+    assert again["generation"] != changed["generation"]
+    st = again["by_stage"]
+    assert st["packages"]["action"] == "reused"
+    # /etc/motd is no initramfs input: the initrd of the previous generation is reused
+    assert st["initramfs"]["action"] == "reused", st["initramfs"]
     diff = tree_diff(clean["walk"], walk(Path(again["rootfs"])))
     assert not diff, "\n".join(diff[:40])
-    # and the same manifest, but for what says when and how it was built
-    drop = {"created", "generation", "timings_s", "build_stages", "bootstrap_from_cache"}
+    assert clean["shadow"] == shadow_unsalted(Path(again["rootfs"]))
+    assert any(line.startswith("root:$y$") for line in clean["shadow"])
+    # and the same manifest, but for what says when and how it was built (and where from)
+    drop = {"created", "generation", "timings_s", "build_stages", "bootstrap_from_cache",
+            "exports", "tree_sha256"}
     m_clean = {k: v for k, v in clean["manifest_json"].items() if k not in drop}
     m_again = {k: v for k, v in json.loads(Path(again["manifest"]).read_text()).items()
                if k not in drop}
     m_clean["sizes"] = m_again["sizes"] = None  # du counts blocks: a copy may pack differently
+    # the recipe's digest covers its path: compare its values, with the two directories named alike
+    for m, d in ((m_clean, REPO / "images" / "minimal"), (m_again, work.recipe)):
+        m["recipe"] = json.loads(json.dumps(m["recipe"]["values"]).replace(str(d), "RECIPE"))
     assert m_clean == m_again
     assert _mounts_under(work.state) == []
 
 
 @slow
-def test_package_list_change_runs_the_package_stage(work: Work, clean: dict[str, Any]) -> None:
-    toml = work.recipe / "image.toml"
-    text = toml.read_text()
-    toml.write_text(text.replace('packages = ["openssh-server", "open-iscsi"]',
-                                 'packages = ["openssh-server", "open-iscsi", "tree"]'))
+def test_package_added_runs_a_delta_that_equals_a_clean_build(work: Work,
+                                                                clean: dict[str, Any]) -> None:
+    text = work.with_tree()
     try:
-        out = work.build()
+        delta = work.build()
+        st = delta["by_stage"]
+        assert st["packages"]["action"] == "ran", st
+        assert "key 'packages' changed (added: tree)" in st["packages"]["reason"]
+        assert f"as a delta on cache entry {clean['key']}: installed tree" in \
+            st["packages"]["reason"]
+        assert "run: debootstrap" not in delta["log"]
+        # tree ships nothing an initramfs reads: the initrd is reused
+        assert st["initramfs"]["action"] == "reused", st["initramfs"]
+        assert (Path(delta["rootfs"]) / "usr/bin/tree").is_file()
+        delta_walk = walk(Path(delta["rootfs"]), CLEAN_BUILDS_DIFFER)
+        delta_shadow = shadow_unsalted(Path(delta["rootfs"]))
+        full = work.build("--no-cache")
     finally:
-        toml.write_text(text)
-    st = out["by_stage"]
-    assert st["packages"]["action"] == "ran", st
-    assert "key 'packages' changed (added: tree)" in st["packages"]["reason"]
-    assert (Path(out["rootfs"]) / "usr/bin/tree").is_file()
-    res = sidusctl("image", "cache", "--json", state=work.state)
-    assert len(json.loads(res.stdout)["entries"]) == 2
+        (work.recipe / "image.toml").write_text(text)
+    assert full["by_stage"]["packages"]["action"] == "ran"
+    diff = tree_diff(walk(Path(full["rootfs"]), CLEAN_BUILDS_DIFFER), delta_walk)
+    assert not diff, "\n".join(diff[:40])
+    assert shadow_unsalted(Path(full["rootfs"])) == delta_shadow
+    assert set(json.loads(Path(full["manifest"]).read_text())["packages"]) == \
+        set(json.loads(Path(delta["manifest"]).read_text())["packages"])
+    assert len(work.cache()["entries"]) == 2
 
 
 @slow
 def test_truncated_cache_entry_is_detected_reported_and_rebuilt(work: Work,
                                                                  clean: dict[str, Any]) -> None:
-    cache = json.loads(sidusctl("image", "cache", "--json", state=work.state).stdout)
-    entry = next(e for e in cache["entries"] if "tree" not in e["packages"])
+    cache = work.cache()
+    entry = next(e for e in cache["entries"] if "tree" in e["packages"])
     victim = Path(cache["dir"]) / entry["key"] / "rootfs" / "usr/sbin/sshd"
     size = victim.stat().st_size
     with open(victim, "r+b") as f:
         f.truncate(size // 2)
-    out = work.build()
+    text = work.with_tree()
+    try:
+        out = work.build()
+    finally:
+        (work.recipe / "image.toml").write_text(text)
     st = out["by_stage"]
     assert st["packages"]["action"] == "ran", st
     assert f"cache entry {entry['key']} was damaged" in st["packages"]["reason"]
+    assert f"as a delta on cache entry {clean['key']}" in st["packages"]["reason"]
     assert "was damaged" in out["log"]  # reported as it happened, too
     assert (Path(out["rootfs"]) / "usr/sbin/sshd").stat().st_size == size
-    after = json.loads(sidusctl("image", "cache", "--json", state=work.state).stdout)
+    after = work.cache()
     fresh = next(e for e in after["entries"] if e["key"] == entry["key"])
-    # a new entry (the package stage ran again: new ssh host keys, logs...), not the damaged one
+    # a new entry, not the damaged one
     assert fresh["created"] >= entry["created"] and fresh["tree_sha256"] != entry["tree_sha256"]
     assert (Path(after["dir"]) / entry["key"] / "rootfs/usr/sbin/sshd").stat().st_size == size
 
 
 @slow
 def test_cache_prune_evicts_least_recently_used(work: Work, clean: dict[str, Any]) -> None:
-    before = json.loads(sidusctl("image", "cache", "--json", state=work.state).stdout)
+    before = work.cache()
     assert len(before["entries"]) == 2
     newest, oldest = before["entries"]
     res = sidusctl("image", "cache", "prune", "--max-size", str(newest["bytes"] + 1), "--json",
@@ -201,7 +269,7 @@ def test_cache_prune_evicts_least_recently_used(work: Work, clean: dict[str, Any
     assert [e["key"] for e in out["entries"]] == [newest["key"]]
     res = sidusctl("image", "cache", "prune", "--max-size", "0", state=work.state)
     assert res.returncode == 0 and "1 entry evicted" in res.stdout + res.stderr
-    assert json.loads(sidusctl("image", "cache", "--json", state=work.state).stdout)["entries"] == []
+    assert work.cache()["entries"] == []
 
 
 # -- the stage cache on a small tree (fast tier: cp and sha256 only) ------------------------------
@@ -262,6 +330,17 @@ def test_stage_cache_saves_restores_detects_damage_and_evicts(tmp_path: Path) ->
         {"releases": {"bookworm": "1", "bookworm-updates": "3"}},
         {"releases": {"bookworm": "1", "bookworm-updates": "2"}}, "gen-1")
     assert "pruned or evicted" in explain_miss(inputs, inputs, "gen-1")
+    # the base of a delta install: same inputs but fewer packages; the closest one wins
+    cache.prune(max_bytes=0)
+    small = cache.save(stage_key(inputs), inputs, src, ())
+    bigger = {**inputs, "packages": ["a", "b", "c"]}
+    assert cache.base_for(bigger) == cache.entries()[0] and cache.entries()[0].key == small.key
+    cache.save(stage_key(bigger), bigger, src, ())
+    closest = cache.base_for({**inputs, "packages": ["a", "b", "c", "d"]})
+    assert closest is not None and closest.key == stage_key(bigger)
+    assert cache.base_for({**inputs, "packages": ["a", "d"]}) is None  # b removed: no delta
+    assert cache.base_for(inputs) is None  # the same packages: a hit, not a delta
+    assert cache.base_for({**bigger, "suite": "trixie"}) is None  # any other key: no delta
 
 
 @slow

@@ -20,6 +20,7 @@ from typing import Any
 from sidusctl import __version__
 from sidusctl.core.errors import CommandError, NotFoundError, StateError
 from sidusctl.core.log import get_logger
+from sidusctl.core.run import run
 from sidusctl.image.bootstrap import Bootstrapper, prune
 from sidusctl.image.common import (
     BACKENDS,
@@ -147,18 +148,26 @@ class Builder:
             prev = self._previous()
             inputs, key, no_key = self._package_key()
             restored = self._restore(gen, key) if key is not None and self.opts.stage_cache else None
-            if restored is None or restored.info is None:
+            basis = key  # the package-stage key the initrd's inputs are decided by
+            if restored is not None and restored.info is not None:
+                basis = restored.info.initrd_basis or key
+            else:
                 why = ("--no-cache: a clean build" if not self.opts.stage_cache else
                        no_key if key is None else
                        restored.reason if restored is not None and restored.damaged else
                        explain_miss(inputs or {}, prev.manifest.package_inputs if prev else None,
                                     prev.dir.name if prev else ""))
-                self._bootstrap_and_packages(gen, why)
+                delta = (self._delta(gen, inputs, why)
+                         if self.opts.stage_cache and inputs is not None else None)
+                if delta is None:
+                    self._bootstrap_and_packages(gen, why)
+                else:
+                    basis = delta or key
                 if key is not None and inputs is not None:
-                    self._save(key, inputs, gen.rootfs)
+                    self._save(key, inputs, gen.rootfs, basis or "")
             with self._timed("configure"):
                 with ChrootSession(gen.rootfs, apt_cache=self.cache) as s:
-                    self.conf.later(s, key, prev)
+                    self.conf.later(s, basis, prev)
                 clean_root_debs(gen.rootfs, self.cache)
             self.records += self.conf.records
             with self._timed("manifest"):
@@ -169,6 +178,51 @@ class Builder:
                                             reason="copied from the root (seconds)"))
             gen.write_manifest(self._manifest(gen, packages, exports, inputs,
                                               time.monotonic() - t_start))
+
+    def _delta(self, gen: Generation, inputs: JsonObject, why: str) -> str | None:
+        """The package stage as a delta: restore the cache entry whose inputs differ from
+        ``inputs`` only by missing packages (:meth:`StageCache.base_for`) and run the package
+        stage on it, so apt installs just the added packages and their dependencies. Returns
+        None when there is no such entry (or it was damaged: the caller runs the whole stage),
+        else the initrd basis of the result: the base's when the install changed no package
+        already there and added no file an initramfs reads, "" otherwise."""
+        base = self.stage_cache.base_for(inputs)
+        if base is None:
+            return None
+        have = base.info.inputs.get("packages")
+        want = inputs.get("packages")
+        assert isinstance(have, list) and isinstance(want, list)
+        added = [str(p) for p in want if p not in have]
+        with self._timed("bootstrap"):
+            self.rep.line(f"restoring stage cache entry {base.key} to add {' '.join(added)}")
+            res = self.stage_cache.restore(base.key, gen.rootfs)
+        self.timings["restore"] = self.timings.pop("bootstrap")
+        if res.info is None:
+            log.warning("%s; running the whole package stage", res.reason)
+            self.rep.line(res.reason)
+            return None
+        before = package_list(gen.rootfs)
+        with self._timed("packages"):
+            with ChrootSession(gen.rootfs, apt_cache=self.cache) as s:
+                self.conf.packages(s)
+            clean_root_debs(gen.rootfs, self.cache)
+        after = package_list(gen.rootfs)
+        changed = sorted(n for n, p in before.items() if after.get(n) != p)
+        new = sorted(set(after) - set(before))
+        self.purged = tuple(sorted(set(base.info.purged) | set(self.conf.purged)))
+        touching = _initramfs_files(gen.rootfs, new)
+        self.records += [
+            StageRecord(name="bootstrap", action="reused", key=base.key,
+                        reason=f"{res.reason}: the base of a delta install"),
+            StageRecord(name="packages", action="ran",
+                        reason=f"{why}; as a delta on cache entry {base.key}: installed "
+                               f"{' '.join(added)} ({len(new)} new package(s) in all"
+                               + (f"; changed: {' '.join(changed)}" if changed else "") + ")")]
+        if changed or touching:
+            log.info("delta install changed %s: the initramfs is decided by the new key",
+                     ", ".join(changed + touching[:5]))
+            return ""
+        return base.info.initrd_basis or base.key
 
     def _restore(self, gen: Generation, key: str) -> Restored:
         with self._timed("bootstrap"):
@@ -206,11 +260,11 @@ class Builder:
         self.purged = tuple(self.conf.purged)
         self.records.append(StageRecord(name="packages", action="ran", reason=why))
 
-    def _save(self, key: str, inputs: JsonObject, root: Path) -> None:
+    def _save(self, key: str, inputs: JsonObject, root: Path, initrd_basis: str) -> None:
         t0 = time.monotonic()
         self.rep.line(f"saving stage cache entry {key}")
         try:
-            e = self.stage_cache.save(key, inputs, root, self.purged)
+            e = self.stage_cache.save(key, inputs, root, self.purged, initrd_basis)
             log.info("stage cache entry %s saved (%d MiB)", key, e.info.bytes // 2**20)
         except (CommandError, OSError) as err:
             log.warning("stage cache entry %s not saved: %s", key, err)
@@ -255,6 +309,23 @@ class Builder:
         ).model_copy(update={"tree_sha256": self.tree_sha256} if self.tree_sha256 else {})
 
 
+
+
+# Where an installed package's files make the initrd depend on it beyond what
+# :func:`~sidusctl.image.stages.initrd_key` digests (its INITRD_INPUTS): kernels, modules, udev
+# rules and helpers, klibc, initramfs-tools' own library.
+_INITRAMFS_PREFIXES = ("/boot/", "/lib/modules/", "/usr/lib/modules/", "/lib/udev/",
+                       "/usr/lib/udev/", "/usr/lib/klibc", "/usr/share/initramfs-tools/",
+                       "/etc/initramfs-tools/", "/usr/lib/initramfs-tools/")
+
+
+def _initramfs_files(root: Path, packages: list[str]) -> list[str]:
+    """The files of ``packages`` (installed in ``root``) under :data:`_INITRAMFS_PREFIXES`."""
+    if not packages:
+        return []
+    res = run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-L", *packages], capture=True,
+              check=False, what="dpkg-query -L")
+    return [line for line in res.stdout.splitlines() if line.startswith(_INITRAMFS_PREFIXES)]
 
 
 def build(store: ImageStore, recipe: Recipe, opts: BuildOptions,

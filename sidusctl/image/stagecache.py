@@ -56,6 +56,10 @@ class EntryInfo(Record):
     purged: tuple[str, ...] = ()
     created: str
     sidusctl: str
+    initrd_basis: str = ""
+    """The key whose package stage decides the initrd of this root: the entry's own key, or,
+    for a root made by a delta install that changed nothing an initramfs reads, its base's
+    basis (see :meth:`StageCache.base_for`)."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,26 @@ class StageCache:
             out.append(Entry(d, info, last))
         return sorted(out, key=lambda e: e.last_used, reverse=True)
 
+    def base_for(self, inputs: Mapping[str, object]) -> Entry | None:
+        """The entry a delta install of ``inputs`` can start from, or None: one whose inputs
+        are the same in every key but ``packages``, and whose packages are a strict subset of
+        those of ``inputs`` (so installing the missing ones on its root gives the stage's
+        result). Of several, the one with the most packages, then the most recently used."""
+        want = inputs.get("packages")
+        if not isinstance(want, list):
+            return None
+        rest = {k: v for k, v in inputs.items() if k != "packages"}
+        best: Entry | None = None
+        for e in self.entries():  # most recently used first
+            have = e.info.inputs.get("packages")
+            if not isinstance(have, list) or not set(have) < set(want):
+                continue
+            if {k: v for k, v in e.info.inputs.items() if k != "packages"} != rest:
+                continue
+            if best is None or len(have) > len(best.info.inputs["packages"]):  # type: ignore[arg-type]
+                best = e
+        return best
+
     def total_bytes(self) -> int:
         return sum(e.info.bytes for e in self.entries())
 
@@ -187,10 +211,12 @@ class StageCache:
         return Restored(reason=f"restored from cache entry {key} ({method})", info=info,
                         method=method)
 
-    def save(self, key: str, inputs: JsonObject, root: Path, purged: tuple[str, ...]) -> Entry:
+    def save(self, key: str, inputs: JsonObject, root: Path, purged: tuple[str, ...],
+             initrd_basis: str = "") -> Entry:
         """Store a copy of ``root`` as entry ``key`` (written under a temp name, renamed), then
-        evict least recently used entries beyond the size limit. Raises CommandError if the
-        copy fails (full disk); the temp entry is then removed."""
+        evict least recently used entries beyond the size limit. ``initrd_basis``: see
+        :attr:`EntryInfo.initrd_basis` (default: ``key``). Raises CommandError if the copy
+        fails (full disk); the temp entry is then removed."""
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".tmp-{key}-{os.getpid()}"
         final = self.dir / key
@@ -207,6 +233,7 @@ class StageCache:
             digest, entries, _ = tree_digest(rootfs)
             info = EntryInfo(key=key, inputs=inputs, tree_sha256=digest, entries=entries,
                              bytes=du(rootfs), purged=purged, sidusctl=__version__,
+                             initrd_basis=initrd_basis or key,
                              created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             write_json(tmp / "entry.json", info.to_json())
             (tmp / "used").touch()
