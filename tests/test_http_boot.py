@@ -143,6 +143,29 @@ def test_render_places_the_signed_chain(tmp_path: Path) -> None:
         Path("/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed").read_bytes()
 
 
+@pytest.mark.skipif(bool(secureboot.missing_packages()), reason="signed chain not installed")
+def test_render_places_another_signed_grub_and_knows_which_boots_over_http(
+        tmp_path: Path) -> None:
+    """``--signed-grub``: that file becomes grubx64.efi. Debian 12's GRUB 2.06 cannot find its
+    configuration after an HTTP boot (it lacks the efi net config code), a GRUB that has it
+    can: serve-pxe warns for the first under ``--http``."""
+    from sidusctl.netboot.tree import write_tree
+    from tests.test_pxe import _images
+
+    host_grub = Path("/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed")
+    assert not secureboot.grub_boots_over_http(host_grub)
+    other = tmp_path / "grubnetx64.efi.signed"
+    other.write_bytes(b"MZ sdt stand-in " + secureboot.HTTP_BOOT_MARK + b" end")
+    assert secureboot.grub_boots_over_http(other)
+    inv = parse(INVENTORY, "nodes.toml", known_images=["sidus", "minimal"])
+    write_tree(tmp_path / "tftp", inv, _images(tmp_path), shim=True, signed_grub=other)
+    assert (tmp_path / "tftp/grubx64.efi").read_bytes() == other.read_bytes()
+    assert (tmp_path / "tftp/shimx64.efi").read_bytes() == \
+        Path("/usr/lib/shim/shimx64.efi.signed").read_bytes()
+    with pytest.raises(PrerequisiteError, match="--signed-grub"):
+        secureboot.chain_files(required=True, chain=secureboot.chain(tmp_path / "absent"))
+
+
 EXPORTS = {
     "dnsmasq-shim-http.conf": ("dnsmasq", ()),
     "dnsmasq-shim-http-proxy.conf": ("dnsmasq", ("--proxy", "--interface", "sdt-br0")),

@@ -67,8 +67,11 @@ def check_cmd(nodes: str, as_json: bool) -> None:
               help="The node inventory (nodes.toml).")
 @click.option("--tftp-root", required=True, type=click.Path(file_okay=False),
               help="Directory served by TFTP (created if missing).")
+@click.option("--signed-grub", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="The Debian-signed netboot GRUB placed as grubx64.efi instead "
+              "of this host's (see serve-pxe --signed-grub).")
 @click.option("--json", "as_json", is_flag=True)
-def render_cmd(nodes: str, tftp_root: str, as_json: bool) -> None:
+def render_cmd(nodes: str, tftp_root: str, signed_grub: Path | None, as_json: bool) -> None:
     """Write pxelinux, iPXE and GRUB files, kernels and initrds for every node.
 
     Only files whose content changed are rewritten (atomically); files of an earlier render
@@ -76,7 +79,7 @@ def render_cmd(nodes: str, tftp_root: str, as_json: bool) -> None:
     inv = _load(nodes)
     images = _images(inv)
     with console.status("rendering boot tree...") as status:
-        report = write_tree(Path(tftp_root), inv, images,
+        report = write_tree(Path(tftp_root), inv, images, signed_grub=signed_grub,
                             progress=lambda rel: status.update(f"wrote {rel}"))
     if as_json:
         emit_json({"tftp_root": str(Path(tftp_root).absolute()), **report.as_dict()})

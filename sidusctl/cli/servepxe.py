@@ -125,11 +125,15 @@ def export_cmd(nodes: str, fmt: str, out: Path | None, tftp_root: str, interface
               help="Squashfs generations kept per image even when no running node holds them.")
 @click.option("--hold-time", type=click.FloatRange(0), default=900.0, show_default=True,
               help="Seconds a node not seen any more keeps the generation it booted served.")
+@click.option("--signed-grub", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="With --efi-loader shim: the Debian-signed netboot GRUB to "
+              "serve as grubx64.efi instead of this host's (grub-efi-amd64-signed). UEFI HTTP "
+              "Boot under Secure Boot needs Debian 13's (GRUB 2.12): scripts/fetch-signed-grub.")
 def serve_pxe_cmd(nodes: Path, interface: str, proxy: bool, http: bool, http_port: int,
                   tftp_root: Path | None, nfs: str, lease_time: int,
                   dns_upstream: str | None, efi_loader: str, http_max_clients: int,
                   http_per_client: int, tftp_max_transfers: int, tftp_per_client: int,
-                  retain: int, hold_time: float) -> None:
+                  retain: int, hold_time: float, signed_grub: Path | None) -> None:
     """Boot the inventory's nodes: DHCP (full or proxy), TFTP, DNS, NFS (and HTTP) on one
     interface, until SIGTERM. SIGHUP, or a change of the inventory file, reloads it.
 
@@ -157,7 +161,8 @@ def serve_pxe_cmd(nodes: Path, interface: str, proxy: bool, http: bool, http_por
                           efi_loader=efi_loader,  # type: ignore[arg-type]
                           http_max_clients=http_max_clients, http_per_client=http_per_client,
                           tftp_max_transfers=tftp_max_transfers,
-                          tftp_per_client=tftp_per_client, retain=retain, hold_time=hold_time)
+                          tftp_per_client=tftp_per_client, retain=retain, hold_time=hold_time,
+                          signed_grub=signed_grub.absolute() if signed_grub else None)
     pxe.serve(opts)
 
 

@@ -72,6 +72,28 @@ CHAIN: tuple[ChainFile, ...] = (
               "grub-efi-amd64-signed"),
 )
 
+#: bytes of a signed GRUB that configures its network from the firmware's IPv4 configuration
+#: and boot device path (Debian's GRUB 2.12 patches, ``grub-core/net/efi``): what it needs to
+#: find its configuration after a UEFI HTTP Boot. Debian 12's 2.06 lacks them.
+HTTP_BOOT_MARK = b"efi_net_ip4_config"
+
+
+def chain(signed_grub: Path | None = None) -> tuple[ChainFile, ...]:
+    """:data:`CHAIN`, with ``signed_grub`` (a Debian-signed ``grubnetx64.efi.signed`` from
+    elsewhere, such as Debian 13's: ``scripts/fetch-signed-grub``) as ``grubx64.efi``."""
+    if signed_grub is None:
+        return CHAIN
+    return tuple(ChainFile(f.name, signed_grub, "grub-efi-amd64-signed (--signed-grub)")
+                 if f.name == SIGNED_GRUB_NAME else f for f in CHAIN)
+
+
+def grub_boots_over_http(grub: Path) -> bool:
+    """Whether the signed GRUB ``grub`` finds its configuration after a UEFI HTTP Boot (it
+    carries :data:`HTTP_BOOT_MARK`). Raises OSError if it cannot be read."""
+    with open(grub, "rb") as f:
+        return HTTP_BOOT_MARK in f.read()
+
+
 #: what x86-64 UEFI clients are given, by ``--efi-loader``
 EFI_LOADER_FILES = {"grub": "grubnetx64.efi", "ipxe": "ipxe.efi", "shim": SHIM_NAME}
 #: the vendor class (option 60) of UEFI HTTP Boot clients, and what the server sends back

@@ -70,7 +70,9 @@ class PxeOptions:
     ``efi_loader``, what x86-64 UEFI clients get: ``grub`` (grubnetx64.efi) or ``ipxe``
     (ipxe.efi, which then asks again as an iPXE client and runs boot.ipxe) or ``shim``
     (Debian's signed chain for Secure Boot: :mod:`sidusctl.netboot.secureboot`). With the HTTP
-    server on, UEFI HTTP Boot clients get the same loader as an ``http://`` URL."""
+    server on, UEFI HTTP Boot clients get the same loader as an ``http://`` URL.
+    ``signed_grub``: the Debian-signed GRUB shim loads, instead of the host package's
+    (:func:`sidusctl.netboot.secureboot.chain`)."""
 
     nodes: Path
     interface: str
@@ -89,6 +91,7 @@ class PxeOptions:
     tftp_per_client: int = 8
     retain: int = squash.DEFAULT_RETAIN
     hold_time: float = 900.0
+    signed_grub: Path | None = None
 
     @property
     def serve_dir(self) -> Path:
@@ -202,7 +205,15 @@ class PxeLoader:
         http_on = o.http or wants_http(inv)
         report_url = f"{o.http_base(net.server)}{REPORT_PATH}" if http_on else None
         report = write_tree(o.tftp_root, inv, files, report_url=report_url,
-                            shim=o.efi_loader == "shim")
+                            shim=o.efi_loader == "shim", signed_grub=o.signed_grub)
+        if o.efi_loader == "shim" and http_on:
+            grub = secureboot.chain_files(required=True, chain=secureboot.chain(o.signed_grub))
+            if not secureboot.grub_boots_over_http(grub[secureboot.SIGNED_GRUB_NAME]):
+                log.warning("UEFI HTTP Boot clients under --efi-loader shim will stop at "
+                            "'grub>': the signed GRUB %s cannot find its configuration after "
+                            "an HTTP boot (Debian 12's 2.06); give --signed-grub with Debian "
+                            "13's (scripts/fetch-signed-grub). PXE clients are not affected",
+                            grub[secureboot.SIGNED_GRUB_NAME])
         # (without GRUB's EFI modules the tree has no grubnetx64.efi: write_tree warned, BIOS
         # machines still boot; iPXE asked for by name is refused when it is not there)
         efi_file = secureboot.efi_boot_file(o.efi_loader)

@@ -257,13 +257,16 @@ def write_tree(
     progress: Callable[[str], None] | None = None,
     report_url: str | None = None,
     shim: bool = False,
+    signed_grub: Path | None = None,
 ) -> RenderReport:
     """Render ``inv`` into ``tftp_root`` (created if missing). Only changed files are rewritten,
     each atomically; files of an earlier render that are no longer wanted are removed.
     Raises :class:`PrerequisiteError` if pxelinux/syslinux files are missing, :class:`SidusError`
     if an image lacks its kernel or initrd. Debian's signed chain (shim, MokManager, signed
     GRUB and its grub.cfg: :mod:`sidusctl.netboot.secureboot`) is placed when the host has it;
-    ``shim``: it must be there (:class:`PrerequisiteError` naming the missing packages)."""
+    ``shim``: it must be there (:class:`PrerequisiteError` naming the missing packages);
+    ``signed_grub``: the signed GRUB to place instead of the host package's
+    (:func:`sidusctl.netboot.secureboot.chain`)."""
     missing = [n for n in inv.images() if n not in images]
     if missing:
         raise SidusError(f"no kernel/initrd known for image(s): {', '.join(missing)}")
@@ -301,7 +304,7 @@ def write_tree(
     else:
         log.debug("no %s in %s (Debian package ipxe): UEFI clients can get GRUB only",
                   IPXE_EFI_NAME, ", ".join(IPXE_EFI_DIRS))
-    signed = secureboot.chain_files(required=shim)
+    signed = secureboot.chain_files(required=shim, chain=secureboot.chain(signed_grub))
     copies.update(signed)
     try:
         for rel, src in sorted(copies.items()):
