@@ -125,3 +125,29 @@ def test_concurrent_downloads_all_complete(tmp_path: Path) -> None:
         assert got == [want] * 40
         assert srv.stats.files == 40 and srv.stats.peak >= 2
         assert srv.stats.bytes_sent == 40 * len(data)
+
+
+def test_a_client_reset_before_its_request_is_counted_not_printed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A client that connects, sends part of a request line and resets (as OVMF's HTTP Boot
+    driver does between its HEAD and GET) is an aborted connection, not a traceback on stderr
+    nor an internal error; the server goes on answering."""
+    import struct
+    import time
+
+    root, _, data = _files(tmp_path)
+    cfg = http.HttpConfig(root=root, address="127.0.0.1", port=0)
+    with http.serve(cfg) as srv:
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", srv.port))
+            s.sendall(b"GET /initrd.img HT")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # RST
+        deadline = time.monotonic() + 10
+        while srv.stats.aborted < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        code, _, body = _get(f"http://127.0.0.1:{srv.port}/initrd.img")
+        assert code == 200 and body == data
+        assert srv.stats.aborted >= 3 and srv.stats.internal_errors == 0, srv.stats
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err

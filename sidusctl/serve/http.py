@@ -24,6 +24,7 @@ import contextlib
 import http.server
 import os
 import socket
+import sys
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -143,6 +144,19 @@ class _Server(http.server.ThreadingHTTPServer):
             self.socket.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE,
                                    self.cfg.interface.encode())
         super().server_bind()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """An exception outside the handler's own guards (socketserver would print it to
+        stderr): a client that reset or timed out while its request line was read is counted
+        as aborted, anything else as an internal error, logged with its traceback."""
+        err = sys.exc_info()[1]
+        client = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        if isinstance(err, (ConnectionResetError, BrokenPipeError, TimeoutError)):
+            self.stats.add(aborted=1)
+            log.debug("HTTP %s: connection ended before a request: %s", client, err)
+            return
+        self.stats.add(internal_errors=1)
+        log.exception("HTTP %s: internal error", client)
 
     def enter(self, client: str) -> str | None:
         """Count a new connection from ``client``; the reason if it is over a limit."""
