@@ -8,8 +8,10 @@ Boot driver of the NIC, which, having no URI of its own, asks DHCP with vendor c
 ``HTTPClient:Arch:00016`` and boots the URL it is offered (EDK2 HttpBootDxe). So what boots
 is what serve-pxe's DHCP answered: ``http://SERVER/shimx64.efi``; shim fetches
 ``grubx64.efi`` from the same URL directory over HTTP and the firmware's Secure Boot lets
-both run: serve-pxe's log has no TFTP request from this node. (A short boot: see the test's
-docstring for why it stops at GRUB.)
+both run: serve-pxe's log has no TFTP request from this node. That GRUB is Debian 13's (2.12,
+``--signed-grub``): Debian 12's 2.06 configures its network only from the PXE Base Code's
+DHCP packet, which an HTTP boot leaves empty, so it stops at ``grub>`` (a start-up warning of
+serve-pxe says so, tested here without a boot).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from sidusctl.subsys import qemu
 from tests.conftest import SIDUSCTL, BuiltImage
 from tests.netns_util import uniq
 from tests.test_pxe_boot import BOOT_TIMEOUT, evidence
+from tests.test_secureboot import SECURE_BOOT_VAR
 
 virt_firmware = pytest.importorskip("virt.firmware", reason="needs virt-firmware (PyPI)")
 
@@ -40,6 +42,9 @@ pytestmark = [
 ]
 
 NODE = LabNode("hb1", "52:54:00:4b:00:01", IPv4Address("10.77.0.160"))
+#: Debian 13's signed netboot GRUB, where scripts/fetch-signed-grub puts it
+SIGNED_GRUB_212 = Path("/var/lib/sidusctl/signed-grub/grubnetx64.efi.signed")
+
 SERVE = [*SIDUSCTL, "serve-pxe"]
 
 
@@ -59,38 +64,59 @@ def http_boot_vars(template: Path, dest: Path) -> Path:
     return dest
 
 
-def test_uefi_http_boot_with_secure_boot_reaches_signed_grub(minimal_image: BuiltImage,
-                                                             tmp_path: Path) -> None:
-    """What is proven today: firmware → DHCP (HTTPClient, arch 16) → shim over HTTP → signed
-    GRUB over HTTP, verified under Secure Boot, and no TFTP at all. Debian 12's signed GRUB
-    2.06 then finds no configuration after an HTTP boot (it asks for none and stops at
-    ``grub>``: its prefix is not tied to the HTTP boot device), so the boot to login over
-    HTTP Boot is not reached yet (docs/netboot.md)."""
+def test_uefi_http_boot_with_secure_boot_reaches_login(minimal_image: BuiltImage,
+                                                      tmp_path: Path) -> None:
+    """UEFI HTTP Boot under Secure Boot to a login prompt, nothing over TFTP: firmware → DHCP
+    (HTTPClient, arch 16) → shim over HTTP → Debian 13's signed GRUB 2.12 over HTTP
+    (``--signed-grub``, fetched by scripts/fetch-signed-grub: Debian 12's 2.06 finds no
+    configuration after an HTTP boot, and serve-pxe says so) → its grub.cfg, the node's entry,
+    the signed kernel and the initrd over HTTP → NFS root and overlay. Inside: Secure Boot on,
+    lockdown, ``/`` the overlay, the inventory's host name."""
+    from tests.test_pxe_boot import check_node, rootfs
+
+    if not SIGNED_GRUB_212.is_file():
+        pytest.fail(f"{SIGNED_GRUB_212} is missing: run scripts/fetch-signed-grub (setup-host "
+                    "does)", pytrace=False)
+    root = rootfs(minimal_image)
+    mac = NODE.mac.replace(":", "-")
     with PxeLab(uniq("hb"), minimal_image.state, "minimal", [NODE], tmp_path,
                 serve_command=SERVE) as lab, evidence(lab):
-        lab.start_serve("--nfs", "off", "--efi-loader", "shim", "--http")
+        lab.start_serve("--nfs", "ganesha", "--efi-loader", "shim", "--http",
+                        "--signed-grub", str(SIGNED_GRUB_212))
+        assert (lab.tftp_root / "grubx64.efi").read_bytes() == SIGNED_GRUB_212.read_bytes()
+        assert "will stop at 'grub>'" not in lab.serve_text()
         vars_fd = http_boot_vars(qemu.OVMF_VARS_MS, tmp_path / "hb1.vars.fd")
         g = lab.boot(NODE, secure_boot=True, nic_rom=False, uefi_vars=vars_fd,
                      timeout=BOOT_TIMEOUT)
-        g.expect(rb"Welcome to GRUB!", 240)
-        print(f"HTTP Boot: signed GRUB running {time.monotonic() - g.started:.1f} s after "
-              "qemu started")
+        login_s = g.login(timeout=BOOT_TIMEOUT)
+        print(f"HTTP Boot under Secure Boot: login prompt {login_s:.1f} s after qemu started")
         text = lab.serve_text()
         assert re.search(rf"DHCP {NODE.mac}: DISCOVER -> OFFER {NODE.ip} .*boot file "
                          r"http://10\.77\.0\.1/shimx64\.efi \(HTTPClient arch 16",
                          text), text[-3000:]
         assert re.search(rf"DHCP {NODE.mac}: REQUEST \(selecting\) -> ACK {NODE.ip} .*"
                          r"http://10\.77\.0\.1/shimx64\.efi", text), text[-3000:]
+        for f in ("shimx64.efi", "/grubx64.efi", "grub/grub.cfg", f"grub/grub.cfg-01-{mac}",
+                  "vmlinuz-minimal", "initrd.img-minimal"):
+            assert re.search(rf'HTTP {re.escape(str(NODE.ip))}: "GET /{re.escape(f)} ', text), f
         assert f"TFTP {NODE.ip}:" not in text, "the HTTP Boot node used TFTP"
-        deadline = time.monotonic() + 20
-        files: list[str] = []
-        while time.monotonic() < deadline:  # status.json is written every few seconds
-            files = lab.status()[NODE.name]["files"]
-            if "grubx64.efi" in files:
-                break
-            time.sleep(1)
-        assert {"shimx64.efi", "grubx64.efi"} <= set(files), files
         assert "Security Violation" not in g.transcript()
+        assert g.sh(f"od -An -tu1 {SECURE_BOOT_VAR}").split()[-1] == "1"
+        lockdown = g.sh("cat /sys/kernel/security/lockdown")
+        assert re.search(r"\[(integrity|confidentiality)\]", lockdown), lockdown
+        check_node(g, NODE, root)
+        assert lab.stop_serve() == 0
+
+
+def test_serve_pxe_warns_that_debian_12s_grub_stops_after_http_boot(minimal_image: BuiltImage,
+                                                                     tmp_path: Path) -> None:
+    """No boot: serve-pxe with the host's signed GRUB 2.06, shim and HTTP on, says at start
+    that UEFI HTTP Boot clients will stop at ``grub>`` and what to give instead."""
+    with PxeLab(uniq("hw"), minimal_image.state, "minimal", [NODE], tmp_path,
+                serve_command=SERVE) as lab, evidence(lab):
+        lab.start_serve("--nfs", "off", "--efi-loader", "shim", "--http")
+        text = lab.serve_text()
+        assert "will stop at 'grub>'" in text and "--signed-grub" in text, text[-2000:]
         assert lab.stop_serve() == 0
 
 
