@@ -168,7 +168,7 @@ async def getport(src: str, server: str, prog: int, vers: int, tally: Any) -> in
 
 
 async def nfs_boot_reads(src: str, server: str, export: str, entries: list[tuple[str, int, str]],
-                         rsize: int, tally: Any, check: dict[str, str]) -> dict[str, str]:
+                         rsize: int, tally: Any, check: set[str]) -> dict[str, str]:
     """What a node's kernel does for its NFS root from cold caches: the portmapper for MOUNT
     and NFS, MNT, then for each entry of the recorded boot (in order) a LOOKUP of every path
     component not looked up yet, and for a file ACCESS and READs of ``rsize`` to the end, a
