@@ -508,6 +508,13 @@ def test_start_command_exit_code_in_status(plat: Path, image: str) -> None:
             time.sleep(1)
         assert node["exit_code"] == 3, node
         assert node["boot"] == "booted"
+        # booted is remembered for this init (pid and start time): later status calls do not
+        # ask systemd again; a restart (another init) is asked afresh
+        mark = plat / "vnode" / "lxc" / "sdt-vtsc" / "sidusctl-booted"
+        pid = mark.read_text().split()[0]
+        st = json.loads(ok("vnode", "status", "sdt-vtsc", "--json", state=plat).stdout)
+        assert st["hosts"]["localhost"]["sdt-vtsc"]["boot"] == "booted"
+        assert Path(f"/proc/{pid}").is_dir()
         r = ok("vnode", "exec", "sdt-vtsc", "cat", "/var/log/sidusctl/start_command.out",
                state=plat)
         assert r.stdout.strip() == "hello"

@@ -5,14 +5,17 @@ boot status, start-command exit code) and the wait until vnodes answer SSH. A mi
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sidusctl.core.errors import CommandError, NotFoundError, StateError
+from sidusctl.core.errors import CommandError, NotFoundError, SidusError, StateError
+from sidusctl.core.run import output, which
 from sidusctl.subsys import lxc
 from sidusctl.vnode.model import FROZEN, READY, RUNNING, VNode
 
@@ -21,6 +24,10 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str], None]
 STATUS_WORKERS = 32  # vnodes asked at once by status()
+#: in a running container's LXC directory: the PID and start time of the init that was seen
+#: booted. Booted stays booted until the container's init changes (a restart), so status asks
+#: systemd (an lxc-attach) only until it has seen the boot finish once.
+BOOTED_MARK = "sidusctl-booted"
 
 
 class Observe:
@@ -45,16 +52,17 @@ class Observe:
                 raise NotFoundError(f"no vnode named {n!r}")
         chosen = [vn for vn in sorted(st.vnodes.values(), key=lambda v: v.name)
                   if not names or vn.name in names]
+        listed = self._states(chosen)
 
         def one(vn: VNode) -> dict[str, Any]:
             c = self._container(vn.name)
-            real = c.state()
+            real, pid = listed[vn.name] if vn.name in listed else (c.state(), None)
             boot: str | None = None
             code = vn.exit_code
             state = vn.state
             if real == "RUNNING":
                 state = RUNNING
-                boot = self._boot_status(c)
+                boot = self._boot_status(c, pid)
                 if vn.start_command:
                     code = self._start_command_exit(vn)
             elif real == "FROZEN":
@@ -74,8 +82,44 @@ class Observe:
             hosts.setdefault(vn.host, {})[vn.name] = a
         return {"hosts": hosts}
 
+    def _states(self, chosen: Sequence[VNode]) -> dict[str, tuple[str, int | None]]:
+        """State and init PID of every container of the store, from one ``lxc-ls --fancy``
+        (not one lxc-info per vnode); empty if lxc-ls fails (each vnode is then asked)."""
+        if not chosen:
+            return {}
+        lxcpath = self._container(chosen[0].name).lxcpath
+        try:
+            out = output([which("lxc-ls", "lxc"), "-P", str(lxcpath), "--fancy",
+                          "--fancy-format", "NAME,STATE,PID"], timeout=30)
+        except SidusError:
+            return {}
+        got: dict[str, tuple[str, int | None]] = {}
+        for line in out.splitlines()[1:]:
+            f = line.split()
+            if len(f) >= 2:
+                got[f[0]] = (f[1], int(f[2]) if len(f) > 2 and f[2].isdigit() else None)
+        return got
+
+    @classmethod
+    def _boot_status(cls, c: lxc.Container, pid: int | None = None) -> str:
+        """``booted`` or ``started`` (see :meth:`status`); with the init's ``pid``, remembered
+        once booted (:data:`BOOTED_MARK`)."""
+        mark = c.dir / BOOTED_MARK
+        init = None
+        if pid is not None:
+            with contextlib.suppress(OSError, IndexError):
+                # /proc/PID/stat: the start time is field 22, the 20th after "(comm)"
+                init = f"{pid} {Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19]}"
+                if mark.read_text().strip() == init:
+                    return "booted"
+        boot = cls._ask_boot_status(c)
+        if boot == "booted" and init is not None:
+            with contextlib.suppress(OSError):
+                mark.write_text(f"{init}\n")
+        return boot
+
     @staticmethod
-    def _boot_status(c: lxc.Container) -> str:
+    def _ask_boot_status(c: lxc.Container) -> str:
         try:
             r = c.attach(["systemctl", "is-system-running"], check=False, timeout=15)
         except CommandError:
