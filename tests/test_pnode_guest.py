@@ -1,0 +1,366 @@
+"""A pnode booted the SIDUS way: a qemu guest (TCG) PXE-booted through our own serve-pxe from
+``images/pnode``, driven as a pnode of a platform file by the frontend over its OpenSSH.
+
+This machine's kernel has no netem and no cgroup v2 memory controller; the guest's Debian
+kernel and systemd (unified cgroup v2 hierarchy) have both, so what the namespace pnodes of
+tests/test_multihost.py cannot show is proven here, in one boot:
+
+- the pnode image is built from a copy of ``images/pnode`` with a wheelhouse of this checkout
+  (``pip wheel``) and the frontend's key (its ``postinst`` script installs both), sharing the
+  bootstrap and package caches;
+- serve-pxe (a :class:`PxeLab` namespace, NFS root, tmpfs overlay) boots the guest (3 GiB, a
+  blank virtio disk for the vnode store) to login; the frontend, in the lab's namespace,
+  reaches the guest's sshd with its key;
+- ``pnode check`` names what the unprepared pnode lacks (no store), and that the guest has
+  netem and the v2 memory controller; the guest's store is made btrfs on its disk, then
+  ``pnode init`` sends the ``minimal`` tarball and ``pnode check`` is clean;
+- ``vnode up`` starts three cow vnodes there, one with v2 memory limits (soft, hard, swap):
+  memory.high, memory.max and memory.swap.max hold them in the guest's cgroup tree, and a
+  process growing past the hard limit is OOM-killed (``memory.events`` counts it);
+- ``vnode latency-matrix`` shapes them; ping between each pair measures the matrix's round
+  trip (i→j plus j→i) within 10 %;
+- ``vnode down`` leaves no vnode on the pnode.
+
+The image and its reuse key live in the shared test state (``SIDUSCTL_TEST_REUSE`` keeps
+them); everything else (the lab's namespace ``sdt-pg<pid>``, the guest, the disk, the
+frontend's state) is removed at the end, on failure too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from sidusctl.netboot.lab import LabNode, PxeLab, wait_logins
+from sidusctl.subsys import qemu
+from sidusctl.subsys.tarball import TAR_FLAGS
+from tests.conftest import REPO, REUSE, SIDUSCTL, BuiltImage, sidusctl
+from tests.netns_util import uniq
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, qemu, NFS)")]
+
+NODE = LabNode("pg1", "52:54:00:77:06:01", IPv4Address("10.77.0.160"))
+SERVE = [*SIDUSCTL, "serve-pxe"]
+BOOT_TIMEOUT = 480.0
+MEMORY_MIB = 3072
+VNODES = ["sdt-pg1", "sdt-pg2", "sdt-pg3"]
+# one-way milliseconds, row = from, column = to (Distem's matrix)
+MATRIX = [[0, 25, 50], [25, 0, 40], [50, 40, 0]]
+PINGS = 20  # per pair; the median is compared (TCG scheduling delays some replies)
+MEM = {"soft": 48, "hard": 64, "swap": 16}  # MiB, on sdt-pg3
+SOURCES = ("sidusctl", "templates", "initramfs", "images", "pyproject.toml", "setup.py",
+           "MANIFEST.in")
+
+
+# -- the pnode image ---------------------------------------------------------------------------
+
+def _source_files() -> list[Path]:
+    """What a wheel of the checkout is made of (tracked and untracked, not ignored)."""
+    out = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
+                          "--exclude-standard", *SOURCES], capture_output=True,
+                         check=True).stdout
+    return sorted(Path(p.decode()) for p in out.split(b"\0")
+                  if p and (REPO / p.decode()).is_file())
+
+
+def _image_key(pub: str) -> str:
+    """What decides the pnode image: the checkout's sources (the recipe, the wheel's content)
+    and the frontend's key."""
+    h = hashlib.sha256(pub.encode())
+    for rel in _source_files():
+        h.update(str(rel).encode() + b"\0" + (REPO / rel).read_bytes())
+    return h.hexdigest()
+
+
+def _recipe_copy(dest: Path, pub: str) -> Path:
+    """``dest/pnode``: images/pnode plus ``wheels/`` (``pip wheel`` of a copy of the checkout:
+    sidusctl and every dependency) and ``authorized_keys`` (the frontend's key)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    src = dest / "src"
+    for rel in _source_files():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, src / rel, follow_symlinks=False)
+    recipe = dest / "pnode"
+    shutil.copytree(REPO / "images" / "pnode", recipe, symlinks=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
+                    "--wheel-dir", str(recipe / "wheels"), str(src)],
+                   check=True, capture_output=True, timeout=900, cwd=dest)
+    (recipe / "authorized_keys").write_text(pub)
+    shutil.rmtree(src)
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def pnode_image(minimal_image: BuiltImage) -> Iterator[tuple[BuiltImage, Path]]:
+    """(the shared ``minimal`` build, the frontend's private key); ``pnode`` built in the same
+    state directory (reused under SIDUSCTL_TEST_REUSE when its key is unchanged)."""
+    state = minimal_image.state
+    key = state / "pnode-frontend-key"
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sdt-frontend",
+                        "-f", str(key)], check=True)
+    pub = Path(f"{key}.pub").read_text()
+    digest = _image_key(pub)
+    keyfile = state / "build-pnode.key"
+    from sidusctl.subsys.imagestore import ImageStore
+    store = ImageStore(state)
+    if not (REUSE and store.exists("pnode") and keyfile.exists()
+            and keyfile.read_text() == digest):
+        keyfile.unlink(missing_ok=True)
+        work = state / "pnode-recipe"
+        recipe = _recipe_copy(work, pub)
+        t0 = time.monotonic()
+        res = sidusctl("build", str(recipe), state=state, timeout=1800)
+        shutil.rmtree(work, ignore_errors=True)
+        assert res.returncode == 0, f"building the pnode image failed:\n{res.stderr[-4000:]}"
+        print(f"pnode image built in {time.monotonic() - t0:.0f} s")
+        keyfile.write_text(digest)
+    yield minimal_image, key
+
+
+# what a container does not need: the kernel and its modules, docs, apt's lists and cache
+SLIM_EXCLUDES = ("./boot", "./usr/lib/modules", "./usr/share/doc", "./usr/share/man",
+                 "./usr/share/locale", "./usr/share/i18n", "./var/cache/apt",
+                 "./var/lib/apt/lists")
+
+
+def vnode_tarball(image: BuiltImage) -> Path:
+    """The shared ``minimal`` build's root as a vnode tarball without what a container never
+    reads (:data:`SLIM_EXCLUDES`): 60 MB instead of 280, which a TCG guest receives over
+    ssh (a few MB/s) and unpacks in a minute instead of several. Made once per generation."""
+    rootfs = Path(str(image.rootfs)).resolve()
+    dest = image.state / f"sdt-vnode-{rootfs.parent.name}.tar.zst"
+    if not dest.exists():
+        for old in image.state.glob("sdt-vnode-*.tar.zst"):
+            old.unlink()
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        subprocess.run(["tar", *TAR_FLAGS, "--use-compress-program", "zstd -T0 -3 -q",
+                        *(f"--exclude={x}" for x in SLIM_EXCLUDES), "-C", str(rootfs),
+                        "-cf", str(tmp), "."], check=True, timeout=600)
+        tmp.rename(dest)
+    return dest
+
+
+# -- the frontend ------------------------------------------------------------------------------
+
+class Frontend:
+    """The frontend's commands, run in the lab's namespace (where the guest is reachable)."""
+
+    def __init__(self, lab: PxeLab, state: Path, key: Path) -> None:
+        self.lab, self.state, self.key = lab, state, key
+        self.known_hosts = state / "known_hosts"
+
+    def ssh_options(self) -> list[str]:
+        return ["-i", str(self.key), "-o", f"UserKnownHostsFile={self.known_hosts}",
+                "-o", "StrictHostKeyChecking=no", "-o", "ConnectTimeout=10"]
+
+    def ssh(self, command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", self.lab.netns, "ssh", "-n",
+                               *self.ssh_options(), f"root@{NODE.ip}", command],
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def cli(self, *args: str, timeout: float = 900) -> tuple[int, str, str]:
+        r = subprocess.run(["ip", "netns", "exec", self.lab.netns, *SIDUSCTL,
+                            "--state-dir", str(self.state), *args],
+                           capture_output=True, text=True, timeout=timeout, check=False,
+                           cwd=REPO)
+        return r.returncode, r.stdout, r.stderr
+
+    def exec_json(self, pf: Path, vnode: str, *argv: str) -> dict[str, object]:
+        _rc, out, err = self.cli("vnode", "exec", "--platform", str(pf), "--json", vnode,
+                                "--", *argv)
+        assert out, err
+        res: dict[str, object] = json.loads(out)[vnode]
+        return res
+
+
+def platform_text(front: Frontend, image: Path) -> str:
+    mem = "".join(f"{k} = {v}\n" for k, v in MEM.items())
+    vnodes = "".join(f'[[vnodes]]\nname = "{n}"\nimage = "{image}"\nfs = "cow"\n'
+                     f'vnetwork = "sdt-pg"\n' for n in VNODES[:2])
+    return f"""
+[pnodes]
+hosts = "{NODE.name}"
+ssh_options = {json.dumps(front.ssh_options())}
+connect_timeout = 10
+
+[pnodes.host.{NODE.name}]
+address = "{NODE.ip}"
+
+[[vnetworks]]
+name = "sdt-pg"
+cidr = "10.237.0.0/24"
+
+{vnodes}
+[[vnodes]]
+name = "{VNODES[2]}"
+image = "{image}"
+fs = "cow"
+vnetwork = "sdt-pg"
+[vnodes.mem]
+hierarchy = "v2"
+{mem}"""
+
+
+@contextlib.contextmanager
+def evidence(lab: PxeLab) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        for g in lab.guests:
+            print(f"--- console of {g.name} ({g.log_path}) ---\n{g.tail(8000)}")
+        print(f"--- serve-pxe log ({lab.serve_log}) ---\n{lab.serve_text()[-4000:]}")
+        raise
+
+
+def ping_all(addrs: dict[str, str]) -> str:
+    """A shell command every vnode runs: ``PINGS`` pings to each other vnode's address of
+    ``addrs`` (after one that fills the ARP cache), printing ``RTT <name> <ms> ...`` per
+    target."""
+    return "; ".join(
+        f'[ "$(hostname)" = {n} ] || {{ ping -c 1 -W 5 {a} >/dev/null; echo RTT {n} '
+        f"$(ping -n -c {PINGS} -i 0.2 -W 5 {a} | sed -n 's/.*time=\\([0-9.]*\\) ms/\\1/p'); }}"
+        for n, a in addrs.items())
+
+
+def rtts(out: str) -> dict[str, list[float]]:
+    """``RTT name ms...`` lines -> {name: [ms...]}."""
+    got: dict[str, list[float]] = {}
+    for line in out.splitlines():
+        if line.startswith("RTT "):
+            name, *ms = line.split()[1:]
+            got[name] = [float(x) for x in ms]
+    return got
+
+
+def test_sidus_booted_pnode_runs_shaped_and_limited_vnodes(
+        pnode_image: tuple[BuiltImage, Path], tmp_path: Path) -> None:
+    minimal, key = pnode_image
+    image = vnode_tarball(minimal)
+    t_start = time.monotonic()
+    lab = PxeLab(uniq("pg"), minimal.state, "pnode", [NODE], tmp_path / "lab",
+                 serve_command=SERVE)
+    front_state = tmp_path / "front"
+    front_state.mkdir()
+    front = Frontend(lab, front_state, key)
+    pf = tmp_path / "sdt-pg.toml"
+    disk = tmp_path / "sdt-pg-store.img"
+    with open(disk, "wb") as f:
+        f.truncate(6 << 30)
+    figures: dict[str, object] = {}
+    with lab, evidence(lab):
+        lab.start_serve(ready_timeout=240)
+        tap = lab.add_tap()
+        g = qemu.Guest(f"{lab.prefix}-{NODE.name}", netns=lab.netns, tap=tap, mac=NODE.mac,
+                       memory=MEMORY_MIB, disks=[disk], timeout=BOOT_TIMEOUT,
+                       log=lab.workdir / f"{NODE.name}.console.log")
+        lab.guests.append(g)
+        wait_logins(lab, [(g, NODE)], BOOT_TIMEOUT)
+        figures["login_s"] = round(time.monotonic() - g.started, 1)
+        g.login(timeout=120)
+        # what the SIDUS root gives: an overlay, systemd on the unified cgroup v2 hierarchy
+        assert g.sh("findmnt -n -o FSTYPE /") == "overlay"
+        assert g.sh("stat -f -c %T /sys/fs/cgroup") == "cgroup2fs"
+        assert "memory" in g.sh("cat /sys/fs/cgroup/cgroup.controllers").split()
+        # the boot's own jobs done before the frontend comes (a TCG guest is slow enough)
+        g.sh("systemctl is-system-running --wait", timeout=300, check=False)
+
+        # the frontend reaches its sshd with the key the image carries; sidusctl is there
+        # and the kernel has what the namespace pnodes lack
+        r = front.ssh("hostname; sidusctl pnode facts --json")
+        assert r.returncode == 0, r.stderr
+        name, facts_text = r.stdout.split("\n", 1)
+        assert name == NODE.name, r.stdout
+        facts = json.loads(facts_text)
+        assert facts["kernel"]["netem"] and facts["kernel"]["vxlan"], facts
+        assert "memory" in facts["cgroup"]["v2"] and facts["tools"]["lxc"], facts
+
+        pf.write_text(platform_text(front, image))
+        t0 = time.monotonic()
+        rc, out, err = front.cli("pnode", "check", str(pf), "--json")
+        figures["check_s"] = round(time.monotonic() - t0, 1)
+        assert rc == 1, out + err
+        assert any("not initialised" in s for s in json.loads(out)[NODE.name]), out
+
+        # the store: btrfs on the guest's own disk, then the image sent by pnode init
+        r = front.ssh("sidusctl vnode init --btrfs-device /dev/vda")
+        assert r.returncode == 0 and "(btrfs)" in r.stdout + r.stderr, r.stdout + r.stderr
+        rc, out, err = front.cli("pnode", "init", str(pf), "--json")
+        assert rc == 0 and "sent" in json.loads(out)[NODE.name], out + err
+        rc, out, err = front.cli("pnode", "check", str(pf), "--json")
+        assert rc == 0 and json.loads(out) == {NODE.name: []}, out + err
+
+        try:
+            t0 = time.monotonic()
+            rc, out, err = front.cli("vnode", "up", str(pf), "--json", "--timeout", "600")
+            assert rc == 0, out + err
+            figures["up_s"] = round(time.monotonic() - t0, 1)
+            report = json.loads(out)
+            assert sorted(report["pnodes"][NODE.name]["started"]) == VNODES, out
+            addrs = {v: a["sdt-pg"] for v, a in report["plan"]["addresses"].items()}
+
+            # v2 memory limits, in the guest's own cgroup tree
+            cg = f"/sys/fs/cgroup/lxc.payload.{VNODES[2]}"
+            want = {"memory.high": str(MEM["soft"] << 20), "memory.max": str(MEM["hard"] << 20),
+                    "memory.swap.max": str(MEM["swap"] << 20)}
+            got = {f: g.sh(f"cat {cg}/{f}") for f in want}
+            assert got == want, (cg, got)
+            assert g.sh(f"cat /sys/fs/cgroup/lxc.payload.{VNODES[0]}/memory.max") == "max"
+            # a process growing past the hard limit is killed by the OOM killer
+            res = front.exec_json(pf, VNODES[2], "dd", "if=/dev/zero", "of=/dev/null",
+                                  "bs=160M", "count=1")
+            assert res["rc"] == 137, res  # SIGKILL
+            events = g.sh(f"cat {cg}/memory.events")
+            m = re.search(r"^oom_kill (\d+)$", events, re.M)
+            assert m and int(m.group(1)) >= 1, events
+            figures["oom_kill"] = int(m.group(1))
+
+            # the latency matrix, measured by ping from every vnode to every other
+            matrix = tmp_path / "matrix"
+            matrix.write_text(" ".join(VNODES) + "\n"
+                              + "".join(" ".join(map(str, row)) + "\n" for row in MATRIX))
+            rc, out, err = front.cli("vnode", "latency-matrix", "--platform", str(pf),
+                                     str(matrix))
+            assert rc == 0, out + err
+            rc, out, err = front.cli(
+                "vnode", "exec", "--platform", str(pf), "--json", "sdt-pg[1-3]", "--", "sh",
+                "-c", ping_all(addrs))
+            assert rc == 0, out + err
+            answers = json.loads(out)
+            measured: dict[str, dict[str, float]] = {}
+            for i, src in enumerate(VNODES):
+                got_ms = rtts(str(answers[src]["stdout"]))
+                for j, dst in enumerate(VNODES):
+                    if i == j:
+                        continue
+                    asked = float(MATRIX[i][j] + MATRIX[j][i])
+                    samples = sorted(got_ms.get(dst, []))
+                    assert len(samples) >= PINGS // 2, (src, dst, answers[src])
+                    median = samples[len(samples) // 2]
+                    measured[f"{src}->{dst}"] = {"asked": asked, "median": median,
+                                                 "min": samples[0], "max": samples[-1]}
+                    assert abs(median - asked) <= 0.1 * asked, (src, dst, asked, samples)
+            figures["rtt_ms"] = measured
+        finally:
+            rc, out, err = front.cli("vnode", "down", str(pf))
+        assert rc == 0, out + err
+        # nothing left on the pnode: no container, no vnode root, no cgroup
+        assert g.sh("ls /var/lib/sidusctl/vnode/store/vnodes") == ""
+        assert g.sh("ls -d /sys/fs/cgroup/lxc.payload.* 2>/dev/null | wc -l") == "0"
+        figures["total_s"] = round(time.monotonic() - t_start, 1)
+        print("pnode guest figures:", json.dumps(figures))
+    with contextlib.suppress(OSError):
+        disk.unlink()
