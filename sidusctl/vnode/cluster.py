@@ -45,6 +45,9 @@ log = get_logger("cluster")
 Progress = Callable[[str], None]
 #: marks an image tarball a pnode already has, in the answer of :meth:`Cluster.facts_and_images`
 PRESENT = "sidusctl-image-present "
+#: seconds a pnode has to answer a short command (facts, status): a pnode that is a TCG guest
+#: on a loaded host needs 30-50 s just to start Python and import sidusctl
+ANSWER_TIMEOUT = 180.0
 #: the vnode :meth:`Cluster.cache_images` creates and destroys on each pnode
 CACHE_VNODE = "sidusctl-image-cache"
 
@@ -154,7 +157,7 @@ class Cluster:
                              f"echo {shlex.quote(PRESENT + rel)}; " for rel in images.values())
             cmds[h] = ["sh", "-c", f'"$@" || exit $?; {probes}exit 0', "sh",
                        *self.cli(h, "pnode", "facts", "--json")]
-        res = self.fo.run_each(cmds, timeout=60)
+        res = self.fo.run_each(cmds, timeout=ANSWER_TIMEOUT)
         facts: dict[str, dict[str, Any]] = {}
         have: dict[str, set[str]] = {}
         problems: dict[str, str] = {}
@@ -483,7 +486,7 @@ class Cluster:
         platform's vnodes."""
         mine = {v.name for v in self.spec.vnodes}
         answers, problems, _ = self._json_each(
-            {h: self.cli(h, "vnode", "status", "--json") for h in self.hosts}, timeout=60)
+            {h: self.cli(h, "vnode", "status", "--json") for h in self.hosts}, timeout=ANSWER_TIMEOUT)
         hosts: dict[str, Any] = {}
         for h in self.hosts:
             if h in answers:
