@@ -56,7 +56,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-# not bench/ itself first on the path: bench/platform.py would shadow the standard library's
+# the repository first on the path, bench/ itself not (a bench script named like a standard
+# library module would stand in for it)
 sys.path[:] = [str(REPO), *(d for d in sys.path if Path(d or ".").resolve() != REPO / "bench")]
 import tests.test_storm as storm  # noqa: E402
 from tests.netns_util import Daemon, bridge, enslave, ip, netns, nsexec, veth  # noqa: E402

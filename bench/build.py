@@ -12,15 +12,18 @@ With --incremental, instead: the stage cache on a copy of images/minimal, --runs
 fresh state directory each time): the first build (empty stage cache; the package and
 bootstrap caches as --cache-dir has them), then a rebuild with no change, with one site file
 changed (/etc/motd's template), and with one package added (`tree`), next to apt's own time for
-that package (`apt-get install tree` in a chroot of the image, .deb already cached).
-Everything lives under a temp dir named sdt-bench-* and is removed at the end.
+that package (`apt-get install tree` in a chroot of the image, .deb already cached). The
+package added runs as a delta on the first build's stage cache entry. ``--state-fs btrfs`` puts
+the state directory on a loop-mounted btrfs (sdt-bench-*.img), where the stage cache restores
+and saves by snapshot instead of copying the root. Everything lives under a temp dir named sdt-bench-* and is removed at the end.
 Run as root: `.venv/bin/python bench/build.py [--backend debootstrap|mmdebstrap|both]
-[--incremental [--cache-dir DIR]]`.
+[--incremental [--cache-dir DIR] [--state-fs ext4|btrfs]]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,13 +75,37 @@ def bench(backend: str, work: Path, runs: int) -> dict[str, object]:
             "warm_over_first": round(med["warm_s"] / med["first_s"], 3)}
 
 
-def incremental(work: Path, runs: int, cache: Path | None) -> dict[str, object]:
+@contextlib.contextmanager
+def state_fs(work: Path, fs: str) -> Iterator[Path]:
+    """The directory the state directories go in: ``work`` itself, or a btrfs made on a sparse
+    loop file under it (12 GiB), mounted for the duration and removed after."""
+    if fs != "btrfs":
+        yield work
+        return
+    img, mnt = work / "sdt-bench-state.img", work / "btrfs"
+    with open(img, "wb") as f:
+        f.truncate(12 * 2**30)
+    subprocess.run(["mkfs.btrfs", "-q", "-L", "sdt-bench", str(img)], check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def incremental(work: Path, runs: int, cache: Path | None, fs: str = "ext4") -> dict[str, object]:
     """First build, then no change / one site file / one package added, ``runs`` rounds."""
+    with state_fs(work, fs) as where:
+        return _incremental(work, where, runs, cache)
+
+
+def _incremental(work: Path, where: Path, runs: int, cache: Path | None) -> dict[str, object]:
     rounds = []
     for i in range(runs):
         rec = work / f"round-{i}" / "minimal"  # the folder names the image
         shutil.copytree(REPO / "images" / "minimal", rec)  # (makes round-i/ too)
-        state = work / f"state-inc-{i}"
+        state = where / f"state-inc-{i}"
         apt = cache or work / f"cache-inc-{i}" / "apt"
         base = [sys.executable, "-m", "sidusctl", "-q", "--state-dir", str(state)]
         cmd = [*base, "build", str(rec / "image.toml"), "--cache-dir", str(apt)]
@@ -109,6 +137,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--incremental", action="store_true",
                     help="the stage cache cases on images/minimal instead")
+    ap.add_argument("--state-fs", choices=["ext4", "btrfs"], default="ext4",
+                    help="with --incremental: btrfs puts the state directory on a loop btrfs")
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help="with --incremental: a .deb cache to use (default: empty, per round)")
     a = ap.parse_args()
@@ -116,7 +146,7 @@ def main() -> None:
         sys.exit("bench/build.py must run as root (debootstrap, chroot, mounts)")
     if a.incremental:
         with tempfile.TemporaryDirectory(prefix="sdt-bench-", dir="/var/tmp") as tmp:
-            res = incremental(Path(tmp), a.runs, a.cache_dir)
+            res = incremental(Path(tmp), a.runs, a.cache_dir, a.state_fs)
         if a.json:
             print(json.dumps(res, indent=2))
             return

@@ -5,7 +5,7 @@ state directory and (once ``sidusctl vnode init`` ran there) its own btrfs store
 joined by a bridge ``sdt-pnlan`` in the root namespace that plays the testbed LAN
 (192.168.250.0/24: the bridge has .254, pnode k has .k). The frontend (the test itself)
 reaches them over that bridge with a key made for the run. ``prefix`` and ``lan_net`` of
-:func:`pnodes` change those names and that network (bench/platform.py uses ``sdt-bppn`` and
+:func:`pnodes` change those names and that network (bench/vnode_platform.py uses ``sdt-bppn`` and
 192.168.251, so it never collides with a test run).
 
 LXC in a namespace made by ``ip netns exec`` cannot see the cgroup tree (that command

@@ -11,7 +11,7 @@ start to its exit), their ratio (multi/single; aim at most 1.3), the phases of t
 seconds after ``up``; aim under 2), the same for one host's ``vnode status``, and the machine's
 load average while each part ran.
 
-    sudo .venv/bin/python bench/platform.py --image minimal [--state-dir DIR] [--count 100]
+    sudo .venv/bin/python bench/vnode_platform.py --image minimal [--state-dir DIR] [--count 100]
                                             [--status-runs 5] [--settle 20] [--skip-single]
                                             [--json]
 
@@ -45,10 +45,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# run as a script, this file's directory comes first on sys.path and this file would stand in
-# for the standard library's ``platform`` module (which uuid, hence pydantic, imports)
+# the repository first on the path (this file is run as a script from bench/)
 HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
 from bench.vnode import resolve_tarball  # noqa: E402
@@ -204,7 +202,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if os.geteuid() != 0:
-        print("bench/platform.py needs root", file=sys.stderr)
+        print("bench/vnode_platform.py needs root", file=sys.stderr)
         return 2
     tarball = resolve_tarball(a.image, state_dir(a.state_dir))
     signal.signal(signal.SIGTERM, _interrupted)
@@ -218,7 +216,7 @@ def main() -> int:
         three_pnodes(tarball, a.count, a.status_runs, a.settle,
                      out.setdefault("three_pnodes", {}))
     except (Exception, KeyboardInterrupt) as e:
-        print(f"bench/platform.py: {e}\nfigures so far: {json.dumps(out)}", file=sys.stderr)
+        print(f"bench/vnode_platform.py: {e}\nfigures so far: {json.dumps(out)}", file=sys.stderr)
         return 1
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
