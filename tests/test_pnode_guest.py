@@ -53,6 +53,7 @@ from sidusctl.subsys import qemu
 from sidusctl.subsys.tarball import TAR_FLAGS
 from tests.conftest import REPO, REUSE, SIDUSCTL, BuiltImage, sidusctl
 from tests.netns_util import uniq
+from tests.test_pxe_boot import evidence
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, qemu, NFS)")]
@@ -218,17 +219,6 @@ vnetwork = "sdt-pg"
 [vnodes.mem]
 hierarchy = "v2"
 {mem}"""
-
-
-@contextlib.contextmanager
-def evidence(lab: PxeLab) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        for g in lab.guests:
-            print(f"--- console of {g.name} ({g.log_path}) ---\n{g.tail(8000)}")
-        print(f"--- serve-pxe log ({lab.serve_log}) ---\n{lab.serve_text()[-4000:]}")
-        raise
 
 
 def ping_all(addrs: dict[str, str]) -> str:
