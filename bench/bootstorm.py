@@ -46,7 +46,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -305,14 +304,7 @@ async def nfs_node(cfg: dict[str, Any], n: dict[str, str], proto: Any, tr: Any,
 async def nfs_storm(cfg: dict[str, Any]) -> dict[str, Any]:
     """Every node of ``cfg["nodes"]`` booting its nfs root at once (within ``spread`` s), at
     most ``timeout`` s; per node its record or its error (as tests/test_storm.storm)."""
-    loop = asyncio.get_running_loop()
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    s.setsockopt(socket.SOL_SOCKET, 25, cfg["interface"].encode())
-    s.bind(("0.0.0.0", 68))
-    tr, proto = await loop.create_datagram_endpoint(storm._Dhcp, sock=s)
+    tr, proto = await storm.dhcp_client(cfg["interface"])
     tally = storm.Tally()
     tally.nfs_calls = tally.nfs_retries = 0  # type: ignore[attr-defined]
     cfg["entries"] = load_reads(Path(cfg["reads"]))

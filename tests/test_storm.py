@@ -313,17 +313,25 @@ async def node(cfg: dict[str, Any], n: dict[str, str], proto: _Dhcp,
     return rec
 
 
-async def storm(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Every node of ``cfg["nodes"]`` at once (started within ``cfg["spread"]`` seconds), at
-    most ``cfg["timeout"]`` seconds in all; per node its record or its error."""
+async def dhcp_client(interface: str) -> tuple[asyncio.DatagramTransport, _Dhcp]:
+    """The storm's one DHCP client socket: UDP port 68 (RFC 2131 section 4.1), broadcast, a
+    4 MiB receive buffer, bound to ``interface`` (SO_BINDTODEVICE), shared by every simulated
+    node (each node's replies are told apart by its xid and chaddr). Raises OSError."""
     loop = asyncio.get_running_loop()
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    s.setsockopt(socket.SOL_SOCKET, 25, cfg["interface"].encode())
+    s.setsockopt(socket.SOL_SOCKET, 25, interface.encode())  # SO_BINDTODEVICE
     s.bind(("0.0.0.0", 68))
     tr, proto = await loop.create_datagram_endpoint(_Dhcp, sock=s)
+    return tr, proto
+
+
+async def storm(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Every node of ``cfg["nodes"]`` at once (started within ``cfg["spread"]`` seconds), at
+    most ``cfg["timeout"]`` seconds in all; per node its record or its error."""
+    tr, proto = await dhcp_client(cfg["interface"])
     tally = Tally()
     t0 = time.monotonic()
     barrier = asyncio.Barrier(len(cfg["nodes"])) if cfg.get("sync_root") else None
