@@ -206,14 +206,14 @@ class PxeLoader:
         report_url = f"{o.http_base(net.server)}{REPORT_PATH}" if http_on else None
         report = write_tree(o.tftp_root, inv, files, report_url=report_url,
                             shim=o.efi_loader == "shim", signed_grub=o.signed_grub)
-        if o.efi_loader == "shim" and http_on:
-            grub = secureboot.chain_files(required=True, chain=secureboot.chain(o.signed_grub))
-            if not secureboot.grub_boots_over_http(grub[secureboot.SIGNED_GRUB_NAME]):
-                log.warning("UEFI HTTP Boot clients under --efi-loader shim will stop at "
-                            "'grub>': the signed GRUB %s cannot find its configuration after "
-                            "an HTTP boot (Debian 12's 2.06); give --signed-grub with Debian "
-                            "13's (scripts/fetch-signed-grub). PXE clients are not affected",
-                            grub[secureboot.SIGNED_GRUB_NAME])
+        # the GRUB write_tree just placed (a missing source was refused there)
+        if o.efi_loader == "shim" and http_on and \
+                not secureboot.grub_boots_over_http(o.tftp_root / secureboot.SIGNED_GRUB_NAME):
+            log.warning("UEFI HTTP Boot clients under --efi-loader shim will stop at "
+                        "'grub>': the signed GRUB %s cannot find its configuration after "
+                        "an HTTP boot (Debian 12's 2.06); give --signed-grub with Debian "
+                        "13's (scripts/fetch-signed-grub). PXE clients are not affected",
+                        o.signed_grub or "of grub-efi-amd64-signed")
         # (without GRUB's EFI modules the tree has no grubnetx64.efi: write_tree warned, BIOS
         # machines still boot; iPXE asked for by name is refused when it is not there)
         efi_file = secureboot.efi_boot_file(o.efi_loader)
