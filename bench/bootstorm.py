@@ -318,12 +318,8 @@ async def nfs_storm(cfg: dict[str, Any]) -> dict[str, Any]:
             return {"mac": n["mac"], "error": f"{type(e).__name__}: {e}"}
 
     try:
-        tasks = [asyncio.ensure_future(one(n)) for n in cfg["nodes"]]
-        done, pending = await asyncio.wait(tasks, timeout=cfg["timeout"])
-        for t in pending:
-            t.cancel()
-        results = [t.result() if t in done else {"mac": n["mac"], "error": "timed out"}
-                   for t, n in zip(tasks, cfg["nodes"], strict=True)]
+        results = await storm.each_node([one(n) for n in cfg["nodes"]], cfg["nodes"],
+                                        cfg["timeout"])
     finally:
         tr.close()
     return {"wall": time.monotonic() - t0, "nodes": results, "tally": vars(tally)}

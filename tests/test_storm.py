@@ -36,7 +36,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -328,6 +328,18 @@ async def dhcp_client(interface: str) -> tuple[asyncio.DatagramTransport, _Dhcp]
     return tr, proto
 
 
+async def each_node(runs: list[Coroutine[Any, Any, dict[str, Any]]], nodes: list[dict[str, str]],
+                    timeout: float) -> list[dict[str, Any]]:
+    """Run every node's coroutine at once, at most ``timeout`` seconds in all; one record per
+    node of ``nodes`` (same order), ``{"mac", "error": "timed out"}`` for those cut short."""
+    tasks = [asyncio.ensure_future(r) for r in runs]
+    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    for t in pending:
+        t.cancel()
+    return [t.result() if t in done else {"mac": n["mac"], "error": "timed out"}
+            for t, n in zip(tasks, nodes, strict=True)]
+
+
 async def storm(cfg: dict[str, Any]) -> dict[str, Any]:
     """Every node of ``cfg["nodes"]`` at once (started within ``cfg["spread"]`` seconds), at
     most ``cfg["timeout"]`` seconds in all; per node its record or its error."""
@@ -344,12 +356,8 @@ async def storm(cfg: dict[str, Any]) -> dict[str, Any]:
             return {"mac": n["mac"], "error": f"{type(e).__name__}: {e}"}
 
     try:
-        tasks = [asyncio.ensure_future(one(i, n)) for i, n in enumerate(cfg["nodes"])]
-        done, pending = await asyncio.wait(tasks, timeout=cfg["timeout"])
-        for t in pending:
-            t.cancel()
-        results = [t.result() if t in done else {"mac": n["mac"], "error": "timed out"}
-                   for t, n in zip(tasks, cfg["nodes"], strict=True)]
+        results = await each_node([one(i, n) for i, n in enumerate(cfg["nodes"])],
+                                  cfg["nodes"], cfg["timeout"])
     finally:
         tr.close()
     wall = time.monotonic() - t0
