@@ -29,11 +29,14 @@ refusals and retransmits the clients saw, server CPU seconds (all processes of t
 namespace) and peak RSS (VmHWM, summed over them), and the ratios serve-pxe / reference.
 Everything runs in sdt- namespaces created here (a bridge and a veth between the server and
 the clients, nothing else) and removed at the end, even on failure; each storm is bounded by
-``--timeout``.
+``--timeout``. ``--rounds K`` runs K storms per stack, alternating (A B A B ...), and reports
+each side's median run and the ratio of the medians, with every round's times: one storm to the
+next moves by more than the stacks differ.
 
 Run as root from the repository (the nfs root needs ``minimal`` built in the state dir):
     .venv/bin/python bench/bootstorm.py [--nodes 50,200,500] [--roots squashfs-http,nfs]
-        [--state-dir DIR] [--root-mib 20] [--kernel-kib 4096] [--initrd-kib 2048] [--json]
+        [--state-dir DIR] [--root-mib 20] [--kernel-kib 4096] [--initrd-kib 2048]
+        [--rounds 1] [--again] [--timeout 600] [--out FILE] [--json]
 """
 
 from __future__ import annotations
@@ -474,6 +477,70 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
                                           "ganesha" if root == "nfs" else "off"),
                               work / log, ready="ready:", timeout=300)
 
+            def serve_pxe_storm(clients: Any, cfg: dict[str, Any], want: dict[str, str],
+                                status: bool) -> dict[str, Any]:
+                """One storm against the serve-pxe running."""
+                c0, _ = ns_usage(srv)
+                res = clients(cli, cfg, work, args.timeout)
+                c1, rss = ns_usage(srv)
+                st = None
+                if status and root != "nfs":  # the status file is written every 2 s: wait
+                    st = storm._wait_status(
+                        storm.StormLab(srv, cli, br, cif, work, state, work / "nodes.toml",
+                                       nodes),
+                        lambda s: all(n["stage"] == "booted" for n in s["nodes"]), timeout=20)
+                o = summarize(res, c1 - c0, rss)
+                if st is not None:
+                    o["booted_in_status"] = sum(n["stage"] == "booted" for n in st["nodes"])
+                if not o["failures"]:
+                    storm.check_storm(res, nodes, want)
+                return o
+
+            def reference_storm(i: int, clients: Any, cfg: dict[str, Any],
+                                want: dict[str, str]) -> dict[str, Any]:
+                """The reference: dnsmasq (DHCP + TFTP) and nginx (HTTP) or nfs-ganesha."""
+                run = work / f"ref-{i}"
+                run.mkdir()
+                (run / "hosts").write_text("".join(f"{n['mac']},{n['ip']}\n" for n in nodes))
+                dnsmasq = Daemon(nsexec(srv, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
+                                        "--port=0", f"--interface={br}", "--bind-interfaces",
+                                        "--no-ping", "--dhcp-range=10.78.0.0,static,255.255.0.0,1h",
+                                        f"--dhcp-hostsfile={run / 'hosts'}",
+                                        f"--dhcp-leasefile={run / 'leases'}",
+                                        "--dhcp-lease-max=100000", "--dhcp-boot=pxelinux.0",
+                                        "--enable-tftp", f"--tftp-root={tree}", "--tftp-max=2000",
+                                        f"--pid-file={run / 'dnsmasq.pid'}"),
+                                 run / "dnsmasq.log", ready="TFTP root")
+                try:
+                    if root == "nfs":
+                        third = Daemon(private_run(srv, sys.executable, "-c", GANESHA_ALONE,
+                                                   str(export), str(run / "ganesha")),
+                                       run / "ganesha-alone.log", ready="ganesha ready", timeout=120)
+                    else:
+                        from sidusctl.netboot import squash
+                        (run / "nginx.conf").write_text(NGINX_CONF.format(
+                            workers=os.cpu_count() or 1, run=run, server=SERVER, tree=tree,
+                            squash=squash.squash_dir(state, "storm")))
+                        third = Daemon(nsexec(srv, "nginx", "-p", str(run), "-c",
+                                              str(run / "nginx.conf")), run / "nginx.log")
+                        for _ in range(100):  # nginx says nothing when ready: wait for its pid
+                            if (run / "nginx.pid").exists():
+                                break
+                            time.sleep(0.05)
+                    try:
+                        rcfg = {**cfg, "report_path": None}
+                        c0, _ = ns_usage(srv)
+                        rres = clients(cli, rcfg, work, args.timeout)
+                        c1, rss = ns_usage(srv)
+                    finally:
+                        third.stop()
+                finally:
+                    dnsmasq.stop()
+                o = summarize(rres, c1 - c0, rss)
+                if not o["failures"]:
+                    storm.check_storm(rres, nodes, want)
+                return o
+
             d = start_serve_pxe("serve-pxe.log")
             try:
                 cfg: dict[str, Any]
@@ -502,75 +569,29 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
                 else:
                     want["root"] = cfg["sha256"]
                 clients = run_nfs_clients if root == "nfs" else storm.run_clients
-                c0, _ = ns_usage(srv)
-                res = clients(cli, cfg, work, args.timeout)
-                c1, rss = ns_usage(srv)
-                st = None
-                if root != "nfs":  # the status file is written every 2 s: wait for it
-                    st = storm._wait_status(
-                        storm.StormLab(srv, cli, br, cif, work, state, work / "nodes.toml",
-                                       nodes),
-                        lambda s: all(n["stage"] == "booted" for n in s["nodes"]), timeout=20)
+                a_runs = [serve_pxe_storm(clients, cfg, want, status=True)]
             finally:
                 d.stop()
-            out["serve-pxe"] = summarize(res, c1 - c0, rss)
-            if st is not None:
-                out["serve-pxe"]["booted_in_status"] = sum(n["stage"] == "booted"
-                                                           for n in st["nodes"])
-            if not out["serve-pxe"]["failures"]:
-                storm.check_storm(res, nodes, want)
-            # the reference: dnsmasq (DHCP + TFTP) and nginx (HTTP) or nfs-ganesha (NFS)
-            run = work / "ref"
-            run.mkdir()
-            (run / "hosts").write_text("".join(f"{n['mac']},{n['ip']}\n" for n in nodes))
-            dnsmasq = Daemon(nsexec(srv, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
-                                    "--port=0", f"--interface={br}", "--bind-interfaces",
-                                    "--no-ping", "--dhcp-range=10.78.0.0,static,255.255.0.0,1h",
-                                    f"--dhcp-hostsfile={run / 'hosts'}",
-                                    f"--dhcp-leasefile={run / 'leases'}",
-                                    "--dhcp-lease-max=100000", "--dhcp-boot=pxelinux.0",
-                                    "--enable-tftp", f"--tftp-root={tree}", "--tftp-max=2000",
-                                    f"--pid-file={run / 'dnsmasq.pid'}"),
-                             run / "dnsmasq.log", ready="TFTP root")
-            try:
-                if root == "nfs":
-                    third = Daemon(private_run(srv, sys.executable, "-c", GANESHA_ALONE,
-                                               str(export), str(run / "ganesha")),
-                                   run / "ganesha-alone.log", ready="ganesha ready", timeout=120)
-                else:
-                    from sidusctl.netboot import squash
-                    (run / "nginx.conf").write_text(NGINX_CONF.format(
-                        workers=os.cpu_count() or 1, run=run, server=SERVER, tree=tree,
-                        squash=squash.squash_dir(state, "storm")))
-                    third = Daemon(nsexec(srv, "nginx", "-p", str(run), "-c",
-                                          str(run / "nginx.conf")), run / "nginx.log")
-                    for _ in range(100):  # nginx says nothing when ready: wait for its pid
-                        if (run / "nginx.pid").exists():
-                            break
-                        time.sleep(0.05)
-                try:
-                    rcfg = {**cfg, "report_path": None}
-                    c0, _ = ns_usage(srv)
-                    rres = clients(cli, rcfg, work, args.timeout)
-                    c1, rss = ns_usage(srv)
-                finally:
-                    third.stop()
-            finally:
-                dnsmasq.stop()
-            out["reference"] = summarize(rres, c1 - c0, rss)
-            if not out["reference"]["failures"]:
-                storm.check_storm(rres, nodes, want)
+            b_runs: list[dict[str, Any]] = []
+            for i in range(args.rounds):  # A B, A B, ...: the load moves alike on both sides
+                if i:
+                    d = start_serve_pxe(f"serve-pxe-{i}.log")
+                    try:
+                        a_runs.append(serve_pxe_storm(clients, cfg, want, status=False))
+                    finally:
+                        d.stop()
+                b_runs.append(reference_storm(i, clients, cfg, want))
             if args.again:  # serve-pxe once more after the reference: A B A
                 d = start_serve_pxe("serve-pxe-again.log")
                 try:
-                    c0, _ = ns_usage(srv)
-                    ares = clients(cli, cfg, work, args.timeout)
-                    c1, rss = ns_usage(srv)
+                    out["serve-pxe-again"] = serve_pxe_storm(clients, cfg, want, status=False)
                 finally:
                     d.stop()
-                out["serve-pxe-again"] = summarize(ares, c1 - c0, rss)
-                if not out["serve-pxe-again"]["failures"]:
-                    storm.check_storm(ares, nodes, want)
+            out["serve-pxe"], out["reference"] = median_run(a_runs), median_run(b_runs)
+            if args.rounds > 1:
+                out["rounds"] = [{"serve-pxe": x["wall_s"], "reference": y["wall_s"],
+                                  "failures": [x["failures"], y["failures"]]}
+                                 for x, y in zip(a_runs, b_runs, strict=True)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     a, b = out["serve-pxe"], out["reference"]
@@ -578,6 +599,11 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
     out["ratio_p99"] = round(a["p99_s"] / b["p99_s"], 2)
     out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return out
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of one stack's storms, the one of median time (the lower middle of an even count)."""
+    return sorted(runs, key=lambda r: float(r["wall_s"]))[(len(runs) - 1) // 2]
 
 
 def print_one(o: dict[str, Any]) -> None:
@@ -600,7 +626,12 @@ def print_one(o: dict[str, Any]) -> None:
         print(f"  serve-pxe again all booted in {s['wall_s']:6.1f} s  p50 {s['p50_s']:5.1f} s  "
               f"p99 {s['p99_s']:5.1f} s  failures {s['failures']}  server CPU "
               f"{s['server_cpu_s']} s, peak RSS {s['server_peak_rss_mib']} MiB")
-    print(f"  ratio serve-pxe / reference: time {o['ratio_wall']}x, p99 {o['ratio_p99']}x")
+    for i, r in enumerate(o.get("rounds", [])):
+        print(f"  round {i + 1}: serve-pxe {r['serve-pxe']:6.1f} s, reference "
+              f"{r['reference']:6.1f} s, failures {r['failures'][0]} / {r['failures'][1]}")
+    median = " (medians)" if "rounds" in o else ""
+    print(f"  ratio serve-pxe / reference{median}: time {o['ratio_wall']}x, p99 "
+          f"{o['ratio_p99']}x")
 
 
 def main() -> int:
@@ -615,6 +646,9 @@ def main() -> int:
     ap.add_argument("--kernel-kib", type=int, default=4096)
     ap.add_argument("--initrd-kib", type=int, default=2048)
     ap.add_argument("--timeout", type=float, default=600, help="seconds per storm, at most")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="storms per stack, alternating (A B A B ...): each side's median run "
+                         "is reported, every round's time listed")
     ap.add_argument("--again", action="store_true",
                     help="run serve-pxe's storm once more after the reference's (A B A: a load "
                     "that changes during the run shows as a difference between the two As)")
@@ -655,6 +689,7 @@ def main() -> int:
         print(json.dumps(results, indent=2))
     return 0 if all(o["serve-pxe"]["failures"] == o["reference"]["failures"] == 0
                     and o.get("serve-pxe-again", {}).get("failures", 0) == 0
+                    and all(sum(r["failures"]) == 0 for r in o.get("rounds", []))
                     for o in results) else 1
 
 
