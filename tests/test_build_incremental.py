@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from sidusctl.subsys.treecopy import copy_method
 from tests.conftest import REPO, BuiltImage, _mounts_under, sidusctl
 
 slow = pytest.mark.slow
@@ -217,6 +218,21 @@ def test_package_added_runs_a_delta_that_equals_a_clean_build(work: Work,
         assert (Path(delta["rootfs"]) / "usr/bin/tree").is_file()
         delta_walk = walk(Path(delta["rootfs"]), CLEAN_BUILDS_DIFFER)
         delta_shadow = shadow_unsalted(Path(delta["rootfs"]))
+        # (read now: the two builds below make the image's older generations go)
+        delta_packages = set(json.loads(Path(delta["manifest"]).read_text())["packages"])
+        # the delta's entry: without snapshots or reflinks, what the install left alone is
+        # hard-linked from the base entry; it restores (its digest checked) as any entry
+        cache = work.cache()
+        entry = next(e for e in cache["entries"] if "tree" in e["packages"])
+        new_root, base_root = (Path(cache["dir"]) / k / "rootfs" for k in (entry["key"], clean["key"]))
+        if copy_method(base_root, Path(cache["dir"])) == "copy":
+            assert (new_root / "usr/sbin/sshd").stat().st_ino == \
+                (base_root / "usr/sbin/sshd").stat().st_ino
+            assert (new_root / "var/lib/dpkg/status").stat().st_ino != \
+                (base_root / "var/lib/dpkg/status").stat().st_ino
+        hit = work.build()
+        assert f"restored from cache entry {entry['key']}" in hit["by_stage"]["packages"]["reason"]
+        assert tree_diff(walk(Path(hit["rootfs"]), CLEAN_BUILDS_DIFFER), delta_walk) == []
         full = work.build("--no-cache")
     finally:
         (work.recipe / "image.toml").write_text(text)
@@ -224,8 +240,7 @@ def test_package_added_runs_a_delta_that_equals_a_clean_build(work: Work,
     diff = tree_diff(walk(Path(full["rootfs"]), CLEAN_BUILDS_DIFFER), delta_walk)
     assert not diff, "\n".join(diff[:40])
     assert shadow_unsalted(Path(full["rootfs"])) == delta_shadow
-    assert set(json.loads(Path(full["manifest"]).read_text())["packages"]) == \
-        set(json.loads(Path(delta["manifest"]).read_text())["packages"])
+    assert set(json.loads(Path(full["manifest"]).read_text())["packages"]) == delta_packages
     assert len(work.cache()["entries"]) == 2
 
 
@@ -234,7 +249,8 @@ def test_truncated_cache_entry_is_detected_reported_and_rebuilt(work: Work,
                                                                  clean: dict[str, Any]) -> None:
     cache = work.cache()
     entry = next(e for e in cache["entries"] if "tree" in e["packages"])
-    victim = Path(cache["dir"]) / entry["key"] / "rootfs" / "usr/sbin/sshd"
+    # (a file of its own: one it shares with its base by a hard link is damaged in both)
+    victim = Path(cache["dir"]) / entry["key"] / "rootfs" / "usr/bin/tree"
     size = victim.stat().st_size
     with open(victim, "r+b") as f:
         f.truncate(size // 2)
@@ -248,12 +264,12 @@ def test_truncated_cache_entry_is_detected_reported_and_rebuilt(work: Work,
     assert f"cache entry {entry['key']} was damaged" in st["packages"]["reason"]
     assert f"as a delta on cache entry {clean['key']}" in st["packages"]["reason"]
     assert "was damaged" in out["log"]  # reported as it happened, too
-    assert (Path(out["rootfs"]) / "usr/sbin/sshd").stat().st_size == size
+    assert (Path(out["rootfs"]) / "usr/bin/tree").stat().st_size == size
     after = work.cache()
     fresh = next(e for e in after["entries"] if e["key"] == entry["key"])
     # a new entry, not the damaged one
     assert fresh["created"] >= entry["created"] and fresh["tree_sha256"] != entry["tree_sha256"]
-    assert (Path(after["dir"]) / entry["key"] / "rootfs/usr/sbin/sshd").stat().st_size == size
+    assert (Path(after["dir"]) / entry["key"] / "rootfs/usr/bin/tree").stat().st_size == size
 
 
 @slow
@@ -341,6 +357,86 @@ def test_stage_cache_saves_restores_detects_damage_and_evicts(tmp_path: Path) ->
     assert cache.base_for({**inputs, "packages": ["a", "d"]}) is None  # b removed: no delta
     assert cache.base_for(inputs) is None  # the same packages: a hit, not a delta
     assert cache.base_for({**bigger, "suite": "trixie"}) is None  # any other key: no delta
+
+
+def _meta_walk(root: Path) -> dict[str, tuple[Any, ...]]:
+    """:func:`walk` plus mtimes (ns) and, for files, the hard-link groups (by first path)."""
+    groups: dict[int, str] = {}
+    out = {}
+    for rel, rec in sorted(walk(root).items()):
+        st = (root / rel).lstat()
+        grp = groups.setdefault(st.st_ino, rel) if stat.S_ISREG(st.st_mode) else None
+        out[rel] = (*rec, st.st_mtime_ns, grp)
+    return out
+
+
+def test_delta_entry_links_unchanged_files_and_copies_the_rest(tmp_path: Path) -> None:
+    """The save of a delta install on a filesystem without snapshots or reflinks: every file
+    still as restored is hard-linked from the base entry; whatever changed since the restore
+    (content rewritten to the same size and mtime, mode, xattr, rename, hard link, new file,
+    removal) is a copy of its own, the new entry's digest is its tree's, the base is untouched,
+    and the entry restores as any other."""
+    import struct
+
+    from sidusctl.image.stagecache import StageCache, stage_key
+    from sidusctl.subsys.treecopy import copy_tree_linking, tree_digest
+
+    src = tmp_path / "base"
+    _small_tree(src)
+    (src / "usr/bin/ping").write_bytes(b"\x7fELF" + os.urandom(5000))
+    os.chmod(src / "usr/bin/ping", 0o4755)
+    # a file capability (VFS_CAP_REVISION_2 | effective, cap_net_raw): chown would clear it
+    os.setxattr(src / "usr/bin/ping", "security.capability",
+                struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0))
+    os.setxattr(src / "etc/motd", "user.sdt", b"kept")
+    os.chown(src / "etc/motd", 1234, 4321)
+    (src / "tmp").mkdir(mode=0o1777)
+    os.chmod(src / "tmp", 0o1777)
+    os.mkfifo(src / "etc/fifo")
+    os.mknod(src / "etc/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    for i in range(20):
+        (src / "etc" / f"conf{i}").write_text(f"conf {i}\n")
+    os.utime(src / "etc", ns=(10**18, 10**18))
+
+    cache = StageCache(tmp_path / "state")
+    base_key = stage_key({"n": 1})
+    base = cache.save(base_key, {"n": 1}, src, ())
+    res = cache.restore(base_key, tmp_path / "gen")
+    assert res.info is not None and res.entry_dir == base.dir and res.copied_before_ns > 0
+    gen = tmp_path / "gen"
+    # what an install does after the restore
+    tool = gen / "etc/conf0"
+    st = tool.stat()
+    tool.write_text("CONF 0\n")  # same size, mtime put back: only the ctime tells
+    os.utime(tool, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.chmod(gen / "etc/conf1", 0o600)
+    os.setxattr(gen / "etc/conf2", "user.sdt", b"new")
+    os.rename(gen / "etc/conf3", gen / "etc/conf3-moved")
+    os.link(gen / "etc/conf4", gen / "etc/conf4-link")
+    (gen / "etc/conf5").unlink()
+    (gen / "usr/bin/new").write_bytes(os.urandom(70_000))
+    (gen / "etc/conf6").unlink()
+    (gen / "etc/conf6").write_text("conf 6\n")  # same content, a new inode
+    before = tree_digest(base.dir / "rootfs")[0]
+
+    # the function itself, then through the cache
+    made = tmp_path / "made"
+    made.mkdir()
+    lc = copy_tree_linking(gen, made, base.dir / "rootfs", res.files, res.copied_before_ns)
+    assert tree_diff(_meta_walk(gen), _meta_walk(made)) == []
+    assert tree_digest(made)[0] == tree_digest(gen)[0]
+    assert lc.copied == 7 and lc.linked > 0, lc  # conf0-3 (moved), conf4, conf6, new
+    ino = {rel: (base.dir / "rootfs" / rel).stat().st_ino for rel in ("usr/bin/ping", "etc/conf0")}
+    assert (made / "usr/bin/ping").stat().st_ino == ino["usr/bin/ping"]
+    assert (made / "etc/conf0").stat().st_ino != ino["etc/conf0"]
+
+    key = stage_key({"n": 2})
+    e = cache.save(key, {"n": 2}, gen, (), base=res)
+    assert e.info.tree_sha256 == tree_digest(gen)[0]
+    assert tree_digest(base.dir / "rootfs")[0] == before == base.info.tree_sha256
+    again = cache.restore(key, tmp_path / "again")
+    assert again.info is not None, again.reason
+    assert tree_diff(_meta_walk(gen), _meta_walk(tmp_path / "again")) == []
 
 
 @slow

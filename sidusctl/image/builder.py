@@ -83,6 +83,8 @@ class Builder:
         self.conf = Configurer(recipe, self.rep, self.mirror, self.security)
         self.stage_cache = StageCache(store.state_dir, opts.cache_max_bytes)
         self.tree_sha256: str | None = None
+        #: the restore a delta install began from (its entry lends the new one unchanged files)
+        self.delta_base: Restored | None = None
 
     def _check_packages(self, s: ChrootSession, packages: list[str]) -> None:
         self.conf.check_packages(s, packages)
@@ -201,6 +203,7 @@ class Builder:
             log.warning("%s; running the whole package stage", res.reason)
             self.rep.line(res.reason)
             return None
+        self.delta_base = res
         before = package_list(gen.rootfs)
         with self._timed("packages"):
             with ChrootSession(gen.rootfs, apt_cache=self.cache) as s:
@@ -264,7 +267,8 @@ class Builder:
         t0 = time.monotonic()
         self.rep.line(f"saving stage cache entry {key}")
         try:
-            e = self.stage_cache.save(key, inputs, root, self.purged, initrd_basis)
+            e = self.stage_cache.save(key, inputs, root, self.purged, initrd_basis,
+                                      base=self.delta_base)
             log.info("stage cache entry %s saved (%d MiB)", key, e.info.bytes // 2**20)
         except (CommandError, OSError) as err:
             log.warning("stage cache entry %s not saved: %s", key, err)

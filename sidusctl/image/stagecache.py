@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidusctl import __version__
@@ -32,9 +32,10 @@ from sidusctl.subsys.manifest import JsonObject, Record
 from sidusctl.subsys.treecopy import (
     copy_method,
     copy_tree,
+    copy_tree_linking,
     create_dir_for_tree,
     remove_tree,
-    tree_digest,
+    tree_digest_files,
 )
 
 log = get_logger("stagecache")
@@ -85,6 +86,13 @@ class Restored:
     info: EntryInfo | None = None
     method: str = ""
     damaged: bool = False
+    entry_dir: Path | None = None
+    """The entry restored from (a base :meth:`StageCache.save` may hard-link from)."""
+    files: Mapping[str, str] = field(default_factory=dict)
+    """sha256 of each regular file of the restored tree as checked, by relative path."""
+    copied_before_ns: int = 0
+    """A ctime (ns) after the copy finished: files of the restored tree changed later have
+    one at least as late."""
 
 
 def stage_key(inputs: Mapping[str, object]) -> str:
@@ -200,7 +208,9 @@ class StageCache:
                 return Restored(reason=f"cache entry {key} was damaged (copy failed: {e}): deleted",
                                 damaged=True)
             (d / "used").touch()
-        digest, entries, _ = tree_digest(dest)
+            mark = _ctime_now(dest.parent)
+        check = tree_digest_files(dest)
+        digest, entries = check.sha256, check.entries
         if digest != info.tree_sha256 or entries != info.entries:
             remove_tree(dest)
             with self._locked():
@@ -209,14 +219,20 @@ class StageCache:
                                    f"differs from {info.tree_sha256[:12]} recorded when it was "
                                    "written): deleted", damaged=True)
         return Restored(reason=f"restored from cache entry {key} ({method})", info=info,
-                        method=method)
+                        method=method, entry_dir=d, files=check.files, copied_before_ns=mark)
 
     def save(self, key: str, inputs: JsonObject, root: Path, purged: tuple[str, ...],
-             initrd_basis: str = "") -> Entry:
+             initrd_basis: str = "", base: Restored | None = None) -> Entry:
         """Store a copy of ``root`` as entry ``key`` (written under a temp name, renamed), then
         evict least recently used entries beyond the size limit. ``initrd_basis``: see
-        :attr:`EntryInfo.initrd_basis` (default: ``key``). Raises CommandError if the copy
-        fails (full disk); the temp entry is then removed."""
+        :attr:`EntryInfo.initrd_basis` (default: ``key``). ``base``: the restore ``root`` began
+        as (a delta install); where the copy would be a plain ``cp -a`` (no snapshot, no
+        reflink), the files ``root`` still holds unchanged from it are hard-linked from its entry
+        (:func:`~sidusctl.subsys.treecopy.copy_tree_linking`) and not read again for the digest:
+        the new entry costs what the delta changed. Such entries share inodes, so a file damaged
+        by hand in one is found damaged in every entry that holds it; and the size of each
+        counts its linked files (the limit then evicts early, never late). Raises CommandError
+        or OSError if the copy fails (full disk); the temp entry is then removed."""
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".tmp-{key}-{os.getpid()}"
         final = self.dir / key
@@ -224,13 +240,24 @@ class StageCache:
             tmp.mkdir()
             rootfs = tmp / "rootfs"
             method = copy_method(root, tmp)
+            known: dict[str, str] = {}
             if method == "snapshot":
                 copy_tree(root, rootfs, method)
             else:
                 # a subvolume on btrfs (so later restores can snapshot it), filled by reflink
                 create_dir_for_tree(rootfs)
-                copy_tree(root, rootfs, method)
-            digest, entries, _ = tree_digest(rootfs)
+                if (method == "copy" and base is not None and base.entry_dir is not None
+                        and (base.entry_dir / "rootfs").is_dir()):
+                    linked = copy_tree_linking(root, rootfs, base.entry_dir / "rootfs",
+                                               base.files, base.copied_before_ns)
+                    known = linked.known
+                    log.info("stage cache entry %s: %d file(s) hard-linked from %s, %d copied "
+                             "(%d bytes)", key, linked.linked, base.entry_dir.name, linked.copied,
+                             linked.bytes_copied)
+                else:
+                    copy_tree(root, rootfs, method)
+            check = tree_digest_files(rootfs, known)
+            digest, entries = check.sha256, check.entries
             info = EntryInfo(key=key, inputs=inputs, tree_sha256=digest, entries=entries,
                              bytes=du(rootfs), purged=purged, sidusctl=__version__,
                              initrd_basis=initrd_basis or key,
@@ -287,3 +314,14 @@ class StageCache:
             remove_tree(d / "rootfs")
         if d.exists():
             remove_tree(d)
+
+
+def _ctime_now(directory: Path) -> int:
+    """The ctime (ns) a change made now in ``directory``'s filesystem gets (the kernel's coarse
+    clock, which stamps ctimes: not ``time.time_ns()``)."""
+    probe = directory / f".sidusctl-ctime-{os.getpid()}"
+    probe.touch()
+    try:
+        return probe.lstat().st_ctime_ns
+    finally:
+        probe.unlink()

@@ -7,6 +7,8 @@ between the two directories succeeds: btrfs, XFS with reflink, bcachefs...), els
 ``cp -a`` (owners, modes, xattrs, ACLs, hard links, sparse files kept). :func:`tree_digest` is a
 sha256 over every entry's path, type, mode, owner, size, link target, device number, xattrs and
 content (mtimes are left out): two trees with the same digest hold the same thing.
+:func:`copy_tree_linking` copies a changed copy of a tree by hard-linking from the original
+what did not change (the stage cache's delta entries where there are no reflinks).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import shutil
 import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from sidusctl.core.errors import CommandError
@@ -116,8 +121,30 @@ def tree_digest(root: Path) -> tuple[str, int, int]:
     """sha256 (hex) over the tree ``root`` (see the module doc), the number of entries and the
     bytes of regular files read. Reads every file: about 1 s per GiB here. Raises OSError if an
     entry vanishes while it is read."""
+    d = tree_digest_files(root)
+    return d.sha256, d.entries, d.bytes_read
+
+
+@dataclass(frozen=True)
+class TreeDigest:
+    """What :func:`tree_digest_files` found: the tree's ``sha256`` (hex), its number of
+    ``entries``, the ``bytes_read`` of content, and ``files``: the sha256 (hex) of each regular
+    file's content by path relative to the root."""
+
+    sha256: str
+    entries: int
+    bytes_read: int
+    files: dict[str, str]
+
+
+def tree_digest_files(root: Path, known: Mapping[str, str] | None = None) -> TreeDigest:
+    """:func:`tree_digest` of ``root``, with each regular file's content digest. ``known``:
+    content digests (by relative path) the caller vouches for (files hard-linked to ones
+    digested before): those files are not read again. Raises OSError as :func:`tree_digest`."""
     h = hashlib.sha256()
+    files: dict[str, str] = {}
     entries = size = 0
+    known = known or {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         names = sorted(dirnames + filenames)
@@ -128,9 +155,13 @@ def tree_digest(root: Path) -> tuple[str, int, int]:
             mode = st.st_mode
             rec = [rel, oct(mode), str(st.st_uid), str(st.st_gid)]
             if stat.S_ISREG(mode):
-                with open(p, "rb") as f:
-                    rec += [str(st.st_size), hashlib.file_digest(f, "sha256").hexdigest()]
-                size += st.st_size
+                sha = known.get(rel)
+                if sha is None:
+                    with open(p, "rb") as f:
+                        sha = hashlib.file_digest(f, "sha256").hexdigest()
+                    size += st.st_size
+                files[rel] = sha
+                rec += [str(st.st_size), sha]
             elif stat.S_ISLNK(mode):
                 rec.append(os.readlink(p))
             elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
@@ -140,7 +171,111 @@ def tree_digest(root: Path) -> tuple[str, int, int]:
                     rec.append(x + "=" + os.getxattr(p, x, follow_symlinks=False).hex())
             h.update("\0".join(rec).encode("utf-8", "surrogateescape") + b"\n")
             entries += 1
-    return h.hexdigest(), entries, size
+    return TreeDigest(h.hexdigest(), entries, size, files)
+
+
+@dataclass(frozen=True)
+class LinkedCopy:
+    """What :func:`copy_tree_linking` did: ``linked`` files hard-linked from the base,
+    ``copied`` files (and their ``bytes_copied``), and ``known``: the content digests of the
+    linked files, by path relative to the root (for :func:`tree_digest_files`)."""
+
+    linked: int
+    copied: int
+    bytes_copied: int
+    known: dict[str, str]
+
+
+def copy_tree_linking(src: Path, dest: Path, base: Path, base_files: Mapping[str, str],
+                      copied_before_ns: int) -> LinkedCopy:
+    """Copy the tree ``src`` into the empty directory ``dest`` as ``cp -a`` would (types,
+    modes, owners, xattrs, mtimes, hard links within the tree), except that each regular file
+    ``src`` holds unchanged from the tree ``base`` is hard-linked from ``base`` instead of
+    copied: on a filesystem without snapshots or reflinks, a second tree that differs from a
+    first by a few files costs those files, not a second copy.
+
+    ``src`` must be a copy of ``base`` (``cp -a``: its files' ctimes are when they were copied),
+    finished before ``copied_before_ns`` (a ctime in ns on the same clock), possibly changed
+    since; ``base_files``: the content digests of ``src``'s files as copied (by relative path:
+    the :class:`TreeDigest` files of its check). A file counts as unchanged when its inode's
+    ctime is before ``copied_before_ns`` (any write, truncate, chmod, chown, xattr change or
+    rename moves the ctime, and no call sets it back: ``stat(2)``), it has a digest in
+    ``base_files``, and the file at the same path in ``base`` is a regular file of the same
+    size, mode, owner and mtime. Both trees must be on one filesystem, and ``base``'s files must
+    never be written in place afterwards (they are shared). Raises OSError on any failure; a
+    partial ``dest`` is left for the caller to remove."""
+    linked = copied = nbytes = 0
+    known: dict[str, str] = {}
+    seen: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) in src -> path made in dest
+    dirs: list[tuple[str, os.stat_result, str]] = [(str(dest), os.lstat(src), str(src))]
+    stack = [""]
+    while stack:
+        reldir = stack.pop()
+        with os.scandir(os.path.join(src, reldir)) as it:
+            children = sorted(it, key=lambda e: e.name)
+        for ent in children:
+            rel = os.path.join(reldir, ent.name)
+            p, d = ent.path, os.path.join(dest, rel)
+            st = ent.stat(follow_symlinks=False)
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                os.mkdir(d, 0o700)
+                dirs.append((d, st, p))
+                stack.append(rel)
+                continue
+            if stat.S_ISREG(mode):
+                ino = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and ino in seen:
+                    os.link(seen[ino], d)
+                    first = os.path.relpath(seen[ino], dest)
+                    if first in known:
+                        known[rel] = known[first]
+                    continue
+                seen[ino] = d
+                sha = base_files.get(rel)
+                if sha is not None and st.st_ctime_ns < copied_before_ns and \
+                        _same_file(os.path.join(base, rel), st):
+                    os.link(os.path.join(base, rel), d)
+                    known[rel] = sha
+                    linked += 1
+                    continue
+                shutil.copyfile(p, d, follow_symlinks=False)
+                copied += 1
+                nbytes += st.st_size
+            elif stat.S_ISLNK(mode):
+                os.symlink(os.readlink(p), d)
+            else:  # character and block devices, fifos, sockets
+                os.mknod(d, mode, st.st_rdev)
+            _copy_meta(p, d, st)
+    for d, st, p in reversed(dirs):  # children first: their creation moved the mtimes
+        _copy_meta(p, d, st)
+    return LinkedCopy(linked, copied, nbytes, known)
+
+
+def _same_file(path: str, st: os.stat_result) -> bool:
+    try:
+        b = os.lstat(path)
+    except OSError:
+        return False
+    return (stat.S_ISREG(b.st_mode) and b.st_mode == st.st_mode and b.st_size == st.st_size
+            and b.st_mtime_ns == st.st_mtime_ns and b.st_uid == st.st_uid
+            and b.st_gid == st.st_gid)
+
+
+def _copy_meta(src: str, dest: str, st: os.stat_result) -> None:
+    """Owner, mode, xattrs (ACLs and file capabilities included), then times, of ``src`` onto
+    ``dest``, in the order that keeps them: chown clears set-id bits and capabilities."""
+    link = stat.S_ISLNK(st.st_mode)
+    os.chown(dest, st.st_uid, st.st_gid, follow_symlinks=False)
+    if not link:
+        os.chmod(dest, stat.S_IMODE(st.st_mode))
+    try:
+        names = os.listxattr(src, follow_symlinks=False)
+    except OSError:  # a filesystem without xattrs has none to keep
+        names = []
+    for x in names:
+        os.setxattr(dest, x, os.getxattr(src, x, follow_symlinks=False), follow_symlinks=False)
+    os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 def file_sha256(path: Path) -> str:
