@@ -27,8 +27,10 @@ def test_install_copies_scripts_modules_and_conf(tmp_path: Path) -> None:
     written = install_netboot_hook(root, modules=("overlay", "aufs"), nic="eth0")
     it = root / "etc/initramfs-tools"
     assert set(written) == {it / "hooks/sidus", it / "scripts/init-bottom/sidus",
-                            it / "scripts/sidus", it / "modules", it / "conf.d/sidus"}
-    for rel in ("hooks/sidus", "scripts/init-bottom/sidus", "scripts/sidus"):
+                            it / "scripts/sidus", it / "scripts/nfs-top/sidus-link",
+                            it / "modules", it / "conf.d/sidus"}
+    for rel in ("hooks/sidus", "scripts/init-bottom/sidus", "scripts/sidus",
+                "scripts/nfs-top/sidus-link"):
         f = it / rel
         assert stat.S_IMODE(f.stat().st_mode) == 0o755
         assert f.read_bytes() == (initramfs_dir() / rel).read_bytes()
