@@ -207,7 +207,9 @@ class Builder:
         before = package_list(gen.rootfs)
         with self._timed("packages"):
             with ChrootSession(gen.rootfs, apt_cache=self.cache) as s:
-                self.conf.packages(s)
+                # the base's lists are those of the same InRelease files (same key but for the
+                # packages), already upgraded: no update, no upgrade
+                self.conf.packages(s, refresh=False)
             clean_root_debs(gen.rootfs, self.cache)
         after = package_list(gen.rootfs)
         changed = sorted(n for n, p in before.items() if after.get(n) != p)

@@ -140,9 +140,12 @@ class Configurer:
         self.records: list[StageRecord] = []
 
     # -- the package stage --------------------------------------------------------------------
-    def packages(self, s: ChrootSession) -> None:
-        """Sources, pins, update, upgrade, install, purge. Raises BuildError (a package that
-        does not exist, an excluded package pulled in, the mirror down, a full disk)."""
+    def packages(self, s: ChrootSession, refresh: bool = True) -> None:
+        """Sources, pins, update, upgrade, install, purge. ``refresh=False`` (a delta on a
+        root whose package lists come from the same InRelease files, which the stage cache key
+        guarantees) skips the update and the upgrade: both would find nothing new. Raises
+        BuildError (a package that does not exist, an excluded package pulled in, the mirror
+        down, a full disk)."""
         r = self.recipe
         root = s.root
         # sources: what debootstrap chose, extended with updates/security and the components
@@ -162,7 +165,7 @@ class Configurer:
             self.rep.line("waiting for the shared package cache")
             lock.acquire(wait=True)
         try:
-            self._install(s, packages, mirror)
+            self._install(s, packages, mirror, refresh)
         finally:
             if lock is not None:
                 lock.release()
@@ -171,15 +174,16 @@ class Configurer:
             raise BuildError(f"{r.path}: key 'exclude': {', '.join(excluded_present)} got installed "
                              "all the same (a required package or a hard dependency of an included one)")
 
-    def _install(self, s: ChrootSession, packages: list[str], mirror: str) -> None:
+    def _install(self, s: ChrootSession, packages: list[str], mirror: str,
+                 refresh: bool = True) -> None:
         r = self.recipe
         root = s.root
         apt = APT
         try:
-            if packages or r.upgrade or r.purge:
+            if refresh and (packages or r.upgrade or r.purge):
                 self.rep.line("apt-get update")
                 s.run([*apt, "update"], on_line=None, what="apt-get update")
-            if r.upgrade:
+            if refresh and r.upgrade:
                 self.rep.line("apt-get full-upgrade")
                 s.run([*apt, "full-upgrade"], what="apt-get full-upgrade", on_line=self._apt_line,
                       tail_lines=60)
