@@ -49,6 +49,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -662,6 +663,9 @@ def main() -> int:
         return 0
     if os.geteuid() != 0:
         sys.exit("bench/bootstorm.py: needs root (network namespaces)")
+    # SIGTERM (kill, timeout) ends the run as Ctrl-C does: the namespaces, daemons and temp
+    # directories go in the finally blocks instead of staying behind
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     roots = args.roots.split(",")
     for tool, pkg in (("dnsmasq", "dnsmasq-base"), ("nginx", "nginx-light"),
                       ("mksquashfs", "squashfs-tools"), ("ganesha.nfsd", "nfs-ganesha")):
