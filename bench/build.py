@@ -15,7 +15,8 @@ changed (/etc/motd's template), and with one package added (`tree`), next to apt
 that package (`apt-get install tree` in a chroot of the image, .deb already cached). The
 package added runs as a delta on the first build's stage cache entry. ``--state-fs btrfs`` puts
 the state directory on a loop-mounted btrfs (sdt-bench-*.img), where the stage cache restores
-and saves by snapshot instead of copying the root. Everything lives under a temp dir named sdt-bench-* and is removed at the end.
+and saves by snapshot instead of copying the root. Everything lives under a temp dir named
+sdt-bench-* and is removed at the end.
 Run as root: `.venv/bin/python bench/build.py [--backend debootstrap|mmdebstrap|both]
 [--incremental [--cache-dir DIR] [--state-fs ext4|btrfs]]`.
 """

@@ -86,8 +86,6 @@ class Restored:
     info: EntryInfo | None = None
     method: str = ""
     damaged: bool = False
-    entry_dir: Path | None = None
-    """The entry restored from (a base :meth:`StageCache.save` may hard-link from)."""
     files: Mapping[str, str] = field(default_factory=dict)
     """sha256 of each regular file of the restored tree as checked, by relative path."""
     copied_before_ns: int = 0
@@ -219,7 +217,7 @@ class StageCache:
                                    f"differs from {info.tree_sha256[:12]} recorded when it was "
                                    "written): deleted", damaged=True)
         return Restored(reason=f"restored from cache entry {key} ({method})", info=info,
-                        method=method, entry_dir=d, files=check.files, copied_before_ns=mark)
+                        method=method, files=check.files, copied_before_ns=mark)
 
     def save(self, key: str, inputs: JsonObject, root: Path, purged: tuple[str, ...],
              initrd_basis: str = "", base: Restored | None = None) -> Entry:
@@ -246,14 +244,16 @@ class StageCache:
             else:
                 # a subvolume on btrfs (so later restores can snapshot it), filled by reflink
                 create_dir_for_tree(rootfs)
-                if (method == "copy" and base is not None and base.entry_dir is not None
-                        and (base.entry_dir / "rootfs").is_dir()):
-                    linked = copy_tree_linking(root, rootfs, base.entry_dir / "rootfs",
-                                               base.files, base.copied_before_ns)
+                base_root = (self.dir / base.info.key / "rootfs"
+                             if base is not None and base.info is not None else None)
+                if method == "copy" and base is not None and base_root is not None \
+                        and base_root.is_dir():
+                    linked = copy_tree_linking(root, rootfs, base_root, base.files,
+                                               base.copied_before_ns)
                     known = linked.known
                     log.info("stage cache entry %s: %d file(s) hard-linked from %s, %d copied "
-                             "(%d bytes)", key, linked.linked, base.entry_dir.name, linked.copied,
-                             linked.bytes_copied)
+                             "(%d bytes)", key, linked.linked, base_root.parent.name,
+                             linked.copied, linked.bytes_copied)
                 else:
                     copy_tree(root, rootfs, method)
             check = tree_digest_files(rootfs, known)

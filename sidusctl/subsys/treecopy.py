@@ -206,7 +206,7 @@ def copy_tree_linking(src: Path, dest: Path, base: Path, base_files: Mapping[str
     partial ``dest`` is left for the caller to remove."""
     linked = copied = nbytes = 0
     known: dict[str, str] = {}
-    seen: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) in src -> path made in dest
+    seen: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) in src -> its first rel path
     dirs: list[tuple[str, os.stat_result, str]] = [(str(dest), os.lstat(src), str(src))]
     stack = [""]
     while stack:
@@ -226,12 +226,12 @@ def copy_tree_linking(src: Path, dest: Path, base: Path, base_files: Mapping[str
             if stat.S_ISREG(mode):
                 ino = (st.st_dev, st.st_ino)
                 if st.st_nlink > 1 and ino in seen:
-                    os.link(seen[ino], d)
-                    first = os.path.relpath(seen[ino], dest)
+                    first = seen[ino]
+                    os.link(os.path.join(dest, first), d)
                     if first in known:
                         known[rel] = known[first]
                     continue
-                seen[ino] = d
+                seen[ino] = rel
                 sha = base_files.get(rel)
                 if sha is not None and st.st_ctime_ns < copied_before_ns and \
                         _same_file(os.path.join(base, rel), st):
