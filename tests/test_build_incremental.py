@@ -175,6 +175,20 @@ def test_site_file_change_reuses_the_package_stage_and_equals_a_clean_build(
     assert "run: debootstrap" not in changed["log"] and "apt-get install" not in changed["log"]
     root = Path(changed["rootfs"])
     assert "sdt-incremental: a site file changed" in (root / "etc/motd").read_text()
+    entry_root = Path(work.cache()["dir"]) / clean["key"] / "rootfs"
+    if copy_method(entry_root, work.state) == "copy":
+        # no snapshots, no reflinks: the root was an overlay on the entry, written out by
+        # hard links to every file the later stages left alone
+        assert "(overlay)" in st["packages"]["reason"], st["packages"]
+        assert (root / "usr/sbin/sshd").stat().st_ino == (entry_root / "usr/sbin/sshd").stat().st_ino
+        assert (root / "etc/motd").stat().st_ino != (entry_root / "etc/motd").stat().st_ino
+    # a write in place into the published root (sidusctl chroot) leaves the entry alone: the
+    # next build finds it undamaged (its digest is checked at every restore)
+    res = sidusctl("chroot", work.recipe.name, "sh", "-c",
+                   "echo sdt-written-in-place >> /etc/debian_version", state=work.state)
+    assert res.returncode == 0, res.stderr
+    assert "sdt-written-in-place" in (root / "etc/debian_version").read_text()
+    assert "sdt-written-in-place" not in (entry_root / "etc/debian_version").read_text()
     # the same recipe as the clean build again, built incrementally: the same tree
     motd.write_text(original)
     again = work.build()

@@ -85,6 +85,8 @@ class Builder:
         self.tree_sha256: str | None = None
         #: the restore a delta install began from (its entry lends the new one unchanged files)
         self.delta_base: Restored | None = None
+        #: the restore the root is an overlay of, if any (written out after the later stages)
+        self.overlay: Restored | None = None
 
     def _check_packages(self, s: ChrootSession, packages: list[str]) -> None:
         self.conf.check_packages(s, packages)
@@ -113,6 +115,8 @@ class Builder:
         except BaseException:
             if self.boot.compress is not None:
                 self.boot.compress.abandon()
+            if self.overlay is not None:
+                self.stage_cache.release_overlay(self.overlay)
             raise
         if self.boot.compress is not None:
             self.boot.compress.finish()
@@ -171,6 +175,9 @@ class Builder:
                 with ChrootSession(gen.rootfs, apt_cache=self.cache) as s:
                     self.conf.later(s, basis, prev)
                 clean_root_debs(gen.rootfs, self.cache)
+            if self.overlay is not None:
+                with self._timed("write_out"):
+                    self.stage_cache.finish_overlay(self.overlay)
             self.records += self.conf.records
             with self._timed("manifest"):
                 packages = package_list(gen.rootfs)
@@ -197,8 +204,10 @@ class Builder:
         added = [str(p) for p in want if p not in have]
         with self._timed("bootstrap"):
             self.rep.line(f"restoring stage cache entry {base.key} to add {' '.join(added)}")
-            res = self.stage_cache.restore(base.key, gen.rootfs)
+            res = self.stage_cache.restore(base.key, gen.rootfs, gen.dir / ".overlay")
         self.timings["restore"] = self.timings.pop("bootstrap")
+        if res.overlay is not None:
+            self.overlay = res
         if res.info is None:
             log.warning("%s; running the whole package stage", res.reason)
             self.rep.line(res.reason)
@@ -232,7 +241,9 @@ class Builder:
     def _restore(self, gen: Generation, key: str) -> Restored:
         with self._timed("bootstrap"):
             self.rep.line(f"looking up stage cache entry {key}")
-            res = self.stage_cache.restore(key, gen.rootfs)
+            res = self.stage_cache.restore(key, gen.rootfs, gen.dir / ".overlay")
+        if res.overlay is not None:
+            self.overlay = res
         # a hit: the copy and its check; a miss: the look-up
         self.timings["restore" if res.info is not None else "cache_lookup"] = \
             self.timings.pop("bootstrap")

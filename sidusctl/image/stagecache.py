@@ -28,12 +28,15 @@ from sidusctl.core.errors import CommandError, StateError
 from sidusctl.core.log import get_logger
 from sidusctl.core.state import FileLock, write_json
 from sidusctl.image.common import du
+from sidusctl.subsys import btrfs
 from sidusctl.subsys.manifest import JsonObject, Record
+from sidusctl.subsys.overlayroot import Materialized, OverlayRoot, materialize, mount_overlay
 from sidusctl.subsys.treecopy import (
     copy_method,
     copy_tree,
     copy_tree_linking,
     create_dir_for_tree,
+    reflink_works,
     remove_tree,
     tree_digest_files,
 )
@@ -91,6 +94,9 @@ class Restored:
     copied_before_ns: int = 0
     """A ctime (ns) after the copy finished: files of the restored tree changed later have
     one at least as late."""
+    overlay: OverlayRoot | None = None
+    """Set when the root was restored as an overlay on the entry (``method`` "overlay"): the
+    caller writes it out with :meth:`StageCache.finish_overlay` (or lets the build fail)."""
 
 
 def stage_key(inputs: Mapping[str, object]) -> str:
@@ -185,9 +191,16 @@ class StageCache:
         return sum(e.info.bytes for e in self.entries())
 
     # -- use ----------------------------------------------------------------------------------
-    def restore(self, key: str, dest: Path) -> Restored:
+    def restore(self, key: str, dest: Path, layers: Path | None = None) -> Restored:
         """Copy the entry ``key``'s root to ``dest`` (which must not exist) and check it against
-        the digest recorded at write. A damaged entry is deleted (and ``dest`` removed)."""
+        the digest recorded at write. A damaged entry is deleted (and ``dest`` removed).
+
+        ``layers`` (a path that does not exist, on the entry's filesystem): where the cheapest
+        copy would be a plain ``cp -a`` (no snapshot, no reflink), the entry is checked in place
+        instead and mounted read-only as the lower layer of an overlay on ``dest``, its upper
+        and work directories under ``layers``: nothing is copied; ``Restored.overlay`` is set
+        and the entry is pinned (not evicted) until :meth:`finish_overlay` or
+        :meth:`release_overlay`. If the overlay cannot be mounted, the entry is copied."""
         d = self.dir / key
         with self._locked():
             if not d.is_dir():
@@ -198,6 +211,25 @@ class StageCache:
                 self._remove(d)
                 return Restored(reason=f"cache entry {key} was damaged ({e}): deleted",
                                 damaged=True)
+            (d / "used").touch()
+            overlay = layers is not None and _entry_method(d, dest.parent) == "copy"
+            if overlay:
+                self._pin(d)  # (kept from eviction while it is a lower layer)
+        if overlay:
+            assert layers is not None
+            try:
+                return self._restore_overlay(d, info, dest, layers)
+            except CommandError as e:
+                log.warning("no overlay on cache entry %s (%s): copying it", key, e)
+                with contextlib.suppress(CommandError):
+                    remove_tree(layers)
+        return self._restore_copy(d, info, dest)
+
+    def _restore_copy(self, d: Path, info: EntryInfo, dest: Path) -> Restored:
+        key = info.key
+        with self._locked():
+            if not d.is_dir():
+                return Restored(reason=f"cache entry {key} was deleted meanwhile")
             try:
                 method = copy_tree(d / "rootfs", dest)
             except CommandError as e:
@@ -205,7 +237,6 @@ class StageCache:
                 self._remove(d)
                 return Restored(reason=f"cache entry {key} was damaged (copy failed: {e}): deleted",
                                 damaged=True)
-            (d / "used").touch()
             mark = _ctime_now(dest.parent)
         check = tree_digest_files(dest)
         digest, entries = check.sha256, check.entries
@@ -218,6 +249,70 @@ class StageCache:
                                    "written): deleted", damaged=True)
         return Restored(reason=f"restored from cache entry {key} ({method})", info=info,
                         method=method, files=check.files, copied_before_ns=mark)
+
+    def _restore_overlay(self, d: Path, info: EntryInfo, dest: Path, layers: Path) -> Restored:
+        key = info.key
+        check = tree_digest_files(d / "rootfs")
+        if check.sha256 != info.tree_sha256 or check.entries != info.entries:
+            with self._locked():
+                self._unpin(d)
+                self._remove(d)
+            return Restored(reason=f"cache entry {key} was damaged (its tree digest "
+                                   f"{check.sha256[:12]} differs from {info.tree_sha256[:12]} "
+                                   "recorded when it was written): deleted", damaged=True)
+        try:
+            ov = mount_overlay(d / "rootfs", layers, dest)
+        except BaseException:
+            self._unpin(d)
+            raise
+        return Restored(reason=f"restored from cache entry {key} (overlay)", info=info,
+                        method="overlay", files=check.files,
+                        copied_before_ns=ov.mounted_before_ns, overlay=ov)
+
+    def finish_overlay(self, res: Restored) -> Materialized:
+        """Unmount the overlay of an overlay restore (:meth:`restore` with ``layers``) and
+        write its merged tree as a plain directory on its mount point: files the build did not
+        change are hard-links of the entry's (which must then never be written in place:
+        :func:`~sidusctl.subsys.treecopy.unshare_tree`), the others are the upper layer's
+        own inodes; then delete the layers and unpin the entry. Raises OSError (the caller
+        removes the partial tree)."""
+        ov = res.overlay
+        assert ov is not None and res.info is not None
+        try:
+            ov.umount()
+            made = materialize(ov.lower, ov.upper, ov.merged, link_upper=True)
+            remove_tree(ov.layers)
+            log.info("root written out from the overlay on cache entry %s: %d file(s) linked "
+                     "from it, %d from the build (%d bytes)", res.info.key, made.linked,
+                     made.from_upper, made.bytes_from_upper)
+            return made
+        finally:
+            self._unpin(self.dir / res.info.key)
+
+    def release_overlay(self, res: Restored) -> None:
+        """After a failed build: unmount the overlay of ``res`` (if still mounted) and unpin
+        its entry; the layers go with the failed generation."""
+        if res.overlay is not None and res.info is not None:
+            try:
+                res.overlay.umount()
+            finally:
+                self._unpin(self.dir / res.info.key)
+
+    def _pin(self, d: Path) -> None:
+        (d / f"pin-{os.getpid()}").touch()
+
+    def _unpin(self, d: Path) -> None:
+        with contextlib.suppress(OSError):
+            (d / f"pin-{os.getpid()}").unlink()
+
+    @staticmethod
+    def _pinned(d: Path) -> bool:
+        """True when a live process has ``d`` mounted as an overlay's lower layer."""
+        for p in d.glob("pin-*"):
+            pid = p.name.removeprefix("pin-")
+            if pid.isdigit() and Path(f"/proc/{pid}").exists():
+                return True
+        return False
 
     def save(self, key: str, inputs: JsonObject, root: Path, purged: tuple[str, ...],
              initrd_basis: str = "", base: Restored | None = None) -> Entry:
@@ -237,7 +332,8 @@ class StageCache:
         try:
             tmp.mkdir()
             rootfs = tmp / "rootfs"
-            method = copy_method(root, tmp)
+            method = ("overlay" if base is not None and base.overlay is not None
+                      else copy_method(root, tmp))
             known: dict[str, str] = {}
             if method == "snapshot":
                 copy_tree(root, rootfs, method)
@@ -246,7 +342,16 @@ class StageCache:
                 create_dir_for_tree(rootfs)
                 base_root = (self.dir / base.info.key / "rootfs"
                              if base is not None and base.info is not None else None)
-                if method == "copy" and base is not None and base_root is not None \
+                if base is not None and base.overlay is not None:
+                    # ``root`` is the overlay on the base entry: its lower files are linked,
+                    # its upper ones (still the build's to change) copied
+                    made = materialize(base.overlay.lower, base.overlay.upper, rootfs,
+                                       link_upper=False, lower_files=base.files)
+                    known = made.known
+                    log.info("stage cache entry %s: %d file(s) hard-linked from %s, %d copied "
+                             "(%d bytes)", key, made.linked, base.overlay.lower.parent.name,
+                             made.from_upper, made.bytes_from_upper)
+                elif method == "copy" and base is not None and base_root is not None \
                         and base_root.is_dir():
                     linked = copy_tree_linking(root, rootfs, base_root, base.files,
                                                base.copied_before_ns)
@@ -295,7 +400,7 @@ class StageCache:
         for e in reversed(entries):  # least recently used first
             if total <= limit:
                 break
-            if e.key in keep:
+            if e.key in keep or self._pinned(e.dir):
                 continue
             log.info("stage cache: evicting %s (%d bytes, last used %s)", e.key, e.info.bytes,
                      time.ctime(e.last_used))
@@ -305,8 +410,12 @@ class StageCache:
         return evicted
 
     def remove(self, key: str) -> None:
-        """Delete entry ``key`` (nothing if absent)."""
+        """Delete entry ``key`` (nothing if absent). Raises StateError if a running build has
+        it mounted as an overlay's lower layer."""
         with self._locked():
+            if self._pinned(self.dir / key):
+                raise StateError(f"stage cache entry {key} is in use by a running build "
+                                 "(the lower layer of its root); not deleting it")
             self._remove(self.dir / key)
 
     def _remove(self, d: Path) -> None:
@@ -314,6 +423,15 @@ class StageCache:
             remove_tree(d / "rootfs")
         if d.exists():
             remove_tree(d)
+
+
+def _entry_method(entry: Path, dest_parent: Path) -> str:
+    """:func:`~sidusctl.subsys.treecopy.copy_method` for restoring ``entry``'s rootfs into
+    ``dest_parent``, probing reflinks from the entry's directory (never inside its rootfs,
+    which may be an overlay's lower layer at that moment)."""
+    if btrfs.is_subvolume(entry / "rootfs") and btrfs.is_btrfs(dest_parent):
+        return "snapshot"
+    return "reflink" if reflink_works(entry, dest_parent) else "copy"
 
 
 def _ctime_now(directory: Path) -> int:

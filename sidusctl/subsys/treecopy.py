@@ -246,9 +246,9 @@ def copy_tree_linking(src: Path, dest: Path, base: Path, base_files: Mapping[str
                 os.symlink(os.readlink(p), d)
             else:  # character and block devices, fifos, sockets
                 os.mknod(d, mode, st.st_rdev)
-            _copy_meta(p, d, st)
+            copy_meta(p, d, st)
     for d, st, p in reversed(dirs):  # children first: their creation moved the mtimes
-        _copy_meta(p, d, st)
+        copy_meta(p, d, st)
     return LinkedCopy(linked, copied, nbytes, known)
 
 
@@ -262,9 +262,10 @@ def _same_file(path: str, st: os.stat_result) -> bool:
             and b.st_gid == st.st_gid)
 
 
-def _copy_meta(src: str, dest: str, st: os.stat_result) -> None:
-    """Owner, mode, xattrs (ACLs and file capabilities included), then times, of ``src`` onto
-    ``dest``, in the order that keeps them: chown clears set-id bits and capabilities."""
+def copy_meta(src: str, dest: str, st: os.stat_result, skip_prefix: str | None = None) -> None:
+    """Owner, mode, xattrs (ACLs and file capabilities included; not those named
+    ``skip_prefix``...), then times, of ``src`` (whose lstat is ``st``) onto ``dest``, in the
+    order that keeps them: chown clears set-id bits and capabilities."""
     link = stat.S_ISLNK(st.st_mode)
     os.chown(dest, st.st_uid, st.st_gid, follow_symlinks=False)
     if not link:
@@ -274,6 +275,8 @@ def _copy_meta(src: str, dest: str, st: os.stat_result) -> None:
     except OSError:  # a filesystem without xattrs has none to keep
         names = []
     for x in names:
+        if skip_prefix is not None and x.startswith(skip_prefix):
+            continue
         os.setxattr(dest, x, os.getxattr(src, x, follow_symlinks=False), follow_symlinks=False)
     os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
@@ -282,3 +285,45 @@ def file_sha256(path: Path) -> str:
     """sha256 (hex) of one file's content."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def unshare_tree(root: Path) -> int:
+    """Give every regular file of ``root`` that shares its inode with a path outside the tree
+    (a hard link from a stage cache entry or another generation: its link count exceeds the
+    links found in the tree) an inode of its own: a copy (content, owner, mode, xattrs, times)
+    renamed over each of its paths, hard links within the tree kept. After it, writing into
+    ``root`` in place changes nothing outside. Returns the number of files copied. The
+    directories' mtimes are kept. Raises OSError on failure (a full disk): each file is then
+    still whole, either shared or copied."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    nlink: dict[tuple[int, int], int] = {}
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for n in filenames:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                ino = (st.st_dev, st.st_ino)
+                groups.setdefault(ino, []).append(p)
+                nlink[ino] = st.st_nlink
+    copied = 0
+    for ino, paths in groups.items():
+        if nlink[ino] <= len(paths):
+            continue
+        dirs = {os.path.dirname(p): os.lstat(os.path.dirname(p)) for p in paths}
+        first = paths[0]
+        st = os.lstat(first)
+        tmp = first + ".sidusctl-unshare"
+        try:
+            shutil.copyfile(first, tmp, follow_symlinks=False)
+            copy_meta(first, tmp, st)
+            os.rename(tmp, first)
+            for p in paths[1:]:
+                os.link(first, tmp)
+                os.rename(tmp, p)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        for d, dst in dirs.items():
+            os.utime(d, ns=(dst.st_atime_ns, dst.st_mtime_ns))
+        copied += 1
+    return copied

@@ -1,0 +1,110 @@
+"""The stage cache's overlay restore (sidusctl/subsys/overlayroot.py) on a small real tree: a
+real overlayfs mount over a cache entry, the changes an install makes, and the merged tree
+written out by hard links; then unshare_tree, which a write in place must come after.
+Root only (mounts, mknod, chown, trusted.* xattrs)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.test_build_incremental import _meta_walk, _small_tree, tree_diff
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (overlayfs, mknod)")
+
+
+def _lower(src: Path) -> None:
+    _small_tree(src)  # etc/motd, etc/link -> usr/bin/tool, usr/bin/tool-hardlink
+    (src / "usr/bin/ping").write_bytes(b"\x7fELF" + os.urandom(5000))
+    os.chmod(src / "usr/bin/ping", 0o4755)
+    os.setxattr(src / "usr/bin/ping", "security.capability",
+                struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0))
+    os.setxattr(src / "etc/motd", "user.sdt", b"kept")
+    os.chown(src / "etc/motd", 1234, 4321)
+    (src / "tmp").mkdir(mode=0o1777)
+    os.chmod(src / "tmp", 0o1777)
+    os.mkfifo(src / "etc/fifo")
+    os.mknod(src / "etc/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    for d in ("var/lib/old", "var/lib/keep"):
+        (src / d).mkdir(parents=True)
+        for i in range(3):
+            (src / d / f"f{i}").write_text(f"{d} {i}\n")
+    for i in range(10):
+        (src / "etc" / f"conf{i}").write_text(f"conf {i}\n")
+    os.utime(src / "etc", ns=(10**18, 10**18))
+
+
+def _install(merged: Path) -> None:
+    """What a package install and the later stages do to the root, through the overlay."""
+    (merged / "etc/conf0").write_text("CONF 0\n")  # copy-up, then written
+    os.chmod(merged / "etc/conf1", 0o600)  # metadata only: a copy-up all the same
+    os.setxattr(merged / "etc/conf2", "user.sdt", b"new")
+    os.rename(merged / "etc/conf3", merged / "etc/conf3-moved")
+    os.link(merged / "etc/conf4", merged / "etc/conf4-link")
+    (merged / "etc/conf5").unlink()  # a whiteout
+    with open(merged / "usr/bin/tool-hardlink", "ab") as f:  # one of two links written
+        f.write(b"appended")
+    subprocess.run(["rm", "-rf", str(merged / "var/lib/old")], check=True)
+    (merged / "var/lib/old").mkdir()  # an opaque directory: the old files stay hidden
+    (merged / "var/lib/old/new").write_text("new\n")
+    (merged / "var/lib/keep/f3").write_text("added\n")  # a merged directory
+    (merged / "usr/bin/new").write_bytes(os.urandom(70_000))
+    os.link(merged / "usr/bin/new", merged / "usr/bin/new-link")
+    os.symlink("new", merged / "usr/bin/new-sym")
+    os.mknod(merged / "etc/zero", 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+    os.chmod(merged / "tmp", 0o1777)
+
+
+def test_overlay_written_out_equals_the_merged_tree_and_links_the_lower(tmp_path: Path) -> None:
+    from sidusctl.subsys.overlayroot import materialize, mount_overlay
+    from sidusctl.subsys.treecopy import tree_digest, unshare_tree
+
+    lower = tmp_path / "entry"
+    _lower(lower)
+    before = tree_digest(lower)[0]
+    ov = mount_overlay(lower, tmp_path / "layers", tmp_path / "merged")
+    try:
+        _install(ov.merged)
+        want = _meta_walk(ov.merged)
+        assert "var/lib/old/f0" not in want and "etc/conf5" not in want
+        # while mounted, the upper files copied (a stage cache entry: the build goes on)
+        saved = materialize(lower, ov.upper, tmp_path / "saved", link_upper=False,
+                            lower_files={"etc/motd": "x" * 64})
+        assert tree_diff(want, _meta_walk(tmp_path / "saved")) == []
+        assert saved.known == {"etc/motd": "x" * 64}
+    finally:
+        ov.umount()
+    assert tree_digest(lower)[0] == before  # the entry was never written
+    gen = tmp_path / "merged"  # written out on the mount point itself, as a build does
+    made = materialize(lower, ov.upper, gen, link_upper=True)
+    assert tree_diff(want, _meta_walk(gen)) == []
+    assert tree_digest(gen)[0] == tree_digest(tmp_path / "saved")[0]
+    ino = lambda p: p.lstat().st_ino  # noqa: E731
+    assert ino(gen / "usr/bin/ping") == ino(lower / "usr/bin/ping")  # untouched: linked
+    assert ino(gen / "etc/motd") == ino(lower / "etc/motd")
+    for rel in ("etc/conf0", "etc/conf1", "etc/conf2", "usr/bin/tool-hardlink"):
+        assert ino(gen / rel) != ino(lower / rel), rel  # copied up: the upper's inode
+    assert ino(gen / "usr/bin/tool") == ino(lower / "usr/bin/tool")  # its other link stayed
+    assert made.linked > 0 and made.from_upper >= 8, made
+    for p in gen.rglob("*"):  # overlayfs' own xattrs never reach the tree
+        assert not [x for x in os.listxattr(p, follow_symlinks=False)
+                    if x.startswith("trusted.overlay.")], p
+    assert stat.S_IMODE((gen / "usr/bin/ping").lstat().st_mode) == 0o4755
+    assert "security.capability" in os.listxattr(gen / "usr/bin/ping")
+
+    # a write in place comes after unshare_tree, and then leaves the entry alone
+    shared = tree_digest(gen)[0]
+    n = unshare_tree(gen)
+    assert n >= made.linked - 1, (n, made)  # tool and its link were one shared inode
+    assert tree_diff(want, _meta_walk(gen)) == []  # same tree, mtimes and in-tree links kept
+    assert tree_digest(gen)[0] == shared
+    assert ino(gen / "usr/bin/ping") != ino(lower / "usr/bin/ping")
+    assert unshare_tree(gen) == 0
+    with open(gen / "etc/motd", "a") as f:
+        f.write("written in place\n")
+    assert tree_digest(lower)[0] == before
