@@ -11,6 +11,7 @@ import click
 from sidusctl.cli.common import console, emit_json, get_ctx, human_size, need_root
 from sidusctl.cli.progress import StageProgress
 from sidusctl.image import builder, recipe
+from sidusctl.image.update import private_root
 from sidusctl.subsys.chroot import ChrootSession
 from sidusctl.subsys.imagestore import Image, ImageStore
 
@@ -129,20 +130,27 @@ def chroot_cmd(image: str, command: tuple[str, ...]) -> None:
     need_root("sidusctl chroot")
     store = ImageStore(get_ctx().state)
     img = store.get(image)
-    with store.lock(image), ChrootSession(img.rootfs) as s:
-        if command:
-            if sys.stdin.isatty():
-                rc = s.interactive(list(command))
-            else:
-                res = s.run(list(command), check=False, capture=True)
-                sys.stdout.write(res.stdout)
-                if res.tail:
-                    sys.stderr.write(res.tail + "\n")
-                rc = res.returncode
-        else:
-            rc = s.interactive(["/bin/bash", "-l"])
+    with store.lock(image):
+        private_root(img.rootfs)
+        with ChrootSession(img.rootfs) as s:
+            rc = _run_in(s, command)
     if rc:
         sys.exit(rc)
+
+
+def _run_in(s: ChrootSession, command: tuple[str, ...]) -> int:
+    if command:
+        if sys.stdin.isatty():
+            rc = s.interactive(list(command))
+        else:
+            res = s.run(list(command), check=False, capture=True)
+            sys.stdout.write(res.stdout)
+            if res.tail:
+                sys.stderr.write(res.tail + "\n")
+            rc = res.returncode
+    else:
+        rc = s.interactive(["/bin/bash", "-l"])
+    return rc
 
 
 def register(cli: click.Group) -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from sidusctl.core.errors import BuildError, CommandError, PrerequisiteError
+from sidusctl.core.log import get_logger
 from sidusctl.core.run import run
 from sidusctl.image.common import APT, Quiet, Reporter, default_cache, du, package_list
 from sidusctl.image.exports import export_kernel
@@ -17,6 +18,22 @@ from sidusctl.subsys.chroot import ChrootSession
 from sidusctl.subsys.imagestore import Image, ImageStore
 from sidusctl.subsys.manifest import Change, LastUpdate, TarballExport
 from sidusctl.subsys.tarball import suffix_for, write_rootfs_tar
+from sidusctl.subsys.treecopy import unshare_tree
+
+log = get_logger("update")
+
+
+def private_root(root: Path) -> int:
+    """Make a published root safe to write in place: the files it shares with the stage cache
+    (a root written out from an overlay restore hard-links every file its build left as the
+    entry had it) get inodes of their own (:func:`~sidusctl.subsys.treecopy.unshare_tree`).
+    Returns how many were copied; a root with none shared costs one walk."""
+    t = time.monotonic()
+    n = unshare_tree(root)
+    if n:
+        log.info("%s: %d file(s) shared with the stage cache copied before writing in place "
+                 "(%.1f s)", root, n, time.monotonic() - t)
+    return n
 
 
 def update(store: ImageStore, name: str, *, in_place: bool = False, tar: bool = False,
@@ -73,6 +90,7 @@ def update(store: ImageStore, name: str, *, in_place: bool = False, tar: bool = 
 
     if in_place:
         with store.lock(name):
+            private_root(cur.rootfs)
             _do(cur.rootfs, cur.dir)
         return store.get(name)
     with store.new_generation(name) as gen:
