@@ -11,6 +11,9 @@ Behaviour:
   refused) get error 2 (access violation) and a log line; WRQ is refused with error 2.
 - Each transfer has its own UDP socket (a new TID, RFC 1350 section 4), bound to the address the
   request was sent to (IP_PKTINFO) and to the interface (SO_BINDTODEVICE) when one is given.
+  The transfer sockets are watched by one epoll set of the server's own, itself watched by the
+  event loop: when ACKs wait on many transfers at once (a boot storm), one loop callback
+  answers them all, instead of one loop dispatch per ACK.
 - Block numbers roll over from 65535 to 0, so files over 32 MiB at blksize 512 work.
 - Retransmission after ``timeout`` seconds (the client's RFC 2349 value if accepted), at most
   ``retries`` times, then the transfer is abandoned and counted as failed.
@@ -27,6 +30,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import select
 import socket
 import stat
 import struct
@@ -45,6 +49,9 @@ log = get_logger("serve.tftp")
 _IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 _ACK_PREFIX = b"\x00\x04"
+# what a transfer socket reads per datagram: an ACK is 4 bytes, an ERROR a few dozen (a longer
+# one is cut, found malformed and counted); not 64 KiB allocated for every ACK
+_ACK_MAX = 1500
 _NETASCII_MAX = 64 << 20
 _READAHEAD = 64 << 10
 _READAHEAD_MAX = 1 << 20
@@ -272,7 +279,7 @@ class _Transfer:
         # one datagram per call: the loop is level-triggered and calls again if more wait,
         # and in lock-step the next ACK cannot be there yet (a second recv would only fail)
         try:
-            pkt = self.sock.recv(65536)
+            pkt = self.sock.recv(_ACK_MAX)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:  # ECONNREFUSED: the client went away
@@ -338,8 +345,7 @@ class _Transfer:
 
     def close(self) -> None:
         loop = self.server.loop
-        with contextlib.suppress(Exception):
-            loop.remove_reader(self.sock.fileno())
+        self.server._unwatch(self.sock.fileno())
         if self.waiting_writer:
             with contextlib.suppress(Exception):
                 loop.remove_writer(self.sock.fileno())
@@ -363,6 +369,7 @@ class TftpServer:
         self._sock: socket.socket | None = None
         self._transfers: dict[int, _Transfer] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._ep: select.epoll | None = None  # the transfer sockets
         self._root_real = os.path.realpath(self.cfg.root)
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
 
@@ -385,6 +392,8 @@ class TftpServer:
             raise PrerequisiteError(
                 f"cannot bind TFTP to {self.cfg.address}:{self.cfg.port}{where}: {e.strerror}") from e
         self.loop.add_reader(self._sock.fileno(), self._on_request)
+        self._ep = select.epoll()
+        self.loop.add_reader(self._ep.fileno(), self._on_ready)
         self._timer = self.loop.call_later(0.1, self._tick)
         log.info("TFTP serving %s on %s:%d%s", self._root_real, self.cfg.address, self.port,
                  f" (interface {self.cfg.interface})" if self.cfg.interface else "")
@@ -400,11 +409,38 @@ class TftpServer:
             t.close()
         self._transfers.clear()
         self.stats.active = 0
+        if self._ep is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self._ep.fileno())
+            self._ep.close()
+            self._ep = None
         if self._sock is not None:
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+
+    # -- transfer sockets --------------------------------------------------------------------
+
+    def _on_ready(self) -> None:
+        """The loop's callback for the epoll set: one datagram read on each ready transfer
+        socket (level-triggered: one with more waiting is ready again at the next poll)."""
+        if self._ep is None:
+            return
+        transfers = self._transfers
+        for fd, _events in self._ep.poll(0, 512):
+            t = transfers.get(fd)
+            if t is None:  # ended by an earlier one of this batch
+                continue
+            try:
+                t.readable()
+            except Exception:
+                self._internal_error(t, f"readable of {t.filename!r}")
+
+    def _unwatch(self, fd: int) -> None:
+        if self._ep is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._ep.unregister(fd)
 
     # -- timers ----------------------------------------------------------------------------
 
@@ -533,7 +569,8 @@ class TftpServer:
         t = _Transfer(self, sock, addr, p.filename, fd, content, size, neg)
         self._transfers[sock.fileno()] = t
         self.stats.active = len(self._transfers)
-        self.loop.add_reader(sock.fileno(), t.guarded(t.readable))
+        assert self._ep is not None
+        self._ep.register(sock.fileno(), select.EPOLLIN)
         log.info("TFTP %s: RRQ %r (%d bytes, blksize %d, windowsize %d%s)", who, p.filename, size,
                  neg.blksize, neg.windowsize, ", options " + ",".join(neg.oack) if neg.oack else "")
         t.guarded(t.start)()
