@@ -314,6 +314,29 @@ def _small_tree(root: Path) -> None:
     os.link(root / "usr/bin/tool", root / "usr/bin/tool-hardlink")
 
 
+def special_tree(src: Path, confs: int = 20) -> None:
+    """:func:`_small_tree` plus what a copy must keep: a setuid file with a file capability,
+    a user xattr, an owner, a sticky directory, a fifo, a device node, ``confs`` small files
+    (etc/conf0...) and a directory mtime."""
+    import struct
+
+    _small_tree(src)
+    (src / "usr/bin/ping").write_bytes(b"\x7fELF" + os.urandom(5000))
+    os.chmod(src / "usr/bin/ping", 0o4755)
+    # a file capability (VFS_CAP_REVISION_2 | effective, cap_net_raw): chown would clear it
+    os.setxattr(src / "usr/bin/ping", "security.capability",
+                struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0))
+    os.setxattr(src / "etc/motd", "user.sdt", b"kept")
+    os.chown(src / "etc/motd", 1234, 4321)
+    (src / "tmp").mkdir(mode=0o1777)
+    os.chmod(src / "tmp", 0o1777)
+    os.mkfifo(src / "etc/fifo")
+    os.mknod(src / "etc/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    for i in range(confs):
+        (src / "etc" / f"conf{i}").write_text(f"conf {i}\n")
+    os.utime(src / "etc", ns=(10**18, 10**18))
+
+
 def test_stage_cache_saves_restores_detects_damage_and_evicts(tmp_path: Path) -> None:
     from sidusctl.image.stagecache import StageCache, explain_miss, stage_key
     from sidusctl.subsys.treecopy import tree_digest
@@ -390,27 +413,12 @@ def test_delta_entry_links_unchanged_files_and_copies_the_rest(tmp_path: Path) -
     (content rewritten to the same size and mtime, mode, xattr, rename, hard link, new file,
     removal) is a copy of its own, the new entry's digest is its tree's, the base is untouched,
     and the entry restores as any other."""
-    import struct
 
     from sidusctl.image.stagecache import StageCache, stage_key
     from sidusctl.subsys.treecopy import copy_tree_linking, tree_digest
 
     src = tmp_path / "base"
-    _small_tree(src)
-    (src / "usr/bin/ping").write_bytes(b"\x7fELF" + os.urandom(5000))
-    os.chmod(src / "usr/bin/ping", 0o4755)
-    # a file capability (VFS_CAP_REVISION_2 | effective, cap_net_raw): chown would clear it
-    os.setxattr(src / "usr/bin/ping", "security.capability",
-                struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0))
-    os.setxattr(src / "etc/motd", "user.sdt", b"kept")
-    os.chown(src / "etc/motd", 1234, 4321)
-    (src / "tmp").mkdir(mode=0o1777)
-    os.chmod(src / "tmp", 0o1777)
-    os.mkfifo(src / "etc/fifo")
-    os.mknod(src / "etc/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-    for i in range(20):
-        (src / "etc" / f"conf{i}").write_text(f"conf {i}\n")
-    os.utime(src / "etc", ns=(10**18, 10**18))
+    special_tree(src)
 
     cache = StageCache(tmp_path / "state")
     base_key = stage_key({"n": 1})

@@ -7,36 +7,22 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.test_build_incremental import _meta_walk, _small_tree, tree_diff
+from tests.test_build_incremental import _meta_walk, special_tree, tree_diff
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (overlayfs, mknod)")
 
 
 def _lower(src: Path) -> None:
-    _small_tree(src)  # etc/motd, etc/link -> usr/bin/tool, usr/bin/tool-hardlink
-    (src / "usr/bin/ping").write_bytes(b"\x7fELF" + os.urandom(5000))
-    os.chmod(src / "usr/bin/ping", 0o4755)
-    os.setxattr(src / "usr/bin/ping", "security.capability",
-                struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0))
-    os.setxattr(src / "etc/motd", "user.sdt", b"kept")
-    os.chown(src / "etc/motd", 1234, 4321)
-    (src / "tmp").mkdir(mode=0o1777)
-    os.chmod(src / "tmp", 0o1777)
-    os.mkfifo(src / "etc/fifo")
-    os.mknod(src / "etc/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    special_tree(src, confs=10)
     for d in ("var/lib/old", "var/lib/keep"):
         (src / d).mkdir(parents=True)
         for i in range(3):
             (src / d / f"f{i}").write_text(f"{d} {i}\n")
-    for i in range(10):
-        (src / "etc" / f"conf{i}").write_text(f"conf {i}\n")
-    os.utime(src / "etc", ns=(10**18, 10**18))
 
 
 def _install(merged: Path) -> None:
@@ -84,7 +70,10 @@ def test_overlay_written_out_equals_the_merged_tree_and_links_the_lower(tmp_path
     made = materialize(lower, ov.upper, gen, link_upper=True)
     assert tree_diff(want, _meta_walk(gen)) == []
     assert tree_digest(gen)[0] == tree_digest(tmp_path / "saved")[0]
-    ino = lambda p: p.lstat().st_ino  # noqa: E731
+
+    def ino(p: Path) -> int:
+        return p.lstat().st_ino
+
     assert ino(gen / "usr/bin/ping") == ino(lower / "usr/bin/ping")  # untouched: linked
     assert ino(gen / "etc/motd") == ino(lower / "etc/motd")
     for rel in ("etc/conf0", "etc/conf1", "etc/conf2", "usr/bin/tool-hardlink"):
