@@ -97,3 +97,47 @@ def test_overlay_written_out_equals_the_merged_tree_and_links_the_lower(tmp_path
     with open(gen / "etc/motd", "a") as f:
         f.write("written in place\n")
     assert tree_digest(lower)[0] == before
+
+
+def test_stage_cache_overlay_restore_pins_the_entry_until_written_out(tmp_path: Path) -> None:
+    """Through the cache: where a restore would be a plain copy, it is an overlay on the
+    checked entry, which no eviction or removal can delete while it is mounted; written out,
+    the root outlives the entry."""
+    from sidusctl.core.errors import StateError
+    from sidusctl.image.stagecache import StageCache, stage_key
+    from sidusctl.subsys.mounts import mounts_under
+    from sidusctl.subsys.treecopy import copy_method, tree_digest
+
+    src = tmp_path / "src"
+    special_tree(src, confs=3)
+    cache = StageCache(tmp_path / "state")
+    key = stage_key({"n": 1})
+    cache.save(key, {"n": 1}, src, ())
+    gen = tmp_path / "state" / "gen"
+    gen.mkdir()
+    if copy_method(src, gen) != "copy":
+        pytest.skip("this filesystem snapshots or reflinks: no overlay restore here")
+    res = cache.restore(key, gen / "rootfs", gen / ".overlay")
+    assert res.method == "overlay" and res.overlay is not None, res
+    assert "(overlay)" in res.reason and res.files  # checked in place, digests kept
+    try:
+        with pytest.raises(StateError, match="in use by a running build"):
+            cache.remove(key)
+        assert cache.prune(0) == [] and len(cache.entries()) == 1  # pinned
+        (gen / "rootfs/etc/motd").write_text("changed by the build\n")
+    finally:
+        made = cache.finish_overlay(res)
+    assert mounts_under(gen) == [] and not (gen / ".overlay").exists()
+    assert made.from_upper == 1 and made.linked > 0
+    assert (gen / "rootfs/etc/motd").read_text() == "changed by the build\n"
+    digest = tree_digest(gen / "rootfs")[0]
+    assert [e.key for e in cache.prune(0)] == [key]  # unpinned: evictable again
+    assert tree_digest(gen / "rootfs")[0] == digest  # the root keeps the linked files
+
+    # an entry damaged by hand is found at the check in place, before any mount
+    cache.save(key, {"n": 1}, src, ())
+    with open(cache.dir / key / "rootfs/usr/bin/tool", "r+b") as f:
+        f.truncate(10)
+    res = cache.restore(key, tmp_path / "state/again", tmp_path / "state/.again-layers")
+    assert res.info is None and res.damaged and "was damaged" in res.reason
+    assert mounts_under(tmp_path / "state") == [] and cache.entries() == []
