@@ -196,7 +196,8 @@ class StageCache:
         the digest recorded at write. A damaged entry is deleted (and ``dest`` removed).
 
         ``layers`` (a path that does not exist, on the entry's filesystem): where the cheapest
-        copy would be a plain ``cp -a`` (no snapshot, no reflink), the entry is checked in place
+        copy would be a plain ``cp -a`` (no snapshot, no reflink) and ``dest`` is on the
+        entry's filesystem, the entry is checked in place
         instead and mounted read-only as the lower layer of an overlay on ``dest``, its upper
         and work directories under ``layers``: nothing is copied; ``Restored.overlay`` is set
         and the entry is pinned (not evicted) until :meth:`finish_overlay` or
@@ -212,7 +213,9 @@ class StageCache:
                 return Restored(reason=f"cache entry {key} was damaged ({e}): deleted",
                                 damaged=True)
             (d / "used").touch()
-            overlay = layers is not None and _entry_method(d, dest.parent) == "copy"
+            # (the write-out hard-links from the entry: only within one filesystem)
+            overlay = (layers is not None and _entry_method(d, dest.parent) == "copy"
+                       and d.stat().st_dev == dest.parent.stat().st_dev)
             if overlay:
                 self._pin(d)  # (kept from eviction while it is a lower layer)
         if overlay:
