@@ -28,7 +28,6 @@ from sidusctl.core.errors import CommandError, StateError
 from sidusctl.core.log import get_logger
 from sidusctl.core.state import FileLock, write_json
 from sidusctl.image.common import du
-from sidusctl.subsys import btrfs
 from sidusctl.subsys.manifest import JsonObject, Record
 from sidusctl.subsys.overlayroot import Materialized, OverlayRoot, materialize, mount_overlay
 from sidusctl.subsys.treecopy import (
@@ -36,7 +35,6 @@ from sidusctl.subsys.treecopy import (
     copy_tree,
     copy_tree_linking,
     create_dir_for_tree,
-    reflink_works,
     remove_tree,
     tree_digest_files,
 )
@@ -92,8 +90,8 @@ class Restored:
     files: Mapping[str, str] = field(default_factory=dict)
     """sha256 of each regular file of the restored tree as checked, by relative path."""
     copied_before_ns: int = 0
-    """A ctime (ns) after the copy finished: files of the restored tree changed later have
-    one at least as late."""
+    """A ctime (ns) after the copy finished (copies only): files of the restored tree changed
+    later have one at least as late."""
     overlay: OverlayRoot | None = None
     """Set when the root was restored as an overlay on the entry (``method`` "overlay"): the
     caller writes it out with :meth:`StageCache.finish_overlay` (or lets the build fail)."""
@@ -197,11 +195,11 @@ class StageCache:
 
         ``layers`` (a path that does not exist, on the entry's filesystem): where the cheapest
         copy would be a plain ``cp -a`` (no snapshot, no reflink) and ``dest`` is on the
-        entry's filesystem, the entry is checked in place
-        instead and mounted read-only as the lower layer of an overlay on ``dest``, its upper
-        and work directories under ``layers``: nothing is copied; ``Restored.overlay`` is set
-        and the entry is pinned (not evicted) until :meth:`finish_overlay` or
-        :meth:`release_overlay`. If the overlay cannot be mounted, the entry is copied."""
+        entry's filesystem, the entry is checked in place instead and mounted read-only as the
+        lower layer of an overlay on ``dest`` (overlayfs), its upper and work directories under
+        ``layers``: nothing is copied; ``Restored.overlay`` is set and the entry is pinned (not
+        evicted) until :meth:`finish_overlay` or :meth:`release_overlay`. If the overlay cannot
+        be mounted, the entry is copied. Raises OSError if the entry cannot be read."""
         d = self.dir / key
         with self._locked():
             if not d.is_dir():
@@ -214,7 +212,8 @@ class StageCache:
                                 damaged=True)
             (d / "used").touch()
             # (the write-out hard-links from the entry: only within one filesystem)
-            overlay = (layers is not None and _entry_method(d, dest.parent) == "copy"
+            overlay = (layers is not None
+                       and copy_method(d / "rootfs", dest.parent, probe_from=d) == "copy"
                        and d.stat().st_dev == dest.parent.stat().st_dev)
             if overlay:
                 self._pin(d)  # (kept from eviction while it is a lower layer)
@@ -269,8 +268,7 @@ class StageCache:
             self._unpin(d)
             raise
         return Restored(reason=f"restored from cache entry {key} (overlay)", info=info,
-                        method="overlay", files=check.files,
-                        copied_before_ns=ov.mounted_before_ns, overlay=ov)
+                        method="overlay", files=check.files, overlay=ov)
 
     def finish_overlay(self, res: Restored) -> Materialized:
         """Unmount the overlay of an overlay restore (:meth:`restore` with ``layers``) and
@@ -426,15 +424,6 @@ class StageCache:
             remove_tree(d / "rootfs")
         if d.exists():
             remove_tree(d)
-
-
-def _entry_method(entry: Path, dest_parent: Path) -> str:
-    """:func:`~sidusctl.subsys.treecopy.copy_method` for restoring ``entry``'s rootfs into
-    ``dest_parent``, probing reflinks from the entry's directory (never inside its rootfs,
-    which may be an overlay's lower layer at that moment)."""
-    if btrfs.is_subvolume(entry / "rootfs") and btrfs.is_btrfs(dest_parent):
-        return "snapshot"
-    return "reflink" if reflink_works(entry, dest_parent) else "copy"
 
 
 def _ctime_now(directory: Path) -> int:

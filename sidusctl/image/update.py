@@ -27,7 +27,9 @@ def private_root(root: Path) -> int:
     """Make a published root safe to write in place: the files it shares with the stage cache
     (a root written out from an overlay restore hard-links every file its build left as the
     entry had it) get inodes of their own (:func:`~sidusctl.subsys.treecopy.unshare_tree`).
-    Returns how many were copied; a root with none shared costs one walk."""
+    Returns how many were copied; a root with none shared costs one walk (a stat per
+    entry). Raises OSError if a copy fails (a full disk): each file is then whole, shared or
+    copied."""
     t = time.monotonic()
     n = unshare_tree(root)
     if n:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from sidusctl.core.log import get_logger
 from sidusctl.subsys.mounts import mount, umount_tree
-from sidusctl.subsys.treecopy import copy_meta
+from sidusctl.subsys.treecopy import copy_meta, make_special
 
 log = get_logger("overlayroot")
 
@@ -47,8 +47,6 @@ class OverlayRoot:
     lower: Path
     layers: Path
     merged: Path
-    mounted_before_ns: int = 0
-    """A ctime (ns) taken right after the mount: no file of ``lower`` is newer."""
 
     @property
     def upper(self) -> Path:
@@ -71,19 +69,15 @@ def mount_overlay(lower: Path, layers: Path, merged: Path) -> OverlayRoot:
     gets ``lower``'s owner, mode and xattrs: overlayfs shows the upper root's. Raises
     :class:`~sidusctl.core.errors.CommandError` if the mount fails (no overlay support, an
     upper filesystem without xattrs)."""
+    ov = OverlayRoot(lower, layers, merged)
     layers.mkdir(mode=0o700)
-    upper, work = layers / "upper", layers / "work"
-    upper.mkdir()
-    work.mkdir()
-    copy_meta(str(lower), str(upper), os.lstat(lower))
+    ov.upper.mkdir()
+    ov.work.mkdir()
+    copy_meta(str(lower), str(ov.upper), os.lstat(lower))
     merged.mkdir(exist_ok=True)
     mount("overlay", merged, "overlay",
-          [f"lowerdir={lower}", f"upperdir={upper}", f"workdir={work}", *OPTIONS])
-    probe = layers / ".ctime-probe"
-    probe.touch()
-    mark = probe.lstat().st_ctime_ns
-    probe.unlink()
-    return OverlayRoot(lower, layers, merged, mark)
+          [f"lowerdir={lower}", f"upperdir={ov.upper}", f"workdir={ov.work}", *OPTIONS])
+    return ov
 
 
 @dataclass
@@ -179,7 +173,7 @@ def materialize(lower: Path, upper: Path, dest: Path, *, link_upper: bool,
                     seen[ino] = rel
                     shutil.copyfile(ue.path, d, follow_symlinks=False)
                 else:
-                    _make_special(ue.path, d, st)
+                    make_special(ue.path, d, st)
                 copy_meta(ue.path, d, st, skip_prefix=_OVERLAY_XATTR)
                 continue
             assert le is not None
@@ -196,15 +190,8 @@ def materialize(lower: Path, upper: Path, dest: Path, *, link_upper: bool,
                 if sha is not None:
                     res.known[rel] = sha
                 continue
-            _make_special(le.path, d, st)
+            make_special(le.path, d, st)
             copy_meta(le.path, d, st)
     for d, st, p in reversed(dirs):  # children first: their creation moved the mtimes
         copy_meta(p, d, st, skip_prefix=_OVERLAY_XATTR)
     return res
-
-
-def _make_special(src: str, dest: str, st: os.stat_result) -> None:
-    if stat.S_ISLNK(st.st_mode):
-        os.symlink(os.readlink(src), dest)
-    else:  # character and block devices, fifos, sockets
-        os.mknod(dest, st.st_mode, st.st_rdev)

@@ -52,13 +52,15 @@ def reflink_works(src_dir: Path, dest_dir: Path) -> bool:
                 p.unlink()
 
 
-def copy_method(src: Path, dest_parent: Path) -> str:
+def copy_method(src: Path, dest_parent: Path, probe_from: Path | None = None) -> str:
     """How :func:`copy_tree` would copy ``src`` into ``dest_parent``: ``snapshot``, ``reflink``
-    or ``copy``."""
+    or ``copy``. The reflink probe writes (and deletes) a file in ``probe_from`` (default
+    ``src`` itself; a directory on ``src``'s filesystem when ``src`` must not be written, e.g.
+    an overlay's lower layer)."""
     # (each subvolume has its own st_dev: whether both are on the same btrfs is found by trying)
     if btrfs.is_subvolume(src) and btrfs.is_btrfs(dest_parent):
         return "snapshot"
-    if reflink_works(src, dest_parent):
+    if reflink_works(probe_from or src, dest_parent):
         return "reflink"
     return "copy"
 
@@ -242,14 +244,22 @@ def copy_tree_linking(src: Path, dest: Path, base: Path, base_files: Mapping[str
                 shutil.copyfile(p, d, follow_symlinks=False)
                 copied += 1
                 nbytes += st.st_size
-            elif stat.S_ISLNK(mode):
-                os.symlink(os.readlink(p), d)
-            else:  # character and block devices, fifos, sockets
-                os.mknod(d, mode, st.st_rdev)
+            else:
+                make_special(p, d, st)
             copy_meta(p, d, st)
     for d, st, p in reversed(dirs):  # children first: their creation moved the mtimes
         copy_meta(p, d, st)
     return LinkedCopy(linked, copied, nbytes, known)
+
+
+def make_special(src: str, dest: str, st: os.stat_result) -> None:
+    """Create ``dest`` as the symlink, device node, fifo or socket ``src`` is (``st``: its
+    lstat), without owner, mode bits beyond the type's or times (:func:`copy_meta` does
+    those). Raises OSError."""
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src), dest)
+    else:  # character and block devices, fifos, sockets
+        os.mknod(dest, st.st_mode, st.st_rdev)
 
 
 def _same_file(path: str, st: os.stat_result) -> bool:
