@@ -151,3 +151,39 @@ def test_a_client_reset_before_its_request_is_counted_not_printed(
         assert srv.stats.aborted >= 3 and srv.stats.internal_errors == 0, srv.stats
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Exception occurred" not in err, err
+
+
+def test_a_stalled_or_vanished_reader_frees_its_slot(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The body goes out in one blocking ``sendfile`` with the kernel's send timeout: a
+    client that stops reading mid-body is dropped after the handler's timeout (1 s here),
+    one that resets mid-body at once; both are counted as aborted, short of the file, and
+    free their connection slot; no internal error, and the server goes on answering."""
+    import struct
+    import time
+
+    root = tmp_path / "root"
+    root.mkdir()
+    big = os.urandom(1 << 20) * 48  # more than loopback's socket buffers hold
+    (root / "big").write_bytes(big)
+    monkeypatch.setattr(http._Handler, "timeout", 1)
+    cfg = http.HttpConfig(root=root, address="127.0.0.1", port=0)
+    with http.serve(cfg) as srv:
+        stalled = socket.create_connection(("127.0.0.1", srv.port))
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert stalled.recv(4096).startswith(b"HTTP/1.1 200")
+        reset = socket.create_connection(("127.0.0.1", srv.port))
+        reset.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reset.recv(65536).startswith(b"HTTP/1.1 200")
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset.close()  # RST mid-body
+        deadline = time.monotonic() + 20
+        while (srv.stats.aborted < 2 or srv.stats.active) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.stats.aborted == 2 and srv.stats.active == 0, srv.stats
+        assert srv.stats.bytes_sent < 2 * len(big), srv.stats
+        code, _, body = _get(f"http://127.0.0.1:{srv.port}/big")
+        assert code == 200 and body == big
+        assert srv.stats.internal_errors == 0, srv.stats
+        stalled.close()

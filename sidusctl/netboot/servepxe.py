@@ -59,6 +59,8 @@ log = get_logger("serve-pxe")
 
 EfiLoader = Literal["grub", "ipxe", "shim"]
 REPORT_PATH = "/sidus/report"
+#: seconds at most between a node's report and the write of the holds it changed
+HOLDS_DELAY = 1.0
 
 
 @dataclass(frozen=True)
@@ -336,9 +338,9 @@ class PxeSupervisor(supervisor.Supervisor):
             self.holds[mac] = {"node": node.name, "image": node.image, "generation": gen,
                                "since": old.get("since", now) if old.get("generation") == gen
                                else now, "seen": now}
-            self._save_holds()
-            if old.get("generation") != gen:
-                self.sync_holds()
+            self._holds_dirty = True
+            self._holds_new = self._holds_new or old.get("generation") != gen
+            self._schedule_holds()
         log.info("report %s (%s): %s %s", mac, node.name if node else "unknown node", stage,
                  detail)
 
@@ -370,6 +372,39 @@ class PxeSupervisor(supervisor.Supervisor):
         return 204
 
     _loop: asyncio.AbstractEventLoop | None = None
+    #: the holds changed since ``holds.json`` was written / a node booted a generation the
+    #: image store has not been told of; a flush is scheduled
+    _holds_dirty = False
+    _holds_new = False
+    _holds_timer: asyncio.TimerHandle | None = None
+
+    def _schedule_holds(self) -> None:
+        """Write the holds within :data:`HOLDS_DELAY` seconds, once for every report that
+        arrived meanwhile: in a storm, hundreds of nodes report within seconds, and a write
+        (an fsync) per report would hold up the event loop that answers DHCP and TFTP. A
+        generation a node just booted is held meanwhile anyway: the boot tree named it, and
+        :meth:`keep` holds what the tree named for ``hold_time``. Without a running loop
+        (called outside :meth:`serve`) the write happens now."""
+        if self._holds_timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._flush_holds()
+            return
+        self._holds_timer = loop.call_later(HOLDS_DELAY, self._flush_holds)
+
+    def _flush_holds(self) -> None:
+        """Write ``holds.json`` and tell the image store, if anything changed."""
+        if self._holds_timer is not None:
+            self._holds_timer.cancel()
+            self._holds_timer = None
+        if self._holds_dirty:
+            self._holds_dirty = False
+            self._save_holds()
+        if self._holds_new:
+            self._holds_new = False
+            self.sync_holds()
 
     def _save_holds(self) -> None:
         try:
@@ -378,6 +413,7 @@ class PxeSupervisor(supervisor.Supervisor):
             log.warning("cannot write %s: %s", self._holds_file, e)
 
     def _write_status(self) -> None:
+        self._flush_holds()  # the status never shows a generation the store does not hold
         super()._write_status()
         now = time.time()
         if now - self._last_prune >= 30:

@@ -24,6 +24,7 @@ import contextlib
 import http.server
 import os
 import socket
+import struct
 import sys
 import threading
 import urllib.parse
@@ -316,7 +317,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if head:
                 return
             self.wfile.flush()
-            sent = _sendfile(self.connection, f, first, length)
+            sent = _sendfile(self.connection, f, first, length, self.timeout)
             self.server.stats.add(bytes_sent=sent, files=1, ranges=int(isinstance(rng, tuple)))
             if sent < length:
                 self.server.stats.add(aborted=1)
@@ -354,14 +355,33 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._simple(code)
 
 
-def _sendfile(sock: socket.socket, f: Any, offset: int, count: int) -> int:
-    """``count`` bytes of file ``f`` from ``offset`` to ``sock`` with ``sendfile(2)``
-    (:meth:`socket.socket.sendfile` waits for the socket within its timeout); the bytes
-    sent, fewer if the client went away."""
+def _sendfile(sock: socket.socket, f: Any, offset: int, count: int, timeout: float) -> int:
+    """``count`` bytes of file ``f`` from ``offset`` to ``sock`` with ``sendfile(2)``; the
+    bytes sent, fewer if the client went away or took nothing for ``timeout`` seconds.
+
+    The socket is made blocking for the body, with the kernel's own send timeout
+    (``SO_SNDTIMEO``, socket(7)): one ``sendfile`` call then carries the whole body without
+    coming back to Python, where :meth:`socket.socket.sendfile` (a non-blocking socket, a
+    ``poll`` between calls) returns after each send buffer's worth. In a storm of hundreds
+    of downloads, each return is a thread taking the interpreter lock again, which the event
+    loop answering DHCP and TFTP waits for. The socket's timeout is restored after."""
+    fd, src = sock.fileno(), f.fileno()
+    sec = max(1, int(timeout))
+    sock.setblocking(True)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, 0))
+    sent = 0
     try:
-        return sock.sendfile(f, offset, count)
-    except (BrokenPipeError, ConnectionResetError, TimeoutError):
-        return int(f.tell()) - offset if f.tell() >= offset else 0
+        while sent < count:
+            try:
+                n = os.sendfile(fd, src, offset + sent, count - sent)
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                break  # BlockingIOError: SO_SNDTIMEO ran out with nothing sent
+            if n == 0:  # the file ends early (truncated since its size was read)
+                break
+            sent += n
+    finally:
+        sock.settimeout(timeout)
+    return sent
 
 
 class HttpServer:
