@@ -7,6 +7,8 @@ hit, and an injected bug proves the counter is honest."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import struct
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -396,3 +398,39 @@ def test_release_decline_inform_relay_and_expired_reuse(tmp_path: Path) -> None:
         assert srv.store.holder(IPv4Address("10.0.0.101"), _time.time()) is None
     finally:
         srv.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_BINDTODEVICE needs root")
+def test_the_wait_of_a_datagram_in_the_socket_is_measured(tmp_path: Path) -> None:
+    """The server reads each datagram's kernel receive time stamp: a DISCOVER that arrives
+    while the event loop is busy (blocked 1.5 s here) is answered, and counted ``late``
+    with its wait; one that finds the loop free is not."""
+    import asyncio
+    import time
+
+    import dataclasses
+
+    srv = make_server(tmp_path)
+    srv.cfg = dataclasses.replace(srv.cfg, interface="lo", port=0)
+    pkt = dc.DhcpPacket(op=1, xid=7, flags=dc.FLAG_BROADCAST,
+                        chaddr=bytes.fromhex("525400ec3381"),
+                        options={dc.OPT_MSG_TYPE: bytes([dc.DISCOVER])}).encode()
+
+    async def run() -> None:
+        await srv.start()
+        port = srv._socks[0][0].getsockname()[1]
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            c.sendto(pkt, ("127.0.0.1", port))
+            await asyncio.sleep(0.5)  # read at once
+            assert (srv.stats.received, srv.stats.late) == (1, 0), srv.stats
+            c.sendto(pkt, ("127.0.0.1", port))
+            time.sleep(1.5)  # the loop is busy elsewhere: the datagram waits in the socket
+            await asyncio.sleep(0.5)
+        finally:
+            c.close()
+            srv.close()
+
+    asyncio.run(run())
+    assert srv.stats.received == 2 and srv.stats.offers == 2, srv.stats
+    assert srv.stats.late == 1 and 1500 <= srv.stats.wait_max_ms < 60_000, srv.stats

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
@@ -33,6 +34,7 @@ from sidusctl.core.log import get_logger
 from sidusctl.serve import dhcp_codec as dc
 from sidusctl.serve.dhcp_config import (
     HTTP_CLIENT,
+    LATE_S,
     DhcpConfig,
     DhcpStats,
     Reservation,
@@ -43,6 +45,8 @@ from sidusctl.serve.leases import LeaseStore
 log = get_logger("serve.dhcp")
 
 _SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+_SO_TIMESTAMPNS = 35  # = SCM_TIMESTAMPNS (asm-generic/socket.h); not in Python's socket module
+_ANC_SPACE = socket.CMSG_SPACE(16)  # one struct timespec
 OFFER_HOLD = 60.0  # seconds an offered address stays set aside for its client
 DECLINE_HOLD = 600.0  # seconds a declined address is not handed out (RFC 2131 3.1.5)
 
@@ -118,6 +122,7 @@ class DhcpServer:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             s.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, self.cfg.interface.encode())
+            s.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
             s.setblocking(False)
             s.bind(("0.0.0.0", port))
         except OSError as e:
@@ -156,16 +161,28 @@ class DhcpServer:
     def _readable(self, s: socket.socket, port: int) -> None:
         for _ in range(64):
             try:
-                data, src = s.recvfrom(4096)
+                data, anc, _flags, src = s.recvmsg(4096, _ANC_SPACE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return
+            self._waited(anc)
             for reply, dest in self.handle(data, src, port):
                 try:
                     s.sendto(reply, dest)
                 except OSError as e:
                     log.warning("DHCP: sending to %s:%d failed: %s", dest[0], dest[1], e.strerror)
+
+    def _waited(self, anc: list[tuple[int, int, bytes]]) -> None:
+        """Count how long a datagram waited in the socket: its kernel receive time stamp
+        (``SCM_TIMESTAMPNS``: two native longs, seconds and nanoseconds) against now."""
+        for level, kind, raw in anc:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(raw) >= 16:
+                sec, nsec = struct.unpack("@qq", raw[:16])
+                waited = time.time() - (sec + nsec / 1e9)
+                self.stats.wait_max_ms = max(self.stats.wait_max_ms, int(waited * 1000))
+                if waited > LATE_S:
+                    self.stats.late += 1
 
     # -- protocol --------------------------------------------------------------------------
 

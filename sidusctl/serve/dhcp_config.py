@@ -155,12 +155,20 @@ class DhcpConfig:
                               expected="seconds between 60 and 2^31")
 
 
+#: seconds after which a datagram handled is counted ``late`` (:class:`DhcpStats`)
+LATE_S = 1.0
+
+
 @dataclass
 class DhcpStats:
     """Counters since start (one per decision kind). ``malformed``: datagrams the codec could
     not decode (:class:`~sidusctl.serve.dhcp_codec.MalformedPacket`), dropped. ``internal_errors``:
     bugs, i.e. any other exception while handling a decoded message, logged at error level with
-    the traceback; 0 in a healthy server (the tests assert it)."""
+    the traceback; 0 in a healthy server (the tests assert it). ``wait_max_ms``: the longest a
+    datagram waited between its arrival (the kernel's receive time stamp, ``SO_TIMESTAMPNS``,
+    socket(7)) and its handling, milliseconds; ``late``: datagrams handled more than
+    :data:`LATE_S` after arrival (a client has retransmitted by then: RFC 2131 section 4.1
+    and PXE ROMs wait 4 s, klibc's ipconfig and simulated nodes less)."""
 
     received: int = 0
     malformed: int = 0
@@ -174,6 +182,8 @@ class DhcpStats:
     informs: int = 0
     proxy_offers: int = 0
     proxy_acks: int = 0
+    wait_max_ms: int = 0
+    late: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
