@@ -493,6 +493,11 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
                 o = summarize(res, c1 - c0, rss)
                 if st is not None:
                     o["booted_in_status"] = sum(n["stage"] == "booted" for n in st["nodes"])
+                else:
+                    time.sleep(2.5)  # the next status write
+                # how long DHCP datagrams waited in serve-pxe's socket (kernel time stamps)
+                dhcp = json.loads((state / "serve" / "status.json").read_text())["dhcp"]
+                o["dhcp_late"], o["dhcp_wait_max_ms"] = dhcp["late"], dhcp["wait_max_ms"]
                 if not o["failures"]:
                     storm.check_storm(res, nodes, want)
                 return o
@@ -620,6 +625,9 @@ def print_one(o: dict[str, Any]) -> None:
               f"{s['p99_s']:5.1f} s  failures {s['failures']}  {extra}  retransmits DHCP "
               f"{s['dhcp_retries']} TFTP {s['tftp_retries']}  server CPU {s['server_cpu_s']} s, "
               f"peak RSS {s['server_peak_rss_mib']} MiB, {s['mb_per_s']} MB/s")
+        if "dhcp_late" in s:
+            print(f"      DHCP datagrams answered more than 1 s after arrival: {s['dhcp_late']}"
+                  f" (longest wait {s['dhcp_wait_max_ms']} ms)")
         for e in s["failure_examples"]:
             print(f"      e.g. {e}")
     if "serve-pxe-again" in o:
