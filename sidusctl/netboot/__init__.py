@@ -6,5 +6,7 @@
 - :mod:`~sidusctl.netboot.daemons`: configurations for other DHCP daemons (dnsmasq, dhcpd, Kea);
 - :mod:`~sidusctl.netboot.servepxe`: the ``serve-pxe`` composition, feeding the protocol
   servers of :mod:`sidusctl.serve` plain typed values;
+- :mod:`~sidusctl.netboot.pxesupervisor`: serve-pxe running: per-node status, the generations
+  running nodes hold;
 - :mod:`~sidusctl.netboot.lab`: a throw-away PXE lab (namespace, bridge, qemu guests).
 """

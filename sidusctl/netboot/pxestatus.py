@@ -1,7 +1,7 @@
 """What ``pxe status`` says of each node: its boot stages, the generation it runs and the next
 one, what its kernel reported (lockdown, Secure Boot, refused modules), from what serve-pxe's
 servers saw (DHCP ACKs, files fetched) and what the node reported over HTTP. Pure: fed plain
-mappings by :class:`sidusctl.netboot.servepxe.PxeSupervisor`.
+mappings by :class:`sidusctl.netboot.pxesupervisor.PxeSupervisor`.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ bound to the interface's address, which also takes the nodes' boot reports.
 opened) and again on SIGHUP, in a worker thread (:meth:`Supervisor.reload`: packing a new
 squashfs does not pause DHCP); :func:`watch_file` sends that SIGHUP when the inventory or an
 image's ``current`` changes.
-:class:`PxeSupervisor` adds the per-node status (DHCP seen, files fetched, booted) to the
-supervisor's ``status.json``, which ``sidusctl pxe status`` reads.
+:func:`serve` runs them under :class:`~sidusctl.netboot.pxesupervisor.PxeSupervisor`, which adds
+the per-node status and the generations running nodes hold.
 """
 
 from __future__ import annotations
@@ -24,23 +24,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import threading
-import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from sidusctl.core.errors import ConfigError, PrerequisiteError, SidusError
+from sidusctl.core.errors import ConfigError, PrerequisiteError
 from sidusctl.core.log import get_logger
-from sidusctl.core.state import read_json, write_json
 from sidusctl.netboot import inventory as inv_mod
-from sidusctl.netboot import pxestatus, secureboot, squash
+from sidusctl.netboot import secureboot, squash
 from sidusctl.netboot.inventory import Inventory
 from sidusctl.netboot.nfs import NfsExports, NfsMode, serve_exports
-from sidusctl.netboot.pxestatus import MAC_FILE_RE, NODE_FACTS
 from sidusctl.netboot.tree import (
     IPXE_EFI_DIRS,
     ImageFiles,
@@ -59,8 +55,6 @@ log = get_logger("serve-pxe")
 
 EfiLoader = Literal["grub", "ipxe", "shim"]
 REPORT_PATH = "/sidus/report"
-#: seconds at most between a node's report and the write of the holds it changed
-HOLDS_DELAY = 1.0
 
 
 @dataclass(frozen=True)
@@ -265,266 +259,6 @@ class PxeLoader:
             post_paths=(REPORT_PATH,))
 
 
-# -- per-node status ------------------------------------------------------------------------------
-
-
-
-class PxeSupervisor(supervisor.Supervisor):
-    """The supervisor plus what each node did: ``acks`` (times of DHCP ACKs by MAC),
-    ``proxied`` (times of proxyDHCP replies by MAC), ``fetched`` (files delivered by TFTP or
-    HTTP, by client IP, with the time), ``ip_mac`` (client IP → MAC, learnt from the
-    per-MAC files a client asks for: in proxy mode the site's DHCP server gives the
-    addresses, so a node's files come from an address the inventory does not know),
-    ``reports`` (the stages a node POSTed to ``/sidus/report``: ``root``, ``root-mounted``,
-    ``overlay``, ``booted``, ``failed``, by MAC, with time and detail, and the kernel facts
-    of :data:`~sidusctl.netboot.pxestatus.NODE_FACTS`), ``holds``: the generation each
-    node booted, kept in ``<state>/serve/holds.json`` so that a restart does not forget
-    which files running nodes still read, and ``served``: the generations the boot tree
-    named, with the last time. :meth:`keep` turns both into what stays served; the image
-    store learns it (:meth:`sync_holds`), :meth:`prune` removes the rest."""
-
-    def __init__(self, loader: PxeLoader) -> None:
-        self.loader = loader
-        self.acks: dict[str, list[float]] = {}
-        self.proxied: dict[str, float] = {}
-        self.fetched: dict[str, dict[str, float]] = {}
-        self.ip_mac: dict[str, str] = {}
-        self.reports: dict[str, dict[str, Any]] = {}
-        self.http: http_mod.HttpServer | None = None
-        self._holds_file = loader.opts.serve_dir / "holds.json"
-        self.holds: dict[str, dict[str, Any]] = {}
-        with contextlib.suppress(OSError, ValueError, SidusError):
-            raw = read_json(self._holds_file)
-            if isinstance(raw, dict):
-                self.holds = {str(k): v for k, v in raw.items() if isinstance(v, dict)}
-        self._last_prune = 0.0
-        #: generations the boot tree named, by image: {generation: last time named}
-        self.served: dict[str, dict[str, float]] = {}
-        super().__init__(loader)
-
-    def _event(self, kind: str, who: str, what: str) -> None:
-        super()._event(kind, who, what)
-        now = time.time()
-        if kind == "ack":
-            self.acks.setdefault(who, []).append(now)
-            del self.acks[who][:-20]
-        elif kind == "proxy":
-            self.proxied[who] = now
-        elif kind in ("sent", "http"):
-            name = what.lstrip("/")
-            self.fetched.setdefault(who, {})[name] = now
-            m = MAC_FILE_RE.match(name)
-            if m:
-                self.ip_mac[who] = m.group(1).replace("-", ":")
-        elif kind == "report":
-            self._report(who, what, now)
-
-    def _report(self, mac: str, what: str, now: float) -> None:
-        stage, _, detail = what.partition(" ")
-        r = self.reports.setdefault(mac, {})
-        if stage == "root":  # a new boot: what an earlier one reported is over
-            r.clear()
-        r[stage] = now
-        r[f"{stage}_detail"] = detail
-        for word in detail.split():  # what the node says of its kernel (any stage)
-            k, eq, v = word.partition("=")
-            if k in NODE_FACTS and eq:
-                r[NODE_FACTS[k]] = v or None  # given empty: none (no module refused)
-        inv = self.loader.inventory
-        node = inv.by_mac(mac) if inv else None
-        gen = next((w for w in detail.split() if w.startswith("gen-")), None)
-        if node is not None and stage in ("root-mounted", "overlay", "booted") and gen:
-            old = self.holds.get(mac, {})
-            self.holds[mac] = {"node": node.name, "image": node.image, "generation": gen,
-                               "since": old.get("since", now) if old.get("generation") == gen
-                               else now, "seen": now}
-            self._holds_dirty = True
-            self._holds_new = self._holds_new or old.get("generation") != gen
-            self._schedule_holds()
-        log.info("report %s (%s): %s %s", mac, node.name if node else "unknown node", stage,
-                 detail)
-
-    def on_post(self, ip: str, path: str, form: dict[str, str]) -> int:
-        """``POST /sidus/report`` (from the HTTP server's threads): ``mac``, ``stage``,
-        ``detail``, and optionally what the node's kernel says (``lockdown``: none,
-        integrity, confidentiality; ``secureboot``: on, off, bios; ``modfail``: modules it
-        could not load, comma-separated); 204, or 400 for a form without a MAC or stage or
-        with a malformed optional field."""
-        from sidusctl.core.mac import normalize_mac
-        try:
-            mac = normalize_mac(form.get("mac", ""))
-        except ValueError:
-            return 400
-        stage = form.get("stage", "")
-        if not re.match(r"^[a-z-]{1,20}$", stage):
-            return 400
-        detail = " ".join(form.get("detail", "").split())[:200]
-        for k in NODE_FACTS:
-            v = form.get(k)
-            if v and not re.match(r"^[a-z0-9_,.-]{1,200}$", v):
-                return 400
-            if v is not None:
-                detail += f" {k}={v}"
-        self.ip_mac.setdefault(ip, mac)
-        loop = self._loop
-        if loop is not None:
-            loop.call_soon_threadsafe(self._event, "report", mac, f"{stage} {detail}")
-        return 204
-
-    _loop: asyncio.AbstractEventLoop | None = None
-    #: the holds changed since ``holds.json`` was written / a node booted a generation the
-    #: image store has not been told of; a flush is scheduled
-    _holds_dirty = False
-    _holds_new = False
-    _holds_timer: asyncio.TimerHandle | None = None
-
-    def _schedule_holds(self) -> None:
-        """Write the holds within :data:`HOLDS_DELAY` seconds, once for every report that
-        arrived meanwhile: in a storm, hundreds of nodes report within seconds, and a write
-        (an fsync) per report would hold up the event loop that answers DHCP and TFTP. A
-        generation a node just booted is held meanwhile anyway: the boot tree named it, and
-        :meth:`keep` holds what the tree named for ``hold_time``. Without a running loop
-        (called outside :meth:`serve`) the write happens now."""
-        if self._holds_timer is not None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._flush_holds()
-            return
-        self._holds_timer = loop.call_later(HOLDS_DELAY, self._flush_holds)
-
-    def _flush_holds(self) -> None:
-        """Write ``holds.json`` and tell the image store, if anything changed."""
-        if self._holds_timer is not None:
-            self._holds_timer.cancel()
-            self._holds_timer = None
-        if self._holds_dirty:
-            self._holds_dirty = False
-            self._save_holds()
-        if self._holds_new:
-            self._holds_new = False
-            self.sync_holds()
-
-    def _save_holds(self) -> None:
-        try:
-            write_json(self._holds_file, self.holds)
-        except OSError as e:
-            log.warning("cannot write %s: %s", self._holds_file, e)
-
-    def _write_status(self) -> None:
-        self._flush_holds()  # the status never shows a generation the store does not hold
-        super()._write_status()
-        now = time.time()
-        if now - self._last_prune >= 30:
-            self._last_prune = now
-            self.prune()
-
-    def apply(self, new: supervisor.ServeConfig) -> None:
-        super().apply(new)
-        self.sync_holds()
-
-    def held(self, now: float | None = None) -> dict[str, set[str]]:
-        """The generations held, by image: booted by a node seen in the last ``hold_time``
-        seconds (a DHCP ACK, a file, a report)."""
-        now = time.time() if now is None else now
-        out: dict[str, set[str]] = {}
-        for mac, h in self.holds.items():
-            if now - self._seen(mac, float(h.get("seen", 0))) <= self.loader.opts.hold_time:
-                out.setdefault(str(h.get("image")), set()).add(str(h.get("generation")))
-        return out
-
-    def _seen(self, mac: str, base: float) -> float:
-        t = max([base, *self.acks.get(mac, [])[-1:]])
-        r = self.reports.get(mac, {})
-        return max([t, *(v for k, v in r.items() if isinstance(v, float))])
-
-    def keep(self, now: float | None = None) -> dict[str, dict[str, float]]:
-        """What must stay served, by image: ``{generation: until}``: each generation a node
-        booted, until ``hold_time`` after that node was last seen, and each generation the
-        boot tree names (now or lately), until ``hold_time`` after it stopped naming it (a
-        node may have read its kernel command line just before)."""
-        now = time.time() if now is None else now
-        hold = self.loader.opts.hold_time
-        for name, f in self.loader.files.items():
-            for g in {f.generation, f.squashfs.generation if f.squashfs else None} - {None}:
-                self.served.setdefault(name, {})[str(g)] = now
-        out: dict[str, dict[str, float]] = {}
-        for name, gens in self.served.items():
-            for g, t in gens.items():
-                if t + hold > now:
-                    out.setdefault(name, {})[g] = t + hold
-        for mac, h in self.holds.items():
-            until = self._seen(mac, float(h.get("seen", 0))) + hold
-            name, g = str(h.get("image")), str(h.get("generation"))
-            if until > now:
-                out.setdefault(name, {})[g] = max(until, out.get(name, {}).get(g, 0.0))
-        return out
-
-    def sync_holds(self) -> dict[str, dict[str, float]]:
-        """Tell the image store what :meth:`keep` says (``images/<name>/holds/``), so that
-        neither a build nor a prune deletes a generation a running node reads; the holds."""
-        keep = self.keep()
-        inv = self.loader.inventory
-        store = ImageStore(self.loader.opts.state, recover=False)
-        for name in set(inv.images() if inv else []) | set(keep):
-            try:
-                store.set_holds(name, self.holder, keep.get(name, {}))
-            except (OSError, SidusError) as e:
-                log.warning("cannot hold generations of %s: %s", name, e)
-        return keep
-
-    @property
-    def holder(self) -> str:
-        """This serve-pxe's name in the image store's holds."""
-        return f"serve-pxe@{self.loader.opts.interface}"
-
-    def prune(self) -> list[str]:
-        """Stop serving what no node holds any more: squashfs exports (beyond the retention
-        count), NFS exports of generations, and the generation directories themselves
-        (:meth:`ImageStore.prune`: never ``current`` or ``previous``); what was removed
-        (``image/generation`` for files and directories)."""
-        inv = self.loader.inventory
-        if inv is None:
-            return []
-        keep = self.sync_holds()
-        out = []
-        for name in squash_images(inv):
-            gens = set(keep.get(name, {}))
-            out += [f"{name}/{g}" for g in squash.prune(self.loader.opts.state, name, gens,
-                                                        self.loader.opts.retain)]
-        nfs = self.loader.nfs
-        if nfs is not None and nfs.backend != "off":
-            want = nfs_paths(self.loader.opts, inv, self.loader.files, self.loader.roots)
-            want.update({k: v for k, v in nfs.exports.items()
-                         if k.partition("/")[2] in keep.get(k.partition("/")[0], {})})
-            nfs.update(want)
-        store = ImageStore(self.loader.opts.state, recover=False)
-        for name in inv.images():
-            out += [f"{name}/{g} (directory)" for g in store.prune(name)]
-        return out
-
-    def node_status(self) -> list[dict[str, Any]]:
-        """One entry per node of the inventory: :func:`sidusctl.netboot.pxestatus.nodes`."""
-        inv = self.loader.inventory
-        if inv is None:
-            return []
-        return pxestatus.nodes(inv, self.loader.files, acks=self.acks, proxied=self.proxied,
-                               fetched=self.fetched, ip_mac=self.ip_mac,
-                               reports=self.reports, holds=self.holds)
-
-    def status(self) -> dict[str, Any]:
-        st = super().status()
-        inv = self.loader.inventory
-        st["http"] = self.http.stats.as_dict() if self.http is not None else None
-        if self.http is not None:
-            st["internal_errors"] += self.http.stats.internal_errors
-        st["pxe"] = {"inventory": inv.file if inv else None,
-                     "interface": self.loader.opts.interface, "nodes": self.node_status(),
-                     "held": {k: sorted(v) for k, v in self.keep().items()}}
-        return st
-
-
 # -- the whole thing -------------------------------------------------------------------------------
 
 def watch_file(path: Path, stop: threading.Event, interval: float = 1.0) -> threading.Thread:
@@ -559,9 +293,10 @@ def serve(opts: PxeOptions) -> None:
     keeps answering. The NFS server and the HTTP server are set up once, at start (HTTP also
     without ``--http`` when a node's root is ``squashfs-http``); the NFS exports follow the
     generations: a new one is exported before the tree names it, an old one until no node
-    holds it (:meth:`PxeSupervisor.prune`), also across a restart (``holds.json``)."""
+    holds it (:meth:`~sidusctl.netboot.pxesupervisor.PxeSupervisor.prune`), also across a restart (``holds.json``)."""
     # a SIGHUP before the supervisor installs its handler must not kill us (default action)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from sidusctl.netboot.pxesupervisor import PxeSupervisor  # it builds on this module
     loader = PxeLoader(opts)
     sup = PxeSupervisor(loader)  # calls loader(): everything validated here
     inv = loader.inventory
