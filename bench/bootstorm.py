@@ -10,8 +10,9 @@ pxelinux config, kernel and initrd over TFTP (blksize 1468, lock-step), DHCP as 
 then its root, then DHCP as the booted system. Every file is checked by SHA-256.
 
 - ``squashfs-http`` (the client of tests/test_storm.py): the squashfs root over HTTP, a third
-  of the nodes resuming half-way with Range. Against serve-pxe it also POSTs its stages to
-  /sidus/report (nginx cannot take them: the reference does less work).
+  of the nodes resuming half-way with Range. Each node POSTs its stages to /sidus/report, as
+  the initramfs does: serve-pxe records them, nginx answers 204 and drops them (so the clients
+  do the same work against both stacks; the reference keeps no per-node status).
 - ``nfs``: the root is the real ``minimal`` image's directory (a hard-linked copy), and each
   node replays the reads its kernel makes for a real boot: bench/nfs-boot-reads.txt, recorded
   once from a qemu boot by ``bench/boot.py --record-reads`` (how: that file's header). Each
@@ -352,6 +353,7 @@ http {{
         listen {server}:80;
         root {tree};
         location /squashfs/storm/ {{ alias {squash}/; }}
+        location = /sidus/report {{ return 204; }}
     }}
 }}
 """
@@ -534,9 +536,8 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
                                 break
                             time.sleep(0.05)
                     try:
-                        rcfg = {**cfg, "report_path": None}
                         c0, _ = ns_usage(srv)
-                        rres = clients(cli, rcfg, work, args.timeout)
+                        rres = clients(cli, cfg, work, args.timeout)
                         c1, rss = ns_usage(srv)
                     finally:
                         third.stop()
