@@ -596,6 +596,7 @@ def _watch_status(now: float) -> dict[str, Any]:
              n("w-fast", "booted", now - 100, now - 95), n("w-slow", "booted", now - 100, now - 60)]
     return {"pid": os.getpid(), "updated": now, "internal_errors": 0,
             "http": {"refused": 7}, "tftp": {"refused": 3},
+            "dhcp": {"late": 2, "wait_max_ms": 1400},
             "pxe": {"interface": "sdt-x", "inventory": "nodes.toml", "nodes": nodes, "held": {}}}
 
 
@@ -615,6 +616,7 @@ def test_watch_table_counts_stages_and_slowest_nodes() -> None:
     assert table["kernel+initrd"] == "1" and table["root"] == "1" and table["booted"] == "2"
     assert table["failed"] == "1"
     assert table["refused"] == "HTTP 7, TFTP 3"
+    assert table["DHCP late"] == "2 (longest wait 1400 ms)"
     # not booted, longest waiting first; then the booted node that took longest
     slow = [k for k in table if k.startswith(("slow:", "slowest:"))]
     assert slow == ["slow: w-files", "slow: w-dhcp", "slow: w-root", "slow: w-kernel",

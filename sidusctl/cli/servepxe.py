@@ -182,7 +182,8 @@ STAGE_LABELS = {"dhcp": "DHCP", "boot-files": "boot files", "kernel": "kernel+in
 def _watch_table(st: dict[str, Any], pxe: dict[str, Any], slowest: int,
                  now: float | None = None) -> Table:
     """The live view: counts by stage, what the servers refused (HTTP 503, TFTP "busy"),
-    internal errors if any, then the slowest nodes: those not booted yet, longest since
+    DHCP datagrams that waited more than a second in the server's socket, internal errors
+    if any, then the slowest nodes: those not booted yet, longest since
     their first DHCP ACK first, then (room left) the booted ones that took longest."""
     nodes = pxe.get("nodes", [])
     now = time.time() if now is None else now
@@ -201,6 +202,9 @@ def _watch_table(st: dict[str, Any], pxe: dict[str, Any], slowest: int,
         t.add_row("[red]failed[/red]", str(len(failed)))
     http, tftp = st.get("http") or {}, st.get("tftp") or {}
     t.add_row("refused", f"HTTP {http.get('refused', 0)}, TFTP {tftp.get('refused', 0)}")
+    dhcp = st.get("dhcp") or {}
+    if "late" in dhcp:  # the server's own lag: datagrams that waited in its socket
+        t.add_row("DHCP late", f"{dhcp['late']} (longest wait {dhcp.get('wait_max_ms', 0)} ms)")
     if st.get("internal_errors"):
         t.add_row("[red]internal errors[/red]", str(st["internal_errors"]))
 
