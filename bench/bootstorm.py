@@ -498,8 +498,9 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
                 else:
                     time.sleep(2.5)  # the next status write
                 # how long DHCP datagrams waited in serve-pxe's socket (kernel time stamps)
-                dhcp = json.loads((state / "serve" / "status.json").read_text())["dhcp"]
-                o["dhcp_late"], o["dhcp_wait_max_ms"] = dhcp["late"], dhcp["wait_max_ms"]
+                sst = json.loads((state / "serve" / "status.json").read_text())
+                o["dhcp_late"], o["dhcp_wait_max_ms"] = sst["dhcp"]["late"], sst["dhcp"]["wait_max_ms"]
+                o["tftp_server_retransmits"] = sst["tftp"]["retransmits"]
                 if not o["failures"]:
                     storm.check_storm(res, nodes, want)
                 return o
@@ -628,7 +629,8 @@ def print_one(o: dict[str, Any]) -> None:
               f"peak RSS {s['server_peak_rss_mib']} MiB, {s['mb_per_s']} MB/s")
         if "dhcp_late" in s:
             print(f"      DHCP datagrams answered more than 1 s after arrival: {s['dhcp_late']}"
-                  f" (longest wait {s['dhcp_wait_max_ms']} ms)")
+                  f" (longest wait {s['dhcp_wait_max_ms']} ms); TFTP blocks the server "
+                  f"retransmitted: {s['tftp_server_retransmits']}")
         for e in s["failure_examples"]:
             print(f"      e.g. {e}")
     if "serve-pxe-again" in o:

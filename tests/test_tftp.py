@@ -301,6 +301,15 @@ def test_huge_blksize_clamped_and_served(live: Live, root: Path) -> None:
     assert res.options["blksize"] == "65464" and sha(res.data) == sha(root / "small.bin")
 
 
+def test_retransmission_backs_off() -> None:
+    """RFC 1123 section 4.2.3.2 (adaptive timeout): each retransmission waits twice the one
+    before, up to MAX_BACKOFF, never less than the timeout a client asked for (RFC 2349)."""
+    assert [tftp_server.retransmit_wait(1.0, n) for n in range(6)] == [1, 2, 4, 8, 8, 8]
+    assert [tftp_server.retransmit_wait(0.2, n) for n in range(3)] == [0.2, 0.4, 0.8]
+    assert tftp_server.retransmit_wait(20.0, 3) == 20.0
+    assert tftp_server.retransmit_wait(1.0, 1000) == tftp_server.MAX_BACKOFF
+
+
 def test_retransmission_is_bounded(root: Path) -> None:
     lv = Live(root, timeout=0.2, retries=3)
     try:
@@ -311,17 +320,22 @@ def test_retransmission_is_bounded(root: Path) -> None:
             class P(asyncio.DatagramProtocol):
                 def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
                     got.append(data)
+                    arrived.append(time.monotonic())
             tr, _ = await loop.create_datagram_endpoint(P, local_addr=("127.0.0.1", 0))
             tr.sendto(tc.encode_request(tc.RRQ, "small.bin"), ("127.0.0.1", lv.port))
-            for _ in range(100):  # never ACK; wait for the server to give up
+            for _ in range(200):  # never ACK; wait for the server to give up
                 if lv.server.stats.failed:
                     break
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)  # nothing more may come after giving up
             tr.close()
             return len(got)
+        arrived: list[float] = []
         n = lv.run(silent_client())
         assert n == 4  # DATA 1 and exactly 3 retransmissions
+        # backed off: 0.2 s, then 0.4 s, then 0.8 s (a lower bound: a busy machine only
+        # makes the gaps longer)
+        assert arrived[-1] - arrived[0] >= 0.2 + 0.4 + 0.8 - 0.05, arrived
         assert lv.server.stats.failed == 1 and lv.server.stats.retransmits == 3
         assert lv.server.stats.active == 0
 

@@ -15,8 +15,11 @@ Behaviour:
   event loop: when ACKs wait on many transfers at once (a boot storm), one loop callback
   answers them all, instead of one loop dispatch per ACK.
 - Block numbers roll over from 65535 to 0, so files over 32 MiB at blksize 512 work.
-- Retransmission after ``timeout`` seconds (the client's RFC 2349 value if accepted), at most
-  ``retries`` times, then the transfer is abandoned and counted as failed.
+- Retransmission after ``timeout`` seconds (the client's RFC 2349 value if accepted), then
+  after twice, four times that... up to :data:`MAX_BACKOFF` seconds (RFC 1123 section 4.2.3.2:
+  a TFTP implementation must use an adaptive timeout; a client that is slow to ACK because it
+  is overloaded is not sent more to do), at most ``retries`` times, then the transfer is
+  abandoned and counted as failed. Any progress starts the sequence again.
 - Malformed datagrams on port 69 are dropped and counted in :class:`TftpStats`; nothing a peer
   sends can raise out of the server.
 - A bug (any exception other than a decode error of the codec) is not malformed input: it is
@@ -56,6 +59,17 @@ _NETASCII_MAX = 64 << 20
 _READAHEAD = 64 << 10
 _READAHEAD_MAX = 1 << 20
 _DATA_HEAD = struct.Struct("!HH")
+
+
+#: seconds: the longest wait between two retransmissions of a block (or of its OACK)
+MAX_BACKOFF = 8.0
+
+
+def retransmit_wait(timeout: float, tries: int) -> float:
+    """Seconds without an ACK before retransmission number ``tries + 1``: ``timeout``
+    doubled for each retransmission already made, at most :data:`MAX_BACKOFF` (but never
+    below ``timeout``, which a client may have set higher: RFC 2349)."""
+    return min(timeout * (1 << min(tries, 16)), max(timeout, MAX_BACKOFF))
 
 
 @dataclass(frozen=True)
@@ -330,7 +344,7 @@ class _Transfer:
         self.last_progress = time.monotonic()
 
     def on_timer(self, now: float) -> None:
-        if now - self.last_progress < self.timeout:
+        if now - self.last_progress < retransmit_wait(self.timeout, self.tries):
             return
         self.tries += 1
         if self.tries > self.server.cfg.retries:
