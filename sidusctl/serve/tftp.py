@@ -39,13 +39,17 @@ import stat
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidusctl.core.errors import PrerequisiteError
 from sidusctl.core.log import get_logger
 from sidusctl.serve import tftp_codec as tc
 from sidusctl.serve.dhcp_codec import MalformedPacket
+from sidusctl.serve.tftp_config import MAX_BACKOFF, TftpConfig, TftpStats, retransmit_wait
+
+__all__ = ["MAX_BACKOFF", "TftpConfig", "TftpDenied", "TftpServer", "TftpStats",
+           "resolve_in_root", "retransmit_wait"]
 
 log = get_logger("serve.tftp")
 
@@ -59,66 +63,6 @@ _NETASCII_MAX = 64 << 20
 _READAHEAD = 64 << 10
 _READAHEAD_MAX = 1 << 20
 _DATA_HEAD = struct.Struct("!HH")
-
-
-#: seconds: the longest wait between two retransmissions of a block (or of its OACK)
-MAX_BACKOFF = 8.0
-
-
-def retransmit_wait(timeout: float, tries: int) -> float:
-    """Seconds without an ACK before retransmission number ``tries + 1``: ``timeout``
-    doubled for each retransmission already made, at most :data:`MAX_BACKOFF` (but never
-    below ``timeout``, which a client may have set higher: RFC 2349)."""
-    return min(timeout * (1 << min(tries, 16)), max(timeout, MAX_BACKOFF))
-
-
-@dataclass(frozen=True)
-class TftpConfig:
-    """``root``: the directory served (read-only). ``interface``: bind to this device only
-    (SO_BINDTODEVICE); None only for loopback tests and benchmarks. ``address``/``port``: where
-    requests are received. ``max_blksize`` (bytes), ``max_window`` (blocks), ``timeout``
-    (seconds, default retransmission interval), ``retries`` (retransmissions before giving
-    up), ``max_transfers`` (concurrent; more get error 0 "busy") and ``max_per_client``
-    (concurrent from one client address, 0: no limit; more get error 0 "busy" too): both
-    refusals are counted in ``refused`` and logged."""
-
-    root: Path
-    interface: str | None = None
-    address: str = "0.0.0.0"
-    port: int = 69
-    max_blksize: int = tc.BLKSIZE_MAX
-    max_window: int = 64
-    timeout: float = 1.0
-    retries: int = 5
-    max_transfers: int = 2000
-    max_per_client: int = 0
-
-
-@dataclass
-class TftpStats:
-    """Counters since start: requests, ``completed``/``failed``/``aborted`` transfers (aborted:
-    the client sent an ERROR, e.g. after a tsize probe), ``malformed`` datagrams dropped,
-    ``access_denied`` (error 2), ``not_found`` (error 1), ``wrq_refused``, ``options_refused``,
-    ``retransmits``, ``bytes_sent`` (payload), ``active`` transfers, ``internal_errors`` (bugs:
-exceptions other than a codec decode error, logged with a traceback; 0 in a healthy server)."""
-
-    requests: int = 0
-    completed: int = 0
-    failed: int = 0
-    aborted: int = 0
-    malformed: int = 0
-    access_denied: int = 0
-    not_found: int = 0
-    wrq_refused: int = 0
-    refused: int = 0
-    options_refused: int = 0
-    retransmits: int = 0
-    bytes_sent: int = 0
-    active: int = 0
-    internal_errors: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 class TftpDenied(Exception):
