@@ -406,9 +406,8 @@ def test_the_wait_of_a_datagram_in_the_socket_is_measured(tmp_path: Path) -> Non
     while the event loop is busy (blocked 1.5 s here) is answered, and counted ``late``
     with its wait; one that finds the loop free is not."""
     import asyncio
-    import time
-
     import dataclasses
+    import time
 
     srv = make_server(tmp_path)
     srv.cfg = dataclasses.replace(srv.cfg, interface="lo", port=0)
