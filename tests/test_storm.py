@@ -86,7 +86,7 @@ class _Dhcp(asyncio.DatagramProtocol):
             q.put_nowait(p)
 
 
-async def dhcp_phase(proto: _Dhcp, tr: asyncio.DatagramTransport, mac: bytes, phase: str,
+async def dhcp_phase(proto: _Dhcp, tr: DhcpSocket, mac: bytes, phase: str,
                      server_ip: str | None, tally: Tally) -> dict[str, Any]:
     """DISCOVER/OFFER/REQUEST/ACK (RFC 2131 3.1) with the options of ``phase`` (``pxe``,
     ``ipxe``, ``kernel``, ``system``), broadcast flag set; retransmitted on silence."""
@@ -256,7 +256,7 @@ async def http_req(src: str, server: str, port: int, method: str, path: str, tal
 
 
 async def node(cfg: dict[str, Any], n: dict[str, str], proto: _Dhcp,
-               tr: asyncio.DatagramTransport, tally: Tally, resume: bool,
+               tr: DhcpSocket, tally: Tally, resume: bool,
                barrier: asyncio.Barrier | None) -> dict[str, Any]:
     """One simulated node's boot; its record: the addresses of each DHCP phase, times. With
     a ``barrier``, all nodes start their root download at once (to meet the HTTP limits)."""
@@ -313,19 +313,58 @@ async def node(cfg: dict[str, Any], n: dict[str, str], proto: _Dhcp,
     return rec
 
 
-async def dhcp_client(interface: str) -> tuple[asyncio.DatagramTransport, _Dhcp]:
+class DhcpSocket:
     """The storm's one DHCP client socket: UDP port 68 (RFC 2131 section 4.1), broadcast, a
     4 MiB receive buffer, bound to ``interface`` (SO_BINDTODEVICE), shared by every simulated
-    node (each node's replies are told apart by its xid and chaddr). Raises OSError."""
-    loop = asyncio.get_running_loop()
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    s.setsockopt(socket.SOL_SOCKET, 25, interface.encode())  # SO_BINDTODEVICE
-    s.bind(("0.0.0.0", 68))
-    tr, proto = await loop.create_datagram_endpoint(_Dhcp, sock=s)
-    return tr, proto
+    node (each node's replies are told apart by its xid and chaddr). Raises OSError.
+
+    Not an asyncio transport: a transport reads one datagram per loop iteration, so behind a
+    busy loop the replies to hundreds of nodes would queue in this one socket and be read
+    seconds late, where each real node reads its own at once. This socket is drained whole
+    each time it is readable."""
+
+    def __init__(self, interface: str, proto: _Dhcp) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._proto = proto
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            s.setsockopt(socket.SOL_SOCKET, 25, interface.encode())  # SO_BINDTODEVICE
+            s.setblocking(False)
+            s.bind(("0.0.0.0", 68))
+        except OSError:
+            s.close()
+            raise
+        self._sock = s
+        self._loop.add_reader(s.fileno(), self._drain)
+
+    def _drain(self) -> None:
+        for _ in range(4096):
+            try:
+                data, addr = self._sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            self._proto.datagram_received(data, addr)
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        """Send now; a datagram the socket cannot take is lost, as on a busy wire (the
+        node retransmits)."""
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            self._sock.sendto(data, addr)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
+async def dhcp_client(interface: str) -> tuple[DhcpSocket, _Dhcp]:
+    """The storm's DHCP socket and the protocol that routes its replies (:class:`DhcpSocket`)."""
+    proto = _Dhcp()
+    return DhcpSocket(interface, proto), proto
 
 
 async def each_node(runs: list[Coroutine[Any, Any, dict[str, Any]]], nodes: list[dict[str, str]],
