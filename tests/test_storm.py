@@ -69,8 +69,9 @@ class Tally:
     bytes: int = 0
 
 
-class _Dhcp(asyncio.DatagramProtocol):
-    """One UDP socket on port 68 for all the simulated nodes; replies routed by xid."""
+class _Dhcp:
+    """The replies :class:`DhcpSocket` reads, routed to the waiting node by xid (only
+    BOOTREPLY; a datagram that does not decode is dropped)."""
 
     def __init__(self) -> None:
         self.waiting: dict[int, asyncio.Queue[Any]] = {}

@@ -14,9 +14,11 @@ MAX_BACKOFF = 8.0
 
 
 def retransmit_wait(timeout: float, tries: int) -> float:
-    """Seconds without an ACK before retransmission number ``tries + 1``: ``timeout``
-    doubled for each retransmission already made, at most :data:`MAX_BACKOFF` (but never
-    below ``timeout``, which a client may have set higher: RFC 2349)."""
+    """Seconds without an ACK before retransmission number ``tries + 1`` (``tries`` >= 0:
+    retransmissions already made since the last progress): ``timeout`` (seconds) doubled for
+    each, at most :data:`MAX_BACKOFF`, but never below ``timeout``, which a client may have
+    set higher (RFC 2349). The adaptive timeout of RFC 1123 section 4.2.3.2, as TCP's
+    exponential backoff (RFC 6298 section 5.5). Pure; raises nothing."""
     return min(timeout * (1 << min(tries, 16)), max(timeout, MAX_BACKOFF))
 
 
