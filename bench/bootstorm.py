@@ -313,7 +313,7 @@ async def nfs_storm(cfg: dict[str, Any]) -> dict[str, Any]:
     tally = storm.Tally()
     tally.nfs_calls = tally.nfs_retries = 0  # type: ignore[attr-defined]
     cfg["entries"] = load_reads(Path(cfg["reads"]))
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
 
     async def one(n: dict[str, str]) -> dict[str, Any]:
         try:
@@ -327,7 +327,8 @@ async def nfs_storm(cfg: dict[str, Any]) -> dict[str, Any]:
                                         cfg["timeout"])
     finally:
         tr.close()
-    return {"wall": time.monotonic() - t0, "nodes": results, "tally": vars(tally)}
+    return {"wall": time.monotonic() - t0, "nodes": results, "tally": vars(tally),
+            "client_cpu": time.process_time() - cpu0}
 # -- the two stacks ---------------------------------------------------------------------------
 
 NGINX_CONF = """daemon off;
@@ -407,6 +408,7 @@ def summarize(res: dict[str, Any], cpu: float, rss: float) -> dict[str, Any]:
             "failure_examples": [f["error"] for f in fails[:3]],
             "mb_per_s": round(res["tally"]["bytes"] / res["wall"] / 1e6, 1),
             "server_cpu_s": round(cpu, 1), "server_peak_rss_mib": round(rss, 1),
+            "client_cpu_s": round(res["client_cpu"], 1),
             **{k: v for k, v in res["tally"].items() if k != "bytes"}}
 
 
@@ -626,7 +628,8 @@ def print_one(o: dict[str, Any]) -> None:
         print(f"  {name:15} all booted in {s['wall_s']:6.1f} s  p50 {s['p50_s']:5.1f} s  p99 "
               f"{s['p99_s']:5.1f} s  failures {s['failures']}  {extra}  retransmits DHCP "
               f"{s['dhcp_retries']} TFTP {s['tftp_retries']}  server CPU {s['server_cpu_s']} s, "
-              f"peak RSS {s['server_peak_rss_mib']} MiB, {s['mb_per_s']} MB/s")
+              f"peak RSS {s['server_peak_rss_mib']} MiB, {s['mb_per_s']} MB/s; the simulated "
+              f"nodes' CPU {s['client_cpu_s']} s")
         if "dhcp_late" in s:
             print(f"      DHCP datagrams answered more than 1 s after arrival: {s['dhcp_late']}"
                   f" (longest wait {s['dhcp_wait_max_ms']} ms); TFTP blocks the server "

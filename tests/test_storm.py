@@ -138,72 +138,132 @@ async def dhcp_phase(proto: _Dhcp, tr: DhcpSocket, mac: bytes, phase: str,
         del proto.waiting[xid]
 
 
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.q: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+class _TftpGet:
+    """One RRQ's lock-step transfer, driven by the event loop's reader callback: each DATA is
+    acknowledged from the callback itself (no task switch, queue or timeout object per
+    packet), so that hundreds of simulated nodes cost the client process little CPU per
+    block, as each real node has its own CPU. Silence for 1 s retransmits the last packet (at
+    most ``TFTP_TRIES`` times). ``done`` gets the file's bytes, ``None`` for a "busy" ERROR
+    (a refusal), or a RuntimeError. Raises OSError (the socket)."""
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.q.put_nowait((data, addr))
+    def __init__(self, src: str, server: str, name: str, blksize: int, tally: Tally) -> None:
+        from sidusctl.serve import tftp_codec
+        from sidusctl.serve.dhcp_codec import MalformedPacket
+        self.tc = tc = tftp_codec
+        self.malformed = MalformedPacket
+        self.loop = asyncio.get_running_loop()
+        self.name, self.tally = name, tally
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self.sock.setblocking(False)
+            self.sock.bind((src, 0))
+        except OSError:
+            self.sock.close()
+            raise
+        self.dest = (server, 69)
+        self.peer: tuple[str, int] | None = None
+        self.bs, self.expect, self.tries = 512, 1, 0
+        self.chunks: list[bytes] = []
+        self.done: asyncio.Future[bytes | None] = self.loop.create_future()
+        self.last = tc.encode_request(tc.RRQ, name, "octet", {"blksize": str(blksize)})
+        self.stamp = time.monotonic()
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+        self.timer = self.loop.call_later(1.0, self._check)
+        self._send(self.last)
+
+    def _send(self, pkt: bytes) -> None:
+        self.last = pkt
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            if self.peer is None:
+                self.sock.sendto(pkt, self.dest)
+            else:
+                self.sock.send(pkt)
+
+    def _readable(self) -> None:
+        # one datagram per call: the loop is level-triggered and calls again if more wait,
+        # and in lock-step the next DATA cannot be there before our ACK (a second recv would
+        # only fail)
+        if self.done.done():
+            return
+        try:
+            data, addr = self.sock.recvfrom(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.done.set_exception(RuntimeError(f"TFTP {self.name}: {e}"))
+            return
+        try:
+            self._on_packet(data, addr)
+        except (ValueError, self.malformed) as e:  # a bad blksize, a bad packet
+            self.done.set_exception(RuntimeError(f"TFTP {self.name}: {e}"))
+
+    def _on_packet(self, data: bytes, addr: tuple[str, int]) -> None:
+        tc = self.tc
+        if self.peer is None:
+            self.peer = addr  # the server's TID (RFC 1350 section 4): only it is heard from now
+            self.sock.connect(addr)
+        elif addr != self.peer:
+            return
+        self.tries, self.stamp = 0, time.monotonic()
+        if len(data) >= 4 and data[0] == 0 and data[1] == tc.DATA:
+            block = (data[2] << 8) | data[3]
+            if block != self.expect & 0xFFFF:
+                self._send(self.last)  # a duplicate: ack what we have again
+                return
+            payload = data[4:]
+            self.chunks.append(payload)
+            self._send(tc.encode_ack(block))
+            self.expect += 1
+            if len(payload) < self.bs:
+                self.done.set_result(b"".join(self.chunks))
+            return
+        p = tc.parse(data)
+        if isinstance(p, tc.Error):
+            if p.code == tc.E_UNDEFINED and "busy" in p.message:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(RuntimeError(f"TFTP {self.name}: error {p.code} "
+                                                     f"{p.message}"))
+        elif isinstance(p, tc.Oack):
+            self.bs = int(p.options.get("blksize", "512"))
+            self._send(tc.encode_ack(0))
+
+    def _check(self) -> None:
+        if self.done.done():
+            return
+        left = self.stamp + 1.0 - time.monotonic()
+        if left <= 0:
+            self.tries += 1
+            self.tally.tftp_retries += 1
+            if self.tries > TFTP_TRIES:
+                self.done.set_exception(RuntimeError(f"TFTP {self.name}: no answer"))
+                return
+            self._send(self.last)
+            self.stamp, left = time.monotonic(), 1.0
+        self.timer = self.loop.call_later(left, self._check)
+
+    def close(self) -> None:
+        self.timer.cancel()
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 async def tftp_get(src: str, server: str, name: str, tally: Tally,
                    blksize: int = 1468) -> bytes:
-    """RRQ ``name`` from ``src`` (the node's address), lock-step (RFC 1350, blksize RFC 2348).
-    A "busy" ERROR (code 0) is a refusal: counted, retried after a pause; any other ERROR
-    raises."""
-    from sidusctl.serve import tftp_codec as tc
-    loop = asyncio.get_running_loop()
+    """RRQ ``name`` from ``src`` (the node's address), lock-step (RFC 1350, blksize RFC 2348),
+    as :class:`_TftpGet`. A "busy" ERROR (code 0) is a refusal: counted, retried after a pause;
+    any other ERROR raises RuntimeError."""
     for _refusal in range(200):
-        tr, proto = await loop.create_datagram_endpoint(_Udp, local_addr=(src, 0))
+        t = _TftpGet(src, server, name, blksize, tally)
         try:
-            rrq = tc.encode_request(tc.RRQ, name, "octet", {"blksize": str(blksize)})
-            last, dest = rrq, (server, 69)
-            tr.sendto(last, dest)
-            peer: tuple[str, int] | None = None
-            bs, expect, chunks, tries, busy = 512, 1, [], 0, False
-            while True:
-                try:
-                    data, addr = await asyncio.wait_for(proto.q.get(), 1.0)
-                except TimeoutError:
-                    tries += 1
-                    tally.tftp_retries += 1
-                    if tries > TFTP_TRIES:
-                        raise RuntimeError(f"TFTP {name}: no answer") from None
-                    tr.sendto(last, dest)
-                    continue
-                if peer is None:
-                    peer = dest = addr
-                elif addr != peer:
-                    continue
-                p = tc.parse(data)
-                tries = 0
-                if isinstance(p, tc.Error):
-                    if p.code == tc.E_UNDEFINED and "busy" in p.message:
-                        busy = True
-                        break
-                    raise RuntimeError(f"TFTP {name}: error {p.code} {p.message}")
-                if isinstance(p, tc.Oack):
-                    bs = int(p.options.get("blksize", "512"))
-                    last = tc.encode_ack(0)
-                    tr.sendto(last, dest)
-                    continue
-                if isinstance(p, tc.Data):
-                    if p.block == expect & 0xFFFF:
-                        chunks.append(p.payload)
-                        last = tc.encode_ack(p.block)
-                        tr.sendto(last, dest)
-                        expect += 1
-                        if len(p.payload) < bs:
-                            out = b"".join(chunks)
-                            tally.bytes += len(out)
-                            return out
-                    else:
-                        tr.sendto(last, dest)  # a duplicate: ack what we have again
+            data = await t.done
         finally:
-            tr.close()
-        if busy:
-            tally.tftp_refused += 1
-            await asyncio.sleep(0.2 + random.random() * 0.3)
+            t.close()
+        if data is not None:
+            tally.bytes += len(data)
+            return data
+        tally.tftp_refused += 1
+        await asyncio.sleep(0.2 + random.random() * 0.3)
     raise RuntimeError(f"TFTP {name}: refused 200 times")
 
 
@@ -382,15 +442,22 @@ async def each_node(runs: list[Coroutine[Any, Any, dict[str, Any]]], nodes: list
 
 async def storm(cfg: dict[str, Any]) -> dict[str, Any]:
     """Every node of ``cfg["nodes"]`` at once (started within ``cfg["spread"]`` seconds), at
-    most ``cfg["timeout"]`` seconds in all; per node its record or its error."""
+    most ``cfg["timeout"]`` seconds in all; per node its record or its error. A shard of a
+    larger storm (:func:`run_clients`) starts at ``cfg["start_at"]`` (``time.time()``) and
+    counts its wall time from then; its nodes are ``first``, ``first + step``, ... of the
+    storm's (which of them resume the root download depends on that number)."""
     tr, proto = await dhcp_client(cfg["interface"])
     tally = Tally()
-    t0 = time.monotonic()
+    start_at = cfg.get("start_at")
+    if start_at is not None:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+    t0, cpu0 = time.time() if start_at is None else start_at, time.process_time()
     barrier = asyncio.Barrier(len(cfg["nodes"])) if cfg.get("sync_root") else None
+    first, step = cfg.get("first", 0), cfg.get("step", 1)
 
     async def one(i: int, n: dict[str, str]) -> dict[str, Any]:
         try:
-            return await node(cfg, n, proto, tr, tally, i % 3 == 0, barrier)
+            return await node(cfg, n, proto, tr, tally, (first + i * step) % 3 == 0, barrier)
         except (RuntimeError, OSError, ValueError, IndexError,
                 asyncio.BrokenBarrierError) as e:
             return {"mac": n["mac"], "error": f"{type(e).__name__}: {e}"}
@@ -400,8 +467,9 @@ async def storm(cfg: dict[str, Any]) -> dict[str, Any]:
                                   cfg["nodes"], cfg["timeout"])
     finally:
         tr.close()
-    wall = time.monotonic() - t0
-    return {"wall": wall, "nodes": results, "tally": vars(tally)}
+    wall = time.time() - t0
+    return {"wall": wall, "nodes": results, "tally": vars(tally),
+            "client_cpu": time.process_time() - cpu0}
 
 
 def client_main(path: str) -> None:
@@ -452,15 +520,43 @@ def add_addresses(ns: str, ifname: str, nodes: list[dict[str, str]]) -> None:
 
 
 def run_clients(ns: str, cfg: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
-    """The storm from inside ``ns``: ``python -m tests.test_storm client``; its JSON."""
-    p = work / f"storm-{len(cfg['nodes'])}-{time.monotonic_ns()}.json"
-    p.write_text(json.dumps(cfg))
-    r = subprocess.run(nsexec(ns, sys.executable, "-m", "tests.test_storm", "client", str(p)),
-                       capture_output=True, text=True, timeout=timeout + 60, cwd=REPO,
-                       check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out: dict[str, Any] = json.loads(r.stdout)
-    return out
+    """The storm from inside ``ns``: ``cfg["shards"]`` processes (default 1) of ``python -m
+    tests.test_storm client``, each with every shards-th node, all starting at one moment;
+    their JSON merged (nodes in ``cfg["nodes"]`` order, tallies and client CPU summed, the
+    longest wall time). Hundreds of simulated nodes are many machines: one process for them
+    all would make the simulation, not the server, the bottleneck of a storm. A storm with
+    ``sync_root`` (one asyncio barrier) runs in one process."""
+    nodes = cfg["nodes"]
+    shards = 1 if cfg.get("sync_root") else max(1, min(cfg.get("shards", 1), len(nodes)))
+    start_at = time.time() + 2.0 if shards > 1 else None  # after every interpreter started
+    procs: list[tuple[subprocess.Popen[bytes], Path, Any]] = []
+    try:
+        for k in range(shards):
+            stem = work / f"storm-{len(nodes)}-{k}-{time.monotonic_ns()}"
+            shard = dict(cfg, nodes=nodes[k::shards], first=k, step=shards, start_at=start_at)
+            stem.with_suffix(".json").write_text(json.dumps(shard))
+            out_f = stem.with_suffix(".out").open("wb")
+            procs.append((subprocess.Popen(
+                nsexec(ns, sys.executable, "-m", "tests.test_storm", "client",
+                       str(stem.with_suffix(".json"))),
+                stdout=out_f, stderr=subprocess.PIPE, cwd=REPO), stem.with_suffix(".out"), out_f))
+        outs: list[dict[str, Any]] = []
+        for proc, out_p, _f in procs:
+            _, err = proc.communicate(timeout=timeout + 60)
+            assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+            outs.append(json.loads(out_p.read_text()))
+    finally:
+        for proc, _p, f in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            f.close()
+    merged: list[dict[str, Any]] = [{}] * len(nodes)
+    for k, o in enumerate(outs):
+        merged[k::shards] = o["nodes"]
+    return {"wall": max(o["wall"] for o in outs), "nodes": merged, "shards": shards,
+            "tally": {key: sum(o["tally"][key] for o in outs) for key in outs[0]["tally"]},
+            "client_cpu": sum(o["client_cpu"] for o in outs)}
 
 
 def check_storm(res: dict[str, Any], nodes: list[dict[str, str]], want: dict[str, str]) -> None:
@@ -560,7 +656,7 @@ def storm_config(lab: StormLab, nodes: list[dict[str, str]], timeout: float) -> 
             "tftp_files": ["pxelinux.cfg/01-{mac}", "vmlinuz-storm", "initrd.img-storm"],
             "http_port": 80, "http_path": f"/squashfs/storm/{ex.file}", "http_size": ex.size,
             "report_path": "/sidus/report", "generation": ex.generation,
-            "sha256": ex.sha256}
+            "sha256": ex.sha256, "shards": os.cpu_count() or 1}
 
 
 @pytest.mark.slow  # ~35 s: 300 nodes, then 40 against low limits
