@@ -9,7 +9,7 @@ node does: DHCP DISCOVER/REQUEST as the PXE ROM, the boot loader over TFTP, DHCP
 pxelinux config, kernel and initrd over TFTP (blksize 1468, lock-step), DHCP as the kernel,
 then its root, then DHCP as the booted system. Every file is checked by SHA-256.
 
-- ``squashfs-http`` (the client of tests/test_storm.py): the squashfs root over HTTP, a third
+- ``squashfs-http`` (the simulated nodes of tests/storm_sim.py): the squashfs root over HTTP, a third
   of the nodes resuming half-way with Range. Each node POSTs its stages to /sidus/report, as
   the initramfs does: serve-pxe records them, nginx answers 204 and drops them (so the clients
   do the same work against both stacks; the reference keeps no per-node status).
@@ -63,11 +63,12 @@ REPO = Path(__file__).resolve().parent.parent
 # the repository first on the path, bench/ itself not (a bench script named like a standard
 # library module would stand in for it)
 sys.path[:] = [str(REPO), *(d for d in sys.path if Path(d or ".").resolve() != REPO / "bench")]
+import tests.storm_sim as sim  # noqa: E402
 import tests.test_storm as storm  # noqa: E402
 from tests.netns_util import Daemon, bridge, enslave, ip, netns, nsexec, veth  # noqa: E402
 
 READS = REPO / "bench" / "nfs-boot-reads.txt"
-SERVER = storm.SERVER
+SERVER = sim.SERVER
 # -- the nfs root: a cold NFSv3 client per simulated node (RFC 1813, ONC RPC RFC 5531) ------------
 
 RPC_NFS, RPC_MOUNT, RPC_PMAP = 100003, 100005, 100000
@@ -271,7 +272,7 @@ def load_reads(path: Path) -> list[tuple[str, int, str]]:
 
 async def nfs_node(cfg: dict[str, Any], n: dict[str, str], proto: Any, tr: Any,
                    tally: Any) -> dict[str, Any]:
-    """One simulated node booting its ``nfs`` root: as the storm's node (tests/test_storm.py)
+    """One simulated node booting its ``nfs`` root: as the storm's node (tests/storm_sim.py)
     up to the kernel's DHCP, then the root's reads (:func:`nfs_boot_reads`), then DHCP as the
     booted system. The NFS server and export come from the node's pxelinux config."""
     await asyncio.sleep(random.random() * cfg["spread"])
@@ -279,28 +280,28 @@ async def nfs_node(cfg: dict[str, Any], n: dict[str, str], proto: Any, tr: Any,
     mac = bytes.fromhex(n["mac"].replace(":", ""))
     srv, me, sid = cfg["server"], n["ip"], cfg.get("server_id")
     rec: dict[str, Any] = {"mac": n["mac"], "dhcp": {}}
-    d = await storm.dhcp_phase(proto, tr, mac, "pxe", sid, tally)
+    d = await sim.dhcp_phase(proto, tr, mac, "pxe", sid, tally)
     rec["dhcp"]["pxe"] = d
     if d["ack"] != me:
         raise RuntimeError(f"{n['mac']}: got {d['ack']}, its reservation is {me}")
-    loader = await storm.tftp_get(me, srv, d["file"] or "pxelinux.0", tally)
+    loader = await sim.tftp_get(me, srv, d["file"] or "pxelinux.0", tally)
     digests = {"loader": hashlib.sha256(loader).hexdigest()}
-    rec["dhcp"]["ipxe"] = await storm.dhcp_phase(proto, tr, mac, "ipxe", sid, tally)
+    rec["dhcp"]["ipxe"] = await sim.dhcp_phase(proto, tr, mac, "ipxe", sid, tally)
     conf = b""
     for name in cfg["tftp_files"]:
         name = name.replace("{mac}", n["mac"].replace(":", "-"))
-        data = await storm.tftp_get(me, srv, name, tally)
+        data = await sim.tftp_get(me, srv, name, tally)
         conf = data if name.startswith("pxelinux.cfg/") else conf
         digests[name] = hashlib.sha256(data).hexdigest()
     m = re.search(rb"nfsroot=([0-9.]+):([^, ]+),\S*rsize=(\d+)", conf)
     if m is None:
         raise RuntimeError(f"{n['mac']}: no nfsroot= in its pxelinux config")
-    rec["dhcp"]["kernel"] = await storm.dhcp_phase(proto, tr, mac, "kernel", sid, tally)
+    rec["dhcp"]["kernel"] = await sim.dhcp_phase(proto, tr, mac, "kernel", sid, tally)
     t_root = time.monotonic()
     digests.update(await nfs_boot_reads(me, m[1].decode(), m[2].decode(), cfg["entries"],
                                         int(m[3]), tally, set(cfg["check"])))
     rec["root_s"] = time.monotonic() - t_root
-    rec["dhcp"]["system"] = await storm.dhcp_phase(proto, tr, mac, "system", sid, tally)
+    rec["dhcp"]["system"] = await sim.dhcp_phase(proto, tr, mac, "system", sid, tally)
     rec["digests"] = digests
     rec["seconds"] = time.monotonic() - t0
     return rec
@@ -308,9 +309,9 @@ async def nfs_node(cfg: dict[str, Any], n: dict[str, str], proto: Any, tr: Any,
 
 async def nfs_storm(cfg: dict[str, Any]) -> dict[str, Any]:
     """Every node of ``cfg["nodes"]`` booting its nfs root at once (within ``spread`` s), at
-    most ``timeout`` s; per node its record or its error (as tests/test_storm.storm)."""
-    tr, proto = await storm.dhcp_client(cfg["interface"])
-    tally = storm.Tally()
+    most ``timeout`` s; per node its record or its error (as tests/storm_sim.storm)."""
+    tr, proto = await sim.dhcp_client(cfg["interface"])
+    tally = sim.Tally()
     tally.nfs_calls = tally.nfs_retries = 0  # type: ignore[attr-defined]
     cfg["entries"] = load_reads(Path(cfg["reads"]))
     t0, cpu0 = time.monotonic(), time.process_time()
@@ -323,7 +324,7 @@ async def nfs_storm(cfg: dict[str, Any]) -> dict[str, Any]:
             return {"mac": n["mac"], "error": f"{type(e).__name__}: {e}"}
 
     try:
-        results = await storm.each_node([one(n) for n in cfg["nodes"]], cfg["nodes"],
+        results = await sim.each_node([one(n) for n in cfg["nodes"]], cfg["nodes"],
                                         cfg["timeout"])
     finally:
         tr.close()
@@ -427,7 +428,7 @@ def run_nfs_clients(ns: str, cfg: dict[str, Any], work: Path, timeout: float) ->
 
 
 def inventory(nodes: list[dict[str, str]], root: str) -> str:
-    out = [f'[network]\nsubnet = "10.78.0.0/{storm.PREFIX}"\nserver = "{SERVER}"\n',
+    out = [f'[network]\nsubnet = "10.78.0.0/{sim.PREFIX}"\nserver = "{SERVER}"\n',
            f'[defaults]\nimage = "storm"\nroot = "{root}"\n']
     for n in nodes:
         out.append(f'[[nodes]]\nname = "{n["name"]}"\nmac = "{n["mac"]}"\nip = "{n["ip"]}"\n')
@@ -457,8 +458,8 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
         assert src_root is not None
         nfs_image(state, src_root, kernel, initrd)
     else:
-        storm.store_image(state, "storm", args.root_mib, kernel, initrd)
-    nodes = storm.make_nodes(count)
+        sim.store_image(state, "storm", args.root_mib, kernel, initrd)
+    nodes = sim.make_nodes(count)
     (work / "nodes.toml").write_text(inventory(nodes, root))
     srv, cli = f"sdt-bss{tag}", f"sdt-bsc{tag}"
     br, sif, cif = f"sdt-bsb{tag}", f"sdt-bsv{tag}", f"sdt-bsw{tag}"
@@ -469,10 +470,10 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
         out["root_mib"] = args.root_mib
     try:
         with netns(srv), netns(cli):
-            bridge(srv, br, f"{SERVER}/{storm.PREFIX}")
+            bridge(srv, br, f"{SERVER}/{sim.PREFIX}")
             veth(srv, sif, cli, cif)
             enslave(srv, sif, br)
-            storm.add_addresses(cli, cif, nodes)
+            sim.add_addresses(cli, cif, nodes)
             tree = state / "serve-pxe" / "tftp"
             # serve-pxe first: it renders the tree (and the squashfs export) both stacks serve
             def start_serve_pxe(log: str) -> Daemon:
@@ -504,7 +505,7 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
                 o["dhcp_late"], o["dhcp_wait_max_ms"] = sst["dhcp"]["late"], sst["dhcp"]["wait_max_ms"]
                 o["tftp_server_retransmits"] = sst["tftp"]["retransmits"]
                 if not o["failures"]:
-                    storm.check_storm(res, nodes, want)
+                    sim.check_storm(res, nodes, want)
                 return o
 
             def reference_storm(i: int, clients: Any, cfg: dict[str, Any],
@@ -548,7 +549,7 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
                     dnsmasq.stop()
                 o = summarize(rres, c1 - c0, rss)
                 if not o["failures"]:
-                    storm.check_storm(rres, nodes, want)
+                    sim.check_storm(rres, nodes, want)
                 return o
 
             d = start_serve_pxe("serve-pxe.log")
@@ -578,7 +579,7 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
                         want[p] = hashlib.sha256((export / p.lstrip("/")).read_bytes()).hexdigest()
                 else:
                     want["root"] = cfg["sha256"]
-                clients = run_nfs_clients if root == "nfs" else storm.run_clients
+                clients = run_nfs_clients if root == "nfs" else sim.run_clients
                 a_runs = [serve_pxe_storm(clients, cfg, want, status=True)]
             finally:
                 d.stop()

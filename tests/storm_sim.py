@@ -1,0 +1,582 @@
+"""The simulated nodes of a reboot storm (not qemu), shared by tests/test_storm.py and
+bench/bootstorm.py: hundreds of nodes doing concurrently, each from its own MAC and its own
+address, what a PXE node does when a whole room reboots:
+
+1. DHCP DISCOVER/REQUEST as the PXE ROM (option 60 ``PXEClient``, 93, 94, 97), then the boot
+   loader over TFTP (``pxelinux.0``, ~41 KiB);
+2. DHCP again as iPXE (option 77 ``iPXE``), then its per-MAC config, the kernel and the initrd
+   over TFTP (blksize 1468, lock-step, as pxelinux does);
+3. DHCP again as the kernel (no PXE option), then the squashfs root over HTTP, a third of the
+   nodes dropping the connection half-way and resuming with ``Range``, the digest checked;
+   reports ``root`` and ``root-mounted`` to ``/sidus/report``;
+4. DHCP again as the booted system (option 12 host name), then reports ``booted``.
+
+The nodes run inside a client network namespace as ``python -m tests.storm_sim client
+CONFIG.json`` (one process per core, :func:`run_clients`), each printing one JSON result. Each
+node's protocol work is driven from event loop callbacks, cheap per packet: the simulation
+must not be what limits a storm, as each real node has its own CPU.
+"""
+
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from tests.netns_util import REPO, ip, nsexec
+
+SERVER = "10.78.0.1"
+PREFIX = 16
+
+# -- the simulated node (runs inside the client namespace) ---------------------------------------
+
+PXE_OPTS = {60: b"PXEClient:Arch:00000:UNDI:002001", 93: b"\0\0", 94: b"\x01\x02\x01"}
+DHCP_TRIES = 8
+TFTP_TRIES = 8
+
+
+@dataclass
+class Tally:
+    """What the clients saw: refusals (answered, counted) and errors (no answer, bad data)."""
+
+    http_refused: int = 0
+    tftp_refused: int = 0
+    dhcp_retries: int = 0
+    tftp_retries: int = 0
+    bytes: int = 0
+
+
+class _Dhcp:
+    """The replies :class:`DhcpSocket` reads, routed to the waiting node by xid (only
+    BOOTREPLY; a datagram that does not decode is dropped)."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, asyncio.Queue[Any]] = {}
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        from sidusctl.serve import dhcp_codec as dc
+        try:
+            p = dc.decode(data)
+        except dc.MalformedPacket:
+            return
+        q = self.waiting.get(p.xid)
+        if q is not None and p.op == 2:
+            q.put_nowait(p)
+
+
+async def dhcp_phase(proto: _Dhcp, tr: DhcpSocket, mac: bytes, phase: str,
+                     server_ip: str | None, tally: Tally) -> dict[str, Any]:
+    """DISCOVER/OFFER/REQUEST/ACK (RFC 2131 3.1) with the options of ``phase`` (``pxe``,
+    ``ipxe``, ``kernel``, ``system``), broadcast flag set; retransmitted on silence."""
+    from sidusctl.serve import dhcp_codec as dc
+    opts: dict[int, bytes] = {}
+    if phase in ("pxe", "ipxe"):
+        opts.update(PXE_OPTS)
+        opts[97] = b"\0" + mac + bytes(10)
+    if phase == "ipxe":
+        opts[77] = b"iPXE"
+    if phase == "kernel":
+        opts[60] = b"Linux ipconfig"
+    if phase == "system":
+        opts[12] = b"n" + mac.hex().encode()
+    opts[55] = bytes((1, 3, 6, 12, 15, 28, 66, 67))
+    xid = random.getrandbits(32)
+    q: asyncio.Queue[Any] = asyncio.Queue()
+    proto.waiting[xid] = q
+    try:
+        async def exchange(mt: int, extra: dict[int, bytes], want: int) -> Any:
+            pkt = dc.DhcpPacket(op=1, xid=xid, flags=dc.FLAG_BROADCAST, chaddr=mac,
+                                options={dc.OPT_MSG_TYPE: bytes([mt]), **opts, **extra}).encode()
+            for attempt in range(DHCP_TRIES):
+                if attempt:
+                    tally.dhcp_retries += 1
+                tr.sendto(pkt, ("255.255.255.255", 67))
+                end = time.monotonic() + 1.0 + attempt * 0.5
+                while (left := end - time.monotonic()) > 0:
+                    try:
+                        p = await asyncio.wait_for(q.get(), left)
+                    except TimeoutError:
+                        break
+                    if p.msg_type == want and (server_ip is None or
+                                               str(p.opt_ip(dc.OPT_SERVER_ID)) == server_ip):
+                        return p
+                    if p.msg_type == dc.NAK:
+                        raise RuntimeError(f"{phase}: NAK")
+            raise RuntimeError(f"{phase}: no {want} after {DHCP_TRIES} tries")
+
+        offer = await exchange(dc.DISCOVER, {}, dc.OFFER)
+        ack = await exchange(dc.REQUEST, {dc.OPT_REQUESTED_IP: offer.yiaddr.packed,
+                                          dc.OPT_SERVER_ID: offer.options[dc.OPT_SERVER_ID]},
+                             dc.ACK)
+        return {"offer": str(offer.yiaddr), "ack": str(ack.yiaddr),
+                "file": ack.file.decode(errors="replace"),
+                "lease": int.from_bytes(ack.options.get(dc.OPT_LEASE_TIME, b"\0\0\0\0"), "big")}
+    finally:
+        del proto.waiting[xid]
+
+
+class _TftpGet:
+    """One RRQ's lock-step transfer, driven by the event loop's reader callback: each DATA is
+    acknowledged from the callback itself (no task switch, queue or timeout object per
+    packet), so that hundreds of simulated nodes cost the client process little CPU per
+    block, as each real node has its own CPU. Silence for 1 s retransmits the last packet (at
+    most ``TFTP_TRIES`` times). ``done`` gets the file's bytes, ``None`` for a "busy" ERROR
+    (a refusal), or a RuntimeError. Raises OSError (the socket)."""
+
+    def __init__(self, src: str, server: str, name: str, blksize: int, tally: Tally) -> None:
+        from sidusctl.serve import tftp_codec
+        from sidusctl.serve.dhcp_codec import MalformedPacket
+        self.tc = tc = tftp_codec
+        self.malformed = MalformedPacket
+        self.loop = asyncio.get_running_loop()
+        self.name, self.tally = name, tally
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self.sock.setblocking(False)
+            self.sock.bind((src, 0))
+        except OSError:
+            self.sock.close()
+            raise
+        self.dest = (server, 69)
+        self.peer: tuple[str, int] | None = None
+        self.bs, self.expect, self.tries = 512, 1, 0
+        self.chunks: list[bytes] = []
+        self.done: asyncio.Future[bytes | None] = self.loop.create_future()
+        self.last = tc.encode_request(tc.RRQ, name, "octet", {"blksize": str(blksize)})
+        self.stamp = time.monotonic()
+        self.loop.add_reader(self.sock.fileno(), self._readable)
+        self.timer = self.loop.call_later(1.0, self._check)
+        self._send(self.last)
+
+    def _send(self, pkt: bytes) -> None:
+        self.last = pkt
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            if self.peer is None:
+                self.sock.sendto(pkt, self.dest)
+            else:
+                self.sock.send(pkt)
+
+    def _readable(self) -> None:
+        # one datagram per call: the loop is level-triggered and calls again if more wait,
+        # and in lock-step the next DATA cannot be there before our ACK (a second recv would
+        # only fail)
+        if self.done.done():
+            return
+        try:
+            data, addr = self.sock.recvfrom(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.done.set_exception(RuntimeError(f"TFTP {self.name}: {e}"))
+            return
+        try:
+            self._on_packet(data, addr)
+        except (ValueError, self.malformed) as e:  # a bad blksize, a bad packet
+            self.done.set_exception(RuntimeError(f"TFTP {self.name}: {e}"))
+
+    def _on_packet(self, data: bytes, addr: tuple[str, int]) -> None:
+        tc = self.tc
+        if self.peer is None:
+            self.peer = addr  # the server's TID (RFC 1350 section 4): only it is heard from now
+            self.sock.connect(addr)
+        elif addr != self.peer:
+            return
+        self.tries, self.stamp = 0, time.monotonic()
+        if len(data) >= 4 and data[0] == 0 and data[1] == tc.DATA:
+            block = (data[2] << 8) | data[3]
+            if block != self.expect & 0xFFFF:
+                self._send(self.last)  # a duplicate: ack what we have again
+                return
+            payload = data[4:]
+            self.chunks.append(payload)
+            self._send(tc.encode_ack(block))
+            self.expect += 1
+            if len(payload) < self.bs:
+                self.done.set_result(b"".join(self.chunks))
+            return
+        p = tc.parse(data)
+        if isinstance(p, tc.Error):
+            if p.code == tc.E_UNDEFINED and "busy" in p.message:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(RuntimeError(f"TFTP {self.name}: error {p.code} "
+                                                     f"{p.message}"))
+        elif isinstance(p, tc.Oack):
+            self.bs = int(p.options.get("blksize", "512"))
+            self._send(tc.encode_ack(0))
+
+    def _check(self) -> None:
+        if self.done.done():
+            return
+        left = self.stamp + 1.0 - time.monotonic()
+        if left <= 0:
+            self.tries += 1
+            self.tally.tftp_retries += 1
+            if self.tries > TFTP_TRIES:
+                self.done.set_exception(RuntimeError(f"TFTP {self.name}: no answer"))
+                return
+            self._send(self.last)
+            self.stamp, left = time.monotonic(), 1.0
+        self.timer = self.loop.call_later(left, self._check)
+
+    def close(self) -> None:
+        self.timer.cancel()
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+async def tftp_get(src: str, server: str, name: str, tally: Tally,
+                   blksize: int = 1468) -> bytes:
+    """RRQ ``name`` from ``src`` (the node's address), lock-step (RFC 1350, blksize RFC 2348),
+    as :class:`_TftpGet`. A "busy" ERROR (code 0) is a refusal: counted, retried after a pause;
+    any other ERROR raises RuntimeError."""
+    for _refusal in range(200):
+        t = _TftpGet(src, server, name, blksize, tally)
+        try:
+            data = await t.done
+        finally:
+            t.close()
+        if data is not None:
+            tally.bytes += len(data)
+            return data
+        tally.tftp_refused += 1
+        await asyncio.sleep(0.2 + random.random() * 0.3)
+    raise RuntimeError(f"TFTP {name}: refused 200 times")
+
+
+async def http_req(src: str, server: str, port: int, method: str, path: str, tally: Tally, *,
+                   headers: dict[str, str] | None = None, body: bytes = b"",
+                   stop_at: int | None = None, sink: Any = None) -> tuple[int, dict[str, str]]:
+    """One HTTP/1.1 request from ``src``; the body goes to ``sink.update`` (at most
+    ``stop_at`` bytes of it: then the connection is dropped, as a node that lost its link
+    would). A 503 is a refusal: counted, retried after its Retry-After (RFC 9110 10.2.3)."""
+    for _refusal in range(200):
+        reader, writer = await asyncio.open_connection(server, port, local_addr=(src, 0),
+                                                       limit=1 << 20)
+        try:
+            head = [f"{method} {path} HTTP/1.1", f"Host: {server}", "Connection: close"]
+            head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+            if body:
+                head += ["Content-Type: application/x-www-form-urlencoded",
+                         f"Content-Length: {len(body)}"]
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+            await writer.drain()
+            status_line = await reader.readline()
+            code = int(status_line.split()[1])
+            hdrs: dict[str, str] = {}
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                k, _, v = line.decode().partition(":")
+                hdrs[k.strip().lower()] = v.strip()
+            if code == 503:
+                if "retry-after" not in hdrs:
+                    raise RuntimeError(f"HTTP {path}: 503 without Retry-After")
+                tally.http_refused += 1
+                wait = float(hdrs["retry-after"])
+            else:
+                left = int(hdrs.get("content-length", "0"))
+                if stop_at is not None:
+                    left = min(left, stop_at)
+                while left > 0:
+                    chunk = await reader.read(min(left, 1 << 20))
+                    if not chunk:
+                        raise RuntimeError(f"HTTP {path}: connection closed, {left} bytes short")
+                    left -= len(chunk)
+                    tally.bytes += len(chunk)
+                    if sink is not None:
+                        sink.update(chunk)
+                return code, hdrs
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await asyncio.sleep(wait * (0.5 + random.random()))
+    raise RuntimeError(f"HTTP {path}: refused 200 times")
+
+
+async def node(cfg: dict[str, Any], n: dict[str, str], proto: _Dhcp,
+               tr: DhcpSocket, tally: Tally, resume: bool,
+               barrier: asyncio.Barrier | None) -> dict[str, Any]:
+    """One simulated node's boot; its record: the addresses of each DHCP phase, times. With
+    a ``barrier``, all nodes start their root download at once (to meet the HTTP limits)."""
+    await asyncio.sleep(random.random() * cfg["spread"])
+    t0 = time.monotonic()
+    mac = bytes.fromhex(n["mac"].replace(":", ""))
+    srv, me = cfg["server"], n["ip"]
+    sid = cfg.get("server_id")
+    rec: dict[str, Any] = {"mac": n["mac"], "dhcp": {}}
+    d = await dhcp_phase(proto, tr, mac, "pxe", sid, tally)
+    rec["dhcp"]["pxe"] = d
+    if d["ack"] != me:
+        raise RuntimeError(f"{n['mac']}: got {d['ack']}, its reservation is {me}")
+    loader = await tftp_get(me, srv, d["file"] or "pxelinux.0", tally)
+    digests = {"loader": hashlib.sha256(loader).hexdigest()}
+    rec["dhcp"]["ipxe"] = await dhcp_phase(proto, tr, mac, "ipxe", sid, tally)
+    for name in cfg["tftp_files"]:
+        name = name.replace("{mac}", n["mac"].replace(":", "-"))
+        digests[name] = hashlib.sha256(await tftp_get(me, srv, name, tally)).hexdigest()
+    rec["dhcp"]["kernel"] = await dhcp_phase(proto, tr, mac, "kernel", sid, tally)
+    h = hashlib.sha256()
+    url_path, size = cfg["http_path"], cfg["http_size"]
+    report = cfg.get("report_path")
+
+    async def post(stage: str, detail: str) -> None:
+        if report:
+            form = f"mac={n['mac']}&stage={stage}&detail={detail.replace(' ', '+')}".encode()
+            code, _ = await http_req(me, srv, cfg["http_port"], "POST", report, tally, body=form)
+            if code != 204:
+                raise RuntimeError(f"report {stage}: HTTP {code}")
+
+    await post("root", "squashfs-http")
+    if barrier is not None:
+        await barrier.wait()
+    if resume:  # the link drops half-way; the initramfs resumes with Range
+        half = size // 2
+        code, _ = await http_req(me, srv, cfg["http_port"], "GET", url_path, tally,
+                                 stop_at=half, sink=h)
+        code, hdrs = await http_req(me, srv, cfg["http_port"], "GET", url_path, tally,
+                                    headers={"Range": f"bytes={half}-"}, sink=h)
+        if code != 206 or hdrs.get("content-range") != f"bytes {half}-{size - 1}/{size}":
+            raise RuntimeError(f"resume: {code} {hdrs.get('content-range')}")
+    else:
+        code, _ = await http_req(me, srv, cfg["http_port"], "GET", url_path, tally, sink=h)
+        if code != 200:
+            raise RuntimeError(f"GET {url_path}: {code}")
+    digests["root"] = h.hexdigest()
+    gen = cfg.get("generation", "")
+    await post("root-mounted", f"squashfs-http {gen}")
+    rec["dhcp"]["system"] = await dhcp_phase(proto, tr, mac, "system", sid, tally)
+    await post("booted", gen)
+    rec["digests"] = digests
+    rec["seconds"] = time.monotonic() - t0
+    return rec
+
+
+class DhcpSocket:
+    """The storm's one DHCP client socket: UDP port 68 (RFC 2131 section 4.1), broadcast, a
+    4 MiB receive buffer, bound to ``interface`` (SO_BINDTODEVICE), shared by every simulated
+    node (each node's replies are told apart by its xid and chaddr). Raises OSError.
+
+    Not an asyncio transport: a transport reads one datagram per loop iteration, so behind a
+    busy loop the replies to hundreds of nodes would queue in this one socket and be read
+    seconds late, where each real node reads its own at once. This socket is drained whole
+    each time it is readable."""
+
+    def __init__(self, interface: str, proto: _Dhcp) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._proto = proto
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            s.setsockopt(socket.SOL_SOCKET, 25, interface.encode())  # SO_BINDTODEVICE
+            s.setblocking(False)
+            s.bind(("0.0.0.0", 68))
+        except OSError:
+            s.close()
+            raise
+        self._sock = s
+        self._loop.add_reader(s.fileno(), self._drain)
+
+    def _drain(self) -> None:
+        for _ in range(4096):
+            try:
+                data, addr = self._sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            self._proto.datagram_received(data, addr)
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        """Send now; a datagram the socket cannot take is lost, as on a busy wire (the
+        node retransmits)."""
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            self._sock.sendto(data, addr)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
+async def dhcp_client(interface: str) -> tuple[DhcpSocket, _Dhcp]:
+    """The storm's DHCP socket and the protocol that routes its replies (:class:`DhcpSocket`)."""
+    proto = _Dhcp()
+    return DhcpSocket(interface, proto), proto
+
+
+async def each_node(runs: list[Coroutine[Any, Any, dict[str, Any]]], nodes: list[dict[str, str]],
+                    timeout: float) -> list[dict[str, Any]]:
+    """Run every node's coroutine at once, at most ``timeout`` seconds in all; one record per
+    node of ``nodes`` (same order), ``{"mac", "error": "timed out"}`` for those cut short."""
+    tasks = [asyncio.ensure_future(r) for r in runs]
+    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    for t in pending:
+        t.cancel()
+    return [t.result() if t in done else {"mac": n["mac"], "error": "timed out"}
+            for t, n in zip(tasks, nodes, strict=True)]
+
+
+async def storm(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Every node of ``cfg["nodes"]`` at once (started within ``cfg["spread"]`` seconds), at
+    most ``cfg["timeout"]`` seconds in all; per node its record or its error. A shard of a
+    larger storm (:func:`run_clients`) starts at ``cfg["start_at"]`` (``time.time()``) and
+    counts its wall time from then; its nodes are ``first``, ``first + step``, ... of the
+    storm's (which of them resume the root download depends on that number)."""
+    tr, proto = await dhcp_client(cfg["interface"])
+    tally = Tally()
+    start_at = cfg.get("start_at")
+    if start_at is not None:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+    t0, cpu0 = time.time() if start_at is None else start_at, time.process_time()
+    barrier = asyncio.Barrier(len(cfg["nodes"])) if cfg.get("sync_root") else None
+    first, step = cfg.get("first", 0), cfg.get("step", 1)
+
+    async def one(i: int, n: dict[str, str]) -> dict[str, Any]:
+        try:
+            return await node(cfg, n, proto, tr, tally, (first + i * step) % 3 == 0, barrier)
+        except (RuntimeError, OSError, ValueError, IndexError,
+                asyncio.BrokenBarrierError) as e:
+            return {"mac": n["mac"], "error": f"{type(e).__name__}: {e}"}
+
+    try:
+        results = await each_node([one(i, n) for i, n in enumerate(cfg["nodes"])],
+                                  cfg["nodes"], cfg["timeout"])
+    finally:
+        tr.close()
+    wall = time.time() - t0
+    return {"wall": wall, "nodes": results, "tally": vars(tally),
+            "client_cpu": time.process_time() - cpu0}
+
+
+def client_main(path: str) -> None:
+    cfg = json.loads(Path(path).read_text())
+    print(json.dumps(asyncio.run(storm(cfg))))
+
+
+# -- the test side ------------------------------------------------------------------------------
+
+def make_nodes(n: int, base: int = 0x10) -> list[dict[str, str]]:
+    """``n`` nodes: MAC 52:54:00:5e:XX:YY, address 10.78.1.0 + i (reservations)."""
+    first = int(IPv4Address("10.78.1.0"))
+    return [{"name": f"st{i:03d}", "mac": f"52:54:00:{base:02x}:{i >> 8:02x}:{i & 0xff:02x}",
+             "ip": str(IPv4Address(first + i))} for i in range(n)]
+
+
+def inventory(nodes: list[dict[str, str]]) -> str:
+    out = [f'[network]\nsubnet = "10.78.0.0/{PREFIX}"\nserver = "{SERVER}"\n',
+           '[defaults]\nimage = "storm"\nroot = "squashfs-http"\n']
+    for n in nodes:
+        out.append(f'[[nodes]]\nname = "{n["name"]}"\nmac = "{n["mac"]}"\nip = "{n["ip"]}"\n')
+    return "\n".join(out)
+
+
+def store_image(state: Path, name: str, root_mib: int, kernel: bytes, initrd: bytes) -> None:
+    """A built image made with the store's API: a rootfs holding ``root_mib`` MiB of
+    pseudo-random bytes (its squashfs export is then about that size), stand-in kernel and
+    initrd."""
+    from sidusctl.subsys.imagestore import ImageStore
+    rnd = random.Random(9)
+    with ImageStore(state).new_generation(name) as gen:
+        (gen.rootfs / "etc").mkdir(parents=True)
+        (gen.rootfs / "etc" / "hostname").write_text("storm\n")
+        with (gen.rootfs / "blob").open("wb") as f:
+            for _ in range(root_mib):
+                f.write(rnd.randbytes(1 << 20))
+        (gen.dir / f"vmlinuz-{name}").write_bytes(kernel)
+        (gen.dir / f"initrd.img-{name}").write_bytes(initrd)
+        gen.write_manifest({"name": name, "kind": "test"})
+
+
+def add_addresses(ns: str, ifname: str, nodes: list[dict[str, str]]) -> None:
+    """Every node's address on the client link (one ``ip -batch``), each a /32 so that the
+    subnet route stays on the first."""
+    ip("-n", ns, "addr", "add", f"10.78.0.2/{PREFIX}", "dev", ifname)
+    batch = "".join(f"addr add {n['ip']}/32 dev {ifname}\n" for n in nodes)
+    subprocess.run(["ip", "-n", ns, "-batch", "-"], input=batch, text=True, check=True)
+
+
+def run_clients(ns: str, cfg: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
+    """The storm from inside ``ns``: ``cfg["shards"]`` processes (default 1) of ``python -m
+    tests.storm_sim client``, each with every shards-th node, all starting at one moment;
+    their JSON merged (nodes in ``cfg["nodes"]`` order, tallies and client CPU summed, the
+    longest wall time). Hundreds of simulated nodes are many machines: one process for them
+    all would make the simulation, not the server, the bottleneck of a storm. A storm with
+    ``sync_root`` (one asyncio barrier) runs in one process."""
+    nodes = cfg["nodes"]
+    shards = 1 if cfg.get("sync_root") else max(1, min(cfg.get("shards", 1), len(nodes)))
+    start_at = time.time() + 2.0 if shards > 1 else None  # after every interpreter started
+    procs: list[tuple[subprocess.Popen[bytes], Path, Any]] = []
+    try:
+        for k in range(shards):
+            stem = work / f"storm-{len(nodes)}-{k}-{time.monotonic_ns()}"
+            shard = dict(cfg, nodes=nodes[k::shards], first=k, step=shards, start_at=start_at)
+            stem.with_suffix(".json").write_text(json.dumps(shard))
+            out_f = stem.with_suffix(".out").open("wb")
+            procs.append((subprocess.Popen(
+                nsexec(ns, sys.executable, "-m", "tests.storm_sim", "client",
+                       str(stem.with_suffix(".json"))),
+                stdout=out_f, stderr=subprocess.PIPE, cwd=REPO), stem.with_suffix(".out"), out_f))
+        outs: list[dict[str, Any]] = []
+        for proc, out_p, _f in procs:
+            _, err = proc.communicate(timeout=timeout + 60)
+            assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+            outs.append(json.loads(out_p.read_text()))
+    finally:
+        for proc, _p, f in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            f.close()
+    merged: list[dict[str, Any]] = [{}] * len(nodes)
+    for k, o in enumerate(outs):
+        merged[k::shards] = o["nodes"]
+    return {"wall": max(o["wall"] for o in outs), "nodes": merged, "shards": shards,
+            "tally": {key: sum(o["tally"][key] for o in outs) for key in outs[0]["tally"]},
+            "client_cpu": sum(o["client_cpu"] for o in outs)}
+
+
+def check_storm(res: dict[str, Any], nodes: list[dict[str, str]], want: dict[str, str]) -> None:
+    """One address per MAC across its four phases, no address twice, every digest right."""
+    errors = [r for r in res["nodes"] if "error" in r]
+    assert not errors, errors[:5]
+    by_ip: dict[str, str] = {}
+    for n, r in zip(nodes, res["nodes"], strict=True):
+        assert r["mac"] == n["mac"]
+        got = {(p["offer"], p["ack"]) for p in r["dhcp"].values()}
+        assert got == {(n["ip"], n["ip"])}, (n, r["dhcp"])
+        assert len(r["dhcp"]) == 4
+        assert by_ip.setdefault(n["ip"], n["mac"]) == n["mac"]
+        for k, v in want.items():
+            key = k.replace("{mac}", n["mac"].replace(":", "-"))
+            assert r["digests"][key] == v, (n["name"], key)
+    assert len(by_ip) == len(nodes)
+
+
+def report(label: str, res: dict[str, Any], n: int) -> None:
+    secs = sorted(r["seconds"] for r in res["nodes"] if "seconds" in r)
+    t = res["tally"]
+    print(f"\n{label}: {n} nodes in {res['wall']:.1f} s wall, "
+          f"{t['bytes'] / res['wall'] / 1e6:.0f} MB/s received, per node p50 "
+          f"{secs[len(secs) // 2]:.1f} s, max {secs[-1]:.1f} s; refused HTTP {t['http_refused']}, "
+          f"TFTP {t['tftp_refused']}; retransmits DHCP {t['dhcp_retries']}, "
+          f"TFTP {t['tftp_retries']}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "client":
+        client_main(sys.argv[2])
+    else:
+        sys.exit("usage: python -m tests.storm_sim client CONFIG.json")
