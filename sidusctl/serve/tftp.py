@@ -63,6 +63,8 @@ _NETASCII_MAX = 64 << 20
 _READAHEAD = 64 << 10
 _READAHEAD_MAX = 1 << 20
 _DATA_HEAD = struct.Struct("!HH")
+#: epoll polls of the transfer sockets per event loop callback (see TftpServer._on_ready)
+_REPOLL = 8
 
 
 class TftpDenied(Exception):
@@ -244,7 +246,13 @@ class _Transfer:
             self.server._finish(self, ok=False, why=f"client unreachable: {e.strerror}")
             return
         if len(pkt) == 4 and pkt[:2] == _ACK_PREFIX:
-            self._on_ack((pkt[2] << 8) | pkt[3])
+            block = (pkt[2] << 8) | pkt[3]
+            h = self.high
+            if (block == h & 0xFFFF and self.window == 1 and self.acked == h - 1
+                    and self.next_send == h + 1 and h < self.nblocks):
+                self._next_in_lock_step(h)
+            else:
+                self._on_ack(block)
             return
         try:
             p = tc.parse(pkt)
@@ -256,6 +264,26 @@ class _Transfer:
                                 why=f"client sent error {p.code} ({p.message})")
             return
         self.server.stats.malformed += 1  # anything but ACK/ERROR is out of place
+
+    def _next_in_lock_step(self, h: int) -> None:
+        """Lock-step's common case, kept short (it runs once per block of every transfer):
+        block ``h``, the one in flight and not the last, is acknowledged; send ``h + 1``.
+        The same as :meth:`_on_ack` then :meth:`_send_window` with a window of 1."""
+        self.acked = h
+        self.tries = 0
+        self.last_progress = time.monotonic()
+        self.high = self.next_send = h + 1
+        pkt = self._block(h + 1)
+        try:
+            self.sock.send(pkt)
+        except BlockingIOError:
+            self._pump()  # the socket buffer is full: sent when writable
+            return
+        except OSError as e:
+            self.server._finish(self, ok=False, why=f"send failed: {e.strerror}")
+            return
+        self.next_send = h + 2
+        self.server.stats.bytes_sent += len(pkt) - 4
 
     def _on_ack(self, block: int) -> None:
         if self.oack is not None and self.acked == 0 and self.high == 0:
@@ -382,18 +410,26 @@ class TftpServer:
 
     def _on_ready(self) -> None:
         """The loop's callback for the epoll set: one datagram read on each ready transfer
-        socket (level-triggered: one with more waiting is ready again at the next poll)."""
-        if self._ep is None:
-            return
+        socket (level-triggered: one with more waiting is ready again at the next poll).
+        The set is polled again right away, up to ``_REPOLL`` times while it has ready
+        sockets: in a storm the ACKs answering the first DATA of a batch arrive while the
+        batch is sent, and one more ``epoll_wait`` costs less than a turn of the event loop
+        (whose other readers and timers then run, so DHCP and HTTP are not held up)."""
         transfers = self._transfers
-        for fd, _events in self._ep.poll(0, 512):
-            t = transfers.get(fd)
-            if t is None:  # ended by an earlier one of this batch
-                continue
-            try:
-                t.readable()
-            except Exception:
-                self._internal_error(t, f"readable of {t.filename!r}")
+        for _ in range(_REPOLL):
+            if self._ep is None:
+                return
+            ready = self._ep.poll(0, 512)
+            if not ready:
+                return
+            for fd, _events in ready:
+                t = transfers.get(fd)
+                if t is None:  # ended by an earlier one of this batch
+                    continue
+                try:
+                    t.readable()
+                except Exception:
+                    self._internal_error(t, f"readable of {t.filename!r}")
 
     def _unwatch(self, fd: int) -> None:
         if self._ep is not None:
