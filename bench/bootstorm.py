@@ -204,7 +204,11 @@ def summarize(res: dict[str, Any], cpu: float, rss: float) -> dict[str, Any]:
     def pct(p: float) -> float:
         return ok[min(len(ok) - 1, int(p * len(ok)))] if ok else float("nan")
 
+    by = [r["by_protocol"] for r in res["nodes"] if "by_protocol" in r]
+    p50_by = {k: round(sorted(b.get(k, 0.0) for b in by)[len(by) // 2], 2)
+              for k in (by[0] if by else {})}
     return {"wall_s": round(res["wall"], 2), "p50_s": round(pct(0.5), 2),
+            "p50_by_protocol_s": p50_by,
             "p99_s": round(pct(0.99), 2), "failures": len(fails),
             "failure_examples": [f["error"] for f in fails[:3]],
             "mb_per_s": round(res["tally"]["bytes"] / res["wall"] / 1e6, 1),
@@ -431,6 +435,9 @@ def print_one(o: dict[str, Any]) -> None:
               f"{s['dhcp_retries']} TFTP {s['tftp_retries']}  server CPU {s['server_cpu_s']} s, "
               f"peak RSS {s['server_peak_rss_mib']} MiB, {s['mb_per_s']} MB/s; the simulated "
               f"nodes' CPU {s['client_cpu_s']} s")
+        if s["p50_by_protocol_s"]:
+            print("      per node, medians: " + ", ".join(
+                f"{k} {v} s" for k, v in s["p50_by_protocol_s"].items()))
         if "dhcp_late" in s:
             print(f"      DHCP datagrams answered more than 1 s after arrival: {s['dhcp_late']}"
                   f" (longest wait {s['dhcp_wait_max_ms']} ms); TFTP blocks the server "

@@ -308,25 +308,41 @@ async def http_req(src: str, server: str, port: int, method: str, path: str, tal
 async def node(cfg: dict[str, Any], n: dict[str, str], proto: _Dhcp,
                tr: DhcpSocket, tally: Tally, resume: bool,
                barrier: asyncio.Barrier | None) -> dict[str, Any]:
-    """One simulated node's boot; its record: the addresses of each DHCP phase, times. With
-    a ``barrier``, all nodes start their root download at once (to meet the HTTP limits)."""
+    """One simulated node's boot; its record: the addresses of each DHCP phase, digests,
+    ``seconds`` in all and ``by_protocol`` (seconds in DHCP, TFTP, the root's HTTP download,
+    the reports, the barrier). With a ``barrier``, all nodes start their root download at
+    once (to meet the HTTP limits)."""
     await asyncio.sleep(random.random() * cfg["spread"])
-    t0 = time.monotonic()
+    t0 = mark = time.monotonic()
+    rec_t: dict[str, float] = {"dhcp": 0.0, "tftp": 0.0, "http": 0.0, "report": 0.0}
+
+    def lap(what: str) -> None:
+        """Add the time since the last lap to ``what``'s (the node's seconds per protocol)."""
+        nonlocal mark
+        now = time.monotonic()
+        rec_t[what] = rec_t.get(what, 0.0) + now - mark
+        mark = now
+
     mac = bytes.fromhex(n["mac"].replace(":", ""))
     srv, me = cfg["server"], n["ip"]
     sid = cfg.get("server_id")
     rec: dict[str, Any] = {"mac": n["mac"], "dhcp": {}}
     d = await dhcp_phase(proto, tr, mac, "pxe", sid, tally)
     rec["dhcp"]["pxe"] = d
+    lap("dhcp")
     if d["ack"] != me:
         raise RuntimeError(f"{n['mac']}: got {d['ack']}, its reservation is {me}")
     loader = await tftp_get(me, srv, d["file"] or "pxelinux.0", tally)
     digests = {"loader": hashlib.sha256(loader).hexdigest()}
+    lap("tftp")
     rec["dhcp"]["ipxe"] = await dhcp_phase(proto, tr, mac, "ipxe", sid, tally)
+    lap("dhcp")
     for name in cfg["tftp_files"]:
         name = name.replace("{mac}", n["mac"].replace(":", "-"))
         digests[name] = hashlib.sha256(await tftp_get(me, srv, name, tally)).hexdigest()
+    lap("tftp")
     rec["dhcp"]["kernel"] = await dhcp_phase(proto, tr, mac, "kernel", sid, tally)
+    lap("dhcp")
     h = hashlib.sha256()
     url_path, size = cfg["http_path"], cfg["http_size"]
     report = cfg.get("report_path")
@@ -339,8 +355,10 @@ async def node(cfg: dict[str, Any], n: dict[str, str], proto: _Dhcp,
                 raise RuntimeError(f"report {stage}: HTTP {code}")
 
     await post("root", "squashfs-http")
+    lap("report")
     if barrier is not None:
         await barrier.wait()
+        lap("barrier")
     if resume:  # the link drops half-way; the initramfs resumes with Range
         half = size // 2
         code, _ = await http_req(me, srv, cfg["http_port"], "GET", url_path, tally,
@@ -354,12 +372,17 @@ async def node(cfg: dict[str, Any], n: dict[str, str], proto: _Dhcp,
         if code != 200:
             raise RuntimeError(f"GET {url_path}: {code}")
     digests["root"] = h.hexdigest()
+    lap("http")
     gen = cfg.get("generation", "")
     await post("root-mounted", f"squashfs-http {gen}")
+    lap("report")
     rec["dhcp"]["system"] = await dhcp_phase(proto, tr, mac, "system", sid, tally)
+    lap("dhcp")
     await post("booted", gen)
+    lap("report")
     rec["digests"] = digests
     rec["seconds"] = time.monotonic() - t0
+    rec["by_protocol"] = rec_t
     return rec
 
 
