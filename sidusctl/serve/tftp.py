@@ -63,8 +63,10 @@ _NETASCII_MAX = 64 << 20
 _READAHEAD = 64 << 10
 _READAHEAD_MAX = 1 << 20
 _DATA_HEAD = struct.Struct("!HH")
+_DATA = tc.DATA
+_monotonic = time.monotonic
 #: epoll polls of the transfer sockets per event loop callback (see TftpServer._on_ready)
-_REPOLL = 8
+_REPOLL = 16
 
 
 class TftpDenied(Exception):
@@ -271,9 +273,14 @@ class _Transfer:
         The same as :meth:`_on_ack` then :meth:`_send_window` with a window of 1."""
         self.acked = h
         self.tries = 0
-        self.last_progress = time.monotonic()
-        self.high = self.next_send = h + 1
-        pkt = self._block(h + 1)
+        self.last_progress = _monotonic()
+        n = self.high = self.next_send = h + 1
+        buf, size = self.buf, self.blksize
+        rel = h * size - self.buf_off  # block n starts at (n - 1) * blksize
+        if rel >= 0 and rel + size <= len(buf):  # in the read-ahead buffer: no call
+            pkt = _DATA_HEAD.pack(_DATA, n & 0xFFFF) + buf[rel:rel + size]
+        else:
+            pkt = self._block(n)
         try:
             self.sock.send(pkt)
         except BlockingIOError:
