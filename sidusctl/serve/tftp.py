@@ -67,6 +67,8 @@ _DATA = tc.DATA
 _monotonic = time.monotonic
 #: epoll polls of the transfer sockets per event loop callback (see TftpServer._on_ready)
 _REPOLL = 16
+#: how long (s) a re-poll of the epoll set waits for the next ACK (see TftpServer._on_ready)
+_LINGER = 0.0005
 
 
 class TftpDenied(Exception):
@@ -418,17 +420,20 @@ class TftpServer:
     def _on_ready(self) -> None:
         """The loop's callback for the epoll set: one datagram read on each ready transfer
         socket (level-triggered: one with more waiting is ready again at the next poll).
-        The set is polled again right away, up to ``_REPOLL`` times while it has ready
-        sockets: in a storm the ACKs answering the first DATA of a batch arrive while the
-        batch is sent, and one more ``epoll_wait`` costs less than a turn of the event loop
-        (whose other readers and timers then run, so DHCP and HTTP are not held up)."""
+        The set is polled again, up to ``_REPOLL`` times, waiting at most ``_LINGER`` seconds
+        each time for an ACK, while ACKs keep coming: in a storm the ACKs answering a batch
+        of DATA arrive within a fraction of a millisecond, and one more ``epoll_wait`` costs
+        less than a turn of the event loop. The loop's other readers and timers (DHCP, HTTP
+        accepts) wait at most ``_REPOLL * _LINGER`` seconds plus the batches' work."""
         transfers = self._transfers
+        wait = 0.0
         for _ in range(_REPOLL):
             if self._ep is None:
                 return
-            ready = self._ep.poll(0, 512)
+            ready = self._ep.poll(wait, 512)
             if not ready:
                 return
+            wait = _LINGER
             for fd, _events in ready:
                 t = transfers.get(fd)
                 if t is None:  # ended by an earlier one of this batch
