@@ -67,8 +67,9 @@ _DATA = tc.DATA
 _monotonic = time.monotonic
 #: epoll polls of the transfer sockets per event loop callback (see TftpServer._on_ready)
 _REPOLL = 16
-#: how long (s) a re-poll of the epoll set waits for the next ACK (see TftpServer._on_ready)
-_LINGER = 0.0005
+#: how long (s) a re-poll of the epoll set waits for the next ACK (see TftpServer._on_ready):
+#: 1 ms, epoll_wait(2)'s unit (Python rounds a shorter timeout up to it)
+_LINGER = 0.001
 
 
 class TftpDenied(Exception):
