@@ -33,12 +33,13 @@ from tests.conftest import REPO, BuiltImage, _mounts_under, sidusctl
 
 slow = pytest.mark.slow
 
-# What legitimately differs between two builds of the same recipe, and why. (etc/shadow is
-# compared by :func:`shadow_unsalted`: chpasswd salts at random; a rebuild keeps the hash of
-# its previous generation when the password is the same, a build in another state directory
-# cannot.)
+# What legitimately differs between two builds of the same recipe, and why. (etc/shadow and
+# its backup etc/shadow- are compared by :func:`shadow_unsalted`: chpasswd salts at random; a
+# rebuild keeps the hash of its previous generation when the password is the same, a build in
+# another state directory cannot.)
 DIFFERS = {
     "etc/shadow": "compared by shadow_unsalted",
+    "etc/shadow-": "compared by shadow_unsalted",
     "boot/initrd.img-*": "a regenerated initramfs is a cpio archive of build-time mtimes, not "
                          "byte-reproducible (compared by presence and mode only)",
     "var/lib/initramfs-tools/*": "update-initramfs records the sha1 of the initrd it made",
@@ -84,14 +85,22 @@ def walk(root: Path, differs: dict[str, str] | None = None) -> dict[str, tuple[A
     return out
 
 
-def shadow_unsalted(root: Path) -> list[str]:
-    """etc/shadow with each hash reduced to its method (``$y$``): what a random salt leaves."""
+def shadow_unsalted(root: Path, *, undated: bool = False) -> list[str]:
+    """etc/shadow then etc/shadow- (if any), each line prefixed by its file, with each hash
+    reduced to its method (``$y$``): what a random salt leaves. ``undated``: each date of
+    last change (shadow(5) field 3, days since 1970) made ``DAY``, for builds bootstrapped on
+    different days."""
     out = []
-    for line in (root / "etc/shadow").read_text().splitlines():
-        f = line.split(":")
-        if f[1].startswith("$"):
-            f[1] = "$" + f[1].split("$")[1] + "$"
-        out.append(":".join(f))
+    for name in ("etc/shadow", "etc/shadow-"):
+        if name == "etc/shadow-" and not (root / name).exists():
+            continue
+        for line in (root / name).read_text().splitlines():
+            f = line.split(":")
+            if f[1].startswith("$"):
+                f[1] = "$" + f[1].split("$")[1] + "$"
+            if undated and len(f) > 2 and f[2]:
+                f[2] = "DAY"
+            out.append(f"{name}: " + ":".join(f))
     return out
 
 
@@ -200,7 +209,7 @@ def test_site_file_change_reuses_the_package_stage_and_equals_a_clean_build(
     diff = tree_diff(clean["walk"], walk(Path(again["rootfs"])))
     assert not diff, "\n".join(diff[:40])
     assert clean["shadow"] == shadow_unsalted(Path(again["rootfs"]))
-    assert any(line.startswith("root:$y$") for line in clean["shadow"])
+    assert any(line.startswith("etc/shadow: root:$y$") for line in clean["shadow"])
     # and the same manifest, but for what says when and how it was built (and where from)
     drop = {"created", "generation", "timings_s", "build_stages", "bootstrap_from_cache",
             "exports", "tree_sha256"}
@@ -231,7 +240,9 @@ def test_package_added_runs_a_delta_that_equals_a_clean_build(work: Work,
         assert st["initramfs"]["action"] == "reused", st["initramfs"]
         assert (Path(delta["rootfs"]) / "usr/bin/tree").is_file()
         delta_walk = walk(Path(delta["rootfs"]), CLEAN_BUILDS_DIFFER)
-        delta_shadow = shadow_unsalted(Path(delta["rootfs"]))
+        # the --no-cache build below bootstraps afresh: on another day than the bootstrap
+        # cache the session's build came from, every date of last change differs
+        delta_shadow = shadow_unsalted(Path(delta["rootfs"]), undated=True)
         # (read now: the two builds below make the image's older generations go)
         delta_packages = set(json.loads(Path(delta["manifest"]).read_text())["packages"])
         # the delta's entry: without snapshots or reflinks, what the install left alone is
@@ -253,7 +264,7 @@ def test_package_added_runs_a_delta_that_equals_a_clean_build(work: Work,
     assert full["by_stage"]["packages"]["action"] == "ran"
     diff = tree_diff(walk(Path(full["rootfs"]), CLEAN_BUILDS_DIFFER), delta_walk)
     assert not diff, "\n".join(diff[:40])
-    assert shadow_unsalted(Path(full["rootfs"])) == delta_shadow
+    assert shadow_unsalted(Path(full["rootfs"]), undated=True) == delta_shadow
     assert set(json.loads(Path(full["manifest"]).read_text())["packages"]) == delta_packages
     assert len(work.cache()["entries"]) == 2
 
