@@ -262,8 +262,8 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
         assert src_root is not None
         nfs_image(state, src_root, kernel, initrd)
     else:
-        sim.store_image(state, "storm", args.root_mib, kernel, initrd)
-    nodes = sim.make_nodes(count)
+        storm.store_image(state, "storm", args.root_mib, kernel, initrd)
+    nodes = storm.make_nodes(count)
     (work / "nodes.toml").write_text(inventory(nodes, root))
     srv, cli = f"sdt-bss{tag}", f"sdt-bsc{tag}"
     br, sif, cif = f"sdt-bsb{tag}", f"sdt-bsv{tag}", f"sdt-bsw{tag}"
@@ -277,7 +277,7 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
             bridge(srv, br, f"{SERVER}/{sim.PREFIX}")
             veth(srv, sif, cli, cif)
             enslave(srv, sif, br)
-            sim.add_addresses(cli, cif, nodes)
+            storm.add_addresses(cli, cif, nodes)
             tree = state / "serve-pxe" / "tftp"
             # serve-pxe first: it renders the tree (and the squashfs export) both stacks serve
             def start_serve_pxe(log: str) -> Daemon:

@@ -31,11 +31,10 @@ import sys
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from tests.netns_util import REPO, ip, nsexec
+from tests.netns_util import REPO, nsexec
 
 SERVER = "10.78.0.1"
 PREFIX = 16
@@ -489,47 +488,7 @@ def client_main(path: str) -> None:
     print(json.dumps(asyncio.run(storm(cfg))))
 
 
-# -- the test side ------------------------------------------------------------------------------
-
-def make_nodes(n: int, base: int = 0x10) -> list[dict[str, str]]:
-    """``n`` nodes: MAC 52:54:00:5e:XX:YY, address 10.78.1.0 + i (reservations)."""
-    first = int(IPv4Address("10.78.1.0"))
-    return [{"name": f"st{i:03d}", "mac": f"52:54:00:{base:02x}:{i >> 8:02x}:{i & 0xff:02x}",
-             "ip": str(IPv4Address(first + i))} for i in range(n)]
-
-
-def inventory(nodes: list[dict[str, str]]) -> str:
-    out = [f'[network]\nsubnet = "10.78.0.0/{PREFIX}"\nserver = "{SERVER}"\n',
-           '[defaults]\nimage = "storm"\nroot = "squashfs-http"\n']
-    for n in nodes:
-        out.append(f'[[nodes]]\nname = "{n["name"]}"\nmac = "{n["mac"]}"\nip = "{n["ip"]}"\n')
-    return "\n".join(out)
-
-
-def store_image(state: Path, name: str, root_mib: int, kernel: bytes, initrd: bytes) -> None:
-    """A built image made with the store's API: a rootfs holding ``root_mib`` MiB of
-    pseudo-random bytes (its squashfs export is then about that size), stand-in kernel and
-    initrd."""
-    from sidusctl.subsys.imagestore import ImageStore
-    rnd = random.Random(9)
-    with ImageStore(state).new_generation(name) as gen:
-        (gen.rootfs / "etc").mkdir(parents=True)
-        (gen.rootfs / "etc" / "hostname").write_text("storm\n")
-        with (gen.rootfs / "blob").open("wb") as f:
-            for _ in range(root_mib):
-                f.write(rnd.randbytes(1 << 20))
-        (gen.dir / f"vmlinuz-{name}").write_bytes(kernel)
-        (gen.dir / f"initrd.img-{name}").write_bytes(initrd)
-        gen.write_manifest({"name": name, "kind": "test"})
-
-
-def add_addresses(ns: str, ifname: str, nodes: list[dict[str, str]]) -> None:
-    """Every node's address on the client link (one ``ip -batch``), each a /32 so that the
-    subnet route stays on the first."""
-    ip("-n", ns, "addr", "add", f"10.78.0.2/{PREFIX}", "dev", ifname)
-    batch = "".join(f"addr add {n['ip']}/32 dev {ifname}\n" for n in nodes)
-    subprocess.run(["ip", "-n", ns, "-batch", "-"], input=batch, text=True, check=True)
-
+# -- running a storm, checking it -----------------------------------------------------------------
 
 def run_clients(ns: str, cfg: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
     """The storm from inside ``ns``: ``cfg["shards"]`` processes (default 1) of ``python -m
