@@ -429,6 +429,10 @@ def test_an_injected_bug_is_counted_as_internal_not_malformed(
             res = lv.run(tftp_client.fetch("127.0.0.1", "small.bin", port=lv.port))
             assert isinstance(res, tftp_client.FetchResult)  # the server went on
             assert lv.server.stats.internal_errors == 1 and lv.server.stats.malformed == 0
+            # the client is done at its last ACK, the server once it has read it: wait for
+            # that before the bug goes in (else that last ACK meets the bug)
+            _wait_for(lambda: lv.server.stats.active == 0)
+            assert lv.server.stats.completed == 1
 
             # a bug inside a running transfer (its ACK handlers: lock-step's common case and
             # the others): that transfer is abandoned and counted, the loop and the other
