@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidusctl.serve import tftp as tftp_server
-from sidusctl.serve import tftp_client
+from sidusctl.serve import tftp_client, tftp_transfer
 from sidusctl.serve import tftp_codec as tc
 from sidusctl.serve.dhcp_codec import MalformedPacket
 from sidusctl.serve.tftp import TftpConfig, TftpServer
@@ -439,8 +439,8 @@ def test_an_injected_bug_is_counted_as_internal_not_malformed(
             # transfers are unharmed
             def buggy_ack(self: object, block: int) -> None:
                 raise RuntimeError("injected bug in a transfer")
-            monkeypatch.setattr(tftp_server._Transfer, "_on_ack", buggy_ack)
-            monkeypatch.setattr(tftp_server._Transfer, "_next_in_lock_step", buggy_ack)
+            monkeypatch.setattr(tftp_transfer.Transfer, "_on_ack", buggy_ack)
+            monkeypatch.setattr(tftp_transfer.Transfer, "_next_in_lock_step", buggy_ack)
             with pytest.raises(tftp_client.TftpClientError):
                 lv.run(tftp_client.fetch("127.0.0.1", "small.bin", port=lv.port, timeout=0.3,
                                          retries=1))
