@@ -29,7 +29,6 @@ _ACK_MAX = 1500
 _READAHEAD = 64 << 10
 _READAHEAD_MAX = 1 << 20
 _DATA_HEAD = struct.Struct("!HH")
-_DATA = tc.DATA
 _monotonic = time.monotonic
 
 
@@ -169,13 +168,8 @@ class Transfer:
         self.acked = h
         self.tries = 0
         self.last_progress = _monotonic()
-        n = self.high = self.next_send = h + 1
-        buf, size = self.buf, self.blksize
-        rel = h * size - self.buf_off  # block n starts at (n - 1) * blksize
-        if rel >= 0 and rel + size <= len(buf):  # in the read-ahead buffer: no call
-            pkt = _DATA_HEAD.pack(_DATA, n & 0xFFFF) + buf[rel:rel + size]
-        else:
-            pkt = self._block(n)
+        self.high = self.next_send = h + 1
+        pkt = self._block(h + 1)
         try:
             self.sock.send(pkt)
         except BlockingIOError:
