@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sidusctl.core.errors import ConfigError, ConfigErrors
+from sidusctl.core.errors import ConfigError, ConfigErrors, SidusError
 from sidusctl.netboot import squash
 from sidusctl.netboot.inventory import parse
 from sidusctl.netboot.tree import ImageFiles, SquashRef, node_cmdline
@@ -59,6 +59,41 @@ def test_same_tree_same_bytes(tmp_path: Path) -> None:
                    check=True, capture_output=True)
     assert (tmp_path / "out/usr/bin/tool").read_bytes() == (tmp_path / "copy/usr/bin/tool").read_bytes()
     assert os.readlink(tmp_path / "out/etc/link") == "hostname"
+
+
+def test_export_leaves_out_what_a_netbooted_node_never_reads(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    d = make_store(state, ["gen-20260101T000000-1"])
+    root = d / "gen-20260101T000000-1" / "rootfs"
+    for rel in ("boot/vmlinuz-6.1.0-1-amd64", "boot/initrd.img-6.1.0-1-amd64",
+                "boot/config-6.1.0-1-amd64", "var/lib/apt/lists/deb_dists_Packages",
+                "var/cache/apt/pkgcache.bin", "var/cache/apt/archives/lock"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(rel)
+    ex, how = squash.export(state, "img")
+    assert how == "built"
+    out = tmp_path / "out"
+    subprocess.run(["unsquashfs", "-d", str(out), str(ex.path)], check=True, capture_output=True)
+    kept = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                  if p.parts[len(out.parts)] in ("boot", "var"))
+    # the directories stay (apt makes its lists again in them), what they held goes
+    assert kept == ["boot", "boot/config-6.1.0-1-amd64", "var", "var/cache", "var/cache/apt",
+                    "var/cache/apt/archives", "var/cache/apt/archives/lock", "var/lib",
+                    "var/lib/apt", "var/lib/apt/lists"]
+    # the record's fingerprint covers the packing (excludes, level): not the bare tree's
+    assert ex.fingerprint != squashfs.tree_fingerprint(root)
+    ex6, how6 = squash.export(state, "img", level=6)
+    assert how6 == "unchanged" and ex6.sha256 == ex.sha256
+    ex9, how9 = squash.export(state, "img", level=9)
+    assert how9 == "built" and ex9.fingerprint != ex.fingerprint
+
+
+@pytest.mark.parametrize("pattern", ["/etc/hostname", "", "etc/../../x"])
+def test_an_exclude_outside_the_tree_is_refused(tmp_path: Path, pattern: str) -> None:
+    tree = make_tree(tmp_path / "tree")
+    with pytest.raises(SidusError, match="expected a path relative to the tree"):
+        squashfs.build(tree, tmp_path / "a.squashfs", exclude=(pattern,))
+    assert not list(tmp_path.glob("*.squashfs")) and not list(tmp_path.glob(".a.squashfs*"))
 
 
 def make_store(state: Path, gens: list[str]) -> Path:

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,17 +73,24 @@ def tree_fingerprint(tree: Path) -> str:
 
 
 def build(tree: Path, dest: Path, *, level: int = DEFAULT_LEVEL,
-          processors: int | None = None) -> SquashInfo:
+          processors: int | None = None, exclude: Sequence[str] = ()) -> SquashInfo:
     """Pack ``tree`` into the squashfs file ``dest`` (zstd ``level`` 1-22; ``processors``:
     mksquashfs threads, default all), reproducibly: the same tree gives the same bytes.
-    ``dest`` appears complete or not at all (temp file + fsync + rename). Raises
-    :class:`~sidusctl.core.errors.PrerequisiteError` without squashfs-tools,
-    :class:`~sidusctl.core.errors.CommandError` if mksquashfs fails, :class:`SidusError` if
-    ``tree`` is not a directory."""
+    ``exclude``: patterns relative to ``tree`` left out of the file (mksquashfs ``-wildcards``:
+    ``*`` and ``?`` match within one path component, so ``var/lib/apt/lists/*`` keeps the
+    directory and drops what it holds). ``dest`` appears complete or not at all (temp file +
+    fsync + rename). Raises :class:`~sidusctl.core.errors.PrerequisiteError` without
+    squashfs-tools, :class:`~sidusctl.core.errors.CommandError` if mksquashfs fails,
+    :class:`SidusError` if ``tree`` is not a directory or a pattern is absolute, empty or
+    climbs out of the tree."""
     if not tree.is_dir():
         raise SidusError(f"cannot export {tree}: not a directory")
     if not 1 <= level <= 22:
         raise SidusError(f"zstd level {level} is out of range (expected 1-22)")
+    for pat in exclude:
+        if not pat or pat.startswith("/") or ".." in pat.split("/"):
+            raise SidusError(f"exclude pattern {pat!r}: expected a path relative to the tree "
+                             "(no leading '/', no '..')")
     exe = which("mksquashfs", "squashfs-tools")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
@@ -91,6 +99,9 @@ def build(tree: Path, dest: Path, *, level: int = DEFAULT_LEVEL,
             "-reproducible", "-mkfs-time", "0", "-no-progress", "-quiet"]
     if processors:
         argv += ["-processors", str(processors)]
+    if exclude:
+        # -e and its list come last on mksquashfs's command line
+        argv += ["-wildcards", "-e", *exclude]
     log.info("squashfs: packing %s into %s (zstd %d)", tree, dest, level)
     try:
         run(argv, capture=True, what="mksquashfs")
