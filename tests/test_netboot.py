@@ -113,7 +113,7 @@ def test_initrd_contains_the_hook(netboot_image: NetbootImage, tmp_path: Path) -
     assert "conf/conf.d/sidus" in names
     assert any(n.endswith("/squashfs.ko") or n.endswith("/squashfs.ko.xz") for n in names)
     assert any(n.endswith("/overlay.ko") or n.endswith("/overlay.ko.xz") for n in names)
-    for tool in ("findfs", "blkid", "mke2fs", "losetup"):
+    for tool in ("findfs", "blkid", "mke2fs", "losetup", "sha256sum"):
         assert f"usr/lib/sidus/bin/{tool}" in names, f"{tool} missing from the initrd"
     # the script must run before udev's, which moves /dev into the root we are about to move
     subprocess.run(["unmkinitramfs", str(netboot_image.initrd), str(tmp_path / "x")], check=True)
