@@ -20,12 +20,17 @@ lab's bridge (DHCP, NFS and HTTP from serve-pxe).
 
 For ``squashfs-http`` the console is timed too (when the download starts, when the digest
 matched, when the squashfs is mounted), and after the login prompt the bench logs in to split
-the download from the digest (``sha256sum`` of the file again, in the guest) and to read the
-RAM the image holds: where the time goes when the aim (at most 1.1x the local disk) is missed.
+the download from the digest (the file downloaded again to /dev/null, to a tmpfs, and piped
+into ``sha256sum``; ``sha256sum`` of the file again, coreutils' and busybox's) and to read the
+RAM the image holds and /run/sidus/sidus.log (its lines carry the guest's uptime). In the first
+round every guest is logged into for ``systemd-analyze`` (kernel/userspace split, ``blame``,
+the critical chain to the serial login prompt): where the time goes when the aim (at most
+1.1x the local disk) is missed.
 
 qemu runs under TCG (no KVM here), so absolute figures are slow; the ratios are what to compare.
 
-    .venv/bin/python bench/boot.py --image minimal [--state-dir DIR] [--runs 1] [--json]
+    .venv/bin/python bench/boot.py --image minimal [--state-dir DIR] [--runs 1]
+        [--modes nfs,squashfs-nfs,squashfs-http,disk] [--no-details] [--json]
 
 ``--record-reads FILE`` instead records the files a real NFS-root boot reads, for
 bench/bootstorm.py's ``nfs`` variant: the root is copied (``cp -a``) into a scratch
@@ -121,26 +126,67 @@ def timed_boot(g: Guest) -> dict[str, float]:
 
 def http_details(g: Guest) -> dict[str, Any]:
     """In the logged-in squashfs-http guest: the image file's size, a second ``sha256sum``
-    of it (seconds: the digest's share of the boot), RAM it holds (MiB, tmpfs ``used``)."""
+    of it (seconds: the digest's share of the boot), RAM it holds (MiB, tmpfs ``used``), the
+    download again alone and piped into ``sha256sum`` (seconds), and :func:`systemd_details`."""
     g.login(timeout=300)
     path = g.sh("ls /run/sidus/img/*.squashfs 2>/dev/null | head -n1", check=False).strip()
     out: dict[str, Any] = {"image_file": path}
     if path:
         out["image_mib"] = round(int(g.sh(f"stat -c %s {path}")) / 2**20, 1)
-        t = g.sh(f"s=$(cut -d' ' -f1 /proc/uptime); sha256sum {path} >/dev/null; "
-                 "e=$(cut -d' ' -f1 /proc/uptime); echo \"$s $e\"", timeout=600).split()
-        out["sha256sum_again_s"] = round(float(t[1]) - float(t[0]), 1)
+        out["sha256sum_again_s"] = _guest_seconds(g, f"sha256sum {path} >/dev/null")
+        # the initramfs's digest is busybox's
+        out["busybox_sha256sum_again_s"] = _guest_seconds(
+            g, f"busybox sha256sum {path} >/dev/null")
         out["tmpfs_used_mib"] = round(int(g.sh(
             f"df -k --output=used $(dirname {path}) | tail -n1")) / 1024, 1)
+    src = g.sh("sed -n 's/.*sidus.src=\\([^ ]*\\).*/\\1/p' /proc/cmdline", check=False).strip()
+    if src:
+        # the download alone (to /dev/null), then download and digest in one pipe: how much
+        # of the digest a pipe could hide behind the download on this guest's one vCPU
+        # (busybox's wget and sha256sum, as in the initramfs)
+        out["download_only_s"] = _guest_seconds(g, f"busybox wget -q -O /dev/null {src}")
+        out["download_to_tmpfs_s"] = _guest_seconds(
+            g, f"busybox wget -q -O /dev/shm/sdt-again {src}")
+        out["download_to_tmpfs_bytes"] = int(g.sh("stat -c %s /dev/shm/sdt-again; "
+                                                  "rm -f /dev/shm/sdt-again"))
+        out["download_piped_to_sha256_s"] = _guest_seconds(
+            g, f"busybox wget -q -O - {src} | busybox sha256sum >/dev/null")
     out["mem_available_mib"] = round(int(g.sh(
         "awk '/MemAvailable/ {print $2}' /proc/meminfo")) / 1024, 1)
     out["sidus_log"] = g.sh("cat /run/sidus/sidus.log", check=False)[-1500:]
+    out.update(systemd_details(g, login=False))
     return out
+
+
+def _guest_seconds(g: Guest, command: str) -> float:
+    """Seconds (the guest's /proc/uptime) that ``command`` takes in the logged-in guest."""
+    t = g.sh(f"s=$(cut -d' ' -f1 /proc/uptime); {command}; "
+             "e=$(cut -d' ' -f1 /proc/uptime); echo \"$s $e\"", timeout=600).split()
+    return round(float(t[-1]) - float(t[-2]), 1)
+
+
+def systemd_details(g: Guest, login: bool = True) -> dict[str, Any]:
+    """In the guest (logged in first if ``login``): ``systemd-analyze``'s split of the boot
+    (kernel, initrd, userspace: its own clock, not the bench's), the ten slowest units of
+    ``systemd-analyze blame`` (wall time each, overlapping on one vCPU) and the critical chain
+    to the serial login prompt: where a network root's userspace loses time against the
+    disk."""
+    if login:
+        g.login(timeout=300)
+    return {"systemd_analyze": g.sh("systemd-analyze 2>&1 | head -n1", check=False).strip(),
+            "systemd_blame": g.sh("systemd-analyze blame 2>&1 | head -n10",
+                                  check=False).strip(),
+            # the units the login prompt waited for, each with when it was up (+ how long
+            # it took): what lies on the path to the prompt
+            "systemd_critical_chain": g.sh(
+                "systemd-analyze critical-chain --no-pager serial-getty@ttyS0.service 2>&1 "
+                "| tail -n +3 | head -n 25", check=False).strip()}
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     state, root, kernel, initrd = _image(args)
-    times: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+    modes = tuple(m for m in MODES if m in args.modes.split(","))
+    times: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     details: dict[str, Any] = {}
     tag = os.getpid() % 10000
     with tempfile.TemporaryDirectory(prefix="sdt-bench-boot-", dir="/var/tmp") as tmp:
@@ -157,7 +203,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             for i in range(args.runs):
                 # odd runs in the reverse order: a machine whose load changes during the run
                 # does not always favour the same boot
-                for m in (MODES if i % 2 == 0 else MODES[::-1]):
+                for m in (modes if i % 2 == 0 else modes[::-1]):
                     name = f"sdt-bb{tag}-{m}-{i}"
                     log = Path(tmp) / f"{m}-{i}.console.log"
                     if m == "disk":
@@ -171,19 +217,22 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                                memory=MEMORY, log=log, timeout=BOOT_TIMEOUT, **kw) as g:
                         try:
                             times[m].append(timed_boot(g))
-                            if m == "squashfs-http" and i == 0 and not args.no_details:
-                                details["squashfs_http"] = http_details(g)
+                            if i == 0 and not args.no_details:
+                                if m == "squashfs-http":
+                                    details["squashfs_http"] = http_details(g)
+                                else:
+                                    details[m.replace("-", "_")] = systemd_details(g)
                         except BaseException:
                             print(f"--- console of {name} ---\n{g.tail(4000)}\n--- serve-pxe "
                                   f"---\n{lab.serve_text()[-4000:]}", file=sys.stderr)
                             raise
                     print(f"  {m:14} run {i + 1}: {times[m][-1]}", file=sys.stderr)
-    med = {m: statistics.median(t["login"] for t in times[m]) for m in MODES}
+    med = {m: statistics.median(t["login"] for t in times[m]) for m in modes}
     disk_s = med["disk"]
     return {"runs": args.runs, "accel": "tcg", "memory_mib": MEMORY,
             "login_s": {m: round(v, 1) for m, v in med.items()},
-            "ratio_over_disk": {m: round(med[m] / disk_s, 2) for m in MODES if m != "disk"},
-            "marks": {m: times[m] for m in MODES}, "details": details,
+            "ratio_over_disk": {m: round(med[m] / disk_s, 2) for m in modes if m != "disk"},
+            "marks": {m: times[m] for m in modes}, "details": details,
             "load_average": os.getloadavg(),
             "reference": "same image on a local virtio disk (direct kernel boot)"}
 
@@ -257,6 +306,9 @@ def main() -> int:
     ap.add_argument("--image", default="minimal")
     ap.add_argument("--state-dir", default=None)
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help=f"comma-separated boots to run, of {','.join(MODES)} (disk is required:"
+                         " the ratios are over it)")
     ap.add_argument("--no-details", action="store_true",
                     help="skip the login into the squashfs-http guest after its boot")
     ap.add_argument("--record-reads", metavar="FILE", default=None,
@@ -269,16 +321,20 @@ def main() -> int:
         sys.exit("bench/boot.py: mksquashfs not found (apt-get install squashfs-tools)")
     if args.record_reads:
         return record_reads(args)
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown or "disk" not in args.modes.split(","):
+        sys.exit(f"bench/boot.py: --modes {args.modes}: expected some of {','.join(MODES)}, "
+                 "disk among them")
     result = bench(args)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"boot to login prompt (qemu TCG, {MEMORY} MiB, median of {args.runs}):")
-    for m in MODES:
+    for m in result["login_s"]:
         ratio = "" if m == "disk" else f"  {result['ratio_over_disk'][m]:5.2f}x the disk"
         print(f"  {m:14} {result['login_s'][m]:6.1f} s{ratio}")
-    sq = result["marks"]["squashfs-http"][0]
-    print(f"  squashfs-http console: {sq}")
+    for sq in result["marks"].get("squashfs-http", []):
+        print(f"  squashfs-http console: {sq}")
     d = result["details"].get("squashfs_http")
     if d:
         print(f"  squashfs-http image {d.get('image_mib')} MiB in RAM (tmpfs "
