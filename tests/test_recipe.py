@@ -55,6 +55,12 @@ def test_shipped_recipes_are_valid() -> None:
         (GOOD + "[tricks]\nremove_hostnames = true\n", "tricks.remove_hostnames", ["unknown key"]),
         (GOOD + "[keyboard]\nlayout = 1\n", "keyboard.layout", ["found int 1", "a string"]),
         (GOOD + "[netboot]\nenabled = 'yes'\n", "netboot.enabled", ["found 'yes'", "true or false"]),
+        (GOOD + "[netboot]\nsquashfs_exclude = ['/boot/*']\n", "netboot.squashfs_exclude[0]",
+         ["found '/boot/*'", "relative to the root", "no leading '/'"]),
+        (GOOD + "[netboot]\nsquashfs_exclude = ['boot/x', 'var/../../etc']\n",
+         "netboot.squashfs_exclude[1]", ["found 'var/../../etc'", "no '..'"]),
+        (GOOD + "[netboot]\nsquashfs_exclude = 'boot/*'\n", "netboot.squashfs_exclude",
+         ["found 'boot/*'", "a list"]),
         (GOOD + "[export]\ncompression = 'lz4'\n", "export.compression", ["found 'lz4'", "zstd"]),
         (GOOD + "[[files]]\nsrc = 'nope.conf'\ndest = '/etc/nope.conf'\n", "files[0].src", ["no such file"]),
         (GOOD + "[[files]]\nsrc = 'image.toml'\ndest = 'etc/x'\n", "files[0].dest", ["invalid destination", "absolute path"]),
@@ -98,6 +104,21 @@ def test_digest_changes_with_values_and_site_files(tmp_path: Path) -> None:
     path.write_text(GOOD + "packages = ['vim']\n[[files]]\nsrc = 'f'\ndest = '/etc/f'\n")
     d3 = recipe.load(path).digest()
     assert len({d1, d2, d3}) == 3
+
+
+def test_squashfs_exclude_is_read_but_changes_no_build(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    plain = recipe.load(path)
+    assert plain.netboot.squashfs_exclude is None  # not set: the exports' default list
+    path.write_text(GOOD + "[netboot]\nsquashfs_exclude = ['var/lib/apt/lists/*']\n")
+    listed = recipe.load(path)
+    assert listed.netboot.squashfs_exclude == ("var/lib/apt/lists/*",)
+    path.write_text(GOOD + "[netboot]\nsquashfs_exclude = []\n")
+    assert recipe.load(path).netboot.squashfs_exclude == ()  # nothing left out
+    # an export parameter: the build (and its stage cache) is the same
+    assert listed.digest() == plain.digest() == recipe.load(path).digest()
+    # and the manifest records it, for the exports
+    assert listed.to_json()["netboot"]["squashfs_exclude"] == ("var/lib/apt/lists/*",)
 
 
 def test_postinst_scripts_and_digest_over_the_folder(tmp_path: Path) -> None:

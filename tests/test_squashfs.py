@@ -88,6 +88,39 @@ def test_export_leaves_out_what_a_netbooted_node_never_reads(tmp_path: Path) -> 
     assert how9 == "built" and ex9.fingerprint != ex.fingerprint
 
 
+def test_a_recipe_replaces_the_excludes_through_the_manifest(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    d = make_store(state, ["gen-20260101T000000-1"])
+    gen = d / "gen-20260101T000000-1"
+    (gen / "rootfs/boot").mkdir()
+    (gen / "rootfs/boot/vmlinuz-6.1.0-1-amd64").write_text("kernel")
+    default, _ = squash.export(state, "img")
+    assert default.exclude == squash.EXCLUDE
+    assert "boot/vmlinuz-6.1.0-1-amd64" not in _listing(default.path, tmp_path / "d")
+
+    def manifest(exclude: list[str]) -> None:
+        values = {"name": "img", "netboot": {"enabled": True, "squashfs_exclude": exclude}}
+        (gen / "manifest.json").write_text(json.dumps({
+            "name": "img", "kind": "build",
+            "recipe": {"path": "/x/image.toml", "sha256": "0" * 64, "values": values}}))
+
+    manifest(["etc/hostname"])  # the recipe's own list replaces the default one
+    own, how = squash.export(state, "img")
+    assert how == "built" and own.exclude == ("etc/hostname",)
+    listing = _listing(own.path, tmp_path / "o")
+    assert "etc/hostname" not in listing and "boot/vmlinuz-6.1.0-1-amd64" in listing
+    assert squash.find(state, "img", "gen-20260101T000000-1") == own  # the record keeps it
+    manifest([])  # nothing left out
+    none, how = squash.export(state, "img")
+    assert how == "built" and none.exclude == ()
+    assert {"etc/hostname", "boot/vmlinuz-6.1.0-1-amd64"} <= _listing(none.path, tmp_path / "n")
+
+
+def _listing(image: Path, dest: Path) -> set[str]:
+    subprocess.run(["unsquashfs", "-d", str(dest), str(image)], check=True, capture_output=True)
+    return {str(p.relative_to(dest)) for p in dest.rglob("*")}
+
+
 @pytest.mark.parametrize("pattern", ["/etc/hostname", "", "etc/../../x"])
 def test_an_exclude_outside_the_tree_is_refused(tmp_path: Path, pattern: str) -> None:
     tree = make_tree(tmp_path / "tree")

@@ -24,7 +24,8 @@ was found, what was expected) is reported at once, before anything is downloaded
     postinst = []                      # executable scripts next to the recipe, run in the image
     [vars]      variables for template site files
     [tricks]    remove_hostname, resolv_conf = [lines], loopback_interfaces, limits = [lines]
-    [netboot]   enabled, modules = ["overlay"], nic
+    [netboot]   enabled, modules = ["overlay"], nic,
+                squashfs_exclude = [patterns]   # default: sidusctl.netboot.squash.EXCLUDE
     [export]    compression = "zstd" | "gzip"
 
 ``postinst`` (mkosi's post-installation scripts): run in order inside the image (chroot), after
@@ -100,9 +101,16 @@ class Tricks:
 
 @dataclass(frozen=True)
 class Netboot:
+    """``[netboot]``: the initramfs hook (``enabled``, ``modules``, ``nic``) and
+    ``squashfs_exclude``: what the image's squashfs exports leave out (mksquashfs
+    ``-wildcards`` patterns relative to the root; None: the default list,
+    :data:`sidusctl.netboot.squash.EXCLUDE`; ``()``: nothing). An export parameter, not a
+    build input: it is not part of :meth:`Recipe.digest`."""
+
     enabled: bool = False
     modules: tuple[str, ...] = ("overlay",)
     nic: str = ""
+    squashfs_exclude: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,8 @@ class Recipe:
         builds with the same digest were asked for the same thing."""
         d = asdict(self)
         d.pop("path")
+        # what exports leave out changes no build: a new list must not miss the stage cache
+        d["netboot"].pop("squashfs_exclude")
         if not self.postinst:
             d.pop("postinst")  # digests of recipes without scripts stay what they were
         else:
@@ -213,6 +223,10 @@ PkgPattern = Annotated[str, _check(PKG_PATTERN_RE, "a package name or fnmatch pa
                                                     "'matlab-*'")]
 Locale = Annotated[str, _check(LOCALE_RE, "a locale name such as en_US.UTF-8 or fr_FR.UTF-8")]
 Module = Annotated[str, _check(re.compile(r"^[a-z0-9_-]+$"), "a kernel module name")]
+SquashPattern = Annotated[str, _check(
+    lambda s: bool(s) and not s.startswith("/") and ".." not in s.split("/"),
+    "a path pattern relative to the root, such as 'var/lib/apt/lists/*' (no leading '/', "
+    "no '..')")]
 
 
 def _tup(item: Any) -> Any:
@@ -237,6 +251,7 @@ class _Netboot(Frozen):
     enabled: bool = False
     modules: _tup(Module) = ()  # type: ignore[valid-type]
     nic: str = ""
+    squashfs_exclude: _tup(SquashPattern) | None = None  # type: ignore[valid-type]
 
 
 class _Export(Frozen):
@@ -338,7 +353,8 @@ def load(path: Path, name: str | None = None) -> Recipe:
         vars=dict(rf.vars),
         tricks=Tricks(rf.tricks.remove_hostname, rf.tricks.resolv_conf,
                       rf.tricks.loopback_interfaces, rf.tricks.limits),
-        netboot=Netboot(rf.netboot.enabled, rf.netboot.modules or ("overlay",), rf.netboot.nic),
+        netboot=Netboot(rf.netboot.enabled, rf.netboot.modules or ("overlay",), rf.netboot.nic,
+                        rf.netboot.squashfs_exclude),
         compression=rf.export.compression,
         postinst=tuple(path.resolve().parent / p for p in rf.postinst))
 

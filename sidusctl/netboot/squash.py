@@ -15,8 +15,10 @@ parameters: level, block size, :data:`EXCLUDE`); a new generation whose tree is 
 exported one gets a hard link to that file (same tree, same bytes).
 
 What a netbooted node never reads is left out (:data:`EXCLUDE`, after LTSP's
-``image.excludes``): every node of a squashfs-http root downloads the whole file and checks
-its digest before it mounts it, so each MiB left out is a MiB less per node per boot.
+``image.excludes``; a recipe replaces the list with ``[netboot] squashfs_exclude``, which the
+generation's manifest records): every node of a squashfs-http root downloads the whole file
+and checks its digest before it mounts it, so each MiB left out is a MiB less per node per
+boot.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ EXCLUDE = ("boot/vmlinuz-*", "boot/initrd.img-*", "var/lib/apt/lists/*", "var/ca
 @dataclass(frozen=True)
 class Export:
     """One exported generation: ``image``, ``generation`` (``gen-<stamp>``), ``path`` of the
-    squashfs file, ``size`` (bytes), ``sha256`` (hex), ``fingerprint`` of the tree it packs,
-    ``created`` (Unix time)."""
+    squashfs file, ``size`` (bytes), ``sha256`` (hex), ``fingerprint`` of the tree it packs
+    (with the packing parameters), ``created`` (Unix time), ``exclude``: the patterns left
+    out (empty for a record written before exports had excludes)."""
 
     image: str
     generation: str
@@ -61,6 +64,7 @@ class Export:
     sha256: str
     fingerprint: str
     created: float
+    exclude: tuple[str, ...] = ()
 
     @property
     def file(self) -> str:
@@ -70,7 +74,8 @@ class Export:
     def as_dict(self) -> dict[str, Any]:
         return {"image": self.image, "generation": self.generation, "file": self.file,
                 "path": str(self.path), "size": self.size, "sha256": self.sha256,
-                "fingerprint": self.fingerprint, "created": self.created}
+                "fingerprint": self.fingerprint, "created": self.created,
+                "exclude": list(self.exclude)}
 
 
 def squash_dir(state: Path, image: str) -> Path:
@@ -88,7 +93,8 @@ def _load(image: str, d: Path, generation: str) -> Export | None:
         raw = read_json(_record(d, generation))
         path = d / f"{generation}{SUFFIX}"
         ex = Export(image, generation, path, int(raw["size"]), str(raw["sha256"]),
-                    str(raw["fingerprint"]), float(raw["created"]))
+                    str(raw["fingerprint"]), float(raw["created"]),
+                    tuple(str(x) for x in raw.get("exclude", ())))
         if path.stat().st_size != ex.size:
             return None
         return ex
@@ -128,7 +134,8 @@ def export(state: Path, image: str, *, generation: str = "current",
     d = squash_dir(state, image)
     d.mkdir(parents=True, exist_ok=True)
     with locked(d / ".lock", f"squashfs exports of '{image}'", wait=True):
-        fp = _fingerprint(img.rootfs, level)
+        exclude = exclude_of(img)
+        fp = _fingerprint(img.rootfs, level, exclude)
         have = _load(image, d, gen)
         if have is not None and have.fingerprint == fp and not force:
             log.info("squashfs: %s %s unchanged (%s)", image, gen, have.path)
@@ -148,18 +155,31 @@ def export(state: Path, image: str, *, generation: str = "current",
             log.info("squashfs: %s %s has the same tree as %s: linked", image, gen,
                      twin.generation)
         else:
-            info = squashfs.build(img.rootfs, dest, level=level, exclude=EXCLUDE)
-        ex = Export(image, gen, dest, info.size, info.sha256, fp, time.time())
+            info = squashfs.build(img.rootfs, dest, level=level, exclude=exclude)
+        ex = Export(image, gen, dest, info.size, info.sha256, fp, time.time(), exclude)
         rec = ex.as_dict()
         del rec["path"]
         write_json(_record(d, gen), rec)
         return ex, how
 
 
-def _fingerprint(rootfs: Path, level: int) -> str:
+def exclude_of(img: Image) -> tuple[str, ...]:
+    """What the exports of generation ``img`` leave out: its recipe's ``[netboot]
+    squashfs_exclude`` as its manifest recorded it, else :data:`EXCLUDE` (no such key: a
+    recipe that does not set it, an imported image, a generation built before the key
+    existed). Raises :class:`~sidusctl.core.errors.StateError` for a corrupt manifest."""
+    recipe = img.manifest.recipe
+    netboot = recipe.values.get("netboot") if recipe is not None else None
+    listed = netboot.get("squashfs_exclude") if isinstance(netboot, dict) else None
+    if isinstance(listed, list | tuple):
+        return tuple(str(x) for x in listed)
+    return EXCLUDE
+
+
+def _fingerprint(rootfs: Path, level: int, exclude: tuple[str, ...]) -> str:
     """The tree's fingerprint with what else decides the file's bytes (zstd level, block
-    size, :data:`EXCLUDE`): an export made with other parameters is not "unchanged"."""
-    packing = f"zstd-{level}\0b{squashfs.BLOCK_SIZE}\0" + "\0".join(EXCLUDE)
+    size, the patterns left out): an export made with other parameters is not "unchanged"."""
+    packing = f"zstd-{level}\0b{squashfs.BLOCK_SIZE}\0" + "\0".join(exclude)
     return hashlib.sha256(f"{squashfs.tree_fingerprint(rootfs)}\0{packing}".encode()).hexdigest()
 
 
