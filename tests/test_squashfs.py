@@ -114,6 +114,11 @@ def test_a_recipe_replaces_the_excludes_through_the_manifest(tmp_path: Path) -> 
     none, how = squash.export(state, "img")
     assert how == "built" and none.exclude == ()
     assert {"etc/hostname", "boot/vmlinuz-6.1.0-1-amd64"} <= _listing(none.path, tmp_path / "n")
+    # a manifest that cannot be read: the default list, the node still gets its root
+    (gen / "manifest.json").write_text("{not json")
+    fallback, how = squash.export(state, "img")
+    assert how == "built" and fallback.exclude == squash.EXCLUDE
+    assert fallback.sha256 == default.sha256  # the same bytes as the first export
 
 
 def _listing(image: Path, dest: Path) -> set[str]:

@@ -167,8 +167,12 @@ def exclude_of(img: Image) -> tuple[str, ...]:
     """What the exports of generation ``img`` leave out: its recipe's ``[netboot]
     squashfs_exclude`` as its manifest recorded it, else :data:`EXCLUDE` (no such key: a
     recipe that does not set it, an imported image, a generation built before the key
-    existed). Raises :class:`~sidusctl.core.errors.StateError` for a corrupt manifest."""
-    recipe = img.manifest.recipe
+    existed; and, with a warning, a manifest that cannot be read: nodes still get a root)."""
+    try:
+        recipe = img.manifest.recipe
+    except StateError as e:
+        log.warning("squashfs: %s; leaving out the default list (%s)", e, ", ".join(EXCLUDE))
+        return EXCLUDE
     netboot = recipe.values.get("netboot") if recipe is not None else None
     listed = netboot.get("squashfs_exclude") if isinstance(netboot, dict) else None
     if isinstance(listed, list | tuple):
