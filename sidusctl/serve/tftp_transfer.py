@@ -142,13 +142,7 @@ class Transfer:
             self.server._finish(self, ok=False, why=f"client unreachable: {e.strerror}")
             return
         if len(pkt) == 4 and pkt[:2] == _ACK_PREFIX:
-            block = (pkt[2] << 8) | pkt[3]
-            h = self.high
-            if (block == h & 0xFFFF and self.window == 1 and self.acked == h - 1
-                    and self.next_send == h + 1 and h < self.nblocks):
-                self._next_in_lock_step(h)
-            else:
-                self._on_ack(block)
+            self._on_ack((pkt[2] << 8) | pkt[3])
             return
         try:
             p = tc.parse(pkt)
@@ -164,7 +158,7 @@ class Transfer:
     def _next_in_lock_step(self, h: int) -> None:
         """Lock-step's common case, kept short (it runs once per block of every transfer):
         block ``h``, the one in flight and not the last, is acknowledged; send ``h + 1``.
-        The same as :meth:`_on_ack` then :meth:`_send_window` with a window of 1."""
+        The same as the rest of :meth:`_on_ack` then :meth:`_send_window` with a window of 1."""
         self.acked = h
         self.tries = 0
         self.last_progress = _monotonic()
@@ -182,6 +176,14 @@ class Transfer:
         self.server.stats.bytes_sent += len(pkt) - 4
 
     def _on_ack(self, block: int) -> None:
+        """The client acknowledged ``block`` (the 16-bit number on the wire: it rolls over
+        from 65535 to 0, ``acked`` counts on). Every ACK comes through here, lock-step's
+        common case first (:meth:`_next_in_lock_step`)."""
+        h = self.high
+        if (block == h & 0xFFFF and self.window == 1 and self.acked == h - 1
+                and self.next_send == h + 1 and h < self.nblocks):
+            self._next_in_lock_step(h)
+            return
         if self.oack is not None and self.acked == 0 and self.high == 0:
             if block != 0:
                 return
