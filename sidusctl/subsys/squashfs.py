@@ -72,6 +72,12 @@ def tree_fingerprint(tree: Path) -> str:
     return h.hexdigest()
 
 
+def valid_exclude(pattern: str) -> bool:
+    """Whether ``pattern`` can be an exclude of :func:`build`: not empty, relative to the
+    tree (no leading ``/``) and not climbing out of it (no ``..`` component)."""
+    return bool(pattern) and not pattern.startswith("/") and ".." not in pattern.split("/")
+
+
 def build(tree: Path, dest: Path, *, level: int = DEFAULT_LEVEL,
           processors: int | None = None, exclude: Sequence[str] = ()) -> SquashInfo:
     """Pack ``tree`` into the squashfs file ``dest`` (zstd ``level`` 1-22; ``processors``:
@@ -88,7 +94,7 @@ def build(tree: Path, dest: Path, *, level: int = DEFAULT_LEVEL,
     if not 1 <= level <= 22:
         raise SidusError(f"zstd level {level} is out of range (expected 1-22)")
     for pat in exclude:
-        if not pat or pat.startswith("/") or ".." in pat.split("/"):
+        if not valid_exclude(pat):
             raise SidusError(f"exclude pattern {pat!r}: expected a path relative to the tree "
                              "(no leading '/', no '..')")
     exe = which("mksquashfs", "squashfs-tools")
