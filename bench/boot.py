@@ -24,8 +24,8 @@ the download from the digest (the file downloaded again to /dev/null, to a tmpfs
 into ``sha256sum``; ``sha256sum`` of the file again, coreutils' and busybox's) and to read the
 RAM the image holds and /run/sidus/sidus.log (its lines carry the guest's uptime). In the first
 round every guest is logged into for ``systemd-analyze`` (kernel/userspace split, ``blame``,
-the critical chain to the serial login prompt): where the time goes when the aim (at most
-1.1x the local disk) is missed.
+the critical chain to the serial login prompt) and the CPU each unit used: where the time
+goes when the aim (at most 1.1x the local disk) is missed.
 
 qemu runs under TCG (no KVM here), so absolute figures are slow; the ratios are what to compare.
 
@@ -165,17 +165,30 @@ def _guest_seconds(g: Guest, command: str) -> float:
     return round(float(t[-1]) - float(t[-2]), 1)
 
 
+#: the twelve units that used the most CPU since boot, "MS ms UNIT" per line (systemctl show's
+#: blocks are blank-line separated; CPUUsageNSec is "[not set]" without accounting)
+UNIT_CPU = ("systemctl show -p Id -p CPUUsageNSec '*.service' '*.scope' '*.mount' 2>/dev/null "
+            "| awk 'BEGIN { RS = \"\" } { id = \"\"; c = \"\"; n = split($0, l, \"\\n\"); "
+            "for (i = 1; i <= n; i++) { if (l[i] ~ /^Id=/) id = substr(l[i], 4); "
+            "if (l[i] ~ /^CPUUsageNSec=[0-9]/) c = substr(l[i], 14) } "
+            "if (id != \"\" && c != \"\") printf \"%d ms %s\\n\", c / 1000000, id }' "
+            "| sort -rn | head -n 12")
+
+
 def systemd_details(g: Guest, login: bool = True) -> dict[str, Any]:
     """In the guest (logged in first if ``login``): ``systemd-analyze``'s split of the boot
     (kernel, initrd, userspace: its own clock, not the bench's), the ten slowest units of
-    ``systemd-analyze blame`` (wall time each, overlapping on one vCPU) and the critical chain
-    to the serial login prompt: where a network root's userspace loses time against the
-    disk."""
+    ``systemd-analyze blame`` (wall time each, overlapping on one vCPU), the twelve units that
+    used the most CPU (:data:`UNIT_CPU`, milliseconds) and the critical chain to the serial
+    login prompt: where a network root's userspace loses time against the disk."""
     if login:
         g.login(timeout=300)
     return {"systemd_analyze": g.sh("systemd-analyze 2>&1 | head -n1", check=False).strip(),
             "systemd_blame": g.sh("systemd-analyze blame 2>&1 | head -n10",
                                   check=False).strip(),
+            # CPU each unit used (ms, cgroup accounting): blame's wall times overlap on one
+            # vCPU; this says which units took the CPU from the ones on the critical chain
+            "systemd_cpu_ms": g.sh(UNIT_CPU, check=False).strip(),
             # the units the login prompt waited for, each with when it was up (+ how long
             # it took): what lies on the path to the prompt
             "systemd_critical_chain": g.sh(
