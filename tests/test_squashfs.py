@@ -6,8 +6,10 @@ boot command lines of the squashfs roots."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import struct
 import subprocess
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -59,6 +61,30 @@ def test_same_tree_same_bytes(tmp_path: Path) -> None:
                    check=True, capture_output=True)
     assert (tmp_path / "out/usr/bin/tool").read_bytes() == (tmp_path / "copy/usr/bin/tool").read_bytes()
     assert os.readlink(tmp_path / "out/etc/link") == "hostname"
+
+
+def test_what_mksquashfs_warns_about_is_logged_once_per_kind(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tree = make_tree(tmp_path / "tree")
+    # a POSIX ACL (user::rw-, user:65534:r--, group::r--, mask::r--, other::r--; the xattr's
+    # layout from acl(5)/posix_acl_xattr.h) on two files: squashfs has no place for it
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in (
+        (0x01, 6, 0xFFFFFFFF), (0x02, 4, 65534), (0x04, 4, 0xFFFFFFFF),
+        (0x10, 4, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF)))
+    try:
+        for f in ("etc/hostname", "usr/bin/tool"):
+            os.setxattr(tree / f, "system.posix_acl_access", acl)
+    except OSError as e:  # pragma: no cover - a filesystem mounted noacl
+        pytest.skip(f"no POSIX ACLs on {tmp_path}: {e}")
+    with caplog.at_level(logging.WARNING, logger="sidusctl"):
+        squashfs.build(tree, tmp_path / "a.squashfs")
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == ["mksquashfs: Unrecognised xattr prefix system.posix_acl_access (2 times)"]
+    # a tree without one packs without a word
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sidusctl"):
+        squashfs.build(make_tree(tmp_path / "plain"), tmp_path / "b.squashfs")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_export_leaves_out_what_a_netbooted_node_never_reads(tmp_path: Path) -> None:

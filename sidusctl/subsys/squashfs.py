@@ -13,6 +13,7 @@ since an export.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import os
@@ -78,6 +79,17 @@ def valid_exclude(pattern: str) -> bool:
     return bool(pattern) and not pattern.startswith("/") and ".." not in pattern.split("/")
 
 
+def _log_warnings(lines: Sequence[str]) -> None:
+    """Log what mksquashfs said while packing, each distinct line once with how many times it
+    came (it warns once per file). The usual one is "Unrecognised xattr prefix
+    system.posix_acl_access": squashfs stores the ``user.``, ``trusted.`` and ``security.``
+    extended attributes only (squashfs-tools' xattr support), so POSIX ACLs are not in the
+    file, and a node sees the plain mode bits unless something sets them again at boot."""
+    counts = collections.Counter(line.strip() for line in lines if line.strip())
+    for line, n in counts.items():
+        log.warning("mksquashfs: %s%s", line, f" ({n} times)" if n > 1 else "")
+
+
 def build(tree: Path, dest: Path, *, level: int = DEFAULT_LEVEL,
           processors: int | None = None, exclude: Sequence[str] = ()) -> SquashInfo:
     """Pack ``tree`` into the squashfs file ``dest`` (zstd ``level`` 1-22; ``processors``:
@@ -85,7 +97,8 @@ def build(tree: Path, dest: Path, *, level: int = DEFAULT_LEVEL,
     ``exclude``: patterns relative to ``tree`` left out of the file (mksquashfs ``-wildcards``:
     ``*`` and ``?`` match within one path component, so ``var/lib/apt/lists/*`` keeps the
     directory and drops what it holds). ``dest`` appears complete or not at all (temp file +
-    fsync + rename). Raises :class:`~sidusctl.core.errors.PrerequisiteError` without
+    fsync + rename). What mksquashfs warns about (POSIX ACLs, which squashfs cannot hold) is
+    logged as warnings. Raises :class:`~sidusctl.core.errors.PrerequisiteError` without
     squashfs-tools, :class:`~sidusctl.core.errors.CommandError` if mksquashfs fails,
     :class:`SidusError` if ``tree`` is not a directory or a pattern is absolute, empty or
     climbs out of the tree."""
@@ -109,8 +122,11 @@ def build(tree: Path, dest: Path, *, level: int = DEFAULT_LEVEL,
         # -e and its list come last on mksquashfs's command line
         argv += ["-wildcards", "-e", *exclude]
     log.info("squashfs: packing %s into %s (zstd %d)", tree, dest, level)
+    said: list[str] = []
     try:
-        run(argv, capture=True, what="mksquashfs")
+        # -quiet leaves only mksquashfs's warnings and errors on its output
+        run(argv, what="mksquashfs", on_line=said.append)
+        _log_warnings(said)
         with open(tmp, "rb") as f:
             if f.read(4) != SQUASHFS_MAGIC:
                 raise SidusError(f"mksquashfs wrote {tmp} without a squashfs superblock")
