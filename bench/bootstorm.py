@@ -404,8 +404,11 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
                     d.stop()
             out["serve-pxe"], out["reference"] = median_run(a_runs), median_run(b_runs)
             if args.rounds > 1:
+                # every round's failures and retransmissions, not the median run's only
                 out["rounds"] = [{"serve-pxe": x["wall_s"], "reference": y["wall_s"],
-                                  "failures": [x["failures"], y["failures"]]}
+                                  "failures": [x["failures"], y["failures"]],
+                                  "dhcp_retries": [x["dhcp_retries"], y["dhcp_retries"]],
+                                  "tftp_retries": [x["tftp_retries"], y["tftp_retries"]]}
                                  for x, y in zip(a_runs, b_runs, strict=True)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -451,7 +454,9 @@ def print_one(o: dict[str, Any]) -> None:
               f"{s['server_cpu_s']} s, peak RSS {s['server_peak_rss_mib']} MiB")
     for i, r in enumerate(o.get("rounds", [])):
         print(f"  round {i + 1}: serve-pxe {r['serve-pxe']:6.1f} s, reference "
-              f"{r['reference']:6.1f} s, failures {r['failures'][0]} / {r['failures'][1]}")
+              f"{r['reference']:6.1f} s, failures {r['failures'][0]} / {r['failures'][1]}, "
+              f"retransmits DHCP {r['dhcp_retries'][0]} / {r['dhcp_retries'][1]}, "
+              f"TFTP {r['tftp_retries'][0]} / {r['tftp_retries'][1]}")
     median = " (medians)" if "rounds" in o else ""
     print(f"  ratio serve-pxe / reference{median}: time {o['ratio_wall']}x, p99 "
           f"{o['ratio_p99']}x")
