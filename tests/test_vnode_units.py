@@ -14,6 +14,7 @@ from sidusctl.subsys.net import tc
 from sidusctl.subsys.templates import render
 from sidusctl.vnode import ssh
 from sidusctl.vnode.limits import parse_matrix_file, parse_size
+from sidusctl.vnode.model import parse_mib
 from sidusctl.vnode.platform_file import load
 from tests.golden import assert_golden
 
@@ -64,6 +65,21 @@ def test_memory_settings_v1_v2() -> None:
         MemLimits(1, soft=100).settings()
     with pytest.raises(ConfigError):
         MemLimits(2, mem=100).settings()
+    # a swap limit of 0 is no swap at all: memsw = mem (v1), memory.swap.max 0 (v2)
+    assert MemLimits(1, mem=512, swap=0).settings() == [
+        (1, "memory.limit_in_bytes", str(512 * 2**20)),
+        (1, "memory.memsw.limit_in_bytes", str(512 * 2**20))]
+    assert MemLimits(2, hard=512, swap=0).settings() == [
+        (2, "memory.max", str(512 * 2**20)), (2, "memory.swap.max", "0")]
+
+
+def test_a_swap_limit_may_be_zero_a_memory_limit_may_not() -> None:
+    assert parse_mib("0", "--swap", "swap", zero=True) == 0
+    assert parse_mib("max", "--swap", "swap", zero=True) == "max"
+    for bad, zero in (("0", False), ("-1", True), ("-5", False)):
+        with pytest.raises(ConfigError) as ei:
+            parse_mib(bad, "--mem", "mem", zero=zero)
+        assert f"invalid size '{bad}'" in str(ei.value)
 
 
 def test_v2_memory_on_this_host_is_an_honest_error() -> None:
@@ -184,12 +200,21 @@ count = 3
     assert db["latency"] == {"if0": 5.0} and db["ifaces"][0].address == "10.144.0.9"
 
 
+def test_platform_file_takes_a_swap_limit_of_zero(tmp_path: Path) -> None:
+    pf = tmp_path / "p.toml"
+    pf.write_text('[[vnodes]]\nname = "a"\nimage = "x"\n'
+                  'mem = { hierarchy = "v2", hard_limit = 256, swap = 0 }\n')
+    assert load(pf).vnodes[0].create["mem"] == {"hierarchy": 2, "hard": 256, "swap": 0}
+
+
 @pytest.mark.parametrize("body,key", [
     ('[[vnodes]]\nname = "a"\nimage = "x"\nbandwith = "1mbit"\n', "vnodes[0].bandwith"),
     ('[[vnodes]]\nname = "a"\n', "vnodes[0].image"),
     ('[[vnetworks]]\nname = "n"\n', "vnetworks[0].cidr"),
     ('[[vnodes]]\nname = "A_B"\nimage = "x"\n', "name"),
     ('[[vnodes]]\nname = "a"\nimage = "x"\nmem = { mem = "lots" }\n', "vnodes[0].mem.mem"),
+    ('[[vnodes]]\nname = "a"\nimage = "x"\nmem = { mem = 0 }\n', "vnodes[0].mem.mem"),
+    ('[[vnodes]]\nname = "a"\nimage = "x"\nmem = { swap = -1 }\n', "vnodes[0].mem.swap"),
 ])
 def test_platform_file_errors_name_the_key(tmp_path: Path, body: str, key: str) -> None:
     pf = tmp_path / "p.toml"

@@ -47,7 +47,7 @@ def _limits(mem: str | None, swap: str | None, mem_soft: str | None, mem_hard: s
     for key, v, opt in (("mem", mem, "--mem"), ("swap", swap, "--swap"),
                         ("soft", mem_soft, "--mem-soft"), ("hard", mem_hard, "--mem-hard")):
         if v is not None:
-            memd[key] = parse_mib(v, opt, key)
+            memd[key] = parse_mib(v, opt, key, zero=key == "swap")
     iol = []
     for spec in io:
         parts = spec.split(":")
@@ -72,7 +72,7 @@ def _limits(mem: str | None, swap: str | None, mem_soft: str | None, mem_hard: s
 def _limit_options(f: Any) -> Any:
     opts = [
         click.option("--mem", help="cgroup v1 hard memory limit, MiB ('max' cancels)."),
-        click.option("--swap", help="Swap limit, MiB (v1: memsw = mem + swap; v2: memory.swap.max)."),
+        click.option("--swap", help="Swap limit, MiB, 0 for none (v1: memsw = mem + swap; v2: memory.swap.max)."),
         click.option("--mem-soft", help="cgroup v2 soft limit (memory.high), MiB."),
         click.option("--mem-hard", help="cgroup v2 hard limit (memory.max), MiB."),
         click.option("--mem-hierarchy", type=click.Choice(["v1", "v2"]),

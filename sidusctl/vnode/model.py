@@ -206,16 +206,18 @@ def parse_hierarchy(v: object, where: str = "hierarchy") -> int:
     return int(s)
 
 
-def parse_mib(v: object, where: str, key: str) -> int | str:
-    """A memory size in MiB (an integer) or ``max``."""
+def parse_mib(v: object, where: str, key: str, *, zero: bool = False) -> int | str:
+    """A memory size in MiB (an integer) or ``max``. ``zero``: 0 is a size too (a swap limit
+    of 0: no swap at all, v1 ``memsw`` = ``mem``, v2 ``memory.swap.max`` 0)."""
     if isinstance(v, str) and v.strip().lower() == "max":
         return "max"
     try:
         n = int(str(v))
     except ValueError as e:
         raise ConfigError(where, key, f"invalid size {v!r}", expected="MiB (an integer) or 'max'") from e
-    if n <= 0:
-        raise ConfigError(where, key, f"invalid size {v!r}", expected="a positive number of MiB")
+    if n < 0 or (n == 0 and not zero):
+        raise ConfigError(where, key, f"invalid size {v!r}",
+                          expected="0 or more MiB" if zero else "a positive number of MiB")
     return n
 
 

@@ -71,6 +71,9 @@ def _address(v: str) -> str:
 _MIB = "MiB (a positive integer) or 'max'"
 _BPS = "bytes per second, e.g. 1048576, 10M or 'max'"
 Mib = Annotated[int | str, _check(lambda v: parse_mib(v, "", ""), _MIB)]
+#: a swap limit may be 0: no swap at all
+SwapMib = Annotated[int | str, _check(lambda v: parse_mib(v, "", "", zero=True),
+                                      "MiB (0 or more) or 'max'")]
 Bps = Annotated[int | str, _check(lambda v: parse_bps(v, "", ""), _BPS)]
 Hierarchy = Annotated[int | str, _check(lambda v: parse_hierarchy(v), "v1 or v2")]
 Number = Annotated[float, Field(ge=0)]
@@ -112,7 +115,7 @@ class IfaceFile(Frozen):
 class MemFile(Frozen):
     hierarchy: Hierarchy = "v1"
     mem: Mib | None = None
-    swap: Mib | None = None
+    swap: SwapMib | None = None
     soft: Mib | None = None
     hard: Mib | None = None
     soft_limit: Mib | None = None
@@ -357,7 +360,7 @@ def _create_args(d: dict[str, Any]) -> dict[str, Any]:
         for src, dst in (("mem", "mem"), ("swap", "swap"), ("soft", "soft"), ("hard", "hard"),
                          ("soft_limit", "soft"), ("hard_limit", "hard")):
             if m.get(src) is not None:
-                mem[dst] = parse_mib(m[src], "", src)
+                mem[dst] = parse_mib(m[src], "", src, zero=src == "swap")
         out["mem"] = mem
     if "io" in d:
         out["io"] = [{"device": x["device"],
