@@ -223,6 +223,8 @@ PkgPattern = Annotated[str, _check(PKG_PATTERN_RE, "a package name or fnmatch pa
                                                     "'matlab-*'")]
 Locale = Annotated[str, _check(LOCALE_RE, "a locale name such as en_US.UTF-8 or fr_FR.UTF-8")]
 Module = Annotated[str, _check(re.compile(r"^[a-z0-9_-]+$"), "a kernel module name")]
+
+
 def _squash_pattern(v: str) -> bool:
     # the rule squashfs.build applies (imported here only: most recipes never set the key)
     from sidusctl.subsys.squashfs import valid_exclude
