@@ -208,7 +208,9 @@ def parse_hierarchy(v: object, where: str = "hierarchy") -> int:
 
 def parse_mib(v: object, where: str, key: str, *, zero: bool = False) -> int | str:
     """A memory size in MiB (an integer) or ``max``. ``zero``: 0 is a size too (a swap limit
-    of 0: no swap at all, v1 ``memsw`` = ``mem``, v2 ``memory.swap.max`` 0)."""
+    of 0: no swap at all, v1 ``memsw`` = ``mem``, v2 ``memory.swap.max`` 0; the kernel's
+    Documentation/admin-guide/cgroup-v2.rst). Raises :class:`ConfigError` naming ``where``
+    and ``key`` for anything else: not an integer, negative, or 0 without ``zero``."""
     if isinstance(v, str) and v.strip().lower() == "max":
         return "max"
     try:
