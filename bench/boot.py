@@ -30,7 +30,12 @@ goes when the aim (at most 1.1x the local disk) is missed.
 qemu runs under TCG (no KVM here), so absolute figures are slow; the ratios are what to compare.
 
     .venv/bin/python bench/boot.py --image minimal [--state-dir DIR] [--runs 1]
-        [--modes nfs,squashfs-nfs,squashfs-http,disk] [--no-details] [--json]
+        [--modes nfs,squashfs-nfs,squashfs-http,disk] [--no-details] [--kernel-profile]
+        [--json]
+
+``--kernel-profile`` boots every guest with the kernel's own profiler and prints, for the
+initramfs and for userspace apart, the kernel functions that took the most timer ticks
+(bench/kprofile.py). The reads cost console time: its boot times are not the figures to quote.
 
 ``--record-reads FILE`` instead records the files a real NFS-root boot reads, for
 bench/bootstorm.py's ``nfs`` variant: the root is copied (``cp -a``) into a scratch
@@ -62,6 +67,7 @@ REPO = Path(__file__).resolve().parent.parent
 # library module would stand in for it)
 sys.path[:] = [str(REPO), *(d for d in sys.path if Path(d or ".").resolve() != REPO / "bench")]
 
+from bench import kprofile  # noqa: E402
 from sidusctl.netboot.lab import LabNode, PxeLab  # noqa: E402
 from sidusctl.subsys.ganesha import Export, serve  # noqa: E402
 from sidusctl.subsys.qemu import LOGIN_RE  # noqa: E402
@@ -128,7 +134,8 @@ def http_details(g: Guest) -> dict[str, Any]:
     """In the logged-in squashfs-http guest: the image file's size, a second ``sha256sum``
     of it (seconds: the digest's share of the boot), RAM it holds (MiB, tmpfs ``used``), the
     download again alone and piped into ``sha256sum`` (seconds), and :func:`systemd_details`."""
-    g.login(timeout=300)
+    if not g.logged_in:
+        g.login(timeout=300)
     path = g.sh("ls /run/sidus/img/*.squashfs 2>/dev/null | head -n1", check=False).strip()
     out: dict[str, Any] = {"image_file": path}
     if path:
@@ -181,7 +188,7 @@ def systemd_details(g: Guest, login: bool = True) -> dict[str, Any]:
     ``systemd-analyze blame`` (wall time each, overlapping on one vCPU), the twelve units that
     used the most CPU (:data:`UNIT_CPU`, milliseconds) and the critical chain to the serial
     login prompt: where a network root's userspace loses time against the disk."""
-    if login:
+    if login and not g.logged_in:
         g.login(timeout=300)
     return {"systemd_analyze": g.sh("systemd-analyze 2>&1 | head -n1", check=False).strip(),
             "systemd_blame": g.sh("systemd-analyze blame 2>&1 | head -n10",
@@ -196,11 +203,21 @@ def systemd_details(g: Guest, login: bool = True) -> dict[str, Any]:
                 "| tail -n +3 | head -n 25", check=False).strip()}
 
 
+def _kernel_profile(g: Guest, early: bytes) -> dict[str, Any]:
+    """Logs in and reads the kernel profile (bench/kprofile.py): the kernel's top functions
+    in the initramfs (up to its end, ``early``) and in userspace (from there to now)."""
+    g.login(timeout=300)
+    raw, syms, hz = kprofile.at_login(g)
+    return {"initramfs": kprofile.by_function(early, syms, hz=hz),
+            "userspace": kprofile.by_function(raw, syms, base=early, hz=hz)}
+
+
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     state, root, kernel, initrd = _image(args)
     modes = tuple(m for m in MODES if m in args.modes.split(","))
     times: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     details: dict[str, Any] = {}
+    profiles: dict[str, list[dict[str, Any]]] = {}
     tag = os.getpid() % 10000
     with tempfile.TemporaryDirectory(prefix="sdt-bench-boot-", dir="/var/tmp") as tmp:
         disk = Path(tmp) / "root.img"
@@ -226,10 +243,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                     else:
                         kw = {"append": cmdlines[m], "tap": lab.add_tap(),
                               "mac": NODES[m].mac}
+                    if args.kernel_profile:
+                        kw["append"] = kprofile.boot_words(kw["append"])
                     with guest(name, kernel=kernel, initrd=initrd, netns=lab.netns,
                                memory=MEMORY, log=log, timeout=BOOT_TIMEOUT, **kw) as g:
                         try:
+                            early = kprofile.at_initramfs_break(g) if args.kernel_profile \
+                                else None
                             times[m].append(timed_boot(g))
+                            if early is not None:
+                                profiles.setdefault(m, []).append(_kernel_profile(g, early))
                             if i == 0 and not args.no_details:
                                 if m == "squashfs-http":
                                     details["squashfs_http"] = http_details(g)
@@ -246,6 +269,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "login_s": {m: round(v, 1) for m, v in med.items()},
             "ratio_over_disk": {m: round(med[m] / disk_s, 2) for m in modes if m != "disk"},
             "marks": {m: times[m] for m in modes}, "details": details,
+            **({"kernel_profile": profiles} if args.kernel_profile else {}),
             "load_average": os.getloadavg(),
             "reference": "same image on a local virtio disk (direct kernel boot)"}
 
@@ -326,6 +350,9 @@ def main() -> int:
                     help="skip the login into the squashfs-http guest after its boot")
     ap.add_argument("--record-reads", metavar="FILE", default=None,
                     help="record what an NFS-root boot reads into FILE (see above) instead")
+    ap.add_argument("--kernel-profile", action="store_true",
+                    help="profile each guest's kernel (bench/kprofile.py), initramfs and "
+                         "userspace apart; the boot times then include the reads")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -353,6 +380,11 @@ def main() -> int:
         print(f"  squashfs-http image {d.get('image_mib')} MiB in RAM (tmpfs "
               f"{d.get('tmpfs_used_mib')} MiB), sha256sum again {d.get('sha256sum_again_s')} s, "
               f"MemAvailable {d['mem_available_mib']} MiB")
+    for m, runs in result.get("kernel_profile", {}).items():
+        for phase in ("initramfs", "userspace"):
+            p = runs[0][phase]
+            top = ", ".join(f"{f} {n}" for f, n, _ in p["functions"][:5])
+            print(f"  {m:14} kernel in {phase}: {p['ticks']} ticks ({p['seconds']} s): {top}")
     print(f"  load average at the end: {result['load_average']}")
     return 0
 

@@ -1,0 +1,122 @@
+"""The Linux kernel's built-in profiler, read from a qemu guest over its serial console: which
+kernel functions a boot spent its kernel time in, split at the end of the initramfs.
+
+The kernel samples the instruction pointer at every timer tick when it interrupts kernel code
+and counts the hits in ``/proc/profile`` (kernel command line ``profile=SHIFT``; Linux's
+Documentation/admin-guide/kernel-parameters.txt, ``kernel/profile.c``). The file is one native
+``unsigned int`` holding the bucket width in bytes (``1 << SHIFT``), then one counter per bucket
+of kernel text from ``_stext`` on; hits outside the kernel's own text (modules) are all counted
+in the last bucket. Debian ships no real ``System.map``, so the bucket addresses are named from
+the guest's own ``/proc/kallsyms`` (read as root: real addresses, KASLR included).
+
+The split: ``break=bottom`` makes initramfs-tools open a shell at the end of the initramfs; the
+bench reads the counters there, leaves the shell, and reads them again at the login prompt. The
+difference is userspace's share. initramfs-tools reboots instead of opening that shell when the
+command line has ``panic=``, so :func:`boot_words` drops it.
+
+Reading costs console time (a few seconds), so boot times taken with a profile are not
+comparable with those taken without one.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import gzip
+import re
+import struct
+from collections import Counter
+from typing import Any
+
+#: ``profile=`` value: 16-byte buckets, about one function each
+SHIFT = 4
+#: the counters gzip'd, base64'd, then a marker the shell computes (the echoed command line does
+#: not contain it)
+_DUMP = "gzip -9 < /proc/profile | base64; echo SDT-END-$((40+2))"
+_END = rb"SDT-END-42[\r\n]"
+#: kernel text symbols and _stext, "ADDRESS NAME" per line, gzip'd and base64'd
+_SYMS = ("awk '($2 ~ /^[tT]$/ && NF == 3) || $3 == \"_stext\" {print $1, $3}' /proc/kallsyms "
+         "| gzip -9 | base64")
+_B64 = re.compile(r"[A-Za-z0-9+/=]+")
+
+
+def boot_words(append: str) -> str:
+    """``append`` (a kernel command line) with ``profile=`` and ``break=bottom`` added and any
+    ``panic=`` removed (see the module's docstring)."""
+    words = [w for w in append.split() if not w.startswith(("panic=", "profile=", "break="))]
+    return " ".join([*words, f"profile={SHIFT}", "break=bottom"])
+
+
+def _decode(text: str) -> bytes:
+    """The bytes of a gzip'd base64 dump that arrived among console lines."""
+    body = "".join(s for line in text.splitlines() if _B64.fullmatch(s := line.strip()))
+    return gzip.decompress(base64.b64decode(body))
+
+
+def at_initramfs_break(g: Any, timeout: float = 900) -> bytes:
+    """At the ``(initramfs)`` shell of ``break=bottom``: the raw ``/proc/profile``; then leaves
+    the shell so the boot goes on. ``g`` is a :class:`sidusctl.subsys.qemu.Guest`.
+
+    Raises pexpect's ``TIMEOUT`` when the shell or the dump's end does not come."""
+    g.child.expect(rb"\(initramfs\) ", timeout=timeout)
+    g.child.sendline(_DUMP)
+    g.child.expect(_END, timeout=300)
+    data = _decode(g.child.before.decode("ascii", "replace"))
+    g.child.sendline("exit")
+    return data
+
+
+def at_login(g: Any) -> tuple[bytes, str, int]:
+    """In the logged-in guest: the raw ``/proc/profile``, its kernel text symbols
+    ("ADDRESS NAME" lines) and the kernel's tick rate (``CONFIG_HZ``, ticks per second; 250 if
+    the image has no ``/boot/config-*``)."""
+    prof = _decode(g.sh(_DUMP.replace("; echo SDT-END-$((40+2))", ""), timeout=300))
+    syms = _decode(g.sh(_SYMS, timeout=300)).decode()
+    hz = g.sh("sed -n 's/^CONFIG_HZ=//p' /boot/config-$(uname -r)", check=False).strip()
+    return prof, syms, int(hz) if hz.isdigit() else 250
+
+
+def counters(raw: bytes) -> tuple[int, tuple[int, ...]]:
+    """(bucket width in bytes, per-bucket hit counts) of a raw ``/proc/profile``.
+
+    Raises ``ValueError`` for a file that is not whole native ``unsigned int`` words."""
+    if len(raw) < 8 or len(raw) % 4:
+        raise ValueError(f"/proc/profile: {len(raw)} bytes, expected whole 4-byte words")
+    words = struct.unpack(f"={len(raw) // 4}I", raw)
+    return words[0], words[1:]
+
+
+def by_function(raw: bytes, symbols: str, base: bytes | None = None,
+                hz: int = 250, top: int = 15) -> dict[str, Any]:
+    """The ``top`` kernel functions by ticks in ``raw`` (less ``base``, an earlier read of the
+    same boot, if given): ``{"ticks": N, "seconds": N / hz, "functions": [[name, ticks,
+    percent], ...]}``; hits in modules are named ``(modules)``.
+
+    ``symbols`` is :func:`at_login`'s listing, from the same boot as ``raw`` (KASLR moves the
+    addresses each boot). Raises ``ValueError`` when it has no ``_stext`` or ``base`` has
+    another shape."""
+    step, hits = counters(raw)
+    if base is not None:
+        bstep, bhits = counters(base)
+        if (bstep, len(bhits)) != (step, len(hits)):
+            raise ValueError("/proc/profile: the two reads have different shapes")
+        hits = tuple(a - b for a, b in zip(hits, bhits, strict=True))
+    table = sorted((int(a, 16), n) for a, n in (line.split()[:2] for line in
+                                                 symbols.splitlines() if line.strip()))
+    names = {n: a for a, n in table}
+    if "_stext" not in names:
+        raise ValueError("kallsyms: no _stext")
+    stext, addrs = names["_stext"], [a for a, _ in table]
+    per: Counter[str] = Counter()
+    for i, n in enumerate(hits):
+        if not n:
+            continue
+        if i == len(hits) - 1:
+            per["(modules)"] += n
+            continue
+        j = bisect.bisect_right(addrs, stext + i * step) - 1
+        per[table[j][1] if j >= 0 else "(before _stext)"] += n
+    total = sum(per.values())
+    return {"ticks": total, "seconds": round(total / hz, 1),
+            "functions": [[name, n, round(100 * n / total, 1)]
+                          for name, n in per.most_common(top)] if total else []}

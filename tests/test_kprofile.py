@@ -1,0 +1,58 @@
+"""bench/kprofile.py's reading of the kernel's /proc/profile (kernel/profile.c's layout: one
+unsigned int bucket width, then one counter per bucket of text from _stext; module hits in the
+last bucket). The reads from a real guest are exercised by ``bench/boot.py --kernel-profile``;
+here the parser alone, on files made in that layout."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from bench import kprofile
+
+STEXT = 0xFFFFFFFF81000000
+SYMS = "\n".join([f"{STEXT:x} _stext", f"{STEXT:x} startup_64", f"{STEXT + 0x40:x} clear_page_rep",
+                  f"{STEXT + 0x80:x} __memcpy", ""])
+
+
+def _profile(counts: list[int], step: int = 16) -> bytes:
+    return struct.pack(f"={len(counts) + 1}I", step, *counts)
+
+
+def test_buckets_named_by_function_modules_last() -> None:
+    # buckets of 16 bytes: 0-3 startup_64, 4-7 clear_page_rep, 8.. __memcpy, the last: modules
+    raw = _profile([1, 0, 0, 0, 5, 0, 3, 0, 2, 0, 0, 7])
+    out = kprofile.by_function(raw, SYMS, hz=250)
+    assert out["ticks"] == 18 and out["seconds"] == 0.1
+    assert out["functions"][:2] == [["clear_page_rep", 8, 44.4], ["(modules)", 7, 38.9]]
+    assert dict((f, n) for f, n, _ in out["functions"]) == {
+        "clear_page_rep": 8, "(modules)": 7, "__memcpy": 2, "startup_64": 1}
+
+
+def test_base_subtracted() -> None:
+    early = _profile([1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0])
+    late = _profile([1, 0, 0, 0, 9, 0, 0, 0, 4, 0, 0, 0])
+    out = kprofile.by_function(late, SYMS, base=early)
+    assert out["ticks"] == 11
+    assert out["functions"] == [["clear_page_rep", 7, 63.6], ["__memcpy", 4, 36.4]]
+
+
+def test_nothing_counted() -> None:
+    assert kprofile.by_function(_profile([0] * 12), SYMS) == {
+        "ticks": 0, "seconds": 0.0, "functions": []}
+
+
+@pytest.mark.parametrize("raw, syms, base, message", [
+    (b"\x10\x00\x00", SYMS, None, "expected whole 4-byte words"),
+    (_profile([1] * 12), "ffffffff81000000 startup_64\n", None, "no _stext"),
+    (_profile([1] * 12), SYMS, _profile([1] * 11), "different shapes"),
+])
+def test_bad_input_named(raw: bytes, syms: str, base: bytes | None, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        kprofile.by_function(raw, syms, base=base)
+
+
+def test_boot_words() -> None:
+    assert kprofile.boot_words("console=ttyS0 panic=-1 quiet profile=2") == (
+        f"console=ttyS0 quiet profile={kprofile.SHIFT} break=bottom")
