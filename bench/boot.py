@@ -203,13 +203,16 @@ def systemd_details(g: Guest, login: bool = True) -> dict[str, Any]:
                 "| tail -n +3 | head -n 25", check=False).strip()}
 
 
-def _kernel_profile(g: Guest, early: bytes) -> dict[str, Any]:
+def _kernel_profile(g: Guest, early: tuple[bytes, int]) -> dict[str, Any]:
     """Logs in and reads the kernel profile (bench/kprofile.py): the kernel's top functions
-    in the initramfs (up to its end, ``early``) and in userspace (from there to now)."""
+    and the pages it allocated in the initramfs (up to its end: ``early``, the profile and
+    page count read there) and in userspace (from there to now)."""
     g.login(timeout=300)
-    raw, syms, hz = kprofile.at_login(g)
-    return {"initramfs": kprofile.by_function(early, syms, hz=hz),
-            "userspace": kprofile.by_function(raw, syms, base=early, hz=hz)}
+    raw, pages, syms, hz = kprofile.at_login(g)
+    return {"initramfs": {**kprofile.by_function(early[0], syms, hz=hz),
+                          "pages_allocated": early[1]},
+            "userspace": {**kprofile.by_function(raw, syms, base=early[0], hz=hz),
+                          "pages_allocated": pages - early[1]}}
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -384,7 +387,8 @@ def main() -> int:
         for phase in ("initramfs", "userspace"):
             p = runs[0][phase]
             top = ", ".join(f"{f} {n}" for f, n, _ in p["functions"][:5])
-            print(f"  {m:14} kernel in {phase}: {p['ticks']} ticks ({p['seconds']} s): {top}")
+            print(f"  {m:14} kernel in {phase}: {p['ticks']} ticks ({p['seconds']} s), "
+                  f"{p['pages_allocated']} pages allocated: {top}")
     print(f"  load average at the end: {result['load_average']}")
     return 0
 

@@ -14,6 +14,10 @@ bench reads the counters there, leaves the shell, and reads them again at the lo
 difference is userspace's share. initramfs-tools reboots instead of opening that shell when the
 command line has ``panic=``, so :func:`boot_words` drops it.
 
+With each read goes the count of pages the kernel has allocated since its start (the sum of
+``/proc/vmstat``'s ``pgalloc_*``): with Debian's ``CONFIG_INIT_ON_ALLOC_DEFAULT_ON`` the kernel
+zeroes every one (``clear_page_*`` in the profile).
+
 Reading costs console time (a few seconds), so boot times taken with a profile are not
 comparable with those taken without one.
 """
@@ -32,7 +36,9 @@ from typing import Any
 SHIFT = 4
 #: the counters gzip'd, base64'd, then a marker the shell computes (the echoed command line does
 #: not contain it)
-_DUMP = "gzip -9 < /proc/profile | base64; echo SDT-END-$((40+2))"
+_DUMP = ("awk '/^pgalloc_/ {n += $2} END {print \"SDT-PGALLOC\", n}' /proc/vmstat; "
+         "gzip -9 < /proc/profile | base64; echo SDT-END-$((40+2))")
+_PGALLOC = re.compile(r"^SDT-PGALLOC (\d+)\s*$", re.M)
 _END = rb"SDT-END-42[\r\n]"
 #: kernel text symbols and _stext, "ADDRESS NAME" per line, gzip'd and base64'd
 _SYMS = ("awk '($2 ~ /^[tT]$/ && NF == 3) || $3 == \"_stext\" {print $1, $3}' /proc/kallsyms "
@@ -53,27 +59,39 @@ def _decode(text: str) -> bytes:
     return gzip.decompress(base64.b64decode(body))
 
 
-def at_initramfs_break(g: Any, timeout: float = 900) -> bytes:
-    """At the ``(initramfs)`` shell of ``break=bottom``: the raw ``/proc/profile``; then leaves
-    the shell so the boot goes on. ``g`` is a :class:`sidusctl.subsys.qemu.Guest`.
+def pages_allocated(text: str) -> int:
+    """The ``SDT-PGALLOC N`` count in a dump's console text (pages). Raises ``ValueError``
+    without one."""
+    m = _PGALLOC.search(text.replace("\r", ""))
+    if m is None:
+        raise ValueError("no SDT-PGALLOC line in the dump")
+    return int(m.group(1))
+
+
+def at_initramfs_break(g: Any, timeout: float = 900) -> tuple[bytes, int]:
+    """At the ``(initramfs)`` shell of ``break=bottom``: the raw ``/proc/profile`` and the
+    pages allocated so far (:func:`pages_allocated`); then leaves the shell so the boot goes on.
+    ``g`` is a :class:`sidusctl.subsys.qemu.Guest`.
 
     Raises pexpect's ``TIMEOUT`` when the shell or the dump's end does not come."""
     g.child.expect(rb"\(initramfs\) ", timeout=timeout)
     g.child.sendline(_DUMP)
     g.child.expect(_END, timeout=300)
-    data = _decode(g.child.before.decode("ascii", "replace"))
+    text = g.child.before.decode("ascii", "replace")
+    data = _decode(text)
     g.child.sendline("exit")
-    return data
+    return data, pages_allocated(text)
 
 
-def at_login(g: Any) -> tuple[bytes, str, int]:
-    """In the logged-in guest: the raw ``/proc/profile``, its kernel text symbols
-    ("ADDRESS NAME" lines) and the kernel's tick rate (``CONFIG_HZ``, ticks per second; 250 if
-    the image has no ``/boot/config-*``)."""
-    prof = _decode(g.sh(_DUMP.replace("; echo SDT-END-$((40+2))", ""), timeout=300))
+def at_login(g: Any) -> tuple[bytes, int, str, int]:
+    """In the logged-in guest: the raw ``/proc/profile``, the pages allocated so far, the
+    kernel text symbols ("ADDRESS NAME" lines) and the kernel's tick rate (``CONFIG_HZ``, ticks
+    per second; 250 if the image has no ``/boot/config-*``)."""
+    text = g.sh(_DUMP.replace("; echo SDT-END-$((40+2))", ""), timeout=300)
+    prof, pages = _decode(text), pages_allocated(text)
     syms = _decode(g.sh(_SYMS, timeout=300)).decode()
     hz = g.sh("sed -n 's/^CONFIG_HZ=//p' /boot/config-$(uname -r)", check=False).strip()
-    return prof, syms, int(hz) if hz.isdigit() else 250
+    return prof, pages, syms, int(hz) if hz.isdigit() else 250
 
 
 def counters(raw: bytes) -> tuple[int, tuple[int, ...]]:

@@ -56,3 +56,10 @@ def test_bad_input_named(raw: bytes, syms: str, base: bytes | None, message: str
 def test_boot_words() -> None:
     assert kprofile.boot_words("console=ttyS0 panic=-1 quiet profile=2") == (
         f"console=ttyS0 quiet profile={kprofile.SHIFT} break=bottom")
+
+
+def test_pages_allocated() -> None:
+    text = "gzip -9 ...\r\nSDT-PGALLOC 86871\r\nH4sIAAAA\r\n"
+    assert kprofile.pages_allocated(text) == 86871
+    with pytest.raises(ValueError, match="no SDT-PGALLOC"):
+        kprofile.pages_allocated("awk ... SDT-PGALLOC\r\n")
