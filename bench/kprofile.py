@@ -32,14 +32,17 @@ import struct
 from collections import Counter
 from typing import Any
 
+from sidusctl.subsys.qemu import Guest
+
 #: ``profile=`` value: 16-byte buckets, about one function each
 SHIFT = 4
-#: the counters gzip'd, base64'd, then a marker the shell computes (the echoed command line does
-#: not contain it)
+#: the pages allocated so far, then the counters gzip'd and base64'd
 _DUMP = ("awk '/^pgalloc_/ {n += $2} END {print \"SDT-PGALLOC\", n}' /proc/vmstat; "
-         "gzip -9 < /proc/profile | base64; echo SDT-END-$((40+2))")
+         "gzip -9 < /proc/profile | base64")
 _PGALLOC = re.compile(r"^SDT-PGALLOC (\d+)\s*$", re.M)
-_END = rb"SDT-END-42[\r\n]"
+#: at the initramfs's shell (no :meth:`Guest.sh` there): the dump ends at a marker the shell
+#: computes, which the echoed command line does not contain
+_END_CMD, _END = "; echo SDT-END-$((40+2))", rb"SDT-END-42[\r\n]"
 #: kernel text symbols and _stext, "ADDRESS NAME" per line, gzip'd and base64'd
 _SYMS = ("awk '($2 ~ /^[tT]$/ && NF == 3) || $3 == \"_stext\" {print $1, $3}' /proc/kallsyms "
          "| gzip -9 | base64")
@@ -68,26 +71,27 @@ def pages_allocated(text: str) -> int:
     return int(m.group(1))
 
 
-def at_initramfs_break(g: Any, timeout: float = 900) -> tuple[bytes, int]:
+def at_initramfs_break(g: Guest, timeout: float = 900) -> tuple[bytes, int]:
     """At the ``(initramfs)`` shell of ``break=bottom``: the raw ``/proc/profile`` and the
     pages allocated so far (:func:`pages_allocated`); then leaves the shell so the boot goes on.
-    ``g`` is a :class:`sidusctl.subsys.qemu.Guest`.
 
-    Raises pexpect's ``TIMEOUT`` when the shell or the dump's end does not come."""
-    g.child.expect(rb"\(initramfs\) ", timeout=timeout)
-    g.child.sendline(_DUMP)
-    g.child.expect(_END, timeout=300)
+    Raises :class:`sidusctl.subsys.qemu.GuestError` (with the console's tail) when the shell
+    or the dump's end does not come, ``ValueError`` when the dump has no page count."""
+    g.expect(rb"\(initramfs\) ", timeout)
+    g.sendline(_DUMP + _END_CMD)
+    g.expect(_END, 300)
     text = g.child.before.decode("ascii", "replace")
     data = _decode(text)
-    g.child.sendline("exit")
+    g.sendline("exit")
     return data, pages_allocated(text)
 
 
-def at_login(g: Any) -> tuple[bytes, int, str, int]:
+def at_login(g: Guest) -> tuple[bytes, int, str, int]:
     """In the logged-in guest: the raw ``/proc/profile``, the pages allocated so far, the
     kernel text symbols ("ADDRESS NAME" lines) and the kernel's tick rate (``CONFIG_HZ``, ticks
-    per second; 250 if the image has no ``/boot/config-*``)."""
-    text = g.sh(_DUMP.replace("; echo SDT-END-$((40+2))", ""), timeout=300)
+    per second; 250 if the image has no ``/boot/config-*``). Raises
+    :class:`sidusctl.subsys.qemu.GuestError` when a command fails."""
+    text = g.sh(_DUMP, timeout=300)
     prof, pages = _decode(text), pages_allocated(text)
     syms = _decode(g.sh(_SYMS, timeout=300)).decode()
     hz = g.sh("sed -n 's/^CONFIG_HZ=//p' /boot/config-$(uname -r)", check=False).strip()
