@@ -1,0 +1,110 @@
+"""The squashfs-http download of the boot script (``initramfs/scripts/sidus``), run by busybox's
+``sh`` with busybox's applets only (as in the initramfs; coreutils' ``sha256sum``, which the hook
+copies in) against sidusctl's HTTP server on loopback: the file arrives whole and its digest
+matches; a partial file (a download cut short) is resumed with a range request (RFC 9110
+section 14) and then checked whole; a wrong digest and a missing file are retried, the file
+removed, the failure reported and named in the panic. The boots themselves are in
+tests/test_squashfs_boot.py."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sidusctl.core.paths import initramfs_dir
+from sidusctl.serve import http
+
+pytestmark = pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox missing")
+
+APPLETS = ("wget", "ls", "awk", "cut", "sleep", "rm", "mkdir", "cat", "grep")
+FUNCTIONS = ("sidus_size", "sidus_wget", "sidus_download")
+DATA = os.urandom(3 * 2**20 + 4321)
+
+
+def _function(script: Path, name: str) -> str:
+    """The text of shell function ``name`` in ``script`` (from ``name()`` to its ``}``)."""
+    lines = script.read_text().splitlines()
+    start = lines.index(f"{name}()")
+    end = lines.index("}", start)
+    return "\n".join(lines[start:end + 1]) + "\n"
+
+
+def _download(tmp_path: Path, url: str, *, sha256: str, retries: int = 2,
+              partial: bytes = b"") -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Runs ``sidus_download`` into ``tmp_path/img/gen-A.squashfs`` (holding ``partial``
+    first) with ``PATH`` = busybox's applets only; returns the run and the file's path."""
+    bindir, run = tmp_path / "bin", tmp_path / "run"
+    if not bindir.exists():
+        bindir.mkdir()
+        for a in APPLETS:
+            (bindir / a).symlink_to(shutil.which("busybox") or "busybox")
+    run.mkdir(exist_ok=True)
+    img = tmp_path / "img"
+    shutil.rmtree(img, ignore_errors=True)
+    img.mkdir()
+    out = img / "gen-A.squashfs"
+    if partial:
+        out.write_bytes(partial)
+    sidus = initramfs_dir() / "scripts/sidus"
+    script = ('sidus_log() { echo "sidus: $*"; }\n'
+              'panic() { echo "PANIC: $*"; exit 3; }\n'
+              'sidus_report() { echo "report: $*"; }\n'
+              + "".join(_function(sidus, f) for f in FUNCTIONS).replace("/run/sidus", str(run))
+              + f"sidus_src={url}\nsidus_sha256={sha256}\nsidus_bytes={len(DATA)}\n"
+              f"sidus_retries={retries}\nsidus_stall=20\n"
+              f"sidus_sha256sum={shutil.which('sha256sum')}\n"
+              f'sidus_download "{out}"\necho "rc=$?"\n')
+    r = subprocess.run([shutil.which("busybox") or "busybox", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=120, check=False,
+                       env={"PATH": str(bindir)})
+    return r, out
+
+
+def test_download_checks_the_digest_resumes_and_names_failures(
+        tmp_path: Path) -> None:
+    sq = tmp_path / "sq"
+    sq.mkdir()
+    (sq / "gen-A.squashfs").write_bytes(DATA)
+    digest = hashlib.sha256(DATA).hexdigest()
+    cfg = http.HttpConfig(root=sq, address="127.0.0.1", port=0,
+                          mounts=(("/squashfs/img/", sq),))
+    with http.serve(cfg) as srv:
+        url = f"http://127.0.0.1:{srv.port}/squashfs/img/gen-A.squashfs"
+
+        # the whole file, then its digest
+        r, out = _download(tmp_path, url, sha256=digest)
+        assert r.stdout.splitlines()[-2:] == [f"sidus: sha256 {digest}: matches", "rc=0"], \
+            r.stdout + r.stderr
+        assert out.read_bytes() == DATA
+
+        # a partial file (a download cut short): resumed with a range, then checked whole
+        ranges = srv.stats.ranges
+        half = len(DATA) // 2
+        r, out = _download(tmp_path, url, sha256=digest, partial=DATA[:half])
+        assert f"sidus: resuming at byte {half} (range request), try 1 of 2" in r.stdout
+        assert r.stdout.splitlines()[-2:] == [f"sidus: sha256 {digest}: matches", "rc=0"], \
+            r.stdout + r.stderr
+        assert out.read_bytes() == DATA and srv.stats.ranges == ranges + 1
+
+        # a wrong digest: both tries fail, the file is removed, the panic names it
+        wrong = "0" * 64
+        r, out = _download(tmp_path, url, sha256=wrong)
+        assert r.returncode == 3, r.stdout + r.stderr
+        # (once per try, in the report of the failure and in the panic)
+        assert r.stdout.count(f"sha256 {digest}, expected {wrong}") == 4, r.stdout
+        assert f"(try 2 of 2)\nreport: failed sha256 {digest}" in r.stdout, r.stdout
+        assert r.stdout.splitlines()[-1] == f"PANIC: sidus: cannot download the root image " \
+            f"{url} after 2 tries: sha256 {digest}, expected {wrong}"
+        assert not out.exists()
+
+        # a file the server does not have: wget fails, named with the bytes it got
+        r, out = _download(tmp_path, url.replace("gen-A", "gen-B"), sha256=digest,
+                           retries=1)
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert "wget failed or stalled at 0 bytes" in r.stdout.splitlines()[-1], r.stdout
+    assert srv.stats.internal_errors == 0
