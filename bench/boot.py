@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark: seconds from qemu start to the serial login prompt for one image booted four ways
 in the same run, one guest after the other (never two qemu at once; with ``--runs 2`` the
-second round in the reverse order), 2 GiB of RAM each:
+second round in the reverse order), 2 GiB of RAM and ``--smp`` vCPUs each (default 1: with
+more, qemu's TCG gives the vCPUs unsynchronized TSCs, and the guest kernel falls back to the
+emulated HPET as its clock, as no real node does: docs/performance.md):
 
 - ``nfs``: the directory root over NFS (serve-pxe's nfs-ganesha), sidus tmpfs overlay;
 - ``squashfs-nfs``: the generation's squashfs file loop-mounted from serve-pxe's NFS export;
@@ -30,12 +32,13 @@ goes when the aim (at most 1.1x the local disk) is missed.
 qemu runs under TCG (no KVM here), so absolute figures are slow; the ratios are what to compare.
 
     .venv/bin/python bench/boot.py --image minimal [--state-dir DIR] [--runs 1]
-        [--modes nfs,squashfs-nfs,squashfs-http,disk] [--no-details] [--kernel-profile]
-        [--json]
+        [--modes nfs,squashfs-nfs,squashfs-http,disk] [--smp 1] [--no-details]
+        [--kernel-profile] [--json]
 
 ``--kernel-profile`` boots every guest with the kernel's own profiler and prints, for the
-initramfs and for userspace apart, the kernel functions that took the most timer ticks
-(bench/kprofile.py). The reads cost console time: its boot times are not the figures to quote.
+initramfs and for userspace apart, the kernel functions that took the most timer ticks and the
+pages allocated, with userspace's page allocations by caller (bench/kprofile.py). The reads
+cost console time: its boot times are not the figures to quote.
 
 ``--record-reads FILE`` instead records the files a real NFS-root boot reads, for
 bench/bootstorm.py's ``nfs`` variant: the root is copied (``cp -a``) into a scratch
@@ -206,13 +209,15 @@ def systemd_details(g: Guest, login: bool = True) -> dict[str, Any]:
 def _kernel_profile(g: Guest, early: tuple[bytes, int]) -> dict[str, Any]:
     """Logs in and reads the kernel profile (bench/kprofile.py): the kernel's top functions
     and the pages it allocated in the initramfs (up to its end: ``early``, the profile and
-    page count read there) and in userspace (from there to now)."""
+    page count read there) and in userspace (from there to now), with userspace's
+    allocations by caller (:func:`kprofile.alloc_sites`)."""
     g.login(timeout=300)
-    raw, pages, syms, hz = kprofile.at_login(g)
+    raw, pages, syms, hz, hist = kprofile.at_login(g)
     return {"initramfs": {**kprofile.by_function(early[0], syms, hz=hz),
                           "pages_allocated": early[1]},
             "userspace": {**kprofile.by_function(raw, syms, base=early[0], hz=hz),
-                          "pages_allocated": pages - early[1]}}
+                          "pages_allocated": pages - early[1],
+                          "allocations_by_caller": kprofile.alloc_sites(hist)}}
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -248,6 +253,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                               "mac": NODES[m].mac}
                     if args.kernel_profile:
                         kw["append"] = kprofile.boot_words(kw["append"])
+                    kw["smp"] = args.smp
                     with guest(name, kernel=kernel, initrd=initrd, netns=lab.netns,
                                memory=MEMORY, log=log, timeout=BOOT_TIMEOUT, **kw) as g:
                         try:
@@ -268,7 +274,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"  {m:14} run {i + 1}: {times[m][-1]}", file=sys.stderr)
     med = {m: statistics.median(t["login"] for t in times[m]) for m in modes}
     disk_s = med["disk"]
-    return {"runs": args.runs, "accel": "tcg", "memory_mib": MEMORY,
+    return {"runs": args.runs, "accel": "tcg", "memory_mib": MEMORY, "vcpus": args.smp,
             "login_s": {m: round(v, 1) for m, v in med.items()},
             "ratio_over_disk": {m: round(med[m] / disk_s, 2) for m in modes if m != "disk"},
             "marks": {m: times[m] for m in modes}, "details": details,
@@ -349,6 +355,9 @@ def main() -> int:
     ap.add_argument("--modes", default=",".join(MODES),
                     help=f"comma-separated boots to run, of {','.join(MODES)} (disk is required:"
                          " the ratios are over it)")
+    ap.add_argument("--smp", type=int, default=1,
+                    help="vCPUs of every guest (default 1; with more, the guests' kernels "
+                         "find their TSCs unsynchronized under TCG and use the HPET)")
     ap.add_argument("--no-details", action="store_true",
                     help="skip the login into the squashfs-http guest after its boot")
     ap.add_argument("--record-reads", metavar="FILE", default=None,
@@ -372,7 +381,8 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"boot to login prompt (qemu TCG, {MEMORY} MiB, median of {args.runs}):")
+    print(f"boot to login prompt (qemu TCG, {args.smp} vCPUs, {MEMORY} MiB, "
+          f"median of {args.runs}):")
     for m in result["login_s"]:
         ratio = "" if m == "disk" else f"  {result['ratio_over_disk'][m]:5.2f}x the disk"
         print(f"  {m:14} {result['login_s'][m]:6.1f} s{ratio}")
@@ -389,6 +399,9 @@ def main() -> int:
             top = ", ".join(f"{f} {n}" for f, n, _ in p["functions"][:5])
             print(f"  {m:14} kernel in {phase}: {p['ticks']} ticks ({p['seconds']} s), "
                   f"{p['pages_allocated']} pages allocated: {top}")
+        callers = runs[0]["userspace"]["allocations_by_caller"][:5]
+        sites = ", ".join(f"{f} {n}" for f, n, _ in callers)
+        print(f"  {m:14} page allocations in userspace by caller: {sites}")
     print(f"  load average at the end: {result['load_average']}")
     return 0
 

@@ -18,6 +18,13 @@ With each read goes the count of pages the kernel has allocated since its start 
 ``/proc/vmstat``'s ``pgalloc_*``): with Debian's ``CONFIG_INIT_ON_ALLOC_DEFAULT_ON`` the kernel
 zeroes every one (``clear_page_*`` in the profile).
 
+Who asked for those pages in userspace: at the same shell the bench sets a histogram trigger
+on the ``kmem:mm_page_alloc`` tracepoint keyed by the kernel stack (the kernel's
+Documentation/trace/histogram.rst), read at the login prompt: :func:`alloc_sites` names each
+stack by its first caller outside the page allocator (``readahead_expand``,
+``squashfs_bio_read``, ``wp_page_copy``...). It counts allocations, not pages (a huge page is
+one).
+
 Reading costs console time (a few seconds), so boot times taken with a profile are not
 comparable with those taken without one.
 """
@@ -47,6 +54,16 @@ _END_CMD, _END = "; echo SDT-END-$((40+2))", rb"SDT-END-42[\r\n]"
 _SYMS = ("awk '($2 ~ /^[tT]$/ && NF == 3) || $3 == \"_stext\" {print $1, $3}' /proc/kallsyms "
          "| gzip -9 | base64")
 _B64 = re.compile(r"[A-Za-z0-9+/=]+")
+#: the tracepoint whose histogram (by kernel stack) counts the page allocations
+_HIST = "/sys/kernel/tracing/events/kmem/mm_page_alloc"
+_HIST_SET = ("mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null; echo 'hist:keys=stacktrace:"
+             f"vals=hitcount:sort=hitcount.descending:size=16384' > {_HIST}/trigger; ")
+_HIST_READ = f"gzip -9 < {_HIST}/hist | base64"
+#: frames of the page allocator itself, skipped to name who asked
+_ALLOCATOR = frozenset({"__alloc_pages", "alloc_pages", "__folio_alloc", "folio_alloc",
+                        "vma_alloc_folio", "alloc_pages_vma", "__page_cache_alloc",
+                        "filemap_alloc_folio", "__get_free_pages", "get_zeroed_page"})
+_STACK = re.compile(r"\{ stacktrace:\n(.*?)\} hitcount:\s*(\d+)", re.S)
 
 
 def boot_words(append: str) -> str:
@@ -78,7 +95,7 @@ def at_initramfs_break(g: Guest, timeout: float = 900) -> tuple[bytes, int]:
     Raises :class:`sidusctl.subsys.qemu.GuestError` (with the console's tail) when the shell
     or the dump's end does not come, ``ValueError`` when the dump has no page count."""
     g.expect(rb"\(initramfs\) ", timeout)
-    g.sendline(_DUMP + _END_CMD)
+    g.sendline(_HIST_SET + _DUMP + _END_CMD)
     g.expect(_END, 300)
     text = g.child.before.decode("ascii", "replace")
     data = _decode(text)
@@ -86,16 +103,32 @@ def at_initramfs_break(g: Guest, timeout: float = 900) -> tuple[bytes, int]:
     return data, pages_allocated(text)
 
 
-def at_login(g: Guest) -> tuple[bytes, int, str, int]:
+def at_login(g: Guest) -> tuple[bytes, int, str, int, str]:
     """In the logged-in guest: the raw ``/proc/profile``, the pages allocated so far, the
-    kernel text symbols ("ADDRESS NAME" lines) and the kernel's tick rate (``CONFIG_HZ``, ticks
-    per second; 250 if the image has no ``/boot/config-*``). Raises
+    kernel text symbols ("ADDRESS NAME" lines), the kernel's tick rate (``CONFIG_HZ``, ticks
+    per second; 250 if the image has no ``/boot/config-*``) and the allocation histogram
+    since the initramfs's end (for :func:`alloc_sites`). Raises
     :class:`sidusctl.subsys.qemu.GuestError` when a command fails."""
     text = g.sh(_DUMP, timeout=300)
     prof, pages = _decode(text), pages_allocated(text)
+    hist = _decode(g.sh(_HIST_READ, timeout=300)).decode()
     syms = _decode(g.sh(_SYMS, timeout=300)).decode()
     hz = g.sh("sed -n 's/^CONFIG_HZ=//p' /boot/config-$(uname -r)", check=False).strip()
-    return prof, pages, syms, int(hz) if hz.isdigit() else 250
+    return prof, pages, syms, int(hz) if hz.isdigit() else 250, hist
+
+
+def alloc_sites(hist: str, top: int = 10) -> list[list[Any]]:
+    """The ``top`` callers of the page allocator in a ``hist:keys=stacktrace`` histogram's
+    text: ``[[name, allocations, percent], ...]``, each stack named by its first frame outside
+    :data:`_ALLOCATOR` (offsets dropped). Raises ``ValueError`` for text with no stack."""
+    per: Counter[str] = Counter()
+    for m in _STACK.finditer(hist):
+        frames = [f.strip().split("+")[0] for f in m.group(1).strip().splitlines()]
+        per[next((f for f in frames if f not in _ALLOCATOR), "(allocator)")] += int(m.group(2))
+    if not per:
+        raise ValueError("mm_page_alloc histogram: no stacktrace entries")
+    total = sum(per.values())
+    return [[name, n, round(100 * n / total, 1)] for name, n in per.most_common(top)]
 
 
 def counters(raw: bytes) -> tuple[int, tuple[int, ...]]:

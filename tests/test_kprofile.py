@@ -63,3 +63,43 @@ def test_pages_allocated() -> None:
     assert kprofile.pages_allocated(text) == 86871
     with pytest.raises(ValueError, match="no SDT-PGALLOC"):
         kprofile.pages_allocated("awk ... SDT-PGALLOC\r\n")
+
+
+HIST = """# event histogram
+#
+# trigger info: hist:keys=stacktrace:vals=hitcount:sort=hitcount.descending:size=16384 [active]
+#
+
+{ stacktrace:
+         folio_alloc+0x1d/0x60
+         readahead_expand+0xd7/0x1e0
+         squashfs_readahead+0x13a/0x8e0
+} hitcount:      14801
+{ stacktrace:
+         squashfs_bio_read+0x9b/0x2a0
+         squashfs_read_data+0x73/0x470
+} hitcount:       3139
+{ stacktrace:
+         __folio_alloc+0x17/0x50
+         vma_alloc_folio+0x9c/0x370
+         wp_page_copy+0x80/0x720
+} hitcount:       2000
+{ stacktrace:
+         folio_alloc+0x1d/0x60
+         readahead_expand+0xd7/0x1e0
+         squashfs_readahead+0x13a/0x8e0
+         read_pages+0x4a/0x200
+} hitcount:         60
+
+Totals:
+    Hits: 20000
+"""
+
+
+def test_allocations_named_by_their_first_caller_outside_the_allocator() -> None:
+    assert kprofile.alloc_sites(HIST) == [["readahead_expand", 14861, 74.3],
+                                          ["squashfs_bio_read", 3139, 15.7],
+                                          ["wp_page_copy", 2000, 10.0]]
+    assert kprofile.alloc_sites(HIST, top=1) == [["readahead_expand", 14861, 74.3]]
+    with pytest.raises(ValueError, match="no stacktrace entries"):
+        kprofile.alloc_sites("# event histogram\n\nTotals:\n    Hits: 0\n")

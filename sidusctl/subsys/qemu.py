@@ -83,6 +83,7 @@ class Guest:
     ``kernel``/``initrd``/``append``: direct kernel boot. ``tap``: an existing tap device for
     the NIC; else slirp, with ``tftp``/``bootfile`` for a slirp PXE boot. ``mac``: the NIC's
     address. ``disks``: raw images attached as virtio disks (vda, vdb, ...). ``memory`` MiB.
+    ``smp``: vCPUs (each a host thread: qemu's multi-threaded TCG).
     ``log``: file collecting the whole console transcript (appended). ``netns``: run qemu
     there. ``uefi_vars``: boot UEFI firmware (OVMF, Debian package ovmf) instead of the BIOS,
     with this file as the machine's writable variable store (created from OVMF's template
@@ -100,7 +101,8 @@ class Guest:
                  tftp: Path | None = None, bootfile: str = "pxelinux.0",
                  tap: str | None = None, log: Path | None = None,
                  uefi_vars: Path | None = None, nic_rom: bool = True,
-                 secure_boot: bool = False, timeout: float = BOOT_TIMEOUT) -> None:
+                 secure_boot: bool = False, smp: int = 1,
+                 timeout: float = BOOT_TIMEOUT) -> None:
         self.name = name
         self.timeout = timeout
         if tap is not None:
@@ -108,8 +110,8 @@ class Guest:
         else:
             netdev = "user,id=n0" + (f",tftp={tftp},bootfile={bootfile}" if tftp else "")
         argv = [qemu_binary(), "-name", name, "-accel", "tcg", "-m", str(memory),
-                "-smp", "1", "-nographic", "-no-user-config", "-nodefaults", "-serial", "stdio",
-                "-netdev", netdev,
+                "-smp", str(smp), "-nographic", "-no-user-config", "-nodefaults",
+                "-serial", "stdio", "-netdev", netdev,
                 "-device", f"virtio-net-pci,netdev=n0,mac={mac}" + ("" if nic_rom else ",romfile=")]
         if secure_boot and uefi_vars is None:
             raise SidusError("secure_boot needs uefi_vars (the machine's variable store)")
