@@ -120,11 +120,15 @@ def at_login(g: Guest) -> tuple[bytes, int, str, int, str]:
 def alloc_sites(hist: str, top: int = 10) -> list[list[Any]]:
     """The ``top`` callers of the page allocator in a ``hist:keys=stacktrace`` histogram's
     text: ``[[name, allocations, percent], ...]``, each stack named by its first frame outside
-    :data:`_ALLOCATOR` (offsets dropped). Raises ``ValueError`` for text with no stack."""
+    :data:`_ALLOCATOR` (offsets dropped); allocations the histogram could not hold (its
+    ``Dropped:`` count, when its table was full) are one row, ``(dropped)``. Raises
+    ``ValueError`` for text with no stack."""
     per: Counter[str] = Counter()
     for m in _STACK.finditer(hist):
         frames = [f.strip().split("+")[0] for f in m.group(1).strip().splitlines()]
         per[next((f for f in frames if f not in _ALLOCATOR), "(allocator)")] += int(m.group(2))
+    if per and (d := re.search(r"^\s*Dropped:\s*(\d+)", hist, re.M)) and int(d.group(1)):
+        per["(dropped)"] = int(d.group(1))
     if not per:
         raise ValueError("mm_page_alloc histogram: no stacktrace entries")
     total = sum(per.values())

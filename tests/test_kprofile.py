@@ -101,5 +101,10 @@ def test_allocations_named_by_their_first_caller_outside_the_allocator() -> None
                                           ["squashfs_bio_read", 3139, 15.7],
                                           ["wp_page_copy", 2000, 10.0]]
     assert kprofile.alloc_sites(HIST, top=1) == [["readahead_expand", 14861, 74.3]]
+    # a full table: what it could not hold is counted as one row
+    full = HIST.replace("Hits: 20000\n", "Hits: 20500\n    Entries: 4\n    Dropped: 500\n")
+    assert kprofile.alloc_sites(full)[-1] == ["(dropped)", 500, 2.4]
+    assert "(dropped)" not in dict((n, c) for n, c, _ in kprofile.alloc_sites(
+        HIST.replace("Hits: 20000\n", "Hits: 20000\n    Dropped: 0\n")))
     with pytest.raises(ValueError, match="no stacktrace entries"):
         kprofile.alloc_sites("# event histogram\n\nTotals:\n    Hits: 0\n")
