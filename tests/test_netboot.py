@@ -15,7 +15,7 @@ import contextlib
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import pytest
 from sidusctl.netboot import inventory
 from sidusctl.netboot.tree import ImageFiles, write_tree
 from sidusctl.subsys.ganesha import Export, serve
+from sidusctl.subsys.qemu import GuestError
 from tests.qemu_util import BOOT_TIMEOUT, Guest, guest, mkdisk, netns, nfs_append
 
 pytestmark = [pytest.mark.slow,  # the built image, qemu, nfs-ganesha
@@ -124,41 +125,60 @@ def test_initrd_contains_the_hook(netboot_image: NetbootImage, tmp_path: Path) -
     assert "sidus" in scripts and scripts.index("sidus") < scripts.index("udev"), scripts
 
 
-def test_tmpfs_layer_is_private_and_gone_after_reboot(lab: Lab) -> None:
+def wait_login_prompts(guests: Sequence[Guest], timeout: float = BOOT_TIMEOUT) -> None:
+    """Read every console in turn (a console nobody reads stalls its guest) until each shows
+    its login prompt; :class:`GuestError` naming the first still waiting after ``timeout``
+    seconds (a bound, not a timed assertion)."""
+    deadline = time.monotonic() + timeout
+    waiting = list(guests)
+    while waiting:
+        waiting = [g for g in waiting if not g.poll_login_prompt(0.5)]
+        if waiting and time.monotonic() > deadline:
+            raise GuestError(f"guest {waiting[0].name}: no login prompt within {timeout:.0f} s;"
+                             f" console tail:\n{waiting[0].tail()}")
+
+
+def test_tmpfs_layer_is_private_and_gone_and_disk_layer_survives_reboot(lab: Lab) -> None:
+    """Two guests booted at once (one TCG boot each costs minutes, and the host has a core for
+    each): a tmpfs layer, private and gone after a reboot; a disk layer, kept across one."""
     root = lab.image.rootfs
-    with boot(lab, "sdt-nb-tmpfs", "aufs=tmpfs", "sidus.size=256m") as g:
-        g.login()
-        check_overlay_root(g, root, "tmpfs")
-        assert "size=262144k" in g.sh("findmnt -n -o OPTIONS /run/sidus/rw")
-        write_marker(g, "tmpfs-1")
-        assert not (root / "etc" / MARK).exists(), "the write reached the shared NFS root"
-        assert "sidus: root: overlay of /run/sidus/ro" in g.transcript()
-        assert g.sh(". /run/sidus/state; echo $SIDUS_MODE $SIDUS_UNION") == "tmpfs overlay"
-        # name service from the lease (slirp's DHCP names 10.0.2.3), written in the rw layer
-        assert g.sh("grep -c '^nameserver 10.0.2.3$' /run/sidus/rw/upper/etc/resolv.conf") == "1"
-        assert "sidus: resolv.conf: nameserver 10.0.2.3" in g.transcript()
-        g.reboot()
-        g.login()
-        check_overlay_root(g, root, "tmpfs")
-        assert g.rc(f"test -e /etc/{MARK}") == 1, "a tmpfs layer survived a reboot"
-
-
-def test_disk_layer_survives_reboot(lab: Lab) -> None:
     disk = mkdisk(lab.logdir / "sdt-rw-disk.img", 256, label="sdt-rw")
-    with boot(lab, "sdt-nb-disk", "sidus.overlay=disk", "sidus.disk=LABEL=sdt-rw",
-              "sidus.resolv=keep", disks=(disk,)) as g:
-        g.login()
-        check_overlay_root(g, lab.image.rootfs, "ext4")
+    with contextlib.ExitStack() as stack:
+        gt = stack.enter_context(boot(lab, "sdt-nb-tmpfs", "aufs=tmpfs", "sidus.size=256m"))
+        gd = stack.enter_context(boot(lab, "sdt-nb-disk", "sidus.overlay=disk",
+                                      "sidus.disk=LABEL=sdt-rw", "sidus.resolv=keep",
+                                      disks=(disk,)))
+        wait_login_prompts([gt, gd])
+        gt.login()
+        check_overlay_root(gt, root, "tmpfs")
+        assert "size=262144k" in gt.sh("findmnt -n -o OPTIONS /run/sidus/rw")
+        write_marker(gt, "tmpfs-1")
+        assert not (root / "etc" / MARK).exists(), "the write reached the shared NFS root"
+        assert "sidus: root: overlay of /run/sidus/ro" in gt.transcript()
+        assert gt.sh(". /run/sidus/state; echo $SIDUS_MODE $SIDUS_UNION") == "tmpfs overlay"
+        # name service from the lease (slirp's DHCP names 10.0.2.3), written in the rw layer
+        assert gt.sh("grep -c '^nameserver 10.0.2.3$' /run/sidus/rw/upper/etc/resolv.conf") \
+            == "1"
+        assert "sidus: resolv.conf: nameserver 10.0.2.3" in gt.transcript()
+
+        gd.login()
+        check_overlay_root(gd, root, "ext4")
         # sidus.resolv=keep: the image's resolv.conf, untouched (not in the rw layer)
-        assert g.rc("test -e /run/sidus/rw/upper/etc/resolv.conf") == 1
-        assert g.sh("findmnt -n -o SOURCE /run/sidus/rw") == "/dev/vda"
-        write_marker(g, "disk-1")
-        g.sh("sync")
-        g.reboot()
-        g.login()
-        check_overlay_root(g, lab.image.rootfs, "ext4")
-        assert g.sh(f"cat /etc/{MARK}") == "disk-1", "the disk layer lost the file on reboot"
-        g.sh("sync")
+        assert gd.rc("test -e /run/sidus/rw/upper/etc/resolv.conf") == 1
+        assert gd.sh("findmnt -n -o SOURCE /run/sidus/rw") == "/dev/vda"
+        write_marker(gd, "disk-1")
+        gd.sh("sync")
+
+        gt.reboot()
+        gd.reboot()
+        wait_login_prompts([gt, gd])
+        gt.login()
+        check_overlay_root(gt, root, "tmpfs")
+        assert gt.rc(f"test -e /etc/{MARK}") == 1, "a tmpfs layer survived a reboot"
+        gd.login()
+        check_overlay_root(gd, root, "ext4")
+        assert gd.sh(f"cat /etc/{MARK}") == "disk-1", "the disk layer lost the file on reboot"
+        gd.sh("sync")
     # the file is in the upper directory of the disk's filesystem, seen from the host
     out = subprocess.run(["debugfs", "-R", f"cat /upper/etc/{MARK}", str(disk)],
                          capture_output=True, text=True, check=True).stdout
