@@ -13,6 +13,7 @@ import pytest
 from sidusctl.core.errors import ConfigError, SidusError
 from sidusctl.core.paths import initramfs_dir
 from sidusctl.subsys.initramfs import install_netboot_hook, shipped_files
+from tests.shell_util import shell_function
 
 
 def _root(tmp_path: Path) -> Path:
@@ -73,14 +74,6 @@ def test_shipped_files_are_posix_sh_and_shellcheck_clean() -> None:
         subprocess.run(["dash", "-n", str(f)], check=True)
 
 
-def _function(script: Path, name: str) -> str:
-    """The text of shell function ``name`` in ``script`` (from ``name()`` to its ``}``)."""
-    lines = script.read_text().splitlines()
-    start = lines.index(f"{name}()")
-    end = lines.index("}", start)
-    return "\n".join(lines[start:end + 1]) + "\n"
-
-
 # modprobe as the kernel answers under lockdown for a module whose signature it rejects
 # (EKEYREJECTED); a module this kernel does not have at all fails the dry run too
 FAKE_MODPROBE = """#!/bin/sh
@@ -104,7 +97,7 @@ def test_a_refused_module_is_named_on_the_console_and_recorded(tmp_path: Path) -
     (bindir / "modprobe").chmod(0o755)
     bottom = initramfs_dir() / "scripts/init-bottom/sidus"
     script = ('warn() { echo "sidus: WARNING: $*"; }\nlockdown=integrity\nmodfail=""\n'
-              + _function(bottom, "load_module")
+              + shell_function(bottom, "load_module")
               + 'load_module ext4 && echo "ext4 ok"\nload_module overlay || echo "overlay failed"\n'
               'load_module aufs || echo "aufs failed"\necho "modfail=$modfail"\n')
     r = subprocess.run(["dash", "-c", script], capture_output=True, text=True, check=True,
@@ -119,7 +112,7 @@ def test_a_refused_module_is_named_on_the_console_and_recorded(tmp_path: Path) -
     run_dir = tmp_path / "run"
     sidus = initramfs_dir() / "scripts/sidus"
     script = ('sidus_log() { echo "sidus: $*"; }\n'
-              + _function(sidus, "sidus_module").replace("/run/sidus", str(run_dir))
+              + shell_function(sidus, "sidus_module").replace("/run/sidus", str(run_dir))
               + "sidus_module squashfs\nsidus_module overlay\nsidus_module aufs\n"
               + f"echo \"modfail=$(cat {run_dir}/modfail)\"\n")
     r = subprocess.run(["dash", "-c", script], capture_output=True, text=True, check=True,

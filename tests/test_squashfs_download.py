@@ -18,20 +18,13 @@ import pytest
 
 from sidusctl.core.paths import initramfs_dir
 from sidusctl.serve import http
+from tests.shell_util import shell_function
 
 pytestmark = pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox missing")
 
 APPLETS = ("wget", "ls", "awk", "cut", "sleep", "rm", "mkdir", "cat", "grep")
 FUNCTIONS = ("sidus_size", "sidus_wget", "sidus_download")
 DATA = os.urandom(3 * 2**20 + 4321)
-
-
-def _function(script: Path, name: str) -> str:
-    """The text of shell function ``name`` in ``script`` (from ``name()`` to its ``}``)."""
-    lines = script.read_text().splitlines()
-    start = lines.index(f"{name}()")
-    end = lines.index("}", start)
-    return "\n".join(lines[start:end + 1]) + "\n"
 
 
 def _download(tmp_path: Path, url: str, *, sha256: str, retries: int = 2,
@@ -54,7 +47,7 @@ def _download(tmp_path: Path, url: str, *, sha256: str, retries: int = 2,
     script = ('sidus_log() { echo "sidus: $*"; }\n'
               'panic() { echo "PANIC: $*"; exit 3; }\n'
               'sidus_report() { echo "report: $*"; }\n'
-              + "".join(_function(sidus, f) for f in FUNCTIONS).replace("/run/sidus", str(run))
+              + "".join(shell_function(sidus, f) for f in FUNCTIONS).replace("/run/sidus", str(run))
               + f"sidus_src={url}\nsidus_sha256={sha256}\nsidus_bytes={len(DATA)}\n"
               f"sidus_retries={retries}\nsidus_stall=20\n"
               f"sidus_sha256sum={shutil.which('sha256sum')}\n"
