@@ -119,7 +119,8 @@ def at_login(g: Guest) -> tuple[bytes, int, str, int, str]:
 
 def alloc_sites(hist: str, top: int = 10) -> list[list[Any]]:
     """The ``top`` callers of the page allocator in a ``hist:keys=stacktrace`` histogram's
-    text: ``[[name, allocations, percent], ...]``, each stack named by its first frame outside
+    text (the ``hist`` file's layout: Linux's Documentation/trace/histogram.rst):
+    ``[[name, allocations, percent], ...]``, each stack named by its first frame outside
     :data:`_ALLOCATOR` (offsets dropped); allocations the histogram could not hold (its
     ``Dropped:`` count, when its table was full) are one row, ``(dropped)``. Raises
     ``ValueError`` for text with no stack."""
