@@ -15,7 +15,7 @@ import contextlib
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import pytest
 from sidusctl.netboot import inventory
 from sidusctl.netboot.tree import ImageFiles, write_tree
 from sidusctl.subsys.ganesha import Export, serve
-from sidusctl.subsys.qemu import GuestError
+from sidusctl.subsys.qemu import wait_login_prompts
 from tests.qemu_util import BOOT_TIMEOUT, Guest, guest, mkdisk, netns, nfs_append
 
 pytestmark = [pytest.mark.slow,  # the built image, qemu, nfs-ganesha
@@ -125,19 +125,6 @@ def test_initrd_contains_the_hook(netboot_image: NetbootImage, tmp_path: Path) -
     assert "sidus" in scripts and scripts.index("sidus") < scripts.index("udev"), scripts
 
 
-def wait_login_prompts(guests: Sequence[Guest], timeout: float = BOOT_TIMEOUT) -> None:
-    """Read every console in turn (a console nobody reads stalls its guest) until each shows
-    its login prompt; :class:`GuestError` naming the first still waiting after ``timeout``
-    seconds (a bound, not a timed assertion)."""
-    deadline = time.monotonic() + timeout
-    waiting = list(guests)
-    while waiting:
-        waiting = [g for g in waiting if not g.poll_login_prompt(0.5)]
-        if waiting and time.monotonic() > deadline:
-            raise GuestError(f"guest {waiting[0].name}: no login prompt within {timeout:.0f} s;"
-                             f" console tail:\n{waiting[0].tail()}")
-
-
 def test_tmpfs_layer_is_private_and_gone_and_disk_layer_survives_reboot(lab: Lab) -> None:
     """Two guests booted at once (one TCG boot each costs minutes, and the host has a core for
     each): a tmpfs layer, private and gone after a reboot; a disk layer, kept across one."""
@@ -148,7 +135,7 @@ def test_tmpfs_layer_is_private_and_gone_and_disk_layer_survives_reboot(lab: Lab
         gd = stack.enter_context(boot(lab, "sdt-nb-disk", "sidus.overlay=disk",
                                       "sidus.disk=LABEL=sdt-rw", "sidus.resolv=keep",
                                       disks=(disk,)))
-        wait_login_prompts([gt, gd])
+        wait_login_prompts([gt, gd], BOOT_TIMEOUT)
         gt.login()
         check_overlay_root(gt, root, "tmpfs")
         assert "size=262144k" in gt.sh("findmnt -n -o OPTIONS /run/sidus/rw")
@@ -171,7 +158,7 @@ def test_tmpfs_layer_is_private_and_gone_and_disk_layer_survives_reboot(lab: Lab
 
         gt.reboot()
         gd.reboot()
-        wait_login_prompts([gt, gd])
+        wait_login_prompts([gt, gd], BOOT_TIMEOUT)
         gt.login()
         check_overlay_root(gt, root, "tmpfs")
         assert gt.rc(f"test -e /etc/{MARK}") == 1, "a tmpfs layer survived a reboot"

@@ -287,32 +287,27 @@ def kill_netns_processes(netns: str, grace: float = 3.0) -> None:
 
 def wait_logins(lab: PxeLab, guests: Sequence[tuple[qemu.Guest, LabNode]], timeout: float,
                 on_step: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
-    """Watch several booting guests at once until each shows its login prompt; per guest
-    name: ``ack`` (seconds from start to serve-pxe's DHCP ACK/proxy reply for its MAC) and
-    ``login`` (seconds to the prompt). Every console is read in turn (a console nobody reads
-    stalls its guest). :class:`~sidusctl.subsys.qemu.GuestError` on timeout."""
-    t0 = {g.name: g.started for g, _ in guests}
+    """Watch several booting guests at once until each shows its login prompt
+    (:func:`qemu.wait_login_prompts`); per guest name: ``ack`` (seconds from start to
+    serve-pxe's DHCP ACK/proxy reply for its MAC) and ``login`` (seconds to the prompt).
+    :class:`~sidusctl.subsys.qemu.GuestError` on timeout."""
+    nodes = {g.name: node for g, node in guests}
     facts: dict[str, dict[str, float]] = {g.name: {} for g, _ in guests}
-    deadline = time.monotonic() + timeout
-    while any("login" not in facts[g.name] for g, _ in guests):
-        for g, node in guests:
-            f = facts[g.name]
-            if "login" in f:
-                continue
-            if "ack" not in f and lab.ack_seen(node.mac):
-                f["ack"] = time.monotonic() - t0[g.name]
-                if on_step:
-                    on_step(f"{node.name}: DHCP ACK for {node.ip} after {f['ack']:.1f} s")
-            if time.monotonic() > deadline:
-                raise qemu.GuestError(f"guest {g.name}: no login prompt within {timeout:.0f} s;"
-                                      f" console tail:\n{g.tail()}")
-            if not g.poll_login_prompt(0.5):
-                continue
-            f["login"] = time.monotonic() - t0[g.name]
-            if "ack" not in f and lab.ack_seen(node.mac):
-                f["ack"] = f["login"]
-            if on_step:
-                on_step(f"{node.name}: login prompt after {f['login']:.1f} s")
+
+    def ack(g: qemu.Guest, at: float | None = None) -> None:
+        f, node = facts[g.name], nodes[g.name]
+        if "ack" not in f and lab.ack_seen(node.mac):
+            f["ack"] = time.monotonic() - g.started if at is None else at
+            if on_step and at is None:
+                on_step(f"{node.name}: DHCP ACK for {node.ip} after {f['ack']:.1f} s")
+
+    def prompt(g: qemu.Guest) -> None:
+        facts[g.name]["login"] = g.login_prompt_s
+        ack(g, at=g.login_prompt_s)
+        if on_step:
+            on_step(f"{nodes[g.name].name}: login prompt after {g.login_prompt_s:.1f} s")
+
+    qemu.wait_login_prompts([g for g, _ in guests], timeout, on_tick=ack, on_prompt=prompt)
     return facts
 
 

@@ -33,7 +33,7 @@ import re
 import shutil
 import time
 import tty
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -291,6 +291,30 @@ class Guest:
         if self._logf is not None:
             self._logf.close()
             self._logf = None
+
+
+def wait_login_prompts(guests: Sequence[Guest], timeout: float,
+                       on_tick: Callable[[Guest], None] | None = None,
+                       on_prompt: Callable[[Guest], None] | None = None) -> None:
+    """Watch several booting guests at once until each shows its login prompt, reading every
+    console in turn (half a second each: a console nobody reads stalls its guest).
+    ``on_tick(guest)`` runs before each look at a guest still booting, ``on_prompt(guest)``
+    once when its prompt shows (its :attr:`Guest.login_prompt_s` is then set).
+    :class:`GuestError` naming the first guest without a prompt after ``timeout`` seconds, or
+    a guest whose qemu exited."""
+    deadline = time.monotonic() + timeout
+    waiting = list(guests)
+    while waiting:
+        for g in list(waiting):
+            if on_tick:
+                on_tick(g)
+            if time.monotonic() > deadline:
+                raise GuestError(f"guest {g.name}: no login prompt within {timeout:.0f} s;"
+                                 f" console tail:\n{g.tail()}")
+            if g.poll_login_prompt(0.5):
+                waiting.remove(g)
+                if on_prompt:
+                    on_prompt(g)
 
 
 @contextlib.contextmanager
