@@ -3,15 +3,21 @@
 copies in) against sidusctl's HTTP server on loopback: the file arrives whole and its digest
 matches; a partial file (a download cut short) is resumed with a range request (RFC 9110
 section 14) and then checked whole; a wrong digest and a missing file are retried, the file
-removed, the failure reported and named in the panic. The boots themselves are in
-tests/test_squashfs_boot.py."""
+removed, the failure reported and named in the panic; a server that stops sending is left by
+the watchdog. No run leaves a process behind (the watchdog and its sleep end with the
+download). The boots themselves are in tests/test_squashfs_boot.py."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,14 +29,40 @@ from tests.shell_util import shell_function
 pytestmark = pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox missing")
 
 APPLETS = ("wget", "ls", "awk", "cut", "sleep", "rm", "mkdir", "cat", "grep")
-FUNCTIONS = ("sidus_size", "sidus_wget", "sidus_download")
+FUNCTIONS = ("sidus_size", "sidus_wget", "sidus_watchdog", "sidus_download")
 DATA = os.urandom(3 * 2**20 + 4321)
 
 
+class Run:
+    """One finished run of the script: ``returncode`` and its output (``stdout``, both
+    streams)."""
+
+    def __init__(self, returncode: int, stdout: str) -> None:
+        self.returncode = returncode
+        self.stdout = self.stderr = stdout
+
+
+def _session_left(sid: int) -> list[str]:
+    """The processes still alive (zombies aside) in session ``sid``: ``["pid comm", ...]``."""
+    left = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            head, _, rest = (d / "stat").read_text().rpartition(")")
+            fields = rest.split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                left.append(f"{d.name} {head.partition('(')[2]}")
+    return left
+
+
 def _download(tmp_path: Path, url: str, *, sha256: str, retries: int = 2,
-              partial: bytes = b"") -> tuple[subprocess.CompletedProcess[str], Path]:
+              partial: bytes = b"", stall: int = 20, tick: int = 30) -> tuple[Run, Path]:
     """Runs ``sidus_download`` into ``tmp_path/img/gen-A.squashfs`` (holding ``partial``
-    first) with ``PATH`` = busybox's applets only; returns the run and the file's path."""
+    first) with ``PATH`` = busybox's applets only, in a session of its own; returns the run
+    and the file's path. Fails the test when a process of the session outlives the shell by
+    5 s: with the default ``tick`` (the watchdog's sleep, 30 s), one left behind is still
+    asleep then."""
     bindir, run = tmp_path / "bin", tmp_path / "run"
     if not bindir.exists():
         bindir.mkdir()
@@ -49,13 +81,29 @@ def _download(tmp_path: Path, url: str, *, sha256: str, retries: int = 2,
               'sidus_report() { echo "report: $*"; }\n'
               + "".join(shell_function(sidus, f) for f in FUNCTIONS).replace("/run/sidus", str(run))
               + f"sidus_src={url}\nsidus_sha256={sha256}\nsidus_bytes={len(DATA)}\n"
-              f"sidus_retries={retries}\nsidus_stall=20\n"
+              f"sidus_retries={retries}\nsidus_stall={stall}\nsidus_tick={tick}\n"
               f"sidus_sha256sum={shutil.which('sha256sum')}\n"
               f'sidus_download "{out}"\necho "rc=$?"\n')
-    r = subprocess.run([shutil.which("busybox") or "busybox", "sh", "-c", script],
-                       capture_output=True, text=True, timeout=120, check=False,
-                       env={"PATH": str(bindir)})
-    return r, out
+    log = tmp_path / "sh.out"
+    with open(log, "wb") as f:
+        # output to a file, not a pipe: a process left behind must not hold the run open
+        proc = subprocess.Popen([shutil.which("busybox") or "busybox", "sh", "-c", script],
+                                stdout=f, stderr=subprocess.STDOUT, env={"PATH": str(bindir)},
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+    deadline = time.monotonic() + 5
+    while (left := _session_left(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if left:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+    assert not left, f"processes left behind by the download: {left}"
+    return Run(rc, log.read_text()), out
 
 
 def test_download_checks_the_digest_resumes_and_names_failures(
@@ -101,3 +149,53 @@ def test_download_checks_the_digest_resumes_and_names_failures(
         assert r.returncode == 3, r.stdout + r.stderr
         assert "wget failed or stalled at 0 bytes" in r.stdout.splitlines()[-1], r.stdout
     assert srv.stats.internal_errors == 0
+
+
+@contextlib.contextmanager
+def stalling_server(data: bytes, sent: int) -> Iterator[str]:
+    """A server on loopback that answers any request with a 200 for ``data`` but sends only
+    its first ``sent`` bytes, then nothing more (the connection left open) until the block
+    ends. Yields the URL."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    lsock.settimeout(0.2)
+    done = threading.Event()
+    conns: list[socket.socket] = []
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                c, _ = lsock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            c.settimeout(None)
+            conns.append(c)
+            c.recv(65536)
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(data)
+                      + data[:sent])
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{lsock.getsockname()[1]}/gen-A.squashfs"
+    finally:
+        done.set()
+        lsock.close()
+        for c in conns:
+            c.close()
+        t.join(timeout=5)
+
+
+def test_a_stalled_download_is_killed_named_and_leaves_nothing(tmp_path: Path) -> None:
+    sent = 100_000
+    with stalling_server(DATA, sent) as url:
+        r, out = _download(tmp_path, url, sha256=hashlib.sha256(DATA).hexdigest(), retries=1,
+                           stall=2, tick=1)
+    assert f"sidus: download stalled for 2s at {sent} bytes: restarting it" in r.stdout, \
+        r.stdout
+    assert r.returncode == 3, r.stdout
+    assert r.stdout.splitlines()[-1] == f"PANIC: sidus: cannot download the root image {url} " \
+        f"after 1 tries: wget failed or stalled at {sent} bytes"
+    # what arrived is kept, for the next try's range request
+    assert out.stat().st_size == sent
