@@ -31,6 +31,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import time
 import tty
 from collections.abc import Callable, Iterator, Sequence
@@ -92,8 +93,9 @@ class Guest:
     ``secure_boot`` (with ``uefi_vars``): OVMF's Secure Boot build on a q35 machine with SMM
     and a secure flash, a missing ``uefi_vars`` made from the template with Microsoft's keys
     enrolled (:data:`OVMF_VARS_MS`); a ``uefi_vars`` file that exists is used as it is (a store
-    prepared by the caller, e.g. with another boot order edited by ``virt-fw-vars``). The
-    process starts in the constructor; :meth:`close` ends it."""
+    prepared by the caller, e.g. with another boot order edited by ``virt-fw-vars``).
+    ``monitor``: a Unix socket path where qemu listens for its human monitor
+    (:func:`monitor_command`). The process starts in the constructor; :meth:`close` ends it."""
 
     def __init__(self, name: str, *, kernel: Path | None = None, initrd: Path | None = None,
                  append: str = "", disks: Sequence[Path] = (), netns: str | None = None,
@@ -101,7 +103,7 @@ class Guest:
                  tftp: Path | None = None, bootfile: str = "pxelinux.0",
                  tap: str | None = None, log: Path | None = None,
                  uefi_vars: Path | None = None, nic_rom: bool = True,
-                 secure_boot: bool = False, smp: int = 1,
+                 secure_boot: bool = False, smp: int = 1, monitor: Path | None = None,
                  timeout: float = BOOT_TIMEOUT) -> None:
         self.name = name
         self.timeout = timeout
@@ -141,6 +143,8 @@ class Guest:
             argv += ["-append", append]
         for d in disks:
             argv += ["-drive", f"file={d},if=virtio,format=raw,cache=unsafe"]
+        if monitor is not None:
+            argv += ["-monitor", f"unix:{monitor},server=on,wait=off"]
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
         self.argv = argv
@@ -291,6 +295,42 @@ class Guest:
         if self._logf is not None:
             self._logf.close()
             self._logf = None
+
+
+def monitor_command(path: Path, command: str, timeout: float = 10) -> str:
+    """Run one command of qemu's human monitor (HMP, e.g. ``info jit``) through the Unix socket
+    a guest was started with (``Guest(monitor=path)``); its output, lines joined by ``\n``,
+    without the prompt and the echo. :class:`GuestError` when nothing answers within
+    ``timeout`` seconds. Source: qemu's "QEMU Monitor" documentation."""
+    prompt = b"(qemu) "
+    deadline = time.monotonic() + timeout
+    buf = b""
+
+    def read_to_prompt(sock: socket.socket, start: int) -> int:
+        nonlocal buf
+        while (end := buf.find(prompt, start)) < 0:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, OSError) as e:
+                raise GuestError(f"qemu monitor {path}: no answer to {command!r}: {e}") from e
+            if not chunk:
+                raise GuestError(f"qemu monitor {path}: closed before answering {command!r}")
+            buf += chunk
+        return end
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+        except OSError as e:
+            raise GuestError(f"qemu monitor {path}: {e}") from e
+        first = read_to_prompt(sock, 0) + len(prompt)
+        sock.sendall(command.encode() + b"\n")
+        end = read_to_prompt(sock, first)
+    # the echo of the command (redrawn with escape sequences) ends at the first line break
+    text = buf[first:end].decode(errors="replace").replace("\r\n", "\n")
+    return text.partition("\n")[2].rstrip("\n")
 
 
 def wait_login_prompts(guests: Sequence[Guest], timeout: float,
