@@ -172,10 +172,9 @@ def test_tmpfs_layer_is_private_and_gone_and_disk_layer_survives_reboot(lab: Lab
     assert out.strip() == "disk-1"
 
 
-def test_pxe_tree_boots_a_node_whose_disk_is_missing(lab: Lab) -> None:
-    """The rendered tree, end to end: qemu's iPXE ROM gets pxelinux.0 from slirp's TFTP (the
-    directory ``sidusctl pxe render`` wrote), pxelinux picks ``pxelinux.cfg/01-<mac>``, the
-    node asks for a disk layer whose disk is missing: it falls back to tmpfs and says so."""
+def pxe_tree(lab: Lab) -> Path:
+    """The TFTP tree ``sidusctl pxe render`` writes for one node (``sdt-node1``, the default
+    MAC of a test guest) whose disk layer names a disk it does not have."""
     nodes = lab.logdir / "nodes.toml"
     nodes.write_text(f"""[network]
 subnet = "10.0.2.0/24"
@@ -199,23 +198,21 @@ kernel_args = ["console=ttyS0", "sidus.wait=3", "quiet", "systemd.show_status=fa
     images = {"netboot": ImageFiles("netboot", lab.image.kernel, lab.image.initrd,
                                     str(lab.image.rootfs))}
     write_tree(tftp, inv, images)
-    log = lab.logdir / "sdt-nb-pxe.console.log"
-    with guest("sdt-nb-pxe", tftp=tftp, netns=lab.netns, log=log) as g:
-        try:
-            g.login(timeout=BOOT_TIMEOUT + 180)
-            cmdline = g.sh("cat /proc/cmdline")
-            # IPAPPEND 2 and the node's own file (not the default menu) were used
-            assert "BOOTIF=01-52-54-00-12-34-56" in cmdline
-            assert "sidus.overlay=disk sidus.disk=LABEL=sdt-missing" in cmdline
-            console = g.transcript()
-            assert "disk LABEL=sdt-missing not found" in console
-            assert "disk mode failed: falling back to tmpfs" in console
-            check_overlay_root(g, lab.image.rootfs, "tmpfs")
-            assert g.sh(". /run/sidus/state; echo $SIDUS_MODE") == "tmpfs"
-            write_marker(g, "fallback")
-        except BaseException:
-            print(f"--- console ({log}) ---\n{g.transcript()[-6000:]}")
-            raise
+    return tftp
+
+
+def check_pxe_fallback(g: Guest, lab: Lab) -> None:
+    """The node booted from the rendered tree and fell back from its missing disk to tmpfs."""
+    cmdline = g.sh("cat /proc/cmdline")
+    # IPAPPEND 2 and the node's own file (not the default menu) were used
+    assert "BOOTIF=01-52-54-00-12-34-56" in cmdline
+    assert "sidus.overlay=disk sidus.disk=LABEL=sdt-missing" in cmdline
+    console = g.transcript()
+    assert "disk LABEL=sdt-missing not found" in console
+    assert "disk mode failed: falling back to tmpfs" in console
+    check_overlay_root(g, lab.image.rootfs, "tmpfs")
+    assert g.sh(". /run/sidus/state; echo $SIDUS_MODE") == "tmpfs"
+    write_marker(g, "fallback")
 
 
 @contextlib.contextmanager
@@ -250,23 +247,48 @@ def tgt_target(ns: str, iqn: str, lun: Path, workdir: Path) -> Iterator[None]:
             proc.wait()
 
 
-def test_iscsi_layer_formatted_on_first_boot(lab: Lab) -> None:
+def check_iscsi_layer(g: Guest, lab: Lab, iqn: str) -> None:
+    """The writable layer is the iSCSI LUN, formatted by this first boot."""
+    check_overlay_root(g, lab.image.rootfs, "ext4")
+    assert g.sh("findmnt -n -o SOURCE /run/sidus/rw").startswith("/dev/sd")
+    assert g.sh("blkid -o value -s LABEL $(findmnt -n -o SOURCE /run/sidus/rw)") == "ISCSI"
+    assert "iSCSI login to " + iqn in g.transcript()
+    write_marker(g, "iscsi-1")
+    g.sh("sync")
+
+
+def test_pxe_tree_node_without_its_disk_and_iscsi_layer_boot_at_once(lab: Lab) -> None:
+    """Two guests booted at once (the host has a core for each):
+
+    - the rendered tree, end to end: qemu's iPXE ROM gets pxelinux.0 from slirp's TFTP (the
+      directory ``sidusctl pxe render`` wrote), pxelinux picks ``pxelinux.cfg/01-<mac>``, the
+      node asks for a disk layer whose disk is missing: it falls back to tmpfs and says so;
+    - an iSCSI writable layer (tgtd's LUN), formatted on first boot, the write found on the
+      LUN afterwards."""
     listing = subprocess.run(["lsinitramfs", str(lab.image.initrd)], capture_output=True,
                              text=True, check=True).stdout
     if "usr/lib/sidus/bin/iscsistart" not in listing:
         pytest.fail("the image's initrd has no iscsistart: open-iscsi must be in the image")
+    tftp = pxe_tree(lab)
     iqn = "iqn.2013-04.zone.sidus.target:sdt-node1"
     lun = mkdisk(lab.logdir / "sdt-iscsi-lun.img", 128)
-    with tgt_target(lab.netns, iqn, lun, lab.logdir), \
-            boot(lab, "sdt-nb-iscsi", "aufs=iscsi", "ISCSI_TARGET_IP=10.0.2.2",
-                 f"ISCSI_INITIATOR={iqn}", "root=LABEL=ISCSI", "sidus.format=1") as g:
-        g.login()
-        check_overlay_root(g, lab.image.rootfs, "ext4")
-        assert g.sh("findmnt -n -o SOURCE /run/sidus/rw").startswith("/dev/sd")
-        assert g.sh("blkid -o value -s LABEL $(findmnt -n -o SOURCE /run/sidus/rw)") == "ISCSI"
-        assert "iSCSI login to " + iqn in g.transcript()
-        write_marker(g, "iscsi-1")
-        g.sh("sync")
+    pxe_log = lab.logdir / "sdt-nb-pxe.console.log"
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(tgt_target(lab.netns, iqn, lun, lab.logdir))
+        gp = stack.enter_context(guest("sdt-nb-pxe", tftp=tftp, netns=lab.netns, log=pxe_log))
+        gi = stack.enter_context(boot(lab, "sdt-nb-iscsi", "aufs=iscsi",
+                                      "ISCSI_TARGET_IP=10.0.2.2", f"ISCSI_INITIATOR={iqn}",
+                                      "root=LABEL=ISCSI", "sidus.format=1"))
+        try:
+            # the PXE guest goes through iPXE and TFTP first: more time
+            wait_login_prompts([gp, gi], BOOT_TIMEOUT + 180)
+            gp.login()
+            check_pxe_fallback(gp, lab)
+        except BaseException:
+            print(f"--- console of sdt-nb-pxe ({pxe_log}) ---\n{gp.transcript()[-6000:]}")
+            raise
+        gi.login()
+        check_iscsi_layer(gi, lab, iqn)
     out = subprocess.run(["debugfs", "-R", f"cat /upper/etc/{MARK}", str(lun)],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "iscsi-1"
