@@ -30,10 +30,18 @@ the critical chain to the serial login prompt) and the CPU each unit used: where
 goes when the aim (at most 1.1x the local disk) is missed.
 
 qemu runs under TCG (no KVM here), so absolute figures are slow; the ratios are what to compare.
+At each login prompt the bench asks qemu's monitor (``info jit``) how many translation blocks
+(TBs: guest code translated to host code) the boot made and how many it threw away because the
+guest wrote over the code they came from. TCG translates code per virtual address: with
+address space layout randomization every program's libraries land somewhere new and are
+translated again, and a page that many programs ran costs qemu 7.2 time quadratic in its TBs
+when it is written over. A real CPU has neither cost. ``--norandmaps`` boots every guest with
+the kernel's ``norandmaps`` (no randomization) to take that emulator cost out of the
+comparison (docs/performance.md has both).
 
     .venv/bin/python bench/boot.py --image minimal [--state-dir DIR] [--runs 1]
-        [--modes nfs,squashfs-nfs,squashfs-http,disk] [--smp 1] [--no-details]
-        [--kernel-profile] [--json]
+        [--modes nfs,squashfs-nfs,squashfs-http,disk] [--smp 1] [--norandmaps]
+        [--no-details] [--kernel-profile] [--json]
 
 ``--kernel-profile`` boots every guest with the kernel's own profiler and prints, for the
 initramfs and for userspace apart, the kernel functions that took the most timer ticks and the
@@ -73,7 +81,7 @@ sys.path[:] = [str(REPO), *(d for d in sys.path if Path(d or ".").resolve() != R
 from bench import kprofile  # noqa: E402
 from sidusctl.netboot.lab import LabNode, PxeLab  # noqa: E402
 from sidusctl.subsys.ganesha import Export, serve  # noqa: E402
-from sidusctl.subsys.qemu import LOGIN_RE  # noqa: E402
+from sidusctl.subsys.qemu import LOGIN_RE, monitor_command  # noqa: E402
 from tests.qemu_util import QUIET, Guest, guest, netns, nfs_append  # noqa: E402
 
 MODES = ("nfs", "squashfs-nfs", "squashfs-http", "disk")
@@ -118,6 +126,20 @@ def node_cmdline(lab: PxeLab, node: LabNode) -> str:
         if words and words[0].upper() == "APPEND":
             return " ".join(w for w in words[1:] if not w.startswith("initrd="))
     raise SystemExit(f"bench/boot.py: no APPEND line in {cfgs[0]}")
+
+
+def tcg_stats(g: Guest, monitor: Path) -> dict[str, int]:
+    """qemu's TCG counters for ``g`` so far (``info jit``): ``translation_blocks`` (TBs made),
+    ``tbs_invalidated`` (thrown away: the guest wrote over their code)."""
+    text = monitor_command(monitor, "info jit")
+    out = {}
+    for key, label in (("translation_blocks", "TB count"),
+                       ("tbs_invalidated", "TB invalidate count")):
+        m = re.search(rf"^{label}\s+(\d+)", text, re.M)
+        if m is None:
+            raise SystemExit(f"bench/boot.py: no {label!r} in qemu's 'info jit':\n{text}")
+        out[key] = int(m.group(1))
+    return out
 
 
 def timed_boot(g: Guest) -> dict[str, float]:
@@ -226,6 +248,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     times: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     details: dict[str, Any] = {}
     profiles: dict[str, list[dict[str, Any]]] = {}
+    tcg: dict[str, list[dict[str, int]]] = {m: [] for m in modes}
     tag = os.getpid() % 10000
     with tempfile.TemporaryDirectory(prefix="sdt-bench-boot-", dir="/var/tmp") as tmp:
         disk = Path(tmp) / "root.img"
@@ -253,13 +276,18 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                               "mac": NODES[m].mac}
                     if args.kernel_profile:
                         kw["append"] = kprofile.boot_words(kw["append"])
+                    if args.norandmaps:
+                        kw["append"] += " norandmaps"
                     kw["smp"] = args.smp
+                    monitor = Path(tmp) / f"{m}-{i}.monitor"
                     with guest(name, kernel=kernel, initrd=initrd, netns=lab.netns,
-                               memory=MEMORY, log=log, timeout=BOOT_TIMEOUT, **kw) as g:
+                               memory=MEMORY, log=log, timeout=BOOT_TIMEOUT, monitor=monitor,
+                               **kw) as g:
                         try:
                             early = kprofile.at_initramfs_break(g) if args.kernel_profile \
                                 else None
                             times[m].append(timed_boot(g))
+                            tcg[m].append(tcg_stats(g, monitor))
                             if early is not None:
                                 profiles.setdefault(m, []).append(_kernel_profile(g, early))
                             if i == 0 and not args.no_details:
@@ -271,13 +299,14 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                             print(f"--- console of {name} ---\n{g.tail(4000)}\n--- serve-pxe "
                                   f"---\n{lab.serve_text()[-4000:]}", file=sys.stderr)
                             raise
-                    print(f"  {m:14} run {i + 1}: {times[m][-1]}", file=sys.stderr)
+                    print(f"  {m:14} run {i + 1}: {times[m][-1]} {tcg[m][-1]}", file=sys.stderr)
     med = {m: statistics.median(t["login"] for t in times[m]) for m in modes}
     disk_s = med["disk"]
     return {"runs": args.runs, "accel": "tcg", "memory_mib": MEMORY, "vcpus": args.smp,
+            "norandmaps": args.norandmaps,
             "login_s": {m: round(v, 1) for m, v in med.items()},
             "ratio_over_disk": {m: round(med[m] / disk_s, 2) for m in modes if m != "disk"},
-            "marks": {m: times[m] for m in modes}, "details": details,
+            "marks": {m: times[m] for m in modes}, "tcg_at_login": tcg, "details": details,
             **({"kernel_profile": profiles} if args.kernel_profile else {}),
             "load_average": os.getloadavg(),
             "reference": "same image on a local virtio disk (direct kernel boot)"}
@@ -358,6 +387,10 @@ def main() -> int:
     ap.add_argument("--smp", type=int, default=1,
                     help="vCPUs of every guest (default 1; with more, the guests' kernels "
                          "find their TSCs unsynchronized under TCG and use the HPET)")
+    ap.add_argument("--norandmaps", action="store_true",
+                    help="boot every guest without address space randomization (the kernel's "
+                         "norandmaps): TCG translates each program's libraries again at each "
+                         "new address, a cost no real CPU has")
     ap.add_argument("--no-details", action="store_true",
                     help="skip the login into the squashfs-http guest after its boot")
     ap.add_argument("--record-reads", metavar="FILE", default=None,
@@ -382,10 +415,13 @@ def main() -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"boot to login prompt (qemu TCG, {args.smp} vCPUs, {MEMORY} MiB, "
+          f"{'norandmaps' if args.norandmaps else 'randomized address spaces'}, "
           f"median of {args.runs}):")
     for m in result["login_s"]:
         ratio = "" if m == "disk" else f"  {result['ratio_over_disk'][m]:5.2f}x the disk"
-        print(f"  {m:14} {result['login_s'][m]:6.1f} s{ratio}")
+        last = result["tcg_at_login"][m][-1]
+        print(f"  {m:14} {result['login_s'][m]:6.1f} s{ratio}   (last boot: "
+              f"{last['translation_blocks']} TBs made, {last['tbs_invalidated']} thrown away)")
     for sq in result["marks"].get("squashfs-http", []):
         print(f"  squashfs-http console: {sq}")
     d = result["details"].get("squashfs_http")
