@@ -34,8 +34,8 @@ At each login prompt the bench asks qemu's monitor (``info jit``) how many trans
 (TBs: guest code translated to host code) the boot made and how many it threw away because the
 guest wrote over the code they came from. TCG translates code per virtual address: with
 address space layout randomization every program's libraries land somewhere new and are
-translated again, and a page that many programs ran costs qemu 7.2 time quadratic in its TBs
-when it is written over. A real CPU has neither cost. ``--norandmaps`` boots every guest with
+translated again, and a page that many programs ran costs qemu 7.2 up to quadratic time in
+its TBs when it is written over. A real CPU has neither cost. ``--norandmaps`` boots every guest with
 the kernel's ``norandmaps`` (no randomization) to take that emulator cost out of the
 comparison (docs/performance.md has both).
 
