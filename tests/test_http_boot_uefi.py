@@ -1,5 +1,6 @@
 """UEFI HTTP Boot proven with a real firmware: OVMF's Secure Boot build with Microsoft's keys,
-NIC without an iPXE ROM, serve-pxe with ``--efi-loader shim --http``.
+NIC without an iPXE ROM, serve-pxe with ``--efi-loader shim --http``; and through ipxe.efi
+(``--efi-loader ipxe``), both machines booted at once.
 
 OVMF offers "UEFI HTTPv4" only after its PXE options time out, so the test prepares the
 machine's variable store with ``virt-firmware`` (PyPI): a boot entry whose device path is a
@@ -42,6 +43,7 @@ pytestmark = [
 ]
 
 NODE = LabNode("hb1", "52:54:00:4b:00:01", IPv4Address("10.77.0.160"))
+NODE2 = LabNode("hb2", "52:54:00:4b:00:02", IPv4Address("10.77.0.161"))
 #: Debian 13's signed netboot GRUB, where scripts/fetch-signed-grub puts it
 SIGNED_GRUB_212 = Path("/var/lib/sidusctl/signed-grub/grubnetx64.efi.signed")
 
@@ -64,48 +66,91 @@ def http_boot_vars(template: Path, dest: Path) -> Path:
     return dest
 
 
-def test_uefi_http_boot_with_secure_boot_reaches_login(minimal_image: BuiltImage,
-                                                      tmp_path: Path) -> None:
-    """UEFI HTTP Boot under Secure Boot to a login prompt, nothing over TFTP: firmware → DHCP
-    (HTTPClient, arch 16) → shim over HTTP → Debian 13's signed GRUB 2.12 over HTTP
-    (``--signed-grub``, fetched by scripts/fetch-signed-grub: Debian 12's 2.06 finds no
-    configuration after an HTTP boot, and serve-pxe says so) → its grub.cfg, the node's entry,
-    the signed kernel and the initrd over HTTP → NFS root and overlay. Inside: Secure Boot on,
-    lockdown, ``/`` the overlay, the inventory's host name."""
-    from tests.test_pxe_boot import check_node, rootfs
+def check_secure_boot_node(lab: PxeLab, g: qemu.Guest, root: str) -> None:
+    """``NODE`` came through shim and the signed GRUB over HTTP only, under Secure Boot."""
+    from tests.test_pxe_boot import check_node
+
+    mac = NODE.mac.replace(":", "-")
+    text = lab.serve_text()
+    assert re.search(rf"DHCP {NODE.mac}: DISCOVER -> OFFER {NODE.ip} .*boot file "
+                     r"http://10\.77\.0\.1/shimx64\.efi \(HTTPClient arch 16",
+                     text), text[-3000:]
+    assert re.search(rf"DHCP {NODE.mac}: REQUEST \(selecting\) -> ACK {NODE.ip} .*"
+                     r"http://10\.77\.0\.1/shimx64\.efi", text), text[-3000:]
+    for f in ("shimx64.efi", "/grubx64.efi", "grub/grub.cfg", f"grub/grub.cfg-01-{mac}",
+              "vmlinuz-minimal", "initrd.img-minimal"):
+        assert re.search(rf'HTTP {re.escape(str(NODE.ip))}: "GET /{re.escape(f)} ', text), f
+    assert f"TFTP {NODE.ip}:" not in text, "the HTTP Boot node used TFTP"
+    assert "Security Violation" not in g.transcript()
+    assert g.sh(f"od -An -tu1 {SECURE_BOOT_VAR}").split()[-1] == "1"
+    lockdown = g.sh("cat /sys/kernel/security/lockdown")
+    assert re.search(r"\[(integrity|confidentiality)\]", lockdown), lockdown
+    check_node(g, NODE, root)
+
+
+def check_ipxe_node(lab: PxeLab, g: qemu.Guest, root: str) -> None:
+    """``NODE2`` came through ipxe.efi over HTTP, which asked for its script, not itself."""
+    from tests.test_pxe_boot import check_node
+
+    text = lab.serve_text()
+    assert re.search(rf"DHCP {NODE2.mac}: REQUEST \(selecting\) -> ACK {NODE2.ip} .*"
+                     r"http://10\.77\.0\.1/ipxe\.efi \(HTTPClient arch 16", text), \
+        text[-3000:]
+    # that iPXE asks again (user class iPXE) and gets its script, not ipxe.efi: no loop
+    assert re.search(rf"DHCP {NODE2.mac}: REQUEST \(selecting\) -> ACK {NODE2.ip} .*"
+                     r"\(iPXE user class: script\)", text), text[-3000:]
+    assert f"TFTP {NODE2.ip}:" not in text, "the HTTP Boot node used TFTP"
+    assert g.sh("test -d /sys/firmware/efi && echo uefi") == "uefi"
+    mac = NODE2.mac.replace(":", "-")
+    assert f"BOOTIF=01-{mac}" in g.sh("cat /proc/cmdline")
+    check_node(g, NODE2, root)
+
+
+def test_uefi_http_boot_reaches_login_under_secure_boot_and_through_ipxe(
+        minimal_image: BuiltImage, tmp_path: Path) -> None:
+    """Two machines booted at once (the host has a core for each), each against its own
+    serve-pxe in its own namespace, nothing over TFTP:
+
+    - UEFI HTTP Boot under Secure Boot: firmware → DHCP (HTTPClient, arch 16) → shim over
+      HTTP → Debian 13's signed GRUB 2.12 over HTTP (``--signed-grub``, fetched by
+      scripts/fetch-signed-grub: Debian 12's 2.06 finds no configuration after an HTTP boot,
+      and serve-pxe says so) → its grub.cfg, the node's entry, the signed kernel and the initrd
+      over HTTP → NFS root and overlay. Inside: Secure Boot on, lockdown, ``/`` the overlay,
+      the inventory's host name;
+    - UEFI HTTP Boot through iPXE: OVMF (no Secure Boot: Debian's ipxe.efi is not signed)
+      boots the URI entry, asks DHCP as ``HTTPClient``, gets ``http://SERVER/ipxe.efi``; that
+      iPXE asks again with user class ``iPXE`` and fetches its script, the kernel and the
+      initrd over HTTP; NFS root and overlay as for every node."""
+    from tests.test_pxe_boot import rootfs
 
     if not SIGNED_GRUB_212.is_file():
         pytest.fail(f"{SIGNED_GRUB_212} is missing: run scripts/fetch-signed-grub (setup-host "
                     "does)", pytrace=False)
     root = rootfs(minimal_image)
-    mac = NODE.mac.replace(":", "-")
-    with PxeLab(uniq("hb"), minimal_image.state, "minimal", [NODE], tmp_path,
-                serve_command=SERVE) as lab, evidence(lab):
-        lab.start_serve("--nfs", "ganesha", "--efi-loader", "shim", "--http",
-                        "--signed-grub", str(SIGNED_GRUB_212))
-        assert (lab.tftp_root / "grubx64.efi").read_bytes() == SIGNED_GRUB_212.read_bytes()
-        assert "will stop at 'grub>'" not in lab.serve_text()
-        vars_fd = http_boot_vars(qemu.OVMF_VARS_MS, tmp_path / "hb1.vars.fd")
-        g = lab.boot(NODE, secure_boot=True, nic_rom=False, uefi_vars=vars_fd,
-                     timeout=BOOT_TIMEOUT)
-        login_s = g.login(timeout=BOOT_TIMEOUT)
-        print(f"HTTP Boot under Secure Boot: login prompt {login_s:.1f} s after qemu started")
-        text = lab.serve_text()
-        assert re.search(rf"DHCP {NODE.mac}: DISCOVER -> OFFER {NODE.ip} .*boot file "
-                         r"http://10\.77\.0\.1/shimx64\.efi \(HTTPClient arch 16",
-                         text), text[-3000:]
-        assert re.search(rf"DHCP {NODE.mac}: REQUEST \(selecting\) -> ACK {NODE.ip} .*"
-                         r"http://10\.77\.0\.1/shimx64\.efi", text), text[-3000:]
-        for f in ("shimx64.efi", "/grubx64.efi", "grub/grub.cfg", f"grub/grub.cfg-01-{mac}",
-                  "vmlinuz-minimal", "initrd.img-minimal"):
-            assert re.search(rf'HTTP {re.escape(str(NODE.ip))}: "GET /{re.escape(f)} ', text), f
-        assert f"TFTP {NODE.ip}:" not in text, "the HTTP Boot node used TFTP"
-        assert "Security Violation" not in g.transcript()
-        assert g.sh(f"od -An -tu1 {SECURE_BOOT_VAR}").split()[-1] == "1"
-        lockdown = g.sh("cat /sys/kernel/security/lockdown")
-        assert re.search(r"\[(integrity|confidentiality)\]", lockdown), lockdown
-        check_node(g, NODE, root)
-        assert lab.stop_serve() == 0
+    (tmp_path / "sb").mkdir()
+    (tmp_path / "ipxe").mkdir()
+    with PxeLab(uniq("hb"), minimal_image.state, "minimal", [NODE], tmp_path / "sb",
+                serve_command=SERVE) as lab_sb, evidence(lab_sb), \
+            PxeLab(uniq("hi"), minimal_image.state, "minimal", [NODE2], tmp_path / "ipxe",
+                   serve_command=SERVE) as lab_ipxe, evidence(lab_ipxe):
+        lab_sb.start_serve("--nfs", "ganesha", "--efi-loader", "shim", "--http",
+                           "--signed-grub", str(SIGNED_GRUB_212))
+        assert (lab_sb.tftp_root / "grubx64.efi").read_bytes() == SIGNED_GRUB_212.read_bytes()
+        assert "will stop at 'grub>'" not in lab_sb.serve_text()
+        lab_ipxe.start_serve("--nfs", "ganesha", "--efi-loader", "ipxe", "--http")
+        g_sb = lab_sb.boot(NODE, secure_boot=True, nic_rom=False, timeout=BOOT_TIMEOUT,
+                           uefi_vars=http_boot_vars(qemu.OVMF_VARS_MS, tmp_path / "hb1.vars.fd"))
+        g_ipxe = lab_ipxe.boot(NODE2, uefi=True, nic_rom=False, timeout=BOOT_TIMEOUT,
+                               uefi_vars=http_boot_vars(qemu.OVMF_VARS, tmp_path / "hb2.vars.fd"))
+        qemu.wait_login_prompts([g_sb, g_ipxe], BOOT_TIMEOUT)
+        print(f"HTTP Boot: login prompt {g_sb.login_prompt_s:.1f} s (Secure Boot) and "
+              f"{g_ipxe.login_prompt_s:.1f} s (iPXE) after qemu started")
+        g_sb.login()
+        check_secure_boot_node(lab_sb, g_sb, root)
+        g_ipxe.login()
+        check_ipxe_node(lab_ipxe, g_ipxe, root)
+        assert lab_sb.stop_serve() == 0
+        assert lab_ipxe.stop_serve() == 0
 
 
 def test_serve_pxe_warns_that_debian_12s_grub_stops_after_http_boot(minimal_image: BuiltImage,
@@ -117,37 +162,4 @@ def test_serve_pxe_warns_that_debian_12s_grub_stops_after_http_boot(minimal_imag
         lab.start_serve("--nfs", "off", "--efi-loader", "shim", "--http")
         text = lab.serve_text()
         assert "will stop at 'grub>'" in text and "--signed-grub" in text, text[-2000:]
-        assert lab.stop_serve() == 0
-
-
-NODE2 = LabNode("hb2", "52:54:00:4b:00:02", IPv4Address("10.77.0.161"))
-
-
-def test_uefi_http_boot_through_ipxe_reaches_login(minimal_image: BuiltImage,
-                                                   tmp_path: Path) -> None:
-    """UEFI HTTP Boot to a login prompt, with nothing over TFTP: OVMF (no Secure Boot: Debian's
-    ipxe.efi is not signed) boots the URI entry, asks DHCP as ``HTTPClient``, gets
-    ``http://SERVER/ipxe.efi``; that iPXE asks again with user class ``iPXE`` and fetches its
-    script, the kernel and the initrd over HTTP; NFS root and overlay as for every node."""
-    from tests.test_pxe_boot import check_node, rootfs
-
-    root = rootfs(minimal_image)
-    with PxeLab(uniq("hi"), minimal_image.state, "minimal", [NODE2], tmp_path,
-                serve_command=SERVE) as lab, evidence(lab):
-        lab.start_serve("--nfs", "ganesha", "--efi-loader", "ipxe", "--http")
-        vars_fd = http_boot_vars(qemu.OVMF_VARS, tmp_path / "hb2.vars.fd")
-        g = lab.boot(NODE2, uefi=True, nic_rom=False, uefi_vars=vars_fd, timeout=BOOT_TIMEOUT)
-        g.login(timeout=BOOT_TIMEOUT)
-        text = lab.serve_text()
-        assert re.search(rf"DHCP {NODE2.mac}: REQUEST \(selecting\) -> ACK {NODE2.ip} .*"
-                         r"http://10\.77\.0\.1/ipxe\.efi \(HTTPClient arch 16", text), \
-            text[-3000:]
-        # that iPXE asks again (user class iPXE) and gets its script, not ipxe.efi: no loop
-        assert re.search(rf"DHCP {NODE2.mac}: REQUEST \(selecting\) -> ACK {NODE2.ip} .*"
-                         r"\(iPXE user class: script\)", text), text[-3000:]
-        assert f"TFTP {NODE2.ip}:" not in text, "the HTTP Boot node used TFTP"
-        assert g.sh("test -d /sys/firmware/efi && echo uefi") == "uefi"
-        mac = NODE2.mac.replace(":", "-")
-        assert f"BOOTIF=01-{mac}" in g.sh("cat /proc/cmdline")
-        check_node(g, NODE2, root)
         assert lab.stop_serve() == 0
