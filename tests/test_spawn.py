@@ -27,6 +27,7 @@ from sidusctl.core.errors import CommandError, PrerequisiteError
 from sidusctl.core.run import PIPE, spawn
 from sidusctl.netboot.lab import LabNode, PxeLab
 from tests.conftest import SIDUSCTL, BuiltImage
+from tests.proc_util import live_processes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -140,18 +141,7 @@ def test_pdeathsig_kills_the_child_of_a_killed_parent() -> None:
 
 def _descendants(root: int) -> dict[int, str]:
     """pid -> command name of the live descendants of ``root``, from /proc."""
-    parent: dict[int, tuple[int, str]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] not in ("Z", "X"):
-            parent[int(d.name)] = (int(fields[1]), comm)
+    parent = {pid: (p.ppid, p.comm) for pid, p in live_processes().items()}
     out: dict[int, str] = {}
     frontier = {root}
     while frontier:

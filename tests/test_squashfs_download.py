@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 
 from sidusctl.core.paths import initramfs_dir
+from sidusctl.core.run import STDOUT, spawn
 from sidusctl.serve import http
+from tests.proc_util import live_processes
 from tests.shell_util import shell_function
 
 pytestmark = pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox missing")
@@ -33,34 +35,12 @@ FUNCTIONS = ("sidus_size", "sidus_wget", "sidus_watchdog", "sidus_download")
 DATA = os.urandom(3 * 2**20 + 4321)
 
 
-class Run:
-    """One finished run of the script: ``returncode`` and its output (``stdout``, both
-    streams)."""
-
-    def __init__(self, returncode: int, stdout: str) -> None:
-        self.returncode = returncode
-        self.stdout = self.stderr = stdout
-
-
-def _session_left(sid: int) -> list[str]:
-    """The processes still alive (zombies aside) in session ``sid``: ``["pid comm", ...]``."""
-    left = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            head, _, rest = (d / "stat").read_text().rpartition(")")
-            fields = rest.split()
-            if int(fields[3]) == sid and fields[0] != "Z":
-                left.append(f"{d.name} {head.partition('(')[2]}")
-    return left
-
-
 def _download(tmp_path: Path, url: str, *, sha256: str, retries: int = 2,
-              partial: bytes = b"", stall: int = 20, tick: int = 30) -> tuple[Run, Path]:
+              partial: bytes = b"", stall: int = 20,
+              tick: int = 30) -> tuple[subprocess.CompletedProcess[str], Path]:
     """Runs ``sidus_download`` into ``tmp_path/img/gen-A.squashfs`` (holding ``partial``
     first) with ``PATH`` = busybox's applets only, in a session of its own; returns the run
-    and the file's path. Fails the test when a process of the session outlives the shell by
+    (its output in ``stdout``, both streams) and the file's path. Fails the test when a process of the session outlives the shell by
     5 s: with the default ``tick`` (the watchdog's sleep, 30 s), one left behind is still
     asleep then."""
     bindir, run = tmp_path / "bin", tmp_path / "run"
@@ -85,25 +65,21 @@ def _download(tmp_path: Path, url: str, *, sha256: str, retries: int = 2,
               f"sidus_sha256sum={shutil.which('sha256sum')}\n"
               f'sidus_download "{out}"\necho "rc=$?"\n')
     log = tmp_path / "sh.out"
-    with open(log, "wb") as f:
-        # output to a file, not a pipe: a process left behind must not hold the run open
-        proc = subprocess.Popen([shutil.which("busybox") or "busybox", "sh", "-c", script],
-                                stdout=f, stderr=subprocess.STDOUT, env={"PATH": str(bindir)},
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-    deadline = time.monotonic() + 5
-    while (left := _session_left(proc.pid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if left:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
-    assert not left, f"processes left behind by the download: {left}"
-    return Run(rc, log.read_text()), out
+    log.unlink(missing_ok=True)
+    # output to a file, not a pipe: a process left behind must not hold the run open
+    child = spawn([shutil.which("busybox") or "busybox", "sh", "-c", script], stdout=log,
+                  stderr=STDOUT, env={"PATH": str(bindir)}, what="busybox sh")
+    try:
+        rc = child.wait(timeout=120)
+        assert rc is not None, f"the download still runs after 120 s:\n{log.read_text()}"
+        deadline = time.monotonic() + 5
+        while (left := [f"{pid} {p.comm}" for pid, p in live_processes().items()
+                        if p.sid == child.pid]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, f"processes left behind by the download: {left}"
+    finally:
+        child.stop(grace=0)
+    return subprocess.CompletedProcess(child.argv, rc, log.read_text(), ""), out
 
 
 def test_download_checks_the_digest_resumes_and_names_failures(
