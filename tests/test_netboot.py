@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,17 +71,23 @@ def lab(netboot_image: NetbootImage, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @contextlib.contextmanager
-def boot(lab: Lab, name: str, *params: str, disks: tuple[Path, ...] = ()) -> Iterator[Guest]:
+def booted(lab: Lab, name: str, **kw: Any) -> Iterator[Guest]:
+    """A guest in the lab's namespace (``kw``: :class:`Guest`'s), its console in
+    ``<logdir>/<name>.console.log`` and printed when the block fails: the evidence."""
     log = lab.logdir / f"{name}.console.log"
-    with guest(name, kernel=lab.image.kernel, initrd=lab.image.initrd,
-               append=nfs_append(lab.image.rootfs, *params), disks=disks, netns=lab.netns,
-               log=log) as g:
+    with guest(name, netns=lab.netns, log=log, **kw) as g:
         try:
             yield g
         except BaseException:
-            # the console transcript is the evidence when a boot test fails
             print(f"--- console of {name} ({log}) ---\n{g.transcript()[-6000:]}")
             raise
+
+
+def boot(lab: Lab, name: str, *params: str,
+         disks: tuple[Path, ...] = ()) -> contextlib.AbstractContextManager[Guest]:
+    """:func:`booted` with the image's kernel and initrd, root over NFS, ``params`` added."""
+    return booted(lab, name, kernel=lab.image.kernel, initrd=lab.image.initrd,
+                  append=nfs_append(lab.image.rootfs, *params), disks=disks)
 
 
 def check_overlay_root(g: Guest, rootfs: Path, upper_fstype: str) -> None:
@@ -272,21 +279,16 @@ def test_pxe_tree_node_without_its_disk_and_iscsi_layer_boot_at_once(lab: Lab) -
     tftp = pxe_tree(lab)
     iqn = "iqn.2013-04.zone.sidus.target:sdt-node1"
     lun = mkdisk(lab.logdir / "sdt-iscsi-lun.img", 128)
-    pxe_log = lab.logdir / "sdt-nb-pxe.console.log"
     with contextlib.ExitStack() as stack:
         stack.enter_context(tgt_target(lab.netns, iqn, lun, lab.logdir))
-        gp = stack.enter_context(guest("sdt-nb-pxe", tftp=tftp, netns=lab.netns, log=pxe_log))
+        gp = stack.enter_context(booted(lab, "sdt-nb-pxe", tftp=tftp))
         gi = stack.enter_context(boot(lab, "sdt-nb-iscsi", "aufs=iscsi",
                                       "ISCSI_TARGET_IP=10.0.2.2", f"ISCSI_INITIATOR={iqn}",
                                       "root=LABEL=ISCSI", "sidus.format=1"))
-        try:
-            # the PXE guest goes through iPXE and TFTP first: more time
-            wait_login_prompts([gp, gi], BOOT_TIMEOUT + 180)
-            gp.login()
-            check_pxe_fallback(gp, lab)
-        except BaseException:
-            print(f"--- console of sdt-nb-pxe ({pxe_log}) ---\n{gp.transcript()[-6000:]}")
-            raise
+        # the PXE guest goes through iPXE and TFTP first: more time
+        wait_login_prompts([gp, gi], BOOT_TIMEOUT + 180)
+        gp.login()
+        check_pxe_fallback(gp, lab)
         gi.login()
         check_iscsi_layer(gi, lab, iqn)
     out = subprocess.run(["debugfs", "-R", f"cat /upper/etc/{MARK}", str(lun)],
