@@ -79,7 +79,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(REPO), *(d for d in sys.path if Path(d or ".").resolve() != REPO / "bench")]
 
 from bench import kprofile  # noqa: E402
-from sidusctl.netboot.lab import LabNode, PxeLab  # noqa: E402
+from sidusctl.netboot.lab import KERNEL_ARGS_RANDOMIZED, LabNode, PxeLab  # noqa: E402
 from sidusctl.subsys.ganesha import Export, serve  # noqa: E402
 from sidusctl.subsys.qemu import LOGIN_RE, monitor_command  # noqa: E402
 from tests.qemu_util import QUIET, Guest, guest, netns, nfs_append  # noqa: E402
@@ -254,8 +254,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         disk = Path(tmp) / "root.img"
         _disk_from_root(root, disk)
         serve_cmd = [sys.executable, "-m", "sidusctl", "serve-pxe"]
+        # randomization as on hardware unless --norandmaps (the lab's default turns it off)
         with PxeLab(f"sdt-bb{tag}", state, args.image, list(NODES.values()), Path(tmp) / "lab",
-                    serve_command=serve_cmd) as lab:
+                    serve_command=serve_cmd, kernel_args=KERNEL_ARGS_RANDOMIZED) as lab:
             t0 = time.monotonic()
             lab.start_serve("--nfs", "ganesha", "--http", ready_timeout=900)
             details["serve_pxe_ready_s"] = round(time.monotonic() - t0, 1)

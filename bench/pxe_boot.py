@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sidusctl.netboot import inventory
-from sidusctl.netboot.lab import SERVER, LabNode, PxeLab, wait_logins
+from sidusctl.netboot.lab import KERNEL_ARGS_RANDOMIZED, SERVER, LabNode, PxeLab, wait_logins
 from sidusctl.netboot.tree import ImageFiles, export_path_for, write_tree
 from sidusctl.subsys.ganesha import Export, serve
 from sidusctl.subsys.imagestore import ImageStore
@@ -40,7 +40,7 @@ NODE = LabNode("node1", "52:54:00:be:00:01", IPv4Address("10.77.0.130"))
 
 def boot_serve_pxe(state: Path, image: str, work: Path) -> dict[str, float]:
     with PxeLab(f"sdt-bp{os.getpid() % 1000}", state, image, [NODE], work,
-                serve_command=SERVE) as lab:
+                serve_command=SERVE, kernel_args=KERNEL_ARGS_RANDOMIZED) as lab:
         lab.start_serve("--nfs", "ganesha")
         g = lab.boot(NODE)
         return wait_logins(lab, [(g, NODE)], 600)[g.name]
@@ -48,7 +48,7 @@ def boot_serve_pxe(state: Path, image: str, work: Path) -> dict[str, float]:
 
 def boot_dnsmasq(state: Path, image: str, work: Path) -> dict[str, float]:
     with PxeLab(f"sdt-bq{os.getpid() % 1000}", state, image, [NODE], work,
-                serve_command=SERVE) as lab:
+                serve_command=SERVE, kernel_args=KERNEL_ARGS_RANDOMIZED) as lab:
         inv = inventory.load(lab.nodes_file, known_images=[image])
         img = ImageStore(lab.state, recover=False).get(image)
         write_tree(lab.tftp_root, inv, {image: ImageFiles(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sidusctl.subsys import qemu as _qemu
-from sidusctl.subsys.qemu import BOOT_TIMEOUT, QUIET, ROOT_PASSWORD
+from sidusctl.subsys.qemu import BOOT_TIMEOUT, NORANDMAPS, QUIET, ROOT_PASSWORD
 
 __all__ = ["BOOT_TIMEOUT", "HOST", "QUIET", "ROOT_PASSWORD", "Guest", "guest", "mkdisk",
            "netns", "nfs_append"]
@@ -69,7 +69,7 @@ def nfs_append(export: Path, *extra: str, console: str = "ttyS0") -> str:
     """Kernel command line for an NFS root served at ``HOST:export``."""
     parts = [f"console={console}", "root=/dev/nfs",
              f"nfsroot={HOST}:{export},rsize=8192,wsize=8192,tcp", "ip=dhcp",
-             "panic=-1", *QUIET, *extra]
+             "panic=-1", *QUIET, *NORANDMAPS, *extra]
     return " ".join(parts)
 
 

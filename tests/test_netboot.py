@@ -190,7 +190,7 @@ nfs_root = "{lab.image.rootfs}"
 
 [defaults]
 image = "netboot"
-kernel_args = ["console=ttyS0", "panic=-1", "quiet"]
+kernel_args = ["console=ttyS0", "panic=-1", "quiet", "norandmaps"]
 
 [[nodes]]
 name = "sdt-node1"
@@ -198,7 +198,8 @@ mac = "52:54:00:12:34:56"
 ip = "10.0.2.15"
 overlay = "disk"
 disk = "LABEL=sdt-missing"
-kernel_args = ["console=ttyS0", "sidus.wait=3", "quiet", "systemd.show_status=false"]
+kernel_args = ["console=ttyS0", "sidus.wait=3", "quiet", "systemd.show_status=false",
+               "norandmaps"]
 """)
     inv = inventory.load(nodes, known_images=["netboot"])
     tftp = lab.logdir / "tftp"

@@ -63,13 +63,20 @@ class LabNode:
     root: str = "nfs"
 
 
+#: A node's kernel words as a benchmark boots it: serial console, reboot on panic, little
+#: console chatter, address space randomization as on hardware.
+KERNEL_ARGS_RANDOMIZED = ("console=ttyS0", "panic=-1", *qemu.QUIET)
+#: The lab's nodes' kernel words (tests, the demo): those and no address space randomization
+#: (:data:`sidusctl.subsys.qemu.NORANDMAPS`: the lab's guests are emulated by TCG).
+KERNEL_ARGS = (*KERNEL_ARGS_RANDOMIZED, *qemu.NORANDMAPS)
+
+
 def inventory_text(nodes: Sequence[LabNode], image: str, *, subnet: IPv4Network = SUBNET,
                    server: IPv4Address = SERVER, domain: str = DOMAIN,
-                   kernel_args: Sequence[str] = ("console=ttyS0", "panic=-1",
-                                                 *qemu.QUIET)) -> str:
+                   kernel_args: Sequence[str] = KERNEL_ARGS) -> str:
     """A ``nodes.toml`` (see :mod:`sidusctl.netboot.inventory`) booting ``nodes`` from
-    ``image`` with a tmpfs overlay (each node's lower layer from its ``root``), serial
-    console on ttyS0."""
+    ``image`` with a tmpfs overlay (each node's lower layer from its ``root``), every node with
+    ``kernel_args`` (default :data:`KERNEL_ARGS`)."""
     args = ", ".join(json.dumps(a) for a in kernel_args)
     out = [f'[network]\nsubnet = "{subnet}"\nserver = "{server}"\ndomain = "{domain}"\n',
            f'[defaults]\nimage = "{image}"\noverlay = "tmpfs"\nkernel_args = [{args}]\n']
@@ -103,12 +110,13 @@ class PxeLab:
     that runs serve-pxe (e.g. ``[sys.executable, "-m", "sidusctl", "serve-pxe"]``); the lab
     appends ``--nodes FILE --interface BRIDGE --tftp-root DIR`` and :meth:`start_serve`'s
     arguments, and names its private state directory in ``$SIDUSCTL_STATE``
-    (:func:`sidusctl.core.paths.state_dir`), so the command must not give ``--state-dir``."""
+    (:func:`sidusctl.core.paths.state_dir`), so the command must not give ``--state-dir``.
+    ``kernel_args``: every node's kernel words (default :data:`KERNEL_ARGS`)."""
 
     def __init__(self, prefix: str, state_dir: Path, image: str, nodes: Sequence[LabNode],
                  workdir: Path, *, serve_command: Sequence[str],
                  subnet: IPv4Network = SUBNET, server: IPv4Address = SERVER,
-                 domain: str = DOMAIN) -> None:
+                 domain: str = DOMAIN, kernel_args: Sequence[str] = KERNEL_ARGS) -> None:
         if len(prefix) > links.IFNAMSIZ - 3:
             raise SidusError(f"lab prefix {prefix!r} is too long (at most "
                              f"{links.IFNAMSIZ - 3} characters: interface names)")
@@ -121,6 +129,7 @@ class PxeLab:
         self.image = image
         self.nodes = list(nodes)
         self.subnet, self.server, self.domain = subnet, server, domain
+        self.kernel_args = tuple(kernel_args)
         self.workdir = workdir
         self.source_state = state_dir
         self.state = workdir / "state"
@@ -139,7 +148,8 @@ class PxeLab:
             private_state(self.source_state, [self.image], self.state)
             self.nodes_file.write_text(inventory_text(self.nodes, self.image,
                                                       subnet=self.subnet, server=self.server,
-                                                      domain=self.domain))
+                                                      domain=self.domain,
+                                                      kernel_args=self.kernel_args))
             if links.netns_exists(self.netns):
                 raise SidusError(f"network namespace {self.netns} already exists (another lab "
                                  "running, or a crashed one: ip netns del " + self.netns + ")")

@@ -59,6 +59,13 @@ OVMF_VARS_MS = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
 BOOT_TIMEOUT = 300.0  # seconds; a TCG boot to login takes 1-2 minutes on a loaded 2-core host
 # Every console byte is an emulated UART write under TCG: keep the boot chatter down.
 QUIET = ("quiet", "systemd.show_status=false")
+#: Kernel words for a TCG guest that is there to prove something, not to be timed: no address
+#: space randomization (the kernel's ``norandmaps``). qemu's TCG translates guest code per
+#: virtual address, so with randomization it translates every program's libraries again, and
+#: throwing those translations away when their page is reused costs qemu 7.2 up to quadratic
+#: time per page: 15-30 % of a boot to login (docs/performance.md, netboot section). Nodes on
+#: hardware keep randomization, and so do the boot benchmarks unless told otherwise.
+NORANDMAPS = ("norandmaps",)
 
 Pattern = str | bytes | re.Pattern[bytes] | list[Any]
 
