@@ -9,8 +9,11 @@ iPXE script. Every guest must reach its login prompt, and what it sees from the 
 checked over its serial console. Everything is removed in the lab's ``finally`` (namespace,
 bridge, taps, qemu, serve-pxe, ganesha, rpcbind); a failure prints the consoles and the log.
 
-Paths: two guests at once through pxelinux.0; UEFI through OVMF's own PXE and GRUB; iPXE over
-HTTP with serve-pxe killed (SIGKILL) mid-boot and restarted; ``--proxy`` next to a dnsmasq;
+Paths: two guests at once through pxelinux.0; UEFI through OVMF's own PXE and GRUB and
+``--proxy`` next to a dnsmasq (two more guests at once, each in its own lab); iPXE over HTTP
+with serve-pxe killed (SIGKILL) mid-boot and restarted
+(:func:`ipxe_over_http_survives_a_serve_pxe_crash`, booted by tests/test_secureboot.py at once
+with its Secure Boot machine);
 ``sidusctl demo`` interrupted mid-boot. The README demo to its end is tests/test_demo.py, UEFI
 through ``ipxe.efi`` is tests/test_http_boot_uefi.py (over HTTP Boot). About six minutes on a
 2-core machine (each TCG boot takes 75-120 s).
@@ -136,37 +139,93 @@ def test_two_diskless_guests_boot_at_once_through_pxelinux(minimal_image: BuiltI
         assert lab.stop_serve() == 0
 
 
-def test_uefi_guest_gets_grub_and_boots(minimal_image: BuiltImage, tmp_path: Path) -> None:
-    """A UEFI machine (OVMF's own PXE client, no iPXE ROM on the NIC, client architecture 7):
-    our DHCP gives it ``grubnetx64.efi``, our TFTP serves it and the node's
-    ``grub/grub.cfg-01-<mac>``, GRUB loads kernel and initrd; NFS root and tmpfs overlay as
-    for BIOS machines."""
+def test_uefi_guest_and_proxy_dhcp_guest_boot_at_once(minimal_image: BuiltImage,
+                                                      tmp_path: Path) -> None:
+    """Two machines booted at once (the host has a core for each), each against its own
+    serve-pxe in its own namespace:
+
+    - UEFI (``NODE1``): OVMF's own PXE client, no iPXE ROM on the NIC, client architecture 7:
+      our DHCP gives it ``grubnetx64.efi``, our TFTP serves it and the node's
+      ``grub/grub.cfg-01-<mac>``, GRUB loads kernel and initrd; NFS root and tmpfs overlay as
+      for BIOS machines;
+    - ``--proxy`` (``NODE2``): dnsmasq (its own namespace, on that lab's bridge) is the site's
+      DHCP server, addresses only; serve-pxe gives the boot file; the guest boots to login
+      with dnsmasq's address."""
     root = rootfs(minimal_image)
-    with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1], tmp_path,
-                serve_command=SERVE) as lab, \
-            evidence(lab):
-        lab.start_serve("--nfs", "ganesha")
-        g = lab.boot(NODE1, uefi=True, nic_rom=False, timeout=BOOT_TIMEOUT)
-        g.login(timeout=BOOT_TIMEOUT)
-        text = lab.serve_text()
-        assert re.search(rf"DHCP {NODE1.mac}: REQUEST \(selecting\) -> ACK {NODE1.ip} .*"
-                         r"boot file grubnetx64\.efi \(arch 7 x86-64 UEFI\)", text), text[-3000:]
-        assert "iPXE user class" not in text  # the firmware's PXE, not an iPXE ROM
-        mac = NODE1.mac.replace(":", "-")
-        for f in ("grubnetx64.efi", f"grub/grub.cfg-01-{mac}", "vmlinuz-minimal",
-                  "initrd.img-minimal"):
-            # GRUB asks with a leading / (its prefix is /grub): served from the tree
-            assert re.search(rf"TFTP {re.escape(str(NODE1.ip))}:\d+: sent '/?{re.escape(f)}'",
-                             text), f
-        assert g.sh("test -d /sys/firmware/efi && echo uefi") == "uefi"
-        assert f"BOOTIF=01-{mac}" in g.sh("cat /proc/cmdline")
-        check_node(g, NODE1, root)
-        assert lab.stop_serve() == 0
+    site_ns, site_if, site_peer = uniq("pd"), uniq("pe"), uniq("pf")
+    (tmp_path / "uefi").mkdir()
+    (tmp_path / "proxy").mkdir()
+    with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1], tmp_path / "uefi",
+                serve_command=SERVE) as lab_u, evidence(lab_u), \
+            PxeLab(uniq("pq"), minimal_image.state, "minimal", [NODE2], tmp_path / "proxy",
+                   serve_command=SERVE) as lab_p, netns(site_ns), evidence(lab_p):
+        lab_u.start_serve("--nfs", "ganesha")
+        g_u = lab_u.boot(NODE1, uefi=True, nic_rom=False, timeout=BOOT_TIMEOUT)
+        veth(lab_p.netns, site_peer, site_ns, site_if, b_addr="10.77.0.2/24")
+        enslave(lab_p.netns, site_peer, lab_p.bridge)
+        site = Daemon(nsexec(site_ns, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
+                             "--port=0", f"--interface={site_if}", "--bind-interfaces",
+                             "--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,10m",
+                             f"--dhcp-leasefile={tmp_path / 'site.leases'}",
+                             f"--pid-file={tmp_path / 'site.pid'}"),
+                      tmp_path / "dnsmasq.log", ready="DHCP, IP range")
+        try:
+            lab_p.start_serve("--proxy", "--nfs", "ganesha")
+            g_p = lab_p.boot(NODE2, timeout=BOOT_TIMEOUT)
+            facts = wait_logins(lab_p, [(g_p, NODE2)], BOOT_TIMEOUT)
+            print("proxy guest's boot facts (seconds from qemu start):", facts)
+            g_p.login()
+            addr = g_p.sh("ip -4 -o addr show scope global")
+            got = re.search(r"inet (10\.77\.0\.(\d+))/24", addr)
+            assert got and 50 <= int(got.group(2)) <= 60, addr  # dnsmasq's range
+            check_overlay_root(g_p, root)
+            assert "DHCPACK" in site.text() and NODE2.mac in site.text()
+        finally:
+            site.stop()
+        g_u.login(timeout=BOOT_TIMEOUT)
+        check_uefi_node(lab_u, g_u, root)
+        assert lab_u.stop_serve() == 0
+        check_proxy_node(lab_p, g_p, got.group(1))
 
 
-def test_ipxe_over_http_survives_a_serve_pxe_crash(minimal_image: BuiltImage,
-                                                   tmp_path: Path) -> None:
-    """``--http``: iPXE gets its script and kernel + initrd over HTTP. serve-pxe is killed
+def check_uefi_node(lab: PxeLab, g: Guest, root: str) -> None:
+    """``NODE1`` came through the firmware's PXE, GRUB and its per-MAC configuration."""
+    text = lab.serve_text()
+    assert re.search(rf"DHCP {NODE1.mac}: REQUEST \(selecting\) -> ACK {NODE1.ip} .*"
+                     r"boot file grubnetx64\.efi \(arch 7 x86-64 UEFI\)", text), text[-3000:]
+    assert "iPXE user class" not in text  # the firmware's PXE, not an iPXE ROM
+    mac = NODE1.mac.replace(":", "-")
+    for f in ("grubnetx64.efi", f"grub/grub.cfg-01-{mac}", "vmlinuz-minimal",
+              "initrd.img-minimal"):
+        # GRUB asks with a leading / (its prefix is /grub): served from the tree
+        assert re.search(rf"TFTP {re.escape(str(NODE1.ip))}:\d+: sent '/?{re.escape(f)}'",
+                         text), f
+    assert g.sh("test -d /sys/firmware/efi && echo uefi") == "uefi"
+    assert f"BOOTIF=01-{mac}" in g.sh("cat /proc/cmdline")
+    check_node(g, NODE1, root)
+
+
+def check_proxy_node(lab: PxeLab, g: Guest, addr: str) -> None:
+    """``NODE2`` got its boot file from serve-pxe's proxyDHCP and its address (``addr``) from
+    the site's dnsmasq; ``pxe status`` ties its files to it."""
+    text = lab.serve_text()
+    assert re.search(rf"DHCP {NODE2.mac}: proxy DISCOVER on port 67 -> OFFER .*boot file "
+                     r"pxelinux\.0", text), text[-3000:]
+    assert " -> ACK 10.77" not in text  # addresses are the site server's business
+    assert "Filename: pxelinux.0" in g.transcript()
+    assert re.search(rf"TFTP {re.escape(addr)}:\d+: sent 'pxelinux.cfg/01-"
+                     rf"{NODE2.mac.replace(':', '-')}'", text)
+    # pxe status ties the files fetched from dnsmasq's address to the node (by its
+    # per-MAC pxelinux file)
+    st = lab.status()[NODE2.name]
+    assert st["dhcp"] is None and st["proxy_dhcp"] and st["addresses"] == [addr], st
+    assert {"pxelinux.0", "vmlinuz-minimal", "initrd.img-minimal"} <= set(st["files"]), st
+
+
+def ipxe_over_http_survives_a_serve_pxe_crash(minimal_image: BuiltImage,
+                                              tmp_path: Path) -> None:
+    """A scenario (run by tests/test_secureboot.py at once with its machine: one core each):
+    ``--http``: iPXE gets its script and kernel + initrd over HTTP. serve-pxe is killed
     with SIGKILL once the booting kernel has its DHCP ACK (before the NFS root is up),
     restarted with the same state: the lease is still in the store, the guest still reaches
     login (the orphaned nfs-ganesha is ended and a new one serves the root), and a DHCP
@@ -215,50 +274,6 @@ def test_ipxe_over_http_survives_a_serve_pxe_crash(minimal_image: BuiltImage,
         lease = {str(x.mac): x for x in read_leases(lab.state / "serve" / "leases.sqlite")}
         assert lease[node.mac].ip == node.ip and lease[node.mac].expires > first_expiry
         assert lab.stop_serve() == 0
-
-
-def test_proxy_dhcp_next_to_a_site_dnsmasq(minimal_image: BuiltImage, tmp_path: Path) -> None:
-    """``--proxy``: dnsmasq (its own namespace, on the lab bridge) is the site's DHCP server,
-    addresses only; serve-pxe gives the boot file; the guest boots to login with dnsmasq's
-    address."""
-    root = rootfs(minimal_image)
-    site_ns, site_if, site_peer = uniq("pd"), uniq("pe"), uniq("pf")
-    with PxeLab(prefix(), minimal_image.state, "minimal", [NODE1], tmp_path,
-                serve_command=SERVE) as lab, \
-            netns(site_ns), evidence(lab):
-        veth(lab.netns, site_peer, site_ns, site_if, b_addr="10.77.0.2/24")
-        enslave(lab.netns, site_peer, lab.bridge)
-        site = Daemon(nsexec(site_ns, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
-                             "--port=0", f"--interface={site_if}", "--bind-interfaces",
-                             "--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,10m",
-                             f"--dhcp-leasefile={tmp_path / 'site.leases'}",
-                             f"--pid-file={tmp_path / 'site.pid'}"),
-                      tmp_path / "dnsmasq.log", ready="DHCP, IP range")
-        try:
-            lab.start_serve("--proxy", "--nfs", "ganesha")
-            g = lab.boot(NODE1)
-            facts = wait_logins(lab, [(g, NODE1)], BOOT_TIMEOUT)
-            print("boot facts (seconds from qemu start):", facts)
-            g.login()
-            addr = g.sh("ip -4 -o addr show scope global")
-            got = re.search(r"inet (10\.77\.0\.(\d+))/24", addr)
-            assert got and 50 <= int(got.group(2)) <= 60, addr  # dnsmasq's range
-            check_overlay_root(g, root)
-            assert "DHCPACK" in site.text() and NODE1.mac in site.text()
-        finally:
-            site.stop()
-        text = lab.serve_text()
-        assert re.search(rf"DHCP {NODE1.mac}: proxy DISCOVER on port 67 -> OFFER .*boot file "
-                         r"pxelinux\.0", text), text[-3000:]
-        assert " -> ACK 10.77" not in text  # addresses are the site server's business
-        assert "Filename: pxelinux.0" in g.transcript()
-        assert re.search(rf"TFTP {re.escape(got.group(1))}:\d+: sent 'pxelinux.cfg/01-"
-                         rf"{NODE1.mac.replace(':', '-')}'", text)
-        # pxe status ties the files fetched from dnsmasq's address to the node (by its
-        # per-MAC pxelinux file)
-        st = lab.status()["node1"]
-        assert st["dhcp"] is None and st["proxy_dhcp"] and st["addresses"] == [got.group(1)], st
-        assert {"pxelinux.0", "vmlinuz-minimal", "initrd.img-minimal"} <= set(st["files"]), st
 
 
 def test_lab_refuses_bad_input_and_leaves_nothing(minimal_image: BuiltImage,
