@@ -2,7 +2,8 @@
 enrolled (``OVMF_CODE_4M.secboot.fd``, ``OVMF_VARS_4M.ms.fd``, q35 with SMM), the NIC without
 an iPXE ROM (OVMF's own PXE client), serve-pxe with ``--efi-loader shim``.
 
-One guest, two boots (the CI budget allows one full boot to login and a short refused one):
+One guest, two boots (the CI budget allows one full boot to login and a short refused one;
+another lab's guest, tests/test_pxe_boot.py's iPXE crash, boots at the same time):
 
 1. shim (signed by Microsoft's UEFI CA) → Debian's signed ``grubx64.efi`` →
    ``grub/grub.cfg`` → the node's ``grub.cfg-01-<mac>`` → the image's signed kernel
@@ -31,9 +32,16 @@ import pytest
 from sidusctl.netboot import secureboot
 from sidusctl.netboot.lab import LabNode, PxeLab
 from sidusctl.subsys import qemu
+from tests.at_once import at_once
 from tests.conftest import SIDUSCTL, BuiltImage
 from tests.netns_util import uniq
-from tests.test_pxe_boot import BOOT_TIMEOUT, check_node, evidence, rootfs
+from tests.test_pxe_boot import (
+    BOOT_TIMEOUT,
+    check_node,
+    evidence,
+    ipxe_over_http_survives_a_serve_pxe_crash,
+    rootfs,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -52,6 +60,17 @@ SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-
 
 def test_secure_boot_through_shim_and_refused_unsigned_grub(minimal_image: BuiltImage,
                                                             tmp_path: Path) -> None:
+    """The two boots above, at once with tests/test_pxe_boot.py's iPXE machine that sees
+    serve-pxe killed mid-boot (:func:`ipxe_over_http_survives_a_serve_pxe_crash`, its own
+    lab): each guest keeps one core busy."""
+    (tmp_path / "sb").mkdir()
+    (tmp_path / "ipxe").mkdir()
+    at_once(lambda: secure_boot_and_refused_unsigned_grub(minimal_image, tmp_path / "sb"),
+            lambda: ipxe_over_http_survives_a_serve_pxe_crash(minimal_image, tmp_path / "ipxe"))
+
+
+def secure_boot_and_refused_unsigned_grub(minimal_image: BuiltImage, tmp_path: Path) -> None:
+    """The scenario: boot 1 and boot 2 of the module's docstring."""
     root = rootfs(minimal_image)
     mac = NODE.mac.replace(":", "-")
     with PxeLab(uniq("sb"), minimal_image.state, "minimal", [NODE], tmp_path,
