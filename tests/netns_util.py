@@ -229,3 +229,19 @@ if __name__ == "__main__":
         print(json.dumps(_probe(sys.argv[2])))
     else:
         sys.exit("usage: python -m tests.netns_util probe IFNAME")
+
+
+def site_dnsmasq(lab_ns: str, bridge: str, workdir: Path, *, ns: str, ifname: str,
+                 peer: str) -> Daemon:
+    """A site's own DHCP server, addresses only (10.77.0.50-60, 10-minute leases, no DNS):
+    dnsmasq in the namespace ``ns`` (made by the caller), on ``ifname`` (10.77.0.2/24) of a
+    veth whose other end, ``peer``, is enslaved to ``bridge`` in ``lab_ns``. Its leases, pid
+    file and log (``site-dnsmasq.log``) go to ``workdir``; stop it with :meth:`Daemon.stop`."""
+    veth(lab_ns, peer, ns, ifname, b_addr="10.77.0.2/24")
+    enslave(lab_ns, peer, bridge)
+    return Daemon(nsexec(ns, "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0",
+                         f"--interface={ifname}", "--bind-interfaces",
+                         "--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,10m",
+                         f"--dhcp-leasefile={workdir / 'site.leases'}",
+                         f"--pid-file={workdir / 'site.pid'}"),
+                  workdir / "site-dnsmasq.log", ready="DHCP, IP range")

@@ -39,7 +39,7 @@ from sidusctl.netboot.lab import SERVER, LabNode, PxeLab, wait_logins
 from sidusctl.serve.leases import read_leases
 from sidusctl.subsys.qemu import Guest
 from tests.conftest import SIDUSCTL, BuiltImage
-from tests.netns_util import Daemon, enslave, netns, nsexec, uniq, veth
+from tests.netns_util import netns, site_dnsmasq, uniq
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, qemu, NFS)")]
@@ -161,14 +161,8 @@ def test_uefi_guest_and_proxy_dhcp_guest_boot_at_once(minimal_image: BuiltImage,
                    serve_command=SERVE) as lab_p, netns(site_ns), evidence(lab_p):
         lab_u.start_serve("--nfs", "ganesha")
         g_u = lab_u.boot(NODE1, uefi=True, nic_rom=False, timeout=BOOT_TIMEOUT)
-        veth(lab_p.netns, site_peer, site_ns, site_if, b_addr="10.77.0.2/24")
-        enslave(lab_p.netns, site_peer, lab_p.bridge)
-        site = Daemon(nsexec(site_ns, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
-                             "--port=0", f"--interface={site_if}", "--bind-interfaces",
-                             "--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,10m",
-                             f"--dhcp-leasefile={tmp_path / 'site.leases'}",
-                             f"--pid-file={tmp_path / 'site.pid'}"),
-                      tmp_path / "dnsmasq.log", ready="DHCP, IP range")
+        site = site_dnsmasq(lab_p.netns, lab_p.bridge, tmp_path, ns=site_ns, ifname=site_if,
+                            peer=site_peer)
         try:
             lab_p.start_serve("--proxy", "--nfs", "ganesha")
             g_p = lab_p.boot(NODE2, timeout=BOOT_TIMEOUT)

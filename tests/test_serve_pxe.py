@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns_util import REPO, Daemon, bridge, enslave, netns, nsexec, uniq, veth
+from tests.netns_util import REPO, Daemon, bridge, enslave, netns, nsexec, site_dnsmasq, uniq, veth
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -271,14 +271,8 @@ def test_proxy_next_to_a_site_dhcp_server(lab: Lab) -> None:
     namespace on the same bridge) is the site's DHCP server."""
     site_ns, site_if, site_peer = uniq("xd"), uniq("xe"), uniq("xf")
     with netns(site_ns):
-        veth(lab.srv, site_peer, site_ns, site_if, b_addr="10.77.0.2/24")
-        enslave(lab.srv, site_peer, lab.br)
-        site = Daemon(nsexec(site_ns, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
-                             "--port=0", f"--interface={site_if}", "--bind-interfaces",
-                             "--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,10m",
-                             f"--dhcp-leasefile={lab.tmp / 'site.leases'}",
-                             f"--pid-file={lab.tmp / 'site.pid'}"),
-                      lab.tmp / "site.log", ready="DHCP, IP range")
+        site = site_dnsmasq(lab.srv, lab.br, lab.tmp, ns=site_ns, ifname=site_if,
+                            peer=site_peer)
         d = lab.start("--proxy", "--nfs", "off", log="proxy.log")
         try:
             r = subprocess.run(nsexec(lab.cli, sys.executable, "-m", "tests.netns_util",
