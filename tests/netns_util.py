@@ -224,13 +224,6 @@ def _probe(ifname: str) -> dict[str, object]:
     return result
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "probe":
-        print(json.dumps(_probe(sys.argv[2])))
-    else:
-        sys.exit("usage: python -m tests.netns_util probe IFNAME")
-
-
 def site_dnsmasq(lab_ns: str, bridge: str, workdir: Path, *, ns: str, ifname: str,
                  peer: str) -> Daemon:
     """A site's own DHCP server, addresses only (10.77.0.50-60, 10-minute leases, no DNS):
@@ -245,3 +238,11 @@ def site_dnsmasq(lab_ns: str, bridge: str, workdir: Path, *, ns: str, ifname: st
                          f"--dhcp-leasefile={workdir / 'site.leases'}",
                          f"--pid-file={workdir / 'site.pid'}"),
                   workdir / "site-dnsmasq.log", ready="DHCP, IP range")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "probe":
+        print(json.dumps(_probe(sys.argv[2])))
+    else:
+        sys.exit("usage: python -m tests.netns_util probe IFNAME")
+

@@ -15,8 +15,8 @@ with serve-pxe killed (SIGKILL) mid-boot and restarted
 (:func:`ipxe_over_http_survives_a_serve_pxe_crash`, booted by tests/test_secureboot.py at once
 with its Secure Boot machine);
 ``sidusctl demo`` interrupted mid-boot. The README demo to its end is tests/test_demo.py, UEFI
-through ``ipxe.efi`` is tests/test_http_boot_uefi.py (over HTTP Boot). About six minutes on a
-2-core machine (each TCG boot takes 75-120 s).
+through ``ipxe.efi`` is tests/test_http_boot_uefi.py (over HTTP Boot). About four minutes on a
+2-core machine (each TCG boot takes 60-100 s).
 """
 
 from __future__ import annotations
