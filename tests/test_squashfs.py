@@ -243,16 +243,18 @@ def test_inventory_root_and_command_lines() -> None:
     inv = parse(INV, "nodes.toml")
     assert [n.root for n in inv.nodes] == ["squashfs-http", "squashfs-nfs", "nfs"]
     ref = SquashRef("gen-X.squashfs", "ab" * 32, 1234, "http://10.13.20.13/squashfs/img/gen-X.squashfs",
-                    "10.13.20.13:/var/lib/sq/img/gen-X.squashfs")
+                    "10.13.20.13:/var/lib/sq/img/gen-X.squashfs", f"1:{'cd' * 32}:{'ef' * 32}")
     img = ImageFiles("img", Path("/k"), Path("/i"), "/srv/img", ref)
     c1 = node_cmdline(inv, inv.nodes[0], img, report_url="http://10.13.20.13/sidus/report")
     assert ("boot=sidus ip=dhcp sidus.root=squashfs-http "
             "sidus.src=http://10.13.20.13/squashfs/img/gen-X.squashfs "
             f"sidus.sha256={'ab' * 32} sidus.bytes=1234 "
+            f"sidus.verity=1:{'cd' * 32}:{'ef' * 32} "
             "sidus.report=http://10.13.20.13/sidus/report") in c1
     assert "root=/dev/nfs" not in c1
     c2 = node_cmdline(inv, inv.nodes[1], img)
     assert "sidus.src=10.13.20.13:/var/lib/sq/img/gen-X.squashfs" in c2
+    assert "sidus.verity=" not in c2  # the NFS-read file is loop-mounted as it is
     c3 = node_cmdline(inv, inv.nodes[2], img)
     assert "root=/dev/nfs nfsroot=10.13.20.13:/srv/img," in c3 and "boot=sidus" not in c3
     assert inv.nodes[0].ip == IPv4Address("10.13.20.101")

@@ -131,7 +131,8 @@ def load_inventory(opts: PxeOptions) -> tuple[Inventory, dict[str, ImageFiles], 
             url = (f"{opts.http_base(inv.network.server)}/squashfs/{name}/{ex.file}"
                    if http_on else None)
             ref = SquashRef(ex.file, ex.sha256, ex.size, url,
-                            f"{inv.network.server}:{squash.squash_dir(opts.state, name)}/{ex.file}")
+                            f"{inv.network.server}:{squash.squash_dir(opts.state, name)}/{ex.file}",
+                            None if ex.verity is None else ex.verity.kernel_arg())
         files[name] = ImageFiles(name, img.kernel, img.initrd,
                                  export_path_for(inv, name, img.rootfs), ref,
                                  generation=img.dir.name)

@@ -2,8 +2,10 @@
 
 Owns ``<state>/netboot/squashfs/<image>/``::
 
-    gen-<stamp>.squashfs     one generation's root, packed by :mod:`sidusctl.subsys.squashfs`
-    gen-<stamp>.json         its record: size, sha256, tree fingerprint, creation time
+    gen-<stamp>.squashfs     one generation's root, packed by :mod:`sidusctl.subsys.squashfs`,
+                             then its dm-verity hash tree (:mod:`sidusctl.subsys.verity`)
+    gen-<stamp>.json         its record: size, sha256, verity parameters, tree fingerprint,
+                             creation time
     .lock                    held while an export or a prune runs
 
 Each file is named by the generation it packs, so a new build never overwrites a file a node
@@ -17,8 +19,14 @@ exported one gets a hard link to that file (same tree, same bytes).
 What a netbooted node never reads is left out (:data:`EXCLUDE`, after LTSP's
 ``image.excludes``; a recipe replaces the list with ``[netboot] squashfs_exclude``, which the
 generation's manifest records): every node of a squashfs-http root downloads the whole file
-and checks its digest before it mounts it, so each MiB left out is a MiB less per node per
-boot.
+and its kernel checks each block it reads against the file's hash tree, so each MiB left out
+is a MiB less per node per boot.
+
+The hash tree follows the squashfs in the same file (one download, one name per
+generation): a squashfs-http node whose initramfs has dm-verity reads the image through it,
+checking only the blocks it reads (``sidus.verity=``); others check the whole file's SHA-256
+(``sidus.sha256=``) before they mount it. Squashfs ignores what follows its own bytes, so the
+same file loop-mounts as it is (squashfs-nfs).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from sidusctl.core.errors import BusyError, NotFoundError, StateError
 from sidusctl.core.log import get_logger
 from sidusctl.core.state import FileLock, locked, read_json, write_json
 from sidusctl.subsys import squashfs
+from sidusctl.subsys import verity as dm_verity
 from sidusctl.subsys.imagestore import Image, ImageStore
 
 log = get_logger("squashfs")
@@ -65,6 +74,7 @@ class Export:
     fingerprint: str
     created: float
     exclude: tuple[str, ...] = ()
+    verity: dm_verity.VerityInfo | None = None
 
     @property
     def file(self) -> str:
@@ -75,7 +85,8 @@ class Export:
         return {"image": self.image, "generation": self.generation, "file": self.file,
                 "path": str(self.path), "size": self.size, "sha256": self.sha256,
                 "fingerprint": self.fingerprint, "created": self.created,
-                "exclude": list(self.exclude)}
+                "exclude": list(self.exclude),
+                "verity": None if self.verity is None else self.verity.as_dict()}
 
 
 def squash_dir(state: Path, image: str) -> Path:
@@ -92,13 +103,15 @@ def _load(image: str, d: Path, generation: str) -> Export | None:
     try:
         raw = read_json(_record(d, generation))
         path = d / f"{generation}{SUFFIX}"
+        tree = raw.get("verity")
         ex = Export(image, generation, path, int(raw["size"]), str(raw["sha256"]),
                     str(raw["fingerprint"]), float(raw["created"]),
-                    tuple(str(x) for x in raw.get("exclude", ())))
+                    tuple(str(x) for x in raw.get("exclude", ())),
+                    None if tree is None else dm_verity.VerityInfo.from_dict(tree))
         if path.stat().st_size != ex.size:
             return None
         return ex
-    except (OSError, KeyError, TypeError, ValueError, StateError):
+    except (OSError, KeyError, TypeError, ValueError, AttributeError, StateError):
         return None
 
 
@@ -150,17 +163,36 @@ def export(state: Path, image: str, *, generation: str = "current",
                 tmp.unlink()
             os.link(twin.path, tmp)
             os.replace(tmp, dest)
-            info = squashfs.SquashInfo(dest, twin.size, twin.sha256)
+            size, sha256, tree = twin.size, twin.sha256, twin.verity
             how = "linked"
             log.info("squashfs: %s %s has the same tree as %s: linked", image, gen,
                      twin.generation)
         else:
-            info = squashfs.build(img.rootfs, dest, level=level, exclude=exclude)
-        ex = Export(image, gen, dest, info.size, info.sha256, fp, time.time(), exclude)
+            size, sha256, tree = _build(img.rootfs, dest, level, exclude)
+        ex = Export(image, gen, dest, size, sha256, fp, time.time(), exclude, tree)
         rec = ex.as_dict()
         del rec["path"]
         write_json(_record(d, gen), rec)
         return ex, how
+
+
+def _build(rootfs: Path, dest: Path, level: int,
+           exclude: tuple[str, ...]) -> tuple[int, str, dm_verity.VerityInfo]:
+    """Pack ``rootfs`` and append the hash tree, on a temp name renamed to ``dest`` when
+    complete; the file's size, SHA-256 and verity parameters. The salt is the packed
+    squashfs's SHA-256: the same tree still gives the same bytes."""
+    tmp = dest.with_name(f".{dest.name}.verity-{os.getpid()}")
+    try:
+        info = squashfs.build(rootfs, tmp, level=level, exclude=exclude)
+        tree, sha256 = dm_verity.append_tree(tmp, bytes.fromhex(info.sha256))
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    size = dest.stat().st_size
+    log.info("squashfs: %s, %d bytes with its hash tree (%d blocks), sha256 %s, verity root %s",
+             dest, size, tree.tree_blocks, sha256[:16], tree.root_hash[:16])
+    return size, sha256, tree
 
 
 def exclude_of(img: Image) -> tuple[str, ...]:
@@ -183,7 +215,8 @@ def exclude_of(img: Image) -> tuple[str, ...]:
 def _fingerprint(rootfs: Path, level: int, exclude: tuple[str, ...]) -> str:
     """The tree's fingerprint with what else decides the file's bytes (zstd level, block
     size, the patterns left out): an export made with other parameters is not "unchanged"."""
-    packing = f"zstd-{level}\0b{squashfs.BLOCK_SIZE}\0" + "\0".join(exclude)
+    packing = (f"zstd-{level}\0b{squashfs.BLOCK_SIZE}\0verity-{dm_verity.ALGORITHM}-{dm_verity.BLOCK}\0"
+               + "\0".join(exclude))
     return hashlib.sha256(f"{squashfs.tree_fingerprint(rootfs)}\0{packing}".encode()).hexdigest()
 
 

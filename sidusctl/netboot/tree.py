@@ -60,13 +60,16 @@ class SquashRef:
     """An image's squashfs export as nodes reach it: ``file`` (``gen-<stamp>.squashfs``, the
     generation), ``sha256`` (hex) and ``size`` (bytes) of the file, ``url`` (HTTP, for
     ``squashfs-http``) and ``nfs`` (``SERVER:/PATH/FILE``, for ``squashfs-nfs``; the
-    directory is the NFS export)."""
+    directory is the NFS export), ``verity``: ``DATA_BLOCKS:ROOT_HASH:SALT`` of the hash tree
+    the file ends with (:meth:`sidusctl.subsys.verity.VerityInfo.kernel_arg`), None for an
+    export without one."""
 
     file: str
     sha256: str
     size: int
     url: str | None
     nfs: str | None
+    verity: str | None = None
 
     @property
     def generation(self) -> str:
@@ -130,8 +133,11 @@ def root_args(node: Node, img: ImageFiles, server: str) -> list[str]:
     ``sidus.gen=`` naming the generation when the export path is that generation's, so that
     the node reports which one it runs and serve-pxe keeps it exported), and for the
     squashfs roots ``boot=sidus`` (the sidus boot script mounts the root) with
-    ``sidus.root=``, ``sidus.src=`` (URL or ``SERVER:/PATH``), ``sidus.sha256=`` and
-    ``sidus.bytes=``. :class:`SidusError` if a squashfs root has no export (or no URL)."""
+    ``sidus.root=``, ``sidus.src=`` (URL or ``SERVER:/PATH``), ``sidus.sha256=``,
+    ``sidus.bytes=`` and, for ``squashfs-http`` from an export with a hash tree,
+    ``sidus.verity=`` (the node's kernel then checks the blocks it reads instead of the
+    whole file: initramfs/scripts/sidus). :class:`SidusError` if a squashfs root has no
+    export (or no URL)."""
     if node.root == "nfs":
         gen = img.generation
         return ["root=/dev/nfs", nfsroot_arg(server, img.export_path), "ip=dhcp",
@@ -142,8 +148,11 @@ def root_args(node: Node, img: ImageFiles, server: str) -> list[str]:
         raise SidusError(f"node {node.name}: root {node.root} needs a squashfs export of image "
                          f"'{img.name}'" + (" served over HTTP" if sq is not None else ""),
                          hint=f"sidusctl pxe squashfs {img.name}")
-    return ["boot=sidus", "ip=dhcp", f"sidus.root={node.root}", f"sidus.src={src}",
+    args = ["boot=sidus", "ip=dhcp", f"sidus.root={node.root}", f"sidus.src={src}",
             f"sidus.sha256={sq.sha256}", f"sidus.bytes={sq.size}"]
+    if node.root == "squashfs-http" and sq.verity:
+        args.append(f"sidus.verity={sq.verity}")
+    return args
 
 
 def node_cmdline(inv: Inventory, node: Node, img: ImageFiles, *, initrd_arg: bool = True,
