@@ -1,6 +1,7 @@
 """Squashfs roots booted for real: qemu guests (TCG) PXE-boot ``minimal`` through serve-pxe
-with ``root = "squashfs-http"`` (downloaded into RAM, checked by sha256) and
-``root = "squashfs-nfs"`` (loop-mounted from the NFS-exported directory), tmpfs overlay.
+with ``root = "squashfs-http"`` (downloaded into RAM, read through dm-verity: each block
+checked against the hash tree the file ends with) and ``root = "squashfs-nfs"``
+(loop-mounted from the NFS-exported directory), tmpfs overlay.
 
 One lab, two guests booted at once, one reboot (three TCG boots for the whole issue):
 - both: ``/`` is an overlay whose lower layer is the squashfs; a write lands in the upper
@@ -13,7 +14,12 @@ One lab, two guests booted at once, one reboot (three TCG boots for the whole is
 - the squashfs-http guest reboots and gets the new generation (the marker is there), while
   the old file stays served for the squashfs-nfs guest: serve-pxe runs with ``--retain 0``,
   so only the node's hold keeps it through the prunes (every 30 s) during that reboot;
-- both nodes reported what their kernel says: no lockdown, no Secure Boot (BIOS guests).
+- both nodes reported what their kernel says: no lockdown, no Secure Boot (BIOS guests);
+- the squashfs-http node's kernel took the hash tree sidusctl wrote (its root is mounted
+  through the verity device, no block failed), and refuses a block changed by one bit: a
+  copy of the image with one byte changed, mapped with the same table, gives an I/O error
+  for that block and reads the next one (tests/test_verity.py checks the same trees against
+  cryptsetup's ``veritysetup`` on the host, which has no device-mapper).
 
 The lab's state has a private ``images/minimal`` (its first generation a link to the shared
 build), so the shared image store is never touched.
@@ -21,6 +27,7 @@ build), so the shared image store is never touched.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -116,11 +123,43 @@ def check_squashfs_root(g: Guest, root: str, generation: str) -> None:
     src = "squashfs over HTTP" if root == "squashfs-http" else "squashfs over NFS"
     assert f"root: {src}" in log, log
     if root == "squashfs-http":
-        assert "sha256" in log and "matches" in log, log
+        assert "root: verity device /dev/dm-" in log and "SIDUS_CHECK=verity" in state, log
+        table = g.sh("dmsetup table sidus-root")
+        assert " verity 1 " in table and table.endswith("check_at_most_once"), table
+        # dm-verity's verdict: V, no block read so far failed its check
+        assert g.sh("dmsetup status sidus-root").split()[-1] == "V"
     # a write lands in the upper layer only
     g.sh("echo written > /etc/sdt-sq-write")
     assert g.sh("cat /run/sidus/rw/upper/etc/sdt-sq-write") == "written"
     assert g.rc("test -e /run/sidus/ro/etc/sdt-sq-write") == 1
+
+
+#: in the squashfs-http guest: a copy of its image with one byte changed in data block $B,
+#: mapped through dm-verity with the node's own parameters (sidus.verity=); then block $B
+#: read (must fail), block $B + 1 read (must work), dm-verity's verdict, and the teardown
+CORRUPT_COPY = r"""
+img=$(ls /run/sidus/img/*.squashfs)
+v=$(sed -n 's/.*sidus.verity=\([^ ]*\).*/\1/p' /proc/cmdline)
+n=${v%%:*}; rest=${v#*:}; root=${rest%%:*}; salt=${rest#*:}; B=$((n / 2))
+cp "$img" /dev/shm/sdt-bad
+old=$(dd if=/dev/shm/sdt-bad bs=1 skip=$((B * 4096 + 100)) count=1 2>/dev/null | od -An -tu1)
+printf "\\$(printf %o $(( (old + 1) % 256 )))" |
+  dd of=/dev/shm/sdt-bad bs=1 seek=$((B * 4096 + 100)) conv=notrunc 2>/dev/null
+loop=$(losetup -r -f --show /dev/shm/sdt-bad)
+dmsetup create sdt-bad --readonly --noudevsync   --table "0 $((n * 8)) verity 1 $loop $loop 4096 4096 $n $n sha256 $root $salt"
+dm=$(dmsetup info -c --noheadings -o blkdevname sdt-bad)
+dd if="/dev/$dm" of=/dev/null bs=4096 skip=$B count=1 iflag=direct 2>/dev/null; echo "bad=$?"
+dd if="/dev/$dm" of=/dev/null bs=4096 skip=$((B + 1)) count=1 iflag=direct 2>/dev/null; echo "next=$?"
+echo "status=$(dmsetup status sdt-bad | awk '{print $NF}')"
+dmsetup remove --noudevsync sdt-bad; losetup -d "$loop"; rm -f /dev/shm/sdt-bad
+"""
+
+
+def check_verity_refuses_a_changed_block(g: Guest) -> None:
+    # one console line (the console runs one command per line): the script, base64-encoded
+    b64 = base64.b64encode(CORRUPT_COPY.encode()).decode()
+    out = g.sh(f"echo {b64} | base64 -d >/tmp/sdt-bad.sh && sh /tmp/sdt-bad.sh", timeout=300)
+    assert "bad=1" in out and "next=0" in out and "status=C" in out, out
 
 
 def test_squashfs_roots_boot_keep_their_generation_and_reboot_into_the_new_one(
@@ -142,6 +181,7 @@ def test_squashfs_roots_boot_keep_their_generation_and_reboot_into_the_new_one(
             for g, node in ((g1, HTTP_NODE), (g2, NFS_NODE)):
                 g.login(timeout=120)
                 check_squashfs_root(g, node.root, gen_a)
+            check_verity_refuses_a_changed_block(g1)
             wait_for("both nodes report booted", lambda: all(
                 pxe_status(lab)[n.name].get("booted_reported") for n in (HTTP_NODE, NFS_NODE)))
             st = pxe_status(lab)
@@ -175,6 +215,7 @@ def test_squashfs_roots_boot_keep_their_generation_and_reboot_into_the_new_one(
             g1.login(timeout=120)
             assert g1.sh(f"cat /etc/{MARK}") == "generation B"
             assert f"SIDUS_GENERATION={gen_b}" in g1.sh("cat /run/sidus/state")
+            assert "SIDUS_CHECK=verity" in g1.sh("cat /run/sidus/state")
             wait_for("the rebooted node reports its new generation",
                      lambda: pxe_status(lab)["sq1"]["generation"] == gen_b, 120)
             assert pxe_status(lab)["sq2"]["generation"] == gen_a
