@@ -21,7 +21,7 @@ command line serve-pxe wrote into their ``pxelinux.cfg/01-<mac>`` and sit on a t
 lab's bridge (DHCP, NFS and HTTP from serve-pxe).
 
 For ``squashfs-http`` the console is timed too (when the download starts, when the digest
-matched, when the squashfs is mounted), and after the login prompt the bench logs in to split
+matched or the image was mapped through dm-verity, when the squashfs is mounted), and after the login prompt the bench logs in to split
 the download from the digest (the file downloaded again to /dev/null, to a tmpfs, and piped
 into ``sha256sum``; ``sha256sum`` of the file again, coreutils' and busybox's) and to read the
 RAM the image holds and /run/sidus/sidus.log (its lines carry the guest's uptime). In the first
@@ -92,6 +92,7 @@ BOOT_TIMEOUT = 900.0
 #: console lines timed on the way to the login prompt (the sidus boot script's messages)
 MARKS = {"download-start": rb"sidus: root: squashfs over HTTP",
          "digest-ok": rb"sidus: sha256 [0-9a-f]+: matches",
+         "verity-mapped": rb"sidus: root: verity device",
          "squashfs-mounted": rb"sidus: root: \S+ mounted \(squashfs"}
 
 
@@ -183,6 +184,10 @@ def http_details(g: Guest) -> dict[str, Any]:
                                                   "rm -f /dev/shm/sdt-again"))
         out["download_piped_to_sha256_s"] = _guest_seconds(
             g, f"busybox wget -q -O - {src} | busybox sha256sum >/dev/null")
+    # how the node checked its image: verity (blocks as read) or digest (whole file first),
+    # and dm-verity's own verdict so far (V: no block failed; C: a corrupt block was read)
+    out["check"] = g.sh("sed -n 's/^SIDUS_CHECK=//p' /run/sidus/state", check=False).strip()
+    out["verity_status"] = g.sh("dmsetup status sidus-root 2>/dev/null", check=False).strip()
     out["mem_available_mib"] = round(int(g.sh(
         "awk '/MemAvailable/ {print $2}' /proc/meminfo")) / 1024, 1)
     out["sidus_log"] = g.sh("cat /run/sidus/sidus.log", check=False)[-1500:]
@@ -428,7 +433,9 @@ def main() -> int:
     d = result["details"].get("squashfs_http")
     if d:
         print(f"  squashfs-http image {d.get('image_mib')} MiB in RAM (tmpfs "
-              f"{d.get('tmpfs_used_mib')} MiB), sha256sum again {d.get('sha256sum_again_s')} s, "
+              f"{d.get('tmpfs_used_mib')} MiB), checked by {d.get('check')} "
+              f"({d.get('verity_status') or 'no verity device'}), "
+              f"sha256sum again {d.get('sha256sum_again_s')} s, "
               f"MemAvailable {d['mem_available_mib']} MiB")
     for m, runs in result.get("kernel_profile", {}).items():
         for phase in ("initramfs", "userspace"):
