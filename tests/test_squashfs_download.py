@@ -36,11 +36,12 @@ DATA = os.urandom(3 * 2**20 + 4321)
 
 
 def _download(tmp_path: Path, url: str, *, sha256: str, retries: int = 2,
-              partial: bytes = b"", stall: int = 20,
-              tick: int = 30) -> tuple[subprocess.CompletedProcess[str], Path]:
+              partial: bytes = b"", stall: int = 20, tick: int = 30,
+              check: str = "digest") -> tuple[subprocess.CompletedProcess[str], Path]:
     """Runs ``sidus_download`` into ``tmp_path/img/gen-A.squashfs`` (holding ``partial``
     first) with ``PATH`` = busybox's applets only, in a session of its own; returns the run
-    (its output in ``stdout``, both streams) and the file's path. Fails the test when a process of the session outlives the shell by
+    (its output in ``stdout``, both streams) and the file's path. ``check``: how the node
+    checks the image (``sidus_pick_check``'s choice: ``digest`` or ``verity``). Fails the test when a process of the session outlives the shell by
     5 s: with the default ``tick`` (the watchdog's sleep, 30 s), one left behind is still
     asleep then."""
     bindir, run = tmp_path / "bin", tmp_path / "run"
@@ -62,7 +63,7 @@ def _download(tmp_path: Path, url: str, *, sha256: str, retries: int = 2,
               + "".join(shell_function(sidus, f) for f in FUNCTIONS).replace("/run/sidus", str(run))
               + f"sidus_src={url}\nsidus_sha256={sha256}\nsidus_bytes={len(DATA)}\n"
               f"sidus_retries={retries}\nsidus_stall={stall}\nsidus_tick={tick}\n"
-              f"sidus_sha256sum={shutil.which('sha256sum')}\n"
+              f"sidus_sha256sum={shutil.which('sha256sum')}\nsidus_check={check}\n"
               f'sidus_download "{out}"\necho "rc=$?"\n')
     log = tmp_path / "sh.out"
     log.unlink(missing_ok=True)
@@ -118,6 +119,13 @@ def test_download_checks_the_digest_resumes_and_names_failures(
         assert r.stdout.splitlines()[-1] == f"PANIC: sidus: cannot download the root image " \
             f"{url} after 2 tries: sha256 {digest}, expected {wrong}"
         assert not out.exists()
+
+        # checked by dm-verity as read: no digest of the whole file (a wrong one is not
+        # even looked at); the size still is, and a partial file is still resumed
+        r, out = _download(tmp_path, url, sha256=wrong, partial=DATA[:half], check="verity")
+        assert r.stdout.splitlines()[-1] == "rc=0", r.stdout + r.stderr
+        assert "sha256" not in r.stdout and out.read_bytes() == DATA, r.stdout
+        assert f"resuming at byte {half}" in r.stdout
 
         # a file the server does not have: wget fails, named with the bytes it got
         r, out = _download(tmp_path, url.replace("gen-A", "gen-B"), sha256=digest,
