@@ -183,3 +183,20 @@ def test_a_stalled_download_is_killed_named_and_leaves_nothing(tmp_path: Path) -
         f"after 1 tries: wget failed or stalled at {sent} bytes"
     # what arrived is kept, for the next try's range request
     assert out.stat().st_size == sent
+
+
+@pytest.mark.parametrize("value", ["", "x:" + "ab" * 32 + ":01", "12a:" + "ab" * 32 + ":01"])
+def test_a_malformed_verity_value_is_named_and_refused_before_any_device(value: str) -> None:
+    """``sidus_mount_verity`` with a ``sidus.verity=`` whose block count is not a number
+    returns 1 (the boot script then checks the whole file and mounts it without dm-verity),
+    named on the console, before it runs losetup or dmsetup: busybox's ``sh`` would otherwise
+    stop the boot on the arithmetic."""
+    sidus = initramfs_dir() / "scripts/sidus"
+    script = ('sidus_log() { echo "sidus: $*"; }\n'
+              + shell_function(sidus, "sidus_mount_verity")
+              + f'sidus_verity="{value}"\nsidus_mount_verity /nonexistent\necho "rc=$?"\n')
+    r = subprocess.run([shutil.which("busybox") or "busybox", "sh", "-c", script],
+                       capture_output=True, text=True, env={"PATH": "/nonexistent"}, check=False)
+    assert r.stdout.splitlines() == [
+        f"sidus: sidus.verity={value}: expected DATA_BLOCKS:ROOT_HASH:SALT", "rc=1"], \
+        r.stdout + r.stderr
