@@ -15,8 +15,9 @@ One lab, two guests booted at once, one reboot (three TCG boots for the whole is
   the old file stays served for the squashfs-nfs guest: serve-pxe runs with ``--retain 0``,
   so only the node's hold keeps it through the prunes (every 30 s) during that reboot;
 - both nodes reported what their kernel says: no lockdown, no Secure Boot (BIOS guests);
-- the squashfs-http node's kernel took the hash tree sidusctl wrote (its root is mounted
-  through the verity device, no block failed), and refuses a block changed by one bit: a
+- the squashfs-http node holds its image in huge pages; its kernel took the hash tree
+  sidusctl wrote (its root is mounted through the verity device, no block failed), and
+  refuses a block changed by one bit: a
   copy of the image with one byte changed, mapped with the same table, gives an I/O error
   for that block and reads the next one (tests/test_verity.py checks the same trees against
   cryptsetup's ``veritysetup`` on the host, which has no device-mapper).
@@ -128,6 +129,10 @@ def check_squashfs_root(g: Guest, root: str, generation: str) -> None:
         assert " verity 1 " in table and table.endswith("check_at_most_once"), table
         # dm-verity's verdict: V, no block read so far failed its check
         assert g.sh("dmsetup status sidus-root").split()[-1] == "V"
+        # the image's tmpfs holds it in huge pages (the kernel's THP for shmem)
+        assert "huge=always" in g.sh("findmnt -n -o OPTIONS /run/sidus/img")
+        huge_kb = g.sh("awk '/^ShmemHugePages:/ {print $2}' /proc/meminfo")
+        assert int(huge_kb) >= 100 * 1024, f"ShmemHugePages: {huge_kb} kB"
     # a write lands in the upper layer only
     g.sh("echo written > /etc/sdt-sq-write")
     assert g.sh("cat /run/sidus/rw/upper/etc/sdt-sq-write") == "written"
