@@ -214,9 +214,10 @@ def exclude_of(img: Image) -> tuple[str, ...]:
 
 def _fingerprint(rootfs: Path, level: int, exclude: tuple[str, ...]) -> str:
     """The tree's fingerprint with what else decides the file's bytes (zstd level, block
-    size, the patterns left out): an export made with other parameters is not "unchanged"."""
-    packing = (f"zstd-{level}\0b{squashfs.BLOCK_SIZE}\0verity-{dm_verity.ALGORITHM}-{dm_verity.BLOCK}\0"
-               + "\0".join(exclude))
+    size, the hash tree's algorithm and block size, the patterns left out): an export made
+    with other parameters, or before exports had a hash tree, is not "unchanged"."""
+    tree = f"verity-{dm_verity.ALGORITHM}-{dm_verity.BLOCK}"
+    packing = f"zstd-{level}\0b{squashfs.BLOCK_SIZE}\0{tree}\0" + "\0".join(exclude)
     return hashlib.sha256(f"{squashfs.tree_fingerprint(rootfs)}\0{packing}".encode()).hexdigest()
 
 

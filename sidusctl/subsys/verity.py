@@ -69,6 +69,7 @@ class VerityInfo:
                 f"{self.salt} 1 check_at_most_once")
 
     def as_dict(self) -> dict[str, Any]:
+        """The four fields by name, as an export's record (JSON) holds them."""
         return {"data_blocks": self.data_blocks, "root_hash": self.root_hash,
                 "salt": self.salt, "tree_blocks": self.tree_blocks}
 
