@@ -157,8 +157,9 @@ def nfs_export_cmd(image: str, networks: tuple[str, ...], nodes: str | None, ser
 @click.option("--json", "as_json", is_flag=True)
 def squashfs_cmd(image: str, generation: str, level: int, force: bool, list_only: bool,
                  as_json: bool) -> None:
-    """Export a generation of IMAGE as one reproducible squashfs file (zstd), for nodes whose
-    root is squashfs-nfs or squashfs-http. Skipped when the tree did not change; named by
+    """Export a generation of IMAGE as one reproducible squashfs file (zstd) ending with its
+    dm-verity hash tree, for nodes whose root is squashfs-nfs or squashfs-http (whose
+    kernels check each block they read against it). Skipped when the tree did not change; named by
     the generation, so a running node's file is never overwritten. serve-pxe exports the
     generation it needs by itself; running this after a build makes its reload instant."""
     from sidusctl.netboot import squash
@@ -166,7 +167,8 @@ def squashfs_cmd(image: str, generation: str, level: int, force: bool, list_only
     if not list_only:
         ex, how = squash.export(state, image, generation=generation, level=level, force=force)
         if not as_json:
-            console.print(f"{ex.path}: {how} ({ex.size} bytes, sha256 {ex.sha256})",
+            root = f", verity root hash {ex.verity.root_hash}" if ex.verity else ""
+            console.print(f"{ex.path}: {how} ({ex.size} bytes, sha256 {ex.sha256}{root})",
                           highlight=False)
     exports = squash.list_exports(state, image)
     if as_json:
