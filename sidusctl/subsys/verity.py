@@ -59,15 +59,6 @@ class VerityInfo:
         """``DATA_BLOCKS:ROOT_HASH:SALT``, the value of the node's ``sidus.verity=``."""
         return f"{self.data_blocks}:{self.root_hash}:{self.salt}"
 
-    def table(self, device: str) -> str:
-        """The device-mapper table of a verity target over ``device`` holding both data and
-        tree (verity.rst: version 1, block sizes, data blocks, hash start block, algorithm,
-        root hash, salt; ``check_at_most_once``: a block is checked the first time it is
-        read, which is what an image in a node's RAM needs)."""
-        return (f"0 {self.data_blocks * BLOCK // 512} verity 1 {device} {device} {BLOCK} "
-                f"{BLOCK} {self.data_blocks} {self.hash_start} {ALGORITHM} {self.root_hash} "
-                f"{self.salt} 1 check_at_most_once")
-
     def as_dict(self) -> dict[str, Any]:
         """The four fields by name, as an export's record (JSON) holds them."""
         return {"data_blocks": self.data_blocks, "root_hash": self.root_hash,
