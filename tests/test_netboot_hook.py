@@ -77,6 +77,7 @@ def test_shipped_files_are_posix_sh_and_shellcheck_clean() -> None:
 # modprobe as the kernel answers under lockdown for a module whose signature it rejects
 # (EKEYREJECTED); a module this kernel does not have at all fails the dry run too
 FAKE_MODPROBE = """#!/bin/sh
+echo "$*" >>"${0%/*}/calls"
 [ "$1" = "-n" ] && { shift; [ "$1" = "aufs" ] && exit 1; exit 0; }
 case "$1" in
 overlay) echo "modprobe: ERROR: could not insert 'overlay': Key was rejected by service" >&2; exit 1 ;;
@@ -95,11 +96,18 @@ def test_a_refused_module_is_named_on_the_console_and_recorded(tmp_path: Path) -
     bindir.mkdir()
     (bindir / "modprobe").write_text(FAKE_MODPROBE)
     (bindir / "modprobe").chmod(0o755)
+    # /sys/module as the node's kernel has it: dm-verity loaded (by scripts/sidus' preload),
+    # nothing else (this host's own loaded modules must not count)
+    sysmod = tmp_path / "sysmodule"
+    (sysmod / "dm_verity").mkdir(parents=True)
+    (sysmod / "squashfs").mkdir()
     bottom = initramfs_dir() / "scripts/init-bottom/sidus"
     script = ('warn() { echo "sidus: WARNING: $*"; }\nlockdown=integrity\nmodfail=""\n'
-              + shell_function(bottom, "load_module")
+              + shell_function(bottom, "load_module").replace("/sys/module", str(sysmod))
               + 'load_module ext4 && echo "ext4 ok"\nload_module overlay || echo "overlay failed"\n'
-              'load_module aufs || echo "aufs failed"\necho "modfail=$modfail"\n')
+              'load_module aufs || echo "aufs failed"\n'
+              # loaded already: no modprobe (this one would refuse it)
+              'load_module squashfs && echo "squashfs loaded"\necho "modfail=$modfail"\n')
     r = subprocess.run(["dash", "-c", script], capture_output=True, text=True, check=True,
                        env={"PATH": f"{bindir}:/usr/bin:/bin"})
     assert r.stdout.splitlines() == [
@@ -107,16 +115,22 @@ def test_a_refused_module_is_named_on_the_console_and_recorded(tmp_path: Path) -
         "sidus: WARNING: module overlay could not be loaded (kernel lockdown: integrity; a "
         "module without a valid signature is refused): modprobe: ERROR: could not insert "
         "'overlay': Key was rejected by service",
-        "overlay failed", "aufs failed", "modfail=overlay"], r.stdout
+        "overlay failed", "aufs failed", "squashfs loaded", "modfail=overlay"], r.stdout
     # scripts/sidus (boot=sidus) records its own in /run/sidus/modfail for init-bottom
     run_dir = tmp_path / "run"
     sidus = initramfs_dir() / "scripts/sidus"
     script = ('sidus_log() { echo "sidus: $*"; }\n'
-              + shell_function(sidus, "sidus_module").replace("/run/sidus", str(run_dir))
+              + "".join(shell_function(sidus, f) for f in ("sidus_loaded", "sidus_module"))
+              .replace("/run/sidus", str(run_dir)).replace("/sys/module", str(sysmod))
               + "sidus_module squashfs\nsidus_module overlay\nsidus_module aufs\n"
+              # loaded already under its sysfs name (dm_verity): no modprobe
+              + "sidus_module dm-verity && echo 'dm-verity loaded'\n"
               + f"echo \"modfail=$(cat {run_dir}/modfail)\"\n")
     r = subprocess.run(["dash", "-c", script], capture_output=True, text=True, check=True,
                        env={"PATH": f"{bindir}:/usr/bin:/bin"})
     assert "sidus: WARNING: module overlay could not be loaded" in r.stdout, r.stdout
     assert "Key was rejected by service" in r.stdout and "aufs" not in r.stdout, r.stdout
-    assert r.stdout.splitlines()[-1] == "modfail=overlay", r.stdout
+    assert r.stdout.splitlines()[-2:] == ["dm-verity loaded", "modfail=overlay"], r.stdout
+    # a module /sys/module lists was never handed to modprobe
+    calls = (bindir / "calls").read_text().split()
+    assert "overlay" in calls and not {"squashfs", "dm-verity", "dm_verity"} & set(calls), calls
