@@ -102,7 +102,12 @@ class Guest:
     enrolled (:data:`OVMF_VARS_MS`); a ``uefi_vars`` file that exists is used as it is (a store
     prepared by the caller, e.g. with another boot order edited by ``virt-fw-vars``).
     ``monitor``: a Unix socket path where qemu listens for its human monitor
-    (:func:`monitor_command`). The process starts in the constructor; :meth:`close` ends it."""
+    (:func:`monitor_command`). ``prealloc`` (needs ``monitor``): qemu faults in all of the
+    guest's RAM before the guest runs (``-mem-prealloc``) and holds the vCPUs (``-S``) until
+    :meth:`cont`, so that a timed boot does not count the host's first touch of guest memory
+    (docs/performance.md, "Netboot"). The process starts in the constructor; :meth:`close`
+    ends it. Raises :class:`SidusError` for ``secure_boot`` without ``uefi_vars`` or
+    ``prealloc`` without ``monitor``."""
 
     def __init__(self, name: str, *, kernel: Path | None = None, initrd: Path | None = None,
                  append: str = "", disks: Sequence[Path] = (), netns: str | None = None,
@@ -111,7 +116,7 @@ class Guest:
                  tap: str | None = None, log: Path | None = None,
                  uefi_vars: Path | None = None, nic_rom: bool = True,
                  secure_boot: bool = False, smp: int = 1, monitor: Path | None = None,
-                 timeout: float = BOOT_TIMEOUT) -> None:
+                 prealloc: bool = False, timeout: float = BOOT_TIMEOUT) -> None:
         self.name = name
         self.timeout = timeout
         if tap is not None:
@@ -124,6 +129,11 @@ class Guest:
                 "-device", f"virtio-net-pci,netdev=n0,mac={mac}" + ("" if nic_rom else ",romfile=")]
         if secure_boot and uefi_vars is None:
             raise SidusError("secure_boot needs uefi_vars (the machine's variable store)")
+        if prealloc and monitor is None:
+            raise SidusError("prealloc needs monitor (its cont starts the vCPUs)")
+        self.monitor = monitor
+        if prealloc:
+            argv[1:1] = ["-S", "-mem-prealloc"]
         if uefi_vars is not None:
             code, template = ((OVMF_CODE_SECBOOT, OVMF_VARS_MS) if secure_boot
                               else (OVMF_CODE, OVMF_VARS))
@@ -176,6 +186,25 @@ class Guest:
         self.logged_in = False
         self.at_login_prompt = False  # the last thing awaited was a login prompt
         self.login_prompt_s = 0.0  # seconds from start (or reboot) to the last login prompt
+
+    def cont(self, timeout: float = 300) -> float:
+        """Starts the vCPUs of a guest made with ``prealloc`` (the monitor's ``cont``) once qemu
+        has set up its machine, RAM faulted in, and restarts the clock (``started``) there.
+        Returns the seconds that set-up took. :class:`GuestError` when the monitor does not
+        answer within ``timeout`` seconds."""
+        if self.monitor is None:
+            raise SidusError("cont needs a guest made with monitor= and prealloc=True")
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        # qemu makes the socket early and answers on it once its main loop runs: after the
+        # machine, and its RAM, is set up
+        while not self.monitor.exists():
+            if time.monotonic() > deadline or not self.alive():
+                raise GuestError(f"qemu made no monitor socket {self.monitor}")
+            time.sleep(0.05)
+        monitor_command(self.monitor, "cont", timeout=max(1.0, deadline - time.monotonic()))
+        self.started = time.monotonic()
+        return self.started - t0
 
     # -- console -----------------------------------------------------------------------------
     @property
