@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sidusctl.core.errors import SidusError
 from sidusctl.subsys import qemu
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
@@ -38,7 +39,7 @@ def test_monitor_answers_one_command_at_a_time(tmp_path: Path) -> None:
 def test_prealloc_holds_the_vcpus_until_cont(tmp_path: Path) -> None:
     """``prealloc``: qemu faults in the guest's RAM and keeps the vCPUs stopped; :meth:`cont`
     starts them once the monitor answers and restarts the guest's clock there."""
-    with pytest.raises(qemu.SidusError, match="prealloc needs monitor"):
+    with pytest.raises(SidusError, match="prealloc needs monitor"):
         qemu.Guest("sdt-pre", prealloc=True, memory=64, nic_rom=False)
     sock = tmp_path / "sdt-pre.sock"
     g = qemu.Guest("sdt-pre", monitor=sock, prealloc=True, memory=64, nic_rom=False)
