@@ -130,6 +130,13 @@ def test_initrd_contains_the_hook(netboot_image: NetbootImage, tmp_path: Path) -
     order = [ln.split()[0] for ln in order_files[0].read_text().splitlines() if ln.strip()]
     scripts = [o.rsplit("/", 1)[-1] for o in order]
     assert "sidus" in scripts and scripts.index("sidus") < scripts.index("udev"), scripts
+    # and the network drivers load before udev's coldplug starts (init-top/sidus-nic)
+    top = list((tmp_path / "x").rglob("scripts/init-top/ORDER"))
+    assert top, "no init-top ORDER file in the initrd"
+    scripts = [ln.split()[0].rsplit("/", 1)[-1] for ln in top[0].read_text().splitlines()
+               if ln.startswith("/scripts/")]
+    assert "sidus-nic" in scripts and scripts.index("sidus-nic") < scripts.index("udev"), \
+        scripts
 
 
 def test_tmpfs_layer_is_private_and_gone_and_disk_layer_survives_reboot(lab: Lab) -> None:

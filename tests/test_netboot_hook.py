@@ -29,9 +29,10 @@ def test_install_copies_scripts_modules_and_conf(tmp_path: Path) -> None:
     it = root / "etc/initramfs-tools"
     assert set(written) == {it / "hooks/sidus", it / "scripts/init-bottom/sidus",
                             it / "scripts/sidus", it / "scripts/nfs-top/sidus-link",
-                            it / "modules", it / "conf.d/sidus"}
+                            it / "scripts/init-top/sidus-nic", it / "modules",
+                            it / "conf.d/sidus"}
     for rel in ("hooks/sidus", "scripts/init-bottom/sidus", "scripts/sidus",
-                "scripts/nfs-top/sidus-link"):
+                "scripts/nfs-top/sidus-link", "scripts/init-top/sidus-nic"):
         f = it / rel
         assert stat.S_IMODE(f.stat().st_mode) == 0o755
         assert f.read_bytes() == (initramfs_dir() / rel).read_bytes()

@@ -123,6 +123,8 @@ def check_squashfs_root(g: Guest, root: str, generation: str) -> None:
     log = g.sh("cat /run/sidus/sidus.log")
     src = "squashfs over HTTP" if root == "squashfs-http" else "squashfs over NFS"
     assert f"root: {src}" in log, log
+    # the NIC's drivers were loaded before udev's coldplug (init-top/sidus-nic)
+    assert "network drivers loaded before udev: virtio_pci virtio_net" in log, log
     if root == "squashfs-http":
         assert "root: verity device /dev/dm-" in log and "SIDUS_CHECK=verity" in state, log
         table = g.sh("dmsetup table sidus-root")

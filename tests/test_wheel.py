@@ -139,7 +139,8 @@ def test_installed_package_reads_its_own_data(installed: Installed) -> None:
     for name in DATA_DIRS:
         assert got[name] == str(data / name)
     assert set(got["initramfs_files"]) == {"hooks/sidus", "scripts/sidus", "scripts/init-bottom/sidus",
-                                           "scripts/nfs-top/sidus-link"}
+                                           "scripts/nfs-top/sidus-link",
+                                           "scripts/init-top/sidus-nic"}
     for rel in got["initramfs_files"]:  # pip restored the mode recorded in the wheel
         checkout = Path(__file__).resolve().parent.parent / "initramfs" / rel
         assert os.access(data / "initramfs" / rel, os.X_OK) == os.access(checkout, os.X_OK), rel
