@@ -42,9 +42,11 @@ comparison (docs/performance.md has both).
 ``--prealloc`` has qemu fault in each guest's RAM before the guest runs (``-mem-prealloc``,
 the vCPUs held until the monitor's ``cont``) and starts the clock at ``cont``. This machine is
 itself a virtual machine: the first write to a page of guest RAM costs qemu a page fault that
-its own hypervisor serves, about twice the time of the write. A node that keeps its root in
-RAM (``squashfs-http``: 187 MiB written in the initramfs) pays it more than a disk boot does;
-a real node's RAM has no such cost.
+its own hypervisor serves (faulting in 2 GiB took 20 s once, after the machine had been idle,
+and 0.3-0.6 s right after another guest). A node that keeps its root in RAM
+(``squashfs-http``: 187 MiB written in the initramfs) pays it more than a disk boot does: its
+download took 3.3-3.7 s without and 1.1-1.8 s with the RAM faulted in first (2026-12-02). A
+real node's RAM has no such cost.
 
     .venv/bin/python bench/boot.py --image minimal [--state-dir DIR] [--runs 1]
         [--modes nfs,squashfs-nfs,squashfs-http,disk] [--smp 1] [--norandmaps] [--prealloc]
