@@ -45,7 +45,7 @@ itself a virtual machine: the first write to a page of guest RAM costs qemu a pa
 its own hypervisor serves (faulting in 2 GiB took 20 s once, after the machine had been idle,
 and 0.3-0.6 s right after another guest). A node that keeps its root in RAM
 (``squashfs-http``: 187 MiB written in the initramfs) pays it more than a disk boot does: its
-download took 3.3-3.7 s without and 1.1-1.8 s with the RAM faulted in first (2026-12-02). A
+download took 3.3-4.7 s without and 1.1-1.8 s with the RAM faulted in first (2026-12-02). A
 real node's RAM has no such cost.
 
     .venv/bin/python bench/boot.py --image minimal [--state-dir DIR] [--runs 1]
