@@ -18,6 +18,7 @@ import pytest
 from sidusctl.core.errors import SidusError
 from sidusctl.netboot import squash
 from sidusctl.subsys import verity
+from tests.conftest import sidusctl
 from tests.test_squashfs import make_store
 
 pytestmark = pytest.mark.skipif(shutil.which("veritysetup") is None,
@@ -139,7 +140,6 @@ def test_an_export_ends_with_its_tree_and_is_still_a_squashfs(tmp_path: Path) ->
                    capture_output=True)
     assert (out / "etc/hostname").read_text() == "node\n"
     # packed again from the same tree (by the command): the same bytes, tree included
-    from tests.conftest import sidusctl
     r = sidusctl("pxe", "squashfs", "img", "--force", state=state)
     assert r.returncode == 0, r.stderr
     assert f"built ({ex.size} bytes, sha256 {ex.sha256}, verity root hash " \
