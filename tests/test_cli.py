@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 
@@ -21,6 +23,33 @@ def test_lazy_table_names_exactly_the_registered_commands() -> None:
     assert set(every.commands) == set(climain.LAZY_COMMANDS)
     pxe = every.commands["pxe"]
     assert isinstance(pxe, click.Group) and {"export", "status", "render"} <= set(pxe.commands)
+
+
+def _loaded_after(argv: list[str], modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a run of ``sidusctl ARGV`` (in this process's Python) imported."""
+    code = (f"import sys; sys.argv = ['sidusctl', *{argv!r}]\n"
+            "from sidusctl.cli.main import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            f"print('LOADED', [m for m in {modules!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("LOADED "))
+    return list(ast.literal_eval(line[len("LOADED "):]))
+
+
+def test_pnode_side_commands_import_only_what_they_use(tmp_path: Path) -> None:
+    # a pnode runs sidusctl for each of the frontend's commands, and a pnode that is a TCG
+    # guest pays seconds per module: status/exec/wait need no netlink and no fan-out,
+    # facts needs netlink but neither the platform file's models nor ClusterShell
+    # (each list names first the module the command itself needs: it did run)
+    heavy = ("pyroute2", "ClusterShell.Task", "sidusctl.vnode.cluster")
+    state = ["--state-dir", str(tmp_path)]
+    assert _loaded_after([*state, "vnode", "status", "--json"],
+                         ("sidusctl.vnode.platform", *heavy)) == ["sidusctl.vnode.platform"]
+    assert _loaded_after([*state, "vnode", "exec", "--help"],
+                         ("sidusctl.cli.vnode", *heavy)) == ["sidusctl.cli.vnode"]
+    assert _loaded_after([*state, "pnode", "facts", "--help"],
+                         ("sidusctl.cli.pnode", *heavy, "sidusctl.vnode.platform_file")) == \
+        ["sidusctl.cli.pnode"]
 
 
 def test_build_does_not_import_the_vnode_runtime_or_the_servers() -> None:

@@ -14,7 +14,6 @@ import click
 from rich.table import Table
 
 from sidusctl.cli.common import console, emit_json, get_ctx, need_root
-from sidusctl.vnode.platform_file import load
 
 
 @click.group("pnode")
@@ -38,7 +37,9 @@ def facts_cmd(as_json: bool) -> None:
 
 
 def _cluster(file: str):  # type: ignore[no-untyped-def]
+    # imported here: `pnode facts`, which every pnode runs, needs neither
     from sidusctl.vnode.cluster import Cluster
+    from sidusctl.vnode.platform_file import load
 
     return Cluster(load(Path(file)), get_ctx().state)
 

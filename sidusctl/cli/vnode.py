@@ -13,9 +13,9 @@ from rich.table import Table
 
 from sidusctl.cli.common import console, emit_json, get_ctx, human_size, need_root
 from sidusctl.core.errors import ConfigError, SidusError
-from sidusctl.vnode import Platform
 from sidusctl.vnode.limits import parse_matrix_file, parse_size
 from sidusctl.vnode.model import parse_bps, parse_hierarchy, parse_mib
+from sidusctl.vnode.platform import Platform
 
 
 def _platform() -> Platform:

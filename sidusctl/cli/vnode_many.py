@@ -16,7 +16,7 @@ from rich.table import Table
 
 from sidusctl.cli.common import console, emit_json, get_ctx, need_root
 from sidusctl.subsys.fanout import expand, fold
-from sidusctl.vnode import Platform
+from sidusctl.vnode.platform import Platform
 from sidusctl.vnode.platform_file import PlatformSpec, load
 
 

@@ -32,7 +32,6 @@ from typing import Any
 
 from ClusterShell.Event import EventHandler
 from ClusterShell.NodeSet import NodeSet, NodeSetParseError
-from ClusterShell.Task import task_self
 
 from sidusctl.core.errors import ConfigError
 from sidusctl.core.log import get_logger
@@ -171,6 +170,10 @@ class Fanout:
         self.close()
 
     def _task(self) -> Any:
+        # imported here: a platform file's node sets need only NodeSet, and a pnode that is
+        # a TCG guest pays seconds for every module imported at start
+        from ClusterShell.Task import task_self
+
         task = task_self()
         task.set_info("ssh_options", shlex.join(self.ssh_options))
         task.set_info("scp_options", shlex.join(self.ssh_options))

@@ -45,21 +45,50 @@ ClusterShell)::
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sidusctl.core.paths import state_dir
-from sidusctl.vnode.cluster import Cluster, PnodeError
-from sidusctl.vnode.limits import parse_matrix_file
-from sidusctl.vnode.model import FROZEN, READY, RUNNING, VIface, VNetwork, VNode
-from sidusctl.vnode.platform import IfaceSpec, Platform
-from sidusctl.vnode.platform_file import PlatformSpec, down, up
-from sidusctl.vnode.platform_file import load as load_platform
+
+if TYPE_CHECKING:
+    from sidusctl.vnode.cluster import Cluster, PnodeError
+    from sidusctl.vnode.limits import parse_matrix_file
+    from sidusctl.vnode.model import FROZEN, READY, RUNNING, VIface, VNetwork, VNode
+    from sidusctl.vnode.platform import IfaceSpec, Platform
+    from sidusctl.vnode.platform_file import PlatformSpec, down, up
+    from sidusctl.vnode.platform_file import load as load_platform
+
+#: name -> (module, attribute): imported on first use (PEP 562), so that a command that needs
+#: one part (``sidusctl pnode facts`` on a pnode) does not import ClusterShell, pyroute2 and
+#: pydantic for the rest; a pnode that is a TCG guest spends seconds per import
+_LAZY = {
+    "Cluster": ("cluster", "Cluster"), "PnodeError": ("cluster", "PnodeError"),
+    "parse_matrix_file": ("limits", "parse_matrix_file"),
+    "FROZEN": ("model", "FROZEN"), "READY": ("model", "READY"), "RUNNING": ("model", "RUNNING"),
+    "VIface": ("model", "VIface"), "VNetwork": ("model", "VNetwork"),
+    "VNode": ("model", "VNode"),
+    "IfaceSpec": ("platform", "IfaceSpec"), "Platform": ("platform", "Platform"),
+    "PlatformSpec": ("platform_file", "PlatformSpec"), "down": ("platform_file", "down"),
+    "up": ("platform_file", "up"), "load_platform": ("platform_file", "load"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+    globals()[name] = value
+    return value
 
 
 def open(state: str | os.PathLike[str] | None = None) -> Platform:
     """The :class:`Platform` of state directory ``state`` (default: $SIDUSCTL_STATE or
     /var/lib/sidusctl)."""
+    from sidusctl.vnode.platform import Platform
     return Platform(state_dir(state) if state is None else Path(state))
 
 

@@ -14,16 +14,31 @@ import errno
 import ipaddress
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
-
-from pyroute2 import IPRoute
-from pyroute2 import netns as pr_netns
-from pyroute2.netlink.exceptions import NetlinkError
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, cast
 
 from sidusctl.core.errors import ConfigError, PrerequisiteError, SidusError
 from sidusctl.core.log import get_logger
 
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
 log = get_logger("net")
+
+
+# pyroute2 is imported on first use: its package imports some 160 modules (0.1-0.2 s here,
+# seconds on a pnode that is a TCG guest), which `vnode status`, `exec` or `wait` never need
+def netlink_error() -> type[NetlinkError]:
+    """pyroute2's ``NetlinkError`` (its ``code`` is the errno), for ``except`` clauses."""
+    from pyroute2.netlink.exceptions import NetlinkError
+    return cast("type[NetlinkError]", NetlinkError)
+
+
+def _pr_netns() -> ModuleType:
+    """pyroute2's ``netns`` module (setns, listnetns, create, remove)."""
+    from pyroute2 import netns
+    return cast(ModuleType, netns)
 
 IFNAMSIZ = 15  # usable characters in a Linux interface name
 
@@ -44,6 +59,8 @@ def ipr(netns: str | None = None) -> Iterator[IPRoute]:
     The socket is opened after ``setns(2)`` of this thread only, then the thread goes back:
     a netlink socket stays bound to the namespace it was created in. (pyroute2's own
     ``netns=`` forks a helper process, which misbehaves in threaded or forking callers.)"""
+    from pyroute2 import IPRoute
+
     if not netns:
         sock = IPRoute()
     else:
@@ -54,11 +71,11 @@ def ipr(netns: str | None = None) -> Iterator[IPRoute]:
             raise SidusError(f"cannot open network namespace {netns!r}: {e.strerror}") from e
         saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            pr_netns.setns(target)
+            _pr_netns().setns(target)
             try:
                 sock = IPRoute()
             finally:
-                pr_netns.setns(saved)
+                _pr_netns().setns(saved)
         finally:
             os.close(target)
             os.close(saved)
@@ -109,7 +126,7 @@ def ensure_bridge(name: str, address: str | None = None, netns: str | None = Non
                 if str(iface.ip) not in have:
                     ip.addr("add", index=idx, address=str(iface.ip),
                             prefixlen=iface.network.prefixlen)
-        except NetlinkError as e:
+        except netlink_error() as e:
             raise _nl(f"creating bridge {name}", e) from e
 
 
@@ -156,10 +173,10 @@ def ensure_vxlan(name: str, vni: int, bridge: str, *, port: int = 4789, group: s
             for peer in peers:
                 try:
                     ip.fdb("append", ifindex=idx, lladdr="00:00:00:00:00:00", dst=peer)
-                except NetlinkError as e:
+                except netlink_error() as e:
                     if e.code != errno.EEXIST:
                         raise
-        except NetlinkError as e:
+        except netlink_error() as e:
             raise _nl(f"creating vxlan link {name}", e) from e
 
 
@@ -185,7 +202,7 @@ def remove_link(name: str, netns: str | None = None) -> bool:
             return False
         try:
             ip.link("del", index=idx[0])
-        except NetlinkError as e:
+        except netlink_error() as e:
             if e.code != 19:  # ENODEV: gone meanwhile
                 raise _nl(f"deleting link {name}", e) from e
     return True
@@ -193,20 +210,20 @@ def remove_link(name: str, netns: str | None = None) -> bool:
 
 def ensure_netns(name: str) -> None:
     """Create the named network namespace (``/run/netns/NAME``) unless it exists."""
-    if name not in pr_netns.listnetns():
-        pr_netns.create(name)
+    if name not in _pr_netns().listnetns():
+        _pr_netns().create(name)
 
 
 def remove_netns(name: str) -> None:
     """Remove the named network namespace if it exists."""
-    if name in pr_netns.listnetns():
-        pr_netns.remove(name)
+    if name in _pr_netns().listnetns():
+        _pr_netns().remove(name)
 
 
 def netns_exists(name: str) -> bool:
     if name.startswith("/"):
         return os.path.exists(name)
-    return name in pr_netns.listnetns()
+    return name in _pr_netns().listnetns()
 
 
 def require_kind(kind: str) -> None:
@@ -219,7 +236,7 @@ def require_kind(kind: str) -> None:
             if kind == "vxlan":
                 kw.update(vxlan_id=1, vxlan_port=4789)
             ip.link("add", **kw)
-        except NetlinkError as e:
+        except netlink_error() as e:
             raise PrerequisiteError(f"this kernel cannot create {kind} links ({e})") from e
         finally:
             for idx in ip.link_lookup(ifname=probe):

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import re
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from sidusctl.core.errors import ConfigError, PrerequisiteError, SidusError
-from sidusctl.subsys.net.links import ipr
+from sidusctl.subsys.net.links import ipr, netlink_error
 
 _UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12,
           "bps": 8, "kbps": 8 * 10**3, "mbps": 8 * 10**6, "gbps": 8 * 10**9,
@@ -53,7 +51,7 @@ def clear(ifname: str, netns: str | None = None) -> None:
         idx = _index(ip, ifname, netns)
         try:
             ip.tc("del", index=idx, handle=0, parent=0xFFFFFFFF)
-        except NetlinkError as e:
+        except netlink_error() as e:
             if e.code not in (2, 22):  # ENOENT/EINVAL: there was no root qdisc of ours
                 raise SidusError(f"tc: removing the root qdisc of {ifname}: {e}") from e
 
@@ -74,7 +72,7 @@ def shape(ifname: str, rate_bits: int | None, delay_ms: float | None,
         if delay_ms is not None:
             try:
                 ip.tc("add", "netem", index=idx, handle=0x10000, delay=int(delay_ms * 1000))
-            except NetlinkError as e:
+            except netlink_error() as e:
                 if e.code in (2, 95):  # ENOENT / EOPNOTSUPP: no such qdisc in this kernel
                     raise PrerequisiteError(
                         f"latency on {ifname} needs the 'netem' qdisc, which this kernel lacks "
@@ -88,7 +86,7 @@ def shape(ifname: str, rate_bits: int | None, delay_ms: float | None,
             try:
                 ip.tc("add", "tbf", index=idx, handle=0x20000, parent=parent,
                       rate=f"{rate_bits}bit", burst=burst, latency="50ms")
-            except NetlinkError as e:
+            except netlink_error() as e:
                 if e.code in (2, 95):
                     raise PrerequisiteError(
                         f"bandwidth on {ifname} needs the 'tbf' qdisc, which this kernel lacks "
@@ -114,7 +112,7 @@ def require_qdisc(kind: str) -> None:
     with ipr() as ip:
         try:
             ip.link("add", ifname=probe, kind="bridge")
-        except NetlinkError as e:
+        except netlink_error() as e:
             raise SidusError(f"cannot create a link to probe the {kind} qdisc: {e}") from e
     try:
         with ipr() as ip:
@@ -123,7 +121,7 @@ def require_qdisc(kind: str) -> None:
                 {"rate": "1mbit", "burst": 16000, "latency": "50ms"}
             try:
                 ip.tc("add", kind, index=idx, handle=0x10000, **kw)
-            except NetlinkError as e:
+            except netlink_error() as e:
                 if e.code in (2, 95):
                     raise PrerequisiteError(
                         f"this kernel lacks the '{kind}' qdisc (CONFIG_NET_SCH_{kind.upper()} / "
@@ -156,7 +154,7 @@ def shape_by_destination(ifname: str, delays_ms: dict[str, float],
                 try:
                     ip.tc("add", "netem", index=idx, parent=cls, handle=(n << 16),
                           delay=int(ms * 1000))
-                except NetlinkError as e:
+                except netlink_error() as e:
                     if e.code in (2, 95):
                         raise PrerequisiteError(
                             "the latency matrix needs the 'netem' qdisc, which this kernel lacks "
@@ -165,5 +163,5 @@ def shape_by_destination(ifname: str, delays_ms: dict[str, float],
                 hexip = int(ipaddress.IPv4Address(dst))
                 ip.tc("add-filter", "u32", index=idx, parent=0x10000, prio=1, protocol=0x0800,
                       target=cls, keys=[f"0x{hexip:08x}/0xffffffff+16"])
-        except NetlinkError as e:
+        except netlink_error() as e:
             raise SidusError(f"tc on {ifname}: {e}") from e
