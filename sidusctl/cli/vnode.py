@@ -295,6 +295,22 @@ def list_cmd(as_json: bool) -> None:
     console.print(t)
 
 
+@vnode_group.command("cache-image")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True)
+def cache_image_cmd(images: tuple[str, ...], as_json: bool) -> None:
+    """Unpack IMAGES (image-store names or tarball paths) into the vnode image cache now, so
+    that the first vnode made from each does not wait for it (`pnode init` runs this on
+    every pnode)."""
+    p = _platform()
+    done = {i: str(p.cache_image(i)) for i in images}
+    if as_json:
+        emit_json(done)
+        return
+    for i, d in done.items():
+        console.print(f"{i}: cached in {d}", markup=False)
+
+
 @vnode_group.command("get-image")
 @click.argument("name")
 @click.argument("dest", type=click.Path(dir_okay=False))

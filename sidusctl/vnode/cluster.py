@@ -48,8 +48,6 @@ PRESENT = "sidusctl-image-present "
 #: seconds a pnode has to answer a short command (facts, status): a pnode that is a TCG guest
 #: on a loaded host needs 30-50 s just to start Python and import sidusctl
 ANSWER_TIMEOUT = 180.0
-#: the vnode :meth:`Cluster.cache_images` creates and destroys on each pnode
-CACHE_VNODE = "sidusctl-image-cache"
 
 
 def parse_facts_answer(text: str) -> tuple[dict[str, Any], set[str]]:
@@ -323,18 +321,13 @@ class Cluster:
 
     def cache_images(self, hosts: Iterable[str]) -> None:
         """Have each pnode unpack the platform's images into its vnode image cache now (as the
-        first ``vnode create`` of an image would), so that ``up`` does not pay for it: a
-        vnode named :data:`CACHE_VNODE` is created from each image and destroyed (creating
-        a vnode unpacks its image; starting it would make its root). PnodeError on failure."""
+        first ``vnode create`` of an image would), so that ``up`` does not pay for it: one
+        ``sidusctl vnode cache-image`` per pnode for all the images (a pnode that is a TCG
+        guest pays seconds for each Python start). PnodeError on failure."""
         images = self.image_paths()
-        cmds = {}
-        for h in hosts:
-            cli = shlex.join(self.cli(h, "-q", "vnode"))
-            steps = "".join(
-                f"{cli} create {CACHE_VNODE} --image "
-                f"{shlex.quote(f'{self.remote_dir(h)}/{rel}')} >/dev/null && "
-                f"{cli} destroy {CACHE_VNODE} >/dev/null && " for _, _, rel in images.values())
-            cmds[h] = ["sh", "-c", f"{cli} destroy {CACHE_VNODE} >/dev/null 2>&1; {steps}true"]
+        cmds = {h: self.cli(h, "-q", "vnode", "cache-image",
+                            *(f"{self.remote_dir(h)}/{rel}" for _, _, rel in images.values()))
+                for h in hosts}
         res = self.fo.run_each(cmds, timeout=3600)
         problems = {h: p for h, r in res.items() if (p := r.problem())}
         if problems:

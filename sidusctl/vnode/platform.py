@@ -227,6 +227,17 @@ class Platform(Observe):
             st.vnodes[name] = vn
             return vn
 
+    def cache_image(self, image: str) -> Path:
+        """Unpack ``image`` (image-store name or tarball path) into the store's image cache
+        now, as the first :meth:`create` from it would, and return its directory there (a
+        btrfs subvolume on btrfs). Nothing is done for an image already cached.
+        NotFoundError for an unknown image, StateError when the store is not initialised,
+        SidusError when the unpack fails (nothing half-unpacked is left)."""
+        with self.store.transaction() as st:
+            self.store.ready(st)
+            key, source, kind = self.store.resolve_image(st, image)
+            return self.store.unpack(st, key, source, kind)
+
     def _plan_ifaces(self, st: State, vn: VNode, specs: Sequence[IfaceSpec]) -> list[VIface]:
         used: set[tuple[str, str]] = {(i.vnetwork, i.address) for v in st.vnodes.values()
                                       for i in v.ifaces if i.address}
