@@ -78,8 +78,10 @@ def sidusctl(*args: str, state: Path | None = None, check: bool = False, timeout
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
-    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=timeout,
-                          check=check, env=full_env, cwd=REPO, **kw)  # type: ignore[call-overload]
+    res: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
+        [*argv, *args], capture_output=True, text=True, timeout=timeout, check=check,
+        env=full_env, cwd=REPO, **kw)
+    return res
 
 
 def _mounts_under(path: Path) -> list[str]:
