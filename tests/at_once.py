@@ -23,3 +23,52 @@ def at_once(*scenarios: Callable[[], None]) -> None:
     for other in errors[1:]:
         first.add_note(f"another scenario failed at the same time: {other!r}")
     raise first
+
+
+def in_turn(*scenarios: Callable[[], None]) -> None:
+    """Runs ``scenarios`` one after the other, each also when an earlier one failed; raises
+    the first failure with the others added as notes (as :func:`at_once`)."""
+    errors: list[BaseException] = []
+    for s in scenarios:
+        try:
+            s()
+        except Exception as e:  # every scenario runs; all failures are kept
+            errors.append(e)
+    if errors:
+        for other in errors[1:]:
+            errors[0].add_note(f"a later scenario failed too: {other!r}")
+        raise errors[0]
+
+
+# -- scenarios run ahead of their own test ---------------------------------------------------------
+# A test whose guest keeps one core busy for minutes (tests/test_pnode_guest.py) runs, on the
+# other core, the scenarios of a later test of the session (tests/test_secureboot.py); that
+# test then only reports their outcome. Run alone, the later test runs them itself.
+
+#: key -> the outcome of a scenario :func:`run_ahead` ran: None (it passed) or its exception
+_AHEAD: dict[str, BaseException | None] = {}
+
+
+def run_ahead(key: str, scenario: Callable[[], None]) -> None:
+    """Runs ``scenario`` now on behalf of the later test that calls :func:`run_or_replay` with
+    ``key``, and keeps its outcome for that test instead of raising it (a skip too)."""
+    try:
+        scenario()
+    except BaseException as e:  # kept for its own test, which raises it (pytest's skip too)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        _AHEAD[key] = e
+    else:
+        _AHEAD[key] = None
+
+
+def run_or_replay(key: str, scenario: Callable[[], None]) -> bool:
+    """The outcome of ``scenario``: raised again if :func:`run_ahead` ran it and it failed,
+    True if it ran ahead and passed; otherwise it runs now (False when it passes)."""
+    if key not in _AHEAD:
+        scenario()
+        return False
+    err = _AHEAD.pop(key)
+    if err is not None:
+        raise err
+    return True

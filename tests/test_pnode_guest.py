@@ -23,8 +23,9 @@ tests/test_multihost.py cannot show is proven here, in one boot:
   round trip is the matrix's i→j plus j→i within 10 %;
 - ``vnode down`` leaves no vnode root and no container cgroup on the pnode.
 
-The README demo (tests/test_demo.py) runs at the same time, in its own namespace, its guest
-done within this one's boot. About 5 minutes on the shared 2-core machine (boot to login
+On the other core, one after the other, each in its own namespace: the README demo
+(tests/test_demo.py), its guest done within this one's boot, then tests/test_secureboot.py's
+scenarios (run ahead for that test, which reports their outcome). About 5 minutes on the shared 2-core machine (boot to login
 ~80 s, ``vnode up`` ~90 s; every sidusctl run on a TCG guest costs 10-40 s of Python
 start-up).
 
@@ -44,7 +45,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -53,7 +54,8 @@ import pytest
 from sidusctl.netboot.lab import LabNode, PxeLab, wait_logins
 from sidusctl.subsys import qemu
 from sidusctl.subsys.tarball import TAR_FLAGS
-from tests.at_once import at_once
+from tests import test_secureboot
+from tests.at_once import at_once, in_turn, run_ahead
 from tests.conftest import REPO, REUSE, SIDUSCTL, BuiltImage, sidusctl
 from tests.netns_util import uniq
 from tests.test_demo import readme_demo
@@ -246,12 +248,24 @@ def rtts(out: str) -> dict[str, list[float]]:
 
 
 def test_sidus_booted_pnode_runs_shaped_and_limited_vnodes(
-        pnode_image: tuple[BuiltImage, Path], tmp_path: Path) -> None:
-    """The pnode scenario (:func:`pnode_guest_scenario`), and at once tests/test_demo.py's
-    README demo (:func:`tests.test_demo.readme_demo`: its own namespace, its guest done within
-    the pnode guest's boot): the host has a core for each guest."""
-    at_once(lambda: pnode_guest_scenario(pnode_image, tmp_path),
-            lambda: readme_demo(pnode_image[0]))
+        pnode_image: tuple[BuiltImage, Path], tmp_path: Path, request: pytest.FixtureRequest,
+) -> None:
+    """The pnode scenario (:func:`pnode_guest_scenario`, one guest for about 7 minutes), and
+    at once on the other core, one after the other, each in its own namespace:
+    tests/test_demo.py's README demo (:func:`tests.test_demo.readme_demo`) and, when
+    tests/test_secureboot.py's test is in the session and can run here, its scenarios, run
+    ahead for it (:func:`tests.at_once.run_ahead`: that test reports their outcome, this one
+    does not)."""
+    minimal = pnode_image[0]
+    second: list[Callable[[], None]] = [lambda: readme_demo(minimal)]
+    if test_secureboot.SKIP_REASON is None and any(
+            i.nodeid.endswith(f"test_secureboot.py::{test_secureboot.TEST_NAME}")
+            for i in request.session.items):
+        ahead = tmp_path / "secureboot"
+        ahead.mkdir()
+        second.append(lambda: run_ahead(test_secureboot.AHEAD_KEY, lambda: in_turn(
+            *test_secureboot.scenarios(minimal, ahead))))
+    at_once(lambda: pnode_guest_scenario(pnode_image, tmp_path), lambda: in_turn(*second))
 
 
 def pnode_guest_scenario(pnode_image: tuple[BuiltImage, Path], tmp_path: Path) -> None:
@@ -279,12 +293,22 @@ def pnode_guest_scenario(pnode_image: tuple[BuiltImage, Path], tmp_path: Path) -
         wait_logins(lab, [(g, NODE)], BOOT_TIMEOUT)
         figures["login_s"] = round(time.monotonic() - g.started, 1)
         g.login(timeout=120)
+        lap = time.monotonic()
+
+        def step(name: str) -> None:
+            """Seconds since the previous step, into the figures (where a slow run went)."""
+            nonlocal lap
+            now = time.monotonic()
+            figures[f"{name}_s"] = round(now - lap, 1)
+            lap = now
+
         # what the SIDUS root gives: an overlay, systemd on the unified cgroup v2 hierarchy
         assert g.sh("findmnt -n -o FSTYPE /") == "overlay"
         assert g.sh("stat -f -c %T /sys/fs/cgroup") == "cgroup2fs"
         assert "memory" in g.sh("cat /sys/fs/cgroup/cgroup.controllers").split()
         # the boot's own jobs done before the frontend comes (a TCG guest is slow enough)
         g.sh("systemctl is-system-running --wait", timeout=300, check=False)
+        step("settle")
 
         # the frontend reaches its sshd with the key the image carries; sidusctl is there
         # and the kernel has what the namespace pnodes lack
@@ -295,27 +319,29 @@ def pnode_guest_scenario(pnode_image: tuple[BuiltImage, Path], tmp_path: Path) -
         facts = json.loads(facts_text)
         assert facts["kernel"]["netem"] and facts["kernel"]["vxlan"], facts
         assert "memory" in facts["cgroup"]["v2"] and facts["tools"]["lxc"], facts
+        step("ssh_facts")
 
         pf.write_text(platform_text(front, image))
-        t0 = time.monotonic()
         rc, out, err = front.cli("pnode", "check", str(pf), "--json")
-        figures["check_s"] = round(time.monotonic() - t0, 1)
+        step("check")
         assert rc == 1, out + err
         assert any("not initialised" in s for s in json.loads(out)[NODE.name]), out
 
         # the store: btrfs on the guest's own disk, then the image sent by pnode init
         r = front.ssh("sidusctl vnode init --btrfs-device /dev/vda")
         assert r.returncode == 0 and "(btrfs)" in r.stdout + r.stderr, r.stdout + r.stderr
+        step("store_init")
         rc, out, err = front.cli("pnode", "init", str(pf), "--json")
         assert rc == 0 and "sent" in json.loads(out)[NODE.name], out + err
+        step("pnode_init")
         rc, out, err = front.cli("pnode", "check", str(pf), "--json")
         assert rc == 0 and json.loads(out) == {NODE.name: []}, out + err
+        step("check_again")
 
         try:
-            t0 = time.monotonic()
             rc, out, err = front.cli("vnode", "up", str(pf), "--json", "--timeout", "600")
             assert rc == 0, out + err
-            figures["up_s"] = round(time.monotonic() - t0, 1)
+            step("up")
             report = json.loads(out)
             assert sorted(report["pnodes"][NODE.name]["started"]) == VNODES, out
             addrs = {v: a["sdt-pg"] for v, a in report["plan"]["addresses"].items()}
@@ -335,6 +361,7 @@ def pnode_guest_scenario(pnode_image: tuple[BuiltImage, Path], tmp_path: Path) -
             m = re.search(r"^oom_kill (\d+)$", events, re.M)
             assert m and int(m.group(1)) >= 1, events
             figures["oom_kill"] = int(m.group(1))
+            step("limits_and_oom")
 
             # the latency matrix, measured by ping from every vnode to every other
             matrix = tmp_path / "matrix"
@@ -343,6 +370,7 @@ def pnode_guest_scenario(pnode_image: tuple[BuiltImage, Path], tmp_path: Path) -
             rc, out, err = front.cli("vnode", "latency-matrix", "--platform", str(pf),
                                      str(matrix))
             assert rc == 0, out + err
+            step("latency_matrix")
             rc, out, err = front.cli(
                 "vnode", "exec", "--platform", str(pf), "--json", "sdt-pg[1-3]", "--", "sh",
                 "-c", ping_all(addrs))
@@ -362,9 +390,11 @@ def pnode_guest_scenario(pnode_image: tuple[BuiltImage, Path], tmp_path: Path) -
                                                  "min": samples[0], "max": samples[-1]}
                     assert abs(median - asked) <= 0.1 * asked, (src, dst, asked, samples)
             figures["rtt_ms"] = measured
+            step("pings")
         finally:
             rc, out, err = front.cli("vnode", "down", str(pf))
         assert rc == 0, out + err
+        step("down")
         # nothing left on the pnode: no container, no vnode root, no cgroup
         assert g.sh("ls /var/lib/sidusctl/vnode/store/vnodes") == ""
         assert g.sh("ls -d /sys/fs/cgroup/lxc.payload.* 2>/dev/null | wc -l") == "0"

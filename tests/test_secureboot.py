@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import pytest
 from sidusctl.netboot import secureboot
 from sidusctl.netboot.lab import LabNode, PxeLab
 from sidusctl.subsys import qemu
-from tests.at_once import at_once
+from tests.at_once import at_once, run_or_replay
 from tests.conftest import SIDUSCTL, BuiltImage
 from tests.netns_util import uniq
 from tests.test_pxe_boot import (
@@ -43,15 +44,18 @@ from tests.test_pxe_boot import (
     rootfs,
 )
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, qemu, NFS)"),
-    pytest.mark.skipif(not qemu.OVMF_CODE_SECBOOT.is_file() or not qemu.OVMF_VARS_MS.is_file(),
-                       reason="needs the ovmf package's Secure Boot firmware"),
-    pytest.mark.skipif(bool(secureboot.missing_packages()),
-                       reason="needs shim-signed, shim-helpers-amd64-signed, "
-                              "grub-efi-amd64-signed"),
-]
+#: why the module's test cannot run here (None: it can)
+SKIP_REASON = ("needs root (netns, qemu, NFS)" if os.geteuid() != 0 else
+               "needs the ovmf package's Secure Boot firmware"
+               if not qemu.OVMF_CODE_SECBOOT.is_file() or not qemu.OVMF_VARS_MS.is_file() else
+               "needs shim-signed, shim-helpers-amd64-signed, grub-efi-amd64-signed"
+               if secureboot.missing_packages() else None)
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")]
+#: the test's scenarios' key for :func:`tests.at_once.run_ahead` (tests/test_pnode_guest.py
+#: runs them on its second core when this test is in the session)
+AHEAD_KEY = "test_secureboot"
+TEST_NAME = "test_secure_boot_through_shim_and_refused_unsigned_grub"
 
 NODE = LabNode("sb1", "52:54:00:5b:00:01", IPv4Address("10.77.0.150"))
 SERVE = [*SIDUSCTL, "serve-pxe"]
@@ -60,13 +64,21 @@ SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-
 
 def test_secure_boot_through_shim_and_refused_unsigned_grub(minimal_image: BuiltImage,
                                                             tmp_path: Path) -> None:
-    """The two boots above, at once with tests/test_pxe_boot.py's iPXE machine that sees
-    serve-pxe killed mid-boot (:func:`ipxe_over_http_survives_a_serve_pxe_crash`, its own
-    lab): each guest keeps one core busy."""
+    """The two boots above, and tests/test_pxe_boot.py's iPXE machine that sees serve-pxe
+    killed mid-boot (:func:`ipxe_over_http_survives_a_serve_pxe_crash`, its own lab): run
+    ahead, one after the other, by tests/test_pnode_guest.py beside its pnode guest when both
+    tests are in the session (this test then reports their outcome), else here at once (each
+    guest keeps one core busy)."""
+    if run_or_replay(AHEAD_KEY, lambda: at_once(*scenarios(minimal_image, tmp_path))):
+        print("secure boot and iPXE crash scenarios: run ahead by tests/test_pnode_guest.py")
+
+
+def scenarios(minimal_image: BuiltImage, tmp_path: Path) -> list[Callable[[], None]]:
+    """The module's scenarios, each in a directory of its own under ``tmp_path``."""
     (tmp_path / "sb").mkdir()
     (tmp_path / "ipxe").mkdir()
-    at_once(lambda: secure_boot_and_refused_unsigned_grub(minimal_image, tmp_path / "sb"),
-            lambda: ipxe_over_http_survives_a_serve_pxe_crash(minimal_image, tmp_path / "ipxe"))
+    return [lambda: secure_boot_and_refused_unsigned_grub(minimal_image, tmp_path / "sb"),
+            lambda: ipxe_over_http_survives_a_serve_pxe_crash(minimal_image, tmp_path / "ipxe")]
 
 
 def secure_boot_and_refused_unsigned_grub(minimal_image: BuiltImage, tmp_path: Path) -> None:
