@@ -25,9 +25,10 @@ tests/test_multihost.py cannot show is proven here, in one boot:
 
 On the other core, one after the other, each in its own namespace: the README demo
 (tests/test_demo.py), its guest done within this one's boot, then tests/test_secureboot.py's
-scenarios (run ahead for that test, which reports their outcome). About 5 minutes on the shared 2-core machine (boot to login
-~80 s, ``vnode up`` ~90 s; every sidusctl run on a TCG guest costs 10-40 s of Python
-start-up).
+scenarios (run ahead for that test, which reports their outcome). About 6.5 minutes on the
+shared 2-core machine (2026-12-02: login 103-110 s, ``pnode init`` 71-78 s, ``vnode up``
+58-70 s; every sidusctl run on a TCG guest costs 10-20 s of Python start-up); ``-s`` prints
+the seconds of each step.
 
 The image and its reuse key live in the shared test state (``SIDUSCTL_TEST_REUSE`` keeps
 them); everything else (the lab's namespace ``sdt-pg<pid>``, the guest, the disk, the
