@@ -61,8 +61,9 @@ if TYPE_CHECKING:
     from sidusctl.vnode.platform_file import load as load_platform
 
 #: name -> (module, attribute): imported on first use (PEP 562), so that a command that needs
-#: one part (``sidusctl pnode facts`` on a pnode) does not import ClusterShell, pyroute2 and
-#: pydantic for the rest; a pnode that is a TCG guest spends seconds per import
+#: one part (``sidusctl pnode facts`` or ``vnode status`` on a pnode) does not import the
+#: frontend's (the cluster, ClusterShell's Task, the platform file's models); a pnode that is
+#: a TCG guest spends seconds on the imports of each command
 _LAZY = {
     "Cluster": ("cluster", "Cluster"), "PnodeError": ("cluster", "PnodeError"),
     "parse_matrix_file": ("limits", "parse_matrix_file"),
@@ -83,6 +84,10 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def open(state: str | os.PathLike[str] | None = None) -> Platform:
