@@ -55,8 +55,8 @@ from sidusctl.core.paths import state_dir
 if TYPE_CHECKING:
     from sidusctl.vnode.cluster import Cluster, PnodeError
     from sidusctl.vnode.limits import parse_matrix_file
-    from sidusctl.vnode.model import FROZEN, READY, RUNNING, VIface, VNetwork, VNode
-    from sidusctl.vnode.platform import IfaceSpec, Platform
+    from sidusctl.vnode.model import FROZEN, READY, RUNNING, IfaceSpec, VIface, VNetwork, VNode
+    from sidusctl.vnode.platform import Platform
     from sidusctl.vnode.platform_file import PlatformSpec, down, up
     from sidusctl.vnode.platform_file import load as load_platform
 
@@ -70,7 +70,7 @@ _LAZY = {
     "FROZEN": ("model", "FROZEN"), "READY": ("model", "READY"), "RUNNING": ("model", "RUNNING"),
     "VIface": ("model", "VIface"), "VNetwork": ("model", "VNetwork"),
     "VNode": ("model", "VNode"),
-    "IfaceSpec": ("platform", "IfaceSpec"), "Platform": ("platform", "Platform"),
+    "IfaceSpec": ("model", "IfaceSpec"), "Platform": ("platform", "Platform"),
     "PlatformSpec": ("platform_file", "PlatformSpec"), "down": ("platform_file", "down"),
     "up": ("platform_file", "up"), "load_platform": ("platform_file", "load"),
 }

@@ -9,6 +9,7 @@ makes it ``READY`` again; ``freeze``/``unfreeze`` move between ``RUNNING`` and `
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from dataclasses import asdict, dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 from sidusctl.core.errors import ConfigError
 from sidusctl.subsys.cgroups import IoLimit, MemLimits
+from sidusctl.subsys.net.links import IFNAMSIZ
 
 READY, RUNNING, FROZEN = "READY", "RUNNING", "FROZEN"
 FS_MODES = ("cow", "distinct", "shared")
@@ -234,3 +236,35 @@ def parse_bps(v: object, where: str, key: str) -> int | str:
                           expected="bytes per second, e.g. 1048576, 10M or 'max'")
     mult = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
     return int(m.group(1)) * mult
+
+
+@dataclass
+class IfaceSpec:
+    """``--iface if0:NET[:IP]`` parsed."""
+
+    name: str
+    vnetwork: str
+    address: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> IfaceSpec:
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or not all(parts[:2]):
+            raise ConfigError("--iface", None, f"invalid viface {text!r}",
+                              expected="IFNAME:VNETWORK[:IPV4], e.g. if0:vnet or if0:vnet:10.144.0.5")
+        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None)
+
+
+def veth_name(vnode: str, ifname: str) -> str:
+    """The host end of viface ``ifname``'s veth: ``VNODE-IFNAME``, or a digest of it when that
+    is longer than an interface name may be (IFNAMSIZ)."""
+    name = f"{vnode}-{ifname}"
+    if len(name) <= IFNAMSIZ:
+        return name
+    return "vn" + hashlib.sha1(name.encode()).hexdigest()[:9] + ifname[-4:]
+
+
+def hwaddr(vnode: str, ifname: str) -> str:
+    """A stable, locally administered MAC address (``02:..``) for viface ``ifname`` of ``vnode``."""
+    h = hashlib.sha1(f"{vnode}/{ifname}".encode()).hexdigest()
+    return "02:" + ":".join(h[i:i + 2] for i in range(0, 10, 2))

@@ -7,13 +7,11 @@ leaves it true (the real container state is read back from LXC: see :meth:`Platf
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +34,13 @@ from sidusctl.vnode.model import (
     LOCALHOST,
     READY,
     RUNNING,
+    IfaceSpec,
     VIface,
     VNetwork,
     VNode,
     check_vnode_name,
+    hwaddr,
+    veth_name,
 )
 from sidusctl.vnode.observe import Observe
 from sidusctl.vnode.store import State, Store
@@ -47,35 +48,6 @@ from sidusctl.vnode.store import State, Store
 log = get_logger("vnode")
 
 Progress = Callable[[str], None]
-
-
-@dataclass
-class IfaceSpec:
-    """``--iface if0:NET[:IP]`` parsed."""
-
-    name: str
-    vnetwork: str
-    address: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> IfaceSpec:
-        parts = text.split(":")
-        if len(parts) not in (2, 3) or not all(parts[:2]):
-            raise ConfigError("--iface", None, f"invalid viface {text!r}",
-                              expected="IFNAME:VNETWORK[:IPV4], e.g. if0:vnet or if0:vnet:10.144.0.5")
-        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 and parts[2] else None)
-
-
-def _veth_name(vnode: str, ifname: str) -> str:
-    name = f"{vnode}-{ifname}"
-    if len(name) <= links.IFNAMSIZ:
-        return name
-    return "vn" + hashlib.sha1(name.encode()).hexdigest()[:9] + ifname[-4:]
-
-
-def _hwaddr(vnode: str, ifname: str) -> str:
-    h = hashlib.sha1(f"{vnode}/{ifname}".encode()).hexdigest()
-    return "02:" + ":".join(h[i:i + 2] for i in range(0, 10, 2))
 
 
 class Platform(Observe):
@@ -373,8 +345,8 @@ class Platform(Observe):
         gw_done = False
         for i in vn.ifaces:
             net = self._net(st, i.vnetwork)
-            out.append({"name": i.name, "bridge": net.bridge, "veth": _veth_name(vn.name, i.name),
-                        "hwaddr": _hwaddr(vn.name, i.name),
+            out.append({"name": i.name, "bridge": net.bridge, "veth": veth_name(vn.name, i.name),
+                        "hwaddr": hwaddr(vn.name, i.name),
                         "address": f"{i.address}/{net.network.prefixlen}",
                         "gateway": None if gw_done else net.gateway, "mtu": net.mtu})
             gw_done = True
@@ -423,7 +395,7 @@ class Platform(Observe):
         inner = self._netns_of(vn.name)
         for i in vn.ifaces:
             # host end: traffic to the vnode; vnode end (in its netns): traffic from it.
-            tc.shape(_veth_name(vn.name, i.name), i.bandwidth, i.latency_ms)
+            tc.shape(veth_name(vn.name, i.name), i.bandwidth, i.latency_ms)
             tc.shape(i.name, i.bandwidth, i.latency_ms, netns=inner)
 
     def stop(self, name: str) -> VNode:
@@ -563,7 +535,7 @@ class Platform(Observe):
                     if bandwidth or latency:
                         inner = self._netns_of(name)
                         for i in vn.ifaces:
-                            tc.shape(_veth_name(name, i.name), i.bandwidth, i.latency_ms)
+                            tc.shape(veth_name(name, i.name), i.bandwidth, i.latency_ms)
                             tc.shape(i.name, i.bandwidth, i.latency_ms, netns=inner)
                 except BaseException:
                     st.vnodes[name] = before

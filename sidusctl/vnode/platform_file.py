@@ -23,11 +23,12 @@ from sidusctl.subsys import fanout
 from sidusctl.vnode.model import (
     VNET_NAME_RE,
     VNODE_NAME_RE,
+    IfaceSpec,
     parse_bps,
     parse_hierarchy,
     parse_mib,
 )
-from sidusctl.vnode.platform import IfaceSpec, Platform
+from sidusctl.vnode.platform import Platform
 
 Reporter = Callable[[str, str, int], None]
 
