@@ -50,12 +50,19 @@ real node's RAM has no such cost.
 
     .venv/bin/python bench/boot.py --image minimal [--state-dir DIR] [--runs 1]
         [--modes nfs,squashfs-nfs,squashfs-http,disk] [--smp 1] [--norandmaps] [--prealloc]
-        [--no-details] [--kernel-profile] [--json]
+        [--no-details] [--kernel-profile] [--count-execs] [--json]
 
 ``--kernel-profile`` boots every guest with the kernel's own profiler and prints, for the
 initramfs and for userspace apart, the kernel functions that took the most timer ticks and the
 pages allocated, with userspace's page allocations by caller (bench/kprofile.py). The reads
 cost console time: its boot times are not the figures to quote.
+
+``--count-execs`` boots every guest with the kernel's ``sched_process_exec`` tracepoint on
+from its start (``trace_event=``) and, after each login prompt, logs in and reads the trace:
+how many programs the initramfs started (up to the root's ``/sbin/init``), by path, and how
+many userspace started until the login. Under TCG with randomized address spaces each program
+started in the initramfs costs the rest of the boot too (docs/performance.md, "Fewer programs
+in the initramfs"). The login costs no boot time: the clock stopped at the prompt.
 
 ``--record-reads FILE`` instead records the files a real NFS-root boot reads, for
 bench/bootstorm.py's ``nfs`` variant: the root is copied (``cp -a``) into a scratch
@@ -256,6 +263,35 @@ def _kernel_profile(g: Guest, early: tuple[bytes, int]) -> dict[str, Any]:
                           "allocations_by_caller": kprofile.alloc_sites(hist)}}
 
 
+#: kernel command line words for ``--count-execs``: every exec traced from the kernel's start
+#: (1 MiB of trace buffer holds some 10 000 events; a boot of ``minimal`` makes about 500)
+EXEC_TRACE_WORDS = ("trace_event=sched:sched_process_exec", "trace_buf_size=1M")
+EXEC_RE = re.compile(r"sched_process_exec: filename=(\S+) pid=(\d+)")
+
+
+def count_execs(g: Guest) -> dict[str, Any]:
+    """Logs in (if not yet) and reads the boot's ``sched_process_exec`` trace (tracefs, which
+    systemd mounts on /sys/kernel/tracing): ``initramfs`` (programs started before pid 1 ran
+    the root's init), ``initramfs_by_path`` (path: count, most first) and ``userspace`` (from
+    there to the login). Raises RuntimeError when the trace holds no exec of pid 1 (the
+    command line lacked :data:`EXEC_TRACE_WORDS`, or the buffer overflowed)."""
+    if not g.logged_in:
+        g.login(timeout=300)
+    text = g.sh("grep -o 'sched_process_exec: filename=[^ ]* pid=[0-9]*' "
+                "/sys/kernel/tracing/trace", check=False, timeout=120)
+    execs = [(m.group(1), int(m.group(2))) for m in EXEC_RE.finditer(text)]
+    # /init is the initramfs's pid 1; its next exec (run-init's) is the root's init
+    cut = next((i for i, (path, pid) in enumerate(execs) if pid == 1 and path != "/init"),
+               None)
+    if cut is None:
+        raise RuntimeError(f"no exec of pid 1 in the guest's exec trace ({len(execs)} execs)")
+    by_path: dict[str, int] = {}
+    for path, _ in execs[:cut]:
+        by_path[path] = by_path.get(path, 0) + 1
+    return {"initramfs": cut, "userspace": len(execs) - cut,
+            "initramfs_by_path": dict(sorted(by_path.items(), key=lambda kv: -kv[1]))}
+
+
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     state, root, kernel, initrd = _image(args)
     modes = tuple(m for m in MODES if m in args.modes.split(","))
@@ -263,6 +299,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     details: dict[str, Any] = {}
     profiles: dict[str, list[dict[str, Any]]] = {}
     tcg: dict[str, list[dict[str, int]]] = {m: [] for m in modes}
+    execs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     tag = os.getpid() % 10000
     with tempfile.TemporaryDirectory(prefix="sdt-bench-boot-", dir="/var/tmp") as tmp:
         disk = Path(tmp) / "root.img"
@@ -293,6 +330,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                         kw["append"] = kprofile.boot_words(kw["append"])
                     if args.norandmaps:
                         kw["append"] += " norandmaps"
+                    if args.count_execs:
+                        kw["append"] += " " + " ".join(EXEC_TRACE_WORDS)
                     kw["smp"] = args.smp
                     kw["prealloc"] = args.prealloc
                     monitor = Path(tmp) / f"{m}-{i}.monitor"
@@ -314,6 +353,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                                     details["squashfs_http"] = http_details(g)
                                 else:
                                     details[m.replace("-", "_")] = systemd_details(g)
+                            if args.count_execs:
+                                execs[m].append(count_execs(g))
                         except BaseException:
                             print(f"--- console of {name} ---\n{g.tail(4000)}\n--- serve-pxe "
                                   f"---\n{lab.serve_text()[-4000:]}", file=sys.stderr)
@@ -327,6 +368,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "ratio_over_disk": {m: round(med[m] / disk_s, 2) for m in modes if m != "disk"},
             "marks": {m: times[m] for m in modes}, "tcg_at_login": tcg, "details": details,
             **({"kernel_profile": profiles} if args.kernel_profile else {}),
+            **({"execs": execs} if args.count_execs else {}),
             "load_average": os.getloadavg(),
             "reference": "same image on a local virtio disk (direct kernel boot)"}
 
@@ -421,6 +463,9 @@ def main() -> int:
     ap.add_argument("--kernel-profile", action="store_true",
                     help="profile each guest's kernel (bench/kprofile.py), initramfs and "
                          "userspace apart; the boot times then include the reads")
+    ap.add_argument("--count-execs", action="store_true",
+                    help="trace every exec from the kernel's start and count, after each "
+                         "login prompt, the programs the initramfs and userspace started")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -464,6 +509,12 @@ def main() -> int:
         callers = runs[0]["userspace"]["allocations_by_caller"][:5]
         sites = ", ".join(f"{f} {n}" for f, n, _ in callers)
         print(f"  {m:14} page allocations in userspace by caller: {sites}")
+    for m, runs in result.get("execs", {}).items():
+        e = runs[-1]
+        top = ", ".join(f"{p.rsplit('/', 1)[-1]} {n}"
+                        for p, n in list(e["initramfs_by_path"].items())[:6])
+        print(f"  {m:14} programs started (last boot): initramfs {e['initramfs']} ({top}), "
+              f"userspace to the login {e['userspace']}")
     print(f"  load average at the end: {result['load_average']}")
     return 0
 
