@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 
 def at_once(*scenarios: Callable[[], None]) -> None:
     """Runs each of ``scenarios`` (a scenario: its own lab, guests, checks and clean-up; none
@@ -16,28 +18,34 @@ def at_once(*scenarios: Callable[[], None]) -> None:
     added to it as notes (PEP 678), so that none is lost."""
     with ThreadPoolExecutor(max_workers=len(scenarios), thread_name_prefix="sdt-scenario") as ex:
         futures = [ex.submit(s) for s in scenarios]
-    errors = [e for e in (f.exception() for f in futures) if e is not None]
-    if not errors:
-        return
-    first = errors[0]
-    for other in errors[1:]:
-        first.add_note(f"another scenario failed at the same time: {other!r}")
-    raise first
+    _raise_first([e for e in (f.exception() for f in futures) if e is not None],
+                 "another scenario failed at the same time")
 
 
 def in_turn(*scenarios: Callable[[], None]) -> None:
-    """Runs ``scenarios`` one after the other, each also when an earlier one failed; raises
-    the first failure with the others added as notes (as :func:`at_once`)."""
+    """Runs ``scenarios`` one after the other, each also when an earlier one failed or was
+    skipped (pytest's skip is a BaseException; only Ctrl-C stops the turn); raises the first
+    failure with the others added as notes (as :func:`at_once`)."""
     errors: list[BaseException] = []
     for s in scenarios:
         try:
             s()
-        except Exception as e:  # every scenario runs; all failures are kept
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # every scenario runs; all failures (and skips) are kept
             errors.append(e)
-    if errors:
-        for other in errors[1:]:
-            errors[0].add_note(f"a later scenario failed too: {other!r}")
-        raise errors[0]
+    _raise_first(errors, "a later scenario failed too")
+
+
+def _raise_first(errors: list[BaseException], note: str) -> None:
+    """Raises the first of ``errors`` (if any) that is not a pytest skip, else the first skip,
+    with each other one added to it as a note (PEP 678): a skip never hides a failure."""
+    if not errors:
+        return
+    errors = sorted(errors, key=lambda e: isinstance(e, pytest.skip.Exception))
+    for other in errors[1:]:
+        errors[0].add_note(f"{note}: {other!r}")
+    raise errors[0]
 
 
 # -- scenarios run ahead of their own test ---------------------------------------------------------

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.at_once import at_once
+from tests.at_once import at_once, in_turn, run_ahead, run_or_replay
 
 
 def test_scenarios_overlap_and_all_are_waited_for() -> None:
@@ -36,3 +36,41 @@ def test_first_failure_raised_with_the_others_as_notes_after_all_ended() -> None
         at_once(lambda: fails("first"), slow, lambda: fails("second"))
     assert ended == ["slow"]  # the failure did not cut the other scenario short
     assert any("second" in n for n in info.value.__notes__)
+
+
+def test_in_turn_runs_every_scenario_in_order_past_failures_and_skips() -> None:
+    ran: list[str] = []
+
+    def step(name: str, fail: BaseException | None = None) -> None:
+        ran.append(name)
+        if fail is not None:
+            raise fail
+
+    with pytest.raises(AssertionError, match="failed") as info:
+        in_turn(lambda: step("a", pytest.skip.Exception("skipped")),
+                lambda: step("b", AssertionError("failed")), lambda: step("c"))
+    assert ran == ["a", "b", "c"]  # neither the skip nor the failure stopped the turn
+    # the failure is raised, not the earlier skip, which is a note
+    assert any("skipped" in n for n in info.value.__notes__)
+    with pytest.raises(KeyboardInterrupt):
+        in_turn(lambda: step("d", KeyboardInterrupt()), lambda: step("e"))
+    assert ran[-1] == "d"  # Ctrl-C stops it
+
+
+def test_run_ahead_keeps_the_outcome_for_its_test_which_raises_it_once() -> None:
+    ran: list[str] = []
+    run_ahead("sdt-pass", lambda: ran.append("ahead"))
+
+    def fails() -> None:
+        raise AssertionError("ahead failed")
+
+    run_ahead("sdt-fail", fails)
+    assert ran == ["ahead"]  # neither outcome raised by run_ahead
+    # the later test: not run again, its outcome replayed once
+    assert run_or_replay("sdt-pass", lambda: ran.append("again")) is True
+    with pytest.raises(AssertionError, match="ahead failed"):
+        run_or_replay("sdt-fail", lambda: ran.append("again"))
+    assert ran == ["ahead"]
+    # not run ahead (or replayed already): the test runs it itself
+    assert run_or_replay("sdt-pass", lambda: ran.append("itself")) is False
+    assert ran == ["ahead", "itself"]
