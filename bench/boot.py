@@ -85,6 +85,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -285,11 +286,9 @@ def count_execs(g: Guest) -> dict[str, Any]:
                None)
     if cut is None:
         raise RuntimeError(f"no exec of pid 1 in the guest's exec trace ({len(execs)} execs)")
-    by_path: dict[str, int] = {}
-    for path, _ in execs[:cut]:
-        by_path[path] = by_path.get(path, 0) + 1
+    by_path = Counter(path for path, _ in execs[:cut])
     return {"initramfs": cut, "userspace": len(execs) - cut,
-            "initramfs_by_path": dict(sorted(by_path.items(), key=lambda kv: -kv[1]))}
+            "initramfs_by_path": dict(by_path.most_common())}
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
