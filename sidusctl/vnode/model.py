@@ -248,6 +248,8 @@ class IfaceSpec:
 
     @classmethod
     def parse(cls, text: str) -> IfaceSpec:
+        """``IFNAME:VNETWORK[:IPV4]`` (the address optional, not checked here); ConfigError
+        (key ``--iface``) for any other shape."""
         parts = text.split(":")
         if len(parts) not in (2, 3) or not all(parts[:2]):
             raise ConfigError("--iface", None, f"invalid viface {text!r}",
