@@ -3,6 +3,7 @@ standard for boot scripts (POSIX sh, shellcheck-clean)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import subprocess
@@ -135,3 +136,56 @@ def test_a_refused_module_is_named_on_the_console_and_recorded(tmp_path: Path) -
     # a module /sys/module lists was never handed to modprobe
     calls = (bindir / "calls").read_text().split()
     assert "overlay" in calls and not {"squashfs", "dm-verity", "dm_verity"} & set(calls), calls
+
+
+#: the awk program init-bottom/sidus ran before it rewrote the fstab with the shell alone:
+#: the reference its shell function must agree with
+FSTAB_AWK = ('($1 !~ /^#/) && ($2 == "/") '
+             '{ print "# sidus: / is an overlay set up by the initramfs: " $0; next } { print }')
+FSTABS = {
+    "debootstrap": "# UNCONFIGURED FSTAB FOR BASE SYSTEM\n",
+    "root": "UUID=1234 / ext4 errors=remount-ro 0 1\n/dev/sda2 none swap sw 0 0\n",
+    "tabs, blanks, no final newline": ("\n#\t/ comment\n\tLABEL=root\t/\text4\tdefaults 0 1\n"
+                                      "proc /proc proc defaults 0 0\n  \n/dev/vdb /srv ext4 "
+                                      "defaults 0 2"),
+    "globs and backslashes": "/dev/* / auto defaults 0 0\n//srv/share /mnt\\040x cifs a\\b 0 0\n",
+    "two roots, a comment first": "#x / y\n/dev/a / ext4 ro\ntmpfs / tmpfs rw\n",
+}
+
+
+@pytest.mark.parametrize("name", list(FSTABS))
+def test_fstab_rewrite_by_the_shell_matches_the_awk_it_replaced(tmp_path: Path,
+                                                                 name: str) -> None:
+    """init-bottom's ``fstab_without_root`` (dash here, as strict as busybox's ash) comments
+    out the entries for / exactly as the awk program it replaced did (run here as the
+    reference), and leaves a file without such an entry untouched (not written at all)."""
+    text = FSTABS[name]
+    fstab = tmp_path / "fstab"
+    fstab.write_text(text)
+    ref = subprocess.run(["awk", FSTAB_AWK, str(fstab)], capture_output=True, text=True,
+                         check=True).stdout
+    func = shell_function(initramfs_dir() / "scripts/init-bottom/sidus", "fstab_without_root")
+    before = fstab.stat().st_mtime_ns
+    os.utime(fstab, ns=(0, 0))
+    subprocess.run(["dash", "-ec", func + 'fstab_without_root "$1"', "sh", str(fstab)],
+                   check=True, cwd=tmp_path)
+    out = fstab.read_text()
+    if "# sidus:" in ref:
+        assert out == ref, (out, ref)
+    else:
+        # the same text (awk adds a last newline), and not written: its time unchanged
+        assert ref in (text, text + "\n") and out == text
+        assert fstab.stat().st_mtime_ns == 0, before
+    # nothing written beside it (the fields of a line are the function's $1..: never a path)
+    assert [p.name for p in tmp_path.iterdir()] == ["fstab"]
+
+
+def test_copy_in_copies_text_as_it_is(tmp_path: Path) -> None:
+    """init-bottom's ``copy_in`` (which writes the report script and unit without starting
+    cat) copies a quoted here-document byte for byte: tabs, backslashes, ``$``, globs, a
+    last line without a newline gains one."""
+    text = "\tif exec 3<>\"/dev/tcp/$h/$p\"; then\nprintf 'a\\r\\n%s' * \\\n  x\n\nend"
+    func = shell_function(initramfs_dir() / "scripts/init-bottom/sidus", "copy_in")
+    out = subprocess.run(["dash", "-ec", func + "copy_in"], input=text, capture_output=True,
+                         text=True, check=True, cwd=tmp_path).stdout
+    assert out == text + "\n"

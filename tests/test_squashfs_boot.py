@@ -135,6 +135,15 @@ def check_squashfs_root(g: Guest, root: str, generation: str) -> None:
         assert "huge=always" in g.sh("findmnt -n -o OPTIONS /run/sidus/img")
         huge_kb = g.sh("awk '/^ShmemHugePages:/ {print $2}' /proc/meminfo")
         assert int(huge_kb) >= 100 * 1024, f"ShmemHugePages: {huge_kb} kB"
+    # the report unit is a runtime one (init-bottom wrote it into /run, with the shell
+    # alone; the test waits below for the "booted" it sends): the writable layer holds none
+    # of it
+    assert g.sh("systemctl show -P FragmentPath sidus-report.service") == \
+        "/run/systemd/system/sidus-report.service"
+    for old in ("etc/systemd/system/sidus-report.service", "usr/local/lib/sidus"):
+        assert g.rc(f"test -e /run/sidus/rw/upper/{old}") == 1, old
+    # the image's fstab entry for / commented out (init-bottom's fstab_without_root)
+    assert g.sh("awk '$1 !~ /^#/ && $2 == \"/\"' /etc/fstab") == ""
     # a write lands in the upper layer only
     g.sh("echo written > /etc/sdt-sq-write")
     assert g.sh("cat /run/sidus/rw/upper/etc/sdt-sq-write") == "written"
