@@ -39,8 +39,8 @@ class PxeSupervisor(supervisor.Supervisor):
     HTTP, by client IP, with the time), ``ip_mac`` (client IP → MAC, learnt from the
     per-MAC files a client asks for: in proxy mode the site's DHCP server gives the
     addresses, so a node's files come from an address the inventory does not know),
-    ``reports`` (the stages a node POSTed to ``/sidus/report``: ``root``, ``root-mounted``,
-    ``overlay``, ``booted``, ``failed``, by MAC, with time and detail, and the kernel facts
+    ``reports`` (the stages a node POSTed to ``/sidus/report``: ``root``, ``root-mounted``
+    (sent by initrds built before 2026-12-02), ``overlay``, ``booted``, ``failed``, by MAC, with time and detail, and the kernel facts
     of :data:`~sidusctl.netboot.pxestatus.NODE_FACTS`), ``holds``: the generation each
     node booted, kept in ``<state>/serve/holds.json`` so that a restart does not forget
     which files running nodes still read, and ``served``: the generations the boot tree
