@@ -40,8 +40,9 @@ class PxeSupervisor(supervisor.Supervisor):
     per-MAC files a client asks for: in proxy mode the site's DHCP server gives the
     addresses, so a node's files come from an address the inventory does not know),
     ``reports`` (the stages a node POSTed to ``/sidus/report``: ``root``, ``root-mounted``
-    (sent by initrds built before 2026-12-02), ``overlay``, ``booted``, ``failed``, by MAC, with time and detail, and the kernel facts
-    of :data:`~sidusctl.netboot.pxestatus.NODE_FACTS`), ``holds``: the generation each
+    (sent by initrds built before 2026-12-02), ``overlay``, ``booted``, ``failed``, by MAC,
+    with time and detail, and the kernel facts of
+    :data:`~sidusctl.netboot.pxestatus.NODE_FACTS`), ``holds``: the generation each
     node booted, kept in ``<state>/serve/holds.json`` so that a restart does not forget
     which files running nodes still read, and ``served``: the generations the boot tree
     named, with the last time. :meth:`keep` turns both into what stays served; the image
