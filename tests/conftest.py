@@ -1,6 +1,7 @@
-"""Shared fixtures: the real ``minimal`` image, built once per test run with the real CLI, and a
-leak check that fails the run if any test left a mount, netns, container, loop device or qemu
-process named ``sdt-`` behind.
+"""Shared fixtures: the real ``minimal`` image, built once per test run with the real CLI (in the
+background from the session's start, while the fast tests, sorted first, run), and a leak check
+that fails the run if any test left a mount, netns, container, loop device or qemu process
+named ``sdt-`` behind.
 
 Tiers (docs/testing.md): ``-m "not slow"`` is the fast tier and must never run debootstrap, qemu,
 LXC or nfs-ganesha, nor build an image. The fixtures that do (``minimal_image``, and any a test
@@ -10,7 +11,8 @@ marked ``slow``, whether it names them as arguments or reaches them through
 
 Environment knobs (for developers; CI sets none of them):
 - ``SIDUSCTL_TEST_STATE``: state directory of the shared image (default /var/tmp/sdt-test-state,
-  wiped at the start and the end of the run).
+  wiped at the start and the end of the run); the pnode image's (tests/pnode_image.py) is
+  beside it, named with ``-pnode`` added, and wiped with it.
 - ``SIDUSCTL_TEST_REUSE=1``: keep the state directory between runs and reuse the built image if
   its recipe digest is unchanged (saves the 2-3 minute build while iterating).
 - ``SIDUSCTL_CACHE``: the shared .deb cache (default /var/cache/sidusctl-test/apt, kept: a
@@ -26,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +44,9 @@ SIDUSCTL = [sys.executable, "-m", "sidusctl"]
 TEST_STATE = Path(os.environ.get("SIDUSCTL_TEST_STATE", "/var/tmp/sdt-test-state"))
 CACHE = Path(os.environ.get("SIDUSCTL_CACHE", "/var/cache/sidusctl-test/apt"))
 REUSE = os.environ.get("SIDUSCTL_TEST_REUSE") == "1"
+#: the pnode image's own state directory, beside the shared one and wiped with it
+#: (tests/pnode_image.py builds it in the background)
+PNODE_STATE = TEST_STATE.with_name(f"{TEST_STATE.name}-pnode")
 os.environ["SIDUSCTL_CACHE"] = str(CACHE)
 
 
@@ -135,12 +141,15 @@ def test_state() -> Iterator[Path]:
     else:
         if not REUSE:
             _wipe(TEST_STATE)
+            _wipe(PNODE_STATE)
         fcntl.flock(fd, fcntl.LOCK_SH)
     assert fd is not None
     TEST_STATE.mkdir(parents=True, exist_ok=True)
     try:
         yield TEST_STATE
     finally:
+        if "tests.pnode_image" in sys.modules:  # a background build still running stops first
+            sys.modules["tests.pnode_image"].stop()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             last = True
@@ -148,6 +157,7 @@ def test_state() -> Iterator[Path]:
             last = False
         if last and not REUSE:
             _wipe(TEST_STATE)
+            _wipe(PNODE_STATE)
         os.close(fd)
 
 
@@ -164,30 +174,122 @@ class BuiltImage:
         return getattr(self.image, name)
 
 
+def _needs_minimal(item: pytest.Item) -> bool:
+    """Whether ``item`` is a slow test that asks for the shared image: as an argument (or a
+    fixture's), or through a module fixture's ``request.getfixturevalue`` (such a module says
+    ``USES_MINIMAL_IMAGE = True``)."""
+    return item.get_closest_marker("slow") is not None and (
+        "minimal_image" in getattr(item, "fixturenames", ())
+        or getattr(getattr(item, "module", None), "USES_MINIMAL_IMAGE", False))
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    # The modules without a slow test first, then the others, each in collection order: the
+    # shared image builds in the background meanwhile (_background_builds), on the core the
+    # fast tests leave idle (docs/testing.md: the CI budget). Last, the modules whose scenarios
+    # tests/test_pnode_guest.py may run ahead (they say AHEAD_KEY): after that test.
+    slow = {i.module.__name__ for i in items
+            if i.get_closest_marker("slow") is not None and hasattr(i, "module")}
+
+    def group(item: pytest.Item) -> int:
+        module = getattr(item, "module", None)
+        if getattr(module, "AHEAD_KEY", None) is not None:
+            return 2
+        return int(getattr(module, "__name__", "") in slow)
+
+    items.sort(key=group)
+
+
+class _MinimalBuild:
+    """The shared image's build, in a thread: started before the first test when a slow test
+    of the session needs it (:func:`_background_builds`), waited for by :func:`minimal_image`.
+    When it is done and tests/test_pnode_guest.py is in the session, the pnode image's build
+    starts behind it (tests/pnode_image.py)."""
+
+    def __init__(self, test_state: Path, pnode: bool) -> None:
+        self.test_state = test_state
+        self.pnode = pnode
+        self.built: BuiltImage | None = None
+        self.failure: str | None = None
+        self.thread = threading.Thread(target=self._run, name="sdt-minimal-build", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.built = _build_minimal(self.test_state)
+        except BaseException as e:  # reported by the test that waits for it
+            self.failure = f"building images/minimal failed: {e}"
+            return
+        if self.pnode:
+            # the pnode test's image, from now on (its bootstrap is the one this build saved)
+            from tests import pnode_image
+            pnode_image.start(self.built)
+
+    def result(self) -> BuiltImage:
+        self.thread.join()
+        if self.built is None:
+            pytest.fail(self.failure or "building images/minimal failed", pytrace=False)
+        return self.built
+
+
+_minimal_build: _MinimalBuild | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _background_builds(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Starts the shared image's build before the session's first test, when a slow test of
+    the session needs it (the fast tests, sorted first, run meanwhile); at the end, stops the
+    pnode image's build if it still runs (before the state directories are wiped)."""
+    global _minimal_build
+    items = request.session.items
+    if _minimal_build is None and any(_needs_minimal(i) for i in items):
+        test_state: Path = request.getfixturevalue("test_state")
+        pnode = any(Path(str(i.path)).name == "test_pnode_guest.py" for i in items)
+        _minimal_build = _MinimalBuild(test_state, pnode)
+    yield
+    if _minimal_build is not None:
+        _minimal_build.thread.join()
+    if "tests.pnode_image" in sys.modules:
+        sys.modules["tests.pnode_image"].stop()
+
+
 @pytest.fixture(scope="session")
 def minimal_image(request: pytest.FixtureRequest) -> BuiltImage:
     """``images/minimal`` built once per run by ``sidusctl build minimal --tar`` (real
-    debootstrap against the Debian archive). Attributes as imagestore.Image: rootfs, tarball,
-    kernel, initrd, manifest, dir, name; plus ``state`` and ``log``. A session that is not alone
+    debootstrap against the Debian archive), in the background from the session's start
+    (:func:`_background_builds`). Attributes as imagestore.Image: rootfs, tarball, kernel,
+    initrd, manifest, dir, name; plus ``state`` and ``log``. A session that is not alone
     waits for a concurrent session's build and reuses it.
 
     Fails unless the test that first asks for it (as an argument, or through a module fixture's
     ``request.getfixturevalue``) is marked ``slow``; the failure is cached for the session, so
     in the fast tier every later request fails too. Tests naming it as an argument are also
     checked one by one in :func:`pytest_runtest_setup`."""
+    global _minimal_build
     require_slow(request, "the built minimal image (debootstrap)")
-    # only now: setting test_state up may wipe the shared state directory
-    test_state: Path = request.getfixturevalue("test_state")
+    if _minimal_build is None:  # no test of the session was known to need it
+        test_state: Path = request.getfixturevalue("test_state")
+        pnode = any(Path(str(i.path)).name == "test_pnode_guest.py"
+                    for i in request.session.items)
+        _minimal_build = _MinimalBuild(test_state, pnode)
+    return _minimal_build.result()
+
+
+def _build_minimal(test_state: Path) -> BuiltImage:
+    """The shared image: reused when this session may and its key (the recipe and the netboot
+    scripts that go into its initrd) is unchanged, else built; under the state directory's
+    build lock (a concurrent session waits for it). Raises RuntimeError with the build's
+    error output when it fails."""
     from sidusctl.image import recipe
     from sidusctl.subsys.imagestore import ImageStore
 
-    logfile = test_state / "build-minimal.log"
-    # what decides the image: the recipe and the netboot scripts that go into its initrd
     h = hashlib.sha256(recipe.find("minimal").digest().encode())
     for f in sorted((REPO / "initramfs").rglob("*")):
         if f.is_file():
             h.update(str(f.relative_to(REPO)).encode() + f.read_bytes())
     digest = h.hexdigest()
+    logfile = test_state / "build-minimal.log"
     keyfile = test_state / "build-minimal.key"
     fd = _flock(test_state / ".build-lock", fcntl.LOCK_EX)
     try:
@@ -199,10 +301,9 @@ def minimal_image(request: pytest.FixtureRequest) -> BuiltImage:
         keyfile.unlink(missing_ok=True)
         res = sidusctl("--debug", "build", "minimal", "--tar", state=test_state, timeout=1800)
         logfile.write_text(res.stdout + res.stderr)
-        if res.returncode == 0:
-            keyfile.write_text(digest)
         if res.returncode != 0:
-            pytest.fail(f"building images/minimal failed (rc {res.returncode}):\n{res.stderr[-4000:]}")
+            raise RuntimeError(f"rc {res.returncode}:\n{res.stderr[-4000:]}")
+        keyfile.write_text(digest)
         return BuiltImage(store.get("minimal"), test_state, res.stdout + res.stderr)
     finally:
         if fd is not None:

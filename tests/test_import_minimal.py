@@ -15,6 +15,9 @@ import pytest
 from tests.conftest import sidusctl
 from tests.oci_helpers import Buildah, diff_trees, sdt_tempdir, tree, umoci_unpack, without
 
+# a module fixture asks for minimal_image (request.getfixturevalue): tests/conftest.py
+# starts its build in the background at the session's start when this module is in it
+USES_MINIMAL_IMAGE = True
 pytestmark = [pytest.mark.slow,  # the built minimal image and an LXC boot
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 

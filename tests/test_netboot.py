@@ -28,6 +28,9 @@ from sidusctl.subsys.ganesha import Export, serve
 from sidusctl.subsys.qemu import wait_login_prompts
 from tests.qemu_util import BOOT_TIMEOUT, Guest, guest, mkdisk, netns, nfs_append
 
+# a module fixture asks for minimal_image (request.getfixturevalue): tests/conftest.py
+# starts its build in the background at the session's start when this module is in it
+USES_MINIMAL_IMAGE = True
 pytestmark = [pytest.mark.slow,  # the built image, qemu, nfs-ganesha
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, qemu, NFS)")]
 

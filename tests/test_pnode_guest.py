@@ -7,7 +7,9 @@ tests/test_multihost.py cannot show is proven here, in one boot:
 
 - the pnode image is built from a copy of ``images/pnode`` with a wheelhouse of this checkout
   (``pip wheel``) and the frontend's key (its ``postinst`` script installs both), sharing the
-  bootstrap and package caches;
+  bootstrap and package caches; it is built in the background from the moment the session's
+  ``minimal`` is, in a state directory of its own (tests/pnode_image.py), so the session's
+  other tests run meanwhile;
 - serve-pxe (a :class:`PxeLab` namespace, NFS root, tmpfs overlay) boots the guest (3 GiB, a
   blank virtio disk for the vnode store) to login; the frontend, in the lab's namespace,
   reaches the guest's sshd with its key;
@@ -24,29 +26,28 @@ tests/test_multihost.py cannot show is proven here, in one boot:
 - ``vnode down`` leaves no vnode root and no container cgroup on the pnode.
 
 On the other core, one after the other, each in its own namespace: the README demo
-(tests/test_demo.py), its guest done within this one's boot, then tests/test_secureboot.py's
-scenarios (run ahead for that test, which reports their outcome). About 6.5 minutes on the
+(tests/test_demo.py), its guest done within this one's boot, then, while this guest is busy,
+the scenarios of tests/test_secureboot.py and tests/test_http_boot_uefi.py (run ahead for
+those tests, which report their outcome and run what was not started). About 6.5 minutes on the
 shared 2-core machine (2026-12-02: login 103-110 s, ``pnode init`` 71-78 s, ``vnode up``
 58-70 s; every sidusctl run on a TCG guest costs 10-20 s of Python start-up); ``-s`` prints
 the seconds of each step.
 
-The image and its reuse key live in the shared test state (``SIDUSCTL_TEST_REUSE`` keeps
-them); everything else (the lab's namespace ``sdt-pg<pid>``, the guest, the disk, the
+The image and its reuse key live in the pnode build's state directory, beside the shared one
+(``SIDUSCTL_TEST_REUSE`` keeps them); everything else (the lab's namespace ``sdt-pg<pid>``, the guest, the disk, the
 frontend's state) is removed at the end, on failure too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -55,10 +56,12 @@ import pytest
 from sidusctl.netboot.lab import LabNode, PxeLab, wait_logins
 from sidusctl.subsys import qemu
 from sidusctl.subsys.tarball import TAR_FLAGS
-from tests import test_secureboot
-from tests.at_once import at_once, in_turn, run_ahead
-from tests.conftest import REPO, REUSE, SIDUSCTL, BuiltImage, sidusctl
+from tests import pnode_image as pnode_images
+from tests import test_http_boot_uefi, test_secureboot
+from tests.at_once import at_once, in_turn, run_ahead_while
+from tests.conftest import REPO, SIDUSCTL, BuiltImage
 from tests.netns_util import uniq
+from tests.pnode_image import PnodeImage
 from tests.test_demo import readme_demo
 from tests.test_pxe_boot import evidence
 
@@ -74,74 +77,18 @@ VNODES = ["sdt-pg1", "sdt-pg2", "sdt-pg3"]
 MATRIX = [[0, 25, 50], [25, 0, 40], [50, 40, 0]]
 PINGS = 20  # per pair; the median is compared (TCG scheduling delays some replies)
 MEM = {"soft": 48, "hard": 64, "swap": 16}  # MiB, on sdt-pg3
-SOURCES = ("sidusctl", "templates", "initramfs", "images", "pyproject.toml", "setup.py",
-           "MANIFEST.in")
 
 
-# -- the pnode image ---------------------------------------------------------------------------
-
-def _source_files() -> list[Path]:
-    """What a wheel of the checkout is made of (tracked and untracked, not ignored)."""
-    out = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
-                          "--exclude-standard", *SOURCES], capture_output=True,
-                         check=True).stdout
-    return sorted(Path(p.decode()) for p in out.split(b"\0")
-                  if p and (REPO / p.decode()).is_file())
-
-
-def _image_key(pub: str) -> str:
-    """What decides the pnode image: the checkout's sources (the recipe, the wheel's content)
-    and the frontend's key."""
-    h = hashlib.sha256(pub.encode())
-    for rel in _source_files():
-        h.update(str(rel).encode() + b"\0" + (REPO / rel).read_bytes())
-    return h.hexdigest()
-
-
-def _recipe_copy(dest: Path, pub: str) -> Path:
-    """``dest/pnode``: images/pnode plus ``wheels/`` (``pip wheel`` of a copy of the checkout:
-    sidusctl and every dependency) and ``authorized_keys`` (the frontend's key)."""
-    shutil.rmtree(dest, ignore_errors=True)
-    src = dest / "src"
-    for rel in _source_files():
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, src / rel, follow_symlinks=False)
-    recipe = dest / "pnode"
-    shutil.copytree(REPO / "images" / "pnode", recipe, symlinks=True)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
-                    "--wheel-dir", str(recipe / "wheels"), str(src)],
-                   check=True, capture_output=True, timeout=900, cwd=dest)
-    (recipe / "authorized_keys").write_text(pub)
-    shutil.rmtree(src)
-    return recipe
-
+# -- the pnode image (tests/pnode_image.py) ---------------------------------------------------
 
 @pytest.fixture(scope="module")
-def pnode_image(minimal_image: BuiltImage) -> Iterator[tuple[BuiltImage, Path]]:
-    """(the shared ``minimal`` build, the frontend's private key); ``pnode`` built in the same
-    state directory (reused under SIDUSCTL_TEST_REUSE when its key is unchanged)."""
-    state = minimal_image.state
-    key = state / "pnode-frontend-key"
-    if not key.exists():
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sdt-frontend",
-                        "-f", str(key)], check=True)
-    pub = Path(f"{key}.pub").read_text()
-    digest = _image_key(pub)
-    keyfile = state / "build-pnode.key"
-    from sidusctl.subsys.imagestore import ImageStore
-    store = ImageStore(state)
-    if not (REUSE and store.exists("pnode") and keyfile.exists()
-            and keyfile.read_text() == digest):
-        keyfile.unlink(missing_ok=True)
-        work = state / "pnode-recipe"
-        recipe = _recipe_copy(work, pub)
-        t0 = time.monotonic()
-        res = sidusctl("build", str(recipe), state=state, timeout=1800)
-        shutil.rmtree(work, ignore_errors=True)
-        assert res.returncode == 0, f"building the pnode image failed:\n{res.stderr[-4000:]}"
-        print(f"pnode image built in {time.monotonic() - t0:.0f} s")
-        keyfile.write_text(digest)
-    yield minimal_image, key
+def pnode_image(minimal_image: BuiltImage) -> PnodeImage:
+    """The pnode image, built in the background since the session's ``minimal`` was
+    (tests/pnode_image.py); waits for that build and raises its failure."""
+    built = pnode_images.result(minimal_image)
+    if built.build_s is not None:
+        print(f"pnode image built in {built.build_s:.0f} s (in the background)")
+    return built
 
 
 # what a container does not need: the kernel and its modules, docs, apt's lists and cache
@@ -248,34 +195,50 @@ def rtts(out: str) -> dict[str, list[float]]:
     return got
 
 
+#: later tests whose scenarios this test runs ahead, in this order, while its guest is busy
+AHEAD_OF = (test_secureboot, test_http_boot_uefi)
+
+
 def test_sidus_booted_pnode_runs_shaped_and_limited_vnodes(
-        pnode_image: tuple[BuiltImage, Path], tmp_path: Path, request: pytest.FixtureRequest,
-) -> None:
-    """The pnode scenario (:func:`pnode_guest_scenario`, one guest for about 7 minutes), and
-    at once on the other core, one after the other, each in its own namespace:
-    tests/test_demo.py's README demo (:func:`tests.test_demo.readme_demo`) and, when
-    tests/test_secureboot.py's test is in the session and can run here, its scenarios, run
-    ahead for it (:func:`tests.at_once.run_ahead`: that test reports their outcome, this one
-    does not)."""
-    minimal = pnode_image[0]
-    second: list[Callable[[], None]] = [lambda: readme_demo(minimal)]
-    if test_secureboot.SKIP_REASON is None and any(
-            i.nodeid.endswith(f"test_secureboot.py::{test_secureboot.TEST_NAME}")
-            for i in request.session.items):
-        ahead = tmp_path / "secureboot"
-        ahead.mkdir()
-        second.append(lambda: run_ahead(test_secureboot.AHEAD_KEY, lambda: in_turn(
-            *test_secureboot.scenarios(minimal, ahead))))
-    at_once(lambda: pnode_guest_scenario(pnode_image, tmp_path), lambda: in_turn(*second))
+        pnode_image: PnodeImage, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The pnode scenario (:func:`pnode_guest_scenario`, one guest for 6-10 minutes), and at
+    once on the other core, one after the other, each in its own namespace:
+    tests/test_demo.py's README demo (:func:`tests.test_demo.readme_demo`), then, as long as
+    the pnode guest is busy, the scenarios of the tests of :data:`AHEAD_OF` that come later
+    in the session and can run here, run ahead for them (:func:`tests.at_once.run_ahead_while`:
+    those tests report their outcome, this one does not, and run what was not started)."""
+    minimal = pnode_image.minimal
+    items = request.session.items
+    # the tests of the session that come after this one (tests/conftest.py sorts them there)
+    later = {i.nodeid.rsplit("/", 1)[-1] for i in items[items.index(request.node) + 1:]}
+    ahead: list[tuple[str, Callable[[], None]]] = []
+    for mod in AHEAD_OF:
+        name = mod.__name__.rsplit(".", 1)[-1]
+        if mod.SKIP_REASON is None and f"{name}.py::{mod.TEST_NAME}" in later:
+            (tmp_path / name).mkdir()
+            ahead += mod.scenarios(minimal, tmp_path / name).items()
+    busy = threading.Event()
+    busy.set()
+
+    def pnode() -> None:
+        try:
+            pnode_guest_scenario(pnode_image, tmp_path)
+        finally:
+            busy.clear()
+
+    def second() -> None:
+        in_turn(lambda: readme_demo(minimal), lambda: print(
+            f"run ahead beside the pnode guest: {run_ahead_while(busy, ahead)}"))
+
+    at_once(pnode, second)
 
 
-def pnode_guest_scenario(pnode_image: tuple[BuiltImage, Path], tmp_path: Path) -> None:
+def pnode_guest_scenario(pnode_image: PnodeImage, tmp_path: Path) -> None:
     """What the module's docstring says, in one boot."""
-    minimal, key = pnode_image
+    minimal, state, key = pnode_image.minimal, pnode_image.state, pnode_image.key
     image = vnode_tarball(minimal)
     t_start = time.monotonic()
-    lab = PxeLab(uniq("pg"), minimal.state, "pnode", [NODE], tmp_path / "lab",
-                 serve_command=SERVE)
+    lab = PxeLab(uniq("pg"), state, "pnode", [NODE], tmp_path / "lab", serve_command=SERVE)
     front_state = tmp_path / "front"
     front_state.mkdir()
     front = Frontend(lab, front_state, key)

@@ -23,6 +23,9 @@ import pytest
 
 from tests.conftest import sidusctl
 
+# a module fixture asks for minimal_image (request.getfixturevalue): tests/conftest.py
+# starts its build in the background at the session's start when this module is in it
+USES_MINIMAL_IMAGE = True
 pytestmark = [pytest.mark.slow,  # the built image and LXC
               pytest.mark.skipif(os.geteuid() != 0, reason="vnodes need root")]
 
