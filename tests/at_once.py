@@ -4,7 +4,8 @@ one idle (docs/testing.md: the CI budget)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -50,8 +51,9 @@ def _raise_first(errors: list[BaseException], note: str) -> None:
 
 # -- scenarios run ahead of their own test ---------------------------------------------------------
 # A test whose guest keeps one core busy for minutes (tests/test_pnode_guest.py) runs, on the
-# other core, the scenarios of a later test of the session (tests/test_secureboot.py); that
-# test then only reports their outcome. Run alone, the later test runs them itself.
+# other core and as long as its guest is busy, scenarios of later tests of the session
+# (tests/test_secureboot.py, tests/test_http_boot_uefi.py); those tests then only report the
+# outcome of what ran ahead, and run the rest themselves (all of it when run alone).
 
 #: key -> the outcome of a scenario :func:`run_ahead` ran: None (it passed) or its exception
 _AHEAD: dict[str, BaseException | None] = {}
@@ -80,3 +82,36 @@ def run_or_replay(key: str, scenario: Callable[[], None]) -> bool:
     if err is not None:
         raise err
     return True
+
+
+def run_ahead_while(busy: threading.Event, scenarios: Sequence[tuple[str, Callable[[], None]]],
+                    ) -> list[str]:
+    """Runs ``scenarios`` ((key, scenario) pairs) one after the other with :func:`run_ahead`,
+    each only if ``busy`` is still set when its turn comes: what was not started is left to its
+    own test (:func:`run_or_replay_each`), so the caller's other thread is never waited for
+    by more than one scenario. Returns the keys that ran."""
+    ran = []
+    for key, scenario in scenarios:
+        if not busy.is_set():
+            break
+        run_ahead(key, scenario)
+        ran.append(key)
+    return ran
+
+
+def run_or_replay_each(scenarios: Mapping[str, Callable[[], None]]) -> list[str]:
+    """A test's ``scenarios`` (key -> scenario): the outcome of each that ran ahead, and the
+    others run now, at once (:func:`at_once`). Raises the first failure, the others added as
+    notes (a skip never hides a failure); returns the keys that had run ahead."""
+    ahead = [k for k in scenarios if k in _AHEAD]
+    errors = [e for e in (_AHEAD.pop(k) for k in ahead) if e is not None]
+    rest = [s for k, s in scenarios.items() if k not in ahead]
+    if rest:
+        try:
+            at_once(*rest)
+        except BaseException as e:  # kept with the replayed failures, raised below
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            errors.insert(0, e)
+    _raise_first(errors, "another of the test's scenarios failed too")
+    return ahead

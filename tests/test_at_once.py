@@ -7,7 +7,14 @@ import time
 
 import pytest
 
-from tests.at_once import at_once, in_turn, run_ahead, run_or_replay
+from tests.at_once import (
+    at_once,
+    in_turn,
+    run_ahead,
+    run_ahead_while,
+    run_or_replay,
+    run_or_replay_each,
+)
 
 
 def test_scenarios_overlap_and_all_are_waited_for() -> None:
@@ -74,3 +81,37 @@ def test_run_ahead_keeps_the_outcome_for_its_test_which_raises_it_once() -> None
     # not run ahead (or replayed already): the test runs it itself
     assert run_or_replay("sdt-pass", lambda: ran.append("itself")) is False
     assert ran == ["ahead", "itself"]
+
+
+def test_run_ahead_while_busy_then_the_test_runs_the_rest_and_replays_the_outcomes() -> None:
+    busy = threading.Event()
+    busy.set()
+    ran: list[str] = []
+
+    def fails() -> None:
+        ran.append("b")
+        busy.clear()  # the other thread is done: nothing after this one starts
+        raise AssertionError("b failed ahead")
+
+    assert run_ahead_while(busy, [("sdt-a", lambda: ran.append("a")), ("sdt-b", fails),
+                                  ("sdt-c", lambda: ran.append("c"))]) == ["sdt-a", "sdt-b"]
+    assert ran == ["a", "b"]
+    # the later test: a and b replayed (b's failure raised), c run now; all of them reported
+    with pytest.raises(AssertionError, match="b failed ahead"):
+        run_or_replay_each({"sdt-a": lambda: ran.append("again"), "sdt-b": fails,
+                            "sdt-c": lambda: ran.append("c")})
+    assert ran == ["a", "b", "c"]
+    # replayed once: a second call runs them all, at once
+    assert run_or_replay_each({"sdt-a": lambda: ran.append("a2"),
+                               "sdt-c": lambda: ran.append("c2")}) == []
+    assert sorted(ran[3:]) == ["a2", "c2"]
+
+
+def test_run_or_replay_each_reports_a_failure_now_and_one_ahead() -> None:
+    def fails(msg: str) -> None:
+        raise AssertionError(msg)
+
+    run_ahead("sdt-x", lambda: fails("ahead"))
+    with pytest.raises(AssertionError, match="now") as info:
+        run_or_replay_each({"sdt-x": lambda: None, "sdt-y": lambda: fails("now")})
+    assert any("ahead" in n for n in info.value.__notes__)

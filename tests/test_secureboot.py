@@ -33,7 +33,7 @@ import pytest
 from sidusctl.netboot import secureboot
 from sidusctl.netboot.lab import LabNode, PxeLab
 from sidusctl.subsys import qemu
-from tests.at_once import at_once, run_or_replay
+from tests.at_once import run_or_replay_each
 from tests.conftest import SIDUSCTL, BuiltImage
 from tests.netns_util import uniq
 from tests.test_pxe_boot import (
@@ -52,8 +52,8 @@ SKIP_REASON = ("needs root (netns, qemu, NFS)" if os.geteuid() != 0 else
                if secureboot.missing_packages() else None)
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")]
-#: the test's scenarios' key for :func:`tests.at_once.run_ahead` (tests/test_pnode_guest.py
-#: runs them on its second core when this test is in the session)
+#: the prefix of the test's scenarios' keys for :func:`tests.at_once.run_ahead`
+#: (tests/test_pnode_guest.py runs them on its second core when this test is in the session)
 AHEAD_KEY = "test_secureboot"
 TEST_NAME = "test_secure_boot_through_shim_and_refused_unsigned_grub"
 
@@ -65,20 +65,24 @@ SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-
 def test_secure_boot_through_shim_and_refused_unsigned_grub(minimal_image: BuiltImage,
                                                             tmp_path: Path) -> None:
     """The two boots above, and tests/test_pxe_boot.py's iPXE machine that sees serve-pxe
-    killed mid-boot (:func:`ipxe_over_http_survives_a_serve_pxe_crash`, its own lab): run
-    ahead, one after the other, by tests/test_pnode_guest.py beside its pnode guest when both
-    tests are in the session (this test then reports their outcome), else here at once (each
-    guest keeps one core busy)."""
-    if run_or_replay(AHEAD_KEY, lambda: at_once(*scenarios(minimal_image, tmp_path))):
-        print("secure boot and iPXE crash scenarios: run ahead by tests/test_pnode_guest.py")
+    killed mid-boot (:func:`ipxe_over_http_survives_a_serve_pxe_crash`, its own lab). When
+    tests/test_pnode_guest.py is in the session, it runs them ahead beside its pnode guest, one
+    after the other, while that guest is busy; this test reports the outcome of those and runs
+    the others (all of them when run alone) at once (each guest keeps one core busy)."""
+    ahead = run_or_replay_each(scenarios(minimal_image, tmp_path))
+    if ahead:
+        print(f"run ahead by tests/test_pnode_guest.py: {', '.join(ahead)}")
 
 
-def scenarios(minimal_image: BuiltImage, tmp_path: Path) -> list[Callable[[], None]]:
-    """The module's scenarios, each in a directory of its own under ``tmp_path``."""
+def scenarios(minimal_image: BuiltImage, tmp_path: Path) -> dict[str, Callable[[], None]]:
+    """The module's scenarios by their key for :func:`tests.at_once.run_ahead`, each in a
+    directory of its own under ``tmp_path``."""
     (tmp_path / "sb").mkdir()
     (tmp_path / "ipxe").mkdir()
-    return [lambda: secure_boot_and_refused_unsigned_grub(minimal_image, tmp_path / "sb"),
-            lambda: ipxe_over_http_survives_a_serve_pxe_crash(minimal_image, tmp_path / "ipxe")]
+    return {f"{AHEAD_KEY}:shim": lambda: secure_boot_and_refused_unsigned_grub(
+                minimal_image, tmp_path / "sb"),
+            f"{AHEAD_KEY}:ipxe-crash": lambda: ipxe_over_http_survives_a_serve_pxe_crash(
+                minimal_image, tmp_path / "ipxe")}
 
 
 def secure_boot_and_refused_unsigned_grub(minimal_image: BuiltImage, tmp_path: Path) -> None:
