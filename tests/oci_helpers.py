@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tests.proc_util import terminate
+
 BUSYBOX = "/bin/busybox"
 
 
@@ -286,13 +288,7 @@ class Registry:
                 time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout=10)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

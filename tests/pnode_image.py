@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 from tests import conftest
 from tests.conftest import PNODE_STATE, REPO, REUSE, SIDUSCTL, BuiltImage
+from tests.proc_util import terminate
 
 #: what a wheel of the checkout is made of
 SOURCES = ("sidusctl", "templates", "initramfs", "images", "pyproject.toml", "setup.py",
@@ -151,14 +152,8 @@ class _Build:
 
     def _interrupt(self) -> None:
         """SIGTERM (a build cleans up after it: tests/test_build_faults.py), then SIGKILL."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=300)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if self._proc is not None:
+            terminate(self._proc, timeout=300)
 
     def result(self) -> PnodeImage:
         self._thread.join(BUILD_TIMEOUT + 120)

@@ -3,8 +3,9 @@ tests that check what a run left behind."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class Proc(NamedTuple):
@@ -32,3 +33,16 @@ def live_processes() -> dict[int, Proc]:
         if fields[0] not in ("Z", "X"):
             out[int(d.name)] = Proc(int(fields[1]), int(fields[3]), comm)
     return out
+
+
+def terminate(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """Stops ``proc`` if it still runs: SIGTERM, then SIGKILL if it has not ended after
+    ``timeout`` seconds; returns once it has ended (reaped)."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

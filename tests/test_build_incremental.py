@@ -31,6 +31,7 @@ import pytest
 
 from sidusctl.subsys.treecopy import copy_method
 from tests.conftest import REPO, SIDUSCTL, BuiltImage, _mounts_under, sidusctl
+from tests.proc_util import terminate
 
 slow = pytest.mark.slow
 
@@ -172,13 +173,8 @@ class CleanBuild:
         return _parse_build(out, err)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # a build cleans up after SIGTERM (tests/test_build_faults.py)
-            try:
-                self.proc.wait(timeout=300)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        # a build cleans up after SIGTERM (tests/test_build_faults.py)
+        terminate(self.proc, timeout=300)
         self.stdout.close()
         self.stderr.close()
 

@@ -26,6 +26,7 @@ from sidusctl.netboot import inventory
 from sidusctl.netboot.tree import ImageFiles, write_tree
 from sidusctl.subsys.ganesha import Export, serve
 from sidusctl.subsys.qemu import wait_login_prompts
+from tests.proc_util import terminate
 from tests.qemu_util import BOOT_TIMEOUT, Guest, guest, mkdisk, netns, nfs_append
 
 # a module fixture asks for minimal_image (request.getfixturevalue): tests/conftest.py
@@ -257,12 +258,7 @@ def tgt_target(ns: str, iqn: str, lun: Path, workdir: Path) -> Iterator[None]:
                        check=True)
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, timeout=10)
 
 
 def check_iscsi_layer(g: Guest, lab: Lab, iqn: str) -> None:
