@@ -200,6 +200,37 @@ def test_sigint_during_build_configure_keeps_previous_image(minimal_image: Built
         _keep_shared_image(st, before)
 
 
+def test_update_takes_turns_at_the_shared_package_cache(minimal_image: BuiltImage) -> None:
+    """An update binds the shared .deb cache into the root as a build does: while another
+    build's apt uses it (here the test holds the cache's lock, as a build does around its apt
+    runs), the update waits, says so and runs no apt, instead of failing on apt's own lock
+    (``var/cache/apt/archives/lock``); once the lock is free it goes on and succeeds."""
+    from sidusctl.core.state import FileLock
+    from tests.conftest import CACHE
+
+    st = minimal_image.state
+    before = _gen(st)
+    lock = FileLock(CACHE / ".sidusctl-apt.lock", "the test's hold").acquire(wait=True)
+    p = None
+    try:
+        p = _start(["--debug", "update", "minimal"], st)
+        seen = _wait_for(p, "waiting for the shared package cache", 300)
+        time.sleep(3)  # it stays there: no apt run while the lock is held
+        assert p.stdout is not None
+        seen += "".join(iter(p.stdout.readline, ""))  # non-blocking: what came meanwhile
+        assert p.poll() is None and "apt-get update" not in seen, seen[-3000:]
+        lock.release()
+        out = _finish(p, timeout=900)
+        assert p.returncode == 0, out[-3000:]
+        assert "apt-get update" in out
+        assert _gen(st)[0] != before[0]
+        assert_clean(st, "minimal")
+    finally:
+        lock.release()
+        _stop(p)
+        _keep_shared_image(st, before)
+
+
 @pytest.mark.parametrize("stage", ["bootstrap", "chroot"])
 def test_sigkill_leftovers_are_found_and_cleaned(minimal_image: BuiltImage, tmp_path: Path,
                                                  stage: str) -> None:

@@ -13,6 +13,7 @@ import re
 import shutil
 import threading
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +21,7 @@ from typing import Protocol
 from sidusctl.core.errors import BuildError, CommandError, PrerequisiteError, SidusError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
+from sidusctl.core.state import FileLock
 from sidusctl.image.recipe import Recipe
 from sidusctl.subsys.imagestore import ImageStore
 from sidusctl.subsys.manifest import Package
@@ -225,3 +227,21 @@ def du(path: Path) -> int:
     return total
 
 
+
+
+@contextlib.contextmanager
+def shared_cache_turn(cache: Path | None, rep: Reporter) -> Iterator[None]:
+    """Holds the shared .deb cache's lock (``cache/.sidusctl-apt.lock``, a flock) for the
+    block. apt locks ``var/cache/apt/archives/lock``, and a chroot session binds the host's
+    shared cache there: builds and updates that share it take turns here (the wait is
+    reported) instead of failing on apt's lock. ``cache`` None: nothing to share, no lock."""
+    if cache is None:
+        yield
+        return
+    lock = FileLock(cache / ".sidusctl-apt.lock", f"the package cache {cache}")
+    rep.line("waiting for the shared package cache")
+    lock.acquire(wait=True)
+    try:
+        yield
+    finally:
+        lock.release()

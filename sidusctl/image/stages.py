@@ -26,8 +26,15 @@ from pathlib import Path
 from sidusctl.core.errors import BuildError, CommandError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run
-from sidusctl.core.state import FileLock, atomic_write_bytes
-from sidusctl.image.common import APT, Reporter, explain, mirror_from, package_list
+from sidusctl.core.state import atomic_write_bytes
+from sidusctl.image.common import (
+    APT,
+    Reporter,
+    explain,
+    mirror_from,
+    package_list,
+    shared_cache_turn,
+)
 from sidusctl.image.recipe import Recipe
 from sidusctl.image.sources import sources_list
 from sidusctl.subsys.chroot import ChrootSession
@@ -156,19 +163,8 @@ class Configurer:
         if r.exclude:
             _write_pins(root, r.exclude)
         packages = effective_packages(r)
-        # apt locks var/cache/apt/archives, which is the host's shared .deb cache: builds that
-        # share it take turns here instead of failing on apt's lock
-        shared = s.apt_cache
-        lock = FileLock(shared / ".sidusctl-apt.lock", f"the package cache {shared}") \
-            if shared is not None else None
-        if lock is not None:
-            self.rep.line("waiting for the shared package cache")
-            lock.acquire(wait=True)
-        try:
+        with shared_cache_turn(s.apt_cache, self.rep):
             self._install(s, packages, mirror, refresh)
-        finally:
-            if lock is not None:
-                lock.release()
         excluded_present = sorted(set(r.exclude) & set(package_list(root)))
         if excluded_present:
             raise BuildError(f"{r.path}: key 'exclude': {', '.join(excluded_present)} got installed "

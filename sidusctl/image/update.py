@@ -12,7 +12,15 @@ from pathlib import Path
 from sidusctl.core.errors import BuildError, CommandError, PrerequisiteError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run
-from sidusctl.image.common import APT, Quiet, Reporter, default_cache, du, package_list
+from sidusctl.image.common import (
+    APT,
+    Quiet,
+    Reporter,
+    default_cache,
+    du,
+    package_list,
+    shared_cache_turn,
+)
 from sidusctl.image.exports import export_kernel
 from sidusctl.subsys.chroot import ChrootSession
 from sidusctl.subsys.imagestore import Image, ImageStore
@@ -62,7 +70,8 @@ def update(store: ImageStore, name: str, *, in_place: bool = False, tar: bool = 
         timings: dict[str, float] = {}
         rep.stage("upgrade", 1, 3)
         t = time.monotonic()
-        with ChrootSession(root, apt_cache=cache) as s:
+        # the shared cache is bound into the root: apt takes turns with the builds using it
+        with ChrootSession(root, apt_cache=cache) as s, shared_cache_turn(cache, rep):
             try:
                 s.run([*apt, "update"], what="apt-get update")
                 s.run([*apt, "full-upgrade"], what="apt-get full-upgrade", tail_lines=60)
