@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from sidusctl.core.errors import BuildError, CommandError, PrerequisiteError, SidusError
+from sidusctl.core.errors import (
+    BuildError,
+    BusyError,
+    CommandError,
+    PrerequisiteError,
+    SidusError,
+)
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
 from sidusctl.core.state import FileLock
@@ -233,14 +239,19 @@ def du(path: Path) -> int:
 def shared_cache_turn(cache: Path | None, rep: Reporter) -> Iterator[None]:
     """Holds the shared .deb cache's lock (``cache/.sidusctl-apt.lock``, a flock) for the
     block. apt locks ``var/cache/apt/archives/lock``, and a chroot session binds the host's
-    shared cache there: builds and updates that share it take turns here (the wait is
-    reported) instead of failing on apt's lock. ``cache`` None: nothing to share, no lock."""
+    shared cache there: builds and updates that share it take turns here instead of failing
+    on apt's lock. A wait is said (the progress line, and the log at INFO: ``--debug``) with
+    the holder's pid. ``cache`` None: nothing to share, no lock."""
     if cache is None:
         yield
         return
     lock = FileLock(cache / ".sidusctl-apt.lock", f"the package cache {cache}")
-    rep.line("waiting for the shared package cache")
-    lock.acquire(wait=True)
+    try:
+        lock.acquire()
+    except BusyError as e:
+        rep.line("waiting for the shared package cache")
+        log.info("waiting for the shared package cache: %s", e)
+        lock.acquire(wait=True)
     try:
         yield
     finally:
