@@ -60,8 +60,9 @@ _AHEAD: dict[str, BaseException | None] = {}
 
 
 def run_ahead(key: str, scenario: Callable[[], None]) -> None:
-    """Runs ``scenario`` now on behalf of the later test that calls :func:`run_or_replay` with
-    ``key``, and keeps its outcome for that test instead of raising it (a skip too)."""
+    """Runs ``scenario`` now on behalf of the later test that calls :func:`run_or_replay_each`
+    with ``key`` among its scenarios, and keeps its outcome for that test instead of raising
+    it (a skip too)."""
     try:
         scenario()
     except BaseException as e:  # kept for its own test, which raises it (pytest's skip too)
@@ -70,18 +71,6 @@ def run_ahead(key: str, scenario: Callable[[], None]) -> None:
         _AHEAD[key] = e
     else:
         _AHEAD[key] = None
-
-
-def run_or_replay(key: str, scenario: Callable[[], None]) -> bool:
-    """The outcome of ``scenario``: raised again if :func:`run_ahead` ran it and it failed,
-    True if it ran ahead and passed; otherwise it runs now (False when it passes)."""
-    if key not in _AHEAD:
-        scenario()
-        return False
-    err = _AHEAD.pop(key)
-    if err is not None:
-        raise err
-    return True
 
 
 def run_ahead_while(busy: threading.Event, scenarios: Sequence[tuple[str, Callable[[], None]]],

@@ -236,17 +236,26 @@ class _MinimalBuild:
 _minimal_build: _MinimalBuild | None = None
 
 
+def _start_minimal_build(request: pytest.FixtureRequest) -> _MinimalBuild:
+    """The session's build of the shared image, started now if it was not (setting the
+    ``test_state`` fixture up first: it may wipe the state directories), with the pnode
+    image's behind it when tests/test_pnode_guest.py is in the session."""
+    global _minimal_build
+    if _minimal_build is None:
+        test_state: Path = request.getfixturevalue("test_state")
+        pnode = any(Path(str(i.path)).name == "test_pnode_guest.py"
+                    for i in request.session.items)
+        _minimal_build = _MinimalBuild(test_state, pnode)
+    return _minimal_build
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _background_builds(request: pytest.FixtureRequest) -> Iterator[None]:
     """Starts the shared image's build before the session's first test, when a slow test of
     the session needs it (the fast tests, sorted first, run meanwhile); at the end, stops the
     pnode image's build if it still runs (before the state directories are wiped)."""
-    global _minimal_build
-    items = request.session.items
-    if _minimal_build is None and any(_needs_minimal(i) for i in items):
-        test_state: Path = request.getfixturevalue("test_state")
-        pnode = any(Path(str(i.path)).name == "test_pnode_guest.py" for i in items)
-        _minimal_build = _MinimalBuild(test_state, pnode)
+    if any(_needs_minimal(i) for i in request.session.items):
+        _start_minimal_build(request)
     yield
     if _minimal_build is not None:
         _minimal_build.thread.join()
@@ -266,14 +275,9 @@ def minimal_image(request: pytest.FixtureRequest) -> BuiltImage:
     ``request.getfixturevalue``) is marked ``slow``; the failure is cached for the session, so
     in the fast tier every later request fails too. Tests naming it as an argument are also
     checked one by one in :func:`pytest_runtest_setup`."""
-    global _minimal_build
     require_slow(request, "the built minimal image (debootstrap)")
-    if _minimal_build is None:  # no test of the session was known to need it
-        test_state: Path = request.getfixturevalue("test_state")
-        pnode = any(Path(str(i.path)).name == "test_pnode_guest.py"
-                    for i in request.session.items)
-        _minimal_build = _MinimalBuild(test_state, pnode)
-    return _minimal_build.result()
+    # started already, unless no test of the session was known to need it
+    return _start_minimal_build(request).result()
 
 
 def _build_minimal(test_state: Path) -> BuiltImage:

@@ -12,7 +12,6 @@ from tests.at_once import (
     in_turn,
     run_ahead,
     run_ahead_while,
-    run_or_replay,
     run_or_replay_each,
 )
 
@@ -74,12 +73,12 @@ def test_run_ahead_keeps_the_outcome_for_its_test_which_raises_it_once() -> None
     run_ahead("sdt-fail", fails)
     assert ran == ["ahead"]  # neither outcome raised by run_ahead
     # the later test: not run again, its outcome replayed once
-    assert run_or_replay("sdt-pass", lambda: ran.append("again")) is True
+    assert run_or_replay_each({"sdt-pass": lambda: ran.append("again")}) == ["sdt-pass"]
     with pytest.raises(AssertionError, match="ahead failed"):
-        run_or_replay("sdt-fail", lambda: ran.append("again"))
+        run_or_replay_each({"sdt-fail": lambda: ran.append("again")})
     assert ran == ["ahead"]
     # not run ahead (or replayed already): the test runs it itself
-    assert run_or_replay("sdt-pass", lambda: ran.append("itself")) is False
+    assert run_or_replay_each({"sdt-pass": lambda: ran.append("itself")}) == []
     assert ran == ["ahead", "itself"]
 
 

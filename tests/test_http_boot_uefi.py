@@ -121,9 +121,6 @@ def test_uefi_http_boot_reaches_login_under_secure_boot_and_through_ipxe(
     beside its pnode guest, one after the other, while that guest is busy; this test reports
     the outcome of those and boots the others (both when run alone) at once (the host has a
     core for each)."""
-    if not SIGNED_GRUB_212.is_file():
-        pytest.fail(f"{SIGNED_GRUB_212} is missing: run scripts/fetch-signed-grub (setup-host "
-                    "does)", pytrace=False)
     ahead = run_or_replay_each(scenarios(minimal_image, tmp_path))
     if ahead:
         print(f"run ahead by tests/test_pnode_guest.py: {', '.join(ahead)}")
