@@ -4,7 +4,6 @@ one idle (docs/testing.md: the CI budget)."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -50,10 +49,11 @@ def _raise_first(errors: list[BaseException], note: str) -> None:
 
 
 # -- scenarios run ahead of their own test ---------------------------------------------------------
-# A test whose guest keeps one core busy for minutes (tests/test_pnode_guest.py) runs, on the
-# other core and as long as its guest is busy, scenarios of later tests of the session
-# (tests/test_secureboot.py, tests/test_http_boot_uefi.py); those tests then only report the
-# outcome of what ran ahead, and run the rest themselves (all of it when run alone).
+# A test may run scenarios of later tests of the session for them: tests/test_pnode_guest.py
+# runs its pnode guest in the background while other tests run (tests/pnode_image.py), and
+# then the scenarios of tests/test_secureboot.py and tests/test_http_boot_uefi.py two at a
+# time with its own; those tests then only report the outcome of what ran ahead, and run the
+# rest themselves (all of it when run alone).
 
 #: key -> the outcome of a scenario :func:`run_ahead` ran: None (it passed) or its exception
 _AHEAD: dict[str, BaseException | None] = {}
@@ -73,19 +73,20 @@ def run_ahead(key: str, scenario: Callable[[], None]) -> None:
         _AHEAD[key] = None
 
 
-def run_ahead_while(busy: threading.Event, scenarios: Sequence[tuple[str, Callable[[], None]]],
-                    ) -> list[str]:
-    """Runs ``scenarios`` ((key, scenario) pairs) one after the other with :func:`run_ahead`,
-    each only if ``busy`` is still set when its turn comes: what was not started is left to its
-    own test (:func:`run_or_replay_each`), so the caller's other thread is never waited for
-    by more than one scenario. Returns the keys that ran."""
-    ran = []
-    for key, scenario in scenarios:
-        if not busy.is_set():
-            break
-        run_ahead(key, scenario)
-        ran.append(key)
-    return ran
+def two_at_a_time(own: Sequence[Callable[[], None]],
+                  ahead: Sequence[tuple[str, Callable[[], None]]] = ()) -> list[str]:
+    """Runs the caller's ``own`` scenarios, then the ``ahead`` ones ((key, scenario) pairs,
+    run with :func:`run_ahead` for their later tests), two at a time (two threads take them in
+    this order: the two cores each keep one guest busy) and waits for all of them. Raises the
+    first failure of ``own`` (the others as notes); the outcomes of ``ahead`` are left to their
+    tests (:func:`run_or_replay_each`). Returns the keys that ran ahead."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="sdt-scenario") as ex:
+        mine = [ex.submit(s) for s in own]
+        for key, scenario in ahead:
+            ex.submit(run_ahead, key, scenario)
+    _raise_first([e for e in (f.exception() for f in mine) if e is not None],
+                 "another scenario failed too")
+    return [key for key, _ in ahead]
 
 
 def run_or_replay_each(scenarios: Mapping[str, Callable[[], None]]) -> list[str]:

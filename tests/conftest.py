@@ -31,8 +31,12 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.pnode_image import Then
 
 REPO = Path(__file__).resolve().parent.parent
 # A suite started in the background by a non-interactive shell (`cmd &`, nohup, some CI
@@ -185,16 +189,25 @@ def _needs_minimal(item: pytest.Item) -> bool:
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
-    # The modules without a slow test first, then the others, each in collection order: the
-    # shared image builds in the background meanwhile (_background_builds), on the core the
-    # fast tests leave idle (docs/testing.md: the CI budget). Last, the modules whose scenarios
-    # tests/test_pnode_guest.py may run ahead (they say AHEAD_KEY): after that test.
+    # In this order, each group in collection order (docs/testing.md: the CI budget):
+    # 0. the modules without a slow test: the shared image builds in the background meanwhile
+    #    (_background_builds), on the core the fast tests leave idle;
+    # 1. the other modules without a qemu guest: tests/test_pnode_guest.py's guest runs in the
+    #    background meanwhile, once its image is built (tests/pnode_image.py), on the core
+    #    these tests (builds, LXC, servers) mostly leave idle;
+    # 2. the modules that boot guests (they say BOOTS_GUESTS), two at a time where they can;
+    # 3. tests/test_pnode_guest.py (it says AHEAD_OF), whose guest should be done by then;
+    # 4. the modules whose scenarios tests/test_pnode_guest.py may run ahead (AHEAD_KEY).
     slow = {i.module.__name__ for i in items
             if i.get_closest_marker("slow") is not None and hasattr(i, "module")}
 
     def group(item: pytest.Item) -> int:
         module = getattr(item, "module", None)
         if getattr(module, "AHEAD_KEY", None) is not None:
+            return 4
+        if getattr(module, "AHEAD_OF", None) is not None:
+            return 3
+        if getattr(module, "BOOTS_GUESTS", False):
             return 2
         return int(getattr(module, "__name__", "") in slow)
 
@@ -204,10 +217,11 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 class _MinimalBuild:
     """The shared image's build, in a thread: started before the first test when a slow test
     of the session needs it (:func:`_background_builds`), waited for by :func:`minimal_image`.
-    When it is done and tests/test_pnode_guest.py is in the session, the pnode image's build
-    starts behind it (tests/pnode_image.py)."""
+    When it is done and tests/test_pnode_guest.py is in the session (``pnode``, what that
+    module's ``in_background`` gives), the pnode image's build starts behind it
+    (tests/pnode_image.py), and its guest scenario behind that."""
 
-    def __init__(self, test_state: Path, pnode: bool) -> None:
+    def __init__(self, test_state: Path, pnode: Then | None) -> None:
         self.test_state = test_state
         self.pnode = pnode
         self.built: BuiltImage | None = None
@@ -221,10 +235,10 @@ class _MinimalBuild:
         except BaseException as e:  # reported by the test that waits for it
             self.failure = f"building images/minimal failed: {e}"
             return
-        if self.pnode:
+        if self.pnode is not None:
             # the pnode test's image, from now on (its bootstrap is the one this build saved)
             from tests import pnode_image
-            pnode_image.start(self.built)
+            pnode_image.start(self.built, then=self.pnode)
 
     def result(self) -> BuiltImage:
         self.thread.join()
@@ -239,12 +253,15 @@ _minimal_build: _MinimalBuild | None = None
 def _start_minimal_build(request: pytest.FixtureRequest) -> _MinimalBuild:
     """The session's build of the shared image, started now if it was not (setting the
     ``test_state`` fixture up first: it may wipe the state directories), with the pnode
-    image's behind it when tests/test_pnode_guest.py is in the session."""
+    image's and its guest scenario behind it when tests/test_pnode_guest.py is in the
+    session."""
     global _minimal_build
     if _minimal_build is None:
         test_state: Path = request.getfixturevalue("test_state")
-        pnode = any(Path(str(i.path)).name == "test_pnode_guest.py"
-                    for i in request.session.items)
+        pnode = next((i.module.in_background(request.getfixturevalue("tmp_path_factory"))
+                      for i in request.session.items
+                      if Path(str(i.path)).name == "test_pnode_guest.py"
+                      and isinstance(i, pytest.Function)), None)
         _minimal_build = _MinimalBuild(test_state, pnode)
     return _minimal_build
 

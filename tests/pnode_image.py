@@ -8,7 +8,9 @@ it reuses from the shared bootstrap cache and whose package cache it shares; bui
 only at that cache's lock. It runs in a state directory of its own (``conftest.PNODE_STATE``,
 beside the shared one, wiped with it), so that no test of the shared state directory sees its mounts,
 its image lock or its generations. The pnode test waits for it (:func:`result`); the session
-stops it if that test never came (:func:`stop`).
+stops it if that test never came (:func:`stop`). Once the image is built, the same thread runs
+what the session gave :func:`start` as ``then``: the pnode guest scenario, so that its guest
+boots and works on one core while the session's other tests go on (tests/conftest.py).
 
 The image is reused under ``SIDUSCTL_TEST_REUSE`` (or from a concurrent session, which builds
 it under the same flock) when its key (the checkout's sources and the frontend's key) is
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -85,18 +88,29 @@ def _recipe_copy(dest: Path, pub: str) -> Path:
     return recipe
 
 
+class Then(NamedTuple):
+    """What runs in the build's thread once the image is built (the pnode guest scenario,
+    tests/test_pnode_guest.py): ``run`` gets the image and keeps its own outcome; ``abort``
+    makes a ``run`` that is under way end soon (the session is stopping)."""
+
+    run: Callable[[PnodeImage], None]
+    abort: Callable[[], None]
+
+
 class _Build:
     """One background build of the pnode image (a thread; the build a child process that
-    :meth:`stop` can interrupt)."""
+    :meth:`stop` can interrupt), and what the session runs with it then (:class:`Then`)."""
 
-    def __init__(self, minimal: BuiltImage) -> None:
+    def __init__(self, minimal: BuiltImage, then: Then | None) -> None:
         self.minimal = minimal
+        self.then = then
         self.key = PNODE_STATE / "frontend-key"
         self.error: BaseException | None = None
         self.seconds: float | None = None  # the build's, None when the image was reused
         self._proc: subprocess.Popen[str] | None = None
         self._stopping = False
         self._lock = threading.Lock()
+        self._built = threading.Event()  # set when the build ended, whatever its outcome
         self._thread = threading.Thread(target=self._run, name="sdt-pnode-build", daemon=True)
         self._thread.start()
 
@@ -105,6 +119,15 @@ class _Build:
             self._build()
         except BaseException as e:  # kept for the test that waits (it raises it there)
             self.error = e
+        finally:
+            self._built.set()
+        with self._lock:
+            if self.error is not None or self._stopping or self.then is None:
+                return
+        self.then.run(self._image())
+
+    def _image(self) -> PnodeImage:
+        return PnodeImage(self.minimal, PNODE_STATE, self.key, self.seconds)
 
     def _build(self) -> None:
         # another session building it at the same time: wait for it, then reuse its image
@@ -156,41 +179,61 @@ class _Build:
             terminate(self._proc, timeout=300)
 
     def result(self) -> PnodeImage:
-        self._thread.join(BUILD_TIMEOUT + 120)
-        if self._thread.is_alive():
+        if not self._built.wait(BUILD_TIMEOUT + 120):
             raise AssertionError(f"the pnode build still runs after {BUILD_TIMEOUT:.0f} s")
         if self.error is not None:
             raise self.error
-        return PnodeImage(self.minimal, PNODE_STATE, self.key, self.seconds)
+        return self._image()
+
+    def join(self) -> None:
+        self._thread.join()
 
     def stop(self) -> None:
         with self._lock:
             self._stopping = True
+            then_runs = self._built.is_set() and self.error is None and self.then is not None
         self._interrupt()
+        if then_runs and self._thread.is_alive():
+            assert self.then is not None
+            self.then.abort()
         self._thread.join(BUILD_TIMEOUT + 120)
 
 
 _build: _Build | None = None
 
 
-def start(minimal: BuiltImage) -> None:
+def start(minimal: BuiltImage, then: Then | None = None) -> None:
     """Starts the pnode build in the background (once per session; ``minimal`` must be built:
-    the pnode build reuses its bootstrap)."""
+    the pnode build reuses its bootstrap), and ``then`` in the same thread once the image is
+    built (not when the build failed)."""
     global _build
     if _build is None:
-        _build = _Build(minimal)
+        _build = _Build(minimal, then)
 
 
 def result(minimal: BuiltImage) -> PnodeImage:
     """Waits for the build :func:`start` began (starts it first if none did) and returns the
-    image; raises the build's failure."""
+    image; raises the build's failure. Does not wait for the ``then`` of :func:`start`."""
     start(minimal)
     assert _build is not None
     return _build.result()
 
 
+def has_then() -> bool:
+    """Whether :func:`start` was given a ``then`` (it runs once the image is built)."""
+    return _build is not None and _build.then is not None
+
+
+def join_then() -> None:
+    """Waits until the build and what :func:`start` was given as ``then`` have ended (that
+    ends by its own timeouts)."""
+    if _build is not None:
+        _build.join()
+
+
 def stop() -> None:
     """Interrupts a build still running (the pnode test never came: deselected, or the session
-    was stopped) and waits for it; called before the state directories are wiped."""
+    was stopped), aborts its ``then`` if that runs, and waits for both; called before the
+    state directories are wiped."""
     if _build is not None:
         _build.stop()

@@ -11,8 +11,8 @@ from tests.at_once import (
     at_once,
     in_turn,
     run_ahead,
-    run_ahead_while,
     run_or_replay_each,
+    two_at_a_time,
 )
 
 
@@ -82,28 +82,36 @@ def test_run_ahead_keeps_the_outcome_for_its_test_which_raises_it_once() -> None
     assert ran == ["ahead", "itself"]
 
 
-def test_run_ahead_while_busy_then_the_test_runs_the_rest_and_replays_the_outcomes() -> None:
-    busy = threading.Event()
-    busy.set()
+def test_two_at_a_time_runs_two_at_once_raises_its_own_and_keeps_the_ahead_outcomes() -> None:
+    both = threading.Barrier(2, timeout=10)  # passes only if two run at the same time
     ran: list[str] = []
 
-    def fails() -> None:
-        ran.append("b")
-        busy.clear()  # the other thread is done: nothing after this one starts
-        raise AssertionError("b failed ahead")
+    def step(name: str, fail: bool = False) -> None:
+        ran.append(name)
+        if fail:
+            raise AssertionError(f"{name} failed")
 
-    assert run_ahead_while(busy, [("sdt-a", lambda: ran.append("a")), ("sdt-b", fails),
-                                  ("sdt-c", lambda: ran.append("c"))]) == ["sdt-a", "sdt-b"]
-    assert ran == ["a", "b"]
-    # the later test: a and b replayed (b's failure raised), c run now; all of them reported
-    with pytest.raises(AssertionError, match="b failed ahead"):
-        run_or_replay_each({"sdt-a": lambda: ran.append("again"), "sdt-b": fails,
-                            "sdt-c": lambda: ran.append("c")})
-    assert ran == ["a", "b", "c"]
-    # replayed once: a second call runs them all, at once
-    assert run_or_replay_each({"sdt-a": lambda: ran.append("a2"),
-                               "sdt-c": lambda: ran.append("c2")}) == []
-    assert sorted(ran[3:]) == ["a2", "c2"]
+    def overlapping(name: str, fail: bool = False) -> None:
+        both.wait()
+        step(name, fail)
+
+    with pytest.raises(AssertionError, match="own failed") as info:
+        two_at_a_time([lambda: overlapping("own", fail=True), lambda: step("own2", fail=True)],
+                      [("sdt-a", lambda: overlapping("a")), ("sdt-b", lambda: step("b", True)),
+                       ("sdt-c", lambda: step("c"))])
+    assert sorted(ran) == ["a", "b", "c", "own", "own2"]  # every one ran, past failures
+    assert any("own2 failed" in n for n in info.value.__notes__)
+    assert not any("b failed" in n for n in info.value.__notes__)  # b's is left to its test
+    # the later test: a and b replayed (b's failure raised), c not run again
+    with pytest.raises(AssertionError, match="b failed"):
+        run_or_replay_each({"sdt-a": lambda: step("a2"), "sdt-b": lambda: step("b2")})
+    assert run_or_replay_each({"sdt-c": lambda: step("c2")}) == ["sdt-c"]
+    assert "a2" not in ran and "b2" not in ran and "c2" not in ran
+    # no failure of its own: nothing raised, the keys run ahead returned
+    assert two_at_a_time([lambda: step("own3")], [("sdt-d", lambda: step("d", True))]) \
+        == ["sdt-d"]
+    with pytest.raises(AssertionError, match="d failed"):
+        run_or_replay_each({"sdt-d": lambda: None})
 
 
 def test_run_or_replay_each_reports_a_failure_now_and_one_ahead() -> None:

@@ -34,6 +34,8 @@ from tests.qemu_util import BOOT_TIMEOUT, Guest, guest, mkdisk, netns, nfs_appen
 USES_MINIMAL_IMAGE = True
 pytestmark = [pytest.mark.slow,  # the built image, qemu, nfs-ganesha
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, qemu, NFS)")]
+#: it boots qemu guests: tests/conftest.py runs it after the slow modules that do not
+BOOTS_GUESTS = True
 
 MARK = "sdt-netboot-marker"
 

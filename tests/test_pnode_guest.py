@@ -25,13 +25,16 @@ tests/test_multihost.py cannot show is proven here, in one boot:
   round trip is the matrix's i→j plus j→i within 10 %;
 - ``vnode down`` leaves no vnode root and no container cgroup on the pnode.
 
-On the other core, one after the other, each in its own namespace: the README demo
-(tests/test_demo.py), its guest done within this one's boot, then, while this guest is busy,
-the scenarios of tests/test_secureboot.py and tests/test_http_boot_uefi.py (run ahead for
-those tests, which report their outcome and run what was not started). About 6.5 minutes on the
-shared 2-core machine (2026-12-02: login 103-110 s, ``pnode init`` 71-78 s, ``vnode up``
-58-70 s; every sidusctl run on a TCG guest costs 10-20 s of Python start-up); ``-s`` prints
-the seconds of each step.
+The guest scenario runs in the background from the moment its image is built (tests/conftest.py
+gives :func:`in_background` to tests/pnode_image.py), while the session's tests without a guest
+(builds, LXC, servers) keep the other core busy; tests/conftest.py sorts this test after the
+modules that boot guests, so it finds the scenario done and reports its outcome. The test
+itself runs, two at a time, each in its own namespace: the README demo (tests/test_demo.py) and
+the scenarios of tests/test_secureboot.py and tests/test_http_boot_uefi.py (run ahead for those
+tests, which report their outcome and run what was not started). The guest takes 6-12 minutes
+on the shared 2-core machine (2026-12-02: login 103-110 s, ``pnode init`` 71-78 s, ``vnode
+up`` 58-70 s; every sidusctl run on a TCG guest costs 10-20 s of Python start-up); ``-s``
+prints the seconds of each step.
 
 The image and its reuse key live in the pnode build's state directory, beside the shared one
 (``SIDUSCTL_TEST_REUSE`` keeps them); everything else (the lab's namespace ``sdt-pg<pid>``, the guest, the disk, the
@@ -58,7 +61,7 @@ from sidusctl.subsys import qemu
 from sidusctl.subsys.tarball import TAR_FLAGS
 from tests import pnode_image as pnode_images
 from tests import test_http_boot_uefi, test_secureboot
-from tests.at_once import at_once, in_turn, run_ahead_while
+from tests.at_once import in_turn, run_ahead, run_or_replay_each, two_at_a_time
 from tests.conftest import REPO, SIDUSCTL, BuiltImage
 from tests.netns_util import uniq
 from tests.pnode_image import PnodeImage
@@ -97,14 +100,15 @@ SLIM_EXCLUDES = ("./boot", "./usr/lib/modules", "./usr/share/doc", "./usr/share/
                  "./var/lib/apt/lists")
 
 
-def vnode_tarball(image: BuiltImage) -> Path:
-    """The shared ``minimal`` build's root as a vnode tarball without what a container never
+def vnode_tarball(image: BuiltImage, into: Path) -> Path:
+    """The shared ``minimal`` build's root as a vnode tarball in the directory ``into`` (the
+    pnode build's state directory, which no other test looks at) without what a container never
     reads (:data:`SLIM_EXCLUDES`): 60 MB instead of 280, which a TCG guest receives over
     ssh (a few MB/s) and unpacks in a minute instead of several. Made once per generation."""
     rootfs = Path(str(image.rootfs)).resolve()
-    dest = image.state / f"sdt-vnode-{rootfs.parent.name}.tar.zst"
+    dest = into / f"sdt-vnode-{rootfs.parent.name}.tar.zst"
     if not dest.exists():
-        for old in image.state.glob("sdt-vnode-*.tar.zst"):
+        for old in into.glob("sdt-vnode-*.tar.zst"):
             old.unlink()
         tmp = dest.with_name(f".{dest.name}.tmp")
         subprocess.run(["tar", *TAR_FLAGS, "--use-compress-program", "zstd -T0 -3 -q",
@@ -195,18 +199,42 @@ def rtts(out: str) -> dict[str, list[float]]:
     return got
 
 
-#: later tests whose scenarios this test runs ahead, in this order, while its guest is busy
+#: later tests whose scenarios this test runs ahead, two at a time with the README demo
 AHEAD_OF = (test_secureboot, test_http_boot_uefi)
+#: the pnode guest scenario's key for :func:`tests.at_once.run_ahead`
+PNODE_KEY = "test_pnode_guest:pnode"
+#: the figures of the pnode guest scenario that ran in the background (printed by the test)
+_FIGURES: dict[str, object] = {}
+_ABORTED = threading.Event()
+
+
+def in_background(tmp_path_factory: pytest.TempPathFactory) -> pnode_images.Then:
+    """What tests/conftest.py has the pnode build's thread run once the image is built: the
+    pnode guest scenario, its outcome kept for the test (:func:`tests.at_once.run_ahead`), so
+    that the guest (one core for 6-12 minutes) boots and works while the session's tests
+    without a guest run on the other core; and how to abort it (its guest killed) when the
+    session stops first."""
+
+    def run(image: PnodeImage) -> None:
+        run_ahead(PNODE_KEY, lambda: pnode_guest_scenario(
+            image, tmp_path_factory.mktemp("pnode-guest"), _FIGURES))
+
+    def abort() -> None:
+        _ABORTED.set()
+        subprocess.run(["pkill", "-KILL", "-f", f"qemu-system.*{uniq('pg')}-"], check=False)
+
+    return pnode_images.Then(run, abort)
 
 
 def test_sidus_booted_pnode_runs_shaped_and_limited_vnodes(
         pnode_image: PnodeImage, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """The pnode scenario (:func:`pnode_guest_scenario`, one guest for 6-10 minutes), and at
-    once on the other core, one after the other, each in its own namespace:
-    tests/test_demo.py's README demo (:func:`tests.test_demo.readme_demo`), then, as long as
-    the pnode guest is busy, the scenarios of the tests of :data:`AHEAD_OF` that come later
-    in the session and can run here, run ahead for them (:func:`tests.at_once.run_ahead_while`:
-    those tests report their outcome, this one does not, and run what was not started)."""
+    """The pnode scenario (:func:`pnode_guest_scenario`, one guest for 6-12 minutes), run in
+    the background since its image was built (:func:`in_background`; run here, at once with
+    the rest, when it was not), and two at a time, each in its own namespace: tests/test_demo.py's
+    README demo (:func:`tests.test_demo.readme_demo`), then the scenarios of the tests of
+    :data:`AHEAD_OF` that come later in the session and can run here, run ahead for them
+    (:func:`tests.at_once.two_at_a_time`: those tests report their outcome, this one does
+    not)."""
     minimal = pnode_image.minimal
     items = request.session.items
     # the tests of the session that come after this one (tests/conftest.py sorts them there)
@@ -217,26 +245,33 @@ def test_sidus_booted_pnode_runs_shaped_and_limited_vnodes(
         if mod.SKIP_REASON is None and f"{name}.py::{mod.TEST_NAME}" in later:
             (tmp_path / name).mkdir()
             ahead += mod.scenarios(minimal, tmp_path / name).items()
-    busy = threading.Event()
-    busy.set()
+    in_background = pnode_images.has_then()
 
     def pnode() -> None:
-        try:
-            pnode_guest_scenario(pnode_image, tmp_path)
-        finally:
-            busy.clear()
+        pnode_images.join_then()  # what ran in the background is replayed, else run now
+        run_or_replay_each({PNODE_KEY: lambda: pnode_guest_scenario(pnode_image, tmp_path,
+                                                                    _FIGURES)})
 
-    def second() -> None:
-        in_turn(lambda: readme_demo(minimal), lambda: print(
-            f"run ahead beside the pnode guest: {run_ahead_while(busy, ahead)}"))
+    def demo() -> None:
+        readme_demo(minimal)
 
-    at_once(pnode, second)
+    try:
+        if in_background:  # the demo and the later tests' scenarios while it may still run
+            in_turn(lambda: print(f"run ahead: {two_at_a_time([demo], ahead)}"), pnode)
+        else:
+            print(f"run ahead: {two_at_a_time([pnode, demo], ahead)}")
+    finally:
+        print("pnode guest figures:", json.dumps(_FIGURES))
 
 
-def pnode_guest_scenario(pnode_image: PnodeImage, tmp_path: Path) -> None:
-    """What the module's docstring says, in one boot."""
+def pnode_guest_scenario(pnode_image: PnodeImage, tmp_path: Path,
+                         figures: dict[str, object]) -> None:
+    """What the module's docstring says, in one boot; the seconds of each step and the
+    measured round trips go into ``figures``."""
     minimal, state, key = pnode_image.minimal, pnode_image.state, pnode_image.key
-    image = vnode_tarball(minimal)
+    if _ABORTED.is_set():
+        pytest.skip("the session stopped before the pnode guest started")
+    image = vnode_tarball(minimal, state)
     t_start = time.monotonic()
     lab = PxeLab(uniq("pg"), state, "pnode", [NODE], tmp_path / "lab", serve_command=SERVE)
     front_state = tmp_path / "front"
@@ -246,7 +281,7 @@ def pnode_guest_scenario(pnode_image: PnodeImage, tmp_path: Path) -> None:
     disk = tmp_path / "sdt-pg-store.img"
     with open(disk, "wb") as f:
         f.truncate(6 << 30)
-    figures: dict[str, object] = {}
+    figures.clear()
     with lab, evidence(lab):
         lab.start_serve(ready_timeout=240)
         tap = lab.add_tap()
@@ -363,6 +398,5 @@ def pnode_guest_scenario(pnode_image: PnodeImage, tmp_path: Path) -> None:
         assert g.sh("ls /var/lib/sidusctl/vnode/store/vnodes") == ""
         assert g.sh("ls -d /sys/fs/cgroup/lxc.payload.* 2>/dev/null | wc -l") == "0"
         figures["total_s"] = round(time.monotonic() - t_start, 1)
-        print("pnode guest figures:", json.dumps(figures))
     with contextlib.suppress(OSError):
         disk.unlink()

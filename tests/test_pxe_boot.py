@@ -43,6 +43,8 @@ from tests.netns_util import netns, site_dnsmasq, uniq
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, qemu, NFS)")]
+#: it boots qemu guests: tests/conftest.py runs it after the slow modules that do not
+BOOTS_GUESTS = True
 
 NODE1 = LabNode("node1", "52:54:00:77:00:01", IPv4Address("10.77.0.130"))
 NODE2 = LabNode("node2", "52:54:00:77:00:02", IPv4Address("10.77.0.131"))
@@ -56,13 +58,15 @@ def prefix() -> str:
 
 @contextlib.contextmanager
 def evidence(lab: PxeLab) -> Iterator[None]:
-    """On failure, print each guest's console tail and serve-pxe's log."""
+    """On failure, each guest's console tail and serve-pxe's log, added to the exception as
+    notes (PEP 678): a scenario run in a thread or in the background (tests/at_once.py) keeps
+    them with its outcome, where a print would go to whichever test's output is captured."""
     try:
         yield
-    except BaseException:
+    except BaseException as e:
         for g in lab.guests:
-            print(f"--- console of {g.name} ({g.log_path}) ---\n{g.tail(5000)}")
-        print(f"--- serve-pxe log ({lab.serve_log}) ---\n{lab.serve_text()[-8000:]}")
+            e.add_note(f"--- console of {g.name} ({g.log_path}) ---\n{g.tail(5000)}")
+        e.add_note(f"--- serve-pxe log ({lab.serve_log}) ---\n{lab.serve_text()[-8000:]}")
         raise
 
 

@@ -51,6 +51,8 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, qemu, NFS)"),
               pytest.mark.skipif(shutil.which("mksquashfs") is None,
                                  reason="squashfs-tools missing (scripts/setup-host)")]
+#: it boots qemu guests: tests/conftest.py runs it after the slow modules that do not
+BOOTS_GUESTS = True
 
 HTTP_NODE = LabNode("sq1", "52:54:00:77:05:01", IPv4Address("10.77.0.150"), "squashfs-http")
 NFS_NODE = LabNode("sq2", "52:54:00:77:05:02", IPv4Address("10.77.0.151"), "squashfs-nfs")
