@@ -3,8 +3,8 @@ real CLI on the shared ``minimal`` image): a diskless qemu machine PXE-boots thr
 in a namespace to a login prompt, then a cow vnode answers SSH; afterwards nothing named after
 the demo's prefix is left (links, namespaces, mounts, loop devices, directories, processes).
 
-The demo itself (:func:`readme_demo`) runs in tests/test_pnode_guest.py, at once with that
-test's guest; this file has its bad input."""
+The demo itself (:func:`readme_demo`) runs in tests/test_pnode_guest.py, two at a time with
+other tests' guests; this file has its bad input."""
 
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def _left_behind() -> list[str]:
 
 def readme_demo(minimal_image: BuiltImage) -> None:
     """A scenario: README's first command's last step, ``sidusctl demo minimal``, to its end.
-    Run by tests/test_pnode_guest.py at once with its pnode guest (one core each while the
-    guests boot)."""
+    Run by tests/test_pnode_guest.py, two at a time with other tests' guests (one core each
+    while the guests boot)."""
     r = sidusctl("demo", "minimal", "--prefix", PREFIX, "--json", state=minimal_image.state,
                  timeout=1500)
     assert r.returncode == 0, r.stderr[-6000:]
