@@ -365,7 +365,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                          + "\n  ".join(sorted(_before)) + "\n")
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # trylast: after pytest's own, which tears the session's fixtures down when the session
+    # was interrupted (Ctrl-C) in a test: what they remove is not a leak
     leaks = [x for x in _leaks() if x not in _before]
     if leaks:
         sys.stderr.write("\nLEAKED TEST RESOURCES (a cleanup bug):\n  " + "\n  ".join(leaks) + "\n")
