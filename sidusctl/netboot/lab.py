@@ -20,14 +20,15 @@ Everything is removed on exit, on error, Ctrl-C and SIGTERM included (SIGTERM re
 :class:`~sidusctl.core.errors.Interrupted`): guests ended, serve-pxe stopped (SIGTERM, then
 SIGKILL), every process left in the namespace killed, the namespace deleted (its bridge and taps
 go with it). serve-pxe is started with :func:`sidusctl.core.run.spawn`, so its NFS servers die
-with it even when it is SIGKILLed. :func:`pxe_boot_demo` is the README's demo: one node, boot, log in, check, report.
+with it even when it is SIGKILLed. A lab SIGKILLed itself cleans nothing: the next lab with its
+prefix reclaims what it left (:mod:`sidusctl.netboot.labclaim`). :func:`pxe_boot_demo` is the
+README's demo: one node, boot, log in, check, report.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
 import time
@@ -41,6 +42,7 @@ from typing import Any
 from sidusctl.core.errors import SidusError, StateError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import STDOUT, Child, run, spawn
+from sidusctl.netboot.labclaim import LabClaim, claim, kill_netns_processes
 from sidusctl.serve.supervisor import read_status
 from sidusctl.subsys import qemu
 from sidusctl.subsys.imagestore import ImageStore
@@ -140,19 +142,20 @@ class PxeLab:
         self.guests: list[qemu.Guest] = []
         self._taps = 0
         self._up = False
+        self._claim: LabClaim | None = None
 
     # -- set up and tear down ---------------------------------------------------------------
     def __enter__(self) -> PxeLab:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        # the prefix's lock first: a lab killed earlier (SIGKILL) is reclaimed here, before
+        # this one writes anything (labclaim)
+        self._claim = claim(self.prefix, self.netns, self.workdir.absolute())
         try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
             private_state(self.source_state, [self.image], self.state)
             self.nodes_file.write_text(inventory_text(self.nodes, self.image,
                                                       subnet=self.subnet, server=self.server,
                                                       domain=self.domain,
                                                       kernel_args=self.kernel_args))
-            if links.netns_exists(self.netns):
-                raise SidusError(f"network namespace {self.netns} already exists (another lab "
-                                 "running, or a crashed one: ip netns del " + self.netns + ")")
             links.ensure_netns(self.netns)
             self._up = True
             run(["ip", "-n", self.netns, "link", "set", "lo", "up"], what="ip link")
@@ -182,6 +185,9 @@ class PxeLab:
             with contextlib.suppress(SidusError, OSError):
                 links.remove_netns(self.netns)
             self._up = False
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
 
     # -- serve-pxe -------------------------------------------------------------------------
     def start_serve(self, *args: str, ready_timeout: float = 90) -> Child:
@@ -276,23 +282,6 @@ class PxeLab:
         """Whether serve-pxe has logged a DHCP ACK (full mode) or proxy reply for ``mac``."""
         return re.search(rf"DHCP {re.escape(mac)}: (REQUEST \(.*\) -> ACK|proxy )",
                          self.serve_text()) is not None
-
-
-def kill_netns_processes(netns: str, grace: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL, every process in network namespace ``netns``."""
-    try:
-        pids = [int(p) for p in run(["ip", "netns", "pids", netns], capture=True, check=False,
-                                    what="ip netns pids").stdout.split()]
-    except SidusError:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, sig)
-        deadline = time.monotonic() + grace
-        while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if os.path.exists(f"/proc/{p}")]
-            time.sleep(0.05)
 
 
 def wait_logins(lab: PxeLab, guests: Sequence[tuple[qemu.Guest, LabNode]], timeout: float,
