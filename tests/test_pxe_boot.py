@@ -296,25 +296,41 @@ def test_lab_refuses_bad_input_and_leaves_nothing(minimal_image: BuiltImage,
                                      text=True, check=True).stdout
 
 
+def demo_until_ack(state: Path, pre: str) -> subprocess.Popen[str]:
+    """``sidusctl demo minimal --skip-vnode --prefix PRE`` started in a session of its own,
+    returned once it printed its guest's DHCP ACK step (its lab is up, serve-pxe answered)."""
+    proc = subprocess.Popen([sys.executable, "-m", "sidusctl", "--state-dir", str(state),
+                             "demo", "minimal", "--skip-vnode", "--prefix", pre],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if "DHCP ACK" in line:
+            return proc
+    proc.wait()
+    raise AssertionError("no DHCP ACK step:\n" + "".join(seen))
+
+
+def lab_leftovers(pre: str) -> list[str]:
+    """What of a lab named ``pre`` is on this machine: namespaces, links, processes (qemu,
+    nfs-ganesha, serve-pxe) and the demo's work directories, as lines."""
+    outs = [subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+            for argv in (["ip", "netns", "list"], ["ip", "-o", "link"],
+                         ["pgrep", "-af", f"qemu-system.*{pre}|ganesha|serve-pxe.*{pre}"])]
+    return [ln for out in outs for ln in out.splitlines() if pre in ln] + \
+        [str(d) for d in Path("/var/tmp").glob(f"{pre}-*")]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_demo_interrupted_mid_boot_leaves_nothing(minimal_image: BuiltImage,
                                                   sig: signal.Signals) -> None:
     """``sidusctl demo`` (the lead's CLI over :func:`pxe_boot_demo`) interrupted once the guest
     has its DHCP ACK: it exits non-zero and nothing of the lab is left."""
     pre = uniq("py")
-    proc = subprocess.Popen([sys.executable, "-m", "sidusctl", "--state-dir",
-                             str(minimal_image.state), "demo", "minimal", "--skip-vnode",
-                             "--prefix", pre], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    seen: list[str] = []
+    proc = demo_until_ack(minimal_image.state, pre)
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            seen.append(line)
-            if "DHCP ACK" in line:
-                break
-        else:
-            raise AssertionError("no DHCP ACK step:\n" + "".join(seen))
         proc.send_signal(sig)
         rest, _ = proc.communicate(timeout=60)
     finally:
@@ -322,8 +338,34 @@ def test_demo_interrupted_mid_boot_leaves_nothing(minimal_image: BuiltImage,
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode != 0, rest
-    left = [subprocess.run(argv, capture_output=True, text=True, check=False).stdout
-            for argv in (["ip", "netns", "list"], ["ip", "-o", "link"],
-                         ["pgrep", "-af", f"qemu-system.*{pre}|ganesha|serve-pxe.*{pre}"])]
-    assert not any(pre in out for out in left), left
-    assert not [d for d in Path("/var/tmp").glob(f"{pre}-*")], "the demo's workdir is left"
+    assert lab_leftovers(pre) == []
+
+
+def test_demo_killed_is_reclaimed_by_the_next_lab(minimal_image: BuiltImage,
+                                                  tmp_path: Path) -> None:
+    """``sidusctl demo`` SIGKILLed once its guest has its DHCP ACK cannot clean up: its
+    namespace and work directory stay. The next lab with its prefix removes them
+    (sidusctl.netboot.labclaim) and starts; when it ends, nothing of either is left."""
+    pre = uniq("pk")
+    proc = demo_until_ack(minimal_image.state, pre)
+    try:
+        proc.kill()  # the demo's process alone, as the OOM killer would
+        proc.communicate(timeout=60)
+        left = lab_leftovers(pre)
+        # the case is real: the killed demo did leave its lab
+        # (its serve-pxe and qemu die with it, PR_SET_PDEATHSIG, or are reclaimed below)
+        assert any(ln.split()[0] == pre for ln in left), left  # its namespace
+        assert any(ln.startswith(f"/var/tmp/{pre}-") for ln in left), left
+        with PxeLab(pre, minimal_image.state, "minimal", [NODE1], tmp_path / "next",
+                    serve_command=SERVE) as lab:
+            now = lab_leftovers(pre)
+            assert [ln.split()[0] for ln in now] == [pre], now  # the new lab's namespace
+            assert (lab.workdir / "nodes.toml").exists()
+        assert lab_leftovers(pre) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if lab_leftovers(pre):  # the test failed: leave nothing either
+            subprocess.run(f"ip netns pids {pre} | xargs -r kill -9; ip netns del {pre}; "
+                           f"rm -rf /var/tmp/{pre}-*", shell=True, check=False)
