@@ -188,3 +188,42 @@ def test_copy_in_copies_text_as_it_is(tmp_path: Path) -> None:
     out = subprocess.run(["dash", "-ec", func + "copy_in"], input=text, capture_output=True,
                          text=True, check=True, cwd=tmp_path).stdout
     assert out == text + "\n"
+
+
+OLD_REPORT_FILES = ("etc/systemd/system/sidus-report.service",
+                    "etc/systemd/system/multi-user.target.wants/sidus-report.service",
+                    "usr/local/lib/sidus/report")
+
+
+def test_the_report_unit_an_older_initramfs_left_is_removed(tmp_path: Path) -> None:
+    """init-bottom's ``forget_old_report_unit`` removes from a persistent upper layer the
+    report unit, its enablement link and its script that initramfs scripts before the runtime
+    unit wrote there (a unit in /etc would win over this boot's in /run), and nothing else;
+    on a layer without them it starts no program (run with an empty PATH)."""
+    func = shell_function(initramfs_dir() / "scripts/init-bottom/sidus", "forget_old_report_unit")
+    script = 'log() { echo "$*"; }\n' + func + 'forget_old_report_unit "$1"'
+    upper = tmp_path / "upper"
+    for rel in OLD_REPORT_FILES:
+        (upper / rel).parent.mkdir(parents=True, exist_ok=True)
+    (upper / OLD_REPORT_FILES[0]).write_text("[Service]\n")
+    (upper / OLD_REPORT_FILES[1]).symlink_to("../sidus-report.service")
+    (upper / OLD_REPORT_FILES[2]).write_text("#!/bin/sh\n")
+    kept = ["etc/systemd/system/other.service", "usr/local/lib/sidus/mine", "etc/hostname"]
+    for rel in kept:
+        (upper / rel).write_text("x\n")
+    out = subprocess.run(["dash", "-ec", script, "sh", str(upper)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "removed the report unit an older initramfs left" in out
+    assert not any(os.path.lexists(upper / rel) for rel in OLD_REPORT_FILES)
+    assert sorted(str(p.relative_to(upper)) for p in upper.rglob("*") if p.is_file()) == \
+        sorted(kept)
+    # the link alone (dangling: its unit removed by hand) is removed too
+    (upper / OLD_REPORT_FILES[1]).symlink_to("../sidus-report.service")
+    subprocess.run(["dash", "-ec", script, "sh", str(upper)], check=True, capture_output=True)
+    assert not os.path.lexists(upper / OLD_REPORT_FILES[1])
+    # nothing there: no program started, nothing said
+    dash = shutil.which("dash")
+    assert dash is not None
+    done = subprocess.run([dash, "-ec", script, "sh", str(upper)], capture_output=True,
+                          text=True, check=True, env={"PATH": ""})
+    assert done.stdout == "" and done.stderr == ""
