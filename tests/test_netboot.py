@@ -38,6 +38,7 @@ pytestmark = [pytest.mark.slow,  # the built image, qemu, nfs-ganesha
 BOOTS_GUESTS = True
 
 MARK = "sdt-netboot-marker"
+OLD_UNIT_LINK = "etc/systemd/system/multi-user.target.wants/sidus-report.service"
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,10 @@ def check_overlay_root(g: Guest, rootfs: Path, upper_fstype: str) -> None:
     assert g.rc("touch /run/sidus/ro/sdt-probe") != 0
     # nothing in the new root's fstab mounts or remounts /
     assert g.sh("awk '$1 !~ /^#/ && $2 == \"/\"' /etc/fstab") == ""
+    # that holds for minimal's fstab as built (debootstrap's placeholder has no entry for /),
+    # so what can fail here is the edit: init-bottom must leave such an fstab unwritten, not
+    # copy it up (tests/test_netboot_hook.py edits one that has an entry)
+    assert g.rc("test -e /run/sidus/rw/upper/etc/fstab") == 1
 
 
 def write_marker(g: Guest, text: str) -> None:
@@ -174,6 +179,15 @@ def test_tmpfs_layer_is_private_and_gone_and_disk_layer_survives_reboot(lab: Lab
         assert gd.rc("test -e /run/sidus/rw/upper/etc/resolv.conf") == 1
         assert gd.sh("findmnt -n -o SOURCE /run/sidus/rw") == "/dev/vda"
         write_marker(gd, "disk-1")
+        # what an initramfs older than the runtime report unit left in a persistent layer:
+        # its unit, enablement link and script (init-bottom's forget_old_report_unit)
+        gd.sh("mkdir -p /etc/systemd/system/multi-user.target.wants /usr/local/lib/sidus && "
+              "printf '[Service]\\nExecStart=/bin/true\\n' "
+              ">/etc/systemd/system/sidus-report.service && "
+              "ln -sf ../sidus-report.service "
+              "/etc/systemd/system/multi-user.target.wants/sidus-report.service && "
+              "echo true >/usr/local/lib/sidus/report")
+        assert gd.rc(f"test -L /run/sidus/rw/upper/{OLD_UNIT_LINK}") == 0
         gd.sh("sync")
 
         gt.reboot()
@@ -185,6 +199,11 @@ def test_tmpfs_layer_is_private_and_gone_and_disk_layer_survives_reboot(lab: Lab
         gd.login()
         check_overlay_root(gd, root, "ext4")
         assert gd.sh(f"cat /etc/{MARK}") == "disk-1", "the disk layer lost the file on reboot"
+        # the old report unit's files are gone from the layer, the marker beside them is not
+        assert "removed the report unit an older initramfs left" in gd.transcript()
+        for old in ("etc/systemd/system/sidus-report.service", OLD_UNIT_LINK,
+                    "usr/local/lib/sidus/report"):
+            assert gd.rc(f"test -e /{old} || test -L /{old}") == 1, old
         gd.sh("sync")
     # the file is in the upper directory of the disk's filesystem, seen from the host
     out = subprocess.run(["debugfs", "-R", f"cat /upper/etc/{MARK}", str(disk)],
