@@ -11,12 +11,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sidusctl.core.errors import SidusError
+from sidusctl.core.errors import BusyError, SidusError
+from sidusctl.core.state import FileLock
 from sidusctl.netboot.labclaim import claim
 from sidusctl.subsys.net import links
 from tests.netns_util import uniq
@@ -57,17 +60,17 @@ def holder(ns: str, lock_dir: Path, workdir: Path) -> subprocess.Popen[str]:
     return p
 
 
-def test_a_clean_lab_records_itself_and_empties_its_record(names: tuple[str, Path, Path]) -> None:
+def test_a_clean_lab_records_itself_and_removes_its_record(names: tuple[str, Path, Path]) -> None:
     ns, lock_dir, workdir = names
     c = claim(ns, ns, workdir, lock_dir=lock_dir)
-    assert c.reclaimed == []
+    assert c.left_behind is None
     assert c.path.read_text() == f"{os.getpid()}\n{workdir}\n"
     c.release()
     c.release()  # idempotent
-    assert c.path.read_text() == ""
+    assert not c.path.exists()  # a clean end leaves no lock file
     # and the next claim finds nothing to reclaim
     again = claim(ns, ns, workdir, lock_dir=lock_dir)
-    assert again.reclaimed == []
+    assert again.left_behind is None
     again.release()
 
 
@@ -84,11 +87,10 @@ def test_a_killed_lab_is_reclaimed(names: tuple[str, Path, Path]) -> None:
         p.wait(timeout=10)
         c = claim(ns, ns, workdir, lock_dir=lock_dir)
         try:
+            assert c.left_behind == (p.pid, str(workdir))
             assert sleeper.wait(timeout=10) is not None  # ended by the reclaim
             assert not links.netns_exists(ns)
             assert not workdir.exists()
-            assert c.reclaimed == [f"network namespace {ns} and its processes",
-                                   f"work directory {workdir}"]
             assert c.path.read_text() == f"{os.getpid()}\n{workdir}\n"
         finally:
             c.release()
@@ -105,8 +107,8 @@ def test_a_live_lab_is_not_touched(names: tuple[str, Path, Path]) -> None:
     p = holder(ns, lock_dir, workdir)
     links.ensure_netns(ns)
     try:
-        with pytest.raises(SidusError, match=rf"another lab with prefix '{ns}' is running "
-                                             rf"\(pid {p.pid};"):
+        with pytest.raises(BusyError, match=rf"the lab prefix '{ns}' is in use by another "
+                                            rf"sidusctl process \(pid {p.pid}\)"):
             claim(ns, ns, workdir, lock_dir=lock_dir)
         assert links.netns_exists(ns) and (workdir / "nodes.toml").exists()
     finally:
@@ -138,5 +140,34 @@ def test_a_record_pointing_at_a_directory_that_is_not_a_lab_keeps_it(
     (lock_dir / f"sidusctl-lab-{ns}.lock").write_text(f"{os.getpid() + 1}\n{other}\n")
     c = claim(ns, ns, workdir, lock_dir=lock_dir)
     c.release()
+    assert c.left_behind == (os.getpid() + 1, str(other))
     assert (other / "precious").read_text() == "x"
-    assert c.reclaimed == []
+
+
+def test_a_removed_lock_file_is_taken_again_by_its_waiter(tmp_path: Path) -> None:
+    """FileLock(remove=True): a holder deletes the file as it releases it; a waiter that had
+    opened the deleted file takes the lock on the path's new file, not on the deleted one (two
+    holders at once otherwise)."""
+    path = tmp_path / "sdt-waiter.lock"
+    first = FileLock(path, "the test's prefix", remove=True).acquire(note="/first")
+    waiter = FileLock(path, "the test's prefix", remove=True)
+    t = threading.Thread(target=waiter.acquire, kwargs={"wait": True, "note": "/second"})
+    t.start()
+    # until the waiter has opened the file and waits in flock(2): /proc/locks lists a blocked
+    # request ("->") on its inode (proc(5))
+    ino = f":{path.stat().st_ino} "
+    deadline = time.monotonic() + 30
+    while not any(ln.split()[1] == "->" and ino in ln
+                  for ln in Path("/proc/locks").read_text().splitlines()):
+        assert time.monotonic() < deadline, "the waiter never waited"
+        time.sleep(0.01)
+    assert t.is_alive()
+    first.release()
+    t.join(timeout=10)
+    assert waiter.held and path.exists()
+    assert path.read_text() == f"{os.getpid()}\n/second\n"
+    # the path's file is the one held: a third process-level holder is refused
+    with pytest.raises(BusyError):
+        FileLock(path, "the test's prefix").acquire()
+    waiter.release()
+    assert not path.exists()

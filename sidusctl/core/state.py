@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sidusctl.core.errors import BusyError, StateError
+from sidusctl.core.log import get_logger
 
 
 def fsync_dir(path: Path) -> None:
@@ -107,36 +108,67 @@ class FileLock:
     """An exclusive ``flock`` on ``path`` (created if needed).
 
     ``acquire(wait=False)`` raises :class:`BusyError` naming ``what`` if another process holds
-    it. The lock file records the holder's pid for messages; the lock itself is the flock, so a
-    dead holder never blocks anyone.
+    it. The lock file records the holder's pid for messages (and a ``note`` of the holder's,
+    such as the directory it works in); the lock itself is the flock, so a dead holder never
+    blocks anyone. :meth:`release` empties the file, so a new holder that finds a record
+    (:attr:`left_behind`) knows the last one died holding the lock: killed (SIGKILL, the OOM
+    killer) before it could undo what it had made. With ``remove=True`` it also deletes the
+    file, so that clean holders leave nothing behind (a lock taken on a file deleted meanwhile
+    is taken again on the new one: :meth:`acquire` checks the path still names its file).
     """
 
-    def __init__(self, path: Path, what: str) -> None:
+    def __init__(self, path: Path, what: str, *, remove: bool = False) -> None:
         self.path = path
         self.what = what
+        self.remove = remove
         self._fd: int | None = None
+        #: ``(pid, note)`` a holder that died holding the lock recorded; None when the last
+        #: holder released it (or there was none). Set by :meth:`acquire`.
+        self.left_behind: tuple[int, str] | None = None
 
-    def acquire(self, wait: bool = False) -> FileLock:
+    def acquire(self, wait: bool = False, note: str = "") -> FileLock:
+        """Take the lock (``wait``: until it is free), record this pid and ``note`` (one line)
+        in the file, set :attr:`left_behind`; :class:`BusyError` naming the holder's pid if
+        another process holds it and not ``wait``."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = self._open_locked(wait)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its holder removed it as we took it: take the new one
+        self.left_behind = _record(os.pread(fd, 4096, 0))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n{note}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def _open_locked(self, wait: bool) -> int:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError as e:
             holder = ""
             with contextlib.suppress(OSError, ValueError):
-                holder = os.pread(fd, 32, 0).decode().strip()
+                holder = os.pread(fd, 32, 0).decode().partition("\n")[0].strip()
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 pid = f" (pid {holder})" if holder else ""
                 raise BusyError(f"{self.what} is in use by another sidusctl process{pid}") from e
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
+        return fd
 
     def release(self) -> None:
+        """Empty the file (this holder ended cleanly; with ``remove``, delete it) and drop the
+        lock; idempotent."""
         if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+                if self.remove:
+                    self.path.unlink()  # while held: a waiter then sees another file
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -150,6 +182,36 @@ class FileLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+#: where locks that outlive no boot live (FHS 3.0, section 5.9: /run/lock, cleared at boot)
+RUN_LOCK_DIR = Path("/run/lock")
+
+
+def remove_left_dir(path: Path | None, markers: tuple[str, ...]) -> list[str]:
+    """Remove the directory ``path`` a dead lock holder recorded (:attr:`FileLock.left_behind`)
+    when it is one: a real directory (not a link, not ``/``) holding at least one of
+    ``markers`` (names the holder makes in it), so that a damaged record never removes
+    something else. ``["work directory PATH"]`` when it was removed, else ``[]`` (a warning is
+    logged when it could not be removed whole)."""
+    if (path is None or not path.is_absolute() or path == Path("/") or path.is_symlink()
+            or not path.is_dir() or not any((path / m).exists() for m in markers)):
+        return []
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        get_logger("state").warning("could not remove all of %s (left by a killed process)",
+                                    path)
+        return []
+    return [f"work directory {path}"]
+
+
+def _record(raw: bytes) -> tuple[int, str] | None:
+    """``(pid, note)`` from a lock file's text (``PID\\nNOTE\\n``); None for an empty one or
+    one whose first line is not a pid."""
+    first, _, rest = raw.decode(errors="replace").partition("\n")
+    if not first.strip().isdigit():
+        return None
+    return int(first), rest.rstrip("\n")
 
 
 @contextlib.contextmanager

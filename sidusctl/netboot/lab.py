@@ -42,7 +42,8 @@ from typing import Any
 from sidusctl.core.errors import SidusError, StateError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import STDOUT, Child, run, spawn
-from sidusctl.netboot.labclaim import LabClaim, claim, kill_netns_processes
+from sidusctl.core.state import FileLock
+from sidusctl.netboot.labclaim import claim, kill_netns_processes
 from sidusctl.serve.supervisor import read_status
 from sidusctl.subsys import qemu
 from sidusctl.subsys.imagestore import ImageStore
@@ -142,7 +143,7 @@ class PxeLab:
         self.guests: list[qemu.Guest] = []
         self._taps = 0
         self._up = False
-        self._claim: LabClaim | None = None
+        self._claim: FileLock | None = None
 
     # -- set up and tear down ---------------------------------------------------------------
     def __enter__(self) -> PxeLab:

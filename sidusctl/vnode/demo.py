@@ -4,6 +4,12 @@ One copy-on-write vnode from an image tarball, in a state directory of its own (
 vnode store is never touched), on a vnetwork bridge of its own; SSH answers; a real ``ssh``
 with a key injected at create time runs ``hostname`` and ``findmnt /`` inside; then everything
 is undone: the vnode, the vnetwork bridge, the loop-backed btrfs store, the directory.
+
+A demo killed with SIGKILL can undo nothing: its vnode's container goes on running, its store
+stays mounted on its loop device, its bridge stays. Each demo holds a
+:class:`~sidusctl.core.state.FileLock` on ``/run/lock/sidusctl-vnode-demo-<prefix>.lock`` whose
+note is its directory; the next demo with that prefix finds the killed one's record there and
+undoes what it left (:func:`reclaim`) before it starts, with a warning.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sidusctl.core.errors import StateError
+from sidusctl.core.errors import SidusError, StateError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
+from sidusctl.core.state import RUN_LOCK_DIR, FileLock, remove_left_dir
 from sidusctl.vnode.platform import Platform
 
 log = get_logger("vnode.demo")
@@ -45,10 +52,22 @@ def vnode_demo(tarball: Path, *, prefix: str = "sidus-demo", workdir: Path | Non
     step = on_step or (lambda s: None)
     ssh, keygen = which("ssh", "openssh-client"), which("ssh-keygen", "openssh-client")
     base = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=workdir or "/var/tmp"))
+    lock = FileLock(RUN_LOCK_DIR / f"sidusctl-vnode-demo-{prefix}.lock",
+                    f"the vnode demo prefix {prefix!r}", remove=True)
+    try:
+        lock.acquire(note=str(base))
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
     name, net = f"{prefix}-v1"[:32], prefix[:12]
     plat = Platform(base / "state")
     created = inited = False
     try:
+        if lock.left_behind is not None:
+            pid, note = lock.left_behind
+            left = reclaim(Path(note) if note.startswith("/") else None, pid)
+            if left:
+                step(f"vnode: removed what a killed demo left: {', '.join(left)}")
         key = base / "id_ed25519"
         run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", f"{prefix}@demo", "-f", str(key)])
         step("vnode store: loop-backed btrfs (copy-on-write roots)")
@@ -85,6 +104,44 @@ def vnode_demo(tarball: Path, *, prefix: str = "sidus-demo", workdir: Path | Non
         step("vnode: clean up (vnode, vnetwork, store)")
         _undo(plat, name, created, inited)
         shutil.rmtree(base, ignore_errors=True)
+        lock.release()
+
+
+#: what a demo's directory holds: one must be there before a recorded directory is removed
+DEMO_FILES = ("state", "id_ed25519")
+
+
+def reclaim(recorded: Path | None, pid: int) -> list[str]:
+    """Undo what the demo ``pid``, killed, left in its directory ``recorded``: every vnode of
+    its store destroyed (its container stopped), the store deinitialized (unmounted, its loop
+    device and vnetwork bridges gone), the directory removed (if it holds one of
+    :data:`DEMO_FILES`). What was removed, as phrases, also logged as a warning; a step that
+    fails is logged and the next one still runs."""
+    done: list[str] = []
+    if recorded is not None and (recorded / "state").is_dir():
+        plat = Platform(recorded / "state")
+        try:
+            names = list(plat.store.read().vnodes)
+        except SidusError as e:
+            log.warning("vnode demo left by pid %s: its store cannot be read: %s", pid, e)
+            names = []
+        for vname in names:
+            try:
+                plat.destroy(vname)
+                done.append(f"vnode {vname}")
+            except SidusError as e:
+                log.warning("vnode demo left by pid %s: destroy %s: %s", pid, vname, e)
+        try:
+            if plat.store.read().store:
+                plat.deinit()
+                done.append(f"its store and vnetworks under {recorded / 'state'}")
+        except SidusError as e:
+            log.warning("vnode demo left by pid %s: store: %s", pid, e)
+    done += remove_left_dir(recorded, DEMO_FILES)
+    if done:
+        log.warning("the last vnode demo here (pid %s) was killed without cleaning up; removed "
+                    "%s", pid, ", ".join(done))
+    return done
 
 
 def _undo(plat: Platform, name: str, created: bool, inited: bool) -> None:
