@@ -146,11 +146,20 @@ def node_cmdline(lab: PxeLab, node: LabNode) -> str:
     raise SystemExit(f"bench/boot.py: no APPEND line in {cfgs[0]}")
 
 
+def cpu_ms(pid: int) -> int:
+    """CPU time (user + system, ms) process ``pid`` used so far (proc(5), /proc/PID/stat
+    fields 14 and 15, in clock ticks). Less moved than wall time by a machine whose speed
+    changes with its neighbours' load (time stolen by the hypervisor is not counted)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return round((int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK"))
+
+
 def tcg_stats(g: Guest, monitor: Path) -> dict[str, int]:
     """qemu's TCG counters for ``g`` so far (``info jit``): ``translation_blocks`` (TBs made),
-    ``tbs_invalidated`` (thrown away: the guest wrote over their code)."""
+    ``tbs_invalidated`` (thrown away: the guest wrote over their code); and ``qemu_cpu_ms``,
+    the CPU time its process used (:func:`cpu_ms`)."""
     text = monitor_command(monitor, "info jit")
-    out = {}
+    out = {"qemu_cpu_ms": cpu_ms(g.pid)}
     for key, label in (("translation_blocks", "TB count"),
                        ("tbs_invalidated", "TB invalidate count")):
         m = re.search(rf"^{label}\s+(\d+)", text, re.M)
