@@ -32,7 +32,9 @@ goes when the aim (at most 1.1x the local disk) is missed.
 qemu runs under TCG (no KVM here), so absolute figures are slow; the ratios are what to compare.
 At each login prompt the bench asks qemu's monitor (``info jit``) how many translation blocks
 (TBs: guest code translated to host code) the boot made and how many it threw away because the
-guest wrote over the code they came from. TCG translates code per virtual address: with
+guest wrote over the code they came from, and the CPU time qemu's process used (one vCPU under
+TCG keeps it busy: that time is the wall time, and what moves it between rounds is the
+machine's speed, not waiting). TCG translates code per virtual address: with
 address space layout randomization every program's libraries land somewhere new and are
 translated again, and a page that many programs ran costs qemu 7.2 up to quadratic time in
 its TBs when it is written over. A real CPU has neither cost. ``--norandmaps`` boots every guest with
