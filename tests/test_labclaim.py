@@ -74,13 +74,21 @@ def test_a_clean_lab_records_itself_and_removes_its_record(names: tuple[str, Pat
     again.release()
 
 
-def test_a_killed_lab_is_reclaimed(names: tuple[str, Path, Path]) -> None:
+def running_lab(names: tuple[str, Path, Path], marker: str) -> subprocess.Popen[str]:
+    """A lab as a child process holds the claim: its work directory (holding ``marker``, one
+    of a lab's files) and its namespace are made."""
     ns, lock_dir, workdir = names
     workdir.mkdir()
-    (workdir / "serve-pxe.log").write_text("the killed lab's log\n")
+    (workdir / marker).write_text("")
     p = holder(ns, lock_dir, workdir)
-    # what the killed lab leaves: its namespace with a process in it (as serve-pxe and qemu)
     links.ensure_netns(ns)
+    return p
+
+
+def test_a_killed_lab_is_reclaimed(names: tuple[str, Path, Path]) -> None:
+    ns, lock_dir, workdir = names
+    p = running_lab(names, "serve-pxe.log")
+    # what the killed lab leaves: its namespace with a process in it (as serve-pxe and qemu)
     sleeper = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "300"])
     try:
         p.send_signal(signal.SIGKILL)
@@ -102,10 +110,7 @@ def test_a_killed_lab_is_reclaimed(names: tuple[str, Path, Path]) -> None:
 
 def test_a_live_lab_is_not_touched(names: tuple[str, Path, Path]) -> None:
     ns, lock_dir, workdir = names
-    workdir.mkdir()
-    (workdir / "nodes.toml").write_text("")
-    p = holder(ns, lock_dir, workdir)
-    links.ensure_netns(ns)
+    p = running_lab(names, "nodes.toml")
     try:
         with pytest.raises(BusyError, match=rf"the lab prefix '{ns}' is in use by another "
                                             rf"sidusctl process \(pid {p.pid}\)"):
