@@ -119,6 +119,11 @@ def test_sdist_and_wheel_carry_the_data_folders(installed: Installed) -> None:
     shipped = {n.removeprefix("sidusctl/_data/") for n in infos if n.startswith("sidusctl/_data/")}
     assert shipped == expected
     assert "sidusctl/py.typed" in infos
+    # the AppArmor kernel features the build compiles the policy cache for (package data)
+    features = {str(f.relative_to(installed.src)) for f in
+                (installed.src / "sidusctl/image/apparmor-features").glob("*.features")}
+    assert "sidusctl/image/apparmor-features/6.1.features" in features
+    assert features <= set(infos) and features <= set(members), features
     for rel in expected:
         mode = infos[f"sidusctl/_data/{rel}"].external_attr >> 16
         want_x = bool((installed.src / rel).stat().st_mode & stat.S_IXUSR)

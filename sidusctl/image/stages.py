@@ -5,7 +5,8 @@ full-upgrade, the recipe's packages, purges, superseded kernels. Its result is w
 cache keeps (:func:`package_inputs` lists everything that decides it).
 
 The later stages (:meth:`Configurer.later`): locales, timezone, keyboard, site files, tricks,
-root password, the netboot hook, and the initramfs, regenerated only when its inputs (kernel,
+root password, the netboot hook, the AppArmor policy cache (:mod:`sidusctl.image.apparmor`),
+and the initramfs, regenerated only when its inputs (kernel,
 hook, initramfs configuration: :func:`initrd_key`) differ from those of the image's current
 generation, whose initrd is otherwise reused. They always run, on a root fresh from the
 package stage (built now or restored from the cache), so an incremental build and a clean one
@@ -27,6 +28,7 @@ from sidusctl.core.errors import BuildError, CommandError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run
 from sidusctl.core.state import atomic_write_bytes
+from sidusctl.image import apparmor
 from sidusctl.image.common import (
     APT,
     Reporter,
@@ -266,12 +268,26 @@ class Configurer:
                    "the recipe sets none")
         self._step("netboot-hook", r.netboot.enabled, lambda: self._netboot_hook(root),
                    "netboot is off in the recipe")
+        # last of the steps that may change a profile: a profile newer than its cache would
+        # be compiled again at boot
+        aa = apparmor.plan(root)
+        self._step("apparmor-cache", bool(aa.features), lambda: self._apparmor_cache(s, aa),
+                   aa.why_not)
         if not ((root / "usr/sbin/update-initramfs").exists()
                 and list((root / "boot").glob("vmlinuz-*"))):
             self.records.append(StageRecord(name="initramfs", action="skipped",
                                             reason="no kernel or no initramfs-tools in the image"))
             return
         self._initramfs(s, package_key, prev)
+
+    def _apparmor_cache(self, s: ChrootSession, aa: apparmor.CachePlan) -> None:
+        made, failed = apparmor.compile_cache(s, aa)
+        kernels = ", ".join(aa.features)
+        for d in made:
+            self.rep.line(f"AppArmor policy cache /{d} (kernel {kernels})")
+        for f in failed:
+            log.warning("AppArmor policy cache: apparmor_parser could not compile every "
+                        "profile, its nodes will meet the same error at boot: %s", f)
 
     def _root_password(self, s: ChrootSession, prev: Image | None) -> None:
         """chpasswd; but when the current generation's root hash is of the same password, that
