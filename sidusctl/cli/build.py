@@ -36,8 +36,10 @@ def _summary(image: Image, out: Path | None) -> dict[str, Any]:
 def _print_summary(s: dict[str, Any]) -> None:
     console.print(f"[green]image '{s['image']}' built[/green] ({s['packages']} packages, "
                   f"{human_size(s['rootfs_bytes'])}, {s['seconds']} s)", highlight=False)
-    for st in s.get("stages", ()):
-        click.echo(f"{st['name'] + ':':14} {st['action']:8} {st['reason']}")
+    stages = s.get("stages", ())
+    width = max((len(st["name"]) + 1 for st in stages), default=0)
+    for st in stages:
+        click.echo(f"{st['name'] + ':':{width}} {st['action']:8} {st['reason']}")
     for k in ("rootfs", "kernel", "initrd", "tarball", "manifest"):
         if s.get(k):
             click.echo(f"{k + ':':10} {s[k]}")
