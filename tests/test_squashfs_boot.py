@@ -15,6 +15,8 @@ One lab, two guests booted at once, one reboot (three TCG boots for the whole is
   the old file stays served for the squashfs-nfs guest: serve-pxe runs with ``--retain 0``,
   so only the node's hold keeps it through the prunes (every 30 s) during that reboot;
 - both nodes reported what their kernel says: no lockdown, no Secure Boot (BIOS guests);
+- both loaded their AppArmor policy from the cache the build compiled for their kernel, and
+  compiled nothing at boot;
 - the squashfs-http node holds its image in huge pages; its kernel took the hash tree
   sidusctl wrote (its root is mounted through the verity device, no block failed), and
   refuses a block changed by one bit: a
@@ -144,6 +146,15 @@ def check_squashfs_root(g: Guest, root: str, generation: str) -> None:
         "/run/systemd/system/sidus-report.service"
     for old in ("etc/systemd/system/sidus-report.service", "usr/local/lib/sidus"):
         assert g.rc(f"test -e /run/sidus/rw/upper/{old}") == 1, old
+    # the AppArmor policy came from the cache the build compiled for this kernel
+    # (sidusctl/image/apparmor.py): the running kernel's features name a directory of the
+    # image, apparmor.service loaded the profiles, and compiled nothing (a compiled profile
+    # would have been written into the writable layer)
+    cache = g.sh("apparmor_parser --print-cache-dir")
+    assert g.rc(f"test -f /run/sidus/ro{cache}/sbin.dhclient") == 0, cache
+    assert g.sh("systemctl is-active apparmor.service") == "active"
+    assert "dhclient (enforce)" in g.sh("cat /sys/kernel/security/apparmor/profiles")
+    assert g.rc("test -e /run/sidus/rw/upper/var/cache/apparmor") == 1
     # minimal's fstab (debootstrap's placeholder) has no entry for /: init-bottom left it
     # unwritten, so it was not copied up (tests/test_netboot_hook.py edits one that has)
     assert g.rc("test -e /run/sidus/rw/upper/etc/fstab") == 1
