@@ -17,7 +17,9 @@ has such a file, the build runs the image's own parser in the chroot with ``--ke
 and ``--skip-kernel-load``: the cache it writes is byte for byte the one the node would write,
 in the directory the node's parser looks in. A kernel of another series gets no cache, and its
 nodes compile at boot as before; a cache made for features that are not the booted kernel's is
-not used (its directory has another name), never wrong.
+not used (its directory has another name), never wrong. Sources: apparmor_parser(8)
+(``--kernel-features``, ``--skip-kernel-load``, ``--write-cache``, ``--print-cache-dir``),
+AppArmor 3.0's policy cache layout.
 """
 
 from __future__ import annotations
