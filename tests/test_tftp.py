@@ -504,3 +504,82 @@ def test_window_with_a_lost_block_resends_from_the_gap(live: Live, root: Path) -
     data, gaps = live.run(client())  # type: ignore[misc]
     assert gaps >= 1
     assert sha(data) == sha(root / "small.bin")
+
+
+# -- a client that closes its port (ICMP port unreachable, RFC 1350 section 6) -------------------
+
+def _closing_client(lv: Live, name: str) -> tuple[socket.socket, tuple[str, int]]:
+    """A client socket that sent an RRQ for ``name`` (no options: lock-step, 512-byte
+    blocks) and received DATA 1; returned open with the server's TID address."""
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.settimeout(5)
+    c.bind(("127.0.0.1", 0))
+    c.sendto(tc.encode_request(tc.RRQ, name), ("127.0.0.1", lv.port))
+    data, addr = c.recvfrom(1024)
+    p = tc.parse(data)
+    assert isinstance(p, tc.Data) and p.block == 1
+    return c, addr
+
+
+def test_client_closing_after_the_final_block_without_its_ack_completed_it(
+        root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A boot loader that took the final block and handed over to its kernel before its final
+    ACK arrived (GRUB under load in a CI run): the retransmission of the final block meets a
+    closed port. The transfer is complete, logged as sent with the missing ACK, not failed;
+    a client that leaves before the final block did fail."""
+    lv = Live(root, timeout=0.2, retries=3)
+    caplog.set_level(logging.INFO, logger="sidusctl")
+    try:
+        c, _ = _closing_client(lv, "pxelinux.cfg/default")  # one block: the final one
+        c.close()  # no ACK
+        _wait_for(lambda: lv.server.stats.active == 0)
+        assert (lv.server.stats.completed, lv.server.stats.failed) == (1, 0)
+        assert lv.server.stats.retransmits >= 1  # the one that met the closed port
+        assert "sent 'pxelinux.cfg/default'" in caplog.text
+        assert "the final ACK not seen" in caplog.text and "Connection refused" in caplog.text
+
+        c, _ = _closing_client(lv, "small.bin")  # 137 blocks: left after the first
+        c.close()
+        _wait_for(lambda: lv.server.stats.active == 0)
+        assert (lv.server.stats.completed, lv.server.stats.failed) == (1, 1)
+        assert "'small.bin' failed: client unreachable: Connection refused" in caplog.text
+        assert lv.server.stats.internal_errors == 0
+    finally:
+        lv.close()
+
+
+def test_final_ack_queued_behind_a_port_unreachable_is_read(
+        root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Linux reports a pending ICMP error on a connected UDP socket before the datagrams
+    already queued: the final ACK that arrived after it is still read, and the transfer is
+    complete without a note. The server's loop is held while the error and the ACK are
+    arranged: a retransmission of DATA 1 (on the transfer's own socket, as the timer would)
+    to the closed client port, then the client's ACK from a socket bound again to that port."""
+    lv = Live(root, timeout=5, retries=3)
+    caplog.set_level(logging.INFO, logger="sidusctl")
+    hold, held = threading.Event(), threading.Event()
+
+    def block_loop() -> None:
+        held.set()
+        hold.wait(10)
+    try:
+        c, server_tid = _closing_client(lv, "pxelinux.cfg/default")
+        port = c.getsockname()[1]
+        lv.loop.call_soon_threadsafe(block_loop)
+        assert held.wait(5)
+        c.close()
+        (t,) = lv.server._transfers.values()
+        t.sock.send(t._block(1))  # meets the closed port: ICMP port unreachable
+        time.sleep(0.2)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+            again.bind(("127.0.0.1", port))
+            again.sendto(tc.encode_ack(1), server_tid)
+            time.sleep(0.2)
+            hold.set()
+            _wait_for(lambda: lv.server.stats.active == 0)
+        assert (lv.server.stats.completed, lv.server.stats.failed) == (1, 0)
+        assert "sent 'pxelinux.cfg/default'" in caplog.text
+        assert "final ACK not seen" not in caplog.text
+    finally:
+        hold.set()
+        lv.close()

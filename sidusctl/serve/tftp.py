@@ -371,8 +371,8 @@ class TftpServer:
         if ok:
             self.stats.completed += 1
             rate = t.size / secs / 1e6 if secs > 0 else 0.0
-            log.info("TFTP %s: sent %r (%d bytes in %.2f s, %.1f MB/s)", who, t.filename, t.size,
-                     secs, rate)
+            log.info("TFTP %s: sent %r (%d bytes in %.2f s, %.1f MB/s%s)", who, t.filename,
+                     t.size, secs, rate, f"; {why}" if why else "")
             if self.on_event:
                 self.on_event("sent", t.addr[0], t.filename)
         elif aborted:

@@ -36,7 +36,7 @@ class Transfer:
     """One RRQ being served: a connected socket to the client's TID, a window of blocks."""
 
     __slots__ = ("acked", "addr", "blksize", "buf", "buf_off", "fd", "filename", "high", "last_progress",
-                 "nblocks", "next_send", "oack", "server", "size", "sock", "started", "timeout",
+                 "nblocks", "next_send", "oack", "sent_final", "server", "size", "sock", "started", "timeout",
                  "tries", "waiting_writer", "window")
 
     def __init__(self, server: TftpServer, sock: socket.socket, addr: tuple[str, int],
@@ -59,6 +59,7 @@ class Transfer:
         self.acked = 0  # absolute number of the last block the client acknowledged
         self.high = 0  # highest block sent in the current window
         self.next_send = 1
+        self.sent_final = False  # the final (short) block went out at least once
         self.tries = 0
         self.waiting_writer = False
         self.started = self.last_progress = time.monotonic()
@@ -89,7 +90,10 @@ class Transfer:
             return True
         except BlockingIOError:
             return False
-        except OSError as e:  # ICMP port unreachable from an earlier send, etc.
+        except ConnectionRefusedError as e:  # ICMP port unreachable from an earlier send
+            self._client_gone(e)
+            return False
+        except OSError as e:
             self.server._finish(self, ok=False, why=f"send failed: {e.strerror}")
             return False
 
@@ -108,10 +112,15 @@ class Transfer:
                     self.waiting_writer = True
                     self.server.loop.add_writer(self.sock.fileno(), self.guarded(self._writable))
                 return
+            except ConnectionRefusedError as e:
+                self._client_gone(e)
+                return
             except OSError as e:
                 self.server._finish(self, ok=False, why=f"send failed: {e.strerror}")
                 return
             self.server.stats.bytes_sent += len(pkt) - 4
+            if self.next_send == self.nblocks:
+                self.sent_final = True
             self.next_send += 1
 
     def _writable(self) -> None:
@@ -139,7 +148,7 @@ class Transfer:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:  # ECONNREFUSED: the client went away
-            self.server._finish(self, ok=False, why=f"client unreachable: {e.strerror}")
+            self._client_gone(e)
             return
         if len(pkt) == 4 and pkt[:2] == _ACK_PREFIX:
             self._on_ack((pkt[2] << 8) | pkt[3])
@@ -155,6 +164,30 @@ class Transfer:
             return
         self.server.stats.malformed += 1  # anything but ACK/ERROR is out of place
 
+    def _client_gone(self, e: OSError) -> None:
+        """The socket reported an ICMP error (port unreachable: ``ECONNREFUSED``) for a datagram
+        sent earlier. Linux reports it before the datagrams already queued, so the final ACK
+        may still be waiting behind it: those are read first. A client whose port is closed
+        once the final block was sent took it and left (RFC 1350 section 6: "the host
+        acknowledging the final DATA packet may terminate its side of the connection on
+        sending the final ACK"; if that ACK is lost, a retransmission of the final block meets
+        the closed port, or the kernel the boot loader handed over to): the transfer is
+        complete, logged with the missing ACK. Before the final block it failed."""
+        while self.server._transfers.get(self.sock.fileno()) is self:
+            try:
+                pkt = self.sock.recv(_ACK_MAX)
+            except OSError:  # nothing more queued (or another error): decide below
+                break
+            if len(pkt) == 4 and pkt[:2] == _ACK_PREFIX:
+                self._on_ack((pkt[2] << 8) | pkt[3])
+        if self.server._transfers.get(self.sock.fileno()) is not self:
+            return  # a queued ACK completed it
+        if self.sent_final:
+            self.server._finish(self, ok=True, why=f"the final ACK not seen, the client closed "
+                                f"its port after the final block ({e.strerror})")
+        else:
+            self.server._finish(self, ok=False, why=f"client unreachable: {e.strerror}")
+
     def _next_in_lock_step(self, h: int) -> None:
         """Lock-step's common case, kept short (it runs once per block of every transfer):
         block ``h``, the one in flight and not the last, is acknowledged; send ``h + 1``.
@@ -169,10 +202,14 @@ class Transfer:
         except BlockingIOError:
             self._pump()  # the socket buffer is full: sent when writable
             return
+        except ConnectionRefusedError as e:
+            self._client_gone(e)
+            return
         except OSError as e:
             self.server._finish(self, ok=False, why=f"send failed: {e.strerror}")
             return
         self.next_send = h + 2
+        self.sent_final = h + 1 == self.nblocks
         self.server.stats.bytes_sent += len(pkt) - 4
 
     def _on_ack(self, block: int) -> None:
