@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sidusctl.image import apparmor, recipe
+from sidusctl.subsys.chroot import ChrootSession
 from tests.conftest import BuiltImage, _mounts_under, sidusctl
 
 pytestmark = pytest.mark.slow
@@ -146,6 +148,34 @@ def test_apparmor_policy_cache_is_compiled_for_the_images_kernel(
         assert (caches[0] / n).stat().st_mtime >= (root / "etc/apparmor.d" / n).stat().st_mtime
     # nothing of the compilation left in the root
     assert not (root / apparmor.FEATURES_IN_ROOT.lstrip("/")).exists()
+
+
+def test_a_profile_the_parser_refuses_is_a_warning_and_the_others_are_cached(
+        minimal_image: BuiltImage, tmp_path: Path) -> None:
+    """A profile the image's parser cannot compile (written into an overlay on the shared
+    root, so the image is not touched): compile_cache names it and caches the others."""
+    lower = minimal_image.rootfs
+    upper, work, merged = (tmp_path / n for n in ("upper", "work", "merged"))
+    for d in (upper, work, merged):
+        d.mkdir()
+    subprocess.run(["mount", "-t", "overlay", "sdt-aa-broken",
+                    "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)],
+                   check=True)
+    try:
+        cache = merged / "var/cache/apparmor"
+        for d in cache.iterdir():
+            shutil.rmtree(d)
+        (merged / "etc/apparmor.d/sdt-broken").write_text(
+            "profile sdt-broken /usr/bin/true {\n  this is no rule,\n}\n")
+        with ChrootSession(merged, resolv=False) as s:
+            made, failed = apparmor.compile_cache(s, apparmor.plan(merged))
+        assert len(failed) == 1 and "sdt-broken" in failed[0], failed
+        assert len(made) == 1
+        cached = {p.name for p in (merged / made[0]).iterdir()}
+        assert {"sbin.dhclient", "lsb_release"} <= cached and "sdt-broken" not in cached
+        assert not (merged / apparmor.FEATURES_IN_ROOT.lstrip("/")).exists()
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
 
 
 def test_tarball_extracts_to_the_same_tree(minimal_image: BuiltImage, tmp_path: Path) -> None:
