@@ -101,6 +101,8 @@ async def nfs_node(cfg: dict[str, Any], n: dict[str, str], proto: Any, tr: Any,
     digests.update(await nfs_boot_reads(me, m[1].decode(), m[2].decode(), cfg["entries"],
                                         int(m[3]), tally, set(cfg["check"])))
     rec["root_s"] = time.monotonic() - t_root
+    # where a node's time went: DHCP and TFTP up to the kernel's DHCP, then the root's reads
+    rec["by_protocol"] = {"dhcp+tftp": t_root - t0, "nfs": rec["root_s"]}
     rec["dhcp"]["system"] = await sim.dhcp_phase(proto, tr, mac, "system", sid, tally)
     rec["digests"] = digests
     rec["seconds"] = time.monotonic() - t0
