@@ -23,7 +23,9 @@ then its root, then DHCP as the booted system. Every file is checked by SHA-256.
   of each directory listed, READLINK of each symlink; its own TCP connection, one call at a
   time. Whole files are read (an mmap'ed library is only partly read by a real boot: an upper
   bound). The server and export path come from the node's pxelinux config. No reports (an NFS
-  root boots through initramfs-tools' own script, which does not report).
+  root boots through initramfs-tools' own script, which does not report). The nodes run in
+  ``--nfs-shards`` processes (default one per core), each with every shards-th node: in one
+  process (as before 2026-12-04) their own CPU bounded the storm, not the servers.
 
 Reported per stack: time until the last node has everything, p50/p99 per node, failed nodes,
 refusals and retransmits the clients saw, server CPU seconds (all processes of the server
@@ -57,7 +59,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 REPO = Path(__file__).resolve().parent.parent
 # the repository first on the path, bench/ itself not (a bench script named like a standard
@@ -116,7 +118,10 @@ async def nfs_storm(cfg: dict[str, Any]) -> dict[str, Any]:
     tally = sim.Tally()
     tally.nfs_calls = tally.nfs_retries = 0  # type: ignore[attr-defined]
     cfg["entries"] = load_reads(Path(cfg["reads"]))
-    t0, cpu0 = time.monotonic(), time.process_time()
+    start_at = cfg.get("start_at")  # a shard of a larger storm (run_nfs_clients)
+    if start_at is not None:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+    t0, cpu0 = time.time() if start_at is None else start_at, time.process_time()
 
     async def one(n: dict[str, str]) -> dict[str, Any]:
         try:
@@ -130,7 +135,7 @@ async def nfs_storm(cfg: dict[str, Any]) -> dict[str, Any]:
                                         cfg["timeout"])
     finally:
         tr.close()
-    return {"wall": time.monotonic() - t0, "nodes": results, "tally": vars(tally),
+    return {"wall": time.time() - t0, "nodes": results, "tally": vars(tally),
             "client_cpu": time.process_time() - cpu0}
 # -- the two stacks ---------------------------------------------------------------------------
 
@@ -220,17 +225,41 @@ def summarize(res: dict[str, Any], cpu: float, rss: float) -> dict[str, Any]:
 
 
 def run_nfs_clients(ns: str, cfg: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
-    """The nfs storm from inside ``ns`` (``bench/bootstorm.py --nfs-client CFG``); its JSON."""
-    p = work / f"nfs-storm-{len(cfg['nodes'])}-{time.monotonic_ns()}.json"
-    p.write_text(json.dumps(cfg))
-    r = subprocess.run(nsexec(ns, sys.executable, str(Path(__file__).resolve()),
-                              "--nfs-client", str(p)),
-                       capture_output=True, text=True, timeout=timeout + 60, cwd=REPO,
-                       check=False)
-    if r.returncode != 0:
-        raise RuntimeError(f"nfs clients failed: {r.stderr[-3000:]}")
-    out: dict[str, Any] = json.loads(r.stdout)
-    return out
+    """The nfs storm from inside ``ns``: ``cfg["shards"]`` processes (``bench/bootstorm.py
+    --nfs-client CFG``), each with every shards-th node, all starting at one moment (as
+    tests/storm_sim.run_clients); their JSON merged (nodes in order, tallies and client CPU
+    summed, the longest wall time). Raises RuntimeError with a shard's stderr if one fails."""
+    nodes = cfg["nodes"]
+    shards = max(1, min(cfg.get("shards", 1), len(nodes)))
+    start_at = time.time() + 3.0 if shards > 1 else None  # after every interpreter started
+    procs: list[tuple[subprocess.Popen[str], Path, IO[str]]] = []
+    outs: list[dict[str, Any]] = []
+    try:
+        for k in range(shards):
+            p = work / f"nfs-storm-{len(nodes)}-{k}-{time.monotonic_ns()}.json"
+            p.write_text(json.dumps(dict(cfg, nodes=nodes[k::shards], start_at=start_at)))
+            out_f = p.with_suffix(".out").open("w")
+            procs.append((subprocess.Popen(
+                nsexec(ns, sys.executable, str(Path(__file__).resolve()), "--nfs-client",
+                       str(p)), stdout=out_f, stderr=subprocess.PIPE, text=True, cwd=REPO),
+                p.with_suffix(".out"), out_f))
+        for proc, out_p, _f in procs:
+            _, err = proc.communicate(timeout=timeout + 60)
+            if proc.returncode != 0:
+                raise RuntimeError(f"nfs clients failed: {err[-3000:]}")
+            outs.append(json.loads(out_p.read_text()))
+    finally:
+        for proc, _p, f in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            f.close()
+    merged: list[dict[str, Any]] = [{}] * len(nodes)
+    for k, o in enumerate(outs):
+        merged[k::shards] = o["nodes"]
+    return {"wall": max(o["wall"] for o in outs), "nodes": merged,
+            "tally": {key: sum(o["tally"][key] for o in outs) for key in outs[0]["tally"]},
+            "client_cpu": sum(o["client_cpu"] for o in outs)}
 
 
 def inventory(nodes: list[dict[str, str]], root: str) -> str:
@@ -364,6 +393,7 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
                 if root == "nfs":
                     cfg = {"interface": cif, "server": SERVER, "server_id": SERVER,
                            "nodes": nodes, "spread": 2.0, "timeout": args.timeout,
+                           "shards": args.nfs_shards,
                            "tftp_files": ["pxelinux.cfg/01-{mac}", "vmlinuz-storm",
                                           "initrd.img-storm"],
                            "reads": str(args.reads)}
@@ -485,6 +515,9 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", type=Path, default=None,
                     help="also append each storm's result to this file (one JSON line each)")
+    ap.add_argument("--nfs-shards", type=int, default=os.cpu_count() or 1,
+                    help="processes the simulated nodes of an nfs storm run in (default: one "
+                    "per core; 1 as before 2026-12-04)")
     ap.add_argument("--nfs-client", metavar="CFG", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.nfs_client:
