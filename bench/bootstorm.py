@@ -59,7 +59,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 # the repository first on the path, bench/ itself not (a bench script named like a standard
@@ -225,41 +225,11 @@ def summarize(res: dict[str, Any], cpu: float, rss: float) -> dict[str, Any]:
 
 
 def run_nfs_clients(ns: str, cfg: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
-    """The nfs storm from inside ``ns``: ``cfg["shards"]`` processes (``bench/bootstorm.py
-    --nfs-client CFG``), each with every shards-th node, all starting at one moment (as
-    tests/storm_sim.run_clients); their JSON merged (nodes in order, tallies and client CPU
-    summed, the longest wall time). Raises RuntimeError with a shard's stderr if one fails."""
-    nodes = cfg["nodes"]
-    shards = max(1, min(cfg.get("shards", 1), len(nodes)))
-    start_at = time.time() + 3.0 if shards > 1 else None  # after every interpreter started
-    procs: list[tuple[subprocess.Popen[str], Path, IO[str]]] = []
-    outs: list[dict[str, Any]] = []
-    try:
-        for k in range(shards):
-            p = work / f"nfs-storm-{len(nodes)}-{k}-{time.monotonic_ns()}.json"
-            p.write_text(json.dumps(dict(cfg, nodes=nodes[k::shards], start_at=start_at)))
-            out_f = p.with_suffix(".out").open("w")
-            procs.append((subprocess.Popen(
-                nsexec(ns, sys.executable, str(Path(__file__).resolve()), "--nfs-client",
-                       str(p)), stdout=out_f, stderr=subprocess.PIPE, text=True, cwd=REPO),
-                p.with_suffix(".out"), out_f))
-        for proc, out_p, _f in procs:
-            _, err = proc.communicate(timeout=timeout + 60)
-            if proc.returncode != 0:
-                raise RuntimeError(f"nfs clients failed: {err[-3000:]}")
-            outs.append(json.loads(out_p.read_text()))
-    finally:
-        for proc, _p, f in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            f.close()
-    merged: list[dict[str, Any]] = [{}] * len(nodes)
-    for k, o in enumerate(outs):
-        merged[k::shards] = o["nodes"]
-    return {"wall": max(o["wall"] for o in outs), "nodes": merged,
-            "tally": {key: sum(o["tally"][key] for o in outs) for key in outs[0]["tally"]},
-            "client_cpu": sum(o["client_cpu"] for o in outs)}
+    """The nfs storm from inside ``ns``: ``cfg["shards"]`` processes of ``bench/bootstorm.py
+    --nfs-client CFG``, each with every shards-th node, all starting at one moment, their JSON
+    merged (tests/storm_sim.run_clients)."""
+    return sim.run_clients(ns, cfg, work, timeout,
+                           client=(sys.executable, str(Path(__file__).resolve()), "--nfs-client"))
 
 
 def inventory(nodes: list[dict[str, str]], root: str) -> str:

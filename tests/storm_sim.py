@@ -29,7 +29,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -490,9 +490,11 @@ def client_main(path: str) -> None:
 
 # -- running a storm, checking it -----------------------------------------------------------------
 
-def run_clients(ns: str, cfg: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
+def run_clients(ns: str, cfg: dict[str, Any], work: Path, timeout: float,
+                client: Sequence[str] = ()) -> dict[str, Any]:
     """The storm from inside ``ns``: ``cfg["shards"]`` processes (default 1) of ``python -m
-    tests.storm_sim client``, each with every shards-th node, all starting at one moment;
+    tests.storm_sim client`` (or of ``client``, given the shard's JSON file as its last
+    argument), each with every shards-th node, all starting at one moment;
     their JSON merged (nodes in ``cfg["nodes"]`` order, tallies and client CPU summed, the
     longest wall time). Hundreds of simulated nodes are many machines: one process for them
     all would make the simulation, not the server, the bottleneck of a storm. A storm with
@@ -508,7 +510,7 @@ def run_clients(ns: str, cfg: dict[str, Any], work: Path, timeout: float) -> dic
             stem.with_suffix(".json").write_text(json.dumps(shard))
             out_f = stem.with_suffix(".out").open("wb")
             procs.append((subprocess.Popen(
-                nsexec(ns, sys.executable, "-m", "tests.storm_sim", "client",
+                nsexec(ns, *(client or (sys.executable, "-m", "tests.storm_sim", "client")),
                        str(stem.with_suffix(".json"))),
                 stdout=out_f, stderr=subprocess.PIPE, cwd=REPO), stem.with_suffix(".out"), out_f))
         outs: list[dict[str, Any]] = []
