@@ -118,10 +118,7 @@ async def nfs_storm(cfg: dict[str, Any]) -> dict[str, Any]:
     tally = sim.Tally()
     tally.nfs_calls = tally.nfs_retries = 0  # type: ignore[attr-defined]
     cfg["entries"] = load_reads(Path(cfg["reads"]))
-    start_at = cfg.get("start_at")  # a shard of a larger storm (run_nfs_clients)
-    if start_at is not None:
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-    t0, cpu0 = time.time() if start_at is None else start_at, time.process_time()
+    t0, cpu0 = await sim.shard_start(cfg), time.process_time()  # a shard: its storm's start
 
     async def one(n: dict[str, str]) -> dict[str, Any]:
         try:

@@ -451,6 +451,16 @@ async def each_node(runs: list[Coroutine[Any, Any, dict[str, Any]]], nodes: list
             for t, n in zip(tasks, nodes, strict=True)]
 
 
+async def shard_start(cfg: dict[str, Any]) -> float:
+    """Wait until ``cfg["start_at"]`` (``time.time()`` seconds, set by :func:`run_clients` for
+    every shard of a storm) and return it: the storm's start; without it, now."""
+    start_at: float | None = cfg.get("start_at")
+    if start_at is None:
+        return time.time()
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    return start_at
+
+
 async def storm(cfg: dict[str, Any]) -> dict[str, Any]:
     """Every node of ``cfg["nodes"]`` at once (started within ``cfg["spread"]`` seconds), at
     most ``cfg["timeout"]`` seconds in all; per node its record or its error. A shard of a
@@ -459,10 +469,7 @@ async def storm(cfg: dict[str, Any]) -> dict[str, Any]:
     storm's (which of them resume the root download depends on that number)."""
     tr, proto = await dhcp_client(cfg["interface"])
     tally = Tally()
-    start_at = cfg.get("start_at")
-    if start_at is not None:
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-    t0, cpu0 = time.time() if start_at is None else start_at, time.process_time()
+    t0, cpu0 = await shard_start(cfg), time.process_time()
     barrier = asyncio.Barrier(len(cfg["nodes"])) if cfg.get("sync_root") else None
     first, step = cfg.get("first", 0), cfg.get("step", 1)
 
