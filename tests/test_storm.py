@@ -221,6 +221,30 @@ def test_storm_hundreds_of_nodes(storm_lab: StormLab) -> None:
 
 # -- pxe status --watch ----------------------------------------------------------------------
 
+def test_node_status_joins_addresses_that_asked_for_a_nodes_per_mac_files() -> None:
+    """In proxy mode the site's DHCP server gives the addresses: a node's files come from an
+    address the inventory does not know, learnt from its per-MAC file; that address's files
+    are the node's, and no other node's."""
+    from sidusctl.netboot import inventory, pxestatus
+    inv = inventory.parse('[network]\nsubnet = "10.78.0.0/20"\nserver = "10.78.0.1"\n'
+                          '[defaults]\nimage = "storm"\n'
+                          '[[nodes]]\nname = "a"\nmac = "52:54:00:00:00:0a"\nip = "10.78.1.10"\n'
+                          '[[nodes]]\nname = "b"\nmac = "52:54:00:00:00:0b"\nip = "10.78.1.11"\n',
+                          known_images=["storm"])
+    fetched = {"192.0.2.7": {"pxelinux.cfg/01-52-54-00-00-00-0a": 1.0, "vmlinuz-storm": 2.0,
+                             "initrd.img-storm": 3.0},
+               "192.0.2.8": {"pxelinux.0": 0.5},
+               "10.78.1.11": {"pxelinux.0": 0.7}}
+    ip_mac = {"192.0.2.7": "52:54:00:00:00:0a", "192.0.2.9": "52:54:00:00:00:0a"}
+    a, b = pxestatus.nodes(inv, {}, acks={}, proxied={"52:54:00:00:00:0a": 0.4},
+                           fetched=fetched, ip_mac=ip_mac, reports={}, holds={})
+    assert a["addresses"] == ["192.0.2.7", "192.0.2.9"] and a["proxy_dhcp"] == 0.4
+    assert a["files"] == ["pxelinux.cfg/01-52-54-00-00-00-0a", "vmlinuz-storm",
+                          "initrd.img-storm"]
+    assert a["stage"] == "kernel" and a["stages"]["kernel"] == 3.0
+    assert b["addresses"] == [] and b["files"] == ["pxelinux.0"] and b["stage"] == "boot-files"
+
+
 def _watch_status(now: float) -> dict[str, Any]:
     """A serve-pxe status with 7 nodes in every stage (one failed), some refusals."""
     def n(name: str, stage: str | None, dhcp: float | None, booted: float | None = None,
