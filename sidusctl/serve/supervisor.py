@@ -7,7 +7,8 @@ running servers (reservations, pool, boot policy, TFTP root, DNS records); a bad
 configuration is logged and the old one stays in force. ``load()`` runs in a worker thread
 while the servers keep answering with the old configuration (serve-pxe packs squashfs images
 there, which takes seconds); only the swap happens on the event loop. Counters are written
-atomically to ``status_file`` every few seconds.
+atomically to ``status_file`` every few seconds, as compact JSON (the write is on the event
+loop that answers DHCP and TFTP).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Supervisor:
     def _write_status(self) -> None:
         if self.cfg.status_file is not None:
             try:
-                write_json(self.cfg.status_file, self.status())
+                write_json(self.cfg.status_file, self.status(), compact=True)
             except OSError as e:
                 log.warning("cannot write %s: %s", self.cfg.status_file, e)
 
