@@ -221,6 +221,38 @@ def test_storm_hundreds_of_nodes(storm_lab: StormLab) -> None:
 
 # -- pxe status --watch ----------------------------------------------------------------------
 
+def test_status_is_rewritten_only_when_something_changed(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A status write is skipped while no event, reload or counter changed, until the
+    heartbeat; an event, a reload or the end (forced) write it."""
+    from sidusctl.serve import supervisor
+    f = tmp_path / "status.json"
+    sup = supervisor.Supervisor(lambda: supervisor.ServeConfig(status_file=f))
+
+    def written() -> tuple[int, float]:
+        st = f.stat()
+        return st.st_ino, json.loads(f.read_text())["updated"]  # a write replaces the file
+
+    sup._write_status()
+    first = written()
+    sup._write_status()
+    assert written() == first
+    sup._event("ack", "52:54:00:00:00:0a", "10.78.1.10")
+    sup._write_status()
+    second = written()
+    assert second != first and "52:54:00:00:00:0a" in json.loads(f.read_text())["clients"]
+    sup.apply(supervisor.ServeConfig(status_file=f))
+    sup._write_status()
+    third = written()
+    assert third != second
+    sup._write_status(force=True)
+    assert written() != third
+    monkeypatch.setattr(supervisor, "STATUS_HEARTBEAT", 0.0)
+    last = written()
+    sup._write_status()
+    assert written() != last
+
+
 def test_node_status_joins_addresses_that_asked_for_a_nodes_per_mac_files() -> None:
     """In proxy mode the site's DHCP server gives the addresses: a node's files come from an
     address the inventory does not know, learnt from its per-MAC file; that address's files

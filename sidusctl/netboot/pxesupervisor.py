@@ -177,13 +177,17 @@ class PxeSupervisor(supervisor.Supervisor):
         except OSError as e:
             log.warning("cannot write %s: %s", self._holds_file, e)
 
-    def _write_status(self) -> None:
+    def counters(self) -> list[dict[str, Any]]:
+        return [*super().counters(), self.http.stats.as_dict() if self.http else {}]
+
+    def _write_status(self, force: bool = False) -> None:
         self._flush_holds()  # the status never shows a generation the store does not hold
-        super()._write_status()
+        super()._write_status(force)
         now = time.time()
         if now - self._last_prune >= 30:
             self._last_prune = now
-            self.prune()
+            if self.prune():
+                self.changes += 1  # "held" shrank: the next write shows it
 
     def apply(self, new: supervisor.ServeConfig) -> None:
         super().apply(new)

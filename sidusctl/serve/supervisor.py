@@ -6,9 +6,11 @@ unlocked, final status written). SIGHUP calls ``load()`` again and applies the r
 running servers (reservations, pool, boot policy, TFTP root, DNS records); a bad new
 configuration is logged and the old one stays in force. ``load()`` runs in a worker thread
 while the servers keep answering with the old configuration (serve-pxe packs squashfs images
-there, which takes seconds); only the swap happens on the event loop. Counters are written
-atomically to ``status_file`` every few seconds, as compact JSON (the write is on the event
-loop that answers DHCP and TFTP).
+there, which takes seconds); only the swap happens on the event loop. The status (counters,
+per-client events) is written atomically to ``status_file`` as compact JSON, every
+:data:`STATUS_INTERVAL` seconds when something changed and every :data:`STATUS_HEARTBEAT`
+seconds when nothing did: the write is on the event loop that answers DHCP and TFTP, and a
+quiet server (or the NFS phase of a storm, which others serve) need not rewrite it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ from sidusctl.serve.dns import DnsConfig, DnsServer
 from sidusctl.serve.tftp import TftpConfig, TftpServer
 
 log = get_logger("serve")
+
+#: seconds between status writes while clients come and go
+STATUS_INTERVAL = 2.0
+#: seconds at most between status writes when nothing changed (``updated`` shows it alive)
+STATUS_HEARTBEAT = 30.0
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,13 @@ class Supervisor:
         self.reloading = False
         self._reload_again = False
         self._reload_task: asyncio.Task[None] | None = None
+        #: events and reloads so far, and what the last status write saw (see _write_status)
+        self.changes = 0
+        self._written: tuple[int, list[dict[str, Any]]] | None = None
+        self._written_at = 0.0
 
     def _event(self, kind: str, who: str, what: str) -> None:
+        self.changes += 1
         e = self.events.setdefault(who, {})
         e[kind] = what
         e["at"] = time.time()
@@ -81,12 +93,26 @@ class Supervisor:
             "clients": self.events,
         }
 
-    def _write_status(self) -> None:
-        if self.cfg.status_file is not None:
-            try:
-                write_json(self.cfg.status_file, self.status(), compact=True)
-            except OSError as e:
-                log.warning("cannot write %s: %s", self.cfg.status_file, e)
+    def counters(self) -> list[dict[str, Any]]:
+        """Every server's counters, to tell whether anything changed since the last write."""
+        return [x.stats.as_dict() for x in (self.dhcp, self.tftp, self.dns) if x is not None]
+
+    def _write_status(self, force: bool = False) -> None:
+        """Write the status unless nothing changed (no event, no reload, the same counters)
+        since the last write, made less than :data:`STATUS_HEARTBEAT` seconds ago; ``force``:
+        write anyway (at the end)."""
+        if self.cfg.status_file is None:
+            return
+        seen = (self.changes, self.counters())
+        now = time.monotonic()
+        if not force and seen == self._written and now - self._written_at < STATUS_HEARTBEAT:
+            return
+        try:
+            write_json(self.cfg.status_file, self.status(), compact=True)
+        except OSError as e:
+            log.warning("cannot write %s: %s", self.cfg.status_file, e)
+            return
+        self._written, self._written_at = seen, now
 
     def reload(self) -> None:
         """SIGHUP (on the event loop): start a reload unless one runs; one that arrives
@@ -127,6 +153,7 @@ class Supervisor:
         if self.dns and new.dns:
             self.dns.set_zone(new.dns.zone)
         self.cfg = new
+        self.changes += 1
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -150,7 +177,7 @@ class Supervisor:
             while not self._stop.is_set():
                 self._write_status()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), 2.0)
+                    await asyncio.wait_for(self._stop.wait(), STATUS_INTERVAL)
             log.info("stopping on signal")
         finally:
             if self._reload_task is not None and not self._reload_task.done():
@@ -159,7 +186,7 @@ class Supervisor:
             for s in (self.dns, self.tftp, self.dhcp):
                 if s is not None:
                     s.close()
-            self._write_status()
+            self._write_status(force=True)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
