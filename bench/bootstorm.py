@@ -32,8 +32,8 @@ refusals and retransmits the clients saw, server CPU seconds (all processes of t
 namespace) and peak RSS (VmHWM, summed over them), and the ratios serve-pxe / reference.
 Everything runs in sdt- namespaces created here (a bridge and a veth between the server and
 the clients, nothing else) and removed at the end, even on failure; each storm is bounded by
-``--timeout``. ``--rounds K`` runs K storms per stack, alternating (A B A B ...), and reports
-each side's median run and the ratio of the medians, with every round's times: one storm to the
+``--timeout``. ``--rounds K`` runs K storms per stack, in pairs whose order alternates (A B,
+B A, A B, ...: a drifting load weighs on both sides alike), and reports each side's median run and the ratio of the medians, with every round's times: one storm to the
 next moves by more than the stacks differ.
 
 Run as root from the repository (the nfs root needs ``minimal`` built in the state dir):
@@ -387,14 +387,19 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
             finally:
                 d.stop()
             b_runs: list[dict[str, Any]] = []
-            for i in range(args.rounds):  # A B, A B, ...: the load moves alike on both sides
+            # A B, B A, A B, ...: a load that drifts through the run (a machine settling after
+            # a build) weighs on both sides alike, not always on the one that goes first
+            for i in range(args.rounds):
+                if i % 2:
+                    b_runs.append(reference_storm(i, clients, cfg, want))
                 if i:
                     d = start_serve_pxe(f"serve-pxe-{i}.log")
                     try:
                         a_runs.append(serve_pxe_storm(clients, cfg, want, status=False))
                     finally:
                         d.stop()
-                b_runs.append(reference_storm(i, clients, cfg, want))
+                if not i % 2:
+                    b_runs.append(reference_storm(i, clients, cfg, want))
             if args.again:  # serve-pxe once more after the reference: A B A
                 d = start_serve_pxe("serve-pxe-again.log")
                 try:
@@ -405,10 +410,11 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
             if args.rounds > 1:
                 # every round's failures and retransmissions, not the median run's only
                 out["rounds"] = [{"serve-pxe": x["wall_s"], "reference": y["wall_s"],
+                                  "first": "reference" if i % 2 else "serve-pxe",
                                   "failures": [x["failures"], y["failures"]],
                                   "dhcp_retries": [x["dhcp_retries"], y["dhcp_retries"]],
                                   "tftp_retries": [x["tftp_retries"], y["tftp_retries"]]}
-                                 for x, y in zip(a_runs, b_runs, strict=True)]
+                                 for i, (x, y) in enumerate(zip(a_runs, b_runs, strict=True))]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     a, b = out["serve-pxe"], out["reference"]
@@ -452,7 +458,8 @@ def print_one(o: dict[str, Any]) -> None:
               f"p99 {s['p99_s']:5.1f} s  failures {s['failures']}  server CPU "
               f"{s['server_cpu_s']} s, peak RSS {s['server_peak_rss_mib']} MiB")
     for i, r in enumerate(o.get("rounds", [])):
-        print(f"  round {i + 1}: serve-pxe {r['serve-pxe']:6.1f} s, reference "
+        first = "reference first" if r.get("first") == "reference" else "serve-pxe first"
+        print(f"  round {i + 1} ({first}): serve-pxe {r['serve-pxe']:6.1f} s, reference "
               f"{r['reference']:6.1f} s, failures {r['failures'][0]} / {r['failures'][1]}, "
               f"retransmits DHCP {r['dhcp_retries'][0]} / {r['dhcp_retries'][1]}, "
               f"TFTP {r['tftp_retries'][0]} / {r['tftp_retries'][1]}")
@@ -474,8 +481,8 @@ def main() -> int:
     ap.add_argument("--initrd-kib", type=int, default=2048)
     ap.add_argument("--timeout", type=float, default=600, help="seconds per storm, at most")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="storms per stack, alternating (A B A B ...): each side's median run "
-                         "is reported, every round's time listed")
+                    help="storms per stack, in pairs of alternating order (A B, B A, ...): "
+                         "each side's median run is reported, every round's time listed")
     ap.add_argument("--again", action="store_true",
                     help="run serve-pxe's storm once more after the reference's (A B A: a load "
                     "that changes during the run shows as a difference between the two As)")
