@@ -33,8 +33,9 @@ namespace) and peak RSS (VmHWM, summed over them), and the ratios serve-pxe / re
 Everything runs in sdt- namespaces created here (a bridge and a veth between the server and
 the clients, nothing else) and removed at the end, even on failure; each storm is bounded by
 ``--timeout``. ``--rounds K`` runs K storms per stack, in pairs whose order alternates (A B,
-B A, A B, ...: a drifting load weighs on both sides alike), and reports each side's median run and the ratio of the medians, with every round's times: one storm to the
-next moves by more than the stacks differ.
+B A, A B, ...: a drifting load weighs on both sides alike), and reports each side's median
+run and the ratio of the medians, with every round's times: one storm to the next moves by
+more than the stacks differ.
 
 Run as root from the repository (the nfs root needs ``minimal`` built in the state dir):
     .venv/bin/python bench/bootstorm.py [--nodes 50,200,500] [--roots squashfs-http,nfs]

@@ -178,6 +178,7 @@ class PxeSupervisor(supervisor.Supervisor):
             log.warning("cannot write %s: %s", self._holds_file, e)
 
     def counters(self) -> list[dict[str, Any]]:
+        """The servers' counters and the HTTP server's (files sent, refusals, reports)."""
         return [*super().counters(), self.http.stats.as_dict() if self.http else {}]
 
     def _write_status(self, force: bool = False) -> None:
