@@ -5,6 +5,7 @@ reports, and a small storm of concurrent downloads with nothing lost (bounded in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -187,3 +188,52 @@ def test_a_stalled_or_vanished_reader_frees_its_slot(tmp_path: Path,
         assert code == 200 and body == big
         assert srv.stats.internal_errors == 0, srv.stats
         stalled.close()
+
+
+def test_workers_are_reused_and_closing_ends_every_connection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections are served by a pool of worker threads, reused from one connection to
+    the next (starting a thread per connection cost more than a small request). Leaving
+    ``serve()`` ends the connections still open, a body being sent included: its client
+    sees the connection end long before the handler's timeout, and no worker is left."""
+    import time
+
+    root = tmp_path / "root"
+    root.mkdir()
+    big = os.urandom(1 << 20) * 48  # more than loopback's socket buffers hold
+    (root / "big").write_bytes(big)
+    (root / "small").write_bytes(b"x" * 100)
+    monkeypatch.setattr(http._Handler, "timeout", 120)
+    names: set[str] = set()
+
+    def on_file(_ip: str, _path: str, _n: int) -> None:
+        names.add(threading.current_thread().name)
+
+    cfg = http.HttpConfig(root=root, address="127.0.0.1", port=0, max_clients=8)
+    with http.serve(cfg, on_file=on_file) as srv:
+        for _ in range(20):
+            assert _get(f"http://127.0.0.1:{srv.port}/small")[0] == 200
+        assert 1 <= len(names) <= 5, names  # one thread per connection would be 20
+        stalled = socket.create_connection(("127.0.0.1", srv.port))
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert stalled.recv(4096).startswith(b"HTTP/1.1 200")
+        idle = socket.create_connection(("127.0.0.1", srv.port))  # no request sent
+        deadline = time.monotonic() + 10
+        while srv.stats.active < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.stats.active == 2, srv.stats
+    # the idle connection is ended at once (EOF) instead of waiting 120 s for a request; the
+    # stalled one's worker stopped sending (what the kernel had queued is still delivered)
+    idle.settimeout(30)
+    with contextlib.suppress(ConnectionResetError):
+        assert idle.recv(100) == b""
+    idle.close()
+    stalled.close()
+    deadline = time.monotonic() + 10
+    while (any(t.name.startswith("sidusctl-http_") for t in threading.enumerate())
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("sidusctl-http_")]
+    assert srv.stats.aborted == 1 and srv.stats.active == 0, srv.stats  # the stalled body
+    assert srv.stats.internal_errors == 0, srv.stats

@@ -2,7 +2,9 @@
 hundreds of clients at once.
 
 Owns one listening socket (bound to an address and, like the DHCP/TFTP/DNS sockets, to one
-device with ``SO_BINDTODEVICE``) and a thread per connection. Files are sent with
+device with ``SO_BINDTODEVICE``) and a pool of worker threads, one per connection being served
+(:class:`concurrent.futures.ThreadPoolExecutor`: a thread is started only when none is idle,
+then reused; starting one per connection cost more than the rest of a small request). Files are sent with
 ``sendfile(2)`` (no copy through Python); ``Range: bytes=A-B``, ``A-`` and ``-N`` get ``206
 Partial Content`` with ``Content-Range`` and an unsatisfiable range ``416`` (RFC 9110 sections
 14.1-14.4, 15.3.7, 15.5.17); a multi-range request gets the whole file (``200``: RFC 9110
@@ -20,10 +22,12 @@ image: it is given directories and callbacks.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import http.server
 import os
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -42,6 +46,9 @@ log = get_logger("http")
 _SO_BINDTODEVICE = 25
 #: seconds a refused client is told to wait (Retry-After)
 RETRY_AFTER = 2
+#: worker threads beyond ``max_clients``: with every slot taken, new connections are still
+#: answered 503 at once by these
+SPARE_WORKERS = 32
 _MAX_FORM = 4096
 
 
@@ -122,8 +129,7 @@ def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
     return first, min(last, size - 1)
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(http.server.HTTPServer):
     request_queue_size = 1024  # listen backlog: a storm connects all at once
 
     def __init__(self, cfg: HttpConfig, on_file: Callable[[str, str, int], None] | None,
@@ -134,10 +140,42 @@ class _Server(http.server.ThreadingHTTPServer):
         self.on_post = on_post
         self.by_client: dict[str, int] = {}
         self.count_lock = threading.Lock()
-        self.roots = [("/", cfg.root.resolve())] + [
-            (p if p.endswith("/") else p + "/", d.resolve()) for p, d in cfg.mounts]
+        self.roots = [("/", os.path.realpath(cfg.root))] + [
+            (p if p.endswith("/") else p + "/", os.path.realpath(d)) for p, d in cfg.mounts]
         self.roots.sort(key=lambda x: -len(x[0]))  # longest prefix first
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=cfg.max_clients + SPARE_WORKERS, thread_name_prefix="sidusctl-http")
+        self._open: set[socket.socket] = set()  # the connections being served
         super().__init__((cfg.address, cfg.port), _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the accepted connection to a worker (socketserver calls this from the
+        accepting thread)."""
+        self._pool.submit(self._work, request, client_address)
+
+    def _work(self, request: Any, client_address: Any) -> None:
+        with self.count_lock:
+            self._open.add(request)
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            with self.count_lock:
+                self._open.discard(request)
+            self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Stop listening and end every connection: a worker blocked sending a body or
+        waiting for a request gets an error at once (the pool's threads are joined when the
+        interpreter exits, so none may wait out its timeout)."""
+        super().server_close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self.count_lock:
+            conns = list(self._open)
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -181,16 +219,17 @@ class _Server(http.server.ThreadingHTTPServer):
             else:
                 self.by_client[client] = n
 
-    def resolve(self, url_path: str) -> Path | None:
-        """The file a URL path names under its root or mount; None if it leaves it."""
+    def resolve(self, url_path: str) -> str | None:
+        """The real path of the file a URL path names under its root or mount; None if it
+        leaves it (a ``..`` component, or symlinks resolving outside)."""
         path = urllib.parse.unquote(url_path.split("?", 1)[0].split("#", 1)[0])
         for prefix, base in self.roots:
             if path.startswith(prefix) or path + "/" == prefix:
                 rel = path[len(prefix):]
-                if any(part in ("..",) for part in rel.split("/")):
+                if ".." in rel.split("/"):
                     return None
-                target = (base / rel).resolve()
-                if target != base and base not in target.parents:
+                target = os.path.realpath(os.path.join(base, rel))
+                if target != base and not target.startswith(base.rstrip(os.sep) + os.sep):
                     return None
                 return target
         return None
@@ -284,7 +323,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         with f:
             st = os.fstat(f.fileno())
-            if not os.path.isfile(target):
+            if not stat.S_ISREG(st.st_mode):
                 self.server.stats.add(not_found=1)
                 self._simple(404)
                 return
