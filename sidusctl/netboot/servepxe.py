@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from sidusctl.core.errors import ConfigError, PrerequisiteError
-from sidusctl.core.log import get_logger
+from sidusctl.core.log import background, get_logger
 from sidusctl.netboot import inventory as inv_mod
 from sidusctl.netboot import secureboot, squash
 from sidusctl.netboot.inventory import Inventory
@@ -342,4 +342,5 @@ def serve(opts: PxeOptions) -> None:
                 finally:
                     stop.set()
 
-        asyncio.run(main())
+        with background():  # the log written from a thread of its own (no lock per line)
+            asyncio.run(main())

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sidusctl.core.errors import SidusError, StateError
-from sidusctl.core.log import get_logger
+from sidusctl.core.log import background, get_logger
 from sidusctl.core.state import read_json, write_json
 from sidusctl.serve.dhcp import DhcpServer
 from sidusctl.serve.dhcp_config import DhcpConfig
@@ -194,8 +194,9 @@ class Supervisor:
 def run(load: Callable[[], ServeConfig]) -> None:
     """Serve until SIGTERM/SIGINT. Errors at start-up (bad configuration, port in use,
     missing interface) raise :class:`SidusError` before anything is left running."""
-    sup = Supervisor(load)
-    asyncio.run(sup.serve())
+    with background():
+        sup = Supervisor(load)
+        asyncio.run(sup.serve())
 
 
 def read_status(state_dir: Path, command: str) -> tuple[Path, dict[str, Any]]:
