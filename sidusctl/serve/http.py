@@ -154,15 +154,15 @@ class _Server(http.server.HTTPServer):
         self._pool.submit(self._work, request, client_address)
 
     def _work(self, request: Any, client_address: Any) -> None:
-        with self.count_lock:
-            self._open.add(request)
+        # set.add and set.discard are atomic in CPython (one call holding the interpreter
+        # lock): no lock of ours per connection for them
+        self._open.add(request)
         try:
             self.finish_request(request, client_address)
         except Exception:
             self.handle_error(request, client_address)
         finally:
-            with self.count_lock:
-                self._open.discard(request)
+            self._open.discard(request)
             self.shutdown_request(request)
 
     def server_close(self) -> None:
@@ -171,9 +171,7 @@ class _Server(http.server.HTTPServer):
         interpreter exits, so none may wait out its timeout)."""
         super().server_close()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        with self.count_lock:
-            conns = list(self._open)
-        for c in conns:
+        for c in list(self._open):
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
 
@@ -261,10 +259,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # one access line per request at info, as a web server's access log
         log.info("HTTP %s: %s", self.client_address[0], format % args)
 
-    def _refuse(self) -> bool:
+    def _refuse(self, counts: dict[str, int]) -> bool:
         if self._refused is None:
             return False
-        self.server.stats.add(refused=1)
+        counts["refused"] = 1
+        self.server.stats.add(**counts)  # counted before the client has its answer
+        counts.clear()
         log.warning("HTTP %s: %s %s refused (503): %s", self._client, self.command, self.path,
                     self._refused)
         self.send_response(503)
@@ -293,23 +293,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._get(head=False)
 
     def _get(self, head: bool) -> None:
-        self.server.stats.add(requests=1)
-        if self._refuse():
-            return
+        # what this request adds to the counters, added at its end under one lock (hundreds
+        # of connection threads: every lock taken is one more place to queue)
+        counts = {"requests": 1}
         try:
-            self._serve_file(head)
+            if self._refuse(counts):
+                return
+            self._serve_file(head, counts)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.server.stats.add(aborted=1)
+            counts["aborted"] = 1
             self.close_connection = True
         except Exception:
-            self.server.stats.add(internal_errors=1)
+            counts["internal_errors"] = 1
             log.exception("HTTP %s: internal error on %s", self._client, self.path)
             self.close_connection = True
+        finally:
+            if counts:
+                self.server.stats.add(**counts)
 
-    def _serve_file(self, head: bool) -> None:
+    def _serve_file(self, head: bool, counts: dict[str, int]) -> None:
         target = self.server.resolve(self.path)
         if target is None:
-            self.server.stats.add(denied=1)
+            counts["denied"] = 1
             log.warning("HTTP %s: %s denied (outside the served directories)", self._client,
                         self.path)
             self._simple(403)
@@ -317,14 +322,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             f = open(target, "rb")  # noqa: SIM115 (closed by the with below)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
-            self.server.stats.add(not_found=1)
+            counts["not_found"] = 1
             log.info("HTTP %s: %s not found", self._client, self.path)
             self._simple(404)
             return
         with f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
-                self.server.stats.add(not_found=1)
+                counts["not_found"] = 1
                 self._simple(404)
                 return
             size = st.st_size
@@ -357,17 +362,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return
             self.wfile.flush()
             sent = _sendfile(self.connection, f, first, length, self.timeout)
-            self.server.stats.add(bytes_sent=sent, files=1, ranges=int(isinstance(rng, tuple)))
+            counts.update(bytes_sent=sent, files=1, ranges=int(isinstance(rng, tuple)))
             if sent < length:
-                self.server.stats.add(aborted=1)
+                counts["aborted"] = 1
+            self.server.stats.add(**counts)  # as soon as the body is out
+            counts.clear()
+            if sent < length:
                 self.close_connection = True
                 return
         if self.server.on_file is not None:
             self.server.on_file(self._client, self.path.split("?", 1)[0], length)
 
     def do_POST(self) -> None:
-        self.server.stats.add(requests=1)
-        if self._refuse():
+        counts = {"requests": 1}
+        try:
+            self._post(counts)
+        finally:
+            if counts:
+                self.server.stats.add(**counts)
+
+    def _post(self, counts: dict[str, int]) -> None:
+        if self._refuse(counts):
             return
         path = self.path.split("?", 1)[0]
         try:
@@ -384,15 +399,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         body = self.rfile.read(n).decode("utf-8", "replace")
         form = {k: v for k, v in urllib.parse.parse_qsl(body, keep_blank_values=True)}
-        self.server.stats.add(posts=1)
+        counts["posts"] = 1
         try:
             code = self.server.on_post(self._client, path, form)
         except Exception:
-            self.server.stats.add(internal_errors=1)
+            counts["internal_errors"] = 1
             log.exception("HTTP %s: internal error on POST %s", self._client, path)
             code = 500
         self._simple(code)
-
 
 def _sendfile(sock: socket.socket, f: Any, offset: int, count: int, timeout: float) -> int:
     """``count`` bytes of file ``f`` from ``offset`` to ``sock`` with ``sendfile(2)``; the
