@@ -81,31 +81,21 @@ async def nfs_node(cfg: dict[str, Any], n: dict[str, str], proto: Any, tr: Any,
     await asyncio.sleep(random.random() * cfg["spread"])
     t0 = time.monotonic()
     mac = bytes.fromhex(n["mac"].replace(":", ""))
-    srv, me, sid = cfg["server"], n["ip"], cfg.get("server_id")
+    me, sid = n["ip"], cfg.get("server_id")
     rec: dict[str, Any] = {"mac": n["mac"], "dhcp": {}}
-    d = await sim.dhcp_phase(proto, tr, mac, "pxe", sid, tally)
-    rec["dhcp"]["pxe"] = d
-    if d["ack"] != me:
-        raise RuntimeError(f"{n['mac']}: got {d['ack']}, its reservation is {me}")
-    loader = await sim.tftp_get(me, srv, d["file"] or "pxelinux.0", tally)
-    digests = {"loader": hashlib.sha256(loader).hexdigest()}
-    rec["dhcp"]["ipxe"] = await sim.dhcp_phase(proto, tr, mac, "ipxe", sid, tally)
-    conf = b""
-    for name in cfg["tftp_files"]:
-        name = name.replace("{mac}", n["mac"].replace(":", "-"))
-        data = await sim.tftp_get(me, srv, name, tally)
-        conf = data if name.startswith("pxelinux.cfg/") else conf
-        digests[name] = hashlib.sha256(data).hexdigest()
+    digests, conf = await sim.boot_files(cfg, n, proto, tr, tally, rec)
     m = re.search(rb"nfsroot=([0-9.]+):([^, ]+),\S*rsize=(\d+)", conf)
     if m is None:
-        raise RuntimeError(f"{n['mac']}: no nfsroot= in its pxelinux config")
+        raise RuntimeError(f"{n['mac']}: no nfsroot= in its boot config")
     rec["dhcp"]["kernel"] = await sim.dhcp_phase(proto, tr, mac, "kernel", sid, tally)
     t_root = time.monotonic()
     digests.update(await nfs_boot_reads(me, m[1].decode(), m[2].decode(), cfg["entries"],
                                         int(m[3]), tally, set(cfg["check"])))
     rec["root_s"] = time.monotonic() - t_root
-    # where a node's time went: DHCP and TFTP up to the kernel's DHCP, then the root's reads
-    rec["by_protocol"] = {"dhcp+tftp": t_root - t0, "nfs": rec["root_s"]}
+    # where a node's time went: DHCP and TFTP (or HTTP) up to the kernel's DHCP, then the
+    # root's reads
+    boot = "dhcp+http" if cfg.get("boot") == "ipxe-http" else "dhcp+tftp"
+    rec["by_protocol"] = {boot: t_root - t0, "nfs": rec["root_s"]}
     rec["dhcp"]["system"] = await sim.dhcp_phase(proto, tr, mac, "system", sid, tally)
     rec["digests"] = digests
     rec["seconds"] = time.monotonic() - t0
@@ -186,23 +176,25 @@ def private_run(ns: str, *argv: str) -> list[str]:
                   "sh", *argv)
 
 
-def ns_usage(ns: str) -> tuple[float, float]:
-    """CPU seconds (user + system) and summed peak RSS (MiB) of the processes in ``ns``."""
+def ns_usage(ns: str) -> tuple[float, float, float]:
+    """CPU seconds in user space and in the kernel, and summed peak RSS (MiB), of the
+    processes in ``ns``."""
     tick = os.sysconf("SC_CLK_TCK")
-    cpu = rss = 0.0
+    user = kernel = rss = 0.0
     for pid in ip("netns", "pids", ns, check=False).stdout.split():
         try:
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            cpu += (int(stat[11]) + int(stat[12])) / tick
+            user += int(stat[11]) / tick
+            kernel += int(stat[12]) / tick
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     rss += int(line.split()[1]) / 1024
         except (OSError, IndexError, ValueError):
             continue
-    return cpu, rss
+    return user, kernel, rss
 
 
-def summarize(res: dict[str, Any], cpu: float, rss: float) -> dict[str, Any]:
+def summarize(res: dict[str, Any], user: float, kernel: float, rss: float) -> dict[str, Any]:
     ok = sorted(r["seconds"] for r in res["nodes"] if "seconds" in r)
     fails = [r for r in res["nodes"] if "error" in r]
 
@@ -217,7 +209,8 @@ def summarize(res: dict[str, Any], cpu: float, rss: float) -> dict[str, Any]:
             "p99_s": round(pct(0.99), 2), "failures": len(fails),
             "failure_examples": [f["error"] for f in fails[:3]],
             "mb_per_s": round(res["tally"]["bytes"] / res["wall"] / 1e6, 1),
-            "server_cpu_s": round(cpu, 1), "server_peak_rss_mib": round(rss, 1),
+            "server_cpu_s": round(user + kernel, 1), "server_user_s": round(user, 2),
+            "server_kernel_s": round(kernel, 2), "server_peak_rss_mib": round(rss, 1),
             "client_cpu_s": round(res["client_cpu"], 1),
             **{k: v for k, v in res["tally"].items() if k != "bytes"}}
 
@@ -249,9 +242,11 @@ def nfs_image(state: Path, rootfs: Path, kernel: bytes, initrd: bytes) -> None:
         gen.write_manifest({"name": "storm", "kind": "test"})
 
 
-def storm_once(args: argparse.Namespace, count: int, root: str,
+def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                src_root: Path | None) -> dict[str, Any]:
-    """One storm of ``count`` nodes with ``root`` against serve-pxe, then the reference."""
+    """One storm of ``count`` nodes with ``root``, booting the ``boot`` way (``pxelinux``:
+    kernel and initrd over TFTP; ``ipxe-http``: over HTTP), against serve-pxe, then the
+    reference."""
     tag = os.getpid() % 10000
     work = Path(tempfile.mkdtemp(prefix="sdt-bench-storm-", dir="/var/tmp"))
     kernel = random.Random(1).randbytes(args.kernel_kib << 10)
@@ -266,7 +261,9 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
     (work / "nodes.toml").write_text(inventory(nodes, root))
     srv, cli = f"sdt-bss{tag}", f"sdt-bsc{tag}"
     br, sif, cif = f"sdt-bsb{tag}", f"sdt-bsv{tag}", f"sdt-bsw{tag}"
-    out: dict[str, Any] = {"nodes": count, "root": root, "kernel_kib": args.kernel_kib,
+    http_boot = boot == "ipxe-http"
+    out: dict[str, Any] = {"nodes": count, "root": root, "boot": boot,
+                           "kernel_kib": args.kernel_kib,
                            "initrd_kib": args.initrd_kib,
                            "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     if root == "squashfs-http":
@@ -283,22 +280,23 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
                 return Daemon(private_run(srv, sys.executable, "-m", "sidusctl", "--state-dir",
                                           str(state), "serve-pxe", "--nodes",
                                           str(work / "nodes.toml"), "--interface", br, "--nfs",
-                                          "ganesha" if root == "nfs" else "off"),
+                                          "ganesha" if root == "nfs" else "off",
+                                          *(["--http"] if http_boot else [])),
                               work / log, ready="ready:", timeout=300)
 
             def serve_pxe_storm(clients: Any, cfg: dict[str, Any], want: dict[str, str],
                                 status: bool) -> dict[str, Any]:
                 """One storm against the serve-pxe running."""
-                c0, _ = ns_usage(srv)
+                u0, k0, _ = ns_usage(srv)
                 res = clients(cli, cfg, work, args.timeout)
-                c1, rss = ns_usage(srv)
+                u1, k1, rss = ns_usage(srv)
                 st = None
                 if status and root != "nfs":  # the status file is written every 2 s: wait
                     st = storm._wait_status(
                         storm.StormLab(srv, cli, br, cif, work, state, work / "nodes.toml",
                                        nodes),
                         lambda s: all(n["stage"] == "booted" for n in s["nodes"]), timeout=20)
-                o = summarize(res, c1 - c0, rss)
+                o = summarize(res, u1 - u0, k1 - k0, rss)
                 if st is not None:
                     o["booted_in_status"] = sum(n["stage"] == "booted" for n in st["nodes"])
                 else:
@@ -308,7 +306,7 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
                 o["dhcp_late"], o["dhcp_wait_max_ms"] = sst["dhcp"]["late"], sst["dhcp"]["wait_max_ms"]
                 o["tftp_server_retransmits"] = sst["tftp"]["retransmits"]
                 if not o["failures"]:
-                    sim.check_storm(res, nodes, want)
+                    sim.check_storm(res, nodes, want, phases=3 if http_boot else 4)
                 return o
 
             def reference_storm(i: int, clients: Any, cfg: dict[str, Any],
@@ -322,37 +320,45 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
                                         "--no-ping", "--dhcp-range=10.78.0.0,static,255.255.0.0,1h",
                                         f"--dhcp-hostsfile={run / 'hosts'}",
                                         f"--dhcp-leasefile={run / 'leases'}",
-                                        "--dhcp-lease-max=100000", "--dhcp-boot=pxelinux.0",
+                                        "--dhcp-lease-max=100000",
+                                        # iPXE (option 77) gets the script over HTTP, as
+                                        # from serve-pxe --http; a PXE ROM pxelinux.0
+                                        *(["--dhcp-userclass=set:ipxe,iPXE",
+                                           f"--dhcp-boot=tag:ipxe,http://{SERVER}/boot.ipxe",
+                                           "--dhcp-boot=tag:!ipxe,pxelinux.0"] if http_boot
+                                          else ["--dhcp-boot=pxelinux.0"]),
                                         "--enable-tftp", f"--tftp-root={tree}", "--tftp-max=2000",
                                         f"--pid-file={run / 'dnsmasq.pid'}"),
                                  run / "dnsmasq.log", ready="TFTP root")
+                others: list[Daemon] = []
                 try:
                     if root == "nfs":
-                        third = Daemon(private_run(srv, sys.executable, "-c", GANESHA_ALONE,
-                                                   str(export), str(run / "ganesha")),
-                                       run / "ganesha-alone.log", ready="ganesha ready", timeout=120)
-                    else:
+                        others.append(Daemon(private_run(srv, sys.executable, "-c",
+                                                         GANESHA_ALONE, str(export),
+                                                         str(run / "ganesha")),
+                                             run / "ganesha-alone.log", ready="ganesha ready",
+                                             timeout=120))
+                    if root != "nfs" or http_boot:
                         from sidusctl.netboot import squash
                         (run / "nginx.conf").write_text(NGINX_CONF.format(
                             workers=os.cpu_count() or 1, run=run, server=SERVER, tree=tree,
                             squash=squash.squash_dir(state, "storm")))
-                        third = Daemon(nsexec(srv, "nginx", "-p", str(run), "-c",
-                                              str(run / "nginx.conf")), run / "nginx.log")
+                        others.append(Daemon(nsexec(srv, "nginx", "-p", str(run), "-c",
+                                                    str(run / "nginx.conf")), run / "nginx.log"))
                         for _ in range(100):  # nginx says nothing when ready: wait for its pid
                             if (run / "nginx.pid").exists():
                                 break
                             time.sleep(0.05)
-                    try:
-                        c0, _ = ns_usage(srv)
-                        rres = clients(cli, cfg, work, args.timeout)
-                        c1, rss = ns_usage(srv)
-                    finally:
-                        third.stop()
+                    u0, k0, _ = ns_usage(srv)
+                    rres = clients(cli, cfg, work, args.timeout)
+                    u1, k1, rss = ns_usage(srv)
                 finally:
+                    for other in reversed(others):
+                        other.stop()
                     dnsmasq.stop()
-                o = summarize(rres, c1 - c0, rss)
+                o = summarize(rres, u1 - u0, k1 - k0, rss)
                 if not o["failures"]:
-                    sim.check_storm(rres, nodes, want)
+                    sim.check_storm(rres, nodes, want, phases=3 if http_boot else 4)
                 return o
 
             d = start_serve_pxe("serve-pxe.log")
@@ -375,9 +381,16 @@ def storm_once(args: argparse.Namespace, count: int, root: str,
                     cfg = storm.storm_config(
                         storm.StormLab(srv, cli, br, cif, work, state, work / "nodes.toml",
                                        nodes), nodes, args.timeout)
-                want = {"loader": hashlib.sha256((tree / "pxelinux.0").read_bytes()).hexdigest(),
-                        "vmlinuz-storm": hashlib.sha256(kernel).hexdigest(),
+                cfg["boot"] = boot
+                cfg["http_port"] = 80
+                cfg["http_files"] = ["/boot.ipxe", "/ipxe/{mac}.ipxe", "/vmlinuz-storm",
+                                     "/initrd.img-storm"]
+                want = {"vmlinuz-storm": hashlib.sha256(kernel).hexdigest(),
                         "initrd.img-storm": hashlib.sha256(initrd).hexdigest()}
+                if http_boot:
+                    want["boot.ipxe"] = hashlib.sha256((tree / "boot.ipxe").read_bytes()).hexdigest()
+                else:
+                    want["loader"] = hashlib.sha256((tree / "pxelinux.0").read_bytes()).hexdigest()
                 if root == "nfs":
                     for p in cfg["check"]:
                         want[p] = hashlib.sha256((export / p.lstrip("/")).read_bytes()).hexdigest()
@@ -433,15 +446,18 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def print_one(o: dict[str, Any]) -> None:
     what = (f"squashfs {o['root_mib']} MiB over HTTP" if o["root"] == "squashfs-http"
             else "nfs root (recorded boot reads over NFSv3)")
+    how = ("over HTTP (iPXE ROM, serve-pxe --http)" if o.get("boot") == "ipxe-http"
+           else "over TFTP (pxelinux)")
     print(f"boot storm: {o['nodes']} nodes, {what}, kernel {o['kernel_kib']} KiB + initrd "
-          f"{o['initrd_kib']} KiB over TFTP; load average before {o['load_average_before']}")
+          f"{o['initrd_kib']} KiB {how}; load average before {o['load_average_before']}")
     ref = "dnsmasq+ganesha" if o["root"] == "nfs" else "dnsmasq+nginx"
     for name, s in (("serve-pxe", o["serve-pxe"]), (ref, o["reference"])):
         extra = (f"NFS calls {s.get('nfs_calls')}" if o["root"] == "nfs" else
                  f"refused HTTP {s['http_refused']} TFTP {s['tftp_refused']}")
         print(f"  {name:15} all booted in {s['wall_s']:6.1f} s  p50 {s['p50_s']:5.1f} s  p99 "
               f"{s['p99_s']:5.1f} s  failures {s['failures']}  {extra}  retransmits DHCP "
-              f"{s['dhcp_retries']} TFTP {s['tftp_retries']}  server CPU {s['server_cpu_s']} s, "
+              f"{s['dhcp_retries']} TFTP {s['tftp_retries']}  server CPU {s['server_cpu_s']} s "
+              f"(user {s['server_user_s']}, kernel {s['server_kernel_s']}), "
               f"peak RSS {s['server_peak_rss_mib']} MiB, {s['mb_per_s']} MB/s; the simulated "
               f"nodes' CPU {s['client_cpu_s']} s")
         if s["p50_by_protocol_s"]:
@@ -477,6 +493,10 @@ def main() -> int:
     ap.add_argument("--state-dir", default=None, help="where minimal is built (nfs root)")
     ap.add_argument("--image", default="minimal", help="the built image the nfs root copies")
     ap.add_argument("--reads", type=Path, default=READS, help="the recorded boot (nfs root)")
+    ap.add_argument("--boot", default="pxelinux",
+                    help="how nodes load kernel and initrd, comma-separated: pxelinux (a PXE "
+                    "ROM, pxelinux.0, TFTP), ipxe-http (an iPXE ROM given an HTTP script: "
+                    "serve-pxe --http, dnsmasq with a user-class tag; then HTTP)")
     ap.add_argument("--root-mib", type=int, default=20, help="size of the squashfs (MiB)")
     ap.add_argument("--kernel-kib", type=int, default=4096)
     ap.add_argument("--initrd-kib", type=int, default=2048)
@@ -504,6 +524,9 @@ def main() -> int:
     # directories go in the finally blocks instead of staying behind
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     roots = args.roots.split(",")
+    boots = args.boot.split(",")
+    if not set(boots) <= {"pxelinux", "ipxe-http"}:
+        sys.exit(f"bench/bootstorm.py: --boot {args.boot}: expected pxelinux and/or ipxe-http")
     for tool, pkg in (("dnsmasq", "dnsmasq-base"), ("nginx", "nginx-light"),
                       ("mksquashfs", "squashfs-tools"), ("ganesha.nfsd", "nfs-ganesha")):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -518,14 +541,15 @@ def main() -> int:
     results = []
     for count in (int(c) for c in args.nodes.split(",")):
         for root in roots:
-            o = storm_once(args, count, root, src_root)
-            results.append(o)
-            if args.out:
-                with args.out.open("a") as f:
-                    f.write(json.dumps(o) + "\n")
-            if not args.json:
-                print_one(o)
-                sys.stdout.flush()
+            for boot in boots:
+                o = storm_once(args, count, root, boot, src_root)
+                results.append(o)
+                if args.out:
+                    with args.out.open("a") as f:
+                        f.write(json.dumps(o) + "\n")
+                if not args.json:
+                    print_one(o)
+                    sys.stdout.flush()
     if args.json:
         print(json.dumps(results, indent=2))
     return 0 if all(o["serve-pxe"]["failures"] == o["reference"]["failures"] == 0

@@ -11,6 +11,10 @@ address, what a PXE node does when a whole room reboots:
    reports ``root`` and ``root-mounted`` to ``/sidus/report``;
 4. DHCP again as the booted system (option 12 host name), then reports ``booted``.
 
+With ``cfg["boot"] = "ipxe-http"`` steps 1-2 are those of a node whose ROM is iPXE and a
+server that hands iPXE an HTTP script (serve-pxe ``--http``): one DHCP exchange as iPXE, then
+``boot.ipxe``, the node's script, the kernel and the initrd over HTTP (:func:`boot_files`).
+
 The nodes run inside a client network namespace as ``python -m tests.storm_sim client
 CONFIG.json`` (one process per core, :func:`run_clients`), each printing one JSON result. Each
 node's protocol work is driven from event loop callbacks, cheap per packet: the simulation
@@ -29,7 +33,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,8 +123,11 @@ async def dhcp_phase(proto: _Dhcp, tr: DhcpSocket, mac: bytes, phase: str,
         ack = await exchange(dc.REQUEST, {dc.OPT_REQUESTED_IP: offer.yiaddr.packed,
                                           dc.OPT_SERVER_ID: offer.options[dc.OPT_SERVER_ID]},
                              dc.ACK)
+        # the boot file: option 67 if the server sent it (dnsmasq does when it is asked for,
+        # as here), else the BOOTP file field (RFC 2132 section 9.5); iPXE reads either
+        boot_file = ack.options.get(67) or ack.file
         return {"offer": str(offer.yiaddr), "ack": str(ack.yiaddr),
-                "file": ack.file.decode(errors="replace"),
+                "file": boot_file.rstrip(b"\0").decode(errors="replace"),
                 "lease": int.from_bytes(ack.options.get(dc.OPT_LEASE_TIME, b"\0\0\0\0"), "big")}
     finally:
         del proto.waiting[xid]
@@ -304,6 +311,79 @@ async def http_req(src: str, server: str, port: int, method: str, path: str, tal
     raise RuntimeError(f"HTTP {path}: refused 200 times")
 
 
+
+class _Kept:
+    """An HTTP body sink keeping the bytes (a boot script: small) and their SHA-256."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def update(self, chunk: bytes) -> None:
+        self.data += chunk
+
+
+async def boot_files(cfg: dict[str, Any], n: dict[str, str], proto: _Dhcp, tr: DhcpSocket,
+                     tally: Tally, rec: dict[str, Any],
+                     lap: Callable[[str], None] = lambda _what: None) -> tuple[dict[str, str], bytes]:
+    """A node's boot up to its kernel: DHCP, then the boot loader, its config, the kernel and
+    the initrd. ``cfg["boot"]`` says how:
+
+    - ``pxelinux`` (the default): DHCP as a PXE ROM, ``pxelinux.0`` over TFTP, DHCP as iPXE,
+      then ``cfg["tftp_files"]`` over TFTP (lock-step, blksize 1468);
+    - ``ipxe-http``: the ROM is iPXE (qemu's, or a NIC flashed with it), so its one DHCP
+      exchange announces option 77 ``iPXE``; the answer must be
+      ``http://SERVER/boot.ipxe`` (serve-pxe ``--http``), then ``cfg["http_files"]`` come
+      over HTTP (``boot.ipxe``, the node's script, kernel, initrd).
+
+    Each DHCP answer goes into ``rec["dhcp"]`` under its phase and must be the node's
+    reserved address; ``lap(protocol)`` is called after each step. Returns the SHA-256 of
+    every file by name (``loader`` for the boot loader), and the node's own boot config
+    (its pxelinux config or its iPXE script: the kernel command line is in it). RuntimeError
+    on a wrong address or boot file, a failed transfer or an HTTP status other than 200."""
+    mac = bytes.fromhex(n["mac"].replace(":", ""))
+    srv, me, sid = cfg["server"], n["ip"], cfg.get("server_id")
+    dashes = n["mac"].replace(":", "-")
+    digests: dict[str, str] = {}
+    conf = b""
+    if cfg.get("boot", "pxelinux") == "ipxe-http":
+        d = rec["dhcp"]["ipxe"] = await dhcp_phase(proto, tr, mac, "ipxe", sid, tally)
+        lap("dhcp")
+        if d["ack"] != me:
+            raise RuntimeError(f"{n['mac']}: got {d['ack']}, its reservation is {me}")
+        if d["file"] != f"http://{srv}/boot.ipxe":
+            raise RuntimeError(f"{n['mac']}: iPXE was told to boot {d['file']!r}")
+        for path in cfg["http_files"]:
+            path = path.replace("{mac}", dashes)
+            kept = _Kept() if path.endswith(".ipxe") else None
+            h = hashlib.sha256()
+            sink = h if kept is None else kept
+            code, _ = await http_req(me, srv, cfg["http_port"], "GET", path, tally, sink=sink)
+            if code != 200:
+                raise RuntimeError(f"GET {path}: HTTP {code}")
+            if kept is not None:
+                h.update(kept.data)
+                conf = bytes(kept.data) if path.startswith("/ipxe/") else conf
+            digests[path.lstrip("/")] = h.hexdigest()
+        lap("boot_http")
+        return digests, conf
+    d = rec["dhcp"]["pxe"] = await dhcp_phase(proto, tr, mac, "pxe", sid, tally)
+    lap("dhcp")
+    if d["ack"] != me:
+        raise RuntimeError(f"{n['mac']}: got {d['ack']}, its reservation is {me}")
+    loader = await tftp_get(me, srv, d["file"] or "pxelinux.0", tally)
+    digests["loader"] = hashlib.sha256(loader).hexdigest()
+    lap("tftp")
+    rec["dhcp"]["ipxe"] = await dhcp_phase(proto, tr, mac, "ipxe", sid, tally)
+    lap("dhcp")
+    for name in cfg["tftp_files"]:
+        name = name.replace("{mac}", dashes)
+        data = await tftp_get(me, srv, name, tally)
+        conf = data if name.startswith("pxelinux.cfg/") else conf
+        digests[name] = hashlib.sha256(data).hexdigest()
+    lap("tftp")
+    return digests, conf
+
+
 async def node(cfg: dict[str, Any], n: dict[str, str], proto: _Dhcp,
                tr: DhcpSocket, tally: Tally, resume: bool,
                barrier: asyncio.Barrier | None) -> dict[str, Any]:
@@ -326,20 +406,7 @@ async def node(cfg: dict[str, Any], n: dict[str, str], proto: _Dhcp,
     srv, me = cfg["server"], n["ip"]
     sid = cfg.get("server_id")
     rec: dict[str, Any] = {"mac": n["mac"], "dhcp": {}}
-    d = await dhcp_phase(proto, tr, mac, "pxe", sid, tally)
-    rec["dhcp"]["pxe"] = d
-    lap("dhcp")
-    if d["ack"] != me:
-        raise RuntimeError(f"{n['mac']}: got {d['ack']}, its reservation is {me}")
-    loader = await tftp_get(me, srv, d["file"] or "pxelinux.0", tally)
-    digests = {"loader": hashlib.sha256(loader).hexdigest()}
-    lap("tftp")
-    rec["dhcp"]["ipxe"] = await dhcp_phase(proto, tr, mac, "ipxe", sid, tally)
-    lap("dhcp")
-    for name in cfg["tftp_files"]:
-        name = name.replace("{mac}", n["mac"].replace(":", "-"))
-        digests[name] = hashlib.sha256(await tftp_get(me, srv, name, tally)).hexdigest()
-    lap("tftp")
+    digests, _conf = await boot_files(cfg, n, proto, tr, tally, rec, lap)
     rec["dhcp"]["kernel"] = await dhcp_phase(proto, tr, mac, "kernel", sid, tally)
     lap("dhcp")
     h = hashlib.sha256()
@@ -539,8 +606,10 @@ def run_clients(ns: str, cfg: dict[str, Any], work: Path, timeout: float,
             "client_cpu": sum(o["client_cpu"] for o in outs)}
 
 
-def check_storm(res: dict[str, Any], nodes: list[dict[str, str]], want: dict[str, str]) -> None:
-    """One address per MAC across its four phases, no address twice, every digest right."""
+def check_storm(res: dict[str, Any], nodes: list[dict[str, str]], want: dict[str, str],
+                phases: int = 4) -> None:
+    """One address per MAC across its ``phases`` DHCP phases (4; 3 for ``ipxe-http``, whose
+    ROM is iPXE), no address twice, every digest right."""
     errors = [r for r in res["nodes"] if "error" in r]
     assert not errors, errors[:5]
     by_ip: dict[str, str] = {}
@@ -548,7 +617,7 @@ def check_storm(res: dict[str, Any], nodes: list[dict[str, str]], want: dict[str
         assert r["mac"] == n["mac"]
         got = {(p["offer"], p["ack"]) for p in r["dhcp"].values()}
         assert got == {(n["ip"], n["ip"])}, (n, r["dhcp"])
-        assert len(r["dhcp"]) == 4
+        assert len(r["dhcp"]) == phases, (n, r["dhcp"])
         assert by_ip.setdefault(n["ip"], n["mac"]) == n["mac"]
         for k, v in want.items():
             key = k.replace("{mac}", n["mac"].replace(":", "-"))
