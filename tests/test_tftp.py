@@ -583,3 +583,75 @@ def test_final_ack_queued_behind_a_port_unreachable_is_read(
     finally:
         hold.set()
         lv.close()
+
+
+# -- the packet cache ---------------------------------------------------------------------------
+
+def test_build_packets_numbers_blocks_modulo_65536_and_ends_short() -> None:
+    from sidusctl.serve.tftp_cache import build_packets
+    data = os.urandom(70_000)
+    pk = build_packets(data, 1)
+    assert len(pk) == 70_001 and pk[-1] == b"\x00\x03" + (70_001 & 0xFFFF).to_bytes(2, "big")
+    assert pk[65534][:4] == b"\x00\x03\xff\xff" and pk[65535][:4] == b"\x00\x03\x00\x00"
+    assert b"".join(p[4:] for p in pk) == data
+    assert [len(p) for p in build_packets(b"x" * 1468 * 2, 1468)] == [1472, 1472, 4]
+    assert build_packets(b"", 512) == [b"\x00\x03\x00\x01"]
+
+
+def test_packet_cache_hits_misses_evicts_and_refuses(tmp_path: Path) -> None:
+    from sidusctl.serve.tftp_cache import PacketCache
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(os.urandom(10_000))
+    b.write_bytes(os.urandom(10_000))
+    cache = PacketCache(limit=15_000, max_file=12_000)
+
+    def get(p: Path, blksize: int = 512) -> list[bytes] | None:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            return cache.get(fd, os.fstat(fd), blksize)
+        finally:
+            os.close(fd)
+
+    first = get(a)
+    assert first is not None and b"".join(x[4:] for x in first) == a.read_bytes()
+    assert get(a) is first and (cache.hits, cache.misses) == (1, 1)
+    assert get(a, 1024) is not first  # another block size: other packets
+    assert cache.size <= 15_000  # the 512-byte packets of a were dropped for them
+    a.write_bytes(os.urandom(10_001))  # rewritten: another size and mtime, new packets
+    again = get(a)
+    assert again is not None and b"".join(x[4:] for x in again) == a.read_bytes()
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(13_000))
+    assert get(big) is None  # over max_file: not cached
+    fd = os.open(b, os.O_RDONLY)
+    st0 = os.fstat(fd)
+    os.truncate(b, 5000)  # shorter than its stat says: being rewritten, not cached
+    assert cache.get(fd, st0, 512) is None
+    os.close(fd)
+
+
+def test_a_replaced_file_is_served_new_and_uncached_files_still_are(
+        live: Live, root: Path, tmp_path: Path) -> None:
+    """The packets are cached by inode, size and modification time: a file replaced between
+    two transfers is served with its new content. With the cache off (a file over its
+    limit) the blocks are read from the file, as before."""
+    f = root / "replaced.bin"
+    for content in (os.urandom(5000), os.urandom(7000)):
+        tmp = root / "replaced.tmp"
+        tmp.write_bytes(content)
+        tmp.rename(f)
+        out = tmp_path / "replaced"
+        subprocess.run(["curl", "-sS", "--max-time", "60", "--tftp-blksize", "1468", "-o",
+                        str(out), f"tftp://127.0.0.1:{live.port}/replaced.bin"], check=True)
+        assert out.read_bytes() == content
+    assert live.server.cache.misses >= 2
+    cache = live.server.cache
+    saved = cache.max_file
+    cache.max_file = 0
+    try:
+        for name in ("small.bin", "exact.bin"):
+            res = live.run(tftp_client.fetch("127.0.0.1", name, port=live.port, blksize=1468))
+            assert isinstance(res, tftp_client.FetchResult)
+            assert sha(res.data) == sha(root / name)
+    finally:
+        cache.max_file = saved

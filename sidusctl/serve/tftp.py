@@ -15,6 +15,9 @@ Behaviour:
   event loop: when ACKs wait on many transfers at once (a boot storm), one loop callback
   answers them all, instead of one loop dispatch per ACK.
 - Block numbers roll over from 65535 to 0, so files over 32 MiB at blksize 512 work.
+- The DATA packets of an octet file are built once per file and block size and shared by its
+  transfers (:class:`~sidusctl.serve.tftp_cache.PacketCache`, 128 MiB at most, files up to
+  64 MiB; keyed by inode, size and modification time, so a replaced file is read again).
 - Retransmission after ``timeout`` seconds (the client's RFC 2349 value if accepted), then
   after twice, four times that... up to :data:`MAX_BACKOFF` seconds (RFC 1123 section 4.2.3.2:
   a TFTP implementation must use an adaptive timeout; a client that is slow to ACK because it
@@ -45,8 +48,9 @@ from sidusctl.core.errors import PrerequisiteError
 from sidusctl.core.log import get_logger
 from sidusctl.serve import tftp_codec as tc
 from sidusctl.serve.dhcp_codec import MalformedPacket
+from sidusctl.serve.tftp_cache import PacketCache
 from sidusctl.serve.tftp_config import MAX_BACKOFF, TftpConfig, TftpStats, retransmit_wait
-from sidusctl.serve.tftp_transfer import Transfer
+from sidusctl.serve.tftp_transfer import _ACK_MAX, Transfer
 
 __all__ = ["MAX_BACKOFF", "TftpConfig", "TftpDenied", "TftpServer", "TftpStats",
            "resolve_in_root", "retransmit_wait"]
@@ -91,8 +95,9 @@ def resolve_in_root(root_real: str, name: str) -> str:
     return real
 
 
-def _open_in_root(root_real: str, name: str) -> tuple[int, int]:
-    """Open ``name`` for reading: ``(fd, size)``; :class:`TftpDenied` (1 or 2) otherwise."""
+def _open_in_root(root_real: str, name: str) -> tuple[int, os.stat_result]:
+    """Open ``name`` for reading: ``(fd, its fstat)``; :class:`TftpDenied` (1 or 2)
+    otherwise."""
     real = resolve_in_root(root_real, name)
     try:
         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -108,7 +113,7 @@ def _open_in_root(root_real: str, name: str) -> tuple[int, int]:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise TftpDenied(tc.E_ACCESS, "not a regular file")
-    return fd, st.st_size
+    return fd, st
 
 
 def _to_netascii(data: bytes) -> bytes:
@@ -149,6 +154,9 @@ class TftpServer:
         self._ep: select.epoll | None = None  # the transfer sockets
         self._root_real = os.path.realpath(self.cfg.root)
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
+        self.cache = PacketCache()
+        #: where a transfer socket's datagram is read (one at a time, in the loop's thread)
+        self.rbuf = bytearray(_ACK_MAX)
 
     @property
     def port(self) -> int:
@@ -322,7 +330,8 @@ class TftpServer:
             self._reply_error(addr, tc.E_UNDEFINED, "server busy")
             return
         try:
-            fd, size = _open_in_root(self._root_real, p.filename)
+            fd, st = _open_in_root(self._root_real, p.filename)
+            size = st.st_size
         except TftpDenied as e:
             if e.code == tc.E_ACCESS:
                 self.stats.access_denied += 1
@@ -345,6 +354,15 @@ class TftpServer:
                            max_window=self.cfg.max_window, default_timeout=self.cfg.timeout)
         if neg.refused:
             self.stats.options_refused += len(neg.refused)
+        packets = None
+        if fd >= 0:
+            try:
+                packets = self.cache.get(fd, st, neg.blksize)
+            except OSError as e:  # unreadable: the transfer reads (and fails) by itself
+                log.debug("TFTP %s: %r not cached: %s", who, p.filename, e.strerror)
+            if packets is not None:
+                os.close(fd)
+                fd = -1
         try:
             sock = _make_socket(self.cfg.interface, (local, 0), False)
             sock.connect(addr)
@@ -354,7 +372,7 @@ class TftpServer:
             log.error("TFTP %s: cannot open a transfer socket: %s", who, e.strerror)
             self._reply_error(addr, tc.E_UNDEFINED, "server error")
             return
-        t = Transfer(self, sock, addr, p.filename, fd, content, size, neg)
+        t = Transfer(self, sock, addr, p.filename, fd, content, size, neg, packets)
         self._transfers[sock.fileno()] = t
         self.stats.active = len(self._transfers)
         assert self._ep is not None

@@ -2,8 +2,10 @@
 own connected socket (the server's new TID, RFC 1350 section 4), lock-step (RFC 1350) or a
 window of blocks (RFC 7440), blocks of ``blksize`` (RFC 2348) read ahead from the file, the
 ACK handling (duplicate ACKs ignored in lock-step, RFC 1123 4.2.3.1) and the retransmission
-timer with backoff (:func:`~sidusctl.serve.tftp_config.retransmit_wait`). The server owns the
-event loop, the epoll set, the counters and the end of a transfer (``_finish``)."""
+timer with backoff (:func:`~sidusctl.serve.tftp_config.retransmit_wait`). A file in the
+server's :class:`~sidusctl.serve.tftp_cache.PacketCache` is sent from its prebuilt packets. The
+server owns the event loop, the epoll set, the receive buffer, the counters and the end of a
+transfer (``_finish``)."""
 
 from __future__ import annotations
 
@@ -36,12 +38,15 @@ class Transfer:
     """One RRQ being served: a connected socket to the client's TID, a window of blocks."""
 
     __slots__ = ("acked", "addr", "blksize", "buf", "buf_off", "fd", "filename", "high", "last_progress",
-                 "nblocks", "next_send", "oack", "sent_final", "server", "size", "sock", "started", "timeout",
-                 "tries", "waiting_writer", "window")
+                 "nblocks", "next_send", "oack", "packets", "sent_final", "server", "size", "sock",
+                 "started", "timeout", "tries", "waiting_writer", "window")
 
     def __init__(self, server: TftpServer, sock: socket.socket, addr: tuple[str, int],
                  filename: str, fd: int, data: bytes | None, size: int,
-                 neg: tc.Negotiated) -> None:
+                 neg: tc.Negotiated, packets: list[bytes] | None = None) -> None:
+        """``fd``: the open file, read ahead block by block (-1 when ``data``, netascii
+        content converted up front, or ``packets``, every DATA packet of the file at
+        ``neg.blksize`` (:func:`~sidusctl.serve.tftp_cache.build_packets`), is given)."""
         self.server = server
         self.sock = sock
         self.addr = addr
@@ -50,6 +55,7 @@ class Transfer:
         # netascii content is converted in memory up front; octet files are read ahead
         self.buf = memoryview(data if data is not None else b"")
         self.buf_off = 0
+        self.packets = packets
         self.size = size
         self.blksize = neg.blksize
         self.window = neg.windowsize
@@ -73,6 +79,8 @@ class Transfer:
             self._send_window()
 
     def _block(self, n: int) -> bytes:
+        if self.packets is not None:
+            return self.packets[n - 1]
         off = (n - 1) * self.blksize
         rel = off - self.buf_off
         end = rel + self.blksize
@@ -142,19 +150,21 @@ class Transfer:
 
     def readable(self) -> None:
         # one datagram per call: the loop is level-triggered and calls again if more wait,
-        # and in lock-step the next ACK cannot be there yet (a second recv would only fail)
+        # and in lock-step the next ACK cannot be there yet (a second recv would only fail);
+        # read into the server's buffer (no new bytes object per ACK)
+        buf = self.server.rbuf
         try:
-            pkt = self.sock.recv(_ACK_MAX)
+            n = self.sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:  # ECONNREFUSED: the client went away
             self._client_gone(e)
             return
-        if len(pkt) == 4 and pkt[:2] == _ACK_PREFIX:
-            self._on_ack((pkt[2] << 8) | pkt[3])
+        if n == 4 and buf[1] == 4 and buf[0] == 0:  # ACK (opcode 4)
+            self._on_ack((buf[2] << 8) | buf[3])
             return
         try:
-            p = tc.parse(pkt)
+            p = tc.parse(bytes(buf[:n]))
         except MalformedPacket:
             self.server.stats.malformed += 1
             return
@@ -196,7 +206,8 @@ class Transfer:
         self.tries = 0
         self.last_progress = _monotonic()
         self.high = self.next_send = h + 1
-        pkt = self._block(h + 1)
+        packets = self.packets
+        pkt = packets[h] if packets is not None else self._block(h + 1)
         try:
             self.sock.send(pkt)
         except BlockingIOError:
