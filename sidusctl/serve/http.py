@@ -2,13 +2,13 @@
 hundreds of clients at once.
 
 Owns one listening socket (bound to an address and, like the DHCP/TFTP/DNS sockets, to one
-device with ``SO_BINDTODEVICE``) and a pool of worker threads, one per connection being served
-(:class:`concurrent.futures.ThreadPoolExecutor`: a thread is started only when none is idle,
-then reused; starting one per connection cost more than the rest of a small request). Files are sent with
-``sendfile(2)`` (no copy through Python); ``Range: bytes=A-B``, ``A-`` and ``-N`` get ``206
-Partial Content`` with ``Content-Range`` and an unsatisfiable range ``416`` (RFC 9110 sections
-14.1-14.4, 15.3.7, 15.5.17); a multi-range request gets the whole file (``200``: RFC 9110
-allows a server to ignore Range). ``Accept-Ranges: bytes`` and an ``ETag`` (size and mtime)
+device with ``SO_BINDTODEVICE``) and a pool of worker threads, one per connection being
+served (:class:`concurrent.futures.ThreadPoolExecutor`: a thread is started only when none is
+idle, then reused; starting one per connection cost more than the rest of a small request).
+Files are sent with ``sendfile(2)`` (no copy through Python); ``Range: bytes=A-B``, ``A-``
+and ``-N`` get ``206 Partial Content`` with ``Content-Range`` and an unsatisfiable range
+``416`` (RFC 9110 sections 14.1-14.4, 15.3.7, 15.5.17); a multi-range request gets the whole
+file (``200``: RFC 9110 allows a server to ignore Range). ``Accept-Ranges: bytes`` and an ``ETag`` (size and mtime)
 tell a client it may resume; ``If-Range`` with another ETag gets the whole file.
 
 Limits (:class:`HttpConfig`): ``max_clients`` connections at once and ``per_client`` per
