@@ -7,7 +7,10 @@ source (``--roots squashfs-http,nfs``).
 Each node, from its own MAC and its own address, all nodes started within 2 s, does what a PXE
 node does: DHCP DISCOVER/REQUEST as the PXE ROM, the boot loader over TFTP, DHCP as iPXE, its
 pxelinux config, kernel and initrd over TFTP (blksize 1468, lock-step), DHCP as the kernel,
-then its root, then DHCP as the booted system. Every file is checked by SHA-256.
+then its root, then DHCP as the booted system. Every file is checked by SHA-256. With
+``--boot ipxe-http`` the node's ROM is iPXE instead: one DHCP exchange as iPXE, answered with
+``http://SERVER/boot.ipxe`` (serve-pxe ``--http``; dnsmasq tags the iPXE user class), then the
+script, the node's own script, kernel and initrd over HTTP (from nginx for the reference).
 
 - ``squashfs-http`` (the simulated nodes of tests/storm_sim.py): the squashfs root over HTTP, a third
   of the nodes resuming half-way with Range. Each node POSTs its stages to /sidus/report, as
@@ -39,8 +42,8 @@ more than the stacks differ.
 
 Run as root from the repository (the nfs root needs ``minimal`` built in the state dir):
     .venv/bin/python bench/bootstorm.py [--nodes 50,200,500] [--roots squashfs-http,nfs]
-        [--state-dir DIR] [--root-mib 20] [--kernel-kib 4096] [--initrd-kib 2048]
-        [--rounds 1] [--again] [--timeout 600] [--out FILE] [--json]
+        [--boot pxelinux,ipxe-http] [--state-dir DIR] [--root-mib 20] [--kernel-kib 4096]
+        [--initrd-kib 2048] [--rounds 1] [--again] [--timeout 600] [--out FILE] [--json]
 """
 
 from __future__ import annotations
