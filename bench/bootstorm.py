@@ -71,6 +71,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(REPO), *(d for d in sys.path if Path(d or ".").resolve() != REPO / "bench")]
 import tests.storm_sim as sim  # noqa: E402
 import tests.test_storm as storm  # noqa: E402
+from bench import nginx_ref  # noqa: E402
 from bench.nfs_client import load_reads, nfs_boot_reads  # noqa: E402
 from tests.netns_util import Daemon, bridge, enslave, ip, netns, nsexec, veth  # noqa: E402
 
@@ -129,34 +130,6 @@ async def nfs_storm(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"wall": time.time() - t0, "nodes": results, "tally": vars(tally),
             "client_cpu": time.process_time() - cpu0}
 # -- the two stacks ---------------------------------------------------------------------------
-
-NGINX_CONF = """daemon off;
-master_process on;
-worker_processes {workers};
-user root;
-pid {run}/nginx.pid;
-error_log {run}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_timeout 60;
-    client_body_temp_path {run}/body;
-    proxy_temp_path {run}/proxy;
-    fastcgi_temp_path {run}/fastcgi;
-    uwsgi_temp_path {run}/uwsgi;
-    scgi_temp_path {run}/scgi;
-    types {{ }}
-    default_type application/octet-stream;
-    server {{
-        listen {server}:80;
-        root {tree};
-        location /squashfs/storm/ {{ alias {squash}/; }}
-        location = /sidus/report {{ return 204; }}
-    }}
-}}
-"""
 
 # nfs-ganesha alone (sidusctl.subsys.ganesha: the same VFS export serve-pxe configures), with
 # its own rpcbind; ends (and stops both) on SIGTERM
@@ -354,15 +327,11 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                                              timeout=120))
                     if root != "nfs" or http_boot:
                         from sidusctl.netboot import squash
-                        (run / "nginx.conf").write_text(NGINX_CONF.format(
-                            workers=os.cpu_count() or 1, run=run, server=SERVER, tree=tree,
-                            squash=squash.squash_dir(state, "storm")))
-                        others.append(Daemon(nsexec(srv, "nginx", "-p", str(run), "-c",
-                                                    str(run / "nginx.conf")), run / "nginx.log"))
-                        for _ in range(100):  # nginx says nothing when ready: wait for its pid
-                            if (run / "nginx.pid").exists():
-                                break
-                            time.sleep(0.05)
+                        others.append(nginx_ref.start(srv, run, (
+                            f"        listen {SERVER}:80;\n        root {tree};\n"
+                            f"        location /squashfs/storm/ {{ alias "
+                            f"{squash.squash_dir(state, 'storm')}/; }}\n"
+                            "        location = /sidus/report { return 204; }")))
                     settle()
                     u0, k0, _ = ns_usage(srv)
                     rres = clients(cli, cfg, work, args.timeout)

@@ -14,7 +14,7 @@ request at info level to a file, through the same log thread as serve-pxe
 (sidusctl.core.log.background); nginx's access log is on too (to a file), so both write one
 line per request. Namespaces and temporary files are removed at the end, even on failure.
 Run as root from the repository:
-    .venv/bin/python bench/http.py [--requests 2000] [--clients 100] [--repeat 3] [--json]
+    .venv/bin/python bench/http_serve.py [--requests 2000] [--clients 100] [--repeat 3] [--json]
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# the repository first on the path, bench/ itself not (this file is named like the standard
-# library's http package, which the code under test imports)
+# the repository first on the path, bench/ itself not (a bench script named like a standard
+# library module would stand in for it)
 sys.path[:] = [str(REPO), *(d for d in sys.path if Path(d or ".").resolve() != REPO / "bench")]
+from bench import nginx_ref  # noqa: E402
 from tests.netns_util import Daemon, netns, nsexec  # noqa: E402
 
 PORT = 8080
@@ -53,28 +54,6 @@ with getattr(log, "background", contextlib.nullcontext)(), serve(HttpConfig(root
     print("ready", flush=True)
     while True:
         time.sleep(3600)
-"""
-
-NGINX = """daemon off;
-master_process on;
-worker_processes {workers};
-user root;
-pid {run}/nginx.pid;
-error_log {run}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log {run}/access.log;
-    sendfile on;
-    tcp_nopush on;
-    client_body_temp_path {run}/body;
-    proxy_temp_path {run}/proxy;
-    fastcgi_temp_path {run}/fastcgi;
-    uwsgi_temp_path {run}/uwsgi;
-    scgi_temp_path {run}/scgi;
-    types {{ }}
-    default_type application/octet-stream;
-    server {{ listen 127.0.0.1:{port}; root {root}; }}
-}}
 """
 
 # the clients, run inside the server's namespace: sequential small GETs, then concurrent
@@ -156,9 +135,9 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
-        sys.exit("bench/http.py: needs root (network namespaces)")
+        sys.exit("bench/http_serve.py: needs root (network namespaces)")
     if not shutil.which("nginx") and not Path("/usr/sbin/nginx").exists():
-        sys.exit("bench/http.py: nginx not found (apt-get install nginx-light)")
+        sys.exit("bench/http_serve.py: nginx not found (apt-get install nginx-light)")
     work = Path(tempfile.mkdtemp(prefix="sdt-bench-http-", dir="/var/tmp"))
     root = work / "root"
     root.mkdir()
@@ -179,14 +158,8 @@ def main() -> int:
                 d = Daemon(nsexec(ns, sys.executable, "-c", SIDUSCTL, str(root),
                                   str(run / "access.log"), str(PORT)), run / "out.log", ready="ready")
             else:
-                (run / "nginx.conf").write_text(NGINX.format(
-                    workers=os.cpu_count() or 1, run=run, port=PORT, root=root))
-                d = Daemon(nsexec(ns, "nginx", "-p", str(run), "-c", str(run / "nginx.conf")),
-                           run / "out.log")
-                for _ in range(100):  # nginx says nothing when ready: wait for its pid
-                    if (run / "nginx.pid").exists():
-                        break
-                    time.sleep(0.05)
+                d = nginx_ref.start(ns, run, f"        listen 127.0.0.1:{PORT};\n        root {root};",
+                                    access_log=str(run / "access.log"))
                 time.sleep(0.3)
             stack.callback(d.stop)
             small = [run_client(ns, work, args, want, "small") for _ in range(args.repeat)]
