@@ -172,10 +172,9 @@ def ns_usage(ns: str) -> tuple[float, float, float]:
 
 def settle() -> None:
     """Before each storm, either side: write out what the set-up left dirty (serve-pxe's
-    first start writes the tree of every node and the squashfs export, with fsyncs), so that
-    the kernel's writeback does not run during the next storm, which was always serve-pxe's
-    (round 1 of 200 nodes: 1.18x and 1.21x, the later rounds 1.00-1.07x), then a second's
-    pause."""
+    first start writes the tree of every node and the squashfs export, with fsyncs), then a
+    second's pause, so that no storm runs during the kernel's writeback. (Added because
+    serve-pxe's first storm was its slowest; it did not change that: docs/performance.md.)"""
     os.sync()
     time.sleep(1.0)
 
@@ -248,6 +247,7 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
     srv, cli = f"sdt-bss{tag}", f"sdt-bsc{tag}"
     br, sif, cif = f"sdt-bsb{tag}", f"sdt-bsv{tag}", f"sdt-bsw{tag}"
     http_boot = boot == "ipxe-http"
+    phases = 3 if http_boot else 4  # DHCP exchanges per node (an iPXE ROM asks once, not twice)
     out: dict[str, Any] = {"nodes": count, "root": root, "boot": boot,
                            "kernel_kib": args.kernel_kib,
                            "initrd_kib": args.initrd_kib,
@@ -293,7 +293,7 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                 o["dhcp_late"], o["dhcp_wait_max_ms"] = sst["dhcp"]["late"], sst["dhcp"]["wait_max_ms"]
                 o["tftp_server_retransmits"] = sst["tftp"]["retransmits"]
                 if not o["failures"]:
-                    sim.check_storm(res, nodes, want, phases=3 if http_boot else 4)
+                    sim.check_storm(res, nodes, want, phases)
                 return o
 
             def reference_storm(i: int, clients: Any, cfg: dict[str, Any],
@@ -342,7 +342,7 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                     dnsmasq.stop()
                 o = summarize(rres, u1 - u0, k1 - k0, rss)
                 if not o["failures"]:
-                    sim.check_storm(rres, nodes, want, phases=3 if http_boot else 4)
+                    sim.check_storm(rres, nodes, want, phases)
                 return o
 
             d = start_serve_pxe("serve-pxe.log")

@@ -8,8 +8,9 @@ idle, then reused; starting one per connection cost more than the rest of a smal
 Files are sent with ``sendfile(2)`` (no copy through Python); ``Range: bytes=A-B``, ``A-``
 and ``-N`` get ``206 Partial Content`` with ``Content-Range`` and an unsatisfiable range
 ``416`` (RFC 9110 sections 14.1-14.4, 15.3.7, 15.5.17); a multi-range request gets the whole
-file (``200``: RFC 9110 allows a server to ignore Range). ``Accept-Ranges: bytes`` and an ``ETag`` (size and mtime)
-tell a client it may resume; ``If-Range`` with another ETag gets the whole file.
+file (``200``: RFC 9110 allows a server to ignore Range). ``Accept-Ranges: bytes`` and an
+``ETag`` (size and mtime) tell a client it may resume; ``If-Range`` with another ETag gets the
+whole file.
 
 Limits (:class:`HttpConfig`): ``max_clients`` connections at once and ``per_client`` per
 client address; past them a request gets ``503 Service Unavailable`` with ``Retry-After``
@@ -263,8 +264,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self._refused is None:
             return False
         counts["refused"] = 1
-        self.server.stats.add(**counts)  # counted before the client has its answer
-        counts.clear()
+        self._count(counts)  # before the client has its answer
         log.warning("HTTP %s: %s %s refused (503): %s", self._client, self.command, self.path,
                     self._refused)
         self.send_response(503)
@@ -292,10 +292,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._get(head=False)
 
+    def _count(self, counts: dict[str, int]) -> None:
+        """Add what a request gathered in ``counts`` to the server's counters, under one
+        lock for all of them (hundreds of connection threads: every lock taken is one more
+        place to queue), and empty it: added once, whichever of the request's ends (the
+        answer sent, a refusal, an error) comes first."""
+        if counts:
+            self.server.stats.add(**counts)
+            counts.clear()
+
     def _get(self, head: bool) -> None:
-        # what this request adds to the counters, added at its end under one lock (hundreds
-        # of connection threads: every lock taken is one more place to queue)
-        counts = {"requests": 1}
+        counts = {"requests": 1}  # added by _count
         try:
             if self._refuse(counts):
                 return
@@ -308,8 +315,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             log.exception("HTTP %s: internal error on %s", self._client, self.path)
             self.close_connection = True
         finally:
-            if counts:
-                self.server.stats.add(**counts)
+            self._count(counts)
 
     def _serve_file(self, head: bool, counts: dict[str, int]) -> None:
         target = self.server.resolve(self.path)
@@ -365,8 +371,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             counts.update(bytes_sent=sent, files=1, ranges=int(isinstance(rng, tuple)))
             if sent < length:
                 counts["aborted"] = 1
-            self.server.stats.add(**counts)  # as soon as the body is out
-            counts.clear()
+            self._count(counts)  # as soon as the body is out
             if sent < length:
                 self.close_connection = True
                 return
@@ -378,8 +383,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             self._post(counts)
         finally:
-            if counts:
-                self.server.stats.add(**counts)
+            self._count(counts)
 
     def _post(self, counts: dict[str, int]) -> None:
         if self._refuse(counts):
@@ -407,6 +411,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             log.exception("HTTP %s: internal error on POST %s", self._client, path)
             code = 500
         self._simple(code)
+
 
 def _sendfile(sock: socket.socket, f: Any, offset: int, count: int, timeout: float) -> int:
     """``count`` bytes of file ``f`` from ``offset`` to ``sock`` with ``sendfile(2)``; the

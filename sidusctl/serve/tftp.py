@@ -50,7 +50,7 @@ from sidusctl.serve import tftp_codec as tc
 from sidusctl.serve.dhcp_codec import MalformedPacket
 from sidusctl.serve.tftp_cache import PacketCache
 from sidusctl.serve.tftp_config import MAX_BACKOFF, TftpConfig, TftpStats, retransmit_wait
-from sidusctl.serve.tftp_transfer import _ACK_MAX, Transfer
+from sidusctl.serve.tftp_transfer import ACK_MAX, Transfer
 
 __all__ = ["MAX_BACKOFF", "TftpConfig", "TftpDenied", "TftpServer", "TftpStats",
            "resolve_in_root", "retransmit_wait"]
@@ -156,7 +156,7 @@ class TftpServer:
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
         self.cache = PacketCache()
         #: where a transfer socket's datagram is read (one at a time, in the loop's thread)
-        self.rbuf = bytearray(_ACK_MAX)
+        self.rbuf = bytearray(ACK_MAX)
 
     @property
     def port(self) -> int:

@@ -25,9 +25,9 @@ if TYPE_CHECKING:
     from sidusctl.serve.tftp import TftpServer
 
 _ACK_PREFIX = b"\x00\x04"
-# what a transfer socket reads per datagram: an ACK is 4 bytes, an ERROR a few dozen (a longer
-# one is cut, found malformed and counted); not 64 KiB allocated for every ACK
-_ACK_MAX = 1500
+#: bytes a transfer socket reads per datagram (the server's receive buffer): an ACK is 4 bytes
+#: (RFC 1350 section 5), an ERROR a few dozen (a longer one is cut, found malformed and counted)
+ACK_MAX = 1500
 _READAHEAD = 64 << 10
 _READAHEAD_MAX = 1 << 20
 _DATA_HEAD = struct.Struct("!HH")
@@ -185,7 +185,7 @@ class Transfer:
         complete, logged with the missing ACK. Before the final block it failed."""
         while self.server._transfers.get(self.sock.fileno()) is self:
             try:
-                pkt = self.sock.recv(_ACK_MAX)
+                pkt = self.sock.recv(ACK_MAX)
             except OSError:  # nothing more queued (or another error): decide below
                 break
             if len(pkt) == 4 and pkt[:2] == _ACK_PREFIX:
