@@ -2,9 +2,11 @@
 hundreds of clients at once.
 
 Owns one listening socket (bound to an address and, like the DHCP/TFTP/DNS sockets, to one
-device with ``SO_BINDTODEVICE``) and a pool of worker threads, one per connection being
-served (:class:`concurrent.futures.ThreadPoolExecutor`: a thread is started only when none is
-idle, then reused; starting one per connection cost more than the rest of a small request).
+device with ``SO_BINDTODEVICE``) and worker threads, one per connection being served: each
+idle worker waits in ``accept`` itself, and one more is started when none is left idle
+(:class:`_Server`). Request heads are read and parsed by
+:mod:`sidusctl.serve.http_request`; keep-alive connections carry several requests (RFC 9112
+section 9.3). Idle or stalled connections end after the kernel's socket timeouts.
 Files are sent with ``sendfile(2)`` (no copy through Python); ``Range: bytes=A-B``, ``A-``
 and ``-N`` get ``206 Partial Content`` with ``Content-Range`` and an unsatisfiable range
 ``416`` (RFC 9110 sections 14.1-14.4, 15.3.7, 15.5.17); a multi-range request gets the whole
@@ -23,24 +25,24 @@ image: it is given directories and callbacks.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import http.server
 import os
 import socket
 import stat
 import struct
-import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from sidusctl.core.errors import SidusError
 from sidusctl.core.log import get_logger
+from sidusctl.serve.http_request import BadRequest, Request, parse_head, read_body, read_head
 
 log = get_logger("http")
 
@@ -50,7 +52,12 @@ RETRY_AFTER = 2
 #: worker threads beyond ``max_clients``: with every slot taken, new connections are still
 #: answered 503 at once by these
 SPARE_WORKERS = 32
+#: workers started with the server (more are started as connections come)
+INITIAL_WORKERS = 8
+#: the listen backlog (listen(2)): a storm connects all at once
+LISTEN_BACKLOG = 1024
 _MAX_FORM = 4096
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
 @dataclass(frozen=True)
@@ -130,8 +137,13 @@ def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
     return first, min(last, size - 1)
 
 
-class _Server(http.server.HTTPServer):
-    request_queue_size = 1024  # listen backlog: a storm connects all at once
+class _Server:
+    """The listening socket and the worker threads. Each idle worker blocks in ``accept``
+    on the listening socket (the kernel hands a new connection to one of them), serves that
+    connection to its end, and waits again: no thread of its own accepts and hands over, and
+    a small request wakes one thread. When the last idle worker takes a connection, one more
+    is started, up to ``max_clients`` + :data:`SPARE_WORKERS` (past that, connections wait
+    in the listen backlog); workers are kept for the next storm."""
 
     def __init__(self, cfg: HttpConfig, on_file: Callable[[str, str, int], None] | None,
                  on_post: Callable[[str, str, dict[str, str]], int] | None) -> None:
@@ -144,57 +156,79 @@ class _Server(http.server.HTTPServer):
         self.roots = [("/", os.path.realpath(cfg.root))] + [
             (p if p.endswith("/") else p + "/", os.path.realpath(d)) for p, d in cfg.mounts]
         self.roots.sort(key=lambda x: -len(x[0]))  # longest prefix first
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=cfg.max_clients + SPARE_WORKERS, thread_name_prefix="sidusctl-http")
+        self.cap = cfg.max_clients + SPARE_WORKERS
+        self.workers: list[threading.Thread] = []
+        self._idle = 0
+        self._pool_lock = threading.Lock()
         self._open: set[socket.socket] = set()  # the connections being served
-        super().__init__((cfg.address, cfg.port), _Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Hand the accepted connection to a worker (socketserver calls this from the
-        accepting thread)."""
-        self._pool.submit(self._work, request, client_address)
-
-    def _work(self, request: Any, client_address: Any) -> None:
-        # set.add and set.discard are atomic in CPython (one call holding the interpreter
-        # lock): no lock of ours per connection for them
-        self._open.add(request)
+        self._closing = False
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self._open.discard(request)
-            self.shutdown_request(request)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if cfg.interface:
+                self.sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, cfg.interface.encode())
+            self.sock.bind((cfg.address, cfg.port))
+            self.sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            self.sock.close()
+            raise
+        self.server_address: tuple[str, int] = self.sock.getsockname()
 
-    def server_close(self) -> None:
-        """Stop listening and end every connection: a worker blocked sending a body or
-        waiting for a request gets an error at once (the pool's threads are joined when the
-        interpreter exits, so none may wait out its timeout)."""
-        super().server_close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def start(self) -> None:
+        with self._pool_lock:
+            for _ in range(min(INITIAL_WORKERS, self.cap)):
+                self._spawn()
+
+    def _spawn(self) -> None:
+        """Start one more worker (called holding ``_pool_lock``)."""
+        t = threading.Thread(target=self._worker, name=f"sidusctl-http_{len(self.workers)}",
+                             daemon=True)
+        self.workers.append(t)
+        self._idle += 1
+        t.start()
+
+    def _worker(self) -> None:
+        while not self._closing:
+            try:
+                conn, addr = self.sock.accept()
+            except OSError as e:
+                if self._closing:
+                    return
+                # ECONNABORTED (reset in the backlog), EMFILE/ENFILE (out of descriptors):
+                # the server goes on; a pause keeps a lasting EMFILE from spinning
+                log.warning("HTTP: accept failed: %s", e.strerror)
+                time.sleep(0.1)
+                continue
+            with self._pool_lock:
+                self._idle -= 1
+                if self._idle == 0 and len(self.workers) < self.cap and not self._closing:
+                    self._spawn()
+            self._open.add(conn)  # set.add/discard: atomic in CPython, no lock of ours
+            try:
+                _Handler(self, conn, addr[0]).run()
+            except Exception:  # a bug outside the handler's own guards
+                self.stats.add(internal_errors=1)
+                log.exception("HTTP %s: internal error", addr[0])
+            finally:
+                self._open.discard(conn)
+                with contextlib.suppress(OSError):
+                    conn.close()
+                with self._pool_lock:
+                    self._idle += 1
+
+    def close(self) -> None:
+        """Stop listening, end every connection (a worker sending a body or waiting for a
+        request gets an error at once) and wait (5 s at most) for the workers to return."""
+        self._closing = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the workers blocked in accept
         for c in list(self._open):
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if self.cfg.interface:
-            self.socket.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE,
-                                   self.cfg.interface.encode())
-        super().server_bind()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """An exception outside the handler's own guards (socketserver would print it to
-        stderr): a client that reset or timed out while its request line was read is counted
-        as aborted, anything else as an internal error, logged with its traceback."""
-        err = sys.exc_info()[1]
-        client = client_address[0] if isinstance(client_address, tuple) else str(client_address)
-        if isinstance(err, (ConnectionResetError, BrokenPipeError, TimeoutError)):
-            self.stats.add(aborted=1)
-            log.debug("HTTP %s: connection ended before a request: %s", client, err)
-            return
-        self.stats.add(internal_errors=1)
-        log.exception("HTTP %s: internal error", client)
+        deadline = time.monotonic() + 5
+        for t in list(self.workers):
+            t.join(max(0.0, deadline - time.monotonic()))
+        self.sock.close()
 
     def enter(self, client: str) -> str | None:
         """Count a new connection from ``client``; the reason if it is over a limit."""
@@ -234,63 +268,127 @@ class _Server(http.server.HTTPServer):
         return None
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    server_version = "sidusctl"
-    timeout = 60  # seconds a connection may sit idle or stalled (a slot is held meanwhile)
+class _Date:
+    """The ``Date`` field value (RFC 9110 section 6.6.1), formatted once per second."""
 
-    def setup(self) -> None:
-        super().setup()
-        self._client = self.client_address[0]
-        self._counted = False
-        why = self.server.enter(self._client)
-        self._refused = why
-        if why is None:
-            self._counted = True
+    def __init__(self) -> None:
+        self._sec = -1
+        self._text = ""
 
-    def finish(self) -> None:
+    def __call__(self) -> str:
+        now = int(time.time())
+        if now != self._sec:  # two threads may both format it: same text
+            self._text = formatdate(now, usegmt=True)
+            self._sec = now
+        return self._text
+
+
+_date = _Date()
+
+
+class _Handler:
+    """One connection, from its first request to its end: requests read one after the
+    other (keep-alive, RFC 9112 section 9.3), each answered and counted."""
+
+    #: seconds a connection may sit idle or stalled, reading or sending (a slot is held
+    #: meanwhile): the kernel's own socket timeouts (SO_RCVTIMEO, SO_SNDTIMEO)
+    timeout = 60
+
+    def __init__(self, server: _Server, conn: socket.socket, client: str) -> None:
+        self.server = server
+        self.conn = conn
+        self.client = client
+        self.refused: str | None = None
+
+    def run(self) -> None:
+        srv, conn = self.server, self.conn
+        tv = struct.pack("ll", max(1, int(self.timeout)), 0)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        self.refused = srv.enter(self.client)
         try:
-            super().finish()
+            pending = b""
+            while True:
+                try:
+                    got = read_head(conn, pending)
+                except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO: idle too long
+                    return
+                except (ConnectionResetError, BrokenPipeError) as e:
+                    srv.stats.add(aborted=1)
+                    log.debug("HTTP %s: connection ended inside a request: %s", self.client, e)
+                    return
+                except BadRequest as e:
+                    self._bad(e)
+                    return
+                if got is None:
+                    return
+                head, pending = got
+                try:
+                    req = parse_head(head)
+                except BadRequest as e:
+                    self._bad(e)
+                    return
+                keep, pending = self._answer(req, pending)
+                if not keep:
+                    return
         finally:
-            if self._counted:
-                self.server.leave(self._client)
+            if self.refused is None:
+                srv.leave(self.client)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        # one access line per request at info, as a web server's access log
-        log.info("HTTP %s: %s", self.client_address[0], format % args)
+    # -- answers ---------------------------------------------------------------------------
 
-    def _refuse(self, counts: dict[str, int]) -> bool:
-        if self._refused is None:
-            return False
-        counts["refused"] = 1
-        self._count(counts)  # before the client has its answer
-        log.warning("HTTP %s: %s %s refused (503): %s", self._client, self.command, self.path,
-                    self._refused)
-        self.send_response(503)
-        self.send_header("Retry-After", str(RETRY_AFTER))
-        self.send_header("Content-Length", "0")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        return True
+    def _send_head(self, code: int, fields: str, keep: bool) -> bytes:
+        """The status line and fields of an answer (``fields``: ``"Name: value\\r\\n"``
+        lines), as bytes."""
+        close = "" if keep else "Connection: close\r\n"
+        return (f"HTTP/1.1 {code} {_REASONS[code]}\r\nServer: sidusctl\r\nDate: {_date()}\r\n"
+                f"{fields}{close}\r\n").encode("latin-1")
 
-    def _simple(self, code: int, extra: dict[str, str] | None = None) -> None:
-        body = f"{code} {http.server.BaseHTTPRequestHandler.responses[code][0]}\n".encode()
-        self.send_response(code)
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+    def _simple(self, req: Request | None, code: int, keep: bool, fields: str = "") -> None:
+        """A short text answer (``"404 Not Found\\n"``), logged as the access line."""
+        body = f"{code} {_REASONS[code]}\n".encode()
+        head = self._send_head(code, f"{fields}Content-Type: text/plain\r\n"
+                               f"Content-Length: {len(body)}\r\n", keep)
+        self.conn.sendall(head if req is not None and req.method == "HEAD" else head + body)
+        log.info('HTTP %s: "%s" %d -', self.client, req.line if req else "-", code)
 
-    def do_HEAD(self) -> None:
-        self._get(head=True)
+    def _bad(self, e: BadRequest) -> None:
+        self.server.stats.add(requests=1)
+        log.info("HTTP %s: bad request: %s (%d)", self.client, e.why, e.code)
+        with contextlib.suppress(OSError):
+            self._simple(None, e.code, keep=False)
 
-    def do_GET(self) -> None:
-        self._get(head=False)
+    def _answer(self, req: Request, pending: bytes) -> tuple[bool, bytes]:
+        """Answer ``req``: (whether the connection may go on, the bytes read past it)."""
+        counts = {"requests": 1}  # added to the server's counters once, at the end
+        try:
+            if self.refused is not None:
+                counts["refused"] = 1
+                self._count(counts)  # before the client has its answer
+                log.warning("HTTP %s: %s %s refused (503): %s", self.client, req.method,
+                            req.target, self.refused)
+                self._simple(req, 503, keep=False, fields=f"Retry-After: {RETRY_AFTER}\r\n")
+                return False, b""
+            if "transfer-encoding" in req.fields:  # RFC 9112 section 6.1: not understood
+                self._simple(req, 501, keep=False)
+                return False, b""
+            if req.method == "POST":
+                return self._post(req, pending, counts)
+            if req.method not in ("GET", "HEAD"):
+                self._simple(req, 501, keep=False)
+                return False, b""
+            # a GET or HEAD with a body: not read, so the connection ends after the answer
+            keep = req.keep_alive and req.fields.get("content-length", "0").strip() == "0"
+            return self._serve_file(req, counts, keep), pending
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, BlockingIOError):
+            counts["aborted"] = 1  # BlockingIOError: SO_SNDTIMEO ran out
+            return False, b""
+        except Exception:
+            counts["internal_errors"] = 1
+            log.exception("HTTP %s: internal error on %s", self.client, req.target)
+            return False, b""
+        finally:
+            self._count(counts)
 
     def _count(self, counts: dict[str, int]) -> None:
         """Add what a request gathered in ``counts`` to the server's counters, under one
@@ -301,153 +399,121 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.server.stats.add(**counts)
             counts.clear()
 
-    def _get(self, head: bool) -> None:
-        counts = {"requests": 1}  # added by _count
-        try:
-            if self._refuse(counts):
-                return
-            self._serve_file(head, counts)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            counts["aborted"] = 1
-            self.close_connection = True
-        except Exception:
-            counts["internal_errors"] = 1
-            log.exception("HTTP %s: internal error on %s", self._client, self.path)
-            self.close_connection = True
-        finally:
-            self._count(counts)
-
-    def _serve_file(self, head: bool, counts: dict[str, int]) -> None:
-        target = self.server.resolve(self.path)
+    def _serve_file(self, req: Request, counts: dict[str, int], keep: bool) -> bool:
+        head_only = req.method == "HEAD"
+        target = self.server.resolve(req.target)
         if target is None:
             counts["denied"] = 1
-            log.warning("HTTP %s: %s denied (outside the served directories)", self._client,
-                        self.path)
-            self._simple(403)
-            return
+            log.warning("HTTP %s: %s denied (outside the served directories)", self.client,
+                        req.target)
+            self._simple(req, 403, keep)
+            return keep
         try:
             f = open(target, "rb")  # noqa: SIM115 (closed by the with below)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
             counts["not_found"] = 1
-            log.info("HTTP %s: %s not found", self._client, self.path)
-            self._simple(404)
-            return
+            log.info("HTTP %s: %s not found", self.client, req.target)
+            self._simple(req, 404, keep)
+            return keep
         with f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 counts["not_found"] = 1
-                self._simple(404)
-                return
+                self._simple(req, 404, keep)
+                return keep
             size = st.st_size
             etag = f'"{size:x}-{st.st_mtime_ns:x}"'
             rng: tuple[int, int] | str | None = None
-            header = self.headers.get("Range")
+            header = req.fields.get("range")
             if header is not None:
                 rng = parse_range(header, size)
-                if_range = self.headers.get("If-Range")
+                if_range = req.fields.get("if-range")
                 if if_range is not None and if_range.strip() != etag:
                     rng = None
             if rng == "unsatisfiable":
-                self._simple(416, {"Content-Range": f"bytes */{size}"})
-                return
+                self._simple(req, 416, keep, f"Content-Range: bytes */{size}\r\n")
+                return keep
             if isinstance(rng, tuple):
                 first, last = rng
-                self.send_response(206)
-                self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+                code, fields = 206, f"Content-Range: bytes {first}-{last}/{size}\r\n"
             else:
                 first, last = 0, size - 1
-                self.send_response(200)
+                code, fields = 200, ""
             length = last - first + 1
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(length))
-            self.send_header("Accept-Ranges", "bytes")
-            self.send_header("ETag", etag)
-            self.send_header("Last-Modified", formatdate(st.st_mtime, usegmt=True))
-            self.end_headers()
-            if head:
-                return
-            self.wfile.flush()
-            sent = _sendfile(self.connection, f, first, length, self.timeout)
+            self.conn.sendall(self._send_head(code, (
+                f"{fields}Content-Type: application/octet-stream\r\n"
+                f"Content-Length: {length}\r\nAccept-Ranges: bytes\r\nETag: {etag}\r\n"
+                f"Last-Modified: {formatdate(st.st_mtime, usegmt=True)}\r\n"), keep))
+            if head_only:
+                log.info('HTTP %s: "%s" %d -', self.client, req.line, code)
+                return keep
+            sent = _sendfile(self.conn, f, first, length)
             counts.update(bytes_sent=sent, files=1, ranges=int(isinstance(rng, tuple)))
             if sent < length:
                 counts["aborted"] = 1
             self._count(counts)  # as soon as the body is out
+            log.info('HTTP %s: "%s" %d %d', self.client, req.line, code, sent)
             if sent < length:
-                self.close_connection = True
-                return
+                return False
         if self.server.on_file is not None:
-            self.server.on_file(self._client, self.path.split("?", 1)[0], length)
+            self.server.on_file(self.client, req.target.split("?", 1)[0], length)
+        return keep
 
-    def do_POST(self) -> None:
-        counts = {"requests": 1}
+    def _post(self, req: Request, pending: bytes, counts: dict[str, int]) -> tuple[bool, bytes]:
+        path = req.target.split("?", 1)[0]
         try:
-            self._post(counts)
-        finally:
-            self._count(counts)
-
-    def _post(self, counts: dict[str, int]) -> None:
-        if self._refuse(counts):
-            return
-        path = self.path.split("?", 1)[0]
-        try:
-            n = int(self.headers.get("Content-Length", "0"))
+            n = int(req.fields.get("content-length", "0"))
         except ValueError:
             n = -1
         if path not in self.server.cfg.post_paths or self.server.on_post is None:
-            self._simple(405 if n >= 0 else 400)
-            self.close_connection = True
-            return
+            self._simple(req, 405 if n >= 0 else 400, keep=False)
+            return False, b""
         if not 0 <= n <= _MAX_FORM:
-            self._simple(413 if n > _MAX_FORM else 400)
-            self.close_connection = True
-            return
-        body = self.rfile.read(n).decode("utf-8", "replace")
+            self._simple(req, 413 if n > _MAX_FORM else 400, keep=False)
+            return False, b""
+        raw, pending = read_body(self.conn, pending, n)
+        body = raw.decode("utf-8", "replace")
         form = {k: v for k, v in urllib.parse.parse_qsl(body, keep_blank_values=True)}
         counts["posts"] = 1
         try:
-            code = self.server.on_post(self._client, path, form)
+            code = self.server.on_post(self.client, path, form)
         except Exception:
             counts["internal_errors"] = 1
-            log.exception("HTTP %s: internal error on POST %s", self._client, path)
+            log.exception("HTTP %s: internal error on POST %s", self.client, path)
             code = 500
-        self._simple(code)
+        keep = req.keep_alive
+        self._simple(req, code, keep)
+        return keep, pending
 
 
-def _sendfile(sock: socket.socket, f: Any, offset: int, count: int, timeout: float) -> int:
+def _sendfile(sock: socket.socket, f: Any, offset: int, count: int) -> int:
     """``count`` bytes of file ``f`` from ``offset`` to ``sock`` with ``sendfile(2)``; the
-    bytes sent, fewer if the client went away or took nothing for ``timeout`` seconds.
+    bytes sent, fewer if the client went away or took nothing for the socket's send timeout.
 
-    The socket is made blocking for the body, with the kernel's own send timeout
-    (``SO_SNDTIMEO``, socket(7)): one ``sendfile`` call then carries the whole body without
-    coming back to Python, where :meth:`socket.socket.sendfile` (a non-blocking socket, a
-    ``poll`` between calls) returns after each send buffer's worth. In a storm of hundreds
-    of downloads, each return is a thread taking the interpreter lock again, which the event
-    loop answering DHCP and TFTP waits for. The socket's timeout is restored after."""
+    The socket is blocking, with the kernel's own send timeout (``SO_SNDTIMEO``, socket(7),
+    set by the handler): one ``sendfile`` call then carries the whole body without coming
+    back to Python, where :meth:`socket.socket.sendfile` (a non-blocking socket, a ``poll``
+    between calls) returns after each send buffer's worth. In a storm of hundreds of
+    downloads, each return is a thread taking the interpreter lock again, which the event
+    loop answering DHCP and TFTP waits for."""
     fd, src = sock.fileno(), f.fileno()
-    sec = max(1, int(timeout))
-    sock.setblocking(True)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, 0))
     sent = 0
-    try:
-        while sent < count:
-            try:
-                n = os.sendfile(fd, src, offset + sent, count - sent)
-            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
-                break  # BlockingIOError: SO_SNDTIMEO ran out with nothing sent
-            if n == 0:  # the file ends early (truncated since its size was read)
-                break
-            sent += n
-    finally:
-        sock.settimeout(timeout)
+    while sent < count:
+        try:
+            n = os.sendfile(fd, src, offset + sent, count - sent)
+        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+            break  # BlockingIOError: SO_SNDTIMEO ran out with nothing sent
+        if n == 0:  # the file ends early (truncated since its size was read)
+            break
+        sent += n
     return sent
 
 
 class HttpServer:
     """A running server: ``stats``, ``port`` (the bound one: useful with port 0)."""
 
-    def __init__(self, srv: _Server, thread: threading.Thread) -> None:
+    def __init__(self, srv: _Server) -> None:
         self._srv = srv
-        self._thread = thread
 
     @property
     def stats(self) -> HttpStats:
@@ -462,23 +528,21 @@ class HttpServer:
 def serve(cfg: HttpConfig, *, on_file: Callable[[str, str, int], None] | None = None,
           on_post: Callable[[str, str, dict[str, str]], int] | None = None
           ) -> Iterator[HttpServer]:
-    """Serve ``cfg`` in a thread until the block ends. ``on_file(client_ip, path, bytes)``
-    after each file (or range) delivered; ``on_post(client_ip, path, form) -> status code``
-    for the POSTs of ``cfg.post_paths``. Both are called from the connection's thread.
-    :class:`SidusError` if the address cannot be bound."""
+    """Serve ``cfg`` from worker threads until the block ends. ``on_file(client_ip, path,
+    bytes)`` after each file (or range) delivered; ``on_post(client_ip, path, form) ->
+    status code`` for the POSTs of ``cfg.post_paths``. Both are called from the connection's
+    thread. :class:`SidusError` if the address cannot be bound. Leaving the block ends the
+    connections still open and waits for the workers (5 s at most)."""
     try:
         srv = _Server(cfg, on_file, on_post)
     except OSError as e:
         raise SidusError(f"HTTP server: cannot listen on {cfg.address}:{cfg.port} "
                          f"({e.strerror})") from e
-    t = threading.Thread(target=srv.serve_forever, name="sidusctl-http", daemon=True)
-    t.start()
-    log.info("HTTP serving %s%s on %s:%d (max %d clients, %d per client)", cfg.root,
-             "".join(f", {p} -> {d}" for p, d in cfg.mounts), cfg.address,
-             srv.server_address[1], cfg.max_clients, cfg.per_client)
     try:
-        yield HttpServer(srv, t)
+        srv.start()
+        log.info("HTTP serving %s%s on %s:%d (max %d clients, %d per client)", cfg.root,
+                 "".join(f", {p} -> {d}" for p, d in cfg.mounts), cfg.address,
+                 srv.server_address[1], cfg.max_clients, cfg.per_client)
+        yield HttpServer(srv)
     finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join(5)
+        srv.close()
