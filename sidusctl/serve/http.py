@@ -54,6 +54,10 @@ RETRY_AFTER = 2
 SPARE_WORKERS = 32
 #: workers started with the server (more are started as connections come)
 INITIAL_WORKERS = 8
+#: workers started at once when the last idle one takes a connection
+SPAWN_BATCH = 8
+#: bytes: a body up to this size leaves in the same segments as its head (MSG_MORE)
+CORK_MAX = 65536
 #: the listen backlog (listen(2)): a storm connects all at once
 LISTEN_BACKLOG = 1024
 _MAX_FORM = 4096
@@ -201,8 +205,11 @@ class _Server:
                 continue
             with self._pool_lock:
                 self._idle -= 1
-                if self._idle == 0 and len(self.workers) < self.cap and not self._closing:
-                    self._spawn()
+                if self._idle == 0 and not self._closing:
+                    # a storm connects hundreds at once: several more at a time, so that
+                    # the ramp-up is not one thread start per connection in series
+                    for _ in range(min(SPAWN_BATCH, self.cap - len(self.workers))):
+                        self._spawn()
             self._open.add(conn)  # set.add/discard: atomic in CPython, no lock of ours
             try:
                 _Handler(self, conn, addr[0]).run()
@@ -440,13 +447,14 @@ class _Handler:
                 first, last = 0, size - 1
                 code, fields = 200, ""
             length = last - first + 1
-            # MSG_MORE when a body follows: the head leaves with the body's first bytes in
-            # full-sized segments, not as a small segment of its own (nginx's tcp_nopush)
+            # MSG_MORE when a small body follows: head and body leave in one segment, not
+            # two (nginx's tcp_nopush). Not for large bodies: 100 concurrent 20 MiB
+            # downloads took 8 % longer with it (bench/http_serve.py, docs/performance.md)
             self.conn.sendall(self._send_head(code, (
                 f"{fields}Content-Type: application/octet-stream\r\n"
                 f"Content-Length: {length}\r\nAccept-Ranges: bytes\r\nETag: {etag}\r\n"
                 f"Last-Modified: {formatdate(st.st_mtime, usegmt=True)}\r\n"), keep),
-                socket.MSG_MORE if length and not head_only else 0)
+                socket.MSG_MORE if 0 < length <= CORK_MAX and not head_only else 0)
             if head_only:
                 log.info('HTTP %s: "%s" %d -', self.client, req.line, code)
                 return keep
