@@ -3,7 +3,7 @@ hundreds of clients at once.
 
 Owns one listening socket (bound to an address and, like the DHCP/TFTP/DNS sockets, to one
 device with ``SO_BINDTODEVICE``) and worker threads, one per connection being served: each
-idle worker waits in ``accept`` itself, and one more is started when none is left idle
+idle worker waits in ``accept`` itself, and more are started when none is left idle
 (:class:`_Server`). Request heads are read and parsed by
 :mod:`sidusctl.serve.http_request`; keep-alive connections carry several requests (RFC 9112
 section 9.3). Idle or stalled connections end after the kernel's socket timeouts.
@@ -145,9 +145,10 @@ class _Server:
     """The listening socket and the worker threads. Each idle worker blocks in ``accept``
     on the listening socket (the kernel hands a new connection to one of them), serves that
     connection to its end, and waits again: no thread of its own accepts and hands over, and
-    a small request wakes one thread. When the last idle worker takes a connection, one more
-    is started, up to ``max_clients`` + :data:`SPARE_WORKERS` (past that, connections wait
-    in the listen backlog); workers are kept for the next storm."""
+    a small request wakes one thread. When the last idle worker takes a connection,
+    :data:`SPAWN_BATCH` more are started, up to ``max_clients`` + :data:`SPARE_WORKERS` in all
+    (past that, connections wait in the listen backlog); workers are kept for the next
+    storm."""
 
     def __init__(self, cfg: HttpConfig, on_file: Callable[[str, str, int], None] | None,
                  on_post: Callable[[str, str, dict[str, str]], int] | None) -> None:
