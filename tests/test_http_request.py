@@ -123,6 +123,18 @@ def test_keep_alive_pipelined_requests_and_a_post_between(
     assert srv.stats.files - files == 2 and srv.stats.internal_errors == 0
 
 
+def test_repeated_slashes_count_as_one(server: tuple[int, http.HttpServer]) -> None:
+    """shim asks for ``//grubx64.efi`` (its own URL's directory, ``/``, joined to the file
+    name with another ``/``); ``..`` stays refused however it is written."""
+    port, _ = server
+    for target in (b"//b", b"///b", b"/./b"):
+        out = _exchange(port, b"GET " + target + b" HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"B" * 10), (target, out[:100])
+    for target in (b"//../b", b"/x/..//..//b", b"/%2e%2e/b"):
+        out = _exchange(port, b"GET " + target + b" HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 403"), (target, out[:100])
+
+
 @pytest.mark.parametrize(("data", "code"), [
     (b"GET / HTTP/2.0\r\n\r\n", b"505"),
     (b"BREW /pot HTTP/1.1\r\n\r\n", b"501"),

@@ -262,8 +262,12 @@ class _Server:
 
     def resolve(self, url_path: str) -> str | None:
         """The real path of the file a URL path names under its root or mount; None if it
-        leaves it (a ``..`` component, or symlinks resolving outside)."""
+        leaves it (a ``..`` component, or symlinks resolving outside). Repeated slashes
+        count as one: shim asks for ``//grubx64.efi`` (the directory of its own URL, ``/``,
+        joined to the file name with another ``/``)."""
         path = urllib.parse.unquote(url_path.split("?", 1)[0].split("#", 1)[0])
+        path = "/" + "/".join(c for c in path.split("/") if c) + ("/" if path.endswith("/")
+                                                                else "")
         for prefix, base in self.roots:
             if path.startswith(prefix) or path + "/" == prefix:
                 rel = path[len(prefix):]
