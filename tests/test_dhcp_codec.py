@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from sidusctl.serve import dhcp_codec as dc
 from sidusctl.serve.dhcp import DhcpServer
 from sidusctl.serve.dhcp_config import BootPolicy, DhcpConfig, Reservation
+from tests.fuzz_util import mutations
 
 MAC = bytes.fromhex("525400ec3381")
 
@@ -288,21 +290,14 @@ VALID = [raw_request(PXE_DISCOVER_OPTS), raw_request(_request_opts("10.0.0.130")
          raw_request(b"\x35\x01\x01\x34\x01\x03\xff", file=b"\x0c\x05node1\xff")]
 
 
-@st.composite
-def mutated(draw: st.DrawFn) -> bytes:
-    base = bytearray(draw(st.sampled_from(VALID)))
-    for _ in range(draw(st.integers(0, 8))):
-        i = draw(st.integers(0, len(base) - 1))
-        base[i] = draw(st.integers(0, 255))
-    cut = draw(st.integers(0, len(base)))
-    return bytes(base[:cut]) + draw(st.binary(max_size=40))
+mutated = mutations(VALID, changes=8, tail=40)
 
 
 FUZZ = settings(max_examples=4000, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 @FUZZ
-@given(st.one_of(st.binary(max_size=600), mutated()))
+@given(st.one_of(st.binary(max_size=600), mutated))
 def test_fuzz_decode_raises_only_malformed(data: bytes) -> None:
     try:
         p = dc.decode(data)
@@ -314,17 +309,17 @@ def test_fuzz_decode_raises_only_malformed(data: bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzz_servers(tmp_path_factory: pytest.TempPathFactory) -> list[DhcpServer]:
+def fuzz_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[DhcpServer]]:
     full = make_server(tmp_path_factory.mktemp("full"),
                        pool=(IPv4Address("10.0.0.10"), IPv4Address("10.0.0.200")), unknown="pool")
     proxy = make_server(tmp_path_factory.mktemp("proxy"), proxy=True)
-    yield [full, proxy]  # type: ignore[misc]
+    yield [full, proxy]
     full.close()
     proxy.close()
 
 
 @FUZZ
-@given(data=st.one_of(st.binary(max_size=600), mutated()), port=st.sampled_from([67, 4011]))
+@given(data=st.one_of(st.binary(max_size=600), mutated), port=st.sampled_from([67, 4011]))
 def test_fuzz_server_handler_never_raises(fuzz_servers: list[DhcpServer], data: bytes,
                                          port: int) -> None:
     for srv in fuzz_servers:

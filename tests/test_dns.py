@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidusctl.serve.dns import DnsConfig, DnsServer, Zone
+from tests.fuzz_util import mutations
 from tests.netns_util import Daemon, netns, nsexec, sidusctl_serve, uniq, veth
 
 ZONE = Zone("cluster.test", (("node1", IPv4Address("10.77.0.130")),
@@ -59,16 +60,11 @@ VALID = [DNSRecord.question(n, t).pack() for n, t in (
     ("nope.cluster.test", "A"), ("cluster.test", "AAAA"), ("www.example.org", "A"))]
 
 
-@st.composite
-def mutated(draw: st.DrawFn) -> bytes:
-    base = bytearray(draw(st.sampled_from(VALID)))
-    for _ in range(draw(st.integers(0, 6))):
-        base[draw(st.integers(0, len(base) - 1))] = draw(st.integers(0, 255))
-    return bytes(base[:draw(st.integers(0, len(base)))]) + draw(st.binary(max_size=20))
+mutated = mutations(VALID)
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.one_of(st.binary(max_size=200), mutated()),
+@given(st.one_of(st.binary(max_size=200), mutated),
        st.sampled_from([None, ("127.0.0.1", 53)]))
 def test_fuzz_never_raises(data: bytes, upstream: tuple[str, int] | None) -> None:
     srv = DnsServer(DnsConfig(zone=ZONE, upstream=upstream))

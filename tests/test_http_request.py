@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from sidusctl.serve import http
 from sidusctl.serve.http_request import HEAD_MAX, BadRequest, parse_head
+from tests.fuzz_util import mutations
 
 VALID = [
     b"GET /boot.ipxe HTTP/1.1\r\nHost: 10.0.0.1\r\nUser-Agent: iPXE/1.21.1",
@@ -54,16 +55,11 @@ def test_malformed_heads(head: bytes, code: int) -> None:
     assert e.value.code == code
 
 
-@st.composite
-def mutated(draw: st.DrawFn) -> bytes:
-    base = bytearray(draw(st.sampled_from(VALID)))
-    for _ in range(draw(st.integers(0, 6))):
-        base[draw(st.integers(0, len(base) - 1))] = draw(st.integers(0, 255))
-    return bytes(base[:draw(st.integers(0, len(base)))]) + draw(st.binary(max_size=20))
+mutated = mutations(VALID)
 
 
 @settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.one_of(st.binary(max_size=300), mutated()))
+@given(st.one_of(st.binary(max_size=300), mutated))
 def test_fuzz_parse_raises_only_bad_request(data: bytes) -> None:
     try:
         r = parse_head(data)
@@ -154,7 +150,7 @@ def test_bad_requests_are_answered_and_closed(server: tuple[int, http.HttpServer
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(st.one_of(st.binary(max_size=200), mutated().map(lambda b: b + b"\r\n\r\n")),
+@given(st.lists(st.one_of(st.binary(max_size=200), mutated.map(lambda b: b + b"\r\n\r\n")),
                 min_size=1, max_size=4))
 def test_fuzz_live_server(server: tuple[int, http.HttpServer], chunks: list[bytes]) -> None:
     port, srv = server

@@ -28,6 +28,7 @@ from sidusctl.serve import tftp_client, tftp_transfer
 from sidusctl.serve import tftp_codec as tc
 from sidusctl.serve.dhcp_codec import MalformedPacket
 from sidusctl.serve.tftp import TftpConfig, TftpServer
+from tests.fuzz_util import mutations
 
 # -- codec --------------------------------------------------------------------------------------
 
@@ -81,19 +82,14 @@ VALID = [b"\x00\x01pxelinux.0\x00octet\x00blksize\x001468\x00tsize\x000\x00",
          b"\x00\x02up\x00octet\x00"]
 
 
-@st.composite
-def mutated(draw: st.DrawFn) -> bytes:
-    base = bytearray(draw(st.sampled_from(VALID)))
-    for _ in range(draw(st.integers(0, 6))):
-        base[draw(st.integers(0, len(base) - 1))] = draw(st.integers(0, 255))
-    return bytes(base[:draw(st.integers(0, len(base)))]) + draw(st.binary(max_size=20))
+mutated = mutations(VALID)
 
 
 FUZZ = settings(max_examples=5000, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 @FUZZ
-@given(st.one_of(st.binary(max_size=300), mutated()))
+@given(st.one_of(st.binary(max_size=300), mutated))
 def test_fuzz_parse_raises_only_malformed(data: bytes) -> None:
     try:
         p = tc.parse(data)
@@ -387,7 +383,7 @@ def _spray(port: int, batch: list[bytes]) -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(batch=st.lists(st.one_of(st.binary(max_size=120), mutated()), min_size=1, max_size=20))
+@given(batch=st.lists(st.one_of(st.binary(max_size=120), mutated), min_size=1, max_size=20))
 def test_fuzz_live_server(live: Live, root: Path, batch: list[bytes]) -> None:
     # through the real request socket, then a real transfer: loopback keeps the order, so
     # when the transfer is done every datagram of the batch has been handled
