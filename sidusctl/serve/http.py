@@ -185,12 +185,13 @@ class _Server:
                 self._spawn()
 
     def _spawn(self) -> None:
-        """Start one more worker (called holding ``_pool_lock``)."""
+        """Start one more worker (called holding ``_pool_lock``). :class:`RuntimeError` if
+        the thread cannot start (counted nowhere then)."""
         t = threading.Thread(target=self._worker, name=f"sidusctl-http_{len(self.workers)}",
                              daemon=True)
+        t.start()
         self.workers.append(t)
         self._idle += 1
-        t.start()
 
     def _worker(self) -> None:
         while not self._closing:
@@ -209,8 +210,11 @@ class _Server:
                 if self._idle == 0 and not self._closing:
                     # a storm connects hundreds at once: several more at a time, so that
                     # the ramp-up is not one thread start per connection in series
-                    for _ in range(min(SPAWN_BATCH, self.cap - len(self.workers))):
-                        self._spawn()
+                    try:
+                        for _ in range(min(SPAWN_BATCH, self.cap - len(self.workers))):
+                            self._spawn()
+                    except RuntimeError as e:  # "can't start new thread": serve with fewer
+                        log.warning("HTTP: cannot start another worker: %s", e)
             self._open.add(conn)  # set.add/discard: atomic in CPython, no lock of ours
             try:
                 _Handler(self, conn, addr[0]).run()
@@ -325,7 +329,7 @@ class _Handler:
                     got = read_head(conn, pending)
                 except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO: idle too long
                     return
-                except (ConnectionResetError, BrokenPipeError) as e:
+                except OSError as e:  # reset, unreachable...: only the socket is read here
                     srv.stats.add(aborted=1)
                     log.debug("HTTP %s: connection ended inside a request: %s", self.client, e)
                     return
@@ -392,7 +396,7 @@ class _Handler:
             # a GET or HEAD with a body: not read, so the connection ends after the answer
             keep = req.keep_alive and req.fields.get("content-length", "0").strip() == "0"
             return self._serve_file(req, counts, keep), pending
-        except (BrokenPipeError, ConnectionResetError, TimeoutError, BlockingIOError):
+        except (ConnectionError, TimeoutError, BlockingIOError):
             counts["aborted"] = 1  # BlockingIOError: SO_SNDTIMEO ran out
             return False, b""
         except Exception:
