@@ -92,7 +92,8 @@ def parse_head(head: bytes) -> Request:
 
 
 def read_head(sock: socket.socket, pending: bytes) -> tuple[bytes, bytes] | None:
-    """Read from ``sock`` (blocking, with its timeout) until a request head is complete:
+    """Read from ``sock`` (blocking, with its timeout) until a request head is complete (the
+    empty line after the fields, RFC 9112 section 2.1):
     ``(head, rest)``, ``head`` without the empty line ending it, ``rest`` what followed (a
     body's first bytes, or the next request's). ``pending``: bytes left over from the last
     request on this connection. None when the client closed the connection before sending
@@ -117,8 +118,10 @@ def read_head(sock: socket.socket, pending: bytes) -> tuple[bytes, bytes] | None
 
 
 def read_body(sock: socket.socket, pending: bytes, length: int) -> tuple[bytes, bytes]:
-    """``length`` bytes of body: ``(body, rest)`` from what ``pending`` holds and then from
-    ``sock``. :class:`ConnectionResetError` if the client closes before the end."""
+    """``length`` bytes of body (the request's ``Content-Length``, RFC 9112 section 6.2):
+    ``(body, rest)``, taken from what ``pending`` holds and then from ``sock``; ``rest`` is
+    what was read past the body (a pipelined request). :class:`ConnectionResetError` if the
+    client closes before the end; socket errors (timeout, reset) propagate."""
     data = pending
     while len(data) < length:
         chunk = sock.recv(max(_RECV, length - len(data)))

@@ -10,12 +10,10 @@ Python time per block was what serve-pxe paid more than dnsmasq)."""
 from __future__ import annotations
 
 import os
-import struct
 from collections import OrderedDict
 
 from sidusctl.serve import tftp_codec as tc
 
-_DATA_HEAD = struct.Struct("!HH")
 #: bytes of packets kept, all files together (least recently used files dropped first)
 CACHE_LIMIT = 128 << 20
 #: bytes: a larger file is not cached (its transfers read their blocks themselves)
@@ -29,8 +27,8 @@ def build_packets(data: bytes, blksize: int) -> list[bytes]:
     ``blksize``, empty when the size is a multiple of it. ``len(data) // blksize + 1``
     packets. Pure."""
     view = memoryview(data)
-    pack = _DATA_HEAD.pack
-    return [pack(tc.DATA, (i + 1) & 0xFFFF) + view[off:off + blksize]
+    encode = tc.encode_data
+    return [encode(i + 1, view[off:off + blksize])
             for i, off in enumerate(range(0, len(data) + 1, blksize))]
 
 

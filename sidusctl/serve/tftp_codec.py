@@ -119,8 +119,14 @@ def encode_request(opcode: int, filename: str, mode: str = "octet",
     return struct.pack("!H", opcode) + b"".join(p + b"\0" for p in parts)
 
 
+_HEAD = struct.Struct("!HH")
+
+
 def encode_data(block: int, payload: bytes | memoryview) -> bytes:
-    return struct.pack("!HH", DATA, block & 0xFFFF) + bytes(payload)
+    """A DATA packet (RFC 1350 section 5): opcode 3, ``block`` modulo 65536 (it rolls over
+    from 65535 to 0), then ``payload`` (up to the negotiated blksize, RFC 2348). One copy of
+    the payload (a memoryview of a read-ahead buffer is not copied first)."""
+    return _HEAD.pack(DATA, block & 0xFFFF) + payload
 
 
 def encode_ack(block: int) -> bytes:

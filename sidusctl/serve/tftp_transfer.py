@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -30,7 +29,6 @@ _ACK_PREFIX = b"\x00\x04"
 ACK_MAX = 1500
 _READAHEAD = 64 << 10
 _READAHEAD_MAX = 1 << 20
-_DATA_HEAD = struct.Struct("!HH")
 _monotonic = time.monotonic
 
 
@@ -90,7 +88,7 @@ class Transfer:
             want = max(want - want % self.blksize, self.blksize)
             self.buf = memoryview(os.pread(self.fd, want, off))
             self.buf_off, rel, end = off, 0, self.blksize
-        return _DATA_HEAD.pack(tc.DATA, n & 0xFFFF) + self.buf[rel:end]
+        return tc.encode_data(n, self.buf[rel:end])
 
     def _send_raw(self, pkt: bytes) -> bool:
         try:
