@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sidusctl.core.errors import ConfigError
 from sidusctl.serve import dhcp_codec as dc
 from sidusctl.serve.dhcp import DhcpServer
 from sidusctl.serve.dhcp_config import BootPolicy, DhcpConfig, Reservation
@@ -240,6 +242,84 @@ def test_full_exchange_persists_lease_and_naks_wrong_address(tmp_path: Path) -> 
         assert srv.store.by_mac["52:54:00:ec:33:81"].ip == IPv4Address("10.0.0.130")
     finally:
         srv.close()
+
+
+def _commits(srv: DhcpServer) -> int:
+    """Transactions committed to the lease store so far (SQLite's own count of changes)."""
+    assert srv.store is not None
+    return int(srv.store._db.total_changes)
+
+
+def test_a_recent_lease_is_kept_without_a_commit(tmp_path: Path) -> None:
+    """A network boot asks for its address several times in seconds: the first REQUEST
+    commits a lease, those within ``cache_threshold`` of it get the same lease and its
+    remaining time (options 51, 58, 59) and commit nothing; an older lease, another hostname
+    or a threshold of 0 commit a new one."""
+    mac = "52:54:00:ec:33:81"
+    srv = make_server(tmp_path)  # lease_time 600, threshold 0.25: kept while 450 s or more left
+    try:
+        assert srv.store is not None
+        ack, _ = one(srv.handle(raw_request(_request_opts("10.0.0.130")), ("0.0.0.0", 68), 67))
+        assert ack.options[dc.OPT_LEASE_TIME] == dc.o_u32(600)
+        first, n = srv.store.by_mac[mac].expires, _commits(srv)
+        # 100 s later (the lease's expiry moved back instead of waiting): kept
+        srv.store.by_mac[mac] = replace(srv.store.by_mac[mac], expires=first - 100)
+        ack, _ = one(srv.handle(raw_request(_request_opts("10.0.0.130")), ("0.0.0.0", 68), 67))
+        assert ack.msg_type == dc.ACK and ack.yiaddr == IPv4Address("10.0.0.130")
+        left = int.from_bytes(ack.options[dc.OPT_LEASE_TIME], "big")
+        assert 495 <= left <= 500
+        assert ack.options[dc.OPT_T1] == dc.o_u32(left // 2)
+        assert ack.options[dc.OPT_T2] == dc.o_u32(left * 7 // 8)
+        assert _commits(srv) == n and srv.stats.kept == 1 and srv.stats.acks == 2
+        # 200 s later: more than a quarter of the lease gone, a new one is committed
+        srv.store.by_mac[mac] = replace(srv.store.by_mac[mac], expires=first - 200)
+        ack, _ = one(srv.handle(raw_request(_request_opts("10.0.0.130")), ("0.0.0.0", 68), 67))
+        assert ack.options[dc.OPT_LEASE_TIME] == dc.o_u32(600)
+        assert _commits(srv) > n and srv.stats.kept == 1
+        assert srv.store.by_mac[mac].expires >= first
+    finally:
+        srv.close()
+    srv = make_server(tmp_path, cache_threshold=0)
+    try:
+        assert srv.store is not None
+        n = _commits(srv)
+        for _ in range(2):
+            ack, _ = one(srv.handle(raw_request(_request_opts("10.0.0.130")), ("0.0.0.0", 68), 67))
+            assert ack.options[dc.OPT_LEASE_TIME] == dc.o_u32(600)
+        assert _commits(srv) >= n + 2 and srv.stats.kept == 0
+    finally:
+        srv.close()
+
+
+def test_a_kept_lease_follows_the_hostname(tmp_path: Path) -> None:
+    """A pool client that sends another hostname (option 12) gets a new commit: the store
+    records what the machine calls itself now."""
+    mac = bytes.fromhex("020000000042")
+    srv = make_server(tmp_path, pool=(IPv4Address("10.0.0.100"), IPv4Address("10.0.0.101")),
+                      unknown="pool")
+    try:
+        assert srv.store is not None
+        offer, _ = one(srv.handle(raw_request(b"\x35\x01\x01\xff", mac=mac), ("0.0.0.0", 68), 67))
+        ip = str(offer.yiaddr)
+        one(srv.handle(raw_request(_request_opts(ip), mac=mac), ("0.0.0.0", 68), 67))
+        n = _commits(srv)
+        named = _request_opts(ip)[:-1] + b"\x0c\x05node7\xff"
+        ack, _ = one(srv.handle(raw_request(named, mac=mac), ("0.0.0.0", 68), 67))
+        assert ack.msg_type == dc.ACK and _commits(srv) > n and srv.stats.kept == 0
+        assert srv.store.by_mac["02:00:00:00:00:42"].hostname == "node7"
+        n = _commits(srv)
+        one(srv.handle(raw_request(named, mac=mac), ("0.0.0.0", 68), 67))
+        assert _commits(srv) == n and srv.stats.kept == 1
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.0, 2])
+def test_cache_threshold_out_of_range_is_refused(tmp_path: Path, threshold: float) -> None:
+    cfg = DhcpConfig(interface="sdt-unbound", lease_file=tmp_path / "l.sqlite",
+                     cache_threshold=threshold)
+    with pytest.raises(ConfigError, match="cache_threshold"):
+        cfg.validate()
 
 
 def test_unknown_macs_ignored_or_pooled(tmp_path: Path) -> None:

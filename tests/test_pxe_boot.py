@@ -268,9 +268,16 @@ def ipxe_over_http_survives_a_serve_pxe_crash(minimal_image: BuiltImage,
                    f" -n -q -f -t 5 -T 2 -s /bin/true -r {node.ip}", timeout=60)
         assert f"lease of {node.ip} obtained" in out, out
         after = lab.serve_text()[restart:]
-        assert acks.search(after), after[-2000:]
+        ack = acks.search(after)
+        assert ack, after[-2000:]
         lease = {str(x.mac): x for x in read_leases(lab.state / "serve" / "leases.sqlite")}
-        assert lease[node.mac].ip == node.ip and lease[node.mac].expires > first_expiry
+        assert lease[node.mac].ip == node.ip
+        # the restarted server found the lease in its store: it hands out the same lease
+        # (begun minutes ago: within the 25 % cache threshold) or, later, a renewed one
+        if after[ack.end():].startswith("(lease ") and ", kept;" in after[ack.end():][:40]:
+            assert lease[node.mac].expires == first_expiry
+        else:
+            assert lease[node.mac].expires > first_expiry
         assert lab.stop_serve() == 0
 
 

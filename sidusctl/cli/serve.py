@@ -135,6 +135,11 @@ def register(cli: click.Group) -> None:
     @click.option("--no-dhcp", is_flag=True, help="Run TFTP/DNS only.")
     @click.option("--lease-file", type=click.Path(dir_okay=False, path_type=Path),
                   help="Lease database (default: <state>/serve/leases.sqlite).")
+    @click.option("--lease-cache-threshold", type=click.FloatRange(0, 1, max_open=True),
+                  default=0.25, show_default=True,
+                  help="A REQUEST within this fraction of the lease time after the lease began "
+                  "gets the same lease, with its remaining time, and writes nothing (ISC dhcpd's "
+                  "dhcp-cache-threshold); 0: every ACK commits a new lease.")
     @click.option("--durable", is_flag=True, help="fsync every lease (survives power loss, "
                   "not only kill -9).")
     def run_cmd(interface: str, proxy: bool, reservations: Path | None, pool: str | None,
@@ -143,7 +148,8 @@ def register(cli: click.Group) -> None:
                 dns_upstream: str | None, no_dns: bool, lease_time: int,
                 next_server: str | None, boot_bios: str, boot_efi64: str,
                 ipxe_script: str | None, tftp_root: Path | None, no_dhcp: bool,
-                lease_file: Path | None, durable: bool) -> None:
+                lease_file: Path | None, lease_cache_threshold: float,
+                durable: bool) -> None:
         """Run the servers on INTERFACE until SIGTERM; SIGHUP re-reads the reservations."""
         state = get_ctx().state / "serve"
         leases = lease_file or state / "leases.sqlite"
@@ -172,7 +178,8 @@ def register(cli: click.Group) -> None:
                     server_ip=sip or ip, subnet=net or inet, router=_ip(router, "--router"),
                     dns_servers=dns_ips, domain=domain, lease_time=lease_time, pool=pool_range,
                     unknown=unknown or ("pool" if pool_range else "ignore"),  # type: ignore[arg-type]
-                    next_server=_ip(next_server, "--next-server"), proxy=proxy, durable=durable)
+                    next_server=_ip(next_server, "--next-server"), proxy=proxy, durable=durable,
+                    cache_threshold=lease_cache_threshold)
                 dhcp.validate(str(reservations or "command line"))
             tftp = TftpConfig(root=tftp_root, interface=interface) if tftp_root else None
             dns = None

@@ -105,6 +105,11 @@ def export_cmd(nodes: str, fmt: str, out: Path | None, tftp_root: str, interface
               show_default=True, help="NFS export of the images: the kernel server if it runs "
               "(auto), nfs-ganesha, or none (the roots are exported elsewhere).")
 @click.option("--lease-time", type=int, default=3600, show_default=True, help="Seconds.")
+@click.option("--lease-cache-threshold", type=click.FloatRange(0, 1, max_open=True),
+              default=0.25, show_default=True,
+              help="A REQUEST within this fraction of the lease time after the lease began "
+              "gets the same lease, with its remaining time, and writes nothing (ISC dhcpd's "
+              "dhcp-cache-threshold); 0: every ACK commits a new lease.")
 @click.option("--dns-upstream", default=None,
               help="IP[:PORT] names outside the cluster domain are forwarded to (default: refused).")
 @click.option("--efi-loader", type=click.Choice(["grub", "ipxe", "shim"]), default="grub",
@@ -131,7 +136,8 @@ def export_cmd(nodes: str, fmt: str, out: Path | None, tftp_root: str, interface
               "Boot under Secure Boot needs Debian 13's (GRUB 2.12): scripts/fetch-signed-grub.")
 def serve_pxe_cmd(nodes: Path, interface: str, proxy: bool, http: bool, http_port: int,
                   tftp_root: Path | None, nfs: str, lease_time: int,
-                  dns_upstream: str | None, efi_loader: str, http_max_clients: int,
+                  lease_cache_threshold: float, dns_upstream: str | None, efi_loader: str,
+                  http_max_clients: int,
                   http_per_client: int, tftp_max_transfers: int, tftp_per_client: int,
                   retain: int, hold_time: float, signed_grub: Path | None) -> None:
     """Boot the inventory's nodes: DHCP (full or proxy), TFTP, DNS, NFS (and HTTP) on one
@@ -157,7 +163,8 @@ def serve_pxe_cmd(nodes: Path, interface: str, proxy: bool, http: bool, http_por
                           tftp_root=(tftp_root or state / "serve-pxe" / "tftp").absolute(),
                           proxy=proxy, http=http, http_port=http_port,
                           nfs=nfs,  # type: ignore[arg-type]
-                          lease_time=lease_time, dns_upstream=upstream,
+                          lease_time=lease_time, lease_cache_threshold=lease_cache_threshold,
+                          dns_upstream=upstream,
                           efi_loader=efi_loader,  # type: ignore[arg-type]
                           http_max_clients=http_max_clients, http_per_client=http_per_client,
                           tftp_max_transfers=tftp_max_transfers,

@@ -62,7 +62,8 @@ class PxeOptions:
     """What serve-pxe was asked: ``nodes`` (inventory path), the one ``interface``, the
     ``state`` directory (leases and status under ``<state>/serve``), the ``tftp_root`` to render
     into, ``proxy`` (proxyDHCP), ``http`` with ``http_port``, ``nfs`` backend, ``lease_time``
-    (seconds), ``dns_upstream`` ``(host, port)`` for names outside the cluster domain and
+    (seconds) and ``lease_cache_threshold`` (:class:`DhcpConfig`'s ``cache_threshold``),
+    ``dns_upstream`` ``(host, port)`` for names outside the cluster domain and
     ``efi_loader``, what x86-64 UEFI clients get: ``grub`` (grubnetx64.efi) or ``ipxe``
     (ipxe.efi, which then asks again as an iPXE client and runs boot.ipxe) or ``shim``
     (Debian's signed chain for Secure Boot: :mod:`sidusctl.netboot.secureboot`). With the HTTP
@@ -79,6 +80,7 @@ class PxeOptions:
     http_port: int = 80
     nfs: NfsMode = "auto"
     lease_time: int = 3600
+    lease_cache_threshold: float = 0.25
     dns_upstream: tuple[str, int] | None = None
     efi_loader: EfiLoader = "grub"
     http_max_clients: int = 512
@@ -232,7 +234,8 @@ class PxeLoader:
                             if http_on else None),
             server_ip=net.server, subnet=net.subnet,
             dns_servers=(net.server,) if net.domain else (), domain=net.domain,
-            lease_time=o.lease_time, unknown="ignore", proxy=o.proxy)
+            lease_time=o.lease_time, cache_threshold=o.lease_cache_threshold,
+            unknown="ignore", proxy=o.proxy)
         dhcp.validate(inv.file)
         dns = None
         if net.domain:

@@ -304,12 +304,15 @@ class DhcpServer:
     # replies ------------------------------------------------------------------------------
 
     def _reply(self, pkt: dc.DhcpPacket, mt: int, yiaddr: IPv4Address | None,
-               mac: str, *, lease: bool = True) -> dc.DhcpPacket:
+               mac: str, *, lease: bool = True, lease_s: int | None = None) -> dc.DhcpPacket:
+        """A reply of message type ``mt``; with ``lease``, options 51, 58, 59 (RFC 2132 9.2,
+        9.11, 9.12: the lease, renewal at 1/2 and rebinding at 7/8 of it) for ``lease_s``
+        seconds, the configured lease time by default."""
         opts: dict[int, bytes] = {dc.OPT_MSG_TYPE: dc.o_u8(mt),
                                   dc.OPT_SERVER_ID: dc.o_ip(self.server_ip)}
         r = self.by_mac.get(mac)
         if lease:
-            t = self.cfg.lease_time
+            t = self.cfg.lease_time if lease_s is None else lease_s
             opts[dc.OPT_LEASE_TIME] = dc.o_u32(t)
             opts[dc.OPT_T1] = dc.o_u32(t // 2)
             opts[dc.OPT_T2] = dc.o_u32(t * 7 // 8)
@@ -400,21 +403,44 @@ class DhcpServer:
         assert self.store is not None
         r = self.by_mac.get(mac)
         hostname = r.hostname if r is not None else pkt.hostname
-        try:
-            self.store.bind(mac, ip, hostname, time.time() + self.cfg.lease_time)
-        except StateError as e:
-            return self._nak(pkt, mac, f"cannot lease {ip}: {e}")
+        now = time.time()
+        lease_s = self._kept(mac, ip, hostname, now)
+        if lease_s is None:
+            lease_s = self.cfg.lease_time
+            try:
+                self.store.bind(mac, ip, hostname, now + lease_s)
+            except StateError as e:
+                return self._nak(pkt, mac, f"cannot lease {ip}: {e}")
+            kept = ""
+        else:
+            self.stats.kept += 1
+            kept = ", kept"
         self.offers.pop(mac, None)
         if self._offered_ip.get(ip) == mac:
             del self._offered_ip[ip]
-        out = self._reply(pkt, dc.ACK, ip, mac)
+        out = self._reply(pkt, dc.ACK, ip, mac, lease_s=lease_s)
         bwhy = self._boot(pkt, out, r)
         self.stats.acks += 1
-        log.info("DHCP %s: REQUEST (%s) -> ACK %s (lease %d s; %s)", mac, state, ip,
-                 self.cfg.lease_time, bwhy)
+        log.info("DHCP %s: REQUEST (%s) -> ACK %s (lease %d s%s; %s)", mac, state, ip,
+                 lease_s, kept, bwhy)
         if self.on_event:
             self.on_event("ack", mac, str(ip))
         return self._send(pkt, out)
+
+    def _kept(self, mac: str, ip: IPv4Address, hostname: str | None, now: float) -> int | None:
+        """The seconds left of ``mac``'s lease on ``ip`` if it may be handed out again as it is
+        (bound to the same hostname, begun less than ``cache_threshold`` of the lease time
+        ago, and not longer than the lease time now configured), else None: a new lease is
+        committed."""
+        assert self.store is not None
+        lease = self.store.by_mac.get(mac)
+        threshold = self.cfg.cache_threshold
+        if threshold <= 0 or lease is None or lease.ip != ip or lease.hostname != hostname:
+            return None
+        left = int(lease.expires - now)
+        # not longer than the lease time in force (a reload may have shortened it)
+        return left if self.cfg.lease_time * (1 - threshold) <= left <= self.cfg.lease_time \
+            else None
 
     def _request(self, pkt: dc.DhcpPacket, mac: str) -> list[tuple[bytes, tuple[str, int]]]:
         now = time.time()
