@@ -108,7 +108,9 @@ class Supervisor:
         if not force and seen == self._written and now - self._written_at < STATUS_HEARTBEAT:
             return
         try:
-            write_json(self.cfg.status_file, self.status(), compact=True)
+            # not durable: the next write replaces it within seconds, and after a power cut
+            # no server runs to be described; an fsync here would stall the event loop
+            write_json(self.cfg.status_file, self.status(), compact=True, durable=False)
         except OSError as e:
             log.warning("cannot write %s: %s", self.cfg.status_file, e)
             return
