@@ -93,6 +93,17 @@ class DhcpServer:
         self.cfg = cfg
         self.by_mac = {r.mac: r for r in cfg.reservations}
         self.reserved_ips = {r.ip: r.mac for r in cfg.reservations}
+        # the options every OFFER and ACK carries, encoded once per configuration
+        common = {dc.OPT_SUBNET_MASK: dc.o_ip(subnet.netmask),
+                  dc.OPT_BROADCAST: dc.o_ip(subnet.broadcast_address)}
+        if cfg.router is not None:
+            common[dc.OPT_ROUTER] = dc.o_ip(cfg.router)
+        if cfg.dns_servers:
+            common[dc.OPT_DNS] = dc.o_ip(*cfg.dns_servers)
+        if cfg.domain:
+            common[dc.OPT_DOMAIN] = dc.o_text(cfg.domain)
+        self._common_opts = common
+        self._server_id = dc.o_ip(server_ip)
         self.next_server = cfg.next_server or server_ip
         if cfg.pool:
             lo, hi = int(cfg.pool[0]), int(cfg.pool[1])
@@ -308,8 +319,7 @@ class DhcpServer:
         """A reply of message type ``mt``; with ``lease``, options 51, 58, 59 (RFC 2132 9.2,
         9.11, 9.12: the lease, renewal at 1/2 and rebinding at 7/8 of it) for ``lease_s``
         seconds, the configured lease time by default."""
-        opts: dict[int, bytes] = {dc.OPT_MSG_TYPE: dc.o_u8(mt),
-                                  dc.OPT_SERVER_ID: dc.o_ip(self.server_ip)}
+        opts: dict[int, bytes] = {dc.OPT_MSG_TYPE: dc.o_u8(mt), dc.OPT_SERVER_ID: self._server_id}
         r = self.by_mac.get(mac)
         if lease:
             t = self.cfg.lease_time if lease_s is None else lease_s
@@ -317,14 +327,7 @@ class DhcpServer:
             opts[dc.OPT_T1] = dc.o_u32(t // 2)
             opts[dc.OPT_T2] = dc.o_u32(t * 7 // 8)
         if mt != dc.NAK:
-            opts[dc.OPT_SUBNET_MASK] = dc.o_ip(self.subnet.netmask)
-            opts[dc.OPT_BROADCAST] = dc.o_ip(self.subnet.broadcast_address)
-            if self.cfg.router is not None:
-                opts[dc.OPT_ROUTER] = dc.o_ip(self.cfg.router)
-            if self.cfg.dns_servers:
-                opts[dc.OPT_DNS] = dc.o_ip(*self.cfg.dns_servers)
-            if self.cfg.domain:
-                opts[dc.OPT_DOMAIN] = dc.o_text(self.cfg.domain)
+            opts.update(self._common_opts)
             if r is not None and r.hostname:
                 opts[dc.OPT_HOSTNAME] = dc.o_text(r.hostname)
         out = dc.DhcpPacket(op=dc.BOOTREPLY, htype=pkt.htype, hlen=pkt.hlen, xid=pkt.xid,

@@ -268,7 +268,8 @@ def decode(data: bytes) -> DhcpPacket:
 
 def o_ip(*addrs: IPv4Address | str) -> bytes:
     """One or more IPv4 addresses (options 1, 3, 6, 28, 54...)."""
-    return b"".join(ipaddress.IPv4Address(a).packed for a in addrs)
+    return b"".join((a if isinstance(a, ipaddress.IPv4Address) else ipaddress.IPv4Address(a)).packed
+                    for a in addrs)
 
 
 def o_u32(v: int) -> bytes:
