@@ -197,7 +197,9 @@ def summarize(res: dict[str, Any], user: float, kernel: float, rss: float) -> di
             "server_cpu_s": round(user + kernel, 1), "server_user_s": round(user, 2),
             "server_kernel_s": round(kernel, 2), "server_peak_rss_mib": round(rss, 1),
             "client_cpu_s": round(res["client_cpu"], 1),
-            **{k: v for k, v in res["tally"].items() if k != "bytes"}}
+            "http_kib_per_read": round(res["tally"].get("http_bytes", 0) / 1024
+                                       / max(1, res["tally"].get("http_reads", 0)), 1),
+            **{k: v for k, v in res["tally"].items() if k not in ("bytes", "http_bytes")}}
 
 
 def run_nfs_clients(ns: str, cfg: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
@@ -444,6 +446,9 @@ def print_one(o: dict[str, Any]) -> None:
               f"(user {s['server_user_s']}, kernel {s['server_kernel_s']}), "
               f"peak RSS {s['server_peak_rss_mib']} MiB, {s['mb_per_s']} MB/s; the simulated "
               f"nodes' CPU {s['client_cpu_s']} s")
+        if s.get("http_reads"):
+            print(f"      the nodes read HTTP bodies {s['http_kib_per_read']} KiB at a time "
+                  f"({s['http_reads']} reads)")
         if s["p50_by_protocol_s"]:
             print("      per node, medians: " + ", ".join(
                 f"{k} {v} s" for k, v in s["p50_by_protocol_s"].items()))

@@ -59,6 +59,10 @@ class Tally:
     dhcp_retries: int = 0
     tftp_retries: int = 0
     bytes: int = 0
+    #: reads of HTTP body bytes (each a wake-up of a node's event loop): bytes / reads is how
+    #: much a server's sending lets a client take at once
+    http_reads: int = 0
+    http_bytes: int = 0
 
 
 class _Dhcp:
@@ -300,6 +304,8 @@ async def http_req(src: str, server: str, port: int, method: str, path: str, tal
                         raise RuntimeError(f"HTTP {path}: connection closed, {left} bytes short")
                     left -= len(chunk)
                     tally.bytes += len(chunk)
+                    tally.http_reads += 1
+                    tally.http_bytes += len(chunk)
                     if sink is not None:
                         sink.update(chunk)
                 return code, hdrs
