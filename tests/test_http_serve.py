@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -196,7 +197,6 @@ def test_workers_are_reused_and_closing_ends_every_connection(
     the next (starting a thread per connection cost more than a small request). Leaving
     ``serve()`` ends the connections still open, a body being sent included: its client
     sees the connection end long before the handler's timeout, and no worker is left."""
-    import time
 
     root = tmp_path / "root"
     root.mkdir()
@@ -237,3 +237,34 @@ def test_workers_are_reused_and_closing_ends_every_connection(
     assert not [t.name for t in threading.enumerate() if t.name.startswith("sidusctl-http_")]
     assert srv.stats.aborted == 1 and srv.stats.active == 0, srv.stats  # the stalled body
     assert srv.stats.internal_errors == 0, srv.stats
+
+
+def _http_workers() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("sidusctl-http_")]
+
+
+def test_idle_workers_retire_after_a_storm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """40 connections at once start workers for each; once they are gone, the workers that
+    wait ``IDLE_RETIRE`` seconds without a connection end, down to ``INITIAL_WORKERS``; the
+    server still answers, and grows again for the next storm."""
+    monkeypatch.setattr(http, "IDLE_RETIRE", 0.3)
+    (tmp_path / "small").write_bytes(b"x" * 100)
+    cfg = http.HttpConfig(root=tmp_path, address="127.0.0.1", port=0, max_clients=64,
+                          per_client=64)
+    with http.serve(cfg) as srv:
+        for storm in range(2):
+            held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(40)]
+            deadline = time.monotonic() + 20
+            while srv.stats.active < 40 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert srv.stats.active == 40, srv.stats  # each one served by a worker of its own
+            assert len(_http_workers()) >= 40
+            for c in held:
+                c.close()
+            deadline = time.monotonic() + 30
+            while len(_http_workers()) > http.INITIAL_WORKERS and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(_http_workers()) == http.INITIAL_WORKERS, (storm, _http_workers())
+            assert _get(f"http://127.0.0.1:{srv.port}/small")[0] == 200
+        assert srv.stats.internal_errors == 0, srv.stats
+    assert not _http_workers()

@@ -56,6 +56,9 @@ SPARE_WORKERS = 32
 INITIAL_WORKERS = 8
 #: workers started at once when the last idle one takes a connection
 SPAWN_BATCH = 8
+#: seconds an idle worker waits in ``accept`` before it ends (if more than
+#: INITIAL_WORKERS are idle): the listening socket's SO_RCVTIMEO, socket(7)
+IDLE_RETIRE = 60.0
 #: bytes: a body up to this size leaves in the same segments as its head (MSG_MORE)
 CORK_MAX = 65536
 #: the listen backlog (listen(2)): a storm connects all at once
@@ -147,8 +150,10 @@ class _Server:
     connection to its end, and waits again: no thread of its own accepts and hands over, and
     a small request wakes one thread. When the last idle worker takes a connection,
     :data:`SPAWN_BATCH` more are started, up to ``max_clients`` + :data:`SPARE_WORKERS` in all
-    (past that, connections wait in the listen backlog); workers are kept for the next
-    storm."""
+    (past that, connections wait in the listen backlog). A worker that has waited
+    :data:`IDLE_RETIRE` seconds without a connection ends while more than
+    :data:`INITIAL_WORKERS` are idle: after a storm of hundreds, the server shrinks back
+    (as Apache's ``MaxSpareThreads``) instead of keeping a thread and its stack per node."""
 
     def __init__(self, cfg: HttpConfig, on_file: Callable[[str, str, int], None] | None,
                  on_post: Callable[[str, str, dict[str, str]], int] | None) -> None:
@@ -163,6 +168,7 @@ class _Server:
         self.roots.sort(key=lambda x: -len(x[0]))  # longest prefix first
         self.cap = cfg.max_clients + SPARE_WORKERS
         self.workers: list[threading.Thread] = []
+        self._started = 0  # workers started so far (their names' numbers)
         self._idle = 0
         self._pool_lock = threading.Lock()
         self._open: set[socket.socket] = set()  # the connections being served
@@ -174,6 +180,9 @@ class _Server:
                 self.sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, cfg.interface.encode())
             self.sock.bind((cfg.address, cfg.port))
             self.sock.listen(LISTEN_BACKLOG)
+            # accept returns EAGAIN after this long without a connection: see _worker
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack(
+                "ll", int(IDLE_RETIRE), int(IDLE_RETIRE % 1 * 1e6)))
         except OSError:
             self.sock.close()
             raise
@@ -187,16 +196,31 @@ class _Server:
     def _spawn(self) -> None:
         """Start one more worker (called holding ``_pool_lock``). :class:`RuntimeError` if
         the thread cannot start (counted nowhere then)."""
-        t = threading.Thread(target=self._worker, name=f"sidusctl-http_{len(self.workers)}",
+        t = threading.Thread(target=self._worker, name=f"sidusctl-http_{self._started}",
                              daemon=True)
         t.start()
+        self._started += 1
         self.workers.append(t)
         self._idle += 1
+
+    def _retire(self) -> bool:
+        """After an idle wait of IDLE_RETIRE: True (and the worker is no longer counted) if
+        this worker should end."""
+        with self._pool_lock:
+            if self._closing or self._idle <= INITIAL_WORKERS:
+                return False
+            self._idle -= 1
+            self.workers.remove(threading.current_thread())
+            return True
 
     def _worker(self) -> None:
         while not self._closing:
             try:
                 conn, addr = self.sock.accept()
+            except BlockingIOError:  # SO_RCVTIMEO: no connection for IDLE_RETIRE seconds
+                if self._retire():
+                    return
+                continue
             except OSError as e:
                 if self._closing:
                     return
