@@ -253,6 +253,54 @@ def test_status_is_rewritten_only_when_something_changed(tmp_path: Path,
     assert written() != last
 
 
+def test_inbox_runs_posted_calls_on_the_loop_in_order_with_one_wakeup_per_batch() -> None:
+    """Four threads post 250 calls each while the event loop is busy: every call runs, on the
+    loop's thread, each thread's in its order, after one wake-up for them all; a call posted
+    once the loop has closed is dropped without an error."""
+    import asyncio
+    import threading
+
+    from sidusctl.serve.supervisor import Inbox
+
+    got: list[tuple[str, str, str, int | None]] = []
+    inbox = Inbox(lambda k, w, x: got.append((k, w, x, threading.get_ident())))
+    inbox.post("early", "-", "-")  # no loop yet: dropped
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        inbox.loop = loop
+        posted = threading.Event()
+
+        def poster(t: int) -> None:
+            for i in range(250):
+                inbox.post("http", f"t{t}", str(i))
+
+        def busy() -> None:  # the loop is answering something else meanwhile
+            threads = [threading.Thread(target=poster, args=(t,)) for t in range(4)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            posted.set()
+
+        loop.call_soon(busy)
+        while not posted.is_set() or len(got) < 1000:
+            await asyncio.sleep(0.01)
+        inbox.post("http", "t0", "after")  # the loop idle: woken again
+        while len(got) < 1001:
+            await asyncio.sleep(0.01)
+
+    loop_thread = threading.get_ident()
+    asyncio.run(main())
+    assert len(got) == 1001 and {g[3] for g in got} == {loop_thread}
+    for t in range(4):
+        assert [int(x) for k, w, x, _ in got[:1000] if w == f"t{t}"] == list(range(250))
+    assert got[-1][:3] == ("http", "t0", "after")
+    assert inbox.wakeups == 2, inbox.wakeups
+    inbox.post("late", "-", "-")  # the loop is closed: dropped
+    assert len(got) == 1001
+
+
 def test_node_status_joins_addresses_that_asked_for_a_nodes_per_mac_files() -> None:
     """In proxy mode the site's DHCP server gives the addresses: a node's files come from an
     address the inventory does not know, learnt from its per-MAC file; that address's files

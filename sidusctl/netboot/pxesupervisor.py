@@ -56,6 +56,8 @@ class PxeSupervisor(supervisor.Supervisor):
         self.ip_mac: dict[str, str] = {}
         self.reports: dict[str, dict[str, Any]] = {}
         self.http: http_mod.HttpServer | None = None
+        #: events from the HTTP server's threads, handled on the event loop
+        self.inbox = supervisor.Inbox(self._event)
         self._holds_file = loader.opts.serve_dir / "holds.json"
         self.holds: dict[str, dict[str, Any]] = {}
         with contextlib.suppress(OSError, ValueError, SidusError):
@@ -131,12 +133,9 @@ class PxeSupervisor(supervisor.Supervisor):
             if v is not None:
                 detail += f" {k}={v}"
         self.ip_mac.setdefault(ip, mac)
-        loop = self._loop
-        if loop is not None:
-            loop.call_soon_threadsafe(self._event, "report", mac, f"{stage} {detail}")
+        self.inbox.post("report", mac, f"{stage} {detail}")
         return 204
 
-    _loop: asyncio.AbstractEventLoop | None = None
     #: the holds changed since ``holds.json`` was written / a node booted a generation the
     #: image store has not been told of; a flush is scheduled
     _holds_dirty = False

@@ -325,11 +325,10 @@ def serve(opts: PxeOptions) -> None:
                  f"{nfs.backend} exports {', '.join(nfs.paths())}")
 
         async def main() -> None:
-            loop = asyncio.get_running_loop()
-            sup._loop = loop
+            sup.inbox.loop = asyncio.get_running_loop()
 
             def on_file(ip: str, path: str, size: int) -> None:
-                loop.call_soon_threadsafe(sup._event, "http", ip, path)
+                sup.inbox.post("http", ip, path)
 
             with contextlib.ExitStack() as stack:
                 if http_on:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,45 @@ log = get_logger("serve")
 STATUS_INTERVAL = 2.0
 #: seconds at most between status writes when nothing changed (``updated`` shows it alive)
 STATUS_HEARTBEAT = 30.0
+
+
+class Inbox:
+    """Calls of ``handler(kind, who, what)`` posted by other threads (the HTTP server's
+    workers: a file sent, a node's report) and run on the event loop :attr:`loop`, in the
+    order posted. The loop is woken once for every call posted until it runs: in a storm,
+    hundreds of downloads end within milliseconds, and ``call_soon_threadsafe`` for each
+    would write the loop's wake-up pipe, and wake it, each time. A call posted while
+    :attr:`loop` is None or closed (before the servers start, once they stop) is dropped."""
+
+    def __init__(self, handler: Callable[[str, str, str], None]) -> None:
+        self.handler = handler
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._queued: list[tuple[str, str, str]] = []
+        self._lock = threading.Lock()
+        self._woken = False
+        #: wake-ups of the loop so far (a batch of calls each)
+        self.wakeups = 0
+
+    def post(self, kind: str, who: str, what: str) -> None:
+        """Queue one call (from any thread); wake the loop unless a wake-up is pending."""
+        loop = self.loop
+        if loop is None:
+            return
+        with self._lock:
+            self._queued.append((kind, who, what))
+            if self._woken:
+                return
+            self._woken = True
+            self.wakeups += 1
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (stopping)
+            loop.call_soon_threadsafe(self._run)
+
+    def _run(self) -> None:
+        with self._lock:
+            calls, self._queued = self._queued, []
+            self._woken = False
+        for kind, who, what in calls:
+            self.handler(kind, who, what)
 
 
 @dataclass(frozen=True)
