@@ -170,6 +170,15 @@ def ns_usage(ns: str) -> tuple[float, float, float]:
     return user, kernel, rss
 
 
+def machine_cpu() -> tuple[float, float]:
+    """Seconds the machine's CPUs spent idle and stolen by the hypervisor so far (the
+    ``cpu`` line of /proc/stat, proc(5)): a storm's share of steal says how much of its time
+    the machine lost to other guests."""
+    f = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(f[4]) / tick, (int(f[8]) if len(f) > 8 else 0) / tick
+
+
 def settle() -> None:
     """Before each storm, either side: write out what the set-up left dirty (serve-pxe's
     first start writes the tree of every node and the squashfs export, with fsyncs), then a
@@ -277,7 +286,9 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                 """One storm against the serve-pxe running."""
                 settle()
                 u0, k0, _ = ns_usage(srv)
+                m0 = machine_cpu()
                 res = clients(cli, cfg, work, args.timeout)
+                m1 = machine_cpu()
                 u1, k1, rss = ns_usage(srv)
                 st = None
                 if status and root != "nfs":  # the status file is written every 2 s: wait
@@ -286,6 +297,8 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                                        nodes),
                         lambda s: all(n["stage"] == "booted" for n in s["nodes"]), timeout=20)
                 o = summarize(res, u1 - u0, k1 - k0, rss)
+                o["machine_idle_s"] = round(m1[0] - m0[0], 1)
+                o["machine_steal_s"] = round(m1[1] - m0[1], 1)
                 if st is not None:
                     o["booted_in_status"] = sum(n["stage"] == "booted" for n in st["nodes"])
                 else:
@@ -336,13 +349,17 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                             "        location = /sidus/report { return 204; }")))
                     settle()
                     u0, k0, _ = ns_usage(srv)
+                    m0 = machine_cpu()
                     rres = clients(cli, cfg, work, args.timeout)
+                    m1 = machine_cpu()
                     u1, k1, rss = ns_usage(srv)
                 finally:
                     for other in reversed(others):
                         other.stop()
                     dnsmasq.stop()
                 o = summarize(rres, u1 - u0, k1 - k0, rss)
+                o["machine_idle_s"] = round(m1[0] - m0[0], 1)
+                o["machine_steal_s"] = round(m1[1] - m0[1], 1)
                 if not o["failures"]:
                     sim.check_storm(rres, nodes, want, phases)
                 return o
@@ -413,7 +430,8 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                                   "first": "reference" if i % 2 else "serve-pxe",
                                   "failures": [x["failures"], y["failures"]],
                                   "dhcp_retries": [x["dhcp_retries"], y["dhcp_retries"]],
-                                  "tftp_retries": [x["tftp_retries"], y["tftp_retries"]]}
+                                  "tftp_retries": [x["tftp_retries"], y["tftp_retries"]],
+                                  "steal_s": [x["machine_steal_s"], y["machine_steal_s"]]}
                                  for i, (x, y) in enumerate(zip(a_runs, b_runs, strict=True))]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -446,6 +464,9 @@ def print_one(o: dict[str, Any]) -> None:
               f"(user {s['server_user_s']}, kernel {s['server_kernel_s']}), "
               f"peak RSS {s['server_peak_rss_mib']} MiB, {s['mb_per_s']} MB/s; the simulated "
               f"nodes' CPU {s['client_cpu_s']} s")
+        if "machine_steal_s" in s:
+            print(f"      the machine meanwhile: {s['machine_idle_s']} s idle, "
+                  f"{s['machine_steal_s']} s stolen by the hypervisor (all CPUs)")
         if s.get("http_reads"):
             print(f"      the nodes read HTTP bodies {s['http_kib_per_read']} KiB at a time "
                   f"({s['http_reads']} reads)")
@@ -468,7 +489,8 @@ def print_one(o: dict[str, Any]) -> None:
         print(f"  round {i + 1} ({first}): serve-pxe {r['serve-pxe']:6.1f} s, reference "
               f"{r['reference']:6.1f} s, failures {r['failures'][0]} / {r['failures'][1]}, "
               f"retransmits DHCP {r['dhcp_retries'][0]} / {r['dhcp_retries'][1]}, "
-              f"TFTP {r['tftp_retries'][0]} / {r['tftp_retries'][1]}")
+              f"TFTP {r['tftp_retries'][0]} / {r['tftp_retries'][1]}, steal "
+              f"{r['steal_s'][0]} / {r['steal_s'][1]} s")
     median = " (medians)" if "rounds" in o else ""
     print(f"  ratio serve-pxe / reference{median}: time {o['ratio_wall']}x, p99 "
           f"{o['ratio_p99']}x")
