@@ -129,6 +129,11 @@ def test_repeated_slashes_count_as_one(server: tuple[int, http.HttpServer]) -> N
     for target in (b"//../b", b"/x/..//..//b", b"/%2e%2e/b"):
         out = _exchange(port, b"GET " + target + b" HTTP/1.1\r\nConnection: close\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 403"), (target, out[:100])
+    # the root itself (a directory: not a file to serve), however many slashes: 404, not a
+    # refusal as if it were outside the served directory
+    for target in (b"/", b"//", b"///"):
+        out = _exchange(port, b"GET " + target + b" HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 404"), (target, out[:100])
 
 
 @pytest.mark.parametrize(("data", "code"), [

@@ -294,8 +294,8 @@ class _Server:
         count as one: shim asks for ``//grubx64.efi`` (the directory of its own URL, ``/``,
         joined to the file name with another ``/``)."""
         path = urllib.parse.unquote(url_path.split("?", 1)[0].split("#", 1)[0])
-        path = "/" + "/".join(c for c in path.split("/") if c) + ("/" if path.endswith("/")
-                                                                else "")
+        parts = [c for c in path.split("/") if c]
+        path = "/" + "/".join(parts) + ("/" if parts and path.endswith("/") else "")
         for prefix, base in self.roots:
             if path.startswith(prefix) or path + "/" == prefix:
                 rel = path[len(prefix):]
