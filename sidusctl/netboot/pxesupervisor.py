@@ -56,8 +56,6 @@ class PxeSupervisor(supervisor.Supervisor):
         self.ip_mac: dict[str, str] = {}
         self.reports: dict[str, dict[str, Any]] = {}
         self.http: http_mod.HttpServer | None = None
-        #: events from the HTTP server's threads, handled on the event loop
-        self.inbox = supervisor.Inbox(self._event)
         self._holds_file = loader.opts.serve_dir / "holds.json"
         self.holds: dict[str, dict[str, Any]] = {}
         with contextlib.suppress(OSError, ValueError, SidusError):

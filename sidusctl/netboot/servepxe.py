@@ -325,8 +325,6 @@ def serve(opts: PxeOptions) -> None:
                  f"{nfs.backend} exports {', '.join(nfs.paths())}")
 
         async def main() -> None:
-            sup.inbox.loop = asyncio.get_running_loop()
-
             def on_file(ip: str, path: str, size: int) -> None:
                 sup.inbox.post("http", ip, path)
 

@@ -110,6 +110,9 @@ class Supervisor:
         self.changes = 0
         self._written: tuple[int, list[dict[str, Any]]] | None = None
         self._written_at = 0.0
+        #: events from other threads (an HTTP server's workers), handled on the event loop
+        #: while :meth:`serve` runs
+        self.inbox = Inbox(self._event)
 
     def _event(self, kind: str, who: str, what: str) -> None:
         self.changes += 1
@@ -199,6 +202,7 @@ class Supervisor:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
+        self.inbox.loop = loop
         self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -228,6 +232,7 @@ class Supervisor:
             for s in (self.dns, self.tftp, self.dhcp):
                 if s is not None:
                     s.close()
+            self.inbox.loop = None  # what the HTTP threads post from now on is dropped
             self._write_status(force=True)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
