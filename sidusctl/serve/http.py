@@ -144,6 +144,12 @@ def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
     return first, min(last, size - 1)
 
 
+def _timeval(seconds: float) -> bytes:
+    """``seconds`` as the ``struct timeval`` (native longs: seconds, microseconds) that
+    ``SO_RCVTIMEO`` and ``SO_SNDTIMEO`` take (socket(7))."""
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+
+
 class _Server:
     """The listening socket and the worker threads. Each idle worker blocks in ``accept``
     on the listening socket (the kernel hands a new connection to one of them), serves that
@@ -181,8 +187,7 @@ class _Server:
             self.sock.bind((cfg.address, cfg.port))
             self.sock.listen(LISTEN_BACKLOG)
             # accept returns EAGAIN after this long without a connection: see _worker
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack(
-                "ll", int(IDLE_RETIRE), int(IDLE_RETIRE % 1 * 1e6)))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(IDLE_RETIRE))
         except OSError:
             self.sock.close()
             raise
@@ -342,7 +347,7 @@ class _Handler:
 
     def run(self) -> None:
         srv, conn = self.server, self.conn
-        tv = struct.pack("ll", max(1, int(self.timeout)), 0)
+        tv = _timeval(max(1.0, self.timeout))
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self.refused = srv.enter(self.client)
