@@ -17,6 +17,14 @@ from sidusctl.core.paths import state_dir
 
 console = Console(stderr=True)
 
+#: ``serve`` and ``serve-pxe``: DhcpConfig.cache_threshold
+lease_cache_option = click.option(
+    "--lease-cache-threshold", type=click.FloatRange(0, 1, max_open=True), default=0.25,
+    show_default=True,
+    help="A REQUEST within this fraction of the lease time after the lease began gets the "
+    "same lease, with its remaining time, and writes nothing (ISC dhcpd's "
+    "dhcp-cache-threshold); 0: every ACK commits a new lease.")
+
 
 @dataclass
 class Ctx:

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from sidusctl.cli.common import console, emit_json, get_ctx
+from sidusctl.cli.common import console, emit_json, get_ctx, lease_cache_option
 from sidusctl.core.config import Checker, read_text
 from sidusctl.core.mac import normalize_mac
 from sidusctl.serve import supervisor
@@ -135,11 +135,7 @@ def register(cli: click.Group) -> None:
     @click.option("--no-dhcp", is_flag=True, help="Run TFTP/DNS only.")
     @click.option("--lease-file", type=click.Path(dir_okay=False, path_type=Path),
                   help="Lease database (default: <state>/serve/leases.sqlite).")
-    @click.option("--lease-cache-threshold", type=click.FloatRange(0, 1, max_open=True),
-                  default=0.25, show_default=True,
-                  help="A REQUEST within this fraction of the lease time after the lease began "
-                  "gets the same lease, with its remaining time, and writes nothing (ISC dhcpd's "
-                  "dhcp-cache-threshold); 0: every ACK commits a new lease.")
+    @lease_cache_option
     @click.option("--durable", is_flag=True, help="fsync every lease (survives power loss, "
                   "not only kill -9).")
     def run_cmd(interface: str, proxy: bool, reservations: Path | None, pool: str | None,

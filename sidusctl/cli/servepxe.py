@@ -14,7 +14,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from sidusctl.cli.common import console, emit_json, get_ctx
+from sidusctl.cli.common import console, emit_json, get_ctx, lease_cache_option
 from sidusctl.core.errors import Interrupted, NotFoundError, SidusError, StateError
 from sidusctl.core.state import atomic_write_bytes
 from sidusctl.netboot import inventory as inv_mod
@@ -105,11 +105,7 @@ def export_cmd(nodes: str, fmt: str, out: Path | None, tftp_root: str, interface
               show_default=True, help="NFS export of the images: the kernel server if it runs "
               "(auto), nfs-ganesha, or none (the roots are exported elsewhere).")
 @click.option("--lease-time", type=int, default=3600, show_default=True, help="Seconds.")
-@click.option("--lease-cache-threshold", type=click.FloatRange(0, 1, max_open=True),
-              default=0.25, show_default=True,
-              help="A REQUEST within this fraction of the lease time after the lease began "
-              "gets the same lease, with its remaining time, and writes nothing (ISC dhcpd's "
-              "dhcp-cache-threshold); 0: every ACK commits a new lease.")
+@lease_cache_option
 @click.option("--dns-upstream", default=None,
               help="IP[:PORT] names outside the cluster domain are forwarded to (default: refused).")
 @click.option("--efi-loader", type=click.Choice(["grub", "ipxe", "shim"]), default="grub",
