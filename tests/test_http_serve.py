@@ -107,6 +107,35 @@ def test_files_ranges_resume_limits_and_reports(tmp_path: Path) -> None:
         assert srv.stats.internal_errors == 0
 
 
+def test_symlinks_are_followed_only_inside_and_only_regular_files_are_served(
+        tmp_path: Path) -> None:
+    """What a path leads to is checked after the kernel resolved it (``open_file``): a
+    symlink to a file of the same directory is served, one leading out of it (to the host,
+    or from a mount into the root) is refused 403; a dangling link, a directory and a FIFO
+    are not found (404), the FIFO without blocking the worker. Each with its counter."""
+    root, sq, data = _files(tmp_path)
+    (root / "sub").mkdir()
+    (root / "sub" / "up").symlink_to("../initrd.img")
+    (root / "in").symlink_to("initrd.img")
+    (root / "out").symlink_to(tmp_path / "secret")
+    (root / "dangling").symlink_to(tmp_path / "nothing-here")
+    (sq / "to-root").symlink_to(root / "initrd.img")
+    os.mkfifo(root / "fifo")
+    cfg = http.HttpConfig(root=root, address="127.0.0.1", port=0,
+                          mounts=(("/squashfs/img/", sq),))
+    with http.serve(cfg) as srv:
+        base = f"http://127.0.0.1:{srv.port}"
+        for path in ("/in", "/sub/up", "//sub//up"):
+            code, h, body = _get(base + path)
+            assert (code, body) == (200, data), path
+        for path in ("/out", "/squashfs/img/to-root"):
+            assert _get(base + path)[0] == 403, path
+        for path in ("/dangling", "/sub", "/sub/", "/fifo", "/squashfs/img/"):
+            assert _get(base + path)[0] == 404, path
+        assert srv.stats.denied == 2 and srv.stats.not_found == 5
+        assert srv.stats.files == 3 and srv.stats.internal_errors == 0
+
+
 def test_concurrent_downloads_all_complete(tmp_path: Path) -> None:
     root, _, data = _files(tmp_path)
     cfg = http.HttpConfig(root=root, address="127.0.0.1", port=0, per_client=100)

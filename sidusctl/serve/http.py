@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
 
 from sidusctl.core.errors import SidusError
 from sidusctl.core.log import get_logger
@@ -172,6 +171,8 @@ class _Server:
         self.roots = [("/", os.path.realpath(cfg.root))] + [
             (p if p.endswith("/") else p + "/", os.path.realpath(d)) for p, d in cfg.mounts]
         self.roots.sort(key=lambda x: -len(x[0]))  # longest prefix first
+        if not os.path.isdir("/proc/self/fd"):  # open_file reads where a descriptor leads
+            raise SidusError("HTTP server: /proc is not mounted (proc(5): /proc/self/fd)")
         self.cap = cfg.max_clients + SPARE_WORKERS
         self.workers: list[threading.Thread] = []
         self._started = 0  # workers started so far (their names' numbers)
@@ -186,8 +187,15 @@ class _Server:
                 self.sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, cfg.interface.encode())
             self.sock.bind((cfg.address, cfg.port))
             self.sock.listen(LISTEN_BACKLOG)
-            # accept returns EAGAIN after this long without a connection: see _worker
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(IDLE_RETIRE))
+            # accept returns EAGAIN after this long without a connection: see _worker. An
+            # accepted socket starts with the listening socket's options (a copy of its
+            # struct sock): these two are the connections' timeouts too, unless the handler's
+            # differ (_Handler.run), and no setsockopt per connection is needed
+            self.timeouts = (max(IDLE_RETIRE, 0.001), max(1.0, _Handler.timeout))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                 _timeval(self.timeouts[0]))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                 _timeval(self.timeouts[1]))
         except OSError:
             self.sock.close()
             raise
@@ -293,24 +301,51 @@ class _Server:
             else:
                 self.by_client[client] = n
 
-    def resolve(self, url_path: str) -> str | None:
-        """The real path of the file a URL path names under its root or mount; None if it
-        leaves it (a ``..`` component, or symlinks resolving outside). Repeated slashes
-        count as one: shim asks for ``//grubx64.efi`` (the directory of its own URL, ``/``,
-        joined to the file name with another ``/``)."""
+    def locate(self, url_path: str) -> tuple[str, str] | None:
+        """``(path, base)``: the path a URL path names under its root or mount (symlinks not
+        followed yet) and that directory's real path; None if it has a ``..`` component.
+        Repeated slashes count as one: shim asks for ``//grubx64.efi`` (the directory of its
+        own URL, ``/``, joined to the file name with another ``/``)."""
         path = urllib.parse.unquote(url_path.split("?", 1)[0].split("#", 1)[0])
         parts = [c for c in path.split("/") if c]
+        if ".." in parts:
+            return None
         path = "/" + "/".join(parts) + ("/" if parts and path.endswith("/") else "")
         for prefix, base in self.roots:
             if path.startswith(prefix) or path + "/" == prefix:
-                rel = path[len(prefix):]
-                if ".." in rel.split("/"):
-                    return None
-                target = os.path.realpath(os.path.join(base, rel))
-                if target != base and not target.startswith(base.rstrip(os.sep) + os.sep):
-                    return None
-                return target
-        return None
+                return os.path.join(base, path[len(prefix):]), base
+        return None  # pragma: no cover ("/" is always a prefix)
+
+    def open_file(self, url_path: str) -> tuple[int, os.stat_result] | None:
+        """A descriptor open for reading on the regular file a URL path names, and its
+        ``fstat``; None if the file is outside its root or mount (a ``..`` component, or
+        symlinks resolving outside). :class:`FileNotFoundError` (or another
+        :class:`OSError`) if there is no such file, :class:`IsADirectoryError` if it is not
+        a regular file. The caller closes the descriptor.
+
+        Where the path leads is read from the descriptor (``/proc/self/fd/N``, proc(5))
+        once the kernel has resolved it: an ``O_PATH`` open (open(2): no read access, so a
+        device or FIFO is not opened), then the file itself is opened through that link.
+        Four system calls, not the ``lstat`` of every component that ``os.path.realpath``
+        makes, each a release of the interpreter lock that hundreds of connection threads
+        contend for in a storm; and what is checked is what is read, even if the tree
+        changes meanwhile."""
+        where = self.locate(url_path)
+        if where is None:
+            return None
+        path, base = where
+        pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        try:
+            link = f"/proc/self/fd/{pfd}"
+            real = os.readlink(link).removesuffix(" (deleted)")
+            if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
+                return None
+            st = os.fstat(pfd)
+            if not stat.S_ISREG(st.st_mode):
+                raise IsADirectoryError(path)
+            return os.open(link, os.O_RDONLY | os.O_CLOEXEC), st
+        finally:
+            os.close(pfd)
 
 
 class _Date:
@@ -347,9 +382,12 @@ class _Handler:
 
     def run(self) -> None:
         srv, conn = self.server, self.conn
-        tv = _timeval(max(1.0, self.timeout))
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        timeout = max(1.0, self.timeout)
+        # the listening socket's timeouts were inherited (_Server): set only those that differ
+        if srv.timeouts[0] != timeout:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+        if srv.timeouts[1] != timeout:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
         self.refused = srv.enter(self.client)
         try:
             pending = b""
@@ -446,26 +484,21 @@ class _Handler:
 
     def _serve_file(self, req: Request, counts: dict[str, int], keep: bool) -> bool:
         head_only = req.method == "HEAD"
-        target = self.server.resolve(req.target)
-        if target is None:
+        try:
+            opened = self.server.open_file(req.target)
+        except OSError:  # no such file, not a regular file, a loop of symlinks, no access
+            counts["not_found"] = 1
+            log.info("HTTP %s: %s not found", self.client, req.target)
+            self._simple(req, 404, keep)
+            return keep
+        if opened is None:
             counts["denied"] = 1
             log.warning("HTTP %s: %s denied (outside the served directories)", self.client,
                         req.target)
             self._simple(req, 403, keep)
             return keep
+        fd, st = opened
         try:
-            f = open(target, "rb")  # noqa: SIM115 (closed by the with below)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
-            counts["not_found"] = 1
-            log.info("HTTP %s: %s not found", self.client, req.target)
-            self._simple(req, 404, keep)
-            return keep
-        with f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                counts["not_found"] = 1
-                self._simple(req, 404, keep)
-                return keep
             size = st.st_size
             etag = f'"{size:x}-{st.st_mtime_ns:x}"'
             rng: tuple[int, int] | str | None = None
@@ -496,7 +529,7 @@ class _Handler:
             if head_only:
                 log.info('HTTP %s: "%s" %d -', self.client, req.line, code)
                 return keep
-            sent = _sendfile(self.conn, f, first, length)
+            sent = _sendfile(self.conn, fd, first, length)
             counts.update(bytes_sent=sent, files=1, ranges=int(isinstance(rng, tuple)))
             if sent < length:
                 counts["aborted"] = 1
@@ -504,6 +537,8 @@ class _Handler:
             log.info('HTTP %s: "%s" %d %d', self.client, req.line, code, sent)
             if sent < length:
                 return False
+        finally:
+            os.close(fd)
         if self.server.on_file is not None:
             self.server.on_file(self.client, req.target.split("?", 1)[0], length)
         return keep
@@ -535,8 +570,8 @@ class _Handler:
         return keep, pending
 
 
-def _sendfile(sock: socket.socket, f: Any, offset: int, count: int) -> int:
-    """``count`` bytes of file ``f`` from ``offset`` to ``sock`` with ``sendfile(2)``; the
+def _sendfile(sock: socket.socket, src: int, offset: int, count: int) -> int:
+    """``count`` bytes of the file open on descriptor ``src`` from ``offset`` to ``sock`` with ``sendfile(2)``; the
     bytes sent, fewer if the client went away or took nothing for the socket's send timeout.
 
     The socket is blocking, with the kernel's own send timeout (``SO_SNDTIMEO``, socket(7),
@@ -545,7 +580,7 @@ def _sendfile(sock: socket.socket, f: Any, offset: int, count: int) -> int:
     between calls) returns after each send buffer's worth. In a storm of hundreds of
     downloads, each return is a thread taking the interpreter lock again, which the event
     loop answering DHCP and TFTP waits for."""
-    fd, src = sock.fileno(), f.fileno()
+    fd = sock.fileno()
     sent = 0
     while sent < count:
         try:
