@@ -15,7 +15,10 @@ script, the node's own script, kernel and initrd over HTTP (from nginx for the r
 - ``squashfs-http`` (the simulated nodes of tests/storm_sim.py): the squashfs root over HTTP, a third
   of the nodes resuming half-way with Range. Each node POSTs its stages to /sidus/report, as
   the initramfs does: serve-pxe records them, nginx answers 204 and drops them (so the clients
-  do the same work against both stacks; the reference keeps no per-node status).
+  do the same work against both stacks; the reference keeps no per-node status). Each
+  stack logs what it serves: serve-pxe a line per DHCP exchange, file and report, dnsmasq
+  its DHCP and TFTP lines, nginx its access log (to a file, its default; off before
+  2026-12-04, as bench/http_serve.py has had it on).
 - ``nfs``: the root is the real ``minimal`` image's directory (a hard-linked copy), and each
   node replays the reads its kernel makes for a real boot: bench/nfs-boot-reads.txt, recorded
   once from a qemu boot by ``bench/boot.py --record-reads`` (how: that file's header). Each
@@ -346,7 +349,8 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                             f"        listen {SERVER}:80;\n        root {tree};\n"
                             f"        location /squashfs/storm/ {{ alias "
                             f"{squash.squash_dir(state, 'storm')}/; }}\n"
-                            "        location = /sidus/report { return 204; }")))
+                            "        location = /sidus/report { return 204; }"),
+                            access_log=str(run / "access.log")))
                     settle()
                     u0, k0, _ = ns_usage(srv)
                     m0 = machine_cpu()
