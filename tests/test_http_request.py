@@ -126,6 +126,9 @@ def test_repeated_slashes_count_as_one(server: tuple[int, http.HttpServer]) -> N
     for target in (b"//b", b"///b", b"/./b"):
         out = _exchange(port, b"GET " + target + b" HTTP/1.1\r\nConnection: close\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"B" * 10), (target, out[:100])
+    # a NUL byte names no file: 404, not an internal error
+    out = _exchange(port, b"GET /b%00 HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 404"), out[:100]
     for target in (b"//../b", b"/x/..//..//b", b"/%2e%2e/b"):
         out = _exchange(port, b"GET " + target + b" HTTP/1.1\r\nConnection: close\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 403"), (target, out[:100])
