@@ -253,13 +253,16 @@ def test_status_is_rewritten_only_when_something_changed(tmp_path: Path,
     assert written() != last
 
 
-def test_inbox_runs_posted_calls_on_the_loop_in_order_with_one_wakeup_per_batch() -> None:
+def test_inbox_runs_posted_calls_on_the_loop_in_order_with_one_wakeup_per_batch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Four threads post 250 calls each while the event loop is busy: every call runs, on the
-    loop's thread, each thread's in its order, after one wake-up for them all; a call posted
-    once the loop has closed is dropped without an error."""
+    loop's thread, each thread's in its order, after one wake-up for them all. With the loop
+    idle, calls posted within INBOX_DELAY are one batch too, run at once by ``flush``; a
+    call posted once the loop has closed is dropped without an error."""
     import asyncio
     import threading
 
+    from sidusctl.serve import supervisor
     from sidusctl.serve.supervisor import Inbox
 
     got: list[tuple[str, str, str, int | None]] = []
@@ -289,16 +292,32 @@ def test_inbox_runs_posted_calls_on_the_loop_in_order_with_one_wakeup_per_batch(
         inbox.post("http", "t0", "after")  # the loop idle: woken again
         while len(got) < 1001:
             await asyncio.sleep(0.01)
+        # the loop idle, a long delay: three calls from a thread, spread over 0.3 s, are one
+        # batch, run by flush() before the delay ends
+        monkeypatch.setattr(supervisor, "INBOX_DELAY", 60.0)
+
+        def spread() -> None:
+            for i in range(3):
+                inbox.post("report", "t9", str(i))
+                threading.Event().wait(0.1)
+
+        th = threading.Thread(target=spread)
+        th.start()
+        while th.is_alive():
+            await asyncio.sleep(0.01)
+        assert len(got) == 1001  # waiting for the delay
+        inbox.flush()
+        assert [g[2] for g in got[1001:]] == ["0", "1", "2"]
 
     loop_thread = threading.get_ident()
     asyncio.run(main())
-    assert len(got) == 1001 and {g[3] for g in got} == {loop_thread}
+    assert len(got) == 1004 and {g[3] for g in got} == {loop_thread}
     for t in range(4):
         assert [int(x) for k, w, x, _ in got[:1000] if w == f"t{t}"] == list(range(250))
-    assert got[-1][:3] == ("http", "t0", "after")
-    assert inbox.wakeups == 2, inbox.wakeups
+    assert got[1000][:3] == ("http", "t0", "after")
+    assert inbox.wakeups == 3, inbox.wakeups
     inbox.post("late", "-", "-")  # the loop is closed: dropped
-    assert len(got) == 1001
+    assert len(got) == 1004
 
 
 def test_node_status_joins_addresses_that_asked_for_a_nodes_per_mac_files() -> None:

@@ -42,13 +42,21 @@ STATUS_INTERVAL = 2.0
 STATUS_HEARTBEAT = 30.0
 
 
+#: seconds the calls posted to an :class:`Inbox` gather before the loop runs them
+INBOX_DELAY = 0.1
+
+
 class Inbox:
     """Calls of ``handler(kind, who, what)`` posted by other threads (the HTTP server's
     workers: a file sent, a node's report) and run on the event loop :attr:`loop`, in the
-    order posted. The loop is woken once for every call posted until it runs: in a storm,
-    hundreds of downloads end within milliseconds, and ``call_soon_threadsafe`` for each
-    would write the loop's wake-up pipe, and wake it, each time. A call posted while
-    :attr:`loop` is None or closed (before the servers start, once they stop) is dropped."""
+    order posted, in batches: the first call posted wakes the loop, which runs it and every
+    call posted meanwhile :data:`INBOX_DELAY` seconds later. In a storm, hundreds of
+    downloads end within seconds, and ``call_soon_threadsafe`` for each would write the
+    loop's wake-up pipe, and wake it, each time (so would a batch per loop iteration:
+    2,000 wake-ups for 3,600 calls in a 500-node storm). What the calls feed (the status,
+    written every 2 s, and the holds) can wait that long. A call posted while :attr:`loop`
+    is None or closed (before the servers start, once they stop) is dropped; :meth:`flush`
+    runs what is queued at once."""
 
     def __init__(self, handler: Callable[[str, str, str], None]) -> None:
         self.handler = handler
@@ -56,11 +64,12 @@ class Inbox:
         self._queued: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         self._woken = False
+        self._timer: asyncio.TimerHandle | None = None
         #: wake-ups of the loop so far (a batch of calls each)
         self.wakeups = 0
 
     def post(self, kind: str, who: str, what: str) -> None:
-        """Queue one call (from any thread); wake the loop unless a wake-up is pending."""
+        """Queue one call (from any thread); wake the loop unless a batch is pending."""
         loop = self.loop
         if loop is None:
             return
@@ -71,9 +80,19 @@ class Inbox:
             self._woken = True
             self.wakeups += 1
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (stopping)
-            loop.call_soon_threadsafe(self._run)
+            loop.call_soon_threadsafe(self._arm)
 
-    def _run(self) -> None:
+    def _arm(self) -> None:
+        loop = self.loop
+        if loop is None:  # detached meanwhile: flush() ran or will run what is queued
+            return
+        self._timer = loop.call_later(INBOX_DELAY, self.flush)
+
+    def flush(self) -> None:
+        """Run every call queued so far, now (on the loop's thread)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         with self._lock:
             calls, self._queued = self._queued, []
             self._woken = False
@@ -233,6 +252,7 @@ class Supervisor:
                 if s is not None:
                     s.close()
             self.inbox.loop = None  # what the HTTP threads post from now on is dropped
+            self.inbox.flush()  # what they posted before is in the last status
             self._write_status(force=True)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
