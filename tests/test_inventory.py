@@ -90,6 +90,9 @@ def test_parse_merges_defaults_groups_and_node_values() -> None:
     assert n1.line == 15 and n2.line == 20
     assert inv.images() == ["minimal"]
     assert inv.by_mac("52-54-00-ab-cd-ef") == n2
+    assert inv.by_mac("52:54:00:AB:CD:EF") == n2 and inv.by_mac("nonsense") is None
+    assert inv.by_mac("52:54:00:00:00:99") is None
+    assert inv.by_ip(str(n1.ip)) == n1 and inv.by_ip("10.13.20.1") is None
     res = inv.reservations()
     assert [(r.mac, str(r.ip), r.hostname) for r in res] == [
         ("52:54:00:12:34:56", "10.13.20.130", "node1"),

@@ -39,6 +39,7 @@ MACs are written lower-case with colons; ``01-<mac-with-dashes>`` is pxelinux's 
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -138,9 +139,23 @@ class Inventory:
                 seen.append(img)
         return seen
 
+    @functools.cached_property
+    def _by_mac(self) -> dict[str, Node]:
+        return {n.mac: n for n in self.nodes}
+
+    @functools.cached_property
+    def _by_ip(self) -> dict[str, Node]:
+        return {str(n.ip): n for n in self.nodes}
+
     def by_mac(self, mac: str) -> Node | None:
+        """The node with this MAC (any notation :func:`sidusctl.core.mac.normalize_mac`
+        takes), or None. Constant time: a storm asks for every report."""
         m = _mac_or_none(mac)
-        return next((n for n in self.nodes if n.mac == m), None)
+        return self._by_mac.get(m) if m is not None else None
+
+    def by_ip(self, ip: str) -> Node | None:
+        """The node whose reserved address is ``ip`` (dotted quad), or None."""
+        return self._by_ip.get(ip)
 
     def reservations(self) -> list[Reservation]:
         """The DHCP servers' view of the nodes (RFC 2131 chaddr → yiaddr, option 12)."""
