@@ -439,3 +439,93 @@ def test_watch_cli_refreshes_count_times_and_stops_on_sigint(tmp_path: Path) -> 
     assert rc == 0, out
     assert "Traceback" not in out and "slowest: w-slow" in out
 
+
+
+def test_node_status_rebuilds_only_the_nodes_that_had_events(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PxeSupervisor.node_status keeps each node's entry and builds again only those of
+    nodes with an event since (DHCP, a file from one of their addresses, a report and the
+    address it came from), and all of them after a reload: after each of 400 random
+    events, what it returns equals a full build, and it asked for no more than the nodes
+    those events touched."""
+    from types import SimpleNamespace
+
+    from sidusctl.netboot import inventory, pxestatus
+    from sidusctl.netboot.pxesupervisor import PxeSupervisor
+    from sidusctl.serve import supervisor
+
+    text = ('[network]\nsubnet = "10.78.0.0/20"\nserver = "10.78.0.1"\n'
+            '[defaults]\nimage = "storm"\n' + "".join(
+                f'[[nodes]]\nname = "n{i}"\nmac = "52:54:00:00:00:{i:02x}"\n'
+                f'ip = "10.78.1.{i}"\n' for i in range(1, 9)))
+    inv = inventory.parse(text, known_images=["storm"])
+
+    class Loader:  # what PxeSupervisor reads of serve-pxe's loader
+        def __init__(self) -> None:
+            self.opts = SimpleNamespace(serve_dir=tmp_path, state=tmp_path / "state",
+                                        hold_time=3600, interface="sdt-x", retain=2)
+            self.inventory = inv
+            self.files: dict[str, Any] = {}
+            self.nfs = None
+
+        def __call__(self) -> supervisor.ServeConfig:
+            return supervisor.ServeConfig()
+
+    asked: list[set[str] | None] = []
+    full_nodes = pxestatus.nodes
+
+    def nodes(*a: Any, only: Any = None, **kw: Any) -> list[dict[str, Any]]:
+        asked.append(None if only is None else set(only))
+        return full_nodes(*a, only=only, **kw)
+
+    monkeypatch.setattr(pxestatus, "nodes", nodes)
+    sup = PxeSupervisor(Loader())  # type: ignore[arg-type]
+    macs = [n.mac for n in inv.nodes]
+    addresses = [str(n.ip) for n in inv.nodes] + ["192.0.2.7", "192.0.2.8"]
+    rng = random.Random(7)
+
+    def full() -> list[dict[str, Any]]:
+        return full_nodes(inv, sup.loader.files, acks=sup.acks, proxied=sup.proxied,
+                          fetched=sup.fetched, ip_mac=sup.ip_mac, reports=sup.reports,
+                          holds=sup.holds)
+
+    assert sup.node_status() == full() and asked[-1] is None  # the first: every node
+    since: set[str] = set()  # the nodes the events since the last status touched
+    reloaded = False
+    for step in range(400):
+        kind = rng.choice(["ack", "proxy", "file", "mac-file", "report", "reload"])
+        touched: set[str] = set()
+        if kind in ("ack", "proxy"):
+            mac = rng.choice(macs)
+            sup._event(kind, mac, "-")
+            touched = {mac}
+        elif kind in ("file", "mac-file"):
+            ip, mac = rng.choice(addresses), rng.choice(macs)
+            name = (f"ipxe/{mac.replace(':', '-')}.ipxe" if kind == "mac-file"
+                    else rng.choice(["pxelinux.0", "vmlinuz-storm", "initrd.img-storm",
+                                     "squashfs/storm/gen-1.squashfs"]))
+            before = sup.ip_mac.get(ip)
+            sup._event(rng.choice(["sent", "http"]), ip, "/" + name)
+            node = inv.by_ip(ip)
+            touched = {m for m in (before, sup.ip_mac.get(ip), node and node.mac) if m}
+        elif kind == "report":
+            ip, mac = rng.choice(addresses), rng.choice(macs)
+            stage = rng.choice(["root", "overlay", "booted", "failed"])
+            before = sup.ip_mac.get(ip)
+            sup._event("address", ip, mac)
+            sup._event("report", mac, f"{stage} secureboot=off")
+            touched = {mac} | ({before} if before else set())
+        else:  # a reload: another inventory object, the same nodes
+            sup.loader.inventory = inv = inventory.parse(text, known_images=["storm"])
+            reloaded = True
+        since |= touched
+        if rng.random() < 0.5:  # several events between two status writes, or one
+            continue
+        got = sup.node_status()
+        assert got == full(), step
+        if reloaded:
+            assert asked[-1] is None, step
+        else:
+            assert asked[-1] is not None and asked[-1] <= since, (step, asked[-1], since)
+        since, reloaded = set(), False
+    assert sum(a is not None and len(a) <= 2 for a in asked) > 50  # a node or two rebuilt

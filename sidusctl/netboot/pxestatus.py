@@ -7,7 +7,7 @@ mappings by :class:`sidusctl.netboot.pxesupervisor.PxeSupervisor`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from sidusctl.netboot.inventory import Inventory
@@ -39,7 +39,8 @@ def nodes(inv: Inventory, files: Mapping[str, ImageFiles], *,
           acks: Mapping[str, list[float]], proxied: Mapping[str, float],
           fetched: Mapping[str, Mapping[str, float]], ip_mac: Mapping[str, str],
           reports: Mapping[str, Mapping[str, Any]],
-          holds: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+          holds: Mapping[str, Mapping[str, Any]],
+          only: Collection[str] | None = None) -> list[dict[str, Any]]:
     """One entry per node: ``dhcp`` (address acknowledged, or None), ``proxy_dhcp`` (time
     of the last proxyDHCP reply, or None), ``files`` fetched (from its reserved address,
     or from any address that asked for its per-MAC files), ``root`` (its root source),
@@ -50,13 +51,17 @@ def nodes(inv: Inventory, files: Mapping[str, ImageFiles], *,
     ``failed`` (what it reported, if its root could not be fetched) and what its kernel
     reported (:data:`NODE_FACTS`: ``lockdown``, ``secure_boot``, ``modules_failed``; None
     before a report). Reports older than the node's last kernel fetch belong to an earlier
-    boot and are left out. Time: linear in nodes plus ``ip_mac`` entries plus files
-    fetched (it runs for every status write, every 2 s of a storm)."""
+    boot and are left out. ``only``: the MACs of the nodes wanted (in inventory order;
+    None: all). Time: linear in the nodes wanted, their files fetched and ``ip_mac``
+    entries (it runs for every status write, every 2 s of a storm: the caller asks only
+    for the nodes whose inputs changed)."""
     mac_ips: dict[str, set[str]] = {}
     for ip, mac in ip_mac.items():
         mac_ips.setdefault(mac, set()).add(ip)
     out = []
     for n in inv.nodes:
+        if only is not None and n.mac not in only:
+            continue
         node_acks = acks.get(n.mac, [])
         got: dict[str, float] = {}
         ips = {str(n.ip)} | mac_ips.get(n.mac, set())

@@ -65,24 +65,49 @@ class PxeSupervisor(supervisor.Supervisor):
         self._last_prune = 0.0
         #: generations the boot tree named, by image: {generation: last time named}
         self.served: dict[str, dict[str, float]] = {}
+        #: node_status entries by MAC; the inventory and files they were built from; what
+        #: changed since: MACs and client addresses (None: everything)
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._entries_of: tuple[object, object] | None = None
+        self._stale_macs: set[str] | None = None
+        self._stale_ips: set[str] = set()
         super().__init__(loader)
 
     def _event(self, kind: str, who: str, what: str) -> None:
+        if kind == "address":  # a report came from address ``who`` for MAC ``what``
+            if self.ip_mac.setdefault(who, what) == what:
+                self._stale(what)
+            return
         super()._event(kind, who, what)
         now = time.time()
         if kind == "ack":
             self.acks.setdefault(who, []).append(now)
             del self.acks[who][:-20]
+            self._stale(who)
         elif kind == "proxy":
             self.proxied[who] = now
+            self._stale(who)
         elif kind in ("sent", "http"):
             name = what.lstrip("/")
             self.fetched.setdefault(who, {})[name] = now
+            self._stale_ips.add(who)
             m = MAC_FILE_RE.match(name)
             if m:
-                self.ip_mac[who] = m.group(1).replace("-", ":")
+                mac = m.group(1).replace("-", ":")
+                old = self.ip_mac.get(who)
+                if old != mac:
+                    self.ip_mac[who] = mac
+                    self._stale(mac)
+                    if old is not None:
+                        self._stale(old)
         elif kind == "report":
             self._report(who, what, now)
+            self._stale(who)
+
+    def _stale(self, mac: str) -> None:
+        """The node with this MAC gets a new entry in the next :meth:`node_status`."""
+        if self._stale_macs is not None:
+            self._stale_macs.add(mac)
 
     def _report(self, mac: str, what: str, now: float) -> None:
         stage, _, detail = what.partition(" ")
@@ -130,7 +155,7 @@ class PxeSupervisor(supervisor.Supervisor):
                 return 400
             if v is not None:
                 detail += f" {k}={v}"
-        self.ip_mac.setdefault(ip, mac)
+        self.inbox.post("address", ip, mac)  # ip_mac is the event loop's: changed there
         self.inbox.post("report", mac, f"{stage} {detail}")
         return 204
 
@@ -272,13 +297,33 @@ class PxeSupervisor(supervisor.Supervisor):
         return out
 
     def node_status(self) -> list[dict[str, Any]]:
-        """One entry per node of the inventory: :func:`sidusctl.netboot.pxestatus.nodes`."""
+        """One entry per node of the inventory: :func:`sidusctl.netboot.pxestatus.nodes`,
+        built again only for the nodes that had an event since the last call (a DHCP ACK
+        or proxyDHCP reply, a file fetched from one of their addresses, a report), and for
+        all after a reload (another inventory or boot files). In a 500-node storm the status
+        is written every 2 s; building every entry each time was most of a write."""
         inv = self.loader.inventory
         if inv is None:
             return []
-        return pxestatus.nodes(inv, self.loader.files, acks=self.acks, proxied=self.proxied,
-                               fetched=self.fetched, ip_mac=self.ip_mac,
-                               reports=self.reports, holds=self.holds)
+        src = (inv, self.loader.files)
+        only: set[str] | None = None
+        if (self._stale_macs is not None and self._entries_of is not None
+                and src[0] is self._entries_of[0] and src[1] is self._entries_of[1]):
+            only = set(self._stale_macs)
+            for ip in self._stale_ips:
+                if (mac := self.ip_mac.get(ip)) is not None:
+                    only.add(mac)
+                if (node := inv.by_ip(ip)) is not None:
+                    only.add(node.mac)
+        self._stale_macs, self._stale_ips = set(), set()
+        new = pxestatus.nodes(inv, self.loader.files, acks=self.acks, proxied=self.proxied,
+                              fetched=self.fetched, ip_mac=self.ip_mac,
+                              reports=self.reports, holds=self.holds, only=only)
+        if only is None:
+            self._entries = {}
+        self._entries.update((e["mac"], e) for e in new)
+        self._entries_of = src
+        return [self._entries[n.mac] for n in inv.nodes]
 
     def status(self) -> dict[str, Any]:
         st = super().status()
