@@ -126,7 +126,7 @@ def test_symlinks_are_followed_only_inside_and_only_regular_files_are_served(
     with http.serve(cfg) as srv:
         base = f"http://127.0.0.1:{srv.port}"
         for path in ("/in", "/sub/up", "//sub//up"):
-            code, h, body = _get(base + path)
+            code, _, body = _get(base + path)
             assert (code, body) == (200, data), path
         for path in ("/out", "/squashfs/img/to-root"):
             assert _get(base + path)[0] == 403, path
