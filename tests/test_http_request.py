@@ -113,6 +113,8 @@ def test_keep_alive_pipelined_requests_and_a_post_between(
     answers = out.split(b"HTTP/1.1 ")[1:]
     assert [a[:3] for a in answers] == [b"200", b"204", b"200", b"200"], out
     assert answers[0].endswith(b"\r\n\r\n" + b"A" * 1000)
+    # a report taken: 204 with no content and no Content-Length (RFC 9110 8.6, 15.3.5)
+    assert answers[1].endswith(b"\r\n\r\n") and b"Content-Length" not in answers[1]
     assert b"Content-Length: 10\r\n" in answers[2] and answers[2].endswith(b"\r\n\r\n")
     assert answers[3].endswith(b"\r\n\r\n" + b"B" * 10)
     assert b"Connection: close" in answers[3]

@@ -430,7 +430,13 @@ class _Handler:
                 f"{fields}{close}\r\n").encode("latin-1")
 
     def _simple(self, req: Request | None, code: int, keep: bool, fields: str = "") -> None:
-        """A short text answer (``"404 Not Found\\n"``), logged as the access line."""
+        """A short text answer (``"404 Not Found\\n"``), logged as the access line; a 204
+        (a node's report taken) has neither content nor ``Content-Length`` (RFC 9110
+        sections 8.6 and 15.3.5)."""
+        if code == 204:
+            self.conn.sendall(self._send_head(code, fields, keep))
+            log.info('HTTP %s: "%s" %d -', self.client, req.line if req else "-", code)
+            return
         body = f"{code} {_REASONS[code]}\n".encode()
         head = self._send_head(code, f"{fields}Content-Type: text/plain\r\n"
                                f"Content-Length: {len(body)}\r\n", keep)
