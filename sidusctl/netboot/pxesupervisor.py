@@ -71,6 +71,7 @@ class PxeSupervisor(supervisor.Supervisor):
         self._entries_of: tuple[object, object] | None = None
         self._stale_macs: set[str] | None = None
         self._stale_ips: set[str] = set()
+        self._holds_later = supervisor.Later(self._write_holds, lambda: HOLDS_DELAY)
         super().__init__(loader)
 
     def _event(self, kind: str, who: str, what: str) -> None:
@@ -163,7 +164,6 @@ class PxeSupervisor(supervisor.Supervisor):
     #: image store has not been told of; a flush is scheduled
     _holds_dirty = False
     _holds_new = False
-    _holds_timer: asyncio.TimerHandle | None = None
 
     def _schedule_holds(self) -> None:
         """Write the holds within :data:`HOLDS_DELAY` seconds, once for every report that
@@ -172,20 +172,19 @@ class PxeSupervisor(supervisor.Supervisor):
         generation a node just booted is held meanwhile anyway: the boot tree named it, and
         :meth:`keep` holds what the tree named for ``hold_time``. Without a running loop
         (called outside :meth:`serve`) the write happens now."""
-        if self._holds_timer is not None:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._flush_holds()
+            self._holds_later.now()
             return
-        self._holds_timer = loop.call_later(HOLDS_DELAY, self._flush_holds)
+        self._holds_later.request(loop)
 
     def _flush_holds(self) -> None:
-        """Write ``holds.json`` and tell the image store, if anything changed."""
-        if self._holds_timer is not None:
-            self._holds_timer.cancel()
-            self._holds_timer = None
+        """Write ``holds.json`` and tell the image store, if anything changed (a write that
+        was due is cancelled)."""
+        self._holds_later.now()
+
+    def _write_holds(self) -> None:
         if self._holds_dirty:
             self._holds_dirty = False
             self._save_holds()

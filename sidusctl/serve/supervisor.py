@@ -46,6 +46,31 @@ STATUS_HEARTBEAT = 30.0
 INBOX_DELAY = 0.1
 
 
+class Later:
+    """``fn`` run once on an event loop, ``delay()`` seconds after the first :meth:`request`
+    (the requests made meanwhile are served by that run), or at once by :meth:`now`: the
+    work of many events done once per batch. ``delay`` is called at each first request (a
+    module constant a test may change)."""
+
+    def __init__(self, fn: Callable[[], None], delay: Callable[[], float]) -> None:
+        self.fn = fn
+        self.delay = delay
+        self._timer: asyncio.TimerHandle | None = None
+
+    def request(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run ``fn`` on ``loop`` after the delay, unless a run is already due (call on the
+        loop's thread)."""
+        if self._timer is None:
+            self._timer = loop.call_later(self.delay(), self.now)
+
+    def now(self) -> None:
+        """Run ``fn`` now; a run that was due is cancelled."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.fn()
+
+
 class Inbox:
     """Calls of ``handler(kind, who, what)`` posted by other threads (the HTTP server's
     workers: a file sent, a node's report) and run on the event loop :attr:`loop`, in the
@@ -64,7 +89,7 @@ class Inbox:
         self._queued: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         self._woken = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._later = Later(self._run, lambda: INBOX_DELAY)
         #: wake-ups of the loop so far (a batch of calls each)
         self.wakeups = 0
 
@@ -84,15 +109,14 @@ class Inbox:
 
     def _arm(self) -> None:
         loop = self.loop
-        if loop is None:  # detached meanwhile: flush() ran or will run what is queued
-            return
-        self._timer = loop.call_later(INBOX_DELAY, self.flush)
+        if loop is not None:  # else detached meanwhile: flush() runs what is queued
+            self._later.request(loop)
 
     def flush(self) -> None:
         """Run every call queued so far, now (on the loop's thread)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._later.now()
+
+    def _run(self) -> None:
         with self._lock:
             calls, self._queued = self._queued, []
             self._woken = False
