@@ -266,7 +266,13 @@ def test_inbox_runs_posted_calls_on_the_loop_in_order_with_one_wakeup_per_batch(
     from sidusctl.serve.supervisor import Inbox
 
     got: list[tuple[str, str, str, int | None]] = []
-    inbox = Inbox(lambda k, w, x: got.append((k, w, x, threading.get_ident())))
+    stamps: list[float] = []
+
+    def handler(k: str, w: str, x: str, at: float) -> None:
+        got.append((k, w, x, threading.get_ident()))
+        stamps.append(at)
+
+    inbox = Inbox(handler)
     inbox.post("early", "-", "-")  # no loop yet: dropped
 
     async def main() -> None:
@@ -308,6 +314,8 @@ def test_inbox_runs_posted_calls_on_the_loop_in_order_with_one_wakeup_per_batch(
         assert len(got) == 1001  # waiting for the delay
         inbox.flush()
         assert [g[2] for g in got[1001:]] == ["0", "1", "2"]
+        # each call carries the time it was posted, not the batch's: 0.1 s apart
+        assert stamps[-1] - stamps[-3] >= 0.15, stamps[-3:]
 
     loop_thread = threading.get_ident()
     asyncio.run(main())
@@ -441,6 +449,51 @@ def test_watch_cli_refreshes_count_times_and_stops_on_sigint(tmp_path: Path) -> 
 
 
 
+_STATUS_INVENTORY = ('[network]\nsubnet = "10.78.0.0/20"\nserver = "10.78.0.1"\n'
+                     '[defaults]\nimage = "storm"\n' + "".join(
+                         f'[[nodes]]\nname = "n{i}"\nmac = "52:54:00:00:00:{i:02x}"\n'
+                         f'ip = "10.78.1.{i}"\n' for i in range(1, 9)))
+
+
+def _pxe_supervisor(tmp_path: Path) -> Any:
+    """A PxeSupervisor over :data:`_STATUS_INVENTORY` (8 nodes, image ``storm``), given
+    what it reads of serve-pxe's loader and no servers (nothing is started)."""
+    from types import SimpleNamespace
+
+    from sidusctl.netboot import inventory
+    from sidusctl.netboot.pxesupervisor import PxeSupervisor
+    from sidusctl.serve import supervisor
+
+    class Loader:
+        def __init__(self) -> None:
+            self.opts = SimpleNamespace(serve_dir=tmp_path, state=tmp_path / "state",
+                                        hold_time=3600, interface="sdt-x", retain=2)
+            self.inventory = inventory.parse(_STATUS_INVENTORY, known_images=["storm"])
+            self.files: dict[str, Any] = {}
+            self.nfs = None
+
+        def __call__(self) -> supervisor.ServeConfig:
+            return supervisor.ServeConfig()
+
+    return PxeSupervisor(Loader())  # type: ignore[arg-type]
+
+
+def test_an_event_handed_over_late_keeps_its_own_time(tmp_path: Path) -> None:
+    """The HTTP workers' events reach the loop up to INBOX_DELAY later (supervisor.Inbox),
+    with the time they happened: a kernel and initrd fetched before a DHCP ACK, handled
+    after it, still count as a boot ("booted" without reports: kernel and initrd, then an
+    ACK)."""
+    sup = _pxe_supervisor(tmp_path)
+    mac, ip = "52:54:00:00:00:01", "10.78.1.1"
+    t = time.time()
+    sup._event("ack", mac, ip)  # the ACK, handled first
+    for f in ("/vmlinuz-storm", "/initrd.img-storm"):  # fetched half a second before it
+        sup._event("http", ip, f, t - 0.5)
+    node = sup.node_status()[0]
+    assert node["mac"] == mac and node["stages"]["kernel"] == t - 0.5
+    assert node["booted"] and node["stage"] == "booted"
+
+
 def test_node_status_rebuilds_only_the_nodes_that_had_events(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """PxeSupervisor.node_status keeps each node's entry and builds again only those of
@@ -448,29 +501,9 @@ def test_node_status_rebuilds_only_the_nodes_that_had_events(
     address it came from), and all of them after a reload: after each of 400 random
     events, what it returns equals a full build, and it asked for no more than the nodes
     those events touched."""
-    from types import SimpleNamespace
-
     from sidusctl.netboot import inventory, pxestatus
-    from sidusctl.netboot.pxesupervisor import PxeSupervisor
-    from sidusctl.serve import supervisor
 
-    text = ('[network]\nsubnet = "10.78.0.0/20"\nserver = "10.78.0.1"\n'
-            '[defaults]\nimage = "storm"\n' + "".join(
-                f'[[nodes]]\nname = "n{i}"\nmac = "52:54:00:00:00:{i:02x}"\n'
-                f'ip = "10.78.1.{i}"\n' for i in range(1, 9)))
-    inv = inventory.parse(text, known_images=["storm"])
-
-    class Loader:  # what PxeSupervisor reads of serve-pxe's loader
-        def __init__(self) -> None:
-            self.opts = SimpleNamespace(serve_dir=tmp_path, state=tmp_path / "state",
-                                        hold_time=3600, interface="sdt-x", retain=2)
-            self.inventory = inv
-            self.files: dict[str, Any] = {}
-            self.nfs = None
-
-        def __call__(self) -> supervisor.ServeConfig:
-            return supervisor.ServeConfig()
-
+    text = _STATUS_INVENTORY
     asked: list[set[str] | None] = []
     full_nodes = pxestatus.nodes
 
@@ -479,7 +512,9 @@ def test_node_status_rebuilds_only_the_nodes_that_had_events(
         return full_nodes(*a, only=only, **kw)
 
     monkeypatch.setattr(pxestatus, "nodes", nodes)
-    sup = PxeSupervisor(Loader())  # type: ignore[arg-type]
+    sup = _pxe_supervisor(tmp_path)
+    inv = sup.loader.inventory
+    assert inv is not None
     macs = [n.mac for n in inv.nodes]
     addresses = [str(n.ip) for n in inv.nodes] + ["192.0.2.7", "192.0.2.8"]
     rng = random.Random(7)

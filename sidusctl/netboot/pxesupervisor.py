@@ -74,13 +74,13 @@ class PxeSupervisor(supervisor.Supervisor):
         self._holds_later = supervisor.Later(self._write_holds, lambda: HOLDS_DELAY)
         super().__init__(loader)
 
-    def _event(self, kind: str, who: str, what: str) -> None:
+    def _event(self, kind: str, who: str, what: str, at: float | None = None) -> None:
         if kind == "address":  # a report came from address ``who`` for MAC ``what``
             if self.ip_mac.setdefault(who, what) == what:
                 self._stale(what)
             return
-        super()._event(kind, who, what)
-        now = time.time()
+        now = time.time() if at is None else at
+        super()._event(kind, who, what, now)
         if kind == "ack":
             self.acks.setdefault(who, []).append(now)
             del self.acks[who][:-20]

@@ -72,9 +72,9 @@ class Later:
 
 
 class Inbox:
-    """Calls of ``handler(kind, who, what)`` posted by other threads (the HTTP server's
-    workers: a file sent, a node's report) and run on the event loop :attr:`loop`, in the
-    order posted, in batches: the first call posted wakes the loop, which runs it and every
+    """Calls of ``handler(kind, who, what, at)`` posted by other threads (the HTTP server's
+    workers: a file sent, a node's report; ``at``: the time of the post, seconds since the
+    epoch) and run on the event loop :attr:`loop`, in the order posted, in batches: the first call posted wakes the loop, which runs it and every
     call posted meanwhile :data:`INBOX_DELAY` seconds later. In a storm, hundreds of
     downloads end within seconds, and ``call_soon_threadsafe`` for each would write the
     loop's wake-up pipe, and wake it, each time (so would a batch per loop iteration:
@@ -83,10 +83,10 @@ class Inbox:
     is None or closed (before the servers start, once they stop) is dropped; :meth:`flush`
     runs what is queued at once."""
 
-    def __init__(self, handler: Callable[[str, str, str], None]) -> None:
+    def __init__(self, handler: Callable[[str, str, str, float], None]) -> None:
         self.handler = handler
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._queued: list[tuple[str, str, str]] = []
+        self._queued: list[tuple[str, str, str, float]] = []
         self._lock = threading.Lock()
         self._woken = False
         self._later = Later(self._run, lambda: INBOX_DELAY)
@@ -99,7 +99,9 @@ class Inbox:
         if loop is None:
             return
         with self._lock:
-            self._queued.append((kind, who, what))
+            # the event's own time, not the batch's: the order of a node's events (its
+            # kernel fetched, then a DHCP ACK) tells whether it booted
+            self._queued.append((kind, who, what, time.time()))
             if self._woken:
                 return
             self._woken = True
@@ -120,8 +122,8 @@ class Inbox:
         with self._lock:
             calls, self._queued = self._queued, []
             self._woken = False
-        for kind, who, what in calls:
-            self.handler(kind, who, what)
+        for kind, who, what, at in calls:
+            self.handler(kind, who, what, at)
 
 
 @dataclass(frozen=True)
@@ -157,11 +159,13 @@ class Supervisor:
         #: while :meth:`serve` runs
         self.inbox = Inbox(self._event)
 
-    def _event(self, kind: str, who: str, what: str) -> None:
+    def _event(self, kind: str, who: str, what: str, at: float | None = None) -> None:
+        """One event of a server: ``kind`` (``ack``, ``sent``, ``http``, ``report``...) by
+        client ``who``; ``at``: when (seconds since the epoch; None: now)."""
         self.changes += 1
         e = self.events.setdefault(who, {})
         e[kind] = what
-        e["at"] = time.time()
+        e["at"] = time.time() if at is None else at
 
     def status(self) -> dict[str, Any]:
         """The JSON status: pid, times, each server's counters, per-client events, and
