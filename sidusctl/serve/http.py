@@ -17,8 +17,8 @@ whole file.
 Limits (:class:`HttpConfig`): ``max_clients`` connections at once and ``per_client`` per
 client address; past them a request gets ``503 Service Unavailable`` with ``Retry-After``
 (RFC 9110 section 10.2.3), counted in ``refused`` and logged. Files come from ``root`` and from
-``mounts`` (URL prefix → directory); names leaving their directory (``..``, symlinks out) are
-refused (403). ``POST`` to a path in ``post_paths`` hands the form fields
+``mounts`` (URL prefix → directory), found and checked by :mod:`sidusctl.serve.http_files`:
+names leaving their directory (``..``, symlinks out) are refused (403). ``POST`` to a path in ``post_paths`` hands the form fields
 (``application/x-www-form-urlencoded``) to ``on_post``. This module knows no inventory and no
 image: it is given directories and callbacks.
 """
@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import stat
 import struct
 import threading
 import time
@@ -41,6 +40,7 @@ from pathlib import Path
 
 from sidusctl.core.errors import SidusError
 from sidusctl.core.log import get_logger
+from sidusctl.serve.http_files import ServedTree, parse_range
 from sidusctl.serve.http_request import BadRequest, Request, parse_head, read_body, read_head
 
 log = get_logger("http")
@@ -115,34 +115,6 @@ class HttpStats:
             return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
 
-def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
-    """The one byte range ``(first, last)`` (inclusive) that a ``Range`` header value asks of
-    a ``size``-byte file; None when the header is to be ignored (not ``bytes=``, several
-    ranges, malformed: the whole file is sent); ``"unsatisfiable"`` when it starts past the
-    end (416). RFC 9110 section 14.1.2."""
-    unit, _, spec = header.strip().partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None
-    a, sep, b = spec.strip().partition("-")
-    if not sep:
-        return None
-    try:
-        if a == "":
-            n = int(b)
-            if n <= 0:
-                return "unsatisfiable" if n == 0 else None
-            return (max(0, size - n), size - 1) if size else "unsatisfiable"
-        first = int(a)
-        last = int(b) if b else size - 1
-    except ValueError:
-        return None
-    if first < 0 or (b and last < first):
-        return None
-    if first >= size:
-        return "unsatisfiable"
-    return first, min(last, size - 1)
-
-
 def _timeval(seconds: float) -> bytes:
     """``seconds`` as the ``struct timeval`` (native longs: seconds, microseconds) that
     ``SO_RCVTIMEO`` and ``SO_SNDTIMEO`` take (socket(7))."""
@@ -168,11 +140,7 @@ class _Server:
         self.on_post = on_post
         self.by_client: dict[str, int] = {}
         self.count_lock = threading.Lock()
-        self.roots = [("/", os.path.realpath(cfg.root))] + [
-            (p if p.endswith("/") else p + "/", os.path.realpath(d)) for p, d in cfg.mounts]
-        self.roots.sort(key=lambda x: -len(x[0]))  # longest prefix first
-        if not os.path.isdir("/proc/self/fd"):  # open_file reads where a descriptor leads
-            raise SidusError("HTTP server: /proc is not mounted (proc(5): /proc/self/fd)")
+        self.tree = ServedTree(cfg.root, cfg.mounts)
         self.cap = cfg.max_clients + SPARE_WORKERS
         self.workers: list[threading.Thread] = []
         self._started = 0  # workers started so far (their names' numbers)
@@ -300,55 +268,6 @@ class _Server:
                 self.by_client.pop(client, None)
             else:
                 self.by_client[client] = n
-
-    def locate(self, url_path: str) -> tuple[str, str] | None:
-        """``(path, base)``: the path a URL path names under its root or mount (symlinks not
-        followed yet) and that directory's real path; None if it has a ``..`` component.
-        Repeated slashes count as one: shim asks for ``//grubx64.efi`` (the directory of its
-        own URL, ``/``, joined to the file name with another ``/``)."""
-        path = urllib.parse.unquote(url_path.split("?", 1)[0].split("#", 1)[0])
-        parts = [c for c in path.split("/") if c]
-        if ".." in parts:
-            return None
-        path = "/" + "/".join(parts) + ("/" if parts and path.endswith("/") else "")
-        for prefix, base in self.roots:
-            if path.startswith(prefix) or path + "/" == prefix:
-                return os.path.join(base, path[len(prefix):]), base
-        return None  # pragma: no cover ("/" is always a prefix)
-
-    def open_file(self, url_path: str) -> tuple[int, os.stat_result] | None:
-        """A descriptor open for reading on the regular file a URL path names, and its
-        ``fstat``; None if the file is outside its root or mount (a ``..`` component, or
-        symlinks resolving outside). :class:`FileNotFoundError` (or another
-        :class:`OSError`) if there is no such file, :class:`IsADirectoryError` if it is not
-        a regular file, :class:`ValueError` if the path has a NUL byte. The caller closes
-        the descriptor.
-
-        The file is opened first, then where its descriptor leads is read
-        (``/proc/self/fd/N``, proc(5)) and checked, with its type, as nginx does
-        (``O_NONBLOCK``: a FIFO does not block the open; nothing is read from what is not a
-        regular file). Three system calls, not the ``lstat`` of every component that
-        ``os.path.realpath`` makes, each a release of the interpreter lock that hundreds of
-        connection threads contend for in a storm; and what is checked is what is read,
-        even if the tree changes meanwhile."""
-        where = self.locate(url_path)
-        if where is None:
-            return None
-        path, base = where
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        try:
-            real = os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)")
-            if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
-                os.close(fd)
-                return None
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise IsADirectoryError(path)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, st
-
 
 class _Date:
     """The ``Date`` field value (RFC 9110 section 6.6.1), formatted once per second."""
@@ -493,7 +412,7 @@ class _Handler:
     def _serve_file(self, req: Request, counts: dict[str, int], keep: bool) -> bool:
         head_only = req.method == "HEAD"
         try:
-            opened = self.server.open_file(req.target)
+            opened = self.server.tree.open_file(req.target)
         except (OSError, ValueError):  # no such file, not a regular file, a loop of
             # symlinks, no access; ValueError: a NUL byte (%00), which names no file
             counts["not_found"] = 1
