@@ -63,3 +63,14 @@ def image_search_path() -> list[Path]:
     env = os.environ.get("SIDUSCTL_IMAGES")
     extra = [Path(p) for p in env.split(":") if p] if env else []
     return [*extra, images_dir()]
+
+
+def proc_link_within(link: str, directory: str) -> bool:
+    """Whether ``link``, a path the kernel gave for a ``/proc`` link (``readlink`` of
+    ``/proc/PID/root``, ``cwd``, ``exe`` or ``/proc/self/fd/N``, proc(5)), is ``directory``
+    (an absolute real path, with or without its trailing ``/``) or lies below it. The
+    `` (deleted)`` the kernel appends to the path of an unlinked file is ignored: a file
+    replaced since it was opened is still where it was."""
+    link = link.removesuffix(" (deleted)")
+    base = directory.rstrip("/")
+    return link == base or link.startswith(base + "/") or base == ""

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from sidusctl.core.errors import SidusError
+from sidusctl.core.paths import proc_link_within
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
@@ -90,8 +91,7 @@ class ServedTree:
         path, base = where
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         try:
-            real = os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)")
-            if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
+            if not proc_link_within(os.readlink(f"/proc/self/fd/{fd}"), base):
                 os.close(fd)
                 return None
             st = os.fstat(fd)

@@ -15,13 +15,9 @@ import time
 from pathlib import Path
 
 from sidusctl.core.log import get_logger
+from sidusctl.core.paths import proc_link_within
 
 log = get_logger("procs")
-
-
-def _inside(link: str, prefix: str) -> bool:
-    link = link.removesuffix(" (deleted)")
-    return link == prefix.rstrip("/") or link.startswith(prefix)
 
 
 def _ancestors() -> set[int]:
@@ -55,7 +51,7 @@ def pids_in_root(root: Path | str, cmdline: bool = False) -> list[int]:
                 target = os.readlink(f"/proc/{pid}/{what}")
             except OSError:
                 continue
-            if _inside(target, prefix):
+            if proc_link_within(target, prefix):
                 found.append(pid)
                 break
         else:
