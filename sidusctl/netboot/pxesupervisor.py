@@ -65,29 +65,29 @@ class PxeSupervisor(supervisor.Supervisor):
         self._last_prune = 0.0
         #: generations the boot tree named, by image: {generation: last time named}
         self.served: dict[str, dict[str, float]] = {}
-        #: node_status entries by MAC; the inventory and files they were built from; what
-        #: changed since: MACs and client addresses (None: everything)
+        #: node_status entries by MAC; the inventory and files they were built from (None:
+        #: none built yet); what changed since: MACs and client addresses
         self._entries: dict[str, dict[str, Any]] = {}
         self._entries_of: tuple[object, object] | None = None
-        self._stale_macs: set[str] | None = None
+        self._stale_macs: set[str] = set()
         self._stale_ips: set[str] = set()
-        self._holds_later = supervisor.Later(self._write_holds, lambda: HOLDS_DELAY)
+        self._holds_later = supervisor.Later(self._write_holds, HOLDS_DELAY)
         super().__init__(loader)
 
     def _event(self, kind: str, who: str, what: str, at: float | None = None) -> None:
         if kind == "address":  # a report came from address ``who`` for MAC ``what``
             if self.ip_mac.setdefault(who, what) == what:
-                self._stale(what)
+                self._stale_macs.add(what)
             return
         now = time.time() if at is None else at
         super()._event(kind, who, what, now)
         if kind == "ack":
             self.acks.setdefault(who, []).append(now)
             del self.acks[who][:-20]
-            self._stale(who)
+            self._stale_macs.add(who)
         elif kind == "proxy":
             self.proxied[who] = now
-            self._stale(who)
+            self._stale_macs.add(who)
         elif kind in ("sent", "http"):
             name = what.lstrip("/")
             self.fetched.setdefault(who, {})[name] = now
@@ -98,17 +98,10 @@ class PxeSupervisor(supervisor.Supervisor):
                 old = self.ip_mac.get(who)
                 if old != mac:
                     self.ip_mac[who] = mac
-                    self._stale(mac)
-                    if old is not None:
-                        self._stale(old)
+                    self._stale_macs.update(m for m in (mac, old) if m is not None)
         elif kind == "report":
             self._report(who, what, now)
-            self._stale(who)
-
-    def _stale(self, mac: str) -> None:
-        """The node with this MAC gets a new entry in the next :meth:`node_status`."""
-        if self._stale_macs is not None:
-            self._stale_macs.add(mac)
+            self._stale_macs.add(who)
 
     def _report(self, mac: str, what: str, now: float) -> None:
         stage, _, detail = what.partition(" ")
@@ -306,8 +299,8 @@ class PxeSupervisor(supervisor.Supervisor):
             return []
         src = (inv, self.loader.files)
         only: set[str] | None = None
-        if (self._stale_macs is not None and self._entries_of is not None
-                and src[0] is self._entries_of[0] and src[1] is self._entries_of[1]):
+        if (self._entries_of is not None and src[0] is self._entries_of[0]
+                and src[1] is self._entries_of[1]):
             only = set(self._stale_macs)
             for ip in self._stale_ips:
                 if (mac := self.ip_mac.get(ip)) is not None:

@@ -18,9 +18,10 @@ Limits (:class:`HttpConfig`): ``max_clients`` connections at once and ``per_clie
 client address; past them a request gets ``503 Service Unavailable`` with ``Retry-After``
 (RFC 9110 section 10.2.3), counted in ``refused`` and logged. Files come from ``root`` and from
 ``mounts`` (URL prefix → directory), found and checked by :mod:`sidusctl.serve.http_files`:
-names leaving their directory (``..``, symlinks out) are refused (403). ``POST`` to a path in ``post_paths`` hands the form fields
-(``application/x-www-form-urlencoded``) to ``on_post``. This module knows no inventory and no
-image: it is given directories and callbacks.
+names leaving their directory (``..``, symlinks out) are refused (403). ``POST`` to a path
+in ``post_paths`` hands the form fields (``application/x-www-form-urlencoded``) to
+``on_post``. This module knows no inventory and no image: it is given directories and
+callbacks.
 """
 
 from __future__ import annotations
@@ -499,8 +500,9 @@ class _Handler:
 
 
 def _sendfile(sock: socket.socket, src: int, offset: int, count: int) -> int:
-    """``count`` bytes of the file open on descriptor ``src`` from ``offset`` to ``sock`` with ``sendfile(2)``; the
-    bytes sent, fewer if the client went away or took nothing for the socket's send timeout.
+    """``count`` bytes of the file open on descriptor ``src`` from ``offset`` to ``sock``
+    with ``sendfile(2)``; the bytes sent, fewer if the client went away or took nothing for
+    the socket's send timeout.
 
     The socket is blocking, with the kernel's own send timeout (``SO_SNDTIMEO``, socket(7),
     set by the handler): one ``sendfile`` call then carries the whole body without coming

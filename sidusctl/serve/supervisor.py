@@ -47,12 +47,11 @@ INBOX_DELAY = 0.1
 
 
 class Later:
-    """``fn`` run once on an event loop, ``delay()`` seconds after the first :meth:`request`
+    """``fn`` run once on an event loop, ``delay`` seconds after the first :meth:`request`
     (the requests made meanwhile are served by that run), or at once by :meth:`now`: the
-    work of many events done once per batch. ``delay`` is called at each first request (a
-    module constant a test may change)."""
+    work of many events done once per batch."""
 
-    def __init__(self, fn: Callable[[], None], delay: Callable[[], float]) -> None:
+    def __init__(self, fn: Callable[[], None], delay: float) -> None:
         self.fn = fn
         self.delay = delay
         self._timer: asyncio.TimerHandle | None = None
@@ -61,7 +60,7 @@ class Later:
         """Run ``fn`` on ``loop`` after the delay, unless a run is already due (call on the
         loop's thread)."""
         if self._timer is None:
-            self._timer = loop.call_later(self.delay(), self.now)
+            self._timer = loop.call_later(self.delay, self.now)
 
     def now(self) -> None:
         """Run ``fn`` now; a run that was due is cancelled."""
@@ -74,8 +73,9 @@ class Later:
 class Inbox:
     """Calls of ``handler(kind, who, what, at)`` posted by other threads (the HTTP server's
     workers: a file sent, a node's report; ``at``: the time of the post, seconds since the
-    epoch) and run on the event loop :attr:`loop`, in the order posted, in batches: the first call posted wakes the loop, which runs it and every
-    call posted meanwhile :data:`INBOX_DELAY` seconds later. In a storm, hundreds of
+    epoch) and run on the event loop :attr:`loop`, in the order posted, in batches: the
+    first call posted wakes the loop, which runs it and every call posted meanwhile
+    ``delay`` seconds later (:data:`INBOX_DELAY` by default). In a storm, hundreds of
     downloads end within seconds, and ``call_soon_threadsafe`` for each would write the
     loop's wake-up pipe, and wake it, each time (so would a batch per loop iteration:
     2,000 wake-ups for 3,600 calls in a 500-node storm). What the calls feed (the status,
@@ -83,13 +83,14 @@ class Inbox:
     is None or closed (before the servers start, once they stop) is dropped; :meth:`flush`
     runs what is queued at once."""
 
-    def __init__(self, handler: Callable[[str, str, str, float], None]) -> None:
+    def __init__(self, handler: Callable[[str, str, str, float], None],
+                 delay: float = INBOX_DELAY) -> None:
         self.handler = handler
         self.loop: asyncio.AbstractEventLoop | None = None
         self._queued: list[tuple[str, str, str, float]] = []
         self._lock = threading.Lock()
         self._woken = False
-        self._later = Later(self._run, lambda: INBOX_DELAY)
+        self._later = Later(self._run, delay)
         #: wake-ups of the loop so far (a batch of calls each)
         self.wakeups = 0
 
