@@ -185,6 +185,36 @@ def test_a_stalled_download_is_killed_named_and_leaves_nothing(tmp_path: Path) -
     assert out.stat().st_size == sent
 
 
+def test_no_sleep_outlives_a_watchdog_ended_at_once(tmp_path: Path) -> None:
+    """``sidus_wget`` 1,000 times with a wget that fails at once: the watchdog gets its TERM
+    while it starts, often between its fork of ``sleep`` and that child's exec, or before
+    the shell has seen the fork's pid. Before the trap killed ``$!`` with KILL, 48 of these
+    1,000 runs left a sleep of the watchdog's tick behind (CI once saw one in the test
+    above)."""
+    sidus = initramfs_dir() / "scripts/sidus"
+    script = ("wget() { return 1; }\n"
+              + "".join(shell_function(sidus, f) for f in ("sidus_size", "sidus_wget",
+                                                           "sidus_watchdog"))
+              + "sidus_tick=30\nsidus_stall=60\nsidus_bytes=1\ni=0\n"
+              f'while [ "$i" -lt 1000 ]; do sidus_wget http://127.0.0.1:9/x "{tmp_path}/f"; '
+              'i=$((i + 1)); done\necho "ran $i"\n')
+    log = tmp_path / "sh.out"
+    child = spawn([shutil.which("busybox") or "busybox", "sh", "-c", script], stdout=log,
+                  stderr=STDOUT, env={"PATH": os.path.dirname(shutil.which("busybox") or "")},
+                  what="busybox sh")
+    try:
+        rc = child.wait(timeout=120)
+        assert rc == 0, log.read_text()
+        assert log.read_text().splitlines()[-1] == "ran 1000", log.read_text()
+        deadline = time.monotonic() + 2
+        while (left := [f"{pid} {p.comm}" for pid, p in live_processes().items()
+                        if p.sid == child.pid]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, f"{len(left)} processes left behind: {left[:5]}"
+    finally:
+        child.stop(grace=0)
+
+
 @pytest.mark.parametrize("value", ["", "x:" + "ab" * 32 + ":01", "12a:" + "ab" * 32 + ":01"])
 def test_a_malformed_verity_value_is_named_and_refused_before_any_device(value: str) -> None:
     """``sidus_mount_verity`` with a ``sidus.verity=`` whose block count is not a number
