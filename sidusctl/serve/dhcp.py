@@ -44,7 +44,6 @@ from sidusctl.serve.leases import LeaseStore
 
 log = get_logger("serve.dhcp")
 
-_SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 _SO_TIMESTAMPNS = 35  # = SCM_TIMESTAMPNS (asm-generic/socket.h); not in Python's socket module
 _ANC_SPACE = socket.CMSG_SPACE(16)  # one struct timespec
 OFFER_HOLD = 60.0  # seconds an offered address stays set aside for its client
@@ -132,7 +131,7 @@ class DhcpServer:
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-            s.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, self.cfg.interface.encode())
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.cfg.interface.encode())
             s.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
             s.setblocking(False)
             s.bind(("0.0.0.0", port))

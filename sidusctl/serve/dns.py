@@ -25,8 +25,6 @@ from sidusctl.core.log import get_logger
 
 log = get_logger("serve.dns")
 
-_SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
-
 
 @dataclass(frozen=True)
 class Zone:
@@ -133,7 +131,7 @@ class DnsServer:
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.cfg.interface:
-                s.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, self.cfg.interface.encode())
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.cfg.interface.encode())
             s.bind((self.cfg.address, self.cfg.port))
         except OSError as e:
             s.close()

@@ -46,7 +46,6 @@ from sidusctl.serve.http_request import BadRequest, Request, parse_head, read_bo
 
 log = get_logger("http")
 
-_SO_BINDTODEVICE = 25
 #: seconds a refused client is told to wait (Retry-After)
 RETRY_AFTER = 2
 #: worker threads beyond ``max_clients``: with every slot taken, new connections are still
@@ -153,7 +152,7 @@ class _Server:
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if cfg.interface:
-                self.sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, cfg.interface.encode())
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, cfg.interface.encode())
             self.sock.bind((cfg.address, cfg.port))
             self.sock.listen(LISTEN_BACKLOG)
             # accept returns EAGAIN after this long without a connection: see _worker. An

@@ -58,7 +58,6 @@ __all__ = ["MAX_BACKOFF", "TftpConfig", "TftpDenied", "TftpServer", "TftpStats",
 log = get_logger("serve.tftp")
 
 _IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
-_SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 _NETASCII_MAX = 64 << 20
 #: epoll polls of the transfer sockets per event loop callback (see TftpServer._on_ready)
 _REPOLL = 16
@@ -126,7 +125,7 @@ def _make_socket(interface: str | None, bind: tuple[str, int], pktinfo: bool) ->
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if interface:
-            s.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, interface.encode())
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         if pktinfo:
             s.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
         s.setblocking(False)
