@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import socket
@@ -134,6 +135,68 @@ def test_symlinks_are_followed_only_inside_and_only_regular_files_are_served(
             assert _get(base + path)[0] == 404, path
         assert srv.stats.denied == 2 and srv.stats.not_found == 5
         assert srv.stats.files == 3 and srv.stats.internal_errors == 0
+
+
+def test_counts_include_an_answer_as_soon_as_its_client_has_it(tmp_path: Path) -> None:
+    """Each server thread is held in its access-log line, which comes after its answer is
+    sent: a client that has its answer finds it counted (``HttpStats``), whether a file, a
+    range, a HEAD, a 404, a 403 or a report. Before the counts were added ahead of the
+    answer, the test of symlinks below failed once under load (``not_found`` one short)."""
+    root, sq, data = _files(tmp_path)
+    (root / "out").symlink_to(tmp_path / "secret")
+    release = threading.Event()
+    held: list[str] = []
+
+    class Hold(logging.Handler):
+        # handle, not emit: emit runs under the handler's lock, which would hold every
+        # other thread's log line (the 404's comes before its answer) behind the first
+        def handle(self, record: logging.LogRecord) -> bool:
+            if isinstance(record.msg, str) and record.msg.startswith('HTTP %s: "%s" %d'):
+                held.append(record.getMessage())
+                release.wait(30)
+            return True
+
+        def emit(self, record: logging.LogRecord) -> None:
+            pass
+
+    logger = logging.getLogger("sidusctl.http")
+    hold, level = Hold(), logger.level
+    logger.addHandler(hold)
+    logger.setLevel(logging.INFO)
+    # per_client: the held connections stay open
+    cfg = http.HttpConfig(root=root, address="127.0.0.1", port=0, post_paths=("/r",),
+                          mounts=(("/squashfs/img/", sq),), per_client=100)
+    try:
+        with http.serve(cfg, on_post=lambda client, path, form: 204) as srv:
+            base = f"http://127.0.0.1:{srv.port}"
+            assert _get(base + "/initrd.img")[2] == data
+            st = srv.stats.as_dict()
+            assert (st["files"], st["bytes_sent"], st["requests"]) == (1, len(data), 1), st
+            assert _get(base + "/initrd.img", {"Range": "bytes=10-19"})[0] == 206
+            st = srv.stats.as_dict()
+            assert (st["files"], st["ranges"], st["bytes_sent"]) == (2, 1, len(data) + 10), st
+            req = urllib.request.Request(base + "/initrd.img", method="HEAD")
+            with urllib.request.urlopen(req, timeout=30) as r:
+                assert r.status == 200
+            assert srv.stats.requests == 3 and srv.stats.files == 2
+            assert _get(base + "/nothing")[0] == 404 and srv.stats.not_found == 1
+            assert _get(base + "/out")[0] == 403 and srv.stats.denied == 1
+            req = urllib.request.Request(base + "/r", method="POST", data=b"stage=x")
+            with urllib.request.urlopen(req, timeout=30) as r:
+                assert r.status == 204
+            assert srv.stats.posts == 1 and srv.stats.requests == 6
+            # every answer above is held after it was sent (the last one's thread may not be
+            # there yet), so none was counted late
+            deadline = time.monotonic() + 10
+            while len(held) < 6 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(held) == 6, held
+            release.set()
+            assert srv.stats.internal_errors == 0 and srv.stats.aborted == 0
+    finally:
+        release.set()
+        logger.removeHandler(hold)
+        logger.setLevel(level)
 
 
 def test_concurrent_downloads_all_complete(tmp_path: Path) -> None:

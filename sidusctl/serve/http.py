@@ -89,7 +89,12 @@ class HttpStats:
     """Counters since start: ``requests``, ``files`` delivered whole or in part (``ranges``:
     206 answers), ``bytes_sent`` (bodies), ``not_found``, ``refused`` (503: over a limit),
     ``denied`` (403), ``posts``, ``active`` connections and their ``peak``, ``aborted``
-    (client gone mid-body), ``internal_errors`` (bugs)."""
+    (client gone mid-body), ``internal_errors`` (bugs).
+
+    A request's counts are added before its client can have the whole answer, so a client
+    that has its answer reads counters that include it. A body is counted whole when it
+    starts; one cut short takes back the bytes that did not go out (``bytes_sent`` runs
+    ahead meanwhile, by the bodies on their way)."""
 
     requests: int = 0
     files: int = 0
@@ -348,10 +353,14 @@ class _Handler:
         return (f"HTTP/1.1 {code} {_REASONS[code]}\r\nServer: sidusctl\r\nDate: {_date()}\r\n"
                 f"{fields}{close}\r\n").encode("latin-1")
 
-    def _simple(self, req: Request | None, code: int, keep: bool, fields: str = "") -> None:
+    def _simple(self, req: Request | None, code: int, keep: bool, fields: str = "",
+                counts: dict[str, int] | None = None) -> None:
         """A short text answer (``"404 Not Found\\n"``), logged as the access line; a 204
         (a node's report taken) has neither content nor ``Content-Length`` (RFC 9110
-        sections 8.6 and 15.3.5)."""
+        sections 8.6 and 15.3.5). ``counts``: the request's counts, added before the answer
+        goes out (:class:`HttpStats`)."""
+        if counts is not None:
+            self._count(counts)
         if code == 204:
             self.conn.sendall(self._send_head(code, fields, keep))
             log.info('HTTP %s: "%s" %d -', self.client, req.line if req else "-", code)
@@ -374,18 +383,18 @@ class _Handler:
         try:
             if self.refused is not None:
                 counts["refused"] = 1
-                self._count(counts)  # before the client has its answer
                 log.warning("HTTP %s: %s %s refused (503): %s", self.client, req.method,
                             req.target, self.refused)
-                self._simple(req, 503, keep=False, fields=f"Retry-After: {RETRY_AFTER}\r\n")
+                self._simple(req, 503, keep=False, fields=f"Retry-After: {RETRY_AFTER}\r\n",
+                             counts=counts)
                 return False, b""
             if "transfer-encoding" in req.fields:  # RFC 9112 section 6.1: not understood
-                self._simple(req, 501, keep=False)
+                self._simple(req, 501, keep=False, counts=counts)
                 return False, b""
             if req.method == "POST":
                 return self._post(req, pending, counts)
             if req.method not in ("GET", "HEAD"):
-                self._simple(req, 501, keep=False)
+                self._simple(req, 501, keep=False, counts=counts)
                 return False, b""
             # a GET or HEAD with a body: not read, so the connection ends after the answer
             keep = req.keep_alive and req.fields.get("content-length", "0").strip() == "0"
@@ -417,13 +426,13 @@ class _Handler:
             # symlinks, no access; ValueError: a NUL byte (%00), which names no file
             counts["not_found"] = 1
             log.info("HTTP %s: %s not found", self.client, req.target)
-            self._simple(req, 404, keep)
+            self._simple(req, 404, keep, counts=counts)
             return keep
         if opened is None:
             counts["denied"] = 1
             log.warning("HTTP %s: %s denied (outside the served directories)", self.client,
                         req.target)
-            self._simple(req, 403, keep)
+            self._simple(req, 403, keep, counts=counts)
             return keep
         fd, st = opened
         try:
@@ -437,7 +446,7 @@ class _Handler:
                 if if_range is not None and if_range.strip() != etag:
                     rng = None
             if rng == "unsatisfiable":
-                self._simple(req, 416, keep, f"Content-Range: bytes */{size}\r\n")
+                self._simple(req, 416, keep, f"Content-Range: bytes */{size}\r\n", counts)
                 return keep
             if isinstance(rng, tuple):
                 first, last = rng
@@ -446,24 +455,32 @@ class _Handler:
                 first, last = 0, size - 1
                 code, fields = 200, ""
             length = last - first + 1
-            # MSG_MORE when a small body follows: head and body leave in one segment, not
-            # two (nginx's tcp_nopush). Not for large bodies: 100 concurrent 20 MiB
-            # downloads took 8 % longer with it (bench/http_serve.py, docs/performance.md)
-            self.conn.sendall(self._send_head(code, (
+            head = self._send_head(code, (
                 f"{fields}Content-Type: application/octet-stream\r\n"
                 f"Content-Length: {length}\r\nAccept-Ranges: bytes\r\nETag: {etag}\r\n"
-                f"Last-Modified: {formatdate(st.st_mtime, usegmt=True)}\r\n"), keep),
-                socket.MSG_MORE if 0 < length <= CORK_MAX and not head_only else 0)
+                f"Last-Modified: {formatdate(st.st_mtime, usegmt=True)}\r\n"), keep)
             if head_only:
+                self._count(counts)  # before the client has its answer (HttpStats)
+                self.conn.sendall(head)
                 log.info('HTTP %s: "%s" %d -', self.client, req.line, code)
                 return keep
-            sent = _sendfile(self.conn, fd, first, length)
-            counts.update(bytes_sent=sent, files=1, ranges=int(isinstance(rng, tuple)))
-            if sent < length:
-                counts["aborted"] = 1
-            self._count(counts)  # as soon as the body is out
+            # the body counted whole before the client can have it; what did not go out is
+            # taken back below (a failed send: aborted, counted by _answer)
+            counts.update(bytes_sent=length, files=1, ranges=int(isinstance(rng, tuple)))
+            self._count(counts)
+            sent = 0
+            try:
+                # MSG_MORE when a small body follows: head and body leave in one segment,
+                # not two (nginx's tcp_nopush). Not for large bodies: 100 concurrent 20 MiB
+                # downloads took 8 % longer with it (bench/http_serve.py, performance.md)
+                self.conn.sendall(head, socket.MSG_MORE if 0 < length <= CORK_MAX else 0)
+                sent = _sendfile(self.conn, fd, first, length)
+            finally:
+                if sent < length:
+                    self.server.stats.add(bytes_sent=sent - length)
             log.info('HTTP %s: "%s" %d %d', self.client, req.line, code, sent)
             if sent < length:
+                self.server.stats.add(aborted=1)
                 return False
         finally:
             os.close(fd)
@@ -478,10 +495,10 @@ class _Handler:
         except ValueError:
             n = -1
         if path not in self.server.cfg.post_paths or self.server.on_post is None:
-            self._simple(req, 405 if n >= 0 else 400, keep=False)
+            self._simple(req, 405 if n >= 0 else 400, keep=False, counts=counts)
             return False, b""
         if not 0 <= n <= _MAX_FORM:
-            self._simple(req, 413 if n > _MAX_FORM else 400, keep=False)
+            self._simple(req, 413 if n > _MAX_FORM else 400, keep=False, counts=counts)
             return False, b""
         raw, pending = read_body(self.conn, pending, n)
         body = raw.decode("utf-8", "replace")
@@ -494,7 +511,7 @@ class _Handler:
             log.exception("HTTP %s: internal error on POST %s", self.client, path)
             code = 500
         keep = req.keep_alive
-        self._simple(req, code, keep)
+        self._simple(req, code, keep, counts=counts)
         return keep, pending
 
 
