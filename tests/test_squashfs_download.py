@@ -67,20 +67,28 @@ def _download(tmp_path: Path, url: str, *, sha256: str, retries: int = 2,
               f'sidus_download "{out}"\necho "rc=$?"\n')
     log = tmp_path / "sh.out"
     log.unlink(missing_ok=True)
-    # output to a file, not a pipe: a process left behind must not hold the run open
+    rc = _run_alone(script, log, str(bindir), linger=5)
+    return subprocess.CompletedProcess(["busybox", "sh"], rc, log.read_text(), ""), out
+
+
+def _run_alone(script: str, log: Path, path: str, *, linger: float) -> int:
+    """Runs ``script`` with busybox's ``sh`` in a session of its own, ``PATH`` = ``path``,
+    both output streams to the file ``log`` (not a pipe: a process left behind must not hold
+    the run open); its exit code. Fails the test when it still runs after 120 s, or when a
+    process of its session outlives it by ``linger`` seconds."""
     child = spawn([shutil.which("busybox") or "busybox", "sh", "-c", script], stdout=log,
-                  stderr=STDOUT, env={"PATH": str(bindir)}, what="busybox sh")
+                  stderr=STDOUT, env={"PATH": path}, what="busybox sh")
     try:
         rc = child.wait(timeout=120)
-        assert rc is not None, f"the download still runs after 120 s:\n{log.read_text()}"
-        deadline = time.monotonic() + 5
+        assert rc is not None, f"the script still runs after 120 s:\n{log.read_text()}"
+        deadline = time.monotonic() + linger
         while (left := [f"{pid} {p.comm}" for pid, p in live_processes().items()
                         if p.sid == child.pid]) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not left, f"processes left behind by the download: {left}"
+        assert not left, f"{len(left)} processes left behind: {left[:5]}"
+        return rc
     finally:
         child.stop(grace=0)
-    return subprocess.CompletedProcess(child.argv, rc, log.read_text(), ""), out
 
 
 def test_download_checks_the_digest_resumes_and_names_failures(
@@ -199,20 +207,8 @@ def test_no_sleep_outlives_a_watchdog_ended_at_once(tmp_path: Path) -> None:
               f'while [ "$i" -lt 1000 ]; do sidus_wget http://127.0.0.1:9/x "{tmp_path}/f"; '
               'i=$((i + 1)); done\necho "ran $i"\n')
     log = tmp_path / "sh.out"
-    child = spawn([shutil.which("busybox") or "busybox", "sh", "-c", script], stdout=log,
-                  stderr=STDOUT, env={"PATH": os.path.dirname(shutil.which("busybox") or "")},
-                  what="busybox sh")
-    try:
-        rc = child.wait(timeout=120)
-        assert rc == 0, log.read_text()
-        assert log.read_text().splitlines()[-1] == "ran 1000", log.read_text()
-        deadline = time.monotonic() + 2
-        while (left := [f"{pid} {p.comm}" for pid, p in live_processes().items()
-                        if p.sid == child.pid]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not left, f"{len(left)} processes left behind: {left[:5]}"
-    finally:
-        child.stop(grace=0)
+    rc = _run_alone(script, log, os.path.dirname(shutil.which("busybox") or ""), linger=2)
+    assert rc == 0 and log.read_text().splitlines()[-1] == "ran 1000", log.read_text()
 
 
 @pytest.mark.parametrize("value", ["", "x:" + "ab" * 32 + ":01", "12a:" + "ab" * 32 + ":01"])
