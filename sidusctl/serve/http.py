@@ -353,14 +353,13 @@ class _Handler:
         return (f"HTTP/1.1 {code} {_REASONS[code]}\r\nServer: sidusctl\r\nDate: {_date()}\r\n"
                 f"{fields}{close}\r\n").encode("latin-1")
 
-    def _simple(self, req: Request | None, code: int, keep: bool, fields: str = "",
-                counts: dict[str, int] | None = None) -> None:
+    def _simple(self, req: Request | None, code: int, keep: bool, counts: dict[str, int],
+                fields: str = "") -> None:
         """A short text answer (``"404 Not Found\\n"``), logged as the access line; a 204
         (a node's report taken) has neither content nor ``Content-Length`` (RFC 9110
         sections 8.6 and 15.3.5). ``counts``: the request's counts, added before the answer
         goes out (:class:`HttpStats`)."""
-        if counts is not None:
-            self._count(counts)
+        self._count(counts)
         if code == 204:
             self.conn.sendall(self._send_head(code, fields, keep))
             log.info('HTTP %s: "%s" %d -', self.client, req.line if req else "-", code)
@@ -372,10 +371,9 @@ class _Handler:
         log.info('HTTP %s: "%s" %d -', self.client, req.line if req else "-", code)
 
     def _bad(self, e: BadRequest) -> None:
-        self.server.stats.add(requests=1)
         log.info("HTTP %s: bad request: %s (%d)", self.client, e.why, e.code)
         with contextlib.suppress(OSError):
-            self._simple(None, e.code, keep=False)
+            self._simple(None, e.code, keep=False, counts={"requests": 1})
 
     def _answer(self, req: Request, pending: bytes) -> tuple[bool, bytes]:
         """Answer ``req``: (whether the connection may go on, the bytes read past it)."""
@@ -385,8 +383,8 @@ class _Handler:
                 counts["refused"] = 1
                 log.warning("HTTP %s: %s %s refused (503): %s", self.client, req.method,
                             req.target, self.refused)
-                self._simple(req, 503, keep=False, fields=f"Retry-After: {RETRY_AFTER}\r\n",
-                             counts=counts)
+                self._simple(req, 503, keep=False, counts=counts,
+                             fields=f"Retry-After: {RETRY_AFTER}\r\n")
                 return False, b""
             if "transfer-encoding" in req.fields:  # RFC 9112 section 6.1: not understood
                 self._simple(req, 501, keep=False, counts=counts)
@@ -446,7 +444,7 @@ class _Handler:
                 if if_range is not None and if_range.strip() != etag:
                     rng = None
             if rng == "unsatisfiable":
-                self._simple(req, 416, keep, f"Content-Range: bytes */{size}\r\n", counts)
+                self._simple(req, 416, keep, counts, f"Content-Range: bytes */{size}\r\n")
                 return keep
             if isinstance(rng, tuple):
                 first, last = rng
@@ -465,22 +463,21 @@ class _Handler:
                 log.info('HTTP %s: "%s" %d -', self.client, req.line, code)
                 return keep
             # the body counted whole before the client can have it; what did not go out is
-            # taken back below (a failed send: aborted, counted by _answer)
+            # taken back (a send that raised: all of it, the abort counted by _answer)
             counts.update(bytes_sent=length, files=1, ranges=int(isinstance(rng, tuple)))
             self._count(counts)
-            sent = 0
             try:
                 # MSG_MORE when a small body follows: head and body leave in one segment,
                 # not two (nginx's tcp_nopush). Not for large bodies: 100 concurrent 20 MiB
                 # downloads took 8 % longer with it (bench/http_serve.py, performance.md)
                 self.conn.sendall(head, socket.MSG_MORE if 0 < length <= CORK_MAX else 0)
                 sent = _sendfile(self.conn, fd, first, length)
-            finally:
-                if sent < length:
-                    self.server.stats.add(bytes_sent=sent - length)
+            except BaseException:
+                self.server.stats.add(bytes_sent=-length)
+                raise
             log.info('HTTP %s: "%s" %d %d', self.client, req.line, code, sent)
             if sent < length:
-                self.server.stats.add(aborted=1)
+                self.server.stats.add(bytes_sent=sent - length, aborted=1)
                 return False
         finally:
             os.close(fd)
