@@ -324,7 +324,10 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                                         "--port=0", f"--interface={br}", "--bind-interfaces",
                                         "--no-ping", "--dhcp-range=10.78.0.0,static,255.255.0.0,1h",
                                         f"--dhcp-hostsfile={run / 'hosts'}",
-                                        f"--dhcp-leasefile={run / 'leases'}",
+                                        # one lease file for all its rounds, as serve-pxe
+                                        # keeps its lease store in its state dir: from
+                                        # round 2 on both find the leases of the round before
+                                        f"--dhcp-leasefile={work / 'reference-leases'}",
                                         "--dhcp-lease-max=100000",
                                         # iPXE (option 77) gets the script over HTTP, as
                                         # from serve-pxe --http; a PXE ROM pxelinux.0
