@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from http import client as http_client
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,58 @@ def test_concurrent_downloads_all_complete(tmp_path: Path) -> None:
         assert got == [want] * 40
         assert srv.stats.files == 40 and srv.stats.peak >= 2
         assert srv.stats.bytes_sent == 40 * len(data)
+
+
+def test_a_large_body_is_sent_corked_and_the_cork_is_taken_off_however_it_ends() -> None:
+    """``_corked`` on a real loopback TCP connection: ``TCP_CORK`` on inside the block, off
+    after it, also when the block raises (the exception goes on)."""
+    with socket.create_server(("127.0.0.1", 0)) as ls, \
+            socket.create_connection(ls.getsockname()) as client:
+        conn, _ = ls.accept()
+        with conn:
+            def cork() -> int:
+                return conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+
+            assert cork() == 0
+            with http._corked(conn):
+                assert cork() == 1
+                conn.sendall(b"x" * 1000)
+            assert cork() == 0
+            with pytest.raises(RuntimeError, match="inside"), http._corked(conn):
+                assert cork() == 1
+                raise RuntimeError("inside")
+            assert cork() == 0
+            got = b""
+            while len(got) < 1000:
+                got += client.recv(4096)
+            assert got == b"x" * 1000
+
+
+def test_keep_alive_goes_on_after_a_corked_body(tmp_path: Path) -> None:
+    """One connection: a body over CORK_MAX (sent corked), then a small one, a HEAD and a
+    404 on the same connection, each whole and in order."""
+    root, sq, data = _files(tmp_path)
+    assert len(data) > http.CORK_MAX
+    cfg = http.HttpConfig(root=root, address="127.0.0.1", port=0, mounts=(("/sq/", sq),))
+    with http.serve(cfg) as srv:
+        conn = http_client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        try:
+            for method, path, code, body in [
+                    ("GET", "/initrd.img", 200, data), ("GET", "/sq/gen-A.squashfs", 200,
+                                                        data[:100000]),
+                    ("HEAD", "/initrd.img", 200, b""), ("GET", "/nothing", 404, None),
+                    ("GET", "/initrd.img", 200, data)]:
+                conn.request(method, path)
+                r = conn.getresponse()
+                got = r.read()
+                assert r.status == code, (method, path)
+                assert r.getheader("Connection") is None  # kept alive
+                if body is not None:
+                    assert got == body, (method, path)
+        finally:
+            conn.close()
+        assert srv.stats.files == 3 and srv.stats.not_found == 1
+        assert srv.stats.internal_errors == 0 and srv.stats.aborted == 0
 
 
 def test_a_client_reset_before_its_request_is_counted_not_printed(

@@ -58,7 +58,8 @@ SPAWN_BATCH = 8
 #: seconds an idle worker waits in ``accept`` before it ends (if more than
 #: INITIAL_WORKERS are idle): the listening socket's SO_RCVTIMEO, socket(7)
 IDLE_RETIRE = 60.0
-#: bytes: a body up to this size leaves in the same segments as its head (MSG_MORE)
+#: bytes: a body up to this size leaves in the same segments as its head (``MSG_MORE``); a
+#: larger one is sent corked (:func:`_corked`)
 CORK_MAX = 65536
 #: the listen backlog (listen(2)): a storm connects all at once
 LISTEN_BACKLOG = 1024
@@ -467,11 +468,17 @@ class _Handler:
             counts.update(bytes_sent=length, files=1, ranges=int(isinstance(rng, tuple)))
             self._count(counts)
             try:
-                # MSG_MORE when a small body follows: head and body leave in one segment,
-                # not two (nginx's tcp_nopush). Not for large bodies: 100 concurrent 20 MiB
-                # downloads took 8 % longer with it (bench/http_serve.py, performance.md)
-                self.conn.sendall(head, socket.MSG_MORE if 0 < length <= CORK_MAX else 0)
-                sent = _sendfile(self.conn, fd, first, length)
+                if length > CORK_MAX:
+                    # only full segments until the last byte (nginx's tcp_nopush): a
+                    # client whose window reopens a little at a time is not sent a small
+                    # segment each time (the storms of performance.md, session 34)
+                    with _corked(self.conn):
+                        self.conn.sendall(head)
+                        sent = _sendfile(self.conn, fd, first, length)
+                else:
+                    # a small body leaves in the same segment as its head, not two
+                    self.conn.sendall(head, socket.MSG_MORE if length else 0)
+                    sent = _sendfile(self.conn, fd, first, length)
             except BaseException:
                 self.server.stats.add(bytes_sent=-length)
                 raise
@@ -510,6 +517,21 @@ class _Handler:
         keep = req.keep_alive
         self._simple(req, code, keep, counts=counts)
         return keep, pending
+
+
+@contextlib.contextmanager
+def _corked(sock: socket.socket) -> Iterator[None]:
+    """``TCP_CORK`` on the TCP socket ``sock`` for the block (tcp(7)): only full segments
+    leave until the block ends, then what is left is pushed; nginx's ``tcp_nopush`` with
+    ``sendfile``. Taken off however the block ends (a connection that goes on must not keep
+    it: the kernel would hold its next answer's last segment up to 200 ms). :class:`OSError`
+    if the option cannot be set."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
 
 
 def _sendfile(sock: socket.socket, src: int, offset: int, count: int) -> int:
