@@ -468,16 +468,13 @@ class _Handler:
             counts.update(bytes_sent=length, files=1, ranges=int(isinstance(rng, tuple)))
             self._count(counts)
             try:
-                if length > CORK_MAX:
-                    # only full segments until the last byte (nginx's tcp_nopush): a
-                    # client whose window reopens a little at a time is not sent a small
-                    # segment each time (the storms of performance.md, session 34)
-                    with _corked(self.conn):
-                        self.conn.sendall(head)
-                        sent = _sendfile(self.conn, fd, first, length)
-                else:
-                    # a small body leaves in the same segment as its head, not two
-                    self.conn.sendall(head, socket.MSG_MORE if length else 0)
+                # a large body corked: only full segments until its last byte (nginx's
+                # tcp_nopush), so a client whose window reopens a little at a time is not
+                # sent a small segment each time (performance.md, session 34); a small one
+                # leaves in the same segment as its head (MSG_MORE), not two
+                small = length <= CORK_MAX
+                with contextlib.nullcontext() if small else _corked(self.conn):
+                    self.conn.sendall(head, socket.MSG_MORE if small and length else 0)
                     sent = _sendfile(self.conn, fd, first, length)
             except BaseException:
                 self.server.stats.add(bytes_sent=-length)
