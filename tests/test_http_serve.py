@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from sidusctl.serve import http
+from sidusctl.serve import http, http_pool
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl missing")
 
@@ -358,7 +358,7 @@ def test_workers_are_reused_and_closing_ends_every_connection(
     with http.serve(cfg, on_file=on_file) as srv:
         for _ in range(20):
             assert _get(f"http://127.0.0.1:{srv.port}/small")[0] == 200
-        assert 1 <= len(names) <= http.INITIAL_WORKERS + 1, names  # not one per connection
+        assert 1 <= len(names) <= http_pool.INITIAL_WORKERS + 1, names  # not one per connection
         stalled = socket.create_connection(("127.0.0.1", srv.port))
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -392,7 +392,7 @@ def test_idle_workers_retire_after_a_storm(tmp_path: Path, monkeypatch: pytest.M
     """40 connections at once start workers for each; once they are gone, the workers that
     wait ``IDLE_RETIRE`` seconds without a connection end, down to ``INITIAL_WORKERS``; the
     server still answers, and grows again for the next storm."""
-    monkeypatch.setattr(http, "IDLE_RETIRE", 0.3)
+    monkeypatch.setattr(http_pool, "IDLE_RETIRE", 0.3)
     (tmp_path / "small").write_bytes(b"x" * 100)
     cfg = http.HttpConfig(root=tmp_path, address="127.0.0.1", port=0, max_clients=64,
                           per_client=64)
@@ -407,9 +407,9 @@ def test_idle_workers_retire_after_a_storm(tmp_path: Path, monkeypatch: pytest.M
             for c in held:
                 c.close()
             deadline = time.monotonic() + 30
-            while len(_http_workers()) > http.INITIAL_WORKERS and time.monotonic() < deadline:
+            while len(_http_workers()) > http_pool.INITIAL_WORKERS and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert len(_http_workers()) == http.INITIAL_WORKERS, (storm, _http_workers())
+            assert len(_http_workers()) == http_pool.INITIAL_WORKERS, (storm, _http_workers())
             assert _get(f"http://127.0.0.1:{srv.port}/small")[0] == 200
         assert srv.stats.internal_errors == 0, srv.stats
     assert not _http_workers()

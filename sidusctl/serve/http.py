@@ -4,7 +4,7 @@ hundreds of clients at once.
 Owns one listening socket (bound to an address and, like the DHCP/TFTP/DNS sockets, to one
 device with ``SO_BINDTODEVICE``) and worker threads, one per connection being served: each
 idle worker waits in ``accept`` itself, and more are started when none is left idle
-(:class:`_Server`). Request heads are read and parsed by
+(:mod:`sidusctl.serve.http_pool`). Request heads are read and parsed by
 :mod:`sidusctl.serve.http_request`; keep-alive connections carry several requests (RFC 9112
 section 9.3). Idle or stalled connections end after the kernel's socket timeouts.
 Files are sent with ``sendfile(2)`` (no copy through Python); ``Range: bytes=A-B``, ``A-``
@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import struct
 import threading
 import time
 import urllib.parse
@@ -42,6 +41,7 @@ from pathlib import Path
 from sidusctl.core.errors import SidusError
 from sidusctl.core.log import get_logger
 from sidusctl.serve.http_files import ServedTree, parse_range
+from sidusctl.serve.http_pool import WorkerPool, timeval
 from sidusctl.serve.http_request import BadRequest, Request, parse_head, read_body, read_head
 
 log = get_logger("http")
@@ -51,18 +51,9 @@ RETRY_AFTER = 2
 #: worker threads beyond ``max_clients``: with every slot taken, new connections are still
 #: answered 503 at once by these
 SPARE_WORKERS = 32
-#: workers started with the server (more are started as connections come)
-INITIAL_WORKERS = 8
-#: workers started at once when the last idle one takes a connection
-SPAWN_BATCH = 8
-#: seconds an idle worker waits in ``accept`` before it ends (if more than
-#: INITIAL_WORKERS are idle): the listening socket's SO_RCVTIMEO, socket(7)
-IDLE_RETIRE = 60.0
 #: bytes: a body up to this size leaves in the same segments as its head (``MSG_MORE``); a
 #: larger one is sent corked (:func:`_corked`)
 CORK_MAX = 65536
-#: the listen backlog (listen(2)): a storm connects all at once
-LISTEN_BACKLOG = 1024
 _MAX_FORM = 4096
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
@@ -121,22 +112,11 @@ class HttpStats:
             return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
 
-def _timeval(seconds: float) -> bytes:
-    """``seconds`` as the ``struct timeval`` (native longs: seconds, microseconds) that
-    ``SO_RCVTIMEO`` and ``SO_SNDTIMEO`` take (socket(7))."""
-    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
-
-
 class _Server:
-    """The listening socket and the worker threads. Each idle worker blocks in ``accept``
-    on the listening socket (the kernel hands a new connection to one of them), serves that
-    connection to its end, and waits again: no thread of its own accepts and hands over, and
-    a small request wakes one thread. When the last idle worker takes a connection,
-    :data:`SPAWN_BATCH` more are started, up to ``max_clients`` + :data:`SPARE_WORKERS` in all
-    (past that, connections wait in the listen backlog). A worker that has waited
-    :data:`IDLE_RETIRE` seconds without a connection ends while more than
-    :data:`INITIAL_WORKERS` are idle: after a storm of hundreds, the server shrinks back
-    (as Apache's ``MaxSpareThreads``) instead of keeping a thread and its stack per node."""
+    """What a running server shares between its connections: the configuration, the
+    counters, the callbacks, the served tree, the per-client connection counts, and the
+    listening socket with its worker threads (:class:`~sidusctl.serve.http_pool.WorkerPool`,
+    which calls :meth:`handle` for each connection)."""
 
     def __init__(self, cfg: HttpConfig, on_file: Callable[[str, str, int], None] | None,
                  on_post: Callable[[str, str, dict[str, str]], int] | None) -> None:
@@ -147,111 +127,18 @@ class _Server:
         self.by_client: dict[str, int] = {}
         self.count_lock = threading.Lock()
         self.tree = ServedTree(cfg.root, cfg.mounts)
-        self.cap = cfg.max_clients + SPARE_WORKERS
-        self.workers: list[threading.Thread] = []
-        self._started = 0  # workers started so far (their names' numbers)
-        self._idle = 0
-        self._pool_lock = threading.Lock()
-        self._open: set[socket.socket] = set()  # the connections being served
-        self._closing = False
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.pool = WorkerPool(cfg.address, cfg.port, cfg.interface,
+                               cfg.max_clients + SPARE_WORKERS, _Handler.timeout, self.handle)
+        self.timeouts = self.pool.timeouts
+        self.server_address = self.pool.server_address
+
+    def handle(self, conn: socket.socket, client: str) -> None:
+        """Serve one connection (called by a worker of the pool)."""
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if cfg.interface:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, cfg.interface.encode())
-            self.sock.bind((cfg.address, cfg.port))
-            self.sock.listen(LISTEN_BACKLOG)
-            # accept returns EAGAIN after this long without a connection: see _worker. An
-            # accepted socket starts with the listening socket's options (a copy of its
-            # struct sock): these two are the connections' timeouts too, unless the handler's
-            # differ (_Handler.run), and no setsockopt per connection is needed
-            self.timeouts = (max(IDLE_RETIRE, 0.001), max(1.0, _Handler.timeout))
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                                 _timeval(self.timeouts[0]))
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                                 _timeval(self.timeouts[1]))
-        except OSError:
-            self.sock.close()
-            raise
-        self.server_address: tuple[str, int] = self.sock.getsockname()
-
-    def start(self) -> None:
-        with self._pool_lock:
-            for _ in range(min(INITIAL_WORKERS, self.cap)):
-                self._spawn()
-
-    def _spawn(self) -> None:
-        """Start one more worker (called holding ``_pool_lock``). :class:`RuntimeError` if
-        the thread cannot start (counted nowhere then)."""
-        t = threading.Thread(target=self._worker, name=f"sidusctl-http_{self._started}",
-                             daemon=True)
-        t.start()
-        self._started += 1
-        self.workers.append(t)
-        self._idle += 1
-
-    def _retire(self) -> bool:
-        """After an idle wait of IDLE_RETIRE: True (and the worker is no longer counted) if
-        this worker should end."""
-        with self._pool_lock:
-            if self._closing or self._idle <= INITIAL_WORKERS:
-                return False
-            self._idle -= 1
-            self.workers.remove(threading.current_thread())
-            return True
-
-    def _worker(self) -> None:
-        while not self._closing:
-            try:
-                conn, addr = self.sock.accept()
-            except BlockingIOError:  # SO_RCVTIMEO: no connection for IDLE_RETIRE seconds
-                if self._retire():
-                    return
-                continue
-            except OSError as e:
-                if self._closing:
-                    return
-                # ECONNABORTED (reset in the backlog), EMFILE/ENFILE (out of descriptors):
-                # the server goes on; a pause keeps a lasting EMFILE from spinning
-                log.warning("HTTP: accept failed: %s", e.strerror)
-                time.sleep(0.1)
-                continue
-            with self._pool_lock:
-                self._idle -= 1
-                if self._idle == 0 and not self._closing:
-                    # a storm connects hundreds at once: several more at a time, so that
-                    # the ramp-up is not one thread start per connection in series
-                    try:
-                        for _ in range(min(SPAWN_BATCH, self.cap - len(self.workers))):
-                            self._spawn()
-                    except RuntimeError as e:  # "can't start new thread": serve with fewer
-                        log.warning("HTTP: cannot start another worker: %s", e)
-            self._open.add(conn)  # set.add/discard: atomic in CPython, no lock of ours
-            try:
-                _Handler(self, conn, addr[0]).run()
-            except Exception:  # a bug outside the handler's own guards
-                self.stats.add(internal_errors=1)
-                log.exception("HTTP %s: internal error", addr[0])
-            finally:
-                self._open.discard(conn)
-                with contextlib.suppress(OSError):
-                    conn.close()
-                with self._pool_lock:
-                    self._idle += 1
-
-    def close(self) -> None:
-        """Stop listening, end every connection (a worker sending a body or waiting for a
-        request gets an error at once) and wait (5 s at most) for the workers to return."""
-        self._closing = True
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the workers blocked in accept
-        for c in list(self._open):
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-        deadline = time.monotonic() + 5
-        for t in list(self.workers):
-            t.join(max(0.0, deadline - time.monotonic()))
-        self.sock.close()
+            _Handler(self, conn, client).run()
+        except Exception:  # a bug outside the handler's own guards
+            self.stats.add(internal_errors=1)
+            log.exception("HTTP %s: internal error", client)
 
     def enter(self, client: str) -> str | None:
         """Count a new connection from ``client``; the reason if it is over a limit."""
@@ -274,6 +161,7 @@ class _Server:
                 self.by_client.pop(client, None)
             else:
                 self.by_client[client] = n
+
 
 class _Date:
     """The ``Date`` field value (RFC 9110 section 6.6.1), formatted once per second."""
@@ -312,9 +200,9 @@ class _Handler:
         timeout = max(1.0, self.timeout)
         # the listening socket's timeouts were inherited (_Server): set only those that differ
         if srv.timeouts[0] != timeout:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(timeout))
         if srv.timeouts[1] != timeout:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(timeout))
         self.refused = srv.enter(self.client)
         try:
             pending = b""
@@ -585,10 +473,10 @@ def serve(cfg: HttpConfig, *, on_file: Callable[[str, str, int], None] | None = 
         raise SidusError(f"HTTP server: cannot listen on {cfg.address}:{cfg.port} "
                          f"({e.strerror})") from e
     try:
-        srv.start()
+        srv.pool.start()
         log.info("HTTP serving %s%s on %s:%d (max %d clients, %d per client)", cfg.root,
                  "".join(f", {p} -> {d}" for p, d in cfg.mounts), cfg.address,
                  srv.server_address[1], cfg.max_clients, cfg.per_client)
         yield HttpServer(srv)
     finally:
-        srv.close()
+        srv.pool.close()
