@@ -129,8 +129,6 @@ class _Server:
         self.tree = ServedTree(cfg.root, cfg.mounts)
         self.pool = WorkerPool(cfg.address, cfg.port, cfg.interface,
                                cfg.max_clients + SPARE_WORKERS, _Handler.timeout, self.handle)
-        self.timeouts = self.pool.timeouts
-        self.server_address = self.pool.server_address
 
     def handle(self, conn: socket.socket, client: str) -> None:
         """Serve one connection (called by a worker of the pool)."""
@@ -198,10 +196,12 @@ class _Handler:
     def run(self) -> None:
         srv, conn = self.server, self.conn
         timeout = max(1.0, self.timeout)
-        # the listening socket's timeouts were inherited (_Server): set only those that differ
-        if srv.timeouts[0] != timeout:
+        # the listening socket's timeouts were inherited (WorkerPool): set only those that
+        # differ
+        inherited = srv.pool.timeouts
+        if inherited[0] != timeout:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(timeout))
-        if srv.timeouts[1] != timeout:
+        if inherited[1] != timeout:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(timeout))
         self.refused = srv.enter(self.client)
         try:
@@ -455,7 +455,7 @@ class HttpServer:
 
     @property
     def port(self) -> int:
-        return int(self._srv.server_address[1])
+        return int(self._srv.pool.server_address[1])
 
 
 @contextlib.contextmanager
@@ -476,7 +476,7 @@ def serve(cfg: HttpConfig, *, on_file: Callable[[str, str, int], None] | None = 
         srv.pool.start()
         log.info("HTTP serving %s%s on %s:%d (max %d clients, %d per client)", cfg.root,
                  "".join(f", {p} -> {d}" for p, d in cfg.mounts), cfg.address,
-                 srv.server_address[1], cfg.max_clients, cfg.per_client)
+                 srv.pool.server_address[1], cfg.max_clients, cfg.per_client)
         yield HttpServer(srv)
     finally:
         srv.pool.close()
