@@ -438,9 +438,15 @@ def test_reload_packs_in_a_worker_while_dhcp_answers(lab: Lab) -> None:
         # ... and all of it before the pack ended (it cannot end while the gate is shut)
         assert not Path(f"{gate}.go").exists()
         assert squash.find(lab.state, "minimal", gen2) is None
+        # the log is written in batches (core.log.BATCH_WAIT): wait for the lines to be in it
+        pack_line = f"squashfs: packing {lab.state}/images/minimal/{gen2}"
+        def dhcp_after_packing() -> bool:
+            _, found, tail = d.text().rpartition(pack_line)
+            return bool(found) and f"DHCP {MAC1}: DISCOVER -> OFFER" in tail
+
+        _wait(dhcp_after_packing, "the DHCP exchange logged after the pack started")
         text = d.text()
-        packing = text.rindex(f"squashfs: packing {lab.state}/images/minimal/{gen2}")
-        assert text.index(f"DHCP {MAC1}: DISCOVER -> OFFER", packing) > packing, text[-3000:]
+        packing = text.rindex(pack_line)
         assert "reloaded the configuration" not in text[packing:]
         Path(f"{gate}.go").touch()
         _wait(lambda: "reloaded the configuration" in d.text()[packing:], "the reload", 60)
