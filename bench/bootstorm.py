@@ -43,7 +43,7 @@ B A, A B, ...: a drifting load weighs on both sides alike), and reports each sid
 run and the ratio of the medians, with every round's times: one storm to the next moves by
 more than the stacks differ. Then, from the pairs: the median of the per-round ratios with a
 95 % distribution-free interval, the ratio of the summed times, and how many rounds
-serve-pxe won (``pairs`` in the JSON).
+serve-pxe won (``pairs`` in the JSON; bench/pairs.py pools them across runs).
 
 Run as root from the repository (the nfs root needs ``minimal`` built in the state dir):
     .venv/bin/python bench/bootstorm.py [--nodes 50,200,500] [--roots squashfs-http,nfs]
@@ -57,7 +57,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -79,6 +78,7 @@ import tests.storm_sim as sim  # noqa: E402
 import tests.test_storm as storm  # noqa: E402
 from bench import nginx_ref  # noqa: E402
 from bench.nfs_client import load_reads, nfs_boot_reads  # noqa: E402
+from bench.pairs import describe, pair_stats  # noqa: E402
 from tests.netns_util import Daemon, bridge, enslave, ip, netns, nsexec, veth  # noqa: E402
 
 READS = REPO / "bench" / "nfs-boot-reads.txt"
@@ -453,42 +453,6 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
     return out
 
 
-def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """The sample median of ``values`` and a distribution-free interval for the true median
-    of at least ``level`` coverage: ``(low, median, high)``, the order statistics x(k) and
-    x(n-k+1) with the largest k such that P(Binomial(n, 1/2) < k) <= (1 - level) / 2 (the
-    sign test's interval; Conover, *Practical Nonparametric Statistics*, 3.2). With fewer
-    than 6 values no such k exists at 95 %: the interval is then the whole range. ValueError
-    on an empty list."""
-    xs = sorted(values)
-    n = len(xs)
-    if not n:
-        raise ValueError("median_interval: no values")
-    mid = (xs[(n - 1) // 2] + xs[n // 2]) / 2
-    tail, k, below = (1 - level) / 2, 0, 0.0  # below: P(B < k + 1) as k grows
-    while k < n // 2:
-        below += math.comb(n, k) / 2 ** n
-        if below > tail:
-            break
-        k += 1
-    k = max(k, 1)
-    return xs[k - 1], mid, xs[n - k]
-
-
-def pair_stats(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Of rounds run in pairs (``{"serve-pxe": s, "reference": s}`` each), the per-round
-    ratios serve-pxe / reference: their median with its 95 % interval (:func:`median_interval`),
-    the ratio of the summed times, and in how many rounds serve-pxe was faster."""
-    ratios = [r["serve-pxe"] / r["reference"] for r in rounds]
-    low, mid, high = median_interval(ratios)
-    return {"ratios": [round(x, 3) for x in ratios], "median": round(mid, 3),
-            "interval_95": [round(low, 3), round(high, 3)],
-            "summed": round(sum(r["serve-pxe"] for r in rounds)
-                            / sum(r["reference"] for r in rounds), 3),
-            "serve_pxe_faster": sum(r["serve-pxe"] < r["reference"] for r in rounds),
-            "count": len(rounds)}
-
-
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Of one stack's storms, the one of median time (the lower middle of an even count)."""
     return sorted(runs, key=lambda r: float(r["wall_s"]))[(len(runs) - 1) // 2]
@@ -539,10 +503,7 @@ def print_one(o: dict[str, Any]) -> None:
               f"TFTP {r['tftp_retries'][0]} / {r['tftp_retries'][1]}, steal "
               f"{r['steal_s'][0]} / {r['steal_s'][1]} s")
     if "pairs" in o:
-        p = o["pairs"]
-        print(f"  per round, serve-pxe / reference: median {p['median']} (95 % interval "
-              f"{p['interval_95'][0]}-{p['interval_95'][1]}), summed times {p['summed']}, "
-              f"serve-pxe faster in {p['serve_pxe_faster']} of {p['count']}")
+        print(f"  per round, serve-pxe / reference: {describe(o['pairs'])}")
     median = " (medians)" if "rounds" in o else ""
     print(f"  ratio serve-pxe / reference{median}: time {o['ratio_wall']}x, p99 "
           f"{o['ratio_p99']}x")
