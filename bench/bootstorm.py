@@ -48,7 +48,8 @@ serve-pxe won (``pairs`` in the JSON; bench/pairs.py pools them across runs).
 Run as root from the repository (the nfs root needs ``minimal`` built in the state dir):
     .venv/bin/python bench/bootstorm.py [--nodes 50,200,500] [--roots squashfs-http,nfs]
         [--boot pxelinux,ipxe-http] [--state-dir DIR] [--root-mib 20] [--kernel-kib 4096]
-        [--initrd-kib 2048] [--rounds 1] [--again] [--timeout 600] [--out FILE] [--json]
+        [--initrd-kib 2048] [--rounds 1] [--again] [--cold-neighbours] [--timeout 600]
+        [--out FILE] [--json]
 """
 
 from __future__ import annotations
@@ -185,12 +186,18 @@ def machine_cpu() -> tuple[float, float]:
     return int(f[4]) / tick, (int(f[8]) if len(f) > 8 else 0) / tick
 
 
-def settle() -> None:
+def settle(*namespaces: str, flush: bool = False) -> None:
     """Before each storm, either side: write out what the set-up left dirty (serve-pxe's
     first start writes the tree of every node and the squashfs export, with fsyncs), then a
     second's pause, so that no storm runs during the kernel's writeback. (Added because
-    serve-pxe's first storm was its slowest; it did not change that: docs/performance.md.)"""
+    serve-pxe's first storm was its slowest; it did not change that: docs/performance.md.)
+    With ``flush``, the neighbour (ARP) caches of ``namespaces`` are emptied first: every
+    storm then starts as the first one of a run does, as a room powered on in the morning
+    (``--cold-neighbours``); without it, from the second storm on, the server's cache holds
+    an entry for every node (ip-neighbour(8))."""
     os.sync()
+    for ns in namespaces if flush else ():
+        subprocess.run(["ip", "-n", ns, "neigh", "flush", "all"], check=True)
     time.sleep(1.0)
 
 
@@ -268,6 +275,7 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
     out: dict[str, Any] = {"nodes": count, "root": root, "boot": boot,
                            "kernel_kib": args.kernel_kib,
                            "initrd_kib": args.initrd_kib,
+                           "cold_neighbours": args.cold_neighbours,
                            "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     if root == "squashfs-http":
         out["root_mib"] = args.root_mib
@@ -290,7 +298,7 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
             def serve_pxe_storm(clients: Any, cfg: dict[str, Any], want: dict[str, str],
                                 status: bool) -> dict[str, Any]:
                 """One storm against the serve-pxe running."""
-                settle()
+                settle(srv, cli, flush=args.cold_neighbours)
                 u0, k0, _ = ns_usage(srv)
                 m0 = machine_cpu()
                 res = clients(cli, cfg, work, args.timeout)
@@ -357,7 +365,7 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                             f"{squash.squash_dir(state, 'storm')}/; }}\n"
                             "        location = /sidus/report { return 204; }"),
                             access_log=str(run / "access.log")))
-                    settle()
+                    settle(srv, cli, flush=args.cold_neighbours)
                     u0, k0, _ = ns_usage(srv)
                     m0 = machine_cpu()
                     rres = clients(cli, cfg, work, args.timeout)
@@ -528,6 +536,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="storms per stack, in pairs of alternating order (A B, B A, ...): "
                          "each side's median run is reported, every round's time listed")
+    ap.add_argument("--cold-neighbours", action="store_true",
+                    help="empty both namespaces' neighbour (ARP) caches before every storm, "
+                    "so that each starts as the first storm of a run does")
     ap.add_argument("--again", action="store_true",
                     help="run serve-pxe's storm once more after the reference's (A B A: a load "
                     "that changes during the run shows as a difference between the two As)")

@@ -6,7 +6,8 @@ alternating order) and reports, from the pairs, the median of the per-round rati
 distribution-free 95 % interval (:func:`median_interval`), the ratio of the summed times and
 how many rounds serve-pxe won (:func:`pair_stats`). One run of six rounds gives a wide
 interval; run as a script, this module pools the rounds of several runs (the lines that
-bootstorm's ``--out FILE`` appended), one group per node count, root source and boot way:
+bootstorm's ``--out FILE`` appended), one group per node count, root source, boot way and
+``--cold-neighbours``:
 
     .venv/bin/python bench/pairs.py FILE [FILE ...] [--json]
 
@@ -69,9 +70,10 @@ def describe(p: dict[str, Any]) -> str:
 
 def pool(lines: list[tuple[str, int, str]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Group the rounds of bootstorm ``--out`` lines (``(file name, line number, text)``) by
-    ``"{nodes} nodes, {root}, {boot}"``: ``({group: pair_stats of its rounds and the runs
-    it pooled}, [problems])``; a line that is not JSON, or a run without ``rounds`` (one
-    round only: no pairs), is a problem named by file and line, and left out."""
+    ``"{nodes} nodes, {root}, {boot}"`` (with ``", cold neighbours"`` for such runs):
+    ``({group: pair_stats of its rounds and the runs it pooled}, [problems])``; a line that
+    is not JSON, or a run without ``rounds`` (one round only: no pairs), is a problem named
+    by file and line, and left out."""
     groups: dict[str, list[dict[str, Any]]] = {}
     runs: dict[str, int] = {}
     problems = []
@@ -80,7 +82,8 @@ def pool(lines: list[tuple[str, int, str]]) -> tuple[dict[str, dict[str, Any]], 
             continue
         try:
             o = json.loads(text)
-            key = f"{int(o['nodes'])} nodes, {o['root']}, {o.get('boot', 'pxelinux')}"
+            key = (f"{int(o['nodes'])} nodes, {o['root']}, {o.get('boot', 'pxelinux')}"
+                   + (", cold neighbours" if o.get("cold_neighbours") else ""))
             rounds = [{"serve-pxe": float(r["serve-pxe"]), "reference": float(r["reference"])}
                       for r in o["rounds"]]
         except (ValueError, TypeError, KeyError) as e:

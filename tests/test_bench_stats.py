@@ -42,8 +42,9 @@ def test_pair_stats_of_rounds() -> None:
     assert p["serve_pxe_faster"] == 1 and p["count"] == 3
 
 
-def run_line(nodes: int, boot: str, times: list[tuple[float, float]]) -> str:
+def run_line(nodes: int, boot: str, times: list[tuple[float, float]], cold: bool = False) -> str:
     return json.dumps({"nodes": nodes, "root": "squashfs-http", "boot": boot,
+                       "cold_neighbours": cold,
                        "rounds": [{"serve-pxe": a, "reference": b, "first": "serve-pxe"}
                                   for a, b in times]})
 
@@ -52,7 +53,8 @@ def test_runs_are_pooled_per_group_and_bad_lines_named(tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     one.write_text(run_line(200, "ipxe-http", [(5.0, 4.0), (4.0, 5.0)]) + "\n"
-                   + run_line(50, "ipxe-http", [(2.0, 2.0)]) + "\n")
+                   + run_line(50, "ipxe-http", [(2.0, 2.0)]) + "\n"
+                   + run_line(200, "ipxe-http", [(6.0, 5.0)], cold=True) + "\n")
     two.write_text(run_line(200, "ipxe-http", [(3.0, 3.0)]) + "\n\n{not json\n"
                    + json.dumps({"nodes": 200, "root": "nfs"}) + "\n")
     assert pairs.main([str(one), str(two), str(tmp_path / "absent.jsonl"), "--json"]) == 2
@@ -62,6 +64,8 @@ def test_runs_are_pooled_per_group_and_bad_lines_named(tmp_path: Path,
     assert big["ratios"] == [1.25, 0.8, 1.0] and big["median"] == 1.0
     assert big["summed"] == 1.0 and big["serve_pxe_faster"] == 1
     assert out["groups"]["50 nodes, squashfs-http, ipxe-http"]["count"] == 1
+    assert out["groups"]["200 nodes, squashfs-http, ipxe-http, cold neighbours"]["ratios"] == [1.2]
+    assert len(out["groups"]) == 3
     assert out["problems"][0] == f"{tmp_path / 'absent.jsonl'}: No such file or directory"
     assert out["problems"][1].startswith(f"{two}:3: not a bootstorm run")
     assert out["problems"][2] == f"{two}:4: not a bootstorm run with rounds (missing key 'rounds')"
