@@ -197,7 +197,7 @@ def settle(*namespaces: str, flush: bool = False) -> None:
     an entry for every node (ip-neighbour(8))."""
     os.sync()
     for ns in namespaces if flush else ():
-        subprocess.run(["ip", "-n", ns, "neigh", "flush", "all"], check=True)
+        ip("-n", ns, "neigh", "flush", "all")
     time.sleep(1.0)
 
 

@@ -99,6 +99,9 @@ def pool(lines: list[tuple[str, int, str]]) -> tuple[dict[str, dict[str, Any]], 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (``argv``, default ``sys.argv[1:]``): one line per group on standard
+    output and each problem on standard error, or with ``--json`` one object ``{"groups":
+    ..., "problems": [...]}``. Exit status 0, or 2 if any file or line was a problem."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("files", nargs="+", type=Path, help="bench/bootstorm.py --out files")
     ap.add_argument("--json", action="store_true")
