@@ -77,7 +77,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(REPO), *(d for d in sys.path if Path(d or ".").resolve() != REPO / "bench")]
 import tests.storm_sim as sim  # noqa: E402
 import tests.test_storm as storm  # noqa: E402
-from bench import nginx_ref  # noqa: E402
+from bench import netcounters, nginx_ref  # noqa: E402
 from bench.nfs_client import load_reads, nfs_boot_reads  # noqa: E402
 from bench.pairs import describe, pair_stats  # noqa: E402
 from tests.netns_util import Daemon, bridge, enslave, ip, netns, nsexec, veth  # noqa: E402
@@ -300,9 +300,9 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                 """One storm against the serve-pxe running."""
                 settle(srv, cli, flush=args.cold_neighbours)
                 u0, k0, _ = ns_usage(srv)
-                m0 = machine_cpu()
+                m0, net = machine_cpu(), netcounters.start(srv, cli)
                 res = clients(cli, cfg, work, args.timeout)
-                m1 = machine_cpu()
+                m1, counted = machine_cpu(), net()
                 u1, k1, rss = ns_usage(srv)
                 st = None
                 if status and root != "nfs":  # the status file is written every 2 s: wait
@@ -311,6 +311,7 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                                        nodes),
                         lambda s: all(n["stage"] == "booted" for n in s["nodes"]), timeout=20)
                 o = summarize(res, u1 - u0, k1 - k0, rss)
+                o["net"] = counted
                 o["machine_idle_s"] = round(m1[0] - m0[0], 1)
                 o["machine_steal_s"] = round(m1[1] - m0[1], 1)
                 if st is not None:
@@ -367,15 +368,16 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                             access_log=str(run / "access.log")))
                     settle(srv, cli, flush=args.cold_neighbours)
                     u0, k0, _ = ns_usage(srv)
-                    m0 = machine_cpu()
+                    m0, net = machine_cpu(), netcounters.start(srv, cli)
                     rres = clients(cli, cfg, work, args.timeout)
-                    m1 = machine_cpu()
+                    m1, counted = machine_cpu(), net()
                     u1, k1, rss = ns_usage(srv)
                 finally:
                     for other in reversed(others):
                         other.stop()
                     dnsmasq.stop()
                 o = summarize(rres, u1 - u0, k1 - k0, rss)
+                o["net"] = counted
                 o["machine_idle_s"] = round(m1[0] - m0[0], 1)
                 o["machine_steal_s"] = round(m1[1] - m0[1], 1)
                 if not o["failures"]:
@@ -449,7 +451,8 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                                   "failures": [x["failures"], y["failures"]],
                                   "dhcp_retries": [x["dhcp_retries"], y["dhcp_retries"]],
                                   "tftp_retries": [x["tftp_retries"], y["tftp_retries"]],
-                                  "steal_s": [x["machine_steal_s"], y["machine_steal_s"]]}
+                                  "steal_s": [x["machine_steal_s"], y["machine_steal_s"]],
+                                  "net": [x["net"], y["net"]]}
                                  for i, (x, y) in enumerate(zip(a_runs, b_runs, strict=True))]
                 out["pairs"] = pair_stats(out["rounds"])
     finally:
