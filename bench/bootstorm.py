@@ -68,6 +68,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,27 @@ def settle(*namespaces: str, flush: bool = False) -> None:
     time.sleep(1.0)
 
 
+def measured(srv: str, cli: str, cold: bool,
+             storm_run: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One storm, either side: :func:`settle` (``cold``: the neighbour caches emptied), then
+    ``storm_run()`` (the clients' merged JSON) with the server namespace ``srv``'s CPU, the
+    machine's idle and stolen seconds and both namespaces' network counters
+    (bench/netcounters.py) read around it. ``(the clients' JSON, its summary)``: the
+    summary is :func:`summarize`'s with ``machine_idle_s``, ``machine_steal_s`` and ``net``
+    added."""
+    settle(srv, cli, flush=cold)
+    u0, k0, _ = ns_usage(srv)
+    m0, net = machine_cpu(), netcounters.start(srv, cli)
+    res = storm_run()
+    m1, counted = machine_cpu(), net()
+    u1, k1, rss = ns_usage(srv)
+    o = summarize(res, u1 - u0, k1 - k0, rss)
+    o["net"] = counted
+    o["machine_idle_s"] = round(m1[0] - m0[0], 1)
+    o["machine_steal_s"] = round(m1[1] - m0[1], 1)
+    return res, o
+
+
 def summarize(res: dict[str, Any], user: float, kernel: float, rss: float) -> dict[str, Any]:
     ok = sorted(r["seconds"] for r in res["nodes"] if "seconds" in r)
     fails = [r for r in res["nodes"] if "error" in r]
@@ -298,22 +320,14 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
             def serve_pxe_storm(clients: Any, cfg: dict[str, Any], want: dict[str, str],
                                 status: bool) -> dict[str, Any]:
                 """One storm against the serve-pxe running."""
-                settle(srv, cli, flush=args.cold_neighbours)
-                u0, k0, _ = ns_usage(srv)
-                m0, net = machine_cpu(), netcounters.start(srv, cli)
-                res = clients(cli, cfg, work, args.timeout)
-                m1, counted = machine_cpu(), net()
-                u1, k1, rss = ns_usage(srv)
+                res, o = measured(srv, cli, args.cold_neighbours,
+                                  lambda: clients(cli, cfg, work, args.timeout))
                 st = None
                 if status and root != "nfs":  # the status file is written every 2 s: wait
                     st = storm._wait_status(
                         storm.StormLab(srv, cli, br, cif, work, state, work / "nodes.toml",
                                        nodes),
                         lambda s: all(n["stage"] == "booted" for n in s["nodes"]), timeout=20)
-                o = summarize(res, u1 - u0, k1 - k0, rss)
-                o["net"] = counted
-                o["machine_idle_s"] = round(m1[0] - m0[0], 1)
-                o["machine_steal_s"] = round(m1[1] - m0[1], 1)
                 if st is not None:
                     o["booted_in_status"] = sum(n["stage"] == "booted" for n in st["nodes"])
                 else:
@@ -366,20 +380,12 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                             f"{squash.squash_dir(state, 'storm')}/; }}\n"
                             "        location = /sidus/report { return 204; }"),
                             access_log=str(run / "access.log")))
-                    settle(srv, cli, flush=args.cold_neighbours)
-                    u0, k0, _ = ns_usage(srv)
-                    m0, net = machine_cpu(), netcounters.start(srv, cli)
-                    rres = clients(cli, cfg, work, args.timeout)
-                    m1, counted = machine_cpu(), net()
-                    u1, k1, rss = ns_usage(srv)
+                    rres, o = measured(srv, cli, args.cold_neighbours,
+                                       lambda: clients(cli, cfg, work, args.timeout))
                 finally:
                     for other in reversed(others):
                         other.stop()
                     dnsmasq.stop()
-                o = summarize(rres, u1 - u0, k1 - k0, rss)
-                o["net"] = counted
-                o["machine_idle_s"] = round(m1[0] - m0[0], 1)
-                o["machine_steal_s"] = round(m1[1] - m0[1], 1)
                 if not o["failures"]:
                     sim.check_storm(rres, nodes, want, phases)
                 return o

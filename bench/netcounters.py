@@ -15,6 +15,8 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.netns_util import nsexec
+
 # (file's prefix, counter): the TCP counters that say where a storm waited (Linux
 # include/uapi/linux/snmp.h; MIB-II names from RFC 4022 for the Tcp: line)
 TCP = (("Tcp", "RetransSegs"), ("Tcp", "InSegs"), ("Tcp", "OutSegs"),
@@ -47,8 +49,9 @@ def _tables(text: str) -> dict[str, int]:
 
 
 def machine() -> dict[str, int]:
-    """The neighbour table's statistics and the input backlogs' drops, summed over the
-    CPUs: ``{column: count}`` (machine-wide: both are shared by every namespace)."""
+    """The neighbour table's statistics (:data:`ARP`) and the input backlogs' drops
+    (:data:`SOFTNET`), summed over the CPUs: ``{column: count}`` (machine-wide: both are
+    shared by every namespace; proc(5)). :class:`OSError` if /proc is not mounted."""
     lines = Path("/proc/net/stat/arp_cache").read_text().split("\n")
     names = lines[0].split()
     sums = dict.fromkeys(names, 0)
@@ -66,11 +69,11 @@ def machine() -> dict[str, int]:
 
 
 def snapshot(ns: str) -> dict[str, int]:
-    """The TCP counters of namespace ``ns``: ``{"Prefix.Name": count}``. Raises
+    """Every TCP and IP counter of namespace ``ns`` (its /proc/net/snmp and /proc/net/netstat,
+    proc(5)): ``{"Prefix.Name": count}``, e.g. ``"TcpExt.ListenOverflows"``. Raises
     ``subprocess.CalledProcessError`` when ``ns`` does not exist."""
-    text = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp",
-                           "/proc/net/netstat"], capture_output=True, text=True,
-                          check=True).stdout
+    text = subprocess.run(nsexec(ns, "cat", "/proc/net/snmp", "/proc/net/netstat"),
+                          capture_output=True, text=True, check=True).stdout
     return _tables(text)
 
 
