@@ -506,6 +506,75 @@ def test_window_with_a_lost_block_resends_from_the_gap(live: Live, root: Path) -
     assert sha(got[0]) == sha(root / "small.bin")
 
 
+# -- a client that repeats its RRQ (its timer fired before our first packet reached it) ---------
+
+def test_a_repeated_rrq_is_served_by_the_running_transfer(
+        root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """pxelinux under load sent its RRQ again from the same port before the OACK reached it (a
+    CI run): one transfer serves it from one server port, its first packet sent again while
+    nothing is acknowledged and the copy dropped later; no second transfer races the first
+    towards the same client port. A request for another file from that port ends the old
+    transfer and starts the new one."""
+    lv = Live(root, timeout=5, retries=3)
+    caplog.set_level(logging.INFO, logger="sidusctl")
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        c.settimeout(5)
+        c.bind(("127.0.0.1", 0))
+        rrq = tc.encode_request(tc.RRQ, "small.bin", options={"blksize": "1024", "tsize": "0"})
+        c.sendto(rrq, ("127.0.0.1", lv.port))
+        first, tid = c.recvfrom(2048)
+        assert isinstance(tc.parse(first), tc.Oack)
+        c.sendto(rrq, ("127.0.0.1", lv.port))  # the OACK is "late": ask again
+        again, tid2 = c.recvfrom(2048)
+        assert again == first and tid2 == tid  # the same OACK from the same transfer
+        assert (lv.server.stats.requests, lv.server.stats.repeated) == (2, 1)
+        assert lv.server.stats.active == 1
+        c.sendto(tc.encode_ack(0), tid)
+        out, block = [], 1
+        while True:
+            data, addr = c.recvfrom(2048)
+            p = tc.parse(data)
+            assert isinstance(p, tc.Data) and addr == tid
+            if p.block != block:
+                continue
+            if block == 3:  # mid-transfer: a stale copy is dropped, nothing is resent
+                c.sendto(rrq, ("127.0.0.1", lv.port))
+            out.append(p.payload)
+            c.sendto(tc.encode_ack(block), tid)
+            block += 1
+            if len(p.payload) < 1024:
+                break
+        assert sha(b"".join(out)) == sha(root / "small.bin")
+        _wait_for(lambda: lv.server.stats.active == 0)
+        st_ = lv.server.stats
+        assert (st_.requests, st_.repeated, st_.completed, st_.failed, st_.retransmits) == \
+            (3, 2, 1, 0, 0)
+        assert caplog.text.count("repeated while its transfer runs (first packet sent again)") == 1
+        assert caplog.text.count("repeated while its transfer runs (ignored)") == 1
+
+        # another file from the same port: the old transfer is given up, the new one served
+        c.sendto(tc.encode_request(tc.RRQ, "small.bin"), ("127.0.0.1", lv.port))
+        d1, old = c.recvfrom(2048)
+        assert isinstance(tc.parse(d1), tc.Data)
+        c.sendto(tc.encode_request(tc.RRQ, "pxelinux.cfg/default"), ("127.0.0.1", lv.port))
+        while True:  # a retransmission from the old transfer may still be in flight
+            data, addr = c.recvfrom(2048)
+            if addr != old:
+                break
+        p = tc.parse(data)
+        assert isinstance(p, tc.Data) and p.payload == (root / "pxelinux.cfg/default").read_bytes()
+        c.sendto(tc.encode_ack(1), addr)
+        _wait_for(lambda: lv.server.stats.active == 0)
+        assert (lv.server.stats.completed, lv.server.stats.aborted) == (2, 1)
+        assert "'small.bin' ended by the client: the client asked for " \
+            "'pxelinux.cfg/default' from the same port" in caplog.text
+        assert lv.server.stats.internal_errors == 0
+    finally:
+        c.close()
+        lv.close()
+
+
 # -- a client that closes its port (ICMP port unreachable, RFC 1350 section 6) -------------------
 
 def _closing_client(lv: Live, name: str) -> tuple[socket.socket, tuple[str, int]]:

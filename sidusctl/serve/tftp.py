@@ -315,6 +315,14 @@ class TftpServer:
             log.warning("TFTP %s: RRQ %r in mode %r refused", who, p.filename, p.mode)
             self._reply_error(addr, tc.E_ILLEGAL, f"mode {p.mode} not supported")
             return
+        running = self._running_for(addr)
+        if running is not None:
+            if running.filename == p.filename:
+                self._repeated(running)
+                return
+            # the client's port asks for another file: it gave the old transfer up
+            self._finish(running, ok=False, aborted=True,
+                         why=f"the client asked for {p.filename!r} from the same port")
         if len(self._transfers) >= self.cfg.max_transfers:
             self.stats.refused += 1
             log.warning("TFTP %s: RRQ %r refused: %d transfers running (max_transfers)", who,
@@ -379,6 +387,30 @@ class TftpServer:
         log.info("TFTP %s: RRQ %r (%d bytes, blksize %d, windowsize %d%s)", who, p.filename, size,
                  neg.blksize, neg.windowsize, ", options " + ",".join(neg.oack) if neg.oack else "")
         t.guarded(t.start)()
+
+    def _running_for(self, addr: tuple[str, int]) -> Transfer | None:
+        """The transfer running to the client port ``addr`` (its TID, RFC 1350 section 4),
+        if any."""
+        for t in self._transfers.values():
+            if t.addr == addr:
+                return t
+        return None
+
+    def _repeated(self, t: Transfer) -> None:
+        """The client sent the RRQ of running transfer ``t`` again, from the same port: its
+        retransmission timer fired before our first packet reached it (a busy boot loader in a
+        storm), or it is a late copy. One transfer serves it, as dnsmasq does, rather than a
+        second one racing the first from another server port to the same client port (the
+        client keeps the first TID and answers the second with an ERROR or a port
+        unreachable, RFC 1350 section 4). While nothing is acknowledged the first packet
+        (OACK or DATA 1) goes out again at once; later the request is stale and dropped.
+        Counted as ``repeated``."""
+        self.stats.repeated += 1
+        resend = t.acked == 0
+        log.info("TFTP %s:%d: RRQ %r repeated while its transfer runs (%s)", t.addr[0], t.addr[1],
+                 t.filename, "first packet sent again" if resend else "ignored")
+        if resend:
+            t.guarded(t.start)()
 
     def _finish(self, t: Transfer, *, ok: bool, aborted: bool = False, why: str = "") -> None:
         if self._transfers.pop(t.sock.fileno(), None) is None:

@@ -47,10 +47,13 @@ class TftpConfig:
 @dataclass
 class TftpStats:
     """Counters since start: requests, ``completed``/``failed``/``aborted`` transfers (aborted:
-    the client sent an ERROR, e.g. after a tsize probe), ``malformed`` datagrams dropped,
-    ``access_denied`` (error 2), ``not_found`` (error 1), ``wrq_refused``, ``options_refused``,
-    ``retransmits``, ``bytes_sent`` (payload), ``active`` transfers, ``internal_errors`` (bugs:
-exceptions other than a codec decode error, logged with a traceback; 0 in a healthy server)."""
+    the client sent an ERROR, e.g. after a tsize probe, or asked for another file from the
+    transfer's port), ``malformed`` datagrams dropped, ``access_denied`` (error 2),
+    ``not_found`` (error 1), ``wrq_refused``, ``options_refused``, ``retransmits``,
+    ``repeated`` (an RRQ sent again by the client of a running transfer, served by that
+    transfer), ``bytes_sent`` (payload), ``active`` transfers, ``internal_errors`` (bugs:
+    exceptions other than a codec decode error, logged with a traceback; 0 in a healthy
+    server)."""
 
     requests: int = 0
     completed: int = 0
@@ -63,6 +66,7 @@ exceptions other than a codec decode error, logged with a traceback; 0 in a heal
     refused: int = 0
     options_refused: int = 0
     retransmits: int = 0
+    repeated: int = 0
     bytes_sent: int = 0
     active: int = 0
     internal_errors: int = 0
