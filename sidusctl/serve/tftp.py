@@ -315,7 +315,7 @@ class TftpServer:
             log.warning("TFTP %s: RRQ %r in mode %r refused", who, p.filename, p.mode)
             self._reply_error(addr, tc.E_ILLEGAL, f"mode {p.mode} not supported")
             return
-        running = self._running_for(addr)
+        running, mine = self._from_client(addr)
         if running is not None:
             if running.filename == p.filename:
                 self._repeated(running)
@@ -323,13 +323,13 @@ class TftpServer:
             # the client's port asks for another file: it gave the old transfer up
             self._finish(running, ok=False, aborted=True,
                          why=f"the client asked for {p.filename!r} from the same port")
+            mine -= 1
         if len(self._transfers) >= self.cfg.max_transfers:
             self.stats.refused += 1
             log.warning("TFTP %s: RRQ %r refused: %d transfers running (max_transfers)", who,
                         p.filename, len(self._transfers))
             self._reply_error(addr, tc.E_UNDEFINED, "server busy")
             return
-        mine = sum(1 for t in self._transfers.values() if t.addr[0] == addr[0])
         if self.cfg.max_per_client and mine >= self.cfg.max_per_client:
             self.stats.refused += 1
             log.warning("TFTP %s: RRQ %r refused: %d transfers from this client "
@@ -388,13 +388,17 @@ class TftpServer:
                  neg.blksize, neg.windowsize, ", options " + ",".join(neg.oack) if neg.oack else "")
         t.guarded(t.start)()
 
-    def _running_for(self, addr: tuple[str, int]) -> Transfer | None:
+    def _from_client(self, addr: tuple[str, int]) -> tuple[Transfer | None, int]:
         """The transfer running to the client port ``addr`` (its TID, RFC 1350 section 4),
-        if any."""
+        if any, and how many transfers run to ``addr``'s host (one pass over them)."""
+        running, mine = None, 0
+        host = addr[0]
         for t in self._transfers.values():
-            if t.addr == addr:
-                return t
-        return None
+            if t.addr[0] == host:
+                mine += 1
+                if t.addr[1] == addr[1]:
+                    running = t
+        return running, mine
 
     def _repeated(self, t: Transfer) -> None:
         """The client sent the RRQ of running transfer ``t`` again, from the same port: its
