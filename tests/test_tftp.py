@@ -575,6 +575,46 @@ def test_a_repeated_rrq_is_served_by_the_running_transfer(
         lv.close()
 
 
+def test_per_client_limit_refuses_another_port_not_a_repeat_nor_a_new_file(
+        root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``max_per_client`` 1: a second port of the same host gets error 0 "server busy"
+    (counted in ``refused``, a warning logged); the RRQ repeated from the running transfer's
+    port is served by it, and another file from that port replaces the old transfer, as
+    neither adds a transfer."""
+    lv = Live(root, timeout=5, retries=3, max_per_client=1)
+    caplog.set_level(logging.INFO, logger="sidusctl")
+    a, b = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    try:
+        for c in (a, b):
+            c.settimeout(5)
+            c.bind(("127.0.0.1", 0))
+        rrq = tc.encode_request(tc.RRQ, "small.bin")
+        a.sendto(rrq, ("127.0.0.1", lv.port))
+        assert isinstance(tc.parse(a.recvfrom(2048)[0]), tc.Data)
+        b.sendto(rrq, ("127.0.0.1", lv.port))
+        err = tc.parse(b.recvfrom(2048)[0])
+        assert isinstance(err, tc.Error) and err.message == "server busy"
+        assert "transfers from this client (max_per_client)" in caplog.text
+        a.sendto(rrq, ("127.0.0.1", lv.port))  # a repeat: DATA 1 again, not refused
+        assert isinstance(tc.parse(a.recvfrom(2048)[0]), tc.Data)
+        a.sendto(tc.encode_request(tc.RRQ, "pxelinux.cfg/default"), ("127.0.0.1", lv.port))
+        while True:  # past any DATA 1 of the old transfer still on its way
+            data, addr = a.recvfrom(2048)
+            p = tc.parse(data)
+            assert isinstance(p, tc.Data)
+            if p.payload == (root / "pxelinux.cfg/default").read_bytes():
+                break
+        a.sendto(tc.encode_ack(1), addr)
+        _wait_for(lambda: lv.server.stats.active == 0)
+        st_ = lv.server.stats
+        assert (st_.refused, st_.repeated, st_.aborted, st_.completed) == (1, 1, 1, 1)
+        assert st_.internal_errors == 0
+    finally:
+        a.close()
+        b.close()
+        lv.close()
+
+
 # -- a client that closes its port (ICMP port unreachable, RFC 1350 section 6) -------------------
 
 def _closing_client(lv: Live, name: str) -> tuple[socket.socket, tuple[str, int]]:
