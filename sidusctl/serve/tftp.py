@@ -403,12 +403,13 @@ class TftpServer:
     def _repeated(self, t: Transfer) -> None:
         """The client sent the RRQ of running transfer ``t`` again, from the same port: its
         retransmission timer fired before our first packet reached it (a busy boot loader in a
-        storm), or it is a late copy. One transfer serves it, as dnsmasq does, rather than a
-        second one racing the first from another server port to the same client port (the
-        client keeps the first TID and answers the second with an ERROR or a port
-        unreachable, RFC 1350 section 4). While nothing is acknowledged the first packet
-        (OACK or DATA 1) goes out again at once; later the request is stale and dropped.
-        Counted as ``repeated``."""
+        storm), or it is a late copy. One transfer serves it, rather than a second one racing
+        the first from another server port to the same client port (the client keeps the
+        first TID and answers the second with an ERROR or a port unreachable, RFC 1350
+        section 4). dnsmasq, by default, starts that second transfer; in its single-port mode
+        it starts the transfer again. While nothing is acknowledged the first packet (OACK or
+        DATA 1) goes out again at once; later the request is stale and dropped. Counted as
+        ``repeated``."""
         self.stats.repeated += 1
         resend = t.acked == 0
         log.info("TFTP %s:%d: RRQ %r repeated while its transfer runs (%s)", t.addr[0], t.addr[1],
