@@ -98,7 +98,7 @@ def check_secure_boot_node(lab: PxeLab, g: qemu.Guest, root: str) -> None:
 
 def check_ipxe_node(lab: PxeLab, g: qemu.Guest, root: str) -> None:
     """``NODE2`` came through ipxe.efi over HTTP, which asked for its script, not itself."""
-    from tests.test_pxe_boot import check_node
+    from tests.test_pxe_boot import check_bootif, check_node
 
     text = lab.serve_text()
     assert re.search(rf"DHCP {NODE2.mac}: REQUEST \(selecting\) -> ACK {NODE2.ip} .*"
@@ -109,8 +109,7 @@ def check_ipxe_node(lab: PxeLab, g: qemu.Guest, root: str) -> None:
                      r"\(iPXE user class: script\)", text), text[-3000:]
     assert f"TFTP {NODE2.ip}:" not in text, "the HTTP Boot node used TFTP"
     assert g.sh("test -d /sys/firmware/efi && echo uefi") == "uefi"
-    mac = NODE2.mac.replace(":", "-")
-    assert f"BOOTIF=01-{mac}" in g.sh("cat /proc/cmdline")
+    check_bootif(g, NODE2)
     check_node(g, NODE2, root)
 
 

@@ -83,6 +83,15 @@ def check_node(g: Guest, node: LabNode, root: str) -> None:
     check_overlay_root(g, root)
 
 
+def check_bootif(g: Guest, node: LabNode) -> list[str]:
+    """The booted node's kernel command line, as words, checked to carry ``BOOTIF=01-<its
+    MAC>``: what the boot loader appends from the node's own per-MAC configuration
+    (pxelinux's ``IPAPPEND 2``, our GRUB and iPXE scripts)."""
+    cmdline = g.sh("cat /proc/cmdline").split()
+    assert f"BOOTIF=01-{node.mac.replace(':', '-')}" in cmdline, cmdline
+    return cmdline
+
+
 def check_overlay_root(g: Guest, root: str) -> None:
     fstype, opts = g.sh("findmnt -n -o FSTYPE,OPTIONS /").split(None, 1)
     assert fstype == "overlay", f"/ is {fstype}"
@@ -131,9 +140,8 @@ def test_two_diskless_guests_boot_at_once_through_pxelinux(minimal_image: BuiltI
             g.login()
             # pxelinux's own words: BOOT_IMAGE (its loader) and BOOTIF (IPAPPEND 2 of the
             # per-MAC config, with this node's MAC)
-            cmdline = g.sh("cat /proc/cmdline").split()
+            cmdline = check_bootif(g, node)
             assert "BOOT_IMAGE=vmlinuz-minimal" in cmdline, cmdline
-            assert f"BOOTIF=01-{node.mac.replace(':', '-')}" in cmdline, cmdline
             check_node(g, node, root)
             check_resolver(g)
             other = NODE2 if node is NODE1 else NODE1
@@ -209,7 +217,7 @@ def check_uefi_node(lab: PxeLab, g: Guest, root: str) -> None:
         assert re.search(rf"TFTP {re.escape(str(NODE1.ip))}:\d+: sent '/?{re.escape(f)}'",
                          text), f
     assert g.sh("test -d /sys/firmware/efi && echo uefi") == "uefi"
-    assert f"BOOTIF=01-{mac}" in g.sh("cat /proc/cmdline")
+    check_bootif(g, NODE1)
     check_node(g, NODE1, root)
 
 
