@@ -413,3 +413,37 @@ def test_idle_workers_retire_after_a_storm(tmp_path: Path, monkeypatch: pytest.M
             assert _get(f"http://127.0.0.1:{srv.port}/small")[0] == 200
         assert srv.stats.internal_errors == 0, srv.stats
     assert not _http_workers()
+
+
+def test_a_head_and_a_form_sent_piecemeal_are_answered_once_whole(tmp_path: Path) -> None:
+    """A connection's requests are read until each is whole: a head that arrives a few
+    bytes at a time, then a report whose form follows its head in another segment, are
+    each answered once, the form handed over complete."""
+    (tmp_path / "b").write_bytes(b"B" * 10)
+    forms: list[dict[str, str]] = []
+
+    def on_post(_ip: str, _path: str, form: dict[str, str]) -> int:
+        forms.append(form)
+        return 204
+
+    cfg = http.HttpConfig(root=tmp_path, address="127.0.0.1", port=0, post_paths=("/r",))
+    with http.serve(cfg, on_post=on_post) as srv, \
+            socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for piece in (b"GET /b HT", b"TP/1.1\r\nHo", b"st: x\r\n\r", b"\n"):
+            s.sendall(piece)
+            time.sleep(0.05)
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200") and first.endswith(b"B" * 10), first
+        s.sendall(b"POST /r HTTP/1.1\r\nHost: x\r\nContent-Length: 25\r\n\r\nmac=52:54:00:00")
+        time.sleep(0.2)
+        assert not forms  # not answered before the form is whole
+        s.sendall(b":00:01&s=1")
+        s.shutdown(socket.SHUT_WR)
+        rest = b""
+        while chunk := s.recv(65536):
+            rest += chunk
+        assert rest.count(b"HTTP/1.1 ") == 1 and rest.startswith(b"HTTP/1.1 204"), rest
+    assert forms == [{"mac": "52:54:00:00:00:01", "s": "1"}]
+    assert srv.stats.requests == 2 and srv.stats.internal_errors == 0 and srv.stats.aborted == 0
+
