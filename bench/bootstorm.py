@@ -79,6 +79,7 @@ sys.path[:] = [str(REPO), *(d for d in sys.path if Path(d or ".").resolve() != R
 import tests.storm_sim as sim  # noqa: E402
 import tests.test_storm as storm  # noqa: E402
 from bench import netcounters, nginx_ref  # noqa: E402
+from bench.cpucounters import machine_cpu, ns_usage  # noqa: E402
 from bench.nfs_client import load_reads, nfs_boot_reads  # noqa: E402
 from bench.pairs import describe, pair_stats  # noqa: E402
 from tests.netns_util import Daemon, bridge, enslave, ip, netns, nsexec, veth  # noqa: E402
@@ -158,33 +159,6 @@ def private_run(ns: str, *argv: str) -> list[str]:
     another rpcbind, in any namespace, holds /run/rpcbind.lock (as sidusctl.netboot.lab)."""
     return nsexec(ns, "unshare", "-m", "sh", "-c", 'mount -t tmpfs sdt-run /run && exec "$@"',
                   "sh", *argv)
-
-
-def ns_usage(ns: str) -> tuple[float, float, float]:
-    """CPU seconds in user space and in the kernel, and summed peak RSS (MiB), of the
-    processes in ``ns``."""
-    tick = os.sysconf("SC_CLK_TCK")
-    user = kernel = rss = 0.0
-    for pid in ip("netns", "pids", ns, check=False).stdout.split():
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            user += int(stat[11]) / tick
-            kernel += int(stat[12]) / tick
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    rss += int(line.split()[1]) / 1024
-        except (OSError, IndexError, ValueError):
-            continue
-    return user, kernel, rss
-
-
-def machine_cpu() -> tuple[float, float]:
-    """Seconds the machine's CPUs spent idle and stolen by the hypervisor so far (the
-    ``cpu`` line of /proc/stat, proc(5)): a storm's share of steal says how much of its time
-    the machine lost to other guests."""
-    f = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(f[4]) / tick, (int(f[8]) if len(f) > 8 else 0) / tick
 
 
 def settle(*namespaces: str, flush: bool = False) -> None:
