@@ -12,8 +12,9 @@ from tests.netns_util import ip
 
 
 def ns_usage(ns: str) -> tuple[float, float, float]:
-    """CPU seconds in user space and in the kernel, and summed peak RSS (MiB), of the
-    processes in ``ns``."""
+    """``(user, kernel, rss)``: CPU seconds in user space and in the kernel, and the summed
+    peak RSS in MiB, of the processes in network namespace ``ns`` (``ip netns pids``). A
+    process that ends while it is read is left out; nothing is raised for it."""
     tick = os.sysconf("SC_CLK_TCK")
     user = kernel = rss = 0.0
     for pid in ip("netns", "pids", ns, check=False).stdout.split():
@@ -30,9 +31,9 @@ def ns_usage(ns: str) -> tuple[float, float, float]:
 
 
 def machine_cpu() -> tuple[float, float]:
-    """Seconds the machine's CPUs spent idle and stolen by the hypervisor so far (the
-    ``cpu`` line of /proc/stat, proc(5)): a storm's share of steal says how much of its time
-    the machine lost to other guests."""
+    """``(idle, steal)``: seconds the machine's CPUs spent idle and stolen by the hypervisor
+    so far (the ``cpu`` line of /proc/stat, proc(5)): a storm's share of steal says how much
+    of its time the machine lost to other guests."""
     f = Path("/proc/stat").read_text().split("\n", 1)[0].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(f[4]) / tick, (int(f[8]) if len(f) > 8 else 0) / tick

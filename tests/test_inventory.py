@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sidusctl.core.errors import ConfigErrors
-from sidusctl.core.mac import normalize_mac
+from sidusctl.core.mac import normalize_mac, pxelinux_name
 from sidusctl.netboot.inventory import Node, load, parse
 from tests.conftest import sidusctl
 
@@ -108,6 +108,10 @@ def test_boot_file_names_match_the_reference_vectors() -> None:
     g = Node("b", "52:54:00:ec:33:81", ipaddress.IPv4Address("10.0.0.130"), "minimal")
     assert g.mac_dashes == "52-54-00-ec-33-81"
     assert g.hex_ip == "0A000082"
+    # the same name from any MAC form (the kernel's BOOTIF value is this too)
+    assert pxelinux_name("88-99-AA-BB-CC-DD") == n.pxelinux_name
+    with pytest.raises(ValueError):
+        pxelinux_name("88:99:aa:bb:cc")
 
 
 def test_every_problem_reported_at_once_with_lines() -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from sidusctl.core.errors import NotFoundError, SidusError
+from sidusctl.core.mac import pxelinux_name
 from sidusctl.netboot.lab import SERVER, LabNode, PxeLab, wait_logins
 from sidusctl.serve.leases import read_leases
 from sidusctl.subsys.qemu import Guest
@@ -88,7 +89,7 @@ def check_bootif(g: Guest, node: LabNode) -> list[str]:
     MAC>``: what the boot loader appends from the node's own per-MAC configuration
     (pxelinux's ``IPAPPEND 2``, our GRUB and iPXE scripts)."""
     cmdline = g.sh("cat /proc/cmdline").split()
-    assert f"BOOTIF=01-{node.mac.replace(':', '-')}" in cmdline, cmdline
+    assert f"BOOTIF={pxelinux_name(node.mac)}" in cmdline, cmdline
     return cmdline
 
 
@@ -125,7 +126,7 @@ def test_two_diskless_guests_boot_at_once_through_pxelinux(minimal_image: BuiltI
             assert re.search(rf"DHCP {node.mac}: REQUEST \(selecting\) -> ACK {node.ip} .*"
                              r"boot file pxelinux\.0", text), text[-3000:]
             # ... pxelinux's files from our TFTP, the per-MAC config included
-            for f in ("pxelinux.0", "ldlinux.c32", f"pxelinux.cfg/01-{node.mac.replace(':', '-')}",
+            for f in ("pxelinux.0", "ldlinux.c32", f"pxelinux.cfg/{pxelinux_name(node.mac)}",
                       "vmlinuz-minimal", "initrd.img-minimal"):
                 assert f"TFTP {node.ip}:" in text and re.search(
                     rf"TFTP {re.escape(str(node.ip))}:\d+: sent '{re.escape(f)}'", text), f
@@ -155,7 +156,7 @@ def test_two_diskless_guests_boot_at_once_through_pxelinux(minimal_image: BuiltI
         for _, node in guests:
             st = status[node.name]
             assert st["dhcp"] == str(node.ip), st
-            assert {"pxelinux.0", f"pxelinux.cfg/01-{node.mac.replace(':', '-')}",
+            assert {"pxelinux.0", f"pxelinux.cfg/{pxelinux_name(node.mac)}",
                     "vmlinuz-minimal", "initrd.img-minimal"} <= set(st["files"]), st
             assert st["booted"] is True, st  # the kernel's own DHCP after kernel + initrd
         assert lab.stop_serve() == 0
@@ -210,8 +211,7 @@ def check_uefi_node(lab: PxeLab, g: Guest, root: str) -> None:
     assert re.search(rf"DHCP {NODE1.mac}: REQUEST \(selecting\) -> ACK {NODE1.ip} .*"
                      r"boot file grubnetx64\.efi \(arch 7 x86-64 UEFI\)", text), text[-3000:]
     assert "iPXE user class" not in text  # the firmware's PXE, not an iPXE ROM
-    mac = NODE1.mac.replace(":", "-")
-    for f in ("grubnetx64.efi", f"grub/grub.cfg-01-{mac}", "vmlinuz-minimal",
+    for f in ("grubnetx64.efi", f"grub/grub.cfg-{pxelinux_name(NODE1.mac)}", "vmlinuz-minimal",
               "initrd.img-minimal"):
         # GRUB asks with a leading / (its prefix is /grub): served from the tree
         assert re.search(rf"TFTP {re.escape(str(NODE1.ip))}:\d+: sent '/?{re.escape(f)}'",
@@ -230,8 +230,8 @@ def check_proxy_node(lab: PxeLab, g: Guest, addr: str) -> None:
     assert " -> ACK 10.77" not in text  # addresses are the site server's business
     console = g.transcript()  # either line is enough (see the two-guest test)
     assert "Filename: pxelinux.0" in console or "PXELINUX" in console
-    assert re.search(rf"TFTP {re.escape(addr)}:\d+: sent 'pxelinux.cfg/01-"
-                     rf"{NODE2.mac.replace(':', '-')}'", text)
+    assert re.search(rf"TFTP {re.escape(addr)}:\d+: sent 'pxelinux.cfg/"
+                     rf"{pxelinux_name(NODE2.mac)}'", text)
     # pxe status ties the files fetched from dnsmasq's address to the node (by its
     # per-MAC pxelinux file)
     st = lab.status()[NODE2.name]

@@ -22,3 +22,11 @@ def normalize_mac(mac: object) -> str:
 def mac_bytes(mac: str) -> bytes:
     """The 6 bytes of ``mac`` (any form :func:`normalize_mac` takes); ValueError otherwise."""
     return bytes.fromhex(normalize_mac(mac).replace(":", ""))
+
+
+def pxelinux_name(mac: str) -> str:
+    """``52:54:00:ab:cd:ef`` → ``01-52-54-00-ab-cd-ef``: the ARP hardware type (1, Ethernet)
+    and the address in dashes, as pxelinux names a machine's ``pxelinux.cfg`` file and as
+    its ``IPAPPEND 2`` passes ``BOOTIF=`` to the kernel (GRUB's per-MAC ``grub.cfg-`` files
+    use the same form). ``mac`` in any form :func:`normalize_mac` takes; ValueError otherwise."""
+    return "01-" + normalize_mac(mac).replace(":", "-")

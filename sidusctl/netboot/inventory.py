@@ -50,7 +50,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator
 
 from sidusctl.core.config import Checker, Frozen, as_tuple, key_name, parse_toml, read_text
-from sidusctl.core.mac import normalize_mac
+from sidusctl.core.mac import normalize_mac, pxelinux_name
 from sidusctl.serve.dhcp_config import Reservation
 
 MODES = ("tmpfs", "disk", "iscsi", "nfs", "off")
@@ -103,7 +103,7 @@ class Node:
     @property
     def pxelinux_name(self) -> str:
         """``01-52-54-00-12-34-56``: pxelinux.cfg file name (ARP type 1 = Ethernet)."""
-        return "01-" + self.mac_dashes
+        return pxelinux_name(self.mac)
 
     @property
     def hex_ip(self) -> str:
