@@ -336,6 +336,41 @@ def test_a_stalled_or_vanished_reader_frees_its_slot(tmp_path: Path,
         stalled.close()
 
 
+def test_connections_left_idle_are_ended_and_counted(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection that waits the handler's timeout (1 s here) without a whole request
+    head is ended by the server and counted in ``idle_closed``: a keep-alive connection not
+    used again after its answer, one that never sent anything, one that stopped inside a
+    head. One the client closes itself after its answer is not counted. Every slot is
+    free afterwards."""
+    (tmp_path / "small").write_bytes(b"x" * 100)
+    monkeypatch.setattr(http._Handler, "timeout", 1)
+    cfg = http.HttpConfig(root=tmp_path, address="127.0.0.1", port=0)
+    request = b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n"
+    with http.serve(cfg) as srv:
+        kept, closed = (socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+                        for _ in range(2))
+        silent = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        halfway = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        halfway.sendall(request[:20])
+        for s in (kept, closed):
+            s.sendall(request)
+            answer = b""
+            while not answer.endswith(b"x" * 100):
+                answer += s.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close" not in answer
+        closed.close()
+        for s in (kept, silent, halfway):  # the server ends them: EOF after about 1 s
+            assert s.recv(100) == b""
+            s.close()
+        deadline = time.monotonic() + 10
+        while srv.stats.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (srv.stats.idle_closed, srv.stats.active) == (3, 0), srv.stats
+        assert (srv.stats.requests, srv.stats.internal_errors, srv.stats.aborted) == (2, 0, 0)
+        assert srv.stats.as_dict()["idle_closed"] == 3
+
+
 def test_workers_are_reused_and_closing_ends_every_connection(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Connections are served by a pool of worker threads, reused from one connection to

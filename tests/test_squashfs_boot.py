@@ -17,6 +17,9 @@ One lab, two guests booted at once, one reboot (three TCG boots for the whole is
 - both nodes reported what their kernel says: no lockdown, no Secure Boot (BIOS guests);
 - both loaded their AppArmor policy from the cache the build compiled for their kernel, and
   compiled nothing at boot;
+- every HTTP client of the first boots (iPXE, the initramfs's download, the reports) closed
+  its connections itself: serve-pxe ended none for idleness (``idle_closed``), so no node
+  holds a slot of ``--http-per-client`` once it has booted;
 - the squashfs-http node holds its image in huge pages; its kernel took the hash tree
   sidusctl wrote (its root is mounted through the verity device, no block failed), and
   refuses a block changed by one bit: a
@@ -45,6 +48,8 @@ import pytest
 
 from sidusctl.netboot import squash
 from sidusctl.netboot.lab import LabNode, PxeLab, wait_logins
+from sidusctl.serve import http
+from sidusctl.serve.supervisor import read_status
 from sidusctl.subsys.qemu import Guest
 from tests.conftest import SIDUSCTL, BuiltImage
 from tests.netns_util import uniq
@@ -115,6 +120,20 @@ def pxe_status(lab: PxeLab) -> dict[str, dict[str, object]]:
     r = subprocess.run([*SIDUSCTL, "pxe", "status", "--json"], capture_output=True, text=True,
                        env={**os.environ, "SIDUSCTL_STATE": str(lab.state)}, check=True)
     return {n["name"]: n for n in json.loads(r.stdout)["nodes"]}
+
+
+def check_no_connection_left_idle(lab: PxeLab, since: float) -> None:
+    """Every HTTP client of the first boots closed its connections itself: the nodes' iPXE
+    (kernel, initrd and script; it closes them before it starts the kernel), the
+    initramfs's download and the reports. A connection left open would hold a worker and a
+    ``per_client`` slot until serve-pxe ended it, counted in ``idle_closed``, the handler's
+    timeout after its last request, which came before ``since`` (the login prompts, a
+    ``time.monotonic()``): so the check waits until that timeout (plus the status file's
+    rewrite) has passed since then."""
+    time.sleep(max(0.0, since + http._Handler.timeout + 10 - time.monotonic()))
+    _, st = read_status(lab.state, "serve-pxe")
+    assert st["http"]["idle_closed"] == 0, st["http"]
+    assert st["http"]["requests"] > 0 and st["http"]["internal_errors"] == 0, st["http"]
 
 
 def check_squashfs_root(g: Guest, root: str, generation: str) -> None:
@@ -207,6 +226,7 @@ def test_squashfs_roots_boot_keep_their_generation_and_reboot_into_the_new_one(
             g1 = lab.boot(HTTP_NODE, memory=2048, timeout=BOOT_TIMEOUT)
             g2 = lab.boot(NFS_NODE, memory=1024, timeout=BOOT_TIMEOUT)
             wait_logins(lab, [(g1, HTTP_NODE), (g2, NFS_NODE)], BOOT_TIMEOUT)
+            first_logins = time.monotonic()
             assert "sidus: root: squashfs over HTTP" in g1.tail(200000)
             for g, node in ((g1, HTTP_NODE), (g2, NFS_NODE)):
                 g.login(timeout=120)
@@ -256,6 +276,7 @@ def test_squashfs_roots_boot_keep_their_generation_and_reboot_into_the_new_one(
                 env={**os.environ, "SIDUSCTL_STATE": str(lab.state)},
                 check=True).stdout)["held"]["minimal"]
             assert g2.sh("md5sum /usr/bin/dpkg | cut -c1-8")
+            check_no_connection_left_idle(lab, first_logins)
     finally:
         if new is not None:
             shutil.rmtree(new, ignore_errors=True)

@@ -81,7 +81,10 @@ class HttpStats:
     """Counters since start: ``requests``, ``files`` delivered whole or in part (``ranges``:
     206 answers), ``bytes_sent`` (bodies), ``not_found``, ``refused`` (503: over a limit),
     ``denied`` (403), ``posts``, ``active`` connections and their ``peak``, ``aborted``
-    (client gone mid-body), ``internal_errors`` (bugs).
+    (client gone mid-body), ``idle_closed`` (connections the server ended after
+    :attr:`_Handler.timeout` seconds without a whole request head: a client that kept its
+    connection open and never used it again held a worker and a slot of ``max_clients`` and
+    ``per_client`` that long), ``internal_errors`` (bugs).
 
     A request's counts are added before its client can have the whole answer, so a client
     that has its answer reads counters that include it. A body is counted whole when it
@@ -99,6 +102,7 @@ class HttpStats:
     active: int = 0
     peak: int = 0
     aborted: int = 0
+    idle_closed: int = 0
     internal_errors: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -210,6 +214,9 @@ class _Handler:
                 try:
                     got = read_head(conn, pending)
                 except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO: idle too long
+                    srv.stats.add(idle_closed=1)
+                    log.debug("HTTP %s: no request for %g s, connection closed", self.client,
+                              timeout)
                     return
                 except OSError as e:  # reset, unreachable...: only the socket is read here
                     srv.stats.add(aborted=1)
