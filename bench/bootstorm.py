@@ -76,6 +76,7 @@ REPO = Path(__file__).resolve().parent.parent
 # the repository first on the path, bench/ itself not (a bench script named like a standard
 # library module would stand in for it)
 sys.path[:] = [str(REPO), *(d for d in sys.path if Path(d or ".").resolve() != REPO / "bench")]
+import tests.storm_proto as simproto  # noqa: E402
 import tests.storm_sim as sim  # noqa: E402
 import tests.test_storm as storm  # noqa: E402
 from bench import netcounters, nginx_ref  # noqa: E402
@@ -100,7 +101,7 @@ async def nfs_node(cfg: dict[str, Any], n: dict[str, str], proto: Any, tr: Any,
     m = re.search(rb"nfsroot=([0-9.]+):([^, ]+),\S*rsize=(\d+)", conf)
     if m is None:
         raise RuntimeError(f"{n['mac']}: no nfsroot= in its boot config")
-    rec["dhcp"]["kernel"] = await sim.dhcp_phase(proto, tr, mac, "kernel", sid, tally)
+    rec["dhcp"]["kernel"] = await simproto.dhcp_phase(proto, tr, mac, "kernel", sid, tally)
     t_root = time.monotonic()
     digests.update(await nfs_boot_reads(me, m[1].decode(), m[2].decode(), cfg["entries"],
                                         int(m[3]), tally, set(cfg["check"])))
@@ -109,7 +110,7 @@ async def nfs_node(cfg: dict[str, Any], n: dict[str, str], proto: Any, tr: Any,
     # root's reads
     boot = "dhcp+http" if cfg.get("boot") == "ipxe-http" else "dhcp+tftp"
     rec["by_protocol"] = {boot: t_root - t0, "nfs": rec["root_s"]}
-    rec["dhcp"]["system"] = await sim.dhcp_phase(proto, tr, mac, "system", sid, tally)
+    rec["dhcp"]["system"] = await simproto.dhcp_phase(proto, tr, mac, "system", sid, tally)
     rec["digests"] = digests
     rec["seconds"] = time.monotonic() - t0
     return rec
@@ -118,8 +119,8 @@ async def nfs_node(cfg: dict[str, Any], n: dict[str, str], proto: Any, tr: Any,
 async def nfs_storm(cfg: dict[str, Any]) -> dict[str, Any]:
     """Every node of ``cfg["nodes"]`` booting its nfs root at once (within ``spread`` s), at
     most ``timeout`` s; per node its record or its error (as tests/storm_sim.storm)."""
-    tr, proto = await sim.dhcp_client(cfg["interface"])
-    tally = sim.Tally()
+    tr, proto = await simproto.dhcp_client(cfg["interface"])
+    tally = simproto.Tally()
     tally.nfs_calls = tally.nfs_retries = 0  # type: ignore[attr-defined]
     cfg["entries"] = load_reads(Path(cfg["reads"]))
     t0, cpu0 = await sim.shard_start(cfg), time.process_time()  # a shard: its storm's start
