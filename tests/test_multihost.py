@@ -126,8 +126,10 @@ def test_platform_over_three_pnodes(lab: tuple[Lab, str]) -> None:
     try:
         # a pnode that cannot be reached: up stops before creating anything anywhere
         stop_sshd(the_lab, the_lab.pnodes[2])
-        rc, out, err = cli(front, "vnode", "up", str(pf), "--timeout", "240")
+        rc, out, err = cli(front, "vnode", "up", str(pf), "--timeout", "240", "--json")
         assert rc == 1 and "pn3: unreachable" in err, err
+        # --json: the failure is on stdout too, per pnode, for a script to act on
+        assert list(json.loads(out)["problems"]) == ["pn3"], out
         r = on_pnode(the_lab.pnodes[0], sys.executable, "-m", "sidusctl", "--state-dir",
                      str(the_lab.pnodes[0].state), "vnode", "list", "--json")
         assert json.loads(r.stdout) == [], r.stdout
@@ -193,10 +195,16 @@ def test_platform_over_three_pnodes(lab: tuple[Lab, str]) -> None:
         # (this machine's kernel has no netem: the pnodes' answers say so, per pnode)
         matrix = WORK / "matrix"
         matrix.write_text("sdt-mh1 sdt-mh4 sdt-mh7\n0 10 20\n10 0 30\n20 30 0\n")
-        rc, out, err = cli(front, "vnode", "latency-matrix", "--platform", str(pf), str(matrix))
+        rc, out, err = cli(front, "vnode", "latency-matrix", "--platform", str(pf), str(matrix),
+                           "--json")
+        res = json.loads(out)
         if rc != 0:
             assert "netem" in err and all(f"pn{k}: " in err for k in (1, 2, 3)), err
+            assert sorted(res["problems"]) == ["pn1", "pn2", "pn3"] and res["pnodes"] == {}, out
+            assert all("netem" in why for why in res["problems"].values()), out
         else:
+            assert res == {"pnodes": {f"pn{k}": "applied" for k in (1, 2, 3)},
+                           "problems": {}}, out
             rc, out, err = cli(front, "vnode", "exec", "--platform", str(pf), "--json",
                                "sdt-mh1", "--", "tc", "qdisc", "show")
             assert "netem" in json.loads(out)["sdt-mh1"]["stdout"], out + err
@@ -213,8 +221,10 @@ def test_platform_over_three_pnodes(lab: tuple[Lab, str]) -> None:
         print(f"status with pn2 unreachable took {took:.1f} s")
         start_sshd(the_lab, the_lab.pnodes[1])
     finally:
-        rc, out, err = cli(front, "vnode", "down", str(pf))
+        rc, out, err = cli(front, "vnode", "down", str(pf), "--json")
     assert rc == 0, err
+    assert json.loads(out) == {"pnodes": {f"pn{k}": "down" for k in (1, 2, 3)},
+                               "problems": {}}, out
     for p in the_lab.pnodes:
         r = on_pnode(p, sys.executable, "-m", "sidusctl", "--state-dir", str(p.state),
                      "vnode", "list", "--json")

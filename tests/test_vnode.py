@@ -376,7 +376,11 @@ mem = {{ hierarchy = "v1", mem = 256 }}
         lst = {v["name"]: v for v in json.loads(ok("vnode", "list", "--json", state=plat).stdout)}
         assert lst["sdt-vtp1"]["ifaces"][0]["address"] == "10.234.0.77"
         assert lst["sdt-vtp0"]["ifaces"][0]["bandwidth"] == 100_000_000
-        ok("vnode", "down", str(pf), state=plat)
+        r = ok("vnode", "down", str(pf), "--json", state=plat)
+        assert json.loads(r.stdout) == {"vnodes": ["sdt-vtp0", "sdt-vtp1"],
+                                        "vnetworks": ["sdt-vtp"]}, r.stdout
+        r = ok("vnode", "down", str(pf), "--json", state=plat)  # again: nothing left to remove
+        assert json.loads(r.stdout) == {"vnodes": [], "vnetworks": []}, r.stdout
         lst = {v["name"] for v in json.loads(ok("vnode", "list", "--json", state=plat).stdout)}
         assert not lst & {"sdt-vtp0", "sdt-vtp1"}
         assert subprocess.run(["ip", "link", "show", "sdt-vtp"], capture_output=True).returncode

@@ -345,19 +345,30 @@ def update_cmd(name: str, **lim: Any) -> None:
 @click.option("--remote-addresses", type=click.Path(exists=True, dir_okay=False),
               help="JSON {vnode: address} of the matrix's vnodes that run on other hosts "
                    "(destinations only; what the frontend of a multi-host platform sends).")
-def latency_matrix_cmd(file: str, platform: str | None, remote_addresses: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help='{"pnodes": {pnode: "applied"}, "problems": {pnode: why}} with '
+                   '--platform, else {"shaped": [vnode, ...]}.')
+def latency_matrix_cmd(file: str, platform: str | None, remote_addresses: str | None,
+                       as_json: bool) -> None:
     """Apply Distem's latency matrix (first line: vnode names; then rows in ms)."""
     names, m = parse_matrix_file(Path(file))
     if platform:
+        from sidusctl.cli.vnode_many import pnode_outcome
         from sidusctl.vnode.cluster import Cluster
         from sidusctl.vnode.platform_file import load
 
-        with Cluster(load(Path(platform)), get_ctx().state) as cl:
+        with pnode_outcome(as_json, "pnodes"), \
+                Cluster(load(Path(platform)), get_ctx().state) as cl:
             done = cl.latency_matrix(names, m)
-        console.print(f"latency matrix applied on {', '.join(done)}")
+        if as_json:
+            emit_json({"pnodes": {h: "applied" for h in done}, "problems": {}})
+        else:
+            console.print(f"latency matrix applied on {', '.join(done)}")
         return
     remote = json.loads(Path(remote_addresses).read_text()) if remote_addresses else None
-    _platform().latency_matrix(names, m, remote=remote)
+    shaped = _platform().latency_matrix(names, m, remote=remote)
+    if as_json:
+        emit_json({"shaped": shaped})
 
 
 def register(cli: click.Group) -> None:

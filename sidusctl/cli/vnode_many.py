@@ -4,9 +4,10 @@ platform file with ``[pnodes]``, on every pnode through ClusterShell: ``up``, ``
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,26 @@ def _cluster(spec: PlatformSpec) -> Any:
     from sidusctl.vnode.cluster import Cluster
 
     return Cluster(spec, get_ctx().state)
+
+
+@contextlib.contextmanager
+def pnode_outcome(as_json: bool, key: str | None = None) -> Iterator[None]:
+    """Around a multi-host command: with ``--json``, when some pnodes fail
+    (:class:`~sidusctl.vnode.cluster.PnodeError`), what the others did still reaches stdout as
+    the command's JSON, with ``"problems": {pnode: why}``, before the error goes to stderr with
+    its exit code: a script learns which pnodes need another try. The error's report is put
+    under ``key`` (``{"pnodes": {pnode: "down"}}`` for ``key="pnodes"``; ``{}`` when it has
+    none), or merged when ``key`` is None (``vnode up``'s report, a dict; a failure before
+    any pnode acted has none: only ``problems`` then)."""
+    from sidusctl.vnode.cluster import PnodeError
+
+    try:
+        yield
+    except PnodeError as e:
+        if as_json:
+            done = e.report if e.report is not None else {}
+            emit_json({**(done if key is None else {key: done}), "problems": e.problems})
+        raise
 
 
 def _progress(as_json: bool) -> tuple[Any, Callable[[str, str, int], None]]:
@@ -64,7 +85,7 @@ def up_cmd(file: str, wait_ssh: bool, timeout: float, dry_run: bool, as_json: bo
     spec = load(Path(file))
     t0 = time.monotonic()
     if spec.pnodes is not None:
-        with _cluster(spec) as cl:
+        with pnode_outcome(as_json), _cluster(spec) as cl:
             report = cl.up(dry_run=dry_run, wait_ssh=wait_ssh, timeout=timeout,
                            progress=None if as_json else lambda m: console.print(m, markup=False))
         if as_json:
@@ -98,19 +119,28 @@ def up_cmd(file: str, wait_ssh: bool, timeout: float, dry_run: bool, as_json: bo
         sys.exit(1)
 
 
-def down_cmd(file: str) -> None:
+def down_cmd(file: str, as_json: bool) -> None:
     """Stop and destroy the vnodes of a platform file and delete its vnetworks (on every
-    reachable pnode, when it has [pnodes])."""
+    reachable pnode, when it has [pnodes]). --json: {"pnodes": {pnode: "down"}, "problems":
+    {pnode: why}} with [pnodes], else {"vnodes": [...], "vnetworks": [...]} (what was
+    removed)."""
     spec = load(Path(file))
     if spec.pnodes is not None:
-        with _cluster(spec) as cl:
+        with pnode_outcome(as_json, "pnodes"), _cluster(spec) as cl:
             done = cl.down()
-        console.print(f"platform down on {len(done)} pnode(s)")
+        if as_json:
+            emit_json({"pnodes": done, "problems": {}})
+        else:
+            console.print(f"platform down on {len(done)} pnode(s)")
         return
     from sidusctl.vnode.platform_file import down
 
-    down(_platform(), spec)
-    console.print("platform down")
+    removed = down(_platform(), spec)
+    if as_json:
+        emit_json(removed)
+    else:
+        console.print(f"platform down: {len(removed['vnodes'])} vnode(s) and "
+                      f"{len(removed['vnetworks'])} vnetwork(s) removed")
 
 
 def status_cmd(names: tuple[str, ...], platform: str | None, as_json: bool) -> None:
@@ -213,7 +243,7 @@ def attach(group: click.Group) -> None:
                 click.option("--dry-run", is_flag=True,
                              help="Print the plan (placement, addresses), create nothing.")(
                     _JSON(up_cmd))))))
-    group.command("down")(file_arg(down_cmd))
+    group.command("down")(file_arg(_JSON(down_cmd)))
     group.command("status")(click.argument("names", nargs=-1)(_PLATFORM(_JSON(status_cmd))))
     group.command("exec", context_settings={"ignore_unknown_options": True})(
         click.argument("nodes")(click.argument("argv", nargs=-1, required=True,

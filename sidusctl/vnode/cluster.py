@@ -536,7 +536,7 @@ class Cluster:
         """Distem's latency matrix over the platform: each pnode shapes its own vnodes' first
         viface towards every other vnode's address (netem per destination), all pnodes at
         once. The pnodes that applied it; PnodeError for the others (one lacking netem says
-        so)."""
+        so), its report ``{pnode: "applied"}`` for those that did."""
         groups = self._by_pnode(list(names))
         addrs: dict[str, dict[str, str]] = self.record()["addresses"]
         first = {n: next(iter(addrs[n].values())) for n in names}
@@ -555,7 +555,8 @@ class Cluster:
         res = self.fo.run_each(cmds, stdin=stdin, timeout=300)
         problems = {h: p for h, r in res.items() if (p := r.problem())}
         if problems:
-            raise PnodeError("latency matrix", problems)
+            raise PnodeError("latency matrix", problems,
+                             {h: "applied" for h in res if h not in problems})
         return list(res)
 
     def get_image(self, name: str, dest: Path) -> int:

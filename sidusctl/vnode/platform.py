@@ -7,6 +7,7 @@ leaves it true (the real container state is read back from LXC: see :meth:`Platf
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 import os
 import shlex
@@ -543,11 +544,12 @@ class Platform(Observe):
             return vn
 
     def latency_matrix(self, names: Sequence[str], matrix: Sequence[Sequence[float]], *,
-                       remote: Mapping[str, str] | None = None) -> None:
+                       remote: Mapping[str, str] | None = None) -> builtins.list[str]:
         """Distem's latency matrix: ``matrix[i][j]`` ms on the way from ``names[i]`` to
         ``names[j]`` (each vnode's first viface, netem per destination). All must run.
         ``remote``: vnodes of ``names`` that run on other hosts (name -> address): they are
-        destinations only, their rows are applied by their own host."""
+        destinations only, their rows are applied by their own host. Returns the vnodes this
+        host shaped, in ``names`` order."""
         n = len(names)
         remote = dict(remote or {})
         if len(matrix) != n or any(len(r) != n for r in matrix):
@@ -569,6 +571,7 @@ class Platform(Observe):
             delays = {addr[names[j]]: float(matrix[i][j])
                       for j in range(n) if j != i and float(matrix[i][j]) > 0}
             tc.shape_by_destination(local[x].ifaces[0].name, delays, netns=self._netns_of(x))
+        return [x for x in names if x in local]
 
 
 def host_has_root() -> None:

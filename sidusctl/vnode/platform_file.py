@@ -425,14 +425,19 @@ def up(p: Platform, spec: PlatformSpec, *, wait_ssh: bool = True,
     return res
 
 
-def down(p: Platform, spec: PlatformSpec) -> None:
+def down(p: Platform, spec: PlatformSpec) -> dict[str, list[str]]:
     """Destroy the file's vnodes (stopping them) and delete its vnetworks; missing ones are
-    skipped, so ``down`` after a half-done ``up`` cleans what there is."""
+    skipped, so ``down`` after a half-done ``up`` cleans what there is. What was removed:
+    ``{"vnodes": [name, ...], "vnetworks": [name, ...]}``, in the file's order."""
+    removed: dict[str, list[str]] = {"vnodes": [], "vnetworks": []}
     have = {r["name"] for r in p.list()}
     for v in spec.vnodes:
         if v.name in have:
             p.destroy(v.name)
+            removed["vnodes"].append(v.name)
     nets = {n.name for n in p.net_list()}
     for n in spec.vnetworks:
         if n.name in nets:
             p.net_delete(n.name)
+            removed["vnetworks"].append(n.name)
+    return removed
