@@ -35,6 +35,8 @@ class Ctx:
 
 
 def get_ctx() -> Ctx:
+    """The :class:`Ctx` the top-level group stored; outside a ``sidusctl`` invocation (a
+    command called directly), the default state directory and no debug."""
     obj = click.get_current_context().find_root().obj
     if isinstance(obj, Ctx):
         return obj
@@ -56,6 +58,8 @@ def emit_json(obj: Any) -> None:
 
 
 def human_size(n: int | float | None) -> str:
+    """``n`` bytes in binary units for people: ``"512 B"``, ``"1.5 MiB"`` (one decimal from
+    KiB up, TiB the largest); ``"-"`` for None (unknown)."""
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -98,4 +98,5 @@ def _pxe_line(pxe: dict[str, Any]) -> str:
 
 
 def register(cli: click.Group) -> None:
+    """Add ``demo`` to ``cli`` (called by :class:`sidusctl.cli.main.LazyGroup` on first use)."""
     cli.add_command(demo_cmd)

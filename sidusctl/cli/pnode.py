@@ -85,4 +85,5 @@ def init_cmd(file: str, btrfs_image: str | None, as_json: bool) -> None:
 
 
 def register(cli: click.Group) -> None:
+    """Add the ``pnode`` group to ``cli`` (called by :class:`sidusctl.cli.main.LazyGroup` on first use)."""
     cli.add_command(pnode_group)

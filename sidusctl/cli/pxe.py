@@ -180,4 +180,5 @@ def squashfs_cmd(image: str, generation: str, level: int, force: bool, list_only
 
 
 def register(cli: click.Group) -> None:
+    """Add the ``pxe`` group to ``cli`` (called by :class:`sidusctl.cli.main.LazyGroup` on first use)."""
     cli.add_command(pxe_group)

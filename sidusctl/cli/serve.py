@@ -98,6 +98,8 @@ def _hostport(value: str | None) -> tuple[str, int] | None:
 
 
 def register(cli: click.Group) -> None:
+    """Add the ``serve`` group (``run``, ``leases``, ``status``) to ``cli`` (called by
+    :class:`sidusctl.cli.main.LazyGroup` on first use)."""
     @cli.group("serve")
     def serve() -> None:
         """Built-in netboot servers: DHCP (full or proxyDHCP), TFTP, DNS."""

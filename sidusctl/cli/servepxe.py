@@ -308,6 +308,8 @@ def _alive(pid: object) -> bool:
 
 
 def register(cli: click.Group) -> None:
+    """Add ``pxe export`` and ``pxe status`` to the ``pxe`` group and ``serve-pxe`` to ``cli``;
+    RuntimeError if the ``pxe`` group is not registered yet."""
     pxe = cli.commands.get("pxe")
     if not isinstance(pxe, click.Group):
         raise RuntimeError("sidusctl.cli.servepxe must be registered after sidusctl.cli.pxe")

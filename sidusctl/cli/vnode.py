@@ -372,6 +372,8 @@ def latency_matrix_cmd(file: str, platform: str | None, remote_addresses: str | 
 
 
 def register(cli: click.Group) -> None:
+    """Add the ``vnode`` group, with the many-vnode commands of
+    :mod:`sidusctl.cli.vnode_many`, to ``cli``."""
     from sidusctl.cli import vnode_many
 
     vnode_many.attach(vnode_group)

@@ -36,6 +36,8 @@ class Frozen(BaseModel):
 
 
 def as_tuple(v: object) -> object:
+    """A list (what TOML gives for an array) as a tuple, for the frozen models' tuple fields
+    under strict mode; anything else unchanged, for the field's own validation to judge."""
     return tuple(v) if isinstance(v, list) else v
 
 

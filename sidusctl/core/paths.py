@@ -46,10 +46,12 @@ def data_dir(name: str) -> Path:
 
 
 def templates_dir() -> Path:
+    """The shipped Jinja2 templates (:func:`data_dir`)."""
     return data_dir("templates")
 
 
 def initramfs_dir() -> Path:
+    """The shipped initramfs-tools hooks and scripts (:func:`data_dir`)."""
     return data_dir("initramfs")
 
 
@@ -60,6 +62,8 @@ def images_dir() -> Path:
 
 
 def image_search_path() -> list[Path]:
+    """Where image recipes are looked up, first match wins: each directory of
+    ``$SIDUSCTL_IMAGES`` (colon-separated, empty entries skipped), then :func:`images_dir`."""
     env = os.environ.get("SIDUSCTL_IMAGES")
     extra = [Path(p) for p in env.split(":") if p] if env else []
     return [*extra, images_dir()]

@@ -16,7 +16,6 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from sidusctl.core.errors import (
     BuildError,
@@ -26,6 +25,7 @@ from sidusctl.core.errors import (
     SidusError,
 )
 from sidusctl.core.log import get_logger
+from sidusctl.core.report import Reporter as Reporter
 from sidusctl.core.run import run, which
 from sidusctl.core.state import FileLock
 from sidusctl.image.recipe import Recipe
@@ -39,16 +39,10 @@ APT = ["apt-get", "-y", "-q", "-o", "Dpkg::Options::=--force-confdef",
        "-o", "Dpkg::Options::=--force-confold"]
 
 
-class Reporter(Protocol):
-    """Progress callbacks: ``stage(name, index, total)`` when a stage starts, ``line(text)`` for
-    a line of tool output worth showing (debootstrap's ``I: Retrieving ...``)."""
-
-    def stage(self, name: str, index: int, total: int) -> None: ...
-
-    def line(self, text: str) -> None: ...
-
-
 class Quiet:
+    """A :class:`Reporter` for non-interactive builds: stages go to the log at info level,
+    the commands' output lines are dropped (the build log keeps them)."""
+
     def stage(self, name: str, index: int, total: int) -> None:
         log.info("stage %d/%d: %s", index, total, name)
 
@@ -77,6 +71,9 @@ class BuildOptions:
 
 
 def dpkg_arch() -> str:
+    """This machine's Debian architecture name (``dpkg --print-architecture``'s answer) from
+    the kernel's machine name: ``x86_64`` -> ``amd64``, ``aarch64`` -> ``arm64``...; an
+    unknown machine name is returned as it is."""
     m = platform.machine()
     return {"x86_64": "amd64", "aarch64": "arm64", "i686": "i386", "armv7l": "armhf",
             "ppc64le": "ppc64el", "riscv64": "riscv64", "s390x": "s390x"}.get(m, m)
@@ -207,6 +204,8 @@ def clean_root_debs(root: Path, cache: Path) -> None:
 
 
 def mirror_from(root: Path) -> str | None:
+    """The mirror URL of the first ``deb`` line of ``root``'s ``/etc/apt/sources.list``
+    (one-line format, sources.list(5)); None without such a line or file."""
     sl = root / "etc/apt/sources.list"
     if sl.exists():
         for line in sl.read_text().splitlines():
@@ -218,6 +217,10 @@ def mirror_from(root: Path) -> str | None:
 
 
 def du(path: Path) -> int:
+    """Disk usage of the tree at ``path`` in bytes, as ``du -s -B1`` counts it less
+    ``path``'s own blocks: the allocated 512-byte blocks (``st_blocks``, stat(2)) of every
+    entry below it, each inode once (hard links), symbolic links not followed; entries that
+    vanish meanwhile are skipped."""
     total = 0
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(path):

@@ -44,11 +44,15 @@ def export_kernel(root: Path, dest: Path, name: str) -> Exports:
 
 
 def version_key(p: Path) -> list[Any]:
+    """A sort key for kernel file names (``vmlinuz-6.1.0-9-amd64``) that orders their
+    numbers as numbers: ``6.1.0-10`` after ``6.1.0-9``."""
     return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p.name)]
 
 
 
 def copy_out(image: Image, out: Path) -> None:
+    """Copy ``image``'s kernel, initrd and rootfs tarball, those it has, into ``out``
+    (created), keeping their names and times (``--out``)."""
     out.mkdir(parents=True, exist_ok=True)
     for p in (image.kernel, image.initrd, image.tarball):
         if p is not None and p.exists():

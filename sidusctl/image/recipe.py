@@ -82,6 +82,9 @@ class SiteFile:
 
 @dataclass(frozen=True)
 class Keyboard:
+    """A recipe's ``[keyboard]``: written to the image's ``/etc/default/keyboard`` as
+    ``XKBLAYOUT``, ``XKBMODEL``, ``XKBVARIANT`` and ``XKBOPTIONS`` (keyboard(5))."""
+
     layout: str = "us"
     model: str = "pc105"
     variant: str = ""

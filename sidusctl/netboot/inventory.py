@@ -113,6 +113,12 @@ class Node:
 
 @dataclass(frozen=True)
 class Network:
+    """An inventory's ``[network]``: the nodes' ``subnet`` and the boot ``server``'s address
+    on it (next-server, DHCP server identifier); ``nfs_root``: each image's root as the NFS
+    server exports it, ``{image}`` replaced (None: the image's own path); ``domain`` (DNS,
+    DHCP option 15); the default iSCSI portal (None: ``server``) and target IQN of the
+    ``iscsi`` writable layer."""
+
     subnet: ipaddress.IPv4Network
     server: ipaddress.IPv4Address
     nfs_root: str | None = None

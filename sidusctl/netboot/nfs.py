@@ -76,6 +76,8 @@ def kernel_nfs_running() -> bool:
 
 
 def which_or_none(cmd: str) -> str | None:
+    """The path of ``cmd`` (a tool of Debian's nfs-kernel-server), or None when it is not
+    installed."""
     try:
         return which(cmd, "nfs-kernel-server")
     except PrerequisiteError:

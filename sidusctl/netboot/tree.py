@@ -105,6 +105,9 @@ class RenderReport:
 
 
 def nfsroot_arg(server: str, export_path: str) -> str:
+    """The kernel's ``nfsroot=SERVER:PATH,OPTIONS`` parameter (the kernel's
+    Documentation/admin-guide/nfs/nfsroot.rst, read by initramfs-tools' nfs script) with
+    :data:`NFS_OPTS`."""
     return f"nfsroot={server}:{export_path},{NFS_OPTS}"
 
 
@@ -172,6 +175,8 @@ def node_cmdline(inv: Inventory, node: Node, img: ImageFiles, *, initrd_arg: boo
 
 
 def export_path_for(inv: Inventory, image: str, rootfs: Path) -> str:
+    """Where the NFS server exports ``image``'s root: the inventory's ``nfs_root`` with
+    ``{image}`` replaced, else ``rootfs`` itself (serve-pxe's own NFS export)."""
     if inv.network.nfs_root:
         return inv.network.nfs_root.replace("{image}", image)
     return str(rootfs)

@@ -13,11 +13,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from sidusctl import __version__
 from sidusctl.core.errors import StateError
 from sidusctl.core.log import get_logger
+from sidusctl.core.report import Reporter
 from sidusctl.core.state import atomic_copy
 from sidusctl.oci import ImageError, config, sources
 from sidusctl.oci.layers import LayerApplier, LayerStats
@@ -35,12 +35,6 @@ from sidusctl.subsys.manifest import (
 from sidusctl.subsys.tarball import compression_for, tar_suffix, write_rootfs_tar
 
 log = get_logger("oci")
-
-
-class Reporter(Protocol):
-    def stage(self, name: str, index: int, total: int) -> None: ...
-
-    def line(self, text: str) -> None: ...
 
 
 class _Quiet:

@@ -57,6 +57,9 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 class Readable(Protocol):
+    """A binary stream read from the start to the end (a blob's file, an HTTP response):
+    ``read(n)`` returns up to ``n`` bytes, all that is left for -1, ``b""`` at the end."""
+
     def read(self, n: int = -1, /) -> bytes: ...
 
 

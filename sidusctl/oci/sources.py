@@ -238,6 +238,10 @@ def _norm(name: str) -> str:
 
 
 def blob_path(digest: str, where: str) -> str:
+    """The path of blob ``digest`` inside an OCI image layout (image-spec ``image-layout.md``:
+    ``blobs/<algorithm>/<encoded>``). Only ``sha256`` digests; :class:`ImageError` naming
+    ``where`` for another algorithm or a malformed digest (a path out of the layout cannot
+    be made from one)."""
     if not DIGEST_RE.match(digest):
         raise ImageError(f"{where}: unsupported or malformed digest '{digest}'",
                          hint="only sha256 digests are supported")
@@ -247,6 +251,9 @@ def blob_path(digest: str, where: str) -> str:
 # -- detection ----------------------------------------------------------------------------------
 
 def compression_of(path: Path) -> str:
+    """``"gzip"``, ``"zstd"`` or ``"none"``, from the first bytes of the file at ``path`` (gzip:
+    1f 8b, RFC 1952 section 2.3.1; zstd: 28 b5 2f fd, RFC 8878 section 3.1.1), whatever a
+    layer's media type claims."""
     with open(path, "rb") as f:
         head = f.read(4)
     if head.startswith(b"\x1f\x8b"):
@@ -257,6 +264,9 @@ def compression_of(path: Path) -> str:
 
 
 def decompress_to(src: Path, comp: str, dest: Path) -> None:
+    """Write ``src`` decompressed into ``dest`` (created or truncated), streamed in 1 MiB
+    pieces: ``comp`` ``"gzip"``, else zstd (:func:`compression_of`'s answer; not for
+    ``"none"``). Raises OSError, or the decompressor's error on corrupt input."""
     with open(src, "rb") as fi, open(dest, "wb") as fo:
         if comp == "gzip":
             with gzip.GzipFile(fileobj=fi) as g:
@@ -509,6 +519,13 @@ def from_manifest(doc: dict[str, Any], digest: str,
                    read_json: Callable[[str], tuple[bytes, Any]],
                    opener: Callable[[str], Opener], *, kind: str, source: str,
                    ref: str | None, wanted: str, explicit: bool) -> ResolvedImage:
+    """The :class:`ResolvedImage` an image manifest ``doc`` (OCI image-spec ``manifest.md``,
+    or Docker's schema 2) with digest ``digest`` describes: its config, read through
+    ``read_json(digest) -> (bytes, parsed JSON)`` and checked, and its layers in order, each
+    with its descriptor, its ``diff_id`` from the config and ``opener(digest)`` to read it.
+    ``wanted``/``explicit``: the platform asked for and whether the user named it. Raises
+    :class:`ImageError` naming ``source`` for schema 1, a missing config or layer digest, a
+    foreign layer to be fetched from elsewhere, or a config that does not match."""
     if doc.get("schemaVersion") == 1:
         raise ImageError(f"{source}: Docker image manifest schema 1 is not supported")
     cfg = doc.get("config")

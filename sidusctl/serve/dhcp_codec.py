@@ -278,6 +278,8 @@ def o_u32(v: int) -> bytes:
 
 
 def o_u8(v: int) -> bytes:
+    """An 8-bit unsigned option value (RFC 2132, e.g. option 53's message type); ValueError
+    outside 0-255."""
     return bytes((v,))
 
 

@@ -38,23 +38,35 @@ class Request:
 
 @dataclass(frozen=True)
 class Data:
+    """A DATA packet (RFC 1350 section 5, opcode 3): ``block`` as sent (0-65535), ``payload``
+    up to the negotiated blksize in bytes (fewer ends the file)."""
+
     block: int
     payload: bytes
 
 
 @dataclass(frozen=True)
 class Ack:
+    """An ACK (RFC 1350 section 5, opcode 4) of ``block`` (0-65535; 0 acknowledges an OACK,
+    RFC 2347)."""
+
     block: int
 
 
 @dataclass(frozen=True)
 class Error:
+    """An ERROR packet (RFC 1350 section 5, opcode 5): ``code`` 0-7 (section 5's table; 8 is
+    RFC 2347's option refusal) and its text."""
+
     code: int
     message: str
 
 
 @dataclass(frozen=True)
 class Oack:
+    """An option acknowledgement (RFC 2347, opcode 6): the options the server accepted,
+    names lowercase, values as text."""
+
     options: dict[str, str]
 
 
@@ -113,6 +125,9 @@ def parse(data: bytes) -> Packet:
 
 def encode_request(opcode: int, filename: str, mode: str = "octet",
                    options: dict[str, str] | None = None) -> bytes:
+    """An RRQ (``opcode`` 1) or WRQ (2) (RFC 1350 section 5): ``filename`` (bytes that are
+    not UTF-8 kept through ``surrogateescape``), ``mode`` (``octet`` or ``netascii``), then
+    each option name and value (RFC 2347), every field ending in a NUL byte."""
     parts = [filename.encode("utf-8", "surrogateescape"), mode.encode()]
     for k, v in (options or {}).items():
         parts += [k.encode(), v.encode()]
@@ -130,14 +145,19 @@ def encode_data(block: int, payload: bytes | memoryview) -> bytes:
 
 
 def encode_ack(block: int) -> bytes:
+    """An ACK (RFC 1350 section 5) of ``block`` modulo 65536."""
     return struct.pack("!HH", ACK, block & 0xFFFF)
 
 
 def encode_error(code: int, message: str) -> bytes:
+    """An ERROR packet (RFC 1350 section 5): ``code`` (0-8), ``message`` in ASCII (other
+    characters become ``?``), NUL-terminated."""
     return struct.pack("!HH", ERROR, code) + message.encode("ascii", "replace") + b"\0"
 
 
 def encode_oack(options: dict[str, str]) -> bytes:
+    """An OACK (RFC 2347): each accepted option's name and value, NUL-terminated, in
+    ``options``' order."""
     return struct.pack("!H", OACK) + b"".join(
         k.encode() + b"\0" + v.encode() + b"\0" for k, v in options.items())
 

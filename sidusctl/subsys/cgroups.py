@@ -34,10 +34,14 @@ def v2_root() -> Path | None:
 
 
 def v1_has(controller: str) -> bool:
+    """Whether cgroup v1's ``controller`` hierarchy is mounted under ``/sys/fs/cgroup``."""
     return (V1_ROOT / controller / "cgroup.procs").exists()
 
 
 def v2_has(controller: str) -> bool:
+    """Whether the cgroup v2 tree (:func:`v2_root`) offers ``controller`` (listed in its
+    ``cgroup.controllers``, kernel Documentation/admin-guide/cgroup-v2.rst); False without
+    a v2 tree."""
     root = v2_root()
     if root is None:
         return False

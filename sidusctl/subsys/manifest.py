@@ -136,6 +136,9 @@ class RecipeInfo(Record):
 
 
 class Sizes(Record):
+    """An image's sizes: ``rootfs_bytes``, the root tree's disk usage in bytes (None: not
+    measured)."""
+
     rootfs_bytes: int | None = None
 
 
@@ -189,6 +192,9 @@ class LayerRecord(Record):
 
 
 class Digests(Record):
+    """What an imported OCI image's digests were (``sha256:...``): its ``manifest``, its
+    ``config``, and each layer's record in order (None where the source had none)."""
+
     manifest: str | None
     config: str | None
     layers: tuple[LayerRecord, ...]

@@ -83,6 +83,8 @@ def mounts_under(path: Path | str) -> list[str]:
 
 
 def is_mountpoint(path: Path | str) -> bool:
+    """Whether something is mounted on ``path`` (symbolic links resolved), by this mount
+    namespace's ``/proc/self/mountinfo`` (proc(5)), so bind mounts count too."""
     p = os.path.realpath(path)
     return any(m.target == p for m in mountinfo())
 

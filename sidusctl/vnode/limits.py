@@ -82,6 +82,8 @@ def set_limits(vn: VNode, *, mem: dict[str, Any] | None, cpus: float | None,
             i.latency_ms = lats[i.name]
 
 def cgroup_settings(vn: VNode) -> list[tuple[int, str, str]]:
+    """Every cgroup file ``vn``'s limits set: ``(hierarchy 1 or 2, file name, value)``, memory
+    then CPU then block I/O (:mod:`sidusctl.subsys.cgroups`)."""
     out = vn.mem_limits().settings()
     out += cgroups.cpu_settings(vn.cpus, vn.cpuset)
     out += cgroups.io_settings(vn.io_limits(), vn.io_hierarchy)

@@ -575,6 +575,8 @@ class Platform(Observe):
 
 
 def host_has_root() -> None:
+    """:class:`PrerequisiteError` unless this process runs as root (LXC, btrfs and netlink
+    need it)."""
     if os.geteuid() != 0:
         raise PrerequisiteError("vnodes need root privileges (LXC, btrfs, netlink)")
 

@@ -106,6 +106,10 @@ class VNetworkSpec(Frozen):
 
 
 class IfaceFile(Frozen):
+    """One entry of a vnode's ``ifaces``: the viface's ``name`` (default ``ifN``), the
+    ``vnetwork`` it joins, its ``address`` (default: one given in file order), ``bandwidth``
+    (a tc rate such as ``"100mbit"``) and ``latency`` in ms."""
+
     name: str | None = None
     vnetwork: str
     address: Annotated[str, AfterValidator(_address)] | None = None
@@ -114,6 +118,10 @@ class IfaceFile(Frozen):
 
 
 class MemFile(Frozen):
+    """A vnode's ``mem`` table, MiB (docs/vnode.md, "Memory"): ``hierarchy`` ``"v1"`` or
+    ``"v2"``; v1 ``mem`` (hard, OOM kill) and ``swap``; v2 ``soft``/``soft_limit``
+    (memory.high) and ``hard``/``hard_limit`` (memory.max)."""
+
     hierarchy: Hierarchy = "v1"
     mem: Mib | None = None
     swap: SwapMib | None = None
@@ -124,6 +132,9 @@ class MemFile(Frozen):
 
 
 class IoFile(Frozen):
+    """One entry of a vnode's ``io``: a block device's path (``/dev/sda``) and its read and
+    write limits in bytes per second."""
+
     device: str
     read_bps: Bps | None = None
     write_bps: Bps | None = None
@@ -213,6 +224,10 @@ class PlacementFile(Frozen):
 
 
 class PlatformSpec(Frozen):
+    """A platform file, checked and with its defaults merged: the ``file``'s path, its
+    vnetworks and vnodes in file order, its ``[pnodes]`` (None: one host) and
+    ``[placement]``."""
+
     file: str
     vnetworks: tuple[VNetworkSpec, ...]
     vnodes: tuple[VNodeSpec, ...]

@@ -221,6 +221,9 @@ def remove_netns(name: str) -> None:
 
 
 def netns_exists(name: str) -> bool:
+    """Whether network namespace ``name`` exists: a path (``/proc/PID/ns/net``, a bind
+    mount) if it starts with ``/``, else a name under ``/run/netns`` as ``ip netns``
+    makes them."""
     if name.startswith("/"):
         return os.path.exists(name)
     return name in _pr_netns().listnetns()
