@@ -3,7 +3,8 @@
 
 Fast tests: the stop routine escalates to SIGKILL for a child that ignores SIGTERM and ends the
 whole process group (a grandchild too); a missing program or one that exits at start-up gives
-the typed error; PR_SET_PDEATHSIG ends a child when its parent is SIGKILLed. Slow test: a real
+the typed error; PR_SET_PDEATHSIG ends a child when its parent is SIGKILLed; a SIGINT that
+comes while run() or spawn() forks is raised from them with the child ended. Slow test: a real
 serve-pxe with NFS through nfs-ganesha in a lab namespace ``sdt-sp<pid>``
 (:class:`sidusctl.netboot.lab.PxeLab`, no guest) is SIGKILLed and its ganesha.nfsd and rpcbind
 go with it. Processes are checked in /proc.
@@ -137,6 +138,62 @@ def test_pdeathsig_kills_the_child_of_a_killed_parent() -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+#: a script: SIGINT arrives while run() or spawn() forks (sent by an at-fork hook, the moment
+#: in which a CI run's SIGINT was lost), and each must raise KeyboardInterrupt with its child
+#: ended, then leave the caller's signal mask as it was
+_INTERRUPTED_FORK = """
+import os, signal, sys, threading
+from pathlib import Path
+from sidusctl.core import run as r
+
+armed = []
+os.register_at_fork(before=lambda: armed and os.kill(os.getpid(), armed.pop()))
+
+def sleeps(arg):
+    me = f"sleep\\0{arg}\\0".encode()
+    return [d.name for d in Path("/proc").iterdir() if d.name.isdigit()
+            and (d / "cmdline").exists() and (d / "cmdline").read_bytes() == me
+            and (d / "stat").read_text().split(")")[1].split()[0] not in "ZX"]
+
+for name, start in (("run", lambda: r.run(["sleep", "31.5"])),
+                    ("spawn", lambda: r.spawn(["sleep", "31.6"]))):
+    armed.append(signal.SIGINT)
+    try:
+        start()
+        print(name, "not interrupted")
+    except KeyboardInterrupt:
+        print(name, "interrupted", sleeps("31.5" if name == "run" else "31.6"), sorted(r.ACTIVE))
+print("mask", sorted(int(x) for x in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+def blocked():
+    line = r.run(["grep", "^SigBlk", "/proc/self/status"], capture=True).stdout
+    return int(line.split()[1], 16)
+got = [blocked()]
+t = threading.Thread(target=lambda: got.append(blocked()))
+t.start(); t.join()
+print("child masks", got)
+"""
+
+
+def test_an_interrupt_during_the_fork_is_raised_and_the_child_ended() -> None:
+    """CPython runs ``logging``'s at-fork hook in the parent right after a fork with a
+    ``preexec_fn``, and an exception raised in that hook is printed and dropped: a SIGINT
+    that came during the fork was lost (``sidusctl update`` ran on to exit 0 in a CI run).
+    run() and spawn() hold SIGINT and SIGTERM pending across the fork, so the interrupt is
+    raised from them, after their child is known and ended; the caller's mask is restored,
+    and the children (started from the main thread or another) have both unblocked."""
+    r = subprocess.run([sys.executable, "-c", _INTERRUPTED_FORK], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:2] == ["run interrupted [] []", "spawn interrupted [] []"], r.stdout + r.stderr
+    assert "Exception ignored" not in r.stderr, r.stderr
+    assert lines[2] == "mask []", r.stdout
+    masks = [int(x) for x in lines[3].removeprefix("child masks [").rstrip("]").split(",")]
+    sigint_or_sigterm = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
+    assert len(masks) == 2 and not any(m & sigint_or_sigterm for m in masks), r.stdout
 
 
 def _descendants(root: int) -> dict[int, str]:

@@ -46,6 +46,28 @@ except OSError:  # pragma: no cover - non-glibc host
 ACTIVE: set[int] = set()
 _ACTIVE_LOCK = threading.Lock()
 
+#: the signals sidusctl turns into exceptions (SIGINT: KeyboardInterrupt, SIGTERM:
+#: :class:`~sidusctl.core.errors.Interrupted`), held pending while a child is forked
+_HELD = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def _hold() -> set[int | signal.Signals]:
+    """Block :data:`_HELD` in this thread; the mask before, for :func:`_release`.
+
+    Why: with a ``preexec_fn``, CPython runs the ``os.register_at_fork`` hooks around the
+    fork, and ``logging`` registers one that runs in the parent right after it. A signal that
+    arrives during the fork has its exception raised in that hook, where the interpreter
+    prints "Exception ignored" and drops it: the interrupt is lost (a CI run's SIGINT during
+    ``sidusctl update`` was). Held pending instead, it is delivered by :func:`_release`, at a
+    point where the caller ends the child like for any interrupt."""
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+
+
+def _release(mask: set[int | signal.Signals]) -> None:
+    """Restore the mask :func:`_hold` returned: a held signal is delivered now, and its
+    exception raised here."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
 
 def _child_setup(sig: int, parent: int) -> None:
     # Runs in the child between fork and exec (after setsid): ask for ``sig`` when the parent
@@ -54,6 +76,9 @@ def _child_setup(sig: int, parent: int) -> None:
     # through `ip netns exec` / `unshare` / `sh -c 'exec ...'` chains, which exec in place.
     # "The parent" is the *thread* that forked: the setting fires when that thread exits, so
     # children are started from the main thread or from a thread that lives as long as they.
+    # The forking thread held SIGINT and SIGTERM (_hold); the mask is inherited across
+    # execve, so the child unblocks them before it becomes the program.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
     if _libc is not None:
         _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before prctl: nobody will signal us
@@ -159,6 +184,7 @@ def run(
     log.debug("run: %s", " ".join(args))
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     out_chunks: list[str] = []
+    mask = _hold()
     try:
         proc = subprocess.Popen(
             args,
@@ -172,11 +198,15 @@ def run(
             # its temporary files); stop() escalates to SIGKILL when sidusctl is still there.
             preexec_fn=_preexec(signal.SIGTERM),
         )
-    except FileNotFoundError as e:
-        raise PrerequisiteError(f"'{args[0]}' was not found on this host") from e
+    except BaseException as e:
+        _release(mask)
+        if isinstance(e, FileNotFoundError):
+            raise PrerequisiteError(f"'{args[0]}' was not found on this host") from e
+        raise
     with _ACTIVE_LOCK:
         ACTIVE.add(proc.pid)
     try:
+        _release(mask)  # an interrupt that came during the fork is raised here: child ended
         readers: list[threading.Thread] = []
         if capture:
             assert proc.stderr is not None
@@ -367,6 +397,7 @@ def spawn(
         full_env.update(env)
     log.debug("spawn: %s", " ".join(args))
     opened: list[IO[Any]] = []
+    mask = _hold()
     try:
         proc = subprocess.Popen(
             args,
@@ -378,15 +409,23 @@ def spawn(
             start_new_session=True,
             preexec_fn=_preexec(pdeathsig),
         )
-    except (FileNotFoundError, PermissionError) as e:
-        raise PrerequisiteError(f"'{args[0]}' was not found on this host or is not "
-                                f"executable ({e.strerror})") from e
+    except BaseException as e:
+        _release(mask)
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise PrerequisiteError(f"'{args[0]}' was not found on this host or is not "
+                                    f"executable ({e.strerror})") from e
+        raise
     finally:
         for f in opened:
             f.close()
     with _ACTIVE_LOCK:
         ACTIVE.add(proc.pid)
     child = Child(proc, args, what)
+    try:
+        _release(mask)  # an interrupt that came during the fork: the child is ended first
+    except BaseException:
+        child.stop(0)
+        raise
     log.debug("spawn: %s is pid %d", child.what, proc.pid)
     if settle > 0:
         rc = child.wait(settle)
