@@ -381,8 +381,8 @@ mem = {{ hierarchy = "v1", mem = 256 }}
                                         "vnetworks": ["sdt-vtp"]}, r.stdout
         r = ok("vnode", "down", str(pf), "--json", state=plat)  # again: nothing left to remove
         assert json.loads(r.stdout) == {"vnodes": [], "vnetworks": []}, r.stdout
-        lst = {v["name"] for v in json.loads(ok("vnode", "list", "--json", state=plat).stdout)}
-        assert not lst & {"sdt-vtp0", "sdt-vtp1"}
+        left = {v["name"] for v in json.loads(ok("vnode", "list", "--json", state=plat).stdout)}
+        assert not left & {"sdt-vtp0", "sdt-vtp1"}
         assert subprocess.run(["ip", "link", "show", "sdt-vtp"], capture_output=True).returncode
     finally:
         sidusctl("vnode", "down", str(pf), state=plat)
