@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "bench" / "recipes" / "minbase"
@@ -102,7 +103,7 @@ def incremental(work: Path, runs: int, cache: Path | None, fs: str = "ext4") -> 
 
 
 def _incremental(work: Path, where: Path, runs: int, cache: Path | None) -> dict[str, object]:
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     for i in range(runs):
         rec = work / f"round-{i}" / "minimal"  # the folder names the image
         shutil.copytree(REPO / "images" / "minimal", rec)  # (makes round-i/ too)

@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -104,7 +105,7 @@ def main() -> int:
                 time.sleep(0.5)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = {}
+    summary: dict[str, dict[str, Any]] = {}
     for server, runs in results.items():
         summary[server] = {
             "leases_per_s_median": statistics.median(r["leases_per_s"] for r in runs),

@@ -15,6 +15,7 @@ removed afterwards. Needs root (owners) and umoci. Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import hashlib
 import io
@@ -66,7 +67,7 @@ def make_layer(path: Path, index: int, size_mb: int, rng: random.Random) -> str:
     with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1,
                                                 mtime=0) as gz:
         tee = _Tee(gz)
-        with tarfile.open(fileobj=tee, mode="w|", format=tarfile.PAX_FORMAT) as tf:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=tee, mode="w|", format=tarfile.PAX_FORMAT) as tf:
             written = 0
             d = 0
             if index > 0:  # delete some of the layer below: whiteouts
@@ -105,7 +106,7 @@ def make_image(dest: Path, size_mb: int, layers: int = 3) -> None:
         diff_ids.append(make_layer(tmp, i, size_mb, rng))
         data_digest = hashlib.sha256()
         with open(tmp, "rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+            for chunk in iter(functools.partial(f.read, 1 << 20), b""):
                 data_digest.update(chunk)
         d = "sha256:" + data_digest.hexdigest()
         size = tmp.stat().st_size

@@ -30,10 +30,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+from sidusctl.subsys.imagestore import Image
 
 if TYPE_CHECKING:
     from tests.pnode_image import Then
@@ -165,17 +168,15 @@ def test_state() -> Iterator[Path]:
         os.close(fd)
 
 
-class BuiltImage:
-    """The shared image: ``image`` (an imagestore.Image), ``state`` (its state dir),
-    ``log`` (the build's --debug output, for evidence such as policy-rc.d's refusals)."""
+@dataclass(frozen=True)
+class BuiltImage(Image):
+    """The shared image: its generation as an :class:`~sidusctl.subsys.imagestore.Image`
+    (``name``, ``dir``, and ``rootfs``, ``manifest``, ``kernel``... from them), plus
+    ``state`` (its state dir) and ``log`` (the build's --debug output, for evidence such as
+    policy-rc.d's refusals)."""
 
-    def __init__(self, image: object, state: Path, log: str) -> None:
-        self.image = image
-        self.state = state
-        self.log = log
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.image, name)
+    state: Path
+    log: str
 
 
 def _needs_minimal(item: pytest.Item) -> bool:
@@ -318,14 +319,15 @@ def _build_minimal(test_state: Path) -> BuiltImage:
         if (REUSE or not _alone_at_start) and store.exists("minimal") and logfile.exists():
             img = store.get("minimal")
             if keyfile.exists() and keyfile.read_text() == digest and img.tarball:
-                return BuiltImage(img, test_state, logfile.read_text())
+                return BuiltImage(img.name, img.dir, test_state, logfile.read_text())
         keyfile.unlink(missing_ok=True)
         res = sidusctl("--debug", "build", "minimal", "--tar", state=test_state, timeout=1800)
         logfile.write_text(res.stdout + res.stderr)
         if res.returncode != 0:
             raise RuntimeError(f"rc {res.returncode}:\n{res.stderr[-4000:]}")
         keyfile.write_text(digest)
-        return BuiltImage(store.get("minimal"), test_state, res.stdout + res.stderr)
+        img = store.get("minimal")
+        return BuiltImage(img.name, img.dir, test_state, res.stdout + res.stderr)
     finally:
         if fd is not None:
             os.close(fd)

@@ -5,6 +5,7 @@ what no tool will produce (escapes, bad digests, hard links to lower layers)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
@@ -176,7 +177,7 @@ def tree(root: Path) -> dict[str, tuple[Any, ...]]:
             if stat.S_ISREG(mode):
                 h = hashlib.sha256()
                 with open(p, "rb") as f:
-                    for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                    for chunk in iter(functools.partial(f.read, 1 << 20), b""):
                         h.update(chunk)
                 digest, size = h.hexdigest(), st.st_size
                 if st.st_nlink > 1:

@@ -185,7 +185,7 @@ def test_leases_survive_kill_9_and_no_address_is_given_twice(lab: Lab) -> None:
         assert r.returncode != 0
         lab.set_client_mac("02:00:00:00:00:0a")  # the first client again: same address
         assert lab.udhcpc("a2", "-r", first)["ip"] == first
-        ips = [x["ip"] for x in lab.leases()]
+        ips = [str(x["ip"]) for x in lab.leases()]
         assert sorted(ips) == sorted({first, second})
     finally:
         d.stop()

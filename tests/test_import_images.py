@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +215,7 @@ def state() -> Iterator[Path]:
         yield d
 
 
-SOURCES = {
+SOURCES: dict[str, Callable[[Images], tuple[str, ...]]] = {
     "oci-layout-dir": lambda im: (f"oci:{im.layout}:v2",),
     "oci-layout-dir-ref-option": lambda im: (str(im.layout), "--ref", "v2"),
     "oci-archive-tar": lambda im: (str(im.oci_archive),),

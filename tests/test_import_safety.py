@@ -228,7 +228,7 @@ def test_sigterm_mid_layer_leaves_nothing() -> None:
                 tarfile.open(fileobj=gz, mode="w|") as tf:
             big = tarfile.TarInfo("big")
             big.size = size
-            tf.addfile(big, _Zeros(size))  # type: ignore[arg-type]
+            tf.addfile(big, _Zeros(size))
         layout = _layout_with(work, layer.read_bytes(), sha256(b"unchecked"), compress=True)
         p = subprocess.Popen([*SIDUSCTL, "--state-dir", str(state), "import", str(layout),
                               "sdt-int"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -1,6 +1,6 @@
-"""The house standards, enforced: mypy --strict on sidusctl/, ruff on the Python code,
-shellcheck on every shell script that ships or runs at boot (initramfs hooks and scripts, the
-setup and CI scripts, shell templates rendered into images)."""
+"""The house standards, enforced: mypy --strict on sidusctl/ and on tests/ and bench/, ruff on
+the Python code, shellcheck on every shell script that ships or runs at boot (initramfs hooks
+and scripts, the setup and CI scripts, shell templates rendered into images)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 def test_mypy_strict() -> None:
     r = _run([str(BIN / "mypy")])  # configuration in pyproject.toml: strict, files = sidusctl
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def test_mypy_strict_on_tests_and_bench() -> None:
+    # the same strictness for the code that proves and measures sidusctl (the test and bench
+    # modules are scripts in folders, hence the explicit package bases)
+    r = _run([str(BIN / "mypy"), "--strict", "--explicit-package-bases", "tests", "bench"])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
 

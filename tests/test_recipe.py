@@ -162,8 +162,11 @@ def test_cli_unknown_recipe_name_lists_known_ones(tmp_path: Path) -> None:
 def test_cli_not_root_is_refused_cleanly(tmp_path: Path) -> None:
     state = tmp_path / "state"
     os.chmod(tmp_path, 0o755)
-    res = sidusctl("build", "minimal", state=state,
-                   preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)))
+    def as_nobody() -> None:
+        os.setgid(65534)
+        os.setuid(65534)
+
+    res = sidusctl("build", "minimal", state=state, preexec_fn=as_nobody)
     assert res.returncode == 3, res.stderr
     assert "needs root" in res.stderr and "uid 65534" in res.stderr
     assert not state.exists()

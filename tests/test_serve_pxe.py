@@ -214,8 +214,10 @@ def test_serve_pxe_end_to_end_with_real_clients(lab: Lab) -> None:
         _wait(lambda: lab.status()["node1"]["booted"], "node1 booted in pxe status", 10)
         st = lab.status()
         assert st["node1"]["dhcp"] == "10.77.0.130"
+        files = st["node1"]["files"]
+        assert isinstance(files, list)
         assert {"pxelinux.cfg/01-52-54-00-ec-33-81", "vmlinuz-minimal", "initrd.img-minimal",
-                "boot.ipxe"} <= set(st["node1"]["files"])  # type: ignore[arg-type]
+                "boot.ipxe"} <= set(files)
         assert st["node2"] == {**st["node2"], "dhcp": None, "files": [], "booted": False}
         text = _cli(lab.state, "pxe", "status").stdout
         assert "node1" in text and "booted: yes" in text and "no DHCP yet" in text
