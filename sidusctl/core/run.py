@@ -57,9 +57,9 @@ def _hold() -> set[int | signal.Signals]:
     Why: with a ``preexec_fn``, CPython runs the ``os.register_at_fork`` hooks around the
     fork, and ``logging`` registers one that runs in the parent right after it. A signal that
     arrives during the fork has its exception raised in that hook, where the interpreter
-    prints "Exception ignored" and drops it: the interrupt is lost (a CI run's SIGINT during
-    ``sidusctl update`` was). Held pending instead, it is delivered by :func:`_release`, at a
-    point where the caller ends the child like for any interrupt."""
+    prints "Exception ignored" and drops it: the interrupt is lost (a test suite's SIGINT
+    during ``sidusctl update`` was). Held pending instead, it is delivered by
+    :func:`_release`, at a point where the caller ends the child like for any interrupt."""
     return signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
 
 
@@ -67,6 +67,22 @@ def _release(mask: set[int | signal.Signals]) -> None:
     """Restore the mask :func:`_hold` returned: a held signal is delivered now, and its
     exception raised here."""
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _popen(args: list[str], pdeathsig: int,
+           **kw: Any) -> tuple[subprocess.Popen[bytes], set[int | signal.Signals]]:
+    """Start ``args`` in a session of its own with ``pdeathsig`` (:func:`_child_setup`), with
+    SIGINT and SIGTERM held across the fork (:func:`_hold`); ``kw`` as for
+    :class:`subprocess.Popen`. Returns the process and the mask to :func:`_release` once the
+    caller is ready to end the child on an interrupt; if Popen raises (OSError: a missing
+    program...), the mask is restored first."""
+    mask = _hold()
+    try:
+        return subprocess.Popen(args, start_new_session=True, preexec_fn=_preexec(pdeathsig),
+                                **kw), mask
+    except BaseException:
+        _release(mask)
+        raise
 
 
 def _child_setup(sig: int, parent: int) -> None:
@@ -184,25 +200,20 @@ def run(
     log.debug("run: %s", " ".join(args))
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     out_chunks: list[str] = []
-    mask = _hold()
     try:
-        proc = subprocess.Popen(
+        proc, mask = _popen(
             args,
+            # SIGTERM: a short command told its parent is gone may clean up (unmount, remove
+            # its temporary files); stop() escalates to SIGKILL when sidusctl is still there.
+            signal.SIGTERM,
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE if capture else subprocess.STDOUT,
             env=full_env,
             cwd=cwd,
-            start_new_session=True,
-            # SIGTERM: a short command told its parent is gone may clean up (unmount, remove
-            # its temporary files); stop() escalates to SIGKILL when sidusctl is still there.
-            preexec_fn=_preexec(signal.SIGTERM),
         )
-    except BaseException as e:
-        _release(mask)
-        if isinstance(e, FileNotFoundError):
-            raise PrerequisiteError(f"'{args[0]}' was not found on this host") from e
-        raise
+    except FileNotFoundError as e:
+        raise PrerequisiteError(f"'{args[0]}' was not found on this host") from e
     with _ACTIVE_LOCK:
         ACTIVE.add(proc.pid)
     try:
@@ -397,24 +408,19 @@ def spawn(
         full_env.update(env)
     log.debug("spawn: %s", " ".join(args))
     opened: list[IO[Any]] = []
-    mask = _hold()
     try:
-        proc = subprocess.Popen(
+        proc, mask = _popen(
             args,
+            pdeathsig,
             stdin=_open_redirect(stdin, "rb", opened),
             stdout=_open_redirect(stdout, "ab", opened),
             stderr=_open_redirect(stderr, "ab", opened),
             env=full_env,
             cwd=cwd,
-            start_new_session=True,
-            preexec_fn=_preexec(pdeathsig),
         )
-    except BaseException as e:
-        _release(mask)
-        if isinstance(e, (FileNotFoundError, PermissionError)):
-            raise PrerequisiteError(f"'{args[0]}' was not found on this host or is not "
-                                    f"executable ({e.strerror})") from e
-        raise
+    except (FileNotFoundError, PermissionError) as e:
+        raise PrerequisiteError(f"'{args[0]}' was not found on this host or is not "
+                                f"executable ({e.strerror})") from e
     finally:
         for f in opened:
             f.close()
