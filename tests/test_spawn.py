@@ -141,7 +141,7 @@ def test_pdeathsig_kills_the_child_of_a_killed_parent() -> None:
 
 
 #: a script: SIGINT arrives while run() or spawn() forks (sent by an at-fork hook, the moment
-#: in which a CI run's SIGINT was lost), and each must raise KeyboardInterrupt with its child
+#: in which a test suite's SIGINT was lost), and each must raise KeyboardInterrupt with its child
 #: ended, then leave the caller's signal mask as it was
 _INTERRUPTED_FORK = """
 import os, signal, sys, threading
@@ -180,7 +180,7 @@ print("child masks", got)
 def test_an_interrupt_during_the_fork_is_raised_and_the_child_ended() -> None:
     """CPython runs ``logging``'s at-fork hook in the parent right after a fork with a
     ``preexec_fn``, and an exception raised in that hook is printed and dropped: a SIGINT
-    that came during the fork was lost (``sidusctl update`` ran on to exit 0 in a CI run).
+    that came during the fork was lost (``sidusctl update`` ran on to exit 0 in a full test run).
     run() and spawn() hold SIGINT and SIGTERM pending across the fork, so the interrupt is
     raised from them, after their child is known and ended; the caller's mask is restored,
     and the children (started from the main thread or another) have both unblocked."""

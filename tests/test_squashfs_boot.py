@@ -50,6 +50,7 @@ from sidusctl.netboot import squash
 from sidusctl.netboot.lab import LabNode, PxeLab, wait_logins
 from sidusctl.serve import http
 from sidusctl.serve.supervisor import read_status
+from sidusctl.subsys.imagestore import ImageStore
 from sidusctl.subsys.qemu import Guest
 from tests.conftest import SIDUSCTL, BuiltImage
 from tests.netns_util import uniq
@@ -99,20 +100,27 @@ def private_image(state: Path, image: BuiltImage) -> Path:
     return d
 
 
-def publish_generation(d: Path, name: str, marker: str) -> Path:
+def publish_generation(state: Path, d: Path, name: str, marker: str) -> Path:
     """A new generation ``name`` of the image in ``d`` (hard-linked copy of current's root,
-    plus ``/etc/<MARK>``), then ``current`` flipped to it atomically."""
-    cur = (d / "current").resolve()
-    new = d / name
-    new.mkdir()
-    subprocess.run(["cp", "-al", str(cur / "rootfs"), str(new / "rootfs")], check=True)
-    (new / "rootfs" / "etc" / MARK).write_text(marker + "\n")
-    for f in cur.iterdir():
-        if f.is_file():
-            os.link(f, new / f.name)
-    tmp = d / ".current-tmp"
-    tmp.symlink_to(name)
-    os.replace(tmp, d / "current")
+    plus ``/etc/<MARK>``), then ``current`` flipped to it atomically. Under the image's lock
+    in ``state``'s store, as a build holds it: serve-pxe's prune (every 30 s) skips the image
+    meanwhile (it holds the lock a moment; waited for), where it would delete a ``gen-*``
+    directory that is not yet current (it did, once, mid-copy)."""
+    lock = ImageStore(state, recover=False).lock(d.name).acquire(wait=True)
+    try:
+        cur = (d / "current").resolve()
+        new = d / name
+        new.mkdir()
+        subprocess.run(["cp", "-al", str(cur / "rootfs"), str(new / "rootfs")], check=True)
+        (new / "rootfs" / "etc" / MARK).write_text(marker + "\n")
+        for f in cur.iterdir():
+            if f.is_file():
+                os.link(f, new / f.name)
+        tmp = d / ".current-tmp"
+        tmp.symlink_to(name)
+        os.replace(tmp, d / "current")
+    finally:
+        lock.release()
     return new
 
 
@@ -243,7 +251,7 @@ def test_squashfs_roots_boot_keep_their_generation_and_reboot_into_the_new_one(
 
             # a new generation while they run
             gen_b = "gen-29991231T000000-1"
-            new = publish_generation(d, gen_b, "generation B")
+            new = publish_generation(lab.state, d, gen_b, "generation B")
             wait_for("serve-pxe exported the new generation",
                      lambda: squash.find(lab.state, "minimal", gen_b) is not None, 300)
             wait_for("pxe status names the next generation",
