@@ -52,9 +52,13 @@ class LazyGroup(click.Group):
                 self._loaded.add(name)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        """The names of the commands already registered and of every lazy one in
+        :data:`LAZY_COMMANDS`, sorted; imports nothing."""
         return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command ``cmd_name``, importing its module(s) first if it is a lazy one; None if
+        there is no such command."""
         if cmd_name in LAZY_COMMANDS:
             self._load(LAZY_COMMANDS[cmd_name])
         return super().get_command(ctx, cmd_name)

@@ -35,6 +35,9 @@ class StageProgress:
         return self
 
     def stage(self, name: str, index: int, total: int) -> None:
+        """Show that stage ``name`` (``index`` of ``total``, counting from 1) starts: on the bar on
+        a terminal, else as a line on stderr with the seconds since this object was made; nothing
+        when disabled."""
         self._stage = name
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, description=f"{self.title}: {name}",
@@ -44,6 +47,8 @@ class StageProgress:
             sys.stderr.flush()
 
     def line(self, text: str) -> None:
+        """Show the first 60 characters of ``text`` as the bar's detail; dropped when there is no
+        bar (not a terminal, disabled, or outside the ``with`` block)."""
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, detail=text[:60])
 
