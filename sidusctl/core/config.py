@@ -200,6 +200,8 @@ class Checker:
         self.errors: list[ConfigError] = []
 
     def line(self, loc: Sequence[str | int]) -> int | None:
+        """The line number (from 1) of the key path ``loc`` in ``text``, or of its longest written
+        prefix; None if not even its first key is there (see :class:`Lines`)."""
         return self.lines.line(loc)
 
     def error(self, loc: Sequence[str | int] | str | None, problem: str,

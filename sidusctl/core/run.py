@@ -304,18 +304,22 @@ class Child:
 
     @property
     def pid(self) -> int:
+        """The child's pid, also its process group and session id."""
         return self.popen.pid
 
     @property
     def stdin(self) -> IO[bytes] | None:
+        """The child's stdin as a binary file object when it was redirected to PIPE, else None."""
         return self.popen.stdin
 
     @property
     def stdout(self) -> IO[bytes] | None:
+        """The child's stdout as a binary file object when it was redirected to PIPE, else None."""
         return self.popen.stdout
 
     @property
     def stderr(self) -> IO[bytes] | None:
+        """The child's stderr as a binary file object when it was redirected to PIPE, else None."""
         return self.popen.stderr
 
     @property
@@ -328,6 +332,7 @@ class Child:
         return self.popen.poll()
 
     def alive(self) -> bool:
+        """True while the child has not exited (this polls it, so an exited child is reaped)."""
         return self.popen.poll() is None
 
     def wait(self, timeout: float | None = None) -> int | None:

@@ -189,6 +189,7 @@ class FileLock:
 
     @property
     def held(self) -> bool:
+        """True from a successful :meth:`acquire` until :meth:`release`."""
         return self._fd is not None
 
     def __enter__(self) -> FileLock:
