@@ -61,6 +61,10 @@ class Bootstrapper:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
     def run(self, target: Path) -> None:
+        """Make the base root at ``target`` (not existing yet): from the cache entry of :meth:`key`
+        if there is one (sets :attr:`from_cache`), else with the backend's tool, then saved to the
+        cache when there is a key (compressed in the background: :attr:`compress`). Raises
+        :class:`PrerequisiteError` (tool missing) or :func:`explain`'s error if the tool fails."""
         r = self.recipe
         key = self.key()
         stem = f"{r.suite}-{r.arch}-{key}" if key else None

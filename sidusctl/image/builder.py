@@ -106,6 +106,9 @@ class Builder:
         return cm()
 
     def run(self) -> Image:
+        """Run the build (see :func:`build` for its errors) and return the new current
+        :class:`Image`, its files also copied to ``opts.out`` when set. On any error the bootstrap
+        cache's background compression is abandoned and a stage-cache overlay released."""
         r = self.recipe
         preflight(r, self.opts)
         self.cache.mkdir(parents=True, exist_ok=True)

@@ -44,9 +44,11 @@ class Quiet:
     the commands' output lines are dropped (the build log keeps them)."""
 
     def stage(self, name: str, index: int, total: int) -> None:
+        """Log ``stage INDEX/TOTAL: NAME`` at info level."""
         log.info("stage %d/%d: %s", index, total, name)
 
     def line(self, text: str) -> None:
+        """Drop ``text`` (the build log keeps the commands' output)."""
         pass
 
 

@@ -172,6 +172,8 @@ class Recipe:
         return h.hexdigest()
 
     def to_json(self) -> dict[str, Any]:
+        """The recipe's fields as a dict for JSON output: paths as strings, each site file's
+        ``mode`` as octal text (``"0644"``), ``root_password`` shown as ``"***"`` when set."""
         d = asdict(self)
         d["path"] = str(self.path)
         d["files"] = [{**asdict(f), "src": str(f.src), "mode": f"{f.mode:04o}"} for f in self.files]

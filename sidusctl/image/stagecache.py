@@ -74,6 +74,7 @@ class Entry:
 
     @property
     def key(self) -> str:
+        """The entry's cache key, as its ``entry.json`` records it."""
         return self.info.key
 
 
@@ -186,6 +187,8 @@ class StageCache:
         return best
 
     def total_bytes(self) -> int:
+        """The size on disk of all complete entries in bytes, as their ``entry.json`` recorded it
+        at write (nothing is measured)."""
         return sum(e.info.bytes for e in self.entries())
 
     # -- use ----------------------------------------------------------------------------------
