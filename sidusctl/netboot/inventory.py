@@ -138,6 +138,8 @@ class Inventory:
     default_args: tuple[str, ...] = field(default=())
 
     def images(self) -> list[str]:
+        """The image names the inventory uses, in order of first appearance: ``default_image``
+        first, then each node's; no duplicates."""
         seen: list[str] = []
         for img in [*( [self.default_image] if self.default_image else []),
                     *(n.image for n in self.nodes)]:
@@ -247,6 +249,7 @@ class Values(Frozen):
     kernel_args: Annotated[tuple[KernelArg, ...], BeforeValidator(as_tuple)] | None = None
 
     def given(self) -> dict[str, Any]:
+        """The keys set here (not None), as ``{field name: value}``."""
         return {k: v for k, v in self if v is not None}
 
 

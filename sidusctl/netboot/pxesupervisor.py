@@ -205,6 +205,8 @@ class PxeSupervisor(supervisor.Supervisor):
                 self.changes += 1  # "held" shrank: the next write shows it
 
     def apply(self, new: supervisor.ServeConfig) -> None:
+        """Swap ``new`` in as :meth:`Supervisor.apply` does, then tell the image store the holds
+        (:meth:`sync_holds`)."""
         super().apply(new)
         self.sync_holds()
 
@@ -318,6 +320,9 @@ class PxeSupervisor(supervisor.Supervisor):
         return [self._entries[n.mac] for n in inv.nodes]
 
     def status(self) -> dict[str, Any]:
+        """The supervisor's status plus ``http`` (the HTTP server's counters, None without one; its
+        internal errors added to ``internal_errors``) and ``pxe``: the inventory file, interface,
+        :meth:`node_status` and ``held`` (what :meth:`keep` keeps: sorted generations by image)."""
         st = super().status()
         inv = self.loader.inventory
         st["http"] = self.http.stats.as_dict() if self.http is not None else None

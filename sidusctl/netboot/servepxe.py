@@ -93,9 +93,12 @@ class PxeOptions:
 
     @property
     def serve_dir(self) -> Path:
+        """``<state>/serve``, where serve-pxe keeps its leases and status."""
         return self.state / "serve"
 
     def http_base(self, server: IPv4Address) -> str:
+        """The HTTP server's base URL at ``server``: ``http://ADDR``, with ``:PORT`` unless the port
+        is 80, no trailing slash."""
         port = "" if self.http_port == 80 else f":{self.http_port}"
         return f"http://{server}{port}"
 

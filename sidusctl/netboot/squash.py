@@ -82,6 +82,8 @@ class Export:
         return self.path.name
 
     def as_dict(self) -> dict[str, Any]:
+        """The record for JSON: every field plus ``file``, ``path`` as a string, ``exclude`` as a
+        list, ``verity`` as its ``as_dict()`` (None without a hash tree)."""
         return {"image": self.image, "generation": self.generation, "file": self.file,
                 "path": str(self.path), "size": self.size, "sha256": self.sha256,
                 "fingerprint": self.fingerprint, "created": self.created,

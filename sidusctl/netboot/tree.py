@@ -73,6 +73,7 @@ class SquashRef:
 
     @property
     def generation(self) -> str:
+        """The generation, ``gen-<stamp>``: ``file`` without its ``.squashfs`` suffix."""
         return self.file.removesuffix(".squashfs")
 
 
@@ -100,6 +101,8 @@ class RenderReport:
     removed: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, list[str]]:
+        """The four lists by name: ``created``, ``updated``, ``unchanged``, ``removed`` (the lists
+        themselves, not copies)."""
         return {"created": self.created, "updated": self.updated,
                 "unchanged": self.unchanged, "removed": self.removed}
 
