@@ -60,7 +60,9 @@ class Readable(Protocol):
     """A binary stream read from the start to the end (a blob's file, an HTTP response):
     ``read(n)`` returns up to ``n`` bytes, all that is left for -1, ``b""`` at the end."""
 
-    def read(self, n: int = -1, /) -> bytes: ...
+    def read(self, n: int = -1, /) -> bytes:
+        """Up to ``n`` bytes (all that is left for -1); ``b""`` at the end."""
+        ...
 
 
 class HashingReader:
@@ -76,6 +78,8 @@ class HashingReader:
         self.on_read: Callable[[int], None] | None = None
 
     def peek(self, n: int) -> bytes:
+        """The next ``n`` bytes (fewer if the stream ends first) without consuming them: they are
+        hashed and counted when read."""
         while len(self._head) < n:
             more = self._f.read(n - len(self._head))
             if not more:
@@ -123,15 +127,21 @@ class HashingReader:
 
     @property
     def digest(self) -> str:
+        """``ALGO:HEX`` of the bytes read so far (``sha256:...``, the form of OCI descriptor
+        digests, image-spec ``descriptor.md``)."""
         return f"{self.algo}:{self._h.hexdigest()}"
 
     # Forward-only positioning, enough for tarfile's "r:" mode reading members in order (it
     # then reads headers and data straight from this object, without its stream-mode
     # buffer copies).
     def tell(self) -> int:
+        """The number of bytes read so far (peeked bytes not counted)."""
         return self.bytes
 
     def seek(self, pos: int, whence: int = 0) -> int:
+        """Move forward to ``pos`` (``whence`` 0: from the start, 1: from here), reading and hashing
+        the bytes skipped; the position reached (short of ``pos`` if the stream ends first).
+        :class:`io.UnsupportedOperation` for a backward seek or one from the end."""
         if whence == 1:
             pos += self.bytes
         elif whence != 0:
@@ -173,6 +183,8 @@ class GzipReader:
             self._buf += self._d.decompress(chunk, 4 * CHUNK)
 
     def read(self, n: int = -1, /) -> bytes:
+        """Up to ``n`` decompressed bytes (all that is left for -1); ``b""`` at the end.
+        EOFError or zlib.error as for the class."""
         if n < 0:
             parts: list[bytes] = []
             while True:

@@ -67,6 +67,7 @@ class Reference:
 
     @property
     def ref(self) -> str:
+        """What the manifest is asked for by: the digest if given, else the tag, else ``latest``."""
         return self.digest or self.tag or "latest"
 
     def __str__(self) -> str:
@@ -185,6 +186,8 @@ class RegistryClient:
                                    timeout=httpx.Timeout(30.0, read=300.0))
 
     def close(self) -> None:
+        """Close the HTTP client and its connections (idempotent); openers made by :meth:`opener`
+        cannot be used after it."""
         self.client.close()
 
     def _authenticate(self, resp: httpx.Response) -> None:
@@ -278,10 +281,16 @@ class RegistryClient:
         return data, doc, digest
 
     def blob_json(self, digest: str) -> tuple[bytes, Any]:
+        """``(raw bytes, parsed JSON)`` of the blob ``digest`` (at most 4 MiB), checked against the
+        digest. :class:`ImageError` if the registry cannot be reached or refuses, or the blob is too
+        large, does not match or is not JSON."""
         data, _ = self._small(f"/blobs/{digest}")
         return data, verified_json(data, digest, str(self.ref))
 
     def opener(self, digest: str) -> Opener:
+        """An :data:`Opener` for the blob ``digest``: each use GETs it and yields its body as it
+        comes (not decoded, not checked here), closing the response at the block's end;
+        :class:`ImageError` when the GET fails."""
         @contextlib.contextmanager
         def _open() -> Iterator[Readable]:
             resp = self._send(f"/blobs/{digest}")

@@ -164,6 +164,8 @@ class BlobStore:
                 raise ImageError(f"{path}: not a readable tar archive ({e})") from e
 
     def names(self) -> list[str]:
+        """Every entry's relative path (``/``-separated, directories included): the tar's member
+        names without ``./`` or a trailing ``/``, or every path below the directory."""
         if self._members is not None:
             return list(self._members)
         return [p.relative_to(self.path).as_posix() for p in self.path.rglob("*")]
@@ -179,6 +181,8 @@ class BlobStore:
         return m
 
     def exists(self, name: str) -> bool:
+        """Whether ``name`` is a regular file here, links followed (in a directory: only to files
+        inside it)."""
         if self._members is not None:
             m = self._member(name)
             return m is not None and m.isreg()
@@ -195,6 +199,8 @@ class BlobStore:
         return p
 
     def size(self, name: str) -> int:
+        """The size of the file ``name`` in bytes; :class:`ImageError` if it is missing or not a
+        regular file."""
         if self._members is not None:
             m = self._member(name)
             if m is None or not m.isreg():
@@ -207,6 +213,8 @@ class BlobStore:
 
     @contextlib.contextmanager
     def open(self, name: str) -> Iterator[Readable]:
+        """A context manager yielding the file ``name`` as a :class:`Readable` (in a tar: a window
+        on its data); :class:`ImageError` if it is missing or not a regular file."""
         if self._members is not None:
             m = self._member(name)
             if m is None or not m.isreg():
@@ -221,6 +229,8 @@ class BlobStore:
             yield f
 
     def read_json(self, name: str) -> Any:
+        """The file ``name`` parsed as JSON (any JSON value); :class:`ImageError` if it is missing,
+        larger than 16 MiB or not valid JSON."""
         if self.size(name) > MAX_JSON:
             raise ImageError(f"{self.path}: '{name}' is too large for a JSON document")
         with self.open(name) as f:
