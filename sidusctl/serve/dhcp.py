@@ -158,6 +158,8 @@ class DhcpServer:
                  "n/a" if self.cfg.proxy else self.cfg.unknown)
 
     def close(self) -> None:
+        """Stop answering: remove the sockets from the loop, close them and the lease store;
+        idempotent."""
         for s, _ in self._socks:
             if self._loop is not None:
                 with contextlib.suppress(Exception):

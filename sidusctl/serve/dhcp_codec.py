@@ -149,6 +149,8 @@ class DhcpPacket:
         return _ip(v) if v is not None and len(v) == 4 else None
 
     def opt_u16(self, code: int) -> int | None:
+        """An option holding one 16-bit unsigned integer in network byte order (57, maximum message
+        size: RFC 2132 9.10), or None if absent or not 2 bytes."""
         v = self.options.get(code)
         return struct.unpack("!H", v)[0] if v is not None and len(v) == 2 else None
 
@@ -189,6 +191,8 @@ class DhcpPacket:
 
     @property
     def hostname(self) -> str | None:
+        """Option 12 (RFC 2132 3.14) as text, bytes that are not ASCII replaced; None if absent or
+        empty."""
         v = self.options.get(OPT_HOSTNAME)
         return v.decode("ascii", "replace") if v else None
 

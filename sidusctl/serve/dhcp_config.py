@@ -197,6 +197,7 @@ class DhcpStats:
     late: int = 0
 
     def as_dict(self) -> dict[str, int]:
+        """Every counter by its field name."""
         return asdict(self)
 
 

@@ -80,6 +80,7 @@ class DnsStats:
     internal_errors: int = 0
 
     def as_dict(self) -> dict[str, int]:
+        """Every counter by its field name."""
         return asdict(self)
 
 
@@ -114,6 +115,8 @@ class DnsServer:
         self.set_zone(self.cfg.zone)
 
     def set_zone(self, zone: Zone) -> None:
+        """Answer from ``zone`` from now on (SIGHUP reload). :class:`ConfigError` if it does not
+        validate; the old zone then stays."""
         zone.validate()
         self.zone = zone
         self._suffix = "." + zone.domain.lower()
@@ -122,10 +125,14 @@ class DnsServer:
 
     @property
     def port(self) -> int:
+        """The UDP port bound (the kernel's choice when ``cfg.port`` is 0); only after
+        :meth:`start`."""
         assert self._transport is not None
         return int(self._transport.get_extra_info("sockname")[1])
 
     async def start(self) -> None:
+        """Bind the UDP socket (``cfg.address``:``cfg.port``, on ``cfg.interface`` if set) and
+        answer on the running loop. :class:`PrerequisiteError` if it cannot be bound."""
         loop = asyncio.get_running_loop()
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
@@ -141,6 +148,7 @@ class DnsServer:
 
         class Proto(asyncio.DatagramProtocol):
             def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                """Answer ``data`` from ``addr``, or forward it upstream (RFC 1035 4.2.1, UDP)."""
                 server._on_query(data, addr)
 
         transport, _ = await loop.create_datagram_endpoint(Proto, sock=s)
@@ -152,6 +160,7 @@ class DnsServer:
                  if self.cfg.upstream else "refused")
 
     def close(self) -> None:
+        """Cancel the queries being forwarded upstream and close the socket; idempotent."""
         for t in self._tasks:
             t.cancel()
         if self._transport is not None:

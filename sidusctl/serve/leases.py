@@ -45,9 +45,13 @@ class Lease:
     state: str
 
     def active(self, now: float | None = None) -> bool:
+        """True if the lease has not expired at ``now`` (Unix time, seconds; default: the current
+        time)."""
         return self.expires > (time.time() if now is None else now)
 
     def as_dict(self) -> dict[str, object]:
+        """The row for JSON: ``ip`` (dotted quad), ``mac``, ``hostname``, ``expires`` (Unix time,
+        seconds), ``state``."""
         return {"ip": str(self.ip), "mac": self.mac, "hostname": self.hostname,
                 "expires": self.expires, "state": self.state}
 
@@ -87,6 +91,8 @@ class LeaseStore:
                 self.by_mac[lease.mac] = lease
 
     def close(self) -> None:
+        """Close the database and release the lock, so that another server may open the store;
+        idempotent."""
         self._db.close()
         self._lock.release()
 

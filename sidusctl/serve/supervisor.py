@@ -249,6 +249,10 @@ class Supervisor:
         self.changes += 1
 
     async def serve(self) -> None:
+        """Start the configured DHCP, TFTP and DNS servers and serve until SIGTERM or SIGINT
+        (SIGHUP: :meth:`reload`), writing the status every 2 s if anything changed (else every
+        30 s); at the end close the servers and write it a last time. A start-up error (a
+        :class:`SidusError`: port in use, store busy) is raised once started servers are closed."""
         loop = asyncio.get_running_loop()
         self.inbox.loop = loop
         self._stop = asyncio.Event()

@@ -187,6 +187,8 @@ class TftpServer:
         self._root_real = os.path.realpath(root)
 
     def close(self) -> None:
+        """End every transfer (not counted as failed), stop the timer and close the sockets;
+        idempotent."""
         if self._timer:
             self._timer.cancel()
         for t in list(self._transfers.values()):

@@ -72,4 +72,5 @@ class TftpStats:
     internal_errors: int = 0
 
     def as_dict(self) -> dict[str, int]:
+        """Every counter by its field name."""
         return asdict(self)

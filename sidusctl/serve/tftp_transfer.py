@@ -71,6 +71,8 @@ class Transfer:
     # -- sending ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Send the OACK when options were accepted (RFC 2347), else the first window of DATA
+        blocks (one block in lock-step, RFC 1350; ``windowsize`` blocks, RFC 7440)."""
         if self.oack is not None:
             self._send_raw(self.oack)
         else:
@@ -147,6 +149,9 @@ class Transfer:
     # -- receiving -------------------------------------------------------------------------
 
     def readable(self) -> None:
+        """Read one datagram from the client: an ACK moves the transfer on, an ERROR ends it as
+        aborted (RFC 1350 section 5), anything else counts as ``malformed``; an ICMP error (the
+        client gone) ends it, as complete if the final block was sent."""
         # one datagram per call: the loop is level-triggered and calls again if more wait,
         # and in lock-step the next ACK cannot be there yet (a second recv would only fail);
         # read into the server's buffer (no new bytes object per ACK)
@@ -260,6 +265,9 @@ class Transfer:
         self.last_progress = time.monotonic()
 
     def on_timer(self, now: float) -> None:
+        """The server's timer at ``now`` (monotonic seconds): after :func:`retransmit_wait` without
+        progress, send the OACK or the window again; fail the transfer after ``cfg.retries``
+        retransmissions."""
         if now - self.last_progress < retransmit_wait(self.timeout, self.tries):
             return
         self.tries += 1
@@ -274,6 +282,8 @@ class Transfer:
             self._send_window()
 
     def close(self) -> None:
+        """Stop watching the socket, close it and the file; idempotent. Counting and removing the
+        transfer are the server's (``_finish``)."""
         loop = self.server.loop
         self.server._unwatch(self.sock.fileno())
         if self.waiting_writer:
