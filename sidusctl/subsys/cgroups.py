@@ -83,6 +83,10 @@ class MemLimits:
     hard: int | str | None = None
 
     def settings(self) -> list[Setting]:
+        """The ``(version, file, value)`` settings of these limits, values in bytes (``-1`` or
+        ``max``: unlimited): v1 memory.limit_in_bytes and memory.memsw.limit_in_bytes (mem + swap),
+        v2 memory.high, memory.max and memory.swap.max. :class:`ConfigError` for a key of the other
+        hierarchy."""
         out: list[Setting] = []
         if self.hierarchy == 1:
             if self.soft is not None or self.hard is not None:
@@ -110,6 +114,9 @@ class MemLimits:
         return out
 
     def check_host(self) -> None:
+        """:class:`PrerequisiteError` unless this host can apply the limits (the memory controller
+        on their hierarchy; for a v1 swap limit, swap accounting); :class:`ConfigError` as
+        :meth:`settings`. Nothing is checked when there are no limits."""
         if not self.settings():
             return
         require(self.hierarchy, "memory", "a memory limit")
@@ -128,6 +135,8 @@ class IoLimit:
     write_bps: int | str | None = None
 
     def majmin(self) -> str:
+        """The device's ``MAJOR:MINOR`` numbers, as cgroup files name it. :class:`ConfigError` if
+        ``device`` cannot be stat'ed or is not a block device."""
         try:
             st = os.stat(self.device)
         except OSError as e:

@@ -90,6 +90,7 @@ class HostResult:
 
     @property
     def ok(self) -> bool:
+        """True if the command exited 0 (False after a timeout or when ssh failed)."""
         return self.rc == 0
 
     def problem(self) -> str | None:
@@ -161,6 +162,7 @@ class Fanout:
         return "\n".join(out) + "\n"
 
     def close(self) -> None:
+        """Delete the generated ssh_config file; idempotent."""
         self.ssh_config.unlink(missing_ok=True)
 
     def __enter__(self) -> Fanout:

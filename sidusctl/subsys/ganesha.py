@@ -95,9 +95,12 @@ class GaneshaServer:
 
     @property
     def pid(self) -> int:
+        """The pid of :attr:`proc`, the child started to run ganesha.nfsd."""
         return self.proc.pid
 
     def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of ganesha's log file, newline-joined; ``""`` if it cannot be
+        read."""
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except OSError:

@@ -63,10 +63,12 @@ class Image:
 
     @property
     def rootfs(self) -> Path:
+        """The generation's root tree, ``<dir>/rootfs``."""
         return self.dir / "rootfs"
 
     @property
     def manifest_path(self) -> Path:
+        """The generation's manifest file, ``<dir>/manifest.json`` (it may be missing)."""
         return self.dir / "manifest.json"
 
     @property
@@ -88,14 +90,18 @@ class Image:
 
     @property
     def kernel(self) -> Path:
+        """The exported kernel's path, ``<dir>/vmlinuz-<name>`` (not checked to exist)."""
         return self.dir / f"vmlinuz-{self.name}"
 
     @property
     def initrd(self) -> Path:
+        """The exported initrd's path, ``<dir>/initrd.img-<name>`` (not checked to exist)."""
         return self.dir / f"initrd.img-{self.name}"
 
     @property
     def tarball(self) -> Path | None:
+        """The generation's rootfs tarball, ``<dir>/<name>.tar.<comp>``, the first that exists of
+        the canonical suffixes; None if there is none."""
         for suffix in tarball.canonical_suffixes():
             p = self.dir / f"{self.name}{suffix}"
             if p.exists():
@@ -113,6 +119,7 @@ class Generation:
 
     @property
     def rootfs(self) -> Path:
+        """The root being built, ``<dir>/rootfs``."""
         return self.dir / "rootfs"
 
     def write_manifest(self, manifest: Manifest | Mapping[str, object]) -> None:
@@ -132,9 +139,13 @@ class ImageStore:
 
     # -- queries ---------------------------------------------------------------------------
     def image_dir(self, name: str) -> Path:
+        """The image's directory, ``<state>/images/<name>`` (not checked to exist);
+        :class:`ConfigError` if ``name`` is not a valid image name."""
         return self.root / check_name(name)
 
     def lock(self, name: str) -> FileLock:
+        """A :class:`FileLock` (not yet taken) on the image's ``.lock``, named ``image 'NAME'`` in
+        messages; :class:`ConfigError` for an invalid name."""
         return FileLock(self.image_dir(name) / ".lock", f"image '{name}'")
 
     def get(self, name: str, generation: str = "current") -> Image:
@@ -146,6 +157,8 @@ class ImageStore:
         return Image(name, link.resolve())
 
     def exists(self, name: str) -> bool:
+        """Whether ``name`` has a ``current`` generation with a ``rootfs``; :class:`ConfigError` for
+        an invalid name."""
         try:
             self.get(name)
             return True
@@ -153,6 +166,8 @@ class ImageStore:
             return False
 
     def list(self) -> list[Image]:
+        """The ``current`` generation of every image that has one, in name order (``[]`` without
+        an images directory)."""
         if not self.root.is_dir():
             return []
         out = []

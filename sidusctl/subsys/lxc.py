@@ -39,18 +39,23 @@ class Container:
 
     @property
     def dir(self) -> Path:
+        """The container's directory, ``<lxcpath>/<name>``: its config and logs."""
         return self.lxcpath / self.name
 
     @property
     def config(self) -> Path:
+        """The LXC config file, ``<dir>/config``, written by :meth:`write_config`."""
         return self.dir / "config"
 
     @property
     def console_log(self) -> Path:
+        """The console output file, ``<dir>/console.log``; deleted at each :meth:`start`."""
         return self.dir / "console.log"
 
     @property
     def log_file(self) -> Path:
+        """LXC's own log, ``<dir>/lxc.log``, read for start errors and :meth:`exit_status`;
+        deleted at each :meth:`start`."""
         return self.dir / "lxc.log"
 
     def _argv(self, tool: str) -> list[str]:
@@ -123,9 +128,13 @@ class Container:
             run([*self._argv("lxc-stop"), "-k"], what=f"lxc-stop -k {self.name}", timeout=60)
 
     def freeze(self) -> None:
+        """Freeze the running container (lxc-freeze, 60 s at most); :class:`CommandError` if it
+        fails."""
         run(self._argv("lxc-freeze"), what=f"lxc-freeze {self.name}", timeout=60)
 
     def unfreeze(self) -> None:
+        """Thaw the frozen container (lxc-unfreeze, 60 s at most); :class:`CommandError` if it
+        fails."""
         run(self._argv("lxc-unfreeze"), what=f"lxc-unfreeze {self.name}", timeout=60)
 
     def attach(self, argv: Sequence[str], *, check: bool = True, capture: bool = True,
@@ -141,6 +150,8 @@ class Container:
             timeout=30)
 
     def cgroup_get(self, key: str) -> str:
+        """The value of cgroup file ``key`` of the running container as lxc-cgroup prints it (the
+        final newline stripped); :class:`CommandError` if it fails."""
         return output([*self._argv("lxc-cgroup"), key], timeout=30)
 
     def exit_status(self) -> int | None:

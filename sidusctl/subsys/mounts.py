@@ -178,11 +178,15 @@ class MountStack:
 
     def mount(self, source: str, target: Path | str, fstype: str | None = None,
               options: Sequence[str] = (), bind: bool = False, rbind: bool = False) -> Path:
+        """Mount as :func:`mounted` does (``target`` created if missing), until :meth:`close`;
+        returns ``target`` as a Path. :class:`CommandError` if the mount fails."""
         return self._stack.enter_context(
             mounted(source, target, fstype, options, bind=bind, rbind=rbind)
         )
 
     def close(self) -> None:
+        """Unmount everything mounted through this stack, last first (with anything mounted below
+        each); idempotent."""
         self._stack.close()
 
     def __enter__(self) -> MountStack:

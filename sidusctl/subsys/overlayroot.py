@@ -50,10 +50,12 @@ class OverlayRoot:
 
     @property
     def upper(self) -> Path:
+        """The upper layer, ``<layers>/upper``: every write to ``merged`` lands there."""
         return self.layers / "upper"
 
     @property
     def work(self) -> Path:
+        """overlayfs' work directory, ``<layers>/work``."""
         return self.layers / "work"
 
     def umount(self) -> None:

@@ -118,6 +118,8 @@ class BackgroundCompress:
                               what=self.tool)
 
     def finish(self) -> None:
+        """Wait for the compressor; on success rename the temp file to ``dest`` and delete the plain
+        tar; if it failed (a warning, not an error), delete the temp file and keep the plain tar."""
         _, err = self.proc.popen.communicate()
         if self.proc.returncode == 0:
             publish(self.tmp, self.dest)
@@ -128,5 +130,7 @@ class BackgroundCompress:
                     self.proc.returncode, err.decode(errors="replace").strip())
 
     def abandon(self) -> None:
+        """Stop the compressor without grace (SIGTERM, then SIGKILL to its group) and delete the
+        temp file; the plain tar stays. Idempotent."""
         self.proc.stop(grace=0)
         self.tmp.unlink(missing_ok=True)
