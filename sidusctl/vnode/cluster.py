@@ -98,6 +98,7 @@ class Cluster:
                          ssh_options=self.pn.ssh_options)
 
     def close(self) -> None:
+        """Delete the fan-out's generated ssh_config (:meth:`Fanout.close`); idempotent."""
         self.fo.close()
 
     def __enter__(self) -> Cluster:
@@ -112,9 +113,11 @@ class Cluster:
         return [*shlex.split(self.pn.sidusctl), "--state-dir", self.state_dirs[host], *args]
 
     def remote_dir(self, host: str) -> str:
+        """Where pnode ``host`` keeps platform files: ``<its state directory>/platforms``."""
         return f"{self.state_dirs[host]}/platforms"
 
     def remote_file(self, host: str) -> str:
+        """This platform's file on pnode ``host``: ``<remote_dir>/<name>.toml``."""
         return f"{self.remote_dir(host)}/{self.name}.toml"
 
     def _json_each(self, commands: Mapping[str, Sequence[str]], *, timeout: float | None = None,
@@ -335,6 +338,9 @@ class Cluster:
 
     # -- plan ------------------------------------------------------------------------------
     def pnode_infos(self, facts: Mapping[str, dict[str, Any]]) -> list[PnodeInfo]:
+        """One :class:`PnodeInfo` per pnode, in the file's order: its address resolved to IPv4
+        (:class:`ConfigError` if it cannot be), its root interface as configured or else the one
+        holding that address in ``facts`` (None if none), and that interface's MTU (or 1500)."""
         out = []
         for h, host in self.hosts.items():
             f = facts.get(h, {})
@@ -368,6 +374,8 @@ class Cluster:
         return plan
 
     def record_path(self) -> Path:
+        """Where this host keeps the platform's record of the last ``up``:
+        ``<state>/platforms/<name>.json``."""
         return self.state_dir / "platforms" / f"{self.name}.json"
 
     def record(self) -> dict[str, Any]:

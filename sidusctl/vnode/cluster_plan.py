@@ -55,9 +55,12 @@ class Plan:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def vnodes_on(self, pnode: str) -> list[str]:
+        """The vnodes placed on ``pnode``, in placement order."""
         return [v for v, p in self.placement.items() if p == pnode]
 
     def to_json(self) -> dict[str, Any]:
+        """``placement``, ``addresses``, ``gateways``, ``vni`` and ``mtu`` for JSON output (not
+        ``files``); the plan's own dicts, not copies."""
         return {"placement": self.placement, "addresses": self.addresses,
                 "gateways": self.gateways, "vni": self.vni, "mtu": self.mtu}
 

@@ -78,17 +78,24 @@ class VNetwork:
 
     @property
     def network(self) -> ipaddress.IPv4Network:
+        """``cidr`` as an :class:`~ipaddress.IPv4Network`; ValueError if it is not one (host bits
+        set included)."""
         return ipaddress.IPv4Network(self.cidr)
 
     @property
     def bridge(self) -> str:
+        """The host bridge's name: the vnetwork's name."""
         return self.name
 
     @property
     def vxlan_link(self) -> str:
+        """The VXLAN link's name, ``<name>-vx``."""
         return f"{self.name}-vx"
 
     def validate(self) -> VNetwork:
+        """Check the fields and set ``gateway`` when it is None (the address before the broadcast
+        one); returns self. :class:`ConfigError` for a bad name, CIDR (smaller than /30 included),
+        mode, gateway, VXLAN settings or MTU."""
         check_vnet_name(self.name)
         try:
             net = ipaddress.IPv4Network(self.cidr, strict=True)
@@ -126,10 +133,13 @@ class VNetwork:
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name (:func:`dataclasses.asdict`), as state.json stores it."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VNetwork:
+        """The vnetwork of a :meth:`to_dict` dict, not validated; TypeError for a key that is not a
+        field."""
         return cls(**d)
 
 
@@ -145,10 +155,12 @@ class VIface:
     latency_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name (:func:`dataclasses.asdict`), as state.json stores it."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VIface:
+        """The viface of a :meth:`to_dict` dict; TypeError for a key that is not a field."""
         return cls(**d)
 
 
@@ -183,18 +195,24 @@ class VNode:
     exit_code: int | None = None
 
     def mem_limits(self) -> MemLimits:
+        """``mem`` as :class:`MemLimits` (TypeError for a key that is not one of its fields)."""
         return MemLimits(**self.mem)
 
     def io_limits(self) -> list[IoLimit]:
+        """``io`` as :class:`IoLimit` objects, in order (TypeError for an unknown key)."""
         return [IoLimit(**d) for d in self.io]
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name, ``ifaces`` as a list of :meth:`VIface.to_dict` dicts, as state.json
+        stores it."""
         d = asdict(self)
         d["ifaces"] = [i.to_dict() for i in self.ifaces]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VNode:
+        """The vnode of a :meth:`to_dict` dict (``d`` is not modified); TypeError for a key that is
+        not a field."""
         d = dict(d)
         d["ifaces"] = [VIface.from_dict(i) for i in d.get("ifaces", [])]
         return cls(**d)

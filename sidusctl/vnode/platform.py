@@ -75,6 +75,9 @@ class Platform(Observe):
             self.store.deinit(st)
 
     def store_info(self) -> dict[str, Any]:
+        """The store's recorded settings (state.json's ``store``: empty before :meth:`init`) plus
+        ``root`` (its path), ``used_bytes`` (bytes allocated on its btrfs; None on a plain
+        filesystem or before init) and, on btrfs, ``subvolumes`` (paths from the filesystem top)."""
         st = self.store.read()
         info = dict(st.store)
         info["root"] = str(self.store.root)
@@ -144,6 +147,7 @@ class Platform(Observe):
             del st.vnetworks[name]
 
     def net_list(self) -> list[VNetwork]:
+        """Every vnetwork as state.json records it, in name order."""
         return list(self.store.read().vnetworks.values())
 
     def _net(self, st: State, name: str) -> VNetwork:
@@ -467,6 +471,7 @@ class Platform(Observe):
         return [which("lxc-console", "lxc"), "-P", str(self.store.lxcpath), "-n", name, "-t", "0"]
 
     def console_log(self, name: str) -> Path:
+        """The path of vnode ``name``'s console log (not checked: the vnode need not exist)."""
         return self._container(name).console_log
 
     def rootfs(self, name: str) -> Path:
@@ -493,6 +498,8 @@ class Platform(Observe):
         return out
 
     def get(self, name: str) -> VNode:
+        """The vnode ``name`` as state.json records it (its state not checked against LXC);
+        :class:`NotFoundError` if there is none."""
         return self._vnode(self.store.read(), name)
 
     def get_image(self, name: str, dest: Path) -> int:

@@ -54,12 +54,15 @@ class State:
     hashes: dict[str, str]
 
     def to_dict(self) -> dict[str, Any]:
+        """The state.json document: ``version`` 1, ``store``, ``hashes``, and each vnetwork and
+        vnode as its ``to_dict()``, by name."""
         return {"version": 1, "store": self.store, "hashes": self.hashes,
                 "vnetworks": {k: v.to_dict() for k, v in self.vnetworks.items()},
                 "vnodes": {k: v.to_dict() for k, v in self.vnodes.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> State:
+        """The state of a state.json document (a missing key: empty); ``version`` is not read."""
         return cls(store=dict(d.get("store", {})), hashes=dict(d.get("hashes", {})),
                    vnetworks={k: VNetwork.from_dict(v) for k, v in d.get("vnetworks", {}).items()},
                    vnodes={k: VNode.from_dict(v) for k, v in d.get("vnodes", {}).items()})
@@ -90,6 +93,8 @@ class Store:
 
     # -- state -----------------------------------------------------------------------------
     def load(self) -> State:
+        """The state from ``state.json``, empty if the file does not exist; the lock is not taken
+        (:meth:`read` and :meth:`transaction` take it). :class:`StateError` if it is unreadable."""
         try:
             d = read_json(self.state_file)
         except FileNotFoundError:
@@ -97,6 +102,8 @@ class Store:
         return State.from_dict(d)
 
     def save(self, st: State) -> None:
+        """Write ``st`` to ``state.json`` atomically; the caller holds the lock
+        (:meth:`transaction`)."""
         write_json(self.state_file, st.to_dict())
 
     @contextlib.contextmanager
@@ -190,10 +197,13 @@ class Store:
         mounts.mount(src, self.root, "btrfs", opts)
 
     def unmount(self) -> None:
+        """Unmount the store's root and anything below it, if the root is a mount point."""
         if self.root.exists() and mounts.is_mountpoint(self.root):
             mounts.umount_tree(self.root)
 
     def is_btrfs(self, st: State) -> bool:
+        """Whether the store's root is on btrfs, after mounting a device- or image-backed store
+        (:meth:`ensure_mounted`, whose errors go through)."""
         self.ensure_mounted(st)
         return self.root.exists() and btrfs.is_btrfs(self.root)
 
@@ -246,6 +256,7 @@ class Store:
         return key
 
     def cached_image(self, key: str) -> Path:
+        """Where image ``key`` is unpacked: ``store/images/<key>`` (not checked to exist)."""
         return self.root / "images" / key
 
     def unpack(self, st: State, key: str, source: Path, kind: str) -> Path:
@@ -277,9 +288,12 @@ class Store:
 
     # -- vnode roots -----------------------------------------------------------------------
     def vnode_dir(self, name: str) -> Path:
+        """Vnode ``name``'s own directory, ``store/vnodes/<name>`` (its ``rootfs`` while it
+        runs)."""
         return self.root / "vnodes" / name
 
     def shared_root(self, key: str) -> Path:
+        """The one root of image ``key`` that ``shared``-mode vnodes use: ``store/shared/<key>``."""
         return self.root / "shared" / key
 
     def make_root(self, st: State, vn: VNode) -> Path:
@@ -314,6 +328,8 @@ class Store:
         run(["cp", "-a", "--reflink=never", f"{src}/.", str(dest)], what=f"copy of {src}")
 
     def rootfs_of(self, vn: VNode) -> Path:
+        """Where ``vn``'s root is: its image's shared root in ``shared`` mode, else
+        ``<vnode_dir>/rootfs``; not checked to exist."""
         if vn.fs == "shared":
             return self.shared_root(vn.image_key)
         return self.vnode_dir(vn.name) / "rootfs"
