@@ -10,7 +10,9 @@ pxelinux config, kernel and initrd over TFTP (blksize 1468, lock-step), DHCP as 
 then its root, then DHCP as the booted system. Every file is checked by SHA-256. With
 ``--boot ipxe-http`` the node's ROM is iPXE instead: one DHCP exchange as iPXE, answered with
 ``http://SERVER/boot.ipxe`` (serve-pxe ``--http``; dnsmasq tags the iPXE user class), then the
-script, the node's own script, kernel and initrd over HTTP (from nginx for the reference).
+script, the node's own script, kernel and initrd over HTTP (from nginx for the reference), on
+one keep-alive connection as iPXE's connection pool does (before 2026-12-06 the simulated iPXE
+opened a connection per file).
 
 - ``squashfs-http`` (the simulated nodes of tests/storm_sim.py): the squashfs root over HTTP, a third
   of the nodes resuming half-way with Range. Each node POSTs its stages to /sidus/report, as
@@ -472,7 +474,8 @@ def print_one(o: dict[str, Any]) -> None:
                   f"{s['machine_steal_s']} s stolen by the hypervisor (all CPUs)")
         if s.get("http_reads"):
             print(f"      the nodes read HTTP bodies {s['http_kib_per_read']} KiB at a time "
-                  f"({s['http_reads']} reads)")
+                  f"({s['http_reads']} reads) over {s.get('http_connections', '?')} "
+                  "connections")
         if s["p50_by_protocol_s"]:
             print("      per node, medians: " + ", ".join(
                 f"{k} {v} s" for k, v in s["p50_by_protocol_s"].items()))

@@ -8,7 +8,9 @@ driven from event loop callbacks (a storm's hundreds of nodes share one loop per
   each time, at most ``DHCP_TRIES`` times;
 - TFTP (RFC 1350, blksize RFC 2348): :func:`tftp_get`, lock-step as pxelinux;
 - HTTP/1.1 (RFC 9112): :func:`http_req`, one request per connection (``Connection:
-  close``), a 503 retried after its ``Retry-After``, jittered;
+  close``, as busybox wget in the initramfs) or, through an :class:`HttpPool`, one
+  connection kept for a node's next request (as iPXE); a 503 retried after its
+  ``Retry-After``, jittered;
 - :class:`Tally`: what the clients saw (refusals, retries, bytes and reads).
 """
 
@@ -41,6 +43,8 @@ class Tally:
     #: much a server's sending lets a client take at once
     http_reads: int = 0
     http_bytes: int = 0
+    #: TCP connections opened for HTTP (several requests share one when a node pools them)
+    http_connections: int = 0
 
 
 class DhcpReplies:
@@ -244,24 +248,76 @@ async def tftp_get(src: str, server: str, name: str, tally: Tally,
     raise RuntimeError(f"TFTP {name}: refused 200 times")
 
 
+class HttpPool:
+    """One node's idle HTTP connection kept for its next request to the same server, as
+    iPXE's connection pool does (``src/net/tcp/httpconn.c``: every request says
+    ``Connection: keep-alive``; an idle connection to the same host and port is reused for
+    10 s; one the server closed before answering is opened again). :meth:`close` ends it,
+    as iPXE does before it starts a kernel."""
+
+    def __init__(self) -> None:
+        self._idle: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    def take(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The idle connection, if any, now the caller's."""
+        conn, self._idle = self._idle, None
+        return conn
+
+    def put(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+        """Keep ``conn`` (whose last answer was read whole) for the next request."""
+        self._idle = conn
+
+    async def close(self) -> None:
+        """End the idle connection, if any."""
+        if (conn := self.take()) is not None:
+            await _hang_up(conn[1])
+
+
+async def _hang_up(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
 async def http_req(src: str, server: str, port: int, method: str, path: str, tally: Tally, *,
                    headers: dict[str, str] | None = None, body: bytes = b"",
-                   stop_at: int | None = None, sink: Any = None) -> tuple[int, dict[str, str]]:
+                   stop_at: int | None = None, sink: Any = None,
+                   pool: HttpPool | None = None) -> tuple[int, dict[str, str]]:
     """One HTTP/1.1 request from ``src``; the body goes to ``sink.update`` (at most
     ``stop_at`` bytes of it: then the connection is dropped, as a node that lost its link
-    would). A 503 is a refusal: counted, retried after its Retry-After (RFC 9110 10.2.3)."""
-    for _refusal in range(200):
-        reader, writer = await asyncio.open_connection(server, port, local_addr=(src, 0),
-                                                       limit=1 << 20)
+    would). A 503 is a refusal: counted, retried after its Retry-After (RFC 9110 10.2.3).
+
+    Without a ``pool`` the request has a connection of its own (``Connection: close``, as
+    busybox wget); with one, it reuses the pool's idle connection and leaves its own there
+    afterwards unless the server said ``Connection: close`` (RFC 9112 section 9.3), as iPXE.
+    Each connection opened is counted in ``tally.http_connections``."""
+    refusals = 0
+    while True:
+        conn = pool.take() if pool is not None else None
+        reused = conn is not None
+        if conn is None:
+            conn = await asyncio.open_connection(server, port, local_addr=(src, 0),
+                                                 limit=1 << 20)
+            tally.http_connections += 1
+        reader, writer = conn
+        kept = False
         try:
-            head = [f"{method} {path} HTTP/1.1", f"Host: {server}", "Connection: close"]
+            head = [f"{method} {path} HTTP/1.1", f"Host: {server}",
+                    "Connection: " + ("close" if pool is None else "keep-alive")]
             head += [f"{k}: {v}" for k, v in (headers or {}).items()]
             if body:
                 head += ["Content-Type: application/x-www-form-urlencoded",
                          f"Content-Length: {len(body)}"]
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-            await writer.drain()
-            status_line = await reader.readline()
+            try:
+                writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+                await writer.drain()
+                status_line = await reader.readline()
+            except ConnectionError:
+                if not reused:
+                    raise
+                status_line = b""
+            if not status_line and reused:
+                continue  # the server had closed the idle connection: open another
             code = int(status_line.split()[1])
             hdrs: dict[str, str] = {}
             while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
@@ -286,14 +342,18 @@ async def http_req(src: str, server: str, port: int, method: str, path: str, tal
                     tally.http_bytes += len(chunk)
                     if sink is not None:
                         sink.update(chunk)
+                if (pool is not None and stop_at is None
+                        and "close" not in hdrs.get("connection", "").lower()):
+                    pool.put(conn)
+                    kept = True
                 return code, hdrs
         finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            if not kept:
+                await _hang_up(writer)
+        refusals += 1
+        if refusals == 200:
+            raise RuntimeError(f"HTTP {path}: refused 200 times")
         await asyncio.sleep(wait * (0.5 + random.random()))
-    raise RuntimeError(f"HTTP {path}: refused 200 times")
-
 
 
 class DhcpSocket:

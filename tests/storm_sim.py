@@ -39,6 +39,7 @@ from tests.netns_util import REPO, nsexec
 from tests.storm_proto import (
     DhcpReplies,
     DhcpSocket,
+    HttpPool,
     Tally,
     dhcp_client,
     dhcp_phase,
@@ -72,7 +73,8 @@ async def boot_files(cfg: dict[str, Any], n: dict[str, str], proto: DhcpReplies,
     - ``ipxe-http``: the ROM is iPXE (qemu's, or a NIC flashed with it), so its one DHCP
       exchange announces option 77 ``iPXE``; the answer must be
       ``http://SERVER/boot.ipxe`` (serve-pxe ``--http``), then ``cfg["http_files"]`` come
-      over HTTP (``boot.ipxe``, the node's script, kernel, initrd).
+      over HTTP (``boot.ipxe``, the node's script, kernel, initrd), one after the other on
+      one connection while the server keeps it open, as iPXE's connection pool.
 
     Each DHCP answer goes into ``rec["dhcp"]`` under its phase and must be the node's
     reserved address; ``lap(protocol)`` is called after each step. Returns the SHA-256 of
@@ -91,18 +93,23 @@ async def boot_files(cfg: dict[str, Any], n: dict[str, str], proto: DhcpReplies,
             raise RuntimeError(f"{n['mac']}: got {d['ack']}, its reservation is {me}")
         if d["file"] != f"http://{srv}/boot.ipxe":
             raise RuntimeError(f"{n['mac']}: iPXE was told to boot {d['file']!r}")
-        for path in cfg["http_files"]:
-            path = path.replace("{mac}", dashes)
-            kept = _Kept() if path.endswith(".ipxe") else None
-            h = hashlib.sha256()
-            sink = h if kept is None else kept
-            code, _ = await http_req(me, srv, cfg["http_port"], "GET", path, tally, sink=sink)
-            if code != 200:
-                raise RuntimeError(f"GET {path}: HTTP {code}")
-            if kept is not None:
-                h.update(kept.data)
-                conf = bytes(kept.data) if path.startswith("/ipxe/") else conf
-            digests[path.lstrip("/")] = h.hexdigest()
+        pool = HttpPool()
+        try:
+            for path in cfg["http_files"]:
+                path = path.replace("{mac}", dashes)
+                kept = _Kept() if path.endswith(".ipxe") else None
+                h = hashlib.sha256()
+                sink = h if kept is None else kept
+                code, _ = await http_req(me, srv, cfg["http_port"], "GET", path, tally,
+                                         sink=sink, pool=pool)
+                if code != 200:
+                    raise RuntimeError(f"GET {path}: HTTP {code}")
+                if kept is not None:
+                    h.update(kept.data)
+                    conf = bytes(kept.data) if path.startswith("/ipxe/") else conf
+                digests[path.lstrip("/")] = h.hexdigest()
+        finally:
+            await pool.close()  # iPXE ends its connections before it starts the kernel
         lap("boot_http")
         return digests, conf
     d = rec["dhcp"]["pxe"] = await dhcp_phase(proto, tr, mac, "pxe", sid, tally)
