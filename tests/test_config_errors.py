@@ -148,3 +148,18 @@ def test_loaders_raise_only_config_errors(tmp_path: Path, doc: dict[str, Any], j
                 load()
             except ConfigErrors as e:
                 assert e.errors and all(x.file for x in e.errors)
+
+
+def test_a_variant_the_backend_has_not_is_refused_before_anything_is_written(
+        tmp_path: Path) -> None:
+    d = tmp_path / "img"
+    d.mkdir()
+    f = d / "image.toml"
+    f.write_text('suite = "bookworm"\n\nvariant = "standard"\n')
+    # debootstrap (the default backend) has no "standard": it would quietly build "important"
+    _run_bad(tmp_path, "build", str(d), expect=[
+        f"{f}:3: key 'variant': 'standard' is not a variant debootstrap has",
+        "(expected minbase, buildd or important, or --backend mmdebstrap)"])
+    res = sidusctl("build", "--check", "--backend", "mmdebstrap", str(d),
+                   state=tmp_path / "sdt-state", timeout=60)
+    assert res.returncode == 0, res.stderr

@@ -11,6 +11,7 @@ import click
 from sidusctl.cli.common import console, emit_json, get_ctx, human_size, need_root
 from sidusctl.cli.progress import StageProgress
 from sidusctl.image import builder, recipe
+from sidusctl.image.common import check_variant
 from sidusctl.image.update import private_root
 from sidusctl.subsys.chroot import ChrootSession
 from sidusctl.subsys.imagestore import Image, ImageStore
@@ -81,6 +82,7 @@ def build_cmd(image: str, backend: str, tar: bool, out: Path | None, cache_dir: 
     unchanged restores it and runs only the later stages; every stage says whether it ran or
     was reused, and why."""
     rec = recipe.find(image)
+    check_variant(rec, backend)
     if check:
         _print_recipe(rec, as_json)
         return

@@ -17,10 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sidusctl.core.config import Checker
 from sidusctl.core.errors import (
     BuildError,
     BusyError,
     CommandError,
+    ConfigError,
     PrerequisiteError,
     SidusError,
 )
@@ -81,9 +83,23 @@ def dpkg_arch() -> str:
             "ppc64le": "ppc64el", "riscv64": "riscv64", "s390x": "s390x"}.get(m, m)
 
 
+def check_variant(recipe: Recipe, backend: str) -> None:
+    """Whether ``backend`` can bootstrap ``recipe``'s variant: debootstrap(8) knows only
+    ``minbase``, ``buildd`` and its default (Priority: important); ``standard`` is
+    mmdebstrap's. Raises :class:`ConfigError` (file, line, key, found, expected)."""
+    if backend == "debootstrap" and recipe.variant == "standard":
+        text = recipe.path.read_text(encoding="utf-8", errors="replace")
+        raise ConfigError(str(recipe.path), "variant",
+                          "'standard' is not a variant debootstrap has (it would build "
+                          "'important')", line=Checker(str(recipe.path), text).line(["variant"]),
+                          expected="minbase, buildd or important, or --backend mmdebstrap")
+
+
 def preflight(recipe: Recipe, opts: BuildOptions) -> None:
-    """Host checks before anything is written: root, the backend's command, a runnable arch.
-    Raises :class:`PrerequisiteError`."""
+    """Host checks before anything is written: the recipe's variant against the backend, root,
+    the backend's command, a runnable arch. Raises :class:`ConfigError`,
+    :class:`PrerequisiteError`."""
+    check_variant(recipe, opts.backend)
     if os.geteuid() != 0:
         raise PrerequisiteError(
             f"building an image needs root (debootstrap, mounts, chroot); running as uid {os.geteuid()}",
