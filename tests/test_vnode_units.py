@@ -14,7 +14,7 @@ from sidusctl.subsys.net import tc
 from sidusctl.subsys.templates import render
 from sidusctl.vnode import ssh
 from sidusctl.vnode.limits import parse_matrix_file, parse_size
-from sidusctl.vnode.model import parse_mib
+from sidusctl.vnode.model import VNetwork, parse_mib
 from sidusctl.vnode.platform_file import load
 from tests.golden import assert_golden
 
@@ -240,3 +240,14 @@ def test_missing_netem_is_named() -> None:
     else:
         pytest.skip("this kernel has netem")
     tc.require_qdisc("tbf")  # and tbf, which bandwidth uses, is there
+
+
+@pytest.mark.parametrize(("gateway", "problem"), [
+    ("foo", "invalid address 'foo'"), ("10.0.0.300", "invalid address '10.0.0.300'"),
+    ("10.9.0.1", "10.9.0.1 is outside 10.8.0.0/24")])
+def test_a_wrong_gateway_from_the_python_api_is_a_config_error(gateway: str,
+                                                                problem: str) -> None:
+    # the platform file checks addresses itself; a VNetwork made in Python meets this check
+    with pytest.raises(ConfigError, match="key 'gateway'") as e:
+        VNetwork("sdt-gw", "10.8.0.0/24", gateway=gateway).validate()
+    assert problem in str(e.value)

@@ -110,9 +110,16 @@ class VNetwork:
                               expected=" or ".join(NET_MODES))
         if self.gateway is None:
             self.gateway = str(net.broadcast_address - 1)
-        elif ipaddress.IPv4Address(self.gateway) not in net:
-            raise ConfigError(f"vnetwork {self.name}", "gateway",
-                              f"{self.gateway} is outside {self.cidr}")
+        else:
+            try:
+                gateway = ipaddress.IPv4Address(self.gateway)
+            except ValueError as e:
+                raise ConfigError(f"vnetwork {self.name}", "gateway",
+                                  f"invalid address {self.gateway!r} ({e})",
+                                  expected=f"an IPv4 address in {self.cidr}") from e
+            if gateway not in net:
+                raise ConfigError(f"vnetwork {self.name}", "gateway",
+                                  f"{self.gateway} is outside {self.cidr}")
         if self.mode == "vxlan":
             if self.vxlan_id is None:
                 raise ConfigError(f"vnetwork {self.name}", "vxlan_id", "missing",
