@@ -65,6 +65,11 @@ def test_memory_settings_v1_v2() -> None:
         MemLimits(1, soft=100).settings()
     with pytest.raises(ConfigError):
         MemLimits(2, mem=100).settings()
+    # v1 counts swap on top of memory: a swap limit alone would be no limit at all
+    for mem in (None, "max"):
+        with pytest.raises(ConfigError, match=r"key 'swap'.*without a memory limit"):
+            MemLimits(1, mem=mem, swap=256).settings()
+    assert MemLimits(1, swap="max").settings() == [(1, "memory.memsw.limit_in_bytes", "-1")]
     # a swap limit of 0 is no swap at all: memsw = mem (v1), memory.swap.max 0 (v2)
     assert MemLimits(1, mem=512, swap=0).settings() == [
         (1, "memory.limit_in_bytes", str(512 * 2**20)),

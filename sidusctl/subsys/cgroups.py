@@ -96,7 +96,12 @@ class MemLimits:
             if mem is not None:
                 out.append((1, "memory.limit_in_bytes", "-1" if mem == "max" else mem))
             if self.swap is not None:
-                if self.mem in (None, "max") or self.swap == "max":
+                if self.mem in (None, "max") and self.swap != "max":
+                    raise ConfigError("vnode", "swap", f"a swap limit of {self.swap} MiB without "
+                                      "a memory limit: v1 limits memory + swap together "
+                                      "(memory.memsw.limit_in_bytes)",
+                                      expected="mem with swap, or hierarchy v2")
+                if self.swap == "max":
                     out.append((1, "memory.memsw.limit_in_bytes", "-1"))
                 else:
                     assert self.mem is not None
