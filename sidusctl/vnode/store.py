@@ -361,7 +361,9 @@ class Store:
             shutil.rmtree(path)
 
     def disk_used(self) -> int | None:
-        """Bytes used on the store's filesystem (btrfs: allocated blocks)."""
+        """Bytes allocated on the store's btrfs filesystem (statvfs after a sync); None
+        when the store's root does not exist or is not btrfs (a plain directory shares its
+        filesystem with the host, whose use would not be the store's)."""
         if not self.root.exists():
             return None
         return btrfs.used_bytes(self.root) if btrfs.is_btrfs(self.root) else None
