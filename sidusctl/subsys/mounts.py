@@ -135,7 +135,10 @@ def umount(target: Path | str, *, attempts: int = 5) -> bool:
 
 
 def umount_tree(path: Path | str) -> list[str]:
-    """Unmount everything at or below ``path``, deepest first; returns what was unmounted."""
+    """Unmount everything at or below ``path``, deepest first; returns what was unmounted.
+    Mounts still there after 20 rounds (each can reveal a mount stacked under another) are
+    logged as a warning, not raised: this runs in clean-ups, whose own error comes first.
+    :class:`SidusError` as :func:`umount`."""
     done = []
     # Loop: an unmount can reveal a mount it was hiding (stacked mounts on one point).
     for _ in range(20):
@@ -145,6 +148,10 @@ def umount_tree(path: Path | str) -> list[str]:
         for t in targets:
             umount(t)
             done.append(t)
+    else:
+        if left := mounts_under(path):
+            log.warning("still mounted under %s after 20 rounds of umount: %s", path,
+                        ", ".join(left))
     return done
 
 
