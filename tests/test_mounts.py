@@ -46,7 +46,12 @@ def test_a_mount_left_after_every_round_is_named(tmp_path: Path, monkeypatch: py
     stuck = str(tmp_path / "sdt-stuck")
     calls: list[str] = []
     monkeypatch.setattr(mounts, "mounts_under", lambda _p: [stuck])
-    monkeypatch.setattr(mounts, "umount", lambda t: calls.append(str(t)) or True)
+
+    def umount(target: str) -> bool:
+        calls.append(target)
+        return True  # "not mounted", as umount(8) says of a path it cannot match
+
+    monkeypatch.setattr(mounts, "umount", umount)
     with caplog.at_level(logging.WARNING):
         done = mounts.umount_tree(tmp_path)
     assert len(calls) == 20 and done == [stuck] * 20
