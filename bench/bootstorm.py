@@ -16,7 +16,8 @@ opened a connection per file).
 
 - ``squashfs-http`` (the simulated nodes of tests/storm_sim.py): the squashfs root over HTTP, a third
   of the nodes resuming half-way with Range. Each node POSTs its stages to /sidus/report, as
-  the initramfs does: serve-pxe records them, nginx answers 204 and drops them (so the clients
+  the initramfs does (since 2026-12-06 the ``root`` and ``root-mounted`` reports on their
+  way while the boot goes on, as its ``wget &``; awaited before ``booted``): serve-pxe records them, nginx answers 204 and drops them (so the clients
   do the same work against both stacks; the reference keeps no per-node status). Each
   stack logs what it serves: serve-pxe a line per DHCP exchange, file and report, dnsmasq
   its DHCP and TFTP lines, nginx its access log (to a file, its default; off before

@@ -8,7 +8,8 @@ address, what a PXE node does when a whole room reboots:
    over TFTP (blksize 1468, lock-step, as pxelinux does);
 3. DHCP again as the kernel (no PXE option), then the squashfs root over HTTP, a third of the
    nodes dropping the connection half-way and resuming with ``Range``, the digest checked;
-   reports ``root`` and ``root-mounted`` to ``/sidus/report``;
+   reports ``root`` and ``root-mounted`` to ``/sidus/report``, each on its way while the boot
+   goes on, as the initramfs sends them (``wget &``);
 4. DHCP again as the booted system (option 12 host name), then reports ``booted``.
 
 With ``cfg["boot"] = "ipxe-http"`` steps 1-2 are those of a node whose ROM is iPXE and a
@@ -166,30 +167,39 @@ async def node(cfg: dict[str, Any], n: dict[str, str], proto: DhcpReplies,
             if code != 204:
                 raise RuntimeError(f"report {stage}: HTTP {code}")
 
-    await post("root", "squashfs-http")
+    # as the initramfs (``wget ... &``), the boot goes on while a report is on its way; the
+    # node is done once every report is answered (the last, ``booted``, after the others)
+    sent: list[asyncio.Future[None]] = []
+    sent.append(asyncio.ensure_future(post("root", "squashfs-http")))
+    try:
+        if barrier is not None:
+            await barrier.wait()
+            lap("barrier")
+        if resume:  # the link drops half-way; the initramfs resumes with Range
+            half = size // 2
+            code, _ = await http_req(me, srv, cfg["http_port"], "GET", url_path, tally,
+                                     stop_at=half, sink=h)
+            code, hdrs = await http_req(me, srv, cfg["http_port"], "GET", url_path, tally,
+                                        headers={"Range": f"bytes={half}-"}, sink=h)
+            if code != 206 or hdrs.get("content-range") != f"bytes {half}-{size - 1}/{size}":
+                raise RuntimeError(f"resume: {code} {hdrs.get('content-range')}")
+        else:
+            code, _ = await http_req(me, srv, cfg["http_port"], "GET", url_path, tally, sink=h)
+            if code != 200:
+                raise RuntimeError(f"GET {url_path}: {code}")
+        digests["root"] = h.hexdigest()
+        lap("http")
+        gen = cfg.get("generation", "")
+        sent.append(asyncio.ensure_future(post("root-mounted", f"squashfs-http {gen}")))
+        rec["dhcp"]["system"] = await dhcp_phase(proto, tr, mac, "system", sid, tally)
+        lap("dhcp")
+    except BaseException:
+        for f in sent:
+            f.cancel()
+        await asyncio.gather(*sent, return_exceptions=True)
+        raise
+    await asyncio.gather(*sent)  # a report's error is the node's
     lap("report")
-    if barrier is not None:
-        await barrier.wait()
-        lap("barrier")
-    if resume:  # the link drops half-way; the initramfs resumes with Range
-        half = size // 2
-        code, _ = await http_req(me, srv, cfg["http_port"], "GET", url_path, tally,
-                                 stop_at=half, sink=h)
-        code, hdrs = await http_req(me, srv, cfg["http_port"], "GET", url_path, tally,
-                                    headers={"Range": f"bytes={half}-"}, sink=h)
-        if code != 206 or hdrs.get("content-range") != f"bytes {half}-{size - 1}/{size}":
-            raise RuntimeError(f"resume: {code} {hdrs.get('content-range')}")
-    else:
-        code, _ = await http_req(me, srv, cfg["http_port"], "GET", url_path, tally, sink=h)
-        if code != 200:
-            raise RuntimeError(f"GET {url_path}: {code}")
-    digests["root"] = h.hexdigest()
-    lap("http")
-    gen = cfg.get("generation", "")
-    await post("root-mounted", f"squashfs-http {gen}")
-    lap("report")
-    rec["dhcp"]["system"] = await dhcp_phase(proto, tr, mac, "system", sid, tally)
-    lap("dhcp")
     await post("booted", gen)
     lap("report")
     rec["digests"] = digests
