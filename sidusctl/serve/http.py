@@ -107,11 +107,14 @@ class HttpStats:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **kw: int) -> None:
+        """Add each value of ``kw`` to the counter of that name, under the lock (from any
+        thread); AttributeError for a name that is not a counter."""
         with self._lock:
             for k, v in kw.items():
                 setattr(self, k, getattr(self, k) + v)
 
     def as_dict(self) -> dict[str, int]:
+        """A consistent copy of every counter by its field name (taken under the lock)."""
         with self._lock:
             return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
@@ -458,10 +461,12 @@ class HttpServer:
 
     @property
     def stats(self) -> HttpStats:
+        """The server's live counters (:class:`HttpStats`), shared with its threads."""
         return self._srv.stats
 
     @property
     def port(self) -> int:
+        """The TCP port bound: ``cfg.port``, or the kernel's choice when that was 0."""
         return int(self._srv.pool.server_address[1])
 
 
