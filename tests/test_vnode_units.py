@@ -256,3 +256,18 @@ def test_a_wrong_gateway_from_the_python_api_is_a_config_error(gateway: str,
     with pytest.raises(ConfigError, match="key 'gateway'") as e:
         VNetwork("sdt-gw", "10.8.0.0/24", gateway=gateway).validate()
     assert problem in str(e.value)
+
+
+def test_console_log_of_an_unknown_vnode_is_an_error_a_left_log_is_printed(
+        tmp_path: Path) -> None:
+    from sidusctl.subsys import lxc
+    from tests.conftest import sidusctl
+    res = sidusctl("vnode", "console", "--log", "sdt-nope", state=tmp_path, timeout=60)
+    assert res.returncode != 0 and "no vnode named 'sdt-nope'" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    # a log the vnode left behind (it is gone from the state) is still printed
+    log = lxc.Container("sdt-gone", tmp_path / "vnode" / "lxc").console_log
+    log.parent.mkdir(parents=True)
+    log.write_text("sdt-gone login:\n")
+    res = sidusctl("vnode", "console", "--log", "sdt-gone", state=tmp_path, timeout=60)
+    assert res.returncode == 0 and res.stdout == "sdt-gone login:\n", res.stderr

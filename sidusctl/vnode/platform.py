@@ -471,8 +471,12 @@ class Platform(Observe):
         return [which("lxc-console", "lxc"), "-P", str(self.store.lxcpath), "-n", name, "-t", "0"]
 
     def console_log(self, name: str) -> Path:
-        """The path of vnode ``name``'s console log (not checked: the vnode need not exist)."""
-        return self._container(name).console_log
+        """The path of vnode ``name``'s console log. A log left by a vnode since destroyed is
+        still found; :class:`NotFoundError` if there is neither such a vnode nor its log."""
+        path = self._container(name).console_log
+        if not path.exists():
+            self._vnode(self.store.read(), name)
+        return path
 
     def rootfs(self, name: str) -> Path:
         """Where vnode ``name``'s root is on the host (exists only while it runs)."""
