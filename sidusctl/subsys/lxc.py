@@ -152,7 +152,7 @@ class Container:
     def cgroup_get(self, key: str) -> str:
         """The value of cgroup file ``key`` of the running container as lxc-cgroup prints it (the
         final newline stripped); :class:`CommandError` if it fails."""
-        return output([*self._argv("lxc-cgroup"), key], timeout=30)
+        return output([*self._argv("lxc-cgroup"), "--", key], timeout=30)
 
     def exit_status(self) -> int | None:
         """Exit code of the container's init from the LXC log (signal N -> 128+N), if known."""
