@@ -32,7 +32,6 @@ from typing import Any
 import httpx
 
 from sidusctl.oci import ImageError
-from sidusctl.oci.layers import Readable
 from sidusctl.oci.sources import (
     DIGEST_RE,
     INDEX_TYPES,
@@ -47,6 +46,7 @@ from sidusctl.oci.sources import (
     select_platform,
     verified_json,
 )
+from sidusctl.oci.streams import Readable
 
 ACCEPT = ", ".join((MT_OCI_INDEX, MT_OCI_MANIFEST, MT_DOCKER_LIST, MT_DOCKER_MANIFEST))
 MAX_MANIFEST = 4 << 20

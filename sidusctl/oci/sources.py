@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from sidusctl.oci import ImageError
-from sidusctl.oci.layers import Readable
+from sidusctl.oci.streams import Readable
 
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
