@@ -169,8 +169,7 @@ async def node(cfg: dict[str, Any], n: dict[str, str], proto: DhcpReplies,
 
     # as the initramfs (``wget ... &``), the boot goes on while a report is on its way; the
     # node is done once every report is answered (the last, ``booted``, after the others)
-    sent: list[asyncio.Future[None]] = []
-    sent.append(asyncio.ensure_future(post("root", "squashfs-http")))
+    sent = [asyncio.ensure_future(post("root", "squashfs-http"))]
     try:
         if barrier is not None:
             await barrier.wait()
