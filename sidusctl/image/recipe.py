@@ -52,6 +52,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, fie
 from sidusctl.core.config import Checker, Frozen, Tup, as_tuple, parse_toml, read_text
 from sidusctl.core.errors import NotFoundError
 from sidusctl.core.paths import image_search_path
+from sidusctl.subsys.imagestore import NAME_RE
 
 DEBIAN_SUITES = (
     "buster", "bullseye", "bookworm", "trixie", "forky", "duke", "sid",
@@ -337,8 +338,10 @@ class RecipeFile(Frozen):
 
 
 def load(path: Path, name: str | None = None) -> Recipe:
-    """Parse and validate ``path`` (an image.toml) -- before any download. Raises
-    :class:`ConfigErrors` listing every problem (file, line, key, found, expected)."""
+    """Parse and validate ``path`` (an image.toml) -- before any download. The image is named
+    ``name``, or else after the recipe's folder; that name must be a valid image name
+    (:data:`~sidusctl.subsys.imagestore.NAME_RE`). Raises :class:`ConfigErrors` listing every
+    problem (file, line, key, found, expected)."""
     file = str(path)
     text = read_text(path, "recipe file")
     raw = parse_toml(text, file)
@@ -350,11 +353,16 @@ def load(path: Path, name: str | None = None) -> Recipe:
         if both:
             c.error(("exclude",), f"{', '.join(both)} is both included and excluded",
                     "disjoint include and exclude lists")
+    name = name or path.parent.name
+    if not NAME_RE.match(name):
+        c.error(None, f"the image name {name!r} (the recipe's folder name) is not a valid "
+                "image name", "lower-case letters, digits, '.', '_' or '-', 1-63 characters; "
+                "rename the folder")
     c.done()
     assert rf is not None
     kb = rf.keyboard
     return Recipe(
-        name=name or path.parent.name, path=path.resolve(), suite=rf.suite,
+        name=name, path=path.resolve(), suite=rf.suite,
         description=rf.description, arch=rf.arch, components=rf.components or ("main",),
         variant=rf.variant, mirror=rf.mirror, include=rf.include, exclude=rf.exclude,
         packages=rf.packages, install_recommends=rf.install_recommends,
@@ -372,18 +380,27 @@ def load(path: Path, name: str | None = None) -> Recipe:
         postinst=tuple(path.resolve().parent / p for p in rf.postinst))
 
 
+def _is_file(p: Path) -> bool:
+    """``p.is_file()``, False where the path cannot even be looked up (a component longer than
+    NAME_MAX: ENAMETOOLONG, or ELOOP...), as for a path that does not exist."""
+    try:
+        return p.is_file()
+    except OSError:
+        return False
+
+
 def find(name_or_path: str) -> Recipe:
     """``minimal`` → images/minimal/image.toml (search path: $SIDUSCTL_IMAGES, then the shipped
     images/); a path to a folder or to an image.toml is used as is."""
     p = Path(name_or_path)
-    if p.suffix == ".toml" and p.is_file():
+    if p.suffix == ".toml" and _is_file(p):
         return load(p)
-    if p.is_dir() and (p / "image.toml").is_file():
+    if _is_file(p / "image.toml"):
         return load(p / "image.toml")
     if "/" not in name_or_path:
         for base in image_search_path():
             cand = base / name_or_path / "image.toml"
-            if cand.is_file():
+            if _is_file(cand):
                 return load(cand)
     known = sorted({d.name for base in image_search_path() if base.is_dir()
                     for d in base.iterdir() if (d / "image.toml").is_file()})
