@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,33 @@ lease_cache_option = click.option(
     help="A REQUEST within this fraction of the lease time after the lease began gets the "
     "same lease, with its remaining time, and writes nothing (ISC dhcpd's "
     "dhcp-cache-threshold); 0: every ACK commits a new lease.")
+
+#: ``serve``, ``serve-pxe`` and ``pxe export``: DHCP option 51, checked before anything starts
+lease_time_option = click.option(
+    "--lease-time", type=click.IntRange(60, 2**31 - 1), default=3600, show_default=True,
+    help="Seconds (DHCP option 51, RFC 2132 section 9.2), 60 or more.")
+
+#: a TCP or UDP port a server listens on
+PORT = click.IntRange(1, 65535)
+
+
+def parse_dns_upstream(ctx: click.Context, param: click.Parameter,
+                       value: str | None) -> tuple[str, int] | None:
+    """Click callback of ``--dns-upstream``: ``IP[:PORT]`` (PORT 1-65535, default 53) ->
+    ``(ip, port)``; ``none`` or no value -> None; otherwise a usage error (exit 2) naming
+    the value."""
+    if value is None or value == "none":
+        return None
+    host, sep, port = value.partition(":")
+    try:
+        ip = str(IPv4Address(host))
+        n = int(port) if sep else 53
+    except ValueError:
+        ip, n = "", 0
+    if not 1 <= n <= 65535:
+        raise click.BadParameter(f"{value!r} is not an IPv4 address with an optional port in "
+                                 "1-65535", ctx, param)
+    return ip, n
 
 
 @dataclass

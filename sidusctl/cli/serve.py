@@ -12,7 +12,14 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from sidusctl.cli.common import console, emit_json, get_ctx, lease_cache_option
+from sidusctl.cli.common import (
+    console,
+    emit_json,
+    get_ctx,
+    lease_cache_option,
+    lease_time_option,
+    parse_dns_upstream,
+)
 from sidusctl.core.config import Checker, read_text
 from sidusctl.core.mac import normalize_mac
 from sidusctl.serve import supervisor
@@ -87,16 +94,6 @@ def _pool(value: str | None) -> tuple[IPv4Address, IPv4Address] | None:
         raise click.BadParameter(f"{value!r}", param_hint="--pool (expected FIRST-LAST)") from None
 
 
-def _hostport(value: str | None) -> tuple[str, int] | None:
-    if value is None or value == "none":
-        return None
-    host, _, port = value.partition(":")
-    try:
-        return str(IPv4Address(host)), int(port or 53)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}", param_hint="--dns-upstream (IP[:PORT])") from None
-
-
 @click.group("serve")
 def serve_group() -> None:
     """Built-in netboot servers: DHCP (full or proxyDHCP), TFTP, DNS."""
@@ -119,10 +116,11 @@ def serve_group() -> None:
               "--domain is given).")
 @click.option("--domain", help="Cluster domain: option 15 and the DNS zone of the "
               "reservations' host names (enables the DNS server).")
-@click.option("--dns-upstream", default=None, help="IP[:PORT] other DNS names are forwarded "
+@click.option("--dns-upstream", default=None, callback=parse_dns_upstream,
+              metavar="IP[:PORT]", help="IP[:PORT] other DNS names are forwarded "
               "to (default: refused).")
 @click.option("--no-dns", is_flag=True, help="Do not run the DNS server even with --domain.")
-@click.option("--lease-time", type=int, default=3600, show_default=True, help="Seconds.")
+@lease_time_option
 @click.option("--next-server", help="siaddr: the TFTP server (default: this server).")
 @click.option("--boot-bios", default="pxelinux.0", show_default=True,
               help="Boot file for option 93 = 0 (BIOS).")
@@ -141,7 +139,7 @@ def serve_group() -> None:
 def run_cmd(interface: str, proxy: bool, reservations: Path | None, pool: str | None,
             unknown: str | None, server_ip: str | None, subnet: str | None,
             router: str | None, dns_server: tuple[str, ...], domain: str | None,
-            dns_upstream: str | None, no_dns: bool, lease_time: int,
+            dns_upstream: tuple[str, int] | None, no_dns: bool, lease_time: int,
             next_server: str | None, boot_bios: str, boot_efi64: str,
             ipxe_script: str | None, tftp_root: Path | None, no_dhcp: bool,
             lease_file: Path | None, lease_cache_threshold: float,
@@ -157,7 +155,6 @@ def run_cmd(interface: str, proxy: bool, reservations: Path | None, pool: str | 
         except ValueError:
             raise click.BadParameter(subnet, param_hint="--subnet") from None
     pool_range = _pool(pool)
-    upstream = _hostport(dns_upstream)
 
     def load() -> supervisor.ServeConfig:
         res = parse_reservations(reservations) if reservations else ()
@@ -182,7 +179,7 @@ def run_cmd(interface: str, proxy: bool, reservations: Path | None, pool: str | 
         if domain and not no_dns:
             zone = Zone(domain, tuple((r.hostname, r.ip) for r in res if r.hostname))
             zone.validate(str(reservations or "command line"))
-            dns = DnsConfig(zone=zone, interface=interface, upstream=upstream)
+            dns = DnsConfig(zone=zone, interface=interface, upstream=dns_upstream)
         return supervisor.ServeConfig(dhcp=dhcp, tftp=tftp, dns=dns,
                                       status_file=state / "status.json")
 

@@ -7,14 +7,21 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.table import Table
 
-from sidusctl.cli.common import console, emit_json, get_ctx, lease_cache_option
+from sidusctl.cli.common import (
+    PORT,
+    console,
+    emit_json,
+    get_ctx,
+    lease_cache_option,
+    lease_time_option,
+    parse_dns_upstream,
+)
 from sidusctl.core.errors import Interrupted, NotFoundError, SidusError, StateError
 from sidusctl.core.state import atomic_write_bytes
 from sidusctl.netboot import inventory as inv_mod
@@ -36,7 +43,7 @@ from sidusctl.subsys.imagestore import ImageStore
               help="Directory the TFTP daemon serves (where 'pxe render' wrote the tree).")
 @click.option("--interface", default=None,
               help="Interface the DHCP daemon serves (dnsmasq, kea; default: not restricted).")
-@click.option("--lease-time", type=int, default=3600, show_default=True, help="Seconds.")
+@lease_time_option
 @click.option("--boot-bios", default="pxelinux.0", show_default=True,
               help="Boot file for BIOS PXE clients (option 93 = 0).")
 @click.option("--boot-efi64", default="grubnetx64.efi", show_default=True,
@@ -98,15 +105,16 @@ def export_cmd(nodes: str, fmt: str, out: Path | None, tftp_root: str, interface
               "(DHCP option 77 'iPXE', e.g. qemu's NIC ROM) get http://SERVER/boot.ipxe and "
               "fetch kernel and initrd over HTTP. Without --http, iPXE clients get pxelinux.0 "
               "over TFTP like any BIOS PXE client.")
-@click.option("--http-port", type=int, default=80, show_default=True)
+@click.option("--http-port", type=PORT, default=80, show_default=True)
 @click.option("--tftp-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the boot tree is rendered and served (default: <state>/serve-pxe/tftp).")
 @click.option("--nfs", type=click.Choice(["auto", "kernel", "ganesha", "off"]), default="auto",
               show_default=True, help="NFS export of the images: the kernel server if it runs "
               "(auto), nfs-ganesha, or none (the roots are exported elsewhere).")
-@click.option("--lease-time", type=int, default=3600, show_default=True, help="Seconds.")
+@lease_time_option
 @lease_cache_option
-@click.option("--dns-upstream", default=None,
+@click.option("--dns-upstream", default=None, callback=parse_dns_upstream,
+              metavar="IP[:PORT]",
               help="IP[:PORT] names outside the cluster domain are forwarded to (default: refused).")
 @click.option("--efi-loader", type=click.Choice(["grub", "ipxe", "shim"]), default="grub",
               show_default=True, help="What x86-64 UEFI clients (option 93 = 7 or 9) get: "
@@ -132,7 +140,8 @@ def export_cmd(nodes: str, fmt: str, out: Path | None, tftp_root: str, interface
               "Boot under Secure Boot needs Debian 13's (GRUB 2.12): scripts/fetch-signed-grub.")
 def serve_pxe_cmd(nodes: Path, interface: str, proxy: bool, http: bool, http_port: int,
                   tftp_root: Path | None, nfs: str, lease_time: int,
-                  lease_cache_threshold: float, dns_upstream: str | None, efi_loader: str,
+                  lease_cache_threshold: float, dns_upstream: tuple[str, int] | None,
+                  efi_loader: str,
                   http_max_clients: int,
                   http_per_client: int, tftp_max_transfers: int, tftp_per_client: int,
                   retain: int, hold_time: float, signed_grub: Path | None) -> None:
@@ -147,20 +156,13 @@ def serve_pxe_cmd(nodes: Path, interface: str, proxy: bool, http: bool, http_por
     qemu guests (docs/serve-pxe.md)."""
     from sidusctl.netboot import servepxe as pxe
 
-    upstream = None
-    if dns_upstream:
-        host, _, port = dns_upstream.partition(":")
-        try:
-            upstream = (str(IPv4Address(host)), int(port or 53))
-        except ValueError:
-            raise click.BadParameter(dns_upstream, param_hint="--dns-upstream (IP[:PORT])") from None
     state = get_ctx().state
     opts = pxe.PxeOptions(nodes=nodes.absolute(), interface=interface, state=state,
                           tftp_root=(tftp_root or state / "serve-pxe" / "tftp").absolute(),
                           proxy=proxy, http=http, http_port=http_port,
                           nfs=nfs,  # type: ignore[arg-type]
                           lease_time=lease_time, lease_cache_threshold=lease_cache_threshold,
-                          dns_upstream=upstream,
+                          dns_upstream=dns_upstream,
                           efi_loader=efi_loader,  # type: ignore[arg-type]
                           http_max_clients=http_max_clients, http_per_client=http_per_client,
                           tftp_max_transfers=tftp_max_transfers,

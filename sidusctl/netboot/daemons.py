@@ -14,6 +14,7 @@ x86-64 UEFI 7/9 the GRUB binary, or shim for Secure Boot; iPXE, option 77 user c
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +62,16 @@ def _check(opts: ExportOptions) -> None:
     if not opts.tftp_root.startswith("/"):
         raise ConfigError("--tftp-root", None, f"{opts.tftp_root!r} is not absolute",
                           expected="an absolute path such as /srv/tftp")
-    if opts.http_boot_url is not None and not opts.http_boot_url.startswith("http://"):
-        raise ConfigError("--http-base", None, f"{opts.http_boot_url!r} is not an http:// URL",
-                          expected="http://SERVER[:PORT]")
+    if opts.http_boot_url is not None:
+        try:  # urlsplit's port raises ValueError for a port not a number in 0-65535
+            url = urllib.parse.urlsplit(opts.http_boot_url)
+            bad = not url.hostname or url.port == 0
+        except ValueError:
+            bad = True
+        if bad or not opts.http_boot_url.startswith("http://"):
+            raise ConfigError("--http-base", None, f"{opts.http_boot_url!r} is not an http:// "
+                              "URL with a host and a port in 1-65535",
+                              expected="http://SERVER[:PORT]")
     if not 60 <= opts.lease_time <= 2**31 - 1:
         raise ConfigError("--lease-time", None, f"{opts.lease_time} s",
                           expected="60 s or more")

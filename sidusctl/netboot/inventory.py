@@ -299,6 +299,12 @@ def parse(text: str, file: str = "nodes.toml", *, known_images: Iterable[str] | 
             network = Network(netf.subnet, netf.server, netf.nfs_root, netf.domain,
                               str(netf.iscsi_target_ip) if netf.iscsi_target_ip else None,
                               netf.iscsi_target)
+            sub = netf.subnet
+            if sub.prefixlen <= 30 and netf.server in (sub.network_address,
+                                                       sub.broadcast_address):
+                kind = "network" if netf.server == sub.network_address else "broadcast"
+                c.error(("network", "server"), f"{netf.server} is the {kind} address of {sub}",
+                        f"the boot server's own address on {sub}")
 
     # [defaults] and [groups.*]
     def values(raw: object, loc: tuple[str, ...]) -> dict[str, Any]:

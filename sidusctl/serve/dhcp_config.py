@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from sidusctl.core.errors import ConfigError, PrerequisiteError
+from sidusctl.serve.dns import check_domain
 
 _SIOCGIFADDR = 0x8915
 _SIOCGIFNETMASK = 0x891B
@@ -156,6 +157,8 @@ class DhcpConfig:
         if self.unknown == "pool" and self.pool is None and not self.proxy:
             raise ConfigError(source, "unknown", "'pool' chosen but no pool given",
                               expected="a pool, or unknown = 'ignore'")
+        if self.domain is not None:
+            check_domain(self.domain, source)
         if not 60 <= self.lease_time <= 2**31:
             raise ConfigError(source, "lease_time", f"{self.lease_time}",
                               expected="seconds between 60 and 2^31")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address
@@ -36,18 +37,33 @@ class Zone:
     ttl: int = 300
 
     def validate(self, source: str = "DNS zone") -> None:
-        """:class:`ConfigError` for an empty domain, a dotted short name, or a duplicate."""
-        if not self.domain or self.domain.startswith(".") or self.domain.endswith("."):
-            raise ConfigError(source, "domain", repr(self.domain),
-                              expected="a domain such as cluster.test (no leading/trailing dot)")
+        """:class:`ConfigError` for a domain that is not a DNS name (:func:`check_domain`), a
+        short name that is not one label (:data:`LABEL_RE`), or a duplicate."""
+        check_domain(self.domain, source)
         seen: set[str] = set()
         for name, _ in self.records:
-            if not name or "." in name:
+            if not LABEL_RE.match(name):
                 raise ConfigError(source, "records", f"name {name!r}",
-                                  expected="a short host name without dots")
+                                  expected="a short host name: one DNS label, without dots")
             if name.lower() in seen:
                 raise ConfigError(source, "records", f"name {name!r} given twice")
             seen.add(name.lower())
+
+
+#: one label of a host or domain name: letters, digits and inner hyphens, 1-63 characters
+#: (RFC 1123 section 2.1, RFC 1035 section 2.3.1)
+LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def check_domain(domain: str, source: str, key: str = "domain") -> None:
+    """:class:`ConfigError` (``source``, ``key``) unless ``domain`` is a DNS domain name:
+    labels (:data:`LABEL_RE`) joined by dots, at most 253 characters, no leading or trailing
+    dot (RFC 1035 section 2.3.4)."""
+    if not (domain and len(domain) <= 253
+            and all(LABEL_RE.match(label) for label in domain.split("."))):
+        raise ConfigError(source, key, repr(domain),
+                          expected="a domain such as cluster.test: labels of letters, digits "
+                                   "and inner '-', joined by dots")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,91 @@
+"""Values on the command line and in files that the real CLI once took with an internal error,
+or quietly, and now refuses with exit 2 (4 for a recipe it cannot find) before anything is
+written or bound: ports out of range, a lease time below a minute, a DNS upstream or a domain
+that is not one, a recipe folder whose name is no image name, and a boot server at its subnet's
+broadcast address. Each case was found by probing the CLI (session 43)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import sidusctl
+
+INVENTORY = ('[network]\nsubnet = "10.0.0.0/24"\nserver = "{server}"\n\n'
+             '[[nodes]]\nname = "n1"\nmac = "52:54:00:00:00:01"\nip = "10.0.0.5"\n'
+             'image = "minimal"\n')
+
+
+def _refused(tmp_path: Path, *args: str, code: int = 2, expect: tuple[str, ...]) -> None:
+    """Run ``sidusctl ARGS`` with an empty state directory: exit ``code``, every ``expect`` in
+    stderr, no traceback, and the state directory still empty."""
+    state = tmp_path / "sdt-state"
+    state.mkdir()
+    res = sidusctl(*args, state=state, timeout=60)
+    assert res.returncode == code, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr and "internal error" not in res.stderr, res.stderr
+    for e in expect:
+        assert e in res.stderr, (e, res.stderr)
+    assert list(state.iterdir()) == []
+
+
+def _inventory(tmp_path: Path, server: str = "10.0.0.1") -> str:
+    f = tmp_path / "nodes.toml"
+    f.write_text(INVENTORY.format(server=server))
+    return str(f)
+
+
+def test_a_recipe_name_too_long_for_the_file_system_is_not_found(tmp_path: Path) -> None:
+    _refused(tmp_path, "build", "--check", "a" * 300, code=4, expect=("no image recipe",))
+
+
+def test_a_recipe_folder_whose_name_is_no_image_name_is_refused_by_check(
+        tmp_path: Path) -> None:
+    d = tmp_path / "we ird"
+    d.mkdir()
+    (d / "image.toml").write_text('suite = "bookworm"\n')
+    _refused(tmp_path, "build", "--check", str(d),
+             expect=(f"{d / 'image.toml'}: the image name 'we ird' (the recipe's folder name) "
+                     "is not a valid image name",))
+
+
+@pytest.mark.parametrize(("args", "expect"), [
+    (("--http", "--http-port", "70000"), "'--http-port': 70000 is not in the range"),
+    (("--http", "--http-port", "0"), "'--http-port': 0 is not in the range"),
+    (("--lease-time", "-5"), "'--lease-time': -5 is not in the range 60<="),
+    (("--dns-upstream", "1.2.3.4:99999"), "'--dns-upstream': '1.2.3.4:99999' is not"),
+    (("--dns-upstream", "nowhere"), "'--dns-upstream': 'nowhere' is not"),
+])
+def test_serve_pxe_refuses_bad_options_before_writing_its_tree(
+        tmp_path: Path, args: tuple[str, ...], expect: str) -> None:
+    _refused(tmp_path, "serve-pxe", "--nodes", _inventory(tmp_path), "-i", "sdt-none",
+             "--nfs", "off", *args, expect=(expect,))
+
+
+@pytest.mark.parametrize(("args", "expect"), [
+    (("--domain", "-bad-"), "command line: key 'domain': '-bad-' (expected a domain"),
+    (("--domain", "a..b", "--no-dns"), "command line: key 'domain': 'a..b' (expected"),
+    (("--dns-upstream", "10.0.0.9:0", "--domain", "c.test"), "'--dns-upstream': '10.0.0.9:0'"),
+    (("--lease-time", "59"), "'--lease-time': 59 is not in the range"),
+])
+def test_serve_run_refuses_bad_values_before_binding(
+        tmp_path: Path, args: tuple[str, ...], expect: str) -> None:
+    _refused(tmp_path, "serve", "run", "-i", "sdt-none", "--server-ip", "10.0.0.1",
+             "--subnet", "10.0.0.0/24", *args, expect=(expect,))
+
+
+def test_pxe_export_refuses_an_http_base_with_a_port_out_of_range(tmp_path: Path) -> None:
+    _refused(tmp_path, "pxe", "export", "--nodes", _inventory(tmp_path), "--format",
+             "dnsmasq", "--http-base", "http://10.0.0.1:70000",
+             expect=("--http-base: 'http://10.0.0.1:70000", "port in 1-65535"))
+
+
+@pytest.mark.parametrize(("server", "kind"), [("10.0.0.255", "broadcast"),
+                                               ("10.0.0.0", "network")])
+def test_an_inventory_server_at_the_subnets_network_or_broadcast_address_is_refused(
+        tmp_path: Path, server: str, kind: str) -> None:
+    f = _inventory(tmp_path, server)
+    _refused(tmp_path, "pxe", "check", "--nodes", f,
+             expect=(f"{f}:3: key 'network.server': {server} is the {kind} address of "
+                     "10.0.0.0/24",))
