@@ -89,3 +89,31 @@ def test_an_inventory_server_at_the_subnets_network_or_broadcast_address_is_refu
     _refused(tmp_path, "pxe", "check", "--nodes", f,
              expect=(f"{f}:3: key 'network.server': {server} is the {kind} address of "
                      "10.0.0.0/24",))
+
+
+def test_inventory_messages_name_what_is_expected_and_blame_no_node_for_a_bad_default(
+        tmp_path: Path) -> None:
+    f = tmp_path / "nodes.toml"
+    f.write_text('[network]\nsubnet = 5\nserver = "10.0.0.1"\n\n'
+                 '[defaults]\nimage = "minimal"\noverlay = "ramdisk"\n\n'
+                 '[[nodes]]\nname = "n1"\nmac = "52:54:00:00:00:01"\nip = 167772165\n')
+    state = tmp_path / "sdt-state"
+    state.mkdir()
+    res = sidusctl("pxe", "check", "--nodes", str(f), state=state, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert f"{f}:2: key 'network.subnet': found int 5 (expected an IPv4 network" in res.stderr
+    assert f"{f}:7: key 'defaults.overlay': found 'ramdisk'" in res.stderr
+    assert (f"{f}:12: key 'nodes.n1.ip': found int 167772165 (expected an IPv4 address such "
+            "as") in res.stderr
+    # the good key of [defaults] still applies: the node has its image
+    assert "no image for this node" not in res.stderr, res.stderr
+    assert "Input should be" not in res.stderr and "Traceback" not in res.stderr
+
+
+def test_an_unknown_key_in_an_optional_table_lists_the_keys_it_may_have(tmp_path: Path) -> None:
+    d = tmp_path / "kb"
+    d.mkdir()
+    (d / "image.toml").write_text('suite = "bookworm"\n[keyboard]\nfoo = 1\n')
+    _refused(tmp_path, "build", "--check", str(d),
+             expect=(f"{d / 'image.toml'}:3: key 'keyboard.foo': unknown key (expected one of "
+                     "layout, model, variant, options)",))

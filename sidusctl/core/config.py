@@ -155,21 +155,28 @@ def _found(v: object) -> str:
     return f"{kind} {r}" if not isinstance(v, str) else r
 
 
+def _unwrap(tp: Any) -> Any:
+    """``tp`` without ``Annotated`` and without an optional's ``None``; None if it is a union
+    of several types."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return None
+            tp = args[0]
+        else:
+            return tp
+
+
 def _fields(model: type[BaseModel] | None, loc: Sequence[str | int]) -> list[str] | None:
-    """The keys allowed in the table at ``loc`` below ``model`` (best effort)."""
+    """The keys allowed in the table at ``loc`` below ``model`` (best effort: None where the
+    type there is not one model)."""
     tp: Any = model
     for p in loc:
-        while True:
-            origin = typing.get_origin(tp)
-            if origin is Annotated:
-                tp = typing.get_args(tp)[0]
-            elif origin in (typing.Union, types.UnionType):
-                args = [a for a in typing.get_args(tp) if a is not type(None)]
-                if len(args) != 1:
-                    return None
-                tp = args[0]
-            else:
-                break
+        tp = _unwrap(tp)
         if isinstance(p, int):
             targs = typing.get_args(tp)
             if not targs:
@@ -181,6 +188,7 @@ def _fields(model: type[BaseModel] | None, loc: Sequence[str | int]) -> list[str
             tp = typing.get_args(tp)[1]
         else:
             return None
+    tp = _unwrap(tp)
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return [f.alias or n for n, f in tp.model_fields.items()]
     return None

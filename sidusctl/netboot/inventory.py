@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator
+from pydantic import AfterValidator, BeforeValidator, ValidationError
 
 from sidusctl.core.config import Checker, Frozen, as_tuple, key_name, parse_toml, read_text
 from sidusctl.core.mac import normalize_mac, pxelinux_name
@@ -193,6 +193,8 @@ def _ipv4(v: object) -> object:
             return ipaddress.IPv4Address(v)
         except ValueError:
             raise ValueError("an IPv4 address such as 10.13.20.130") from None
+    if not isinstance(v, ipaddress.IPv4Address):
+        raise ValueError("an IPv4 address such as 10.13.20.130")
     return v
 
 
@@ -202,6 +204,8 @@ def _subnet(v: object) -> object:
             return ipaddress.IPv4Network(v, strict=True)
         except ValueError as e:
             raise ValueError(f"an IPv4 network such as 10.13.20.0/24 ({e})") from None
+    if not isinstance(v, ipaddress.IPv4Network):
+        raise ValueError("an IPv4 network such as 10.13.20.0/24")
     return v
 
 
@@ -312,7 +316,15 @@ def parse(text: str, file: str = "nodes.toml", *, known_images: Iterable[str] | 
             c.error(loc, "must be a table", f"[{'.'.join(loc)}]")
             return {}
         v = c.validate(Values, raw, loc)
-        return v.given() if v is not None else {}
+        if v is not None:
+            return v.given()
+        # the bad keys are reported; the good ones still apply, so that no node is blamed for
+        # a key its [defaults] or group has (a missing image...)
+        good: dict[str, Any] = {}
+        for k, val in raw.items():
+            with contextlib.suppress(ValidationError):
+                good.update(Values.model_validate({k: val}).given())
+        return good
 
     defaults = values(data.get("defaults", {}), ("defaults",))
     groups_raw = data.get("groups", {})
