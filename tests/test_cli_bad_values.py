@@ -117,3 +117,11 @@ def test_an_unknown_key_in_an_optional_table_lists_the_keys_it_may_have(tmp_path
     _refused(tmp_path, "build", "--check", str(d),
              expect=(f"{d / 'image.toml'}:3: key 'keyboard.foo': unknown key (expected one of "
                      "layout, model, variant, options)",))
+
+
+def test_toml_left_open_at_the_end_of_the_file_is_reported_at_its_last_line(
+        tmp_path: Path) -> None:
+    f = tmp_path / "image.toml"
+    f.write_text('suite = "bookworm"\ninclude = ["a",\n')
+    _refused(tmp_path, "build", "--check", str(f),
+             expect=(f"{f}:2: not valid TOML: Invalid value (at end of document)",))

@@ -269,8 +269,10 @@ def parse_toml(text: str, file: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"line (\d+)", str(e))
-        raise ConfigErrors([ConfigError(file, None, f"not valid TOML: {e}",
-                                        line=int(m.group(1)) if m else None)]) from e
+        # tomllib says "at end of document" for what runs to the end (an unclosed string or
+        # list): the last line
+        line = int(m.group(1)) if m else max(1, len(text.splitlines()))
+        raise ConfigErrors([ConfigError(file, None, f"not valid TOML: {e}", line=line)]) from e
 
 
 def read_text(path: object, what: str = "file") -> str:
