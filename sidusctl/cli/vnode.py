@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +11,9 @@ import click
 from rich.table import Table
 
 from sidusctl.cli.common import console, emit_json, get_ctx, human_size, need_root
+from sidusctl.core.config import read_text
 from sidusctl.core.errors import ConfigError, SidusError
-from sidusctl.vnode.limits import parse_matrix_file, parse_size
+from sidusctl.vnode.limits import parse_matrix_file, parse_remote_addresses, parse_size
 from sidusctl.vnode.model import parse_bps, parse_hierarchy, parse_mib
 from sidusctl.vnode.platform import Platform
 
@@ -94,10 +94,7 @@ def _limit_options(f: Any) -> Any:
 def _read_key(path: str | None) -> str | None:
     if path is None:
         return None
-    try:
-        return Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(path, None, f"cannot read key file: {e.strerror}") from e
+    return read_text(path, "key file")  # ConfigErrors: missing, unreadable, not text
 
 
 @click.group("vnode")
@@ -365,7 +362,7 @@ def latency_matrix_cmd(file: str, platform: str | None, remote_addresses: str | 
         else:
             console.print(f"latency matrix applied on {', '.join(done)}")
         return
-    remote = json.loads(Path(remote_addresses).read_text()) if remote_addresses else None
+    remote = parse_remote_addresses(Path(remote_addresses)) if remote_addresses else None
     shaped = _platform().latency_matrix(names, m, remote=remote)
     if as_json:
         emit_json({"shaped": shaped})

@@ -4,16 +4,20 @@ size and latency-matrix file parsers of the CLI and platform files."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ipaddress
+import json
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sidusctl.core.errors import ConfigError
+from sidusctl.core.config import read_text
+from sidusctl.core.errors import ConfigError, ConfigErrors
 from sidusctl.core.log import get_logger
 from sidusctl.subsys import cgroups
 from sidusctl.subsys.cgroups import IoLimit, MemLimits
 from sidusctl.subsys.net import tc
-from sidusctl.vnode.model import VNode
+from sidusctl.vnode.model import VNODE_NAME_RE, VNode
 
 log = get_logger("vnode")
 
@@ -22,8 +26,9 @@ def set_limits(vn: VNode, *, mem: dict[str, Any] | None, cpus: float | None,
                 cpuset: str | None, io: Sequence[dict[str, Any]] | None,
                 bandwidth: dict[str, str | int] | None,
                 latency: dict[str, float] | None) -> None:
-    """Validate and store limits on ``vn`` (merging into what it has). Raises before any
-    field changes if something is wrong."""
+    """Validate and store limits on ``vn`` (merging into what it has). ``cpus``: CPUs of CPU
+    time, finite and 0 or more (0 cancels); ``latency``: ms per viface, finite (0 or less
+    cancels). Raises :class:`ConfigError` before any field changes if something is wrong."""
     new_mem = dict(vn.mem)
     if mem:
         if "hierarchy" in mem and new_mem.get("hierarchy") not in (None, mem["hierarchy"]) \
@@ -34,9 +39,9 @@ def set_limits(vn: VNode, *, mem: dict[str, Any] | None, cpus: float | None,
     ml = MemLimits(**new_mem)
     ml.settings()
     ml.check_host()
-    if cpus is not None and cpus < 0:
-        raise ConfigError(f"vnode {vn.name}", "cpus", f"{cpus} is negative",
-                          expected="a number of CPUs (0 cancels)")
+    if cpus is not None and not (math.isfinite(cpus) and cpus >= 0):
+        raise ConfigError(f"vnode {vn.name}", "cpus", f"found {cpus}",
+                          expected="a finite number of CPUs, 0 or more (0 cancels)")
     if cpus is not None or cpuset is not None:
         cgroups.require(1, "cpu" if cpus is not None else "cpuset", "a CPU limit")
     if cpuset is not None and cpuset != "":
@@ -65,6 +70,9 @@ def set_limits(vn: VNode, *, mem: dict[str, Any] | None, cpus: float | None,
     for ifn, ms in (latency or {}).items():
         if not any(i.name == ifn for i in vn.ifaces):
             raise ConfigError(f"vnode {vn.name}", "latency", f"no viface {ifn!r}")
+        if ms is not None and not math.isfinite(float(ms)):
+            raise ConfigError(f"vnode {vn.name}", "latency", f"found {ms} for {ifn}",
+                              expected="a finite number of milliseconds (0 cancels)")
         lats[ifn] = None if ms is None or float(ms) <= 0 else float(ms)
     if any(v is not None for v in lats.values()):
         tc.require_qdisc("netem")
@@ -90,30 +98,124 @@ def cgroup_settings(vn: VNode) -> list[tuple[int, str, str]]:
     return out
 
 
+_MS = "0 or more milliseconds (a finite number)"
+
+
 def parse_matrix_file(path: Path) -> tuple[list[str], list[list[float]]]:
     """A latency matrix file: first line the vnode names, then one row of milliseconds per
-    vnode (whitespace or comma separated; ``#`` comments)."""
-    rows = [ln.split("#", 1)[0].replace(",", " ").split()
-            for ln in path.read_text().splitlines()]
-    rows = [r for r in rows if r]
+    vnode (whitespace or comma separated; ``#`` comments): ``(names, rows)``, a square matrix
+    of finite, non-negative floats. :class:`ConfigErrors` listing every problem (file, line):
+    unreadable or undecodable file, repeated name, a value that is not such a number, a row
+    of the wrong length, the wrong number of rows."""
+    f = str(path)
+    text = read_text(path, "latency matrix file")
+    rows = [(n, ln.split("#", 1)[0].replace(",", " ").split())
+            for n, ln in enumerate(text.splitlines(), 1)]
+    rows = [(n, r) for n, r in rows if r]
     if not rows:
-        raise ConfigError(str(path), None, "empty latency matrix")
-    names = rows[0]
-    try:
-        m = [[float(x) for x in r] for r in rows[1:]]
-    except ValueError as e:
-        raise ConfigError(str(path), None, f"not a number: {e}", expected="milliseconds") from e
+        raise ConfigErrors([ConfigError(f, None, "empty latency matrix",
+                                        expected="a line of vnode names, then one row of "
+                                                 "milliseconds per vnode")])
+    errors: list[ConfigError] = []
+    line0, names = rows[0]
+    for x in sorted({x for x in names if names.count(x) > 1}):
+        errors.append(ConfigError(f, None, f"vnode {x!r} named twice", expected="unique names",
+                                  line=line0))
+    m: list[list[float]] = []
+    for n, words in rows[1:]:
+        row: list[float] = []
+        for w in words:
+            try:
+                v = float(w)
+            except ValueError:
+                v = math.nan
+            if not (math.isfinite(v) and v >= 0):
+                errors.append(ConfigError(f, None, f"found {w!r}", expected=_MS, line=n))
+            row.append(v)
+        if len(words) != len(names):
+            errors.append(ConfigError(f, None, f"{len(words)} values for {len(names)} vnodes",
+                                      expected=f"{len(names)} values", line=n))
+        m.append(row)
+    if len(m) != len(names):
+        errors.append(ConfigError(f, None, f"{len(m)} rows for {len(names)} vnodes",
+                                  expected=f"a {len(names)}x{len(names)} matrix"))
+    if errors:
+        raise ConfigErrors(errors)
     return names, m
 
 
-def parse_size(text: str) -> int:
-    """``20G``, ``512M``, ``1T`` or bytes -> bytes."""
+def check_matrix(names: Sequence[str], matrix: Sequence[Sequence[float]],
+                 remote: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Check a latency matrix given to :meth:`Platform.latency_matrix`: unique ``names``,
+    ``matrix`` square (one row of ``len(names)`` values per name), each value finite and 0 or
+    more ms; ``remote`` (vnode name -> IPv4 address) valid. Returns ``remote`` as a dict;
+    :class:`ConfigErrors` listing every problem (file ``latency matrix``)."""
+    f, n = "latency matrix", len(names)
+    errors: list[ConfigError] = []
+    for x in sorted({x for x in names if list(names).count(x) > 1}):
+        errors.append(ConfigError(f, "names", f"vnode {x!r} named twice", expected="unique names"))
+    if len(matrix) != n or any(len(r) != n for r in matrix):
+        errors.append(ConfigError(f, None, f"{len(matrix)} rows of "
+                                  f"{sorted({len(r) for r in matrix})} values for {n} vnodes",
+                                  expected=f"a {n}x{n} matrix"))
+    for i, r in enumerate(matrix):
+        for j, v in enumerate(r):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                errors.append(ConfigError(f, f"[{i}][{j}]", f"found {v!r}", expected=_MS))
+    out = dict(remote or {})
+    errors += _address_problems(f, out)
+    if errors:
+        raise ConfigErrors(errors)
+    return out
+
+
+def _address_problems(f: str, doc: Mapping[Any, Any]) -> list[ConfigError]:
+    errors = []
+    for k, v in doc.items():
+        if not isinstance(k, str) or not VNODE_NAME_RE.match(k):
+            errors.append(ConfigError(f, str(k), "not a vnode name",
+                                      expected="lower-case letters, digits and '-', 1-32 chars"))
+        try:
+            ipaddress.IPv4Address(v if isinstance(v, str) else "")
+        except ValueError:
+            errors.append(ConfigError(f, str(k), f"found {v!r}",
+                                      expected="an IPv4 address such as 10.144.0.9"))
+    return errors
+
+
+def parse_remote_addresses(path: Path) -> dict[str, str]:
+    """The ``--remote-addresses`` file of ``vnode latency-matrix``: a JSON object
+    ``{vnode name: IPv4 address}``. :class:`ConfigErrors` naming the file (and line, for a JSON
+    syntax error) for an unreadable file, bad JSON, another JSON type, a key that is not a vnode
+    name or a value that is not an IPv4 address (all of them listed)."""
+    f = str(path)
+    text = read_text(path, "remote addresses file")
+    shape = 'a JSON object {"vnode": "IPv4 address", ...}'
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigErrors([ConfigError(f, None, f"not valid JSON: {e.msg}", expected=shape,
+                                        line=e.lineno)]) from e
+    if not isinstance(doc, dict):
+        raise ConfigErrors([ConfigError(f, None, f"found a JSON {type(doc).__name__}",
+                                        expected=shape)])
+    errors = _address_problems(f, doc)
+    if errors:
+        raise ConfigErrors(errors)
+    return {str(k): str(v) for k, v in doc.items()}
+
+
+def parse_size(text: str, where: str = "--btrfs-image") -> int:
+    """``20G``, ``512M``, ``1T`` (binary units, an optional ``B``/``iB``) or bytes -> bytes, a
+    positive integer below 2**63 (a file offset). :class:`ConfigError` naming ``where`` for
+    anything else: not a size, 0, negative, infinite or NaN, or too large."""
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     try:
-        if t and t[-1] in mult:
-            return int(float(t[:-1]) * mult[t[-1]])
-        return int(t)
-    except ValueError as e:
-        raise ConfigError("--btrfs-image", None, f"invalid size {text!r}",
-                          expected="a size such as 20G or 512M") from e
+        x = float(t[:-1]) * mult[t[-1]] if t and t[-1] in mult else float(int(t))
+    except (ValueError, OverflowError):
+        x = math.nan
+    if not (math.isfinite(x) and 1 <= x < 2**63):
+        raise ConfigError(where, None, f"invalid size {text!r}",
+                          expected="a positive size below 8 EiB, such as 20G or 512M")
+    return int(x)

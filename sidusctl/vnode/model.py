@@ -95,7 +95,8 @@ class VNetwork:
     def validate(self) -> VNetwork:
         """Check the fields and set ``gateway`` when it is None (the address before the broadcast
         one); returns self. :class:`ConfigError` for a bad name, CIDR (smaller than /30 included),
-        mode, gateway, VXLAN settings or MTU."""
+        mode, gateway, VXLAN settings (VNI 1-16777215, UDP port 1-65535, IPv4 addresses of
+        the group, peers and local end) or MTU."""
         check_vnet_name(self.name)
         try:
             net = ipaddress.IPv4Network(self.cidr, strict=True)
@@ -134,6 +135,19 @@ class VNetwork:
             if self.vxlan_group and not self.root_interface:
                 raise ConfigError(f"vnetwork {self.name}", "root_interface",
                                   "a multicast VXLAN group needs a root interface")
+        if not 0 < self.vxlan_port < 65536:
+            raise ConfigError(f"vnetwork {self.name}", "vxlan_port",
+                              f"{self.vxlan_port} out of range", expected="a UDP port, 1-65535")
+        for key, addrs in (("vxlan_remote", [self.vxlan_remote]),
+                           ("vxlan_remotes", self.vxlan_remotes),
+                           ("vxlan_group", [self.vxlan_group]), ("vxlan_local", [self.vxlan_local])):
+            for a in addrs:
+                try:
+                    if a is not None:
+                        ipaddress.IPv4Address(a)
+                except ValueError as e:
+                    raise ConfigError(f"vnetwork {self.name}", key, f"invalid address {a!r} ({e})",
+                                      expected="an IPv4 address such as 10.0.0.9") from e
         if self.mtu is not None and not 576 <= self.mtu <= 65535:
             raise ConfigError(f"vnetwork {self.name}", "mtu", f"{self.mtu} out of range",
                               expected="576-65535")

@@ -29,7 +29,7 @@ from sidusctl.subsys import btrfs, lxc
 from sidusctl.subsys.net import links, tc
 from sidusctl.subsys.tarball import write_rootfs_tar
 from sidusctl.vnode import ssh
-from sidusctl.vnode.limits import cgroup_settings, set_limits
+from sidusctl.vnode.limits import cgroup_settings, check_matrix, set_limits
 from sidusctl.vnode.model import (
     FROZEN,
     LOCALHOST,
@@ -175,22 +175,10 @@ class Platform(Observe):
             if name in st.vnodes:
                 raise StateError(f"a vnode named {name!r} already exists "
                                  f"(state {st.vnodes[name].state})")
-            self.store.ready(st)
-            is_btrfs = self.store.is_btrfs(st)
-            if fs == "auto":
-                fs = "cow" if is_btrfs else "distinct"
-                if not is_btrfs:
-                    log.info("vnode store %s is not on btrfs: fs 'auto' means distinct copies",
-                             self.store.root)
-            if fs not in ("cow", "distinct", "shared"):
+            if fs not in ("auto", "cow", "distinct", "shared"):
                 raise ConfigError(f"vnode {name}", "fs", f"unknown fs mode {fs!r}",
                                   expected="auto, cow, distinct or shared")
-            if fs == "cow" and not is_btrfs:
-                raise PrerequisiteError(
-                    f"vnode {name}: fs mode 'cow' needs the vnode store on btrfs, and "
-                    f"{self.store.root} is on {btrfs.fstype_of(self.store.root) or 'unknown'}",
-                    hint="sidusctl vnode init --btrfs-image 20G (or --btrfs-device DEV), "
-                         "or --fs distinct")
+            # what the user gave is checked before the store is made (it raises host sysctls)
             key, source, kind = self.store.resolve_image(st, image)
             vn = VNode(name=name, image=image, fs=fs, image_key=key, ssh_pubkey=ssh_pubkey,
                        ssh_privkey=ssh_privkey, copy_host_keys=copy_host_keys,
@@ -199,7 +187,20 @@ class Platform(Observe):
                        host=LOCALHOST)
             vn.ifaces = self._plan_ifaces(st, vn, specs)
             set_limits(vn, mem=mem, cpus=cpus, cpuset=cpuset, io=io,
-                             bandwidth=bandwidth, latency=latency)
+                       bandwidth=bandwidth, latency=latency)
+            self.store.ready(st)
+            is_btrfs = self.store.is_btrfs(st)
+            if fs == "auto":
+                vn.fs = fs = "cow" if is_btrfs else "distinct"
+                if not is_btrfs:
+                    log.info("vnode store %s is not on btrfs: fs 'auto' means distinct copies",
+                             self.store.root)
+            if fs == "cow" and not is_btrfs:
+                raise PrerequisiteError(
+                    f"vnode {name}: fs mode 'cow' needs the vnode store on btrfs, and "
+                    f"{self.store.root} is on {btrfs.fstype_of(self.store.root) or 'unknown'}",
+                    hint="sidusctl vnode init --btrfs-image 20G (or --btrfs-device DEV), "
+                         "or --fs distinct")
             self.store.unpack(st, key, source, kind)
             st.vnodes[name] = vn
             return vn
@@ -560,15 +561,15 @@ class Platform(Observe):
         ``names[j]`` (each vnode's first viface, netem per destination). All must run.
         ``remote``: vnodes of ``names`` that run on other hosts (name -> address): they are
         destinations only, their rows are applied by their own host. Returns the vnodes this
-        host shaped, in ``names`` order."""
+        host shaped, in ``names`` order. ConfigErrors: a bad matrix (see check_matrix)."""
         n = len(names)
-        remote = dict(remote or {})
-        if len(matrix) != n or any(len(r) != n for r in matrix):
-            raise ConfigError("latency matrix", None, f"{len(matrix)} rows for {n} vnodes",
-                              expected=f"a {n}x{n} matrix")
+        remote = check_matrix(names, matrix, remote)  # ConfigErrors: shape, values, addresses
         st = self.store.read()
         local = {x: self._vnode(st, x) for x in names if x not in remote}
         for vn in local.values():
+            if not vn.ifaces:
+                raise ConfigError(f"vnode {vn.name}", "ifaces", "no viface to shape",
+                                  expected="a vnode with a viface (the matrix shapes the first)")
             if self._container(vn.name).state() != "RUNNING":
                 raise StateError(f"vnode {vn.name!r} is not RUNNING: start all vnodes first")
             if vn.ifaces and (vn.ifaces[0].bandwidth or vn.ifaces[0].latency_ms):

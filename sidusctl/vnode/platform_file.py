@@ -11,6 +11,7 @@ before anything is created.
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,12 +19,14 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field
 
 from sidusctl.core.config import Checker, Frozen, as_tuple, parse_toml, read_text
-from sidusctl.core.errors import ConfigError, SidusError
+from sidusctl.core.errors import ConfigError, NotFoundError, SidusError
 from sidusctl.subsys import fanout
+from sidusctl.subsys.net import links, tc
 from sidusctl.vnode.model import (
     VNET_NAME_RE,
     VNODE_NAME_RE,
     IfaceSpec,
+    VNetwork,
     parse_bps,
     parse_hierarchy,
     parse_mib,
@@ -77,8 +80,26 @@ SwapMib = Annotated[int | str, _check(lambda v: parse_mib(v, "", "", zero=True),
                                       "MiB (0 or more) or 'max'")]
 Bps = Annotated[int | str, _check(lambda v: parse_bps(v, "", ""), _BPS)]
 Hierarchy = Annotated[int | str, _check(lambda v: parse_hierarchy(v), "v1 or v2")]
-Number = Annotated[float, Field(ge=0)]
-Rate = int | str
+
+
+def _finite(v: float) -> None:
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(v)
+
+
+Number = Annotated[float, _check(_finite, "a finite number, 0 or more")]
+
+
+def _rate(v: int | str) -> None:
+    if str(v).strip().lower() not in ("", "max", "none"):  # those cancel a limit
+        tc.parse_rate(str(v))
+
+
+#: a tc rate, as ``vnode create --bandwidth`` takes it (:func:`sidusctl.subsys.net.tc.parse_rate`)
+Rate = Annotated[int | str, _check(_rate, "a tc rate such as 100mbit, 1gbit or 12.5mbps "
+                                          "(8 bit/s to 34 Gbit/s), or 'max'")]
+IfName = Annotated[str, _check(links.check_ifname, "a Linux interface name: 1-15 characters "
+                                                    "without '/', ':' or spaces")]
 Path_ = Annotated[str, _check(lambda v: Path(v).expanduser().read_text(),
                               "a readable file (the key)")]
 
@@ -110,7 +131,7 @@ class IfaceFile(Frozen):
     ``vnetwork`` it joins, its ``address`` (default: one given in file order), ``bandwidth``
     (a tc rate such as ``"100mbit"``) and ``latency`` in ms."""
 
-    name: str | None = None
+    name: IfName | None = None
     vnetwork: str
     address: Annotated[str, AfterValidator(_address)] | None = None
     bandwidth: Rate | None = None
@@ -266,9 +287,15 @@ def load(path: Path) -> PlatformSpec:
     if not isinstance(nets_raw, list):
         c.error(("vnetworks",), "must be an array of tables", "[[vnetworks]]")
         nets_raw = []
+    declared: dict[str, int] = {}  # every vnetwork name written (valid or not): its index
     for i, n in enumerate(nets_raw):
         nv = c.validate(VNetworkSpec, n, ("vnetworks", i))
-        if nv is not None:
+        name = n.get("name") if isinstance(n, dict) else None
+        if isinstance(name, str) and name in declared:
+            c.error(("vnetworks", i, "name"), f"vnetwork {name!r} defined twice", "unique names")
+        elif isinstance(name, str):
+            declared[name] = i
+        if nv is not None and not any(x.name == nv.name for x in nets):
             nets.append(nv)
     pnodes: PnodesFile | None = None
     pnode_names: list[str] = []
@@ -285,9 +312,11 @@ def load(path: Path) -> PlatformSpec:
                             fanout.fold_names(pnode_names))
             if not pnode_names and pnodes.hosts == ():
                 c.error(("pnodes", "hosts"), "empty", "at least one pnode")
+    _check_vnetworks(c, nets, declared, one_host="pnodes" not in doc)
     placement = c.validate(PlacementFile, doc.get("placement", {}), ("placement",))
     vnodes: list[VNodeSpec] = []
     seen: set[str] = set()
+    reported: set[tuple[str | int, ...]] = set()
     vnodes_raw = doc.get("vnodes", [])
     if not isinstance(vnodes_raw, list):
         c.error(("vnodes",), "must be an array of tables", "[[vnodes]]")
@@ -295,7 +324,10 @@ def load(path: Path) -> PlatformSpec:
     for i, raw in enumerate(vnodes_raw):
         loc: tuple[str | int, ...] = ("vnodes", i)
         v = c.validate(VNodeFile, raw, loc)
-        if v is None:
+        if v is None:  # its shape problems are recorded; what it refers to is checked still
+            if isinstance(raw, dict):
+                _check_refs(c, loc, raw, {**defaults, **raw}, {n.name: n for n in nets},
+                            declared, reported)
             continue
         d = {**defaults, **v.model_dump(exclude_none=True)}
         if "name" not in d:
@@ -303,6 +335,7 @@ def load(path: Path) -> PlatformSpec:
         if "image" not in d:
             c.error((*loc, "image"), "missing (and no [defaults] image)",
                     "an image name or tarball path", line=c.line(loc))
+        _check_refs(c, loc, raw, d, {n.name: n for n in nets}, declared, reported)
         if "name" not in d or "image" not in d:
             continue
         host = d.get("host")
@@ -340,6 +373,74 @@ def load(path: Path) -> PlatformSpec:
     c.done()
     return PlatformSpec(file=f, vnetworks=tuple(nets), vnodes=tuple(vnodes), pnodes=pnodes,
                         placement=placement or PlacementFile(), pnode_names=tuple(pnode_names))
+
+
+def _check_vnetworks(c: Checker, nets: list[VNetworkSpec], declared: dict[str, int], *,
+                     one_host: bool) -> None:
+    """Record what :meth:`Platform.net_create` would refuse half-way through ``up``: CIDRs
+    that overlap and, in a one-host file (a multi-host frontend makes its own VXLAN settings),
+    what :meth:`VNetwork.validate` refuses (VXLAN settings)."""
+    for k, n in enumerate(nets):
+        i = declared[n.name]
+        for other in nets[:k]:
+            if ipaddress.IPv4Network(n.cidr).overlaps(ipaddress.IPv4Network(other.cidr)):
+                c.error(("vnetworks", i, "cidr"), f"{n.cidr} overlaps vnetwork {other.name} "
+                        f"({other.cidr})", "CIDRs that do not overlap")
+        if one_host:
+            opts = n.options()
+            opts["vxlan_remotes"] = list(opts["vxlan_remotes"])
+            try:
+                VNetwork(name=n.name, cidr=n.cidr, **opts).validate()
+            except ConfigError as e:
+                c.error(("vnetworks", i, e.key or "name"), e.problem, e.expected)
+
+
+def _check_refs(c: Checker, loc: tuple[str | int, ...], raw: Any, d: dict[str, Any],
+                nets: dict[str, VNetworkSpec], declared: dict[str, int],
+                reported: set[tuple[str | int, ...]]) -> None:
+    """Record the cross-references of one defaults-merged vnode ``d`` (``raw``: its table as
+    written) that :meth:`Platform.create` would refuse half-way through ``up``: a vnetwork
+    that is not one of the file's, a viface name given twice, an address outside its
+    vnetwork, a bandwidth or latency without a viface. A problem of ``[defaults]`` is
+    recorded once (``reported``). ``d`` may hold values that failed their own check (recorded
+    already): those of the wrong type are skipped."""
+    def at(*key: str | int) -> tuple[str | int, ...]:
+        return (*loc, *key) if isinstance(raw, dict) and key[0] in raw else ("defaults", *key)
+
+    def err(where: tuple[str | int, ...], problem: str, expected: str) -> None:
+        if where not in reported:
+            reported.add(where)
+            c.error(where, problem, expected)
+
+    known = "one of the file's [[vnetworks]]: " + (", ".join(declared) or "none")
+    if "ifaces" in d:
+        names: set[str] = set()
+        ifaces = d["ifaces"] if isinstance(d["ifaces"], (list, tuple)) else []
+        for j, i in enumerate(ifaces):
+            if not isinstance(i, dict):
+                continue
+            net, name, addr = i.get("vnetwork"), i.get("name") or f"if{j}", i.get("address")
+            if isinstance(net, str) and net not in declared:
+                err(at("ifaces", j, "vnetwork"), f"unknown vnetwork {net!r}", known)
+            if isinstance(name, str) and name in names:
+                err(at("ifaces", j, "name"), f"viface {name!r} given twice", "unique names")
+            names.add(str(name))
+            try:
+                a = ipaddress.IPv4Address(addr) if isinstance(addr, str) else None
+            except ValueError:
+                a = None
+            if a is not None and isinstance(net, str) and net in nets:
+                netw = ipaddress.IPv4Network(nets[net].cidr)
+                if a not in netw or a in (netw.network_address, netw.broadcast_address):
+                    err(at("ifaces", j, "address"), f"{addr} is outside vnetwork {net} "
+                        f"({netw})", f"a host address of {netw}")
+    elif "vnetwork" in d:
+        if isinstance(d["vnetwork"], str) and d["vnetwork"] not in declared:
+            err(at("vnetwork"), f"unknown vnetwork {d['vnetwork']!r}", known)
+    else:
+        for k in ("bandwidth", "latency"):
+            if k in d:
+                err(at(k), f"{k} of a vnode without a viface", "a vnetwork or ifaces as well")
 
 
 def _create_args(d: dict[str, Any]) -> dict[str, Any]:
@@ -394,6 +495,27 @@ def _create_args(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_before_up(p: Platform, spec: PlatformSpec, existing: dict[str, Any],
+                     have: dict[str, Any]) -> None:
+    """What :func:`up` checks against this host before it creates anything: a vnetwork that
+    exists with another CIDR (ConfigError), images of the vnodes to create that do not exist
+    (NotFoundError listing each)."""
+    for n in spec.vnetworks:
+        if n.name in existing and existing[n.name].cidr != n.cidr:
+            raise ConfigError(spec.file, f"vnetworks.{n.name}.cidr",
+                              f"vnetwork {n.name} exists with CIDR {existing[n.name].cidr}")
+    missing: dict[str, str] = {}
+    for v in spec.vnodes:
+        if v.name not in have and v.image not in missing:
+            try:
+                p.store.find_image(v.image)
+            except NotFoundError as e:
+                missing[v.image] = f"{spec.file}: vnode {v.name}: key 'image': {e.message}"
+    if missing:
+        raise NotFoundError("\n".join(missing.values()),
+                            hint="import or build the image(s) first (sidusctl image list)")
+
+
 def up(p: Platform, spec: PlatformSpec, *, wait_ssh: bool = True,
        timeout: float = 180.0, progress: Reporter | None = None) -> dict[str, Any]:
     """Create the vnetworks (those that exist with the same CIDR are kept), create the vnodes
@@ -404,16 +526,14 @@ def up(p: Platform, spec: PlatformSpec, *, wait_ssh: bool = True,
             progress(stage, name, total)
 
     existing = {n.name: n for n in p.net_list()}
+    have = {r["name"]: r for r in p.list()}
+    _check_before_up(p, spec, existing, have)
     for n in spec.vnetworks:
         name = n.name
         if name in existing:
-            if existing[name].cidr != n.cidr:
-                raise ConfigError(spec.file, f"vnetworks.{name}.cidr",
-                                  f"vnetwork {name} exists with CIDR {existing[name].cidr}")
             continue
         p.net_create(name, n.cidr, **n.options())
         tick("vnetworks", name, len(spec.vnetworks))
-    have = {r["name"]: r for r in p.list()}
     for v in spec.vnodes:
         if v.name not in have:
             p.create(v.name, v.image, **v.create)

@@ -36,7 +36,7 @@ from sidusctl.core.log import get_logger
 from sidusctl.core.run import run
 from sidusctl.core.state import locked, read_json, write_json
 from sidusctl.subsys import btrfs, lxc, mounts
-from sidusctl.subsys.imagestore import ImageStore
+from sidusctl.subsys.imagestore import Image, ImageStore
 from sidusctl.subsys.tarball import COMPRESSIONS, extract_rootfs_tar
 from sidusctl.vnode.model import VNetwork, VNode
 
@@ -108,12 +108,27 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[State]:
-        """Hold the lock, yield the state, save it if the block succeeds (not if it raises)."""
+        """Hold the lock, yield the state, save it if the block succeeds (not if it raises).
+        One exception: host sysctls the block raised (:meth:`raise_host_sysctls`) are recorded
+        even when it raises, so that ``deinit`` still puts them back."""
         self.base.mkdir(parents=True, exist_ok=True)
         with locked(self.lock_file, "the vnode store", wait=True):
             st = self.load()
-            yield st
+            try:
+                yield st
+            except BaseException:
+                self._keep_sysctls(st)
+                raise
             self.save(st)
+
+    def _keep_sysctls(self, st: State) -> None:
+        rec = st.store.get(_SYSCTLS)
+        if not rec:
+            return
+        disk = self.load()
+        if disk.store.get(_SYSCTLS) != rec:
+            disk.store[_SYSCTLS] = rec
+            self.save(disk)
 
     def read(self) -> State:
         """The state, read under the lock (a consistent snapshot)."""
@@ -223,17 +238,9 @@ class Store:
         ``(key, source, kind)`` where kind is ``tarball`` or ``rootfs``. The key is the sha256
         of the tarball (cached by path, size and mtime) or, for a rootfs-only image, of its
         manifest and generation. NotFoundError if neither exists."""
-        p = Path(image)
-        if "/" in image or any(image.endswith(s) for s in COMPRESSIONS):
-            if not p.is_file():
-                raise NotFoundError(f"image tarball {image} does not exist")
-            return self._file_key(st, p.resolve()), p.resolve(), "tarball"
-        store = ImageStore(self.state_dir, recover=False)
-        try:
-            img = store.get(image)
-        except (NotFoundError, ConfigError) as e:
-            raise NotFoundError(f"unknown image {image!r}: not in the image store "
-                                f"{store.root} and not a tarball path") from e
+        img = self.find_image(image)
+        if isinstance(img, Path):
+            return self._file_key(st, img), img, "tarball"
         if img.tarball is not None:
             return self._file_key(st, img.tarball), img.tarball, "tarball"
         h = hashlib.sha256()
@@ -241,6 +248,22 @@ class Store:
         if img.manifest_path.exists():
             h.update(img.manifest_path.read_bytes())
         return h.hexdigest()[:32], img.rootfs, "rootfs"
+
+    def find_image(self, image: str) -> Path | Image:
+        """``image`` as :meth:`resolve_image` reads it, nothing hashed: a tarball path (one with
+        a ``/`` or a compression suffix) as its resolved path, else the image store's
+        :class:`Image` of that name. NotFoundError if it does not exist."""
+        if "/" in image or any(image.endswith(s) for s in COMPRESSIONS):
+            p = Path(image)
+            if not p.is_file():
+                raise NotFoundError(f"image tarball {image} does not exist")
+            return p.resolve()
+        store = ImageStore(self.state_dir, recover=False)
+        try:
+            return store.get(image)
+        except (NotFoundError, ConfigError) as e:
+            raise NotFoundError(f"unknown image {image!r}: not in the image store "
+                                f"{store.root} and not a tarball path") from e
 
     def _file_key(self, st: State, path: Path) -> str:
         s = path.stat()
