@@ -272,6 +272,17 @@ def test_platform_up_with_an_unknown_image_creates_nothing(
             sidusctl("vnode", "down", str(pf), state=state, timeout=120)
 
 
+def test_platform_dry_run_names_the_images_up_would_not_find(tmp_path: Path) -> None:
+    pf = tmp_path / "p.toml"
+    pf.write_text('[defaults]\nimage = "sdt-nope"\n\n[[vnodes]]\nname = "a"\n\n'
+                  f'[[vnodes]]\nname = "b"\nimage = "{tmp_path}/none.tar.gz"\n')
+    state = tmp_path / "st"
+    res = sidusctl("vnode", "up", "--dry-run", str(pf), state=state, timeout=60)
+    _bad(res, 4, "vnode a: key 'image': unknown image 'sdt-nope'",
+         f"vnode b: key 'image': image tarball {tmp_path}/none.tar.gz does not exist")
+    assert not state.exists()
+
+
 # -- 8: a failed create leaves the host as it was ---------------------------------------------
 
 @root_only

@@ -98,6 +98,10 @@ def up_cmd(file: str, wait_ssh: bool, timeout: float, dry_run: bool, as_json: bo
                               f"running on {len(report['pnodes'])} pnode(s)")
         return
     if dry_run:
+        from sidusctl.vnode.platform_file import check_images
+        from sidusctl.vnode.store import Store
+
+        check_images(Store(get_ctx().state), spec)  # reads only; needs no root
         emit_json({"vnodes": [v.name for v in spec.vnodes]}) if as_json else \
             console.print(f"{len(spec.vnodes)} vnode(s) on this host: "
                           + ", ".join(v.name for v in spec.vnodes), markup=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +32,7 @@ from sidusctl.vnode.model import (
     parse_mib,
 )
 from sidusctl.vnode.platform import Platform
+from sidusctl.vnode.store import Store
 
 Reporter = Callable[[str, str, int], None]
 
@@ -495,25 +496,32 @@ def _create_args(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_before_up(p: Platform, spec: PlatformSpec, existing: dict[str, Any],
-                     have: dict[str, Any]) -> None:
-    """What :func:`up` checks against this host before it creates anything: a vnetwork that
-    exists with another CIDR (ConfigError), images of the vnodes to create that do not exist
-    (NotFoundError listing each)."""
-    for n in spec.vnetworks:
-        if n.name in existing and existing[n.name].cidr != n.cidr:
-            raise ConfigError(spec.file, f"vnetworks.{n.name}.cidr",
-                              f"vnetwork {n.name} exists with CIDR {existing[n.name].cidr}")
+def check_images(store: Store, spec: PlatformSpec, skip: Collection[str] = ()) -> None:
+    """NotFoundError listing each image of ``spec``'s vnodes (but those named in ``skip``, which
+    exist already) that ``store`` cannot find (:meth:`Store.find_image`: a built or imported
+    image, or a tarball path). Reads only: ``up --dry-run`` calls it too."""
     missing: dict[str, str] = {}
     for v in spec.vnodes:
-        if v.name not in have and v.image not in missing:
+        if v.name not in skip and v.image not in missing:
             try:
-                p.store.find_image(v.image)
+                store.find_image(v.image)
             except NotFoundError as e:
                 missing[v.image] = f"{spec.file}: vnode {v.name}: key 'image': {e.message}"
     if missing:
         raise NotFoundError("\n".join(missing.values()),
                             hint="import or build the image(s) first (sidusctl image list)")
+
+
+def _check_before_up(p: Platform, spec: PlatformSpec, existing: dict[str, Any],
+                     have: dict[str, Any]) -> None:
+    """What :func:`up` checks against this host before it creates anything: a vnetwork that
+    exists with another CIDR (ConfigError), images of the vnodes to create that do not exist
+    (NotFoundError listing each, :func:`check_images`)."""
+    for n in spec.vnetworks:
+        if n.name in existing and existing[n.name].cidr != n.cidr:
+            raise ConfigError(spec.file, f"vnetworks.{n.name}.cidr",
+                              f"vnetwork {n.name} exists with CIDR {existing[n.name].cidr}")
+    check_images(p.store, spec, have)
 
 
 def up(p: Platform, spec: PlatformSpec, *, wait_ssh: bool = True,
