@@ -312,3 +312,10 @@ def test_sysctls_raised_by_a_failing_transaction_are_recorded(
         p.create("sdt-n1", str(_tarball(tmp_path)), fs="cow")
     st = p.store.read()
     assert st.store == {"host_sysctls": fake} and st.vnodes == {}
+
+
+@pytest.mark.parametrize("cmd", [["exec", "n[1-", "--", "true"], ["status", "x[", "y"]])
+def test_a_bad_node_set_on_the_command_line_is_named_as_such(tmp_path: Path,
+                                                             cmd: list[str]) -> None:
+    res = sidusctl("vnode", *cmd, state=tmp_path / "st", timeout=60)
+    _bad(res, 2, "command line: key 'NODES': invalid node set '", "missing bracket")

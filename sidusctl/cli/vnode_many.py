@@ -188,7 +188,7 @@ def exec_cmd(nodes: str, argv: tuple[str, ...], platform: str | None, as_json: b
     """Run a command in vnode NODES (a name or a node set such as node[1-40]). One vnode: its
     output and exit code. Several: run in parallel, identical outputs folded as clush -b does,
     exit code the highest; --json gives {vnode: {rc, stdout, stderr}}."""
-    names = expand(nodes, key="NODES")
+    names = expand(nodes)
     if platform:
         with _cluster(load(Path(platform))) as cl:
             res = cl.exec(nodes, list(argv))

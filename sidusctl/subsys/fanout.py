@@ -41,17 +41,19 @@ log = get_logger("fanout")
 SSH_UNREACHABLE = 255  # ssh(1): "exits with 255 if an error occurred" (its own, not the command's)
 
 
-def expand(nodeset: str | Sequence[str], *, file: str = "", key: str = "") -> list[str]:
+def expand(nodeset: str | Sequence[str], *, file: str = "command line",
+           key: str = "NODES") -> list[str]:
     """``pn[1-3],fe`` or a list of such → host names in ClusterShell's order (sorted by
-    name and index, duplicates dropped); ConfigError naming ``file`` and ``key`` for a bad
-    node set."""
+    name and index, duplicates dropped); ConfigError naming ``file`` and ``key`` (by default
+    the command line's NODES argument) for a bad node set."""
     items = [nodeset] if isinstance(nodeset, str) else list(nodeset)
     ns = NodeSet()
     try:
         for it in items:
             ns.update(NodeSet(str(it)))
     except NodeSetParseError as e:
-        raise ConfigError(file, key, f"invalid node set {nodeset!r}: {e}",
+        shown = nodeset if isinstance(nodeset, str) else ",".join(map(str, items))
+        raise ConfigError(file, key, f"invalid node set {shown!r}: {e}",
                           expected="a ClusterShell node set such as pn[1-3]") from e
     return list(ns)
 
