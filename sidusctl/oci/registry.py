@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 
 from sidusctl.oci import ImageError
+from sidusctl.oci.fields import index_manifests, json_field
 from sidusctl.oci.sources import (
     DIGEST_RE,
     INDEX_TYPES,
@@ -54,6 +55,8 @@ DOCKER_HUB = "registry-1.docker.io"
 _REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)"
                       r"[a-z0-9]+)*)*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+# a registry host: a DNS name, an IPv4 address or a [bracketed] IPv6 address, then ":port"
+_HOST_RE = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>.*))?$")
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ def parse_reference(text: str) -> Reference:
     first, _, path = rest.partition("/")
     if path and ("." in first or ":" in first or first == "localhost"):
         host = first
+        _check_host(host, text)
     else:
         host, path = DOCKER_HUB, rest if "/" in rest else f"library/{rest}"
     tag = None
@@ -101,6 +105,18 @@ def parse_reference(text: str) -> Reference:
     if tag is None and digest is None:
         tag = "latest"
     return Reference(host, path, tag, digest)
+
+
+def _check_host(host: str, text: str) -> None:
+    """ImageError naming ``text`` unless ``host`` is ``NAME[:PORT]`` with PORT 1-65535."""
+    m = _HOST_RE.match(host)
+    if not m:
+        raise ImageError(f"{text}: '{host}' is not a valid registry host",
+                         hint="docker://HOST[:PORT]/REPO:TAG")
+    port = m.group("port")
+    if port is not None and not (re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
+        raise ImageError(f"{text}: port '{port}' of registry host '{host}' is not a number "
+                         "from 1 to 65535")
 
 
 def _auth_files(authfile: Path | None) -> list[Path]:
@@ -139,7 +155,12 @@ def find_creds(host: str, creds: str | None, authfile: Path | None) -> tuple[str
         for key in (host, f"https://{host}", f"http://{host}", f"https://{host}/v1/"):
             entry = auths.get(key)
             if isinstance(entry, dict) and isinstance(entry.get("auth"), str):
-                user, _, pw = base64.b64decode(entry["auth"]).decode().partition(":")
+                try:
+                    raw = base64.b64decode(entry["auth"]).decode()
+                except ValueError as e:  # binascii.Error, UnicodeDecodeError
+                    raise ImageError(f"{f}: key 'auths.{key}.auth' is not base64 of "
+                                     f"USER:PASSWORD ({e})") from e
+                user, _, pw = raw.partition(":")
                 return user, pw
     return None
 
@@ -312,10 +333,10 @@ def resolve(source: str, *, platform: str | None, insecure: bool = False,
     _, doc, digest = client.manifest(ref.ref)
     explicit = platform is not None
     for _ in range(3):
-        mt = doc.get("mediaType", "")
+        where = f"{ref}: manifest {digest}"
+        mt = json_field(doc, "mediaType", str, where) or ""
         if mt in INDEX_TYPES or ("manifests" in doc and "layers" not in doc):
-            desc = select_platform([d for d in doc.get("manifests", []) if isinstance(d, dict)],
-                                   wanted, str(ref))
+            desc = select_platform(index_manifests(doc, where), wanted, where)
             if not isinstance(desc.get("digest"), str):
                 raise ImageError(f"{ref}: an index entry has no digest")
             _, doc, digest = client.manifest(desc["digest"])

@@ -37,6 +37,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from sidusctl.oci import ImageError
+from sidusctl.oci.fields import index_manifests, json_field
 from sidusctl.oci.streams import Readable
 
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -111,21 +112,24 @@ def _plat_str(p: dict[str, Any]) -> str:
 
 
 def select_platform(manifests: list[dict[str, Any]], wanted: str, where: str) -> dict[str, Any]:
-    """The descriptor of an index whose ``platform`` matches ``wanted``."""
+    """The descriptor of an index (``manifests``: its descriptors, in order) whose ``platform``
+    matches ``wanted`` (``os/arch[/variant]``). :class:`ImageError` naming ``where`` if none
+    does, or if a ``platform`` is not a JSON object (``manifests[i].platform``)."""
     os_, arch, variant = parse_platform(wanted)
+    plats = [json_field(d, "platform", dict, where, at=f"manifests[{i}]") or {}
+             for i, d in enumerate(manifests)]
     cands = []
-    for d in manifests:
-        p = d.get("platform") or {}
+    for d, p in zip(manifests, plats, strict=True):
         if p.get("os") == os_ and p.get("architecture") == arch and (
                 variant is None or p.get("variant") == variant):
-            cands.append(d)
+            cands.append((d, p))
     if not cands:
-        have = ", ".join(sorted({_plat_str(d.get("platform") or {}) for d in manifests}))
+        have = ", ".join(sorted({_plat_str(p) for p in plats}))
         raise ImageError(f"{where}: no image for platform {wanted} (the index has: {have})",
                          hint="pick one with --platform")
     # arm64 without a variant asked: prefer v8 or no variant
-    cands.sort(key=lambda d: (d.get("platform") or {}).get("variant") not in (None, "v8"))
-    return cands[0]
+    cands.sort(key=lambda dp: dp[1].get("variant") not in (None, "v8"))
+    return cands[0][0]
 
 
 # -- blob stores --------------------------------------------------------------------------------
@@ -365,11 +369,22 @@ def _export(path: Path, source: str) -> ResolvedImage:
 
 
 def _check_config(config: Any, where: str, nlayers: int) -> dict[str, Any]:
+    """``config`` if it is an image config (image-spec ``config.md``) whose fields read here or
+    by the importer have their JSON types, with one diff_id per layer; ImageError otherwise."""
     if not isinstance(config, dict):
         raise ImageError(f"{where}: the image config is not a JSON object")
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids")
-    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
-        raise ImageError(f"{where}: the image config has no rootfs.diff_ids list")
+    rootfs = json_field(config, "rootfs", dict, where, required=True)
+    diff_ids = json_field(rootfs, "diff_ids", list, where, at="rootfs", items=str, required=True)
+    for k in ("os", "architecture", "variant"):
+        json_field(config, k, str, where)
+    cfg = json_field(config, "config", dict, where)
+    if cfg is not None:
+        for k in ("Entrypoint", "Cmd", "Env"):
+            json_field(cfg, k, list, where, at="config", items=str)
+        for k in ("User", "WorkingDir"):
+            json_field(cfg, k, str, where, at="config")
+        for k in ("Labels", "ExposedPorts", "Volumes"):
+            json_field(cfg, k, dict, where, at="config")
     if len(diff_ids) != nlayers:
         raise ImageError(f"{where}: the manifest lists {nlayers} layers but the config has "
                          f"{len(diff_ids)} diff_ids")
@@ -393,11 +408,13 @@ def _docker_archive(store: BlobStore, source: str, ref: str | None, wanted: str,
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict)
                                                                for e in entries):
         raise ImageError(f"{source}: manifest.json is not a non-empty list of images")
-    chosen = _pick_docker(entries, ref, source)
-    cfg_path = chosen.get("Config")
-    layers = chosen.get("Layers")
-    if not isinstance(cfg_path, str) or not isinstance(layers, list):
-        raise ImageError(f"{source}: manifest.json entry lacks Config or Layers")
+    where = f"{source}: manifest.json"
+    tags = [json_field(e, "RepoTags", list, where, at=f"[{i}]", items=str) or []
+            for i, e in enumerate(entries)]
+    n = _pick_docker(tags, ref, source)
+    chosen = entries[n]
+    cfg_path = json_field(chosen, "Config", str, where, at=f"[{n}]", required=True)
+    layers = json_field(chosen, "Layers", list, where, at=f"[{n}]", items=str, required=True)
     config = _check_config(store.read_json(cfg_path), f"{source}: {cfg_path}", len(layers))
     diff_ids = config["rootfs"]["diff_ids"]
     cfg_digest = None
@@ -406,7 +423,7 @@ def _docker_archive(store: BlobStore, source: str, ref: str | None, wanted: str,
         cfg_digest = "sha256:" + m.group(1)
     out = []
     for i, lp in enumerate(layers):
-        if not isinstance(lp, str) or not store.exists(lp):
+        if not store.exists(lp):
             raise ImageError(f"{source}: layer {i + 1} '{lp}' is missing from the archive")
         dm = re.match(r"^blobs/sha256/([0-9a-f]{64})$", _norm(lp))
         digest = "sha256:" + dm.group(1) if dm else None
@@ -415,7 +432,7 @@ def _docker_archive(store: BlobStore, source: str, ref: str | None, wanted: str,
     plat = _platform_check(config, wanted, explicit, source)
     return ResolvedImage(kind="docker-archive", source=source, ref=ref, config=config,
                          layers=out, config_digest=cfg_digest, platform=plat,
-                         repo_tags=[t for t in chosen.get("RepoTags") or [] if isinstance(t, str)])
+                         repo_tags=tags[n])
 
 
 def _opener(store: BlobStore, name: str) -> Opener:
@@ -429,26 +446,27 @@ def _ref_matches(tag: str, ref: str) -> bool:
     return tag.endswith("/" + ref)
 
 
-def _pick_docker(entries: list[dict[str, Any]], ref: str | None, source: str) -> dict[str, Any]:
-    tags = [t for e in entries for t in (e.get("RepoTags") or [])]
+def _pick_docker(repo_tags: list[list[str]], ref: str | None, source: str) -> int:
+    """The index of the image to import, given each image's (checked) ``RepoTags``."""
+    tags = [t for ts in repo_tags for t in ts]
     if ref:
-        hits = [e for e in entries if any(_ref_matches(t, ref) for t in e.get("RepoTags") or [])]
+        hits = [i for i, ts in enumerate(repo_tags) if any(_ref_matches(t, ref) for t in ts)]
         if not hits:
             raise ImageError(f"{source}: no image tagged '{ref}' (the archive has: "
                              f"{', '.join(tags) or 'untagged images only'})")
         return hits[0]
-    if len(entries) > 1:
-        raise ImageError(f"{source}: the archive holds {len(entries)} images; pick one with "
+    if len(repo_tags) > 1:
+        raise ImageError(f"{source}: the archive holds {len(repo_tags)} images; pick one with "
                          f"--ref NAME:TAG (tags: {', '.join(tags) or 'none'})")
-    return entries[0]
+    return 0
 
 
 def _oci(store: BlobStore, source: str, ref: str | None, wanted: str,
          explicit: bool) -> ResolvedImage:
     index = store.read_json("index.json")
-    if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
-        raise ImageError(f"{source}: index.json has no manifests list")
-    mans: list[dict[str, Any]] = [d for d in index["manifests"] if isinstance(d, dict)]
+    if not isinstance(index, dict):
+        raise ImageError(f"{source}: index.json is not a JSON object")
+    mans = index_manifests(index, f"{source}: index.json")  # annotations, platform: objects
     if ref:
         hits = [d for d in mans if any(
             _ref_matches(str((d.get("annotations") or {}).get(a, "")), ref)
@@ -460,7 +478,7 @@ def _oci(store: BlobStore, source: str, ref: str | None, wanted: str,
         mans = hits
     if len(mans) > 1:
         if all(d.get("platform") for d in mans):
-            desc = select_platform(mans, wanted, source)
+            desc = select_platform(mans, wanted, f"{source}: index.json")
         else:
             have = sorted({str((d.get("annotations") or {}).get(REF_ANNOTATIONS[0], "-"))
                            for d in mans})
@@ -513,10 +531,11 @@ def resolve_manifest(read_json: Callable[[str], tuple[bytes, Any]],
         _, doc = read_json(digest)
         if not isinstance(doc, dict):
             raise ImageError(f"{source}: {digest} is not a JSON object")
-        mt = doc.get("mediaType") or desc.get("mediaType") or ""
+        where = f"{source}: manifest {digest}"
+        mt = (json_field(doc, "mediaType", str, where)
+              or json_field(desc, "mediaType", str, where) or "")
         if mt in INDEX_TYPES or ("manifests" in doc and "layers" not in doc):
-            desc = select_platform([d for d in doc.get("manifests", []) if isinstance(d, dict)],
-                                   wanted, source)
+            desc = select_platform(index_manifests(doc, where), wanted, where)
             digest = desc.get("digest")
             explicit = True
             continue
@@ -538,27 +557,24 @@ def from_manifest(doc: dict[str, Any], digest: str,
     foreign layer to be fetched from elsewhere, or a config that does not match."""
     if doc.get("schemaVersion") == 1:
         raise ImageError(f"{source}: Docker image manifest schema 1 is not supported")
-    cfg = doc.get("config")
-    layers = doc.get("layers")
-    if not isinstance(cfg, dict) or not isinstance(layers, list):
-        raise ImageError(f"{source}: manifest {digest} lacks config or layers")
-    cfg_digest = cfg.get("digest")
-    if not isinstance(cfg_digest, str):
-        raise ImageError(f"{source}: manifest {digest} has a config without a digest")
+    where = f"{source}: manifest {digest}"
+    cfg = json_field(doc, "config", dict, where, required=True)
+    layers: list[dict[str, Any]] = json_field(doc, "layers", list, where, items=dict, required=True)
+    cfg_digest = json_field(cfg, "digest", str, where, at="config", required=True)
     _, config = read_json(cfg_digest)
     config = _check_config(config, f"{source}: config {cfg_digest}", len(layers))
     diff_ids = config["rootfs"]["diff_ids"]
     out = []
     for i, ld in enumerate(layers):
-        if not isinstance(ld, dict) or not isinstance(ld.get("digest"), str):
-            raise ImageError(f"{source}: layer {i + 1} descriptor has no digest")
-        mt = str(ld.get("mediaType", ""))
-        if ("nondistributable" in mt or "foreign" in mt) and ld.get("urls"):
+        at = f"layers[{i}]"
+        ldigest = json_field(ld, "digest", str, where, at=at, required=True)
+        mt = json_field(ld, "mediaType", str, where, at=at) or ""
+        urls = json_field(ld, "urls", list, where, at=at, items=str)
+        if ("nondistributable" in mt or "foreign" in mt) and urls:
             raise ImageError(f"{source}: layer {i + 1} is a foreign layer ({mt}) fetched "
                              "from elsewhere; not supported")
-        size = ld.get("size")
-        out.append(Layer(i, mt, ld["digest"], size if isinstance(size, int) else None,
-                         diff_ids[i], opener(ld["digest"])))
+        out.append(Layer(i, mt, ldigest, json_field(ld, "size", int, where, at=at),
+                         diff_ids[i], opener(ldigest)))
     plat = _platform_check(config, wanted, explicit, source)
     return ResolvedImage(kind=kind, source=source, ref=ref, config=config, layers=out,
                          manifest_digest=digest, config_digest=cfg_digest, platform=plat)
