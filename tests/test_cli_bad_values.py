@@ -125,3 +125,33 @@ def test_toml_left_open_at_the_end_of_the_file_is_reported_at_its_last_line(
     f.write_text('suite = "bookworm"\ninclude = ["a",\n')
     _refused(tmp_path, "build", "--check", str(f),
              expect=(f"{f}:2: not valid TOML: Invalid value (at end of document)",))
+
+
+@pytest.mark.parametrize("epoch", ["garbage", "99999999999999999"])
+def test_man_refuses_a_source_date_epoch_that_is_no_date_before_writing(
+        tmp_path: Path, epoch: str) -> None:
+    out = tmp_path / "man"
+    res = sidusctl("man", "--out", str(out), timeout=60, env={"SOURCE_DATE_EPOCH": epoch})
+    assert res.returncode == 2, res.stderr
+    assert f"$SOURCE_DATE_EPOCH: found '{epoch}' (expected seconds since" in res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
+
+
+def test_man_names_an_out_directory_it_cannot_make(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    res = sidusctl("man", "--out", str(tmp_path / "afile" / "sub"), timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "--out: cannot write the pages to" in res.stderr and "Not a directory" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_a_deb_cache_that_cannot_be_a_directory_is_named(tmp_path: Path) -> None:
+    from sidusctl.core.errors import ConfigError
+    from sidusctl.image.common import make_cache
+
+    (tmp_path / "afile").write_text("")
+    for bad in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(ConfigError, match=r"cannot be the \.deb cache: .*--cache-dir or "
+                                              r"\$SIDUSCTL_CACHE"):
+            make_cache(bad)
+    assert make_cache(tmp_path / "a" / "b").is_dir()

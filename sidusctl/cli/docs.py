@@ -23,6 +23,7 @@ from click.shell_completion import get_completion_class
 
 from sidusctl import __version__
 from sidusctl.cli.common import emit_json
+from sidusctl.core.errors import ConfigError
 
 PROG = "sidusctl"
 COMPLETE_VAR = "_SIDUSCTL_COMPLETE"
@@ -148,10 +149,18 @@ def _header(ctx: click.Context, short: str, date: str) -> list[str]:
 
 
 def _man_date() -> str:
-    """``$SOURCE_DATE_EPOCH`` (reproducible builds) or today, as YYYY-MM-DD."""
+    """``$SOURCE_DATE_EPOCH`` (reproducible builds: seconds since 1970-01-01 UTC, a decimal
+    integer) or today, as YYYY-MM-DD. :class:`ConfigError` for a value that is not such a
+    date."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    when = (datetime.datetime.fromtimestamp(int(epoch), datetime.UTC) if epoch
-            else datetime.datetime.now(datetime.UTC))
+    if not epoch:
+        return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    try:
+        when = datetime.datetime.fromtimestamp(int(epoch), datetime.UTC)
+    except (ValueError, OverflowError, OSError):
+        raise ConfigError("$SOURCE_DATE_EPOCH", None, f"found {epoch!r}",
+                          expected="seconds since 1970-01-01 UTC, such as 1700000000 "
+                                   "(reproducible-builds.org)") from None
     return when.strftime("%Y-%m-%d")
 
 
@@ -222,11 +231,16 @@ def man_cmd(ctx: click.Context, out: Path, as_json: bool) -> None:
     root = ctx.find_root().command
     if not isinstance(root, click.Group):  # pragma: no cover - the root is the sidusctl group
         raise click.UsageError("man: the root command is not a group")
-    out.mkdir(parents=True, exist_ok=True)
+    pages = man_pages(root)  # before anything is written: it checks $SOURCE_DATE_EPOCH
     written = []
-    for fname, text in man_pages(root).items():
-        (out / fname).write_text(text)
-        written.append(str(out.absolute() / fname))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for fname, text in pages.items():
+            (out / fname).write_text(text)
+            written.append(str(out.absolute() / fname))
+    except OSError as e:
+        raise ConfigError("--out", None, f"cannot write the pages to {out}: {e.strerror}",
+                          expected="a directory this user can write") from None
     if as_json:
         emit_json({"out": str(out.absolute()), "pages": written})
     else:

@@ -30,6 +30,7 @@ from sidusctl.image.common import (
     clean_root_debs,
     default_cache,
     du,
+    make_cache,
     package_list,
     preflight,
     release_digest,
@@ -111,7 +112,7 @@ class Builder:
         cache's background compression is abandoned and a stage-cache overlay released."""
         r = self.recipe
         preflight(r, self.opts)
-        self.cache.mkdir(parents=True, exist_ok=True)
+        make_cache(self.cache)
         t_start = time.monotonic()
         try:
             self._stages(r, t_start)

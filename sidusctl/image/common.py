@@ -196,6 +196,18 @@ def default_cache(store: ImageStore) -> Path:
     return Path(env).absolute() if env else store.state_dir / "cache" / "apt"
 
 
+def make_cache(cache: Path) -> Path:
+    """Create the .deb cache directory ``cache`` (and its parents) if missing; returns it.
+    :class:`ConfigError` naming it when it cannot be one (a regular file there or above it,
+    no permission...): it comes from ``--cache-dir`` or ``$SIDUSCTL_CACHE``."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(str(cache), None, f"cannot be the .deb cache: {e.strerror}",
+                          expected="a directory (--cache-dir or $SIDUSCTL_CACHE)") from None
+    return cache
+
+
 def package_list(root: Path) -> dict[str, Package]:
     """Installed packages from the root's dpkg database: name → version, arch, installed size."""
     res = run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f",

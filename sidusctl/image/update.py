@@ -18,6 +18,7 @@ from sidusctl.image.common import (
     Reporter,
     default_cache,
     du,
+    make_cache,
     package_list,
     shared_cache_turn,
 )
@@ -59,10 +60,9 @@ def update(store: ImageStore, name: str, *, in_place: bool = False, tar: bool = 
     rep: Reporter = reporter or Quiet()
     cur = store.get(name)
     manifest = cur.manifest
-    cache = cache or default_cache(store)
-    cache.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         raise PrerequisiteError(f"updating an image needs root (mounts, chroot); running as uid {os.geteuid()}")
+    cache = make_cache(cache or default_cache(store))
     apt = APT
     t0 = time.monotonic()
 
