@@ -3,6 +3,7 @@ nodes of an inventory (nodes.toml)."""
 
 from __future__ import annotations
 
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import click
@@ -108,6 +109,11 @@ def nfs_export_cmd(image: str, networks: tuple[str, ...], nodes: str | None, ser
                    bind_addr: str, as_json: bool) -> None:
     """Print the /etc/exports line (nfs-kernel-server) and an nfs-ganesha config for IMAGE's
     root; with --serve, export it with nfs-ganesha in the foreground."""
+    try:
+        IPv4Address(bind_addr)
+    except ValueError:
+        raise click.BadParameter(f"{bind_addr!r} is not an IPv4 address",
+                                 param_hint="--bind") from None
     img = _store().get(image)
     path = str(img.rootfs)
     clients = list(networks)
@@ -164,7 +170,9 @@ def squashfs_cmd(image: str, generation: str, level: int, force: bool, list_only
     generation it needs by itself; running this after a build makes its reload instant."""
     from sidusctl.netboot import squash
     state = get_ctx().state
-    if not list_only:
+    if list_only:  # what export() checks: a valid name (image_dir), an existing image
+        _store().get(image)
+    else:
         ex, how = squash.export(state, image, generation=generation, level=level, force=force)
         if not as_json:
             root = f", verity root hash {ex.verity.root_hash}" if ex.verity else ""

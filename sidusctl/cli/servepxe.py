@@ -25,7 +25,7 @@ from sidusctl.cli.common import (
 from sidusctl.core.errors import Interrupted, NotFoundError, SidusError, StateError
 from sidusctl.core.state import atomic_write_bytes
 from sidusctl.netboot import inventory as inv_mod
-from sidusctl.netboot import secureboot
+from sidusctl.netboot import pxestatus, secureboot
 from sidusctl.netboot.daemons import FORMATS, ExportOptions, render_export
 from sidusctl.netboot.tree import export_path_for
 from sidusctl.serve import supervisor
@@ -157,6 +157,8 @@ def serve_pxe_cmd(nodes: Path, interface: str, proxy: bool, http: bool, http_por
     from sidusctl.netboot import servepxe as pxe
 
     state = get_ctx().state
+    if signed_grub is not None:
+        secureboot.check_signed_grub(signed_grub)
     opts = pxe.PxeOptions(nodes=nodes.absolute(), interface=interface, state=state,
                           tftp_root=(tftp_root or state / "serve-pxe" / "tftp").absolute(),
                           proxy=proxy, http=http, http_port=http_port,
@@ -177,6 +179,7 @@ def _read_pxe_status() -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(pxe, dict):
         raise StateError(f"{path} was written by 'sidusctl serve run', not serve-pxe "
                          "(see 'sidusctl serve status')")
+    pxestatus.check_status(path, pxe)
     return st, pxe
 
 

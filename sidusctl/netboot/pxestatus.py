@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Any
 
+from sidusctl.core.errors import StateError
 from sidusctl.netboot.inventory import Inventory
 from sidusctl.netboot.tree import ImageFiles
 
@@ -105,3 +107,47 @@ def nodes(inv: Inventory, files: Mapping[str, ImageFiles], *,
                     **{k: rep.get(k) for k in NODE_FACTS.values()}})
     return out
 
+
+
+def check_status(path: Path, pxe: Mapping[str, Any]) -> None:
+    """Check that ``pxe`` (the ``pxe`` object of the status file ``path``) has the shape
+    :meth:`sidusctl.netboot.pxesupervisor.PxeSupervisor.status` writes, as far as ``pxe
+    status`` uses it: ``inventory``, ``interface`` strings or null; ``held`` an object;
+    ``nodes`` a list of objects (:func:`nodes`), each with ``name``, ``mac``, ``ip``
+    strings, ``stage`` null or one of :data:`STAGES`, ``stages`` an object, ``files`` and
+    ``addresses`` lists of strings, ``dhcp`` a string or null (keys other than ``name``,
+    ``mac``, ``ip`` may be missing). :class:`StateError` naming ``path`` and the first bad
+    key otherwise (a damaged file: serve-pxe rewrites it)."""
+
+    def bad(key: str, value: object, expected: str) -> StateError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return StateError(f"{path}: key 'pxe.{key}': found {shown}, expected {expected} "
+                          "(a damaged status file)")
+
+    for key in ("inventory", "interface"):
+        if pxe.get(key) is not None and not isinstance(pxe[key], str):
+            raise bad(key, pxe[key], "a string or null")
+    if not isinstance(pxe.get("held", {}), dict):
+        raise bad("held", pxe["held"], "an object")
+    nodes_ = pxe.get("nodes", [])
+    if not isinstance(nodes_, list):
+        raise bad("nodes", nodes_, "a list of nodes")
+    for i, n in enumerate(nodes_):
+        where = f"nodes[{i}]"
+        if not isinstance(n, dict):
+            raise bad(where, n, "an object")
+        for key in ("name", "mac", "ip"):
+            if not isinstance(n.get(key), str):
+                raise bad(f"{where}.{key}", n.get(key), "a string")
+        if n.get("stage") is not None and n["stage"] not in STAGES:
+            raise bad(f"{where}.stage", n["stage"], f"null or one of {', '.join(STAGES)}")
+        if n.get("stages") is not None and not isinstance(n["stages"], dict):
+            raise bad(f"{where}.stages", n["stages"], "an object")
+        for key in ("files", "addresses"):
+            v = n.get(key)
+            if v is not None and not (isinstance(v, list)
+                                      and all(isinstance(f, str) for f in v)):
+                raise bad(f"{where}.{key}", v, "a list of strings")
+        if n.get("dhcp") is not None and not isinstance(n["dhcp"], str):
+            raise bad(f"{where}.dhcp", n["dhcp"], "a string or null")

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
-from sidusctl.core.errors import PrerequisiteError
+from sidusctl.core.errors import ConfigError, PrerequisiteError
 from sidusctl.netboot.inventory import Inventory
 from sidusctl.subsys.templates import render
 
@@ -85,6 +85,21 @@ def chain(signed_grub: Path | None = None) -> tuple[ChainFile, ...]:
         return CHAIN
     return tuple(ChainFile(f.name, signed_grub, "grub-efi-amd64-signed (--signed-grub)")
                  if f.name == SIGNED_GRUB_NAME else f for f in CHAIN)
+
+
+def check_signed_grub(grub: Path, what: str = "--signed-grub") -> Path:
+    """``grub`` if it is a readable PE/COFF binary (an EFI application starts with the DOS
+    stub's ``MZ``); :class:`ConfigError` naming ``what`` and the path otherwise (an empty or
+    wrong file would be served as ``grubx64.efi`` and fail only at the node's boot)."""
+    try:
+        with open(grub, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        raise ConfigError(what, None, f"cannot read {grub}: {e.strerror}") from None
+    if head != b"MZ":
+        raise ConfigError(what, None, f"{grub} is not an EFI binary (no PE/COFF 'MZ' header)",
+                          expected="a signed GRUB such as grubnetx64.efi.signed")
+    return grub
 
 
 def grub_boots_over_http(grub: Path) -> bool:

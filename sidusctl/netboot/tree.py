@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidusctl.core.errors import PrerequisiteError, SidusError
+from sidusctl.core.errors import ConfigError, PrerequisiteError, SidusError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
 from sidusctl.core.state import atomic_copy, atomic_write_bytes, read_json, write_json
@@ -283,7 +283,8 @@ def write_tree(
     GRUB and its grub.cfg: :mod:`sidusctl.netboot.secureboot`) is placed when the host has it;
     ``shim``: it must be there (:class:`PrerequisiteError` naming the missing packages);
     ``signed_grub``: the signed GRUB to place instead of the host package's
-    (:func:`sidusctl.netboot.secureboot.chain`)."""
+    (:func:`sidusctl.netboot.secureboot.chain`; :class:`ConfigError` if it is no EFI binary).
+    :class:`ConfigError` naming ``tftp_root`` if it cannot be made a directory."""
     missing = [n for n in inv.images() if n not in images]
     if missing:
         raise SidusError(f"no kernel/initrd known for image(s): {', '.join(missing)}")
@@ -292,7 +293,13 @@ def write_tree(
             if not p.is_file():
                 raise SidusError(f"image '{img.name}' has no {p.name} ({p})",
                                  hint=f"rebuild it with netboot enabled: sidusctl build {img.name}")
-    tftp_root.mkdir(parents=True, exist_ok=True)
+    if signed_grub is not None:
+        secureboot.check_signed_grub(signed_grub)
+    try:
+        tftp_root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(str(tftp_root), None, f"cannot create the TFTP root: {e.strerror}",
+                          expected="a directory, or a path where one can be made") from None
     report = RenderReport()
     wanted: set[str] = set()
 

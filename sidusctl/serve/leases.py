@@ -12,6 +12,7 @@ readers such as ``sidusctl serve leases`` open it read-only with :func:`read_lea
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -157,7 +158,9 @@ class LeaseStore:
 
 def read_leases(path: Path) -> list[Lease]:
     """All rows of the store at ``path``, by address, read-only (works while a server runs).
-    :class:`StateError` if the file is missing or not a lease database."""
+    :class:`StateError` if the file is missing or not a lease database, or naming the row
+    if one does not hold a lease (an address that is no IPv4 address, an expiry that is no
+    finite number, a MAC, host name or state that is no string)."""
     if not path.exists():
         raise StateError(f"{path}: no lease database here (has the DHCP server run?)")
     try:
@@ -168,4 +171,15 @@ def read_leases(path: Path) -> list[Lease]:
             db.close()
     except sqlite3.DatabaseError as e:
         raise StateError(f"{path}: not a usable lease database ({e})") from e
-    return sorted((_row(r) for r in rows), key=lambda lease: int(lease.ip))
+    out = []
+    for r in rows:
+        try:
+            lease = _row(r)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise StateError(f"{path}: bad lease row {r!r} ({e})") from e
+        if (not math.isfinite(lease.expires) or not isinstance(lease.state, str)
+                or not all(v is None or isinstance(v, str) for v in (lease.mac, lease.hostname))):
+            raise StateError(f"{path}: bad lease row {r!r} (expected ip, mac, hostname, "
+                             "expires: a finite Unix time, state)")
+        out.append(lease)
+    return sorted(out, key=lambda lease: int(lease.ip))

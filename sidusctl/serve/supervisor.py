@@ -311,4 +311,46 @@ def read_status(state_dir: Path, command: str) -> tuple[Path, dict[str, Any]]:
                          "state directory?)") from None
     if not isinstance(st, dict):
         raise StateError(f"{path}: not a status object")
+    check_status(path, st)
     return path, st
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def check_status(path: Path, st: dict[str, Any]) -> None:
+    """Check that ``st`` (decoded from ``path``) has the shape :meth:`Supervisor.status`
+    writes, as far as readers use it: ``pid``, ``internal_errors`` integers; ``started``,
+    ``updated`` numbers; ``dhcp``, ``tftp``, ``dns``, ``http`` null or objects of numbers;
+    ``clients`` an object of objects. Keys may be missing. :class:`StateError` naming
+    ``path`` and the first bad key otherwise (a damaged file: the server rewrites it)."""
+
+    def bad(key: str, value: object, expected: str) -> StateError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return StateError(f"{path}: key '{key}': found {shown}, expected {expected} "
+                          "(a damaged status file)")
+
+    for key in ("pid", "internal_errors"):
+        if key in st and st[key] is not None and (
+                not isinstance(st[key], int) or isinstance(st[key], bool)):
+            raise bad(key, st[key], "an integer")
+    for key in ("started", "updated"):
+        if key in st and not _is_number(st[key]):
+            raise bad(key, st[key], "a Unix time (a number)")
+    for key in ("dhcp", "tftp", "dns", "http"):
+        counters = st.get(key)
+        if counters is None:
+            continue
+        if not isinstance(counters, dict):
+            raise bad(key, counters, "null or an object of counters")
+        for k, v in counters.items():
+            if not _is_number(v):
+                raise bad(f"{key}.{k}", v, "a number")
+    clients = st.get("clients", {})
+    if not isinstance(clients, dict):
+        raise bad("clients", clients, "an object of clients")
+    for who, ev in clients.items():
+        if not isinstance(ev, dict):
+            raise bad(f"clients.{who}", ev, "an object of events")

@@ -18,9 +18,10 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from pathlib import Path
 
-from sidusctl.core.errors import CommandError, PrerequisiteError, SidusError
+from sidusctl.core.errors import CommandError, ConfigError, PrerequisiteError, SidusError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import Child, run, spawn, which
 from sidusctl.subsys.templates import render
@@ -51,7 +52,8 @@ class Export:
 
 @dataclass(frozen=True)
 class GaneshaConfig:
-    """Server-wide settings: listen address ``bind_addr``, ``nfs_port`` (2049), ``mnt_port``
+    """Server-wide settings: listen address ``bind_addr`` (an IPv4 address, None: every
+    address; anything else is a :class:`ConfigError`), ``nfs_port`` (2049), ``mnt_port``
     (MOUNT protocol port, fixed so that it can be forwarded; 20048 as nfs-utils' mountd)."""
 
     exports: tuple[Export, ...]
@@ -60,6 +62,16 @@ class GaneshaConfig:
     mnt_port: int = 20048
     log_level: str = "EVENT"
     recovery_root: Path = field(default=Path("/var/lib/nfs/ganesha"))
+
+    def __post_init__(self) -> None:
+        # written into the config as is: anything but an address would inject text
+        if self.bind_addr is not None:
+            try:
+                IPv4Address(self.bind_addr)
+            except ValueError:
+                raise ConfigError("nfs-ganesha bind address", None,
+                                  f"{self.bind_addr!r} is not an IPv4 address",
+                                  expected="an IPv4 address such as 127.0.0.1") from None
 
 
 def render_config(cfg: GaneshaConfig) -> str:

@@ -149,12 +149,14 @@ class ImageStore:
         return FileLock(self.image_dir(name) / ".lock", f"image '{name}'")
 
     def get(self, name: str, generation: str = "current") -> Image:
-        """The ``current`` (or ``previous``) generation of ``name``; NotFoundError if none."""
+        """The ``current`` (or ``previous``) generation of ``name``; NotFoundError if none,
+        StateError naming the link if it cannot be resolved (a symlink loop)."""
         link = self.image_dir(name) / generation
-        if not link.is_symlink() or not (link.resolve() / "rootfs").is_dir():
+        target = _generation_of(link)
+        if target is None:
             known = ", ".join(i.name for i in self.list()) or "none"
             raise NotFoundError(f"no image named '{name}' in {self.root} (built images: {known})")
-        return Image(name, link.resolve())
+        return Image(name, target)
 
     def exists(self, name: str) -> bool:
         """Whether ``name`` has a ``current`` generation with a ``rootfs``; :class:`ConfigError` for
@@ -167,14 +169,19 @@ class ImageStore:
 
     def list(self) -> list[Image]:
         """The ``current`` generation of every image that has one, in name order (``[]`` without
-        an images directory)."""
+        an images directory). An image whose ``current`` cannot be resolved (a symlink loop)
+        is left out with a warning, as one whose ``current`` leads nowhere is left out."""
         if not self.root.is_dir():
             return []
         out = []
         for d in sorted(self.root.iterdir()):
-            cur = d / "current"
-            if cur.is_symlink() and (cur.resolve() / "rootfs").is_dir():
-                out.append(Image(d.name, cur.resolve()))
+            try:
+                target = _generation_of(d / "current")
+            except StateError as e:
+                log.warning("skipping image '%s': %s", d.name, e)
+                continue
+            if target is not None:
+                out.append(Image(d.name, target))
         return out
 
     # -- holds -----------------------------------------------------------------------------
@@ -303,12 +310,27 @@ class ImageStore:
         self._prune_unlocked(name)
 
     def rollback(self, name: str) -> Image:
-        """Make ``previous`` current again (and current previous)."""
+        """Make ``previous`` current again (and current previous); the new current.
+        NotFoundError for an unknown image (nothing is created for it) or one without
+        ``previous``; StateError naming the link if ``current`` is missing or either link
+        does not lead to a generation with a ``rootfs`` (nothing is changed then), or if
+        ``<state>/images`` is not a directory."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StateError(f"{self.root}: not a directory (the image store)")
+        d = self.image_dir(name)
+        if not d.is_dir():
+            raise NotFoundError(f"no image named '{name}' in {self.root}")
         with self.lock(name):
-            d = self.image_dir(name)
             cur, prev = d / "current", d / "previous"
             if not prev.is_symlink():
                 raise NotFoundError(f"image '{name}' has no previous generation to roll back to")
+            for link in (cur, prev):
+                if not link.is_symlink():
+                    raise StateError(f"{link}: missing: image '{name}' is broken, not rolled "
+                                     "back")
+                if _generation_of(link) is None:
+                    raise StateError(f"{link} -> {os.readlink(link)}: no such generation "
+                                     f"(no rootfs there): image '{name}' not rolled back")
             a, b = os.readlink(cur), os.readlink(prev)
             _symlink_atomic(b, cur)
             _symlink_atomic(a, prev)
@@ -384,6 +406,19 @@ class ImageStore:
         for a in actions:
             log.warning("recovered: %s", a)
         return actions
+
+
+def _generation_of(link: Path) -> Path | None:
+    """The generation directory the symlink ``link`` (``current``, ``previous``) leads to, if
+    it is a symlink and the directory has a ``rootfs``; None otherwise. StateError naming
+    ``link`` if it cannot be resolved (a symlink loop)."""
+    if not link.is_symlink():
+        return None
+    try:
+        target = link.resolve()
+    except (RuntimeError, OSError) as e:  # a loop: RuntimeError before Python 3.13
+        raise StateError(f"{link}: cannot be resolved ({e}): a broken image") from e
+    return target if (target / "rootfs").is_dir() else None
 
 
 def _symlink_atomic(target: str, link: Path) -> None:
