@@ -5,6 +5,7 @@ platform file with ``[pnodes]``, on every pnode through ClusterShell: ``up``, ``
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,24 @@ from sidusctl.cli.common import console, emit_json, get_ctx, need_root
 from sidusctl.subsys.fanout import expand, fold
 from sidusctl.vnode.platform import Platform
 from sidusctl.vnode.platform_file import PlatformSpec, load
+
+
+class Seconds(click.FloatRange):
+    """A click type: a finite number of seconds, 0 or more (``click.FloatRange(0)`` lets
+    ``nan`` and ``inf`` through); click's usage error (exit 2) for anything else."""
+
+    name = "seconds"
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        """``value`` as a float; a usage error if it is negative or not finite."""
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return rv
 
 
 def _platform() -> Platform:
@@ -242,7 +261,7 @@ def attach(group: click.Group) -> None:
     group.command("up")(file_arg(
         click.option("--wait/--no-wait", "wait_ssh", default=True, show_default=True,
                      help="Wait until every vnode answers SSH.")(
-            click.option("--timeout", type=float, default=180, show_default=True,
+            click.option("--timeout", type=Seconds(), default=180, show_default=True,
                          help="Seconds.")(
                 click.option("--dry-run", is_flag=True,
                              help="Print the plan (placement, addresses), create nothing.")(
@@ -254,5 +273,5 @@ def attach(group: click.Group) -> None:
                                                type=click.UNPROCESSED)(
             _PLATFORM(_JSON(exec_cmd)))))
     group.command("wait")(click.argument("names", nargs=-1)(
-        click.option("--timeout", type=float, default=120, show_default=True,
+        click.option("--timeout", type=Seconds(), default=120, show_default=True,
                      help="Seconds.")(_PLATFORM(_JSON(wait_cmd)))))

@@ -1,7 +1,8 @@
 """Where things are: the state directory and the data folders shipped with sidusctl.
 
 - State (built images, caches, leases, vnode state): ``--state-dir``, else ``$SIDUSCTL_STATE``,
-  else ``/var/lib/sidusctl``.
+  else ``/var/lib/sidusctl`` (:func:`state_dir`; an empty ``--state-dir`` or one that names
+  a file is refused).
 - Data (``templates/``, ``initramfs/``, ``images/``): the top level of a source checkout, or
   ``sidusctl/_data/`` inside an installed wheel (copied there at build time by setup.py; see
   docs/install.md). This module is the one place that knows.
@@ -12,17 +13,32 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sidusctl.core.errors import ConfigError
+
 DEFAULT_STATE_DIR = Path("/var/lib/sidusctl")
 
 _PKG = Path(__file__).resolve().parent.parent
 
 
 def state_dir(override: str | os.PathLike[str] | None = None) -> Path:
-    """The state directory (not created here)."""
-    if override:
-        return Path(override).absolute()
-    env = os.environ.get("SIDUSCTL_STATE")
-    return Path(env).absolute() if env else DEFAULT_STATE_DIR
+    """The state directory, absolute (not created here): ``override`` (``--state-dir``) unless
+    None, else ``$SIDUSCTL_STATE`` if set and not empty, else :data:`DEFAULT_STATE_DIR`.
+    :class:`ConfigError` naming the option or variable for an empty ``override`` or for a
+    path that exists and is not a directory (a regular file: the commands would otherwise
+    report an empty store in it)."""
+    if override is not None:
+        where, raw = "--state-dir", os.fspath(override)
+        if not raw:
+            raise ConfigError(where, None, "empty path", expected="a directory")
+    else:
+        where, raw = "$SIDUSCTL_STATE", os.environ.get("SIDUSCTL_STATE") or ""
+        if not raw:
+            return DEFAULT_STATE_DIR
+    path = Path(raw).absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(where, None, f"{path} exists and is not a directory",
+                          expected="a directory (or a path where one can be made)")
+    return path
 
 
 def _in_checkout() -> bool:

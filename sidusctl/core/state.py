@@ -108,6 +108,17 @@ def write_json(path: Path, obj: Any, *, compact: bool = False, durable: bool = T
     atomic_write_text(path, text + "\n", durable=durable)
 
 
+def ensure_dir(path: Path) -> Path:
+    """``mkdir -p path``; returns ``path``. :class:`StateError` naming ``path`` and the
+    system's reason when it cannot be made or is not a directory (a regular file on the way,
+    a read-only or pseudo filesystem such as ``/proc``, no permission)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StateError(f"{path}: cannot create the directory ({e.strerror or e})") from e
+    return path
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON document; :class:`StateError` if it is unreadable or corrupt."""
     try:
@@ -143,8 +154,9 @@ class FileLock:
     def acquire(self, wait: bool = False, note: str = "") -> FileLock:
         """Take the lock (``wait``: until it is free), record this pid and ``note`` (one line)
         in the file, set :attr:`left_behind`; :class:`BusyError` naming the holder's pid if
-        another process holds it and not ``wait``."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        another process holds it and not ``wait``; :class:`StateError` naming the path when
+        the lock file's directory cannot be made or the file cannot be opened."""
+        ensure_dir(self.path.parent)
         while True:
             fd = self._open_locked(wait)
             try:
@@ -161,7 +173,10 @@ class FileLock:
         return self
 
     def _open_locked(self, wait: bool) -> int:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise StateError(f"{self.path}: cannot open the lock file ({e.strerror or e})") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError as e:

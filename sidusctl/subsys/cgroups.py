@@ -191,12 +191,17 @@ def host_cpus() -> set[int]:
 
 
 def parse_cpuset(text: str) -> set[int]:
-    """``0-2,5`` -> {0, 1, 2, 5}; ConfigError on anything else."""
+    """``0-2,5`` -> {0, 1, 2, 5}; ConfigError on anything else, a reversed range such as
+    ``3-1`` included."""
     out: set[int] = set()
     try:
         for part in text.split(","):
             a, _, b = part.strip().partition("-")
-            out.update(range(int(a), int(b or a) + 1))
+            lo, hi = int(a), int(b or a)
+            if hi < lo:
+                raise ConfigError("vnode", "cpuset", f"invalid cpuset {text!r}: range "
+                                  f"{part.strip()!r} is reversed", expected=f"{hi}-{lo}")
+            out.update(range(lo, hi + 1))
     except ValueError as e:
         raise ConfigError("vnode", "cpuset", f"invalid cpuset {text!r}",
                           expected="a list such as 0-1,3") from e

@@ -95,7 +95,7 @@ class VNetwork:
     def validate(self) -> VNetwork:
         """Check the fields and set ``gateway`` when it is None (the address before the broadcast
         one); returns self. :class:`ConfigError` for a bad name, CIDR (smaller than /30 included),
-        mode, gateway, VXLAN settings (VNI 1-16777215, UDP port 1-65535, IPv4 addresses of
+        mode, gateway (outside the CIDR, or its network or broadcast address), VXLAN settings (VNI 1-16777215, UDP port 1-65535, IPv4 addresses of
         the group, peers and local end) or MTU."""
         check_vnet_name(self.name)
         try:
@@ -121,6 +121,12 @@ class VNetwork:
             if gateway not in net:
                 raise ConfigError(f"vnetwork {self.name}", "gateway",
                                   f"{self.gateway} is outside {self.cidr}")
+            if gateway in (net.network_address, net.broadcast_address):
+                what = "network" if gateway == net.network_address else "broadcast"
+                raise ConfigError(f"vnetwork {self.name}", "gateway",
+                                  f"{self.gateway} is the {what} address of {self.cidr}",
+                                  expected=f"a host address, {net.network_address + 1} to "
+                                           f"{net.broadcast_address - 1}")
         if self.mode == "vxlan":
             if self.vxlan_id is None:
                 raise ConfigError(f"vnetwork {self.name}", "vxlan_id", "missing",

@@ -44,7 +44,7 @@ from sidusctl.vnode.model import (
     veth_name,
 )
 from sidusctl.vnode.observe import Observe
-from sidusctl.vnode.store import State, Store
+from sidusctl.vnode.store import State, Store, check_init_args
 
 log = get_logger("vnode")
 
@@ -63,6 +63,7 @@ class Platform(Observe):
     # -- store -----------------------------------------------------------------------------
     def init(self, btrfs_device: str | None = None, btrfs_image: int | None = None) -> str:
         """Prepare the store (see :meth:`Store.init`); returns ``btrfs`` or ``plain``."""
+        check_init_args(btrfs_device, btrfs_image)  # before the store directory is made
         with self.store.transaction() as st:
             return self.store.init(st, btrfs_device=btrfs_device, btrfs_image=btrfs_image)
 
@@ -107,11 +108,11 @@ class Platform(Observe):
                 if other.network.overlaps(net.network) and other.netns == net.netns:
                     raise ConfigError(f"vnetwork {name}", "cidr",
                                       f"{cidr} overlaps vnetwork {other.name} ({other.cidr})")
+            if netns and not links.netns_exists(netns):
+                raise ConfigError(f"vnetwork {name}", "netns", f"no network namespace {netns!r}")
             if links.link_kind(net.bridge, netns) is not None:
                 raise StateError(f"a link named {net.bridge!r} already exists on this host",
                                  hint="choose another vnetwork name")
-            if netns and not links.netns_exists(netns):
-                raise ConfigError(f"vnetwork {name}", "netns", f"no network namespace {netns!r}")
             try:
                 self._net_setup(net)
             except BaseException:
@@ -212,8 +213,8 @@ class Platform(Observe):
         NotFoundError for an unknown image, StateError when the store is not initialised,
         SidusError when the unpack fails (nothing half-unpacked is left)."""
         with self.store.transaction() as st:
+            key, source, kind = self.store.resolve_image(st, image)  # before ready: see create
             self.store.ready(st)
-            key, source, kind = self.store.resolve_image(st, image)
             return self.store.unpack(st, key, source, kind)
 
     def _plan_ifaces(self, st: State, vn: VNode, specs: Sequence[IfaceSpec]) -> list[VIface]:

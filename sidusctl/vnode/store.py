@@ -22,6 +22,7 @@ the host still holds the value we set.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -34,11 +35,11 @@ from typing import Any
 from sidusctl.core.errors import ConfigError, NotFoundError, PrerequisiteError, StateError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run
-from sidusctl.core.state import locked, read_json, write_json
+from sidusctl.core.state import ensure_dir, locked, read_json, write_json
 from sidusctl.subsys import btrfs, lxc, mounts
 from sidusctl.subsys.imagestore import Image, ImageStore
 from sidusctl.subsys.tarball import COMPRESSIONS, extract_rootfs_tar
-from sidusctl.vnode.model import VNetwork, VNode
+from sidusctl.vnode.model import VIface, VNetwork, VNode
 
 log = get_logger("vnode.store")
 _SYSCTLS = "host_sysctls"  # key in State.store
@@ -61,11 +62,57 @@ class State:
                 "vnodes": {k: v.to_dict() for k, v in self.vnodes.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> State:
-        """The state of a state.json document (a missing key: empty); ``version`` is not read."""
+    def from_dict(cls, d: Any, where: str = "state.json") -> State:
+        """The state of a state.json document (a missing key: empty); ``version`` is not read.
+        :class:`StateError` naming ``where`` (the file) and the key when the document is not
+        of that shape: not an object, ``store``/``hashes``/``vnetworks``/``vnodes`` not
+        objects, an entry (or a vnode's viface) with an unknown or missing key."""
+        if not isinstance(d, dict):
+            raise StateError(f"{where}: not a vnode state (a JSON object expected, "
+                             f"found {type(d).__name__})")
+        for key in ("store", "hashes", "vnetworks", "vnodes"):
+            if not isinstance(d.get(key, {}), dict):
+                raise StateError(f"{where}: {key}: a JSON object expected, found "
+                                 f"{type(d[key]).__name__}")
         return cls(store=dict(d.get("store", {})), hashes=dict(d.get("hashes", {})),
-                   vnetworks={k: VNetwork.from_dict(v) for k, v in d.get("vnetworks", {}).items()},
-                   vnodes={k: VNode.from_dict(v) for k, v in d.get("vnodes", {}).items()})
+                   vnetworks={k: _entry(where, f"vnetworks.{k}", VNetwork, v)
+                              for k, v in d.get("vnetworks", {}).items()},
+                   vnodes={k: _entry(where, f"vnodes.{k}", VNode, v)
+                           for k, v in d.get("vnodes", {}).items()})
+
+
+def _check_keys(where: str, key: str, cls: type[Any], v: object) -> None:
+    """StateError unless ``v`` is a dict with every required field of dataclass ``cls``
+    and no other key."""
+    if not isinstance(v, dict):
+        raise StateError(f"{where}: {key}: a JSON object expected, found {type(v).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    for k in v:
+        if k not in names:
+            raise StateError(f"{where}: {key}: unexpected key {k!r}")
+    for k in required:
+        if k not in v:
+            raise StateError(f"{where}: {key}: missing key {k!r}")
+
+
+def _entry(where: str, key: str, cls: type[VNetwork] | type[VNode], v: object) -> Any:
+    """``cls.from_dict(v)`` after :func:`_check_keys` (and, for a vnode, of each viface);
+    StateError naming ``where`` and ``key`` for anything it cannot decode."""
+    _check_keys(where, key, cls, v)
+    assert isinstance(v, dict)
+    if cls is VNode:
+        ifaces = v.get("ifaces", [])
+        if not isinstance(ifaces, list):
+            raise StateError(f"{where}: {key}.ifaces: a JSON list expected, found "
+                             f"{type(ifaces).__name__}")
+        for i, iface in enumerate(ifaces):
+            _check_keys(where, f"{key}.ifaces[{i}]", VIface, iface)
+    try:
+        return cls.from_dict(v)
+    except (TypeError, AttributeError, KeyError, ValueError) as e:
+        raise StateError(f"{where}: {key}: cannot decode ({e})") from e
 
 
 def load_btrfs_module() -> None:
@@ -77,6 +124,15 @@ def load_btrfs_module() -> None:
                                             if Path("/usr/sbin/modprobe").exists() else None)
     if modprobe is not None:
         run([modprobe, "-q", "btrfs"], check=False, what="modprobe btrfs")
+
+
+def check_init_args(btrfs_device: str | None, btrfs_image: int | None) -> None:
+    """:class:`ConfigError` for ``vnode init`` arguments that cannot work: both a device and
+    an image, or a device that is not a block device. Reads only: call it before any change."""
+    if btrfs_device and btrfs_image:
+        raise ConfigError("vnode init", "btrfs", "give --btrfs-device or --btrfs-image, not both")
+    if btrfs_device and not Path(btrfs_device).is_block_device():
+        raise ConfigError("vnode init", "--btrfs-device", f"{btrfs_device} is not a block device")
 
 
 class Store:
@@ -94,12 +150,13 @@ class Store:
     # -- state -----------------------------------------------------------------------------
     def load(self) -> State:
         """The state from ``state.json``, empty if the file does not exist; the lock is not taken
-        (:meth:`read` and :meth:`transaction` take it). :class:`StateError` if it is unreadable."""
+        (:meth:`read` and :meth:`transaction` take it). :class:`StateError` naming the file if
+        it is unreadable or not a vnode state (:meth:`State.from_dict`)."""
         try:
             d = read_json(self.state_file)
         except FileNotFoundError:
             d = {}
-        return State.from_dict(d)
+        return State.from_dict(d, str(self.state_file))
 
     def save(self, st: State) -> None:
         """Write ``st`` to ``state.json`` atomically; the caller holds the lock
@@ -110,8 +167,9 @@ class Store:
     def transaction(self) -> Iterator[State]:
         """Hold the lock, yield the state, save it if the block succeeds (not if it raises).
         One exception: host sysctls the block raised (:meth:`raise_host_sysctls`) are recorded
-        even when it raises, so that ``deinit`` still puts them back."""
-        self.base.mkdir(parents=True, exist_ok=True)
+        even when it raises, so that ``deinit`` still puts them back. :class:`StateError`
+        when the store's directory cannot be made (:func:`ensure_dir`) or the state is bad."""
+        ensure_dir(self.base)
         with locked(self.lock_file, "the vnode store", wait=True):
             st = self.load()
             try:
@@ -131,8 +189,9 @@ class Store:
             self.save(disk)
 
     def read(self) -> State:
-        """The state, read under the lock (a consistent snapshot)."""
-        self.base.mkdir(parents=True, exist_ok=True)
+        """The state, read under the lock (a consistent snapshot). :class:`StateError` as
+        :meth:`transaction` raises it."""
+        ensure_dir(self.base)
         with locked(self.lock_file, "the vnode store", wait=True):
             return self.load()
 
@@ -140,22 +199,19 @@ class Store:
     def init(self, st: State, *, btrfs_device: str | None = None,
              btrfs_image: int | None = None) -> str:
         """Prepare ``store/``: format ``btrfs_device`` or a ``btrfs_image``-byte loop file and
-        mount it there, or use it as is. Returns ``btrfs`` or ``plain``."""
-        if btrfs_device and btrfs_image:
-            raise ConfigError("vnode init", "btrfs", "give --btrfs-device or --btrfs-image, not both")
+        mount it there, or use it as is. Returns ``btrfs`` or ``plain``. The arguments are
+        checked (:func:`check_init_args`) before anything changes."""
+        check_init_args(btrfs_device, btrfs_image)
         sysctls = st.store.get(_SYSCTLS)
         if st.vnodes and (btrfs_device or btrfs_image):
             raise StateError(f"the vnode store has {len(st.vnodes)} vnode(s); destroy them "
                              "before formatting a new store")
-        self.root.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.root)
         if btrfs_device or btrfs_image:
             load_btrfs_module()
             btrfs.require()
             self.unmount()
             if btrfs_device:
-                if not Path(btrfs_device).is_block_device():
-                    raise ConfigError("vnode init", "--btrfs-device",
-                                      f"{btrfs_device} is not a block device")
                 btrfs.mkfs(Path(btrfs_device))
                 st.store = {"backing": "device", "device": btrfs_device}
             else:
@@ -207,7 +263,7 @@ class Store:
         if not Path(src).exists():
             raise StateError(f"the vnode store's btrfs {src} is missing",
                              hint="run 'sidusctl vnode init' again")
-        self.root.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.root)
         opts = ["loop"] if backing == "image" else []
         mounts.mount(src, self.root, "btrfs", opts)
 
