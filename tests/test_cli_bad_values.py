@@ -155,3 +155,23 @@ def test_a_deb_cache_that_cannot_be_a_directory_is_named(tmp_path: Path) -> None
                                               r"\$SIDUSCTL_CACHE"):
             make_cache(bad)
     assert make_cache(tmp_path / "a" / "b").is_dir()
+
+
+def test_image_rm_names_every_bad_or_unknown_image_and_removes_none(tmp_path: Path) -> None:
+    state = tmp_path / "sdt-state"
+    (state / "images" / "good" / "gen-1").mkdir(parents=True)
+    (state / "images" / "good" / "current").symlink_to("gen-1")
+    res = sidusctl("image", "rm", "good", "Foo", "b/x", state=state, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "invalid name 'Foo'" in res.stderr and "invalid name 'b/x'" in res.stderr
+    res = sidusctl("image", "rm", "good", "nope", "nope2", state=state, timeout=60)
+    assert res.returncode == 4, res.stderr
+    assert "no image named 'nope'" in res.stderr and "no image named 'nope2'" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert (state / "images" / "good" / "current").is_dir()
+
+
+def test_vnode_commands_on_several_unknown_vnodes_exit_not_found(tmp_path: Path) -> None:
+    res = sidusctl("vnode", "destroy", "sdt-a", "sdt-b", state=tmp_path / "st", timeout=60)
+    assert res.returncode == 4, res.stderr
+    assert "no vnode named 'sdt-a'" in res.stderr and "no vnode named 'sdt-b'" in res.stderr

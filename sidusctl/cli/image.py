@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 
 from sidusctl.cli.common import console, emit_json, get_ctx, human_size, need_root
+from sidusctl.core.errors import ConfigError, ConfigErrors, NotFoundError
 from sidusctl.subsys.imagestore import Image, ImageStore
 
 
@@ -99,6 +100,19 @@ def rm_cmd(names: tuple[str, ...]) -> None:
     """Delete images (every generation)."""
     need_root("sidusctl image rm")
     store = ImageStore(get_ctx().state)
+    # every name checked before any image goes: all problems at once, nothing half-done
+    bad: list[ConfigError] = []
+    missing: list[str] = []
+    for n in names:
+        try:
+            if not store.image_dir(n).is_dir():
+                missing.append(f"no image named '{n}' in {store.root}")
+        except ConfigError as e:
+            bad.append(e)
+    if bad:
+        raise ConfigErrors(bad)
+    if missing:
+        raise NotFoundError("\n".join(missing))
     for n in names:
         store.remove(n)
         console.print(f"removed image '{n}'", highlight=False)

@@ -211,7 +211,10 @@ def create_cmd(name: str, image: str, fs: str, iface: tuple[str, ...], ssh_pubke
 
 
 def _each(names: tuple[str, ...], fn: Any, verb: str) -> None:
-    failed = 0
+    """``fn(name)`` for each of ``names``, going on past a failure. With one name its error is
+    raised; with several each is printed and the exit status is theirs when all share one
+    (4 when every failure was an unknown vnode), else 1."""
+    codes: set[int] = set()
     for n in names:
         try:
             vn = fn(n)
@@ -222,10 +225,10 @@ def _each(names: tuple[str, ...], fn: Any, verb: str) -> None:
         except SidusError as e:
             if len(names) == 1:
                 raise
-            failed += 1
+            codes.add(e.exit_code)
             console.print(f"sidusctl: error: {e}", style="red", markup=False)
-    if failed:
-        sys.exit(1)
+    if codes:
+        sys.exit(codes.pop() if len(codes) == 1 else 1)
 
 
 @vnode_group.command("start")
