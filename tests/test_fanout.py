@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sidusctl.core.errors import ConfigError
+from sidusctl.subsys import fanout
 from sidusctl.subsys.fanout import Fanout, Host, HostResult, expand, fold, fold_names
 
 
@@ -44,3 +45,13 @@ def test_unreachable_host_is_reported_fast(tmp_path) -> None:  # type: ignore[no
     assert all(not r.reachable and r.rc == 255 for r in res.values()), res
     assert all(r.elapsed is not None and r.elapsed >= 0 for r in res.values()), res
     assert "Connection refused" in (res["dead1"].problem() or "")
+
+
+def test_a_node_set_too_large_to_expand_is_refused_before_it_is_expanded() -> None:
+    # 10**8 names would take ClusterShell minutes and gigabytes to expand
+    with pytest.raises(ConfigError, match=r"names up to 100000000 hosts \(expected at most "):
+        expand("x[1-100000000]")
+    with pytest.raises(ConfigError, match="names up to 100001 hosts"):
+        expand(["a", "x[1-100000]"])
+    assert len(expand("x[1-100]y[1-1000]")) == fanout.MAX_NODES
+    assert fanout._size_bound("n[1-5]!n3,x[1-10/2],fe") == 12

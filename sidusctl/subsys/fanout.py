@@ -21,6 +21,7 @@ pnodes; ``ssh_options`` can override any of it.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import tempfile
 import threading
@@ -41,18 +42,54 @@ log = get_logger("fanout")
 SSH_UNREACHABLE = 255  # ssh(1): "exits with 255 if an error occurred" (its own, not the command's)
 
 
+#: the most names a node set may expand to: ClusterShell expands ranges into sets of ints, about
+#: 1 s per million names, so a slip such as ``x[1-100000000]`` would hang for minutes
+MAX_NODES = 100_000
+
+_RANGE = re.compile(r"\s*(\d+)(?:-(\d+))?(?:/(\d+))?\s*")
+
+
+def _size_bound(text: str) -> int:
+    """An upper bound of the names ``text`` (one node set) expands to, from its bracket ranges
+    alone (``a-b/step``), without expanding them: operators (``!``, ``&``, ``^``) and
+    duplicates only remove names. A range it cannot read counts 1 (ClusterShell reports it)."""
+    total, depth = 0, 0
+    elem: list[str] = []
+    for ch in text + ",":
+        depth += (ch == "[") - (ch == "]")
+        if depth == 0 and ch in ",!&^ \t":
+            n = 1
+            for group in re.findall(r"\[([^\[\]]*)\]", "".join(elem)):
+                count = 0
+                for r in group.split(","):
+                    m = _RANGE.fullmatch(r)
+                    a, b, step = ((int(m[1]), int(m[2] or m[1]), int(m[3] or 1)) if m
+                                  else (0, 0, 1))
+                    count += max(0, b - a) // max(step, 1) + 1
+                n *= count
+            total += n if elem else 0
+            elem = []
+        else:
+            elem.append(ch)
+    return total
+
+
 def expand(nodeset: str | Sequence[str], *, file: str = "command line",
            key: str = "NODES") -> list[str]:
     """``pn[1-3],fe`` or a list of such → host names in ClusterShell's order (sorted by
     name and index, duplicates dropped); ConfigError naming ``file`` and ``key`` (by default
     the command line's NODES argument) for a bad node set."""
     items = [nodeset] if isinstance(nodeset, str) else list(nodeset)
+    shown = nodeset if isinstance(nodeset, str) else ",".join(map(str, items))
+    bound = sum(_size_bound(str(it)) for it in items)
+    if bound > MAX_NODES:
+        raise ConfigError(file, key, f"node set {shown!r} names up to {bound} hosts",
+                          expected=f"at most {MAX_NODES}")
     ns = NodeSet()
     try:
         for it in items:
             ns.update(NodeSet(str(it)))
     except NodeSetParseError as e:
-        shown = nodeset if isinstance(nodeset, str) else ",".join(map(str, items))
         raise ConfigError(file, key, f"invalid node set {shown!r}: {e}",
                           expected="a ClusterShell node set such as pn[1-3]") from e
     return list(ns)
