@@ -319,3 +319,12 @@ def test_a_bad_node_set_on_the_command_line_is_named_as_such(tmp_path: Path,
                                                              cmd: list[str]) -> None:
     res = sidusctl("vnode", *cmd, state=tmp_path / "st", timeout=60)
     _bad(res, 2, "command line: key 'NODES': invalid node set '", "missing bracket")
+
+
+@root_only
+def test_an_image_path_that_is_a_directory_is_named_as_such(
+        tmp_path: Path, host_sysctls: dict[str, str]) -> None:
+    res = sidusctl("vnode", "create", "sdt-d1", "--image", str(tmp_path),
+                   state=tmp_path / "st", timeout=60)
+    _bad(res, 2, f"{tmp_path}: is not a regular file (expected a rootfs tarball")
+    assert _sysctls() == host_sysctls

@@ -308,10 +308,15 @@ class Store:
     def find_image(self, image: str) -> Path | Image:
         """``image`` as :meth:`resolve_image` reads it, nothing hashed: a tarball path (one with
         a ``/`` or a compression suffix) as its resolved path, else the image store's
-        :class:`Image` of that name. NotFoundError if it does not exist."""
+        :class:`Image` of that name. NotFoundError if it does not exist, ConfigError for a path
+        that is no regular file (a directory)."""
         if "/" in image or any(image.endswith(s) for s in COMPRESSIONS):
             p = Path(image)
             if not p.is_file():
+                if p.exists():
+                    raise ConfigError(image, None, "is not a regular file",
+                                      expected="a rootfs tarball (.tar, .tar.gz, .tar.xz, "
+                                               ".tar.zst) or an image name")
                 raise NotFoundError(f"image tarball {image} does not exist")
             return p.resolve()
         store = ImageStore(self.state_dir, recover=False)
