@@ -328,3 +328,16 @@ def test_an_image_path_that_is_a_directory_is_named_as_such(
                    state=tmp_path / "st", timeout=60)
     _bad(res, 2, f"{tmp_path}: is not a regular file (expected a rootfs tarball")
     assert _sysctls() == host_sysctls
+
+
+def test_set_limits_lists_every_bad_value_and_changes_nothing() -> None:
+    vn = VNode("sdt-l", "x", "distinct")
+    with pytest.raises(ConfigErrors) as e:
+        set_limits(vn, mem={"swap": 100}, cpus=-1.0, cpuset="3-1", io=None, bandwidth=None,
+                   latency={"if9": 5.0})
+    msgs = [x.message for x in e.value.errors]
+    assert len(msgs) == 4, msgs
+    for needle in ("key 'swap'", "key 'cpus': found -1.0", "invalid cpuset '3-1'",
+                   "key 'latency': no viface 'if9'"):
+        assert any(needle in m for m in msgs), (needle, msgs)
+    assert vn.mem == {} and vn.cpus is None and vn.cpuset is None

@@ -7,9 +7,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sidusctl.core.config import read_text
 from sidusctl.core.errors import ConfigError, ConfigErrors
@@ -21,61 +21,43 @@ from sidusctl.vnode.model import VNODE_NAME_RE, VNode
 
 log = get_logger("vnode")
 
+T = TypeVar("T")
+
 
 def set_limits(vn: VNode, *, mem: dict[str, Any] | None, cpus: float | None,
-                cpuset: str | None, io: Sequence[dict[str, Any]] | None,
-                bandwidth: dict[str, str | int] | None,
-                latency: dict[str, float] | None) -> None:
+               cpuset: str | None, io: Sequence[dict[str, Any]] | None,
+               bandwidth: dict[str, str | int] | None,
+               latency: dict[str, float] | None) -> None:
     """Validate and store limits on ``vn`` (merging into what it has). ``cpus``: CPUs of CPU
     time, finite and 0 or more (0 cancels); ``latency``: ms per viface, finite (0 or less
-    cancels). Raises :class:`ConfigError` before any field changes if something is wrong."""
-    new_mem = dict(vn.mem)
-    if mem:
-        if "hierarchy" in mem and new_mem.get("hierarchy") not in (None, mem["hierarchy"]) \
-                and any(k in new_mem for k in ("mem", "soft", "hard", "swap")):
-            log.info("vnode %s: memory hierarchy changes from v%s to v%s", vn.name,
-                     new_mem.get("hierarchy"), mem["hierarchy"])
-        new_mem.update({k: v for k, v in mem.items() if v is not None})
-    ml = MemLimits(**new_mem)
-    ml.settings()
-    ml.check_host()
-    if cpus is not None and not (math.isfinite(cpus) and cpus >= 0):
-        raise ConfigError(f"vnode {vn.name}", "cpus", f"found {cpus}",
-                          expected="a finite number of CPUs, 0 or more (0 cancels)")
-    if cpus is not None or cpuset is not None:
-        cgroups.require(1, "cpu" if cpus is not None else "cpuset", "a CPU limit")
-    if cpuset is not None and cpuset != "":
-        want = cgroups.parse_cpuset(cpuset)
-        if not want <= cgroups.host_cpus():
-            raise ConfigError(f"vnode {vn.name}", "cpuset",
-                              f"CPUs {sorted(want - cgroups.host_cpus())} do not exist here",
-                              expected=f"a subset of {sorted(cgroups.host_cpus())}")
-    new_io = {d["device"]: dict(d) for d in vn.io}
-    for d in io or ():
-        lim = IoLimit(**d)
-        lim.majmin()
-        cur = new_io.setdefault(lim.device, {"device": lim.device})
-        cur.update({k: v for k, v in d.items() if v is not None})
-    cgroups.io_settings([IoLimit(**d) for d in new_io.values()], vn.io_hierarchy)
-    if new_io:
-        cgroups.require(vn.io_hierarchy, "blkio" if vn.io_hierarchy == 1 else "io",
-                        "IO throttling")
-    rates: dict[str, int | None] = {}
-    for ifn, rate in (bandwidth or {}).items():
-        if not any(i.name == ifn for i in vn.ifaces):
-            raise ConfigError(f"vnode {vn.name}", "bandwidth", f"no viface {ifn!r}")
-        rates[ifn] = None if str(rate) in ("", "max", "none") else tc.parse_rate(
-            rate, f"vnode {vn.name}: bandwidth of {ifn}")
-    lats: dict[str, float | None] = {}
-    for ifn, ms in (latency or {}).items():
-        if not any(i.name == ifn for i in vn.ifaces):
-            raise ConfigError(f"vnode {vn.name}", "latency", f"no viface {ifn!r}")
-        if ms is not None and not math.isfinite(float(ms)):
-            raise ConfigError(f"vnode {vn.name}", "latency", f"found {ms} for {ifn}",
-                              expected="a finite number of milliseconds (0 cancels)")
-        lats[ifn] = None if ms is None or float(ms) <= 0 else float(ms)
-    if any(v is not None for v in lats.values()):
-        tc.require_qdisc("netem")
+    cancels). Raises before any field changes if something is wrong: a :class:`ConfigError`,
+    :class:`ConfigErrors` listing every bad value when several are (memory, CPU, I/O,
+    bandwidth, latency), or
+    :class:`PrerequisiteError` for a controller or qdisc this host lacks."""
+    errors: list[ConfigError] = []
+
+    def checked(fn: Callable[[], T], default: T) -> T:
+        try:
+            return fn()
+        except ConfigErrors as e:
+            errors.extend(e.errors)
+        except ConfigError as e:
+            errors.append(e)
+        return default
+
+    no_io: dict[str, dict[str, Any]] = {}
+    no_rates: dict[str, int | None] = {}
+    no_lats: dict[str, float | None] = {}
+    new_mem = checked(lambda: _mem(vn, mem), dict(vn.mem))
+    checked(lambda: _cpus(vn, cpus), None)
+    checked(lambda: _cpuset(vn, cpus, cpuset), None)
+    new_io = checked(lambda: _io(vn, io), no_io)
+    rates = checked(lambda: _rates(vn, bandwidth), no_rates)
+    lats = checked(lambda: _latencies(vn, latency), no_lats)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
     # all valid: apply to the model
     vn.mem = new_mem
     if cpus is not None:
@@ -88,6 +70,76 @@ def set_limits(vn: VNode, *, mem: dict[str, Any] | None, cpus: float | None,
             i.bandwidth = rates[i.name]
         if i.name in lats:
             i.latency_ms = lats[i.name]
+
+
+def _mem(vn: VNode, mem: dict[str, Any] | None) -> dict[str, Any]:
+    new_mem = dict(vn.mem)
+    if mem:
+        if "hierarchy" in mem and new_mem.get("hierarchy") not in (None, mem["hierarchy"]) \
+                and any(k in new_mem for k in ("mem", "soft", "hard", "swap")):
+            log.info("vnode %s: memory hierarchy changes from v%s to v%s", vn.name,
+                     new_mem.get("hierarchy"), mem["hierarchy"])
+        new_mem.update({k: v for k, v in mem.items() if v is not None})
+    ml = MemLimits(**new_mem)
+    ml.settings()
+    ml.check_host()
+    return new_mem
+
+
+def _cpus(vn: VNode, cpus: float | None) -> None:
+    if cpus is not None and not (math.isfinite(cpus) and cpus >= 0):
+        raise ConfigError(f"vnode {vn.name}", "cpus", f"found {cpus}",
+                          expected="a finite number of CPUs, 0 or more (0 cancels)")
+
+
+def _cpuset(vn: VNode, cpus: float | None, cpuset: str | None) -> None:
+    if cpuset is not None and cpuset != "":
+        want = cgroups.parse_cpuset(cpuset)
+        if not want <= cgroups.host_cpus():
+            raise ConfigError(f"vnode {vn.name}", "cpuset",
+                              f"CPUs {sorted(want - cgroups.host_cpus())} do not exist here",
+                              expected=f"a subset of {sorted(cgroups.host_cpus())}")
+    if cpus is not None or cpuset is not None:
+        cgroups.require(1, "cpu" if cpus is not None else "cpuset", "a CPU limit")
+
+
+def _io(vn: VNode, io: Sequence[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    new_io = {d["device"]: dict(d) for d in vn.io}
+    for d in io or ():
+        lim = IoLimit(**d)
+        lim.majmin()
+        cur = new_io.setdefault(lim.device, {"device": lim.device})
+        cur.update({k: v for k, v in d.items() if v is not None})
+    cgroups.io_settings([IoLimit(**d) for d in new_io.values()], vn.io_hierarchy)
+    if new_io:
+        cgroups.require(vn.io_hierarchy, "blkio" if vn.io_hierarchy == 1 else "io",
+                        "IO throttling")
+    return new_io
+
+
+def _rates(vn: VNode, bandwidth: dict[str, str | int] | None) -> dict[str, int | None]:
+    rates: dict[str, int | None] = {}
+    for ifn, rate in (bandwidth or {}).items():
+        if not any(i.name == ifn for i in vn.ifaces):
+            raise ConfigError(f"vnode {vn.name}", "bandwidth", f"no viface {ifn!r}")
+        rates[ifn] = None if str(rate) in ("", "max", "none") else tc.parse_rate(
+            rate, f"vnode {vn.name}: bandwidth of {ifn}")
+    return rates
+
+
+def _latencies(vn: VNode, latency: dict[str, float] | None) -> dict[str, float | None]:
+    lats: dict[str, float | None] = {}
+    for ifn, ms in (latency or {}).items():
+        if not any(i.name == ifn for i in vn.ifaces):
+            raise ConfigError(f"vnode {vn.name}", "latency", f"no viface {ifn!r}")
+        if ms is not None and not math.isfinite(float(ms)):
+            raise ConfigError(f"vnode {vn.name}", "latency", f"found {ms} for {ifn}",
+                              expected="a finite number of milliseconds (0 cancels)")
+        lats[ifn] = None if ms is None or float(ms) <= 0 else float(ms)
+    if any(v is not None for v in lats.values()):
+        tc.require_qdisc("netem")
+    return lats
+
 
 def cgroup_settings(vn: VNode) -> list[tuple[int, str, str]]:
     """Every cgroup file ``vn``'s limits set: ``(hierarchy 1 or 2, file name, value)``, memory
