@@ -136,6 +136,15 @@ _CORRUPT = [
     ('{"vnodes": {"a": {"name": "a", "image": "i", "fs": "cow", "ifaces": 3}}}',
      "vnodes.a.ifaces: a JSON list expected"),
     ('{"vnetworks": {"n": {"name": "n"}}}', "vnetworks.n: missing key 'cidr'"),
+    ('{"vnodes": {"a": {"name": "a", "image": "x", "fs": "cow", "cpus": "lots"}}}',
+     "vnodes.a.cpus: found 'lots', expected float | None"),
+    ('{"vnodes": {"a": {"name": "a", "image": "x", "fs": "cow", "state": 5}}}',
+     "vnodes.a.state: found 5, expected str"),
+    ('{"vnodes": {"a": {"name": "a", "image": "x", "fs": "cow", "ifaces": '
+     '[{"name": "if0", "vnetwork": "v", "latency_ms": NaN}]}}}',
+     "vnodes.a.ifaces[0].latency_ms: found nan"),
+    ('{"vnetworks": {"n": {"name": "n", "cidr": "10.0.0.0/24", "vxlan_id": "5"}}}',
+     "vnetworks.n.vxlan_id: found '5', expected int | None"),
 ]
 
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from sidusctl.cli.main import cli
 from sidusctl.core.errors import SidusError
+from sidusctl.vnode.limits import cgroup_settings
 from sidusctl.vnode.store import State
 
 _JSON = st.recursive(
@@ -46,7 +47,8 @@ VNODE_STATE = {
     "vnetworks": {"vnet": {"name": "vnet", "cidr": "10.144.0.0/24", "gateway": "10.144.0.254"}},
     "vnodes": {"a": {"name": "a", "image": "minimal", "fs": "cow", "state": "READY",
                      "ifaces": [{"name": "if0", "vnetwork": "vnet", "address": "10.144.0.1"}],
-                     "mem": {}, "cpus": 0.5}}}
+                     "mem": {"mem": 512, "hierarchy": 1}, "cpus": 0.5, "cpuset": "0",
+                     "io": [{"device": "/dev/loop0", "read_bps": 1048576}]}}}
 
 
 def _paths(doc: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -100,7 +102,9 @@ def test_a_damaged_status_file_gives_no_internal_error(tmp_path: Path, where: in
 def test_a_damaged_vnode_state_is_read_or_refused_as_such(where: int, value: Any) -> None:
     doc = _damage(VNODE_STATE, where, value)
     with contextlib.suppress(SidusError):
-        State.from_dict(doc, "state.json")
+        st = State.from_dict(doc, "state.json")
+        for vn in st.vnodes.values():  # what a start computes from a vnode read back
+            cgroup_settings(vn)
 
 
 def test_the_valid_documents_are_read(tmp_path: Path) -> None:

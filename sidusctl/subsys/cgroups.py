@@ -86,7 +86,16 @@ class MemLimits:
         """The ``(version, file, value)`` settings of these limits, values in bytes (``-1`` or
         ``max``: unlimited): v1 memory.limit_in_bytes and memory.memsw.limit_in_bytes (mem + swap),
         v2 memory.high, memory.max and memory.swap.max. :class:`ConfigError` for a key of the other
-        hierarchy."""
+        hierarchy, or for a value that is not MiB (an integer, 0 or more) or ``max``."""
+        for key in ("mem", "swap", "soft", "hard"):
+            v = getattr(self, key)
+            if v is None or v == "max":
+                continue
+            if isinstance(v, bool) or not ((isinstance(v, int) and v >= 0)
+                                           or (isinstance(v, str) and v.isdigit())):
+                raise ConfigError("vnode", key, f"found {v!r}", expected="MiB (0 or more) or 'max'")
+        if self.hierarchy not in (1, 2):
+            raise ConfigError("vnode", "hierarchy", f"found {self.hierarchy!r}", expected="1 or 2")
         out: list[Setting] = []
         if self.hierarchy == 1:
             if self.soft is not None or self.hard is not None:
@@ -153,9 +162,17 @@ class IoLimit:
 
 
 def io_settings(limits: list[IoLimit], hierarchy: int) -> list[Setting]:
-    """v1: blkio.throttle.{read,write}_bps_device lines (0 = unlimited); v2: io.max lines."""
+    """v1: blkio.throttle.{read,write}_bps_device lines (0 = unlimited); v2: io.max lines.
+    :class:`ConfigError` for a rate that is not bytes per second or ``max``, or a device that
+    is no block device (:meth:`IoLimit.majmin`)."""
     out: list[Setting] = []
     for lim in limits:
+        for key, v in (("read_bps", lim.read_bps), ("write_bps", lim.write_bps)):
+            if v is not None and v != "max" and (
+                    isinstance(v, bool) or not ((isinstance(v, int) and v >= 0)
+                                                or (isinstance(v, str) and v.isdigit()))):
+                raise ConfigError("vnode", f"io.{key}", f"found {v!r}",
+                                  expected="bytes per second (0 or more) or 'max'")
         mm = lim.majmin()
         if hierarchy == 1:
             for key, v in (("blkio.throttle.read_bps_device", lim.read_bps),

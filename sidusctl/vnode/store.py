@@ -24,9 +24,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import os
 import shutil
 import time
+import types
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ from sidusctl.core.log import get_logger
 from sidusctl.core.run import run
 from sidusctl.core.state import ensure_dir, locked, read_json, write_json
 from sidusctl.subsys import btrfs, lxc, mounts
+from sidusctl.subsys.cgroups import IoLimit, MemLimits
 from sidusctl.subsys.imagestore import Image, ImageStore
 from sidusctl.subsys.tarball import COMPRESSIONS, extract_rootfs_tar
 from sidusctl.vnode.model import VIface, VNetwork, VNode
@@ -95,6 +99,43 @@ def _check_keys(where: str, key: str, cls: type[Any], v: object) -> None:
     for k in required:
         if k not in v:
             raise StateError(f"{where}: {key}: missing key {k!r}")
+    hints = _hints(cls)
+    for k, value in v.items():
+        if k != "ifaces" and not _of_type(hints[k], value):
+            tp = hints[k]
+            shown = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+            raise StateError(f"{where}: {key}.{k}: found {value!r:.60}, expected {shown}")
+
+
+_HINTS: dict[type[Any], dict[str, Any]] = {}
+
+
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _of_type(tp: Any, v: object) -> bool:
+    """Whether JSON value ``v`` fits field type ``tp`` (str, int, finite float, bool, None,
+    unions of them, list, dict; anything else is not checked)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_of_type(a, v) for a in typing.get_args(tp))
+    if tp is type(None):
+        return v is None
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return (isinstance(v, int | float) and not isinstance(v, bool)
+                and math.isfinite(v))
+    if tp is str:
+        return isinstance(v, str)
+    if (origin or tp) in (list, dict):
+        return isinstance(v, origin or tp)
+    return True
 
 
 def _entry(where: str, key: str, cls: type[VNetwork] | type[VNode], v: object) -> Any:
@@ -109,6 +150,11 @@ def _entry(where: str, key: str, cls: type[VNetwork] | type[VNode], v: object) -
                              f"{type(ifaces).__name__}")
         for i, iface in enumerate(ifaces):
             _check_keys(where, f"{key}.ifaces[{i}]", VIface, iface)
+        # the limits' own fields, as set_limits stores them (MemLimits, IoLimit)
+        if "mem" in v:
+            _check_keys(where, f"{key}.mem", MemLimits, v["mem"])
+        for i, io in enumerate(v.get("io") or []):
+            _check_keys(where, f"{key}.io[{i}]", IoLimit, io)
     try:
         return cls.from_dict(v)
     except (TypeError, AttributeError, KeyError, ValueError) as e:
