@@ -341,3 +341,19 @@ def test_set_limits_lists_every_bad_value_and_changes_nothing() -> None:
                    "key 'latency': no viface 'if9'"):
         assert any(needle in m for m in msgs), (needle, msgs)
     assert vn.mem == {} and vn.cpus is None and vn.cpuset is None
+
+
+@root_only
+@pytest.mark.parametrize(("name", "data", "kind"), [
+    ("garbage.tar.gz", b"\x00garbage" * 300, "gzip-compressed"),
+    ("rootfs.tar.zst", b"\x1f\x8b" + b"\x00" * 600, "zstd-compressed"),
+    ("rootfs.tar", b"x" * 1024, "a plain tar"),
+])
+def test_an_image_tarball_that_is_not_what_its_suffix_says_is_refused_first(
+        tmp_path: Path, host_sysctls: dict[str, str], name: str, data: bytes, kind: str) -> None:
+    t = tmp_path / name
+    t.write_bytes(data)
+    state = tmp_path / "st"
+    res = sidusctl("vnode", "create", "sdt-g1", "--image", str(t), state=state, timeout=60)
+    _bad(res, 2, f"{t}: is not {kind}")
+    assert _sysctls() == host_sysctls and not (state / "vnode" / "store").exists()

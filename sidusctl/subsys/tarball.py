@@ -85,6 +85,32 @@ def write_rootfs_tar(rootfs: Path, dest: Path, level: int | None = None) -> int:
     return dest.stat().st_size
 
 
+#: how each compression's data begins: gzip (RFC 1952 section 2.3.1), xz (the .xz file
+#: format, section 2.1.1.1), zstd (RFC 8878 section 3.1.1); a plain tar has ``ustar`` at offset
+#: 257 of its first header (POSIX.1-2001 pax, and GNU tar's ``ustar  ``)
+_MAGIC = {"gzip": (0, b"\x1f\x8b"), "xz": (0, b"\xfd7zXZ\x00"), "zstd": (0, b"\x28\xb5\x2f\xfd"),
+          "none": (257, b"ustar")}
+
+
+def check_rootfs_tar(src: Path) -> None:
+    """:class:`ConfigError` naming ``src`` unless its first bytes are those of the compression
+    its suffix names (:data:`COMPRESSIONS`): garbage, or a tarball under a wrong suffix, is
+    refused before anything is unpacked. Reads 512 bytes; a damaged tarball with a right
+    header is still found by tar itself."""
+    comp = compression_for(src)
+    offset, magic = _MAGIC[comp]
+    try:
+        with open(src, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise ConfigError(str(src), None, f"cannot be read: {e.strerror}") from None
+    if head[offset:offset + len(magic)] != magic:
+        kind = "a plain tar" if comp == "none" else f"{comp}-compressed"
+        raise ConfigError(str(src), None, f"is not {kind} (its first bytes say otherwise)",
+                          expected="a rootfs tarball whose suffix names its compression: "
+                                   + ", ".join(COMPRESSIONS))
+
+
 def extract_rootfs_tar(src: Path, dest: Path) -> None:
     """Extract a rootfs tarball made by :func:`write_rootfs_tar` (or LXC/Distem-style) into
     ``dest``, keeping owners, modes, xattrs and devices."""

@@ -42,7 +42,7 @@ from sidusctl.core.state import ensure_dir, locked, read_json, write_json
 from sidusctl.subsys import btrfs, lxc, mounts
 from sidusctl.subsys.cgroups import IoLimit, MemLimits
 from sidusctl.subsys.imagestore import Image, ImageStore
-from sidusctl.subsys.tarball import COMPRESSIONS, extract_rootfs_tar
+from sidusctl.subsys.tarball import COMPRESSIONS, check_rootfs_tar, extract_rootfs_tar
 from sidusctl.vnode.model import VIface, VNetwork, VNode
 
 log = get_logger("vnode.store")
@@ -364,6 +364,7 @@ class Store:
                                       expected="a rootfs tarball (.tar, .tar.gz, .tar.xz, "
                                                ".tar.zst) or an image name")
                 raise NotFoundError(f"image tarball {image} does not exist")
+            check_rootfs_tar(p)
             return p.resolve()
         store = ImageStore(self.state_dir, recover=False)
         try:
