@@ -252,3 +252,14 @@ def locked(path: Path, what: str, wait: bool = False) -> Iterator[FileLock]:
         yield lock
     finally:
         lock.release()
+
+
+def damaged(path: Path, key: str, value: object, expected: str) -> StateError:
+    """The :class:`StateError` for a state file ``path`` (one sidusctl itself writes) whose
+    ``key`` holds ``value`` where ``expected`` belongs: it names all four, the value cut to
+    60 characters."""
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return StateError(f"{path}: key '{key}': found {shown}, expected {expected} "
+                      "(a damaged status file)")
+

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sidusctl.core.errors import StateError
+from sidusctl.core.state import damaged
 from sidusctl.netboot.inventory import Inventory
 from sidusctl.netboot.tree import ImageFiles
 
@@ -108,7 +109,6 @@ def nodes(inv: Inventory, files: Mapping[str, ImageFiles], *,
     return out
 
 
-
 def check_status(path: Path, pxe: Mapping[str, Any]) -> None:
     """Check that ``pxe`` (the ``pxe`` object of the status file ``path``) has the shape
     :meth:`sidusctl.netboot.pxesupervisor.PxeSupervisor.status` writes, as far as ``pxe
@@ -120,10 +120,7 @@ def check_status(path: Path, pxe: Mapping[str, Any]) -> None:
     key otherwise (a damaged file: serve-pxe rewrites it)."""
 
     def bad(key: str, value: object, expected: str) -> StateError:
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        return StateError(f"{path}: key 'pxe.{key}': found {shown}, expected {expected} "
-                          "(a damaged status file)")
+        return damaged(path, f"pxe.{key}", value, expected)
 
     for key in ("inventory", "interface"):
         if pxe.get(key) is not None and not isinstance(pxe[key], str):

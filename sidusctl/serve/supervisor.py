@@ -28,7 +28,7 @@ from typing import Any
 
 from sidusctl.core.errors import SidusError, StateError
 from sidusctl.core.log import background, get_logger
-from sidusctl.core.state import read_json, write_json
+from sidusctl.core.state import damaged, read_json, write_json
 from sidusctl.serve.dhcp import DhcpServer
 from sidusctl.serve.dhcp_config import DhcpConfig
 from sidusctl.serve.dns import DnsConfig, DnsServer
@@ -327,10 +327,7 @@ def check_status(path: Path, st: dict[str, Any]) -> None:
     ``path`` and the first bad key otherwise (a damaged file: the server rewrites it)."""
 
     def bad(key: str, value: object, expected: str) -> StateError:
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        return StateError(f"{path}: key '{key}': found {shown}, expected {expected} "
-                          "(a damaged status file)")
+        return damaged(path, key, value, expected)
 
     for key in ("pid", "internal_errors"):
         if key in st and st[key] is not None and (
