@@ -131,6 +131,20 @@ def _flock(path: Path, mode: int, block: bool = True) -> int | None:
     return fd
 
 
+@pytest.fixture
+def host_sysctls() -> Iterator[dict[str, str]]:
+    """The host sysctls a vnode store raises, as they were before the test; put back
+    afterwards if the test (or a regression) changed them."""
+    from sidusctl.subsys import lxc
+    from tests.refusals import host_sysctl_values
+
+    before = host_sysctl_values()
+    yield before
+    for k, v in before.items():
+        if (lxc.PROC_SYS / k).read_text() != v:
+            (lxc.PROC_SYS / k).write_text(v)
+
+
 _SESSION_LOCK = TEST_STATE.parent / f".{TEST_STATE.name}.sessions"
 _alone_at_start = False
 

@@ -36,15 +36,21 @@ def _inventory(tmp_path: Path, server: str = "10.0.0.1") -> str:
     return str(f)
 
 
+def _recipe(tmp_path: Path, folder: str, text: str) -> Path:
+    """A recipe folder ``folder`` whose image.toml holds ``text``."""
+    d = tmp_path / folder
+    d.mkdir()
+    (d / "image.toml").write_text(text)
+    return d
+
+
 def test_a_recipe_name_too_long_for_the_file_system_is_not_found(tmp_path: Path) -> None:
     _refused(tmp_path, "build", "--check", "a" * 300, code=4, expect=("no image recipe",))
 
 
 def test_a_recipe_folder_whose_name_is_no_image_name_is_refused_by_check(
         tmp_path: Path) -> None:
-    d = tmp_path / "we ird"
-    d.mkdir()
-    (d / "image.toml").write_text('suite = "bookworm"\n')
+    d = _recipe(tmp_path, "we ird", 'suite = "bookworm"\n')
     _refused(tmp_path, "build", "--check", str(d),
              expect=(f"{d / 'image.toml'}: the image name 'we ird' (the recipe's folder name) "
                      "is not a valid image name",))
@@ -111,9 +117,7 @@ def test_inventory_messages_name_what_is_expected_and_blame_no_node_for_a_bad_de
 
 
 def test_an_unknown_key_in_an_optional_table_lists_the_keys_it_may_have(tmp_path: Path) -> None:
-    d = tmp_path / "kb"
-    d.mkdir()
-    (d / "image.toml").write_text('suite = "bookworm"\n[keyboard]\nfoo = 1\n')
+    d = _recipe(tmp_path, "kb", 'suite = "bookworm"\n[keyboard]\nfoo = 1\n')
     _refused(tmp_path, "build", "--check", str(d),
              expect=(f"{d / 'image.toml'}:3: key 'keyboard.foo': unknown key (expected one of "
                      "layout, model, variant, options)",))

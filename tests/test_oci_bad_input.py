@@ -19,17 +19,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import sidusctl
+from tests.refusals import assert_refused as _bad
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="sidusctl import needs root")
-
-
-def _bad(res: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
-    """``res`` exited with ``code``, says every needle, and is no internal error."""
-    out = res.stdout + res.stderr
-    assert res.returncode == code, out
-    assert "internal error" not in out and "Traceback" not in out, out
-    for n in needles:
-        assert n in out, f"{n!r} not in:\n{out}"
 
 
 def _import(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:

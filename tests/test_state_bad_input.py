@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,37 +19,14 @@ import pytest
 from sidusctl.core.errors import ConfigError, StateError
 from sidusctl.core.paths import state_dir
 from sidusctl.core.state import FileLock
-from sidusctl.subsys import lxc
 from sidusctl.subsys.cgroups import parse_cpuset
 from sidusctl.vnode.model import VNetwork
 from sidusctl.vnode.store import State, Store
 from tests.conftest import sidusctl
+from tests.refusals import assert_refused as _bad
+from tests.refusals import host_sysctl_values as _sysctls
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the vnode commands need root")
-
-
-def _bad(res: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
-    """``res`` exited with ``code``, says every needle, and is no internal error."""
-    out = res.stdout + res.stderr
-    assert res.returncode == code, out
-    assert "internal error" not in out and "Traceback" not in out, out
-    for n in needles:
-        assert n in out, f"{n!r} not in:\n{out}"
-
-
-def _sysctls() -> dict[str, str]:
-    return {k: (lxc.PROC_SYS / k).read_text() for k in lxc.HOST_SYSCTLS}
-
-
-@pytest.fixture
-def host_sysctls() -> Iterator[dict[str, str]]:
-    """The host sysctls a vnode store raises, as they were; put back afterwards if a test
-    (or a regression) changed them."""
-    before = _sysctls()
-    yield before
-    for k, v in before.items():
-        if (lxc.PROC_SYS / k).read_text() != v:
-            (lxc.PROC_SYS / k).write_text(v)
 
 
 def _link_exists(name: str) -> bool:
