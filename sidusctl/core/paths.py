@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from sidusctl.core.errors import ConfigError
@@ -35,7 +36,12 @@ def state_dir(override: str | os.PathLike[str] | None = None) -> Path:
         if not raw:
             return DEFAULT_STATE_DIR
     path = Path(raw).absolute()
-    if path.exists() and not path.is_dir():
+    try:
+        st = path.stat()
+    except OSError:  # missing (made later), or behind a directory this user may not search:
+        # the command itself then says what it needs (root...)
+        return path
+    if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(where, None, f"{path} exists and is not a directory",
                           expected="a directory (or a path where one can be made)")
     return path
