@@ -25,11 +25,12 @@ from sidusctl.core.errors import (
     ConfigError,
     PrerequisiteError,
     SidusError,
+    StateError,
 )
 from sidusctl.core.log import get_logger
 from sidusctl.core.report import Reporter as Reporter
 from sidusctl.core.run import run, which
-from sidusctl.core.state import FileLock
+from sidusctl.core.state import FileLock, ensure_dir
 from sidusctl.image.recipe import Recipe
 from sidusctl.subsys.imagestore import ImageStore
 from sidusctl.subsys.manifest import Package
@@ -201,11 +202,11 @@ def make_cache(cache: Path) -> Path:
     :class:`ConfigError` naming it when it cannot be one (a regular file there or above it,
     no permission...): it comes from ``--cache-dir`` or ``$SIDUSCTL_CACHE``."""
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(str(cache), None, f"cannot be the .deb cache: {e.strerror}",
+        return ensure_dir(cache)
+    except StateError as e:
+        reason = e.__cause__.strerror if isinstance(e.__cause__, OSError) else e
+        raise ConfigError(str(cache), None, f"cannot be the .deb cache: {reason}",
                           expected="a directory (--cache-dir or $SIDUSCTL_CACHE)") from None
-    return cache
 
 
 def package_list(root: Path) -> dict[str, Package]:
