@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from sidusctl.core.errors import ConfigError, ConfigErrors, SidusError
+from sidusctl.core.units import parse_size
 from sidusctl.subsys import lxc
-from sidusctl.vnode.limits import parse_size, set_limits
+from sidusctl.vnode.limits import set_limits
 from sidusctl.vnode.model import VIface, VNetwork, VNode
 from sidusctl.vnode.platform import Platform
 from sidusctl.vnode.platform_file import load
@@ -136,7 +137,7 @@ def test_an_infinite_btrfs_image_size_is_a_config_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", ["-5G", "-1", "0", "infT", "1e999G", "1e30T", "9" * 400])
 def test_parse_size_refuses_negative_zero_and_non_finite(bad: str) -> None:
     with pytest.raises(ConfigError, match="--btrfs-image"):
-        parse_size(bad)
+        parse_size(bad, "--btrfs-image")
 
 
 # -- 6: CPUs and latencies --------------------------------------------------------------------

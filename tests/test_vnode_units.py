@@ -13,7 +13,7 @@ from sidusctl.subsys.cgroups import IoLimit, MemLimits, cpu_settings, io_setting
 from sidusctl.subsys.net import tc
 from sidusctl.subsys.templates import render
 from sidusctl.vnode import ssh
-from sidusctl.vnode.limits import parse_matrix_file, parse_size
+from sidusctl.vnode.limits import parse_matrix_file
 from sidusctl.vnode.model import VNetwork, parse_mib
 from sidusctl.vnode.platform_file import load
 from tests.golden import assert_golden
@@ -43,13 +43,6 @@ def test_parse_rate(text: str, bits: int) -> None:
 def test_parse_rate_rejects(bad: str) -> None:
     with pytest.raises(ConfigError):
         tc.parse_rate(bad)
-
-
-def test_sizes() -> None:
-    assert parse_size("6G") == 6 * 2**30
-    assert parse_size("512M") == 512 * 2**20
-    with pytest.raises(ConfigError):
-        parse_size("lots")
 
 
 def test_memory_settings_v1_v2() -> None:

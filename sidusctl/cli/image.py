@@ -9,6 +9,7 @@ from rich.table import Table
 
 from sidusctl.cli.common import console, emit_json, get_ctx, human_size, need_root
 from sidusctl.core.errors import ConfigError, ConfigErrors, NotFoundError
+from sidusctl.core.units import parse_size
 from sidusctl.subsys.imagestore import Image, ImageStore
 
 
@@ -127,16 +128,6 @@ def rollback_cmd(name: str) -> None:
     console.print(f"image '{name}' is now generation {img.dir.name}", highlight=False)
 
 
-def parse_size(text: str) -> int:
-    """``4G``, ``500M``, ``1.5GiB``, ``0``: bytes (powers of 1024). click.BadParameter if not."""
-    import re
-
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.I)
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size (expected e.g. 500M, 4G, 0)")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
-
-
 def _cache_rows(cache: object) -> dict[str, object]:
     from sidusctl.image.stagecache import StageCache
 
@@ -189,7 +180,7 @@ def cache_prune_cmd(max_size: str | None, as_json: bool) -> None:
     from sidusctl.image.stagecache import StageCache
 
     need_root("sidusctl image cache prune")
-    limit = parse_size(max_size) if max_size is not None else None
+    limit = parse_size(max_size, "--max-size", minimum=0) if max_size is not None else None
     cache = StageCache(get_ctx().state)
     evicted = cache.prune(limit)
     if as_json:

@@ -73,10 +73,10 @@ def check_cmd(file: str, as_json: bool) -> None:
 def init_cmd(file: str, btrfs_image: str | None, as_json: bool) -> None:
     """Prepare every pnode of platform FILE in parallel: its vnode store, and the platform's
     images (sent once, checked by sha256, skipped where already there)."""
-    from sidusctl.vnode.limits import parse_size
+    from sidusctl.core.units import parse_size
 
     with _cluster(file) as cl:
-        res = cl.init(btrfs_image=parse_size(btrfs_image) if btrfs_image else None)
+        res = cl.init(btrfs_image=parse_size(btrfs_image, "--btrfs-image") if btrfs_image else None)
     if as_json:
         emit_json(res)
     else:

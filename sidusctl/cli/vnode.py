@@ -13,7 +13,8 @@ from rich.table import Table
 from sidusctl.cli.common import console, emit_json, get_ctx, human_size, need_root
 from sidusctl.core.config import read_text
 from sidusctl.core.errors import ConfigError, SidusError
-from sidusctl.vnode.limits import parse_matrix_file, parse_remote_addresses, parse_size
+from sidusctl.core.units import parse_size
+from sidusctl.vnode.limits import parse_matrix_file, parse_remote_addresses
 from sidusctl.vnode.model import parse_bps, parse_hierarchy, parse_mib
 from sidusctl.vnode.platform import Platform
 
@@ -108,7 +109,7 @@ def vnode_group() -> None:
 def init_cmd(btrfs_device: str | None, btrfs_image: str | None) -> None:
     """Prepare the vnode store (copy-on-write needs btrfs)."""
     fs = _platform().init(btrfs_device=btrfs_device,
-                          btrfs_image=parse_size(btrfs_image) if btrfs_image else None)
+                          btrfs_image=parse_size(btrfs_image, "--btrfs-image") if btrfs_image else None)
     console.print(f"vnode store ready ({fs}); fs 'cow' is "
                   f"{'available' if fs == 'btrfs' else 'NOT available (no btrfs)'}")
 

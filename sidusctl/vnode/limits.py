@@ -1,6 +1,6 @@
 """A vnode's limits: memory (cgroup v1 or v2), CPU shares and sets, block IO throttling, and
 the bandwidth and latency of its vifaces (tc), checked before any of them changes; plus the
-size and latency-matrix file parsers of the CLI and platform files."""
+latency-matrix and remote-address file parsers of the CLI and platform files."""
 
 from __future__ import annotations
 
@@ -255,19 +255,3 @@ def parse_remote_addresses(path: Path) -> dict[str, str]:
     if errors:
         raise ConfigErrors(errors)
     return {str(k): str(v) for k, v in doc.items()}
-
-
-def parse_size(text: str, where: str = "--btrfs-image") -> int:
-    """``20G``, ``512M``, ``1T`` (binary units, an optional ``B``/``iB``) or bytes -> bytes, a
-    positive integer below 2**63 (a file offset). :class:`ConfigError` naming ``where`` for
-    anything else: not a size, 0, negative, infinite or NaN, or too large."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    try:
-        x = float(t[:-1]) * mult[t[-1]] if t and t[-1] in mult else float(int(t))
-    except (ValueError, OverflowError):
-        x = math.nan
-    if not (math.isfinite(x) and 1 <= x < 2**63):
-        raise ConfigError(where, None, f"invalid size {text!r}",
-                          expected="a positive size below 8 EiB, such as 20G or 512M")
-    return int(x)
