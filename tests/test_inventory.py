@@ -180,3 +180,19 @@ def test_load_reads_a_file(tmp_path: Path) -> None:
     inv = load(f)
     assert inv.file == str(f) and len(inv.nodes) == 2
     assert sys.version_info >= (3, 11)
+
+
+@pytest.mark.parametrize(("domain", "ok"), [
+    ("cluster.lan", True), ("a-1.b.c", True), (".".join(["a" * 63] * 3) + ".b", True),
+    ("Cluster.lan", False), ("a..b", False), ("-a.b", False), ("a.b.", False), ("", False),
+    (".".join(["a" * 63] * 4), False)])  # 255 characters: above RFC 1035's 253
+def test_network_domain_is_a_lower_case_dns_domain(domain: str, ok: bool) -> None:
+    text = (f'[network]\nsubnet = "10.0.0.0/24"\nserver = "10.0.0.1"\ndomain = "{domain}"\n'
+            '[[nodes]]\nname = "n1"\nmac = "52:54:00:00:00:01"\nip = "10.0.0.5"\n'
+            'image = "minimal"\n')
+    if ok:
+        assert parse(text, "n.toml", known_images=["minimal"]).network.domain == domain
+        return
+    with pytest.raises(ConfigErrors) as ei:
+        parse(text, "n.toml", known_images=["minimal"])
+    assert [(e.line, e.key) for e in ei.value.errors] == [(4, "network.domain")], ei.value

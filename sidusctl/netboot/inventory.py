@@ -51,6 +51,7 @@ from pydantic import AfterValidator, BeforeValidator, ValidationError
 
 from sidusctl.core.config import Checker, Frozen, as_tuple, key_name, parse_toml, read_text
 from sidusctl.core.mac import normalize_mac, pxelinux_name
+from sidusctl.core.names import is_domain
 from sidusctl.serve.dhcp_config import Reservation
 
 MODES = ("tmpfs", "disk", "iscsi", "nfs", "off")
@@ -221,8 +222,11 @@ def _unicast_mac(v: str) -> str:
 
 
 def _domain(v: str) -> str:
-    if not all(NAME_RE.match(p) for p in v.split(".")):
-        raise ValueError("DNS labels joined by dots")
+    """The inventory's domain: a DNS domain (:func:`~sidusctl.core.names.is_domain`) in
+    lower case, as its host names (:data:`NAME_RE`)."""
+    if not (is_domain(v) and v == v.lower()):
+        raise ValueError("DNS labels of lower-case letters, digits and inner '-', joined by "
+                         "dots, at most 253 characters")
     return v
 
 

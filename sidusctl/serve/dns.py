@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import socket
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address
@@ -23,6 +22,7 @@ from dnslib import PTR, QTYPE, RCODE, RR, A, DNSError, DNSRecord
 
 from sidusctl.core.errors import ConfigError, PrerequisiteError
 from sidusctl.core.log import get_logger
+from sidusctl.core.names import LABEL_RE, is_domain
 
 log = get_logger("serve.dns")
 
@@ -50,17 +50,11 @@ class Zone:
             seen.add(name.lower())
 
 
-#: one label of a host or domain name: letters, digits and inner hyphens, 1-63 characters
-#: (RFC 1123 section 2.1, RFC 1035 section 2.3.1)
-LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-
-
 def check_domain(domain: str, source: str, key: str = "domain") -> None:
     """:class:`ConfigError` (``source``, ``key``) unless ``domain`` is a DNS domain name:
-    labels (:data:`LABEL_RE`) joined by dots, at most 253 characters, no leading or trailing
-    dot (RFC 1035 section 2.3.4)."""
-    if not (domain and len(domain) <= 253
-            and all(LABEL_RE.match(label) for label in domain.split("."))):
+    :func:`sidusctl.core.names.is_domain` (RFC 1123 labels joined by dots, at most 253
+    characters, RFC 1035 section 2.3.4)."""
+    if not is_domain(domain):
         raise ConfigError(source, key, repr(domain),
                           expected="a domain such as cluster.test: labels of letters, digits "
                                    "and inner '-', joined by dots")
