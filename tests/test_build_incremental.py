@@ -435,6 +435,13 @@ def test_stage_cache_saves_restores_detects_damage_and_evicts(tmp_path: Path) ->
     # a half-written entry (no entry.json) is not an entry
     (cache.dir / "deadbeef" / "rootfs").mkdir(parents=True)
     assert [x.key for x in cache.entries()] == []
+    # an entry.json whose size is below 0 is damaged: not listed (nor counted), deleted at use
+    e = cache.save(key, inputs, src, ())
+    info = json.loads((e.dir / "entry.json").read_text())
+    (e.dir / "entry.json").write_text(json.dumps({**info, "bytes": -100}))
+    assert [x.key for x in cache.entries()] == [] and cache.total_bytes() == 0
+    res = cache.restore(key, tmp_path / "r3")
+    assert res.damaged and "bytes" in res.reason and not e.dir.exists(), res
     # LRU: the least recently used goes first once the total passes the limit
     keys = []
     for i in range(3):

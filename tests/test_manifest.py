@@ -151,6 +151,9 @@ def test_unknown_keys_are_tolerated_and_not_written(tmp_path: Path) -> None:
     json.dumps({**OLD_BUILD, "sizes": {"rootfs_bytes": "big"}}),
     json.dumps({**OLD_BUILD, "packages": {"apt": {"version": 2}}}),
     json.dumps({**OLD_IMPORT, "runtime": []}),
+    # a size or count below 0 (shown as "-100 B" before)
+    json.dumps({**OLD_BUILD, "sizes": {"rootfs_bytes": -100}}),
+    json.dumps({**OLD_BUILD, "package_count": -1}),
 ])
 def test_corrupt_manifest_is_a_state_error_naming_the_file(text: str, tmp_path: Path) -> None:
     p = tmp_path / "manifest.json"

@@ -28,7 +28,7 @@ from sidusctl.core.errors import CommandError, StateError
 from sidusctl.core.log import get_logger
 from sidusctl.core.state import FileLock, write_json
 from sidusctl.image.common import du
-from sidusctl.subsys.manifest import JsonObject, Record
+from sidusctl.subsys.manifest import Count, JsonObject, Record
 from sidusctl.subsys.overlayroot import Materialized, OverlayRoot, materialize, mount_overlay
 from sidusctl.subsys.treecopy import (
     copy_method,
@@ -53,8 +53,8 @@ class EntryInfo(Record):
     key: str
     inputs: JsonObject
     tree_sha256: str
-    entries: int
-    bytes: int
+    entries: Count
+    bytes: Count
     purged: tuple[str, ...] = ()
     created: str
     sidusctl: str

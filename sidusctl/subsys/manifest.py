@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
@@ -31,6 +31,11 @@ from sidusctl.core.errors import StateError
 from sidusctl.core.state import write_json
 
 JsonObject = dict[str, JsonValue]
+
+
+#: a size in bytes, a count or a uid/gid as recorded: never negative (a damaged file otherwise
+#: shows "-100 B", or makes a cache look smaller than it is)
+Count = Annotated[int, Field(ge=0)]
 
 
 class Record(BaseModel):
@@ -89,7 +94,7 @@ class ExportFile(Record):
     its ``size`` in bytes."""
 
     file: str
-    size: int
+    size: Count
 
 
 class KernelExport(ExportFile):
@@ -139,7 +144,7 @@ class Sizes(Record):
     """An image's sizes: ``rootfs_bytes``, the root tree's disk usage in bytes (None: not
     measured)."""
 
-    rootfs_bytes: int | None = None
+    rootfs_bytes: Count | None = None
 
 
 class Change(Record):
@@ -185,10 +190,10 @@ class LayerRecord(Record):
     digest: str
     diff_id: str
     compression: str
-    size: int
-    uncompressed: int
-    entries: int
-    whiteouts: int
+    size: Count
+    uncompressed: Count
+    entries: Count
+    whiteouts: Count
 
 
 class Digests(Record):
@@ -210,8 +215,8 @@ class Runtime(Record):
     env: tuple[str, ...]
     cwd: str
     user: str
-    uid: int
-    gid: int
+    uid: Count
+    gid: Count
     username: str | None
     init: str
     init_path: str | None = None
@@ -238,7 +243,7 @@ class Manifest(Record):
     backend: str | None = None
     mirror: str | None = None
     packages: dict[str, Package] = {}
-    package_count: int | None = None
+    package_count: Count | None = None
     purged: tuple[str, ...] = ()
     bootstrap_from_cache: bool | None = None
     build_stages: tuple[StageRecord, ...] = ()
