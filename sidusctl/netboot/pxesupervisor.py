@@ -229,7 +229,8 @@ class PxeSupervisor(supervisor.Supervisor):
         """What must stay served, by image: ``{generation: until}``: each generation a node
         booted, until ``hold_time`` after that node was last seen, and each generation the
         boot tree names (now or lately), until ``hold_time`` after it stopped naming it (a
-        node may have read its kernel command line just before)."""
+        node may have read its kernel command line just before). Records, as it goes, that
+        the tree names its generations at ``now`` (``served``): the "lately" of later calls."""
         now = time.time() if now is None else now
         hold = self.loader.opts.hold_time
         for name, f in self.loader.files.items():
