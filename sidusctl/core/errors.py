@@ -90,6 +90,20 @@ class StateError(SidusError):
     """The state store is not as the command needs it (unknown image, busy lock, ...)."""
 
 
+class WriteError(StateError, OSError):
+    """A file or directory sidusctl writes could not be written: a full or read-only file
+    system, a quota, no permission. The message names the path and what was not written
+    (and that what was there is unchanged). Also an :class:`OSError` carrying the failed
+    call's ``errno``, ``strerror`` and ``filename``, so code that copes with an OSError (a
+    server that logs a status file it could not write and goes on) copes with this too."""
+
+    def __init__(self, message: str, cause: OSError | None = None) -> None:
+        super().__init__(message)
+        if cause is not None:
+            self.errno, self.strerror = cause.errno, cause.strerror
+            self.filename, self.filename2 = cause.filename, cause.filename2
+
+
 class NotFoundError(StateError):
     """A named object (image, node, vnode) does not exist."""
 

@@ -16,8 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sidusctl.core.errors import BusyError, StateError
+from sidusctl.core.errors import BusyError, StateError, WriteError
 from sidusctl.core.log import get_logger
+
+#: the errno values of a file system that cannot take what is written to it: full, over a
+#: quota, read-only
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def fsync_dir(path: Path) -> None:
@@ -45,13 +49,24 @@ def publish(tmp: Path, dest: Path, *, sync_data: bool = True) -> None:
     fsync_dir(dest.parent)
 
 
+def write_error(e: OSError, path: Path) -> WriteError:
+    """The :class:`WriteError` for ``path``, which could not be written because of ``e`` (a
+    full or read-only file system, most often): it names the path and the system's reason."""
+    return WriteError(f"cannot write {path} ({e.strerror or e})", e)
+
+
 def atomic_copy(src: Path, dest: Path, *, mode: int | None = 0o644, link: bool = False) -> None:
     """Copy the file ``src`` to ``dest`` atomically (see :func:`publish`); with ``link``, a
     hard link when both are on one filesystem (the content is shared, never copied).
-    ``mode`` None keeps the source's permission bits. OSError as the calls raise it."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    ``mode`` None keeps the source's permission bits. :class:`WriteError` naming ``dest``
+    when it cannot be written (a full or read-only filesystem: ``dest`` is then as it was,
+    and no temp file is left); OSError as the calls raise it when ``src`` cannot be read."""
     tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.unlink(missing_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise write_error(e, dest) from e
     try:
         linked = False
         if link:
@@ -62,6 +77,11 @@ def atomic_copy(src: Path, dest: Path, *, mode: int | None = 0o644, link: bool =
             shutil.copyfile(src, tmp)
             os.chmod(tmp, mode if mode is not None else src.stat().st_mode & 0o7777)
         publish(tmp, dest, sync_data=not linked)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename == str(src) and e.filename2 is None:
+            raise  # src could not be read: no failure to write dest
+        raise write_error(e, dest) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -72,9 +92,14 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644, *,
     """Replace ``path`` with ``data`` atomically (see :func:`publish`). ``durable=False``:
     readers still see the old file or the new one, never a part, but nothing is forced to
     disk (no fsync): for a file rewritten every few seconds that is worthless after a power
-    cut, such as a server's status."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    cut, such as a server's status. :class:`WriteError` naming ``path`` when it cannot be
+    written (a full or read-only filesystem): ``path`` is then as it was, and no temp file
+    is left."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(e, path) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -86,15 +111,17 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644, *,
             publish(Path(tmp), path, sync_data=False)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise write_error(e, path) from e
         raise
 
 
 def atomic_write_text(path: Path, text: str, mode: int = 0o644, *,
                       durable: bool = True) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
+    """:func:`atomic_write_bytes` for UTF-8 text (:class:`WriteError` likewise)."""
     atomic_write_bytes(path, text.encode(), mode, durable=durable)
 
 
@@ -102,7 +129,8 @@ def write_json(path: Path, obj: Any, *, compact: bool = False, durable: bool = T
     """Write ``obj`` as indented, key-sorted JSON, atomically (``durable``: see
     :func:`atomic_write_bytes`); ``compact``: on one line, without spaces, for files
     rewritten every few seconds (the standard library encodes indented JSON in Python,
-    compact JSON in C: 3.5x faster on a 500-node status)."""
+    compact JSON in C: 3.5x faster on a 500-node status). :class:`WriteError` naming
+    ``path`` when it cannot be written (the old file is then as it was)."""
     text = (json.dumps(obj, sort_keys=True, separators=(",", ":")) if compact
             else json.dumps(obj, indent=2, sort_keys=True))
     atomic_write_text(path, text + "\n", durable=durable)
@@ -155,7 +183,9 @@ class FileLock:
         """Take the lock (``wait``: until it is free), record this pid and ``note`` (one line)
         in the file, set :attr:`left_behind`; :class:`BusyError` naming the holder's pid if
         another process holds it and not ``wait``; :class:`StateError` naming the path when
-        the lock file's directory cannot be made or the file cannot be opened."""
+        the lock file's directory cannot be made or the file cannot be opened, or when a
+        ``note`` cannot be recorded (a full disk; without a note the lock is taken
+        unrecorded, so that commands that free space still run on a full disk)."""
         ensure_dir(self.path.parent)
         while True:
             fd = self._open_locked(wait)
@@ -167,8 +197,23 @@ class FileLock:
                 break
             os.close(fd)  # its holder removed it as we took it: take the new one
         self.left_behind = _record(os.pread(fd, 4096, 0))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n{note}\n".encode(), 0)
+        record = f"{os.getpid()}\n{note}\n".encode()
+        try:
+            # written over the old record, then cut to length: on a full disk an old record's
+            # block is reused, and a failed write leaves the old record as it was
+            os.pwrite(fd, record, 0)
+            os.ftruncate(fd, len(record))
+        except OSError as e:
+            if note:
+                # the caller needs the note to undo what a SIGKILLed holder leaves
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+                raise StateError(f"{self.path}: cannot record the holder in the lock file "
+                                 f"({e.strerror or e})") from e
+            # the flock is the lock; the pid is only for others' messages, and a full disk
+            # must not stop the commands that free space (image rm, prune)
+            get_logger("state").debug("%s: holder not recorded (%s)", self.path,
+                                      e.strerror or e)
         self._fd = fd
         return self
 
