@@ -41,7 +41,7 @@ from typing import Any
 
 from sidusctl.core.errors import BusyError, NotFoundError, StateError
 from sidusctl.core.log import get_logger
-from sidusctl.core.state import FileLock, locked, read_json, write_json
+from sidusctl.core.state import FileLock, ensure_dir, locked, read_json, write_error, write_json
 from sidusctl.subsys import squashfs
 from sidusctl.subsys import verity as dm_verity
 from sidusctl.subsys.imagestore import Image, ImageStore
@@ -143,11 +143,12 @@ def export(state: Path, image: str, *, generation: str = "current",
     ``unchanged`` (the record matches the tree: nothing done) or ``linked`` (an identical
     tree was exported already: hard link). ``force`` rebuilds. Raises
     :class:`~sidusctl.core.errors.NotFoundError` for an unknown image or generation,
-    and what :func:`sidusctl.subsys.squashfs.build` raises."""
+    :class:`~sidusctl.core.errors.StateError` naming what could not be written (a full
+    or read-only state directory), and what :func:`sidusctl.subsys.squashfs.build`
+    raises."""
     img = _generation(state, image, generation)
     gen = img.dir.name
-    d = squash_dir(state, image)
-    d.mkdir(parents=True, exist_ok=True)
+    d = ensure_dir(squash_dir(state, image))
     with locked(d / ".lock", f"squashfs exports of '{image}'", wait=True):
         exclude = exclude_of(img)
         fp = _fingerprint(img.rootfs, level, exclude)
@@ -182,12 +183,16 @@ def _build(rootfs: Path, dest: Path, level: int,
            exclude: tuple[str, ...]) -> tuple[int, str, dm_verity.VerityInfo]:
     """Pack ``rootfs`` and append the hash tree, on a temp name renamed to ``dest`` when
     complete; the file's size, SHA-256 and verity parameters. The salt is the packed
-    squashfs's SHA-256: the same tree still gives the same bytes."""
+    squashfs's SHA-256: the same tree still gives the same bytes. :class:`WriteError`
+    naming ``dest`` when the hash tree cannot be written (the temp file is removed)."""
     tmp = dest.with_name(f".{dest.name}.verity-{os.getpid()}")
     try:
         info = squashfs.build(rootfs, tmp, level=level, exclude=exclude)
-        tree, sha256 = dm_verity.append_tree(tmp, bytes.fromhex(info.sha256))
-        os.replace(tmp, dest)
+        try:
+            tree, sha256 = dm_verity.append_tree(tmp, bytes.fromhex(info.sha256))
+            os.replace(tmp, dest)
+        except OSError as e:  # the hash tree did not fit: a full disk
+            raise write_error(e, dest) from e
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -42,6 +42,8 @@ from typing import IO
 
 import zstandard
 
+from sidusctl.core.errors import WriteError
+from sidusctl.core.state import NO_ROOM
 from sidusctl.oci import ImageError, UnsafeImageError
 from sidusctl.oci.streams import CHUNK, HashingReader, Readable, decompressor
 
@@ -396,6 +398,9 @@ class LayerApplier:
                     except ImageError:
                         raise
                     except OSError as e:
+                        if e.errno in NO_ROOM:  # the store's disk, not the image, is at fault
+                            raise WriteError(f"{self._layer}: cannot write '{m.name}' in "
+                                             f"{self.root} ({e.strerror or e})", e) from e
                         raise ImageError(f"{self._layer}: cannot write '{m.name}': "
                                          f"{e.strerror or e}") from e
                     stats.entries += 1
@@ -405,7 +410,7 @@ class LayerApplier:
                 io.UnsupportedOperation) as e:
             raise ImageError(f"{self._layer} is truncated or corrupt: {e}") from e
         except OSError as e:
-            if isinstance(e, ImageError):
+            if isinstance(e, ImageError | WriteError):
                 raise
             raise ImageError(f"{self._layer}: read error: {e}") from e
         stats.digest, stats.diff_id = raw.digest, tarred.digest

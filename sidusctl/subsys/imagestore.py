@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidusctl.core.errors import ConfigError, NotFoundError, StateError
+from sidusctl.core.errors import ConfigError, NotFoundError, StateError, WriteError
 from sidusctl.core.log import get_logger
-from sidusctl.core.state import FileLock, publish, read_json, write_json
+from sidusctl.core.state import NO_ROOM, FileLock, ensure_dir, publish, read_json, write_json
 from sidusctl.subsys import procs, tarball
 from sidusctl.subsys.manifest import Manifest, StageRecord, as_manifest
 from sidusctl.subsys.mounts import mounts_under, umount_tree
@@ -188,7 +188,9 @@ class ImageStore:
     def set_holds(self, name: str, holder: str, holds: Mapping[str, float]) -> None:
         """Replace what ``holder`` (letters, digits, ``._@-``) holds of image ``name``:
         ``{generation: until}`` (``gen-<stamp>`` names, Unix times). An empty mapping drops
-        the holder's file. Written atomically; needs no lock (each holder owns its file)."""
+        the holder's file. Written atomically; needs no lock (each holder owns its file).
+        :class:`StateError` (:class:`WriteError` when the file system is full or read-only)
+        naming the file or directory that could not be written."""
         if not HOLDER_RE.match(holder):
             raise ConfigError("holder", None, f"invalid holder name {holder!r}",
                               expected="letters, digits, '.', '_', '@' or '-'")
@@ -197,7 +199,7 @@ class ImageStore:
         if not clean:
             f.unlink(missing_ok=True)
             return
-        f.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(f.parent)
         write_json(f, clean)
 
     def held(self, name: str, now: float | None = None) -> dict[str, float]:
@@ -268,26 +270,59 @@ class ImageStore:
     def new_generation(self, name: str, lock: FileLock | None = None) -> Iterator[Generation]:
         """Yield an empty generation of ``name``. If the block completes, it becomes
         ``current`` (the old current becomes ``previous``; the one before is deleted). On any
-        exception it is removed (after its mounts are undone) and the old current stays."""
+        exception it is removed (after its mounts are undone) and the old current stays.
+        :class:`WriteError` naming the path and the image when the store's file system
+        cannot take the generation (full, over quota, read-only), in the block or while
+        publishing it: nothing of it is left then, and the old current stays."""
         own_lock = lock is None
         lk = lock or self.lock(name).acquire()
         try:
-            stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
-            building = self.image_dir(name) / f".building-{stamp}"
-            building.mkdir(parents=True)
+            d = self.image_dir(name)
+            base = stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+            n = 0
+            # a second generation made by this process within the second gets a name of its
+            # own: renamed onto the first's, it failed (ENOTEMPTY) and was left behind
+            while os.path.lexists(d / f"gen-{stamp}") or os.path.lexists(d / f".building-{stamp}"):
+                n += 1
+                stamp = f"{base}-{n}"
+            building = d / f".building-{stamp}"
+            final = d / f"gen-{stamp}"
+            try:
+                building.mkdir(parents=True)
+            except OSError as e:
+                raise self._not_written(name, e, building) from e
             gen = Generation(name, building)
             try:
                 yield gen
-            except BaseException:
+            except BaseException as e:
                 self._discard(building)
                 self._remove_if_empty(name)
+                if isinstance(e, OSError) and e.errno in NO_ROOM:
+                    raise self._not_written(name, e, building) from e
                 raise
-            final = self.image_dir(name) / f"gen-{stamp}"
-            os.rename(building, final)
-            self._promote(name, final)
+            try:
+                os.rename(building, final)
+                self._promote(name, final)
+            except OSError as e:
+                if _generation_of(self.image_dir(name) / "current") == final.resolve():
+                    log.warning("image '%s': generation %s is current, but: %s", name,
+                                final.name, e)
+                    return
+                # not current: nobody uses it, and a later promotion would keep it as previous
+                self._discard(building)
+                self._discard(final)
+                self._remove_if_empty(name)
+                raise self._not_written(name, e, final) from e
         finally:
             if own_lock:
                 lk.release()
+
+    def _not_written(self, name: str, e: OSError, where: Path) -> WriteError:
+        """The :class:`WriteError` for a generation of ``name`` that could not be written at
+        ``where`` (or at the path the failed call names)."""
+        what = (e.message if isinstance(e, WriteError) else
+                f"cannot write {e.filename2 or e.filename or where} ({e.strerror or e})")
+        return WriteError(f"{what}: no new generation of image '{name}'; it is as it was", e)
 
     def _remove_if_empty(self, name: str) -> None:
         """After a refused first build/import: delete ``images/<name>/`` if nothing but its
@@ -314,7 +349,9 @@ class ImageStore:
         NotFoundError for an unknown image (nothing is created for it) or one without
         ``previous``; StateError naming the link if ``current`` is missing or either link
         does not lead to a generation with a ``rootfs`` (nothing is changed then), or if
-        ``<state>/images`` is not a directory."""
+        ``<state>/images`` is not a directory; :class:`WriteError` naming ``current`` if the
+        file system cannot take the new link (nothing is changed then; when only
+        ``previous`` cannot be written, a warning says so and both lead to the new current)."""
         if self.root.exists() and not self.root.is_dir():
             raise StateError(f"{self.root}: not a directory (the image store)")
         d = self.image_dir(name)
@@ -332,8 +369,16 @@ class ImageStore:
                     raise StateError(f"{link} -> {os.readlink(link)}: no such generation "
                                      f"(no rootfs there): image '{name}' not rolled back")
             a, b = os.readlink(cur), os.readlink(prev)
-            _symlink_atomic(b, cur)
-            _symlink_atomic(a, prev)
+            try:
+                _symlink_atomic(b, cur)
+            except OSError as e:
+                raise WriteError(f"cannot write {cur} ({e.strerror or e}): image '{name}' not "
+                                 "rolled back", e) from e
+            try:
+                _symlink_atomic(a, prev)
+            except OSError as e:  # rolled back; previous leads to the current one
+                log.warning("image '%s' rolled back, but %s could not be written (%s)", name,
+                            prev, e.strerror or e)
         return self.get(name)
 
     def remove(self, name: str) -> None:

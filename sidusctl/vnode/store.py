@@ -38,7 +38,7 @@ from typing import Any
 from sidusctl.core.errors import ConfigError, NotFoundError, PrerequisiteError, StateError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run
-from sidusctl.core.state import ensure_dir, locked, read_json, write_json
+from sidusctl.core.state import ensure_dir, locked, read_json, write_error, write_json
 from sidusctl.subsys import btrfs, lxc, mounts
 from sidusctl.subsys.cgroups import IoLimit, MemLimits
 from sidusctl.subsys.imagestore import Image, ImageStore
@@ -246,7 +246,9 @@ class Store:
              btrfs_image: int | None = None) -> str:
         """Prepare ``store/``: format ``btrfs_device`` or a ``btrfs_image``-byte loop file and
         mount it there, or use it as is. Returns ``btrfs`` or ``plain``. The arguments are
-        checked (:func:`check_init_args`) before anything changes."""
+        checked (:func:`check_init_args`) before anything changes. A loop file that cannot
+        be made (:class:`WriteError`) or formatted (CommandError: mkfs.btrfs on a full disk)
+        is removed."""
         check_init_args(btrfs_device, btrfs_image)
         sysctls = st.store.get(_SYSCTLS)
         if st.vnodes and (btrfs_device or btrfs_image):
@@ -263,9 +265,17 @@ class Store:
             else:
                 assert btrfs_image is not None
                 self.image_file.unlink(missing_ok=True)
-                with open(self.image_file, "wb") as f:
-                    f.truncate(btrfs_image)
-                btrfs.mkfs(self.image_file)
+                try:
+                    with open(self.image_file, "wb") as f:
+                        f.truncate(btrfs_image)
+                    btrfs.mkfs(self.image_file)
+                except OSError as e:
+                    self.image_file.unlink(missing_ok=True)
+                    raise write_error(e, self.image_file) from e
+                except BaseException:
+                    # a file mkfs could not format (a full disk) is no store: not left behind
+                    self.image_file.unlink(missing_ok=True)
+                    raise
                 st.store = {"backing": "image", "image": str(self.image_file), "size": btrfs_image}
             self.ensure_mounted(st)
         else:
