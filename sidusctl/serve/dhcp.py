@@ -40,7 +40,7 @@ from sidusctl.serve.dhcp_config import (
     Reservation,
     interface_ipv4,
 )
-from sidusctl.serve.leases import LeaseStore
+from sidusctl.serve.leases import LeaseStore, LeaseWriteError
 
 log = get_logger("serve.dhcp")
 
@@ -413,6 +413,10 @@ class DhcpServer:
             lease_s = self.cfg.lease_time
             try:
                 self.store.bind(mac, ip, hostname, now + lease_s)
+            except LeaseWriteError as e:
+                # no ACK without a committed lease; no NAK either: the client asks again,
+                # and gets its ACK once the store can be written
+                return self._ignore(mac, f"REQUEST ({state}) for {ip}: {e}", logging.WARNING)
             except StateError as e:
                 return self._nak(pkt, mac, f"cannot lease {ip}: {e}")
             kept = ""
@@ -482,7 +486,11 @@ class DhcpServer:
         assert self.store is not None
         if pkt.opt_ip(dc.OPT_SERVER_ID) not in (None, self.server_ip):
             return self._ignore(mac, "RELEASE for another server", logging.DEBUG)
-        if self.store.release(mac, pkt.ciaddr):
+        try:
+            released = self.store.release(mac, pkt.ciaddr)
+        except LeaseWriteError as e:
+            return self._ignore(mac, f"RELEASE {pkt.ciaddr}: {e}", logging.WARNING)
+        if released:
             self.stats.releases += 1
             log.info("DHCP %s: RELEASE %s: lease ended", mac, pkt.ciaddr)
         else:
@@ -497,7 +505,10 @@ class DhcpServer:
         lease = self.store.by_ip.get(ip)
         if lease is None or lease.mac != mac:
             return self._ignore(mac, f"DECLINE of {ip}, which it does not hold")
-        self.store.decline(ip, time.time() + DECLINE_HOLD)
+        try:
+            self.store.decline(ip, time.time() + DECLINE_HOLD)
+        except LeaseWriteError as e:
+            return self._ignore(mac, f"DECLINE {ip}: {e}", logging.WARNING)
         self.stats.declines += 1
         log.warning("DHCP %s: DECLINE %s: address in use by another host; set aside %d s",
                     mac, ip, DECLINE_HOLD)

@@ -57,6 +57,23 @@ class Lease:
                 "expires": self.expires, "state": self.state}
 
 
+class LeaseWriteError(StateError):
+    """A change could not be committed to the lease store (its file system is full or
+    read-only, or the disk failed): nothing of it was applied, on disk or in memory."""
+
+
+#: SQLite's primary result codes for a store that cannot be written: SQLITE_READONLY,
+#: SQLITE_IOERR, SQLITE_CANTOPEN, SQLITE_FULL (https://sqlite.org/rescode.html)
+_NO_WRITE = {8: "read-only", 10: "I/O error", 13: "full", 14: "cannot be opened"}
+
+
+def _no_write(e: sqlite3.Error) -> str | None:
+    """What ``e`` says of a store that cannot be written ("full", "read-only"...), or None
+    when it is another error."""
+    code = getattr(e, "sqlite_errorcode", None)
+    return _NO_WRITE.get(code & 0xFF) if isinstance(code, int) else None
+
+
 def _row(r: tuple[str, str | None, str | None, float, str]) -> Lease:
     return Lease(IPv4Address(r[0]), r[1], r[2], float(r[3]), r[4])
 
@@ -66,7 +83,8 @@ class LeaseStore:
     from memory; every change is one committed transaction first, then applied in memory.
 
     :class:`BusyError` if another server holds the store; :class:`StateError` if the file is
-    not a lease database."""
+    not a lease database or cannot be written (a full or read-only file system).
+    A change that cannot be committed raises :class:`LeaseWriteError` and changes nothing."""
 
     def __init__(self, path: Path, *, durable: bool = False) -> None:
         self.path = path
@@ -80,8 +98,11 @@ class LeaseStore:
             self._db.executescript(_SCHEMA)
             rows = self._db.execute(
                 "SELECT ip, mac, hostname, expires, state FROM leases").fetchall()
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, OSError) as e:
             self._lock.release()
+            why = _no_write(e) if isinstance(e, sqlite3.Error) else "cannot be made"
+            if why is not None:
+                raise StateError(f"{path}: cannot write the lease database ({why}: {e})") from e
             raise StateError(f"{path}: not a usable lease database ({e})") from e
         self.by_ip: dict[IPv4Address, Lease] = {}
         self.by_mac: dict[str, Lease] = {}
@@ -97,6 +118,21 @@ class LeaseStore:
         self._db.close()
         self._lock.release()
 
+    def _commit(self, *statements: tuple[str, tuple[object, ...]]) -> None:
+        """Run ``statements`` as one transaction; :class:`LeaseWriteError` naming the file if
+        it cannot be committed because the file cannot be written (rolled back: the store is
+        as it was); other :class:`sqlite3.Error` as raised."""
+        try:
+            with self._db:  # one transaction, rolled back on an exception
+                self._db.execute("BEGIN IMMEDIATE")
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+        except sqlite3.Error as e:
+            why = _no_write(e)
+            if why is None:
+                raise  # not the store's disk: a bug, counted as one by the server
+            raise LeaseWriteError(f"{self.path}: cannot commit a lease change ({why}: {e})") from e
+
     def holder(self, ip: IPv4Address, now: float) -> str | None:
         """The MAC that holds ``ip`` now, ``"declined"`` for a declined address, or None."""
         lease = self.by_ip.get(ip)
@@ -107,19 +143,17 @@ class LeaseStore:
     def bind(self, mac: str, ip: IPv4Address, hostname: str | None, expires: float) -> Lease:
         """Bind ``ip`` to ``mac`` until ``expires``; drops the MAC's other lease. Committed
         before it returns. :class:`StateError` if another machine holds ``ip`` and its lease
-        has not expired (the caller NAKs)."""
+        has not expired (the caller NAKs); :class:`LeaseWriteError` if the change cannot be
+        committed (nothing changed: the caller must not ACK)."""
         now = time.time()
         other = self.holder(ip, now)
         if other is not None and other != mac:
             raise StateError(f"{ip} is held by {other} until "
                              f"{time.strftime('%H:%M:%S', time.localtime(self.by_ip[ip].expires))}")
         lease = Lease(ip, mac, hostname, expires, "bound")
-        with self._db:  # one transaction
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM leases WHERE mac = ? OR ip = ?", (mac, str(ip)))
-            self._db.execute(
-                "INSERT INTO leases (ip, mac, hostname, expires, state, updated) "
-                "VALUES (?, ?, ?, ?, 'bound', ?)", (str(ip), mac, hostname, expires, now))
+        self._commit(("DELETE FROM leases WHERE mac = ? OR ip = ?", (mac, str(ip))),
+                     ("INSERT INTO leases (ip, mac, hostname, expires, state, updated) "
+                      "VALUES (?, ?, ?, ?, 'bound', ?)", (str(ip), mac, hostname, expires, now)))
         old = self.by_mac.pop(mac, None)
         if old is not None:
             self.by_ip.pop(old.ip, None)
@@ -131,25 +165,22 @@ class LeaseStore:
         return lease
 
     def release(self, mac: str, ip: IPv4Address) -> bool:
-        """End ``mac``'s lease on ``ip`` (DHCPRELEASE); False if it held none."""
+        """End ``mac``'s lease on ``ip`` (DHCPRELEASE); False if it held none.
+        :class:`LeaseWriteError` if the change cannot be committed (the lease stays)."""
         lease = self.by_mac.get(mac)
         if lease is None or lease.ip != ip:
             return False
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM leases WHERE mac = ?", (mac,))
+        self._commit(("DELETE FROM leases WHERE mac = ?", (mac,)))
         del self.by_mac[mac]
         self.by_ip.pop(ip, None)
         return True
 
     def decline(self, ip: IPv4Address, until: float) -> None:
-        """Mark ``ip`` unusable until ``until`` (DHCPDECLINE: someone else answers ARP for it)."""
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM leases WHERE ip = ?", (str(ip),))
-            self._db.execute(
-                "INSERT INTO leases (ip, mac, hostname, expires, state, updated) "
-                "VALUES (?, NULL, NULL, ?, 'declined', ?)", (str(ip), until, time.time()))
+        """Mark ``ip`` unusable until ``until`` (DHCPDECLINE: someone else answers ARP for it).
+        :class:`LeaseWriteError` if the change cannot be committed (nothing changed)."""
+        self._commit(("DELETE FROM leases WHERE ip = ?", (str(ip),)),
+                     ("INSERT INTO leases (ip, mac, hostname, expires, state, updated) "
+                      "VALUES (?, NULL, NULL, ?, 'declined', ?)", (str(ip), until, time.time())))
         old = self.by_ip.pop(ip, None)
         if old is not None and old.mac:
             self.by_mac.pop(old.mac, None)
