@@ -10,8 +10,8 @@ import errno
 import fcntl
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -97,9 +97,21 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644, *,
     is left."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise write_error(e, path) from e
+    # named before it exists, so that an exception at any point after its creation (SIGTERM's
+    # Interrupted, Ctrl-C) removes it: mkstemp's name was lost to one raised as it returned
+    tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp"))
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError as e:  # another's (2**-32): not ours to remove
+        raise write_error(e, path) from e
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # not made (ENOENT), or a read-only fs (EROFS)
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise write_error(e, path) from e
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
