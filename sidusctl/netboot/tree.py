@@ -13,6 +13,9 @@ Layout written under the TFTP root::
 
 Re-rendering writes only files whose content changed (each by temp file + rename), and removes
 files a previous render wrote that are no longer wanted (listed in ``.sidusctl-pxe.json``).
+One render at a time per tree: ``.sidusctl-pxe.lock`` (a :class:`FileLock`, removed by a render
+that ends) is waited for; a render that finds the record of one killed holding it removes
+that one's temp files (``.NAME.*tmp``) first.
 Sources: syslinux wiki (PXELINUX config lookup), iPXE scripting docs, GRUB manual "Network".
 """
 
@@ -26,7 +29,7 @@ from pathlib import Path
 from sidusctl.core.errors import ConfigError, PrerequisiteError, SidusError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
-from sidusctl.core.state import atomic_copy, atomic_write_bytes, read_json, write_json
+from sidusctl.core.state import FileLock, atomic_copy, atomic_write_bytes, read_json, write_json
 from sidusctl.netboot import secureboot
 from sidusctl.netboot.inventory import Inventory, Node
 from sidusctl.subsys.templates import render
@@ -35,6 +38,8 @@ from sidusctl.subsys.treecopy import file_sha256
 log = get_logger("boot.pxe")
 
 MANIFEST = ".sidusctl-pxe.json"
+#: held while a render writes the tree (see the module doc)
+LOCK = ".sidusctl-pxe.lock"
 PXELINUX_DIRS = ("/usr/lib/PXELINUX",)
 SYSLINUX_BIOS_DIRS = ("/usr/lib/syslinux/modules/bios",)
 BIOS_FILES = {"pxelinux.0": PXELINUX_DIRS, "ldlinux.c32": SYSLINUX_BIOS_DIRS,
@@ -284,7 +289,9 @@ def write_tree(
     ``shim``: it must be there (:class:`PrerequisiteError` naming the missing packages);
     ``signed_grub``: the signed GRUB to place instead of the host package's
     (:func:`sidusctl.netboot.secureboot.chain`; :class:`ConfigError` if it is no EFI binary).
-    :class:`ConfigError` naming ``tftp_root`` if it cannot be made a directory."""
+    :class:`ConfigError` naming ``tftp_root`` if it cannot be made a directory;
+    :class:`StateError` if the tree's lock file cannot be opened. Waits while another render
+    writes the same tree."""
     missing = [n for n in inv.images() if n not in images]
     if missing:
         raise SidusError(f"no kernel/initrd known for image(s): {', '.join(missing)}")
@@ -300,6 +307,44 @@ def write_tree(
     except OSError as e:
         raise ConfigError(str(tftp_root), None, f"cannot create the TFTP root: {e.strerror}",
                           expected="a directory, or a path where one can be made") from None
+    # two renders at once shared grub-mkimage's temp file and atomic_copy's (one deleted the
+    # other's: exit 70) and each removed files the other's inventory wanted
+    lock = FileLock(tftp_root / LOCK, f"the TFTP tree {tftp_root}", remove=True)
+    lock.acquire(wait=True)
+    try:
+        if lock.left_behind is not None:
+            _remove_temp_files(tftp_root)
+        return _write_tree_locked(tftp_root, inv, images, bios_dirs=bios_dirs,
+                                  progress=progress, report_url=report_url, shim=shim,
+                                  signed_grub=signed_grub)
+    finally:
+        lock.release()
+
+
+def _remove_temp_files(tftp_root: Path) -> None:
+    """Remove the temp files a render killed while writing ``tftp_root`` left: ``.NAME.tmp``,
+    ``.NAME.XXXXXXXX.tmp`` (:func:`atomic_copy`, :func:`atomic_write_bytes`) and grub-mkimage's
+    ``.grubnetx64.efi.build-tmp``, in the root and the directories a render writes."""
+    for d in (tftp_root, *(tftp_root / s for s in ("pxelinux.cfg", "ipxe", "grub",
+                                                      "grub/x86_64-efi"))):
+        for p in d.glob(".*tmp") if d.is_dir() else ():
+            if p.is_file() and not p.is_symlink() and p.name.endswith((".tmp", ".build-tmp")):
+                log.warning("removing %s, left by a render that was killed", p)
+                p.unlink(missing_ok=True)
+
+
+def _write_tree_locked(
+    tftp_root: Path,
+    inv: Inventory,
+    images: Mapping[str, ImageFiles],
+    *,
+    bios_dirs: Mapping[str, Iterable[str]] | None,
+    progress: Callable[[str], None] | None,
+    report_url: str | None,
+    shim: bool,
+    signed_grub: Path | None,
+) -> RenderReport:
+    """:func:`write_tree` once the tree's lock is held."""
     report = RenderReport()
     wanted: set[str] = set()
 
