@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidusctl.core.errors import BusyError, NotFoundError, StateError
+from sidusctl.core.errors import BusyError, NotFoundError, SidusError, StateError
 from sidusctl.core.log import get_logger
 from sidusctl.core.state import FileLock, ensure_dir, locked, read_json, write_error, write_json
 from sidusctl.subsys import squashfs
@@ -144,12 +144,16 @@ def export(state: Path, image: str, *, generation: str = "current",
     tree was exported already: hard link). ``force`` rebuilds. Raises
     :class:`~sidusctl.core.errors.NotFoundError` for an unknown image or generation,
     :class:`~sidusctl.core.errors.StateError` naming what could not be written (a full
-    or read-only state directory), and what :func:`sidusctl.subsys.squashfs.build`
-    raises."""
+    or read-only state directory), :class:`~sidusctl.core.errors.NotFoundError` or
+    :class:`~sidusctl.core.errors.BusyError` when the generation was removed or changed while
+    it was packed (``image rm``, a new generation's prune: nothing is exported then), and
+    what :func:`sidusctl.subsys.squashfs.build` raises. Waits while another export or a
+    prune of the image runs; removes the temp files of one killed meanwhile."""
     img = _generation(state, image, generation)
     gen = img.dir.name
     d = ensure_dir(squash_dir(state, image))
     with locked(d / ".lock", f"squashfs exports of '{image}'", wait=True):
+        _remove_temp_files(d)
         exclude = exclude_of(img)
         fp = _fingerprint(img.rootfs, level, exclude)
         have = _load(image, d, gen)
@@ -171,7 +175,7 @@ def export(state: Path, image: str, *, generation: str = "current",
             log.info("squashfs: %s %s has the same tree as %s: linked", image, gen,
                      twin.generation)
         else:
-            size, sha256, tree = _build(img.rootfs, dest, level, exclude)
+            size, sha256, tree = _build(img, dest, level, exclude, fp)
         ex = Export(image, gen, dest, size, sha256, fp, time.time(), exclude, tree)
         rec = ex.as_dict()
         del rec["path"]
@@ -179,15 +183,56 @@ def export(state: Path, image: str, *, generation: str = "current",
         return ex, how
 
 
-def _build(rootfs: Path, dest: Path, level: int,
-           exclude: tuple[str, ...]) -> tuple[int, str, dm_verity.VerityInfo]:
-    """Pack ``rootfs`` and append the hash tree, on a temp name renamed to ``dest`` when
+def _remove_temp_files(d: Path) -> None:
+    """Remove the temp files (``.gen-*`` and ``..gen-*``: the packed file before its hash
+    tree, mksquashfs's output, a link, a record being written) of exports killed before they
+    could, hundreds of MiB each. Called with the directory's lock held: every export and
+    prune holds it, so any temp file there is a dead holder's."""
+    for p in d.glob(".*gen-*"):
+        if p.is_file() and not p.is_symlink():
+            log.warning("squashfs: removing %s, left by an export that was killed", p)
+            p.unlink(missing_ok=True)
+
+
+def _changed(img: Image, level: int, exclude: tuple[str, ...], fp: str) -> SidusError | None:
+    """The error to raise when generation ``img`` is no longer the tree fingerprinted as
+    ``fp``: removed (``image rm``, a prune) or changed while it was packed; None if it is the
+    same."""
+    what = f"generation {img.dir.name} of image '{img.name}'"
+    if not img.rootfs.is_dir():
+        return NotFoundError(f"{what} was removed while it was being packed (by another "
+                             "sidusctl command); nothing exported")
+    try:
+        same = _fingerprint(img.rootfs, level, exclude) == fp
+    except (OSError, SidusError):
+        same = False
+    if same:
+        return None
+    return BusyError(f"{what} changed while it was being packed (another sidusctl command "
+                     "changed or removed it); nothing exported", hint="run it again")
+
+
+def _build(img: Image, dest: Path, level: int, exclude: tuple[str, ...],
+           fp: str) -> tuple[int, str, dm_verity.VerityInfo]:
+    """Pack ``img``'s rootfs and append the hash tree, on a temp name renamed to ``dest`` when
     complete; the file's size, SHA-256 and verity parameters. The salt is the packed
     squashfs's SHA-256: the same tree still gives the same bytes. :class:`WriteError`
-    naming ``dest`` when the hash tree cannot be written (the temp file is removed)."""
+    naming ``dest`` when the hash tree cannot be written (the temp file is removed);
+    :class:`NotFoundError` or :class:`BusyError` when the tree is no longer the one
+    fingerprinted as ``fp`` once packed (removed or changed meanwhile by another command:
+    the file would hold part of it), ``dest`` then as it was."""
     tmp = dest.with_name(f".{dest.name}.verity-{os.getpid()}")
     try:
-        info = squashfs.build(rootfs, tmp, level=level, exclude=exclude)
+        try:
+            info = squashfs.build(img.rootfs, tmp, level=level, exclude=exclude)
+        except SidusError as e:  # mksquashfs fails when files vanish under it
+            gone = _changed(img, level, exclude, fp)
+            if gone is None:
+                raise
+            raise gone from e
+        changed = _changed(img, level, exclude, fp)
+        if changed is not None:
+            raise changed
         try:
             tree, sha256 = dm_verity.append_tree(tmp, bytes.fromhex(info.sha256))
             os.replace(tmp, dest)
@@ -253,6 +298,7 @@ def prune(state: Path, image: str, keep: set[str], retain: int = DEFAULT_RETAIN)
         return []
     removed: list[str] = []
     try:
+        _remove_temp_files(d)
         exports = list_exports(state, image)
         newest = {e.generation for e in exports[-retain:]} if retain > 0 else set()
         for e in exports:
