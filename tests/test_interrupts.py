@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from sidusctl.core.state import FileLock
 from sidusctl.netboot import tree
 from sidusctl.subsys.imagestore import ImageStore
 from tests.conftest import REPO, SIDUSCTL, sidusctl
@@ -235,3 +236,35 @@ def test_render_killed_while_writing_leaves_no_temp_file_for_good(state: Path) -
     assert res.returncode == 0, res.stderr
     assert not list(tftp.rglob(".*tmp")), list(tftp.rglob(".*tmp"))
     assert_refused(sidusctl("image", "show", "sdt-nosuch", state=state), 4, "sdt-nosuch")
+
+
+def test_image_rm_deletes_the_directory_before_it_lets_the_lock_go(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command that takes an image's lock the moment ``image rm`` lets it go (an import of
+    the same name) keeps what it makes: the directory went while the lock was held. (It was
+    deleted after the release, the new generation with it.) The moment is made certain by
+    running the second command from inside the release."""
+    state = tmp_path / "sdt-state"
+
+    def make(store: ImageStore) -> None:
+        with store.new_generation("img") as gen:
+            (gen.rootfs / "etc").mkdir(parents=True)
+            gen.write_manifest({"name": "img", "kind": "test"})
+
+    store = ImageStore(state, recover=False)
+    make(store)
+    lock_path = store.image_dir("img") / ".lock"
+    real_release = FileLock.release
+    started: list[bool] = []
+
+    def release(self: FileLock) -> None:
+        real_release(self)
+        if self.path == lock_path and not started:
+            started.append(True)
+            make(ImageStore(state, recover=False))  # another command, its own lock
+
+    monkeypatch.setattr(FileLock, "release", release)
+    store.remove("img")
+    monkeypatch.undo()
+    assert started
+    assert (ImageStore(state, recover=False).get("img").rootfs / "etc").is_dir()

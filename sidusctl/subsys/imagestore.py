@@ -382,13 +382,16 @@ class ImageStore:
         return self.get(name)
 
     def remove(self, name: str) -> None:
-        """Delete every generation of ``name`` (refused while another process holds it)."""
+        """Delete every generation of ``name`` (refused while another process holds it).
+        The image's directory goes too, lock file included, while the lock is held: a build
+        or import of the same name that takes the lock afterwards starts a new directory,
+        where one starting between the release and the deletion lost its generation."""
         d = self.image_dir(name)
         if not d.is_dir():
             raise NotFoundError(f"no image named '{name}' in {self.root}")
         with self.lock(name):
             self._discard_contents(d)
-        shutil.rmtree(d, ignore_errors=True)
+            shutil.rmtree(d, ignore_errors=True)
 
     def _discard(self, path: Path, orphans: bool = False) -> None:
         if not path.exists():
