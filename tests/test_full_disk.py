@@ -270,6 +270,47 @@ def test_import_into_a_full_state_dir(small_fs: SmallFs, tmp_path: Path) -> None
     assert res.returncode == 0, res.stderr
 
 
+
+def test_import_whose_tarball_does_not_fit_says_the_image_is_imported(
+        small_fs: SmallFs, tmp_path: Path) -> None:
+    """``import --tar OUT`` with OUT on a full disk: the image is in the store (it was
+    published before the copy), and the error says so, where it said only "cannot write
+    OUT"; no partial OUT is left."""
+    state = tmp_path / "sdt-state"
+    layer = tar_of([ti("etc", tarfile.DIRTYPE), ti("etc/hostname", data=b"x\n"),
+                    ti("blob", data=os.urandom(256 << 10))])
+    layout = write_oci_layout(tmp_path / "sdt-layout", [layer])
+    small_fs.fill(leave=16 << 10)
+    out = small_fs.path / "sdt-imp.tar.zst"
+    res = sidusctl("import", f"oci:{layout}:latest", "sdt-imp", "--tar", str(out), state=state)
+    assert_refused(res, 1, "image 'sdt-imp' is imported (gen-", "its tarball could not be "
+                   f"copied to {out}", "No space left on device")
+    assert not out.exists() and leftovers(small_fs.path) == []
+    assert sidusctl("image", "show", "sdt-imp", state=state).returncode == 0
+
+
+def test_build_copy_out_that_does_not_fit_says_the_image_is_built(
+        small_fs: SmallFs, tmp_path: Path) -> None:
+    """``build --out DIR`` copies the kernel, initrd and tarball out after the build; with
+    DIR on a full disk that was a raw OSError (exit 70 after a whole build). Now a
+    WriteError that says the image is built and what was copied, and no partial file."""
+    from sidusctl.image.exports import copy_out
+
+    gen = store_image(tmp_path / "sdt-state", "sdt-b")
+    (gen / "sdt-b.tar.zst").write_bytes(os.urandom(64 << 10))  # does not fit below
+    small_fs.fill(leave=12 << 10)
+    out = small_fs.path / "out"
+    image = ImageStore(tmp_path / "sdt-state", recover=False).get("sdt-b")
+    with pytest.raises(WriteError) as e:
+        copy_out(image, out)
+    msg = str(e.value)
+    assert f"image 'sdt-b' is built ({gen.name})" in msg and str(out) in msg, msg
+    assert "copied: vmlinuz-sdt-b, initrd.img-sdt-b" in msg, msg
+    assert sorted(p.name for p in out.iterdir()) == ["initrd.img-sdt-b", "vmlinuz-sdt-b"]
+    small_fs.free()
+    copy_out(image, out)
+    assert (out / "sdt-b.tar.zst").read_bytes() == (gen / "sdt-b.tar.zst").read_bytes()
+
 # -- the DHCP lease store ----------------------------------------------------------------------
 
 SERVER = IPv4Address("10.0.0.1")

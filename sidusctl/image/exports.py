@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sidusctl.core.errors import CommandError
+from sidusctl.core.errors import CommandError, WriteError
 from sidusctl.image.common import Reporter, explain
 from sidusctl.image.recipe import Recipe
 from sidusctl.subsys.imagestore import Image
@@ -52,11 +52,28 @@ def version_key(p: Path) -> list[Any]:
 
 def copy_out(image: Image, out: Path) -> None:
     """Copy ``image``'s kernel, initrd and rootfs tarball, those it has, into ``out``
-    (created), keeping their names and times (``--out``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for p in (image.kernel, image.initrd, image.tarball):
-        if p is not None and p.exists():
-            shutil.copy2(p, out / p.name)
+    (created), keeping their names and times (``--out``), each under a temp name renamed
+    when complete. :class:`WriteError` when ``out`` cannot take them (a full or read-only
+    file system): it says that the image itself is built, which files were copied before,
+    and leaves no partial file."""
+    done: list[str] = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for p in (image.kernel, image.initrd, image.tarball):
+            if p is None or not p.exists():
+                continue
+            tmp = out / f".{p.name}.tmp"
+            try:
+                shutil.copy2(p, tmp)
+                os.replace(tmp, out / p.name)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            done.append(p.name)
+    except OSError as e:
+        copied = f" (copied: {', '.join(done)})" if done else ""
+        raise WriteError(f"image '{image.name}' is built ({image.dir.name}), but its files "
+                         f"could not be copied to {out}: {e.strerror or e}{copied}", e) from e
 
 
 

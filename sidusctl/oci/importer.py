@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sidusctl import __version__
-from sidusctl.core.errors import StateError
+from sidusctl.core.errors import StateError, WriteError
 from sidusctl.core.log import get_logger
 from sidusctl.core.report import Reporter
 from sidusctl.core.state import atomic_copy
@@ -121,7 +121,9 @@ def import_image(store: ImageStore, source: str, name: str, opts: ImportOptions,
 
     Raises :class:`ImageError` (bad/unsafe/corrupt image, with the layer and entry named),
     :class:`ConfigError` (bad options), :class:`BusyError` (image locked), CommandError
-    (tar export failed). On any error the previous generation stays current.
+    (tar export failed), :class:`WriteError` when the tarball cannot be written to
+    ``opts.tar`` (the image is imported then: its message says so). On any other error
+    the previous generation stays current.
     """
     rep = reporter or _Quiet()
     if opts.tar is not None:
@@ -180,12 +182,13 @@ def import_image(store: ImageStore, source: str, name: str, opts: ImportOptions,
         gen.write_manifest(manifest)
     image = store.get(name)
     if opts.tar is not None and image.tarball is not None:
-        _copy_out(image.tarball, opts.tar)
+        try:
+            atomic_copy(image.tarball, opts.tar.absolute(), mode=None, link=True)
+        except OSError as e:  # WriteError: a full or read-only file system
+            raise WriteError(f"image '{name}' is imported ({image.dir.name}), but its tarball "
+                             f"could not be copied to {opts.tar}: {e.strerror or e}",
+                             e) from e
     return image, manifest
-
-
-def _copy_out(src: Path, dest: Path) -> None:
-    atomic_copy(src, dest.absolute(), mode=None, link=True)
 
 
 __all__ = ["ImageError", "ImportOptions", "apply_image", "import_image", "resolve"]
