@@ -175,6 +175,36 @@ def test_image_rm_names_every_bad_or_unknown_image_and_removes_none(tmp_path: Pa
     assert (state / "images" / "good" / "current").is_dir()
 
 
+
+def test_image_rm_refuses_an_image_running_nodes_hold_unless_forced(tmp_path: Path) -> None:
+    """A generation serve-pxe holds for the nodes that booted it (their root is still
+    served) is not deleted from under them: exit 5 naming the image and the generation,
+    nothing removed, not even the other images named; ``--force`` deletes it. An expired
+    hold does not count."""
+    import time
+
+    from sidusctl.subsys.imagestore import ImageStore
+
+    state = tmp_path / "sdt-state"
+    store = ImageStore(state, recover=False)
+    for name in ("held", "free", "stale"):
+        with store.new_generation(name) as gen:
+            (gen.rootfs / "etc").mkdir(parents=True)
+            gen.write_manifest({"name": name, "kind": "test"})
+    gen_held = store.get("held").dir.name
+    store.set_holds("held", "serve-pxe", {gen_held: time.time() + 600})
+    store.set_holds("stale", "serve-pxe", {store.get("stale").dir.name: time.time() - 1})
+    res = sidusctl("image", "rm", "free", "held", "stale", state=state, timeout=60)
+    assert res.returncode == 5, res.stderr
+    assert f"image 'held' is held by running nodes that booted it ({gen_held})" in res.stderr
+    assert "image rm --force" in res.stderr and "Traceback" not in res.stderr
+    assert {p.name for p in (state / "images").iterdir()} == {"held", "free", "stale"}
+    res = sidusctl("image", "rm", "free", "stale", state=state, timeout=60)
+    assert res.returncode == 0, res.stderr
+    res = sidusctl("image", "rm", "--force", "held", state=state, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert list((state / "images").iterdir()) == []
+
 def test_vnode_commands_on_several_unknown_vnodes_exit_not_found(tmp_path: Path) -> None:
     res = sidusctl("vnode", "destroy", "sdt-a", "sdt-b", state=tmp_path / "st", timeout=60)
     assert res.returncode == 4, res.stderr

@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from sidusctl.cli.common import console, emit_json, get_ctx, human_size, need_root
-from sidusctl.core.errors import ConfigError, ConfigErrors, NotFoundError
+from sidusctl.core.errors import BusyError, ConfigError, ConfigErrors, NotFoundError
 from sidusctl.core.units import parse_size
 from sidusctl.subsys.imagestore import Image, ImageStore
 
@@ -97,25 +97,35 @@ def show_cmd(name: str, as_json: bool, packages: bool) -> None:
 
 @image_group.command("rm")
 @click.argument("names", nargs=-1, required=True)
-def rm_cmd(names: tuple[str, ...]) -> None:
-    """Delete images (every generation)."""
+@click.option("--force", is_flag=True,
+              help="Delete even generations that running nodes booted and serve-pxe holds.")
+def rm_cmd(names: tuple[str, ...], force: bool) -> None:
+    """Delete images (every generation). Refused while running nodes hold a generation
+    (serve-pxe's holds: their roots are still served), unless --force."""
     need_root("sidusctl image rm")
     store = ImageStore(get_ctx().state)
     # every name checked before any image goes: all problems at once, nothing half-done
     bad: list[ConfigError] = []
     missing: list[str] = []
+    held: list[str] = []
     for n in names:
         try:
             if not store.image_dir(n).is_dir():
                 missing.append(f"no image named '{n}' in {store.root}")
+            elif not force:
+                store.check_removable(n)
         except ConfigError as e:
             bad.append(e)
+        except BusyError as e:
+            held.append(str(e))
     if bad:
         raise ConfigErrors(bad)
     if missing:
         raise NotFoundError("\n".join(missing))
+    if held:
+        raise BusyError("\n".join(held), hint="stop those nodes, or: sidusctl image rm --force")
     for n in names:
-        store.remove(n)
+        store.remove(n, force=force)
         console.print(f"removed image '{n}'", highlight=False)
 
 

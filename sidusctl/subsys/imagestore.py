@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidusctl.core.errors import ConfigError, NotFoundError, StateError, WriteError
+from sidusctl.core.errors import BusyError, ConfigError, NotFoundError, StateError, WriteError
 from sidusctl.core.log import get_logger
 from sidusctl.core.state import NO_ROOM, FileLock, ensure_dir, publish, read_json, write_json
 from sidusctl.subsys import procs, tarball
@@ -381,15 +381,32 @@ class ImageStore:
                             prev, e.strerror or e)
         return self.get(name)
 
-    def remove(self, name: str) -> None:
-        """Delete every generation of ``name`` (refused while another process holds it).
-        The image's directory goes too, lock file included, while the lock is held: a build
-        or import of the same name that takes the lock afterwards starts a new directory,
-        where one starting between the release and the deletion lost its generation."""
+    def check_removable(self, name: str, now: float | None = None) -> None:
+        """:class:`BusyError` if a holder (serve-pxe, for the nodes that booted them) still
+        holds generations of ``name`` (:meth:`held`): deleting them would take the root from
+        under running nodes. The message names the generations and when the last hold ends."""
+        held = self.held(name, now)
+        if held:
+            until = time.strftime("%H:%M:%S", time.localtime(max(held.values())))
+            raise BusyError(f"image '{name}' is held by running nodes that booted it "
+                            f"({', '.join(sorted(held))}), until {until} at the latest: "
+                            "their roots are still served",
+                            hint="stop those nodes (their holds end --hold-time after they "
+                                 f"were last seen), or: sidusctl image rm --force {name}")
+
+    def remove(self, name: str, *, force: bool = False) -> None:
+        """Delete every generation of ``name``: refused while another process holds its lock,
+        and, unless ``force``, while nodes hold some of its generations
+        (:meth:`check_removable`: :class:`BusyError`). The image's directory goes too, lock
+        file included, while the lock is held: a build or import of the same name that takes
+        the lock afterwards starts a new directory, where one starting between the release
+        and the deletion lost its generation."""
         d = self.image_dir(name)
         if not d.is_dir():
             raise NotFoundError(f"no image named '{name}' in {self.root}")
         with self.lock(name):
+            if not force:
+                self.check_removable(name)
             self._discard_contents(d)
             shutil.rmtree(d, ignore_errors=True)
 
