@@ -314,3 +314,41 @@ def test_store_keeps_held_generations_until_the_hold_expires(tmp_path: Path) -> 
     (other.root / "img").symlink_to(store.image_dir("img"))
     store.set_holds("img", "serve-pxe@sdt-br", {})
     assert other.prune("img") == []
+
+
+def test_a_prune_during_a_reload_keeps_the_current_generations_export(tmp_path: Path) -> None:
+    """serve-pxe's reload exports the new current generation, then renders the boot tree, and
+    only then serves it (its loader's files). A prune in that window (every 30 s) kept only
+    what the old files named and the nodes held: with ``--retain 0`` it deleted the fresh
+    export, and the next boots had no root (seen once in CI's squashfs boot test). The
+    store's current generation is kept whatever the loader says yet."""
+    from types import SimpleNamespace
+
+    from sidusctl.netboot.pxesupervisor import PxeSupervisor
+    from sidusctl.serve import supervisor
+
+    state = tmp_path / "state"
+    d = make_store(state, ["gen-20260101T000000-1"])
+    squash.export(state, "img")
+    (d / "gen-20260102T000000-1").mkdir()
+    shutil.copytree(d / "gen-20260101T000000-1" / "rootfs", d / "gen-20260102T000000-1" / "rootfs",
+                    symlinks=True)
+    (d / "gen-20260102T000000-1" / "rootfs" / "etc" / "new").write_text("B\n")
+    os.replace(_link(d, "gen-20260102T000000-1"), d / "current")
+    squash.export(state, "img")  # the reload's export of the new current generation
+
+    class Loader:  # what the supervisor reads of serve-pxe's loader, before the swap
+        def __init__(self) -> None:
+            self.opts = SimpleNamespace(serve_dir=tmp_path / "serve", state=state,
+                                        hold_time=900, interface="sdt-x", retain=0)
+            self.inventory = parse(INV, known_images=["img"])
+            self.files: dict[str, object] = {}  # the new files are not applied yet
+            self.nfs = None
+
+        def __call__(self) -> supervisor.ServeConfig:
+            return supervisor.ServeConfig()
+
+    sup = PxeSupervisor(Loader())  # type: ignore[arg-type]
+    removed = sup.prune()
+    assert squash.find(state, "img", "gen-20260102T000000-1") is not None, removed
+    assert "img/gen-20260101T000000-1" in removed  # what nothing holds still goes

@@ -270,14 +270,21 @@ class PxeSupervisor(supervisor.Supervisor):
         """Stop serving what no node holds any more: squashfs exports (beyond the retention
         count), NFS exports of generations, and the generation directories themselves
         (:meth:`ImageStore.prune`: never ``current`` or ``previous``); what was removed
-        (``image/generation`` for files and directories)."""
+        (``image/generation`` for files and directories). The export of each image's
+        ``current`` generation is kept, whether or not the boot tree names it yet."""
         inv = self.loader.inventory
         if inv is None:
             return []
         keep = self.sync_holds()
         out = []
+        store = ImageStore(self.loader.opts.state, recover=False)
         for name in squash_images(inv):
             gens = set(keep.get(name, {}))
+            # and the store's current generation: a reload exports it, then renders the boot
+            # tree, and serves it (self.loader.files) only after; a prune in between deleted
+            # the fresh export (--retain 0) and the next boots had no root
+            with contextlib.suppress(SidusError):
+                gens.add(store.get(name).dir.name)
             out += [f"{name}/{g}" for g in squash.prune(self.loader.opts.state, name, gens,
                                                         self.loader.opts.retain)]
         nfs = self.loader.nfs
@@ -286,7 +293,6 @@ class PxeSupervisor(supervisor.Supervisor):
             want.update({k: v for k, v in nfs.exports.items()
                          if k.partition("/")[2] in keep.get(k.partition("/")[0], {})})
             nfs.update(want)
-        store = ImageStore(self.loader.opts.state, recover=False)
         for name in inv.images():
             out += [f"{name}/{g} (directory)" for g in store.prune(name)]
         return out
