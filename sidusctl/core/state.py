@@ -12,7 +12,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +290,21 @@ def remove_left_dir(path: Path | None, markers: tuple[str, ...]) -> list[str]:
                                     path)
         return []
     return [f"work directory {path}"]
+
+
+def remove_left_files(dirs: Iterable[Path], pattern: str, what: str) -> list[Path]:
+    """Remove the regular files matching the glob ``pattern`` in each of ``dirs`` (those that
+    exist): temp files a killed writer left (``what`` says which, in the warning logged per
+    file). Only for a caller that holds the lock every such writer holds, so that none of
+    them belongs to a live process. The files removed."""
+    out: list[Path] = []
+    for d in dirs:
+        for p in d.glob(pattern) if d.is_dir() else ():
+            if p.is_file() and not p.is_symlink():
+                get_logger("state").warning("removing %s, left by %s that was killed", p, what)
+                p.unlink(missing_ok=True)
+                out.append(p)
+    return out
 
 
 def _record(raw: bytes) -> tuple[int, str] | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sidusctl.core.errors import CommandError, WriteError
+from sidusctl.core.state import atomic_copy
 from sidusctl.image.common import Reporter, explain
 from sidusctl.image.recipe import Recipe
 from sidusctl.subsys.imagestore import Image
@@ -52,8 +53,8 @@ def version_key(p: Path) -> list[Any]:
 
 def copy_out(image: Image, out: Path) -> None:
     """Copy ``image``'s kernel, initrd and rootfs tarball, those it has, into ``out``
-    (created), keeping their names and times (``--out``), each under a temp name renamed
-    when complete. :class:`WriteError` when ``out`` cannot take them (a full or read-only
+    (created), keeping their names, modes and times (``--out``), each by
+    :func:`~sidusctl.core.state.atomic_copy`. :class:`WriteError` when ``out`` cannot take them (a full or read-only
     file system): it says that the image itself is built, which files were copied before,
     and leaves no partial file."""
     done: list[str] = []
@@ -62,13 +63,9 @@ def copy_out(image: Image, out: Path) -> None:
         for p in (image.kernel, image.initrd, image.tarball):
             if p is None or not p.exists():
                 continue
-            tmp = out / f".{p.name}.tmp"
-            try:
-                shutil.copy2(p, tmp)
-                os.replace(tmp, out / p.name)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            atomic_copy(p, out / p.name, mode=None)
+            st = p.stat()
+            os.utime(out / p.name, ns=(st.st_atime_ns, st.st_mtime_ns))
             done.append(p.name)
     except OSError as e:
         copied = f" (copied: {', '.join(done)})" if done else ""

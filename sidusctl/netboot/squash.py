@@ -41,7 +41,15 @@ from typing import Any
 
 from sidusctl.core.errors import BusyError, NotFoundError, SidusError, StateError
 from sidusctl.core.log import get_logger
-from sidusctl.core.state import FileLock, ensure_dir, locked, read_json, write_error, write_json
+from sidusctl.core.state import (
+    FileLock,
+    ensure_dir,
+    locked,
+    read_json,
+    remove_left_files,
+    write_error,
+    write_json,
+)
 from sidusctl.subsys import squashfs
 from sidusctl.subsys import verity as dm_verity
 from sidusctl.subsys.imagestore import Image, ImageStore
@@ -188,10 +196,7 @@ def _remove_temp_files(d: Path) -> None:
     tree, mksquashfs's output, a link, a record being written) of exports killed before they
     could, hundreds of MiB each. Called with the directory's lock held: every export and
     prune holds it, so any temp file there is a dead holder's."""
-    for p in d.glob(".*gen-*"):
-        if p.is_file() and not p.is_symlink():
-            log.warning("squashfs: removing %s, left by an export that was killed", p)
-            p.unlink(missing_ok=True)
+    remove_left_files([d], ".*gen-*", "an export")
 
 
 def _changed(img: Image, level: int, exclude: tuple[str, ...], fp: str) -> SidusError | None:

@@ -29,7 +29,14 @@ from pathlib import Path
 from sidusctl.core.errors import ConfigError, PrerequisiteError, SidusError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
-from sidusctl.core.state import FileLock, atomic_copy, atomic_write_bytes, read_json, write_json
+from sidusctl.core.state import (
+    FileLock,
+    atomic_copy,
+    atomic_write_bytes,
+    read_json,
+    remove_left_files,
+    write_json,
+)
 from sidusctl.netboot import secureboot
 from sidusctl.netboot.inventory import Inventory, Node
 from sidusctl.subsys.templates import render
@@ -325,12 +332,9 @@ def _remove_temp_files(tftp_root: Path) -> None:
     """Remove the temp files a render killed while writing ``tftp_root`` left: ``.NAME.tmp``,
     ``.NAME.XXXXXXXX.tmp`` (:func:`atomic_copy`, :func:`atomic_write_bytes`) and grub-mkimage's
     ``.grubnetx64.efi.build-tmp``, in the root and the directories a render writes."""
-    for d in (tftp_root, *(tftp_root / s for s in ("pxelinux.cfg", "ipxe", "grub",
-                                                      "grub/x86_64-efi"))):
-        for p in d.glob(".*tmp") if d.is_dir() else ():
-            if p.is_file() and not p.is_symlink() and p.name.endswith((".tmp", ".build-tmp")):
-                log.warning("removing %s, left by a render that was killed", p)
-                p.unlink(missing_ok=True)
+    dirs = [tftp_root, *(tftp_root / s for s in ("pxelinux.cfg", "ipxe", "grub",
+                                                  "grub/x86_64-efi"))]
+    remove_left_files(dirs, ".*tmp", "a render")
 
 
 def _write_tree_locked(

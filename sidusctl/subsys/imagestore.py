@@ -35,7 +35,15 @@ from typing import Any
 
 from sidusctl.core.errors import BusyError, ConfigError, NotFoundError, StateError, WriteError
 from sidusctl.core.log import get_logger
-from sidusctl.core.state import NO_ROOM, FileLock, ensure_dir, publish, read_json, write_json
+from sidusctl.core.state import (
+    NO_ROOM,
+    FileLock,
+    ensure_dir,
+    publish,
+    read_json,
+    write_error,
+    write_json,
+)
 from sidusctl.subsys import procs, tarball
 from sidusctl.subsys.manifest import Manifest, StageRecord, as_manifest
 from sidusctl.subsys.mounts import mounts_under, umount_tree
@@ -320,9 +328,10 @@ class ImageStore:
     def _not_written(self, name: str, e: OSError, where: Path) -> WriteError:
         """The :class:`WriteError` for a generation of ``name`` that could not be written at
         ``where`` (or at the path the failed call names)."""
-        what = (e.message if isinstance(e, WriteError) else
-                f"cannot write {e.filename2 or e.filename or where} ({e.strerror or e})")
-        return WriteError(f"{what}: no new generation of image '{name}'; it is as it was", e)
+        if not isinstance(e, WriteError):
+            e = write_error(e, Path(e.filename2 or e.filename or where))
+        return WriteError(f"{e.message}: no new generation of image '{name}'; it is as it "
+                          "was", e)
 
     def _remove_if_empty(self, name: str) -> None:
         """After a refused first build/import: delete ``images/<name>/`` if nothing but its
