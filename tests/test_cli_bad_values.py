@@ -180,9 +180,11 @@ def test_image_rm_refuses_an_image_running_nodes_hold_unless_forced(tmp_path: Pa
     """A generation serve-pxe holds for the nodes that booted it (their root is still
     served) is not deleted from under them: exit 5 naming the image and the generation,
     nothing removed, not even the other images named; ``--force`` deletes it. An expired
-    hold does not count."""
+    hold does not count. An image removed takes its squashfs exports with it (nothing
+    else would remove them); a refused one keeps them."""
     import time
 
+    from sidusctl.netboot import squash
     from sidusctl.subsys.imagestore import ImageStore
 
     state = tmp_path / "sdt-state"
@@ -192,6 +194,10 @@ def test_image_rm_refuses_an_image_running_nodes_hold_unless_forced(tmp_path: Pa
             (gen.rootfs / "etc").mkdir(parents=True)
             gen.write_manifest({"name": name, "kind": "test"})
     gen_held = store.get("held").dir.name
+    for name in ("held", "free"):
+        squash.export(state, name, level=1)
+    exports = state / "netboot" / "squashfs"
+    assert {p.name for p in exports.iterdir()} == {"held", "free"}
     store.set_holds("held", "serve-pxe", {gen_held: time.time() + 600})
     store.set_holds("stale", "serve-pxe", {store.get("stale").dir.name: time.time() - 1})
     res = sidusctl("image", "rm", "free", "held", "stale", state=state, timeout=60)
@@ -199,11 +205,15 @@ def test_image_rm_refuses_an_image_running_nodes_hold_unless_forced(tmp_path: Pa
     assert f"image 'held' is held by running nodes that booted it ({gen_held})" in res.stderr
     assert "image rm --force" in res.stderr and "Traceback" not in res.stderr
     assert {p.name for p in (state / "images").iterdir()} == {"held", "free", "stale"}
+    assert {p.name for p in exports.iterdir()} == {"held", "free"}
     res = sidusctl("image", "rm", "free", "stale", state=state, timeout=60)
     assert res.returncode == 0, res.stderr
+    assert "removed image 'free' and its squashfs exports (gen-" in res.stdout + res.stderr
+    assert {p.name for p in exports.iterdir()} == {"held"}
     res = sidusctl("image", "rm", "--force", "held", state=state, timeout=60)
     assert res.returncode == 0, res.stderr
     assert list((state / "images").iterdir()) == []
+    assert list(exports.iterdir()) == []
 
 def test_vnode_commands_on_several_unknown_vnodes_exit_not_found(tmp_path: Path) -> None:
     res = sidusctl("vnode", "destroy", "sdt-a", "sdt-b", state=tmp_path / "st", timeout=60)

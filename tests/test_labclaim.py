@@ -176,3 +176,37 @@ def test_a_removed_lock_file_is_taken_again_by_its_waiter(tmp_path: Path) -> Non
         FileLock(path, "the test's prefix").acquire()
     waiter.release()
     assert not path.exists()
+
+
+def test_a_waiter_whose_lock_directory_was_removed_takes_a_lock_in_a_new_one(
+        tmp_path: Path) -> None:
+    """A holder may remove the lock's whole directory before it releases (``image rm``
+    removing an image's squashfs exports, lock file included); the waiter then takes the
+    lock in a new directory rather than failing to open the file."""
+    import shutil
+
+    d = tmp_path / "sdt-exports"
+    path = d / ".lock"
+    first = FileLock(path, "the test's exports").acquire()
+    waiter = FileLock(path, "the test's exports")
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            waiter.acquire(wait=True)
+        except BaseException as e:  # reported by the assertion below
+            errors.append(e)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    ino = f":{path.stat().st_ino} "
+    deadline = time.monotonic() + 30
+    while not any(ln.split()[1] == "->" and ino in ln
+                  for ln in Path("/proc/locks").read_text().splitlines()):
+        assert time.monotonic() < deadline, "the waiter never waited"
+        time.sleep(0.01)
+    shutil.rmtree(d)
+    first.release()
+    t.join(timeout=10)
+    assert errors == [] and waiter.held and path.exists()
+    waiter.release()

@@ -100,8 +100,8 @@ def show_cmd(name: str, as_json: bool, packages: bool) -> None:
 @click.option("--force", is_flag=True,
               help="Delete even generations that running nodes booted and serve-pxe holds.")
 def rm_cmd(names: tuple[str, ...], force: bool) -> None:
-    """Delete images (every generation). Refused while running nodes hold a generation
-    (serve-pxe's holds: their roots are still served), unless --force."""
+    """Delete images (every generation, and their squashfs exports). Refused while running
+    nodes hold a generation (serve-pxe's holds: their roots are still served), unless --force."""
     need_root("sidusctl image rm")
     store = ImageStore(get_ctx().state)
     # every name checked before any image goes: all problems at once, nothing half-done
@@ -124,9 +124,14 @@ def rm_cmd(names: tuple[str, ...], force: bool) -> None:
         raise NotFoundError("\n".join(missing))
     if held:
         raise BusyError("\n".join(held), hint="stop those nodes, or: sidusctl image rm --force")
+    from sidusctl.netboot import squash
+
     for n in names:
         store.remove(n, force=force)
-        console.print(f"removed image '{n}'", highlight=False)
+        # its squashfs exports: nothing else removes them once the image is gone
+        exports = squash.remove_all(get_ctx().state, n)
+        also = f" and its squashfs exports ({', '.join(exports)})" if exports else ""
+        console.print(f"removed image '{n}'{also}", highlight=False)
 
 
 @image_group.command("rollback")

@@ -198,8 +198,10 @@ class FileLock:
         the lock file's directory cannot be made or the file cannot be opened, or when a
         ``note`` cannot be recorded (a full disk; without a note the lock is taken
         unrecorded, so that commands that free space still run on a full disk)."""
-        ensure_dir(self.path.parent)
         while True:
+            # in the loop: a holder may remove the directory too (image rm, a squashfs
+            # export's directory), and a waiter then takes a lock in a new one
+            ensure_dir(self.path.parent)
             fd = self._open_locked(wait)
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino

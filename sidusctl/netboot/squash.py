@@ -6,7 +6,7 @@ Owns ``<state>/netboot/squashfs/<image>/``::
                              then its dm-verity hash tree (:mod:`sidusctl.subsys.verity`)
     gen-<stamp>.json         its record: size, sha256, verity parameters, tree fingerprint,
                              creation time
-    .lock                    held while an export or a prune runs
+    .lock                    held while an export, a prune or a removal runs
 
 Each file is named by the generation it packs, so a new build never overwrites a file a node
 is reading: nodes booted from an older generation keep reading theirs (over HTTP or NFS) until
@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,4 +318,21 @@ def prune(state: Path, image: str, keep: set[str], retain: int = DEFAULT_RETAIN)
             log.info("squashfs: removed %s of %s (no running node holds it)", e.file, image)
     finally:
         lock.release()
+    return removed
+
+
+def remove_all(state: Path, image: str) -> list[str]:
+    """Remove every export of ``image`` and its directory (``image rm``: the generations they
+    pack are gone, and no prune runs for an image the store no longer has); the generations
+    removed, oldest first. Waits while an export or a prune of the image runs; the directory
+    goes while its lock is held, so an export that was waiting for it finds no directory and
+    no image. :class:`StateError` naming the path if the lock file cannot be opened."""
+    d = squash_dir(state, image)
+    if not d.is_dir():
+        return []
+    with locked(d / ".lock", f"squashfs exports of '{image}'", wait=True):
+        removed = [e.generation for e in list_exports(state, image)]
+        shutil.rmtree(d, ignore_errors=True)
+    for g in removed:
+        log.info("squashfs: removed %s%s of %s (image removed)", g, SUFFIX, image)
     return removed
