@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -251,3 +252,47 @@ def test_nfs_export_serve_answers_mount_requests(tmp_path: Path) -> None:
 def _cli(state: Path) -> list[str]:
     import sys
     return [sys.executable, "-m", "sidusctl", "--state-dir", str(state)]
+
+
+def test_grub_efi_is_built_again_only_when_its_inputs_or_the_trees_copy_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """grub-mkimage runs on the first render; a render that changes nothing runs no
+    grub-mkimage and writes nothing (so it also works on a full disk); a tree whose copy was
+    changed, or a recorded build of other inputs (a GRUB upgrade), gets a new build."""
+    from sidusctl.core import run as run_mod
+    from sidusctl.netboot import tree as tree_mod
+
+    if not (tree_mod.GRUB_EFI_DIR / "moddep.lst").is_file():
+        pytest.skip("no GRUB x86-64 EFI modules (grub-efi-amd64-bin)")
+    builds: list[list[str]] = []
+    real_run = run_mod.run
+
+    def counting_run(argv: list[str], **kw: Any) -> Any:  # the real call, counted
+        if "grub-mkimage" in argv[0]:
+            builds.append(argv)
+        return real_run(argv, **kw)
+
+    monkeypatch.setattr(tree_mod, "run", counting_run)
+    tftp = tmp_path / "tftp"
+    images = _images(tmp_path)
+    inv = parse(INVENTORY, "nodes.toml")
+    efi = tftp / "grubnetx64.efi"
+    write_tree(tftp, inv, images)
+    assert len(builds) == 1
+    first = efi.read_bytes()
+    record = tftp / ".sidusctl-pxe.json"
+    before = record.stat().st_mtime_ns
+    second = write_tree(tftp, inv, images)
+    assert len(builds) == 1 and "grubnetx64.efi" in second.unchanged
+    assert not second.created and not second.updated
+    assert record.stat().st_mtime_ns == before
+    efi.write_bytes(b"MZ not GRUB")  # the tree's copy changed by someone
+    third = write_tree(tftp, inv, images)
+    assert len(builds) == 2 and third.updated == ["grubnetx64.efi"]
+    assert efi.read_bytes() == first
+    rec = json.loads(record.read_text())
+    rec["grub_efi"]["key"] = "0" * 64  # built from other modules
+    record.write_text(json.dumps(rec))
+    fourth = write_tree(tftp, inv, images)
+    assert len(builds) == 3 and "grubnetx64.efi" in fourth.unchanged  # same bytes again
+    assert json.loads(record.read_text())["grub_efi"]["key"] != "0" * 64

@@ -12,7 +12,8 @@ Layout written under the TFTP root::
     vmlinuz-<image>  initrd.img-<image>           from the image store
 
 Re-rendering writes only files whose content changed (each by temp file + rename), and removes
-files a previous render wrote that are no longer wanted (listed in ``.sidusctl-pxe.json``).
+files a previous render wrote that are no longer wanted (listed in ``.sidusctl-pxe.json``, with
+what ``grubnetx64.efi`` was built from: it is built again only when that changed).
 One render at a time per tree: ``.sidusctl-pxe.lock`` (a :class:`FileLock`, removed by a render
 that ends) is waited for; a render that finds the record of one killed holding it removes
 that one's temp files (``.NAME.*tmp``) first.
@@ -22,6 +23,7 @@ Sources: syslinux wiki (PXELINUX config lookup), iPXE scripting docs, GRUB manua
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +266,27 @@ def _build_grub_efi(tftp_root: Path) -> Path | None:
     return tmp
 
 
+def _grub_efi_key() -> str | None:
+    """What :func:`_build_grub_efi`'s output depends on, as a SHA-256 (hex): grub-mkimage's
+    and every module file's path, size and mtime (a package upgrade changes them), the module
+    list and the prefix; None when grub-mkimage or the modules are missing. A render that
+    finds the key it recorded and the tree's file as it left it skips grub-mkimage: a render
+    that changes nothing then writes nothing (so it also runs on a full disk)."""
+    try:
+        mkimage = Path(which("grub-mkimage", "grub-common"))
+        parts = [f"{mkimage.resolve()}:{_stat_key(mkimage)}", "-p /grub", *GRUB_EFI_MODULES]
+        parts += sorted(f"{p.name}:{_stat_key(p)}" for p in GRUB_EFI_DIR.iterdir()
+                        if p.is_file())
+    except (OSError, PrerequisiteError):
+        return None
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _stat_key(p: Path) -> str:
+    st = p.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def _same_file(src: Path, dest: Path) -> bool:
     try:
         if src.stat().st_size != dest.stat().st_size:
@@ -363,12 +386,31 @@ def _write_tree_locked(
         if changed and progress:
             progress(rel)
 
+    manifest = tftp_root / MANIFEST
+    prev: object = None
+    if manifest.exists():
+        with contextlib.suppress(Exception):
+            prev = read_json(manifest)
+    prev = prev if isinstance(prev, dict) else {}
+    previous = [str(p) for p in prev.get("files", [])] if isinstance(prev.get("files"), list) \
+        else []
     sources = bios_dirs or BIOS_FILES
     copies: dict[str, Path] = {name: _find(name, dirs) for name, dirs in sources.items()}
     for name in inv.images():
         copies[f"vmlinuz-{name}"] = images[name].kernel
         copies[f"initrd.img-{name}"] = images[name].initrd
-    efi = _build_grub_efi(tftp_root)
+    grub_key = _grub_efi_key()
+    grub_was = prev.get("grub_efi")
+    grub_record: dict[str, str] | None = None
+    efi: Path | None = None
+    with contextlib.suppress(OSError):
+        if (grub_key is not None and isinstance(grub_was, dict)
+                and grub_was.get("key") == grub_key
+                and grub_was.get("file") == _stat_key(tftp_root / GRUB_EFI_NAME)):
+            grub_record = grub_was  # built from the same inputs, the tree's copy untouched
+            note(GRUB_EFI_NAME, False, True)
+    if grub_record is None:
+        efi = _build_grub_efi(tftp_root)
     if efi is not None:
         copies[GRUB_EFI_NAME] = efi
     ipxe_efi = _first_file(IPXE_EFI_NAME, IPXE_EFI_DIRS)
@@ -387,6 +429,8 @@ def _write_tree_locked(
             if not same:
                 _copy_atomic(src, dest)
             note(rel, not same, existed)
+        if efi is not None and grub_key is not None:
+            grub_record = {"key": grub_key, "file": _stat_key(tftp_root / GRUB_EFI_NAME)}
     finally:
         if efi is not None:
             efi.unlink(missing_ok=True)
@@ -401,12 +445,6 @@ def _write_tree_locked(
         if not same:
             atomic_write_bytes(dest, data, mode=0o644)
         note(rel, not same, existed)
-    manifest = tftp_root / MANIFEST
-    previous: list[str] = []
-    if manifest.exists():
-        with contextlib.suppress(Exception):
-            prev = read_json(manifest)
-            previous = [str(p) for p in prev.get("files", [])] if isinstance(prev, dict) else []
     for rel in sorted(set(previous) - wanted):
         p = tftp_root / rel
         if ".." in Path(rel).parts:
@@ -414,6 +452,9 @@ def _write_tree_locked(
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
             report.removed.append(rel)
-    if sorted(previous) != sorted(wanted):
-        write_json(manifest, {"files": sorted(wanted)})
+    record: dict[str, object] = {"files": sorted(wanted)}
+    if grub_record is not None:
+        record["grub_efi"] = grub_record
+    if sorted(previous) != sorted(wanted) or grub_record != grub_was:
+        write_json(manifest, record)
     return report
