@@ -109,10 +109,13 @@ def _kill(*procs: subprocess.Popen[str]) -> None:
 def test_export_of_a_generation_removed_while_packed_exports_nothing(state: Path) -> None:
     """``image rm`` while ``pxe squashfs`` packs the generation: the export fails with a clear
     error (the tree is gone) and records nothing; it was exit 0, "built", a file of part of
-    the tree recorded under the whole tree's fingerprint."""
+    the tree recorded under the whole tree's fingerprint. ``image rm`` waits for it, saying
+    so, and then removes the image's exports, directory and all."""
     _image(state)
     d = state / "netboot" / "squashfs" / IMAGE
     exp = _start(state, "pxe", "squashfs", IMAGE)
+    rm: subprocess.Popen[str] | None = None
+    gone = state / "images" / IMAGE
     try:
         # mksquashfs's output appears: it is packing; stop it while the image goes
         assert _wait_for(lambda: list(d.glob(".*gen-*.tmp-*")), exp), _finish(exp)
@@ -120,16 +123,22 @@ def test_export_of_a_generation_removed_while_packed_exports_nothing(state: Path
         assert packers
         for c in packers:
             os.kill(c, signal.SIGSTOP)
-        res = sidusctl("image", "rm", IMAGE, state=state, timeout=60)
-        assert res.returncode == 0, res.stderr
+        rm = _start(state, "image", "rm", IMAGE)
+        # the image is gone; its exports wait for the export holding their lock
+        assert _wait_for(lambda: [] if gone.exists() else [gone], rm), _finish(rm)
         for c in packers:
             os.kill(c, signal.SIGCONT)
         rc, out = _finish(exp)
+        rm_rc, rm_out = _finish(rm)
     finally:
         _kill(exp)
+        if rm is not None:
+            _kill(rm)
     assert rc in (4, 5), out
     assert "Traceback" not in out and "nothing exported" in out, out
-    assert sorted(p.name for p in d.iterdir()) == [".lock"]
+    assert rm_rc == 0, rm_out
+    assert "waiting for it to end before removing the image's exports" in rm_out, rm_out
+    assert not d.exists()
 
 
 def test_export_killed_while_appending_its_hash_tree_leaves_nothing_for_good(

@@ -324,15 +324,25 @@ def prune(state: Path, image: str, keep: set[str], retain: int = DEFAULT_RETAIN)
 def remove_all(state: Path, image: str) -> list[str]:
     """Remove every export of ``image`` and its directory (``image rm``: the generations they
     pack are gone, and no prune runs for an image the store no longer has); the generations
-    removed, oldest first. Waits while an export or a prune of the image runs; the directory
-    goes while its lock is held, so an export that was waiting for it finds no directory and
-    no image. :class:`StateError` naming the path if the lock file cannot be opened."""
+    removed, oldest first. Waits while an export or a prune of the image runs, and says so
+    (a warning: an export of a generation removed under it fails soon, when mksquashfs finds
+    its files gone); the directory goes while its lock is held, so an export that was waiting
+    for it finds no directory and no image. :class:`StateError` naming the path if the lock
+    file cannot be opened."""
     d = squash_dir(state, image)
     if not d.is_dir():
         return []
-    with locked(d / ".lock", f"squashfs exports of '{image}'", wait=True):
+    lock = FileLock(d / ".lock", f"a squashfs export of '{image}'")
+    try:
+        lock.acquire()
+    except BusyError as e:
+        log.warning("%s; waiting for it to end before removing the image's exports", e)
+        lock.acquire(wait=True)
+    try:
         removed = [e.generation for e in list_exports(state, image)]
         shutil.rmtree(d, ignore_errors=True)
+    finally:
+        lock.release()
     for g in removed:
         log.info("squashfs: removed %s%s of %s (image removed)", g, SUFFIX, image)
     return removed
