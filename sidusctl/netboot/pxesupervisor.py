@@ -73,6 +73,7 @@ class PxeSupervisor(supervisor.Supervisor):
         self._stale_ips: set[str] = set()
         self._holds_later = supervisor.Later(self._write_holds, HOLDS_DELAY)
         super().__init__(loader)
+        loader.stopping = self.stopping
 
     def _event(self, kind: str, who: str, what: str, at: float | None = None) -> None:
         if kind == "address":  # a report came from address ``who`` for MAC ``what``
@@ -205,9 +206,13 @@ class PxeSupervisor(supervisor.Supervisor):
                 self.changes += 1  # "held" shrank: the next write shows it
 
     def apply(self, new: supervisor.ServeConfig) -> None:
-        """Swap ``new`` in as :meth:`Supervisor.apply` does, then tell the image store the holds
-        (:meth:`sync_holds`)."""
+        """Swap ``new`` in as :meth:`Supervisor.apply` does, have the HTTP server serve the
+        squashfs exports of an image the inventory names now, then tell the image store the
+        holds (:meth:`sync_holds`)."""
         super().apply(new)
+        inv = self.loader.inventory
+        if self.http is not None and inv is not None:
+            self.http.add_mounts(self.loader.http_config(inv.network.server).mounts)
         self.sync_holds()
 
     def held(self, now: float | None = None) -> dict[str, set[str]]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -31,10 +30,11 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Literal
 
-from sidusctl.core.errors import ConfigError, PrerequisiteError
+from sidusctl.core.errors import ConfigError, ConfigErrors, Interrupted, PrerequisiteError
 from sidusctl.core.log import background, get_logger
+from sidusctl.core.state import FileLock
 from sidusctl.netboot import inventory as inv_mod
-from sidusctl.netboot import secureboot, squash
+from sidusctl.netboot import pxewatch, secureboot, squash
 from sidusctl.netboot.inventory import Inventory
 from sidusctl.netboot.nfs import NfsExports, NfsMode, serve_exports
 from sidusctl.netboot.tree import (
@@ -42,6 +42,7 @@ from sidusctl.netboot.tree import (
     ImageFiles,
     SquashRef,
     export_path_for,
+    make_root,
     write_tree,
 )
 from sidusctl.serve import http as http_mod
@@ -171,6 +172,14 @@ class PxeLoader:
         #: serve-pxe's NFS exports, once they run: a new generation is exported before the
         #: tree names it
         self.nfs: NfsExports | None = None
+        #: whether serve-pxe's HTTP server runs (None until it is decided, after the first
+        #: load): a reload that needs it when it does not is refused
+        self.http_on: bool | None = None
+        #: set as serve-pxe stops (the supervisor's ``stopping``): a reload still running
+        #: then changes nothing more
+        self.stopping = threading.Event()
+        #: the TFTP root's serve lock (:func:`pxewatch.hold_tree`), taken by the first load
+        self.tree_lock: FileLock | None = None
 
     def ipxe_script(self, server: IPv4Address) -> str | None:
         """What an iPXE client (option 77 ``iPXE``) is told to boot. With ``--http``: the
@@ -189,6 +198,11 @@ class PxeLoader:
         return None
 
     def __call__(self) -> supervisor.ServeConfig:
+        """Load the inventory and write what it names: every check first (the inventory,
+        the interface's address, the DHCP and DNS configurations, the servers a reload
+        needs), then the NFS exports and the boot tree, so that a refused configuration
+        changes nothing served. :class:`ConfigError`/:class:`ConfigErrors` (exit 2);
+        :class:`Interrupted` when serve-pxe stops meanwhile."""
         o = self.opts
         inv, files, roots = load_inventory(o)
         net = inv.network
@@ -199,33 +213,10 @@ class PxeLoader:
                               f"(it has {have})",
                               expected=f"the server address on {o.interface}, or --interface "
                                        "naming the interface that carries it")
-        for name in squash_images(inv):
-            squash.squash_dir(o.state, name).mkdir(parents=True, exist_ok=True)
-        if self.nfs is not None:
-            self.nfs.add(nfs_paths(o, inv, files, roots))
-        # the tree first: DHCP must never point a node at a file that is not there yet
         http_on = o.http or wants_http(inv)
-        report_url = f"{o.http_base(net.server)}{REPORT_PATH}" if http_on else None
-        report = write_tree(o.tftp_root, inv, files, report_url=report_url,
-                            shim=o.efi_loader == "shim", signed_grub=o.signed_grub)
-        # the GRUB write_tree just placed (a missing source was refused there)
-        if o.efi_loader == "shim" and http_on and \
-                not secureboot.grub_boots_over_http(o.tftp_root / secureboot.SIGNED_GRUB_NAME):
-            log.warning("UEFI HTTP Boot clients under --efi-loader shim will stop at "
-                        "'grub>': the signed GRUB %s cannot find its configuration after "
-                        "an HTTP boot (Debian 12's 2.06); give --signed-grub with Debian "
-                        "13's (scripts/fetch-signed-grub). PXE clients are not affected",
-                        o.signed_grub or "of grub-efi-amd64-signed")
-        # (without GRUB's EFI modules the tree has no grubnetx64.efi: write_tree warned, BIOS
-        # machines still boot; iPXE asked for by name is refused when it is not there)
+        exports = nfs_paths(o, inv, files, roots)
+        self._check_servers(inv, exports)
         efi_file = secureboot.efi_boot_file(o.efi_loader)
-        if o.efi_loader == "ipxe" and not (o.tftp_root / efi_file).is_file():
-            raise PrerequisiteError(f"--efi-loader ipxe: {efi_file} is not in the TFTP root "
-                                    f"{o.tftp_root} ({', '.join(IPXE_EFI_DIRS)} has none)",
-                                    hint="apt-get install ipxe")
-        changed = len(report.created) + len(report.updated) + len(report.removed)
-        log.info("TFTP root %s: %d file(s) written or removed, %d unchanged", o.tftp_root,
-                 changed, len(report.unchanged))
         reservations = tuple(inv.reservations())
         dhcp = DhcpConfig(
             interface=o.interface, lease_file=o.serve_dir / "leases.sqlite",
@@ -246,12 +237,73 @@ class PxeLoader:
             zone.validate(inv.file)
             dns = DnsConfig(zone=zone, interface=o.interface, address=str(net.server),
                             upstream=o.dns_upstream)
+        # what follows changes what is served
+        self._go_on()
+        if self.tree_lock is None:  # the first load: no other serve-pxe may serve the tree
+            make_root(o.tftp_root)
+            self.tree_lock = pxewatch.hold_tree(o.tftp_root)
+        for name in squash_images(inv):
+            squash.squash_dir(o.state, name).mkdir(parents=True, exist_ok=True)
+        if self.nfs is not None:
+            self.nfs.add(exports)
+        # the tree first: DHCP must never point a node at a file that is not there yet
+        self._go_on()
+        report_url = f"{o.http_base(net.server)}{REPORT_PATH}" if http_on else None
+        report = write_tree(o.tftp_root, inv, files, report_url=report_url,
+                            shim=o.efi_loader == "shim", signed_grub=o.signed_grub)
+        # the GRUB write_tree just placed (a missing source was refused there)
+        if o.efi_loader == "shim" and http_on and \
+                not secureboot.grub_boots_over_http(o.tftp_root / secureboot.SIGNED_GRUB_NAME):
+            log.warning("UEFI HTTP Boot clients under --efi-loader shim will stop at "
+                        "'grub>': the signed GRUB %s cannot find its configuration after "
+                        "an HTTP boot (Debian 12's 2.06); give --signed-grub with Debian "
+                        "13's (scripts/fetch-signed-grub). PXE clients are not affected",
+                        o.signed_grub or "of grub-efi-amd64-signed")
+        # (without GRUB's EFI modules the tree has no grubnetx64.efi: write_tree warned, BIOS
+        # machines still boot; iPXE asked for by name is refused when it is not there)
+        if o.efi_loader == "ipxe" and not (o.tftp_root / efi_file).is_file():
+            raise PrerequisiteError(f"--efi-loader ipxe: {efi_file} is not in the TFTP root "
+                                    f"{o.tftp_root} ({', '.join(IPXE_EFI_DIRS)} has none)",
+                                    hint="apt-get install ipxe")
+        changed = len(report.created) + len(report.updated) + len(report.removed)
+        log.info("TFTP root %s: %d file(s) written or removed, %d unchanged", o.tftp_root,
+                 changed, len(report.unchanged))
         self.inventory, self.files, self.roots = inv, files, roots
         return supervisor.ServeConfig(
             dhcp=dhcp, tftp=TftpConfig(root=o.tftp_root, interface=o.interface,
                                        max_transfers=o.tftp_max_transfers,
                                        max_per_client=o.tftp_per_client),
             dns=dns, status_file=o.serve_dir / "status.json")
+
+    def _go_on(self) -> None:
+        if self.stopping.is_set():
+            raise Interrupted("serve-pxe stopping: the reload changes nothing more")
+
+    def _check_servers(self, inv: Inventory, exports: dict[str, tuple[Path, str]]) -> None:
+        """On a reload: :class:`ConfigErrors` naming each node whose root needs a server
+        this serve-pxe did not start (HTTP for ``squashfs-http``, NFS for ``nfs`` and
+        ``squashfs-nfs`` when no node needed it at start), which the tree would otherwise
+        name in vain; a restart starts it."""
+        if self.http_on is None:  # the first load: serve() starts what it needs
+            return
+        errors: list[ConfigError] = []
+        no_nfs = (self.nfs is not None and self.nfs.backend == "off"
+                  and self.opts.nfs != "off" and bool(exports))
+        for n in inv.nodes:
+            if n.root == "squashfs-http" and not self.http_on:
+                server = "its HTTP server"
+            elif n.root != "squashfs-http" and no_nfs:
+                server = "an NFS server"
+            else:
+                continue
+            errors.append(ConfigError(
+                inv.file, "root", f"node {n.name!r}: root {n.root!r} needs {server}, which "
+                "this serve-pxe did not start (no node needed it when it started)",
+                expected="a restart of serve-pxe, which starts it"
+                         + (" (or --http)" if server != "an NFS server" else ""),
+                line=n.line))
+        if errors:
+            raise ConfigErrors(errors)
 
     def http_config(self, server: IPv4Address) -> http_mod.HttpConfig:
         """The HTTP server: the TFTP root, each image's squashfs exports under
@@ -268,30 +320,6 @@ class PxeLoader:
 
 # -- the whole thing -------------------------------------------------------------------------------
 
-def watch_file(path: Path, stop: threading.Event, interval: float = 1.0) -> threading.Thread:
-    """A thread sending this process SIGHUP when ``path``'s mtime, size or inode changes."""
-
-    def sig() -> tuple[int, int, int] | None:
-        try:
-            st = path.stat()
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
-
-    def loop() -> None:
-        last = sig()
-        while not stop.wait(interval):
-            now = sig()
-            if now != last and now is not None:
-                log.info("%s changed: reloading", path)
-                os.kill(os.getpid(), signal.SIGHUP)
-            last = now
-
-    t = threading.Thread(target=loop, name="sidusctl-watch", daemon=True)
-    t.start()
-    return t
-
-
 def serve(opts: PxeOptions) -> None:
     """Run serve-pxe until SIGTERM/SIGINT. The inventory, the interface and the TFTP tree
     are checked and written before any server starts (:class:`ConfigErrors`, exit 2);
@@ -300,16 +328,35 @@ def serve(opts: PxeOptions) -> None:
     keeps answering. The NFS server and the HTTP server are set up once, at start (HTTP also
     without ``--http`` when a node's root is ``squashfs-http``); the NFS exports follow the
     generations: a new one is exported before the tree names it, an old one until no node
-    holds it (:meth:`~sidusctl.netboot.pxesupervisor.PxeSupervisor.prune`), also across a restart (``holds.json``)."""
-    # a SIGHUP before the supervisor installs its handler must not kill us (default action)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    holds it (:meth:`~sidusctl.netboot.pxesupervisor.PxeSupervisor.prune`), also across a
+    restart (``holds.json``). One serve-pxe per state directory, TFTP root and interface
+    (:func:`sidusctl.netboot.pxewatch.claim`: :class:`BusyError` before anything is read or
+    written)."""
+    with pxewatch.claim(opts.serve_dir, opts.interface):
+        loader = PxeLoader(opts)
+        try:
+            _serve(loader)
+        finally:
+            if loader.tree_lock is not None:
+                loader.tree_lock.release()
+
+
+def _serve(loader: PxeLoader) -> None:
     from sidusctl.netboot.pxesupervisor import PxeSupervisor  # it builds on this module
-    loader = PxeLoader(opts)
+    opts = loader.opts
+    store = ImageStore(opts.state, recover=False)
+    watcher = pxewatch.Watcher(
+        opts.nodes,
+        links=lambda: {i: store.image_dir(i) / "current"
+                       for i in (loader.inventory.images() if loader.inventory else [])},
+        loaded=lambda: {i: f.generation for i, f in loader.files.items() if f.generation})
+    # a SIGHUP before the supervisor installs its handler must not kill us (default
+    # action): it is reloaded once the servers run, as are the changes made meanwhile
+    signal.signal(signal.SIGHUP, watcher.hup)
     sup = PxeSupervisor(loader)  # calls loader(): everything validated here
     inv = loader.inventory
     assert inv is not None
     server = str(inv.network.server)
-    store = ImageStore(opts.state, recover=False)
     paths = nfs_paths(opts, inv, loader.files, loader.roots)
     for i, gens in sup.keep().items():
         # generations nodes booted before a restart stay exported
@@ -319,13 +366,17 @@ def serve(opts: PxeOptions) -> None:
                 if f"{i}/{g}" not in paths and root.is_dir():
                     paths[f"{i}/{g}"] = (root.resolve(),
                                          export_path_for(inv, i, root.resolve()))
-    stop = threading.Event()
     http_on = opts.http or wants_http(inv)
+    loader.http_on = http_on
     with serve_exports(opts.nfs, paths, str(inv.network.subnet), server,
                        opts.serve_dir / "ganesha") as nfs:
         loader.nfs = nfs
-        log.info("NFS: %s", nfs.backend if nfs.backend == "off" else
-                 f"{nfs.backend} exports {', '.join(nfs.paths())}")
+        if nfs.backend != "off":
+            log.info("NFS: %s exports %s", nfs.backend, ", ".join(nfs.paths()))
+        else:
+            log.info("NFS: off%s", "" if opts.nfs == "off" else
+                     " (no node's root needs it; a reload that adds one is refused until "
+                     "serve-pxe restarts)")
 
         async def main() -> None:
             def on_file(ip: str, path: str, size: int) -> None:
@@ -336,14 +387,13 @@ def serve(opts: PxeOptions) -> None:
                     sup.http = stack.enter_context(http_mod.serve(
                         loader.http_config(inv.network.server), on_file=on_file,
                         on_post=sup.on_post))
-                watch_file(opts.nodes, stop)
-                for i in inv.images():
-                    # a new generation (build, update, import) flips images/<name>/current
-                    watch_file(store.image_dir(i) / "current", stop)
+                # the inventory, and each image's current link (a build, update or import
+                # flips it)
+                watcher.start()
                 try:
                     await sup.serve()
                 finally:
-                    stop.set()
+                    watcher.stop()
 
         with background():  # the log written from a thread of its own (no lock per line)
             asyncio.run(main())

@@ -332,11 +332,7 @@ def write_tree(
                                  hint=f"rebuild it with netboot enabled: sidusctl build {img.name}")
     if signed_grub is not None:
         secureboot.check_signed_grub(signed_grub)
-    try:
-        tftp_root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(str(tftp_root), None, f"cannot create the TFTP root: {e.strerror}",
-                          expected="a directory, or a path where one can be made") from None
+    make_root(tftp_root)
     # two renders at once shared grub-mkimage's temp file and atomic_copy's (one deleted the
     # other's: exit 70) and each removed files the other's inventory wanted
     lock = FileLock(tftp_root / LOCK, f"the TFTP tree {tftp_root}", remove=True)
@@ -349,6 +345,16 @@ def write_tree(
                                   signed_grub=signed_grub)
     finally:
         lock.release()
+
+
+def make_root(tftp_root: Path) -> None:
+    """Make ``tftp_root`` a directory (its parents too) if it is not one;
+    :class:`ConfigError` naming it if it cannot be."""
+    try:
+        tftp_root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(str(tftp_root), None, f"cannot create the TFTP root: {e.strerror}",
+                          expected="a directory, or a path where one can be made") from None
 
 
 def _remove_temp_files(tftp_root: Path) -> None:

@@ -33,7 +33,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from http import HTTPStatus
 from pathlib import Path
@@ -136,6 +136,18 @@ class _Server:
         self.tree = ServedTree(cfg.root, cfg.mounts)
         self.pool = WorkerPool(cfg.address, cfg.port, cfg.interface,
                                cfg.max_clients + SPARE_WORKERS, _Handler.timeout, self.handle)
+
+    def add_mounts(self, mounts: tuple[tuple[str, Path], ...]) -> None:
+        """Serve ``mounts`` (``(URL prefix, directory)``) too, from the next request on (a
+        reload naming a new image); the mounts served so far stay (a node may be resuming a
+        download from one)."""
+        have = set(self.cfg.mounts)
+        new = tuple(m for m in mounts if m not in have)
+        if new:
+            self.cfg = replace(self.cfg, mounts=self.cfg.mounts + new)
+            self.tree = ServedTree(self.cfg.root, self.cfg.mounts)  # one reference swapped
+            log.info("HTTP: now also serving %s",
+                     ", ".join(f"{p} -> {d}" for p, d in new))
 
     def handle(self, conn: socket.socket, client: str) -> None:
         """Serve one connection (called by a worker of the pool)."""
@@ -468,6 +480,11 @@ class HttpServer:
     def port(self) -> int:
         """The TCP port bound: ``cfg.port``, or the kernel's choice when that was 0."""
         return int(self._srv.pool.server_address[1])
+
+    def add_mounts(self, mounts: tuple[tuple[str, Path], ...]) -> None:
+        """Serve ``mounts`` too (``(URL prefix, directory)`` pairs); see
+        :meth:`_Server.add_mounts`."""
+        self._srv.add_mounts(mounts)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,10 @@ unlocked, final status written). SIGHUP calls ``load()`` again and applies the r
 running servers (reservations, pool, boot policy, TFTP root, DNS records); a bad new
 configuration is logged and the old one stays in force. ``load()`` runs in a worker thread
 while the servers keep answering with the old configuration (serve-pxe packs squashfs images
-there, which takes seconds); only the swap happens on the event loop. The status (counters,
+there, which takes seconds); only the swap happens on the event loop. A stop does not wait
+for a reload: :attr:`Supervisor.stopping` is set (loaders check it before each change they
+make), and the worker is a daemon thread, its children signalled as the process exits
+(:mod:`sidusctl.core.run`'s ``PR_SET_PDEATHSIG``). The status (counters,
 per-client events) is written atomically to ``status_file`` as compact JSON, every
 :data:`STATUS_INTERVAL` seconds when something changed and every :data:`STATUS_HEARTBEAT`
 seconds when nothing did: the write is on the event loop that answers DHCP and TFTP, and a
@@ -152,6 +155,9 @@ class Supervisor:
         self.reloading = False
         self._reload_again = False
         self._reload_task: asyncio.Task[None] | None = None
+        #: set as the servers stop (SIGTERM, SIGINT): a reload's worker still running checks
+        #: it before each change it makes (a tree, exports) and gives up
+        self.stopping = threading.Event()
         #: events and reloads so far, and what the last status write saw (see _write_status)
         self.changes = 0
         self._written: tuple[int, list[dict[str, Any]]] | None = None
@@ -223,7 +229,9 @@ class Supervisor:
                 try:
                     # the slow part (reading, rendering, packing) off the loop: the old
                     # configuration keeps answering meanwhile
-                    new = await asyncio.to_thread(self.load)
+                    new = await _in_daemon_thread(self.load)
+                    if self.stopping.is_set():
+                        return
                     self.apply(new)
                     log.info("reloaded the configuration (SIGHUP)")
                 except SidusError as e:
@@ -256,6 +264,8 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self.inbox.loop = loop
         self._stop = asyncio.Event()
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        before = {sig: signal.getsignal(sig) for sig in handled}
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -278,8 +288,9 @@ class Supervisor:
                     await asyncio.wait_for(self._stop.wait(), STATUS_INTERVAL)
             log.info("stopping on signal")
         finally:
+            self.stopping.set()
             if self._reload_task is not None and not self._reload_task.done():
-                # the worker thread finishes its load; its result is not applied
+                # its worker gives up at its next change, or ends with the process
                 self._reload_task.cancel()
             for s in (self.dns, self.tftp, self.dhcp):
                 if s is not None:
@@ -287,8 +298,43 @@ class Supervisor:
             self.inbox.loop = None  # what the HTTP threads post from now on is dropped
             self.inbox.flush()  # what they posted before is in the last status
             self._write_status(force=True)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in handled:
                 loop.remove_signal_handler(sig)
+                # asyncio leaves the default action (SIGTERM: die at once, exit 143); the
+                # handler before turns a second SIGTERM during the clean-up into Interrupted
+                handler = before[sig]
+                if handler is not None:
+                    signal.signal(sig, handler)
+
+
+async def _in_daemon_thread(fn: Callable[[], ServeConfig]) -> ServeConfig:
+    """``fn()`` run in a daemon thread of its own, awaited. Unlike ``asyncio.to_thread``,
+    whose executor the process joins as it exits, a stop does not wait for it (a reload
+    packing a squashfs takes minutes on a big image)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[ServeConfig] = loop.create_future()
+
+    def settle(result: ServeConfig | None, error: BaseException | None) -> None:
+        if done.done():  # cancelled: the servers stopped
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            assert result is not None
+            done.set_result(result)
+
+    def work() -> None:
+        result: ServeConfig | None = None
+        error: BaseException | None = None
+        try:
+            result = fn()
+        except BaseException as e:  # handed to the awaiting coroutine
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits it
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name="sidusctl-reload", daemon=True).start()
+    return await done
 
 
 def run(load: Callable[[], ServeConfig]) -> None:
@@ -315,14 +361,28 @@ def read_status(state_dir: Path, command: str) -> tuple[Path, dict[str, Any]]:
     return path, st
 
 
+#: the highest process id plus one Linux can give: PID_MAX_LIMIT, the ceiling of
+#: /proc/sys/kernel/pid_max (2**22 on 64-bit kernels)
+PID_LIMIT = 2**22
+#: a time in a status file is a Unix time from 0 to this (the year 2286): the servers write
+#: ``time.time()`` values
+TIME_LIMIT = 1e10
+
+
 def _is_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def is_time(v: object) -> bool:
+    """``v`` is a Unix time as the servers write them: a number (not a bool) from 0 to
+    :data:`TIME_LIMIT` (so neither NaN, infinite nor too large for a float)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= TIME_LIMIT
+
+
 def check_status(path: Path, st: dict[str, Any]) -> None:
     """Check that ``st`` (decoded from ``path``) has the shape :meth:`Supervisor.status`
-    writes, as far as readers use it: ``pid``, ``internal_errors`` integers; ``started``,
-    ``updated`` numbers; ``dhcp``, ``tftp``, ``dns``, ``http`` null or objects of numbers;
+    writes, as far as readers use it: ``pid`` null or a process id (1 to :data:`PID_LIMIT` -
+    1), ``internal_errors`` an integer; ``started``, ``updated`` times (:func:`is_time`); ``dhcp``, ``tftp``, ``dns``, ``http`` null or objects of numbers;
     ``clients`` an object of objects. Keys may be missing. :class:`StateError` naming
     ``path`` and the first bad key otherwise (a damaged file: the server rewrites it)."""
 
@@ -333,9 +393,12 @@ def check_status(path: Path, st: dict[str, Any]) -> None:
         if key in st and st[key] is not None and (
                 not isinstance(st[key], int) or isinstance(st[key], bool)):
             raise bad(key, st[key], "an integer")
+    pid = st.get("pid")
+    if pid is not None and not 1 <= pid < PID_LIMIT:
+        raise bad("pid", pid, f"null or a process id (1 to {PID_LIMIT - 1})")
     for key in ("started", "updated"):
-        if key in st and not _is_number(st[key]):
-            raise bad(key, st[key], "a Unix time (a number)")
+        if key in st and not is_time(st[key]):
+            raise bad(key, st[key], f"a Unix time (a number from 0 to {TIME_LIMIT:.0f})")
     for key in ("dhcp", "tftp", "dns", "http"):
         counters = st.get(key)
         if counters is None:
