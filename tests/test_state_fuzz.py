@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidusctl.cli.main import cli
-from sidusctl.core.errors import SidusError
+from sidusctl.core.errors import SidusError, StateError
+from sidusctl.core.state import read_json
 from sidusctl.vnode.limits import cgroup_settings
 from sidusctl.vnode.store import State
 
@@ -116,3 +118,31 @@ def test_the_valid_documents_are_read(tmp_path: Path) -> None:
     for args in (["serve", "status"], ["pxe", "status", "--json"]):
         res = CliRunner().invoke(cli, ["--state-dir", str(tmp_path), *args])
         assert res.exit_code == 0, (args, res.output, res.exception)
+
+
+#: values no random draw above reaches: an integer too large for a C long (kill(2)'s pid) and
+#: one too large for a float, a pid kill(2) takes for a process group, NaN and infinity, and
+#: nesting deeper than the JSON decoder's recursion limit
+_EXTREME: tuple[Any, ...] = (10**30, 10**400, 0, -1, float("nan"), float("inf"))
+_DEEP = "[" * 200000
+
+
+def test_extreme_values_anywhere_give_no_internal_error_in_pxe_status(tmp_path: Path) -> None:
+    """Each place of a valid status file, in turn, given each of :data:`_EXTREME`; and a file
+    nested too deeply: ``pxe status`` (text and ``--json``; ``--watch`` sleeps, so it is left
+    to tests/test_status_bad_input.py) shows it or refuses it as a damaged file."""
+    path = tmp_path / "serve" / "status.json"
+    path.parent.mkdir(parents=True)
+    docs = [json.dumps(_damage(STATUS, where, value))
+            for where in range(len(_paths(STATUS))) for value in _EXTREME]
+    for doc in [*docs, _DEEP]:
+        path.write_text(doc)
+        for args in (["pxe", "status"], ["pxe", "status", "--json"]):
+            _no_internal_error(args, tmp_path)
+
+
+def test_read_json_refuses_a_file_nested_too_deeply(tmp_path: Path) -> None:
+    f = tmp_path / "state.json"
+    f.write_text(_DEEP)
+    with pytest.raises(StateError, match=f"{f}: unreadable state file.*nested too deeply"):
+        read_json(f)

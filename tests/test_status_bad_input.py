@@ -58,6 +58,8 @@ def _status(state: Path, st: dict[str, Any]) -> Path:
     ({"updated": 1, "dhcp": [1, 2]}, "'dhcp'"),
     ({"updated": 1, "clients": {"a": 1}}, "'clients.a'"),
     ({"updated": 1, "clients": []}, "'clients'"),
+    ({"updated": 10**400}, "'updated'"),  # no float: it was an internal error
+    ({"updated": 1, "pid": 10**30}, "'pid'"),
 ])
 def test_serve_status_refuses_a_damaged_status_file(tmp_path: Path, st: dict[str, Any],
                                                     key: str) -> None:
@@ -81,6 +83,7 @@ PXE_BAD = [
     (_node(files=5), "'pxe.nodes[0].files'"),
     (_node(ip=None), "'pxe.nodes[0].ip'"),
     (_node(stage="nowhere"), "'pxe.nodes[0].stage'"),
+    (_node(stages={"dhcp": 10**400}), "'pxe.nodes[0].stages.dhcp'"),  # no float
 ]
 
 
@@ -94,6 +97,35 @@ def test_pxe_status_refuses_a_damaged_status_file(tmp_path: Path, node: Any, key
                                       "nodes": nodes, "held": {}}})
     args = ("--watch", "--count", "1", "--interval", "0.2") if watch else ()
     _clean(sidusctl("pxe", "status", *args, state=tmp_path, timeout=60), 1, str(path), key)
+
+
+PXE_BAD_TOP = [
+    ({"pid": 10**30}, ["'pid'", "found 1000000000000000000000000000000", "a process id"]),
+    ({"pid": 0}, ["'pid'", "found 0", "a process id"]),
+    ({"updated": 10**400}, ["'updated'", "found 1000000", "a Unix time"]),
+    ({"updated": float("inf")}, ["'updated'", "found inf", "a Unix time"]),
+    ("[" * 200000, ["unreadable state file", "nested too deeply"]),
+]
+
+
+@pytest.mark.parametrize(("top", "expect"), PXE_BAD_TOP)
+@pytest.mark.parametrize("mode", ["text", "json", "watch"])
+def test_pxe_status_refuses_a_damaged_pid_time_or_nesting(tmp_path: Path, top: Any,
+                                                          expect: list[str], mode: str) -> None:
+    """A pid too large for kill(2), a time too large for a float, 200000 '[' (too deep for the
+    JSON decoder) once gave an internal error; a pid of 0 (kill(2): the process group) or an
+    infinite time a wrong answer."""
+    if isinstance(top, str):
+        path = tmp_path / "serve" / "status.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(top)
+    else:
+        path = _status(tmp_path, {"pid": 1, "updated": 1.0,
+                                  "pxe": {"interface": "sdt-x", "inventory": "nodes.toml",
+                                          "nodes": [_node()], "held": {}}, **top})
+    args = {"text": (), "json": ("--json",),
+            "watch": ("--watch", "--count", "1", "--interval", "0.2")}[mode]
+    _clean(sidusctl("pxe", "status", *args, state=tmp_path, timeout=60), 1, str(path), *expect)
 
 
 def test_pxe_status_reads_a_good_status_file(tmp_path: Path) -> None:

@@ -160,13 +160,17 @@ def ensure_dir(path: Path) -> Path:
 
 
 def read_json(path: Path) -> Any:
-    """Read a JSON document; :class:`StateError` if it is unreadable or corrupt."""
+    """Read a JSON document; :class:`FileNotFoundError` if there is none, :class:`StateError`
+    naming ``path`` if it is unreadable or corrupt (not JSON, not UTF-8, or nested too deeply
+    for the decoder)."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as e:
         raise StateError(f"{path}: unreadable state file ({e})") from e
+    except RecursionError as e:  # "[[[[...": no file sidusctl writes nests that deep
+        raise StateError(f"{path}: unreadable state file (JSON nested too deeply)") from e
 
 
 class FileLock:

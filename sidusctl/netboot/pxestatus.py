@@ -15,6 +15,7 @@ from sidusctl.core.errors import StateError
 from sidusctl.core.state import damaged
 from sidusctl.netboot.inventory import Inventory
 from sidusctl.netboot.tree import ImageFiles
+from sidusctl.serve.supervisor import TIME_LIMIT, is_time
 
 #: the boot stages a node goes through, in order (``pxe status``)
 STAGES = ("dhcp", "boot-files", "kernel", "root", "booted")
@@ -114,10 +115,12 @@ def check_status(path: Path, pxe: Mapping[str, Any]) -> None:
     :meth:`sidusctl.netboot.pxesupervisor.PxeSupervisor.status` writes, as far as ``pxe
     status`` uses it: ``inventory``, ``interface`` strings or null; ``held`` an object;
     ``nodes`` a list of objects (:func:`nodes`), each with ``name``, ``mac``, ``ip``
-    strings, ``stage`` null or one of :data:`STAGES`, ``stages`` an object, ``files`` and
-    ``addresses`` lists of strings, ``dhcp`` a string or null (keys other than ``name``,
-    ``mac``, ``ip`` may be missing). :class:`StateError` naming ``path`` and the first bad
-    key otherwise (a damaged file: serve-pxe rewrites it)."""
+    strings, ``stage`` null or one of :data:`STAGES`, ``stages`` an object of times
+    (:func:`sidusctl.serve.supervisor.is_time`) or nulls, ``files`` and ``addresses`` lists
+    of strings, ``dhcp`` a string or null (keys other than ``name``, ``mac``, ``ip`` may be
+    missing). :class:`StateError` naming ``path``, the first bad key, its value and what was
+    expected otherwise (a damaged file: serve-pxe rewrites it). The rest of the status file
+    is :func:`sidusctl.serve.supervisor.check_status`'s."""
 
     def bad(key: str, value: object, expected: str) -> StateError:
         return damaged(path, f"pxe.{key}", value, expected)
@@ -139,8 +142,13 @@ def check_status(path: Path, pxe: Mapping[str, Any]) -> None:
                 raise bad(f"{where}.{key}", n.get(key), "a string")
         if n.get("stage") is not None and n["stage"] not in STAGES:
             raise bad(f"{where}.stage", n["stage"], f"null or one of {', '.join(STAGES)}")
-        if n.get("stages") is not None and not isinstance(n["stages"], dict):
-            raise bad(f"{where}.stages", n["stages"], "an object")
+        stages = n.get("stages")
+        if stages is not None and not isinstance(stages, dict):
+            raise bad(f"{where}.stages", stages, "an object")
+        for stage, t in (stages or {}).items():
+            if t is not None and not is_time(t):
+                raise bad(f"{where}.stages.{stage}", t,
+                          f"null or a Unix time (a number from 0 to {TIME_LIMIT:.0f})")
         for key in ("files", "addresses"):
             v = n.get(key)
             if v is not None and not (isinstance(v, list)
