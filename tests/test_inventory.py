@@ -12,6 +12,7 @@ import pytest
 from sidusctl.core.errors import ConfigErrors
 from sidusctl.core.mac import normalize_mac, pxelinux_name
 from sidusctl.netboot.inventory import Node, load, parse
+from sidusctl.serve.dns import Zone
 from tests.conftest import sidusctl
 
 GOOD = """\
@@ -196,3 +197,97 @@ def test_network_domain_is_a_lower_case_dns_domain(domain: str, ok: bool) -> Non
     with pytest.raises(ConfigErrors) as ei:
         parse(text, "n.toml", known_images=["minimal"])
     assert [(e.line, e.key) for e in ei.value.errors] == [(4, "network.domain")], ei.value
+
+
+DNS_CLASH = """\
+[network]
+subnet = "10.0.0.0/24"
+server = "10.0.0.1"
+domain = "cluster.lan"
+
+[defaults]
+image = "minimal"
+
+[[nodes]]
+name = "node1"
+mac = "52:54:00:00:00:01"
+ip = "10.0.0.11"
+
+[[nodes]]
+name = "node2"
+mac = "52:54:00:00:00:02"
+ip = "10.0.0.12"
+hostname = "node1"
+
+[[nodes]]
+name = "node3"
+mac = "52:54:00:00:00:03"
+ip = "10.0.0.13"
+hostname = "web"
+
+[[nodes]]
+name = "node4"
+mac = "52:54:00:00:00:03"
+ip = "10.0.0.14"
+hostname = "web"
+
+[[nodes]]
+name = "node5"
+mac = "52:54:00:00:00:05"
+ip = "10.0.0.15"
+hostname = "node6"
+
+[[nodes]]
+name = "node6"
+mac = "52:54:00:00:00:06"
+ip = "10.0.0.16"
+"""
+
+
+def test_dns_names_clash_reported_at_the_hostname_with_the_other_problems() -> None:
+    """A node's DNS name (its hostname, or its name without one: the DNS zone's and DHCP
+    option 12's) taken by another node is refused at the hostname that takes it, with the
+    node's other problems; serve-pxe's zone once refused it only later, without a line."""
+    with pytest.raises(ConfigErrors) as ei:
+        parse(DNS_CLASH, "nodes.toml", known_images=["minimal"])
+    assert [e.message for e in ei.value.errors] == [
+        "nodes.toml:18: key 'nodes.node2.hostname': duplicate DNS name 'node1' (also the "
+        "name of node 'node1' at line 10) (expected a hostname that is no other node's DNS "
+        "name (its hostname, or its name if it has none))",
+        "nodes.toml:28: key 'nodes.node4.mac': duplicate MAC 52:54:00:00:00:03 (also node "
+        "'node3' at line 22) (expected one MAC per node)",
+        "nodes.toml:30: key 'nodes.node4.hostname': duplicate DNS name 'web' (also the "
+        "hostname of node 'node3' at line 24) (expected a hostname that is no other node's "
+        "DNS name (its hostname, or its name if it has none))",
+        # the later node answers by its name: the hostname taking it is the one blamed
+        "nodes.toml:36: key 'nodes.node5.hostname': duplicate DNS name 'node6' (also the "
+        "name of node 'node6' at line 39) (expected a hostname that is no other node's DNS "
+        "name (its hostname, or its name if it has none))",
+    ]
+    first = ei.value.errors[0]
+    assert (first.file, first.line, first.key) == ("nodes.toml", 18, "nodes.node2.hostname")
+
+
+def test_a_hostname_may_reuse_a_name_dns_does_not_answer_to() -> None:
+    """Only the names a node answers to in DNS must differ: a node's hostname may be its own
+    name, or the name of a node that has a hostname of its own; serve-pxe's zone takes both."""
+    text = DNS_CLASH.split("[[nodes]]")[0] + (
+        '[[nodes]]\nname = "a"\nmac = "52:54:00:00:00:01"\nip = "10.0.0.11"\nhostname = "a"\n'
+        '[[nodes]]\nname = "b"\nmac = "52:54:00:00:00:02"\nip = "10.0.0.12"\nhostname = "c"\n'
+        '[[nodes]]\nname = "c"\nmac = "52:54:00:00:00:03"\nip = "10.0.0.13"\nhostname = "b"\n')
+    inv = parse(text, "nodes.toml", known_images=["minimal"])
+    assert inv.network.domain is not None
+    zone = Zone(inv.network.domain, tuple((r.hostname or "", r.ip) for r in inv.reservations()))
+    zone.validate(inv.file)
+    assert [name for name, _ in zone.records] == ["a", "c", "b"]
+
+
+def test_cli_check_refuses_a_dns_name_clash_with_exit_2(tmp_path: Path) -> None:
+    f = tmp_path / "nodes.toml"
+    f.write_text(DNS_CLASH)
+    res = sidusctl("pxe", "check", "--nodes", str(f), state=tmp_path / "state")
+    assert res.returncode == 2, res.stderr
+    assert (f"{f}:18: key 'nodes.node2.hostname': duplicate DNS name 'node1' (also the name "
+            "of node 'node1' at line 10)") in res.stderr
+    assert f"{f}:30: key 'nodes.node4.hostname': duplicate DNS name 'web'" in res.stderr
+    assert "Traceback" not in res.stderr and "records" not in res.stderr

@@ -351,6 +351,7 @@ def parse(text: str, file: str = "nodes.toml", *, known_images: Iterable[str] | 
     seen_mac: dict[str, tuple[str, int | None]] = {}
     seen_ip: dict[ipaddress.IPv4Address, tuple[str, int | None]] = {}
     seen_name: dict[str, int | None] = {}
+    dns_names: list[_DnsName] = []
     for idx, raw in enumerate(nodes_raw):
         loc: tuple[str | int, ...] = ("nodes", idx)
         if not isinstance(raw, dict):
@@ -367,6 +368,13 @@ def parse(text: str, file: str = "nodes.toml", *, known_images: Iterable[str] | 
             c.error((*loc, at or key), problem, expected, label=key_name((*label, key)),
                     line=c.line((*loc, at)) if at else None)
 
+        hostname = raw.get("hostname")
+        if isinstance(hostname, str) and NAME_RE.match(hostname):
+            dns_names.append(_DnsName(hostname, "hostname", who, label,
+                                      c.line((*loc, "hostname"))))
+        elif hostname is None and good_name:
+            assert isinstance(name, str)
+            dns_names.append(_DnsName(name, "name", who, label, c.line((*loc, "name"))))
         if good_name:
             assert isinstance(name, str)
             if name in seen_name:
@@ -442,10 +450,45 @@ def parse(text: str, file: str = "nodes.toml", *, known_images: Iterable[str] | 
             nfs_share=merged.get("nfs_share"), kernel_args=tuple(merged.get("kernel_args", ())),
             hostname=nf.hostname, line=c.line(loc),
         ))
+    _check_dns_names(c, dns_names)
     c.done()
     assert network is not None
     return Inventory(file, network, tuple(nodes), defaults.get("image"),
                      tuple(defaults.get("kernel_args", ())))
+
+
+@dataclass(frozen=True)
+class _DnsName:
+    """The name a node answers to in DNS and DHCP option 12 (:meth:`Inventory.reservations`,
+    serve-pxe's zone): its ``hostname``, or its ``name`` without one (``key``)."""
+
+    dns: str
+    key: Literal["name", "hostname"]
+    node: str
+    label: tuple[str | int, ...]
+    line: int | None
+
+
+def _check_dns_names(c: Checker, names: list[_DnsName]) -> None:
+    """Record at ``c`` every hostname that is another node's DNS name (its name or hostname;
+    compared without case, as DNS compares names). The node that keeps the name is the first
+    one answering to it by its ``name``, else the first by its hostname; a name taken twice by
+    ``name`` alone is a duplicate node name, reported as such."""
+    by_dns: dict[str, list[_DnsName]] = {}
+    for d in names:
+        by_dns.setdefault(d.dns.lower(), []).append(d)
+    for same in by_dns.values():
+        if len(same) < 2:
+            continue
+        keeper = next((d for d in same if d.key == "name"), same[0])
+        for d in same:
+            if d is keeper or d.key != "hostname":
+                continue
+            c.error(key_name((*d.label, "hostname")),
+                    f"duplicate DNS name {d.dns!r} (also the {keeper.key} of node "
+                    f"{keeper.node!r} at line {keeper.line})",
+                    "a hostname that is no other node's DNS name (its hostname, or its name "
+                    "if it has none)", line=d.line)
 
 
 def load(path: Path, *, known_images: Iterable[str] | None = None) -> Inventory:
