@@ -122,6 +122,11 @@ def main() -> None:
             traceback.print_exc()
         _err("sidusctl: interrupted by SIGINT; cleaned up")
         sys.exit(130)
+    except Interrupted as e:
+        if debug:
+            traceback.print_exc()
+        _err(f"sidusctl: {e}")
+        sys.exit(e.exit_code)
     except SidusError as e:
         if debug:
             traceback.print_exc()

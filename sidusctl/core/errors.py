@@ -116,11 +116,18 @@ class BusyError(StateError):
     exit_code = 5
 
 
-class Interrupted(SidusError):
-    """SIGINT or SIGTERM arrived; raised so every context manager unwinds and cleans up."""
+class Interrupted(BaseException):
+    """SIGTERM arrived (the CLI's handler raises it; SIGINT is KeyboardInterrupt); raised so
+    every context manager unwinds and cleans up. A :class:`BaseException`, as
+    KeyboardInterrupt is, not a :class:`SidusError`: the handlers that report an error and go
+    on (a command over several vnodes, a platform's ``up``) must not take a SIGTERM for one
+    vnode's failure and go on with the next (they did, where SIGINT stopped them). ``message``,
+    ``hint`` and ``exit_code`` (130) as a SidusError's."""
 
     exit_code = 130
+    hint: str | None = None
 
     def __init__(self, signame: str = "SIGINT") -> None:
-        super().__init__(f"interrupted by {signame}; cleaned up")
+        self.message = f"interrupted by {signame}; cleaned up"
+        super().__init__(self.message)
         self.signame = signame

@@ -277,7 +277,7 @@ class PxeLoader:
 
     def _go_on(self) -> None:
         if self.stopping.is_set():
-            raise Interrupted("serve-pxe stopping: the reload changes nothing more")
+            raise Interrupted("SIGTERM")  # serve-pxe stops: the reload changes nothing more
 
     def _check_servers(self, inv: Inventory, exports: dict[str, tuple[Path, str]]) -> None:
         """On a reload: :class:`ConfigErrors` naming each node whose root needs a server

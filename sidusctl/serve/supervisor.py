@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidusctl.core.errors import SidusError, StateError
+from sidusctl.core.errors import Interrupted, SidusError, StateError
 from sidusctl.core.log import background, get_logger
 from sidusctl.core.state import damaged, read_json, write_json
 from sidusctl.serve.dhcp import DhcpServer
@@ -234,6 +234,8 @@ class Supervisor:
                         return
                     self.apply(new)
                     log.info("reloaded the configuration (SIGHUP)")
+                except Interrupted:  # the loader saw the servers stopping
+                    return
                 except SidusError as e:
                     log.error("reload refused, the previous configuration stays in force: %s",
                               e)
