@@ -371,12 +371,12 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
             d = start_serve_pxe("serve-pxe.log")
             try:
                 cfg: dict[str, Any]
+                kernel_rel, initrd_rel = storm.boot_files(state)
                 if root == "nfs":
                     cfg = {"interface": cif, "server": SERVER, "server_id": SERVER,
                            "nodes": nodes, "spread": 2.0, "timeout": args.timeout,
                            "shards": args.nfs_shards,
-                           "tftp_files": ["pxelinux.cfg/01-{mac}", "vmlinuz-storm",
-                                          "initrd.img-storm"],
+                           "tftp_files": ["pxelinux.cfg/01-{mac}", kernel_rel, initrd_rel],
                            "reads": str(args.reads)}
                     files = [p for k, _, p in load_reads(args.reads) if k == "f"]
                     cfg["check"] = files[::max(1, len(files) // 25)]
@@ -390,10 +390,10 @@ def storm_once(args: argparse.Namespace, count: int, root: str, boot: str,
                                        nodes), nodes, args.timeout)
                 cfg["boot"] = boot
                 cfg["http_port"] = 80
-                cfg["http_files"] = ["/boot.ipxe", "/ipxe/{mac}.ipxe", "/vmlinuz-storm",
-                                     "/initrd.img-storm"]
-                want = {"vmlinuz-storm": hashlib.sha256(kernel).hexdigest(),
-                        "initrd.img-storm": hashlib.sha256(initrd).hexdigest()}
+                cfg["http_files"] = ["/boot.ipxe", "/ipxe/{mac}.ipxe", f"/{kernel_rel}",
+                                     f"/{initrd_rel}"]
+                want = {kernel_rel: hashlib.sha256(kernel).hexdigest(),
+                        initrd_rel: hashlib.sha256(initrd).hexdigest()}
                 if http_boot:
                     want["boot.ipxe"] = hashlib.sha256((tree / "boot.ipxe").read_bytes()).hexdigest()
                 else:

@@ -87,7 +87,10 @@ def check_secure_boot_node(lab: PxeLab, g: qemu.Guest, root: str) -> None:
                      r"http://10\.77\.0\.1/shimx64\.efi", text), text[-3000:]
     for f in ("shimx64.efi", "/grubx64.efi", "grub/grub.cfg", f"grub/grub.cfg-01-{mac}",
               "vmlinuz-minimal", "initrd.img-minimal"):
-        assert re.search(rf'HTTP {re.escape(str(NODE.ip))}: "GET /{re.escape(f)} ', text), f
+        # the kernel and initrd of the generation served: boot/minimal/<generation>/
+        where = r"boot/minimal/gen-[^/ ]+/" if "minimal" in f else ""
+        assert re.search(rf'HTTP {re.escape(str(NODE.ip))}: "GET /{where}{re.escape(f)} ',
+                         text), f
     assert f"TFTP {NODE.ip}:" not in text, "the HTTP Boot node used TFTP"
     assert "Security Violation" not in g.transcript()
     assert g.sh(f"od -An -tu1 {SECURE_BOOT_VAR}").split()[-1] == "1"

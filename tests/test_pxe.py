@@ -296,3 +296,18 @@ def test_grub_efi_is_built_again_only_when_its_inputs_or_the_trees_copy_changed(
     fourth = write_tree(tftp, inv, images)
     assert len(builds) == 3 and "grubnetx64.efi" in fourth.unchanged  # same bytes again
     assert json.loads(record.read_text())["grub_efi"]["key"] != "0" * 64
+
+
+def test_a_generations_kernel_and_initrd_are_named_by_it_in_every_loader() -> None:
+    """serve-pxe knows each image's generation: pxelinux, iPXE and GRUB load the kernel and
+    initrd from ``boot/<image>/<generation>/``; iPXE's kernel line names the initrd by its
+    file name (the image name iPXE gives what it fetched, which the EFI stub looks for)."""
+    from dataclasses import replace
+
+    inv = parse(INVENTORY, "nodes.toml", known_images=["sidus", "minimal"])
+    images = {n: replace(f, generation="gen-20260101T000000-1") for n, f in _images().items()}
+    tree = render_tree(inv, images)
+    for rel in ("pxelinux.cfg/default", "pxelinux.cfg/01-52-54-00-12-34-56",
+                "ipxe/52-54-00-12-34-56.ipxe", "grub/grub.cfg-01-52-54-00-12-34-56"):
+        assert_golden(tree[rel], f"pxe-generation/{rel}")
+    assert images["sidus"].kernel_rel == "boot/sidus/gen-20260101T000000-1/vmlinuz-sidus"

@@ -102,9 +102,12 @@ def secure_boot_and_refused_unsigned_grub(minimal_image: BuiltImage, tmp_path: P
         text = lab.serve_text()
         assert re.search(rf"DHCP {NODE.mac}: REQUEST \(selecting\) -> ACK {NODE.ip} .*"
                          r"boot file shimx64\.efi \(arch 7 x86-64 UEFI\)", text), text[-3000:]
-        for f in ("shimx64.efi", "grubx64.efi", "grub/grub.cfg", f"grub/grub.cfg-01-{mac}", "vmlinuz-minimal", "initrd.img-minimal"):
-            assert re.search(rf"TFTP {re.escape(str(NODE.ip))}:\d+: sent '/?{re.escape(f)}'",
-                             text), f
+        for f in ("shimx64.efi", "grubx64.efi", "grub/grub.cfg", f"grub/grub.cfg-01-{mac}",
+                  "vmlinuz-minimal", "initrd.img-minimal"):
+            # the kernel and initrd of the generation served: boot/minimal/<generation>/
+            where = r"boot/minimal/gen-[^/ ']+/" if "minimal" in f else ""
+            assert re.search(rf"TFTP {re.escape(str(NODE.ip))}:\d+: sent '/?{where}"
+                             rf"{re.escape(f)}'", text), f
         assert "grubnetx64.efi'" not in text  # the unsigned GRUB was never fetched
         # the firmware says Secure Boot is on (UEFI global variable SecureBoot = 1) ...
         sb = g.sh(f"od -An -tu1 {SECURE_BOOT_VAR}").split()

@@ -188,17 +188,20 @@ def test_serve_pxe_end_to_end_with_real_clients(lab: Lab) -> None:
         # TFTP: the per-MAC pxelinux config rendered from the inventory, then kernel + initrd
         r = lab.c("curl", "-sS", "tftp://10.77.0.1/pxelinux.cfg/01-52-54-00-ec-33-81")
         assert r.returncode == 0, r.stderr
-        assert "KERNEL vmlinuz-minimal" in r.stdout
         rootfs = lab.state / "images" / "minimal" / "current" / "rootfs"
+        gen = rootfs.resolve().parent.name  # the kernel and initrd of that generation
+        kernel, initrd = f"boot/minimal/{gen}/vmlinuz-minimal", \
+            f"boot/minimal/{gen}/initrd.img-minimal"
+        assert f"KERNEL {kernel}" in r.stdout and f"initrd={initrd}" in r.stdout
         assert f"nfsroot=10.77.0.1:{rootfs.resolve()}" in r.stdout
-        for f in ("vmlinuz-minimal", "initrd.img-minimal"):
-            r = lab.c("curl", "-sS", "-o", str(lab.tmp / f), f"tftp://10.77.0.1/{f}")
+        for f in (kernel, initrd):
+            r = lab.c("curl", "-sS", "-o", str(lab.tmp / Path(f).name), f"tftp://10.77.0.1/{f}")
             assert r.returncode == 0, r.stderr
         assert (lab.tmp / "initrd.img-minimal").read_bytes() == INITRD
         # HTTP for iPXE: the script and the kernel, from the interface's address only
         r = lab.c("curl", "-sS", "-f", "http://10.77.0.1/boot.ipxe")
         assert r.returncode == 0 and r.stdout.startswith("#!ipxe"), r.stderr
-        r = lab.c("curl", "-sS", "-f", "-o", str(lab.tmp / "k"), "http://10.77.0.1/vmlinuz-minimal")
+        r = lab.c("curl", "-sS", "-f", "-o", str(lab.tmp / "k"), f"http://10.77.0.1/{kernel}")
         assert r.returncode == 0 and (lab.tmp / "k").read_bytes() == KERNEL
         assert lab.c("curl", "-sS", "-f", "http://10.77.0.1/pxelinux.cfg/").returncode != 0
         # DNS: A and PTR for the inventory's names
@@ -216,8 +219,7 @@ def test_serve_pxe_end_to_end_with_real_clients(lab: Lab) -> None:
         assert st["node1"]["dhcp"] == "10.77.0.130"
         files = st["node1"]["files"]
         assert isinstance(files, list)
-        assert {"pxelinux.cfg/01-52-54-00-ec-33-81", "vmlinuz-minimal", "initrd.img-minimal",
-                "boot.ipxe"} <= set(files)
+        assert {"pxelinux.cfg/01-52-54-00-ec-33-81", kernel, initrd, "boot.ipxe"} <= set(files)
         assert st["node2"] == {**st["node2"], "dhcp": None, "files": [], "booted": False}
         text = _cli(lab.state, "pxe", "status").stdout
         assert "node1" in text and "booted: yes" in text and "no DHCP yet" in text

@@ -204,3 +204,34 @@ def test_an_edit_made_while_serve_pxe_starts_is_reloaded(lab: Lab) -> None:
         t.join(90)
         for d in started:
             assert d.stop() == 0, d.text()[-3000:]
+
+
+def test_a_new_generation_leaves_the_kernel_a_node_was_told_to_fetch(lab: Lab) -> None:
+    """A node that read its configuration just before a new generation was published
+    fetches the kernel and initrd that configuration names: they are named by generation and
+    stay served (over TFTP and HTTP) next to the new ones, which the next configuration
+    names. (They were one file per image, replaced under the node: kernel B, root A.)"""
+    import re
+
+    _address(lab)
+    d = lab.start("--nfs", "off", "--http")
+    try:
+        def named() -> tuple[str, str]:
+            cfg = _cfg(lab)
+            k, i = re.search(r"KERNEL (\S+)", cfg), re.search(r"initrd=(\S+)", cfg)
+            assert k is not None and i is not None, cfg
+            return k[1], i[1]
+
+        old = named()
+        gen2 = _store_image(lab.state, "minimal", "2")
+        _wait(lambda: "reloaded the configuration" in d.text(), "the reload", 60)
+        new = named()
+        assert new != old and all(f"/{gen2}/" in f for f in new), (old, new)
+        for f in old + new:
+            r = lab.c("curl", "-sS", "-f", "-o", "/dev/null", "-w", "%{http_code}",
+                      f"http://10.77.0.1/{f}")
+            assert r.stdout == "200", (f, r.stdout + r.stderr)
+            r = lab.c("curl", "-sS", "-o", str(lab.tmp / "got"), f"tftp://10.77.0.1/{f}")
+            assert r.returncode == 0, (f, r.stderr)
+    finally:
+        assert d.stop() == 0, d.text()[-3000:]

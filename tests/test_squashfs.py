@@ -340,7 +340,8 @@ def test_a_prune_during_a_reload_keeps_the_current_generations_export(tmp_path: 
     class Loader:  # what the supervisor reads of serve-pxe's loader, before the swap
         def __init__(self) -> None:
             self.opts = SimpleNamespace(serve_dir=tmp_path / "serve", state=state,
-                                        hold_time=900, interface="sdt-x", retain=0)
+                                        hold_time=900, interface="sdt-x", retain=0,
+                                        tftp_root=tmp_path / "tftp")
             self.inventory = parse(INV, known_images=["img"])
             self.files: dict[str, object] = {}  # the new files are not applied yet
             self.nfs = None
@@ -348,7 +349,15 @@ def test_a_prune_during_a_reload_keeps_the_current_generations_export(tmp_path: 
         def __call__(self) -> supervisor.ServeConfig:
             return supervisor.ServeConfig()
 
+    # the boot tree: the reload rendered the new generation's kernel and initrd too
+    boot = tmp_path / "tftp" / "boot" / "img"
+    for g in ("gen-20260101T000000-1", "gen-20260102T000000-1"):
+        (boot / g).mkdir(parents=True)
+        (boot / g / "vmlinuz-img").write_bytes(b"k")
     sup = PxeSupervisor(Loader())  # type: ignore[arg-type]
     removed = sup.prune()
     assert squash.find(state, "img", "gen-20260102T000000-1") is not None, removed
     assert "img/gen-20260101T000000-1" in removed  # what nothing holds still goes
+    assert (boot / "gen-20260102T000000-1" / "vmlinuz-img").is_file(), removed
+    assert not (boot / "gen-20260101T000000-1").exists(), removed
+    assert "img/gen-20260101T000000-1 (kernel, initrd)" in removed

@@ -150,12 +150,24 @@ def _wait_status(lab: StormLab, cond: Any, timeout: float = 30) -> dict[str, Any
         time.sleep(0.5)
 
 
+def boot_files(state: Path) -> tuple[str, str]:
+    """The kernel and initrd of image ``storm``'s current generation in serve-pxe's tree,
+    where the nodes' configurations name them (``boot/storm/<generation>/...``)."""
+    from sidusctl.netboot.tree import ImageFiles
+    from sidusctl.subsys.imagestore import ImageStore
+
+    img = ImageStore(state, recover=False).get("storm")
+    f = ImageFiles("storm", img.kernel, img.initrd, "", generation=img.dir.name)
+    return f.kernel_rel, f.initrd_rel
+
+
 def storm_config(lab: StormLab, nodes: list[dict[str, str]], timeout: float) -> dict[str, Any]:
     from sidusctl.netboot import squash
     ex = squash.list_exports(lab.state, "storm")[-1]
+    kernel, initrd = boot_files(lab.state)
     return {"interface": lab.cif, "server": SERVER, "server_id": SERVER, "nodes": nodes,
             "spread": 2.0, "timeout": timeout,
-            "tftp_files": ["pxelinux.cfg/01-{mac}", "vmlinuz-storm", "initrd.img-storm"],
+            "tftp_files": ["pxelinux.cfg/01-{mac}", kernel, initrd],
             "http_port": 80, "http_path": f"/squashfs/storm/{ex.file}", "http_size": ex.size,
             "report_path": "/sidus/report", "generation": ex.generation,
             "sha256": ex.sha256, "shards": os.cpu_count() or 1}
@@ -168,9 +180,10 @@ def test_storm_hundreds_of_nodes(storm_lab: StormLab) -> None:
     try:
         cfg = storm_config(lab, lab.nodes, timeout=240)
         tree = lab.state / "serve-pxe" / "tftp"
+        kernel, initrd = boot_files(lab.state)
         want = {"loader": hashlib.sha256((tree / "pxelinux.0").read_bytes()).hexdigest(),
-                "vmlinuz-storm": hashlib.sha256(KERNEL).hexdigest(),
-                "initrd.img-storm": hashlib.sha256(INITRD).hexdigest(), "root": cfg["sha256"]}
+                kernel: hashlib.sha256(KERNEL).hexdigest(),
+                initrd: hashlib.sha256(INITRD).hexdigest(), "root": cfg["sha256"]}
         res = run_clients(lab.cli, cfg, lab.tmp, timeout=240)
         report("storm", res, len(lab.nodes))
         check_storm(res, lab.nodes, want)

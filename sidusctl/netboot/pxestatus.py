@@ -72,8 +72,17 @@ def nodes(inv: Inventory, files: Mapping[str, ImageFiles], *,
         for ip in sorted(ips):
             for f, t in fetched.get(ip, {}).items():
                 got[f] = max(t, got.get(f, 0.0))
-        kernel, initrd = f"vmlinuz-{n.image}", f"initrd.img-{n.image}"
-        loaded = max(got[kernel], got[initrd]) if kernel in got and initrd in got else None
+        # by file name: vmlinuz-<image> at the root of the tree, or a generation's under
+        # boot/<image>/<generation>/ (tree.ImageFiles.kernel_rel), fetched over TFTP or HTTP
+        kernel_t = initrd_t = None
+        for f, t in got.items():
+            base = f.rpartition("/")[2]
+            if base == f"vmlinuz-{n.image}":
+                kernel_t = max(t, kernel_t or 0.0)
+            elif base == f"initrd.img-{n.image}":
+                initrd_t = max(t, initrd_t or 0.0)
+        loaded = max(kernel_t, initrd_t) if kernel_t is not None and initrd_t is not None \
+            else None
         rep = reports.get(n.mac, {})
         if loaded is not None:
             # its kernel fetched again since: what an earlier boot reported is over

@@ -23,6 +23,7 @@ from sidusctl.core.state import read_json, write_json
 from sidusctl.netboot import pxestatus, squash
 from sidusctl.netboot.pxestatus import MAC_FILE_RE, NODE_FACTS
 from sidusctl.netboot.servepxe import PxeLoader, nfs_paths, squash_images
+from sidusctl.netboot.tree import prune_boot
 from sidusctl.serve import http as http_mod
 from sidusctl.serve import supervisor
 from sidusctl.subsys.imagestore import ImageStore
@@ -273,7 +274,8 @@ class PxeSupervisor(supervisor.Supervisor):
 
     def prune(self) -> list[str]:
         """Stop serving what no node holds any more: squashfs exports (beyond the retention
-        count), NFS exports of generations, and the generation directories themselves
+        count), NFS exports of generations, the kernels and initrds of the boot tree
+        (:func:`~sidusctl.netboot.tree.prune_boot`), and the generation directories themselves
         (:meth:`ImageStore.prune`: never ``current`` or ``previous``); what was removed
         (``image/generation`` for files and directories). The export of each image's
         ``current`` generation is kept, whether or not the boot tree names it yet."""
@@ -298,6 +300,19 @@ class PxeSupervisor(supervisor.Supervisor):
             want.update({k: v for k, v in nfs.exports.items()
                          if k.partition("/")[2] in keep.get(k.partition("/")[0], {})})
             nfs.update(want)
+        # the kernels and initrds of the tree, by generation: a node that read its
+        # configuration just before a reload fetches the kernel it names after it
+        # configuration just before a reload fetches the kernel it names after it; and, as
+        # for the exports, the store's current generation (a reload renders it before it
+        # serves it)
+        boot = {name: set(gens) for name, gens in keep.items()}
+        for name, f in self.loader.files.items():
+            if f.generation:
+                boot.setdefault(name, set()).add(f.generation)
+        for name in inv.images():
+            with contextlib.suppress(SidusError):
+                boot.setdefault(name, set()).add(store.get(name).dir.name)
+        out += [f"{g} (kernel, initrd)" for g in prune_boot(self.loader.opts.tftp_root, boot)]
         for name in inv.images():
             out += [f"{name}/{g} (directory)" for g in store.prune(name)]
         return out

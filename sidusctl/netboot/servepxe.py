@@ -250,7 +250,8 @@ class PxeLoader:
         self._go_on()
         report_url = f"{o.http_base(net.server)}{REPORT_PATH}" if http_on else None
         report = write_tree(o.tftp_root, inv, files, report_url=report_url,
-                            shim=o.efi_loader == "shim", signed_grub=o.signed_grub)
+                            shim=o.efi_loader == "shim", signed_grub=o.signed_grub,
+                            retain_boot=True)
         # the GRUB write_tree just placed (a missing source was refused there)
         if o.efi_loader == "shim" and http_on and \
                 not secureboot.grub_boots_over_http(o.tftp_root / secureboot.SIGNED_GRUB_NAME):

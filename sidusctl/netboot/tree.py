@@ -9,7 +9,9 @@ Layout written under the TFTP root::
     grubnetx64.efi                                GRUB for x86-64 UEFI, built by grub-mkimage
     ipxe.efi                                      iPXE for x86-64 UEFI (Debian package ipxe)
     grub/grub.cfg-01-<mac-with-dashes>            GRUB netboot (UEFI), per node
-    vmlinuz-<image>  initrd.img-<image>           from the image store
+    boot/<image>/<generation>/vmlinuz-<image>     from the image store, by generation
+    boot/<image>/<generation>/initrd.img-<image>  (vmlinuz-<image>, initrd.img-<image> when
+                                                  the generation is not known)
 
 Re-rendering writes only files whose content changed (each by temp file + rename), and removes
 files a previous render wrote that are no longer wanted (listed in ``.sidusctl-pxe.json``, with
@@ -24,11 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+import shutil
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Literal
 
-from sidusctl.core.errors import ConfigError, PrerequisiteError, SidusError
+from sidusctl.core.errors import BusyError, ConfigError, PrerequisiteError, SidusError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run, which
 from sidusctl.core.state import (
@@ -64,6 +68,8 @@ GRUB_EFI_DIR = Path("/usr/lib/grub/x86_64-efi")
 IPXE_EFI_NAME = "ipxe.efi"
 IPXE_EFI_DIRS = ("/usr/lib/ipxe",)
 GRUB_EFI_NAME = "grubnetx64.efi"
+#: where a generation's kernel and initrd go in the tree: ``boot/<image>/<generation>/``
+BOOT_DIR = "boot"
 GRUB_EFI_MODULES = ("efinet", "tftp", "http", "net", "linux", "normal", "configfile", "echo",
                     "test", "ls", "regexp", "all_video", "gzio", "efi_gop", "terminal",
                     "serial", "chain", "boot", "sleep")
@@ -103,6 +109,21 @@ class ImageFiles:
     export_path: str
     squashfs: SquashRef | None = None
     generation: str | None = None
+
+    @property
+    def kernel_rel(self) -> str:
+        """The kernel's path in the tree: ``boot/<image>/<generation>/vmlinuz-<image>`` when
+        the generation is known (a node that read its configuration just before a new
+        generation was published still gets the kernel it names), else ``vmlinuz-<image>``."""
+        return self._rel(f"vmlinuz-{self.name}")
+
+    @property
+    def initrd_rel(self) -> str:
+        """The initrd's path in the tree, as :attr:`kernel_rel`'s (``initrd.img-<image>``)."""
+        return self._rel(f"initrd.img-{self.name}")
+
+    def _rel(self, file: str) -> str:
+        return f"{BOOT_DIR}/{self.name}/{self.generation}/{file}" if self.generation else file
 
 
 @dataclass
@@ -175,14 +196,19 @@ def root_args(node: Node, img: ImageFiles, server: str) -> list[str]:
     return args
 
 
-def node_cmdline(inv: Inventory, node: Node, img: ImageFiles, *, initrd_arg: bool = True,
+def node_cmdline(inv: Inventory, node: Node, img: ImageFiles, *,
+                 initrd: Literal["path", "name", None] = "path",
                  report_url: str | None = None) -> str:
     """The kernel command line of ``node`` (without ``BOOTIF``, which pxelinux appends);
-    ``report_url``: where the node reports its boot stages (``sidus.report=``)."""
+    ``initrd``: ``initrd=`` with the initrd's path in the tree (pxelinux loads it), with its
+    file name (iPXE names the image it fetched by the URL's last component, and a kernel's
+    EFI stub finds it by that name), or none (GRUB passes it itself); ``report_url``: where
+    the node reports its boot stages (``sidus.report=``)."""
     server = str(inv.network.server)
     parts = []
-    if initrd_arg:
-        parts.append(f"initrd=initrd.img-{img.name}")
+    if initrd is not None:
+        parts.append("initrd=" + (img.initrd_rel if initrd == "path"
+                                  else PurePosixPath(img.initrd_rel).name))
     parts += root_args(node, img, server)
     if report_url:
         parts.append(f"sidus.report={report_url}")
@@ -213,15 +239,17 @@ def render_tree(inv: Inventory, images: Mapping[str, ImageFiles], *,
         out["pxelinux.cfg/default"] = render(
             "pxelinux/default.j2", image=default, server=server,
             nfsroot=nfsroot_arg(server, img.export_path),
+            kernel=img.kernel_rel, initrd=img.initrd_rel,
             iscsi_target_ip=inv.network.iscsi_target_ip or server,
             iscsi_target=inv.network.iscsi_target,
             extra=" ".join(inv.default_args))
     nodes_ctx = []
     for n in inv.nodes:
         img = images[n.image]
-        ctx = {"node": n, "image": n.image,
+        ctx = {"node": n, "image": n.image, "kernel": img.kernel_rel, "initrd": img.initrd_rel,
                "cmdline": node_cmdline(inv, n, img, report_url=report_url),
-               "cmdline_noinitrd": node_cmdline(inv, n, img, initrd_arg=False,
+               "cmdline_ipxe": node_cmdline(inv, n, img, initrd="name", report_url=report_url),
+               "cmdline_noinitrd": node_cmdline(inv, n, img, initrd=None,
                                                 report_url=report_url)}
         nodes_ctx.append(ctx)
         cfg = render("pxelinux/node.j2", **ctx)
@@ -310,9 +338,12 @@ def write_tree(
     report_url: str | None = None,
     shim: bool = False,
     signed_grub: Path | None = None,
+    retain_boot: bool = False,
 ) -> RenderReport:
     """Render ``inv`` into ``tftp_root`` (created if missing). Only changed files are rewritten,
-    each atomically; files of an earlier render that are no longer wanted are removed.
+    each atomically; files of an earlier render that are no longer wanted are removed, except,
+    with ``retain_boot``, the kernels and initrds of earlier generations (``boot/``: serve-pxe
+    removes them with :func:`prune_boot` once no node holds them).
     Raises :class:`PrerequisiteError` if pxelinux/syslinux files are missing, :class:`SidusError`
     if an image lacks its kernel or initrd. Debian's signed chain (shim, MokManager, signed
     GRUB and its grub.cfg: :mod:`sidusctl.netboot.secureboot`) is placed when the host has it;
@@ -342,9 +373,36 @@ def write_tree(
             _remove_temp_files(tftp_root)
         return _write_tree_locked(tftp_root, inv, images, bios_dirs=bios_dirs,
                                   progress=progress, report_url=report_url, shim=shim,
-                                  signed_grub=signed_grub)
+                                  signed_grub=signed_grub, retain_boot=retain_boot)
     finally:
         lock.release()
+
+
+def prune_boot(tftp_root: Path, keep: Mapping[str, Collection[str]]) -> list[str]:
+    """Remove the kernel and initrd directories ``boot/<image>/<generation>/`` of the
+    generations ``keep`` (by image) does not name; what was removed (``image/generation``).
+    Skipped (returns []) while a render writes the tree: its lock is the render's."""
+    root = tftp_root / BOOT_DIR
+    if not root.is_dir():
+        return []
+    lock = FileLock(tftp_root / LOCK, f"the TFTP tree {tftp_root}", remove=True)
+    try:
+        lock.acquire()
+    except BusyError:
+        return []
+    out = []
+    try:
+        for image_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            for gen in sorted(p for p in image_dir.iterdir() if p.is_dir()):
+                if gen.name in keep.get(image_dir.name, ()):
+                    continue
+                shutil.rmtree(gen, ignore_errors=True)
+                out.append(f"{image_dir.name}/{gen.name}")
+            with contextlib.suppress(OSError):
+                image_dir.rmdir()  # once empty
+    finally:
+        lock.release()
+    return out
 
 
 def make_root(tftp_root: Path) -> None:
@@ -376,6 +434,7 @@ def _write_tree_locked(
     report_url: str | None,
     shim: bool,
     signed_grub: Path | None,
+    retain_boot: bool,
 ) -> RenderReport:
     """:func:`write_tree` once the tree's lock is held."""
     report = RenderReport()
@@ -403,8 +462,8 @@ def _write_tree_locked(
     sources = bios_dirs or BIOS_FILES
     copies: dict[str, Path] = {name: _find(name, dirs) for name, dirs in sources.items()}
     for name in inv.images():
-        copies[f"vmlinuz-{name}"] = images[name].kernel
-        copies[f"initrd.img-{name}"] = images[name].initrd
+        copies[images[name].kernel_rel] = images[name].kernel
+        copies[images[name].initrd_rel] = images[name].initrd
     grub_key = _grub_efi_key()
     grub_was = prev.get("grub_efi")
     grub_record: dict[str, str] | None = None
@@ -454,6 +513,10 @@ def _write_tree_locked(
     for rel in sorted(set(previous) - wanted):
         p = tftp_root / rel
         if ".." in Path(rel).parts:
+            continue
+        if retain_boot and rel.startswith(f"{BOOT_DIR}/"):
+            if p.is_file():  # an earlier generation's: prune_boot removes it once not held
+                wanted.add(rel)
             continue
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
