@@ -200,10 +200,14 @@ def test_image_rm_refuses_an_image_running_nodes_hold_unless_forced(tmp_path: Pa
     assert {p.name for p in exports.iterdir()} == {"held", "free"}
     store.set_holds("held", "serve-pxe", {gen_held: time.time() + 600})
     store.set_holds("stale", "serve-pxe", {store.get("stale").dir.name: time.time() - 1})
+    # a hold of a generation already gone protects nothing
+    store.set_holds("free", "serve-pxe", {"gen-19700101T000000-1": time.time() + 600})
     res = sidusctl("image", "rm", "free", "held", "stale", state=state, timeout=60)
     assert res.returncode == 5, res.stderr
-    assert f"image 'held' is held by running nodes that booted it ({gen_held})" in res.stderr
+    assert f"image 'held' is held for nodes that booted it or were just told to ({gen_held})" \
+        in res.stderr
     assert "image rm --force" in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.count("hint:") == 1, res.stderr
     assert {p.name for p in (state / "images").iterdir()} == {"held", "free", "stale"}
     assert {p.name for p in exports.iterdir()} == {"held", "free"}
     res = sidusctl("image", "rm", "free", "stale", state=state, timeout=60)

@@ -117,13 +117,14 @@ def rm_cmd(names: tuple[str, ...], force: bool) -> None:
         except ConfigError as e:
             bad.append(e)
         except BusyError as e:
-            held.append(str(e))
+            held.append(e.message)  # one hint for all, below
     if bad:
         raise ConfigErrors(bad)
     if missing:
         raise NotFoundError("\n".join(missing))
     if held:
-        raise BusyError("\n".join(held), hint="stop those nodes, or: sidusctl image rm --force")
+        raise BusyError("\n".join(held), hint="stop those nodes (a hold ends --hold-time after "
+                        "its node was last seen), or: sidusctl image rm --force")
     from sidusctl.netboot import squash
 
     for n in names:

@@ -394,12 +394,14 @@ class ImageStore:
         """:class:`BusyError` if a holder (serve-pxe, for the nodes that booted them) still
         holds generations of ``name`` (:meth:`held`): deleting them would take the root from
         under running nodes. The message names the generations and when the last hold ends."""
-        held = self.held(name, now)
+        # a generation already gone (deleted by hand, or image rm --force) protects nothing
+        held = {g: t for g, t in self.held(name, now).items()
+                if (self.image_dir(name) / g).is_dir()}
         if held:
             until = time.strftime("%H:%M:%S", time.localtime(max(held.values())))
-            raise BusyError(f"image '{name}' is held by running nodes that booted it "
-                            f"({', '.join(sorted(held))}), until {until} at the latest: "
-                            "their roots are still served",
+            raise BusyError(f"image '{name}' is held for nodes that booted it or were just "
+                            f"told to ({', '.join(sorted(held))}), until {until} at the "
+                            "latest: their roots are still served",
                             hint="stop those nodes (their holds end --hold-time after they "
                                  f"were last seen), or: sidusctl image rm --force {name}")
 
