@@ -14,6 +14,7 @@ lab of :mod:`tests.test_serve_pxe`):
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -164,6 +165,14 @@ def test_reloads_that_need_another_server_are_refused_and_new_images_are_served(
         assert "key 'root': node 'node1': root 'squashfs-http' needs its HTTP server" in text
         assert f"{lab.nodes}:" in text and "a restart of serve-pxe" in text
         assert _tree(tftp) == before and "squashfs" not in _cfg(lab)
+        # pxe status says so too, not only the log
+        def refused() -> bool:
+            r = _cli(lab.state, "pxe", "status")
+            return "REFUSED, the previous configuration stays in force" in r.stdout
+        _wait(refused, "pxe status to show the refused reload")
+        r = _cli(lab.state, "pxe", "status", "--json")
+        rel = json.loads(r.stdout)["reload"]
+        assert rel["ok"] is False and "needs its HTTP server" in rel["error"], rel
     finally:
         assert d.stop() == 0, d.text()[-3000:]
     _write(lab.nodes, NODES)

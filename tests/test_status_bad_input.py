@@ -60,6 +60,8 @@ def _status(state: Path, st: dict[str, Any]) -> Path:
     ({"updated": 1, "clients": []}, "'clients'"),
     ({"updated": 10**400}, "'updated'"),  # no float: it was an internal error
     ({"updated": 1, "pid": 10**30}, "'pid'"),
+    ({"updated": 1, "reload": {"at": "x", "ok": True, "error": None}}, "'reload'"),
+    ({"updated": 1, "reload": {"at": 1.0, "ok": "no", "error": None}}, "'reload'"),
 ])
 def test_serve_status_refuses_a_damaged_status_file(tmp_path: Path, st: dict[str, Any],
                                                     key: str) -> None:

@@ -270,11 +270,16 @@ def status_cmd(as_json: bool, watch: bool, interval: float, slowest: int,
                    "held": pxe.get("held", {}), "http": st.get("http"),
                    "tftp": st.get("tftp"), "dhcp": st.get("dhcp"),
                    "internal_errors": st.get("internal_errors"),
-                   "nodes": pxe.get("nodes", [])})
+                   "reload": st.get("reload"), "nodes": pxe.get("nodes", [])})
         return
     age = time.time() - float(st.get("updated", 0))
     click.echo(f"serve-pxe pid {st.get('pid')} ({'running' if running else 'not running'}) on "
                f"{pxe.get('interface')}, {pxe.get('inventory')}; status {age:.0f} s old")
+    reload = st.get("reload")
+    if reload is not None:
+        at = time.strftime("%H:%M:%S", time.localtime(reload["at"]))
+        click.echo(f"last reload {at}: " + ("applied" if reload["ok"] else
+                   f"REFUSED, the previous configuration stays in force: {reload['error']}"))
     for n in pxe.get("nodes", []):
         files = n.get("files") or []
         shown = ", ".join(files[-4:]) + (f" (+{len(files) - 4})" if len(files) > 4 else "")

@@ -155,6 +155,10 @@ class Supervisor:
         self.reloading = False
         self._reload_again = False
         self._reload_task: asyncio.Task[None] | None = None
+        #: the last reload's outcome, in the status: ``{"at": time, "ok": bool, "error":
+        #: message or None}``, None before the first one (a refused inventory edit is seen
+        #: in ``pxe status``, not only in the log)
+        self.last_reload: dict[str, Any] | None = None
         #: set as the servers stop (SIGTERM, SIGINT): a reload's worker still running checks
         #: it before each change it makes (a tree, exports) and gives up
         self.stopping = threading.Event()
@@ -188,6 +192,7 @@ class Supervisor:
             "tftp": self.tftp.stats.as_dict() if self.tftp else None,
             "dns": self.dns.stats.as_dict() if self.dns else None,
             "clients": self.events,
+            "reload": self.last_reload,
         }
 
     def counters(self) -> list[dict[str, Any]]:
@@ -233,18 +238,25 @@ class Supervisor:
                     if self.stopping.is_set():
                         return
                     self.apply(new)
+                    self._reloaded(None)
                     log.info("reloaded the configuration (SIGHUP)")
                 except Interrupted:  # the loader saw the servers stopping
                     return
                 except SidusError as e:
+                    self._reloaded(str(e))
                     log.error("reload refused, the previous configuration stays in force: %s",
                               e)
-                except Exception:  # a bug: logged with its traceback, the old config stays
+                except Exception as e:  # a bug: logged with its traceback, the old config stays
+                    self._reloaded(f"internal error: {e!r}")
                     log.exception("reload failed, the previous configuration stays in force")
                 if not self._reload_again:
                     break
         finally:
             self.reloading = False
+
+    def _reloaded(self, error: str | None) -> None:
+        self.last_reload = {"at": time.time(), "ok": error is None, "error": error}
+        self.changes += 1
 
     def apply(self, new: ServeConfig) -> None:
         """Swap ``new`` in (on the event loop): reservations, pool, boot policy, TFTP root,
@@ -385,7 +397,8 @@ def check_status(path: Path, st: dict[str, Any]) -> None:
     """Check that ``st`` (decoded from ``path``) has the shape :meth:`Supervisor.status`
     writes, as far as readers use it: ``pid`` null or a process id (1 to :data:`PID_LIMIT` -
     1), ``internal_errors`` an integer; ``started``, ``updated`` times (:func:`is_time`); ``dhcp``, ``tftp``, ``dns``, ``http`` null or objects of numbers;
-    ``clients`` an object of objects. Keys may be missing. :class:`StateError` naming
+    ``clients`` an object of objects; ``reload`` null or the last reload's outcome
+    (:attr:`Supervisor.last_reload`). Keys may be missing. :class:`StateError` naming
     ``path`` and the first bad key otherwise (a damaged file: the server rewrites it)."""
 
     def bad(key: str, value: object, expected: str) -> StateError:
@@ -410,6 +423,13 @@ def check_status(path: Path, st: dict[str, Any]) -> None:
         for k, v in counters.items():
             if not _is_number(v):
                 raise bad(f"{key}.{k}", v, "a number")
+    reload = st.get("reload")
+    if reload is not None and not (
+            isinstance(reload, dict) and is_time(reload.get("at"))
+            and isinstance(reload.get("ok"), bool)
+            and (reload.get("error") is None or isinstance(reload.get("error"), str))):
+        raise bad("reload", reload, "null or an object: at (a Unix time), ok (a boolean), "
+                                    "error (a string or null)")
     clients = st.get("clients", {})
     if not isinstance(clients, dict):
         raise bad("clients", clients, "an object of clients")
