@@ -132,10 +132,33 @@ def main() -> None:
             traceback.print_exc()
         _err(f"sidusctl: error: {e}")
         sys.exit(e.exit_code)
-    except Exception:
+    except Exception as e:
+        signame = _interrupt_within(e)
+        if signame is not None:
+            # a signal that arrived while Python ran a hook that wraps what it raises (class
+            # creation's __set_name__ in 3.11: RuntimeError), e.g. during a lazy import
+            if debug:
+                traceback.print_exc()
+            _err(f"sidusctl: interrupted by {signame}; cleaned up")
+            sys.exit(130)
         traceback.print_exc()
         _err("sidusctl: internal error (a bug: please report it with the traceback above)")
         sys.exit(70)
+
+
+def _interrupt_within(e: BaseException) -> str | None:
+    """The signal (``SIGINT``, ``SIGTERM``) whose exception caused ``e`` (its ``__cause__``
+    and ``__context__`` chain), or None."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, Interrupted):
+            return cur.signame
+        if isinstance(cur, KeyboardInterrupt):
+            return "SIGINT"
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 if __name__ == "__main__":
