@@ -272,6 +272,7 @@ def test_bad_inventory_is_refused_before_anything_starts(lab: Lab) -> None:
     r = _cli(lab.state, "serve-pxe", "--nodes", str(lab.nodes), "--interface", lab.br,
              "--tftp-root", str(tftp), ns=lab.srv)
     assert r.returncode == 2 and "10.77.0.2 is not the address of interface" in r.stderr
+    assert f"{lab.nodes}:3: key 'network.server'" in r.stderr, r.stderr  # with its line
     assert not tftp.exists()
     r = _cli(lab.state, "pxe", "status")
     assert r.returncode != 0 and "no status" in r.stderr

@@ -126,6 +126,8 @@ class Network:
     domain: str | None = None
     iscsi_target_ip: str | None = None
     iscsi_target: str = DEFAULT_ISCSI_TARGET
+    #: the line of ``server`` in the file (for messages about it), when known
+    server_line: int | None = None
 
 
 @dataclass(frozen=True)
@@ -306,7 +308,7 @@ def parse(text: str, file: str = "nodes.toml", *, known_images: Iterable[str] | 
         if netf is not None:
             network = Network(netf.subnet, netf.server, netf.nfs_root, netf.domain,
                               str(netf.iscsi_target_ip) if netf.iscsi_target_ip else None,
-                              netf.iscsi_target)
+                              netf.iscsi_target, server_line=c.line(("network", "server")))
             sub = netf.subnet
             if sub.prefixlen <= 30 and netf.server in (sub.network_address,
                                                        sub.broadcast_address):

@@ -212,7 +212,8 @@ class PxeLoader:
                               f"{net.server} is not the address of interface {o.interface} "
                               f"(it has {have})",
                               expected=f"the server address on {o.interface}, or --interface "
-                                       "naming the interface that carries it")
+                                       "naming the interface that carries it",
+                              line=net.server_line)
         http_on = o.http or wants_http(inv)
         exports = nfs_paths(o, inv, files, roots)
         self._check_servers(inv, exports)
