@@ -103,6 +103,10 @@ def test_a_second_serve_pxe_is_refused_before_it_writes_anything(lab: Lab) -> No
                  "--interface", br2, "--nfs", "off", "--tftp-root", str(tftp), ns=lab.srv)
         assert r.returncode == 5, r.stderr
         assert f"the TFTP root {tftp}" in r.stderr and "Traceback" not in r.stderr
+        # nor does a pxe render of its tree replace it (nor remove its generations' kernels)
+        r = _cli(lab.state, "pxe", "render", "--nodes", str(lab.nodes), "--tftp-root",
+                 str(tftp))
+        assert r.returncode == 5 and f"the TFTP root {tftp}" in r.stderr, r.stderr
         # the first one's files as they were, and it still serves
         assert _tree(tftp) == before
         assert status.read_bytes() == status_before or \

@@ -13,7 +13,8 @@ from sidusctl.cli.common import console, emit_json, get_ctx
 from sidusctl.core.errors import ConfigError, Interrupted
 from sidusctl.netboot import inventory as inv_mod
 from sidusctl.netboot import nfs as nfs_exports
-from sidusctl.netboot.tree import ImageFiles, export_path_for, write_tree
+from sidusctl.netboot import pxewatch, secureboot
+from sidusctl.netboot.tree import ImageFiles, export_path_for, make_root, write_tree
 from sidusctl.subsys import ganesha
 from sidusctl.subsys.imagestore import ImageStore
 
@@ -76,12 +77,22 @@ def render_cmd(nodes: str, tftp_root: str, signed_grub: Path | None, as_json: bo
     """Write pxelinux, iPXE and GRUB files, kernels and initrds for every node.
 
     Only files whose content changed are rewritten (atomically); files of an earlier render
-    that no node needs any more are removed."""
+    that no node needs any more are removed. Refused (exit 5) while serve-pxe serves the tree."""
     inv = _load(nodes)
     images = _images(inv)
-    with console.status("rendering boot tree...") as status:
-        report = write_tree(Path(tftp_root), inv, images, signed_grub=signed_grub,
-                            progress=lambda rel: status.update(f"wrote {rel}"))
+    root = Path(tftp_root)
+    if signed_grub is not None:
+        secureboot.check_signed_grub(signed_grub)  # before anything is made
+    make_root(root)
+    # a running serve-pxe's tree is serve-pxe's: this render would replace its configurations
+    # and remove the kernels of the generations its nodes hold (exit 5)
+    served = pxewatch.hold_tree(root)
+    try:
+        with console.status("rendering boot tree...") as status:
+            report = write_tree(root, inv, images, signed_grub=signed_grub,
+                                progress=lambda rel: status.update(f"wrote {rel}"))
+    finally:
+        served.release()
     if as_json:
         emit_json({"tftp_root": str(Path(tftp_root).absolute()), **report.as_dict()})
         return
