@@ -48,11 +48,11 @@ _ACTIVE_LOCK = threading.Lock()
 
 #: the signals sidusctl turns into exceptions (SIGINT: KeyboardInterrupt, SIGTERM:
 #: :class:`~sidusctl.core.errors.Interrupted`), held pending while a child is forked
-_HELD = frozenset({signal.SIGINT, signal.SIGTERM})
+HELD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
 def _hold() -> set[int | signal.Signals]:
-    """Block :data:`_HELD` in this thread; the mask before, for :func:`_release`.
+    """Block :data:`HELD_SIGNALS` in this thread; the mask before, for :func:`_release`.
 
     Why: with a ``preexec_fn``, CPython runs the ``os.register_at_fork`` hooks around the
     fork, and ``logging`` registers one that runs in the parent right after it. A signal that
@@ -60,7 +60,7 @@ def _hold() -> set[int | signal.Signals]:
     prints "Exception ignored" and drops it: the interrupt is lost (a test suite's SIGINT
     during ``sidusctl update`` was). Held pending instead, it is delivered by
     :func:`_release`, at a point where the caller ends the child like for any interrupt."""
-    return signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    return signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
 
 
 def _release(mask: set[int | signal.Signals]) -> None:
@@ -94,7 +94,7 @@ def _child_setup(sig: int, parent: int) -> None:
     # children are started from the main thread or from a thread that lives as long as they.
     # The forking thread held SIGINT and SIGTERM (_hold); the mask is inherited across
     # execve, so the child unblocks them before it becomes the program.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
     if _libc is not None:
         _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before prctl: nobody will signal us

@@ -238,6 +238,15 @@ def restore_host_sysctls(recorded: dict[str, Any]) -> list[str]:
     return done
 
 
+def list_active(lxcpath: Path) -> list[str]:
+    """Names of the containers under ``lxcpath`` in any state but stopped (running, frozen,
+    starting, stopping: ``lxc-ls --active``), in one call."""
+    if not lxcpath.is_dir():
+        return []
+    out = output([_tool("lxc-ls"), "-P", str(lxcpath), "-1", "--active"], check=False)
+    return out.split()
+
+
 def list_running(lxcpath: Path) -> list[str]:
     """Names of running containers under ``lxcpath``."""
     if not lxcpath.is_dir():

@@ -8,16 +8,18 @@ leaves it true (the real container state is read back from LXC: see :meth:`Platf
 from __future__ import annotations
 
 import builtins
+import contextlib
 import ipaddress
 import os
 import shlex
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from sidusctl.core.errors import (
     ConfigError,
+    Interrupted,
     NotFoundError,
     PrerequisiteError,
     SidusError,
@@ -29,6 +31,7 @@ from sidusctl.subsys import btrfs, lxc
 from sidusctl.subsys.net import links, tc
 from sidusctl.subsys.tarball import write_rootfs_tar
 from sidusctl.vnode import ssh
+from sidusctl.vnode.critical import Critical
 from sidusctl.vnode.limits import cgroup_settings, check_matrix, set_limits
 from sidusctl.vnode.model import (
     FROZEN,
@@ -37,7 +40,6 @@ from sidusctl.vnode.model import (
     RUNNING,
     IfaceSpec,
     VIface,
-    VNetwork,
     VNode,
     check_vnode_name,
     hwaddr,
@@ -45,13 +47,14 @@ from sidusctl.vnode.model import (
 )
 from sidusctl.vnode.observe import Observe
 from sidusctl.vnode.store import State, Store, check_init_args
+from sidusctl.vnode.vnetworks import VNetworks
 
 log = get_logger("vnode")
 
 Progress = Callable[[str], None]
 
 
-class Platform(Observe):
+class Platform(VNetworks, Observe):
     """The vnodes and vnetworks of state directory ``state_dir`` on this host."""
 
     def __init__(self, state_dir: Path) -> None:
@@ -87,75 +90,7 @@ class Platform(Observe):
             info["subvolumes"] = btrfs.subvolume_list(self.store.root)
         return info
 
-    # -- vnetworks -------------------------------------------------------------------------
-    def net_create(self, name: str, cidr: str, *, mode: str = "classical",
-                   root_interface: str | None = None, vxlan_id: int | None = None,
-                   vxlan_port: int = 4789, vxlan_group: str | None = None,
-                   vxlan_remote: str | None = None, gateway: str | None = None,
-                   netns: str | None = None, vxlan_remotes: Sequence[str] = (),
-                   vxlan_local: str | None = None, mtu: int | None = None) -> VNetwork:
-        """Create vnetwork ``name`` on ``cidr``: its bridge (with the gateway address) and, in
-        vxlan mode, its VXLAN link, now. ConfigError/StateError leave nothing behind."""
-        net = VNetwork(name=name, cidr=cidr, mode=mode, root_interface=root_interface,
-                       vxlan_id=vxlan_id, vxlan_port=vxlan_port, vxlan_group=vxlan_group,
-                       vxlan_remote=vxlan_remote, gateway=gateway, netns=netns,
-                       vxlan_remotes=list(vxlan_remotes), vxlan_local=vxlan_local,
-                       mtu=mtu).validate()
-        with self.store.transaction() as st:
-            if name in st.vnetworks:
-                raise StateError(f"a vnetwork named {name!r} already exists")
-            for other in st.vnetworks.values():
-                if other.network.overlaps(net.network) and other.netns == net.netns:
-                    raise ConfigError(f"vnetwork {name}", "cidr",
-                                      f"{cidr} overlaps vnetwork {other.name} ({other.cidr})")
-            if netns and not links.netns_exists(netns):
-                raise ConfigError(f"vnetwork {name}", "netns", f"no network namespace {netns!r}")
-            if links.link_kind(net.bridge, netns) is not None:
-                raise StateError(f"a link named {net.bridge!r} already exists on this host",
-                                 hint="choose another vnetwork name")
-            try:
-                self._net_setup(net)
-            except BaseException:
-                self._net_teardown(net)
-                raise
-            st.vnetworks[name] = net
-        return net
-
-    def _net_setup(self, net: VNetwork) -> None:
-        prefix = net.network.prefixlen
-        links.ensure_bridge(net.bridge, f"{net.gateway}/{prefix}", netns=net.netns)
-        if net.mode == "vxlan":
-            assert net.vxlan_id is not None
-            links.ensure_vxlan(net.vxlan_link, net.vxlan_id, net.bridge, port=net.vxlan_port,
-                               group=net.vxlan_group, peers=net.peers(),
-                               local=net.vxlan_local, mtu=net.mtu,
-                               dev=net.root_interface, netns=net.netns)
-
-    def _net_teardown(self, net: VNetwork) -> None:
-        if net.netns and not links.netns_exists(net.netns):
-            return
-        links.remove_link(net.vxlan_link, net.netns)
-        links.remove_link(net.bridge, net.netns)
-
-    def net_delete(self, name: str) -> None:
-        """Delete vnetwork ``name`` (refused while a vnode has a viface on it)."""
-        with self.store.transaction() as st:
-            net = self._net(st, name)
-            users = [v.name for v in st.vnodes.values() if any(i.vnetwork == name for i in v.ifaces)]
-            if users:
-                raise StateError(f"vnetwork {name!r} is used by vnode(s) {', '.join(users)}")
-            self._net_teardown(net)
-            del st.vnetworks[name]
-
-    def net_list(self) -> list[VNetwork]:
-        """Every vnetwork as state.json records it, in name order."""
-        return list(self.store.read().vnetworks.values())
-
-    def _net(self, st: State, name: str) -> VNetwork:
-        if name not in st.vnetworks:
-            known = ", ".join(st.vnetworks) or "none"
-            raise NotFoundError(f"no vnetwork named {name!r} (vnetworks: {known})")
-        return st.vnetworks[name]
+    # -- vnetworks: see sidusctl.vnode.vnetworks (VNetworks) ----------------------------
 
     # -- vnodes: creation ------------------------------------------------------------------
     def create(self, name: str, image: str, *, fs: str = "auto",
@@ -282,7 +217,12 @@ class Platform(Observe):
     def start(self, name: str) -> VNode:
         """READY -> RUNNING: snapshot or copy the root (per fs mode), put the SSH keys, write
         the LXC config (vifaces, cgroup limits), start the container, shape its vifaces.
-        A vnode recorded RUNNING whose container is gone (crash, reboot) is started again."""
+        A vnode recorded RUNNING whose container is gone (crash, reboot) is started again.
+        StateError when it runs already; NotFoundError for an unknown vnode; SidusError when
+        a step fails. On an error or an interrupt (KeyboardInterrupt, Interrupted) before the
+        start is recorded, the start is undone (container stopped, root deleted, READY
+        recorded) with the signals held, then the exception raised: the vnode is either
+        RUNNING and recorded so, or READY without a root."""
         with self.store.transaction() as st:
             vn = self._vnode(st, name)
             real = self._reconcile(st, vn)
@@ -297,6 +237,7 @@ class Platform(Observe):
                 net = self._net(st, i.vnetwork)
                 self._net_setup(net)  # idempotent: bridges vanish at reboot
             c = self._container(name)
+            crit = Critical()
             try:
                 t0 = time.monotonic()
                 rootfs = self.store.make_root(st, vn)
@@ -309,20 +250,25 @@ class Platform(Observe):
                 self.timings[name] = {"root": t1 - t0, "container": time.monotonic() - t1}
                 log.debug("vnode %s: root in %.3f s, container in %.3f s", name, t1 - t0,
                           time.monotonic() - t1)
+                if vn.start_command:
+                    try:
+                        self._launch_start_command(c, vn.start_command)
+                    except SidusError as e:
+                        log.warning("vnode %s: its start command could not be launched: %s",
+                                    name, e)
+                crit.hold()  # from here an interrupt waits until the start is recorded
             except BaseException:
-                c.stop(timeout=2)
-                self.store.remove_root(st, vn)
-                vn.state = READY
-                self.store.save(st)
+                with crit.held():  # the undo is not cut short by a second interrupt
+                    c.stop(timeout=2)
+                    vn.state = READY
+                    self.store.remove_root(st, vn)
+                    self.store.save(st)
                 raise
-            vn.state = RUNNING
-            vn.started = time.time()
-            vn.exit_code = None
-            if vn.start_command:
-                try:
-                    self._launch_start_command(c, vn.start_command)
-                except SidusError as e:
-                    log.warning("vnode %s: its start command could not be launched: %s", name, e)
+            with crit.held():
+                vn.state = RUNNING
+                vn.started = time.time()
+                vn.exit_code = None
+                self.store.save(st)  # recorded before an interrupt held meanwhile is raised
         return vn
 
     START_LOG = "var/log/sidusctl"
@@ -407,20 +353,50 @@ class Platform(Observe):
 
     def stop(self, name: str) -> VNode:
         """RUNNING/FROZEN -> READY: stop the container and delete the vnode's data from the
-        host (its snapshot or copy), as Distem does. No-op error if already READY."""
+        host (its snapshot or copy), as Distem does. StateError if already READY,
+        NotFoundError for an unknown vnode, SidusError when a step fails. An interrupt
+        while the container shuts down cleanly kills it instead; the stop is then recorded
+        (READY, root deleted) before the interrupt's exception is raised."""
         with self.store.transaction() as st:
             vn = self._vnode(st, name)
             real = self._reconcile(st, vn)
             if vn.state == READY and real in ("STOPPED", "ABSENT"):
                 raise StateError(f"vnode {name!r} is not running (state READY)")
             self.store.ensure_mounted(st)  # after a reboot: to delete the root for real
-            c = self._container(name)
-            c.stop()
-            vn.exit_code = c.exit_status()
-            vn.state = READY
-            vn.started = None
-            self.store.remove_root(st, vn)
+            with self._stopping(name):
+                c = self._container(name)
+                vn.exit_code = c.exit_status()
+                vn.state = READY
+                vn.started = None
+                self.store.remove_root(st, vn)
+                self.store.save(st)
             return vn
+
+    @contextlib.contextmanager
+    def _stopping(self, name: str, timeout: int = 10) -> Iterator[None]:
+        """Stop vnode ``name``'s container (a clean shutdown for ``timeout`` s, then a kill),
+        then run the block, which records the stop, with SIGINT and SIGTERM held. An
+        interrupt during the clean shutdown ends it with a kill (signals held) and the block
+        still runs before the interrupt's exception goes on: the container is never left
+        stopped and recorded running. Other errors of the stop go through, the block not
+        run."""
+        c = self._container(name)
+        crit = Critical()
+        try:
+            c.stop(timeout=timeout)
+            crit.hold()
+        except (KeyboardInterrupt, Interrupted):
+            with crit.held():
+                c.stop(timeout=1)  # lxc-stop -t 0 would not wait for the end
+                yield
+            raise
+        except BaseException:
+            crit.release()
+            raise
+        try:
+            yield
+        finally:
+            crit.release()
 
     def freeze(self, name: str) -> VNode:
         """RUNNING -> FROZEN (cgroup freezer: every process of the vnode stops)."""
@@ -445,16 +421,22 @@ class Platform(Observe):
             return vn
 
     def destroy(self, name: str) -> None:
-        """Forget vnode ``name`` (stopping it first if it runs)."""
+        """Forget vnode ``name`` (stopping it first if it runs). NotFoundError for an unknown
+        vnode; StateError or SidusError when its container cannot be stopped or its root
+        deleted (then it stays recorded). An interrupt while it stops: stopped as
+        :meth:`stop` does (recorded READY, not forgotten), then the exception raised."""
         with self.store.transaction() as st:
             vn = self._vnode(st, name)
             self.store.ensure_mounted(st)
-            c = self._container(name)
-            c.stop(timeout=5)
-            vn.state = READY
-            self.store.remove_root(st, vn)
-            c.remove()
-            del st.vnodes[name]
+            with self._stopping(name, timeout=5):
+                vn.state = READY
+                vn.started = None
+                self.store.remove_root(st, vn)
+                self.store.save(st)
+            with Critical().held():
+                self._container(name).remove()
+                del st.vnodes[name]
+                self.store.save(st)
 
     # -- running vnodes --------------------------------------------------------------------
     def exec(self, name: str, argv: Sequence[str], *, check: bool = False,
@@ -511,7 +493,11 @@ class Platform(Observe):
     def get_image(self, name: str, dest: Path) -> int:
         """Dump vnode ``name``'s root (it must be RUNNING or FROZEN: its root exists only then)
         to the tarball ``dest`` (.tar.zst/.tar.gz/...), usable as ``--image`` again. cow roots
-        are dumped from a read-only snapshot (consistent, no pause). Returns its size in bytes."""
+        are dumped from a read-only snapshot (consistent, no pause), ``.export-<pid>`` in the
+        vnode's directory: ``stop`` deletes it with the root, also when this command was killed.
+        Returns its size in bytes. StateError when the vnode is not running, or was stopped
+        while dumped (``dest`` is then not written); NotFoundError for an unknown vnode;
+        CommandError when tar fails."""
         with self.store.transaction() as st:
             vn = self._vnode(st, name)
             real = self._reconcile(st, vn)
@@ -519,15 +505,24 @@ class Platform(Observe):
                 raise StateError(f"vnode {name!r} is not running: its root exists only while "
                                  "it runs (stop deletes it)", hint=f"sidusctl vnode start {name}")
             rootfs = self.store.rootfs_of(vn)
+            snap = self.store.vnode_dir(name) / f".export-{os.getpid()}"
             if vn.fs == "cow":
-                snap = self.store.vnode_dir(name) / ".export"
-                if snap.exists():
-                    btrfs.subvolume_delete(snap)
+                for old in self.store.vnode_dir(name).glob(".export*"):
+                    pid = old.name.rpartition("-")[2]
+                    if not (pid.isdigit() and Path(f"/proc/{pid}").exists()):
+                        btrfs.subvolume_delete(old)  # left by a killed get-image
                 btrfs.snapshot(rootfs, snap, readonly=True)
+        if vn.fs != "cow":
+            return write_rootfs_tar(rootfs, dest)
         try:
-            return write_rootfs_tar(snap if vn.fs == "cow" else rootfs, dest)
+            size = write_rootfs_tar(snap, dest)
+            if not snap.exists():  # stop deleted it while tar read it: dest may lack files
+                dest.unlink(missing_ok=True)
+                raise StateError(f"vnode {name!r} was stopped while its root was dumped: "
+                                 f"{dest} not written")
+            return size
         finally:
-            if vn.fs == "cow":
+            with self.store.locked():  # not while a stop deletes the vnode's directory
                 btrfs.subvolume_delete(snap)
 
     def update(self, name: str, *, mem: dict[str, Any] | None = None, cpus: float | None = None,

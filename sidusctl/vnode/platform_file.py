@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
 from sidusctl.core.config import Checker, Frozen, as_tuple, parse_toml, read_text
-from sidusctl.core.errors import ConfigError, NotFoundError, SidusError
+from sidusctl.core.errors import ConfigError
 from sidusctl.subsys import fanout
 from sidusctl.subsys.net import links, tc
 from sidusctl.vnode.model import (
@@ -31,11 +31,6 @@ from sidusctl.vnode.model import (
     parse_hierarchy,
     parse_mib,
 )
-from sidusctl.vnode.platform import Platform
-from sidusctl.vnode.store import Store
-
-Reporter = Callable[[str, str, int], None]
-
 
 # -- the file's shape -------------------------------------------------------------------------
 
@@ -496,91 +491,9 @@ def _create_args(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_images(store: Store, spec: PlatformSpec, skip: Collection[str] = ()) -> None:
-    """NotFoundError listing each image of ``spec``'s vnodes (but those named in ``skip``, which
-    exist already) that ``store`` cannot find (:meth:`Store.find_image`: a built or imported
-    image, or a tarball path). Reads only: ``up --dry-run`` calls it too."""
-    missing: dict[str, str] = {}
-    for v in spec.vnodes:
-        if v.name not in skip and v.image not in missing:
-            try:
-                store.find_image(v.image)
-            except NotFoundError as e:
-                missing[v.image] = f"{spec.file}: vnode {v.name}: key 'image': {e.message}"
-    if missing:
-        raise NotFoundError("\n".join(missing.values()),
-                            hint="import or build the image(s) first (sidusctl image list)")
-
-
-def _check_before_up(p: Platform, spec: PlatformSpec, existing: dict[str, Any],
-                     have: dict[str, Any]) -> None:
-    """What :func:`up` checks against this host before it creates anything: a vnetwork that
-    exists with another CIDR (ConfigError), images of the vnodes to create that do not exist
-    (NotFoundError listing each, :func:`check_images`)."""
-    for n in spec.vnetworks:
-        if n.name in existing and existing[n.name].cidr != n.cidr:
-            raise ConfigError(spec.file, f"vnetworks.{n.name}.cidr",
-                              f"vnetwork {n.name} exists with CIDR {existing[n.name].cidr}")
-    check_images(p.store, spec, have)
-
-
-def up(p: Platform, spec: PlatformSpec, *, wait_ssh: bool = True,
-       timeout: float = 180.0, progress: Reporter | None = None) -> dict[str, Any]:
-    """Create the vnetworks (those that exist with the same CIDR are kept), create the vnodes
-    (existing ones kept), start every READY one, then wait for SSH on all in parallel.
-    Returns ``{"started": [...], "failed": {name: message}, "ssh": {name: seconds|None}}``."""
-    def tick(stage: str, name: str, total: int) -> None:
-        if progress:
-            progress(stage, name, total)
-
-    existing = {n.name: n for n in p.net_list()}
-    have = {r["name"]: r for r in p.list()}
-    _check_before_up(p, spec, existing, have)
-    for n in spec.vnetworks:
-        name = n.name
-        if name in existing:
-            continue
-        p.net_create(name, n.cidr, **n.options())
-        tick("vnetworks", name, len(spec.vnetworks))
-    for v in spec.vnodes:
-        if v.name not in have:
-            p.create(v.name, v.image, **v.create)
-        tick("create", v.name, len(spec.vnodes))
-    have = {r["name"]: r for r in p.list()}
-    todo = [v.name for v in spec.vnodes if have[v.name]["state"] == "READY"]
-    started: list[str] = [v.name for v in spec.vnodes if v.name not in todo]
-    failed: dict[str, str] = {}
-    # Starts run one after the other in this thread: each holds the store lock while it
-    # snapshots and calls lxc-start -d (a fraction of a second), and pyroute2's namespace
-    # switching is not thread-safe. The containers then boot concurrently, and the SSH wait
-    # below probes them all in parallel.
-    for vname in todo:
-        try:
-            p.start(vname)
-            started.append(vname)
-        except SidusError as e:
-            failed[vname] = str(e)
-        tick("start", vname, len(todo))
-    res: dict[str, Any] = {"started": sorted(started), "failed": failed}
-    if wait_ssh and started:
-        res["ssh"] = p.wait(started, timeout=timeout,
-                            progress=lambda n: tick("ssh", n, len(started)))
-    return res
-
-
-def down(p: Platform, spec: PlatformSpec) -> dict[str, list[str]]:
-    """Destroy the file's vnodes (stopping them) and delete its vnetworks; missing ones are
-    skipped, so ``down`` after a half-done ``up`` cleans what there is. What was removed:
-    ``{"vnodes": [name, ...], "vnetworks": [name, ...]}``, in the file's order."""
-    removed: dict[str, list[str]] = {"vnodes": [], "vnetworks": []}
-    have = {r["name"] for r in p.list()}
-    for v in spec.vnodes:
-        if v.name in have:
-            p.destroy(v.name)
-            removed["vnodes"].append(v.name)
-    nets = {n.name for n in p.net_list()}
-    for n in spec.vnetworks:
-        if n.name in nets:
-            p.net_delete(n.name)
-            removed["vnetworks"].append(n.name)
-    return removed
+# up and down, re-exported here (their place before): importing platform_updown needs nothing
+# of this module at run time
+from sidusctl.vnode.platform_updown import Reporter as Reporter  # noqa: E402
+from sidusctl.vnode.platform_updown import check_images as check_images  # noqa: E402
+from sidusctl.vnode.platform_updown import down as down  # noqa: E402
+from sidusctl.vnode.platform_updown import up as up  # noqa: E402

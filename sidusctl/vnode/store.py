@@ -35,10 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidusctl.core.errors import ConfigError, NotFoundError, PrerequisiteError, StateError
+from sidusctl.core.errors import (
+    BusyError,
+    ConfigError,
+    NotFoundError,
+    PrerequisiteError,
+    StateError,
+)
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import run
-from sidusctl.core.state import ensure_dir, locked, read_json, write_error, write_json
+from sidusctl.core.state import FileLock, ensure_dir, read_json, write_error, write_json
 from sidusctl.subsys import btrfs, lxc, mounts
 from sidusctl.subsys.cgroups import IoLimit, MemLimits
 from sidusctl.subsys.imagestore import Image, ImageStore
@@ -215,8 +221,7 @@ class Store:
         One exception: host sysctls the block raised (:meth:`raise_host_sysctls`) are recorded
         even when it raises, so that ``deinit`` still puts them back. :class:`StateError`
         when the store's directory cannot be made (:func:`ensure_dir`) or the state is bad."""
-        ensure_dir(self.base)
-        with locked(self.lock_file, "the vnode store", wait=True):
+        with self.locked():
             st = self.load()
             try:
                 yield st
@@ -224,6 +229,23 @@ class Store:
                 self._keep_sysctls(st)
                 raise
             self.save(st)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the store's lock for the block, waiting for it; a command that has to wait
+        says so once, naming the holder's pid. :class:`StateError` when the store's
+        directory or the lock file cannot be made."""
+        ensure_dir(self.base)
+        lock = FileLock(self.lock_file, "the vnode store")
+        try:
+            lock.acquire()
+        except BusyError as e:
+            log.info("waiting for the vnode store: %s", e.message)
+            lock.acquire(wait=True)
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _keep_sysctls(self, st: State) -> None:
         rec = st.store.get(_SYSCTLS)
@@ -237,8 +259,7 @@ class Store:
     def read(self) -> State:
         """The state, read under the lock (a consistent snapshot). :class:`StateError` as
         :meth:`transaction` raises it."""
-        ensure_dir(self.base)
-        with locked(self.lock_file, "the vnode store", wait=True):
+        with self.locked():
             return self.load()
 
     # -- filesystem ------------------------------------------------------------------------
@@ -448,8 +469,8 @@ class Store:
                 (shared.parent / f"{vn.image_key}.complete").write_text("")
             return shared
         d = self.vnode_dir(vn.name)
-        self.remove_root(st, vn)
-        d.mkdir(parents=True)
+        self.remove_root(st, vn)  # what a killed command left (an export snapshot...)
+        d.mkdir(parents=True, exist_ok=True)
         root = d / "rootfs"
         if vn.fs == "cow":
             if not self.is_btrfs(st):
@@ -475,31 +496,67 @@ class Store:
             return self.shared_root(vn.image_key)
         return self.vnode_dir(vn.name) / "rootfs"
 
+    def shared_users(self, st: State, vn: VNode) -> list[str]:
+        """The other ``shared``-mode vnodes of ``vn``'s image that use its shared root: those
+        recorded RUNNING or FROZEN, or, when none is, those whose container LXC has in any
+        state but stopped (a command killed after lxc-start, before it recorded the start,
+        leaves one recorded READY). Sorted names."""
+        others = [o for o in st.vnodes.values()
+                  if o.fs == "shared" and o.name != vn.name and o.image_key == vn.image_key]
+        users = [o.name for o in others if o.state != "READY"]
+        if not users and others:
+            # one lxc-ls for all of them (a host may have thousands of shared vnodes)
+            active = set(lxc.list_active(self.lxcpath))
+            users = [o.name for o in others if o.name in active]
+        return sorted(users)
+
     def remove_root(self, st: State, vn: VNode) -> None:
-        """Delete ``vn``'s own data (its snapshot or copy). Shared roots stay while another
-        vnode of the host uses them."""
+        """Delete ``vn``'s own data: its directory, with its snapshot or copy and any other
+        subvolume in it (a read-only export snapshot a killed ``get-image`` left). A shared
+        root stays while another vnode uses it (:meth:`shared_users`). :class:`StateError`
+        naming what could not be deleted (a mount below it, a failed deletion)."""
         if vn.fs == "shared":
-            users = [o for o in st.vnodes.values() if o.fs == "shared" and o.name != vn.name
-                     and o.image_key == vn.image_key and o.state != "READY"]
-            if not users:
+            users = self.shared_users(st, vn)
+            if users:
+                log.debug("shared root of %s kept: used by %s", vn.name, ", ".join(users))
+            else:
                 (self.root / "shared" / f"{vn.image_key}.complete").unlink(missing_ok=True)
                 self._remove_tree(self.shared_root(vn.image_key))
-        d = self.vnode_dir(vn.name)
-        if d.exists():
-            self._remove_tree(d / "rootfs")
-            shutil.rmtree(d, ignore_errors=True)
+        self._remove_tree(self.vnode_dir(vn.name))
 
     def _remove_tree(self, path: Path) -> None:
-        if not path.exists():
+        """Delete ``path`` and everything below it: each btrfs subvolume in it (read-only
+        ones too) deleted as such, the rest removed. :class:`StateError` naming the path when
+        a mount is below it or something could not be deleted (nothing is skipped silently)."""
+        if not path.exists() and not path.is_symlink():
             return
         if mounts.mounts_under(path):
             mounts.umount_tree(path)
         if mounts.mounts_under(path):
             raise StateError(f"{path} still has mounts below it; not deleting it")
-        if btrfs.is_subvolume(path):
+        try:
+            if path.is_dir() and not path.is_symlink() and btrfs.is_btrfs(path):
+                self._remove_subvolumes(path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        except OSError as e:
+            raise StateError(f"cannot delete {path}: {e.strerror or e}"
+                             + (f" ({e.filename})" if e.filename else ""),
+                             hint=f"see what holds it (btrfs subvolume list {self.root})") from e
+
+    def _remove_subvolumes(self, path: Path) -> None:
+        # a subvolume is deleted whole (btrfs deletes the read-only ones too: see
+        # btrfs.subvolume_delete); plain directories are searched for subvolumes in them
+        # (a vnode's directory: its rootfs and export snapshots), not the subvolumes' contents
+        if os.lstat(path).st_ino == 256:
             btrfs.subvolume_delete(path)
-        else:
-            shutil.rmtree(path)
+            return
+        with os.scandir(path) as it:
+            dirs = [Path(e.path) for e in it if e.is_dir(follow_symlinks=False)]
+        for d in dirs:
+            self._remove_subvolumes(d)
 
     def disk_used(self) -> int | None:
         """Bytes allocated on the store's btrfs filesystem (statvfs after a sync); None
