@@ -85,14 +85,12 @@ def render_cmd(nodes: str, tftp_root: str, signed_grub: Path | None, as_json: bo
         secureboot.check_signed_grub(signed_grub)  # before anything is made
     make_root(root)
     # a running serve-pxe's tree is serve-pxe's: this render would replace its configurations
-    # and remove the kernels of the generations its nodes hold (exit 5)
-    served = pxewatch.hold_tree(root)
-    try:
-        with console.status("rendering boot tree...") as status:
-            report = write_tree(root, inv, images, signed_grub=signed_grub,
-                                progress=lambda rel: status.update(f"wrote {rel}"))
-    finally:
-        served.release()
+    # and remove the kernels of the generations its nodes hold (exit 5). Renders of one tree
+    # take turns on the tree's own lock (write_tree).
+    pxewatch.check_tree_free(root)
+    with console.status("rendering boot tree...") as status:
+        report = write_tree(root, inv, images, signed_grub=signed_grub,
+                            progress=lambda rel: status.update(f"wrote {rel}"))
     if as_json:
         emit_json({"tftp_root": str(Path(tftp_root).absolute()), **report.as_dict()})
         return

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -56,6 +57,22 @@ def hold_tree(tftp_root: Path) -> FileLock:
     """The lock on ``tftp_root`` (which must exist) held for one serve-pxe: release it when
     serving ends. :class:`BusyError` if another serve-pxe serves the tree."""
     return _hold(tftp_root / SERVE_LOCK, f"the TFTP root {tftp_root}")
+
+
+def check_tree_free(tftp_root: Path, patience: float = 2.0) -> None:
+    """:class:`BusyError` if a serve-pxe serves ``tftp_root`` (``pxe render`` must not
+    replace its tree). The lock is taken and let go at once; another command doing the same
+    holds it for an instant, serve-pxe for as long as it serves: the check retries for
+    ``patience`` seconds before it answers busy."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            _hold(tftp_root / SERVE_LOCK, f"the TFTP root {tftp_root}").release()
+            return
+        except BusyError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _hold(path: Path, what: str) -> FileLock:
