@@ -75,6 +75,12 @@ def rootfs(image: BuiltImage) -> str:
     return str(Path(str(image.rootfs)).resolve())
 
 
+def served(root: str, file: str) -> str:
+    """Where serve-pxe's tree has ``file`` (``vmlinuz-minimal``, ``initrd.img-minimal``) of
+    the generation whose root is ``root``: ``boot/minimal/<generation>/``."""
+    return f"boot/minimal/{Path(root).parent.name}/{file}"
+
+
 def check_node(g: Guest, node: LabNode, root: str) -> None:
     """What the booted node sees: its inventory name, its reserved address, / an overlay whose
     lower layer is the image's root over NFS from the lab server."""
@@ -127,7 +133,7 @@ def test_two_diskless_guests_boot_at_once_through_pxelinux(minimal_image: BuiltI
                              r"boot file pxelinux\.0", text), text[-3000:]
             # ... pxelinux's files from our TFTP, the per-MAC config included
             for f in ("pxelinux.0", "ldlinux.c32", f"pxelinux.cfg/{pxelinux_name(node.mac)}",
-                      "vmlinuz-minimal", "initrd.img-minimal"):
+                      served(root, "vmlinuz-minimal"), served(root, "initrd.img-minimal")):
                 assert f"TFTP {node.ip}:" in text and re.search(
                     rf"TFTP {re.escape(str(node.ip))}:\d+: sent '{re.escape(f)}'", text), f
             # on the console, iPXE's DHCP result or pxelinux's banner. Both pass through the
@@ -142,7 +148,7 @@ def test_two_diskless_guests_boot_at_once_through_pxelinux(minimal_image: BuiltI
             # pxelinux's own words: BOOT_IMAGE (its loader) and BOOTIF (IPAPPEND 2 of the
             # per-MAC config, with this node's MAC)
             cmdline = check_bootif(g, node)
-            assert "BOOT_IMAGE=vmlinuz-minimal" in cmdline, cmdline
+            assert f"BOOT_IMAGE={served(root, 'vmlinuz-minimal')}" in cmdline, cmdline
             check_node(g, node, root)
             check_resolver(g)
             other = NODE2 if node is NODE1 else NODE1
@@ -157,7 +163,8 @@ def test_two_diskless_guests_boot_at_once_through_pxelinux(minimal_image: BuiltI
             st = status[node.name]
             assert st["dhcp"] == str(node.ip), st
             assert {"pxelinux.0", f"pxelinux.cfg/{pxelinux_name(node.mac)}",
-                    "vmlinuz-minimal", "initrd.img-minimal"} <= set(st["files"]), st
+                    served(root, "vmlinuz-minimal"),
+                    served(root, "initrd.img-minimal")} <= set(st["files"]), st
             assert st["booted"] is True, st  # the kernel's own DHCP after kernel + initrd
         assert lab.stop_serve() == 0
 
@@ -202,7 +209,7 @@ def test_uefi_guest_and_proxy_dhcp_guest_boot_at_once(minimal_image: BuiltImage,
         g_u.login(timeout=BOOT_TIMEOUT)
         check_uefi_node(lab_u, g_u, root)
         assert lab_u.stop_serve() == 0
-        check_proxy_node(lab_p, g_p, got.group(1))
+        check_proxy_node(lab_p, g_p, got.group(1), root)
 
 
 def check_uefi_node(lab: PxeLab, g: Guest, root: str) -> None:
@@ -211,8 +218,8 @@ def check_uefi_node(lab: PxeLab, g: Guest, root: str) -> None:
     assert re.search(rf"DHCP {NODE1.mac}: REQUEST \(selecting\) -> ACK {NODE1.ip} .*"
                      r"boot file grubnetx64\.efi \(arch 7 x86-64 UEFI\)", text), text[-3000:]
     assert "iPXE user class" not in text  # the firmware's PXE, not an iPXE ROM
-    for f in ("grubnetx64.efi", f"grub/grub.cfg-{pxelinux_name(NODE1.mac)}", "vmlinuz-minimal",
-              "initrd.img-minimal"):
+    for f in ("grubnetx64.efi", f"grub/grub.cfg-{pxelinux_name(NODE1.mac)}",
+              served(root, "vmlinuz-minimal"), served(root, "initrd.img-minimal")):
         # GRUB asks with a leading / (its prefix is /grub): served from the tree
         assert re.search(rf"TFTP {re.escape(str(NODE1.ip))}:\d+: sent '/?{re.escape(f)}'",
                          text), f
@@ -221,7 +228,7 @@ def check_uefi_node(lab: PxeLab, g: Guest, root: str) -> None:
     check_node(g, NODE1, root)
 
 
-def check_proxy_node(lab: PxeLab, g: Guest, addr: str) -> None:
+def check_proxy_node(lab: PxeLab, g: Guest, addr: str, root: str) -> None:
     """``NODE2`` got its boot file from serve-pxe's proxyDHCP and its address (``addr``) from
     the site's dnsmasq; ``pxe status`` ties its files to it."""
     text = lab.serve_text()
@@ -236,7 +243,8 @@ def check_proxy_node(lab: PxeLab, g: Guest, addr: str) -> None:
     # per-MAC pxelinux file)
     st = lab.status()[NODE2.name]
     assert st["dhcp"] is None and st["proxy_dhcp"] and st["addresses"] == [addr], st
-    assert {"pxelinux.0", "vmlinuz-minimal", "initrd.img-minimal"} <= set(st["files"]), st
+    assert {"pxelinux.0", served(root, "vmlinuz-minimal"),
+            served(root, "initrd.img-minimal")} <= set(st["files"]), st
 
 
 def ipxe_over_http_survives_a_serve_pxe_crash(minimal_image: BuiltImage,
@@ -264,13 +272,14 @@ def ipxe_over_http_survives_a_serve_pxe_crash(minimal_image: BuiltImage,
             assert not g.poll_login_prompt(0.5), "login before the kernel's DHCP?"
         text = lab.serve_text()
         assert f"boot file http://{SERVER}:8080/boot.ipxe (iPXE user class: script)" in text
-        for f in ("boot.ipxe", f"ipxe/{node.mac.replace(':', '-')}.ipxe", "vmlinuz-minimal",
-                  "initrd.img-minimal"):
+        for f in ("boot.ipxe", f"ipxe/{node.mac.replace(':', '-')}.ipxe",
+                  served(root, "vmlinuz-minimal"), served(root, "initrd.img-minimal")):
             assert re.search(rf"HTTP {re.escape(str(node.ip))}: \"GET /{re.escape(f)} "
                              r"HTTP/1\.[01]\" 200", text), f
         assert f"TFTP {node.ip}:" not in text  # nothing over TFTP on this path
         files = lab.status()[node.name]["files"]
-        assert {"boot.ipxe", "vmlinuz-minimal", "initrd.img-minimal"} <= set(files)
+        assert {"boot.ipxe", served(root, "vmlinuz-minimal"),
+                served(root, "initrd.img-minimal")} <= set(files)
 
         # crash: SIGKILL, no cleanup; the lease was committed before the ACK left
         assert lab.stop_serve(signal.SIGKILL) == -signal.SIGKILL
