@@ -149,6 +149,17 @@ def test_a_record_pointing_at_a_directory_that_is_not_a_lab_keeps_it(
     assert (other / "precious").read_text() == "x"
 
 
+def _wait_blocked(path: Path) -> None:
+    """Until a waiter has opened ``path`` and waits in flock(2): /proc/locks lists a blocked
+    request ("->") on its inode (proc(5))."""
+    ino = f":{path.stat().st_ino} "
+    deadline = time.monotonic() + 30
+    while not any(ln.split()[1] == "->" and ino in ln
+                  for ln in Path("/proc/locks").read_text().splitlines()):
+        assert time.monotonic() < deadline, "the waiter never waited"
+        time.sleep(0.01)
+
+
 def test_a_removed_lock_file_is_taken_again_by_its_waiter(tmp_path: Path) -> None:
     """FileLock(remove=True): a holder deletes the file as it releases it; a waiter that had
     opened the deleted file takes the lock on the path's new file, not on the deleted one (two
@@ -158,14 +169,7 @@ def test_a_removed_lock_file_is_taken_again_by_its_waiter(tmp_path: Path) -> Non
     waiter = FileLock(path, "the test's prefix", remove=True)
     t = threading.Thread(target=waiter.acquire, kwargs={"wait": True, "note": "/second"})
     t.start()
-    # until the waiter has opened the file and waits in flock(2): /proc/locks lists a blocked
-    # request ("->") on its inode (proc(5))
-    ino = f":{path.stat().st_ino} "
-    deadline = time.monotonic() + 30
-    while not any(ln.split()[1] == "->" and ino in ln
-                  for ln in Path("/proc/locks").read_text().splitlines()):
-        assert time.monotonic() < deadline, "the waiter never waited"
-        time.sleep(0.01)
+    _wait_blocked(path)
     assert t.is_alive()
     first.release()
     t.join(timeout=10)
@@ -199,12 +203,7 @@ def test_a_waiter_whose_lock_directory_was_removed_takes_a_lock_in_a_new_one(
 
     t = threading.Thread(target=wait)
     t.start()
-    ino = f":{path.stat().st_ino} "
-    deadline = time.monotonic() + 30
-    while not any(ln.split()[1] == "->" and ino in ln
-                  for ln in Path("/proc/locks").read_text().splitlines()):
-        assert time.monotonic() < deadline, "the waiter never waited"
-        time.sleep(0.01)
+    _wait_blocked(path)
     shutil.rmtree(d)
     first.release()
     t.join(timeout=10)

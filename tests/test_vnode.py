@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import vnode_util
 from tests.conftest import sidusctl
 
 # a module fixture asks for minimal_image (request.getfixturevalue): tests/conftest.py
@@ -47,41 +48,9 @@ def state_bytes(state: Path) -> bytes:
     return (state / "vnode" / "state.json").read_bytes()
 
 
-def force_cleanup(state: Path) -> None:
-    """Whatever the tests left: containers, the store mount, links named sdt-vt*."""
-    lxcpath = state / "vnode" / "lxc"
-    if lxcpath.is_dir():
-        for d in lxcpath.iterdir():
-            subprocess.run(["lxc-stop", "-P", str(lxcpath), "-n", d.name, "-k"],
-                           capture_output=True, check=False)
-    # containers whose config is already gone: kill what is left in their cgroups
-    for cg in Path("/sys/fs/cgroup/pids").glob("lxc.payload.sdt-vt*"):
-        for pid in (cg / "cgroup.procs").read_text().split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), 9)
-    if any(Path("/sys/fs/cgroup/pids").glob("lxc.payload.sdt-vt*")):
-        time.sleep(1)
-    for _ in range(3):
-        r = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True)
-        targets = [t for t in r.stdout.split() if t.startswith(str(state))]
-        for t in sorted(targets, key=len, reverse=True):
-            subprocess.run(["umount", "-l", t], check=False)
-    r = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True)
-    for ln in r.stdout.splitlines():
-        name = ln.split(":")[1].strip().split("@")[0]
-        if name.startswith("sdt-vt"):
-            subprocess.run(["ip", "link", "del", name], check=False)
-    shutil.rmtree(state, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def image(request: pytest.FixtureRequest) -> str:
-    env = os.environ.get("SIDUSCTL_VNODE_TEST_IMAGE")
-    if env:
-        return env
-    img = request.getfixturevalue("minimal_image")
-    assert img.tarball is not None, "the minimal image has no tarball"
-    return str(img.tarball)
+    return vnode_util.vnode_image(request)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +67,7 @@ def keypair() -> Iterator[Path]:
 def plat(image: str, keypair: Path) -> Iterator[Path]:
     """State dir with a btrfs store, vnetwork sdt-vt0 and three RUNNING cow vnodes."""
     state = BASE
-    force_cleanup(state)
+    vnode_util.force_cleanup(state, "sdt-vt")
     try:
         ok("vnode", "init", "--btrfs-image", "6G", state=state)
         ok("vnode", "net", "create", NET, CIDR, state=state)
@@ -108,12 +77,7 @@ def plat(image: str, keypair: Path) -> Iterator[Path]:
                timeout=600)
         yield state
     finally:
-        r = sidusctl("vnode", "list", "--json", state=state)
-        names = [v["name"] for v in json.loads(r.stdout)] if r.returncode == 0 else []
-        if names:
-            sidusctl("vnode", "destroy", *names, state=state)
-        sidusctl("vnode", "deinit", state=state)
-        force_cleanup(state)
+        vnode_util.tear_down(state, "sdt-vt")
 
 
 def test_three_cow_vnodes_start_ping_ssh(plat: Path, keypair: Path) -> None:
@@ -342,7 +306,7 @@ def test_cow_without_btrfs_is_an_error(image: str) -> None:
         assert json.loads(state_bytes(state))["vnodes"] == {}
     finally:
         sidusctl("vnode", "deinit", state=state)
-        force_cleanup(state)
+        vnode_util.force_cleanup(state, "sdt-vt")
 
 
 def test_platform_file_up_down(plat: Path, image: str, keypair: Path) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import vnode_util
 from tests.conftest import SIDUSCTL, sidusctl
 
 USES_MINIMAL_IMAGE = True
@@ -165,55 +166,23 @@ def assert_consistent(state: Path, name: str) -> str:
     return str(row["state"])
 
 
-def force_cleanup(state: Path) -> None:
-    lxcpath = state / "vnode" / "lxc"
-    if lxcpath.is_dir():
-        for d in lxcpath.iterdir():
-            subprocess.run(["lxc-stop", "-P", str(lxcpath), "-n", d.name, "-k"],
-                           capture_output=True, check=False)
-    for _ in range(3):
-        r = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True)
-        for t in sorted((t for t in r.stdout.split() if t.startswith(str(state))),
-                        key=len, reverse=True):
-            subprocess.run(["umount", "-l", t], check=False)
-    r = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True)
-    for ln in r.stdout.splitlines():
-        name = ln.split(":")[1].strip().split("@")[0]
-        if name.startswith("sdt-vi"):
-            subprocess.run(["ip", "link", "del", name], check=False)
-    shutil.rmtree(state, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def image(request: pytest.FixtureRequest) -> str:
-    env = os.environ.get("SIDUSCTL_VNODE_TEST_IMAGE")
-    if env:
-        return env
-    img = request.getfixturevalue("minimal_image")
-    assert img.tarball is not None, "the minimal image has no tarball"
-    return str(img.tarball)
+    return vnode_util.vnode_image(request)
 
 
 @pytest.fixture(scope="module")
 def plat(image: str) -> Iterator[Path]:
     """State dir with a btrfs store and vnetwork sdt-vi0; the image cached."""
     state = BASE
-    force_cleanup(state)
+    vnode_util.force_cleanup(state, "sdt-vi")
     try:
         ok("vnode", "init", "--btrfs-image", "4G", state=state)
         ok("vnode", "net", "create", NET, CIDR, state=state)
         ok("vnode", "cache-image", image, state=state)
         yield state
     finally:
-        r = sidusctl("vnode", "list", "--json", state=state)
-        names = [v["name"] for v in json.loads(r.stdout)] if r.returncode == 0 else []
-        if names:
-            sidusctl("vnode", "destroy", *names, state=state)
-        r = sidusctl("vnode", "net", "list", "--json", state=state)
-        for n in json.loads(r.stdout) if r.returncode == 0 else []:
-            sidusctl("vnode", "net", "delete", n["name"], state=state)
-        sidusctl("vnode", "deinit", state=state)
-        force_cleanup(state)
+        vnode_util.tear_down(state, "sdt-vi")
 
 
 def create(plat: Path, image: str, name: str, *extra: str) -> None:
