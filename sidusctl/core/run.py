@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from sidusctl.core import signals
 from sidusctl.core.errors import CommandError, PrerequisiteError
 from sidusctl.core.log import get_logger
 
@@ -46,42 +47,28 @@ except OSError:  # pragma: no cover - non-glibc host
 ACTIVE: set[int] = set()
 _ACTIVE_LOCK = threading.Lock()
 
-#: the signals sidusctl turns into exceptions (SIGINT: KeyboardInterrupt, SIGTERM:
-#: :class:`~sidusctl.core.errors.Interrupted`), held pending while a child is forked
-HELD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
-
-
-def _hold() -> set[int | signal.Signals]:
-    """Block :data:`HELD_SIGNALS` in this thread; the mask before, for :func:`_release`.
-
-    Why: with a ``preexec_fn``, CPython runs the ``os.register_at_fork`` hooks around the
-    fork, and ``logging`` registers one that runs in the parent right after it. A signal that
-    arrives during the fork has its exception raised in that hook, where the interpreter
-    prints "Exception ignored" and drops it: the interrupt is lost (a test suite's SIGINT
-    during ``sidusctl update`` was). Held pending instead, it is delivered by
-    :func:`_release`, at a point where the caller ends the child like for any interrupt."""
-    return signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-
-
-def _release(mask: set[int | signal.Signals]) -> None:
-    """Restore the mask :func:`_hold` returned: a held signal is delivered now, and its
-    exception raised here."""
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+# SIGINT and SIGTERM are held pending while a child is forked (sidusctl.core.signals).
+# Why: with a ``preexec_fn``, CPython runs the ``os.register_at_fork`` hooks around the
+# fork, and ``logging`` registers one that runs in the parent right after it. A signal that
+# arrives during the fork has its exception raised in that hook, where the interpreter
+# prints "Exception ignored" and drops it: the interrupt is lost (a test suite's SIGINT
+# during ``sidusctl update`` was). Held pending instead, it is delivered by ``release``, at a
+# point where the caller ends the child like for any interrupt.
 
 
 def _popen(args: list[str], pdeathsig: int,
            **kw: Any) -> tuple[subprocess.Popen[bytes], set[int | signal.Signals]]:
     """Start ``args`` in a session of its own with ``pdeathsig`` (:func:`_child_setup`), with
-    SIGINT and SIGTERM held across the fork (:func:`_hold`); ``kw`` as for
-    :class:`subprocess.Popen`. Returns the process and the mask to :func:`_release` once the
+    SIGINT and SIGTERM held across the fork (:func:`sidusctl.core.signals.hold`); ``kw`` as for
+    :class:`subprocess.Popen`. Returns the process and the mask to :func:`sidusctl.core.signals.release` once the
     caller is ready to end the child on an interrupt; if Popen raises (OSError: a missing
     program...), the mask is restored first."""
-    mask = _hold()
+    mask = signals.hold()
     try:
         return subprocess.Popen(args, start_new_session=True, preexec_fn=_preexec(pdeathsig),
                                 **kw), mask
     except BaseException:
-        _release(mask)
+        signals.release(mask)
         raise
 
 
@@ -92,9 +79,9 @@ def _child_setup(sig: int, parent: int) -> None:
     # through `ip netns exec` / `unshare` / `sh -c 'exec ...'` chains, which exec in place.
     # "The parent" is the *thread* that forked: the setting fires when that thread exits, so
     # children are started from the main thread or from a thread that lives as long as they.
-    # The forking thread held SIGINT and SIGTERM (_hold); the mask is inherited across
+    # The forking thread held SIGINT and SIGTERM (signals.hold); the mask is inherited across
     # execve, so the child unblocks them before it becomes the program.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.HELD_SIGNALS)
     if _libc is not None:
         _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before prctl: nobody will signal us
@@ -217,7 +204,7 @@ def run(
     with _ACTIVE_LOCK:
         ACTIVE.add(proc.pid)
     try:
-        _release(mask)  # an interrupt that came during the fork is raised here: child ended
+        signals.release(mask)  # an interrupt that came during the fork is raised here: child ended
         readers: list[threading.Thread] = []
         if capture:
             assert proc.stderr is not None
@@ -433,7 +420,7 @@ def spawn(
         ACTIVE.add(proc.pid)
     child = Child(proc, args, what)
     try:
-        _release(mask)  # an interrupt that came during the fork: the child is ended first
+        signals.release(mask)  # an interrupt that came during the fork: the child is ended first
     except BaseException:
         child.stop(0)
         raise

@@ -282,16 +282,18 @@ class PxeSupervisor(supervisor.Supervisor):
         inv = self.loader.inventory
         if inv is None:
             return []
-        keep = self.sync_holds()
+        keep = self.sync_holds()  # what the tree names now (the loader's files) included
         out = []
         store = ImageStore(self.loader.opts.state, recover=False)
-        for name in squash_images(inv):
-            gens = set(keep.get(name, {}))
-            # and the store's current generation: a reload exports it, then renders the boot
-            # tree, and serves it (self.loader.files) only after; a prune in between deleted
-            # the fresh export (--retain 0) and the next boots had no root
+        # and each image's current generation in the store: a reload exports it and renders
+        # the boot tree, and serves them (self.loader.files) only after; a prune in between
+        # deleted the fresh export (--retain 0) and the next boots had no root
+        current: dict[str, str] = {}
+        for name in inv.images():
             with contextlib.suppress(SidusError):
-                gens.add(store.get(name).dir.name)
+                current[name] = store.get(name).dir.name
+        for name in squash_images(inv):
+            gens = set(keep.get(name, {})) | ({current[name]} if name in current else set())
             out += [f"{name}/{g}" for g in squash.prune(self.loader.opts.state, name, gens,
                                                         self.loader.opts.retain)]
         nfs = self.loader.nfs
@@ -300,18 +302,11 @@ class PxeSupervisor(supervisor.Supervisor):
             want.update({k: v for k, v in nfs.exports.items()
                          if k.partition("/")[2] in keep.get(k.partition("/")[0], {})})
             nfs.update(want)
-        # the kernels and initrds of the tree, by generation: a node that read its
+        # the tree's kernels and initrds, by generation, kept as long: a node that read its
         # configuration just before a reload fetches the kernel it names after it
-        # configuration just before a reload fetches the kernel it names after it; and, as
-        # for the exports, the store's current generation (a reload renders it before it
-        # serves it)
         boot = {name: set(gens) for name, gens in keep.items()}
-        for name, f in self.loader.files.items():
-            if f.generation:
-                boot.setdefault(name, set()).add(f.generation)
-        for name in inv.images():
-            with contextlib.suppress(SidusError):
-                boot.setdefault(name, set()).add(store.get(name).dir.name)
+        for name, g in current.items():
+            boot.setdefault(name, set()).add(g)
         out += [f"{g} (kernel, initrd)" for g in prune_boot(self.loader.opts.tftp_root, boot)]
         for name in inv.images():
             out += [f"{name}/{g} (directory)" for g in store.prune(name)]

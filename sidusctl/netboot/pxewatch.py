@@ -55,7 +55,8 @@ def claim(serve_dir: Path, interface: str) -> Iterator[None]:
 
 def hold_tree(tftp_root: Path) -> FileLock:
     """The lock on ``tftp_root`` (which must exist) held for one serve-pxe: release it when
-    serving ends. :class:`BusyError` if another serve-pxe serves the tree."""
+    serving ends. :class:`BusyError` if another serve-pxe serves the tree; :class:`StateError`
+    if the lock file cannot be opened."""
     return _hold(tftp_root / SERVE_LOCK, f"the TFTP root {tftp_root}")
 
 
@@ -63,11 +64,11 @@ def check_tree_free(tftp_root: Path, patience: float = 2.0) -> None:
     """:class:`BusyError` if a serve-pxe serves ``tftp_root`` (``pxe render`` must not
     replace its tree). The lock is taken and let go at once; another command doing the same
     holds it for an instant, serve-pxe for as long as it serves: the check retries for
-    ``patience`` seconds before it answers busy."""
+    ``patience`` seconds before it answers busy. :class:`StateError` as :func:`hold_tree`."""
     deadline = time.monotonic() + patience
     while True:
         try:
-            _hold(tftp_root / SERVE_LOCK, f"the TFTP root {tftp_root}").release()
+            hold_tree(tftp_root).release()
             return
         except BusyError:
             if time.monotonic() >= deadline:
@@ -80,7 +81,7 @@ def _hold(path: Path, what: str) -> FileLock:
     try:
         return lock.acquire()
     except BusyError as e:
-        raise BusyError(f"{e} (another serve-pxe serves it)",
+        raise BusyError(f"{e.message} (another serve-pxe serves it)",
                         hint="stop that serve-pxe, or give another --state-dir or "
                              "--tftp-root") from None
 

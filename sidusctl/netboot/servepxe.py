@@ -332,8 +332,8 @@ def serve(opts: PxeOptions) -> None:
     generations: a new one is exported before the tree names it, an old one until no node
     holds it (:meth:`~sidusctl.netboot.pxesupervisor.PxeSupervisor.prune`), also across a
     restart (``holds.json``). One serve-pxe per state directory, TFTP root and interface
-    (:func:`sidusctl.netboot.pxewatch.claim`: :class:`BusyError` before anything is read or
-    written)."""
+    (:func:`sidusctl.netboot.pxewatch.claim` and ``hold_tree``: :class:`BusyError` before
+    anything another serve-pxe serves is written)."""
     with pxewatch.claim(opts.serve_dir, opts.interface):
         loader = PxeLoader(opts)
         try:

@@ -396,8 +396,8 @@ def is_time(v: object) -> bool:
 def check_status(path: Path, st: dict[str, Any]) -> None:
     """Check that ``st`` (decoded from ``path``) has the shape :meth:`Supervisor.status`
     writes, as far as readers use it: ``pid`` null or a process id (1 to :data:`PID_LIMIT` -
-    1), ``internal_errors`` an integer; ``started``, ``updated`` times (:func:`is_time`); ``dhcp``, ``tftp``, ``dns``, ``http`` null or objects of numbers;
-    ``clients`` an object of objects; ``reload`` null or the last reload's outcome
+    1), ``internal_errors`` an integer; ``started``, ``updated`` times (:func:`is_time`);
+    ``dhcp``, ``tftp``, ``dns``, ``http`` null or objects of numbers; ``clients`` an object of objects; ``reload`` null or the last reload's outcome
     (:attr:`Supervisor.last_reload`). Keys may be missing. :class:`StateError` naming
     ``path`` and the first bad key otherwise (a damaged file: the server rewrites it)."""
 

@@ -21,12 +21,12 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sidusctl.core import signals
 from sidusctl.core.errors import SidusError
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import Result, run
@@ -51,15 +51,6 @@ CHROOT_ENV = {
 }
 
 
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 class ChrootSession:
     """``with ChrootSession(root, apt_cache=...) as s: s.run(["apt-get", "update"])``.
 
@@ -81,7 +72,7 @@ class ChrootSession:
         if not (self.root / "bin").exists() and not (self.root / "usr/bin").is_dir():
             raise SidusError(f"{self.root} does not look like a Debian root (no /bin, /usr/bin)")
         try:
-            with _signals_held():
+            with signals.held():
                 self._setup()
         except BaseException:
             self._teardown()
@@ -157,7 +148,7 @@ class ChrootSession:
 
     # -- exit ------------------------------------------------------------------------------
     def __exit__(self, *exc: object) -> None:
-        with _signals_held():
+        with signals.held():
             self._teardown()
         self.active = False
 

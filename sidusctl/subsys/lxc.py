@@ -240,16 +240,19 @@ def restore_host_sysctls(recorded: dict[str, Any]) -> list[str]:
 
 def list_active(lxcpath: Path) -> list[str]:
     """Names of the containers under ``lxcpath`` in any state but stopped (running, frozen,
-    starting, stopping: ``lxc-ls --active``), in one call."""
-    if not lxcpath.is_dir():
-        return []
-    out = output([_tool("lxc-ls"), "-P", str(lxcpath), "-1", "--active"], check=False)
-    return out.split()
+    starting, stopping), in one call; see :func:`_ls`."""
+    return _ls(lxcpath, "--active")
 
 
 def list_running(lxcpath: Path) -> list[str]:
-    """Names of running containers under ``lxcpath``."""
+    """Names of running containers under ``lxcpath``; see :func:`_ls`."""
+    return _ls(lxcpath, "--running")
+
+
+def _ls(lxcpath: Path, which_ones: str) -> list[str]:
+    """``lxc-ls -1 WHICH_ONES`` (lxc-ls(1)) under ``lxcpath``: the names; [] when
+    ``lxcpath`` does not exist or lxc-ls fails."""
     if not lxcpath.is_dir():
         return []
-    out = output([_tool("lxc-ls"), "-P", str(lxcpath), "-1", "--running"], check=False)
+    out = output([_tool("lxc-ls"), "-P", str(lxcpath), "-1", which_ones], check=False)
     return out.split()

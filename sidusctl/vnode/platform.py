@@ -27,11 +27,11 @@ from sidusctl.core.errors import (
 )
 from sidusctl.core.log import get_logger
 from sidusctl.core.run import Result, which
+from sidusctl.core.signals import Critical
 from sidusctl.subsys import btrfs, lxc
 from sidusctl.subsys.net import links, tc
 from sidusctl.subsys.tarball import write_rootfs_tar
 from sidusctl.vnode import ssh
-from sidusctl.vnode.critical import Critical
 from sidusctl.vnode.limits import cgroup_settings, check_matrix, set_limits
 from sidusctl.vnode.model import (
     FROZEN,

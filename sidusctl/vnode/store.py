@@ -546,17 +546,21 @@ class Store:
                              + (f" ({e.filename})" if e.filename else ""),
                              hint=f"see what holds it (btrfs subvolume list {self.root})") from e
 
-    def _remove_subvolumes(self, path: Path) -> None:
+    def _remove_subvolumes(self, path: Path, depth: int = 1) -> None:
         # a subvolume is deleted whole (btrfs deletes the read-only ones too: see
-        # btrfs.subvolume_delete); plain directories are searched for subvolumes in them
-        # (a vnode's directory: its rootfs and export snapshots), not the subvolumes' contents
+        # btrfs.subvolume_delete; its inode is 256, as btrfs.is_subvolume says, on a
+        # filesystem the caller knows is btrfs). The store makes subvolumes only at the top
+        # of a vnode's directory (its rootfs, export snapshots), so a plain directory is
+        # searched ``depth`` levels down, not through a copied root's whole tree
         if os.lstat(path).st_ino == 256:
             btrfs.subvolume_delete(path)
+            return
+        if depth <= 0:
             return
         with os.scandir(path) as it:
             dirs = [Path(e.path) for e in it if e.is_dir(follow_symlinks=False)]
         for d in dirs:
-            self._remove_subvolumes(d)
+            self._remove_subvolumes(d, depth - 1)
 
     def disk_used(self) -> int | None:
         """Bytes allocated on the store's btrfs filesystem (statvfs after a sync); None

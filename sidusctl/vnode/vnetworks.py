@@ -9,29 +9,16 @@ makes the links of its vifaces' vnetworks again), never links nobody knows of.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from sidusctl.core.errors import ConfigError, NotFoundError, StateError
+from sidusctl.core.signals import Critical
 from sidusctl.subsys.net import links
-from sidusctl.vnode.critical import Critical
 from sidusctl.vnode.model import VNetwork
 
 if TYPE_CHECKING:
     from sidusctl.vnode.store import State, Store
-
-
-def address_holder(address: str, netns: str | None = None) -> str | None:
-    """The name of the link of this host (or of ``netns``) that has IPv4 ``address``, or
-    None."""
-    with links.ipr(netns) as ip:
-        for a in ip.get_addr(family=socket.AF_INET):
-            if a.get_attr("IFA_ADDRESS") == address:
-                idx = a["index"]
-                found = ip.get_links(idx)
-                return str(found[0].get_attr("IFLA_IFNAME")) if found else f"#{idx}"
-    return None
 
 
 class VNetworks:
@@ -75,7 +62,7 @@ class VNetworks:
                         hint=f"choose another vnetwork name, or, if it is left over (by an "
                              f"older sidusctl killed while it made it), remove it: ip "
                              f"{'-n ' + netns + ' ' if netns else ''}link delete {link}")
-            holder = address_holder(str(net.gateway), netns)
+            holder = links.address_holder(str(net.gateway), netns)
             if holder is not None:
                 raise ConfigError(f"vnetwork {name}", "gateway",
                                   f"address {net.gateway} is already on link {holder} of "

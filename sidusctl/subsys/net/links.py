@@ -13,6 +13,7 @@ import contextlib
 import errno
 import ipaddress
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
@@ -101,6 +102,19 @@ def link_kind(name: str, netns: str | None = None) -> str | None:
         link = ip.get_links(idx[0])[0]
     info = link.get_attr("IFLA_LINKINFO")
     return str(info.get_attr("IFLA_INFO_KIND")) if info is not None else "device"
+
+
+def address_holder(address: str, netns: str | None = None) -> str | None:
+    """The name of the link of this host (or of ``netns``) that has the IPv4 ``address``
+    (dotted quad), ``#<ifindex>`` if the link vanished meanwhile, or None (RTM_GETADDR,
+    rtnetlink(7))."""
+    with ipr(netns) as ip:
+        for a in ip.get_addr(family=socket.AF_INET):
+            if a.get_attr("IFA_ADDRESS") == address:
+                idx = a["index"]
+                found = ip.get_links(idx)
+                return str(found[0].get_attr("IFLA_IFNAME")) if found else f"#{idx}"
+    return None
 
 
 def _nl(what: str, e: NetlinkError) -> SidusError:
